@@ -1,0 +1,1 @@
+"""Destinations: one module per kind, each registered by name in ``engine.registry``."""

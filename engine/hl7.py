@@ -1,0 +1,501 @@
+"""HL7 v2 parsing: delimiters, segments, escapes, charsets and a field accessor.
+
+Pure and fast: a message is split into segments and fields with ``str.split``
+once; components, repetitions and subcomponents are split only when asked for.
+python-hl7's ``hl7.parse`` builds the full tree eagerly and costs ~25x more
+(see ``bench/parse_bench.py``); hl7apy is for optional strict validation only.
+
+Access paths look like ``PID-3``, ``PID-3.1``, ``PID-3(2).1.2``, ``OBX(2)-5``:
+``SEG(occurrence)-field(repetition).component.subcomponent``, all 1-based.
+Values come back unescaped; an absent value is ``""``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+from engine.errors import Location, MessageContentError, MessageRejected
+
+CR = "\r"
+
+
+@dataclass(frozen=True, slots=True)
+class Delimiters:
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+    truncation: str = ""
+
+    @property
+    def encoding_characters(self) -> str:
+        return self.component + self.repetition + self.escape + self.subcomponent + self.truncation
+
+
+DEFAULT_DELIMITERS = Delimiters()
+
+# MSH-18 (HL7 table 0211) → Python codec.  "" means ASCII with the channel's fallback.
+CHARSETS: dict[str, str] = {
+    "": "ascii",
+    "ASCII": "ascii",
+    "8859/1": "latin-1",
+    "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "UNICODE": "utf-8",
+    "UNICODE UTF-8": "utf-8",
+    "UTF-8": "utf-8",
+    "WINDOWS-1252": "cp1252",
+    "CP1252": "cp1252",
+}
+
+
+def read_delimiters(text: str) -> Delimiters:
+    """Delimiters from the start of an MSH/FHS/BHS segment.  AR 101 if there are none."""
+    if len(text) < 5 or text[3] in "\r\n":
+        raise MessageRejected(
+            "MSH has no field separator or encoding characters", code="101", location=Location("MSH", 1, 1)
+        )
+    fs = text[3]
+    end = text.find(fs, 4)
+    stop = len(text) if end < 0 else end
+    enc = text[4:stop]
+    for nl in "\r\n":
+        cut = enc.find(nl)
+        if cut >= 0:
+            enc = enc[:cut]
+    if len(enc) < 1 or len(enc) > 5 or fs in enc or fs.isalnum():
+        raise MessageRejected(
+            "MSH-2 encoding characters are missing or invalid", code="101", location=Location("MSH", 1, 2)
+        )
+    comp = enc[0]
+    rep = enc[1] if len(enc) > 1 else "~"
+    esc = enc[2] if len(enc) > 2 else "\\"
+    sub = enc[3] if len(enc) > 3 else "&"
+    trunc = enc[4] if len(enc) > 4 else ""
+    return Delimiters(fs, comp, rep, esc, sub, trunc)
+
+
+def sniff_charset(raw: bytes) -> str:
+    """MSH-18 read straight from the bytes (MSH itself is ASCII)."""
+    start = raw.find(b"MSH")
+    if start < 0 or len(raw) < start + 4:
+        return ""
+    fs = raw[start + 3 : start + 4]
+    end = len(raw)
+    for term in (b"\r", b"\n"):
+        i = raw.find(term, start)
+        if 0 <= i < end:
+            end = i
+    fields = raw[start:end].split(fs)
+    if len(fields) < 18:
+        return ""
+    value = fields[17]
+    # MSH-18 may repeat; the first repetition names the default charset.
+    if len(fields[1]) > 1:
+        value = value.split(fields[1][1:2])[0]
+    return value.decode("ascii", "replace").strip().upper()
+
+
+def decode(raw: bytes, fallback: str = "latin-1") -> str:
+    """Decode message bytes by MSH-18; the raw bytes stay untouched in the store.
+
+    Empty MSH-18 means ASCII; bytes >= 0x80 then use the channel's fallback charset.
+    Unknown MSH-18 is AE 103; bytes invalid under the declared charset are AE 102.
+    """
+    charset = sniff_charset(raw)
+    codec = CHARSETS.get(charset)
+    if codec is None:
+        raise MessageContentError(
+            f"unsupported character set in MSH-18: {charset!r}", code="103", location=Location("MSH", 1, 18)
+        )
+    if codec == "ascii":
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            if charset:
+                raise MessageContentError(
+                    "bytes outside ASCII although MSH-18 declares ASCII",
+                    code="102",
+                    location=Location("MSH", 1, 18),
+                ) from None
+            return raw.decode(fallback, "replace")
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError:
+        raise MessageContentError(
+            f"message bytes are not valid {charset}", code="102", location=Location("MSH", 1, 18)
+        ) from None
+
+
+def normalise_newlines(text: str) -> str:
+    """Segment terminators CR, LF or CRLF (mixed too) all become CR."""
+    if "\n" in text:
+        text = text.replace("\r\n", "\r").replace("\n", "\r")
+    return text
+
+
+_HEX = re.compile(r"^[0-9A-Fa-f]+$")
+
+
+def unescape(value: str, d: Delimiters = DEFAULT_DELIMITERS) -> str:
+    """Resolve HL7 escape sequences.  Malformed escapes are kept literally."""
+    esc = d.escape
+    if not esc or esc not in value:
+        return value
+    out: list[str] = []
+    i = 0
+    n = len(value)
+    while i < n:
+        ch = value[i]
+        if ch != esc:
+            j = value.find(esc, i)
+            if j < 0:
+                out.append(value[i:])
+                break
+            out.append(value[i:j])
+            i = j
+            continue
+        end = value.find(esc, i + 1)
+        if end < 0:
+            out.append(value[i:])
+            break
+        seq = value[i + 1 : end]
+        rep = _escape_value(seq, d)
+        if rep is None:
+            # Not an escape we know: keep the escape char literally and rescan after it.
+            out.append(ch)
+            i += 1
+            continue
+        out.append(rep)
+        i = end + 1
+    return "".join(out)
+
+
+def _escape_value(seq: str, d: Delimiters) -> str | None:
+    if seq == "F":
+        return d.field
+    if seq == "S":
+        return d.component
+    if seq == "T":
+        return d.subcomponent
+    if seq == "R":
+        return d.repetition
+    if seq == "E":
+        return d.escape
+    if seq == "P" and d.truncation:
+        return d.truncation
+    if seq in ("H", "N"):
+        return ""
+    if seq.startswith("X") and len(seq) >= 3 and len(seq) % 2 == 1 and _HEX.match(seq[1:]):
+        data = bytes.fromhex(seq[1:])
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode("latin-1")
+    if seq.startswith("."):
+        cmd = seq[1:3]
+        if cmd in ("br", "sp"):
+            return "\n"
+        if cmd in ("in", "ti", "sk", "ce", "fi", "nf"):
+            return ""
+    return None
+
+
+def escape(value: str, d: Delimiters = DEFAULT_DELIMITERS) -> str:
+    """Escape delimiter characters for writing a value into a field."""
+    if not value:
+        return value
+    specials = (d.escape, d.field, d.component, d.repetition, d.subcomponent)
+    if not any(c in value for c in specials) and "\n" not in value:
+        return value
+    e = d.escape
+    out = value.replace(e, f"{e}E{e}")
+    out = out.replace(d.field, f"{e}F{e}").replace(d.component, f"{e}S{e}")
+    out = out.replace(d.repetition, f"{e}R{e}").replace(d.subcomponent, f"{e}T{e}")
+    return out.replace("\n", f"{e}.br{e}")
+
+
+class Rep:
+    """One repetition of a field: components of subcomponents, unescaped on access."""
+
+    __slots__ = ("_d", "_raw", "_split")
+
+    def __init__(self, raw: str, d: Delimiters):
+        self._raw = raw
+        self._d = d
+        self._split: list[str] | None = None
+
+    @property
+    def raw(self) -> str:
+        return self._raw
+
+    def _comps(self) -> list[str]:
+        if self._split is None:
+            self._split = self._raw.split(self._d.component)
+        return self._split
+
+    def c(self, i: int = 1, s: int = 1) -> str:
+        """Component ``i``, subcomponent ``s`` (1-based), unescaped; "" when absent."""
+        comps = self._comps()
+        if i > len(comps):
+            return ""
+        comp = comps[i - 1]
+        if self._d.subcomponent in comp:
+            subs = comp.split(self._d.subcomponent)
+            if s > len(subs):
+                return ""
+            comp = subs[s - 1]
+        elif s > 1:
+            return ""
+        return unescape(comp, self._d)
+
+    def subs(self, i: int) -> list[str]:
+        """All subcomponents of component ``i``, unescaped."""
+        comps = self._comps()
+        if i > len(comps):
+            return []
+        return [unescape(x, self._d) for x in comps[i - 1].split(self._d.subcomponent)]
+
+    def __len__(self) -> int:
+        return len(self._comps())
+
+    def __bool__(self) -> bool:
+        return bool(self._raw.strip(self._d.component + self._d.subcomponent + " "))
+
+    @property
+    def text(self) -> str:
+        """The whole repetition unescaped (components still joined by their separator)."""
+        return unescape(self._raw, self._d)
+
+    def __repr__(self) -> str:
+        return f"Rep({self._raw!r})"
+
+
+class Segment:
+    """One segment.  ``seg[n]`` is field ``n`` as raw text, numbered as in the standard."""
+
+    __slots__ = ("_d", "fields", "name", "sequence")
+
+    def __init__(self, fields: list[str], d: Delimiters, sequence: int):
+        self.fields = fields
+        self.name = fields[0]
+        self._d = d
+        self.sequence = sequence
+
+    def __getitem__(self, n: int) -> str:
+        fields = self.fields
+        return fields[n] if n < len(fields) else ""
+
+    def reps(self, n: int) -> list[Rep]:
+        """Field ``n`` split into repetitions (empty list when the field is empty)."""
+        value = self[n]
+        if not value:
+            return []
+        if self.name in ("MSH", "FHS", "BHS") and n in (1, 2):
+            return [Rep(value, _LITERAL)]
+        d = self._d
+        return [Rep(r, d) for r in value.split(d.repetition)] if d.repetition in value else [Rep(value, d)]
+
+    def rep(self, n: int, r: int = 1) -> Rep:
+        """Repetition ``r`` of field ``n``; an empty Rep when absent."""
+        reps = self.reps(n)
+        return reps[r - 1] if r <= len(reps) else Rep("", self._d)
+
+    def get(self, n: int, c: int = 1, s: int = 1, r: int = 1) -> str:
+        return self.rep(n, r).c(c, s)
+
+    def value(self, n: int) -> str:
+        """Field ``n`` unescaped as a whole (first repetition)."""
+        return self.rep(n).text
+
+    def loc(self, field: int | None = None, component: int | None = None) -> Location:
+        return Location(self.name, self.sequence, field, None, component)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def __repr__(self) -> str:
+        return f"Segment({self.name}, {len(self.fields) - 1} fields)"
+
+
+_LITERAL = Delimiters("\x00", "\x01", "\x02", "\x03", "\x04", "")
+
+_PATH = re.compile(
+    r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\((?P<occ>\d+)\))?"
+    r"(?:-(?P<field>\d+)(?:\((?P<rep>\d+)\))?(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$"
+)
+
+
+@lru_cache(maxsize=1024)
+def parse_path(path: str) -> tuple[str, int, int | None, int, int | None, int | None]:
+    """``"OBX(2)-5(1).3.1"`` → (segment, occurrence, field, repetition, component, subcomponent)."""
+    m = _PATH.match(path.strip())
+    if m is None:
+        raise ValueError(
+            f"bad HL7 path {path!r}: expected SEG[(n)]-field[(rep)][.component[.subcomponent]], e.g. PID-3.1"
+        )
+    g = m.groupdict()
+    return (
+        g["seg"],
+        int(g["occ"] or 1),
+        int(g["field"]) if g["field"] else None,
+        int(g["rep"] or 1),
+        int(g["comp"]) if g["comp"] else None,
+        int(g["sub"]) if g["sub"] else None,
+    )
+
+
+class Message:
+    """A parsed HL7 v2 message.  Build with :func:`parse`."""
+
+    __slots__ = ("_index", "delimiters", "segments", "text")
+
+    def __init__(self, text: str, delimiters: Delimiters, segments: list[Segment]):
+        self.text = text
+        self.delimiters = delimiters
+        self.segments = segments
+        self._index: dict[str, list[Segment]] | None = None
+
+    # -- navigation -------------------------------------------------------
+    def all(self, name: str) -> list[Segment]:
+        """Every segment called ``name``, in order."""
+        if self._index is None:
+            idx: dict[str, list[Segment]] = {}
+            for seg in self.segments:
+                idx.setdefault(seg.name, []).append(seg)
+            self._index = idx
+        return self._index.get(name, [])
+
+    def first(self, name: str) -> Segment | None:
+        segs = self.all(name)
+        return segs[0] if segs else None
+
+    def __iter__(self) -> Iterator[Segment]:
+        return iter(self.segments)
+
+    def __getitem__(self, path: str) -> str:
+        """``msg["PID-3.1"]``: the unescaped value at a path, "" when absent."""
+        seg_name, occ, field, rep, comp, sub = parse_path(path)
+        segs = self.all(seg_name)
+        if occ > len(segs):
+            return ""
+        seg = segs[occ - 1]
+        if field is None:
+            return seg.name
+        if comp is None:
+            return seg.rep(field, rep).text
+        return seg.rep(field, rep).c(comp, sub or 1)
+
+    def get(self, path: str, default: str = "") -> str:
+        return self[path] or default
+
+    # -- header shortcuts -------------------------------------------------
+    @property
+    def msh(self) -> Segment:
+        return self.segments[0]
+
+    @property
+    def control_id(self) -> str:
+        return self.msh.value(10).strip()
+
+    @property
+    def message_type(self) -> str:
+        return self.msh.get(9, 1).strip().upper()
+
+    @property
+    def trigger(self) -> str:
+        return self.msh.get(9, 2).strip().upper()
+
+    @property
+    def structure(self) -> str:
+        return self.msh.get(9, 3).strip().upper()
+
+    @property
+    def version(self) -> str:
+        return self.msh.get(12, 1).strip()
+
+    @property
+    def processing_id(self) -> str:
+        return self.msh.get(11, 1).strip().upper()
+
+    @property
+    def accept_ack_type(self) -> str:
+        return self.msh.get(15).strip().upper()
+
+    @property
+    def app_ack_type(self) -> str:
+        return self.msh.get(16).strip().upper()
+
+    @property
+    def sending_application(self) -> str:
+        return self.msh.rep(3).text
+
+    @property
+    def sending_facility(self) -> str:
+        return self.msh.rep(4).text
+
+    def __repr__(self) -> str:
+        return f"Message({self.message_type}^{self.trigger}, {len(self.segments)} segments)"
+
+
+HEADER_SEGMENTS = ("MSH", "FHS", "BHS")
+
+
+def parse(text: str) -> Message:
+    """Parse one message (text already decoded).  Raises MessageRejected (AR) when it has no usable MSH."""
+    text = normalise_newlines(text).strip("\r\n\x00 \t\x0b\x1c")
+    if not text:
+        raise MessageRejected("empty message", code="100", location=Location("MSH", 1))
+    if not text.startswith("MSH"):
+        raise MessageRejected("message does not start with an MSH segment", code="100", location=Location("MSH", 1))
+    d = read_delimiters(text)
+    fs = d.field
+    segments: list[Segment] = []
+    counts: dict[str, int] = {}
+    for line in text.split(CR):
+        if not line:
+            continue
+        fields = line.split(fs)
+        name = fields[0].strip()
+        if len(name) != 3:
+            # Garbage line: keep it under a name that never matches a real segment.
+            name = name[:3].upper() if name else "???"
+        fields[0] = name
+        if name in HEADER_SEGMENTS:
+            # MSH-1 is the field separator itself; shift so seg[n] is field n.
+            fields.insert(1, fs)
+        counts[name] = counts.get(name, 0) + 1
+        segments.append(Segment(fields, d, counts[name]))
+    return Message(text, d, segments)
+
+
+def parse_bytes(raw: bytes, fallback: str = "latin-1") -> Message:
+    """Decode by MSH-18, then parse."""
+    return parse(decode(raw, fallback))
+
+
+def split_batch(text: str) -> list[str]:
+    """Split an FHS/BHS batch into its messages (each starting at MSH).  A single message gives itself."""
+    text = normalise_newlines(text)
+    if not (text.startswith("FHS") or text.startswith("BHS")):
+        return [text]
+    messages: list[list[str]] = []
+    for line in text.split(CR):
+        if line.startswith("MSH"):
+            messages.append([line])
+        elif line[:3] in ("FHS", "BHS", "BTS", "FTS") or not line:
+            continue
+        elif messages:
+            messages[-1].append(line)
+    return [CR.join(m) + CR for m in messages]
