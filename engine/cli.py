@@ -1,0 +1,405 @@
+"""The ``sluice`` command line (click)."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import re
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+
+from engine.errors import ConfigError, SluiceError
+
+DEFAULT_CONFIG = "routes.yaml"
+
+
+def _load_config(path: str, **overrides: Any) -> Any:
+    from engine import config as cfgmod
+
+    try:
+        return cfgmod.load(path, {k: v for k, v in overrides.items() if v})
+    except ConfigError as exc:
+        raise click.ClickException(f"config error: {exc}") from exc
+
+
+def _open_store(cfg: Any) -> Any:
+    from engine.store import Store
+
+    try:
+        return Store(cfg.store_url)
+    except SluiceError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _fmt_time(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+_REL = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def _parse_time(value: str | None) -> float | None:
+    """``2h``, ``3d``, ``30m`` ago, or an ISO date/time (UTC if no offset)."""
+    if not value:
+        return None
+    m = _REL.match(value.strip())
+    if m:
+        n, unit = float(m.group(1)), m.group(2)
+        secs = {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit] * n
+        return (datetime.now(timezone.utc) - timedelta(seconds=secs)).timestamp()
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: use e.g. 2h, 3d or 2026-11-23T08:00") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+config_option = click.option(
+    "--config", "-c", "config_path", default=DEFAULT_CONFIG, show_default=True, envvar="SLUICE_CONFIG", help="routes.yaml to use."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sluice")
+def main() -> None:
+    """Sluice: a fast, durable HL7 v2 interface engine with HL7→FHIR built in."""
+
+
+@main.command()
+@config_option
+@click.option("--host", help="Listen address for the first channel (overrides its source.host).")
+@click.option("--port", type=int, help="Listen port for the first channel (overrides its source.port).")
+@click.option("--store", help="Store URL, e.g. sqlite:///var/sluice.db or postgresql+psycopg://host/db.")
+@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), help="Log output format.")
+@click.option("--log-level", help="Log level (debug, info, warning, error).")
+def run(config_path: str, host: str | None, port: int | None, store: str | None, log_format: str | None, log_level: str | None) -> None:
+    """Run the engine: listen, store, process and deliver."""
+    from engine import logs
+    from engine.server import Server
+
+    cfg = _load_config(config_path, host=host, port=port, store=store)
+    logs.configure(log_format or cfg.logging.format, log_level or cfg.logging.level)
+    try:
+        Server(cfg).run()
+    except ConfigError as exc:
+        raise click.ClickException(f"config error: {exc}") from exc
+    except SluiceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc.strerror or exc} (is another process using the port?)") from exc
+
+
+def split_messages(data: bytes) -> list[bytes]:
+    """Messages in a file: a UTF-8 BOM is dropped, LF/CRLF become CR, each MSH starts a message."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    out: list[bytes] = []
+    current: list[bytes] = []
+    for line in data.split(b"\r"):
+        if not line.strip():
+            continue
+        if line.startswith((b"MSH", b"FHS", b"BHS")) and current and not current[0].startswith((b"FHS", b"BHS")):
+            out.append(b"\r".join(current) + b"\r")
+            current = []
+        current.append(line)
+    if current:
+        out.append(b"\r".join(current) + b"\r")
+    return out
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--to", "target", required=True, help="HOST:PORT of the MLLP receiver.")
+@click.option("--tls", is_flag=True, help="Use TLS.")
+@click.option("--ca", type=click.Path(exists=True), help="CA file to verify the receiver.")
+@click.option("--cert", type=click.Path(exists=True), help="Client certificate (mutual TLS).")
+@click.option("--key", type=click.Path(exists=True), help="Client key (mutual TLS).")
+@click.option("--insecure", is_flag=True, help="Do not verify the receiver's certificate.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for each ACK.")
+def send(files: tuple[str, ...], target: str, tls: bool, ca: str | None, cert: str | None, key: str | None, insecure: bool, timeout: float) -> None:
+    """Send HL7 files over MLLP; print each ACK code and MSA-2 (exit 1 on AE/AR/timeout)."""
+    import ssl as ssl_mod
+
+    host, _, port_s = target.rpartition(":")
+    if not host or not port_s.isdigit():
+        raise click.BadParameter("use HOST:PORT, e.g. 127.0.0.1:2575", param_hint="--to")
+    ctx = None
+    if tls or ca or cert:
+        ctx = ssl_mod.create_default_context(cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+        if insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl_mod.CERT_NONE
+    messages: list[tuple[str, bytes]] = []
+    for f in files:
+        for i, m in enumerate(split_messages(Path(f).read_bytes()), 1):
+            messages.append((f"{f}#{i}", m))
+    failures = asyncio.run(_send_all(host, int(port_s), ctx, timeout, messages))
+    sys.exit(1 if failures else 0)
+
+
+async def _send_all(host: str, port: int, ctx: Any, timeout: float, messages: list[tuple[str, bytes]]) -> int:
+    from engine.client import MLLPClient, parse_ack
+    from engine.errors import DeliveryError
+
+    failures = 0
+    client = MLLPClient(host, port, ssl=ctx, ack_timeout=timeout)
+    try:
+        for label, payload in messages:
+            try:
+                ack = await client.send(payload)
+            except DeliveryError as exc:
+                click.echo(f"{label}\tERROR\t-\t{exc}")
+                failures += 1
+                continue
+            info = parse_ack(ack)
+            extra = f"\t{info.error_code} {info.text}".rstrip() if info.code not in ("AA", "CA") else ""
+            click.echo(f"{label}\t{info.code}\t{info.control_id}{extra}")
+            if info.code not in ("AA", "CA"):
+                failures += 1
+    finally:
+        await client.close()
+    return failures
+
+
+@main.command()
+@config_option
+def check(config_path: str) -> None:
+    """Validate routes.yaml, every channel and every destination; exit 1 on errors."""
+    from engine import registry
+    from engine.processing import ChannelRuntime
+    from engine.server import build_destinations
+
+    cfg = _load_config(config_path)
+    try:
+        registry.load_builtins()
+        dests = build_destinations(cfg)
+        for ch in cfg.channels:
+            ChannelRuntime(cfg, ch, store=None)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise click.ClickException(f"config error: {exc}") from exc
+    click.echo(f"ok: {cfg.file}")
+    click.echo(f"  store: {cfg.store_url}")
+    for ch in cfg.channels:
+        routes = ", ".join(r.destination for r in ch.routes) or "(no routes)"
+        click.echo(f"  channel {ch.name}: {ch.source.host}:{ch.source.port} ack={ch.ack} → {routes}")
+    for name, d in dests.items():
+        click.echo(f"  destination {name}: {d.kind}")
+
+
+@main.group()
+def messages() -> None:
+    """Look at stored messages (no PHI unless asked)."""
+
+
+@messages.command("list")
+@config_option
+@click.option("--channel")
+@click.option("--status", help="received, processed, filtered, error, review, rejected, quarantined, ignored")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def messages_list(config_path: str, channel: str | None, status: str | None, limit: int, as_json: bool) -> None:
+    """List messages: id, received time, channel, type, control id, status."""
+    store = _open_store(_load_config(config_path))
+    rows = store.list_messages(channel=channel, status=status, limit=limit)
+    for r in rows:
+        item = {
+            "id": r.id,
+            "received": _fmt_time(r.received_at),
+            "channel": r.channel,
+            "type": f"{r.message_type}^{r.trigger}",
+            "control_id": r.control_id,
+            "status": r.status,
+            "ack": r.ack_code,
+        }
+        if as_json:
+            click.echo(json.dumps(item))
+        else:
+            click.echo("\t".join(str(v) for v in item.values()))
+
+
+@messages.command("show")
+@config_option
+@click.argument("message_id", type=int)
+@click.option("--show-phi", is_flag=True, help="Print the message content (contains PHI).")
+def messages_show(config_path: str, message_id: int, show_phi: bool) -> None:
+    """Show one message's metadata, deliveries and (with --show-phi) its content."""
+    store = _open_store(_load_config(config_path))
+    r = store.get_message(message_id)
+    if r is None:
+        raise click.ClickException(f"no message {message_id}")
+    click.echo(f"id:          {r.id}")
+    click.echo(f"channel:     {r.channel}")
+    click.echo(f"received:    {_fmt_time(r.received_at)} from {r.peer}")
+    click.echo(f"type:        {r.message_type}^{r.trigger} v{r.version}")
+    click.echo(f"control id:  {r.control_id}")
+    click.echo(f"status:      {r.status}")
+    if r.reason:
+        click.echo(f"reason:      {r.reason}")
+    click.echo(f"ack:         {r.ack_code or '-'}")
+    click.echo(f"size:        {r.size} bytes, hash {r.content_hash}")
+    for d in store.deliveries_of(message_id):
+        line = f"delivery {d.id} → {d.destination}: {d.status}, {d.attempts} attempt(s)"
+        if d.last_error and d.status != "delivered":
+            line += f", last error: {d.last_error}"
+        click.echo(line)
+    if r.raw is None:
+        click.echo("content:     (dropped by retention)")
+    elif show_phi:
+        click.echo("content:")
+        click.echo(r.raw.decode("latin-1").replace("\r", "\n"))
+    else:
+        segs = [line[:3] for line in r.raw.decode("latin-1").replace("\n", "\r").split("\r") if line.strip()]
+        click.echo(f"segments:    {' '.join(segs)}  (content hidden; --show-phi to print it)")
+
+
+@main.group("dead-letter")
+def dead_letter() -> None:
+    """The dead-letter queue: failed deliveries and failed processing."""
+
+
+@dead_letter.command("list")
+@config_option
+@click.option("--channel")
+@click.option("--destination")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def dead_letter_list(config_path: str, channel: str | None, destination: str | None, limit: int, as_json: bool) -> None:
+    """List dead letters with their reasons."""
+    store = _open_store(_load_config(config_path))
+    for r in store.dead_letters(channel=channel, destination=destination, limit=limit):
+        m = r._mapping
+        item = {
+            "message_id": m["message_id"],
+            "received": _fmt_time(m["received_at"]),
+            "channel": m["channel"],
+            "where": m.get("destination") or m.get("status"),
+            "type": f"{m['message_type']}^{m['trigger']}",
+            "control_id": m["control_id"],
+            "reason": m["reason"],
+        }
+        if as_json:
+            click.echo(json.dumps(item))
+        else:
+            click.echo("\t".join(str(v) for v in item.values()))
+
+
+@main.command()
+@config_option
+@click.option("--id", "ids", multiple=True, type=int, help="Message id (repeatable).")
+@click.option("--channel")
+@click.option("--status", type=click.Choice(["dead", "error", "filtered", "review", "quarantined", "rejected", "processed"]))
+@click.option("--destination", help="Only redo deliveries to this destination.")
+@click.option("--since", help="Received after (2h, 3d, or ISO time).")
+@click.option("--until", help="Received before (2h, 3d, or ISO time).")
+@click.option("--dry-run", is_flag=True, help="Show what would be replayed; change nothing.")
+@click.option("--who", default=None, help="Who is replaying (default: the OS user).")
+@click.option("--why", default="", help="Why (recorded with the replay).")
+def replay(config_path: str, ids: tuple[int, ...], channel: str | None, status: str | None, destination: str | None,
+           since: str | None, until: str | None, dry_run: bool, who: str | None, why: str) -> None:  # fmt: skip
+    """Run messages through the current config again (dead letters, errors, filtered...)."""
+    if not ids and not (channel and status):
+        raise click.UsageError("give --id ID, or --channel NAME with --status")
+    cfg = _load_config(config_path)
+    store = _open_store(cfg)
+    criteria = {"ids": list(ids), "channel": channel, "status": status, "destination": destination, "since": since, "until": until}
+    selection = store.select_for_replay(
+        ids=ids, channel=channel, status=status, destination=destination, since=_parse_time(since), until=_parse_time(until)
+    )
+    if not selection:
+        click.echo("nothing to replay")
+        return
+    for mid, dests in selection:
+        click.echo(f"{'would replay' if dry_run else 'replaying'} message {mid}" + (f" → {', '.join(dests)}" if dests else ""))
+    if dry_run:
+        click.echo(f"{len(selection)} message(s) would be replayed (dry run, nothing changed)")
+        return
+    n = store.replay(selection, who=who or getpass.getuser(), why=why, criteria=criteria)
+    click.echo(f"{n} message(s) queued for replay; a running engine picks them up within a second")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@config_option
+@click.option("--channel", help="Use this channel's conversion settings (default: the demo channel).")
+@click.option("--pretty", is_flag=True, help="Indent the JSON.")
+def convert(files: tuple[str, ...], config_path: str, channel: str | None, pretty: bool) -> None:
+    """Convert HL7 v2 files to FHIR R4 transaction Bundles (JSON on stdout)."""
+    from engine.hl7 import parse_bytes
+    from transforms.convert import convert as to_fhir
+
+    settings = _convert_settings(config_path, channel)
+    failed = 0
+    for f in files:
+        for i, raw in enumerate(split_messages(Path(f).read_bytes()), 1):
+            try:
+                bundle = to_fhir(parse_bytes(raw), settings)
+            except SluiceError as exc:
+                click.echo(f"{f}#{i}: error {exc.hl7_error}: {exc}", err=True)
+                failed += 1
+                continue
+            click.echo(json.dumps(bundle, indent=2 if pretty else None, ensure_ascii=False))
+    sys.exit(1 if failed else 0)
+
+
+def _convert_settings(config_path: str, channel: str | None) -> Any:
+    from transforms.settings import ConvertSettings
+
+    path = Path(config_path)
+    if not path.exists():
+        return ConvertSettings(derive_unknown_systems=True)
+    cfg = _load_config(config_path)
+    ch = cfg.channel(channel) if channel else cfg.channels[0]
+    for step in ch.transform:
+        if isinstance(step, dict) and "hl7-to-fhir" in step:
+            try:
+                return ConvertSettings.from_options(step["hl7-to-fhir"] or {}, cfg.base_dir, ch.file)
+            except ConfigError as exc:
+                raise click.ClickException(f"config error: {exc}") from exc
+        if step == "hl7-to-fhir":
+            return ConvertSettings.from_options({}, cfg.base_dir, ch.file)
+    return ConvertSettings(site_tz=ch.site_tz, derive_unknown_systems=True)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--report", type=click.Path(dir_okay=False), help="Write a Markdown report here.")
+def conformance(directory: str, report: str | None) -> None:
+    """Convert every HL7 file under DIRECTORY, validate, and score against expected bundles."""
+    from conformance.runner import main as run_conformance
+
+    args = [directory] + (["--report", report] if report else [])
+    sys.exit(run_conformance(args))
+
+
+@main.command()
+@config_option
+@click.option("--channel", help="Only this channel.")
+def prune(config_path: str, channel: str | None) -> None:
+    """Apply each channel's retention now (drop old bodies, then old rows)."""
+    import time
+
+    cfg = _load_config(config_path)
+    store = _open_store(cfg)
+    for ch in cfg.channels:
+        if channel and ch.name != channel:
+            continue
+        r = ch.retention
+        now = time.time()
+        done = store.prune(
+            ch.name,
+            bodies_before=now - r.bodies_days * 86400 if r.bodies_days is not None else None,
+            rows_before=now - r.rows_days * 86400 if r.rows_days is not None else None,
+        )
+        click.echo(f"{ch.name}: dropped {done['bodies']} bodies, {done['rows']} rows")

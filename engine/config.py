@@ -1,0 +1,499 @@
+"""Configuration: ``routes.yaml`` plus ``channels/*.yaml`` → frozen, validated config.
+
+Every error names the file, the key path and what to do.  Unknown keys are
+errors (a typo must never silently turn a setting off).  Settings can be
+overridden by ``SLUICE_*`` environment variables and CLI flags (see
+:func:`load`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import ConfigError
+from engine.hl7 import parse_path
+
+DEFAULT_TYPES: dict[str, tuple[str, ...]] = {
+    "ADT": (
+        "A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A09", "A10", "A11", "A12", "A13",
+        "A14", "A15", "A16", "A17", "A18", "A21", "A22", "A23", "A25", "A26", "A27", "A28", "A29",
+        "A31", "A32", "A33", "A34", "A35", "A36", "A38", "A39", "A40", "A41", "A42", "A44", "A45",
+        "A47", "A60",
+    ),
+    "ORU": ("R01",),
+    "SIU": ("S12", "S13", "S14", "S15", "S16", "S17", "S26"),
+}  # fmt: skip
+DEFAULT_VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2")
+ACK_MODES = ("on-commit", "after-processing")
+FAILURE_POLICIES = ("block", "dead-letter")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str
+    key: str
+    ca: str | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    host: str = "127.0.0.1"
+    port: int = 2575
+    tls: TLSConfig | None = None
+    max_connections: int = 1000
+    idle_timeout: float = 300.0
+    frame_timeout: float = 30.0
+    max_frame: int = 16 * 1024 * 1024
+    max_junk: int = 1024 * 1024
+    lenient_end: bool = False
+    fallback_charset: str = "latin-1"
+    keepalive: bool = True
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_attempts: int = 5
+    backoff: float = 2.0  # first retry delay, seconds; doubles each attempt
+    max_backoff: float = 300.0
+    jitter: float = 0.2  # +/- fraction
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    kind: str
+    options: Mapping[str, Any]
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    on_failure: str = "dead-letter"  # or "block" for ordered lanes
+    lanes: int = 4
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    destination: str
+    filter: Any = None  # a filter spec, like the channel's
+
+
+@dataclass(frozen=True)
+class DedupeConfig:
+    enabled: bool = True
+    window_days: float = 7.0
+    on_conflict: str = "reject"  # "reject" (AE 205, quarantine) or "accept"
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    bodies_days: float | None = None
+    rows_days: float | None = None
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    name: str
+    file: str
+    source: SourceConfig
+    types: Mapping[str, tuple[str, ...]]  # message type → accepted triggers (empty tuple = any)
+    versions: tuple[str, ...] = DEFAULT_VERSIONS
+    processing_ids: tuple[str, ...] = ("P", "T", "D")
+    site_tz: str = "America/Los_Angeles"
+    ack: str = "on-commit"
+    require: tuple[str, ...] = ()
+    filter: Any = None
+    transform: tuple[Any, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    order_by: str | None = None
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    batch: str = "accept"  # FHS/BHS batches: "accept" (one ACK for the batch) or "reject" (AR 200)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "auto"  # auto | json | console
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    file: str
+    base_dir: Path
+    store_url: str
+    channels: tuple[ChannelConfig, ...]
+    destinations: Mapping[str, DestinationConfig]
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    plugin_paths: tuple[Path, ...] = ()
+    node_id: str = "node-1"
+
+    def channel(self, name: str) -> ChannelConfig:
+        for ch in self.channels:
+            if ch.name == name:
+                return ch
+        known = ", ".join(c.name for c in self.channels) or "none"
+        raise ConfigError(f"no channel named {name!r}", file=self.file, hint=f"known channels: {known}")
+
+
+# ---------------------------------------------------------------------------
+# small schema helpers
+
+
+class _Section:
+    """A mapping being read, remembering its file and key path for errors."""
+
+    def __init__(self, data: Any, file: str, path: str):
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a mapping, got {type(data).__name__}", file=file, key=path or None)
+        self.data = data
+        self.file = file
+        self.path = path
+        self.used: set[str] = set()
+
+    def key(self, k: str) -> str:
+        return f"{self.path}.{k}" if self.path else k
+
+    def get(self, k: str, default: Any = None) -> Any:
+        self.used.add(k)
+        return self.data.get(k, default)
+
+    def has(self, k: str) -> bool:
+        return k in self.data
+
+    def str(self, k: str, default: str | None = None, *, choices: tuple[str, ...] | None = None) -> Any:
+        v = self.get(k, default)
+        if v is None:
+            return None
+        if not isinstance(v, str | int | float) or isinstance(v, bool):
+            raise ConfigError(f"expected text, got {type(v).__name__}", file=self.file, key=self.key(k))
+        v = str(v)
+        if choices and v not in choices:
+            raise ConfigError(f"{v!r} is not allowed", file=self.file, key=self.key(k), hint=f"use one of: {', '.join(choices)}")
+        return v
+
+    def int(self, k: str, default: int) -> int:
+        v = self.get(k, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, str):
+                try:
+                    return _size(v)
+                except ValueError:
+                    pass
+            raise ConfigError(f"expected a whole number, got {v!r}", file=self.file, key=self.key(k))
+        return v
+
+    def float(self, k: str, default: float | None) -> Any:
+        v = self.get(k, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"expected a number, got {v!r}", file=self.file, key=self.key(k))
+        return float(v)
+
+    def bool(self, k: str, default: bool) -> bool:
+        v = self.get(k, default)
+        if not isinstance(v, bool):
+            raise ConfigError(f"expected true or false, got {v!r}", file=self.file, key=self.key(k))
+        return v
+
+    def list(self, k: str) -> list[Any]:
+        v = self.get(k, [])
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            raise ConfigError(f"expected a list, got {type(v).__name__}", file=self.file, key=self.key(k))
+        return v
+
+    def sub(self, k: str) -> _Section:
+        return _Section(self.get(k), self.file, self.key(k))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            allowed = ", ".join(sorted(self.used))
+            raise ConfigError(
+                f"unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
+                file=self.file,
+                key=self.key(unknown[0]),
+                hint=f"check the spelling; allowed here: {allowed}",
+            )
+
+
+def _size(v: str) -> int:
+    s = v.strip().upper().replace(" ", "")
+    for suffix, mult in (("KIB", 1024), ("MIB", 1024**2), ("GIB", 1024**3), ("KB", 1000), ("MB", 1000**2), ("B", 1)):
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * mult)
+    return int(s)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", file=str(path), hint="check the path") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"invalid YAML{where}: {getattr(exc, 'problem', exc)}", file=str(path)) from exc
+
+
+# ---------------------------------------------------------------------------
+# sections
+
+
+def _retry(sec: _Section) -> RetryConfig:
+    r = RetryConfig(
+        max_attempts=sec.int("max_attempts", 5),
+        backoff=sec.float("backoff", 2.0),
+        max_backoff=sec.float("max_backoff", 300.0),
+        jitter=sec.float("jitter", 0.2),
+    )
+    sec.done()
+    if r.max_attempts < 1:
+        raise ConfigError("max_attempts must be at least 1", file=sec.file, key=sec.key("max_attempts"))
+    return r
+
+
+def _destination(name: str, sec: _Section) -> DestinationConfig:
+    kind = sec.str("kind")
+    if not kind:
+        raise ConfigError("missing 'kind'", file=sec.file, key=sec.key("kind"), hint="e.g. kind: file")
+    retry = _retry(sec.sub("retry"))
+    on_failure = sec.str("on_failure", "dead-letter", choices=FAILURE_POLICIES)
+    lanes = sec.int("lanes", 4)
+    options = {k: v for k, v in sec.data.items() if k not in ("kind", "retry", "on_failure", "lanes")}
+    return DestinationConfig(name, kind, options, retry, on_failure, lanes)
+
+
+def _types(sec_value: Any, file: str, key: str) -> dict[str, tuple[str, ...]]:
+    if sec_value is None:
+        return dict(DEFAULT_TYPES)
+    out: dict[str, tuple[str, ...]] = {}
+    if isinstance(sec_value, list):
+        for t in sec_value:
+            t = str(t).upper()
+            out[t] = DEFAULT_TYPES.get(t, ())
+        return out
+    if isinstance(sec_value, Mapping):
+        for t, triggers in sec_value.items():
+            if triggers in (None, "*", "any"):
+                out[str(t).upper()] = ()
+            elif isinstance(triggers, list):
+                out[str(t).upper()] = tuple(str(x).upper() for x in triggers)
+            else:
+                raise ConfigError("triggers must be a list or '*'", file=file, key=f"{key}.{t}")
+        return out
+    raise ConfigError("expected a list of types or a map of type → triggers", file=file, key=key)
+
+
+def _check_path(p: str, file: str, key: str) -> str:
+    try:
+        parse_path(p)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=file, key=key) from exc
+    return p
+
+
+def _source(sec: _Section) -> SourceConfig:
+    tls = None
+    if sec.has("tls") and sec.data.get("tls"):
+        t = sec.sub("tls")
+        tls = TLSConfig(
+            cert=t.str("cert"), key=t.str("key"), ca=t.str("ca"), require_client_cert=t.bool("require_client_cert", False)
+        )
+        t.done()
+        if not tls.cert or not tls.key:
+            raise ConfigError("tls needs cert and key files", file=sec.file, key=sec.key("tls"))
+    else:
+        sec.get("tls")
+    kind = sec.str("kind", "mllp", choices=("mllp",))
+    assert kind == "mllp"
+    src = SourceConfig(
+        host=sec.str("host", "127.0.0.1"),
+        port=sec.int("port", 2575),
+        tls=tls,
+        max_connections=sec.int("max_connections", 1000),
+        idle_timeout=sec.float("idle_timeout", 300.0),
+        frame_timeout=sec.float("frame_timeout", 30.0),
+        max_frame=sec.int("max_frame", 16 * 1024 * 1024),
+        max_junk=sec.int("max_junk", 1024 * 1024),
+        lenient_end=sec.bool("lenient_end", False),
+        fallback_charset=sec.str("fallback_charset", "latin-1"),
+        keepalive=sec.bool("keepalive", True),
+    )
+    sec.done()
+    if not 0 <= src.port <= 65535:
+        raise ConfigError(f"port {src.port} is out of range", file=sec.file, key=sec.key("port"))
+    return src
+
+
+def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> ChannelConfig:
+    file = str(path)
+    sec = _Section(_read_yaml(path), file, "")
+    name = sec.str("name") or path.stem
+    source = _source(sec.sub("source"))
+    accept = sec.sub("accept")
+    types = _types(accept.get("types"), file, "accept.types")
+    versions = tuple(str(v) for v in accept.list("versions")) or DEFAULT_VERSIONS
+    pids = tuple(str(v).upper() for v in accept.list("processing_ids")) or ("P", "T", "D")
+    accept.done()
+    site_tz = sec.str("site_tz", "America/Los_Angeles")
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(site_tz)
+    except Exception as exc:
+        raise ConfigError(
+            f"unknown time zone {site_tz!r}", file=file, key="site_tz", hint="use an IANA name like America/New_York"
+        ) from exc
+    routes: list[RouteConfig] = []
+    for i, r in enumerate(sec.list("routes")):
+        rs = _Section(r if isinstance(r, Mapping) else {"destination": r}, file, f"routes[{i}]")
+        dest = rs.str("destination")
+        if dest not in destinations:
+            known = ", ".join(sorted(destinations)) or "none defined"
+            raise ConfigError(
+                f"unknown destination {dest!r}",
+                file=file,
+                key=f"routes[{i}].destination",
+                hint=f"define it under destinations: in routes.yaml (known: {known})",
+            )
+        routes.append(RouteConfig(dest, rs.get("filter")))
+        rs.done()
+    order_by = sec.str("order_by")
+    if order_by:
+        _check_path(order_by, file, "order_by")
+    require = tuple(_check_path(str(p), file, f"require[{i}]") for i, p in enumerate(sec.list("require")))
+    ds = sec.sub("dedupe")
+    dedupe = DedupeConfig(
+        enabled=ds.bool("enabled", True),
+        window_days=ds.float("window_days", 7.0),
+        on_conflict=ds.str("on_conflict", "reject", choices=("reject", "accept")),
+    )
+    ds.done()
+    rt = sec.sub("retention")
+    retention = RetentionConfig(bodies_days=rt.float("bodies_days", None), rows_days=rt.float("rows_days", None))
+    rt.done()
+    transform = sec.list("transform")
+    ch = ChannelConfig(
+        name=name,
+        file=file,
+        source=source,
+        types=types,
+        versions=versions,
+        processing_ids=pids,
+        site_tz=site_tz,
+        ack=sec.str("ack", "on-commit", choices=ACK_MODES),
+        require=require,
+        filter=sec.get("filter"),
+        transform=tuple(transform),
+        routes=tuple(routes),
+        order_by=order_by,
+        dedupe=dedupe,
+        retention=retention,
+        batch=sec.str("batch", "accept", choices=("accept", "reject")),
+        enabled=sec.bool("enabled", True),
+    )
+    sec.done()
+    return ch
+
+
+ENV_PREFIX = "SLUICE_"
+
+
+def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load routes.yaml and its channels.
+
+    ``overrides`` (from CLI flags) and ``SLUICE_STORE``, ``SLUICE_HOST``, ``SLUICE_PORT``,
+    ``SLUICE_LOG_FORMAT``, ``SLUICE_LOG_LEVEL``, ``SLUICE_NODE_ID`` win over the file.
+    ``host``/``port`` overrides apply to the first channel (the demo case).
+    """
+    p = Path(path)
+    file = str(p)
+    if not p.exists():
+        raise ConfigError("config file not found", file=file, hint="run sluice from the project folder or pass --config")
+    base = p.resolve().parent
+    sec = _Section(_read_yaml(p), file, "")
+    env = os.environ
+    ov = dict(overrides or {})
+    store_url = ov.get("store") or env.get(ENV_PREFIX + "STORE") or sec.str("store", "sqlite:///var/sluice.db")
+    store_url = _resolve_sqlite(store_url, base)
+    dsec = sec.sub("destinations")
+    destinations: dict[str, DestinationConfig] = {}
+    for name in list(dsec.data):
+        destinations[str(name)] = _destination(str(name), dsec.sub(str(name)))
+    dsec.used.update(dsec.data)
+    lsec = sec.sub("logging")
+    logging = LoggingConfig(
+        format=env.get(ENV_PREFIX + "LOG_FORMAT") or lsec.str("format", "auto", choices=("auto", "json", "console")),
+        level=env.get(ENV_PREFIX + "LOG_LEVEL") or lsec.str("level", "info"),
+    )
+    lsec.done()
+    asec = sec.sub("admin")
+    admin = AdminConfig(host=asec.str("host", "127.0.0.1"), port=asec.int("port", 8765), enabled=asec.bool("enabled", False))
+    asec.done()
+    plugin_paths = tuple((base / str(x)).resolve() for x in sec.list("plugin_paths"))
+    patterns = sec.get("channels", "channels/*.yaml")
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    files: list[Path] = []
+    for pat in patterns:
+        matched = sorted(glob.glob(str(base / str(pat))))
+        files.extend(Path(m) for m in matched if not m.endswith("_test.yaml"))
+    node_id = env.get(ENV_PREFIX + "NODE_ID") or sec.str("node_id", "node-1")
+    sec.done()
+    channels = [load_channel(f, destinations) for f in files]
+    if not channels:
+        raise ConfigError(f"no channel files match {patterns}", file=file, key="channels", hint="add channels/<name>.yaml")
+    names = [c.name for c in channels]
+    for n in names:
+        if names.count(n) > 1:
+            raise ConfigError(f"two channels are named {n!r}", file=file, key="channels", hint="channel names must be unique")
+    host = ov.get("host") or env.get(ENV_PREFIX + "HOST")
+    port = ov.get("port") or env.get(ENV_PREFIX + "PORT")
+    if host or port:
+        first = channels[0]
+        src = replace(first.source, host=host or first.source.host, port=int(port) if port else first.source.port)
+        channels[0] = replace(first, source=src)
+    ports = [(c.source.host, c.source.port) for c in channels if c.enabled and c.source.port]
+    for hp in ports:
+        if ports.count(hp) > 1:
+            raise ConfigError(f"two channels listen on {hp[0]}:{hp[1]}", file=file, hint="give each channel its own port")
+    return Config(
+        file=file,
+        base_dir=base,
+        store_url=store_url,
+        channels=tuple(channels),
+        destinations=destinations,
+        logging=logging,
+        admin=admin,
+        plugin_paths=plugin_paths,
+        node_id=node_id,
+    )
+
+
+def _resolve_sqlite(url: str, base: Path) -> str:
+    """Relative SQLite paths are relative to routes.yaml's folder."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        return prefix + str((base / url[len(prefix) :]).resolve())
+    return url

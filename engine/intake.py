@@ -1,0 +1,409 @@
+"""Intake: one received frame → checks → durable write → the ACK(s) to send.
+
+This is the one boundary where errors become ACK codes: every check raises an
+``engine.errors`` exception carrying ``ack_code``/``hl7_error``; :meth:`Intake.decide`
+turns that into a row status and an ACK.  Writes go through the group
+:class:`Committer`, which commits the rows of every connection waiting at that
+moment in one transaction (one fsync), and only then are the ACKs released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from engine import ack as ackmod
+from engine import hl7
+from engine.config import ChannelConfig
+from engine.errors import Location, MessageContentError, MessageRejected, SluiceError, StoreError
+from engine.store import (
+    IGNORED,
+    PROCESSED,
+    QUARANTINED,
+    RECEIVED,
+    REJECTED,
+    NewDelivery,
+    NewMessage,
+    Store,
+)
+
+log = structlog.get_logger("sluice.intake")
+
+ProcessFn = Callable[[Any, int, hl7.Message, bytes], "ProcessResult"]
+
+
+@dataclass
+class ProcessResult:
+    """What processing decided for one message (used inline for ``ack: after-processing``)."""
+
+    status: str
+    reason: str = ""
+    error: SluiceError | None = None
+    deliveries: list[NewDelivery] = field(default_factory=list)
+    ranks: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """One message waiting for the group commit."""
+
+    channel: ChannelConfig
+    row: NewMessage
+    message: hl7.Message | None
+    outcome: ackmod.Outcome
+    dedupe: bool = False
+    process: ProcessFn | None = None  # set for ack: after-processing
+    # filled by the committer
+    message_id: int = 0
+    duplicate_of: int = 0
+    replay_ack: bytes | None = None
+    final_outcome: ackmod.Outcome | None = None
+    error: Exception | None = None
+
+
+class Committer:
+    """Group commit: a single writer thread commits every waiting job in one transaction."""
+
+    def __init__(self, store: Store, *, max_batch: int = 1000):
+        self.store = store
+        self.max_batch = max_batch
+        self._q: queue.SimpleQueue[tuple[Job, asyncio.Future[Job]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.backlog = 0
+        self.batches = 0
+        self.committed = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sluice-committer", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def submit(self, job: Job) -> Job:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Job] = loop.create_future()
+        self.backlog += 1
+        self._q.put((job, fut))
+        try:
+            return await fut
+        finally:
+            self.backlog -= 1
+
+    def _run(self) -> None:
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[tuple[Job, asyncio.Future[Job]]]) -> None:
+        jobs = [j for j, _ in batch]
+        try:
+            with self.store.write() as conn:
+                self._dedupe(conn, jobs)
+                fresh = [j for j in jobs if not j.duplicate_of]
+                if fresh:
+                    ids = self.store.insert_messages(conn, [j.row for j in fresh])
+                    for j, mid in zip(fresh, ids, strict=True):
+                        j.message_id = mid
+                        if j.process is not None and j.row.status == RECEIVED:
+                            self._process_inline(conn, j)
+                dup_counts: dict[str, int] = {}
+                for j in jobs:
+                    if j.duplicate_of:
+                        dup_counts[j.channel.name] = dup_counts.get(j.channel.name, 0) + 1
+                for ch, n in dup_counts.items():
+                    self.store.bump(conn, ch, "duplicates_prevented", n)
+            self.batches += 1
+            self.committed += len(jobs)
+        except Exception as exc:  # the durable write failed: AR 207 for all, nothing half-written
+            log.error("store_write_failed", error=type(exc).__name__, batch=len(jobs))
+            for j in jobs:
+                j.error = exc
+                j.message_id = 0
+        for j, fut in batch:
+            loop = fut.get_loop()
+            loop.call_soon_threadsafe(_resolve, fut, j)
+
+    def _dedupe(self, conn: Any, jobs: list[Job]) -> None:
+        by_channel: dict[str, list[Job]] = {}
+        for j in jobs:
+            if j.dedupe and j.row.dedupe_key:
+                by_channel.setdefault(j.channel.name, []).append(j)
+        for name, cj in by_channel.items():
+            window = cj[0].channel.dedupe.window_days * 86400.0
+            found = self.store.find_duplicates(conn, name, [j.row.dedupe_key for j in cj], time.time() - window)
+            seen: dict[str, Job] = {}
+            for j in cj:
+                key = j.row.dedupe_key
+                prior = found.get(key)
+                earlier = seen.get(key)
+                if prior is not None:
+                    same = prior.content_hash == j.row.content_hash
+                    prior_ack = prior.ack
+                elif earlier is not None:
+                    same = earlier.row.content_hash == j.row.content_hash
+                    prior_ack = earlier.row.ack
+                else:
+                    seen[key] = j
+                    continue
+                if same:
+                    j.duplicate_of = prior.message_id if prior is not None else -1
+                    j.replay_ack = prior_ack
+                elif j.channel.dedupe.on_conflict == "reject":
+                    err = MessageContentError(
+                        "a message with this sending application/facility and control id (MSH-10) was already "
+                        "received with different content",
+                        code="205",
+                        location=Location("MSH", 1, 10),
+                    )
+                    j.row.status = QUARANTINED
+                    j.row.reason = str(err)
+                    j.final_outcome = ackmod.Outcome("AE", err)
+                    j.row.ack, j.row.ack_code = render_ack(j.message, j.final_outcome)
+
+    def _process_inline(self, conn: Any, j: Job) -> None:
+        assert j.process is not None and j.message is not None
+        result = j.process(conn, j.message_id, j.message, j.row.raw)
+        from engine.store import M
+
+        if result.status == PROCESSED:
+            self.store.add_deliveries(conn, j.message_id, j.channel.name, j.row.order_key, result.deliveries)
+            self.store.set_resource_ranks(conn, j.message_id, result.ranks)
+        outcome = ackmod.ACCEPTED if result.error is None else ackmod.Outcome(result.error.ack_code, result.error)
+        ack_bytes, code = render_ack(j.message, outcome)
+        conn.execute(
+            M.update()
+            .where(M.c.id == j.message_id)
+            .values(status=result.status, reason=result.reason[:4000], processed_at=time.time(), ack=ack_bytes, ack_code=code)
+        )
+        j.final_outcome = outcome
+        j.row.ack = ack_bytes
+
+
+def _resolve(fut: asyncio.Future[Job], job: Job) -> None:
+    if not fut.done():
+        fut.set_result(job)
+
+
+def render_ack(message: hl7.Message | None, outcome: ackmod.Outcome, inbound_control_id: str = "") -> tuple[bytes | None, str]:
+    """The ACK bytes to send for an outcome (None when the sender asked for none) and their MSA-1 codes."""
+    codes = ackmod.plan(message, outcome)
+    if not codes:
+        return None, ""
+    texts = [ackmod.build(message, c, outcome.error, inbound_control_id=inbound_control_id) for c in codes]
+    joined = "\x00".join(texts)  # several ACKs (commit + application) are framed separately
+    return joined.encode(_codec(message), "replace"), "/".join(codes)
+
+
+def _codec(message: hl7.Message | None) -> str:
+    if message is None:
+        return "ascii"
+    cs = message.msh.get(18).strip().upper()
+    return hl7.CHARSETS.get(cs, "latin-1") if cs else "latin-1"
+
+
+def split_acks(data: bytes | None) -> list[bytes]:
+    if not data:
+        return []
+    return data.split(b"\x00")
+
+
+class Intake:
+    """Checks one channel's frames and decides their rows and ACKs."""
+
+    def __init__(self, channel: ChannelConfig, committer: Committer, process: ProcessFn | None = None):
+        self.channel = channel
+        self.committer = committer
+        self.process = process if channel.ack == "after-processing" else None
+        self.on_stored: Callable[[], None] | None = None  # wakes the processing worker
+        self._types = {t: set(tr) for t, tr in channel.types.items()}
+        self._versions = set(channel.versions)
+        self._pids = set(channel.processing_ids)
+
+    # -- pure part --------------------------------------------------------
+    def check(self, msg: hl7.Message) -> None:
+        """Header and required-field checks; raises the error that decides the ACK."""
+        if not msg.control_id:
+            raise MessageRejected("MSH-10 message control id is missing", code="101", location=Location("MSH", 1, 10))
+        mtype, trig = msg.message_type, msg.trigger
+        if not mtype:
+            raise MessageRejected("MSH-9 message type is missing", code="101", location=Location("MSH", 1, 9))
+        if mtype not in self._types:
+            raise MessageRejected(
+                f"message type {mtype} is not accepted by channel {self.channel.name}",
+                code="200",
+                location=Location("MSH", 1, 9, None, 1),
+            )
+        triggers = self._types[mtype]
+        if triggers and trig not in triggers:
+            raise MessageRejected(
+                f"trigger event {mtype}^{trig} is not accepted by channel {self.channel.name}",
+                code="201",
+                location=Location("MSH", 1, 9, None, 2),
+            )
+        if msg.processing_id not in self._pids:
+            raise MessageRejected(
+                f"processing id {msg.processing_id or '(empty)'} is not accepted",
+                code="202",
+                location=Location("MSH", 1, 11),
+            )
+        if msg.version not in self._versions:
+            raise MessageRejected(
+                f"HL7 version {msg.version or '(empty)'} is not accepted",
+                code="203",
+                location=Location("MSH", 1, 12),
+            )
+        for path in self.channel.require:
+            if not msg[path].strip():
+                seg, occ, fld, _rep, comp, _sub = hl7.parse_path(path)
+                raise MessageContentError(
+                    f"required field {path} is missing", code="101", location=Location(seg, occ, fld, None, comp)
+                )
+
+    def decide(self, payload: bytes, peer: str) -> tuple[list[Job], bytes | None]:
+        """Build the jobs to commit for a frame, or an immediate answer when nothing is stored."""
+        now = time.time()
+        stripped = payload.strip(b" \t\r\n\x00")
+        if not stripped:
+            err = MessageRejected("empty message", code="100")
+            return [], render_ack(None, ackmod.Outcome("AR", err))[0]
+        text: str | None = None
+        decode_error: SluiceError | None = None
+        try:
+            text = hl7.decode(payload, self.channel.source.fallback_charset)
+        except SluiceError as exc:
+            decode_error = exc
+            text = payload.decode("latin-1")
+        texts = hl7.split_batch(hl7.normalise_newlines(text).lstrip("\r\n \t"))
+        batch = len(texts) != 1 or text.lstrip().startswith(("FHS", "BHS"))
+        if batch and self.channel.batch == "reject":
+            err = MessageRejected("batches (FHS/BHS) are not accepted on this channel", code="200")
+            return [], render_ack(None, ackmod.Outcome("AR", err))[0]
+        jobs = [self._job(t, payload if not batch else t.encode("latin-1", "replace"), peer, now, decode_error) for t in texts]
+        if not jobs:
+            err = MessageRejected("batch holds no MSH message", code="100")
+            return [], render_ack(None, ackmod.Outcome("AR", err))[0]
+        return jobs, None
+
+    def _job(self, text: str, raw: bytes, peer: str, now: float, decode_error: SluiceError | None) -> Job:
+        ch = self.channel
+        row = NewMessage(channel=ch.name, received_at=now, peer=peer, raw=raw)
+        row.content_hash = hashlib.blake2b(raw, digest_size=16).hexdigest()
+        msg: hl7.Message | None = None
+        try:
+            msg = hl7.parse(text)
+            row.control_id = msg.control_id[:200]
+            row.sending_app = msg.sending_application[:200]
+            row.sending_facility = msg.sending_facility[:200]
+            row.message_type = msg.message_type[:10]
+            row.trigger = msg.trigger[:10]
+            row.version = msg.version[:20]
+            if decode_error is not None:
+                raise decode_error
+            if msg.message_type == "ACK":
+                row.status = IGNORED
+                row.reason = "inbound acknowledgement: never acknowledged back"
+                return Job(ch, row, msg, ackmod.Outcome("AA"))
+            self.check(msg)
+        except SluiceError as exc:
+            outcome = ackmod.Outcome(exc.ack_code, exc)
+            row.reason = str(exc)
+            row.status = REJECTED if isinstance(exc, MessageRejected) and msg is not None else QUARANTINED
+            if exc.ack_code == "AE" and not exc.hl7_error.startswith(("102", "103", "205")):
+                from engine.store import ERROR
+
+                row.status = ERROR
+            row.ack, row.ack_code = render_ack(msg, outcome)
+            return Job(ch, row, msg, outcome)
+        row.patient_key = _patient_key(msg)
+        row.order_key = msg[ch.order_by] if ch.order_by else ""
+        row.dedupe_key = f"{row.sending_app}|{row.sending_facility}|{row.control_id}" if ch.dedupe.enabled else ""
+        outcome = ackmod.ACCEPTED
+        row.ack, row.ack_code = render_ack(msg, outcome)
+        return Job(ch, row, msg, outcome, dedupe=ch.dedupe.enabled, process=self.process)
+
+    # -- I/O part ----------------------------------------------------------
+    async def handle(self, payload: bytes, peer: str) -> list[bytes]:
+        """The ACK payloads to send back for one frame, in order (possibly none)."""
+        jobs, immediate = self.decide(payload, peer)
+        if not jobs:
+            log.info("message_rejected_unstored", channel=self.channel.name, outcome="AR")
+            return split_acks(immediate)
+        results = await asyncio.gather(*(self.committer.submit(j) for j in jobs))
+        if self.on_stored is not None:
+            self.on_stored()
+        acks: list[bytes] = []
+        for j in results:
+            if j.error is not None:
+                err = StoreError("the message could not be stored; resend it later")
+                data, _ = render_ack(j.message, ackmod.Outcome("AR", err), j.row.control_id)
+                acks.extend(split_acks(data))
+                continue
+            if j.duplicate_of:
+                log.info(
+                    "duplicate_ignored",
+                    channel=self.channel.name,
+                    original_id=j.duplicate_of,
+                    control_id=j.row.control_id,
+                    type=f"{j.row.message_type}^{j.row.trigger}",
+                )
+                acks.extend(split_acks(j.replay_ack))
+                continue
+            outcome = j.final_outcome or j.outcome
+            log.info(
+                "message_stored",
+                channel=self.channel.name,
+                message_id=j.message_id,
+                control_id=j.row.control_id,
+                type=f"{j.row.message_type}^{j.row.trigger}",
+                status=j.row.status if j.final_outcome is None else "processed",
+                outcome=outcome.code,
+            )
+            acks.extend(split_acks(j.row.ack))
+        if len(jobs) > 1:
+            # A batch gets one ACK: the worst outcome of its messages.
+            order = {"AR": 0, "CR": 0, "AE": 1, "CE": 1, "AA": 2, "CA": 2}
+            acks.sort(key=lambda a: order.get(_msa1(a), 3))
+            return acks[:1]
+        return acks
+
+
+def _msa1(ack_bytes: bytes) -> str:
+    i = ack_bytes.find(b"MSA")
+    return ack_bytes[i + 4 : i + 6].decode("ascii", "replace") if i >= 0 else ""
+
+
+def _patient_key(msg: hl7.Message) -> str:
+    pid = msg.first("PID")
+    if pid is None:
+        return ""
+    rep = pid.rep(3)
+    value, authority = rep.c(1), rep.c(4)
+    return f"{authority}|{value}"[:300] if value else ""

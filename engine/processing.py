@@ -1,0 +1,106 @@
+"""Processing one stored message through its channel: filter → transform → routes.
+
+Used by the processing worker (``ack: on-commit``) and inline by the committer
+(``ack: after-processing``); either way it runs inside the store transaction
+that records its result, so a message is never half-processed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from engine.config import ChannelConfig, Config
+from engine.destinations.base import CONTENT_HL7
+from engine.errors import Location, MessageContentError, SluiceError
+from engine.hl7 import Message
+from engine.intake import ProcessResult
+from engine.pipeline import Pipeline, Predicate, StageContext, Work
+from engine.stages import build_filter, build_pipeline
+from engine.store import ERROR, FILTERED, PROCESSED, REVIEW, NewDelivery, Store
+
+log = structlog.get_logger("sluice.processing")
+
+
+@dataclass(frozen=True)
+class Route:
+    destination: str
+    filter: Predicate | None
+
+
+class ChannelRuntime:
+    """A channel's compiled pipeline and routes."""
+
+    def __init__(self, config: Config, channel: ChannelConfig, store: Store):
+        self.channel = channel
+        self.store = store
+        ctx = StageContext(
+            channel=channel.name, base_dir=config.base_dir, config_file=channel.file, site_tz=channel.site_tz
+        )
+        self.pipeline: Pipeline = build_pipeline(channel.filter, channel.transform, ctx)
+        self.routes = tuple(
+            Route(r.destination, build_filter(r.filter, ctx, f"routes[{i}].filter")) for i, r in enumerate(channel.routes)
+        )
+
+    def process(self, conn: Any, message_id: int, msg: Message, raw: bytes, only: list[str] | None = None) -> ProcessResult:
+        """Run the pipeline; return the status, deliveries and resource ranks to record."""
+        work = Work(message=msg, raw=raw, payload=raw, content_type=CONTENT_HL7)
+        try:
+            out = self.pipeline.run(work)
+        except SluiceError as exc:
+            log.info(
+                "processing_failed",
+                channel=self.channel.name,
+                message_id=message_id,
+                control_id=msg.control_id,
+                error=type(exc).__name__,
+                code=exc.hl7_error,
+                location=str(exc.location) if exc.location else None,
+            )
+            return ProcessResult(ERROR, str(exc), exc)
+        except Exception as exc:  # a bug in a step: the message is kept and marked, never lost
+            log.error(
+                "processing_crashed",
+                channel=self.channel.name,
+                message_id=message_id,
+                control_id=msg.control_id,
+                error=type(exc).__name__,
+            )
+            err = MessageContentError(f"internal error in a transform step: {type(exc).__name__}: {exc}", code="207")
+            err.ack_code = "AR"  # type: ignore[misc]
+            return ProcessResult(ERROR, str(err), err)
+        if out is None:
+            return ProcessResult(FILTERED, "filtered by the channel filter")
+        facts: Mapping[str, Any] = out.facts
+        guards = dict(facts.get("guards", ()) or ())
+        ranks: dict[str, int] = {}
+        if guards:
+            current = self.store.resource_ranks(conn, list(guards))
+            for key, rank in guards.items():
+                if current.get(key, -1) > rank:
+                    reason = (
+                        "held for manual review: this message carries a lower result status than one already "
+                        "applied (e.g. preliminary after final); replay it if it should be applied anyway"
+                    )
+                    return ProcessResult(REVIEW, reason)
+                ranks[key] = rank
+        for key in facts.get("requires", ()) or ():
+            if key not in ranks and not self.store.resource_ranks(conn, [key]):
+                err = MessageContentError(
+                    "the prior record this message refers to is unknown (e.g. the old patient of a merge)",
+                    code="204",
+                    location=Location("MRG", 1, 1),
+                )
+                return ProcessResult(ERROR, str(err), err)
+        meta = {k: str(v) for k, v in out.meta.items()}
+        deliveries = [
+            NewDelivery(r.destination, out.payload, out.content_type, meta)
+            for r in self.routes
+            if (only is None or r.destination in only) and (r.filter is None or r.filter(msg))
+        ]
+        if not deliveries and self.routes:
+            return ProcessResult(FILTERED, "no route accepted the message", ranks=ranks)
+        return ProcessResult(PROCESSED, "", None, deliveries, ranks)

@@ -1,0 +1,145 @@
+"""Start-up, main loop and shutdown (uvicorn's shape: Server(config).run()).
+
+Start: open the store, put messages a crash left in flight back in the queue,
+start destinations, workers and one listener per channel.  SIGTERM/SIGINT:
+stop accepting, answer frames already received, let workers finish their
+current batch, close destinations and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+import structlog
+
+from engine import registry
+from engine.config import Config
+from engine.destinations.base import Destination, DestinationContext
+from engine.errors import ConfigError
+from engine.intake import Committer, Intake
+from engine.listener import Listener
+from engine.processing import ChannelRuntime
+from engine.store import Store
+from engine.workers import DeliveryWorker, ProcessingWorker
+
+log = structlog.get_logger("sluice.server")
+
+
+def build_destinations(config: Config) -> dict[str, Destination]:
+    registry.load_builtins()
+    ctx = DestinationContext(base_dir=config.base_dir, config_file=config.file)
+    out: dict[str, Destination] = {}
+    for name, dc in config.destinations.items():
+        cls = registry.DESTINATIONS.get(dc.kind)
+        if cls is None:
+            known = ", ".join(sorted(registry.DESTINATIONS))
+            raise ConfigError(
+                f"unknown destination kind {dc.kind!r}", file=config.file, key=f"destinations.{name}.kind", hint=f"known kinds: {known}"
+            )
+        out[name] = cls(name, dc.options, ctx)
+    return out
+
+
+class Server:
+    def __init__(self, config: Config):
+        self.config = config
+        self.owner = f"{config.node_id}:{socket.gethostname()}:{os.getpid()}"
+        self.store: Store | None = None
+        self.committer: Committer | None = None
+        self.listeners: list[Listener] = []
+        self.processing: list[ProcessingWorker] = []
+        self.delivery: list[DeliveryWorker] = []
+        self.destinations: dict[str, Destination] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.should_exit = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.store = store = await asyncio.to_thread(Store, cfg.store_url)
+        recovered = await asyncio.to_thread(store.recover)
+        if recovered:
+            log.info("recovered_in_flight", messages=recovered)
+        self.destinations = build_destinations(cfg)
+        runtimes = {ch.name: ChannelRuntime(cfg, ch, store) for ch in cfg.channels if ch.enabled}
+        for name, dest in self.destinations.items():
+            await dest.start()
+            self.delivery.append(DeliveryWorker(cfg.destinations[name], dest, store))
+        by_dest = {w.config.name: w for w in self.delivery}
+        self.committer = Committer(store)
+        self.committer.start()
+        for ch in cfg.channels:
+            if not ch.enabled:
+                continue
+            rt = runtimes[ch.name]
+            dests = [by_dest[r.destination] for r in ch.routes if r.destination in by_dest]
+
+            def wake(ds: list[DeliveryWorker] = dests) -> None:
+                for d in ds:
+                    d.wake.set()
+
+            pw = ProcessingWorker(rt, store, self.owner, wake)
+            self.processing.append(pw)
+            intake = Intake(ch, self.committer, rt.process)
+            intake.on_stored = pw.wake.set if ch.ack == "on-commit" else wake
+            listener = Listener(ch.name, ch.source, intake)
+            await listener.start()
+            self.listeners.append(listener)
+            log.info(
+                "listening",
+                channel=ch.name,
+                host=ch.source.host,
+                port=listener.port,
+                tls=ch.source.tls is not None,
+                ack=ch.ack,
+                store=store.safe_url,
+            )
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(w.run()) for w in [*self.processing, *self.delivery]]
+        self.started.set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.should_exit.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await self.start()
+        await self.should_exit.wait()
+        log.info("shutting_down")
+        await self.stop()
+
+    async def stop(self) -> None:
+        for listener in self.listeners:
+            await listener.stop_accepting()
+        for listener in self.listeners:
+            await listener.drain()
+        for w in self.processing:
+            w.stopping = True
+            w.wake.set()
+        for w in self.delivery:
+            w.stopping = True
+            w.wake.set()
+        if self.tasks:
+            done, pending = await asyncio.wait(self.tasks, timeout=15)
+            for t in pending:
+                t.cancel()
+        for dest in self.destinations.values():
+            try:
+                await dest.close()
+            except Exception as exc:
+                log.warning("destination_close_failed", error=type(exc).__name__)
+        if self.committer is not None:
+            await asyncio.to_thread(self.committer.stop)
+        if self.store is not None:
+            # Anything a worker had claimed but not finished goes back to the queue.
+            await asyncio.to_thread(self.store.recover, self.owner)
+            self.store.close()
+        log.info("stopped")
+
+    def run(self) -> None:
+        asyncio.run(self.serve())

@@ -1,0 +1,185 @@
+"""Built-in filters and transform steps, and the builder that turns channel YAML into a Pipeline.
+
+Filters are declarative::
+
+    filter:
+      all:
+        - {field: MSH-9.1, in: [ADT, ORU]}
+        - {field: PV1-2, equals: I}
+        - not: {field: PID-3.1, regex: "^TEST"}
+        - {field: PID-3, exists: true}
+        - any: [...]
+        - {python: mypkg.filters:only_inpatients}
+
+Transform steps are a list of registered names (with options) or ``module:function`` refs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from engine import registry
+from engine.destinations.base import CONTENT_HL7, CONTENT_JSON
+from engine.errors import ConfigError
+from engine.hl7 import Message, parse_path
+from engine.pipeline import Pipeline, Predicate, StageContext, Step, Work
+
+_OPS = ("equals", "in", "regex", "exists", "not_equals")
+
+
+def build_filter(spec: Any, ctx: StageContext, key: str = "filter") -> Predicate | None:
+    """A predicate from a filter spec; ConfigError naming the key path on mistakes."""
+    if spec is None:
+        return None
+    if isinstance(spec, str) and ":" in spec:
+        fn = registry.import_from_string(spec, [ctx.base_dir])
+        return _safe_callable(fn)
+    if not isinstance(spec, Mapping):
+        raise ConfigError("a filter must be a mapping or 'module:function'", file=ctx.config_file, key=key)
+    if len(spec) == 1:
+        (op, arg), = spec.items()
+        if op in ("all", "any"):
+            if not isinstance(arg, list) or not arg:
+                raise ConfigError(f"'{op}' needs a non-empty list of conditions", file=ctx.config_file, key=f"{key}.{op}")
+            parts = [build_filter(a, ctx, f"{key}.{op}[{i}]") for i, a in enumerate(arg)]
+            preds = [p for p in parts if p is not None]
+            if op == "all":
+                return lambda m: all(p(m) for p in preds)
+            return lambda m: any(p(m) for p in preds)
+        if op == "not":
+            inner = build_filter(arg, ctx, f"{key}.not")
+            if inner is None:
+                raise ConfigError("'not' needs a condition", file=ctx.config_file, key=f"{key}.not")
+            return lambda m: not inner(m)
+        if op == "python":
+            return _safe_callable(registry.import_from_string(str(arg), [ctx.base_dir]))
+        if op in registry.FILTERS:
+            return registry.FILTERS[op](arg, ctx)  # type: ignore[no-any-return]
+    if "field" in spec:
+        path = str(spec["field"])
+        try:
+            parse_path(path)
+        except ValueError as exc:
+            raise ConfigError(str(exc), file=ctx.config_file, key=f"{key}.field") from exc
+        ops = [k for k in spec if k != "field"]
+        if len(ops) != 1 or ops[0] not in _OPS:
+            raise ConfigError(
+                f"a field condition needs exactly one of {', '.join(_OPS)}",
+                file=ctx.config_file,
+                key=key,
+                hint="e.g. {field: MSH-9.1, in: [ADT, ORU]}",
+            )
+        op = ops[0]
+        arg = spec[op]
+        if op == "equals":
+            want = str(arg)
+            return lambda m: m[path] == want
+        if op == "not_equals":
+            want = str(arg)
+            return lambda m: m[path] != want
+        if op == "in":
+            if not isinstance(arg, list):
+                raise ConfigError("'in' needs a list", file=ctx.config_file, key=f"{key}.in")
+            values = {str(a) for a in arg}
+            return lambda m: m[path] in values
+        if op == "regex":
+            try:
+                rx = re.compile(str(arg))
+            except re.error as exc:
+                raise ConfigError(f"bad regular expression: {exc}", file=ctx.config_file, key=f"{key}.regex") from exc
+            return lambda m: rx.search(m[path]) is not None
+        if op == "exists":
+            want_exists = bool(arg)
+            return lambda m: bool(m[path].strip()) == want_exists
+    raise ConfigError(
+        f"unknown filter {dict(spec)!r}",
+        file=ctx.config_file,
+        key=key,
+        hint="use all/any/not, {field: ..., equals|in|regex|exists: ...}, or {python: module:function}",
+    )
+
+
+def _safe_callable(fn: Any) -> Predicate:
+    if not callable(fn):
+        raise ConfigError(f"{fn!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def build_step(spec: Any, ctx: StageContext, key: str) -> Step:
+    """One transform step from its spec: ``name``, ``{name: {options}}`` or ``module:function``."""
+    options: Mapping[str, Any] = {}
+    if isinstance(spec, Mapping) and len(spec) == 1:
+        (name, opts), = spec.items()
+        options = opts or {}
+        if not isinstance(options, Mapping):
+            raise ConfigError("step options must be a mapping", file=ctx.config_file, key=f"{key}.{name}")
+    elif isinstance(spec, str):
+        name = spec
+    else:
+        raise ConfigError("a step is a name, {name: {options}} or 'module:function'", file=ctx.config_file, key=key)
+    name = str(name)
+    if name in registry.TRANSFORMS:
+        return registry.TRANSFORMS[name](options, ctx)  # type: ignore[no-any-return]
+    if ":" in name:
+        fn = registry.import_from_string(name, [ctx.base_dir, ctx.base_dir / "transforms"])
+        if not callable(fn):
+            raise ConfigError(f"{name} is not callable", file=ctx.config_file, key=key)
+        if options:
+            return lambda w: fn(w, options)  # type: ignore[no-any-return]
+        return fn  # type: ignore[no-any-return]
+    known = ", ".join(sorted(registry.TRANSFORMS))
+    raise ConfigError(f"unknown transform step {name!r}", file=ctx.config_file, key=key, hint=f"built-in steps: {known}")
+
+
+def build_pipeline(filter_spec: Any, steps: tuple[Any, ...], ctx: StageContext) -> Pipeline:
+    registry.load_builtins()
+    return Pipeline(
+        filter=build_filter(filter_spec, ctx),
+        steps=tuple(build_step(s, ctx, f"transform[{i}]") for i, s in enumerate(steps)),
+    )
+
+
+# ---------------------------------------------------------------------------
+# built-in steps
+
+
+@registry.transform("passthrough")
+def passthrough(options: Mapping[str, Any], ctx: StageContext) -> Step:
+    """Deliver the HL7 message unchanged."""
+    if options:
+        raise ConfigError("passthrough takes no options", file=ctx.config_file, key="transform")
+
+    def step(work: Work) -> Work:
+        return replace(work, payload=work.raw, content_type=CONTENT_HL7)
+
+    return step
+
+
+@registry.transform("hl7-to-json")
+def hl7_to_json(options: Mapping[str, Any], ctx: StageContext) -> Step:
+    """A plain JSON view of the message: ``{"segments": [{"name": "PID", "fields": [...]}, ...]}``."""
+    if options:
+        raise ConfigError("hl7-to-json takes no options", file=ctx.config_file, key="transform")
+
+    def step(work: Work) -> Work:
+        segs = [{"name": s.name, "fields": [s.value(i) for i in range(1, len(s.fields))]} for s in work.message]
+        doc = {
+            "type": work.message.message_type,
+            "trigger": work.message.trigger,
+            "control_id": work.message.control_id,
+            "version": work.message.version,
+            "segments": segs,
+        }
+        return replace(work, payload=orjson.dumps(doc), content_type=CONTENT_JSON)
+
+    return step
+
+
+def message_filter(fn: Callable[[Message], bool]) -> Predicate:
+    """Decorator for user filter functions (documentational; any callable works)."""
+    return fn

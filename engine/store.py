@@ -1,0 +1,838 @@
+"""The durable store: SQLAlchemy 2 models and the few queries the engine needs.
+
+SQLite (WAL, ``synchronous=FULL``) by default; PostgreSQL by URL
+(``postgresql+psycopg://...``).  Everything here is synchronous and called from
+worker threads; the asyncio side reaches it through ``asyncio.to_thread`` or
+the group committer in ``engine.intake``.
+
+Times are stored as UNIX epoch seconds (float): portable, sortable, cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from engine.errors import StoreError
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class MessageRow(Base):
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(100))
+    received_at: Mapped[float] = mapped_column(Float)
+    peer: Mapped[str] = mapped_column(String(100), default="")
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    control_id: Mapped[str] = mapped_column(String(200), default="")
+    sending_app: Mapped[str] = mapped_column(String(200), default="")
+    sending_facility: Mapped[str] = mapped_column(String(200), default="")
+    message_type: Mapped[str] = mapped_column(String(10), default="")
+    trigger: Mapped[str] = mapped_column(String(10), default="")
+    version: Mapped[str] = mapped_column(String(20), default="")
+    patient_key: Mapped[str] = mapped_column(String(300), default="")
+    order_key: Mapped[str] = mapped_column(String(300), default="")
+    content_hash: Mapped[str] = mapped_column(String(64), default="")
+    dedupe_key: Mapped[str] = mapped_column(String(700), default="")
+    status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    ack: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    ack_code: Mapped[str] = mapped_column(String(4), default="")
+    lease_owner: Mapped[str] = mapped_column(String(100), default="")
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
+    processed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    replay_destinations: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (
+        Index("ix_messages_channel_status_id", "channel", "status", "id"),
+        Index("ix_messages_dedupe", "channel", "dedupe_key"),
+        Index("ix_messages_received", "received_at"),
+    )
+
+
+class DeliveryRow(Base):
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(String(100))
+    destination: Mapped[str] = mapped_column(String(100))
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    content_type: Mapped[str] = mapped_column(String(100), default="")
+    meta: Mapped[str] = mapped_column(Text, default="{}")
+    order_key: Mapped[str] = mapped_column(String(300), default="")
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (
+        Index("ix_deliveries_dest_status_id", "destination", "status", "id"),
+        Index("ix_deliveries_message", "message_id"),
+    )
+
+
+class ReplayRow(Base):
+    __tablename__ = "replays"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float)
+    who: Mapped[str] = mapped_column(String(200))
+    why: Mapped[str] = mapped_column(Text, default="")
+    selection: Mapped[str] = mapped_column(Text)
+    message_ids: Mapped[str] = mapped_column(Text)
+    count: Mapped[int] = mapped_column(Integer)
+
+
+class CounterRow(Base):
+    __tablename__ = "counters"
+
+    channel: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ResourceStateRow(Base):
+    """Highest status rank applied per FHIR business key (so a lower status never overwrites a higher one)."""
+
+    __tablename__ = "resource_state"
+
+    key: Mapped[str] = mapped_column(String(500), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    message_id: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+M = MessageRow.__table__
+D = DeliveryRow.__table__
+R = ReplayRow.__table__
+C = CounterRow.__table__
+S = ResourceStateRow.__table__
+
+# Message statuses
+RECEIVED = "received"  # stored, waiting for a processing worker
+PROCESSING = "processing"
+PROCESSED = "processed"  # deliveries created
+FILTERED = "filtered"
+ERROR = "error"  # processing failed: a message-level dead letter
+REVIEW = "review"  # held for manual review (e.g. a lower status after a higher one)
+REJECTED = "rejected"  # AR at intake, kept for audit
+QUARANTINED = "quarantined"  # bad content at intake (charset, garbage, duplicate id with other content)
+IGNORED = "ignored"  # inbound ACKs and other messages never processed
+MESSAGE_STATUSES = (RECEIVED, PROCESSING, PROCESSED, FILTERED, ERROR, REVIEW, REJECTED, QUARANTINED, IGNORED)
+
+# Delivery statuses
+PENDING = "pending"
+DELIVERED = "delivered"
+DEAD = "dead"
+SUPERSEDED = "superseded"  # replaced by a replay
+
+
+@dataclass
+class NewMessage:
+    """One row to insert at intake."""
+
+    channel: str
+    received_at: float
+    peer: str
+    raw: bytes
+    control_id: str = ""
+    sending_app: str = ""
+    sending_facility: str = ""
+    message_type: str = ""
+    trigger: str = ""
+    version: str = ""
+    patient_key: str = ""
+    order_key: str = ""
+    content_hash: str = ""
+    dedupe_key: str = ""
+    status: str = RECEIVED
+    reason: str = ""
+    ack: bytes | None = None
+    ack_code: str = ""
+    processed_at: float | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "received_at": self.received_at,
+            "peer": self.peer,
+            "raw": self.raw,
+            "size": len(self.raw),
+            "control_id": self.control_id,
+            "sending_app": self.sending_app,
+            "sending_facility": self.sending_facility,
+            "message_type": self.message_type,
+            "trigger": self.trigger,
+            "version": self.version,
+            "patient_key": self.patient_key,
+            "order_key": self.order_key,
+            "content_hash": self.content_hash,
+            "dedupe_key": self.dedupe_key,
+            "status": self.status,
+            "reason": self.reason,
+            "ack": self.ack,
+            "ack_code": self.ack_code,
+            "processed_at": self.processed_at,
+        }
+
+
+@dataclass
+class NewDelivery:
+    destination: str
+    payload: bytes
+    content_type: str
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """An earlier message with the same dedupe key inside the window."""
+
+    message_id: int
+    content_hash: str
+    ack: bytes | None
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # Writers take the write lock up front (no deadlocking lock upgrades); readers stay deferred.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("sluice_write") else "BEGIN")
+
+
+class Store:
+    """The engine's view of the database."""
+
+    def __init__(self, url: str, *, create: bool = True):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"future": True}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30, "isolation_level": None}
+            if ":memory:" not in url:
+                path = url.split("///", 1)[-1]
+                from pathlib import Path
+
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs["pool_size"] = 10
+            kwargs["max_overflow"] = 10
+            kwargs["pool_pre_ping"] = True
+        try:
+            self.engine: Engine = create_engine(url, **kwargs)
+        except Exception as exc:  # bad URL, missing driver
+            raise StoreError(f"cannot open store {self.safe_url}: {exc}") from exc
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            # SQLite via pysqlite: let SQLAlchemy emit BEGIN itself so transactions are real.
+            event.listen(self.engine, "begin", _sqlite_begin)
+        if create:
+            self.create_schema()
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password hidden, for logs and errors."""
+        from sqlalchemy.engine import make_url
+
+        try:
+            return make_url(self.url).render_as_string(hide_password=True)
+        except Exception:
+            return "<store url>"
+
+    def create_schema(self) -> None:
+        try:
+            Base.metadata.create_all(self.engine)
+        except Exception as exc:
+            raise StoreError(
+                f"cannot create tables in {self.safe_url}: {exc}. Check that the database exists and is writable"
+            ) from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite), committed on exit."""
+        with self.engine.connect() as conn:
+            conn.execution_options(sluice_write=True)
+            with conn.begin():
+                yield conn
+
+    def check(self) -> str:
+        """Integrity check: 'ok' or what is wrong."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                return str(conn.exec_driver_sql("PRAGMA integrity_check").scalar())
+            conn.execute(text("SELECT 1"))
+            return "ok"
+
+    # ------------------------------------------------------------------ intake
+    def find_duplicates(self, conn: Connection, channel: str, keys: Sequence[str], since: float) -> dict[str, Duplicate]:
+        """The earliest non-quarantined message per dedupe key received since ``since``."""
+        if not keys:
+            return {}
+        rows = conn.execute(
+            select(M.c.id, M.c.dedupe_key, M.c.content_hash, M.c.ack)
+            .where(M.c.channel == channel, M.c.dedupe_key.in_(list(set(keys))), M.c.received_at >= since)
+            .where(M.c.status.not_in([QUARANTINED, REJECTED]))
+            .order_by(M.c.id)
+        ).all()
+        out: dict[str, Duplicate] = {}
+        for r in rows:
+            out.setdefault(r.dedupe_key, Duplicate(r.id, r.content_hash, r.ack))
+        return out
+
+    def insert_messages(self, conn: Connection, rows: Sequence[NewMessage]) -> list[int]:
+        if not rows:
+            return []
+        ids: list[int] = []
+        # RETURNING keeps it one round trip on both SQLite (3.35+) and PostgreSQL.
+        result = conn.execute(insert(M).returning(M.c.id), [r.row() for r in rows])
+        ids = [row[0] for row in result]
+        return ids
+
+    def add_deliveries(
+        self, conn: Connection, message_id: int, channel: str, order_key: str, deliveries: Iterable[NewDelivery]
+    ) -> None:
+        now = time.time()
+        rows = [
+            {
+                "message_id": message_id,
+                "channel": channel,
+                "destination": d.destination,
+                "payload": d.payload,
+                "content_type": d.content_type,
+                "meta": json.dumps(d.meta),
+                "order_key": f"{channel}|{order_key}"[:300],
+                "status": PENDING,
+                "attempts": 0,
+                "created_at": now,
+                "next_attempt_at": 0.0,
+            }
+            for d in deliveries
+        ]
+        if rows:
+            conn.execute(insert(D), rows)
+
+    def bump(self, conn: Connection, channel: str, name: str, by: int = 1) -> None:
+        """Add to a per-channel counter (e.g. duplicates prevented)."""
+        res = conn.execute(update(C).where(C.c.channel == channel, C.c.name == name).values(value=C.c.value + by))
+        if res.rowcount == 0:
+            conn.execute(insert(C).values(channel=channel, name=name, value=by))
+
+    def counters(self, channel: str | None = None) -> dict[tuple[str, str], int]:
+        with self.engine.connect() as conn:
+            q = select(C)
+            if channel:
+                q = q.where(C.c.channel == channel)
+            return {(r.channel, r.name): r.value for r in conn.execute(q)}
+
+    # -------------------------------------------------------------- processing
+    def claim_received(self, channel: str, limit: int, owner: str, lease_s: float = 300.0) -> list[Any]:
+        """Take up to ``limit`` received messages of a channel, oldest first, under a lease."""
+        now = time.time()
+        with self.write() as conn:
+            q = (
+                select(M.c.id)
+                .where(M.c.channel == channel, M.c.status == RECEIVED)
+                .order_by(M.c.id)
+                .limit(limit)
+            )
+            if not self.is_sqlite:
+                q = q.with_for_update(skip_locked=True)
+            ids = [r[0] for r in conn.execute(q)]
+            if not ids:
+                return []
+            conn.execute(
+                update(M)
+                .where(M.c.id.in_(ids))
+                .values(status=PROCESSING, lease_owner=owner, lease_until=now + lease_s)
+            )
+            rows = conn.execute(
+                select(
+                    M.c.id,
+                    M.c.channel,
+                    M.c.raw,
+                    M.c.control_id,
+                    M.c.message_type,
+                    M.c.trigger,
+                    M.c.order_key,
+                    M.c.replay_destinations,
+                )
+                .where(M.c.id.in_(ids))
+                .order_by(M.c.id)
+            ).all()
+        return list(rows)
+
+    def resource_ranks(self, conn: Connection, keys: Sequence[str]) -> dict[str, int]:
+        if not keys:
+            return {}
+        rows = conn.execute(select(S.c.key, S.c.rank).where(S.c.key.in_(list(set(keys))))).all()
+        return {r.key: r.rank for r in rows}
+
+    def set_resource_ranks(self, conn: Connection, message_id: int, ranks: dict[str, int]) -> None:
+        if not ranks:
+            return
+        now = time.time()
+        existing = self.resource_ranks(conn, list(ranks))
+        for key, rank in ranks.items():
+            if key in existing:
+                if rank > existing[key]:
+                    conn.execute(update(S).where(S.c.key == key).values(rank=rank, message_id=message_id, updated_at=now))
+            else:
+                conn.execute(insert(S).values(key=key, rank=rank, message_id=message_id, updated_at=now))
+
+    def finish_message(
+        self,
+        conn: Connection,
+        message_id: int,
+        status: str,
+        reason: str = "",
+        *,
+        patient_key: str | None = None,
+    ) -> None:
+        values: dict[str, Any] = {
+            "status": status,
+            "reason": reason[:4000],
+            "processed_at": time.time(),
+            "lease_owner": "",
+            "lease_until": 0.0,
+            "replay_destinations": None,
+        }
+        if patient_key is not None:
+            values["patient_key"] = patient_key
+        conn.execute(update(M).where(M.c.id == message_id).values(**values))
+
+    # ---------------------------------------------------------------- delivery
+    def pending_deliveries(self, destination: str, limit: int) -> list[Any]:
+        """The oldest pending deliveries of a destination (ids and scheduling fields only)."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(D.c.id, D.c.order_key, D.c.next_attempt_at, D.c.attempts)
+                    .where(D.c.destination == destination, D.c.status == PENDING)
+                    .order_by(D.c.id)
+                    .limit(limit)
+                ).all()
+            )
+
+    def load_deliveries(self, ids: Sequence[int]) -> list[Any]:
+        if not ids:
+            return []
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(
+                        D.c.id,
+                        D.c.message_id,
+                        D.c.channel,
+                        D.c.destination,
+                        D.c.payload,
+                        D.c.content_type,
+                        D.c.meta,
+                        D.c.order_key,
+                        D.c.attempts,
+                        M.c.raw,
+                        M.c.control_id,
+                        M.c.message_type,
+                        M.c.trigger,
+                    )
+                    .join(M, M.c.id == D.c.message_id)
+                    .where(D.c.id.in_(list(ids)))
+                    .order_by(D.c.id)
+                ).all()
+            )
+
+    def record_deliveries(
+        self,
+        delivered: Sequence[tuple[int, str]],
+        failed: Sequence[tuple[int, int, str, float | None]],
+    ) -> None:
+        """One transaction: delivered (id, detail); failed (id, attempts, error, next_attempt_at or None = dead)."""
+        if not delivered and not failed:
+            return
+        now = time.time()
+        with self.write() as conn:
+            if delivered:
+                for did, detail in delivered:
+                    conn.execute(
+                        update(D)
+                        .where(D.c.id == did)
+                        .values(status=DELIVERED, delivered_at=now, detail=detail[:1000], attempts=D.c.attempts + 1)
+                    )
+            for did, attempts, error, next_at in failed:
+                values: dict[str, Any] = {"attempts": attempts, "last_error": error[:4000]}
+                if next_at is None:
+                    values["status"] = DEAD
+                else:
+                    values["next_attempt_at"] = next_at
+                conn.execute(update(D).where(D.c.id == did).values(**values))
+
+    # ---------------------------------------------------------------- recovery
+    def recover(self, owner: str | None = None) -> int:
+        """After a crash or restart: messages left 'processing' go back to 'received'."""
+        with self.write() as conn:
+            q = update(M).where(M.c.status == PROCESSING)
+            if owner is not None:
+                q = q.where((M.c.lease_owner == owner) | (M.c.lease_until < time.time()))
+            res = conn.execute(q.values(status=RECEIVED, lease_owner="", lease_until=0.0))
+            return int(res.rowcount or 0)
+
+    # ------------------------------------------------------------------ admin
+    def list_messages(
+        self,
+        *,
+        channel: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[Any]:
+        q = select(
+            M.c.id,
+            M.c.received_at,
+            M.c.channel,
+            M.c.message_type,
+            M.c.trigger,
+            M.c.control_id,
+            M.c.status,
+            M.c.ack_code,
+            M.c.size,
+            M.c.reason,
+        ).order_by(M.c.id.desc())
+        if channel:
+            q = q.where(M.c.channel == channel)
+        if status:
+            q = q.where(M.c.status == status)
+        if since is not None:
+            q = q.where(M.c.received_at >= since)
+        if until is not None:
+            q = q.where(M.c.received_at < until)
+        with self.engine.connect() as conn:
+            return list(conn.execute(q.limit(limit)).all())
+
+    def get_message(self, message_id: int) -> Any | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(M).where(M.c.id == message_id)).first()
+
+    def deliveries_of(self, message_id: int) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(
+                        D.c.id,
+                        D.c.destination,
+                        D.c.status,
+                        D.c.attempts,
+                        D.c.last_error,
+                        D.c.detail,
+                        D.c.next_attempt_at,
+                        D.c.delivered_at,
+                    )
+                    .where(D.c.message_id == message_id)
+                    .order_by(D.c.id)
+                ).all()
+            )
+
+    def dead_letters(self, *, channel: str | None = None, destination: str | None = None, limit: int = 100) -> list[Any]:
+        """Dead deliveries and messages whose processing failed or that wait for review."""
+        out: list[Any] = []
+        with self.engine.connect() as conn:
+            q = (
+                select(
+                    D.c.id.label("delivery_id"),
+                    D.c.message_id,
+                    D.c.channel,
+                    D.c.destination,
+                    D.c.attempts,
+                    D.c.last_error.label("reason"),
+                    M.c.message_type,
+                    M.c.trigger,
+                    M.c.control_id,
+                    M.c.received_at,
+                )
+                .join(M, M.c.id == D.c.message_id)
+                .where(D.c.status == DEAD)
+                .order_by(D.c.id.desc())
+                .limit(limit)
+            )
+            if channel:
+                q = q.where(D.c.channel == channel)
+            if destination:
+                q = q.where(D.c.destination == destination)
+            out.extend(conn.execute(q).all())
+            if not destination:
+                q2 = (
+                    select(
+                        M.c.id.label("message_id"),
+                        M.c.channel,
+                        M.c.status,
+                        M.c.reason,
+                        M.c.message_type,
+                        M.c.trigger,
+                        M.c.control_id,
+                        M.c.received_at,
+                    )
+                    .where(M.c.status.in_([ERROR, REVIEW]))
+                    .order_by(M.c.id.desc())
+                    .limit(limit)
+                )
+                if channel:
+                    q2 = q2.where(M.c.channel == channel)
+                out.extend(conn.execute(q2).all())
+        return out
+
+    def select_for_replay(
+        self,
+        *,
+        ids: Sequence[int] = (),
+        channel: str | None = None,
+        status: str | None = None,
+        destination: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100_000,
+    ) -> list[tuple[int, list[str] | None]]:
+        """(message id, destinations to redo or None for all) for a replay selection.
+
+        ``status`` is a message status (error, filtered, review, ...) or ``dead`` for dead deliveries.
+        """
+        with self.engine.connect() as conn:
+            if status == "dead" or (destination and not ids and status is None):
+                q = select(D.c.message_id, D.c.destination).join(M, M.c.id == D.c.message_id).where(D.c.status == DEAD)
+                if ids:
+                    q = q.where(D.c.message_id.in_(list(ids)))
+                if channel:
+                    q = q.where(D.c.channel == channel)
+                if destination:
+                    q = q.where(D.c.destination == destination)
+                if since is not None:
+                    q = q.where(M.c.received_at >= since)
+                if until is not None:
+                    q = q.where(M.c.received_at < until)
+                per: dict[int, list[str]] = {}
+                for r in conn.execute(q.order_by(D.c.message_id).limit(limit)):
+                    per.setdefault(r.message_id, []).append(r.destination)
+                return [(mid, sorted(set(d))) for mid, d in per.items()]
+            q3 = select(M.c.id).where(M.c.raw.is_not(None))
+            if ids:
+                q3 = q3.where(M.c.id.in_(list(ids)))
+            if channel:
+                q3 = q3.where(M.c.channel == channel)
+            if status:
+                q3 = q3.where(M.c.status == status)
+            if since is not None:
+                q3 = q3.where(M.c.received_at >= since)
+            if until is not None:
+                q3 = q3.where(M.c.received_at < until)
+            selected = [r[0] for r in conn.execute(q3.order_by(M.c.id).limit(limit))]
+            out: list[tuple[int, list[str] | None]] = []
+            for mid in selected:
+                dests = None
+                if destination:
+                    dests = [destination]
+                out.append((mid, dests))
+            return out
+
+    def replay(
+        self,
+        selection: Sequence[tuple[int, list[str] | None]],
+        *,
+        who: str,
+        why: str,
+        criteria: dict[str, Any],
+    ) -> int:
+        """Send selected messages back through processing with the current config; record who/when/why.
+
+        The message goes back to 'received'; its dead (or, for a full replay, pending) deliveries are
+        marked superseded so the fresh run creates the deliveries again.  Destinations are idempotent
+        (conditional FHIR writes, deterministic file names), so a replay never duplicates downstream.
+        """
+        if not selection:
+            return 0
+        now = time.time()
+        with self.write() as conn:
+            for mid, dests in selection:
+                q = update(D).where(D.c.message_id == mid, D.c.status.in_([DEAD, PENDING]))
+                if dests:
+                    q = q.where(D.c.destination.in_(dests))
+                conn.execute(q.values(status=SUPERSEDED))
+                conn.execute(
+                    update(M)
+                    .where(M.c.id == mid)
+                    .values(
+                        status=RECEIVED,
+                        reason="",
+                        lease_owner="",
+                        lease_until=0.0,
+                        replay_destinations=",".join(dests) if dests else None,
+                    )
+                )
+            conn.execute(
+                insert(R).values(
+                    at=now,
+                    who=who,
+                    why=why,
+                    selection=json.dumps(criteria, default=str),
+                    message_ids=json.dumps([m for m, _ in selection]),
+                    count=len(selection),
+                )
+            )
+        return len(selection)
+
+    def replays(self, limit: int = 50) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(R).order_by(R.c.id.desc()).limit(limit)).all())
+
+    def status_counts(self) -> dict[tuple[str, str], int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(M.c.channel, M.c.status, func.count()).group_by(M.c.channel, M.c.status))
+            return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(D.c.destination, D.c.status, func.count()).group_by(D.c.destination, D.c.status))
+            return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    # --------------------------------------------------------------- retention
+    def prune(self, channel: str, *, bodies_before: float | None, rows_before: float | None, batch: int = 500) -> dict[str, int]:
+        """Drop message bodies, then whole rows, older than the cut-offs, in small batches.
+
+        Only finished messages are touched (never ones still waiting for processing or delivery).
+        Disk space is returned: SQLite runs an incremental vacuum after each batch.
+        """
+        done = {"bodies": 0, "rows": 0}
+        finished = [PROCESSED, FILTERED, REJECTED, QUARANTINED, IGNORED, ERROR, REVIEW]
+        if bodies_before is not None:
+            while True:
+                with self.write() as conn:
+                    ids = [
+                        r[0]
+                        for r in conn.execute(
+                            select(M.c.id)
+                            .where(M.c.channel == channel, M.c.received_at < bodies_before, M.c.raw.is_not(None))
+                            .where(M.c.status.in_(finished))
+                            .limit(batch)
+                        )
+                    ]
+                    if not ids:
+                        break
+                    conn.execute(update(M).where(M.c.id.in_(ids)).values(raw=None))
+                    conn.execute(
+                        update(D).where(D.c.message_id.in_(ids), D.c.status.in_([DELIVERED, SUPERSEDED])).values(payload=None)
+                    )
+                done["bodies"] += len(ids)
+                self._reclaim()
+        if rows_before is not None:
+            while True:
+                with self.write() as conn:
+                    ids = [
+                        r[0]
+                        for r in conn.execute(
+                            select(M.c.id)
+                            .where(M.c.channel == channel, M.c.received_at < rows_before)
+                            .where(M.c.status.in_(finished))
+                            .limit(batch)
+                        )
+                    ]
+                    if not ids:
+                        break
+                    conn.execute(delete(D).where(D.c.message_id.in_(ids), D.c.status != PENDING))
+                    pending = {
+                        r[0] for r in conn.execute(select(D.c.message_id).where(D.c.message_id.in_(ids), D.c.status == PENDING))
+                    }
+                    gone = [i for i in ids if i not in pending]
+                    if not gone:
+                        break
+                    conn.execute(delete(M).where(M.c.id.in_(gone)))
+                done["rows"] += len(gone)
+                self._reclaim()
+        return done
+
+    def _reclaim(self) -> None:
+        if self.is_sqlite:
+            with self.engine.connect() as conn:
+                mode = conn.exec_driver_sql("PRAGMA auto_vacuum").scalar()
+                if mode == 2:
+                    conn.exec_driver_sql("PRAGMA incremental_vacuum(2000)")
+
+    def enable_incremental_vacuum(self) -> None:
+        """SQLite: switch a database to incremental auto-vacuum (one full VACUUM the first time)."""
+        if not self.is_sqlite:
+            return
+        with self.engine.connect() as conn:
+            mode = conn.exec_driver_sql("PRAGMA auto_vacuum").scalar()
+            if mode != 2:
+                conn.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
+                conn.exec_driver_sql("VACUUM")
+
+    def db_size(self) -> int:
+        if self.is_sqlite:
+            with self.engine.connect() as conn:
+                pages = conn.exec_driver_sql("PRAGMA page_count").scalar() or 0
+                size = conn.exec_driver_sql("PRAGMA page_size").scalar() or 0
+                return int(pages) * int(size)
+        with self.engine.connect() as conn:
+            return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar() or 0)
+
+
+__all__ = [
+    "DEAD",
+    "DELIVERED",
+    "ERROR",
+    "FILTERED",
+    "IGNORED",
+    "MESSAGE_STATUSES",
+    "PENDING",
+    "PROCESSED",
+    "PROCESSING",
+    "QUARANTINED",
+    "RECEIVED",
+    "REJECTED",
+    "REVIEW",
+    "SUPERSEDED",
+    "Duplicate",
+    "NewDelivery",
+    "NewMessage",
+    "Store",
+]

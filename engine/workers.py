@@ -1,0 +1,226 @@
+"""Workers: claim → process → deliver → retry / dead-letter.
+
+* :class:`ProcessingWorker` (one per channel) claims stored messages in order,
+  runs the channel pipeline and records the result plus one delivery row per
+  route in a single transaction.
+* :class:`DeliveryWorker` (one per destination) delivers pending rows in lanes:
+  rows with the same order key (the channel, plus the channel's ``order_by``
+  value) go strictly in order; different keys run in parallel up to ``lanes``.
+  Failures back off exponentially with jitter up to ``max_attempts`` and then
+  go to the dead-letter queue with a reason.  ``on_failure: block`` holds the
+  later rows of the failing key while it retries; ``dead-letter`` lets them pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from engine import hl7
+from engine.config import DestinationConfig, RetryConfig
+from engine.destinations.base import Destination, Outbound
+from engine.errors import DeliveryError, SluiceError
+from engine.processing import ChannelRuntime
+from engine.store import ERROR, PROCESSED, Store
+
+log = structlog.get_logger("sluice.workers")
+
+
+def backoff_delay(retry: RetryConfig, attempts: int, retry_after: float | None = None, rnd: Callable[[], float] = random.random) -> float:
+    """Seconds before the next try after ``attempts`` failed tries (exponential, capped, jittered)."""
+    base = min(retry.max_backoff, retry.backoff * (2 ** max(0, attempts - 1)))
+    jitter = 1.0 + retry.jitter * (2 * rnd() - 1)
+    delay = base * jitter
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, retry.max_backoff * 4))
+    return max(0.0, delay)
+
+
+class ProcessingWorker:
+    """Runs one channel's pipeline over its stored messages."""
+
+    def __init__(self, runtime: ChannelRuntime, store: Store, owner: str, wake_destinations: Callable[[], None], batch: int = 200):
+        self.runtime = runtime
+        self.store = store
+        self.owner = owner
+        self.batch = batch
+        self.wake = asyncio.Event()
+        self.wake_destinations = wake_destinations
+        self.stopping = False
+        self.processed = 0
+
+    async def run(self) -> None:
+        while not self.stopping:
+            try:
+                n = await asyncio.to_thread(self._process_batch)
+            except Exception as exc:  # store trouble: back off, never spin
+                log.error("processing_batch_failed", channel=self.runtime.channel.name, error=type(exc).__name__, detail=str(exc)[:200])
+                n = 0
+                await asyncio.sleep(1.0)
+            if n:
+                self.processed += n
+                self.wake_destinations()
+                continue
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+
+    def _process_batch(self) -> int:
+        ch = self.runtime.channel
+        rows = self.store.claim_received(ch.name, self.batch, self.owner)
+        if not rows:
+            return 0
+        with self.store.write() as conn:
+            for r in rows:
+                only = r.replay_destinations.split(",") if r.replay_destinations else None
+                try:
+                    msg = hl7.parse_bytes(r.raw, ch.source.fallback_charset)
+                except SluiceError as exc:
+                    self.store.finish_message(conn, r.id, ERROR, str(exc))
+                    continue
+                result = self.runtime.process(conn, r.id, msg, r.raw, only)
+                if result.status == PROCESSED:
+                    self.store.add_deliveries(conn, r.id, ch.name, r.order_key, result.deliveries)
+                self.store.set_resource_ranks(conn, r.id, result.ranks)
+                self.store.finish_message(conn, r.id, result.status, result.reason)
+        return len(rows)
+
+
+@dataclass
+class _Lane:
+    rows: list[Any] = field(default_factory=list)
+
+
+class DeliveryWorker:
+    """Delivers one destination's queue."""
+
+    def __init__(self, config: DestinationConfig, destination: Destination, store: Store, batch: int = 500):
+        self.config = config
+        self.destination = destination
+        self.store = store
+        self.batch = batch
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.delivered = 0
+        self.failed = 0
+        self.dead = 0
+        self._sem = asyncio.Semaphore(max(1, config.lanes))
+
+    async def run(self) -> None:
+        while not self.stopping:
+            try:
+                progressed, next_due = await self._round()
+            except Exception as exc:
+                log.error("delivery_round_failed", destination=self.config.name, error=type(exc).__name__, detail=str(exc)[:200])
+                progressed, next_due = False, time.time() + 1.0
+            if progressed:
+                continue
+            self.wake.clear()
+            wait = 0.5 if next_due is None else min(0.5, max(0.0, next_due - time.time()))
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, wait))
+            except TimeoutError:
+                pass
+
+    async def _round(self) -> tuple[bool, float | None]:
+        rows = await asyncio.to_thread(self.store.pending_deliveries, self.config.name, self.batch)
+        if not rows:
+            return False, None
+        now = time.time()
+        block = self.config.on_failure == "block"
+        lanes: dict[str, _Lane] = {}
+        blocked: set[str] = set()
+        next_due: float | None = None
+        for r in rows:
+            key = r.order_key
+            if key in blocked:
+                continue
+            if r.next_attempt_at > now:
+                next_due = r.next_attempt_at if next_due is None else min(next_due, r.next_attempt_at)
+                if block:
+                    blocked.add(key)
+                continue
+            lanes.setdefault(key, _Lane()).rows.append(r)
+        if not lanes:
+            return False, next_due
+        ids = [r.id for lane in lanes.values() for r in lane.rows]
+        loaded = {r.id: r for r in await asyncio.to_thread(self.store.load_deliveries, ids)}
+        delivered: list[tuple[int, str]] = []
+        failed: list[tuple[int, int, str, float | None]] = []
+        await asyncio.gather(*(self._lane(lane, loaded, delivered, failed, block) for lane in lanes.values()))
+        await asyncio.to_thread(self.store.record_deliveries, delivered, failed)
+        self.delivered += len(delivered)
+        return bool(delivered or failed), next_due
+
+    async def _lane(
+        self,
+        lane: _Lane,
+        loaded: dict[int, Any],
+        delivered: list[tuple[int, str]],
+        failed: list[tuple[int, int, str, float | None]],
+        block: bool,
+    ) -> None:
+        async with self._sem:
+            for r in lane.rows:
+                row = loaded.get(r.id)
+                if row is None:
+                    continue
+                item = Outbound(
+                    message_id=row.message_id,
+                    channel=row.channel,
+                    destination=row.destination,
+                    control_id=row.control_id,
+                    message_type=row.message_type,
+                    trigger=row.trigger,
+                    raw=row.raw or b"",
+                    payload=row.payload if row.payload is not None else b"",
+                    content_type=row.content_type,
+                    attempt=row.attempts + 1,
+                    meta=orjson.loads(row.meta or "{}"),
+                )
+                try:
+                    detail = await self.destination.deliver(item)
+                except Exception as exc:
+                    attempts = row.attempts + 1
+                    retryable = exc.retryable if isinstance(exc, DeliveryError) else False
+                    retry_after = exc.retry_after if isinstance(exc, DeliveryError) else None
+                    reason = str(exc) if isinstance(exc, SluiceError) else f"{type(exc).__name__}: {exc}"
+                    if retryable and attempts < self.config.retry.max_attempts:
+                        next_at = time.time() + backoff_delay(self.config.retry, attempts, retry_after)
+                        failed.append((r.id, attempts, reason, next_at))
+                        self.failed += 1
+                        log.warning(
+                            "delivery_retry",
+                            destination=self.config.name,
+                            message_id=row.message_id,
+                            control_id=row.control_id,
+                            attempt=attempts,
+                            retry_in=round(next_at - time.time(), 2),
+                            error=type(exc).__name__,
+                        )
+                    else:
+                        why = reason if not retryable else f"gave up after {attempts} attempts: {reason}"
+                        failed.append((r.id, attempts, why, None))
+                        self.dead += 1
+                        log.error(
+                            "delivery_dead_lettered",
+                            destination=self.config.name,
+                            message_id=row.message_id,
+                            control_id=row.control_id,
+                            attempts=attempts,
+                            error=type(exc).__name__,
+                        )
+                    if block:
+                        return  # hold the rest of this key until the failing one is done
+                    continue
+                delivered.append((r.id, detail or ""))
+                log.debug("delivered", destination=self.config.name, message_id=row.message_id, control_id=row.control_id)
