@@ -403,3 +403,7 @@ def prune(config_path: str, channel: str | None) -> None:
             rows_before=now - r.rows_days * 86400 if r.rows_days is not None else None,
         )
         click.echo(f"{ch.name}: dropped {done['bodies']} bodies, {done['rows']} rows")
+
+
+if __name__ == "__main__":
+    main()

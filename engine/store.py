@@ -281,6 +281,9 @@ class Store:
 
     def create_schema(self) -> None:
         try:
+            if self.is_sqlite:
+                # Only takes effect on a new, empty database: lets pruning return disk space.
+                self._raw_sql("PRAGMA auto_vacuum=INCREMENTAL")
             Base.metadata.create_all(self.engine)
         except Exception as exc:
             raise StoreError(
@@ -789,22 +792,34 @@ class Store:
                 self._reclaim()
         return done
 
+    def _raw_sql(self, *statements: str) -> list[Any]:
+        """Run statements outside any transaction (SQLite VACUUM and PRAGMAs need that)."""
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            out = []
+            for sql in statements:
+                cur.execute(sql)
+                row = cur.fetchone() if cur.description else None
+                out.append(row[0] if row else None)
+            cur.close()
+            return out
+        finally:
+            raw.close()
+
     def _reclaim(self) -> None:
         if self.is_sqlite:
-            with self.engine.connect() as conn:
-                mode = conn.exec_driver_sql("PRAGMA auto_vacuum").scalar()
-                if mode == 2:
-                    conn.exec_driver_sql("PRAGMA incremental_vacuum(2000)")
+            (mode,) = self._raw_sql("PRAGMA auto_vacuum")
+            if mode == 2:
+                self._raw_sql("PRAGMA incremental_vacuum(2000)")
 
     def enable_incremental_vacuum(self) -> None:
         """SQLite: switch a database to incremental auto-vacuum (one full VACUUM the first time)."""
         if not self.is_sqlite:
             return
-        with self.engine.connect() as conn:
-            mode = conn.exec_driver_sql("PRAGMA auto_vacuum").scalar()
-            if mode != 2:
-                conn.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
-                conn.exec_driver_sql("VACUUM")
+        (mode,) = self._raw_sql("PRAGMA auto_vacuum")
+        if mode != 2:
+            self._raw_sql("PRAGMA auto_vacuum=INCREMENTAL", "VACUUM")
 
     def db_size(self) -> int:
         if self.is_sqlite:

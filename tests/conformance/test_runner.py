@@ -1,0 +1,200 @@
+"""Runner tests on a temporary corpus of synthetic files (BOM, CRLF, CR, multi-message, garbage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conformance import runner
+from conformance.runner import Summary, main, run, split_messages, validate_bundle
+from engine.errors import ConversionError, Location, MessageRejected
+from engine.hl7 import Message
+
+MSH = "MSH|^~\\&|SENDAPP|SENDFAC|RECVAPP|RECVFAC|20240101120000||{type}|{ctl}|P|2.5"
+PID = "PID|1||{mrn}^^^HOSP^MR||TESTPERSON^ALEX||19800203|F"
+
+
+def message(mrn: str = "MRN001", mtype: str = "ADT^A01^ADT_A01", ctl: str = "C1", sep: str = "\r") -> str:
+    return MSH.format(type=mtype, ctl=ctl) + sep + PID.format(mrn=mrn) + sep
+
+
+def fake_convert(msg: Message, settings: Any) -> dict[str, Any]:
+    """A stand-in converter: Patient from PID; behaviour steered by the MRN."""
+    if msg.message_type not in ("ADT", "ORU", "SIU"):
+        raise MessageRejected("unsupported message type", code="200", location=Location("MSH", 1, 9))
+    mrn = msg["PID-3.1"]
+    if mrn == "BOOM":
+        raise KeyError("a converter bug")
+    if mrn == "WRAPPED":
+        try:
+            raise IndexError("list index out of range")
+        except IndexError as exc:
+            raise ConversionError("internal conversion error (IndexError)", code="207") from exc
+    if mrn == "NOLOC":
+        raise ConversionError("something is wrong somewhere")
+    if mrn == "BADDATE":
+        raise ConversionError("invalid date", code="102", location=Location("PID", 1, 7))
+    patient: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": "p1",
+        "identifier": [{"system": "urn:oid:1.2.3.4", "value": mrn}],
+        "name": [{"family": msg["PID-5.1"], "given": [msg["PID-5.2"]]}],
+        "birthDate": "1980-02-03",
+        "gender": "female",
+    }
+    if mrn == "INVALID":
+        patient["birthDate"] = "1980-13-45"
+    if mrn == "EMPTY":
+        patient["name"] = [{"family": ""}]
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:0b7d8a57-0000-5000-8000-000000000001",
+                "resource": patient,
+                "request": {"method": "PUT", "url": f"Patient?identifier=urn:oid:1.2.3.4|{mrn}"},
+            }
+        ],
+    }
+
+
+def by_name(summary: Summary) -> dict[str, runner.MessageResult]:
+    return {r.name: r for r in summary.results}
+
+
+def test_split_messages_handles_bom_newlines_batches_and_blank_lines() -> None:
+    two = ("\ufeff" + message("A", sep="\r\n") + "\r\n\r\n" + message("B", sep="\r\n")).encode()
+    parts = split_messages(two)
+    assert len(parts) == 2
+    assert parts[0].startswith(b"MSH|") and b"\n" not in parts[0] and parts[0].endswith(b"\r")
+    assert split_messages(message("A", sep="\n").encode()) == [message("A").encode()]
+    batch = ("FHS|^~\\&\rBHS|^~\\&\r" + message("A") + message("B") + "BTS|2\rFTS|1\r").encode()
+    assert [p.count(b"PID") for p in split_messages(batch)] == [1, 1]
+    assert split_messages(b"not hl7 at all\nsecond line\n") == [b"not hl7 at all\rsecond line\r"]
+
+
+def test_run_on_a_temp_corpus(tmp_path: Path) -> None:
+    (tmp_path / "bom_crlf.hl7").write_bytes(b"\xef\xbb\xbf" + message("BOM1", sep="\r\n").encode())
+    (tmp_path / "lf.txt").write_bytes(message("LF1", sep="\n").encode())
+    (tmp_path / "cr.er7").write_bytes(message("CR1").encode())
+    (tmp_path / "multi.hl7").write_bytes((message("M1") + "\n\n" + message("M2") + message("M3")).encode())
+    (tmp_path / "garbage.hl7").write_bytes(b"\x00\x01 this is not an HL7 message \xff\n")
+    (tmp_path / "notes.txt").write_text("just some notes, not a message\n")
+    (tmp_path / "noext").write_bytes(message("NOEXT").encode())
+    (tmp_path / "vxu.hl7").write_bytes(message("V1", mtype="VXU^V04^VXU_V04").encode())
+    (tmp_path / "baddate.hl7").write_bytes(message("BADDATE").encode())
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "deep.hl7v2").write_bytes(message("DEEP").encode())
+
+    report = tmp_path / "out" / "report.md"
+    report.parent.mkdir()
+    summary = run(tmp_path, report=report, convert_fn=fake_convert)
+    results = by_name(summary)
+
+    for name in (
+        "bom_crlf.hl7",
+        "lf.txt",
+        "cr.er7",
+        "multi.hl7#1",
+        "multi.hl7#2",
+        "multi.hl7#3",
+        "noext",
+        "sub/deep.hl7v2",
+    ):
+        assert results[name].outcome == "valid", (name, results[name].detail, results[name].problems)
+    assert results["multi.hl7#2"].count == 3
+    assert results["bom_crlf.hl7"].message_type == "ADT^A01"
+    assert results["garbage.hl7"].outcome == "error"
+    assert results["garbage.hl7"].location.startswith("MSH")
+    assert results["vxu.hl7"].outcome == "unsupported"
+    assert results["baddate.hl7"].outcome == "error" and results["baddate.hl7"].location == "PID-7"
+    assert ("notes.txt", "not HL7 (does not start with MSH/FHS/BHS)") in summary.skipped
+    assert "notes.txt" not in results
+    assert summary.ok
+    text = report.read_text()
+    assert "# Sluice conformance report" in text and "garbage.hl7" in text and "PID-7" in text
+
+
+def test_crashes_invalid_and_unlocated_errors_are_failures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for mrn in ("BOOM", "WRAPPED", "NOLOC", "INVALID", "EMPTY", "FINE"):
+        (tmp_path / f"{mrn.lower()}.hl7").write_bytes(message(mrn).encode())
+    summary = run(tmp_path, convert_fn=fake_convert)
+    results = by_name(summary)
+    assert results["boom.hl7"].outcome == "CRASH"
+    assert any("KeyError" in line for line in results["boom.hl7"].problems)
+    assert results["wrapped.hl7"].outcome == "CRASH"  # the converter's AE 207 safety net hides a bug
+    assert "IndexError" in results["wrapped.hl7"].detail
+    assert results["noloc.hl7"].outcome == "UNLOCATED"
+    assert results["invalid.hl7"].outcome == "INVALID"
+    assert any("birthDate" in p for p in results["invalid.hl7"].problems)
+    assert results["empty.hl7"].outcome == "INVALID"
+    assert results["fine.hl7"].outcome == "valid"
+    assert not summary.ok
+    assert {r.name for r in summary.failures} == {
+        "boom.hl7",
+        "wrapped.hl7",
+        "noloc.hl7",
+        "invalid.hl7",
+        "empty.hl7",
+    }
+
+
+def test_scoring_against_expected_bundle(tmp_path: Path) -> None:
+    (tmp_path / "expected").mkdir()
+    (tmp_path / "ADT-X.hl7").write_bytes(message("MRN9").encode())
+    expected = fake_convert(__import__("engine.hl7", fromlist=["parse"]).parse(message("MRN9")), None)
+    expected["entry"][0]["resource"]["gender"] = "male"
+    expected["entry"][0]["fullUrl"] = "urn:uuid:something-else"
+    (tmp_path / "expected" / "ADT-X-expected.json").write_text(json.dumps(expected))
+    summary = run(tmp_path, convert_fn=fake_convert)
+    (result,) = summary.results
+    assert result.score is not None
+    assert result.expected == "expected/ADT-X-expected.json"
+    assert result.score.compared - result.score.agreeing == 1
+    (diff,) = result.score.diffs
+    assert diff.path.endswith(".gender") and diff.ours == "female" and diff.expected == "male"
+    total = runner.totals(summary)
+    assert total.diffs[0].file == "ADT-X.hl7"
+
+
+def test_main_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(runner, "_default_convert", lambda: fake_convert)
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "a.hl7").write_bytes(message("A1").encode())
+    (good / "junk.hl7").write_bytes(b"junk\n")
+    report = tmp_path / "r.md"
+    assert main([str(good), "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "a.hl7" in out and "1 valid" in out and "1 error" in out
+    assert report.is_file()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "b.hl7").write_bytes(message("BOOM").encode())
+    assert main([str(bad)]) == 1
+    assert "CRASH" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_validate_bundle_checks_bundle_rules() -> None:
+    ok = fake_convert(__import__("engine.hl7", fromlist=["parse"]).parse(message("Z")), None)
+    assert validate_bundle(ok) == []
+    dup = json.loads(json.dumps(ok))
+    dup["entry"].append(dup["entry"][0])
+    assert any("bdl-7" in p for p in validate_bundle(dup))
+    dangling = json.loads(json.dumps(ok))
+    dangling["entry"][0]["resource"]["generalPractitioner"] = [{"reference": "urn:uuid:not-in-bundle"}]
+    assert any("does not resolve" in p for p in validate_bundle(dangling))
+    norequest = json.loads(json.dumps(ok))
+    del norequest["entry"][0]["request"]
+    assert any("bdl-3" in p for p in validate_bundle(norequest))
+    assert validate_bundle([]) != []
