@@ -111,7 +111,9 @@ def build(
             h[4],
             ts,
             "",
-            "ACK" + (cs + escape(trigger, d) if trigger else "") + (cs + "ACK" if _version_ge(ver, (2, 5)) else ""),
+            "ACK"
+            + (cs + escape(trigger, d) if trigger else "")
+            + (cs + "ACK" if _version_ge(ver, (2, 5)) else ""),
             cid,
             h[11],
             h[12] or ver,

@@ -7,7 +7,7 @@ import getpass
 import json
 import re
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ def _open_store(cfg: Any) -> Any:
 def _fmt_time(ts: float | None) -> str:
     if not ts:
         return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -53,18 +53,24 @@ def _parse_time(value: str | None) -> float | None:
     if m:
         n, unit = float(m.group(1)), m.group(2)
         secs = {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit] * n
-        return (datetime.now(timezone.utc) - timedelta(seconds=secs)).timestamp()
+        return (datetime.now(UTC) - timedelta(seconds=secs)).timestamp()
     try:
         dt = datetime.fromisoformat(value)
     except ValueError as exc:
         raise click.BadParameter(f"{value!r}: use e.g. 2h, 3d or 2026-11-23T08:00") from exc
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 
 config_option = click.option(
-    "--config", "-c", "config_path", default=DEFAULT_CONFIG, show_default=True, envvar="SLUICE_CONFIG", help="routes.yaml to use."
+    "--config",
+    "-c",
+    "config_path",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    envvar="SLUICE_CONFIG",
+    help="routes.yaml to use.",
 )
 
 
@@ -81,7 +87,14 @@ def main() -> None:
 @click.option("--store", help="Store URL, e.g. sqlite:///var/sluice.db or postgresql+psycopg://host/db.")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), help="Log output format.")
 @click.option("--log-level", help="Log level (debug, info, warning, error).")
-def run(config_path: str, host: str | None, port: int | None, store: str | None, log_format: str | None, log_level: str | None) -> None:
+def run(
+    config_path: str,
+    host: str | None,
+    port: int | None,
+    store: str | None,
+    log_format: str | None,
+    log_level: str | None,
+) -> None:
     """Run the engine: listen, store, process and deliver."""
     from engine import logs
     from engine.server import Server
@@ -95,7 +108,9 @@ def run(config_path: str, host: str | None, port: int | None, store: str | None,
     except SluiceError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
-        raise click.ClickException(f"cannot start: {exc.strerror or exc} (is another process using the port?)") from exc
+        raise click.ClickException(
+            f"cannot start: {exc.strerror or exc} (is another process using the port?)"
+        ) from exc
 
 
 def split_messages(data: bytes) -> list[bytes]:
@@ -108,7 +123,11 @@ def split_messages(data: bytes) -> list[bytes]:
     for line in data.split(b"\r"):
         if not line.strip():
             continue
-        if line.startswith((b"MSH", b"FHS", b"BHS")) and current and not current[0].startswith((b"FHS", b"BHS")):
+        if (
+            line.startswith((b"MSH", b"FHS", b"BHS"))
+            and current
+            and not current[0].startswith((b"FHS", b"BHS"))
+        ):
             out.append(b"\r".join(current) + b"\r")
             current = []
         current.append(line)
@@ -126,7 +145,16 @@ def split_messages(data: bytes) -> list[bytes]:
 @click.option("--key", type=click.Path(exists=True), help="Client key (mutual TLS).")
 @click.option("--insecure", is_flag=True, help="Do not verify the receiver's certificate.")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for each ACK.")
-def send(files: tuple[str, ...], target: str, tls: bool, ca: str | None, cert: str | None, key: str | None, insecure: bool, timeout: float) -> None:
+def send(
+    files: tuple[str, ...],
+    target: str,
+    tls: bool,
+    ca: str | None,
+    cert: str | None,
+    key: str | None,
+    insecure: bool,
+    timeout: float,
+) -> None:
     """Send HL7 files over MLLP; print each ACK code and MSA-2 (exit 1 on AE/AR/timeout)."""
     import ssl as ssl_mod
 
@@ -209,7 +237,9 @@ def messages() -> None:
 @click.option("--status", help="received, processed, filtered, error, review, rejected, quarantined, ignored")
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def messages_list(config_path: str, channel: str | None, status: str | None, limit: int, as_json: bool) -> None:
+def messages_list(
+    config_path: str, channel: str | None, status: str | None, limit: int, as_json: bool
+) -> None:
     """List messages: id, received time, channel, type, control id, status."""
     store = _open_store(_load_config(config_path))
     rows = store.list_messages(channel=channel, status=status, limit=limit)
@@ -275,7 +305,9 @@ def dead_letter() -> None:
 @click.option("--destination")
 @click.option("--limit", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def dead_letter_list(config_path: str, channel: str | None, destination: str | None, limit: int, as_json: bool) -> None:
+def dead_letter_list(
+    config_path: str, channel: str | None, destination: str | None, limit: int, as_json: bool
+) -> None:
     """List dead letters with their reasons."""
     store = _open_store(_load_config(config_path))
     for r in store.dead_letters(channel=channel, destination=destination, limit=limit):
@@ -299,7 +331,10 @@ def dead_letter_list(config_path: str, channel: str | None, destination: str | N
 @config_option
 @click.option("--id", "ids", multiple=True, type=int, help="Message id (repeatable).")
 @click.option("--channel")
-@click.option("--status", type=click.Choice(["dead", "error", "filtered", "review", "quarantined", "rejected", "processed"]))
+@click.option(
+    "--status",
+    type=click.Choice(["dead", "error", "filtered", "review", "quarantined", "rejected", "processed"]),
+)
 @click.option("--destination", help="Only redo deliveries to this destination.")
 @click.option("--since", help="Received after (2h, 3d, or ISO time).")
 @click.option("--until", help="Received before (2h, 3d, or ISO time).")
@@ -313,15 +348,30 @@ def replay(config_path: str, ids: tuple[int, ...], channel: str | None, status: 
         raise click.UsageError("give --id ID, or --channel NAME with --status")
     cfg = _load_config(config_path)
     store = _open_store(cfg)
-    criteria = {"ids": list(ids), "channel": channel, "status": status, "destination": destination, "since": since, "until": until}
+    criteria = {
+        "ids": list(ids),
+        "channel": channel,
+        "status": status,
+        "destination": destination,
+        "since": since,
+        "until": until,
+    }
     selection = store.select_for_replay(
-        ids=ids, channel=channel, status=status, destination=destination, since=_parse_time(since), until=_parse_time(until)
+        ids=ids,
+        channel=channel,
+        status=status,
+        destination=destination,
+        since=_parse_time(since),
+        until=_parse_time(until),
     )
     if not selection:
         click.echo("nothing to replay")
         return
     for mid, dests in selection:
-        click.echo(f"{'would replay' if dry_run else 'replaying'} message {mid}" + (f" → {', '.join(dests)}" if dests else ""))
+        click.echo(
+            f"{'would replay' if dry_run else 'replaying'} message {mid}"
+            + (f" → {', '.join(dests)}" if dests else "")
+        )
     if dry_run:
         click.echo(f"{len(selection)} message(s) would be replayed (dry run, nothing changed)")
         return

@@ -30,7 +30,21 @@ DEFAULT_TYPES: dict[str, tuple[str, ...]] = {
     "ORU": ("R01",),
     "SIU": ("S12", "S13", "S14", "S15", "S16", "S17", "S26"),
 }  # fmt: skip
-DEFAULT_VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2")
+DEFAULT_VERSIONS = (
+    "2.1",
+    "2.2",
+    "2.3",
+    "2.3.1",
+    "2.4",
+    "2.5",
+    "2.5.1",
+    "2.6",
+    "2.7",
+    "2.7.1",
+    "2.8",
+    "2.8.1",
+    "2.8.2",
+)
 ACK_MODES = ("on-commit", "after-processing")
 FAILURE_POLICIES = ("block", "dead-letter")
 
@@ -184,7 +198,12 @@ class _Section:
             raise ConfigError(f"expected text, got {type(v).__name__}", file=self.file, key=self.key(k))
         v = str(v)
         if choices and v not in choices:
-            raise ConfigError(f"{v!r} is not allowed", file=self.file, key=self.key(k), hint=f"use one of: {', '.join(choices)}")
+            raise ConfigError(
+                f"{v!r} is not allowed",
+                file=self.file,
+                key=self.key(k),
+                hint=f"use one of: {', '.join(choices)}",
+            )
         return v
 
     def int(self, k: str, default: int) -> int:
@@ -228,7 +247,8 @@ class _Section:
         if unknown:
             allowed = ", ".join(sorted(self.used))
             raise ConfigError(
-                f"unknown key {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
+                f"unknown key {unknown[0]!r}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
                 file=self.file,
                 key=self.key(unknown[0]),
                 hint=f"check the spelling; allowed here: {allowed}",
@@ -237,7 +257,14 @@ class _Section:
 
 def _size(v: str) -> int:
     s = v.strip().upper().replace(" ", "")
-    for suffix, mult in (("KIB", 1024), ("MIB", 1024**2), ("GIB", 1024**3), ("KB", 1000), ("MB", 1000**2), ("B", 1)):
+    for suffix, mult in (
+        ("KIB", 1024),
+        ("MIB", 1024**2),
+        ("GIB", 1024**3),
+        ("KB", 1000),
+        ("MB", 1000**2),
+        ("B", 1),
+    ):
         if s.endswith(suffix):
             return int(float(s[: -len(suffix)]) * mult)
     return int(s)
@@ -247,7 +274,9 @@ def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config file: {exc.strerror}", file=str(path), hint="check the path") from exc
+        raise ConfigError(
+            f"cannot read config file: {exc.strerror}", file=str(path), hint="check the path"
+        ) from exc
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -318,7 +347,10 @@ def _source(sec: _Section) -> SourceConfig:
     if sec.has("tls") and sec.data.get("tls"):
         t = sec.sub("tls")
         tls = TLSConfig(
-            cert=t.str("cert"), key=t.str("key"), ca=t.str("ca"), require_client_cert=t.bool("require_client_cert", False)
+            cert=t.str("cert"),
+            key=t.str("key"),
+            ca=t.str("ca"),
+            require_client_cert=t.bool("require_client_cert", False),
         )
         t.done()
         if not tls.cert or not tls.key:
@@ -363,7 +395,10 @@ def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> C
         ZoneInfo(site_tz)
     except Exception as exc:
         raise ConfigError(
-            f"unknown time zone {site_tz!r}", file=file, key="site_tz", hint="use an IANA name like America/New_York"
+            f"unknown time zone {site_tz!r}",
+            file=file,
+            key="site_tz",
+            hint="use an IANA name like America/New_York",
         ) from exc
     routes: list[RouteConfig] = []
     for i, r in enumerate(sec.list("routes")):
@@ -391,7 +426,9 @@ def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> C
     )
     ds.done()
     rt = sec.sub("retention")
-    retention = RetentionConfig(bodies_days=rt.float("bodies_days", None), rows_days=rt.float("rows_days", None))
+    retention = RetentionConfig(
+        bodies_days=rt.float("bodies_days", None), rows_days=rt.float("rows_days", None)
+    )
     rt.done()
     transform = sec.list("transform")
     ch = ChannelConfig(
@@ -430,12 +467,15 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     p = Path(path)
     file = str(p)
     if not p.exists():
-        raise ConfigError("config file not found", file=file, hint="run sluice from the project folder or pass --config")
+        raise ConfigError(
+            "config file not found", file=file, hint="run sluice from the project folder or pass --config"
+        )
     base = p.resolve().parent
     sec = _Section(_read_yaml(p), file, "")
     env = os.environ
     ov = dict(overrides or {})
-    store_url = ov.get("store") or env.get(ENV_PREFIX + "STORE") or sec.str("store", "sqlite:///var/sluice.db")
+    file_store = sec.str("store", "sqlite:///var/sluice.db")
+    store_url = ov.get("store") or env.get(ENV_PREFIX + "STORE") or file_store
     store_url = _resolve_sqlite(store_url, base)
     dsec = sec.sub("destinations")
     destinations: dict[str, DestinationConfig] = {}
@@ -443,13 +483,17 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         destinations[str(name)] = _destination(str(name), dsec.sub(str(name)))
     dsec.used.update(dsec.data)
     lsec = sec.sub("logging")
+    file_format = lsec.str("format", "auto", choices=("auto", "json", "console"))
+    file_level = lsec.str("level", "info")
     logging = LoggingConfig(
-        format=env.get(ENV_PREFIX + "LOG_FORMAT") or lsec.str("format", "auto", choices=("auto", "json", "console")),
-        level=env.get(ENV_PREFIX + "LOG_LEVEL") or lsec.str("level", "info"),
+        format=env.get(ENV_PREFIX + "LOG_FORMAT") or file_format,
+        level=env.get(ENV_PREFIX + "LOG_LEVEL") or file_level,
     )
     lsec.done()
     asec = sec.sub("admin")
-    admin = AdminConfig(host=asec.str("host", "127.0.0.1"), port=asec.int("port", 8765), enabled=asec.bool("enabled", False))
+    admin = AdminConfig(
+        host=asec.str("host", "127.0.0.1"), port=asec.int("port", 8765), enabled=asec.bool("enabled", False)
+    )
     asec.done()
     plugin_paths = tuple((base / str(x)).resolve() for x in sec.list("plugin_paths"))
     patterns = sec.get("channels", "channels/*.yaml")
@@ -459,25 +503,37 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     for pat in patterns:
         matched = sorted(glob.glob(str(base / str(pat))))
         files.extend(Path(m) for m in matched if not m.endswith("_test.yaml"))
-    node_id = env.get(ENV_PREFIX + "NODE_ID") or sec.str("node_id", "node-1")
+    file_node = sec.str("node_id", "node-1")
+    node_id = env.get(ENV_PREFIX + "NODE_ID") or file_node
     sec.done()
     channels = [load_channel(f, destinations) for f in files]
     if not channels:
-        raise ConfigError(f"no channel files match {patterns}", file=file, key="channels", hint="add channels/<name>.yaml")
+        raise ConfigError(
+            f"no channel files match {patterns}", file=file, key="channels", hint="add channels/<name>.yaml"
+        )
     names = [c.name for c in channels]
     for n in names:
         if names.count(n) > 1:
-            raise ConfigError(f"two channels are named {n!r}", file=file, key="channels", hint="channel names must be unique")
+            raise ConfigError(
+                f"two channels are named {n!r}",
+                file=file,
+                key="channels",
+                hint="channel names must be unique",
+            )
     host = ov.get("host") or env.get(ENV_PREFIX + "HOST")
     port = ov.get("port") or env.get(ENV_PREFIX + "PORT")
     if host or port:
         first = channels[0]
-        src = replace(first.source, host=host or first.source.host, port=int(port) if port else first.source.port)
+        src = replace(
+            first.source, host=host or first.source.host, port=int(port) if port else first.source.port
+        )
         channels[0] = replace(first, source=src)
     ports = [(c.source.host, c.source.port) for c in channels if c.enabled and c.source.port]
     for hp in ports:
         if ports.count(hp) > 1:
-            raise ConfigError(f"two channels listen on {hp[0]}:{hp[1]}", file=file, hint="give each channel its own port")
+            raise ConfigError(
+                f"two channels listen on {hp[0]}:{hp[1]}", file=file, hint="give each channel its own port"
+            )
     return Config(
         file=file,
         base_dir=base,

@@ -87,7 +87,9 @@ class SluiceError(Exception):
 class ConfigError(SluiceError):
     """Bad configuration: names the file, the key path and what to do."""
 
-    def __init__(self, message: str, *, file: str | None = None, key: str | None = None, hint: str | None = None):
+    def __init__(
+        self, message: str, *, file: str | None = None, key: str | None = None, hint: str | None = None
+    ):
         super().__init__(message)
         self.file = file
         self.key = key

@@ -458,7 +458,9 @@ def parse(text: str) -> Message:
     if not text:
         raise MessageRejected("empty message", code="100", location=Location("MSH", 1))
     if not text.startswith("MSH"):
-        raise MessageRejected("message does not start with an MSH segment", code="100", location=Location("MSH", 1))
+        raise MessageRejected(
+            "message does not start with an MSH segment", code="100", location=Location("MSH", 1)
+        )
     d = read_delimiters(text)
     fs = d.field
     segments: list[Segment] = []

@@ -158,7 +158,9 @@ class Committer:
                 by_channel.setdefault(j.channel.name, []).append(j)
         for name, cj in by_channel.items():
             window = cj[0].channel.dedupe.window_days * 86400.0
-            found = self.store.find_duplicates(conn, name, [j.row.dedupe_key for j in cj], time.time() - window)
+            found = self.store.find_duplicates(
+                conn, name, [j.row.dedupe_key for j in cj], time.time() - window
+            )
             seen: dict[str, Job] = {}
             for j in cj:
                 key = j.row.dedupe_key
@@ -196,12 +198,20 @@ class Committer:
         if result.status == PROCESSED:
             self.store.add_deliveries(conn, j.message_id, j.channel.name, j.row.order_key, result.deliveries)
             self.store.set_resource_ranks(conn, j.message_id, result.ranks)
-        outcome = ackmod.ACCEPTED if result.error is None else ackmod.Outcome(result.error.ack_code, result.error)
+        outcome = (
+            ackmod.ACCEPTED if result.error is None else ackmod.Outcome(result.error.ack_code, result.error)
+        )
         ack_bytes, code = render_ack(j.message, outcome)
         conn.execute(
             M.update()
             .where(M.c.id == j.message_id)
-            .values(status=result.status, reason=result.reason[:4000], processed_at=time.time(), ack=ack_bytes, ack_code=code)
+            .values(
+                status=result.status,
+                reason=result.reason[:4000],
+                processed_at=time.time(),
+                ack=ack_bytes,
+                ack_code=code,
+            )
         )
         j.final_outcome = outcome
         j.row.ack = ack_bytes
@@ -212,7 +222,9 @@ def _resolve(fut: asyncio.Future[Job], job: Job) -> None:
         fut.set_result(job)
 
 
-def render_ack(message: hl7.Message | None, outcome: ackmod.Outcome, inbound_control_id: str = "") -> tuple[bytes | None, str]:
+def render_ack(
+    message: hl7.Message | None, outcome: ackmod.Outcome, inbound_control_id: str = ""
+) -> tuple[bytes | None, str]:
     """The ACK bytes to send for an outcome (None when the sender asked for none) and their MSA-1 codes."""
     codes = ackmod.plan(message, outcome)
     if not codes:
@@ -251,7 +263,9 @@ class Intake:
     def check(self, msg: hl7.Message) -> None:
         """Header and required-field checks; raises the error that decides the ACK."""
         if not msg.control_id:
-            raise MessageRejected("MSH-10 message control id is missing", code="101", location=Location("MSH", 1, 10))
+            raise MessageRejected(
+                "MSH-10 message control id is missing", code="101", location=Location("MSH", 1, 10)
+            )
         mtype, trig = msg.message_type, msg.trigger
         if not mtype:
             raise MessageRejected("MSH-9 message type is missing", code="101", location=Location("MSH", 1, 9))
@@ -284,7 +298,9 @@ class Intake:
             if not msg[path].strip():
                 seg, occ, fld, _rep, comp, _sub = hl7.parse_path(path)
                 raise MessageContentError(
-                    f"required field {path} is missing", code="101", location=Location(seg, occ, fld, None, comp)
+                    f"required field {path} is missing",
+                    code="101",
+                    location=Location(seg, occ, fld, None, comp),
                 )
 
     def decide(self, payload: bytes, peer: str) -> tuple[list[Job], bytes | None]:
@@ -306,7 +322,10 @@ class Intake:
         if batch and self.channel.batch == "reject":
             err = MessageRejected("batches (FHS/BHS) are not accepted on this channel", code="200")
             return [], render_ack(None, ackmod.Outcome("AR", err))[0]
-        jobs = [self._job(t, payload if not batch else t.encode("latin-1", "replace"), peer, now, decode_error) for t in texts]
+        jobs = [
+            self._job(t, payload if not batch else t.encode("latin-1", "replace"), peer, now, decode_error)
+            for t in texts
+        ]
         if not jobs:
             err = MessageRejected("batch holds no MSH message", code="100")
             return [], render_ack(None, ackmod.Outcome("AR", err))[0]
@@ -344,7 +363,9 @@ class Intake:
             return Job(ch, row, msg, outcome)
         row.patient_key = _patient_key(msg)
         row.order_key = msg[ch.order_by] if ch.order_by else ""
-        row.dedupe_key = f"{row.sending_app}|{row.sending_facility}|{row.control_id}" if ch.dedupe.enabled else ""
+        row.dedupe_key = (
+            f"{row.sending_app}|{row.sending_facility}|{row.control_id}" if ch.dedupe.enabled else ""
+        )
         outcome = ackmod.ACCEPTED
         row.ack, row.ack_code = render_ack(msg, outcome)
         return Job(ch, row, msg, outcome, dedupe=ch.dedupe.enabled, process=self.process)

@@ -10,6 +10,7 @@ total per-frame deadline protect the engine from slow or idle peers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
@@ -82,7 +83,9 @@ class MLLPProtocol(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         if stats.connections >= self.source.max_connections:
             stats.refused_total += 1
-            log.warning("connection_refused_cap", channel=self.listener.channel_name, cap=self.source.max_connections)
+            log.warning(
+                "connection_refused_cap", channel=self.listener.channel_name, cap=self.source.max_connections
+            )
             transport.abort()
             return
         self.counted = True
@@ -177,7 +180,9 @@ class MLLPProtocol(asyncio.Protocol):
                     break
         except FramingError as exc:
             self.listener.stats.framing_errors += 1
-            log.warning("framing_error", channel=self.listener.channel_name, peer=self.peer, error=exc.message)
+            log.warning(
+                "framing_error", channel=self.listener.channel_name, peer=self.peer, error=exc.message
+            )
             self._finish_after_queue(abort=True)
         finally:
             junk = framer.junk_bytes - before
@@ -278,7 +283,5 @@ class Listener:
         for p in list(self.protocols):
             p._close()
         if self.server is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 2.0)
-            except TimeoutError:
-                pass

@@ -54,9 +54,10 @@ class Pipeline:
         """Run the filter and every step; ``None`` means filtered."""
         if not self.accepts(work.message):
             return None
-        out: Work | None = work
+        out = work
         for step in self.steps:
-            out = step(out)
-            if out is None:
+            nxt = step(out)
+            if nxt is None:
                 return None
+            out = nxt
         return out

@@ -42,10 +42,13 @@ class ChannelRuntime:
         )
         self.pipeline: Pipeline = build_pipeline(channel.filter, channel.transform, ctx)
         self.routes = tuple(
-            Route(r.destination, build_filter(r.filter, ctx, f"routes[{i}].filter")) for i, r in enumerate(channel.routes)
+            Route(r.destination, build_filter(r.filter, ctx, f"routes[{i}].filter"))
+            for i, r in enumerate(channel.routes)
         )
 
-    def process(self, conn: Any, message_id: int, msg: Message, raw: bytes, only: list[str] | None = None) -> ProcessResult:
+    def process(
+        self, conn: Any, message_id: int, msg: Message, raw: bytes, only: list[str] | None = None
+    ) -> ProcessResult:
         """Run the pipeline; return the status, deliveries and resource ranks to record."""
         work = Work(message=msg, raw=raw, payload=raw, content_type=CONTENT_HL7)
         try:
@@ -69,7 +72,9 @@ class ChannelRuntime:
                 control_id=msg.control_id,
                 error=type(exc).__name__,
             )
-            err = MessageContentError(f"internal error in a transform step: {type(exc).__name__}: {exc}", code="207")
+            err = MessageContentError(
+                f"internal error in a transform step: {type(exc).__name__}: {exc}", code="207"
+            )
             err.ack_code = "AR"  # type: ignore[misc]
             return ProcessResult(ERROR, str(err), err)
         if out is None:
@@ -87,6 +92,8 @@ class ChannelRuntime:
                     )
                     return ProcessResult(REVIEW, reason)
                 ranks[key] = rank
+        for key in facts.get("keys", ()) or ():
+            ranks.setdefault(key, 0)
         for key in facts.get("requires", ()) or ():
             if key not in ranks and not self.store.resource_ranks(conn, [key]):
                 err = MessageContentError(

@@ -87,7 +87,9 @@ def import_from_string(ref: str, search_paths: list[Path] | None = None) -> Any:
     """``"package.module:attr"`` → the object.  ``search_paths`` are added to sys.path first."""
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"{ref!r} is not a 'module:function' reference", hint="write it as package.module:function")
+        raise ConfigError(
+            f"{ref!r} is not a 'module:function' reference", hint="write it as package.module:function"
+        )
     for p in search_paths or []:
         sp = str(p)
         if sp not in sys.path:

@@ -9,6 +9,7 @@ current batch, close destinations and the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -37,7 +38,10 @@ def build_destinations(config: Config) -> dict[str, Destination]:
         if cls is None:
             known = ", ".join(sorted(registry.DESTINATIONS))
             raise ConfigError(
-                f"unknown destination kind {dc.kind!r}", file=config.file, key=f"destinations.{name}.kind", hint=f"known kinds: {known}"
+                f"unknown destination kind {dc.kind!r}",
+                file=config.file,
+                key=f"destinations.{name}.kind",
+                hint=f"known kinds: {known}",
             )
         out[name] = cls(name, dc.options, ctx)
     return out
@@ -104,10 +108,8 @@ class Server:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.should_exit.set)
-            except (NotImplementedError, RuntimeError):
-                pass
         await self.start()
         await self.should_exit.wait()
         log.info("shutting_down")
@@ -125,7 +127,7 @@ class Server:
             w.stopping = True
             w.wake.set()
         if self.tasks:
-            done, pending = await asyncio.wait(self.tasks, timeout=15)
+            _done, pending = await asyncio.wait(self.tasks, timeout=15)
             for t in pending:
                 t.cancel()
         for dest in self.destinations.values():

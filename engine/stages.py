@@ -42,10 +42,12 @@ def build_filter(spec: Any, ctx: StageContext, key: str = "filter") -> Predicate
     if not isinstance(spec, Mapping):
         raise ConfigError("a filter must be a mapping or 'module:function'", file=ctx.config_file, key=key)
     if len(spec) == 1:
-        (op, arg), = spec.items()
+        ((op, arg),) = spec.items()
         if op in ("all", "any"):
             if not isinstance(arg, list) or not arg:
-                raise ConfigError(f"'{op}' needs a non-empty list of conditions", file=ctx.config_file, key=f"{key}.{op}")
+                raise ConfigError(
+                    f"'{op}' needs a non-empty list of conditions", file=ctx.config_file, key=f"{key}.{op}"
+                )
             parts = [build_filter(a, ctx, f"{key}.{op}[{i}]") for i, a in enumerate(arg)]
             preds = [p for p in parts if p is not None]
             if op == "all":
@@ -91,7 +93,9 @@ def build_filter(spec: Any, ctx: StageContext, key: str = "filter") -> Predicate
             try:
                 rx = re.compile(str(arg))
             except re.error as exc:
-                raise ConfigError(f"bad regular expression: {exc}", file=ctx.config_file, key=f"{key}.regex") from exc
+                raise ConfigError(
+                    f"bad regular expression: {exc}", file=ctx.config_file, key=f"{key}.regex"
+                ) from exc
             return lambda m: rx.search(m[path]) is not None
         if op == "exists":
             want_exists = bool(arg)
@@ -114,14 +118,16 @@ def build_step(spec: Any, ctx: StageContext, key: str) -> Step:
     """One transform step from its spec: ``name``, ``{name: {options}}`` or ``module:function``."""
     options: Mapping[str, Any] = {}
     if isinstance(spec, Mapping) and len(spec) == 1:
-        (name, opts), = spec.items()
+        ((name, opts),) = spec.items()
         options = opts or {}
         if not isinstance(options, Mapping):
             raise ConfigError("step options must be a mapping", file=ctx.config_file, key=f"{key}.{name}")
     elif isinstance(spec, str):
         name = spec
     else:
-        raise ConfigError("a step is a name, {name: {options}} or 'module:function'", file=ctx.config_file, key=key)
+        raise ConfigError(
+            "a step is a name, {name: {options}} or 'module:function'", file=ctx.config_file, key=key
+        )
     name = str(name)
     if name in registry.TRANSFORMS:
         return registry.TRANSFORMS[name](options, ctx)  # type: ignore[no-any-return]
@@ -133,7 +139,9 @@ def build_step(spec: Any, ctx: StageContext, key: str) -> Step:
             return lambda w: fn(w, options)  # type: ignore[no-any-return]
         return fn  # type: ignore[no-any-return]
     known = ", ".join(sorted(registry.TRANSFORMS))
-    raise ConfigError(f"unknown transform step {name!r}", file=ctx.config_file, key=key, hint=f"built-in steps: {known}")
+    raise ConfigError(
+        f"unknown transform step {name!r}", file=ctx.config_file, key=key, hint=f"built-in steps: {known}"
+    )
 
 
 def build_pipeline(filter_spec: Any, steps: tuple[Any, ...], ctx: StageContext) -> Pipeline:
@@ -167,7 +175,9 @@ def hl7_to_json(options: Mapping[str, Any], ctx: StageContext) -> Step:
         raise ConfigError("hl7-to-json takes no options", file=ctx.config_file, key="transform")
 
     def step(work: Work) -> Work:
-        segs = [{"name": s.name, "fields": [s.value(i) for i in range(1, len(s.fields))]} for s in work.message]
+        segs = [
+            {"name": s.name, "fields": [s.value(i) for i in range(1, len(s.fields))]} for s in work.message
+        ]
         doc = {
             "type": work.message.message_type,
             "trigger": work.message.trigger,

@@ -310,7 +310,9 @@ class Store:
             return "ok"
 
     # ------------------------------------------------------------------ intake
-    def find_duplicates(self, conn: Connection, channel: str, keys: Sequence[str], since: float) -> dict[str, Duplicate]:
+    def find_duplicates(
+        self, conn: Connection, channel: str, keys: Sequence[str], since: float
+    ) -> dict[str, Duplicate]:
         """The earliest non-quarantined message per dedupe key received since ``since``."""
         if not keys:
             return {}
@@ -335,7 +337,12 @@ class Store:
         return ids
 
     def add_deliveries(
-        self, conn: Connection, message_id: int, channel: str, order_key: str, deliveries: Iterable[NewDelivery]
+        self,
+        conn: Connection,
+        message_id: int,
+        channel: str,
+        order_key: str,
+        deliveries: Iterable[NewDelivery],
     ) -> None:
         now = time.time()
         rows = [
@@ -359,7 +366,9 @@ class Store:
 
     def bump(self, conn: Connection, channel: str, name: str, by: int = 1) -> None:
         """Add to a per-channel counter (e.g. duplicates prevented)."""
-        res = conn.execute(update(C).where(C.c.channel == channel, C.c.name == name).values(value=C.c.value + by))
+        res = conn.execute(
+            update(C).where(C.c.channel == channel, C.c.name == name).values(value=C.c.value + by)
+        )
         if res.rowcount == 0:
             conn.execute(insert(C).values(channel=channel, name=name, value=by))
 
@@ -421,7 +430,11 @@ class Store:
         for key, rank in ranks.items():
             if key in existing:
                 if rank > existing[key]:
-                    conn.execute(update(S).where(S.c.key == key).values(rank=rank, message_id=message_id, updated_at=now))
+                    conn.execute(
+                        update(S)
+                        .where(S.c.key == key)
+                        .values(rank=rank, message_id=message_id, updated_at=now)
+                    )
             else:
                 conn.execute(insert(S).values(key=key, rank=rank, message_id=message_id, updated_at=now))
 
@@ -501,7 +514,12 @@ class Store:
                     conn.execute(
                         update(D)
                         .where(D.c.id == did)
-                        .values(status=DELIVERED, delivered_at=now, detail=detail[:1000], attempts=D.c.attempts + 1)
+                        .values(
+                            status=DELIVERED,
+                            delivered_at=now,
+                            detail=detail[:1000],
+                            attempts=D.c.attempts + 1,
+                        )
                     )
             for did, attempts, error, next_at in failed:
                 values: dict[str, Any] = {"attempts": attempts, "last_error": error[:4000]}
@@ -577,7 +595,9 @@ class Store:
                 ).all()
             )
 
-    def dead_letters(self, *, channel: str | None = None, destination: str | None = None, limit: int = 100) -> list[Any]:
+    def dead_letters(
+        self, *, channel: str | None = None, destination: str | None = None, limit: int = 100
+    ) -> list[Any]:
         """Dead deliveries and messages whose processing failed or that wait for review."""
         out: list[Any] = []
         with self.engine.connect() as conn:
@@ -642,7 +662,11 @@ class Store:
         """
         with self.engine.connect() as conn:
             if status == "dead" or (destination and not ids and status is None):
-                q = select(D.c.message_id, D.c.destination).join(M, M.c.id == D.c.message_id).where(D.c.status == DEAD)
+                q = (
+                    select(D.c.message_id, D.c.destination)
+                    .join(M, M.c.id == D.c.message_id)
+                    .where(D.c.status == DEAD)
+                )
                 if ids:
                     q = q.where(D.c.message_id.in_(list(ids)))
                 if channel:
@@ -729,16 +753,22 @@ class Store:
 
     def status_counts(self) -> dict[tuple[str, str], int]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(M.c.channel, M.c.status, func.count()).group_by(M.c.channel, M.c.status))
+            rows = conn.execute(
+                select(M.c.channel, M.c.status, func.count()).group_by(M.c.channel, M.c.status)
+            )
             return {(r[0], r[1]): int(r[2]) for r in rows}
 
     def delivery_counts(self) -> dict[tuple[str, str], int]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(D.c.destination, D.c.status, func.count()).group_by(D.c.destination, D.c.status))
+            rows = conn.execute(
+                select(D.c.destination, D.c.status, func.count()).group_by(D.c.destination, D.c.status)
+            )
             return {(r[0], r[1]): int(r[2]) for r in rows}
 
     # --------------------------------------------------------------- retention
-    def prune(self, channel: str, *, bodies_before: float | None, rows_before: float | None, batch: int = 500) -> dict[str, int]:
+    def prune(
+        self, channel: str, *, bodies_before: float | None, rows_before: float | None, batch: int = 500
+    ) -> dict[str, int]:
         """Drop message bodies, then whole rows, older than the cut-offs, in small batches.
 
         Only finished messages are touched (never ones still waiting for processing or delivery).
@@ -753,7 +783,9 @@ class Store:
                         r[0]
                         for r in conn.execute(
                             select(M.c.id)
-                            .where(M.c.channel == channel, M.c.received_at < bodies_before, M.c.raw.is_not(None))
+                            .where(
+                                M.c.channel == channel, M.c.received_at < bodies_before, M.c.raw.is_not(None)
+                            )
                             .where(M.c.status.in_(finished))
                             .limit(batch)
                         )
@@ -762,7 +794,9 @@ class Store:
                         break
                     conn.execute(update(M).where(M.c.id.in_(ids)).values(raw=None))
                     conn.execute(
-                        update(D).where(D.c.message_id.in_(ids), D.c.status.in_([DELIVERED, SUPERSEDED])).values(payload=None)
+                        update(D)
+                        .where(D.c.message_id.in_(ids), D.c.status.in_([DELIVERED, SUPERSEDED]))
+                        .values(payload=None)
                     )
                 done["bodies"] += len(ids)
                 self._reclaim()
@@ -782,7 +816,10 @@ class Store:
                         break
                     conn.execute(delete(D).where(D.c.message_id.in_(ids), D.c.status != PENDING))
                     pending = {
-                        r[0] for r in conn.execute(select(D.c.message_id).where(D.c.message_id.in_(ids), D.c.status == PENDING))
+                        r[0]
+                        for r in conn.execute(
+                            select(D.c.message_id).where(D.c.message_id.in_(ids), D.c.status == PENDING)
+                        )
                     }
                     gone = [i for i in ids if i not in pending]
                     if not gone:

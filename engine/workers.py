@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -33,7 +34,12 @@ from engine.store import ERROR, PROCESSED, Store
 log = structlog.get_logger("sluice.workers")
 
 
-def backoff_delay(retry: RetryConfig, attempts: int, retry_after: float | None = None, rnd: Callable[[], float] = random.random) -> float:
+def backoff_delay(
+    retry: RetryConfig,
+    attempts: int,
+    retry_after: float | None = None,
+    rnd: Callable[[], float] = random.random,
+) -> float:
     """Seconds before the next try after ``attempts`` failed tries (exponential, capped, jittered)."""
     base = min(retry.max_backoff, retry.backoff * (2 ** max(0, attempts - 1)))
     jitter = 1.0 + retry.jitter * (2 * rnd() - 1)
@@ -46,7 +52,14 @@ def backoff_delay(retry: RetryConfig, attempts: int, retry_after: float | None =
 class ProcessingWorker:
     """Runs one channel's pipeline over its stored messages."""
 
-    def __init__(self, runtime: ChannelRuntime, store: Store, owner: str, wake_destinations: Callable[[], None], batch: int = 200):
+    def __init__(
+        self,
+        runtime: ChannelRuntime,
+        store: Store,
+        owner: str,
+        wake_destinations: Callable[[], None],
+        batch: int = 200,
+    ):
         self.runtime = runtime
         self.store = store
         self.owner = owner
@@ -61,7 +74,12 @@ class ProcessingWorker:
             try:
                 n = await asyncio.to_thread(self._process_batch)
             except Exception as exc:  # store trouble: back off, never spin
-                log.error("processing_batch_failed", channel=self.runtime.channel.name, error=type(exc).__name__, detail=str(exc)[:200])
+                log.error(
+                    "processing_batch_failed",
+                    channel=self.runtime.channel.name,
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                )
                 n = 0
                 await asyncio.sleep(1.0)
             if n:
@@ -69,10 +87,8 @@ class ProcessingWorker:
                 self.wake_destinations()
                 continue
             self.wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=0.5)
-            except TimeoutError:
-                pass
 
     def _process_batch(self) -> int:
         ch = self.runtime.channel
@@ -120,16 +136,19 @@ class DeliveryWorker:
             try:
                 progressed, next_due = await self._round()
             except Exception as exc:
-                log.error("delivery_round_failed", destination=self.config.name, error=type(exc).__name__, detail=str(exc)[:200])
+                log.error(
+                    "delivery_round_failed",
+                    destination=self.config.name,
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                )
                 progressed, next_due = False, time.time() + 1.0
             if progressed:
                 continue
             self.wake.clear()
             wait = 0.5 if next_due is None else min(0.5, max(0.0, next_due - time.time()))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, wait))
-            except TimeoutError:
-                pass
 
     async def _round(self) -> tuple[bool, float | None]:
         rows = await asyncio.to_thread(self.store.pending_deliveries, self.config.name, self.batch)
@@ -223,4 +242,9 @@ class DeliveryWorker:
                         return  # hold the rest of this key until the failing one is done
                     continue
                 delivered.append((r.id, detail or ""))
-                log.debug("delivered", destination=self.config.name, message_id=row.message_id, control_id=row.control_id)
+                log.debug(
+                    "delivered",
+                    destination=self.config.name,
+                    message_id=row.message_id,
+                    control_id=row.control_id,
+                )

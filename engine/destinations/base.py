@@ -118,7 +118,9 @@ def secret(spec: Any, *, what: str, ctx: DestinationContext, key: str) -> str:
             try:
                 return path.read_text().strip()
             except OSError as exc:
-                raise ConfigError(f"{what}: cannot read secret file {path}: {exc}", file=ctx.config_file, key=key) from exc
+                raise ConfigError(
+                    f"{what}: cannot read secret file {path}: {exc}", file=ctx.config_file, key=key
+                ) from exc
     raise ConfigError(
         f"{what} must come from the environment or a file, not from the YAML",
         file=ctx.config_file,

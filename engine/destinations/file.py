@@ -88,5 +88,7 @@ class FileDestination(Destination):
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
-            raise DeliveryError(f"cannot write {path}: {exc.strerror}; check the directory exists and is writable") from exc
+            raise DeliveryError(
+                f"cannot write {path}: {exc.strerror}; check the directory exists and is writable"
+            ) from exc
         return str(path.relative_to(self.directory))

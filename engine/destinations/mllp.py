@@ -34,10 +34,14 @@ class MLLPDestination(Destination):
         super().__init__(name, options, ctx)
         if self.opts["on_error"] not in ("dead-letter", "retry"):
             raise ConfigError(
-                "on_error must be dead-letter or retry", file=ctx.config_file, key=f"destinations.{name}.on_error"
+                "on_error must be dead-letter or retry",
+                file=ctx.config_file,
+                key=f"destinations.{name}.on_error",
             )
         if self.opts["payload"] not in ("hl7", "output"):
-            raise ConfigError("payload must be hl7 or output", file=ctx.config_file, key=f"destinations.{name}.payload")
+            raise ConfigError(
+                "payload must be hl7 or output", file=ctx.config_file, key=f"destinations.{name}.payload"
+            )
         self.ssl = self._ssl(self.opts["tls"])
         self.client = MLLPClient(
             str(self.opts["host"]),
@@ -56,7 +60,10 @@ class MLLPDestination(Destination):
             if spec.get("ca"):
                 ctx.load_verify_locations(str(self.ctx.base_dir / str(spec["ca"])))
             if spec.get("cert"):
-                ctx.load_cert_chain(str(self.ctx.base_dir / str(spec["cert"])), str(self.ctx.base_dir / str(spec.get("key", ""))))
+                ctx.load_cert_chain(
+                    str(self.ctx.base_dir / str(spec["cert"])),
+                    str(self.ctx.base_dir / str(spec.get("key", ""))),
+                )
             if spec.get("verify") is False:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
@@ -68,7 +75,9 @@ class MLLPDestination(Destination):
             ack = await self.client.send(payload)
         info = parse_ack(ack)
         if info.control_id != item.control_id:
-            raise DeliveryError(f"ACK does not match: MSA-2 is {info.control_id!r}, expected {item.control_id!r}")
+            raise DeliveryError(
+                f"ACK does not match: MSA-2 is {info.control_id!r}, expected {item.control_id!r}"
+            )
         if info.code in ("AA", "CA"):
             return info.code
         reason = f"receiver answered {info.code}" + (f" {info.error_code}" if info.error_code else "")

@@ -33,7 +33,11 @@ def test_v23_has_no_third_component_and_uses_msa3_err1() -> None:
     a = segs(ack.build(msg("2.3"), "AE", err))
     assert a[0][8] == "ACK^A08"
     assert a[1] == ["MSA", "AE", "C123", "PID-3 is required"]
-    assert a[2][0] == "ERR" and a[2][1].startswith("PID^1^3^") and "101&Required field missing&HL70357" in a[2][1]
+    assert (
+        a[2][0] == "ERR"
+        and a[2][1].startswith("PID^1^3^")
+        and "101&Required field missing&HL70357" in a[2][1]
+    )
 
 
 def test_v25_err_segment() -> None:

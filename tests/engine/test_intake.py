@@ -21,7 +21,14 @@ CH = ChannelConfig(
 )
 
 
-def adt(control: str = "C1", *, version: str = "2.5.1", mtype: str = "ADT^A01", pid: str = "P1^^^NORTH^MR", pid_id: str = "P") -> bytes:
+def adt(
+    control: str = "C1",
+    *,
+    version: str = "2.5.1",
+    mtype: str = "ADT^A01",
+    pid: str = "P1^^^NORTH^MR",
+    pid_id: str = "P",
+) -> bytes:
     return (
         f"MSH|^~\\&|EHR|NORTH|SL|HOSP|20250101120000||{mtype}|{control}|{pid_id}|{version}\r"
         f"PID|1||{pid}||Testpatient^Alex\r"

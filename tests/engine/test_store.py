@@ -42,9 +42,16 @@ def test_insert_claim_deliver(store_url: str) -> None:
         assert len(pending) == 3
         loaded = s.load_deliveries([p.id for p in pending])
         assert loaded[0].control_id == "0" and loaded[0].payload == b"{}"
-        s.record_deliveries([(pending[0].id, "ok")], [(pending[1].id, 1, "boom", time.time() + 60), (pending[2].id, 5, "gave up", None)])
+        s.record_deliveries(
+            [(pending[0].id, "ok")],
+            [(pending[1].id, 1, "boom", time.time() + 60), (pending[2].id, 5, "gave up", None)],
+        )
         counts = s.delivery_counts()
-        assert counts[("out", st.DELIVERED)] == 1 and counts[("out", st.PENDING)] == 1 and counts[("out", st.DEAD)] == 1
+        assert (
+            counts[("out", st.DELIVERED)] == 1
+            and counts[("out", st.PENDING)] == 1
+            and counts[("out", st.DEAD)] == 1
+        )
         dead = s.dead_letters()
         assert any(getattr(d, "reason", "") == "gave up" for d in dead)
         assert s.check() == "ok"
@@ -85,7 +92,9 @@ def test_replay_dead_delivery(store_url: str) -> None:
             (mid,) = s.insert_messages(conn, [new(1)])
         s.claim_received("c", 1, "me")
         with s.write() as conn:
-            s.add_deliveries(conn, mid, "c", "", [st.NewDelivery("a", b"x", "t"), st.NewDelivery("b", b"x", "t")])
+            s.add_deliveries(
+                conn, mid, "c", "", [st.NewDelivery("a", b"x", "t"), st.NewDelivery("b", b"x", "t")]
+            )
             s.finish_message(conn, mid, st.PROCESSED)
         a, b = s.pending_deliveries("a", 5)[0], s.pending_deliveries("b", 5)[0]
         s.record_deliveries([(a.id, "ok")], [(b.id, 3, "down", None)])
@@ -108,7 +117,10 @@ def test_resource_ranks(store_url: str) -> None:
             s.set_resource_ranks(conn, 1, {"Observation|x": 3})
             s.set_resource_ranks(conn, 2, {"Observation|x": 1, "Patient|p": 0})
         with s.engine.connect() as conn:
-            assert s.resource_ranks(conn, ["Observation|x", "Patient|p", "nope"]) == {"Observation|x": 3, "Patient|p": 0}
+            assert s.resource_ranks(conn, ["Observation|x", "Patient|p", "nope"]) == {
+                "Observation|x": 3,
+                "Patient|p": 0,
+            }
     finally:
         s.close()
 

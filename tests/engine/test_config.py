@@ -1,0 +1,99 @@
+"""Config loading: errors name the file, the key path and what to do; `sluice check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from engine import config
+from engine.cli import main
+from engine.errors import ConfigError
+from tests.support.engine import basic_channel, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+FILE_DEST = {"out": {"kind": "file", "directory": "out"}}
+
+
+def test_demo_config_loads() -> None:
+    cfg = config.load(ROOT / "routes.yaml")
+    (ch,) = cfg.channels
+    assert ch.name == "allscripts" and ch.source.port == 2575 and ch.source.host == "127.0.0.1"
+    assert ch.source.max_connections >= 200
+    assert set(ch.types) == {"ADT", "ORU", "SIU"}
+    assert cfg.store_url.endswith("var/sluice.db")
+
+
+def test_unknown_key_names_file_and_path(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, channels={"a": basic_channel(1234, dedupe={"window_dayz": 3})}, destinations=FILE_DEST
+    )
+    with pytest.raises(ConfigError) as ei:
+        config.load(path)
+    msg = str(ei.value)
+    assert "a.yaml" in msg and "dedupe.window_dayz" in msg and "allowed here" in msg
+
+
+def test_unknown_destination(tmp_path: Path) -> None:
+    ch = basic_channel(1234, routes=[{"destination": "nowhere"}])
+    path = write_config(tmp_path, channels={"a": ch}, destinations=FILE_DEST)
+    with pytest.raises(ConfigError, match="unknown destination 'nowhere'"):
+        config.load(path)
+
+
+def test_bad_time_zone(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, channels={"a": basic_channel(1234, site_tz="Mars/Olympus")}, destinations=FILE_DEST
+    )
+    with pytest.raises(ConfigError, match="IANA"):
+        config.load(path)
+
+
+def test_invalid_yaml_says_where(tmp_path: Path) -> None:
+    path = write_config(tmp_path, channels={"a": basic_channel(1234)}, destinations=FILE_DEST)
+    (tmp_path / "channels" / "a.yaml").write_text("name: a\nsource: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        config.load(path)
+
+
+def test_env_and_flag_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config(tmp_path, channels={"a": basic_channel(1234)}, destinations=FILE_DEST)
+    monkeypatch.setenv("SLUICE_PORT", "2999")
+    assert config.load(path).channels[0].source.port == 2999
+    assert config.load(path, {"port": 3001}).channels[0].source.port == 3001
+    monkeypatch.setenv("SLUICE_STORE", "sqlite:///elsewhere.db")
+    assert config.load(path).store_url == f"sqlite:///{tmp_path / 'elsewhere.db'}"
+
+
+def test_check_command_ok_and_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    path = write_config(tmp_path, channels={"a": basic_channel(1234)}, destinations=FILE_DEST)
+    res = runner.invoke(main, ["check", "--config", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "channel a" in res.output
+    bad = yaml.safe_load((tmp_path / "channels" / "a.yaml").read_text())
+    bad["transform"] = ["no-such-step"]
+    (tmp_path / "channels" / "a.yaml").write_text(yaml.safe_dump(bad))
+    res = runner.invoke(main, ["check", "--config", str(path)])
+    assert res.exit_code != 0 and "unknown transform step 'no-such-step'" in res.output
+
+
+def test_check_unknown_destination_kind(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, channels={"a": basic_channel(1234)}, destinations={"out": {"kind": "carrier-pigeon"}}
+    )
+    res = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert res.exit_code != 0 and "unknown destination kind 'carrier-pigeon'" in res.output
+
+
+def test_check_demo_config() -> None:
+    res = CliRunner().invoke(main, ["check", "--config", str(ROOT / "routes.yaml")])
+    assert res.exit_code == 0, res.output
+
+
+def test_help_lists_commands() -> None:
+    res = CliRunner().invoke(main, ["--help"])
+    for cmd in ("run", "send", "check", "messages", "dead-letter", "replay", "convert", "conformance"):
+        assert cmd in res.output

@@ -1,0 +1,264 @@
+"""End to end over real sockets: the engine as a process, `sluice send`, the store, destinations."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from engine.client import MLLPClient, parse_ack
+
+from engine import store as st
+from engine.cli import main
+from engine.errors import DeliveryError
+from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def adt(control: str, mrn: str = "MRN1") -> bytes:
+    return (
+        f"MSH|^~\\&|EHR|NORTH|SL|HOSP|20250101120000||ADT^A08^ADT_A01|{control}|P|2.5.1\r"
+        f"PID|1||{mrn}^^^NORTH^MR||Testpatient^Alex||19800101|F\r"
+        "PV1|1|O\r"
+    ).encode()
+
+
+def wait_for(pred: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def file_dest(directory: Path, **extra: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "kind": "file",
+        "directory": str(directory),
+        "pattern": "{control_id}.{ext}",
+        "fsync": False,
+    }
+    d.update(extra)
+    return d
+
+
+def test_send_store_deliver(tmp_path: Path, store_url: str) -> None:
+    port = free_port()
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path, channels={"c": basic_channel(port)}, destinations={"out": file_dest(out)}, store=store_url
+    )
+    sample = SAMPLES / "adt_a01.hl7"
+    with EngineProcess(cfg, port):
+        res = CliRunner().invoke(main, ["send", str(sample), "--to", f"127.0.0.1:{port}"])
+        assert res.exit_code == 0, res.output
+        assert "\tAA\tDEMO0001" in res.output
+        wait_for(lambda: (out / "DEMO0001.hl7").exists(), what="the delivered file")
+        assert (out / "DEMO0001.hl7").read_bytes() == sample.read_bytes()
+    s = st.Store(store_url)
+    try:
+        (row,) = s.list_messages()
+        assert row.control_id == "DEMO0001" and row.status == st.PROCESSED and row.ack_code == "AA"
+        full = s.get_message(row.id)
+        assert full.raw == sample.read_bytes() and full.message_type == "ADT" and full.trigger == "A01"
+        assert full.ack.startswith(b"MSH|^~\\&|SLUICE|HOSP|ALLSCRIPTS|NORTHCLINIC|")
+        (d,) = s.deliveries_of(row.id)
+        assert d.status == st.DELIVERED and d.attempts == 1
+    finally:
+        s.close()
+
+
+def test_send_reports_rejections(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_config(
+        tmp_path,
+        channels={"c": basic_channel(port, accept={"types": ["ORU"]})},
+        destinations={"out": file_dest(tmp_path / "o")},
+    )
+    with EngineProcess(cfg, port):
+        res = CliRunner().invoke(main, ["send", str(SAMPLES / "adt_a01.hl7"), "--to", f"127.0.0.1:{port}"])
+        assert res.exit_code == 1
+        assert "\tAR\tDEMO0001\t200" in res.output
+
+
+def test_send_timeout_exit_code(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        main, ["send", str(SAMPLES / "adt_a01.hl7"), "--to", f"127.0.0.1:{free_port()}", "--timeout", "1"]
+    )
+    assert res.exit_code == 1 and "ERROR" in res.output
+
+
+def test_filtered_message_acked_and_kept(tmp_path: Path) -> None:
+    port = free_port()
+    ch = basic_channel(port, filter={"field": "MSH-9.1", "in": ["ORU"]})
+    cfg = write_config(tmp_path, channels={"c": ch}, destinations={"out": file_dest(tmp_path / "o")})
+    with EngineProcess(cfg, port):
+        res = CliRunner().invoke(main, ["send", str(SAMPLES / "adt_a01.hl7"), "--to", f"127.0.0.1:{port}"])
+        assert "\tAA\t" in res.output
+        s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
+        try:
+            wait_for(lambda: s.list_messages()[0].status == st.FILTERED, what="filtered status")
+        finally:
+            s.close()
+
+
+def test_failing_destination_recovers(tmp_path: Path) -> None:
+    port = free_port()
+    out = tmp_path / "blocked"
+    out.write_text("a file where the directory should be")  # writes fail until this is removed
+    dest = file_dest(out, retry={"max_attempts": 50, "backoff": 0.1, "max_backoff": 0.3})
+    cfg = write_config(tmp_path, channels={"c": basic_channel(port)}, destinations={"out": dest})
+    eng = EngineProcess(cfg, port)
+    # The destination creates its directory at start; block it after start instead.
+    out.unlink()
+    with eng:
+        out.rmdir() if out.is_dir() else None
+        out.write_text("blocked")
+        res = CliRunner().invoke(main, ["send", str(SAMPLES / "adt_a01.hl7"), "--to", f"127.0.0.1:{port}"])
+        assert "\tAA\t" in res.output
+        s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
+        try:
+            wait_for(
+                lambda: any(d.attempts >= 2 for m in s.list_messages() for d in s.deliveries_of(m.id)),
+                what="retries",
+            )
+            out.unlink()
+            out.mkdir()
+            wait_for(lambda: (out / "DEMO0001.hl7").exists(), what="delivery after recovery")
+            (m,) = s.list_messages()
+            wait_for(lambda: s.deliveries_of(m.id)[0].status == st.DELIVERED, what="delivered status")
+        finally:
+            s.close()
+
+
+def test_dead_letter_then_replay(tmp_path: Path) -> None:
+    port = free_port()
+    out = tmp_path / "out"
+    dest = file_dest(out, retry={"max_attempts": 2, "backoff": 0.05, "max_backoff": 0.1})
+    cfg = write_config(tmp_path, channels={"c": basic_channel(port)}, destinations={"out": dest})
+    runner = CliRunner()
+    with EngineProcess(cfg, port):
+        out.rmdir()
+        out.write_text("blocked")
+        res = runner.invoke(main, ["send", str(SAMPLES / "adt_a01.hl7"), "--to", f"127.0.0.1:{port}"])
+        assert "\tAA\t" in res.output
+        s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
+        try:
+            wait_for(lambda: bool(s.dead_letters()), what="dead letter")
+            (dl,) = s.dead_letters()
+            assert "gave up after 2 attempts" in dl.reason and "cannot write" in dl.reason
+            listing = runner.invoke(main, ["dead-letter", "list", "--config", str(cfg)])
+            assert "gave up after 2 attempts" in listing.output
+            dry = runner.invoke(
+                main, ["replay", "--config", str(cfg), "--channel", "c", "--status", "dead", "--dry-run"]
+            )
+            assert "would replay message" in dry.output and s.dead_letters()
+            out.unlink()
+            out.mkdir()
+            rep = runner.invoke(
+                main,
+                ["replay", "--config", str(cfg), "--channel", "c", "--status", "dead", "--why", "dir fixed"],
+            )
+            assert rep.exit_code == 0 and "1 message(s) queued" in rep.output
+            wait_for(lambda: (out / "DEMO0001.hl7").exists(), what="replayed delivery")
+            assert s.replays()[0].why == "dir fixed"
+            wait_for(lambda: not s.dead_letters(), what="dead letter cleared")
+        finally:
+            s.close()
+
+
+def test_messages_cli_hides_phi(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_config(
+        tmp_path, channels={"c": basic_channel(port)}, destinations={"out": file_dest(tmp_path / "o")}
+    )
+    runner = CliRunner()
+    with EngineProcess(cfg, port):
+        runner.invoke(main, ["send", str(SAMPLES / "adt_a01.hl7"), "--to", f"127.0.0.1:{port}"])
+    listing = runner.invoke(main, ["messages", "list", "--config", str(cfg), "--json"])
+    assert '"control_id": "DEMO0001"' in listing.output and "Sampleton" not in listing.output
+    show = runner.invoke(main, ["messages", "show", "1", "--config", str(cfg)])
+    assert "DEMO0001" in show.output and "Sampleton" not in show.output and "MRN100234" not in show.output
+    shown = runner.invoke(main, ["messages", "show", "1", "--config", str(cfg), "--show-phi"])
+    assert "Sampleton" in shown.output
+    log = (tmp_path / "engine.log").read_text()
+    assert "Sampleton" not in log and "MRN100234" not in log and "19760412" not in log
+
+
+async def _sender(port: int, ids: list[str], acked: set[str], stop: asyncio.Event) -> None:
+    """Send every id until it is AA'd; resend anything not ACKed (the engine may die at any moment)."""
+    pending = list(ids)
+    while pending and not stop.is_set():
+        client = MLLPClient("127.0.0.1", port, connect_timeout=1.0, ack_timeout=5.0)
+        try:
+            while pending:
+                cid = pending[0]
+                ack = await client.send(adt(cid, mrn=f"M{cid}"))
+                info = parse_ack(ack)
+                assert info.control_id == cid
+                if info.code == "AA":
+                    acked.add(cid)
+                    pending.pop(0)
+                else:
+                    await asyncio.sleep(0.05)
+        except DeliveryError:
+            await asyncio.sleep(0.1)
+        finally:
+            await client.close()
+
+
+@pytest.mark.slow
+def test_kill_9_while_sending_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL while 20 connections send; every AA'd message is stored and delivered exactly once."""
+    port = free_port()
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, channels={"c": basic_channel(port)}, destinations={"out": file_dest(out)})
+    ids = [f"K{i:05d}" for i in range(2000)]
+    per_conn = [ids[i::20] for i in range(20)]
+    acked: set[str] = set()
+    eng = EngineProcess(cfg, port).start()
+    rnd = random.Random(7)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(_sender(port, chunk, acked, stop)) for chunk in per_conn]
+        for _ in range(2):
+            await asyncio.sleep(rnd.uniform(0.4, 1.2))
+            eng.kill()
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(eng.start)
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+        finally:
+            stop.set()
+
+    try:
+        asyncio.run(run())
+        assert acked == set(ids)
+        s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
+        try:
+            wait_for(
+                lambda: s.delivery_counts().get(("out", st.DELIVERED), 0) >= len(ids),
+                timeout=60,
+                what="all delivered",
+            )
+            rows = s.list_messages(limit=10_000)
+            controls = [r.control_id for r in rows]
+            assert sorted(controls) == sorted(ids)  # stored exactly once each (resends were deduped)
+            assert s.check() == "ok"
+            counts = s.delivery_counts()
+            assert counts.get(("out", st.PENDING), 0) == 0 and counts.get(("out", st.DEAD), 0) == 0
+            assert all(r.status == st.PROCESSED for r in rows)
+        finally:
+            s.close()
+        files = sorted(p.stem for p in out.glob("*.hl7"))
+        assert files == sorted(ids)  # delivered exactly once per message (deterministic names)
+        assert not list(out.glob(".*.tmp"))
+    finally:
+        eng.stop()
