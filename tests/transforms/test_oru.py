@@ -1,0 +1,376 @@
+"""ORU^R01 → DiagnosticReport/Observation: golden file, value types, corrections and guards (synthetic data)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from engine.errors import ConversionError, SluiceError
+from engine.hl7 import parse
+from tests.transforms.conftest import EXPECTED, golden_settings, load, msg, resources, validate_resources
+from transforms.bundle import OBSERVATION_STATUS_RANK
+from transforms.convert import _convert, convert_report
+from transforms.oru import DIAGNOSTIC_REPORT_STATUS_RANK, OBX_STATUS, content_type
+
+MSH = "MSH|^~\\&|SYNLAB|SYNTH HOSP^2.16.840.1.113883.19.999.1^ISO|SLUICE|SLUICE|20250310143000||ORU^R01|C1|P|2.5.1"
+PID = "PID|1||MRN900001^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO^MR||TESTPERSON^ALEXANDRA||19800229|F"
+OBR = "OBR|1|PLC1^SYNEHR|FIL1^SYNLAB^2.16.840.1.113883.19.999.2^ISO|24323-8^Panel^LN|||20250310080000"
+FILLER = "urn:oid:2.16.840.1.113883.19.999.2"
+
+
+def conv(*segments: str, **kw: Any) -> Any:
+    return _convert(msg(*segments), golden_settings(**kw))
+
+
+def by_code(bundle: dict[str, Any], code: str) -> list[dict[str, Any]]:
+    return [o for o in resources(bundle, "Observation") if o["code"]["coding"][0]["code"] == code]
+
+
+def one(bundle: dict[str, Any], code: str) -> dict[str, Any]:
+    found = by_code(bundle, code)
+    assert len(found) == 1, code
+    return found[0]
+
+
+def entry_of(bundle: dict[str, Any], resource: dict[str, Any]) -> dict[str, Any]:
+    return next(e for e in bundle["entry"] if e["resource"] is resource)
+
+
+# ---------------------------------------------------------------------------
+# golden
+# ---------------------------------------------------------------------------
+GOLDEN = ["oru_r01_multi", "oru_r01_correction", "oru_r01_late_preliminary"]
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden(name: str) -> None:
+    result = _convert(load(name), golden_settings())
+    validate_resources(result.bundle)
+    got = {"bundle": result.bundle, "guards": [list(g) for g in result.guards], "events": dict(result.events)}
+    path = EXPECTED / f"{name}.json"
+    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
+        path.write_text(json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
+    expected = json.loads(path.read_text(encoding="utf-8"))
+    assert json.loads(json.dumps(got)) == expected
+
+
+def test_golden_is_deterministic() -> None:
+    a = _convert(load("oru_r01_multi"), golden_settings())
+    b = _convert(load("oru_r01_multi"), golden_settings())
+    assert a.bundle == b.bundle and a.guards == b.guards
+
+
+# ---------------------------------------------------------------------------
+# structure and value types
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def multi() -> dict[str, Any]:
+    bundle: dict[str, Any] = _convert(load("oru_r01_multi"), golden_settings()).bundle
+    return bundle
+
+
+def test_one_report_per_obr_with_results(multi: dict[str, Any]) -> None:
+    reports = resources(multi, "DiagnosticReport")
+    assert len(reports) == 3
+    first = reports[0]
+    assert first["status"] == "final"
+    assert {k: first["identifier"][1][k] for k in ("system", "value")} == {"system": FILLER, "value": "FIL5001"}
+    assert first["identifier"][0]["type"]["coding"][0]["code"] == "PLAC"
+    assert first["identifier"][1]["type"]["coding"][0]["code"] == "FILL"
+    assert len(first["result"]) == 10
+    urls = {e["fullUrl"] for e in multi["entry"]}
+    assert all(r["reference"] in urls for rep in reports for r in rep.get("result", []))
+    assert first["effectiveDateTime"] == "2025-03-10T08:00:00-07:00"
+    assert first["issued"] == "2025-03-10T14:15:00-07:00"
+    assert first["extension"][0]["valueAnnotation"]["text"] == (
+        "Specimen received ambient.\nSecond line of report comment."
+    )
+    assert "resultsInterpreter" in first
+    assert reports[1]["status"] == "preliminary"
+    entry = entry_of(multi, first)
+    assert entry["request"] == {"method": "PUT", "url": f"DiagnosticReport?identifier={FILLER}|FIL5001"}
+
+
+def test_patient_and_encounter_references(multi: dict[str, Any]) -> None:
+    (patient,) = resources(multi, "Patient")
+    pref = entry_of(multi, patient)["fullUrl"]
+    for o in resources(multi, "Observation"):
+        assert o["subject"]["reference"] == pref
+        assert o["encounter"]["reference"].startswith("urn:uuid:")
+
+
+def test_nm_with_ucum_units_range_and_flag(multi: dict[str, Any]) -> None:
+    glucose = one(multi, "2345-7")
+    assert glucose["valueQuantity"] == {
+        "value": 182, "unit": "milligram per deciliter", "system": "http://unitsofmeasure.org", "code": "mg/dL"
+    }
+    assert glucose["referenceRange"][0]["low"]["value"] == 70
+    assert glucose["referenceRange"][0]["high"]["value"] == 99
+    assert glucose["referenceRange"][0]["text"] == "70-99"
+    assert glucose["interpretation"][0]["coding"][0] == {
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "H", "display": "High"
+    }
+    assert glucose["effectiveDateTime"] == "2025-03-10T08:15:00-07:00"
+    assert glucose["status"] == "final"
+    kinds = [p.get("display") for p in glucose["performer"]]
+    assert kinds == ["OLIVE OBSERVER", "DANA DIRECTOR", "SYNTH LAB ORG"]
+    assert "Organization" in {r["resourceType"] for r in (e["resource"] for e in multi["entry"])}
+
+
+def test_sn_variants(multi: dict[str, Any]) -> None:
+    assert one(multi, "2160-0")["valueQuantity"]["comparator"] == "<"
+    assert one(multi, "2160-0")["valueQuantity"]["value"] == 0.5
+    assert one(multi, "5195-3")["valueRatio"] == {"numerator": {"value": 1}, "denominator": {"value": 128}}
+    rng = one(multi, "2093-3")["valueRange"]
+    assert rng["low"]["value"] == 150 and rng["high"]["value"] == 200
+    assert rng["low"]["code"] == "mg/dL"
+
+
+def test_nm_with_comparator_becomes_quantity_comparator(multi: dict[str, Any]) -> None:
+    plt = one(multi, "777-3")
+    assert plt["valueQuantity"]["comparator"] == ">" and plt["valueQuantity"]["value"] == 1000
+
+
+def test_text_types_keep_line_breaks(multi: dict[str, Any]) -> None:
+    assert one(multi, "11526-1")["valueString"] == (
+        "Line one of narrative.\nLine two of narrative.\nSecond repetition line."
+    )
+    assert one(multi, "18769-0")["valueString"] == "Formatted bold text\nnext line"
+    st_obs = one(multi, "8251-1") if len(by_code(multi, "8251-1")) == 1 else by_code(multi, "8251-1")[0]
+    assert st_obs["valueString"] == "Hemolyzed specimen"
+    assert st_obs["note"] == [{"text": "Result verified by repeat analysis.\nSecond line of the note."}]
+
+
+def test_coded_and_date_values(multi: dict[str, Any]) -> None:
+    cwe = one(multi, "600-7")
+    assert cwe["valueCodeableConcept"]["coding"][0] == {
+        "system": "http://snomed.info/sct", "code": "112283007", "display": "Escherichia coli"
+    }
+    assert cwe["status"] == "corrected"
+    assert one(multi, "8665-2")["valueDateTime"] == "2025-02-14"
+    assert one(multi, "33882-2")["valueDateTime"] == "2025-03-10T07:45:00-07:00"
+
+
+def test_statuses_map_to_valid_fhir_codes(multi: dict[str, Any]) -> None:
+    assert one(multi, "789-8")["status"] == "amended"
+    x = one(multi, "30180-4")
+    assert x["status"] == "cancelled" and "valueQuantity" not in x
+    assert x["dataAbsentReason"]["coding"][0]["code"] == "not-performed"
+    assert one(multi, "26478-8")["status"] == "entered-in-error"
+    valid = {"registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown"}
+    assert set(OBX_STATUS.values()) <= valid
+    assert "ammended" not in json.dumps(multi)
+
+
+def test_sub_id_distinguishes_observations(multi: dict[str, Any]) -> None:
+    wbc = by_code(multi, "6690-2")
+    assert len(wbc) == 2
+    urls = {entry_of(multi, o)["request"]["url"] for o in wbc}
+    assert len(urls) == 2
+
+
+def test_ed_goes_to_presented_form(multi: dict[str, Any]) -> None:
+    report = resources(multi, "DiagnosticReport")[2]
+    (form,) = report["presentedForm"]
+    assert form["contentType"] == "application/pdf"
+    assert form["data"] == "JVBERi0xLjQKJSBzeW50aGV0aWMK"
+    assert form["creation"] == "2025-03-10T14:15:00-07:00"
+    assert len(report["result"]) == 1  # the ED made no Observation
+    assert not by_code(multi, "11502-2")
+
+
+def test_content_types() -> None:
+    assert content_type("IM", "JPEG") == "image/jpeg"
+    assert content_type("application", "pdf") == "application/pdf"
+    assert content_type("NS", "Octet-stream") == "application/octet-stream"
+    assert content_type("", "text/rtf") == "text/rtf"
+    assert content_type("??", "") == "application/octet-stream"
+
+
+def test_bad_base64_is_ae_102() -> None:
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, PID, OBR, "OBX|1|ED|11502-2^Report^LN||^application^pdf^Base64^@@not base64@@||||||F")
+    assert ei.value.hl7_error == "102"
+    assert str(ei.value.location) == "OBX-5.5"
+
+
+# ---------------------------------------------------------------------------
+# identity, corrections, guards
+# ---------------------------------------------------------------------------
+def test_correction_updates_the_same_observation() -> None:
+    first = _convert(load("oru_r01_multi"), golden_settings())
+    corr = _convert(load("oru_r01_correction"), golden_settings())
+    g1, g2 = one(first.bundle, "2345-7"), one(corr.bundle, "2345-7")
+    e1, e2 = entry_of(first.bundle, g1), entry_of(corr.bundle, g2)
+    assert e1["request"]["url"] == e2["request"]["url"]
+    assert e1["fullUrl"] == e2["fullUrl"]
+    assert g2["status"] == "corrected" and g2["valueQuantity"]["value"] == 128
+    # OBR-25 C turns the F results of the corrected report into corrected ones
+    assert one(corr.bundle, "2160-0")["status"] == "corrected"
+    (rep,) = resources(corr.bundle, "DiagnosticReport")
+    assert rep["status"] == "corrected"
+    assert entry_of(corr.bundle, rep)["request"]["url"] == f"DiagnosticReport?identifier={FILLER}|FIL5001"
+    guards1, guards2 = dict(first.guards), dict(corr.guards)
+    key = e1["request"]["url"]
+    assert guards2[key] > guards1[key]
+
+
+def test_late_preliminary_has_lower_guard_rank_than_final() -> None:
+    first = _convert(load("oru_r01_multi"), golden_settings())
+    late = _convert(load("oru_r01_late_preliminary"), golden_settings())
+    o1, o2 = one(first.bundle, "2345-7"), one(late.bundle, "2345-7")
+    key = entry_of(first.bundle, o1)["request"]["url"]
+    assert entry_of(late.bundle, o2)["request"]["url"] == key
+    assert dict(late.guards)[key] < dict(first.guards)[key]
+    report_key = f"DiagnosticReport?identifier={FILLER}|FIL5001"
+    assert dict(late.guards)[report_key] < dict(first.guards)[report_key]
+
+
+def test_every_observation_and_report_is_guarded() -> None:
+    r = _convert(load("oru_r01_multi"), golden_settings())
+    keys = {e["request"]["url"] for e in r.bundle["entry"]
+            if e["resource"]["resourceType"] in ("Observation", "DiagnosticReport")}
+    assert keys == {k for k, _ in r.guards}
+
+
+def test_rank_order() -> None:
+    o = OBSERVATION_STATUS_RANK
+    assert o["final"] > o["preliminary"] > o["registered"]
+    assert o["corrected"] > o["final"] and o["amended"] > o["final"]
+    d = DIAGNOSTIC_REPORT_STATUS_RANK
+    assert d["final"] > d["preliminary"] > d["registered"] and d["corrected"] > d["final"]
+
+
+def test_resend_is_identical() -> None:
+    a = conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||90|mg/dL^^UCUM||||||F")
+    b = conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||90|mg/dL^^UCUM||||||F")
+    assert a.bundle == b.bundle
+
+
+def test_filler_falls_back_to_placer() -> None:
+    r = conv(MSH, PID, "OBR|1|PLC9^^2.16.840.1.113883.19.999.3^ISO||24323-8^Panel^LN",
+             "OBX|1|NM|2345-7^Glucose^LN||90||||||F")
+    (rep,) = resources(r.bundle, "DiagnosticReport")
+    assert entry_of(r.bundle, rep)["request"]["url"] == "DiagnosticReport?identifier=urn:oid:2.16.840.1.113883.19.999.3|PLC9"
+
+
+def test_no_order_number_is_ae_101() -> None:
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, PID, "OBR|1|||24323-8^Panel^LN", "OBX|1|NM|2345-7^Glucose^LN||90||||||F")
+    assert ei.value.hl7_error == "101"
+
+
+def test_patient_without_authority_is_ae_204() -> None:
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, "PID|1||MRN1^^^^MR||DOE^JAN", OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||F")
+    assert ei.value.hl7_error == "204"
+
+
+# ---------------------------------------------------------------------------
+# dates
+# ---------------------------------------------------------------------------
+def test_invalid_date_is_ae_102_with_location() -> None:
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||F|||20251341")
+    assert ei.value.hl7_error == "102"
+    assert ei.value.location is not None and str(ei.value.location) == "OBX-14"
+
+
+def test_site_time_zone_is_dst_correct() -> None:
+    r = conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||F|||20250115120000",
+             "OBX|2|NM|718-7^Hb^LN||13||||||F|||20250715120000", site_tz="Europe/Berlin")
+    assert one(r.bundle, "2345-7")["effectiveDateTime"] == "2025-01-15T12:00:00+01:00"
+    assert one(r.bundle, "718-7")["effectiveDateTime"] == "2025-07-15T12:00:00+02:00"
+
+
+def test_explicit_offset_is_kept() -> None:
+    r = conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||F|||202501151200+0530")
+    assert one(r.bundle, "2345-7")["effectiveDateTime"] == "2025-01-15T12:00:00+05:30"
+
+
+# ---------------------------------------------------------------------------
+# edge cases
+# ---------------------------------------------------------------------------
+def test_non_numeric_nm_is_kept_as_string() -> None:
+    r = conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||see note||||||F")
+    assert one(r.bundle, "2345-7")["valueString"] == "see note"
+    assert r.events["obx_value_not_numeric"] == 1
+
+
+def test_repeated_value_becomes_components() -> None:
+    r = conv(MSH, PID, OBR, "OBX|1|NM|8867-4^Heart rate^LN||72~75|/min^^UCUM|||||F")
+    obs = one(r.bundle, "8867-4")
+    assert [c["valueQuantity"]["value"] for c in obs["component"]] == [72, 75]
+    validate_resources(r.bundle)
+
+
+def test_obr_y_is_ae_103() -> None:
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, PID, OBR + "||||||||||||||||||Y", "OBX|1|NM|2345-7^Glucose^LN||90||||||F")
+    assert ei.value.hl7_error == "103"
+
+
+def test_empty_obr25_is_derived_from_results() -> None:
+    r = conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||P", "OBX|2|NM|718-7^Hb^LN||13||||||F")
+    assert resources(r.bundle, "DiagnosticReport")[0]["status"] == "preliminary"
+
+
+def test_no_pid_is_a_located_error() -> None:
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||F")
+    assert ei.value.location is not None and ei.value.location.segment == "PID"
+
+
+def test_html_in_notes_is_stripped_and_truncated() -> None:
+    r = conv(MSH, PID, OBR, "OBX|1|ST|8251-1^Comment^LN||x||||||F",
+             "NTE|1||<b>Bold</b> remark " + "y" * 100, note_max_length=40)
+    text = one(r.bundle, "8251-1")["note"][0]["text"]
+    assert text.startswith("Bold remark") and text.endswith("[truncated]") and len(text) == 40
+
+
+# ---------------------------------------------------------------------------
+# robustness: random and mutated messages raise only SluiceError
+# ---------------------------------------------------------------------------
+_BASE = (load("oru_r01_multi").text)
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_messages_never_raise_anything_else(data: st.DataObject) -> None:
+    text = _BASE
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, len(text) - 1))
+        op = data.draw(st.sampled_from(["delete", "insert", "replace"]))
+        ch = data.draw(st.sampled_from([*list("|^~\\&\r0123456789ABCDEFXZ .-+<>:/"), "\\.br\\", "\\X0D\\"]))
+        if op == "delete":
+            text = text[:i] + text[i + 1:]
+        elif op == "insert":
+            text = text[:i] + ch + text[i:]
+        else:
+            text = text[:i] + ch + text[i + 1:]
+    try:
+        m = parse(text)
+        result = _convert(m, golden_settings())
+    except SluiceError:
+        return
+    validate_resources(result.bundle)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="|^~&\\0123456789ABNMSTEDCWX.-<>", max_size=40), min_size=1, max_size=6))
+def test_random_obx_never_raise_anything_else(fields: list[str]) -> None:
+    with contextlib.suppress(SluiceError):
+        _convert(msg(MSH, PID, OBR, "OBX|" + "|".join(fields)), golden_settings())
+
+
+def test_convert_report_wraps_everything() -> None:
+    r = convert_report(load("oru_r01_multi"), golden_settings())
+    assert r.resource_types[:1] == ("Patient",)

@@ -1,0 +1,230 @@
+"""SIU → Appointment: golden files per trigger, lifecycle on one Appointment, statuses, times (synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from engine.errors import ConversionError, MessageRejected, SluiceError
+from engine.hl7 import parse
+from tests.transforms.conftest import EXPECTED, golden_settings, load, msg, resources, validate_resources
+from transforms.convert import _convert
+from transforms.siu import APPOINTMENT_STATUS_RANK, FILLER_STATUS
+
+KEY = "Appointment?identifier=urn:oid:2.16.840.1.113883.19.999.4|APT-FL-77"
+MSH = "MSH|^~\\&|SYNSCHED|SYNTH HOSP|SLUICE|SLUICE|20250301100000||SIU^{}|C1|P|2.5.1"
+PID = "PID|1||MRN900001^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO^MR||TESTPERSON^ALEXANDRA||19800229|F"
+SCH = "|".join(
+    ["SCH", "PL1^SYNEHR", "FL1^SYNSCHED^2.16.840.1.113883.19.999.4^ISO", "", "", "", "", "", "", "30", "min",
+     "^^30^20250315090000^20250315093000"] + [""] * 13 + ["{}"]
+)
+VALID = {"proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow", "entered-in-error",
+         "checked-in", "waitlist"}
+
+
+def conv(trigger: str, *segments: str, status: str = "Booked", **kw: Any) -> Any:
+    return _convert(msg(MSH.format(trigger), SCH.format(status), *segments), golden_settings(**kw))
+
+
+def appointment(bundle: dict[str, Any]) -> dict[str, Any]:
+    (a,) = resources(bundle, "Appointment")
+    return a
+
+
+def entry_of(bundle: dict[str, Any], resource: dict[str, Any]) -> dict[str, Any]:
+    return next(e for e in bundle["entry"] if e["resource"] is resource)
+
+
+GOLDEN = ["siu_s12", "siu_s13", "siu_s14", "siu_s15", "siu_s16", "siu_s17", "siu_s26", "siu_s12_dst"]
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden(name: str) -> None:
+    result = _convert(load(name), golden_settings())
+    validate_resources(result.bundle)
+    got = {"bundle": result.bundle, "guards": [list(g) for g in result.guards], "events": dict(result.events),
+           "requires": list(result.requires)}
+    path = EXPECTED / f"{name}.json"
+    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
+        path.write_text(json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
+    assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [("siu_s12", "booked"), ("siu_s13", "booked"), ("siu_s14", "booked"), ("siu_s15", "cancelled"),
+     ("siu_s16", "cancelled"), ("siu_s17", "entered-in-error"), ("siu_s26", "noshow")],
+)
+def test_lifecycle_updates_one_appointment(name: str, status: str) -> None:
+    r = _convert(load(name), golden_settings())
+    a = appointment(r.bundle)
+    e = entry_of(r.bundle, a)
+    assert e["request"] == {"method": "PUT", "url": KEY}
+    booked = _convert(load("siu_s12"), golden_settings())
+    assert e["fullUrl"] == entry_of(booked.bundle, appointment(booked.bundle))["fullUrl"]
+    assert a["status"] == status
+    assert dict(r.guards)[KEY] == APPOINTMENT_STATUS_RANK[status]
+
+
+def test_book_fields() -> None:
+    a = appointment(_convert(load("siu_s12"), golden_settings()).bundle)
+    assert a["start"] == "2025-03-15T09:00:00-07:00" and a["end"] == "2025-03-15T09:30:00-07:00"
+    assert a["minutesDuration"] == 30
+    assert a["appointmentType"]["coding"][0]["code"] == "ROUTINE"
+    assert a["serviceType"][0]["coding"][0]["code"] == "11429006"
+    assert a["comment"].startswith("First visit.\nFasting not required.")
+    assert "AIS: Bring previous imaging." in a["comment"]
+    kinds = sorted(p["actor"]["reference"].startswith("urn:uuid:") for p in a["participant"])
+    assert kinds == [True, True, True]
+    assert len(a["participant"]) == 3  # patient, location, practitioner
+    prac = a["participant"][2]
+    assert prac["type"][0]["coding"][0]["code"] == "ATND"
+    assert prac["period"] == {"start": "2025-03-15T09:00:00-07:00", "end": "2025-03-15T09:30:00-07:00"}
+    codes = {i["type"]["coding"][0]["code"]: i["value"] for i in a["identifier"] if "type" in i}
+    assert codes == {"PLAC": "APT-PL-77", "FILL": "APT-FL-77"}
+
+
+def test_reschedule_moves_the_time() -> None:
+    a = appointment(_convert(load("siu_s13"), golden_settings()).bundle)
+    assert a["start"] == "2025-03-16T14:00:00-07:00" and a["end"] == "2025-03-16T14:30:00-07:00"
+
+
+def test_cancel_keeps_reason_and_declines_participants() -> None:
+    a = appointment(_convert(load("siu_s15"), golden_settings()).bundle)
+    assert a["cancelationReason"]["coding"][0]["code"] == "PATREQ"
+
+
+def test_late_booking_after_cancel_ranks_lower() -> None:
+    cancel = _convert(load("siu_s15"), golden_settings())
+    book = _convert(load("siu_s12"), golden_settings())
+    assert dict(book.guards)[KEY] < dict(cancel.guards)[KEY]
+    assert APPOINTMENT_STATUS_RANK["entered-in-error"] > APPOINTMENT_STATUS_RANK["cancelled"]
+
+
+def test_status_maps_are_valid_fhir() -> None:
+    assert set(FILLER_STATUS.values()) <= VALID
+    for code, want in [("Booked", "booked"), ("Cancelled", "cancelled"), ("Deleted", "entered-in-error"),
+                       ("Noshow", "noshow"), ("Complete", "fulfilled"), ("Started", "checked-in"),
+                       ("Pending", "pending"), ("Waitlist", "waitlist")]:
+        assert appointment(conv("S14", PID, status=code).bundle)["status"] == want
+
+
+def test_trigger_overrides_sch25() -> None:
+    assert appointment(conv("S15", PID, status="Booked").bundle)["status"] == "cancelled"
+    assert appointment(conv("S17", PID, status="Booked").bundle)["status"] == "entered-in-error"
+    assert appointment(conv("S26", PID, status="Booked").bundle)["status"] == "noshow"
+
+
+def test_cancel_before_book_creates_cancelled_by_default() -> None:
+    r = conv("S15", PID)
+    assert appointment(r.bundle)["status"] == "cancelled"
+    assert not r.requires
+
+
+def test_cancel_before_book_error_mode_requires_the_booking() -> None:
+    r = conv("S15", PID, cancel_before_book="error")
+    key = entry_of(r.bundle, appointment(r.bundle))["request"]["url"]
+    assert r.requires == (key,)
+    assert key not in dict(r.guards)  # a guard here would satisfy the requirement by itself
+    # a booking is unaffected
+    b = conv("S12", PID, cancel_before_book="error")
+    assert not b.requires
+
+
+def test_dst_end_computed_in_site_zone() -> None:
+    a = appointment(_convert(load("siu_s12_dst"), golden_settings()).bundle)
+    # 01:30 PST + 60 min = 03:30 PDT (the 02:00-03:00 hour does not exist that day)
+    assert a["start"] == "2025-03-09T01:30:00-08:00"
+    assert a["end"] == "2025-03-09T03:30:00-07:00"
+
+
+def test_explicit_offset_kept() -> None:
+    seg = "SCH|PL1|FL1^SYNSCHED^2.16.840.1.113883.19.999.4^ISO|||||||||^^^202503150900+0530^202503150930+0530"
+    r = _convert(msg(MSH.format("S12"), seg + "||||||||||||||Booked", PID), golden_settings())
+    a = appointment(r.bundle)
+    assert a["start"] == "2025-03-15T09:00:00+05:30" and a["end"] == "2025-03-15T09:30:00+05:30"
+
+
+def test_invalid_date_is_ae_102_with_location() -> None:
+    seg = "SCH|PL1|FL1^SYNSCHED^2.16.840.1.113883.19.999.4^ISO|||||||||^^^20250231090000^20250315093000"
+    with pytest.raises(ConversionError) as ei:
+        _convert(msg(MSH.format("S12"), seg, PID), golden_settings())
+    assert ei.value.hl7_error == "102"
+    assert str(ei.value.location) == "SCH-11.4"
+
+
+def test_placer_used_when_no_filler() -> None:
+    seg = "SCH|PL1^^2.16.840.1.113883.19.999.5^ISO||||||||||^^^20250315090000^20250315093000"
+    r = _convert(msg(MSH.format("S12"), seg, PID), golden_settings())
+    key = entry_of(r.bundle, appointment(r.bundle))["request"]["url"]
+    assert key == "Appointment?identifier=urn:oid:2.16.840.1.113883.19.999.5|PL1"
+
+
+def test_no_id_is_ae_101() -> None:
+    with pytest.raises(ConversionError) as ei:
+        _convert(msg(MSH.format("S12"), "SCH|||||||||||^^^20250315090000^20250315093000", PID), golden_settings())
+    assert ei.value.hl7_error == "101"
+
+
+def test_unsupported_trigger_is_ar_201() -> None:
+    with pytest.raises(MessageRejected) as ei:
+        conv("S18", PID)
+    assert ei.value.hl7_error == "201"
+
+
+def test_start_without_end_is_requested_period() -> None:
+    seg = "SCH|PL1|FL1^SYNSCHED^2.16.840.1.113883.19.999.4^ISO|||||||||^^^20250315090000"
+    r = _convert(msg(MSH.format("S12"), seg, PID), golden_settings())
+    a = appointment(r.bundle)
+    assert "start" not in a and a["requestedPeriod"] == [{"start": "2025-03-15T09:00:00-07:00"}]
+    validate_resources(r.bundle)
+
+
+def test_duration_gives_end() -> None:
+    seg = "SCH|PL1|FL1^SYNSCHED^2.16.840.1.113883.19.999.4^ISO|||||||45|MIN|^^^20250315090000"
+    a = appointment(_convert(msg(MSH.format("S12"), seg, PID), golden_settings()).bundle)
+    assert a["end"] == "2025-03-15T09:45:00-07:00" and a["minutesDuration"] == 45
+
+
+_BASE = load("siu_s12").text
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_messages_never_raise_anything_else(data: st.DataObject) -> None:
+    text = _BASE
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, len(text) - 1))
+        ch = data.draw(st.sampled_from([*list("|^~\\&\r0123456789ABSZ .-+:"), "\\.br\\"]))
+        op = data.draw(st.sampled_from(["delete", "insert", "replace"]))
+        if op == "delete":
+            text = text[:i] + text[i + 1:]
+        elif op == "insert":
+            text = text[:i] + ch + text[i:]
+        else:
+            text = text[:i] + ch + text[i + 1:]
+    try:
+        result = _convert(parse(text), golden_settings())
+    except SluiceError:
+        return
+    validate_resources(result.bundle)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="|^~&\\0123456789ABCmin+-", max_size=30), min_size=1, max_size=12))
+def test_random_ais_aip_never_raise_anything_else(fields: list[str]) -> None:
+    for name in ("AIS", "AIP", "AIL", "SCH"):
+        try:
+            segs = [SCH.format("Booked"), PID, name + "|" + "|".join(fields)]
+            if name == "SCH":
+                segs = [name + "|" + "|".join(fields), PID]
+            _convert(msg(MSH.format("S12"), *segs), golden_settings())
+        except SluiceError:
+            pass

@@ -1,0 +1,222 @@
+"""The conversion context and the idempotent FHIR transaction Bundle it builds.
+
+Identity rule (one rule, applied to every resource; see docs/mapping.md):
+
+* Every entry is a **conditional update** ``PUT <Type>?identifier=<system>|<value>``.
+  Resources with a business identifier (Patient: PID-3, Encounter: PV1-19, ...) use it.
+  Resources without one (Condition from DG1, AllergyIntolerance from AL1, Location, ...)
+  get a Sluice key identifier ``{system: urn:sluice:key, value: <uuid5 of the business key>}``
+  so the same message content always addresses the same resource.
+* ``fullUrl`` is ``urn:uuid:<uuid5(conditional url)>``: deterministic, and every intra-bundle
+  reference uses it, so the server resolves references to whatever resource the conditional
+  update matched or created.  Replaying or resending a message never creates a second resource.
+* The *resource key* (what ``guards`` and ``requires`` name) is the conditional URL itself,
+  e.g. ``Patient?identifier=urn:oid:1.2.3|12345``: the engine can check it with a search.
+
+Hot path: plain dicts only, no models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from engine.hl7 import Message
+from transforms.settings import ConvertSettings
+
+SLUICE_KEY_SYSTEM = "urn:sluice:key"
+"""System of the derived business-key identifier for resources without a natural identifier."""
+
+NAMESPACE = uuid.UUID("5e1c0b7a-3f4d-5b6e-8a9c-0d1e2f3a4b5c")
+"""uuid5 namespace for every deterministic id Sluice makes (fixed forever: changing it breaks idempotence)."""
+
+# Status ranks for guards: a lower rank never overwrites a higher one.
+OBSERVATION_STATUS_RANK = {
+    "registered": 1,
+    "preliminary": 2,
+    "final": 3,
+    "amended": 4,
+    "corrected": 4,
+    "cancelled": 5,
+    "entered-in-error": 6,
+}
+
+
+_NS_BYTES = NAMESPACE.bytes
+
+
+def det_uuid(text: str) -> str:
+    """Deterministic UUID (v5) of ``text`` in the Sluice namespace (== ``str(uuid.uuid5(NAMESPACE, text))``)."""
+    h = bytearray(hashlib.sha1(_NS_BYTES + text.encode("utf-8")).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50
+    h[8] = (h[8] & 0x3F) | 0x80
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+def escape_search(value: str) -> str:
+    """Escape a token search value: FHIR reserves ``\\ , $ |`` inside parameter values."""
+    if any(c in value for c in "\\,$|"):
+        value = value.replace("\\", "\\\\").replace(",", "\\,").replace("$", "\\$").replace("|", "\\|")
+    return value
+
+
+def conditional_url(resource_type: str, system: str, value: str) -> str:
+    """``Type?identifier=system|value`` with FHIR search escaping (URL-encoding is the sender's job)."""
+    return f"{resource_type}?identifier={escape_search(system)}|{escape_search(value)}"
+
+
+def _put_type_first(resource: dict[str, Any], resource_type: str) -> None:
+    """Set ``resourceType`` as the first key, keeping the dict's identity (callers may keep mutating it)."""
+    items = [(k, v) for k, v in resource.items() if k != "resourceType"]
+    resource.clear()
+    resource["resourceType"] = resource_type
+    resource.update(items)
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The result of converting one message."""
+
+    bundle: dict[str, Any]
+    # counted, PHI-free events, e.g. {"unmapped_code": 2}
+    events: Mapping[str, int]
+    # (resource key, status rank): the engine must not let a lower rank overwrite a higher one
+    guards: tuple[tuple[str, int], ...]
+    # resource keys that must already exist on the target (e.g. the prior patient of an A40)
+    requires: tuple[str, ...]
+
+    @property
+    def resource_types(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for e in self.bundle.get("entry", ()):
+            seen.setdefault(e["resource"]["resourceType"], None)
+        return tuple(seen)
+
+
+class ConvertContext:
+    """State of one conversion: settings, message, counted events, guards, requires and entries.
+
+    Message modules (adt/oru/siu) call :meth:`add` for each resource and use the returned
+    reference string (``urn:uuid:...``) inside other resources.
+    """
+
+    __slots__ = ("_by_url", "entries", "events", "guards", "message", "patient_ref", "requires", "settings")
+
+    def __init__(self, message: Message, settings: ConvertSettings):
+        self.message = message
+        self.settings = settings
+        self.events: Counter[str] = Counter()
+        self.guards: dict[str, int] = {}
+        self.requires: list[str] = []
+        self.entries: list[dict[str, Any]] = []
+        self._by_url: dict[str, dict[str, Any]] = {}
+        self.patient_ref: str | None = None
+
+    # ------------------------------------------------------------------
+    def count(self, event: str, n: int = 1) -> None:
+        """Count a PHI-free event (name only, never values)."""
+        self.events[event] += n
+
+    def guard(self, key: str, rank: int) -> None:
+        """Tell the engine: resource ``key`` is written with status rank ``rank``."""
+        if rank > self.guards.get(key, -1):
+            self.guards[key] = rank
+
+    def require(self, key: str) -> None:
+        """Tell the engine: resource ``key`` must already exist on the target."""
+        if key not in self.requires:
+            self.requires.append(key)
+
+    # ------------------------------------------------------------------
+    def add(
+        self,
+        resource_type: str,
+        resource: dict[str, Any],
+        *,
+        identifier: tuple[str, str] | None = None,
+        key: str | None = None,
+    ) -> str:
+        """Add ``resource`` as a conditional update and return its ``urn:uuid`` reference.
+
+        Give either ``identifier=(system, value)`` (a business identifier; it is put into
+        ``resource["identifier"]`` if not already there) or ``key=`` (a business-key string,
+        e.g. ``"<patient url>|DG1|<code>"``; a ``urn:sluice:key`` identifier with its uuid5 is
+        added).  Adding the same resource twice in one message returns the first reference;
+        elements missing in the first are filled from the second (first wins).
+        """
+        if identifier is not None:
+            system, value = identifier
+        elif key is not None:
+            system, value = SLUICE_KEY_SYSTEM, det_uuid(f"{resource_type}|{key}")
+        else:
+            raise ValueError("add() needs identifier= or key=")
+        ids = resource.get("identifier")
+        if ids is None:
+            resource["identifier"] = [{"system": system, "value": value}]
+        elif not any(i.get("system") == system and i.get("value") == value for i in ids):
+            ids.append({"system": system, "value": value})
+        url = conditional_url(resource_type, system, value)
+        existing = self._by_url.get(url)
+        full_url = "urn:uuid:" + det_uuid(url)
+        if existing is not None:
+            old = existing["resource"]
+            for k, v in resource.items():
+                if k not in old:
+                    old[k] = v
+            return full_url
+        _put_type_first(resource, resource_type)
+        entry = {"fullUrl": full_url, "resource": resource, "request": {"method": "PUT", "url": url}}
+        self._by_url[url] = entry
+        self.entries.append(entry)
+        return full_url
+
+    def add_create(self, resource_type: str, resource: dict[str, Any], *, if_none_exist: str, key: str) -> str:
+        """Add a conditional *create* (``POST`` + ``ifNoneExist``) for resources without identifiers
+        (Provenance).  ``key`` makes the fullUrl deterministic."""
+        _put_type_first(resource, resource_type)
+        full_url = "urn:uuid:" + det_uuid(f"{resource_type}|{key}")
+        self.entries.append(
+            {
+                "fullUrl": full_url,
+                "resource": resource,
+                "request": {"method": "POST", "url": resource_type, "ifNoneExist": if_none_exist},
+            }
+        )
+        return full_url
+
+    def find(self, full_url: str) -> dict[str, Any] | None:
+        """The resource dict of an entry already added, by its fullUrl."""
+        for e in self.entries:
+            if e["fullUrl"] == full_url:
+                res: dict[str, Any] = e["resource"]
+                return res
+        return None
+
+    @staticmethod
+    def url_of_entry(entry: Mapping[str, Any]) -> str:
+        return str(entry["request"]["url"])
+
+    def key_of(self, full_url: str) -> str | None:
+        """The resource key (conditional URL) of an added entry."""
+        for e in self.entries:
+            if e["fullUrl"] == full_url:
+                return str(e["request"]["url"])
+        return None
+
+    # ------------------------------------------------------------------
+    def bundle(self) -> dict[str, Any]:
+        """The transaction Bundle (a plain dict ready for orjson)."""
+        return {"resourceType": "Bundle", "type": "transaction", "entry": self.entries}
+
+    def result(self) -> Conversion:
+        return Conversion(
+            bundle=self.bundle(),
+            events=dict(self.events),
+            guards=tuple(sorted(self.guards.items())),
+            requires=tuple(self.requires),
+        )

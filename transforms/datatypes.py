@@ -1,0 +1,799 @@
+"""HL7 v2 datatypes → FHIR R4 datatypes, as plain dicts (pure functions; no models on the hot path).
+
+Conventions shared by every message module (adt, oru, siu):
+
+* Inputs are :class:`engine.hl7.Rep` (one field repetition) or plain strings; empty input gives
+  ``None`` (or ``[]`` for lists) so callers can write ``if (x := xpn(rep)): ...``.
+* Functions that need settings, counted events or to add resources take the
+  :class:`transforms.bundle.ConvertContext` ``ctx``.
+* Content problems raise :class:`engine.errors.ConversionError` with a table-0357 code and a
+  :class:`engine.errors.Location` ``loc`` the caller passes in (``seg.loc(field, component)``).
+  Error texts never contain message values (no PHI).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+from engine.errors import ConversionError, Location
+from engine.hl7 import Rep, Segment
+from transforms.bundle import SLUICE_KEY_SYSTEM, ConvertContext
+from transforms.settings import DERIVED_SYSTEM_PREFIX, ConvertSettings
+
+JSON = dict[str, Any]
+
+# ---------------------------------------------------------------------------
+# Code systems
+# ---------------------------------------------------------------------------
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+UCUM = "http://unitsofmeasure.org"
+NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
+NPI_OID = "2.16.840.1.113883.4.6"
+LOCAL_CODE_SYSTEM_PREFIX = "urn:sluice:codesystem:"
+V2_TABLE = "http://terminology.hl7.org/CodeSystem/v2-"
+
+CODE_SYSTEMS: dict[str, str] = {
+    "LN": LOINC,
+    "LOINC": LOINC,
+    "SCT": SNOMED,
+    "SNOMED": SNOMED,
+    "SNOMEDCT": SNOMED,
+    "SNOMED-CT": SNOMED,
+    "SNM": SNOMED,
+    "I10": "http://hl7.org/fhir/sid/icd-10-cm",
+    "I10C": "http://hl7.org/fhir/sid/icd-10-cm",
+    "ICD10CM": "http://hl7.org/fhir/sid/icd-10-cm",
+    "ICD-10-CM": "http://hl7.org/fhir/sid/icd-10-cm",
+    "ICD10": "http://hl7.org/fhir/sid/icd-10",
+    "I10P": "http://www.cms.gov/Medicare/Coding/ICD10",
+    "I9CM": "http://hl7.org/fhir/sid/icd-9-cm",
+    "I9C": "http://hl7.org/fhir/sid/icd-9-cm",
+    "I9": "http://hl7.org/fhir/sid/icd-9-cm",
+    "ICD9CM": "http://hl7.org/fhir/sid/icd-9-cm",
+    "RXNORM": "http://www.nlm.nih.gov/research/umls/rxnorm",
+    "RXN": "http://www.nlm.nih.gov/research/umls/rxnorm",
+    "CPT": "http://www.ama-assn.org/go/cpt",
+    "C4": "http://www.ama-assn.org/go/cpt",
+    "CPT4": "http://www.ama-assn.org/go/cpt",
+    "CVX": "http://hl7.org/fhir/sid/cvx",
+    "NDC": "http://hl7.org/fhir/sid/ndc",
+    "UCUM": UCUM,
+    "UOM": UCUM,
+    "CDCREC": "urn:oid:2.16.840.1.113883.6.238",
+    "ISO3166_1": "urn:iso:std:iso:3166",
+    "ISO3166": "urn:iso:std:iso:3166",
+    "ISO639": "urn:ietf:bcp:47",
+    "NUCC": "http://nucc.org/provider-taxonomy",
+    "HCPCS": "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
+}
+_HL7_TABLE = re.compile(r"^HL7[-_]?(\d{4})$", re.IGNORECASE)
+_URI_SAFE = "-._~:"
+
+
+def code_system(name: str) -> str | None:
+    """HL7 v2 coding-system name (CWE-3) → FHIR system URI.  Unknown names → a local system."""
+    name = name.strip()
+    if not name:
+        return None
+    known = CODE_SYSTEMS.get(name.upper())
+    if known:
+        return known
+    m = _HL7_TABLE.match(name)
+    if m:
+        return V2_TABLE + m.group(1)
+    if name.startswith(("http://", "https://", "urn:")):
+        return name
+    return LOCAL_CODE_SYSTEM_PREFIX + quote(name, safe=_URI_SAFE)
+
+
+# ---------------------------------------------------------------------------
+# Vocabulary (IG concept maps)
+# ---------------------------------------------------------------------------
+ADMINISTRATIVE_SEX = {"F": "female", "M": "male", "O": "other", "U": "unknown", "A": "other", "N": "other"}
+NAME_USE = {
+    "BAD": "old", "D": "usual", "L": "official", "M": "maiden", "MSK": "anonymous", "N": "nickname",
+    "NAV": "temp", "R": "official", "TEMP": "temp", "NOUSE": "old",
+}
+ADDRESS_USE = {"BA": "old", "BI": "billing", "C": "temp", "B": "work", "O": "work", "H": "home"}
+ADDRESS_TYPE = {"M": "postal", "SH": "postal"}
+TELECOM_USE = {"PRN": "home", "WPN": "work", "PRS": "mobile", "VHN": "temp", "ORN": "home", "EMR": "home"}
+TELECOM_SYSTEM = {
+    "PH": "phone", "FX": "fax", "MD": "other", "CP": "phone", "SAT": "other", "BP": "pager",
+    "INTERNET": "email", "X.400": "email", "TDD": "other", "TTY": "other",
+}
+
+
+def table(
+    ctx: ConvertContext, mapping: Mapping[str, str], code: str, loc: Location, table_name: str
+) -> str | None:
+    """Look ``code`` up in an IG concept map.  Unknown → counted ``code_table_miss`` (or AE 103)."""
+    code = code.strip()
+    if not code:
+        return None
+    hit = mapping.get(code) or mapping.get(code.upper())
+    if hit is not None:
+        return hit
+    ctx.count("code_table_miss")
+    if ctx.settings.code_table_errors == "reject":
+        raise ConversionError(f"value not in HL7 table {table_name}", code="103", location=loc)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Dates and times
+# ---------------------------------------------------------------------------
+_DTM = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?$")
+
+
+def _bad_date(loc: Location | None, why: str) -> ConversionError:
+    return ConversionError(f"{_where(loc)} is not a valid HL7 date/time ({why})", code="102", location=loc)
+
+
+def _where(loc: Location | None) -> str:
+    return str(loc) if loc is not None else "value"
+
+
+def _fmt_offset(off: timedelta) -> str:
+    total = int(off.total_seconds() // 60)
+    sign = "+" if total >= 0 else "-"
+    total = abs(total)
+    return f"{sign}{total // 60:02d}:{total % 60:02d}"
+
+
+def dtm(value: str, settings: ConvertSettings, loc: Location | None = None, kind: str = "dateTime") -> str | None:
+    """HL7 DTM/TS/DT (any precision) → FHIR ``date`` / ``dateTime`` / ``instant`` string.
+
+    Precision is kept (``2025`` → ``2025``, ``202503`` → ``2025-03``); a time part is padded to
+    seconds (FHIR requires them).  An explicit offset is kept; without one the time is in the
+    channel's site zone (``settings.site_tz``, DST-correct), never the host's.  ``kind="date"``
+    cuts to the date; ``kind="instant"`` pads to full seconds.  Invalid values raise AE 102.
+    """
+    value = value.strip()
+    if not value:
+        return None
+    m = _DTM.match(value)
+    if m is None:
+        if settings.date_format:
+            return _custom(value, settings, loc, kind)
+        raise _bad_date(loc, "expected YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]")
+    y, mo, d, hh, mi, ss, frac, off = m.groups()
+    year = int(y)
+    if year < 1:
+        raise _bad_date(loc, "year out of range")
+    try:
+        datetime(year, int(mo or 1), int(d or 1))
+    except ValueError:
+        raise _bad_date(loc, "no such date") from None
+    if off and (int(off[3:5]) > 59 or int(off[1:3]) > 14 or (off[1:3] == "14" and off[3:5] != "00")):
+        raise _bad_date(loc, "time zone offset out of range")
+    if kind == "date" or hh is None:
+        out = y
+        if mo:
+            out += "-" + mo
+            if d:
+                out += "-" + d
+        if kind != "instant":
+            return out
+        if mo is None or d is None:
+            raise _bad_date(loc, "an instant needs at least a full date")
+    h, mn, s = int(hh or 0), int(mi or 0), int(ss or 0)
+    if h > 23 or mn > 59 or s > 59:
+        raise _bad_date(loc, "time out of range")
+    if off:
+        oh, om = int(off[1:3]), int(off[3:5])
+        if om > 59 or oh > 14 or (oh == 14 and om):
+            raise _bad_date(loc, "time zone offset out of range")
+        sign = 1 if off[0] == "+" else -1
+        offset = timedelta(hours=oh, minutes=om) * sign
+    else:
+        local = datetime(year, int(mo or 1), int(d or 1), h, mn, s, tzinfo=settings.zone)
+        o = local.utcoffset()
+        offset = o if o is not None else timedelta(0)
+    text = f"{y}-{mo or '01'}-{d or '01'}T{h:02d}:{mn:02d}:{s:02d}"
+    if frac:
+        text += "." + frac
+    return text + _fmt_offset(offset)
+
+
+def _custom(value: str, settings: ConvertSettings, loc: Location | None, kind: str) -> str | None:
+    fmt = settings.date_format or ""
+    has_time = any(t in fmt for t in ("%H", "%I", "%M", "%S"))
+    parsed: datetime | None = None
+    date_only = False
+    try:
+        parsed = datetime.strptime(value, fmt)
+    except ValueError:
+        date_fmt = fmt.split(" ")[0] if has_time else fmt
+        try:
+            parsed = datetime.strptime(value, date_fmt)
+            date_only = True
+        except ValueError:
+            raise _bad_date(loc, "matches neither HL7 DTM nor the channel's date_format") from None
+    if not has_time:
+        date_only = True
+    if kind == "date" or (date_only and kind != "instant"):
+        return parsed.strftime("%Y-%m-%d")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=settings.zone)
+    o = parsed.utcoffset() or timedelta(0)
+    return parsed.strftime("%Y-%m-%dT%H:%M:%S") + _fmt_offset(o)
+
+
+def dt(value: str, settings: ConvertSettings, loc: Location | None = None) -> str | None:
+    """HL7 DT (or a DTM cut to its date) → FHIR ``date``."""
+    return dtm(value, settings, loc, kind="date")
+
+
+def period(
+    start: str, end: str, settings: ConvertSettings, loc_start: Location | None = None,
+    loc_end: Location | None = None,
+) -> JSON | None:
+    """Two DTM strings → Period (or None if both empty)."""
+    p: JSON = {}
+    if s := dtm(start, settings, loc_start):
+        p["start"] = s
+    if e := dtm(end, settings, loc_end):
+        p["end"] = e
+    return p or None
+
+
+def dr(rep: Rep, comp: int, settings: ConvertSettings, loc: Location | None = None) -> JSON | None:
+    """DR (date range) held in component ``comp`` of ``rep`` (subcomponents 1 and 2) → Period."""
+    return period(rep.c(comp, 1), rep.c(comp, 2), settings, loc, loc)
+
+
+def utc_now_instant() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+
+
+# ---------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------
+_TAG = re.compile(r"<[^>]{0,2000}>")
+TRUNCATION_MARKER = " [truncated]"
+
+
+def clean_text(ctx: ConvertContext, value: str) -> str:
+    """TX/FT/ST text cleanup per channel: strip HTML tags (keeps line breaks), truncate with a marker."""
+    s = ctx.settings
+    if s.strip_html and "<" in value:
+        stripped = _TAG.sub("", re.sub(r"(?i)<br\s*/?>", "\n", value))
+        if stripped != value:
+            ctx.count("html_stripped")
+            value = html.unescape(stripped)
+    n = s.note_max_length
+    if n is not None and len(value) > n:
+        ctx.count("text_truncated")
+        value = value[: max(0, n - len(TRUNCATION_MARKER))] + TRUNCATION_MARKER
+    return value
+
+
+def string(value: str) -> str | None:
+    """ST → string, stripped; None when empty."""
+    v = value.strip()
+    return v or None
+
+
+# ---------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------
+_NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def nm(value: str, loc: Location | None = None) -> int | float | None:
+    """NM → JSON number (int when there is no decimal point).  Not a number → AE 102."""
+    v = value.strip()
+    if not v:
+        return None
+    if not _NUM.match(v):
+        raise ConversionError(f"{_where(loc)} is not a number", code="102", location=loc)
+    if "." in v:
+        return float(v)
+    return int(v)
+
+
+def unit(rep: Rep | None) -> JSON:
+    """CWE units (OBX-6) → the ``unit``/``system``/``code`` part of a Quantity."""
+    if rep is None or not rep:
+        return {}
+    code, text, sysname = rep.c(1).strip(), rep.c(2).strip(), rep.c(3).strip()
+    q: JSON = {}
+    if text or code:
+        q["unit"] = text or code
+    if code:
+        system = code_system(sysname) if sysname else UCUM if sysname == "" and _looks_ucum(code) else None
+        if system:
+            q["system"] = system
+            q["code"] = code
+    return q
+
+
+def _looks_ucum(code: str) -> bool:
+    return bool(re.match(r"^[A-Za-z0-9%/.\[\]{}()*^'_-]+$", code))
+
+
+def quantity(value: str, units: Rep | None, loc: Location | None = None) -> JSON | None:
+    """NM + units → Quantity."""
+    n = nm(value, loc)
+    if n is None:
+        return None
+    q: JSON = {"value": n}
+    q.update(unit(units))
+    return q
+
+
+_COMPARATORS = {"<": "<", ">": ">", "<=": "<=", ">=": ">="}
+
+
+def sn(rep: Rep, units: Rep | None = None, loc: Location | None = None) -> tuple[str, Any] | None:
+    """SN (structured numeric) → ``(value[x] name, value)``: valueQuantity, valueRange, valueRatio or valueString.
+
+    ``<^5`` → Quantity with comparator; ``^1^-^5`` → Range; ``^1^:^128`` / ``^1^/^2`` → Ratio;
+    ``^5^+`` (or anything unusual) → valueString of the original text.
+    """
+    if not rep:
+        return None
+    comp, n1, sep, n2 = rep.c(1).strip(), rep.c(2).strip(), rep.c(3).strip(), rep.c(4).strip()
+    u = unit(units)
+    try:
+        if not sep and not n2 and n1:
+            q: JSON = {"value": nm(n1, loc)}
+            if comp in ("=", ""):
+                pass
+            elif comp in _COMPARATORS:
+                q["comparator"] = _COMPARATORS[comp]
+            else:
+                return ("valueString", _sn_text(rep))
+            q.update(u)
+            return ("valueQuantity", q)
+        if sep == "-" and n1 and n2 and not comp:
+            return ("valueRange", {"low": {"value": nm(n1, loc), **u}, "high": {"value": nm(n2, loc), **u}})
+        if sep in (":", "/") and n1 and n2 and not comp:
+            return ("valueRatio", {"numerator": {"value": nm(n1, loc)}, "denominator": {"value": nm(n2, loc)}})
+    except ConversionError:
+        raise
+    return ("valueString", _sn_text(rep)) if _sn_text(rep) else None
+
+
+def _sn_text(rep: Rep) -> str:
+    return "".join(rep.c(i) for i in range(1, 5)).strip()
+
+
+# ---------------------------------------------------------------------------
+# Names, addresses, telecom
+# ---------------------------------------------------------------------------
+def _given(*parts: str) -> list[str]:
+    out: list[str] = []
+    for p in parts:
+        p = p.strip()
+        if p:
+            out.append(p)
+    return out
+
+
+def xpn(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
+    """XPN → HumanName.  A single component holding ``"Last, First [Middle]"`` is split."""
+    if not rep:
+        return None
+    family = rep.c(1, 1).strip()
+    given = _given(rep.c(2), rep.c(3))
+    if family and not given and "," in family:
+        last, _, rest = family.partition(",")
+        family = last.strip()
+        given = rest.split()
+    name: JSON = {}
+    use = NAME_USE.get(rep.c(7).strip().upper())
+    if use:
+        name["use"] = use
+    if family:
+        name["family"] = family
+    if given:
+        name["given"] = given
+    if prefix := rep.c(5).strip():
+        name["prefix"] = [prefix]
+    suffix = _given(rep.c(4), rep.c(6), rep.c(14))
+    if suffix:
+        name["suffix"] = suffix
+    if settings is not None:
+        try:
+            p = dr(rep, 10, settings) or period(rep.c(12), rep.c(13), settings)
+        except ConversionError:
+            p = None  # a bad name-validity date is not worth rejecting a message for
+        if p:
+            name["period"] = p
+    if not (family or given):
+        return None
+    return name
+
+
+def xpns(seg: Segment, field: int, settings: ConvertSettings | None = None) -> list[JSON]:
+    return [n for r in seg.reps(field) if (n := xpn(r, settings)) is not None]
+
+
+def xad(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
+    """XAD → Address."""
+    if not rep:
+        return None
+    a: JSON = {}
+    street = rep.c(1, 1).strip()
+    if not street:
+        street = " ".join(p for p in (rep.c(1, 2).strip(), rep.c(1, 3).strip()) if p)
+    lines = _given(street, rep.c(2))
+    kind = rep.c(7).strip().upper()
+    if use := ADDRESS_USE.get(kind):
+        a["use"] = use
+    if atype := ADDRESS_TYPE.get(kind):
+        a["type"] = atype
+    if lines:
+        a["line"] = lines
+    for comp, key in ((3, "city"), (9, "district"), (4, "state"), (5, "postalCode"), (6, "country")):
+        if v := rep.c(comp).strip():
+            a[key] = v
+    if settings is not None:
+        try:
+            p = dr(rep, 12, settings) or period(rep.c(13), rep.c(14), settings)
+        except ConversionError:
+            p = None
+        if p:
+            a["period"] = p
+    if not any(k in a for k in ("line", "city", "district", "state", "postalCode", "country")):
+        return None
+    return a
+
+
+def xads(seg: Segment, field: int, settings: ConvertSettings | None = None) -> list[JSON]:
+    return [a for r in seg.reps(field) if (a := xad(r, settings)) is not None]
+
+
+def xtn(rep: Rep, default_use: str | None = None) -> JSON | None:
+    """XTN → ContactPoint (phone, fax, pager, email)."""
+    if not rep:
+        return None
+    equip = rep.c(3).strip()
+    email = rep.c(4).strip()
+    cp: JSON = {}
+    if equip.upper() in ("INTERNET", "X.400") or (not equip and email and not rep.c(1).strip()):
+        if not email:
+            email = rep.c(1).strip()
+        if not email:
+            return None
+        cp["system"] = "email"
+        cp["value"] = email
+    else:
+        number = rep.c(1).strip() or rep.c(12).strip()
+        if not number:
+            area, local, ext = rep.c(6).strip(), rep.c(7).strip(), rep.c(8).strip()
+            country = rep.c(5).strip()
+            if local:
+                number = (f"+{country.lstrip('+')} " if country else "") + (f"({area}) " if area else "") + local
+                if ext:
+                    number += f" ext. {ext}"
+        if not number:
+            if email:
+                return {"system": "email", "value": email}
+            return None
+        cp["system"] = TELECOM_SYSTEM.get(equip.upper(), "phone")
+        cp["value"] = number
+    use = TELECOM_USE.get(rep.c(2).strip().upper())
+    if equip.upper() == "CP" and use is None:
+        use = "mobile"
+    use = use or default_use
+    if use:
+        cp["use"] = use
+    rank = rep.c(18).strip()
+    if rank.isdigit() and int(rank) > 0:
+        cp["rank"] = int(rank)
+    return cp
+
+
+def xtns(seg: Segment, field: int, default_use: str | None = None) -> list[JSON]:
+    return [t for r in seg.reps(field) if (t := xtn(r, default_use)) is not None]
+
+
+# ---------------------------------------------------------------------------
+# Identifiers
+# ---------------------------------------------------------------------------
+_IDENTIFIER_TYPES = {
+    "MR": "Medical record number", "PI": "Patient internal identifier", "SS": "Social Security number",
+    "DL": "Driver's license number", "PT": "Patient external identifier", "AN": "Account number",
+    "VN": "Visit number", "NPI": "National provider identifier", "PN": "Person number",
+    "EI": "Employee number", "MA": "Patient Medicaid number", "MC": "Patient's Medicare number",
+    "PRN": "Provider number", "FILL": "Filler Identifier", "PLAC": "Placer Identifier",
+    "SB": "Social Beneficiary Identifier", "BC": "Bank Card Number", "PPN": "Passport number",
+    "XX": "Organization identifier", "LN": "License number", "DN": "Doctor number", "ANON": "Anonymous identifier",
+}
+SSN_SYSTEM = "http://hl7.org/fhir/sid/us-ssn"
+
+
+def hd_system(ctx: ConvertContext, namespace: str, universal_id: str, uid_type: str) -> tuple[str | None, str]:
+    """Assigning authority (HD) → ``(system, how)``.
+
+    ``how`` is ``"mapped"`` (settings.identifier_systems), ``"oid"``/``"uuid"``/``"uri"`` (from HD-2/3),
+    ``"derived"`` (``urn:sluice:authority:<namespace>`` when derive_unknown_systems) or ``"none"``.
+    """
+    systems = ctx.settings.identifier_systems
+    namespace, universal_id, uid_type = namespace.strip(), universal_id.strip(), uid_type.strip().upper()
+    if namespace and namespace in systems:
+        return systems[namespace], "mapped"
+    if universal_id and universal_id in systems:
+        return systems[universal_id], "mapped"
+    if universal_id:
+        if uid_type == "ISO" or (not uid_type and re.match(r"^[0-2](\.\d+)+$", universal_id)):
+            if re.match(r"^[0-2](\.(0|[1-9]\d*))+$", universal_id):
+                return "urn:oid:" + universal_id, "oid"
+        elif uid_type in ("UUID", "GUID") and re.match(r"^[0-9a-fA-F-]{36}$", universal_id):
+            return "urn:uuid:" + universal_id.lower(), "uuid"
+        elif uid_type in ("URI", "URL") and ":" in universal_id:
+            return universal_id, "uri"
+    if namespace.upper() == "NPI":
+        return NPI_SYSTEM, "mapped"
+    if namespace.upper() in ("SSA", "USSSA") or namespace.upper() == "SS":
+        return SSN_SYSTEM, "mapped"
+    if ctx.settings.derive_unknown_systems and (namespace or universal_id):
+        return DERIVED_SYSTEM_PREFIX + quote(namespace or universal_id, safe=_URI_SAFE), "derived"
+    return None, "none"
+
+
+def identifier_type(code: str) -> JSON | None:
+    code = code.strip()
+    if not code:
+        return None
+    coding: JSON = {"system": V2_TABLE + "0203", "code": code}
+    if disp := _IDENTIFIER_TYPES.get(code):
+        coding["display"] = disp
+    return {"coding": [coding]}
+
+
+def cx(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
+    """CX → Identifier (system from the assigning authority CX-4 via :func:`hd_system`)."""
+    if not rep:
+        return None
+    value = rep.c(1).strip()
+    if not value:
+        return None
+    ident: JSON = {}
+    if t := identifier_type(rep.c(5)):
+        ident["type"] = t
+    system, how = hd_system(ctx, rep.c(4, 1), rep.c(4, 2), rep.c(4, 3))
+    if system is None and rep.c(5).strip().upper() == "SS":
+        system = SSN_SYSTEM
+    if how == "derived":
+        ctx.count("identifier_system_derived")
+    if system:
+        ident["system"] = system
+    ident["value"] = value
+    try:
+        p = period(rep.c(7), rep.c(8), ctx.settings, loc, loc)
+    except ConversionError:
+        p = None
+    if p:
+        ident["period"] = p
+    return ident
+
+
+def ei(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
+    """EI (entity identifier: id^namespace^universal id^type) → Identifier."""
+    if not rep:
+        return None
+    value = rep.c(1).strip()
+    if not value:
+        return None
+    system, how = hd_system(ctx, rep.c(2), rep.c(3), rep.c(4))
+    ident: JSON = {}
+    if how == "derived":
+        ctx.count("identifier_system_derived")
+    if system:
+        ident["system"] = system
+    ident["value"] = value
+    return ident
+
+
+# ---------------------------------------------------------------------------
+# Coded values
+# ---------------------------------------------------------------------------
+def fhir_code(value: str) -> str:
+    """A FHIR ``code``: no leading/trailing whitespace, single spaces inside."""
+    return " ".join(value.split())
+
+
+def _coding(code: str, display: str, sysname: str) -> JSON | None:
+    code, display = fhir_code(code), display.strip()
+    if not code:
+        return None
+    c: JSON = {}
+    if system := code_system(sysname):
+        c["system"] = system
+    c["code"] = code
+    if display:
+        c["display"] = display
+    return c
+
+
+def cwe(
+    rep: Rep, ctx: ConvertContext, loc: Location | None = None, *, field: str | None = None
+) -> JSON | None:
+    """CWE/CE/CNE → CodeableConcept.
+
+    Codings from the identifier triplet (1-3) and the alternate triplet (4-6); text from CWE-9
+    (original text) or, for a text-only value, CWE-2/CWE-1.  A code map applies when one is
+    configured under the field's name (``field="OBX-3"``) or under the CWE-3 coding-system name:
+    the mapped coding comes first and the local coding is kept.  A code the map lacks is counted
+    as ``unmapped_code`` (or AE 103 when ``unmapped_codes: reject``).
+    """
+    if not rep:
+        return None
+    codings: list[JSON] = []
+    first = _coding(rep.c(1), rep.c(2), rep.c(3))
+    if first:
+        codings.append(first)
+    alt = _coding(rep.c(4), rep.c(5), rep.c(6))
+    if alt and alt != first:
+        codings.append(alt)
+    maps = ctx.settings.code_maps
+    if maps and first:
+        cmap = (maps.get(field) if field else None) or maps.get(rep.c(3).strip())
+        if cmap is not None:
+            hit = cmap.get(first["code"])
+            if hit is not None:
+                mapped: JSON = {"system": hit[0], "code": hit[1]}
+                if hit[2]:
+                    mapped["display"] = hit[2]
+                if not any(c.get("system") == hit[0] and c.get("code") == hit[1] for c in codings):
+                    codings.insert(0, mapped)
+                ctx.count("mapped_code")
+            else:
+                ctx.count("unmapped_code")
+                if ctx.settings.unmapped_codes == "reject":
+                    raise ConversionError(
+                        f"{_where(loc)}: code not in the channel's code map", code="103", location=loc
+                    )
+    cc: JSON = {}
+    if codings:
+        cc["coding"] = codings
+    text = rep.c(9).strip()
+    if not codings:
+        text = text or rep.c(2).strip() or rep.c(1).strip()
+    if text:
+        cc["text"] = text
+    return cc or None
+
+
+def cwes(seg: Segment, n: int, ctx: ConvertContext, *, field: str | None = None) -> list[JSON]:
+    return [c for r in seg.reps(n) if (c := cwe(r, ctx, seg.loc(n), field=field)) is not None]
+
+
+def coded_table(code: str, table_no: str, display: str | None = None) -> JSON:
+    """A v2 table code as a CodeableConcept with the ``terminology.hl7.org`` v2 system."""
+    coding: JSON = {"system": V2_TABLE + table_no, "code": fhir_code(code)}
+    if display:
+        coding["display"] = display
+    return {"coding": [coding]}
+
+
+# ---------------------------------------------------------------------------
+# Practitioners (XCN) and locations (PL)
+# ---------------------------------------------------------------------------
+def _xcn_name(rep: Rep) -> JSON | None:
+    family = rep.c(2, 1).strip()
+    given = _given(rep.c(3), rep.c(4))
+    if family and not given and "," in family:
+        last, _, rest = family.partition(",")
+        family, given = last.strip(), rest.split()
+    n: JSON = {}
+    if family:
+        n["family"] = family
+    if given:
+        n["given"] = given
+    if p := rep.c(6).strip():
+        n["prefix"] = [p]
+    suffix = _given(rep.c(5), rep.c(7), rep.c(21))
+    if suffix:
+        n["suffix"] = suffix
+    return n if ("family" in n or "given" in n) else None
+
+
+def _display(name: JSON | None) -> str | None:
+    if not name:
+        return None
+    return " ".join([*name.get("prefix", []), *name.get("given", []), name.get("family", "")]).strip() or None
+
+
+def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
+    """XCN → a Practitioner entry, returning a Reference dict ``{"reference": "urn:uuid:..."}``.
+
+    Key: the NPI (XCN-13 = NPI, or authority NPI / 2.16.840.1.113883.4.6) → us-npi; else the id with
+    its authority's system; else the id scoped by the sending facility (Sluice key).  An XCN with
+    a name but no id gives ``{"display": name}`` and no Practitioner (no identity to match on).
+    """
+    if not rep:
+        return None
+    pid = rep.c(1).strip()
+    name = _xcn_name(rep)
+    if not pid:
+        disp = _display(name)
+        return {"display": disp} if disp else None
+    ns, uid, utype = rep.c(9, 1), rep.c(9, 2), rep.c(9, 3)
+    id_type = rep.c(13).strip().upper()
+    if id_type == "NPI" or ns.strip().upper() == "NPI" or uid.strip() == NPI_OID:
+        system: str | None = NPI_SYSTEM
+        how = "mapped"
+    else:
+        system, how = hd_system(ctx, ns, uid, utype)
+    ident: JSON = {}
+    if t := identifier_type(rep.c(13)):
+        ident["type"] = t
+    if system:
+        ident["system"] = system
+        if how == "derived":
+            ctx.count("identifier_system_derived")
+    ident["value"] = pid
+    prac: JSON = {"identifier": [ident]}
+    if name:
+        prac["name"] = [name]
+    if system:
+        ref = ctx.add("Practitioner", prac, identifier=(system, pid))
+    else:
+        facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+        ref = ctx.add("Practitioner", prac, key=f"{facility}|{ns.strip()}|{pid}")
+    out: JSON = {"reference": ref}
+    if disp := _display(name):
+        out["display"] = disp
+    return out
+
+
+_PL_LEVELS = ((1, "wa", "Ward"), (2, "ro", "Room"), (3, "bd", "Bed"))
+LOCATION_PHYSICAL_TYPE = "http://terminology.hl7.org/CodeSystem/location-physical-type"
+
+
+def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
+    """PL → Location entries (point of care ⊃ room ⊃ bed, linked by ``partOf``); returns a Reference
+    dict to the most specific one.  Key: facility + the path of levels (Sluice key)."""
+    if not rep:
+        return None
+    facility = rep.c(4, 1).strip() or rep.c(4, 2).strip()
+    building, floor = rep.c(7).strip(), rep.c(8).strip()
+    path = [facility, building, floor]
+    parent: str | None = None
+    ref: str | None = None
+    last_name = ""
+    if facility:
+        site: JSON = {"name": facility, "mode": "instance", "status": "active", "physicalType": _phys("si", "Site")}
+        ref = parent = ctx.add("Location", site, key=facility)
+        last_name = facility
+    for comp, code, disp in _PL_LEVELS:
+        value = rep.c(comp).strip()
+        path.append(value)
+        if not value:
+            continue
+        loc_res: JSON = {"name": value, "mode": "instance", "status": "active", "physicalType": _phys(code, disp)}
+        if comp == 3 and (status := rep.c(5).strip()):
+            loc_res["operationalStatus"] = {
+                "system": V2_TABLE + "0116", "code": status,
+            }
+        if parent:
+            loc_res["partOf"] = {"reference": parent}
+        if desc := rep.c(9).strip():
+            loc_res["description"] = desc
+        ref = ctx.add("Location", loc_res, key="|".join(path))
+        parent = ref
+        last_name = value
+    if ref is None:
+        return None
+    levels = [rep.c(i).strip() for i, _, _ in _PL_LEVELS]
+    display = " ".join(v for v in levels if v) or last_name
+    return {"reference": ref, "display": display}
+
+
+def _phys(code: str, display: str) -> JSON:
+    return {"coding": [{"system": LOCATION_PHYSICAL_TYPE, "code": code, "display": display}]}
+
+
+def derived_key_identifier(key_value: str) -> JSON:
+    """The Sluice key identifier dict (for callers building resources by hand)."""
+    return {"system": SLUICE_KEY_SYSTEM, "value": key_value}

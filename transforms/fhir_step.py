@@ -1,0 +1,64 @@
+"""The ``hl7-to-fhir`` pipeline transform step.
+
+Channel YAML::
+
+    transform:
+      - step: hl7-to-fhir
+        options:
+          site_tz: America/New_York
+          identifier_systems: {HOSP: "urn:oid:2.16.840.1.113883.19.5"}
+          code_maps: {OBX-3: maps/demo-lab-codes.csv}
+
+The factory builds :class:`ConvertSettings` once (a ``ConfigError`` at start-up for bad options);
+each Work's payload becomes the orjson-encoded transaction Bundle.  ``facts`` carry the
+``guards`` ((resource key, status rank) pairs), ``requires`` (resource keys that must exist)
+and the counted ``events``; ``meta["resource_types"]`` lists the resource types written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from engine.pipeline import StageContext, Work
+from engine.registry import transform
+from transforms.convert import convert_report
+from transforms.settings import ConvertSettings
+
+FHIR_JSON = "application/fhir+json"
+
+
+@transform("hl7-to-fhir")
+def make(options: Mapping[str, Any], ctx: StageContext) -> Callable[[Work], Work]:
+    """Step factory: validated settings once, then one conversion per message."""
+    opts = dict(options or {})
+    settings = ConvertSettings.from_options(opts, ctx.base_dir, ctx.config_file)
+
+    def step(work: Work) -> Work:
+        result = convert_report(work.message, settings)
+        facts = dict(work.facts)
+        facts["guards"] = list(result.guards)
+        facts["requires"] = list(result.requires)
+        # Every resource this bundle writes becomes known to the engine (so a later A40 can
+        # check its prior patient); what the message *requires* must already be known.
+        required = set(result.requires)
+        facts["keys"] = [
+            e["request"]["url"]
+            for e in result.bundle.get("entry", ())
+            if e.get("request", {}).get("method") == "PUT" and e["request"]["url"] not in required
+        ]
+        facts["events"] = dict(result.events)
+        meta = dict(work.meta)
+        meta["resource_types"] = ",".join(result.resource_types)
+        return dataclasses.replace(
+            work,
+            payload=orjson.dumps(result.bundle),
+            content_type=FHIR_JSON,
+            facts=facts,
+            meta=meta,
+        )
+
+    return step

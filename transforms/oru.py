@@ -1,0 +1,855 @@
+"""ORU^R01 (observation results) → DiagnosticReport + Observation (+ Patient, Practitioner, Organization).
+
+One DiagnosticReport per OBR group, one Observation per OBX (an ED/base64 OBX becomes a
+``DiagnosticReport.presentedForm`` attachment instead, because R4 ``Observation.value[x]`` has no
+Attachment).  NTEs after an OBR become report notes, NTEs after an OBX become ``Observation.note``.
+
+Identity (see docs/mapping-oru-siu.md):
+
+* DiagnosticReport: OBR-3 filler order number (else OBR-2 placer, else ORC-3 / ORC-2).
+* Observation: filler order number + OBX-3 code + OBX-4 sub-id, so a resend or a correction
+  (OBX-11 ``C`` or OBR-25 ``C``) updates the *same* Observation.
+* Every Observation and DiagnosticReport gets a status guard (resource key, status rank) so the engine
+  sends a late preliminary after a final to manual review instead of applying it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+from engine.errors import ConversionError, Location
+from engine.hl7 import Message, Rep, Segment, escape
+from transforms.bundle import OBSERVATION_STATUS_RANK, ConvertContext
+from transforms.datatypes import (
+    V2_TABLE,
+    clean_text,
+    coded_table,
+    cwe,
+    cx,
+    dtm,
+    ei,
+    hd_system,
+    nm,
+    sn,
+    table,
+    unit,
+    xad,
+    xcn,
+    xpns,
+)
+
+JSON = dict[str, Any]
+
+# ---------------------------------------------------------------------------
+# Vocabulary
+# ---------------------------------------------------------------------------
+# OBX-11 (HL7 table 0085) → Observation.status.  IG ObservationResultStatusCodesInterpretation for
+# A C D F P W X; the rest are Sluice choices (docs/mapping-oru-siu.md).  Only valid FHIR codes.
+OBX_STATUS: dict[str, str] = {
+    "F": "final",
+    "C": "corrected",
+    "A": "amended",
+    "P": "preliminary",
+    "D": "entered-in-error",
+    "W": "entered-in-error",
+    "X": "cancelled",
+    # not mapped by the IG:
+    "B": "amended",  # appended report: final results reviewed and more information added
+    "V": "final",  # verified
+    "U": "final",  # status changed to final without retransmitting the result
+    "R": "preliminary",  # entered, not verified
+    "S": "preliminary",  # partial (deprecated)
+    "I": "registered",  # specimen in lab, results pending
+    "O": "registered",  # order detail only, no result
+    "N": "unknown",  # not asked (dataAbsentReason not-asked)
+}
+
+# OBR-25 (HL7 table 0123) → DiagnosticReport.status.  IG ResultStatus[Non-Queries] for O I S P C R F X;
+# A, M, N are Sluice choices; Y and Z are errors ("IF NOT MAPPED ERROR").
+OBR_STATUS: dict[str, str] = {
+    "O": "registered",
+    "I": "registered",
+    "S": "registered",
+    "P": "preliminary",
+    "C": "corrected",
+    "R": "partial",
+    "F": "final",
+    "X": "cancelled",
+    "A": "partial",
+    "M": "corrected",
+    "N": "registered",
+}
+
+# DiagnosticReport.status → Observation.status (used when OBX-11 is empty)
+_DR_TO_OBS = {
+    "registered": "registered",
+    "partial": "preliminary",
+    "preliminary": "preliminary",
+    "final": "final",
+    "corrected": "corrected",
+    "cancelled": "cancelled",
+}
+
+DIAGNOSTIC_REPORT_STATUS_RANK: dict[str, int] = {
+    "unknown": 0,
+    "registered": 1,
+    "partial": 2,
+    "preliminary": 2,
+    "final": 3,
+    "appended": 4,
+    "amended": 4,
+    "corrected": 4,
+    "cancelled": 5,
+    "entered-in-error": 6,
+}
+
+
+def observation_rank(status: str) -> int:
+    """Guard rank of an Observation.status (``unknown`` ranks lowest)."""
+    return OBSERVATION_STATUS_RANK.get(status, 0)
+
+
+INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+# OBX-8 (table 0078) → v3 ObservationInterpretation (IG InterpretationCodes: identity where mapped)
+INTERPRETATION: dict[str, str] = {
+    "<": "Off scale low", ">": "Off scale high", "A": "Abnormal", "AA": "Critical abnormal", "B": "Better",
+    "CAR": "Carrier", "D": "Significant change down", "DET": "Detected", "E": "Equivocal",
+    "EX": "outside threshold", "EXP": "Expected", "H": "High", "HH": "Critical high", "HU": "Significantly high",
+    "I": "Intermediate", "IE": "Insufficient evidence", "IND": "Indeterminate", "L": "Low", "LL": "Critical low",
+    "LU": "Significantly low", "MS": "moderately susceptible", "N": "Normal", "NCL": "No CLSI defined breakpoint",
+    "ND": "Not detected", "NEG": "Negative", "NR": "Non-reactive", "NS": "Non-susceptible", "POS": "Positive",
+    "R": "Resistant", "RR": "Reactive", "S": "Susceptible", "SDD": "Susceptible-dose dependent",
+    "SYN-R": "Synergy - resistant", "SYN-S": "Synergy - susceptible", "U": "Significant change up",
+    "VS": "very susceptible", "UNE": "Unexpected", "W": "Worse", "WR": "Weakly reactive",
+}
+
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+# OBR-24 diagnostic service section (table 0074) → Observation.category (Sluice choice; IG silent)
+_LAB_SECTIONS = frozenset(
+    ["BG", "BLB", "CG", "CH", "CP", "GE", "HM", "IMM", "LAB", "MB", "MCB", "MYC", "OSL", "SP", "SR", "TX", "VR", "URN"]
+)
+_IMAGING_SECTIONS = frozenset(["CT", "CUS", "MR", "NMR", "NMS", "OUS", "RAD", "RUS", "RX", "VUS", "XRC"])
+
+ALTERNATE_CODES = "http://hl7.org/fhir/StructureDefinition/alternate-codes"
+R5_DR_NOTE = "http://hl7.org/fhir/5.0/StructureDefinition/extension-DiagnosticReport.note"
+ANALYSIS_DATE_TIME = "http://hl7.org/fhir/StructureDefinition/observation-analysis-date-time"
+R5_OBS_ATTACHMENT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.valueAttachment"
+DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+
+_TEXT_TYPES = frozenset({"ST", "TX", "FT"})
+_CODED_TYPES = frozenset({"CWE", "CE", "CNE", "CF", "IS", "ID"})
+_DATE_TYPES = frozenset({"DT", "DTM", "TS"})
+
+
+# ---------------------------------------------------------------------------
+# Patient (shared with siu)
+# ---------------------------------------------------------------------------
+def patient(pid: Segment, ctx: ConvertContext) -> str:
+    """PID → Patient via the ADT module's helper (same match rule and content as ADT); returns its reference.
+
+    Falls back to :func:`minimal_patient` (same key rule) when the ADT module is not available.
+    """
+    try:
+        from transforms import adt
+    except ImportError:  # pragma: no cover - adt ships with Sluice
+        ref = minimal_patient(pid, ctx)
+    else:
+        ref, _key = adt.patient(pid, ctx.message, ctx)
+    ctx.patient_ref = ref
+    return ref
+
+
+def encounter(msg: Message, ctx: ConvertContext) -> str | None:
+    """PV1 → Encounter (keyed by PV1-19) via the ADT helper; None without a visit number."""
+    if msg.first("PV1") is None or not ctx.patient_ref:
+        return None
+    try:
+        from transforms import adt
+    except ImportError:  # pragma: no cover
+        return None
+    key = ctx.key_of(ctx.patient_ref) or ""
+    ref: str | None = adt.encounter(msg, ctx, msg.trigger, ctx.patient_ref, key)
+    return ref
+
+
+def minimal_patient(pid: Segment, ctx: ConvertContext) -> str:
+    """A Patient from PID-3/5/7/8/11/13 keyed by the first PID-3 identifier with a usable system.
+
+    No PID-3 → AE 101; identifiers but none with a usable authority and no channel default → AE 204.
+    """
+    idents: list[JSON] = []
+    for i, rep in enumerate(pid.reps(3), start=1):
+        loc = Location("PID", pid.sequence, 3, i, 4)
+        if (ident := cx(rep, ctx, loc)) is not None:
+            idents.append(ident)
+    if not idents:
+        ctx.count("patient_match_failed")
+        raise ConversionError(
+            "PID-3 has no patient identifier: send the patient's identifier in PID-3",
+            code="101",
+            location=pid.loc(3),
+        )
+    key = next((i for i in idents if i.get("system")), None)
+    if key is None:
+        default = ctx.settings.default_identifier_system
+        if default is None:
+            ctx.count("patient_match_failed")
+            raise ConversionError(
+                "PID-3 identifiers have no assigning authority the channel can map to a system: "
+                "send CX-4 or configure identifier_systems / default_identifier_system",
+                code="204",
+                location=Location("PID", pid.sequence, 3, 1, 4),
+            )
+        key = idents[0]
+        key["system"] = default
+        ctx.count("patient_default_system")
+    res: JSON = {"identifier": idents, "active": True}
+    if names := xpns(pid, 5, ctx.settings):
+        res["name"] = names
+    sex = pid.get(8).strip().upper()
+    gender = {"F": "female", "M": "male", "O": "other", "U": "unknown", "A": "other", "N": "other"}.get(sex)
+    if gender:
+        res["gender"] = gender
+    if bd := dtm(pid.get(7), ctx.settings, pid.loc(7), kind="date"):
+        res["birthDate"] = bd
+    addrs = [a for r in pid.reps(11) if (a := xad(r, ctx.settings)) is not None]
+    if addrs:
+        res["address"] = addrs
+    return ctx.add("Patient", res, identifier=(key["system"], key["value"]))
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+def _ref(ref: str) -> JSON:
+    return {"reference": ref}
+
+
+def _rank_key(ctx: ConvertContext, ref: str) -> str:
+    return ctx.key_of(ref) or ref
+
+
+def ndl_practitioner(rep: Rep, ctx: ConvertContext, loc: Location) -> JSON | None:
+    """NDL (OBR-32/33/34/35: CNN in component 1) → Practitioner reference via the XCN helper."""
+    subs = rep.subs(1)
+    if not any(s.strip() for s in subs):
+        return None
+    d = ctx.message.delimiters
+
+    def sub(i: int) -> str:
+        return escape(subs[i - 1], d) if i <= len(subs) else ""
+
+    hd = d.subcomponent.join(sub(i) for i in (9, 10, 11)).rstrip(d.subcomponent)
+    parts = [sub(1), sub(2), sub(3), sub(4), sub(5), sub(6), sub(7), sub(8), hd]
+    raw = d.component.join(parts).rstrip(d.component)
+    return xcn(Rep(raw, d), ctx, loc)
+
+
+def xon_organization(seg: Segment, name_field: int, addr_field: int | None, ctx: ConvertContext) -> JSON | None:
+    """XON (name^^id^^^authority^^^^org-identifier) → Organization reference."""
+    rep = seg.rep(name_field)
+    if not rep:
+        return None
+    name = rep.c(1).strip()
+    ident_value = rep.c(10).strip() or rep.c(3).strip()
+    org: JSON = {"active": True}
+    if name:
+        org["name"] = name
+    if addr_field is not None and (a := xad(seg.rep(addr_field), ctx.settings)) is not None:
+        org["address"] = [a]
+    if ident_value:
+        system, _how = hd_system(ctx, rep.c(6, 1), rep.c(6, 2), rep.c(6, 3))
+        if system:
+            org["identifier"] = [{"system": system, "value": ident_value}]
+            ref = ctx.add("Organization", org, identifier=(system, ident_value))
+            return {"reference": ref, **({"display": name} if name else {})}
+    if not name and not ident_value:
+        return None
+    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+    ref = ctx.add("Organization", org, key=f"{facility}|{name}|{ident_value}")
+    return {"reference": ref, **({"display": name} if name else {})}
+
+
+def annotation(ntes: list[Segment], ctx: ConvertContext) -> JSON | None:
+    """Consecutive NTE segments → one Annotation (NTE-3 lines joined with line breaks)."""
+    lines: list[str] = []
+    author: JSON | None = None
+    when: str | None = None
+    for nte in ntes:
+        reps = nte.reps(3)
+        lines.extend(r.text for r in reps) if reps else lines.append("")
+        if author is None and nte.rep(5):
+            author = xcn(nte.rep(5), ctx, nte.loc(5))
+        if when is None and nte.get(6).strip():
+            when = dtm(nte.get(6), ctx.settings, nte.loc(6))
+    while lines and not lines[-1].strip():
+        lines.pop()
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    text = "\n".join(line.rstrip() for line in lines)
+    if not text.strip():
+        return None
+    note: JSON = {"text": clean_text(ctx, text)}
+    if author is not None:
+        if "reference" in author:
+            note["authorReference"] = author
+        elif "display" in author:
+            note["authorString"] = author["display"]
+    if when:
+        note["time"] = when
+    return note
+
+
+# ---------------------------------------------------------------------------
+# OBX values
+# ---------------------------------------------------------------------------
+def _text_value(reps: list[Rep]) -> str | None:
+    text = "\n".join(r.text.rstrip() for r in reps)
+    text = text.rstrip()
+    return text if text.strip() else None
+
+
+_NUMERIC_PREFIX = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")
+
+
+def _numeric(value: str, units: Rep, loc: Location) -> tuple[str, Any] | None:
+    """NM text → valueQuantity (with a comparator for ``<5`` style values sent in an NM)."""
+    m = _NUMERIC_PREFIX.match(value)
+    if m is None:
+        return None
+    comp, num = m.group(1), m.group(2)
+    q: JSON = {"value": nm(num, loc)}
+    if comp and comp != "=":
+        q["comparator"] = comp
+    q.update(unit(units))
+    return ("valueQuantity", q)
+
+
+def _tm(value: str) -> str | None:
+    m = re.match(r"^(\d{2})(\d{2})?(\d{2})?(?:\.\d+)?(?:[+-]\d{4})?$", value.strip())
+    if m is None:
+        return None
+    h, mi, s = int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0)
+    if h > 23 or mi > 59 or s > 59:
+        return None
+    return f"{h:02d}:{mi:02d}:{s:02d}"
+
+
+def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext) -> tuple[str, Any] | None:
+    """One OBX-5 repetition → ``(value[x] element name, value)``; None when empty."""
+    loc = obx.loc(5)
+    if not rep:
+        return None
+    if vtype in _TEXT_TYPES:
+        text = _text_value([rep])
+        return ("valueString", text) if text else None
+    if vtype == "NM":
+        raw = rep.text.strip()
+        got = _numeric(raw, units, loc)
+        if got is None:
+            ctx.count("obx_value_not_numeric")
+            return ("valueString", raw)
+        return got
+    if vtype == "SN":
+        try:
+            return sn(rep, units, loc)
+        except ConversionError:
+            ctx.count("obx_value_not_numeric")
+            return ("valueString", rep.text.replace(ctx.message.delimiters.component, " ").strip())
+    if vtype in _CODED_TYPES:
+        if vtype in ("IS", "ID"):
+            code = rep.c(1).strip()
+            return ("valueCodeableConcept", {"coding": [{"code": code}], "text": code}) if code else None
+        cc = cwe(rep, ctx, loc, field="OBX-5")
+        return ("valueCodeableConcept", cc) if cc else None
+    if vtype in _DATE_TYPES:
+        v = dtm(rep.c(1), ctx.settings, loc)
+        return ("valueDateTime", v) if v else None
+    if vtype == "TM":
+        v = _tm(rep.c(1))
+        if v is None:
+            raise ConversionError("OBX-5 is not a valid HL7 time (TM)", code="102", location=loc)
+        return ("valueTime", v)
+    if vtype == "NR":
+        low, high = rep.c(1).strip(), rep.c(2).strip()
+        rng: JSON = {}
+        try:
+            if low:
+                rng["low"] = {"value": nm(low, loc), **unit(units)}
+            if high:
+                rng["high"] = {"value": nm(high, loc), **unit(units)}
+        except ConversionError:
+            ctx.count("obx_value_not_numeric")
+            return ("valueString", rep.text)
+        return ("valueRange", rng) if rng else None
+    if vtype == "DR":
+        p: JSON = {}
+        if s := dtm(rep.c(1), ctx.settings, loc):
+            p["start"] = s
+        if e := dtm(rep.c(2), ctx.settings, loc):
+            p["end"] = e
+        return ("valuePeriod", p) if p else None
+    if vtype == "VR":
+        text = "-".join(x for x in (rep.c(1).strip(), rep.c(2).strip()) if x)
+        return ("valueString", text) if text else None
+    # unknown / empty OBX-2, CP, RP, EI, ...: keep the text
+    text = rep.text.strip()
+    if vtype and vtype not in ("RP", "CP", "EI", "XCN", "XPN", "XAD", "XTN", "PN", "CX", "MO"):
+        ctx.count("obx_value_type_unknown")
+    return ("valueString", text) if text else None
+
+
+_CONTENT_TYPES = {
+    "PDF": "application/pdf", "JPEG": "image/jpeg", "JPG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
+    "TIFF": "image/tiff", "TIF": "image/tiff", "BMP": "image/bmp", "RTF": "application/rtf",
+    "HTML": "text/html", "XML": "application/xml", "PLAIN": "text/plain", "ASCII": "text/plain",
+    "OCTET-STREAM": "application/octet-stream", "MSWORD": "application/msword", "DICOM": "application/dicom",
+    "PS": "application/postscript", "POSTSCRIPT": "application/postscript", "WAV": "audio/wav",
+    "MPEG": "video/mpeg", "SGML": "text/sgml", "X-HL7-CDA-LEVEL-ONE": "application/x-hl7-cda-level-one+xml",
+}
+_MEDIA_TYPES = {"IM": "image", "SI": "image", "AP": "application", "AU": "audio", "TEXT": "text", "TX": "text",
+                "NS": "application", "SD": "application", "MULTIPART": "multipart"}
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+$")
+
+
+def content_type(type_of_data: str, subtype: str) -> str:
+    """ED-2/ED-3 → MIME type (``^application^pdf`` → application/pdf, ``^IM^JPEG`` → image/jpeg)."""
+    t, s = type_of_data.strip(), subtype.strip()
+    if "/" in s and all(_TOKEN.match(p) for p in s.split("/", 1)):
+        return s.lower()
+    if known := _CONTENT_TYPES.get(s.upper()):
+        return known
+    major = t.lower() if t.lower() in ("application", "image", "audio", "video", "text", "multipart", "model") else (
+        _MEDIA_TYPES.get(t.upper(), "")
+    )
+    if major and s and _TOKEN.match(s):
+        return f"{major}/{s.lower()}"
+    if major == "text":
+        return "text/plain"
+    return "application/octet-stream"
+
+
+def attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
+    """ED (source^type^subtype^encoding^data) → Attachment with base64 ``data``.  Bad data → AE 102."""
+    encoding = rep.c(4).strip().upper()
+    data = rep.c(5)
+    if not data.strip():
+        return None
+    loc = obx.loc(5, 5)
+    if encoding in ("BASE64", "B64", ""):
+        compact = re.sub(r"\s+", "", data)
+        try:
+            raw = base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError):
+            raise ConversionError("OBX-5.5 is not valid base64 data", code="102", location=loc) from None
+        b64 = base64.b64encode(raw).decode("ascii")
+    elif encoding == "HEX":
+        try:
+            raw = bytes.fromhex(data.strip())
+        except ValueError:
+            raise ConversionError("OBX-5.5 is not valid hex data", code="102", location=loc) from None
+        b64 = base64.b64encode(raw).decode("ascii")
+    elif encoding == "A":
+        b64 = base64.b64encode(data.encode("utf-8")).decode("ascii")
+    else:
+        raise ConversionError("OBX-5.4 names an unknown ED encoding (use Base64, Hex or A)", code="103",
+                              location=obx.loc(5, 4))
+    att: JSON = {"contentType": content_type(rep.c(2), rep.c(3)), "data": b64}
+    title = obx.get(3, 2).strip() or obx.get(3, 1).strip()
+    if title:
+        att["title"] = title
+    if created := dtm(obx.get(14), ctx.settings, obx.loc(14)):
+        att["creation"] = created
+    return att
+
+
+def reference_range(obx: Segment, vtype: str, ctx: ConvertContext) -> list[JSON]:
+    """OBX-7 → referenceRange: text always; low/high parsed from ``a-b``, ``<b``, ``>a`` for numeric values."""
+    text = obx.value(7).strip()
+    if not text:
+        return []
+    rr: JSON = {}
+    if vtype in ("NM", "SN", "NR", ""):
+        u = unit(obx.rep(6))
+        u.pop("comparator", None)
+        num = r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))"
+        m = re.match(rf"^\s*{num}\s*[-–]\s*{num}\s*$", text) or re.match(rf"^\s*{num}\s*_\s*{num}\s*$", text)
+        if m:
+            rr["low"] = {"value": nm(m.group(1)), **u}
+            rr["high"] = {"value": nm(m.group(2)), **u}
+        elif m := re.match(rf"^\s*(<=|<)\s*{num}\s*$", text):
+            rr["high"] = {"value": nm(m.group(2)), **u}
+        elif m := re.match(rf"^\s*(>=|>)\s*{num}\s*$", text):
+            rr["low"] = {"value": nm(m.group(2)), **u}
+    rr["text"] = text
+    return [rr]
+
+
+def interpretation(obx: Segment, ctx: ConvertContext) -> list[JSON]:
+    out: list[JSON] = []
+    for rep in obx.reps(8):
+        code = rep.c(1).strip()
+        if not code:
+            continue
+        display = INTERPRETATION.get(code) or INTERPRETATION.get(code.upper())
+        if display is not None:
+            out.append({"coding": [{"system": INTERPRETATION_SYSTEM, "code": code.upper() if code.upper()
+                                    in INTERPRETATION else code, "display": display}]})
+        else:
+            ctx.count("code_table_miss")
+            cc: JSON = {"coding": [{"system": V2_TABLE + "0078", "code": code}]}
+            if t := rep.c(2).strip():
+                cc["text"] = t
+            out.append(cc)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Groups
+# ---------------------------------------------------------------------------
+class _Order:
+    """One ORDER_OBSERVATION group: its OBR, optional ORC, the OBX groups and the NTEs."""
+
+    __slots__ = ("notes", "obr", "observations", "orc")
+
+    def __init__(self, obr: Segment | None, orc: Segment | None):
+        self.obr = obr
+        self.orc = orc
+        self.notes: list[Segment] = []
+        self.observations: list[tuple[Segment, list[Segment]]] = []
+
+
+def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segment, list[Segment]]]]:
+    """Walk the segments: (first PID, order groups, patient-level OBX groups)."""
+    pid: Segment | None = None
+    orders: list[_Order] = []
+    patient_obs: list[tuple[Segment, list[Segment]]] = []
+    pending_orc: Segment | None = None
+    current: _Order | None = None
+    last_notes: list[Segment] | None = None
+    for seg in msg.segments:
+        name = seg.name
+        if name == "PID":
+            if pid is None:
+                pid = seg
+            last_notes = None
+        elif name == "ORC":
+            pending_orc = seg
+            last_notes = None
+        elif name == "OBR":
+            current = _Order(seg, pending_orc)
+            pending_orc = None
+            orders.append(current)
+            last_notes = current.notes
+        elif name == "OBX":
+            group: tuple[Segment, list[Segment]] = (seg, [])
+            if current is None:
+                patient_obs.append(group)
+            else:
+                current.observations.append(group)
+            last_notes = group[1]
+        elif name == "NTE":
+            if last_notes is not None:
+                last_notes.append(seg)
+        elif name in ("SPM", "PV1", "PV2", "PD1", "NK1", "TQ1", "TQ2", "CTD", "FT1", "CTI"):
+            last_notes = None
+    return pid, orders, patient_obs
+
+
+def _order_identifiers(order: _Order, ctx: ConvertContext) -> tuple[JSON | None, JSON | None]:
+    """(placer, filler) identifiers of an order group: OBR-2/OBR-3, falling back to ORC-2/ORC-3."""
+    obr, orc = order.obr, order.orc
+    placer = filler = None
+    for seg in (obr, orc):
+        if seg is None:
+            continue
+        if placer is None:
+            placer = ei(seg.rep(2), ctx, seg.loc(2))
+        if filler is None:
+            filler = ei(seg.rep(3), ctx, seg.loc(3))
+    return placer, filler
+
+
+def _typed(ident: JSON, code: str, display: str) -> JSON:
+    out = dict(ident)
+    out["type"] = {"coding": [{"system": V2_TABLE + "0203", "code": code, "display": display}]}
+    return out
+
+
+def _category(section: str) -> list[JSON]:
+    s = section.strip().upper()
+    if s in _LAB_SECTIONS:
+        return [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "laboratory", "display": "Laboratory"}]}]
+    if s in _IMAGING_SECTIONS:
+        return [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging", "display": "Imaging"}]}]
+    return []
+
+
+def _obx_status(obx: Segment, obr_status_code: str, ctx: ConvertContext) -> str:
+    code = obx.get(11).strip().upper()
+    if code:
+        status = table(ctx, OBX_STATUS, code, obx.loc(11), "0085") or "unknown"
+    else:
+        status = _DR_TO_OBS.get(OBR_STATUS.get(obr_status_code, ""), "unknown")
+    # a corrected report (OBR-25 C) corrects its final results
+    if obr_status_code == "C" and status in ("final", "unknown") and code in ("", "F"):
+        status = "corrected"
+    return status
+
+
+def vtype_of(obx: Segment) -> str:
+    return obx.get(2).strip().upper()
+
+
+def observation(
+    obx: Segment,
+    notes: list[Segment],
+    ctx: ConvertContext,
+    *,
+    key_prefix: str,
+    obr: Segment | None,
+    obr_status_code: str,
+    seen: dict[str, int],
+    enc: str | None = None,
+) -> str | None:
+    """OBX (+ its NTEs) → Observation; returns its reference (None for an OBX with no code)."""
+    code_rep = obx.rep(3)
+    code = cwe(code_rep, ctx, obx.loc(3), field="OBX-3")
+    if code is None:
+        has_value = any(r.c(5).strip() if vtype_of(obx) == "ED" else bool(r) for r in obx.reps(5))
+        if not has_value:
+            ctx.count("obx_without_code_skipped")
+            return None
+        raise ConversionError("OBX-3 observation identifier is missing", code="101", location=obx.loc(3))
+    vtype = obx.get(2).strip().upper()
+    status = _obx_status(obx, obr_status_code, ctx)
+    res: JSON = {"status": status}
+    if obx.get(11).strip().upper() == "X":
+        res["_status"] = {"extension": [{"url": ALTERNATE_CODES, "valueCodeableConcept": {
+            "coding": [{"system": V2_TABLE + "0085", "code": "X"}]}}]}
+    if obr is not None and (cat := _category(obr.get(24))):
+        res["category"] = cat
+    res["code"] = code
+    if ctx.patient_ref:
+        res["subject"] = _ref(ctx.patient_ref)
+    if enc:
+        res["encounter"] = _ref(enc)
+    effective = obx.get(14) or (obr.get(7) if obr is not None else "")
+    eff_loc = obx.loc(14) if obx.get(14) else (obr.loc(7) if obr is not None else obx.loc(14))
+    if eff := dtm(effective, ctx.settings, eff_loc):
+        res["effectiveDateTime"] = eff
+    if obr is not None and obr.get(22).strip():
+        issued = dtm(obr.get(22), ctx.settings, obr.loc(22), kind="instant")
+        if issued:
+            res["issued"] = issued
+    performers: list[JSON] = []
+    for i, rep in enumerate(obx.reps(16), start=1):
+        if (p := xcn(rep, ctx, Location("OBX", obx.sequence, 16, i))) is not None:
+            performers.append(p)
+    if (md := xcn(obx.rep(25), ctx, obx.loc(25))) is not None:
+        performers.append(md)
+    if (org := xon_organization(obx, 23, 24, ctx)) is not None:
+        performers.append(org)
+    if performers:
+        res["performer"] = performers
+    # value
+    units = obx.rep(6)
+    reps = [r for r in obx.reps(5) if r]
+    if vtype == "ED":
+        # only for an ED outside any OBR (inside one it goes to DiagnosticReport.presentedForm)
+        atts = [a for rep in reps if (a := attachment(rep, obx, ctx)) is not None]
+        res.setdefault("extension", []).extend({"url": R5_OBS_ATTACHMENT, "valueAttachment": a} for a in atts)
+    elif vtype in _TEXT_TYPES:
+        text = _text_value(obx.reps(5))
+        if text:
+            res["valueString"] = text
+    elif len(reps) == 1:
+        if (got := value_of(vtype, reps[0], units, obx, ctx)) is not None:
+            res[got[0]] = got[1]
+    elif len(reps) > 1:
+        comps = []
+        for rep in reps:
+            if (got := value_of(vtype, rep, units, obx, ctx)) is not None:
+                comps.append({"code": code, got[0]: got[1]})
+        if comps:
+            res["component"] = comps
+    if not any(k.startswith("value") for k in res) and "component" not in res:
+        absent = {"X": "not-performed", "N": "not-asked"}.get(obx.get(11).strip().upper())
+        if absent:
+            res["dataAbsentReason"] = {"coding": [{"system": DATA_ABSENT, "code": absent}]}
+    if interp := interpretation(obx, ctx):
+        res["interpretation"] = interp
+    if notes and (note := annotation(notes, ctx)) is not None:
+        res["note"] = [note]
+    if obx.rep(17) and (method := cwe(obx.rep(17), ctx, obx.loc(17))):
+        res["method"] = method
+    if obx.rep(20) and (site := cwe(obx.rep(20), ctx, obx.loc(20))):
+        res["bodySite"] = site
+    if rr := reference_range(obx, vtype, ctx):
+        res["referenceRange"] = rr
+    if obx.get(19).strip() and (analysed := dtm(obx.get(19), ctx.settings, obx.loc(19))):
+        res.setdefault("extension", []).append({"url": ANALYSIS_DATE_TIME, "valueDateTime": analysed})
+    if (inst := ei(obx.rep(21), ctx, obx.loc(21))) is not None:
+        res["identifier"] = [_typed(inst, "FILL", "Filler Identifier")]
+    # identity: filler order + OBX-3 code + OBX-4 sub-id (a repeat of the same pair in one group is numbered)
+    first = (code.get("coding") or [{}])[0]
+    code_key = f"{first.get('system', '')}|{first.get('code', '')}" if first else f"|{code.get('text', '')}"
+    base = f"{key_prefix}|{code_key}|{obx.get(4).strip()}"
+    n = seen.get(base, 0) + 1
+    seen[base] = n
+    if n > 1:
+        ctx.count("obx_duplicate_key")
+        base += f"#{n}"
+    ref = ctx.add("Observation", res, key=base)
+    ctx.guard(_rank_key(ctx, ref), observation_rank(status))
+    return ref
+
+
+def _report_status(obr: Segment, observations: list[JSON], ctx: ConvertContext) -> str:
+    code = obr.get(25).strip().upper()
+    if code in ("Y", "Z"):
+        raise ConversionError(
+            "OBR-25 says there is no order or no patient on record for this result (Y/Z): nothing to file",
+            code="103",
+            location=obr.loc(25),
+        )
+    if code:
+        status = table(ctx, OBR_STATUS, code, obr.loc(25), "0123")
+        if status:
+            return status
+    statuses = [o.get("status", "unknown") for o in observations]
+    if not statuses:
+        return "registered"
+    if "corrected" in statuses:
+        return "corrected"
+    if all(s in ("final", "amended", "corrected", "cancelled", "entered-in-error") for s in statuses):
+        return "final"
+    if any(s in ("preliminary", "final", "amended") for s in statuses):
+        return "preliminary"
+    if all(s == "registered" for s in statuses):
+        return "registered"
+    return "unknown"
+
+
+def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
+    """One ORDER_OBSERVATION group → DiagnosticReport + Observations; returns the report's reference."""
+    obr = order.obr
+    assert obr is not None
+    placer, filler = _order_identifiers(order, ctx)
+    key_ident = filler or placer
+    if key_ident is None:
+        raise ConversionError(
+            "OBR has neither a filler (OBR-3) nor a placer (OBR-2) order number: the report cannot be "
+            "identified; send OBR-3",
+            code="101",
+            location=obr.loc(3),
+        )
+    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+    key_system = key_ident.get("system")
+    key_prefix = f"{key_system or 'facility:' + facility}|{key_ident['value']}"
+    obr_status_code = obr.get(25).strip().upper()
+    seen: dict[str, int] = {}
+    results: list[str] = []
+    forms: list[JSON] = []
+    for obx, notes in order.observations:
+        vtype = obx.get(2).strip().upper()
+        if vtype == "ED":
+            for rep in obx.reps(5):
+                if (att := attachment(rep, obx, ctx)) is not None:
+                    forms.append(att)
+            if notes:
+                ctx.count("ed_note_on_report")
+                order.notes.extend(notes)
+            continue
+        ref = observation(obx, notes, ctx, key_prefix=key_prefix, obr=obr, obr_status_code=obr_status_code,
+                          seen=seen, enc=enc)
+        if ref is not None:
+            results.append(ref)
+    obs_resources = [r for ref in results if (r := ctx.find(ref)) is not None]
+    status = _report_status(obr, obs_resources, ctx)
+    res: JSON = {}
+    idents: list[JSON] = []
+    if placer:
+        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+    if filler:
+        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    res["identifier"] = idents
+    res["status"] = status
+    section = obr.get(24).strip()
+    if section:
+        res["category"] = [coded_table(section, "0074")]
+    code = cwe(obr.rep(4), ctx, obr.loc(4), field="OBR-4")
+    if code is None:
+        raise ConversionError("OBR-4 universal service identifier is missing", code="101", location=obr.loc(4))
+    res["code"] = code
+    if ctx.patient_ref:
+        res["subject"] = _ref(ctx.patient_ref)
+    if enc:
+        res["encounter"] = _ref(enc)
+    start = dtm(obr.get(7), ctx.settings, obr.loc(7))
+    end = dtm(obr.get(8), ctx.settings, obr.loc(8))
+    if start and end:
+        res["effectivePeriod"] = {"start": start, "end": end}
+    elif start or end:
+        res["effectiveDateTime"] = start or end
+    if obr.get(22).strip() and (issued := dtm(obr.get(22), ctx.settings, obr.loc(22), kind="instant")):
+        res["issued"] = issued
+    performers: list[JSON] = []
+    for f in (34, 35):
+        for i, rep in enumerate(obr.reps(f), start=1):
+            if (p := ndl_practitioner(rep, ctx, Location("OBR", obr.sequence, f, i))) is not None:
+                performers.append(p)
+    if performers:
+        res["performer"] = performers
+    interpreters = [p for i, rep in enumerate(obr.reps(32), start=1)
+                    if (p := ndl_practitioner(rep, ctx, Location("OBR", obr.sequence, 32, i))) is not None]
+    if interpreters:
+        res["resultsInterpreter"] = interpreters
+    if results:
+        res["result"] = [_ref(r) for r in results]
+    if forms:
+        res["presentedForm"] = forms
+    if order.notes and (note := annotation(order.notes, ctx)) is not None:
+        res["extension"] = [{"url": R5_DR_NOTE, "valueAnnotation": note}]
+    if key_system:
+        ref = ctx.add("DiagnosticReport", res, identifier=(key_system, key_ident["value"]))
+    else:
+        ref = ctx.add("DiagnosticReport", res, key=key_prefix)
+    ctx.guard(_rank_key(ctx, ref), DIAGNOSTIC_REPORT_STATUS_RANK.get(status, 0))
+    return ref
+
+
+def convert(msg: Message, ctx: ConvertContext) -> None:
+    """ORU^R01 → entries in ``ctx``."""
+    pid, orders, patient_obs = _groups(msg)
+    if pid is None:
+        raise ConversionError("ORU message has no PID segment: results need a patient", code="100",
+                              location=Location("PID", 1))
+    patient(pid, ctx)
+    enc = encounter(msg, ctx)
+    if not orders and not patient_obs:
+        raise ConversionError("ORU message has no OBR segment", code="100", location=Location("OBR", 1))
+    if patient_obs:
+        seen: dict[str, int] = {}
+        key_prefix = f"{ctx.key_of(ctx.patient_ref or '') or ''}|patient-observation"
+        for obx, notes in patient_obs:
+            if obx.get(2).strip().upper() == "ED":
+                ctx.count("ed_without_report")
+            observation(obx, notes, ctx, key_prefix=key_prefix, obr=None, obr_status_code="", seen=seen, enc=enc)
+    for order in orders:
+        report(order, ctx, enc)
+
+
+__all__ = [
+    "DIAGNOSTIC_REPORT_STATUS_RANK",
+    "OBR_STATUS",
+    "OBX_STATUS",
+    "attachment",
+    "convert",
+    "minimal_patient",
+    "observation_rank",
+    "patient",
+]

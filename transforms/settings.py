@@ -1,0 +1,237 @@
+"""Per-channel conversion settings (frozen), built and validated from a channel's options.
+
+A channel's ``hl7-to-fhir`` step options map 1:1 onto :class:`ConvertSettings` fields.
+``ConvertSettings.from_options`` checks every key and value and raises
+:class:`engine.errors.ConfigError` naming the file, the key and what to do.
+
+Code maps (``code_maps``) are loaded from CSV or YAML files (paths relative to the
+channel's base directory, then to ``transforms/maps/``).  See ``docs/mapping.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from engine.errors import ConfigError
+
+MAPS_DIR = Path(__file__).resolve().parent / "maps"
+
+# A code map: local code -> (system, code, display)
+CodeMap = Mapping[str, tuple[str, str, str]]
+
+DERIVED_SYSTEM_PREFIX = "urn:sluice:authority:"
+"""Prefix of the derived identifier system for an assigning authority without a configured URI."""
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "unmapped_codes": ("keep", "reject"),
+    "unknown_prior_patient": ("error", "accept"),
+    "cancel_before_book": ("create", "error"),
+    "code_table_errors": ("warn", "reject"),
+}
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    """How one channel converts HL7 v2 to FHIR.  Defaults are strict about identity."""
+
+    site_tz: str = "America/Los_Angeles"
+    # CX-4 assigning authority (HD-1 namespace id, or HD-2 universal id) -> identifier system URI
+    identifier_systems: Mapping[str, str] = field(default_factory=dict)
+    # System used for a patient identifier that has no (mappable) authority; None = error
+    default_identifier_system: str | None = None
+    # True: an authority without a URI maps to urn:sluice:authority:<authority> (demo channel)
+    derive_unknown_systems: bool = False
+    # strptime format for senders that do not send HL7 DTM (e.g. "%m/%d/%Y %H:%M")
+    date_format: str | None = None
+    # map name -> local code -> (system, code, display); name is a field ("OBX-3") or a CWE-3 system
+    code_maps: Mapping[str, CodeMap] = field(default_factory=dict)
+    unmapped_codes: str = "keep"
+    strip_html: bool = True
+    note_max_length: int | None = None
+    validate: bool = False
+    unknown_prior_patient: str = "error"
+    cancel_before_book: str = "create"
+    code_table_errors: str = "warn"
+    # Emit a Provenance resource for the message (MSH) in every bundle
+    provenance: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "_zone", ZoneInfo(self.site_tz))
+        except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"unknown time zone {self.site_tz!r}",
+                key="site_tz",
+                hint="use an IANA zone name such as America/Los_Angeles or Europe/Berlin",
+            ) from exc
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The site time zone as a ZoneInfo (never the host's zone)."""
+        z: ZoneInfo = self._zone  # type: ignore[attr-defined]
+        return z
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], base_dir: Path, config_file: str) -> ConvertSettings:
+        """Build settings from a channel's step options; ``ConfigError`` on anything invalid."""
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise ConfigError(
+                "hl7-to-fhir options must be a mapping", file=config_file, key="options",
+                hint="write the options as key: value pairs",
+            )
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in options.items():
+            if key not in known:
+                raise ConfigError(
+                    f"unknown hl7-to-fhir option {key!r}",
+                    file=config_file,
+                    key=f"options.{key}",
+                    hint="valid options: " + ", ".join(sorted(known)),
+                )
+            kwargs[key] = _check(key, value, base_dir, config_file)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, file=config_file, key=f"options.{exc.key}", hint=exc.hint) from None
+
+
+def _check(key: str, value: Any, base_dir: Path, config_file: str) -> Any:
+    def bad(msg: str, hint: str) -> ConfigError:
+        return ConfigError(msg, file=config_file, key=f"options.{key}", hint=hint)
+
+    if key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise bad(f"{value!r} is not a valid value", "choose one of: " + ", ".join(_CHOICES[key]))
+        return value
+    if key in ("derive_unknown_systems", "strip_html", "validate", "provenance"):
+        if not isinstance(value, bool):
+            raise bad(f"{value!r} is not true/false", "write true or false")
+        return value
+    if key == "site_tz":
+        if not isinstance(value, str) or not value:
+            raise bad(f"{value!r} is not a time zone name", "use an IANA zone name such as America/Los_Angeles")
+        return value
+    if key == "default_identifier_system":
+        if value is not None and (not isinstance(value, str) or ":" not in value):
+            raise bad(f"{value!r} is not a URI", "use an absolute URI, e.g. urn:oid:2.16.840.1.113883.19.5")
+        return value
+    if key == "date_format":
+        if value is not None and (not isinstance(value, str) or "%" not in value):
+            raise bad(f"{value!r} is not a strptime format", 'write e.g. "%m/%d/%Y %H:%M"')
+        return value
+    if key == "note_max_length":
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 20):
+            raise bad(f"{value!r} is not a length", "use an integer >= 20, or leave it out for no limit")
+        return value
+    if key == "identifier_systems":
+        if not isinstance(value, Mapping):
+            raise bad("identifier_systems must be a mapping", "write AUTHORITY: system-uri pairs")
+        out: dict[str, str] = {}
+        for auth, uri in value.items():
+            if not isinstance(uri, str) or ":" not in uri:
+                raise bad(f"system for authority {auth!r} is not a URI: {uri!r}", "use an absolute URI")
+            out[str(auth)] = uri
+        return out
+    if key == "code_maps":
+        if not isinstance(value, Mapping):
+            raise bad("code_maps must be a mapping", "write map-name: path/to/file.csv pairs")
+        maps: dict[str, CodeMap] = {}
+        for name, ref in value.items():
+            if isinstance(ref, Mapping):
+                maps[str(name)] = _inline_map(ref, config_file, f"options.code_maps.{name}")
+            elif isinstance(ref, str):
+                maps[str(name)] = load_code_map(ref, base_dir, config_file, f"options.code_maps.{name}")
+            else:
+                raise bad(f"code map {name!r} must be a file path", "give a CSV or YAML path under transforms/maps/")
+        return maps
+    return value  # pragma: no cover - every field is handled above
+
+
+def _inline_map(ref: Mapping[str, Any], config_file: str, key: str) -> CodeMap:
+    out: dict[str, tuple[str, str, str]] = {}
+    for local, target in ref.items():
+        out[str(local)] = _target(target, config_file, key)
+    return out
+
+
+def _target(target: Any, config_file: str, key: str) -> tuple[str, str, str]:
+    if isinstance(target, Mapping):
+        system, code, display = target.get("system"), target.get("code"), target.get("display", "")
+    elif isinstance(target, list | tuple) and len(target) in (2, 3):
+        system, code = target[0], target[1]
+        display = target[2] if len(target) == 3 else ""
+    else:
+        system = code = None
+        display = ""
+    if not system or not code:
+        raise ConfigError(
+            f"code map entry {target!r} needs a system and a code",
+            file=config_file, key=key, hint="write {system: http://loinc.org, code: 2345-7, display: Glucose}",
+        )
+    return (str(system), str(code), str(display or ""))
+
+
+def resolve_map_path(ref: str, base_dir: Path) -> Path | None:
+    """A map file: absolute, relative to the channel base dir, or relative to transforms/maps/."""
+    p = Path(ref)
+    candidates = [p] if p.is_absolute() else [base_dir / p, base_dir / "transforms" / "maps" / p, MAPS_DIR / p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+def load_code_map(ref: str, base_dir: Path, config_file: str = "", key: str = "code_maps") -> CodeMap:
+    """Load a CSV (header ``local_code,system,code,display``) or YAML (``local: {system, code, display}``)."""
+    path = resolve_map_path(ref, base_dir)
+    if path is None:
+        raise ConfigError(
+            f"code map file {ref!r} not found", file=config_file, key=key,
+            hint=f"put it under {base_dir}/transforms/maps/ or give a path relative to {base_dir}",
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read code map {path}: {exc}", file=config_file, key=key) from exc
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"code map {path} is not valid YAML: {exc}", file=config_file, key=key) from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"code map {path} must be a mapping", file=config_file, key=key,
+                              hint="write local-code: {system: ..., code: ..., display: ...}")
+        return _inline_map(data, str(path), key)
+    out: dict[str, tuple[str, str, str]] = {}
+    reader = csv.DictReader(text.splitlines())
+    need = {"local_code", "system", "code"}
+    if reader.fieldnames is None or not need <= set(reader.fieldnames):
+        raise ConfigError(
+            f"code map {path} must have a header with local_code,system,code[,display]",
+            file=config_file, key=key, hint="first line: local_code,system,code,display",
+        )
+    for n, row in enumerate(reader, start=2):
+        local, system, code = (row.get("local_code") or "").strip(), (row.get("system") or "").strip(), (
+            row.get("code") or ""
+        ).strip()
+        if not local:
+            continue
+        if not system or not code:
+            raise ConfigError(f"{path}:{n}: entry {local!r} needs a system and a code", file=config_file, key=key)
+        out[local] = (system, code, (row.get("display") or "").strip())
+    return out
+
+
+DEMO_SETTINGS = ConvertSettings(derive_unknown_systems=True)
+"""What the demo channel uses: site zone America/Los_Angeles, derived systems on."""

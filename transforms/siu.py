@@ -1,0 +1,354 @@
+"""SIU (scheduling) → Appointment (+ Patient, Practitioner, Location).
+
+One Appointment per message keyed by SCH-2 (filler appointment id, else SCH-1 placer id), so
+book (S12) → reschedule (S13) → modify (S14) → cancel (S15/S16) → delete (S17) / no-show (S26)
+all update the *same* Appointment.  Status: SCH-25 through the IG's table-0278 map, overridden by
+the trigger for S15/S16 (cancelled), S17 (entered-in-error) and S26 (noshow).
+
+A cancellation that arrives before any booking creates the Appointment with status cancelled, unless
+the channel sets ``cancel_before_book: error``: then the Appointment key goes into ``requires`` and
+the engine answers AE 204 when no booking was applied before.  See docs/mapping-oru-siu.md.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from engine.errors import ConversionError, Location, MessageRejected
+from engine.hl7 import Message, Rep, Segment
+from transforms.bundle import ConvertContext
+from transforms.datatypes import V2_TABLE, cwe, dtm, ei, pl, table, xcn
+from transforms.oru import annotation, patient
+
+JSON = dict[str, Any]
+
+# SCH-25 / AIx filler status (table 0278) → Appointment.status (IG FillerStatusCodes[Appointment]).
+FILLER_STATUS: dict[str, str] = {
+    "PENDING": "pending",
+    "WAITLIST": "waitlist",
+    "BOOKED": "booked",
+    "STARTED": "checked-in",
+    "COMPLETE": "fulfilled",
+    "CANCELLED": "cancelled",
+    "DELETED": "entered-in-error",
+    "NOSHOW": "noshow",
+    # not mapped by the IG (Sluice choices, docs/mapping-oru-siu.md)
+    "OVERBOOK": "booked",
+    "DISCONTINUED": "cancelled",
+}
+
+# Trigger → forced status (None: SCH-25, else booked)
+TRIGGER_STATUS: dict[str, str | None] = {
+    "S12": None,
+    "S13": None,
+    "S14": None,
+    "S15": "cancelled",
+    "S16": "cancelled",
+    "S17": "entered-in-error",
+    "S26": "noshow",
+}
+CANCEL_TRIGGERS = frozenset({"S15", "S16", "S17"})
+
+# Guard ranks: a late booking/reschedule after a cancellation goes to manual review.
+APPOINTMENT_STATUS_RANK: dict[str, int] = {
+    "proposed": 1,
+    "pending": 1,
+    "waitlist": 1,
+    "booked": 1,
+    "arrived": 2,
+    "checked-in": 2,
+    "fulfilled": 3,
+    "cancelled": 3,
+    "noshow": 3,
+    "entered-in-error": 4,
+}
+
+# Participant status (ParticipationStatus) from the resource's own filler status
+_PARTICIPANT_STATUS = {
+    "cancelled": "declined",
+    "noshow": "declined",
+    "entered-in-error": "declined",
+    "pending": "tentative",
+    "waitlist": "tentative",
+    "proposed": "needs-action",
+}
+
+# SCH-7 codes of table 0276 (FHIR Appointment.appointmentType is bound to v2-0276)
+APPOINTMENT_REASON_0276 = {
+    "CHECKUP": "A routine check-up, such as an annual physical",
+    "EMERGENCY": "Emergency appointment",
+    "FOLLOWUP": "A follow up visit from a previous appointment",
+    "ROUTINE": "Routine appointment - default if not valued",
+    "WALKIN": "A previously unscheduled walk-in visit",
+}
+
+_UNIT_MINUTES = {"S": 1 / 60, "SEC": 1 / 60, "M": 1.0, "MIN": 1.0, "H": 60.0, "HR": 60.0, "HOUR": 60.0,
+                 "D": 1440.0, "DAY": 1440.0, "W": 10080.0, "WK": 10080.0}
+_UNIT_SECONDS_UCUM = {"s": 1 / 60, "min": 1.0, "h": 60.0, "d": 1440.0, "wk": 10080.0}
+
+
+def _minutes(amount: str, units: Rep | None, loc: Location) -> float | None:
+    """A duration NM + CNE/CE units (default minutes) → minutes; invalid → AE 102."""
+    amount = amount.strip()
+    if not amount:
+        return None
+    try:
+        value = float(amount)
+    except ValueError:
+        raise ConversionError(f"{loc} is not a number (duration)", code="102", location=loc) from None
+    if value < 0 or value != value or value > 10_000_000:
+        raise ConversionError(f"{loc} is not a usable duration", code="102", location=loc)
+    code = units.c(1).strip() if units is not None else ""
+    factor = (_UNIT_SECONDS_UCUM.get(code) or _UNIT_MINUTES.get(code.upper(), 1.0)) if code else 1.0
+    return value * factor
+
+
+def _plus(start: str, minutes: float, explicit_offset: bool, ctx: ConvertContext) -> str:
+    """FHIR instant + minutes; the end is in the site zone (DST-correct) unless the start had an offset."""
+    t = datetime.fromisoformat(start) + timedelta(minutes=minutes)
+    if not explicit_offset:
+        t = t.astimezone(ctx.settings.zone)
+    return t.isoformat(timespec="seconds")
+
+
+def _has_offset(value: str) -> bool:
+    v = value.strip()
+    return len(v) > 5 and v[-5] in "+-"
+
+
+def _instant(value: str, ctx: ConvertContext, loc: Location) -> str | None:
+    v = value.strip()
+    if not v:
+        return None
+    return dtm(v, ctx.settings, loc, kind="instant")
+
+
+class _Timing:
+    """Start/end of one resource segment (AIS/AIL/AIP/AIG) or of the appointment."""
+
+    __slots__ = ("end", "start")
+
+    def __init__(self, start: str | None = None, end: str | None = None):
+        self.start = start
+        self.end = end
+
+    def period(self) -> JSON | None:
+        p: JSON = {}
+        if self.start:
+            p["start"] = self.start
+        if self.end:
+            p["end"] = self.end
+        return p or None
+
+
+def resource_timing(seg: Segment, start_f: int, dur_f: int, ctx: ConvertContext,
+                    default_start: str | None, default_offset: bool) -> _Timing:
+    """AIx start date/time (or the appointment start + start offset) and duration → timing."""
+    raw = seg.get(start_f).strip()
+    start = _instant(raw, ctx, seg.loc(start_f))
+    explicit = _has_offset(raw) if raw else default_offset
+    if start is None and default_start is not None:
+        offset = _minutes(seg.get(start_f + 1), seg.rep(start_f + 2), seg.loc(start_f + 1))
+        start = _plus(default_start, offset, default_offset, ctx) if offset else default_start
+    end = None
+    if start is not None:
+        dur = _minutes(seg.get(dur_f), seg.rep(dur_f + 1), seg.loc(dur_f))
+        if dur:
+            end = _plus(start, dur, explicit, ctx)
+    return _Timing(start, end)
+
+
+def _status_of(seg: Segment, field: int, ctx: ConvertContext) -> str | None:
+    code = seg.get(field, 1).strip()
+    if not code:
+        return None
+    return table(ctx, FILLER_STATUS, code.upper(), seg.loc(field), "0278")
+
+
+def appointment_status(trigger: str, sch: Segment, ctx: ConvertContext) -> str:
+    forced = TRIGGER_STATUS.get(trigger)
+    if forced:
+        return forced
+    return _status_of(sch, 25, ctx) or "booked"
+
+
+def _participant(actor: JSON, status: str | None, types: list[JSON], timing: _Timing | None) -> JSON:
+    p: JSON = {}
+    if types:
+        p["type"] = types
+    p["actor"] = actor
+    p["required"] = "required"
+    p["status"] = _PARTICIPANT_STATUS.get(status or "", "accepted")
+    if timing is not None and (per := timing.period()):
+        p["period"] = per
+    return p
+
+
+def _notes_after(msg: Message) -> dict[int, list[Segment]]:
+    """NTE segments grouped under the index of the segment they follow (SCH, AIS, AIG, AIL, AIP)."""
+    out: dict[int, list[Segment]] = {}
+    owner: int | None = None
+    for i, seg in enumerate(msg.segments):
+        if seg.name in ("SCH", "AIS", "AIG", "AIL", "AIP"):
+            owner = i
+        elif seg.name == "NTE":
+            if owner is not None:
+                out.setdefault(owner, []).append(seg)
+        elif seg.name != "TQ1":
+            owner = None
+    return out
+
+
+def convert(msg: Message, ctx: ConvertContext) -> None:
+    """SIU^S12..S17, S26 → an Appointment in ``ctx``."""
+    trigger = msg.trigger
+    if trigger not in TRIGGER_STATUS:
+        raise MessageRejected(
+            f"SIU trigger {trigger or '(empty)'!r} is not supported (supported: "
+            + ", ".join(sorted(TRIGGER_STATUS)) + ")",
+            code="201",
+            location=Location("MSH", 1, 9, None, 2),
+        )
+    sch = msg.first("SCH")
+    if sch is None:
+        raise ConversionError("SIU message has no SCH segment", code="100", location=Location("SCH", 1))
+    s = ctx.settings
+    placer = ei(sch.rep(1), ctx, sch.loc(1))
+    filler = ei(sch.rep(2), ctx, sch.loc(2))
+    key_ident = filler or placer
+    if key_ident is None:
+        raise ConversionError(
+            "SCH has neither a filler (SCH-2) nor a placer (SCH-1) appointment id: send SCH-2",
+            code="101",
+            location=sch.loc(2),
+        )
+    res: JSON = {}
+    idents: list[JSON] = []
+    for ident, code, display in ((placer, "PLAC", "Placer Identifier"), (filler, "FILL", "Filler Identifier")):
+        if ident is not None:
+            typed = dict(ident)
+            typed["type"] = {"coding": [{"system": V2_TABLE + "0203", "code": code, "display": display}]}
+            idents.append(typed)
+    res["identifier"] = idents
+    status = appointment_status(trigger, sch, ctx)
+    res["status"] = status
+    if trigger in ("S15", "S16", "S17") and sch.rep(6) and (reason := cwe(sch.rep(6), ctx, sch.loc(6))):
+        res["cancelationReason"] = reason
+    # SCH-7 (reason, table 0276) → appointmentType when it is a 0276 code, else reasonCode; SCH-8 → appointmentType
+    reason_rep = sch.rep(7)
+    if reason_rep:
+        code = reason_rep.c(1).strip().upper()
+        sysname = reason_rep.c(3).strip().upper()
+        if code in APPOINTMENT_REASON_0276 and sysname in ("", "HL70276", "HL7-0276"):
+            res["appointmentType"] = {"coding": [{"system": V2_TABLE + "0276", "code": code,
+                                                  "display": APPOINTMENT_REASON_0276[code]}]}
+        elif cc := cwe(reason_rep, ctx, sch.loc(7), field="SCH-7"):
+            res["reasonCode"] = [cc]
+    if "appointmentType" not in res and sch.rep(8):
+        type_rep = sch.rep(8)
+        if type_rep.c(3).strip():
+            cc = cwe(type_rep, ctx, sch.loc(8), field="SCH-8")
+        else:
+            code = type_rep.c(1).strip()
+            cc = {"coding": [{"system": V2_TABLE + "0277", "code": code}]} if code else None
+        if cc:
+            res["appointmentType"] = cc
+    # times: TQ1-7/8, else SCH-11 (TQ) start/end, else the resources' times
+    tq1 = msg.first("TQ1")
+    start_raw = end_raw = ""
+    start_loc = end_loc = sch.loc(11)
+    if tq1 is not None and tq1.get(7).strip():
+        start_raw, start_loc = tq1.get(7), tq1.loc(7)
+        end_raw, end_loc = tq1.get(8), tq1.loc(8)
+    elif sch.get(11, 4).strip():
+        start_raw, start_loc = sch.get(11, 4), Location("SCH", sch.sequence, 11, 1, 4)
+        end_raw, end_loc = sch.get(11, 5), Location("SCH", sch.sequence, 11, 1, 5)
+    start = _instant(start_raw, ctx, start_loc)
+    end = _instant(end_raw, ctx, end_loc)
+    explicit = _has_offset(start_raw)
+    duration = _minutes(sch.get(9), sch.rep(10), sch.loc(9))
+    # participants
+    participants: list[JSON] = []
+    notes = _notes_after(msg)
+    pid = msg.first("PID")
+    if pid is not None:
+        pref = patient(pid, ctx)
+        participants.append(_participant({"reference": pref}, None, [], None))
+    service_types: list[JSON] = []
+    timings: list[_Timing] = []
+    for seg in msg.segments:
+        name = seg.name
+        if name == "AIS":
+            t = resource_timing(seg, 4, 7, ctx, start, explicit)
+            timings.append(t)
+            if seg.rep(3) and (cc := cwe(seg.rep(3), ctx, seg.loc(3), field="AIS-3")):
+                service_types.append(cc)
+        elif name in ("AIL", "AIP"):
+            t = resource_timing(seg, 6, 9, ctx, start, explicit)
+            timings.append(t)
+            own = _status_of(seg, 12, ctx)
+            if name == "AIL":
+                actor = pl(seg.rep(3), ctx, seg.loc(3))
+                types: list[JSON] = []
+            else:
+                actor = xcn(seg.rep(3), ctx, seg.loc(3))
+                types = [c for r in seg.reps(4) if (c := cwe(r, ctx, seg.loc(4), field="AIP-4")) is not None]
+            if actor is None:
+                if seg.rep(3):
+                    ctx.count("participant_without_identity")
+                continue
+            participants.append(_participant(actor, own, types, t))
+        elif name == "AIG":
+            ctx.count("aig_not_mapped")
+    if start is None:
+        starts = sorted((t.start for t in timings if t.start), key=lambda v: datetime.fromisoformat(v))
+        ends = sorted((t.end for t in timings if t.end), key=lambda v: datetime.fromisoformat(v))
+        if starts:
+            start = starts[0]
+            end = ends[-1] if ends else None
+    if start and not end and duration:
+        end = _plus(start, duration, explicit, ctx)
+    if start and end and datetime.fromisoformat(end) < datetime.fromisoformat(start):
+        raise ConversionError("appointment end is before its start", code="102", location=end_loc)
+    if start and end:
+        res["start"] = start
+        res["end"] = end
+    elif start:
+        ctx.count("appointment_without_end")
+        res["requestedPeriod"] = [{"start": start}]
+    if duration and duration >= 1:
+        res["minutesDuration"] = max(1, round(duration))
+    if service_types:
+        res["serviceType"] = service_types
+    # comments: SCH's NTEs (and the resources' NTEs, labelled) → comment, line breaks kept
+    comment_parts: list[str] = []
+    for i, seg in enumerate(msg.segments):
+        if i in notes and (note := annotation(notes[i], ctx)) is not None:
+            text = note["text"]
+            comment_parts.append(text if seg.name == "SCH" else f"{seg.name}: {text}")
+    if comment_parts:
+        res["comment"] = "\n".join(comment_parts)
+    if not participants:
+        raise ConversionError(
+            "SIU message names no participant (no PID, AIP or AIL): an Appointment needs at least one",
+            code="101",
+            location=Location("PID", 1),
+        )
+    res["participant"] = participants
+    facility = msg.msh.get(4, 1).strip() or msg.msh.get(3, 1).strip()
+    system = key_ident.get("system")
+    if system:
+        ref = ctx.add("Appointment", res, identifier=(system, key_ident["value"]))
+    else:
+        ref = ctx.add("Appointment", res, key=f"{facility}|appointment|{key_ident['value']}")
+    key = ctx.key_of(ref) or ref
+    if trigger in CANCEL_TRIGGERS and s.cancel_before_book == "error":
+        # the engine answers AE 204 when no booking for this key was applied before (no guard here:
+        # a guard from this message would satisfy the requirement itself)
+        ctx.require(key)
+    else:
+        ctx.guard(key, APPOINTMENT_STATUS_RANK.get(status, 0))
+
+
+__all__ = ["APPOINTMENT_STATUS_RANK", "FILLER_STATUS", "TRIGGER_STATUS", "convert"]
