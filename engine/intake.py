@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -37,8 +37,6 @@ from engine.store import (
 
 log = structlog.get_logger("sluice.intake")
 
-ProcessFn = Callable[[Any, int, hl7.Message, bytes], "ProcessResult"]
-
 
 @dataclass
 class ProcessResult:
@@ -49,6 +47,17 @@ class ProcessResult:
     error: SluiceError | None = None
     deliveries: list[NewDelivery] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)
+    work: Any = None  # the pipeline's output, between ``run`` and ``record``
+
+
+class Processor(Protocol):
+    """A channel's processing, split so the pipeline runs outside the store transaction."""
+
+    def run(self, message_id: int, msg: hl7.Message, raw: bytes) -> ProcessResult: ...
+
+    def record(
+        self, conn: Any, msg: hl7.Message, prepared: ProcessResult, only: list[str] | None = None
+    ) -> ProcessResult: ...
 
 
 @dataclass
@@ -60,7 +69,8 @@ class Job:
     message: hl7.Message | None
     outcome: ackmod.Outcome
     dedupe: bool = False
-    process: ProcessFn | None = None  # set for ack: after-processing
+    process: Processor | None = None  # set for ack: after-processing
+    prepared: ProcessResult | None = None
     # filled by the committer
     message_id: int = 0
     duplicate_of: int = 0
@@ -124,6 +134,9 @@ class Committer:
 
     def _commit(self, batch: list[tuple[Job, asyncio.Future[Job]]]) -> None:
         jobs = [j for j, _ in batch]
+        for j in jobs:  # the pipeline runs before the transaction, never holding the write lock
+            if j.process is not None and j.row.status == RECEIVED and j.message is not None:
+                j.prepared = j.process.run(0, j.message, j.row.raw)
         try:
             with self.store.write() as conn:
                 self._dedupe(conn, jobs)
@@ -192,7 +205,8 @@ class Committer:
 
     def _process_inline(self, conn: Any, j: Job) -> None:
         assert j.process is not None and j.message is not None
-        result = j.process(conn, j.message_id, j.message, j.row.raw)
+        assert j.prepared is not None
+        result = j.process.record(conn, j.message, j.prepared)
         from engine.store import M
 
         if result.status == PROCESSED:
@@ -250,7 +264,7 @@ def split_acks(data: bytes | None) -> list[bytes]:
 class Intake:
     """Checks one channel's frames and decides their rows and ACKs."""
 
-    def __init__(self, channel: ChannelConfig, committer: Committer, process: ProcessFn | None = None):
+    def __init__(self, channel: ChannelConfig, committer: Committer, process: Processor | None = None):
         self.channel = channel
         self.committer = committer
         self.process = process if channel.ack == "after-processing" else None

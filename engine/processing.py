@@ -31,6 +31,10 @@ class Route:
     filter: Predicate | None
 
 
+_REQUIRED_AT = {"Patient": Location("MRG", 1, 1), "Appointment": Location("SCH", 1, 2)}
+_REQUIRED_WHAT = {"Patient": "the prior patient of a merge", "Appointment": "the appointment being cancelled"}
+
+
 class ChannelRuntime:
     """A channel's compiled pipeline and routes."""
 
@@ -49,7 +53,11 @@ class ChannelRuntime:
     def process(
         self, conn: Any, message_id: int, msg: Message, raw: bytes, only: list[str] | None = None
     ) -> ProcessResult:
-        """Run the pipeline; return the status, deliveries and resource ranks to record."""
+        """Run the pipeline and decide what to record (both steps below, one after the other)."""
+        return self.record(conn, msg, self.run(message_id, msg, raw), only)
+
+    def run(self, message_id: int, msg: Message, raw: bytes) -> ProcessResult:
+        """The pure part: filter and transform steps, no store access (runs outside any transaction)."""
         work = Work(message=msg, raw=raw, payload=raw, content_type=CONTENT_HL7)
         try:
             out = self.pipeline.run(work)
@@ -79,10 +87,29 @@ class ChannelRuntime:
             return ProcessResult(ERROR, str(err), err)
         if out is None:
             return ProcessResult(FILTERED, "filtered by the channel filter")
+        return ProcessResult(PROCESSED, "", None, work=out)
+
+    def record(
+        self,
+        conn: Any,
+        msg: Message,
+        prepared: ProcessResult,
+        only: list[str] | None = None,
+        force: bool = False,
+    ) -> ProcessResult:
+        """Inside the store transaction: status guards, required keys and one delivery per route.
+
+        ``force`` (an operator's replay of a message held for review) applies it despite its guards.
+        """
+        out = prepared.work
+        if prepared.status != PROCESSED or out is None:
+            return prepared
         facts: Mapping[str, Any] = out.facts
         guards = dict(facts.get("guards", ()) or ())
         ranks: dict[str, int] = {}
-        if guards:
+        if guards and force:
+            ranks.update(guards)
+        elif guards:
             current = self.store.resource_ranks(conn, list(guards))
             for key, rank in guards.items():
                 if current.get(key, -1) > rank:
@@ -96,10 +123,12 @@ class ChannelRuntime:
             ranks.setdefault(key, 0)
         for key in facts.get("requires", ()) or ():
             if key not in ranks and not self.store.resource_ranks(conn, [key]):
+                rtype = key.split("?", 1)[0]
                 err = MessageContentError(
-                    "the prior record this message refers to is unknown (e.g. the old patient of a merge)",
+                    f"this message refers to a {rtype} the engine has never received "
+                    f"({_REQUIRED_WHAT.get(rtype, 'a prior record')}); send that first or replay after it arrives",
                     code="204",
-                    location=Location("MRG", 1, 1),
+                    location=_REQUIRED_AT.get(rtype),
                 )
                 return ProcessResult(ERROR, str(err), err)
         meta = {k: str(v) for k, v in out.meta.items()}

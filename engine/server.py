@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 
 import structlog
 
@@ -103,7 +104,36 @@ class Server:
             )
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(w.run()) for w in [*self.processing, *self.delivery]]
+        if any(
+            ch.retention.bodies_days is not None or ch.retention.rows_days is not None for ch in cfg.channels
+        ):
+            self.tasks.append(loop.create_task(self._retention()))
         self.started.set()
+
+    async def _retention(self, first: float = 60.0, every: float = 3600.0) -> None:
+        """Apply each channel's retention in small batches, in a thread, without blocking intake."""
+        assert self.store is not None
+        store = self.store
+        await asyncio.sleep(first)
+        while not self.should_exit.is_set():
+            for ch in self.config.channels:
+                r = ch.retention
+                if r.bodies_days is None and r.rows_days is None:
+                    continue
+                now = time.time()
+                try:
+                    done = await asyncio.to_thread(
+                        store.prune,
+                        ch.name,
+                        bodies_before=now - r.bodies_days * 86400 if r.bodies_days is not None else None,
+                        rows_before=now - r.rows_days * 86400 if r.rows_days is not None else None,
+                    )
+                    if done["bodies"] or done["rows"]:
+                        log.info("retention_pruned", channel=ch.name, **done)
+                except Exception as exc:
+                    log.error("retention_failed", channel=ch.name, error=type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.should_exit.wait(), every)
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

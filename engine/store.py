@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Float,
     ForeignKey,
     Index,
@@ -71,6 +72,7 @@ class MessageRow(Base):
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)
     processed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     replay_destinations: Mapped[str | None] = mapped_column(Text, nullable=True)
+    override_guards: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (
         Index("ix_messages_channel_status_id", "channel", "status", "id"),
@@ -410,6 +412,7 @@ class Store:
                     M.c.trigger,
                     M.c.order_key,
                     M.c.replay_destinations,
+                    M.c.override_guards,
                 )
                 .where(M.c.id.in_(ids))
                 .order_by(M.c.id)
@@ -454,6 +457,7 @@ class Store:
             "lease_owner": "",
             "lease_until": 0.0,
             "replay_destinations": None,
+            "override_guards": False,
         }
         if patient_key is not None:
             values["patient_key"] = patient_key
@@ -728,6 +732,8 @@ class Store:
                     update(M)
                     .where(M.c.id == mid)
                     .values(
+                        # an operator replaying a message held for review means "apply it anyway"
+                        override_guards=M.c.status == REVIEW,
                         status=RECEIVED,
                         reason="",
                         lease_owner="",

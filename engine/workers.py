@@ -28,6 +28,7 @@ from engine import hl7
 from engine.config import DestinationConfig, RetryConfig
 from engine.destinations.base import Destination, Outbound
 from engine.errors import DeliveryError, SluiceError
+from engine.intake import ProcessResult
 from engine.processing import ChannelRuntime
 from engine.store import ERROR, PROCESSED, Store
 
@@ -95,15 +96,23 @@ class ProcessingWorker:
         rows = self.store.claim_received(ch.name, self.batch, self.owner)
         if not rows:
             return 0
+        # The pipeline runs outside any transaction; the results are then written in one short one.
+        prepared: list[tuple[Any, hl7.Message | None, ProcessResult]] = []
+        for r in rows:
+            try:
+                msg = hl7.parse_bytes(r.raw, ch.source.fallback_charset)
+            except SluiceError as exc:
+                prepared.append((r, None, ProcessResult(ERROR, str(exc), exc)))
+                continue
+            prepared.append((r, msg, self.runtime.run(r.id, msg, r.raw)))
         with self.store.write() as conn:
-            for r in rows:
+            for r, msg, pre in prepared:
                 only = r.replay_destinations.split(",") if r.replay_destinations else None
-                try:
-                    msg = hl7.parse_bytes(r.raw, ch.source.fallback_charset)
-                except SluiceError as exc:
-                    self.store.finish_message(conn, r.id, ERROR, str(exc))
-                    continue
-                result = self.runtime.process(conn, r.id, msg, r.raw, only)
+                result = (
+                    self.runtime.record(conn, msg, pre, only, bool(r.override_guards))
+                    if msg is not None
+                    else pre
+                )
                 if result.status == PROCESSED:
                     self.store.add_deliveries(conn, r.id, ch.name, r.order_key, result.deliveries)
                 self.store.set_resource_ranks(conn, r.id, result.ranks)

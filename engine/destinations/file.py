@@ -29,6 +29,16 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _FIELDS = ("channel", "destination", "message_id", "control_id", "type", "trigger", "ext")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @registry.destination("file")
 class FileDestination(Destination):
     kind = "file"
@@ -57,6 +67,15 @@ class FileDestination(Destination):
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale_temp_files()
+
+    def _sweep_stale_temp_files(self) -> None:
+        """Remove temp files a killed engine left half-written (the message is redelivered anyway)."""
+        for tmp in self.directory.rglob(".*.tmp"):
+            parts = tmp.name.rsplit(".", 2)
+            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+            if pid is not None and pid != os.getpid() and not _alive(pid):
+                tmp.unlink(missing_ok=True)
 
     def path_for(self, item: Outbound) -> Path:
         values = {
