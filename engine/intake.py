@@ -10,6 +10,7 @@ moment in one transaction (one fsync), and only then are the ACKs released.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import queue
 import threading
@@ -79,13 +80,22 @@ class Job:
     error: Exception | None = None
 
 
+Op = Callable[[Any], Any]
+
+
 class Committer:
-    """Group commit: a single writer thread commits every waiting job in one transaction."""
+    """The single writer: one thread commits everything waiting at that moment in one transaction.
+
+    Intake jobs (new messages) and write operations from the workers (processing results,
+    delivery outcomes) share the thread, so SQLite never has two writers fighting over its lock
+    and a burst from many connections costs one fsync, not one per message.  If a batch fails,
+    its parts are retried on their own, so one bad operation cannot fail unrelated messages.
+    """
 
     def __init__(self, store: Store, *, max_batch: int = 1000):
         self.store = store
         self.max_batch = max_batch
-        self._q: queue.SimpleQueue[tuple[Job, asyncio.Future[Job]] | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.backlog = 0
         self.batches = 0
@@ -103,6 +113,7 @@ class Committer:
             self._thread = None
 
     async def submit(self, job: Job) -> Job:
+        """Commit one intake job; resolves after the durable write (or with ``job.error`` set)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Job] = loop.create_future()
         self.backlog += 1
@@ -111,6 +122,15 @@ class Committer:
             return await fut
         finally:
             self.backlog -= 1
+
+    def submit_op(self, op: Op) -> concurrent.futures.Future[Any]:
+        """Run ``op(conn)`` inside the next write transaction (thread-safe; for worker threads)."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._q.put((op, fut))
+        return fut
+
+    async def run_op(self, op: Op) -> Any:
+        return await asyncio.wrap_future(self.submit_op(op))
 
     def _run(self) -> None:
         while True:
@@ -128,41 +148,65 @@ class Committer:
                     stop = True
                     break
                 batch.append(nxt)
-            self._commit(batch)
+            jobs = [(j, f) for j, f in batch if isinstance(j, Job)]
+            ops = [(o, f) for o, f in batch if not isinstance(o, Job)]
+            self._commit(jobs, ops)
             if stop:
                 return
 
-    def _commit(self, batch: list[tuple[Job, asyncio.Future[Job]]]) -> None:
+    def _commit(self, batch: list[tuple[Job, asyncio.Future[Job]]], ops: list[tuple[Op, Any]]) -> None:
         jobs = [j for j, _ in batch]
         for j in jobs:  # the pipeline runs before the transaction, never holding the write lock
             if j.process is not None and j.row.status == RECEIVED and j.message is not None:
                 j.prepared = j.process.run(0, j.message, j.row.raw)
+        results: list[Any] = []
         try:
-            with self.store.write() as conn:
-                self._dedupe(conn, jobs)
-                fresh = [j for j in jobs if not j.duplicate_of]
-                if fresh:
-                    ids = self.store.insert_messages(conn, [j.row for j in fresh])
-                    for j, mid in zip(fresh, ids, strict=True):
-                        j.message_id = mid
-                        if j.process is not None and j.row.status == RECEIVED:
-                            self._process_inline(conn, j)
-                dup_counts: dict[str, int] = {}
-                for j in jobs:
-                    if j.duplicate_of:
-                        dup_counts[j.channel.name] = dup_counts.get(j.channel.name, 0) + 1
-                for ch, n in dup_counts.items():
-                    self.store.bump(conn, ch, "duplicates_prevented", n)
+            with self.store.write(durable=bool(jobs)) as conn:
+                if jobs:
+                    self._write_jobs(conn, jobs)
+                results = [op(conn) for op, _ in ops]
             self.batches += 1
             self.committed += len(jobs)
-        except Exception as exc:  # the durable write failed: AR 207 for all, nothing half-written
-            log.error("store_write_failed", error=type(exc).__name__, batch=len(jobs))
-            for j in jobs:
+        except Exception as exc:
+            if ops and jobs:
+                # Retry the parts alone so one failing operation cannot fail unrelated messages.
+                for j in jobs:
+                    j.error, j.message_id, j.duplicate_of = None, 0, 0
+                self._commit(batch, [])
+                for op_fut in ops:
+                    self._commit([], [op_fut])
+                return
+            if ops and len(ops) > 1:
+                for op_fut in ops:
+                    self._commit([], [op_fut])
+                return
+            log.error("store_write_failed", error=type(exc).__name__, batch=len(jobs) + len(ops))
+            for j in jobs:  # the durable write failed: AR 207 for all, nothing half-written
                 j.error = exc
                 j.message_id = 0
-        for j, fut in batch:
-            loop = fut.get_loop()
-            loop.call_soon_threadsafe(_resolve, fut, j)
+            for _, fut in ops:
+                fut.set_exception(exc)
+            ops = []
+        for (_, fut), res in zip(ops, results, strict=False):
+            fut.set_result(res)
+        for j, afut in batch:
+            afut.get_loop().call_soon_threadsafe(_resolve, afut, j)
+
+    def _write_jobs(self, conn: Any, jobs: list[Job]) -> None:
+        self._dedupe(conn, jobs)
+        fresh = [j for j in jobs if not j.duplicate_of]
+        if fresh:
+            ids = self.store.insert_messages(conn, [j.row for j in fresh])
+            for j, mid in zip(fresh, ids, strict=True):
+                j.message_id = mid
+                if j.process is not None and j.row.status == RECEIVED:
+                    self._process_inline(conn, j)
+        dup_counts: dict[str, int] = {}
+        for j in jobs:
+            if j.duplicate_of:
+                dup_counts[j.channel.name] = dup_counts.get(j.channel.name, 0) + 1
+        for ch, n in dup_counts.items():
+            self.store.bump(conn, ch, "duplicates_prevented", n)
 
     def _dedupe(self, conn: Any, jobs: list[Job]) -> None:
         by_channel: dict[str, list[Job]] = {}

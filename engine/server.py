@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import time
 
 import structlog
@@ -70,12 +71,12 @@ class Server:
             log.info("recovered_in_flight", messages=recovered)
         self.destinations = build_destinations(cfg)
         runtimes = {ch.name: ChannelRuntime(cfg, ch, store) for ch in cfg.channels if ch.enabled}
+        self.committer = committer = Committer(store)
+        committer.start()
         for name, dest in self.destinations.items():
             await dest.start()
-            self.delivery.append(DeliveryWorker(cfg.destinations[name], dest, store))
+            self.delivery.append(DeliveryWorker(cfg.destinations[name], dest, store, committer))
         by_dest = {w.config.name: w for w in self.delivery}
-        self.committer = Committer(store)
-        self.committer.start()
         for ch in cfg.channels:
             if not ch.enabled:
                 continue
@@ -86,7 +87,7 @@ class Server:
                 for d in ds:
                     d.wake.set()
 
-            pw = ProcessingWorker(rt, store, self.owner, wake)
+            pw = ProcessingWorker(rt, store, self.owner, wake, committer)
             self.processing.append(pw)
             intake = Intake(ch, self.committer, rt.process)
             intake.on_stored = pw.wake.set if ch.ack == "on-commit" else wake
@@ -174,4 +175,7 @@ class Server:
         log.info("stopped")
 
     def run(self) -> None:
+        # The committer thread hands results back to the event loop many times a second; with
+        # the default 5 ms GIL switch interval every hand-off can stall that long (a convoy).
+        sys.setswitchinterval(0.0005)
         asyncio.run(self.serve())

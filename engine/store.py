@@ -26,6 +26,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -239,7 +240,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def _sqlite_begin(conn: Connection) -> None:
     # Writers take the write lock up front (no deadlocking lock upgrades); readers stay deferred.
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("sluice_write") else "BEGIN")
+    opts = conn.get_execution_options()
+    if opts.get("sluice_write"):
+        # FULL (fsync at commit) unless the caller says the write may be redone after a power loss.
+        conn.exec_driver_sql(
+            "PRAGMA synchronous=NORMAL" if opts.get("sluice_relaxed") else "PRAGMA synchronous=FULL"
+        )
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql("BEGIN")
 
 
 class Store:
@@ -296,10 +305,16 @@ class Store:
         self.engine.dispose()
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction (BEGIN IMMEDIATE on SQLite), committed on exit."""
+    def write(self, *, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite), committed on exit.
+
+        ``durable=False`` is for writes that are safe to redo (processing results, delivery
+        outcomes: destinations are idempotent): on SQLite they commit without their own fsync;
+        the next durable commit (every intake commit) flushes them with it.  A process crash
+        loses nothing either way; only a power loss could roll them back, and they are redone.
+        """
         with self.engine.connect() as conn:
-            conn.execution_options(sluice_write=True)
+            conn.execution_options(sluice_write=True, sluice_relaxed=not durable)
             with conn.begin():
                 yield conn
 
@@ -346,8 +361,17 @@ class Store:
         order_key: str,
         deliveries: Iterable[NewDelivery],
     ) -> None:
+        rows = self.delivery_rows(message_id, channel, order_key, deliveries)
+        if rows:
+            conn.execute(insert(D), rows)
+
+    @staticmethod
+    def delivery_rows(
+        message_id: int, channel: str, order_key: str, deliveries: Iterable[NewDelivery]
+    ) -> list[dict[str, Any]]:
+        """Rows for :meth:`insert_deliveries` (batch them across messages: one statement)."""
         now = time.time()
-        rows = [
+        return [
             {
                 "message_id": message_id,
                 "channel": channel,
@@ -363,8 +387,10 @@ class Store:
             }
             for d in deliveries
         ]
+
+    def insert_deliveries(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
-            conn.execute(insert(D), rows)
+            conn.execute(insert(D), list(rows))
 
     def bump(self, conn: Connection, channel: str, name: str, by: int = 1) -> None:
         """Add to a per-channel counter (e.g. duplicates prevented)."""
@@ -382,6 +408,25 @@ class Store:
             return {(r.channel, r.name): r.value for r in conn.execute(q)}
 
     # -------------------------------------------------------------- processing
+    _CLAIM_COLUMNS = ("id", "channel", "raw", "control_id", "message_type", "trigger", "order_key",
+                      "replay_destinations", "override_guards")  # fmt: skip
+
+    def next_received(self, channel: str, limit: int) -> list[Any]:
+        """Single node (SQLite): the oldest received messages, read without a write.
+
+        One processing worker per channel reads, processes and finishes in turn, so no lease
+        is needed; a crash leaves the rows 'received' and they are simply processed again.
+        """
+        with self.engine.connect() as conn:
+            cols = [M.c[c] for c in self._CLAIM_COLUMNS]
+            q = (
+                select(*cols)
+                .where(M.c.channel == channel, M.c.status == RECEIVED)
+                .order_by(M.c.id)
+                .limit(limit)
+            )
+            return list(conn.execute(q).all())
+
     def claim_received(self, channel: str, limit: int, owner: str, lease_s: float = 300.0) -> list[Any]:
         """Take up to ``limit`` received messages of a channel, oldest first, under a lease."""
         now = time.time()
@@ -463,6 +508,26 @@ class Store:
             values["patient_key"] = patient_key
         conn.execute(update(M).where(M.c.id == message_id).values(**values))
 
+    def finish_messages(self, conn: Connection, results: Sequence[tuple[int, str, str]]) -> None:
+        """Many (message id, status, reason) in one executemany statement."""
+        if not results:
+            return
+        now = time.time()
+        conn.execute(
+            update(M)
+            .where(M.c.id == bindparam("mid"))
+            .values(
+                status=bindparam("st"),
+                reason=bindparam("why"),
+                processed_at=now,
+                lease_owner="",
+                lease_until=0.0,
+                replay_destinations=None,
+                override_guards=False,
+            ),
+            [{"mid": mid, "st": status, "why": reason[:4000]} for mid, status, reason in results],
+        )
+
     # ---------------------------------------------------------------- delivery
     def pending_deliveries(self, destination: str, limit: int) -> list[Any]:
         """The oldest pending deliveries of a destination (ids and scheduling fields only)."""
@@ -507,31 +572,35 @@ class Store:
         self,
         delivered: Sequence[tuple[int, str]],
         failed: Sequence[tuple[int, int, str, float | None]],
+        conn: Connection | None = None,
     ) -> None:
-        """One transaction: delivered (id, detail); failed (id, attempts, error, next_attempt_at or None = dead)."""
+        """Delivered (id, detail); failed (id, attempts, error, next_attempt_at or None = dead).
+
+        In ``conn``'s transaction when given (the committer's), else in a transaction of its own.
+        """
         if not delivered and not failed:
             return
+        if conn is None:
+            with self.write() as own:
+                self.record_deliveries(delivered, failed, own)
+            return
         now = time.time()
-        with self.write() as conn:
-            if delivered:
-                for did, detail in delivered:
-                    conn.execute(
-                        update(D)
-                        .where(D.c.id == did)
-                        .values(
-                            status=DELIVERED,
-                            delivered_at=now,
-                            detail=detail[:1000],
-                            attempts=D.c.attempts + 1,
-                        )
-                    )
-            for did, attempts, error, next_at in failed:
-                values: dict[str, Any] = {"attempts": attempts, "last_error": error[:4000]}
-                if next_at is None:
-                    values["status"] = DEAD
-                else:
-                    values["next_attempt_at"] = next_at
-                conn.execute(update(D).where(D.c.id == did).values(**values))
+        if delivered:
+            conn.execute(
+                update(D)
+                .where(D.c.id == bindparam("did"))
+                .values(
+                    status=DELIVERED, delivered_at=now, detail=bindparam("detail"), attempts=D.c.attempts + 1
+                ),
+                [{"did": did, "detail": detail[:1000]} for did, detail in delivered],
+            )
+        for did, attempts, error, next_at in failed:
+            values: dict[str, Any] = {"attempts": attempts, "last_error": error[:4000]}
+            if next_at is None:
+                values["status"] = DEAD
+            else:
+                values["next_attempt_at"] = next_at
+            conn.execute(update(D).where(D.c.id == did).values(**values))
 
     # ---------------------------------------------------------------- recovery
     def recover(self, owner: str | None = None) -> int:
