@@ -229,12 +229,13 @@ def escape(value: str, d: Delimiters = DEFAULT_DELIMITERS) -> str:
 class Rep:
     """One repetition of a field: components of subcomponents, unescaped on access."""
 
-    __slots__ = ("_d", "_raw", "_split")
+    __slots__ = ("_d", "_plain", "_raw", "_split")
 
     def __init__(self, raw: str, d: Delimiters):
         self._raw = raw
         self._d = d
         self._split: list[str] | None = None
+        self._plain = False
 
     @property
     def raw(self) -> str:
@@ -242,12 +243,20 @@ class Rep:
 
     def _comps(self) -> list[str]:
         if self._split is None:
-            self._split = self._raw.split(self._d.component)
+            d = self._d
+            raw = self._raw
+            self._split = raw.split(d.component)
+            # no subcomponents and nothing to unescape: components are returned as they are
+            self._plain = d.subcomponent not in raw and (not d.escape or d.escape not in raw)
         return self._split
 
     def c(self, i: int = 1, s: int = 1) -> str:
         """Component ``i``, subcomponent ``s`` (1-based), unescaped; "" when absent."""
-        comps = self._comps()
+        comps = self._split
+        if comps is None:
+            comps = self._comps()
+        if self._plain:
+            return comps[i - 1] if s == 1 and 0 < i <= len(comps) else ""
         if i > len(comps):
             return ""
         comp = comps[i - 1]
@@ -259,6 +268,17 @@ class Rep:
         elif s > 1:
             return ""
         return unescape(comp, self._d)
+
+    def cs(self, n: int) -> list[str]:
+        """Components 1..``n`` at once (subcomponent 1 of each, unescaped), padded with "" — for
+        mappers that read many components of one value: one call instead of ``n`` calls of :meth:`c`."""
+        comps = self._split
+        if comps is None:
+            comps = self._comps()
+        if self._plain:
+            k = len(comps)
+            return comps[:n] if k >= n else comps + [""] * (n - k)
+        return [self.c(i) for i in range(1, n + 1)]
 
     def subs(self, i: int) -> list[str]:
         """All subcomponents of component ``i``, unescaped."""
@@ -283,15 +303,20 @@ class Rep:
 
 
 class Segment:
-    """One segment.  ``seg[n]`` is field ``n`` as raw text, numbered as in the standard."""
+    """One segment.  ``seg[n]`` is field ``n`` as raw text, numbered as in the standard.
 
-    __slots__ = ("_d", "fields", "name", "sequence")
+    Repetitions and locations are built once per field and cached (a segment is read many times
+    during a conversion); treat the lists ``reps`` returns as read-only."""
+
+    __slots__ = ("_d", "_locs", "_reps", "fields", "name", "sequence")
 
     def __init__(self, fields: list[str], d: Delimiters, sequence: int):
         self.fields = fields
         self.name = fields[0]
         self._d = d
         self.sequence = sequence
+        self._reps: dict[int, list[Rep]] = {}
+        self._locs: dict[tuple[int | None, int | None], Location] = {}
 
     def __getitem__(self, n: int) -> str:
         fields = self.fields
@@ -299,28 +324,44 @@ class Segment:
 
     def reps(self, n: int) -> list[Rep]:
         """Field ``n`` split into repetitions (empty list when the field is empty)."""
-        value = self[n]
+        cached = self._reps.get(n)
+        if cached is not None:
+            return cached
+        fields = self.fields
+        value = fields[n] if n < len(fields) else ""
         if not value:
-            return []
-        if self.name in ("MSH", "FHS", "BHS") and n in (1, 2):
-            return [Rep(value, _LITERAL)]
-        d = self._d
-        return [Rep(r, d) for r in value.split(d.repetition)] if d.repetition in value else [Rep(value, d)]
+            out: list[Rep] = []
+        elif self.name in HEADER_SEGMENTS and n in (1, 2):
+            out = [Rep(value, _LITERAL)]
+        else:
+            d = self._d
+            out = [Rep(r, d) for r in value.split(d.repetition)] if d.repetition in value else [Rep(value, d)]
+        self._reps[n] = out
+        return out
 
     def rep(self, n: int, r: int = 1) -> Rep:
         """Repetition ``r`` of field ``n``; an empty Rep when absent."""
-        reps = self.reps(n)
+        reps = self._reps.get(n)
+        if reps is None:
+            reps = self.reps(n)
         return reps[r - 1] if r <= len(reps) else Rep("", self._d)
 
     def get(self, n: int, c: int = 1, s: int = 1, r: int = 1) -> str:
-        return self.rep(n, r).c(c, s)
+        reps = self._reps.get(n)
+        if reps is None:
+            reps = self.reps(n)
+        return reps[r - 1].c(c, s) if 0 < r <= len(reps) else ""
 
     def value(self, n: int) -> str:
         """Field ``n`` unescaped as a whole (first repetition)."""
         return self.rep(n).text
 
     def loc(self, field: int | None = None, component: int | None = None) -> Location:
-        return Location(self.name, self.sequence, field, None, component)
+        key = (field, component)
+        hit = self._locs.get(key)
+        if hit is None:
+            hit = self._locs[key] = Location(self.name, self.sequence, field, None, component)
+        return hit
 
     def __len__(self) -> int:
         return len(self.fields)
@@ -359,13 +400,14 @@ def parse_path(path: str) -> tuple[str, int, int | None, int, int | None, int | 
 class Message:
     """A parsed HL7 v2 message.  Build with :func:`parse`."""
 
-    __slots__ = ("_index", "delimiters", "segments", "text")
+    __slots__ = ("_hdr", "_index", "delimiters", "segments", "text")
 
     def __init__(self, text: str, delimiters: Delimiters, segments: list[Segment]):
         self.text = text
         self.delimiters = delimiters
         self.segments = segments
         self._index: dict[str, list[Segment]] | None = None
+        self._hdr: dict[str, str] | None = None
 
     # -- navigation -------------------------------------------------------
     def all(self, name: str) -> list[Segment]:
@@ -400,50 +442,69 @@ class Message:
     def get(self, path: str, default: str = "") -> str:
         return self[path] or default
 
-    # -- header shortcuts -------------------------------------------------
+    # -- header shortcuts (read once, on first use: intake reads them for every message) ----
+    def _header(self) -> dict[str, str]:
+        hdr = self._hdr
+        if hdr is None:
+            h = self.msh
+            typ = h.rep(9)
+            hdr = self._hdr = {
+                "control_id": h.value(10).strip(),
+                "type": typ.c(1).strip().upper(),
+                "trigger": typ.c(2).strip().upper(),
+                "structure": typ.c(3).strip().upper(),
+                "version": h.get(12, 1).strip(),
+                "processing_id": h.get(11, 1).strip().upper(),
+                "accept_ack": h.get(15).strip().upper(),
+                "app_ack": h.get(16).strip().upper(),
+                "sending_app": h.rep(3).text,
+                "sending_facility": h.rep(4).text,
+            }
+        return hdr
+
     @property
     def msh(self) -> Segment:
         return self.segments[0]
 
     @property
     def control_id(self) -> str:
-        return self.msh.value(10).strip()
+        return self._header()["control_id"]
 
     @property
     def message_type(self) -> str:
-        return self.msh.get(9, 1).strip().upper()
+        return self._header()["type"]
 
     @property
     def trigger(self) -> str:
-        return self.msh.get(9, 2).strip().upper()
+        return self._header()["trigger"]
 
     @property
     def structure(self) -> str:
-        return self.msh.get(9, 3).strip().upper()
+        return self._header()["structure"]
 
     @property
     def version(self) -> str:
-        return self.msh.get(12, 1).strip()
+        return self._header()["version"]
 
     @property
     def processing_id(self) -> str:
-        return self.msh.get(11, 1).strip().upper()
+        return self._header()["processing_id"]
 
     @property
     def accept_ack_type(self) -> str:
-        return self.msh.get(15).strip().upper()
+        return self._header()["accept_ack"]
 
     @property
     def app_ack_type(self) -> str:
-        return self.msh.get(16).strip().upper()
+        return self._header()["app_ack"]
 
     @property
     def sending_application(self) -> str:
-        return self.msh.rep(3).text
+        return self._header()["sending_app"]
 
     @property
     def sending_facility(self) -> str:
-        return self.msh.rep(4).text
+        return self._header()["sending_facility"]
 
     def __repr__(self) -> str:
         return f"Message({self.message_type}^{self.trigger}, {len(self.segments)} segments)"

@@ -150,15 +150,42 @@ class Committer:
                 batch.append(nxt)
             jobs = [(j, f) for j, f in batch if isinstance(j, Job)]
             ops = [(o, f) for o, f in batch if not isinstance(o, Job)]
-            self._commit(jobs, ops)
+            try:
+                self._commit(jobs, ops)
+            except Exception as exc:
+                # The single writer must never die: every later message on every channel would wait
+                # for an ACK forever.  Fail this batch (AR 207, nothing kept) and carry on.
+                log.error("committer_failed", error=type(exc).__name__, batch=len(batch))
+                self._fail(jobs, ops, exc)
             if stop:
                 return
+
+    @staticmethod
+    def _fail(
+        batch: list[tuple[Job, asyncio.Future[Job]]], ops: list[tuple[Op, Any]], exc: Exception
+    ) -> None:
+        for _, fut in ops:
+            if not fut.done():
+                fut.set_exception(exc)
+        for j, afut in batch:
+            j.error = exc
+            j.message_id = 0
+            afut.get_loop().call_soon_threadsafe(_resolve, afut, j)
 
     def _commit(self, batch: list[tuple[Job, asyncio.Future[Job]]], ops: list[tuple[Op, Any]]) -> None:
         jobs = [j for j, _ in batch]
         for j in jobs:  # the pipeline runs before the transaction, never holding the write lock
             if j.process is not None and j.row.status == RECEIVED and j.message is not None:
-                j.prepared = j.process.run(0, j.message, j.row.raw)
+                try:
+                    j.prepared = j.process.run(0, j.message, j.row.raw)
+                except Exception as exc:  # a bug outside the pipeline's own error handling
+                    log.error("processing_run_failed", channel=j.channel.name, error=type(exc).__name__)
+                    j.error = exc
+        failed = [(j, f) for j, f in batch if j.error is not None]
+        if failed:  # AR 207 for these alone; the others are still written
+            self._fail(failed, [], failed[0][0].error or RuntimeError("processing failed"))
+            batch = [(j, f) for j, f in batch if j.error is None]
+            jobs = [j for j, _ in batch]
         results: list[Any] = []
         try:
             with self.store.write(durable=bool(jobs)) as conn:
@@ -179,6 +206,13 @@ class Committer:
             if ops and len(ops) > 1:
                 for op_fut in ops:
                     self._commit([], [op_fut])
+                return
+            if len(batch) > 1:
+                # One message the store refuses must not fail the others in its group commit.
+                for j in jobs:
+                    j.error, j.message_id, j.duplicate_of = None, 0, 0
+                for job_fut in batch:
+                    self._commit([job_fut], [])
                 return
             log.error("store_write_failed", error=type(exc).__name__, batch=len(jobs) + len(ops))
             for j in jobs:  # the durable write failed: AR 207 for all, nothing half-written
@@ -380,10 +414,10 @@ class Intake:
         if batch and self.channel.batch == "reject":
             err = MessageRejected("batches (FHS/BHS) are not accepted on this channel", code="200")
             return [], render_ack(None, ackmod.Outcome("AR", err))[0]
-        jobs = [
-            self._job(t, payload if not batch else t.encode("latin-1", "replace"), peer, now, decode_error)
-            for t in texts
-        ]
+        raws = [payload] if not batch else _batch_raws(payload)
+        if len(raws) != len(texts):  # cannot happen for ASCII-compatible charsets; never lose a message
+            raws = [t.encode("utf-8", "surrogateescape") for t in texts]
+        jobs = [self._job(t, r, peer, now, decode_error) for t, r in zip(texts, raws, strict=True)]
         if not jobs:
             err = MessageRejected("batch holds no MSH message", code="100")
             return [], render_ack(None, ackmod.Outcome("AR", err))[0]
@@ -396,6 +430,16 @@ class Intake:
         msg: hl7.Message | None = None
         try:
             msg = hl7.parse(text)
+            delims = msg.delimiters.field + msg.delimiters.encoding_characters
+            if any(ord(c) < 0x20 or c == "\x7f" for c in delims):
+                # The ACK is built with the sender's delimiters: a NUL or framing byte there would
+                # break the ACK (or its framing), so answer as for an unreadable message.
+                msg = None
+                raise MessageRejected(
+                    "MSH-1/MSH-2 delimiters include a control character; use printable delimiters such as |^~\\&",
+                    code="101",
+                    location=Location("MSH", 1, 2),
+                )
             row.control_id = msg.control_id[:200]
             row.sending_app = msg.sending_application[:200]
             row.sending_facility = msg.sending_facility[:200]
@@ -456,7 +500,9 @@ class Intake:
                 acks.extend(split_acks(j.replay_ack))
                 continue
             outcome = j.final_outcome or j.outcome
-            log.info(
+            # Accepted messages are logged at debug (the store is the record; a line per message
+            # at info would cost more than the durable write); anything else at info.
+            (log.debug if outcome.code == "AA" else log.info)(
                 "message_stored",
                 channel=self.channel.name,
                 message_id=j.message_id,
@@ -472,6 +518,24 @@ class Intake:
             acks.sort(key=lambda a: order.get(_msa1(a), 3))
             return acks[:1]
         return acks
+
+
+def _batch_raws(payload: bytes) -> list[bytes]:
+    """Each batch member's own bytes, as sent (same split as ``hl7.split_batch``, on the raw bytes).
+
+    Re-encoding the decoded text would change a UTF-8 member's bytes (or replace characters),
+    so the stored raw would no longer match its MSH-18.
+    """
+    members: list[bytearray] = []
+    for line in payload.lstrip(b"\r\n \t").splitlines(keepends=True):
+        content = line.rstrip(b"\r\n")
+        if content.startswith(b"MSH"):
+            members.append(bytearray(line))
+        elif content[:3] in (b"FHS", b"BHS", b"BTS", b"FTS") or not content:
+            continue
+        elif members:
+            members[-1] += line
+    return [bytes(m) for m in members]
 
 
 def _msa1(ack_bytes: bytes) -> str:

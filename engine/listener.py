@@ -16,6 +16,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 
@@ -76,8 +77,9 @@ class MLLPProtocol(asyncio.Protocol):
 
     # -- connection lifecycle ---------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it: no isinstance check.
+        tr = cast(asyncio.Transport, transport)
+        self.transport = tr
         stats = self.listener.stats
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
@@ -86,7 +88,7 @@ class MLLPProtocol(asyncio.Protocol):
             log.warning(
                 "connection_refused_cap", channel=self.listener.channel_name, cap=self.source.max_connections
             )
-            transport.abort()
+            tr.abort()
             return
         self.counted = True
         stats.connections += 1
@@ -184,6 +186,11 @@ class MLLPProtocol(asyncio.Protocol):
                 "framing_error", channel=self.listener.channel_name, peer=self.peer, error=exc.message
             )
             self._finish_after_queue(abort=True)
+            if self.transport is not None and not self.paused:
+                # Broken stream: stop buffering whatever the peer keeps sending while we answer
+                # the frames already complete (the framer would re-raise on every read).
+                self.paused = True
+                self.transport.pause_reading()
         finally:
             junk = framer.junk_bytes - before
             if junk:
@@ -216,12 +223,28 @@ class MLLPProtocol(asyncio.Protocol):
                 err = MessageRejected(f"frame of {item.size} bytes is over the size cap", code="207")
                 acks = split_acks(render_ack(None, ackmod.Outcome("AR", err))[0])
             else:
-                acks = await intake.handle(item, self.peer)
+                try:
+                    acks = await intake.handle(item, self.peer)
+                except Exception as exc:
+                    # A bug below this point must not leave the sender waiting forever or kill this
+                    # connection's worker: answer AR 207 (resend later) and keep serving.
+                    log.error(
+                        "intake_failed",
+                        channel=self.listener.channel_name,
+                        peer=self.peer,
+                        error=type(exc).__name__,
+                    )
+                    acks = _internal_error_ack()
             if self.closing or transport.is_closing():
                 # Connection gone: the message is committed already; a resend will be deduped.
                 continue
             for a in acks:
-                transport.write(mllp.encode(a))
+                try:
+                    data = mllp.encode(a)
+                except ValueError:  # an ACK holding a framing byte would cut its own frame
+                    log.error("ack_unframable", channel=self.listener.channel_name, peer=self.peer)
+                    data = mllp.encode(_internal_error_ack()[0])
+                transport.write(data)
             self.last_activity = time.monotonic()
         if self.eof:
             self._close()
@@ -238,6 +261,11 @@ class MLLPProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self.closing = True
+
+
+def _internal_error_ack() -> list[bytes]:
+    err = MessageRejected("internal error while accepting the message; resend it later", code="207")
+    return split_acks(render_ack(None, ackmod.Outcome("AR", err))[0])
 
 
 class Listener:

@@ -178,4 +178,9 @@ class Server:
         # The committer thread hands results back to the event loop many times a second; with
         # the default 5 ms GIL switch interval every hand-off can stall that long (a convoy).
         sys.setswitchinterval(0.0005)
-        asyncio.run(self.serve())
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+            asyncio.run(self.serve())
+        else:
+            uvloop.run(self.serve())
