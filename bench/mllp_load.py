@@ -58,7 +58,7 @@ def _template() -> tuple[bytes, bytes]:
         "OBX|1|NM|8867-4^Heart rate^LN||72|/min^per minute^UCUM|60-100|N|||F",
         "OBX|2|NM|8480-6^Systolic blood pressure^LN||120|mm[Hg]^millimeter of mercury^UCUM|90-140|N|||F",
         "AL1|1|DA|PCN^Penicillin^RXNORM|SV^Severe^HL70128|Hives",
-        "DG1|1||R07.9^Chest pain, unspecified^I10||{ts}|A",
+        f"DG1|1||R07.9^Chest pain, unspecified^I10||{ts}|A",
         "IN1|1|PLAN001^Synthetic Health Plan|INS0001^^^BENCH_HOSP|SYNTHETIC INSURANCE CO|PO BOX 1^^SPRINGFIELD^ST^00000^USA||"
         "^WPN^PH^^1^555^5550199|GRP0001|||||||||TESTPATIENT^SYNTHETIC^Q^JR|SEL^Self^HL70063|19700101|"
         "100 MAIN ST^APT 1^SPRINGFIELD^ST^00000^USA^H|||||||||||||||||POL000111222",

@@ -403,21 +403,21 @@ def run(
             result = MessageResult(file=rel, index=i, count=len(chunks))
             bundle = convert_one(chunk, result, fn, settings)
             if bundle is not None and expected is not None and len(chunks) == 1:
-                _score(result, bundle, expected, root)
+                _score(result, bundle, expected, root, chunk)
             summary.results.append(result)
     if report is not None:
         Path(report).write_text(render_markdown(summary), encoding="utf-8")
     return summary
 
 
-def _score(result: MessageResult, bundle: dict[str, Any], expected: Path, root: Path) -> None:
+def _score(result: MessageResult, bundle: dict[str, Any], expected: Path, root: Path, source: bytes = b"") -> None:
     try:
         reference = json.loads(expected.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         result.detail = (result.detail + "; " if result.detail else "") + f"expected bundle unreadable: {exc}"
         return
     result.expected = _rel(expected, root)
-    result.score = score_bundles(bundle, reference)
+    result.score = score_bundles(bundle, reference, source=source.decode("utf-8", "replace") if source else None)
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -738,6 +738,71 @@ def match_resources(
     return [(e, ours[result[i]] if i in result else None) for i, e in enumerate(expected)]
 
 
+IG_UNMAPPED_SEGMENTS: frozenset[str] = frozenset({
+    "ARV", "UAC", "OH1", "OH2", "OH3", "OH4", "DB1", "IAM", "DRG", "GT1", "IN2", "AUT", "RF1", "ACC", "UB1",
+    "UB2", "PDA", "RGS", "TQ2", "CTD", "FT1", "CTI", "DSC", "TXA",
+})
+"""Segments the HL7 V2-to-FHIR IG's message maps (ADT_A01..., ORU_R01, SIU_S12) give no FHIR target.
+
+The MS converter maps several of them anyway (GT1 → a RelatedPerson and Patient identifiers, IN2 →
+Patient identifiers and names, DB1 → identifiers, PDA/ACC → Observations, RF1 → ServiceRequest).  A
+reference value found *only* in such segments is explained ("outside the IG's message map"), never
+counted as agreeing."""
+
+EXPLAIN_OUTSIDE_IG = "MS maps {segs}, which the IG's message map leaves unmapped (Sluice follows the IG)"
+
+
+def _split_hl7(text: str) -> list[list[str]]:
+    segs = []
+    for line in re.split(r"[\r\n]+", text.lstrip("\ufeff")):
+        if len(line) >= 4 and line[:3].isalnum():
+            segs.append(line.split(line[3]) if line.startswith(("MSH", "FHS", "BHS")) else line.split("|"))
+    return segs
+
+
+def source_tokens(hl7_text: str) -> dict[str, set[str]]:
+    """Normalised component/subcomponent values of the message → the segment names they occur in."""
+    out: dict[str, set[str]] = {}
+    for fields in _split_hl7(hl7_text):
+        name = fields[0].strip().upper()
+        for f in fields[1:]:
+            for tok in re.split(r"[~^&]", f):
+                t = norm_text(tok).lower()
+                if t:
+                    out.setdefault(t, set()).add(name)
+            t = norm_text(f.replace("^", " ").replace("&", " ")).lower()
+            if t:
+                out.setdefault(t, set()).add(name)
+    return out
+
+
+def _outside_ig(value: str, tokens: Mapping[str, set[str]]) -> str:
+    """The explanation when ``value`` occurs in the message only in segments the IG leaves unmapped."""
+    v = norm_text(value).lower()
+    if "|" in v:
+        v = v.rsplit("|", 1)[1]
+    segs = tokens.get(v)
+    if not segs or not segs <= IG_UNMAPPED_SEGMENTS:
+        return ""
+    return EXPLAIN_OUTSIDE_IG.format(segs="/".join(sorted(segs)))
+
+
+def explain_outside_ig(score: Score, tokens: Mapping[str, set[str]]) -> None:
+    """Mark still-unexplained differences whose reference value comes only from IG-unmapped segments."""
+    for n, d in enumerate(score.diffs):
+        if d.explanation or d.ours or d.category == "resource":
+            continue
+        why = _outside_ig(d.expected, tokens)
+        if not why and "].identifier[" in d.path:
+            # an identifier's system: judge by the identifier value it belongs to
+            label = d.path.rsplit("[", 1)[1].split("]", 1)[0]
+            why = _outside_ig(label, tokens)
+        if why:
+            score.diffs[n] = FieldDiff(d.path, d.category, d.ours, d.expected, why, d.file)
+            score.explained += 1
+            score.by_category.setdefault(d.category, [0, 0, 0])[2] += 1
+
+
 REFERENCED_ONLY: frozenset[str] = frozenset({"Practitioner"})
 """Types scored only when a scored resource refers to them (directly or via a PractitionerRole).
 
@@ -787,9 +852,14 @@ def _collect_refs(obj: Any, out: list[str]) -> None:
 
 
 def score_bundles(
-    ours: Mapping[str, Any], expected: Mapping[str, Any], scored_types: Iterable[str] = SCORED_TYPES
+    ours: Mapping[str, Any], expected: Mapping[str, Any], scored_types: Iterable[str] = SCORED_TYPES,
+    source: str | None = None,
 ) -> Score:
-    """Field-level agreement of ``ours`` with the reference bundle ``expected``."""
+    """Field-level agreement of ``ours`` with the reference bundle ``expected``.
+
+    With the HL7 ``source`` text, differences whose reference value occurs only in segments the IG's
+    message map leaves unmapped (:data:`IG_UNMAPPED_SEGMENTS`) are explained, not counted."""
+    tokens = source_tokens(source) if source else {}
     types = set(scored_types)
     score = Score()
     our_res = resources(ours)
@@ -811,12 +881,20 @@ def score_bundles(
         compare_resources({}, exp, label, missing)
         if not missing.compared:
             continue
+        inner = label[label.find("[") + 1 : -1].split("@")[0] if "[" in label else ""
+        why = _outside_ig(inner, tokens) if inner and tokens else ""
         score.compared += missing.compared
-        score.explained += 0
+        if why:
+            score.explained += missing.compared
         for cat, (c, _a, _e) in missing.by_category.items():
-            score.by_category.setdefault(cat, [0, 0, 0])[0] += c
+            counts = score.by_category.setdefault(cat, [0, 0, 0])
+            counts[0] += c
+            if why:
+                counts[2] += c
         score.unmatched.append(label)
         score.diffs.append(
-            FieldDiff(label, "resource", "", f"(not produced: {missing.compared} reference fields)")
+            FieldDiff(label, "resource", "", f"(not produced: {missing.compared} reference fields)", why)
         )
+    if tokens:
+        explain_outside_ig(score, tokens)
     return score

@@ -18,6 +18,7 @@ from transforms.datatypes import JSON
 from transforms.settings import DERIVED_SYSTEM_PREFIX
 
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 
 # Trigger → Encounter.status (IG Event[EncounterStatus]); None = derived from the PV1 data.
@@ -82,6 +83,45 @@ SUBSCRIBER_RELATIONSHIP = {
     "DOM": "common", "EME": "other", "OTH": "other", "01": "spouse", "18": "self", "19": "child",
 }
 EMERGENCY_CONTACT_ROLES = ("EMR", "E", "F", "I", "S")
+ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+# IG ConceptMap Relationship (table 0063 → v3-RoleCode, or v2-0131 for the contact roles)
+RELATIONSHIP: dict[str, tuple[str, str, str]] = {
+    "SEL": (ROLE_CODE, "ONESELF", "self"), "SPO": (ROLE_CODE, "SPS", "spouse"),
+    "DOM": (ROLE_CODE, "SIGOTHR", "significant other"), "CHD": (ROLE_CODE, "CHILD", "child"),
+    "GCH": (ROLE_CODE, "GRNDCHILD", "grandchild"), "NCH": (ROLE_CODE, "NCHILD", "natural child"),
+    "SCH": (ROLE_CODE, "STPCHLD", "step child"), "FCH": (ROLE_CODE, "CHLDFOST", "foster child"),
+    "DEP": (ROLE_CODE, "DEP", "Handicapped dependent"), "WRD": (ROLE_CODE, "WRD", "Ward of court"),
+    "PAR": (ROLE_CODE, "PRN", "parent"), "MTH": (ROLE_CODE, "MTH", "mother"), "FTH": (ROLE_CODE, "FTH", "father"),
+    "CGV": (ROLE_CODE, "CGV", "Care giver"), "GRD": (ROLE_CODE, "GRD", "Guardian"),
+    "GRP": (ROLE_CODE, "GRPRN", "grandparent"), "EXF": (ROLE_CODE, "EXT", "extended family member"),
+    "SIB": (ROLE_CODE, "SIB", "sibling"), "BRO": (ROLE_CODE, "BRO", "brother"), "SIS": (ROLE_CODE, "SIS", "sister"),
+    "FND": (ROLE_CODE, "FRND", "unrelated friend"), "OAD": (ROLE_CODE, "OAD", "Other adult"),
+    "EME": (ROLE_CODE, "EME", "Employee"), "EMR": (dt.V2_TABLE + "0131", "E", "Employer"),
+    "ASC": (ROLE_CODE, "ASC", "Associate"), "EMC": (dt.V2_TABLE + "0131", "C", "Emergency Contact"),
+    "OWN": (ROLE_CODE, "OWN", "Owner"), "TRA": (ROLE_CODE, "TRA", "Trainer"), "MGR": (ROLE_CODE, "MGR", "Manager"),
+    "NON": (ROLE_CODE, "NON", "None"), "UNK": (dt.V2_TABLE + "0131", "U", "Unknown"),
+    "OTH": (dt.V2_TABLE + "0131", "O", "Other"),
+}
+# IG ConceptMap ContactRole (table 0131, identity)
+CONTACT_ROLE = {
+    "E": "Employer", "C": "Emergency Contact", "F": "Federal Agency", "I": "Insurance Company",
+    "N": "Next-of-Kin", "S": "State Agency", "O": "Other", "U": "Unknown",
+}
+# PV2-25 visit priority (table 0217) → v3-ActPriority
+VISIT_PRIORITY = {"1": ("EM", "emergency"), "2": ("UR", "urgent"), "3": ("EL", "elective")}
+ACT_PRIORITY = "http://terminology.hl7.org/CodeSystem/v3-ActPriority"
+# DG1-6 diagnosis type (table 0052) → Encounter.diagnosis.use (diagnosis-role)
+DIAGNOSIS_ROLE = {"A": ("AD", "Admission diagnosis"), "F": ("DD", "Discharge diagnosis")}
+DIAGNOSIS_ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
+# IN1-15 plan types that are v3-ActCode insurance policy codes (a CWE without a coding system)
+ACT_CODE_PLAN_TYPES = frozenset({
+    "HMO", "PPO", "POS", "EHCPOL", "HSAPOL", "AUTOPOL", "COL", "UNINSMOT", "PUBLICPOL", "DENTPRG", "DISEASEPRG",
+    "CANPRG", "ENDRENAL", "HIVAIDS", "MANDPOL", "MENTPRG", "SAFNET", "SUBPRG", "SUBSIDIZ", "SUBSIDMC", "SUBSUPP",
+    "WCBPOL", "INSPOL", "DENTAL", "DISEASE", "DRUGPOL", "HIP", "LTC", "MCPOL", "MENTPOL", "SUBSIDFFS", "VISPOL",
+    "WORKCOMP", "MEDICARE", "MEDICAID", "CHAR",
+})
+MEDICARE_SYSTEM = "http://hl7.org/fhir/sid/us-medicare"
+MEDICAID_SYSTEM = "http://hl7.org/fhir/sid/us-medicaid"
 
 
 # ---------------------------------------------------------------------------
@@ -105,6 +145,9 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         merge(msg, ctx, patient_ref, patient_key)
         return
     enc_ref = encounter(msg, ctx, trigger, patient_ref, patient_key)
+    mother(pid, ctx, patient_ref, patient_key)
+    roles(msg, ctx, patient_ref, enc_ref)
+    observations(msg, ctx, patient_key, enc_ref)
     for nk1 in msg.all("NK1"):
         related_person(nk1, ctx, patient_ref, patient_key)
     for al1 in msg.all("AL1"):
@@ -120,13 +163,21 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
             diags = []
             for ref, dg1 in conditions:
                 d: JSON = {"condition": {"reference": ref}}
+                if role := DIAGNOSIS_ROLE.get(dg1.get(6).strip().upper()):
+                    d["use"] = {"coding": [{"system": DIAGNOSIS_ROLE_SYSTEM, "code": role[0], "display": role[1]}]}
                 rank = dg1.get(15).strip()
                 if rank.isdigit() and int(rank) > 0:
                     d["rank"] = int(rank)
                 diags.append(d)
             enc["diagnosis"] = diags
-    for in1 in msg.all("IN1"):
-        coverage(in1, ctx, patient_ref, patient_key)
+    in1_in2: list[list[Segment]] = []  # INSURANCE groups: IN1 and the IN2 right after it
+    for seg in msg.segments:
+        if seg.name == "IN1":
+            in1_in2.append([seg])
+        elif seg.name == "IN2" and in1_in2 and len(in1_in2[-1]) == 1:
+            in1_in2[-1].append(seg)
+    for group in in1_in2:
+        coverage(group[0], ctx, patient_ref, patient_key, group[1] if len(group) > 1 else None)
 
 
 # ---------------------------------------------------------------------------
@@ -182,8 +233,11 @@ def key_identifier(seg: Segment, field: int, ctx: ConvertContext) -> tuple[str, 
     )
 
 
-def patient(pid: Segment, msg: Message, ctx: ConvertContext) -> tuple[str, str]:
-    """PID (+PD1, NK1 contacts) → Patient.  Returns (reference, resource key)."""
+def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: bool = False) -> tuple[str, str]:
+    """PID (+PD1, NK1 contacts) → Patient.  Returns (reference, resource key).
+
+    ADT writes it as a conditional update (the ADT feed is the authority); ORU and SIU pass
+    ``create_only=True`` (conditional create: never overwrite the richer ADT Patient)."""
     s = ctx.settings
     system, value, key_rep = key_identifier(pid, 3, ctx)
     res: JSON = {"active": True}
@@ -199,6 +253,16 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext) -> tuple[str, str]:
                 idents.append(ident)
     if ssn := pid.get(19).strip():
         idents.append({"type": dt.identifier_type("SS"), "system": dt.SSN_SYSTEM, "value": ssn})
+    dln = pid.rep(20)
+    if dl_no := dln.c(1).strip():
+        dl: JSON = {"type": dt.identifier_type("DL"), "value": dl_no}
+        if exp := dln.c(3).strip():
+            try:
+                if end := dt.dtm(exp, s, pid.loc(20, 3), kind="date"):
+                    dl["period"] = {"end": end}
+            except ConversionError:
+                ctx.count("bad_identifier_period")
+        idents.append(dl)
     res["identifier"] = idents
     names = dt.xpns(pid, 5, s) + dt.xpns(pid, 9, s)
     if names:
@@ -252,7 +316,7 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext) -> tuple[str, str]:
     elif mbi in ("Y", "N"):
         res["multipleBirthBoolean"] = mbi == "Y"
     lang = pid.rep(15)
-    if lang and (cc := dt.cwe(lang, ctx, pid.loc(15))):
+    if lang and (cc := dt.language(lang, ctx, pid.loc(15))):
         res["communication"] = [{"language": cc, "preferred": True}]
     extensions: list[JSON] = []
     mmn = pid.rep(6)
@@ -270,7 +334,7 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext) -> tuple[str, str]:
     contacts = [c for nk1 in msg.all("NK1") if (c := patient_contact(nk1, ctx))]
     if contacts:
         res["contact"] = contacts
-    ref = ctx.add("Patient", res, identifier=(system, value))
+    ref = ctx.add("Patient", res, identifier=(system, value), create_only=create_only)
     ctx.patient_ref = ref
     return ref, conditional_url("Patient", system, value)
 
@@ -279,12 +343,12 @@ def patient_contact(nk1: Segment, ctx: ConvertContext) -> JSON | None:
     """NK1 → Patient.contact (every NK1; the IG also makes a RelatedPerson for non-emergency roles)."""
     s = ctx.settings
     c: JSON = {}
-    rels = [cc for n in (3, 7) for r in nk1.reps(n) if (cc := dt.cwe(r, ctx, nk1.loc(n)))]
+    rels = nk1_relationships(nk1, ctx)
     if rels:
         c["relationship"] = rels
     if name := dt.xpn(nk1.rep(2), s):
         c["name"] = name
-    telecom = dt.xtns(nk1, 5, "home") + dt.xtns(nk1, 6, "work")
+    telecom = dt.xtns(nk1, 5, "home") + dt.xtns(nk1, 6, "work") + dt.xtns(nk1, 40) + dt.xtns(nk1, 41)
     if telecom:
         c["telecom"] = telecom
     if addr := dt.xad(nk1.rep(4), s):
@@ -302,6 +366,48 @@ def patient_contact(nk1: Segment, ctx: ConvertContext) -> JSON | None:
     return c
 
 
+def _mapped_coding(code: str, display: str, sysname: str, table_map: dict[str, tuple[str, str, str]],
+                   default_system: str) -> JSON | None:
+    code = dt.fhir_code(code)
+    if not code:
+        return None
+    hit = table_map.get(code.upper())
+    if hit is not None and sysname.strip().upper() in ("", "HL70063", "HL70131", "HL7-0063", "HL7-0131", "ACR"):
+        return {"system": hit[0], "code": hit[1], "display": hit[2]}
+    c: JSON = {"system": dt.code_system(sysname) or default_system, "code": code}
+    if display.strip():
+        c["display"] = display.strip()
+    return c
+
+
+def nk1_relationships(nk1: Segment, ctx: ConvertContext) -> list[JSON]:
+    """NK1-3 (relationship, IG ConceptMap Relationship: 0063 → v3-RoleCode / v2-0131) and NK1-7 (contact
+    role, table 0131) → CodeableConcepts.  Both triplets of each CWE are mapped."""
+    out: list[JSON] = []
+    rel = nk1.rep(3)
+    if rel:
+        codings = [c for c in (
+            _mapped_coding(rel.c(1), rel.c(2), rel.c(3), RELATIONSHIP, dt.V2_TABLE + "0063"),
+            _mapped_coding(rel.c(4), rel.c(5), rel.c(6), RELATIONSHIP, dt.V2_TABLE + "0063"),
+        ) if c is not None]
+        if codings:
+            cc: JSON = {"coding": codings}
+            if (text := rel.c(2).strip()) and text != codings[0].get("display"):
+                cc["text"] = text  # the sender's own wording, kept next to the mapped code
+            out.append(cc)
+    role = nk1.rep(7)
+    if role:
+        code = dt.fhir_code(role.c(1))
+        if code.upper() in CONTACT_ROLE:
+            out.append({"coding": [{"system": dt.V2_TABLE + "0131", "code": code.upper(),
+                                    "display": CONTACT_ROLE[code.upper()]}]})
+        elif role_cc := dt.cwe(role, ctx, nk1.loc(7)):
+            for coding in role_cc.get("coding", ()):
+                coding.setdefault("system", dt.V2_TABLE + "0131")
+            out.append(role_cc)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Encounter
 # ---------------------------------------------------------------------------
@@ -316,7 +422,8 @@ def _derived_status(pv1: Segment) -> str:
     return "in-progress"
 
 
-def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str, patient_key: str) -> str | None:
+def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str, patient_key: str, *,
+              create_only: bool = False) -> str | None:
     """PV1/PV2 → Encounter keyed by PV1-19 (visit number).  No visit number and no admit time → no
     Encounter (counted ``encounter_without_key``): an unkeyed Encounter would duplicate on every update."""
     pv1 = msg.first("PV1")
@@ -345,10 +452,16 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
         res["serviceType"] = dt.coded_table(service, "0069")
     res["subject"] = {"reference": patient_ref}
     participants: list[JSON] = []
-    for field, code, display in ((7, "ATND", "attender"), (8, "REF", "referrer"), (9, "CON", "consultant"),
-                                 (17, "ADM", "admitter")):
-        for r in pv1.reps(field):
-            who = dt.xcn(r, ctx, pv1.loc(field))
+    pv2 = msg.first("PV2")
+    sources: list[tuple[Segment, int, str, str]] = [
+        (pv1, 7, "ATND", "attender"), (pv1, 8, "REF", "referrer"), (pv1, 9, "CON", "consultant"),
+        (pv1, 17, "ADM", "admitter"), (pv1, 52, "PART", "Participation"),
+    ]
+    if pv2 is not None:
+        sources.append((pv2, 13, "REF", "referrer"))  # PV2-13 referral source
+    for seg, field, code, display in sources:
+        for r in seg.reps(field):
+            who = dt.xcn(r, ctx, seg.loc(field))
             if who:
                 participants.append({
                     "type": [{"coding": [{"system": PARTICIPATION, "code": code, "display": display}]}],
@@ -385,28 +498,132 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
         hosp["dietPreference"] = [{"coding": [{"code": diet}]}]
     if hosp:
         res["hospitalization"] = hosp
-    pv2 = msg.first("PV2")
     if pv2 is not None:
         reasons = dt.cwes(pv2, 3, ctx)
         if reasons:
             res["reasonCode"] = reasons
         if (exp_admit := pv2.get(8).strip()) and "period" not in res and status == "planned":
             res["period"] = {"start": dt.dtm(exp_admit, s, pv2.loc(8))}
+        prio = pv2.rep(25)
+        if prio:
+            codings = []
+            for ci in (1, 4):
+                code = prio.c(ci).strip()
+                if prio_hit := VISIT_PRIORITY.get(code):
+                    codings.append({"system": ACT_PRIORITY, "code": prio_hit[0], "display": prio_hit[1]})
+                elif code:
+                    dt.table(ctx, {}, code, pv2.loc(25), "0217")
+            if codings:
+                res["priority"] = {"coding": codings}
+    alternates = [i for r in pv1.reps(50) if (i := dt.cx(r, ctx, pv1.loc(50)))]
     if visit_no:
         ident = dt.cx(visit, ctx, pv1.loc(19)) or {"value": visit_no}
         if "type" not in ident:
             ident["type"] = dt.identifier_type("VN")
-        res["identifier"] = [ident]
+        res["identifier"] = [ident, *alternates]
         if "system" in ident:
-            return ctx.add("Encounter", res, identifier=(ident["system"], visit_no))
+            return ctx.add("Encounter", res, identifier=(ident["system"], visit_no), create_only=create_only)
         # A visit number without a usable authority is only unique per patient.
-        return ctx.add("Encounter", res, key=f"{patient_key}|visit|{visit_no}")
+        return ctx.add("Encounter", res, key=f"{patient_key}|visit|{visit_no}", create_only=create_only)
+    if alternates:
+        res["identifier"] = alternates
     if admit:
         ctx.count("encounter_keyed_by_admit_time")
-        return ctx.add("Encounter", res, key=f"{patient_key}|admit|{admit}")
+        return ctx.add("Encounter", res, key=f"{patient_key}|admit|{admit}", create_only=create_only)
     if any(pv1.get(n).strip() for n in (3, 7, 44)) or trigger not in ("A28", "A31", "A08", "A60"):
         ctx.count("encounter_without_key")
     return None
+
+
+# ---------------------------------------------------------------------------
+# ROL, OBX
+# ---------------------------------------------------------------------------
+def mother(pid: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str) -> str | None:
+    """PID-21 mother's identifier → RelatedPerson (IG CX[RelatedPerson-Mother]: relationship MTH)."""
+    idents = [i for r in pid.reps(21) if (i := dt.cx(r, ctx, pid.loc(21)))]
+    if not idents:
+        return None
+    res: JSON = {
+        "active": True, "patient": {"reference": patient_ref}, "identifier": idents,
+        "relationship": [{"coding": [{"system": ROLE_CODE, "code": "MTH", "display": "mother"}]}],
+    }
+    if (mmn := pid.rep(6)) and (name := dt.xpn(mmn, ctx.settings)):
+        name.setdefault("use", "maiden")
+        res["name"] = [name]
+    first = idents[0]
+    key = "|".join((patient_key, "PID-21", first.get("system", ""), first["value"]))
+    return ctx.add("RelatedPerson", res, key=key)
+
+
+def roles(msg: Message, ctx: ConvertContext, patient_ref: str, enc_ref: str | None) -> None:
+    """ROL after PID/PD1 with role PP → Patient.generalPractitioner (IG ROL[Patient-GeneralPractitioner]);
+    ROL after PV1/PV2 → Encounter.participant (IG ROL[Encounter-PractitionerRole]; the person is the
+    Practitioner, the ROL-3 role is the participant type).  ROLs elsewhere (procedures, insurance) are not
+    mapped."""
+    owner = ""
+    patient_res = ctx.find(patient_ref)
+    enc = ctx.find(enc_ref) if enc_ref else None
+    for seg in msg.segments:
+        name = seg.name
+        if name in ("PID", "PD1", "PV1", "PV2", "NK1", "DG1", "PR1", "IN1", "GT1", "OBX", "AL1"):
+            owner = name
+            continue
+        if name != "ROL" or owner not in ("PID", "PD1", "PV1", "PV2"):
+            continue
+        role = seg.rep(3)
+        who = dt.xcn(seg.rep(4), ctx, seg.loc(4))
+        if who is None or "reference" not in who:
+            continue
+        role_code = role.c(1).strip().upper()
+        if owner in ("PID", "PD1"):
+            if role_code == "PP" and patient_res is not None:
+                gps = patient_res.setdefault("generalPractitioner", [])
+                if not any(g.get("reference") == who["reference"] for g in gps):
+                    gps.append(who)
+        elif enc is not None:
+            part: JSON = {}
+            if cc := dt.cwe(role, ctx, seg.loc(3)):
+                part["type"] = [cc]
+            part["individual"] = who
+            try:
+                if p := dt.period(seg.get(5), seg.get(6), ctx.settings, seg.loc(5), seg.loc(6)):
+                    part["period"] = p
+            except ConversionError:
+                ctx.count("bad_role_period")
+            parts = enc.setdefault("participant", [])
+            if not any(x["individual"].get("reference") == who["reference"] for x in parts):
+                parts.append(part)
+
+
+def observations(msg: Message, ctx: ConvertContext, patient_key: str, enc_ref: str | None) -> None:
+    """OBX in an ADT message → Observation (IG ADT_A01 OBSERVATION group), keyed by patient + OBX-3
+    code + OBX-4 sub-id; the same value mapping as ORU (transforms.oru.observation)."""
+    obxs = msg.all("OBX")
+    if not obxs:
+        return
+    from transforms import oru
+
+    notes: dict[int, list[Segment]] = {}
+    current: int | None = None
+    for seg in msg.segments:
+        if seg.name == "OBX":
+            current = id(seg)
+            notes[current] = []
+        elif seg.name == "NTE" and current is not None:
+            notes[current].append(seg)
+        else:
+            current = None
+    seen: dict[str, int] = {}
+    for obx in obxs:
+        if not obx.rep(3):
+            # an ADT's OBX is supplementary: a codeless one is skipped (counted), not a reason to drop
+            # the patient update
+            ctx.count("obx_without_code_skipped")
+            continue
+        if obx.get(2).strip().upper() == "ED":
+            ctx.count("ed_without_report")
+        oru.observation(obx, notes.get(id(obx), []), ctx, key_prefix=f"{patient_key}|adt-observation", obr=None,
+                        obr_status_code="", seen=seen, enc=enc_ref)
 
 
 # ---------------------------------------------------------------------------
@@ -427,22 +644,18 @@ def related_person(nk1: Segment, ctx: ConvertContext, patient_ref: str, patient_
         idents.append({"type": dt.identifier_type("SS"), "system": dt.SSN_SYSTEM, "value": ssn})
     if idents:
         res["identifier"] = idents
-    rels = []
-    if cc := dt.cwe(rel, ctx, nk1.loc(3)):
-        if "coding" in cc and "system" not in cc["coding"][0]:
-            cc["coding"][0]["system"] = dt.V2_TABLE + "0063"
-        rels.append(cc)
-    if cc := dt.cwe(nk1.rep(7), ctx, nk1.loc(7)):
-        if "coding" in cc and "system" not in cc["coding"][0]:
-            cc["coding"][0]["system"] = dt.V2_TABLE + "0131"
-        rels.append(cc)
+    rels = nk1_relationships(nk1, ctx)
     if rels:
         res["relationship"] = rels
-    res["name"] = [name]
-    telecom = dt.xtns(nk1, 5, "home") + dt.xtns(nk1, 6, "work") + dt.xtns(nk1, 40)
+    # IG NK1[RelatedPerson]: name[1] NK1-2, name[2] NK1-30 (contact person); telecom NK1-5/6/31/40/41;
+    # address NK1-4/32
+    names = [name, *(n for r in nk1.reps(2)[1:] if (n := dt.xpn(r, s))), *dt.xpns(nk1, 30, s)]
+    res["name"] = names
+    telecom = (dt.xtns(nk1, 5, "home") + dt.xtns(nk1, 6, "work") + dt.xtns(nk1, 31) + dt.xtns(nk1, 40)
+               + dt.xtns(nk1, 41))
     if telecom:
         res["telecom"] = telecom
-    addresses = dt.xads(nk1, 4, s)
+    addresses = dt.xads(nk1, 4, s) + dt.xads(nk1, 32, s)
     if addresses:
         res["address"] = addresses
     gender = dt.table(ctx, dt.ADMINISTRATIVE_SEX, nk1.get(15), nk1.loc(15), "0001")
@@ -453,7 +666,7 @@ def related_person(nk1: Segment, ctx: ConvertContext, patient_ref: str, patient_
     p = dt.period(nk1.get(8), nk1.get(9), s, nk1.loc(8), nk1.loc(9))
     if p:
         res["period"] = p
-    if lang := dt.cwe(nk1.rep(20), ctx, nk1.loc(20)):
+    if lang := dt.language(nk1.rep(20), ctx, nk1.loc(20)):
         res["communication"] = [{"language": lang}]
     key = "|".join((patient_key, "NK1", name.get("family", ""), " ".join(name.get("given", [])), rel.c(1).strip()))
     return ctx.add("RelatedPerson", res, key=key)
@@ -542,7 +755,35 @@ def condition(
     return ctx.add("Condition", res, key=key)
 
 
-def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str) -> str | None:
+def subscriber(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str,
+               insured_ids: list[JSON]) -> str | None:
+    """IN1-16.. (insured person, when IN1-17 is not self) → RelatedPerson (IG IN1-16 subscriber)."""
+    s = ctx.settings
+    name = dt.xpn(in1.rep(16), s)
+    if name is None:
+        return None
+    res: JSON = {"active": True, "patient": {"reference": patient_ref}}
+    if insured_ids:
+        res["identifier"] = [dict(i) for i in insured_ids]
+    rel = in1.rep(17)
+    coding = _mapped_coding(rel.c(1), rel.c(2), rel.c(3), RELATIONSHIP, dt.V2_TABLE + "0063")
+    if coding is not None:
+        res["relationship"] = [{"coding": [coding]}]
+    res["name"] = [name]
+    if addr := dt.xads(in1, 19, s):
+        res["address"] = addr
+    gender = dt.table(ctx, dt.ADMINISTRATIVE_SEX, in1.get(43), in1.loc(43), "0001")
+    if gender:
+        res["gender"] = gender
+    if bd := in1.get(18).strip():
+        res["birthDate"] = dt.dtm(bd, s, in1.loc(18), kind="date")
+    key = "|".join((patient_key, "IN1-16", name.get("family", ""), " ".join(name.get("given", [])),
+                    rel.c(1).strip()))
+    return ctx.add("RelatedPerson", res, key=key)
+
+
+def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str,
+             in2: Segment | None = None) -> str | None:
     """IN1 → Coverage (+ payor Organization).  Key: patient + company id + plan + policy number."""
     s = ctx.settings
     company_id = in1.rep(3)
@@ -570,21 +811,41 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
     else:
         payor = {"display": "unknown payor"}
     res: JSON = {"status": "active"}
+    idents: list[JSON] = []
+    # IN1-2 health plan id (CWE → Identifier, IG), IN1-36 policy number, IN1-49 insured's id,
+    # IN2-6 / IN2-8 Medicare / Medicaid numbers of the same insurance group
+    if plan:
+        plan_ident: JSON = {"value": plan}
+        if (psys := in1.get(2, 3).strip()) and (plan_system := dt.code_system(psys)):
+            plan_ident["system"] = plan_system
+        idents.append(plan_ident)
     if policy:
-        res["identifier"] = [{"value": policy}]
+        idents.append({"value": policy})
         res["subscriberId"] = policy
+    insured_ids = [i for r in in1.reps(49) if (i := dt.cx(r, ctx, in1.loc(49)))]
+    idents.extend(insured_ids)
+    if in2 is not None:
+        for field, system in ((6, MEDICARE_SYSTEM), (8, MEDICAID_SYSTEM)):
+            if v := in2.get(field).strip():
+                idents.append({"system": system, "value": v})
+    if idents:
+        res["identifier"] = idents
     if ptype := dt.cwe(in1.rep(15), ctx, in1.loc(15)):
+        for coding in ptype.get("coding", ()):
+            if "system" not in coding and coding["code"].upper() in ACT_CODE_PLAN_TYPES:
+                coding["system"] = ACT_CODE
         res["type"] = ptype
     res["beneficiary"] = {"reference": patient_ref}
     rel_code = in1.get(17, 1).strip().upper()
-    if rel_code:
-        rel = SUBSCRIBER_RELATIONSHIP.get(rel_code)
-        if rel:
-            res["relationship"] = {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/subscriber-relationship", "code": rel,
-            }]}
-        if rel == "self":
-            res["subscriber"] = {"reference": patient_ref}
+    rel = SUBSCRIBER_RELATIONSHIP.get(rel_code) if rel_code else None
+    if rel:
+        res["relationship"] = {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/subscriber-relationship", "code": rel,
+        }]}
+    if rel == "self":
+        res["subscriber"] = {"reference": patient_ref}
+    elif rel_code and (sub := subscriber(in1, ctx, patient_ref, patient_key, insured_ids)):
+        res["subscriber"] = {"reference": sub}
     p = dt.period(in1.get(12), in1.get(13), s, in1.loc(12), in1.loc(13))
     if p:
         res["period"] = p

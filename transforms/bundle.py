@@ -23,6 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from engine.hl7 import Message
@@ -49,8 +50,11 @@ OBSERVATION_STATUS_RANK = {
 _NS_BYTES = NAMESPACE.bytes
 
 
+@lru_cache(maxsize=16384)
 def det_uuid(text: str) -> str:
-    """Deterministic UUID (v5) of ``text`` in the Sluice namespace (== ``str(uuid.uuid5(NAMESPACE, text))``)."""
+    """Deterministic UUID (v5) of ``text`` in the Sluice namespace (== ``str(uuid.uuid5(NAMESPACE, text))``).
+
+    Cached: the same practitioners, locations and patients recur across a feed's messages."""
     h = bytearray(hashlib.sha1(_NS_BYTES + text.encode("utf-8")).digest()[:16])
     h[6] = (h[6] & 0x0F) | 0x50
     h[8] = (h[8] & 0x3F) | 0x80
@@ -60,7 +64,7 @@ def det_uuid(text: str) -> str:
 
 def escape_search(value: str) -> str:
     """Escape a token search value: FHIR reserves ``\\ , $ |`` inside parameter values."""
-    if any(c in value for c in "\\,$|"):
+    if "\\" in value or "," in value or "$" in value or "|" in value:
         value = value.replace("\\", "\\\\").replace(",", "\\,").replace("$", "\\$").replace("|", "\\|")
     return value
 
@@ -105,7 +109,8 @@ class ConvertContext:
     reference string (``urn:uuid:...``) inside other resources.
     """
 
-    __slots__ = ("_by_url", "entries", "events", "guards", "message", "patient_ref", "requires", "settings")
+    __slots__ = ("_by_full_url", "_by_url", "entries", "events", "guards", "message", "patient_ref", "requires",
+                 "settings")
 
     def __init__(self, message: Message, settings: ConvertSettings):
         self.message = message
@@ -115,6 +120,7 @@ class ConvertContext:
         self.requires: list[str] = []
         self.entries: list[dict[str, Any]] = []
         self._by_url: dict[str, dict[str, Any]] = {}
+        self._by_full_url: dict[str, tuple[dict[str, Any], str]] = {}  # fullUrl -> (resource, resource key)
         self.patient_ref: str | None = None
 
     # ------------------------------------------------------------------
@@ -140,6 +146,7 @@ class ConvertContext:
         *,
         identifier: tuple[str, str] | None = None,
         key: str | None = None,
+        create_only: bool = False,
     ) -> str:
         """Add ``resource`` as a conditional update and return its ``urn:uuid`` reference.
 
@@ -148,6 +155,12 @@ class ConvertContext:
         e.g. ``"<patient url>|DG1|<code>"``; a ``urn:sluice:key`` identifier with its uuid5 is
         added).  Adding the same resource twice in one message returns the first reference;
         elements missing in the first are filled from the second (first wins).
+
+        ``create_only=True`` writes a conditional *create* instead (``POST`` with
+        ``ifNoneExist: identifier=<system>|<value>``): the resource is created when the server has
+        none with that identifier and an existing one is never overwritten.  ORU and SIU use it for
+        the Patient and Encounter, whose authority is the ADT feed.  The resource key (for guards and
+        requires) and the fullUrl are the same as for the conditional update.
         """
         if identifier is not None:
             system, value = identifier
@@ -162,16 +175,22 @@ class ConvertContext:
             ids.append({"system": system, "value": value})
         url = conditional_url(resource_type, system, value)
         existing = self._by_url.get(url)
-        full_url = "urn:uuid:" + det_uuid(url)
         if existing is not None:
             old = existing["resource"]
             for k, v in resource.items():
                 if k not in old:
                     old[k] = v
-            return full_url
+            return str(existing["fullUrl"])
+        full_url = "urn:uuid:" + det_uuid(url)
         _put_type_first(resource, resource_type)
-        entry = {"fullUrl": full_url, "resource": resource, "request": {"method": "PUT", "url": url}}
+        request: dict[str, str]
+        if create_only:
+            request = {"method": "POST", "url": resource_type, "ifNoneExist": url[len(resource_type) + 1:]}
+        else:
+            request = {"method": "PUT", "url": url}
+        entry = {"fullUrl": full_url, "resource": resource, "request": request}
         self._by_url[url] = entry
+        self._by_full_url[full_url] = (resource, url)
         self.entries.append(entry)
         return full_url
 
@@ -187,26 +206,25 @@ class ConvertContext:
                 "request": {"method": "POST", "url": resource_type, "ifNoneExist": if_none_exist},
             }
         )
+        self._by_full_url[full_url] = (resource, f"{resource_type}?{if_none_exist}")
         return full_url
 
     def find(self, full_url: str) -> dict[str, Any] | None:
         """The resource dict of an entry already added, by its fullUrl."""
-        for e in self.entries:
-            if e["fullUrl"] == full_url:
-                res: dict[str, Any] = e["resource"]
-                return res
-        return None
+        hit = self._by_full_url.get(full_url)
+        return hit[0] if hit is not None else None
 
     @staticmethod
     def url_of_entry(entry: Mapping[str, Any]) -> str:
-        return str(entry["request"]["url"])
+        req = entry["request"]
+        if req.get("method") == "POST" and req.get("ifNoneExist"):
+            return f"{req['url']}?{req['ifNoneExist']}"
+        return str(req["url"])
 
     def key_of(self, full_url: str) -> str | None:
-        """The resource key (conditional URL) of an added entry."""
-        for e in self.entries:
-            if e["fullUrl"] == full_url:
-                return str(e["request"]["url"])
-        return None
+        """The resource key (conditional URL, ``Type?identifier=system|value``) of an added entry."""
+        hit = self._by_full_url.get(full_url)
+        return hit[1] if hit is not None else None
 
     # ------------------------------------------------------------------
     def bundle(self) -> dict[str, Any]:

@@ -71,6 +71,9 @@ CODE_SYSTEMS: dict[str, str] = {
     "ISO639": "urn:ietf:bcp:47",
     "NUCC": "http://nucc.org/provider-taxonomy",
     "HCPCS": "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
+    "ICDO": "http://terminology.hl7.org/CodeSystem/icd-o",
+    "ICDO3": "http://terminology.hl7.org/CodeSystem/icd-o",
+    "ICD-O": "http://terminology.hl7.org/CodeSystem/icd-o",
 }
 _HL7_TABLE = re.compile(r"^HL7[-_]?(\d{4})$", re.IGNORECASE)
 _URI_SAFE = "-._~:"
@@ -78,6 +81,20 @@ _URI_SAFE = "-._~:"
 
 def code_system(name: str) -> str | None:
     """HL7 v2 coding-system name (CWE-3) → FHIR system URI.  Unknown names → a local system."""
+    try:
+        return _SYSTEM_CACHE[name]
+    except KeyError:
+        pass
+    out = _code_system(name)
+    if len(_SYSTEM_CACHE) < 4096:
+        _SYSTEM_CACHE[name] = out
+    return out
+
+
+_SYSTEM_CACHE: dict[str, str | None] = {}
+
+
+def _code_system(name: str) -> str | None:
     name = name.strip()
     if not name:
         return None
@@ -381,34 +398,36 @@ def xpn(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
     """XPN → HumanName.  A single component holding ``"Last, First [Middle]"`` is split."""
     if not rep:
         return None
-    family = rep.c(1, 1).strip()
-    given = _given(rep.c(2), rep.c(3))
+    c = rep.cs(14)
+    family = c[0].strip()
+    given = _given(c[1], c[2])
     if family and not given and "," in family:
         last, _, rest = family.partition(",")
         family = last.strip()
         given = rest.split()
+    if not (family or given):
+        return None
     name: JSON = {}
-    use = NAME_USE.get(rep.c(7).strip().upper())
-    if use:
-        name["use"] = use
+    if c[6]:
+        use = NAME_USE.get(c[6].strip().upper())
+        if use:
+            name["use"] = use
     if family:
         name["family"] = family
     if given:
         name["given"] = given
-    if prefix := rep.c(5).strip():
+    if prefix := c[4].strip():
         name["prefix"] = [prefix]
-    suffix = _given(rep.c(4), rep.c(6), rep.c(14))
+    suffix = _given(c[3], c[5], c[13])
     if suffix:
         name["suffix"] = suffix
-    if settings is not None:
+    if settings is not None and len(rep) > 9:
         try:
-            p = dr(rep, 10, settings) or period(rep.c(12), rep.c(13), settings)
+            p = dr(rep, 10, settings) or period(c[11], c[12], settings)
         except ConversionError:
             p = None  # a bad name-validity date is not worth rejecting a message for
         if p:
             name["period"] = p
-    if not (family or given):
-        return None
     return name
 
 
@@ -421,10 +440,11 @@ def xad(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
     if not rep:
         return None
     a: JSON = {}
-    street = rep.c(1, 1).strip()
-    if not street:
-        street = " ".join(p for p in (rep.c(1, 2).strip(), rep.c(1, 3).strip()) if p)
-    lines = _given(street, rep.c(2))
+    # XAD-1 SAD: street/mailing address & street name & dwelling number → one line (IG line[1-3];
+    # "1000&Hospital Lane" is the street "1000 Hospital Lane"); XAD-2 other designation; XAD-19 addressee
+    sad = rep.subs(1)
+    street = " ".join(p for p in (x.strip() for x in sad[:3]) if p) if len(sad) > 1 else (sad[0].strip() if sad else "")
+    lines = _given(street, rep.c(2), rep.c(19))
     kind = rep.c(7).strip().upper()
     if use := ADDRESS_USE.get(kind):
         a["use"] = use
@@ -455,38 +475,43 @@ def xtn(rep: Rep, default_use: str | None = None) -> JSON | None:
     """XTN → ContactPoint (phone, fax, pager, email)."""
     if not rep:
         return None
-    equip = rep.c(3).strip()
-    email = rep.c(4).strip()
+    c = rep.cs(18)
+    equip = c[2].strip()
+    equip_u = equip.upper()
+    email = c[3].strip()
     cp: JSON = {}
-    if equip.upper() in ("INTERNET", "X.400") or (not equip and email and not rep.c(1).strip()):
+    if equip_u in ("INTERNET", "X.400") or (not equip and email and not c[0].strip()):
         if not email:
-            email = rep.c(1).strip()
+            email = c[0].strip()
         if not email:
             return None
         cp["system"] = "email"
         cp["value"] = email
     else:
-        number = rep.c(1).strip() or rep.c(12).strip()
+        # IG XTN: XTN-12 (unformatted number) when valued, else the number built from XTN-5..8, else XTN-1
+        number = c[11].strip()
         if not number:
-            area, local, ext = rep.c(6).strip(), rep.c(7).strip(), rep.c(8).strip()
-            country = rep.c(5).strip()
+            local = c[6].strip()
             if local:
+                area, ext, country = c[5].strip(), c[7].strip(), c[4].strip()
                 number = (f"+{country.lstrip('+')} " if country else "") + (f"({area}) " if area else "") + local
                 if ext:
                     number += f" ext. {ext}"
+            else:
+                number = c[0].strip()
         if not number:
             if email:
                 return {"system": "email", "value": email}
             return None
-        cp["system"] = TELECOM_SYSTEM.get(equip.upper(), "phone")
+        cp["system"] = TELECOM_SYSTEM.get(equip_u, "phone")
         cp["value"] = number
-    use = TELECOM_USE.get(rep.c(2).strip().upper())
-    if equip.upper() == "CP" and use is None:
+    use = TELECOM_USE.get(c[1].strip().upper()) if c[1] else None
+    if equip_u == "CP" and use is None:
         use = "mobile"
     use = use or default_use
     if use:
         cp["use"] = use
-    rank = rep.c(18).strip()
+    rank = c[17].strip()
     if rank.isdigit() and int(rank) > 0:
         cp["rank"] = int(rank)
     return cp
@@ -509,6 +534,8 @@ _IDENTIFIER_TYPES = {
     "XX": "Organization identifier", "LN": "License number", "DN": "Doctor number", "ANON": "Anonymous identifier",
 }
 SSN_SYSTEM = "http://hl7.org/fhir/sid/us-ssn"
+_OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
+_UUID = re.compile(r"^[0-9a-fA-F-]{36}$")
 
 
 def hd_system(ctx: ConvertContext, namespace: str, universal_id: str, uid_type: str) -> tuple[str | None, str]:
@@ -524,12 +551,12 @@ def hd_system(ctx: ConvertContext, namespace: str, universal_id: str, uid_type: 
     if universal_id and universal_id in systems:
         return systems[universal_id], "mapped"
     if universal_id:
-        if uid_type == "ISO" or (not uid_type and re.match(r"^[0-2](\.\d+)+$", universal_id)):
-            if re.match(r"^[0-2](\.(0|[1-9]\d*))+$", universal_id):
-                return "urn:oid:" + universal_id, "oid"
-        elif uid_type in ("UUID", "GUID") and re.match(r"^[0-9a-fA-F-]{36}$", universal_id):
+        # HD-2 universal id: an OID (whatever HD-3 says: senders often put CLIP/L/HCD there) → urn:oid
+        if uid_type not in ("UUID", "GUID", "URI", "URL") and _OID.match(universal_id):
+            return "urn:oid:" + universal_id, "oid"
+        if uid_type in ("UUID", "GUID") and _UUID.match(universal_id):
             return "urn:uuid:" + universal_id.lower(), "uuid"
-        elif uid_type in ("URI", "URL") and ":" in universal_id:
+        if uid_type in ("URI", "URL") and ":" in universal_id:
             return universal_id, "uri"
     if namespace.upper() == "NPI":
         return NPI_SYSTEM, "mapped"
@@ -554,26 +581,29 @@ def cx(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
     """CX → Identifier (system from the assigning authority CX-4 via :func:`hd_system`)."""
     if not rep:
         return None
-    value = rep.c(1).strip()
+    c = rep.cs(8)
+    value = c[0].strip()
     if not value:
         return None
     ident: JSON = {}
-    if t := identifier_type(rep.c(5)):
+    if c[4] and (t := identifier_type(c[4])):
         ident["type"] = t
-    system, how = hd_system(ctx, rep.c(4, 1), rep.c(4, 2), rep.c(4, 3))
-    if system is None and rep.c(5).strip().upper() == "SS":
+    # c[3] is only HD-1 (namespace): an authority can be HD-2/3 alone ("&2.16.840.1...&ISO")
+    system, how = hd_system(ctx, rep.c(4, 1), rep.c(4, 2), rep.c(4, 3)) if len(rep) > 3 else (None, "none")
+    if system is None and c[4].strip().upper() == "SS":
         system = SSN_SYSTEM
     if how == "derived":
         ctx.count("identifier_system_derived")
     if system:
         ident["system"] = system
     ident["value"] = value
-    try:
-        p = period(rep.c(7), rep.c(8), ctx.settings, loc, loc)
-    except ConversionError:
-        p = None
-    if p:
-        ident["period"] = p
+    if c[6] or c[7]:
+        try:
+            p = period(c[6], c[7], ctx.settings, loc, loc)
+        except ConversionError:
+            p = None
+        if p:
+            ident["period"] = p
     return ident
 
 
@@ -628,16 +658,17 @@ def cwe(
     """
     if not rep:
         return None
+    c = rep.cs(9)
     codings: list[JSON] = []
-    first = _coding(rep.c(1), rep.c(2), rep.c(3))
+    first = _coding(c[0], c[1], c[2]) if c[0] else None
     if first:
         codings.append(first)
-    alt = _coding(rep.c(4), rep.c(5), rep.c(6))
+    alt = _coding(c[3], c[4], c[5]) if c[3] else None
     if alt and alt != first:
         codings.append(alt)
     maps = ctx.settings.code_maps
     if maps and first:
-        cmap = (maps.get(field) if field else None) or maps.get(rep.c(3).strip())
+        cmap = (maps.get(field) if field else None) or maps.get(c[2].strip())
         if cmap is not None:
             hit = cmap.get(first["code"])
             if hit is not None:
@@ -656,9 +687,9 @@ def cwe(
     cc: JSON = {}
     if codings:
         cc["coding"] = codings
-    text = rep.c(9).strip()
+    text = c[8].strip()
     if not codings:
-        text = text or rep.c(2).strip() or rep.c(1).strip()
+        text = text or c[1].strip() or c[0].strip()
     if text:
         cc["text"] = text
     return cc or None
@@ -797,3 +828,66 @@ def _phys(code: str, display: str) -> JSON:
 def derived_key_identifier(key_value: str) -> JSON:
     """The Sluice key identifier dict (for callers building resources by hand)."""
     return {"system": SLUICE_KEY_SYSTEM, "value": key_value}
+
+
+# ---------------------------------------------------------------------------
+# Languages (PID-15, NK1-20): R4 binds communication.language (required) to BCP-47
+# ---------------------------------------------------------------------------
+BCP47 = "urn:ietf:bcp:47"
+# ISO 639-2 (B and T codes, as HL7 table 0296 uses them) → the ISO 639-1 code BCP-47 requires
+ISO639_2_TO_1: dict[str, str] = {
+    "ara": "ar", "ben": "bn", "bos": "bs", "bul": "bg", "cat": "ca", "ces": "cs", "cze": "cs", "chi": "zh",
+    "zho": "zh", "cym": "cy", "wel": "cy", "dan": "da", "deu": "de", "ger": "de", "ell": "el", "gre": "el",
+    "eng": "en", "est": "et", "fas": "fa", "per": "fa", "fin": "fi", "fra": "fr", "fre": "fr", "gle": "ga",
+    "guj": "gu", "hat": "ht", "heb": "he", "hin": "hi", "hrv": "hr", "hun": "hu", "hye": "hy", "arm": "hy",
+    "ind": "id", "isl": "is", "ice": "is", "ita": "it", "jpn": "ja", "kat": "ka", "geo": "ka", "khm": "km",
+    "kor": "ko", "lao": "lo", "lav": "lv", "lit": "lt", "mkd": "mk", "mac": "mk", "mal": "ml", "mar": "mr",
+    "msa": "ms", "may": "ms", "mya": "my", "bur": "my", "nep": "ne", "nld": "nl", "dut": "nl", "nor": "no",
+    "nob": "nb", "nno": "nn", "pan": "pa", "pol": "pl", "por": "pt", "pus": "ps", "ron": "ro", "rum": "ro",
+    "rus": "ru", "slk": "sk", "slo": "sk", "slv": "sl", "som": "so", "spa": "es", "sqi": "sq", "alb": "sq",
+    "srp": "sr", "swa": "sw", "swe": "sv", "tam": "ta", "tel": "te", "tgl": "tl", "tha": "th", "tur": "tr",
+    "ukr": "uk", "urd": "ur", "vie": "vi", "yid": "yi", "yor": "yo", "amh": "am", "aze": "az", "bel": "be",
+    "eus": "eu", "baq": "eu", "glg": "gl", "kaz": "kk", "kin": "rw", "mon": "mn", "sin": "si", "tir": "ti",
+    "uzb": "uz", "xho": "xh", "zul": "zu", "afr": "af", "hmn": "hmn", "smo": "sm", "ton": "to", "haw": "haw",
+}
+_BCP47_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
+
+
+def bcp47(code: str) -> str | None:
+    """A language code (ISO 639-1/2, or already BCP-47 like ``en-US``) → a BCP-47 tag; None if it is not one."""
+    code = code.strip()
+    if not code or not _BCP47_TAG.match(code):
+        return None
+    head, sep, rest = code.partition("-")
+    head = head.lower()
+    head = ISO639_2_TO_1.get(head, head)
+    return head + sep + rest if sep else head
+
+
+def language(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
+    """CWE primary language → CodeableConcept with a ``urn:ietf:bcp:47`` coding (table 0296 and ISO 639
+    codes converted: ``ara`` → ``ar``); a code that is no language tag keeps its original coding."""
+    if not rep:
+        return None
+    codings: list[JSON] = []
+    for ci, di in ((1, 2), (4, 5)):
+        code = rep.c(ci).strip()
+        if not code:
+            continue
+        tag = bcp47(code)
+        if tag is None:
+            if c := _coding(code, rep.c(di), rep.c(ci + 2)):
+                codings.append(c)
+            ctx.count("language_not_bcp47")
+            continue
+        c = {"system": BCP47, "code": tag}
+        if disp := rep.c(di).strip():
+            c["display"] = disp
+        if c not in codings and not any(x.get("code") == tag and x.get("system") == BCP47 for x in codings):
+            codings.append(c)
+    cc: JSON = {}
+    if codings:
+        cc["coding"] = codings
+    if text := rep.c(9).strip() or ("" if codings else rep.c(2).strip()):
+        cc["text"] = text
+    return cc or None

@@ -4,7 +4,7 @@ One DiagnosticReport per OBR group, one Observation per OBX (an ED/base64 OBX be
 ``DiagnosticReport.presentedForm`` attachment instead, because R4 ``Observation.value[x]`` has no
 Attachment).  NTEs after an OBR become report notes, NTEs after an OBX become ``Observation.note``.
 
-Identity (see docs/mapping-oru-siu.md):
+Identity (see docs/mapping.md):
 
 * DiagnosticReport: OBR-3 filler order number (else OBR-2 placer, else ORC-3 / ORC-2).
 * Observation: filler order number + OBX-3 code + OBX-4 sub-id, so a resend or a correction
@@ -47,7 +47,7 @@ JSON = dict[str, Any]
 # Vocabulary
 # ---------------------------------------------------------------------------
 # OBX-11 (HL7 table 0085) → Observation.status.  IG ObservationResultStatusCodesInterpretation for
-# A C D F P W X; the rest are Sluice choices (docs/mapping-oru-siu.md).  Only valid FHIR codes.
+# A C D F P W X; the rest are Sluice choices (docs/mapping.md).  Only valid FHIR codes.
 OBX_STATUS: dict[str, str] = {
     "F": "final",
     "C": "corrected",
@@ -150,6 +150,9 @@ _DATE_TYPES = frozenset({"DT", "DTM", "TS"})
 def patient(pid: Segment, ctx: ConvertContext) -> str:
     """PID → Patient via the ADT module's helper (same match rule and content as ADT); returns its reference.
 
+    Written as a conditional *create* (``POST`` + ``ifNoneExist``): a result or scheduling message
+    carries a sparse PID and must never overwrite the Patient the ADT feed wrote (drift safety).
+
     Falls back to :func:`minimal_patient` (same key rule) when the ADT module is not available.
     """
     try:
@@ -157,13 +160,14 @@ def patient(pid: Segment, ctx: ConvertContext) -> str:
     except ImportError:  # pragma: no cover - adt ships with Sluice
         ref = minimal_patient(pid, ctx)
     else:
-        ref, _key = adt.patient(pid, ctx.message, ctx)
+        ref, _key = adt.patient(pid, ctx.message, ctx, create_only=True)
     ctx.patient_ref = ref
     return ref
 
 
 def encounter(msg: Message, ctx: ConvertContext) -> str | None:
-    """PV1 → Encounter (keyed by PV1-19) via the ADT helper; None without a visit number."""
+    """PV1 → Encounter (keyed by PV1-19) via the ADT helper; None without a visit number.  A conditional
+    create, like the Patient: the ADT feed owns the Encounter."""
     if msg.first("PV1") is None or not ctx.patient_ref:
         return None
     try:
@@ -171,7 +175,7 @@ def encounter(msg: Message, ctx: ConvertContext) -> str | None:
     except ImportError:  # pragma: no cover
         return None
     key = ctx.key_of(ctx.patient_ref) or ""
-    ref: str | None = adt.encounter(msg, ctx, msg.trigger, ctx.patient_ref, key)
+    ref: str | None = adt.encounter(msg, ctx, msg.trigger, ctx.patient_ref, key, create_only=True)
     return ref
 
 
@@ -218,7 +222,7 @@ def minimal_patient(pid: Segment, ctx: ConvertContext) -> str:
     addrs = [a for r in pid.reps(11) if (a := xad(r, ctx.settings)) is not None]
     if addrs:
         res["address"] = addrs
-    return ctx.add("Patient", res, identifier=(key["system"], key["value"]))
+    return ctx.add("Patient", res, identifier=(key["system"], key["value"]), create_only=True)
 
 
 # ---------------------------------------------------------------------------
@@ -734,6 +738,63 @@ def _report_status(obr: Segment, observations: list[JSON], ctx: ConvertContext) 
     return "unknown"
 
 
+# ORC-5 order status (table 0038, IG OrderStatus) and ORC-1 order control (table 0119, IG
+# OrderControlCode[ServiceRequest.status]) → ServiceRequest.status
+ORDER_STATUS: dict[str, str] = {
+    "CA": "revoked", "CM": "completed", "DC": "revoked", "ER": "entered-in-error", "HD": "on-hold",
+    "IP": "active", "RP": "revoked", "SC": "active",
+}
+ORDER_CONTROL_STATUS: dict[str, str] = {
+    "AF": "active", "CA": "active", "CR": "revoked", "DC": "revoked", "DF": "revoked", "DR": "revoked",
+    "FU": "completed", "HD": "active", "HR": "on-hold", "NW": "active", "OC": "revoked", "OD": "revoked",
+    "OH": "on-hold", "OK": "active", "PR": "active", "PY": "active", "RL": "active", "RO": "active", "RQ": "active",
+}
+
+
+def service_request(order: _Order, placer: JSON | None, filler: JSON | None, code: JSON, ctx: ConvertContext,
+                    enc: str | None) -> str | None:
+    """ORC/OBR → ServiceRequest (IG ORU_R01: the order the results are ``basedOn``), keyed by the placer
+    order number (OBR-2, else ORC-2; else the filler number).  Written as a conditional *create*: the
+    ordering system owns the order, a result message only makes sure it exists."""
+    obr, orc = order.obr, order.orc
+    assert obr is not None
+    key_ident = placer or filler
+    if key_ident is None:
+        return None
+    res: JSON = {}
+    idents: list[JSON] = []
+    if placer:
+        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+    if filler:
+        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    res["identifier"] = idents
+    status = "unknown"
+    if orc is not None:
+        status = (ORDER_STATUS.get(orc.get(5).strip().upper()) or ORDER_CONTROL_STATUS.get(orc.get(1).strip().upper())
+                  or "unknown")
+    res["status"] = status
+    res["intent"] = "order"
+    res["code"] = code
+    if ctx.patient_ref:
+        res["subject"] = _ref(ctx.patient_ref)
+    if enc:
+        res["encounter"] = _ref(enc)
+    requester = None
+    if orc is not None and orc.rep(12):
+        requester = xcn(orc.rep(12), ctx, orc.loc(12))
+    if requester is None and obr.rep(16):
+        requester = xcn(obr.rep(16), ctx, obr.loc(16))
+    if requester is not None:
+        res["requester"] = requester
+    if orc is not None and (when := orc.get(9).strip()) and (authored := dtm(when, ctx.settings, orc.loc(9))):
+        res["authoredOn"] = authored
+    system = key_ident.get("system")
+    if system:
+        return ctx.add("ServiceRequest", res, identifier=(system, key_ident["value"]), create_only=True)
+    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+    return ctx.add("ServiceRequest", res, key=f"{facility}|order|{key_ident['value']}", create_only=True)
+
+
 def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
     """One ORDER_OBSERVATION group → DiagnosticReport + Observations; returns the report's reference."""
     obr = order.obr
@@ -785,6 +846,8 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
     if code is None:
         raise ConversionError("OBR-4 universal service identifier is missing", code="101", location=obr.loc(4))
     res["code"] = code
+    if (order_ref := service_request(order, placer, filler, dict(code), ctx, enc)) is not None:
+        res["basedOn"] = [_ref(order_ref)]
     if ctx.patient_ref:
         res["subject"] = _ref(ctx.patient_ref)
     if enc:

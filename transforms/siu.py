@@ -7,7 +7,7 @@ the trigger for S15/S16 (cancelled), S17 (entered-in-error) and S26 (noshow).
 
 A cancellation that arrives before any booking creates the Appointment with status cancelled, unless
 the channel sets ``cancel_before_book: error``: then the Appointment key goes into ``requires`` and
-the engine answers AE 204 when no booking was applied before.  See docs/mapping-oru-siu.md.
+the engine answers AE 204 when no booking was applied before.  See docs/mapping.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ FILLER_STATUS: dict[str, str] = {
     "CANCELLED": "cancelled",
     "DELETED": "entered-in-error",
     "NOSHOW": "noshow",
-    # not mapped by the IG (Sluice choices, docs/mapping-oru-siu.md)
+    # not mapped by the IG (Sluice choices, docs/mapping.md)
     "OVERBOOK": "booked",
     "DISCONTINUED": "cancelled",
 }

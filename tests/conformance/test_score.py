@@ -188,3 +188,16 @@ def test_compare_dates() -> None:
 def test_norm_system_is_case_insensitive_and_aliases_oids() -> None:
     assert norm_system("HTTP://LOINC.ORG/") == norm_system("http://loinc.org")
     assert norm_system("urn:oid:2.16.840.1.113883.6.96") == "http://snomed.info/sct"
+
+
+def test_values_only_in_ig_unmapped_segments_are_explained() -> None:
+    from conformance.score import score_bundles as sb
+
+    src = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\rPID|1||MRN1^^^H||DOE^JANE\rGT1|1|G-77^^^H|ROE^RICK\r"
+    ours = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient",
+            "identifier": [{"value": "MRN1"}]}}]}
+    ref = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient",
+           "identifier": [{"value": "MRN1"}, {"value": "G-77"}, {"value": "X-1"}]}}]}
+    s = sb(ours, ref, source=src)
+    assert s.compared == 3 and s.agreeing == 1 and s.explained == 1  # G-77 is GT1-only; X-1 is not explained
+    assert [d.expected for d in s.diffs if not d.explanation] == ["X-1"]

@@ -179,3 +179,43 @@ def test_xcn_and_pl() -> None:
     assert ref2 is not None and ref2["display"] == "4W 401 A"
     assert [e["resource"]["name"] for e in c.entries if e["resource"]["resourceType"] == "Location"] == [
         "FAC", "4W", "401", "A"]
+
+
+# --- conformance fixes (IG datatype tables) -------------------------------------------------
+def test_xad_street_keeps_all_sad_subcomponents_and_addressee() -> None:
+    a = dt.xad(rep("1000&Hospital Lane^Ste. 123^Ann Arbor^MI^99999^USA" + "^" * 13 + "Near Highway"))
+    assert a is not None and a["line"] == ["1000 Hospital Lane", "Ste. 123", "Near Highway"]
+
+
+def test_xtn_12_unformatted_number_wins() -> None:
+    t = dt.xtn(rep("78788788^PRN^PH^^^^^^^^^2222"))
+    assert t is not None and t["value"] == "2222"
+    t = dt.xtn(rep("(555)555-0100^WPN^PH^^1^555^5550100"))
+    assert t is not None and t["value"] == "+1 (555) 5550100"
+
+
+@pytest.mark.parametrize(("code", "tag"), [("ara", "ar"), ("eng", "en"), ("en-US", "en-US"), ("ger", "de")])
+def test_language_is_bcp47(code: str, tag: str) -> None:
+    cc = dt.language(rep(f"{code}^Some language^HL70296"), ctx())
+    assert cc is not None and cc["coding"][0] == {"system": dt.BCP47, "code": tag, "display": "Some language"}
+
+
+def test_language_not_a_tag_keeps_its_coding() -> None:
+    c = ctx()
+    cc = dt.language(rep("ENGLISH 1^English^99LANG"), c)
+    assert cc is not None and cc["coding"][0]["system"] == "urn:sluice:codesystem:99LANG"
+    assert c.events["language_not_bcp47"] == 1
+
+
+def test_hd_universal_id_oid_whatever_the_type() -> None:
+    ident = dt.ei(rep("DI20^Diagnosis^1.3.6.1.4.1.44750.1.2.2^CLIP"), ctx(derive_unknown_systems=True))
+    assert ident == {"system": "urn:oid:1.3.6.1.4.1.44750.1.2.2", "value": "DI20"}
+
+
+def test_icdo_code_system() -> None:
+    assert dt.code_system("ICDO") == "http://terminology.hl7.org/CodeSystem/icd-o"
+
+
+def test_cx_authority_with_universal_id_only() -> None:
+    ident = dt.cx(rep("HMO-12345^^^&2.16.840.1.113883.1.3&ISO^NI"), ctx())
+    assert ident is not None and ident["system"] == "urn:oid:2.16.840.1.113883.1.3"

@@ -374,3 +374,17 @@ def test_random_obx_never_raise_anything_else(fields: list[str]) -> None:
 def test_convert_report_wraps_everything() -> None:
     r = convert_report(load("oru_r01_multi"), golden_settings())
     assert r.resource_types[:1] == ("Patient",)
+
+
+# ---------------------------------------------------------------------------
+# drift safety: ORU never overwrites the ADT-owned Patient/Encounter
+# ---------------------------------------------------------------------------
+def test_oru_patient_and_encounter_are_conditional_creates() -> None:
+    bundle = _convert(load("oru_r01_multi"), golden_settings()).bundle
+    for e in bundle["entry"]:
+        rtype, req = e["resource"]["resourceType"], e["request"]
+        if rtype in ("Patient", "Encounter", "ServiceRequest"):
+            assert req["method"] == "POST" and req["url"] == rtype
+            assert req["ifNoneExist"].startswith("identifier=")
+    reports = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    assert reports and all(r["basedOn"] for r in reports)

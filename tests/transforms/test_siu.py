@@ -228,3 +228,9 @@ def test_random_ais_aip_never_raise_anything_else(fields: list[str]) -> None:
             _convert(msg(MSH.format("S12"), *segs), golden_settings())
         except SluiceError:
             pass
+
+
+def test_siu_patient_is_a_conditional_create() -> None:
+    bundle = _convert(load("siu_s12"), golden_settings()).bundle
+    [pat] = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert pat["request"]["method"] == "POST" and pat["request"]["ifNoneExist"].startswith("identifier=")
