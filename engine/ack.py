@@ -76,7 +76,7 @@ def plan(message: Message | None, outcome: Outcome) -> list[str]:
 def _version_ge(version: str, target: tuple[int, ...]) -> bool:
     parts: list[int] = []
     for p in version.split("."):
-        if not p.isdigit():
+        if not (p.isascii() and p.isdigit()):
             break
         parts.append(int(p))
     return tuple(parts) >= target if parts else True

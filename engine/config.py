@@ -154,6 +154,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     plugin_paths: tuple[Path, ...] = ()
     node_id: str = "node-1"
+    processing_workers: int = 1  # worker processes for channel pipelines; 0 = in the engine process
 
     def channel(self, name: str) -> ChannelConfig:
         for ch in self.channels:
@@ -503,6 +504,12 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     for pat in patterns:
         matched = sorted(glob.glob(str(base / str(pat))))
         files.extend(Path(m) for m in matched if not m.endswith("_test.yaml"))
+    psec = sec.sub("processing")
+    default_workers = max(1, (os.cpu_count() or 2) - 1)
+    workers = psec.int("workers", default_workers)
+    psec.done()
+    if workers < 0:
+        raise ConfigError("processing.workers must be 0 or more", file=file, key="processing.workers")
     file_node = sec.str("node_id", "node-1")
     node_id = env.get(ENV_PREFIX + "NODE_ID") or file_node
     sec.done()
@@ -544,6 +551,7 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         admin=admin,
         plugin_paths=plugin_paths,
         node_id=node_id,
+        processing_workers=int(env.get(ENV_PREFIX + "PROCESSING_WORKERS") or workers),
     )
 
 

@@ -48,7 +48,18 @@ class ProcessResult:
     error: SluiceError | None = None
     deliveries: list[NewDelivery] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)
-    work: Any = None  # the pipeline's output, between ``run`` and ``record``
+    output: Output | None = None  # the pipeline's output, between ``run`` and ``record``
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a channel's steps produced for one message (plain data: crosses process boundaries)."""
+
+    payload: bytes
+    content_type: str
+    meta: dict[str, str]
+    facts: dict[str, Any]
+    routes: list[str]  # destinations whose route filter accepted the message
 
 
 class Processor(Protocol):
@@ -56,9 +67,7 @@ class Processor(Protocol):
 
     def run(self, message_id: int, msg: hl7.Message, raw: bytes) -> ProcessResult: ...
 
-    def record(
-        self, conn: Any, msg: hl7.Message, prepared: ProcessResult, only: list[str] | None = None
-    ) -> ProcessResult: ...
+    def record(self, conn: Any, prepared: ProcessResult, only: list[str] | None = None) -> ProcessResult: ...
 
 
 @dataclass
@@ -284,7 +293,7 @@ class Committer:
     def _process_inline(self, conn: Any, j: Job) -> None:
         assert j.process is not None and j.message is not None
         assert j.prepared is not None
-        result = j.process.record(conn, j.message, j.prepared)
+        result = j.process.record(conn, j.prepared)
         from engine.store import M
 
         if result.status == PROCESSED:
@@ -322,8 +331,13 @@ def render_ack(
     if not codes:
         return None, ""
     texts = [ackmod.build(message, c, outcome.error, inbound_control_id=inbound_control_id) for c in codes]
-    joined = "\x00".join(texts)  # several ACKs (commit + application) are framed separately
+    # Several ACKs (commit + application) are stored NUL-joined and framed separately; a NUL (or an
+    # MLLP framing byte) copied from the inbound message would split or cut an ACK, so drop them.
+    joined = "\x00".join(t.translate(_UNFRAMABLE) for t in texts)
     return joined.encode(_codec(message), "replace"), "/".join(codes)
+
+
+_UNFRAMABLE = {0x00: None, 0x0B: None, 0x1C: None}
 
 
 def _codec(message: hl7.Message | None) -> str:

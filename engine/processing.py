@@ -16,8 +16,8 @@ import structlog
 from engine.config import ChannelConfig, Config
 from engine.destinations.base import CONTENT_HL7
 from engine.errors import Location, MessageContentError, SluiceError
-from engine.hl7 import Message
-from engine.intake import ProcessResult
+from engine.hl7 import Message, parse_bytes
+from engine.intake import Output, ProcessResult
 from engine.pipeline import Pipeline, Predicate, StageContext, Work
 from engine.stages import build_filter, build_pipeline
 from engine.store import ERROR, FILTERED, PROCESSED, REVIEW, NewDelivery, Store
@@ -54,10 +54,18 @@ class ChannelRuntime:
         self, conn: Any, message_id: int, msg: Message, raw: bytes, only: list[str] | None = None
     ) -> ProcessResult:
         """Run the pipeline and decide what to record (both steps below, one after the other)."""
-        return self.record(conn, msg, self.run(message_id, msg, raw), only)
+        return self.record(conn, self.run(message_id, msg, raw), only)
+
+    def run_raw(self, message_id: int, raw: bytes) -> ProcessResult:
+        """Parse and :meth:`run` (what a processing worker, or a worker process, does per message)."""
+        try:
+            msg = parse_bytes(raw, self.channel.source.fallback_charset)
+        except SluiceError as exc:
+            return ProcessResult(ERROR, str(exc), exc)
+        return self.run(message_id, msg, raw)
 
     def run(self, message_id: int, msg: Message, raw: bytes) -> ProcessResult:
-        """The pure part: filter and transform steps, no store access (runs outside any transaction)."""
+        """The pure part: filter, transform steps and route filters; no store access."""
         work = Work(message=msg, raw=raw, payload=raw, content_type=CONTENT_HL7)
         try:
             out = self.pipeline.run(work)
@@ -87,12 +95,15 @@ class ChannelRuntime:
             return ProcessResult(ERROR, str(err), err)
         if out is None:
             return ProcessResult(FILTERED, "filtered by the channel filter")
-        return ProcessResult(PROCESSED, "", None, work=out)
+        routes = [r.destination for r in self.routes if r.filter is None or r.filter(msg)]
+        output = Output(
+            out.payload, out.content_type, {k: str(v) for k, v in out.meta.items()}, dict(out.facts), routes
+        )
+        return ProcessResult(PROCESSED, "", None, output=output)
 
     def record(
         self,
         conn: Any,
-        msg: Message,
         prepared: ProcessResult,
         only: list[str] | None = None,
         force: bool = False,
@@ -101,7 +112,7 @@ class ChannelRuntime:
 
         ``force`` (an operator's replay of a message held for review) applies it despite its guards.
         """
-        out = prepared.work
+        out = prepared.output
         if prepared.status != PROCESSED or out is None:
             return prepared
         facts: Mapping[str, Any] = out.facts
@@ -131,11 +142,10 @@ class ChannelRuntime:
                     location=_REQUIRED_AT.get(rtype),
                 )
                 return ProcessResult(ERROR, str(err), err)
-        meta = {k: str(v) for k, v in out.meta.items()}
         deliveries = [
-            NewDelivery(r.destination, out.payload, out.content_type, meta)
-            for r in self.routes
-            if (only is None or r.destination in only) and (r.filter is None or r.filter(msg))
+            NewDelivery(dest, out.payload, out.content_type, out.meta)
+            for dest in out.routes
+            if only is None or dest in only
         ]
         if not deliveries and self.routes:
             return ProcessResult(FILTERED, "no route accepted the message", ranks=ranks)

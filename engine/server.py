@@ -25,6 +25,7 @@ from engine.errors import ConfigError
 from engine.intake import Committer, Intake
 from engine.listener import Listener
 from engine.processing import ChannelRuntime
+from engine.procpool import ProcessingPool
 from engine.store import Store
 from engine.workers import DeliveryWorker, ProcessingWorker
 
@@ -60,6 +61,7 @@ class Server:
         self.delivery: list[DeliveryWorker] = []
         self.destinations: dict[str, Destination] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        self.pool: ProcessingPool | None = None
         self.should_exit = asyncio.Event()
         self.started = asyncio.Event()
 
@@ -71,6 +73,8 @@ class Server:
             log.info("recovered_in_flight", messages=recovered)
         self.destinations = build_destinations(cfg)
         runtimes = {ch.name: ChannelRuntime(cfg, ch, store) for ch in cfg.channels if ch.enabled}
+        if cfg.processing_workers > 0:
+            self.pool = ProcessingPool(cfg, cfg.processing_workers)
         self.committer = committer = Committer(store)
         committer.start()
         for name, dest in self.destinations.items():
@@ -87,9 +91,9 @@ class Server:
                 for d in ds:
                     d.wake.set()
 
-            pw = ProcessingWorker(rt, store, self.owner, wake, committer)
+            pw = ProcessingWorker(rt, store, self.owner, wake, committer, pool=self.pool)
             self.processing.append(pw)
-            intake = Intake(ch, self.committer, rt.process)
+            intake = Intake(ch, self.committer, rt)
             intake.on_stored = pw.wake.set if ch.ack == "on-commit" else wake
             listener = Listener(ch.name, ch.source, intake)
             await listener.start()
@@ -166,6 +170,8 @@ class Server:
                 await dest.close()
             except Exception as exc:
                 log.warning("destination_close_failed", error=type(exc).__name__)
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.close)
         if self.committer is not None:
             await asyncio.to_thread(self.committer.stop)
         if self.store is not None:

@@ -24,13 +24,13 @@ from typing import Any
 import orjson
 import structlog
 
-from engine import hl7
 from engine.config import DestinationConfig, RetryConfig
 from engine.destinations.base import Destination, Outbound
 from engine.errors import DeliveryError, SluiceError
-from engine.intake import Committer, ProcessResult
+from engine.intake import Committer
 from engine.processing import ChannelRuntime
-from engine.store import ERROR, PROCESSED, Store
+from engine.procpool import ProcessingPool
+from engine.store import PROCESSED, Store
 
 log = structlog.get_logger("sluice.workers")
 
@@ -61,7 +61,9 @@ class ProcessingWorker:
         wake_destinations: Callable[[], None],
         committer: Committer,
         batch: int = 200,
+        pool: ProcessingPool | None = None,
     ):
+        self.pool = pool
         self.runtime = runtime
         self.store = store
         self.committer = committer
@@ -105,26 +107,21 @@ class ProcessingWorker:
             rows = self.store.claim_received(ch.name, self.batch, self.owner)
         if not rows:
             return 0
-        # The pipeline runs outside any transaction; the results are then written in one short one.
-        prepared: list[tuple[Any, hl7.Message | None, ProcessResult]] = []
-        for r in rows:
-            try:
-                msg = hl7.parse_bytes(r.raw, ch.source.fallback_charset)
-            except SluiceError as exc:
-                prepared.append((r, None, ProcessResult(ERROR, str(exc), exc)))
-                continue
-            prepared.append((r, msg, self.runtime.run(r.id, msg, r.raw)))
+        # The pipeline runs outside any transaction (in worker processes when configured); the
+        # results are then written in one short transaction by the committer.
+        items = [(r.id, r.raw) for r in rows]
+        if self.pool is not None:
+            results = self.pool.run(ch.name, items)
+        else:
+            results = [self.runtime.run_raw(mid, raw) for mid, raw in items]
+        prepared = list(zip(rows, results, strict=True))
 
         def write(conn: Any) -> None:
             finished: list[tuple[int, str, str]] = []
             deliveries: list[dict[str, Any]] = []
-            for r, msg, pre in prepared:
+            for r, pre in prepared:
                 only = r.replay_destinations.split(",") if r.replay_destinations else None
-                result = (
-                    self.runtime.record(conn, msg, pre, only, bool(r.override_guards))
-                    if msg is not None
-                    else pre
-                )
+                result = self.runtime.record(conn, pre, only, bool(r.override_guards))
                 if result.status == PROCESSED:
                     deliveries.extend(self.store.delivery_rows(r.id, ch.name, r.order_key, result.deliveries))
                 if result.ranks:

@@ -35,6 +35,8 @@ FHIR_JSON = "application/fhir+json"
 def make(options: Mapping[str, Any], ctx: StageContext) -> Callable[[Work], Work]:
     """Step factory: validated settings once, then one conversion per message."""
     opts = dict(options or {})
+    # The channel's site_tz is the default; the step's own option wins when given.
+    opts.setdefault("site_tz", ctx.site_tz)
     settings = ConvertSettings.from_options(opts, ctx.base_dir, ctx.config_file)
 
     def step(work: Work) -> Work:

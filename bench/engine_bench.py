@@ -1,0 +1,170 @@
+"""Engine benchmark: MLLP intake (commit before ACK) and end-to-end ADT → FHIR delivery.
+
+Runs the real engine (``sluice run``) as a subprocess on a temporary config and drives it with
+``bench/mllp_load.py`` (N connections, one message in flight each, every ACK checked):
+
+* ``intake``: SQLite store, ``ack: on-commit``, passthrough → file destination.  The 1-connection,
+  50-connection and 50-connections-at-1000/s scenarios, with the plain asyncio echo-ACK server
+  measured in the same run as the ceiling.
+* ``e2e-file``: ``hl7-to-fhir`` → file destination: intake rate and FHIR bundles delivered per second.
+* ``e2e-fhir``: ``hl7-to-fhir`` → the Medplum FHIR test server over HTTP (needs node/npm).
+* ``e2e-rabbitmq``: ``hl7-to-fhir`` → RabbitMQ on 127.0.0.1:5672 with publisher confirms.
+
+    python bench/engine_bench.py                       # all scenarios
+    python bench/engine_bench.py --only intake --seconds 10
+
+Figures go to bench/results/engine.json (and a table on stdout).  Nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import store as st  # noqa: E402
+from tests.support.engine import EngineProcess, basic_channel, free_port, write_config  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+LOAD = [sys.executable, str(ROOT / "bench" / "mllp_load.py")]
+
+
+def run_load(port: int, *args: str) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+        out = tmp.name
+    cmd = [*LOAD, "--port", str(port), *args, "--json", out]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    data: dict[str, Any] = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return data
+
+
+def start_engine(workdir: Path, channel: dict[str, Any], destinations: dict[str, Any]) -> EngineProcess:
+    port = free_port()
+    channel = {**channel, "source": {**channel.get("source", {}), "host": "127.0.0.1", "port": port}}
+    cfg = write_config(workdir, channels={"bench": channel}, destinations=destinations)
+    return EngineProcess(cfg, port).start()
+
+
+def intake(seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as d:
+        work = Path(d)
+        dest = {"out": {"kind": "file", "directory": str(work / "out"), "fsync": True}}
+        eng = start_engine(work, basic_channel(0), dest)
+        try:
+            data = run_load(eng.port, "--suite", "--compare-echo", "--seconds", str(seconds), "--warmup", "1")
+        finally:
+            eng.stop()
+    return data
+
+
+def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) -> dict[str, Any]:
+    """Send ``count`` ADT^A01 over ``connections``; time intake and the last delivery."""
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as d:
+        work = Path(d)
+        if kind == "file":
+            dest: dict[str, Any] = {"kind": "file", "directory": str(work / "out"), "fsync": True}
+        elif kind == "fhir":
+            dest = {"kind": "fhir", "base_url": fhir_url, "concurrency": 8}
+        else:
+            dest = {"kind": "rabbitmq", "exchange": "sluice.bench", "routing_key": "hl7.{type}.{trigger}"}
+        channel = {
+            "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
+            "routes": [{"destination": "out"}],
+            "order_by": "PID-3.1",
+        }
+        if kind != "file":
+            channel["order_by"] = "PID-3.1"
+        dest["lanes"] = 16
+        eng = start_engine(work, channel, {"out": dest})
+        try:
+            t0 = time.monotonic()
+            load = run_load(eng.port, "--connections", str(connections), "--count", str(count), "--warmup", "0")
+            t_intake = time.monotonic() - t0
+            store = st.Store(f"sqlite:///{work / 'sluice.db'}")
+            try:
+                while True:
+                    counts = store.delivery_counts()
+                    done = counts.get(("out", st.DELIVERED), 0)
+                    dead = counts.get(("out", st.DEAD), 0)
+                    statuses = store.status_counts()
+                    errors = statuses.get(("bench", st.ERROR), 0)
+                    total = sum(v for (ch, s), v in statuses.items() if ch == "bench")
+                    if done + dead + errors >= total and total >= count:
+                        break
+                    if time.monotonic() - t0 > 600:
+                        break
+                    time.sleep(0.05)
+                t_all = time.monotonic() - t0
+            finally:
+                store.close()
+        finally:
+            eng.stop()
+    res = load["results"][0]
+    return {
+        "destination": kind,
+        "messages": count,
+        "connections": connections,
+        "intake_msg_per_s": res["msg_per_s"],
+        "intake_ack_p99_ms": res["latency_ms"]["p99"],
+        "delivered": done,
+        "dead": dead,
+        "processing_errors": errors,
+        "end_to_end_seconds": round(t_all, 2),
+        "delivered_per_s": round(done / t_all, 1) if t_all else 0.0,
+        "intake_seconds": round(t_intake, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["intake", "e2e-file", "e2e-fhir", "e2e-rabbitmq"], action="append")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per intake scenario")
+    ap.add_argument("--count", type=int, default=20000, help="messages per end-to-end run")
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--json", type=Path, default=RESULTS / "engine.json")
+    args = ap.parse_args(argv)
+    which = args.only or ["intake", "e2e-file", "e2e-fhir", "e2e-rabbitmq"]
+    report: dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "store": "sqlite (WAL, synchronous=FULL, commit before ACK)",
+    }
+    if "intake" in which:
+        report["intake"] = intake(args.seconds)
+    e2e_results = []
+    if "e2e-file" in which:
+        e2e_results.append(e2e("file", args.count, args.connections))
+    if "e2e-fhir" in which:
+        from tests.support.fhirserver import FhirServer
+
+        with FhirServer() as srv:
+            e2e_results.append(e2e("fhir", min(args.count, 5000), args.connections, srv.base_url))
+    if "e2e-rabbitmq" in which:
+        e2e_results.append(e2e("rabbitmq", args.count, args.connections))
+    if e2e_results:
+        report["end_to_end"] = e2e_results
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    for r in e2e_results:
+        print(
+            f"e2e → {r['destination']}: intake {r['intake_msg_per_s']:.0f} msg/s, "
+            f"delivered {r['delivered']}/{r['messages']} at {r['delivered_per_s']:.0f}/s "
+            f"({r['end_to_end_seconds']} s end to end; dead {r['dead']}, errors {r['processing_errors']})"
+        )
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

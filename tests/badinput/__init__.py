@@ -1,0 +1,1 @@
+"""Bad input over real sockets against a real engine process (issue 5, "Bad input")."""

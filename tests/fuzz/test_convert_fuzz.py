@@ -1,0 +1,148 @@
+"""Property-based fuzzing of the HL7 v2 → FHIR conversion (bounded for CI).
+
+Contract (transforms/convert.py): ``convert_report`` raises nothing but ``SluiceError``.  It wraps
+unexpected exceptions as ``ConversionError`` code 207 ("internal conversion error"), so the second
+property calls ``_convert`` (no safety net) to find the mapping bugs that net would hide.
+
+Inputs: synthetic ADT/ORU/SIU messages (no real PHI) with field-aware mutations: a random field,
+component or repetition replaced by odd values (impossible dates, offsets, huge numbers, escapes,
+delimiter runs, unicode), segments dropped or duplicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import hl7
+from engine.errors import SluiceError
+from transforms.convert import _convert, convert_report
+from transforms.settings import ConvertSettings
+
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+SETTINGS = [
+    ConvertSettings(derive_unknown_systems=True, site_tz="America/Chicago"),
+    ConvertSettings(
+        identifier_systems={"NORTH": "urn:oid:2.16.840.1.113883.3.999.1"},
+        unknown_prior_patient="accept",
+        cancel_before_book="error",
+        code_table_errors="reject",
+        unmapped_codes="reject",
+    ),
+    ConvertSettings(
+        default_identifier_system="urn:oid:1.2.3", date_format="%m/%d/%Y %H:%M", note_max_length=5
+    ),
+]
+
+H = "MSH|^~\\&|EHR|NORTH|SL|HOSP|20250314083000||{t}|C{n}|P|2.5.1\r"
+CORPUS: list[str] = [
+    H.format(t="ADT^A01^ADT_A01", n=1) + "EVN|A01|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR~999-99-9999^^^USA^SS||Testpatient^Alex^Q^^Dr||19800101|F|||"
+    "1 Example Way^^Springfield^OR^97477^USA||^PRN^PH^^1^541^5550100|||M||ACC1|||||N\r"
+    "NK1|1|Testkin^Sam|SPO\r"
+    "PV1|1|I|4N^401^A^NORTH||||1234567893^Carer^Casey^^^Dr^^^NPI|||MED||||||||V1^^^NORTH^VN|||||||||||||||||||||||||"
+    "20250314082500|20250315100000\r"
+    "AL1|1|DA|PCN^Penicillin^L|SV|Hives\r"
+    "DG1|1||I10^Hypertension^I10||20250314|A\r"
+    "IN1|1|PLAN1|INS1^^^NORTH|Example Insurance|||GRP1||||||||Testpatient^Alex|SEL|19800101\r",
+    H.format(t="ADT^A40^ADT_A39", n=2) + "EVN|A40|20250314083000\r"
+    "PID|1||NEW1^^^NORTH^MR||Testpatient^Alex||19800101|F\rMRG|OLD1^^^NORTH^MR||||||Oldname^Alex\r",
+    H.format(t="ADT^A08^ADT_A01", n=3) + "EVN|A08|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||198001011230-0500|M|||||||||||||||||||||20250101\r"
+    "PV1|1|E|ED^^^NORTH|||||||||||||||V2^^^NORTH^VN\r",
+    H.format(t="ORU^R01^ORU_R01", n=4) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\r"
+    "ORC|RE|ORD1^NORTH|FIL1^NORTH\r"
+    "OBR|1|ORD1^NORTH|FIL1^NORTH|24331-1^Lipid panel^LN|||20250314090000|||||||||||||||20250314101000|||F\r"
+    "OBX|1|NM|2093-3^Cholesterol^LN||182|mg/dL^mg/dL^UCUM|<200|H|||F|||20250314100000\r"
+    "OBX|2|ST|8251-1^Note^LN||text \\.br\\ more||||||C\r"
+    "OBX|3|CWE|LA6576-8^Positive^LN||POS^Positive^L||||||P\r"
+    "OBX|4|SN|777-3^Platelets^LN||>^150|10*3/uL|||||F\r"
+    "OBX|5|ED|PDF^Report^L||LAB^AP^PDF^Base64^JVBERi0xLjQK||||||F\r"
+    "NTE|1||Fasting sample.\r",
+    H.format(t="SIU^S12^SIU_S12", n=5)
+    + "SCH|APT1^NORTH|APT1^NORTH|||||ROUTINE^Routine|FOLLOWUP|30|MIN|^^30^20250320093000^20250320100000|||||||||||||||Booked\r"
+    "TQ1|1||||||20250320093000|20250320100000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\rRGS|1|A\r"
+    "AIS|1|A|99213^Office visit^CPT|20250320093000|||30|MIN\r"
+    "AIP|1|A|1234567893^Carer^Casey^^^Dr^^^NPI|ATTENDING||20250320093000|||30|MIN\r"
+    "AIL|1|A|EXAM2^^^NORTH|||20250320093000|||30|MIN\r",
+    H.format(t="SIU^S15^SIU_S12", n=6)
+    + "SCH|APT2^NORTH|APT2^NORTH|||||||30|MIN|^^30^20250320093000|||||||||||||||Cancelled\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r",
+]
+
+ODD = [
+    "", '""', "20250230", "2025", "202503", "2025031412", "20250314250000", "20250314083000+9999", "20250314083000-0500",
+    "20250314083000.1234", "99999999999999999999", "-1", "0", "1e309", "NaN", ">", "<=^5", "^", "^^^", "~", "~~", "&",
+    "&&", "\\", "\\X4\\", "\\XZZ\\", "\\Q\\", "\\.br\\", "\\H\\x\\N\\", "Ünïcödé", "\u202e", "\ud7ff", " ", "A" * 300,
+    "F", "C", "P", "X", "D", "W", "Y", "Z", "A", "SS", "MR", "NORTH", "urn:oid:1.2", "2.16.840.1", "ISO",
+    "Booked", "Cancelled", "Noshow", "Blocked", "MIN", "HR", "S", "D", "WK", "NM", "ST", "CWE", "ED", "SN", "TX",
+    "Base64", "A99", "S17", "S26",
+]  # fmt: skip
+
+
+@st.composite
+def mutated(draw: Any) -> str:
+    lines = draw(st.sampled_from(CORPUS)).split("\r")
+    lines = [ln for ln in lines if ln]
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(st.integers(0, 9))
+        i = draw(st.integers(1, len(lines) - 1)) if len(lines) > 1 else 0
+        if op == 0 and len(lines) > 2:
+            lines.pop(i)
+        elif op == 1:
+            lines.insert(i, lines[i])
+        else:
+            fields = lines[i].split("|")
+            if len(fields) < 2:
+                continue
+            f = draw(st.integers(1, len(fields) + 2))
+            while len(fields) <= f:
+                fields.append("")
+            value = draw(st.one_of(st.sampled_from(ODD), st.text(max_size=12)))
+            mode = draw(st.integers(0, 2))
+            if mode == 0:
+                fields[f] = value
+            elif mode == 1:  # one component
+                comps = fields[f].split("^")
+                c = draw(st.integers(0, len(comps) + 1))
+                while len(comps) <= c:
+                    comps.append("")
+                comps[c] = value
+                fields[f] = "^".join(comps)
+            else:  # add a repetition
+                fields[f] = fields[f] + "~" + value
+            lines[i] = "|".join(fields).replace("\r", "").replace("\n", "")
+    return "\r".join(lines) + "\r"
+
+
+def _parse(text: str) -> hl7.Message | None:
+    try:
+        return hl7.parse(text)
+    except SluiceError:
+        return None
+
+
+@FUZZ
+@given(mutated(), st.sampled_from(range(len(SETTINGS))))
+def test_convert_report_raises_only_sluice_errors(text: str, which: int) -> None:
+    msg = _parse(text)
+    if msg is None:
+        return
+    with contextlib.suppress(SluiceError):
+        convert_report(msg, SETTINGS[which])
+
+
+@FUZZ
+@given(mutated(), st.sampled_from(range(len(SETTINGS))))
+def test_mappings_have_no_internal_errors(text: str, which: int) -> None:
+    """Without the safety net: any non-SluiceError is a mapping bug (it would surface as AE 207)."""
+    msg = _parse(text)
+    if msg is None:
+        return
+    with contextlib.suppress(SluiceError):
+        _convert(msg, SETTINGS[which])
