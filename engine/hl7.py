@@ -227,14 +227,18 @@ def escape(value: str, d: Delimiters = DEFAULT_DELIMITERS) -> str:
 
 
 class Rep:
-    """One repetition of a field: components of subcomponents, unescaped on access."""
+    """One repetition of a field: components of subcomponents, unescaped on access.
 
-    __slots__ = ("_d", "_plain", "_raw", "_split")
+    The first access splits the repetition once into its components (subcomponent 1 of each,
+    unescaped) and keeps that list, so mappers reading many components pay for one split."""
+
+    __slots__ = ("_d", "_plain", "_raw", "_split", "_u")
 
     def __init__(self, raw: str, d: Delimiters):
         self._raw = raw
         self._d = d
         self._split: list[str] | None = None
+        self._u: list[str] | None = None
         self._plain = False
 
     @property
@@ -250,35 +254,54 @@ class Rep:
             self._plain = d.subcomponent not in raw and (not d.escape or d.escape not in raw)
         return self._split
 
+    def _unescaped(self) -> list[str]:
+        """Components 1..n (subcomponent 1 of each, unescaped), computed once."""
+        u = self._u
+        if u is None:
+            comps = self._split
+            if comps is None:
+                comps = self._comps()
+            if self._plain:
+                u = comps
+            else:
+                d = self._d
+                sub = d.subcomponent
+                u = [unescape(x.split(sub, 1)[0] if sub in x else x, d) for x in comps]
+            self._u = u
+        return u
+
     def c(self, i: int = 1, s: int = 1) -> str:
         """Component ``i``, subcomponent ``s`` (1-based), unescaped; "" when absent."""
+        if s == 1:
+            u = self._u
+            if u is None:
+                u = self._unescaped()
+            return u[i - 1] if 0 < i <= len(u) else ""
         comps = self._split
         if comps is None:
             comps = self._comps()
-        if self._plain:
-            return comps[i - 1] if s == 1 and 0 < i <= len(comps) else ""
-        if i > len(comps):
+        if self._plain or not 0 < i <= len(comps):
             return ""
         comp = comps[i - 1]
         if self._d.subcomponent in comp:
             subs = comp.split(self._d.subcomponent)
             if s > len(subs):
                 return ""
-            comp = subs[s - 1]
-        elif s > 1:
-            return ""
-        return unescape(comp, self._d)
+            return unescape(subs[s - 1], self._d)
+        return ""
 
     def cs(self, n: int) -> list[str]:
-        """Components 1..``n`` at once (subcomponent 1 of each, unescaped), padded with "" — for
-        mappers that read many components of one value: one call instead of ``n`` calls of :meth:`c`."""
-        comps = self._split
-        if comps is None:
-            comps = self._comps()
-        if self._plain:
-            k = len(comps)
-            return comps[:n] if k >= n else comps + [""] * (n - k)
-        return [self.c(i) for i in range(1, n + 1)]
+        """Components 1..``n`` at least (subcomponent 1 of each, unescaped), padded with "" — for
+        mappers that read many components of one value: one call instead of ``n`` calls of :meth:`c`.
+        The list may be longer than ``n``; treat it as read-only."""
+        u = self._u
+        if u is None:
+            u = self._unescaped()
+        k = len(u)
+        if k >= n:
+            return u
+        u = self._u = u + [""] * (n - k)
+        return u
 
     def subs(self, i: int) -> list[str]:
         """All subcomponents of component ``i``, unescaped."""
@@ -291,7 +314,10 @@ class Rep:
         return len(self._comps())
 
     def __bool__(self) -> bool:
-        return bool(self._raw.strip(self._d.component + self._d.subcomponent + " "))
+        raw = self._raw
+        if not raw:
+            return False
+        return bool(raw.strip(self._d.component + self._d.subcomponent + " "))
 
     @property
     def text(self) -> str:
@@ -302,13 +328,16 @@ class Rep:
         return f"Rep({self._raw!r})"
 
 
+_NO_REPS: list[Rep] = []
+
+
 class Segment:
     """One segment.  ``seg[n]`` is field ``n`` as raw text, numbered as in the standard.
 
     Repetitions and locations are built once per field and cached (a segment is read many times
     during a conversion); treat the lists ``reps`` returns as read-only."""
 
-    __slots__ = ("_d", "_locs", "_reps", "fields", "name", "sequence")
+    __slots__ = ("_d", "_empty", "_locs", "_reps", "fields", "name", "sequence")
 
     def __init__(self, fields: list[str], d: Delimiters, sequence: int):
         self.fields = fields
@@ -317,6 +346,7 @@ class Segment:
         self.sequence = sequence
         self._reps: dict[int, list[Rep]] = {}
         self._locs: dict[tuple[int | None, int | None], Location] = {}
+        self._empty: Rep | None = None
 
     def __getitem__(self, n: int) -> str:
         fields = self.fields
@@ -328,10 +358,10 @@ class Segment:
         if cached is not None:
             return cached
         fields = self.fields
-        value = fields[n] if n < len(fields) else ""
+        value = fields[n] if 0 <= n < len(fields) else ""
         if not value:
-            out: list[Rep] = []
-        elif self.name in HEADER_SEGMENTS and n in (1, 2):
+            out: list[Rep] = _NO_REPS
+        elif n < 3 and self.name in HEADER_SEGMENTS and n in (1, 2):
             out = [Rep(value, _LITERAL)]
         else:
             d = self._d
@@ -344,13 +374,25 @@ class Segment:
         reps = self._reps.get(n)
         if reps is None:
             reps = self.reps(n)
-        return reps[r - 1] if r <= len(reps) else Rep("", self._d)
+        if 0 < r <= len(reps):
+            return reps[r - 1]
+        empty = self._empty
+        if empty is None:
+            empty = self._empty = Rep("", self._d)
+        return empty
 
     def get(self, n: int, c: int = 1, s: int = 1, r: int = 1) -> str:
         reps = self._reps.get(n)
         if reps is None:
             reps = self.reps(n)
         return reps[r - 1].c(c, s) if 0 < r <= len(reps) else ""
+
+    def cs(self, n: int, k: int) -> list[str]:
+        """Components 1..``k`` (at least) of the first repetition of field ``n``: see :meth:`Rep.cs`."""
+        reps = self._reps.get(n)
+        if reps is None:
+            reps = self.reps(n)
+        return reps[0].cs(k) if reps else [""] * k
 
     def value(self, n: int) -> str:
         """Field ``n`` unescaped as a whole (first repetition)."""

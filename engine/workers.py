@@ -93,7 +93,7 @@ class ProcessingWorker:
                 if n < self.batch:
                     # Let a few more arrive so one write covers many messages (keeps commits off
                     # the intake path); a full batch means we are behind: go straight on.
-                    await asyncio.sleep(0.005)
+                    await asyncio.sleep(0.02)
                 continue
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -175,7 +175,7 @@ class DeliveryWorker:
                 )
                 progressed, next_due = False, time.time() + 1.0
             if progressed:
-                await asyncio.sleep(0.005)  # gather more per round: fewer writes, same order
+                await asyncio.sleep(0.02)  # gather more per round: fewer writes, same order
                 continue
             self.wake.clear()
             wait = 0.5 if next_due is None else min(0.5, max(0.0, next_due - time.time()))

@@ -8,6 +8,7 @@ the same file instead of adding a second one (exactly-once in effect).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from pathlib import Path
@@ -91,6 +92,10 @@ class FileDestination(Destination):
         return self.directory / self.pattern.format(**safe)
 
     async def deliver(self, item: Outbound) -> str:
+        # The write (and its fsync) happens in a thread: never block the event loop's ACKs on disk.
+        return await asyncio.to_thread(self._write, item)
+
+    def _write(self, item: Outbound) -> str:
         path = self.path_for(item)
         try:
             parent = path.parent
