@@ -153,6 +153,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     plugin_paths: tuple[Path, ...] = ()
+    plugins: tuple[str, ...] = ()  # modules imported at start; they register stages/destinations
     node_id: str = "node-1"
     processing_workers: int = 1  # worker processes for channel pipelines; 0 = in the engine process
 
@@ -497,6 +498,7 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     )
     asec.done()
     plugin_paths = tuple((base / str(x)).resolve() for x in sec.list("plugin_paths"))
+    plugins = tuple(str(x) for x in sec.list("plugins"))
     patterns = sec.get("channels", "channels/*.yaml")
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -550,6 +552,7 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         logging=logging,
         admin=admin,
         plugin_paths=plugin_paths,
+        plugins=plugins,
         node_id=node_id,
         processing_workers=int(env.get(ENV_PREFIX + "PROCESSING_WORKERS") or workers),
     )

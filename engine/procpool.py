@@ -24,9 +24,11 @@ _RUNTIMES: dict[str, Any] = {}
 def _init(config: Config) -> None:
     import signal
 
+    from engine import registry
     from engine.processing import ChannelRuntime
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    registry.load_plugins(config.plugin_paths, config.plugins, config.base_dir)
     for ch in config.channels:
         if ch.enabled:
             _RUNTIMES[ch.name] = ChannelRuntime(config, ch, store=None)

@@ -83,6 +83,27 @@ def load_builtins() -> None:
     _loaded = True
 
 
+def load_plugins(
+    paths: tuple[Path, ...] | list[Path], modules: tuple[str, ...] | list[str], base_dir: Path
+) -> None:
+    """Import the user's plugin modules (from routes.yaml ``plugins:``); they register themselves
+    with the same decorators the built-ins use (``@registry.destination("kind")``...)."""
+    load_builtins()
+    for p in [base_dir, base_dir / "transforms", *paths]:
+        sp = str(p)
+        if sp not in sys.path:
+            sys.path.insert(0, sp)
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError as exc:
+            raise ConfigError(
+                f"cannot import plugin module {mod!r}: {exc}",
+                key="plugins",
+                hint="put the module under a folder listed in plugin_paths (or next to routes.yaml)",
+            ) from exc
+
+
 def import_from_string(ref: str, search_paths: list[Path] | None = None) -> Any:
     """``"package.module:attr"`` → the object.  ``search_paths`` are added to sys.path first."""
     module_name, sep, attr = ref.partition(":")

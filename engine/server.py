@@ -33,7 +33,7 @@ log = structlog.get_logger("sluice.server")
 
 
 def build_destinations(config: Config) -> dict[str, Destination]:
-    registry.load_builtins()
+    registry.load_plugins(config.plugin_paths, config.plugins, config.base_dir)
     ctx = DestinationContext(base_dir=config.base_dir, config_file=config.file)
     out: dict[str, Destination] = {}
     for name, dc in config.destinations.items():
@@ -71,7 +71,7 @@ class Server:
         recovered = await asyncio.to_thread(store.recover)
         if recovered:
             log.info("recovered_in_flight", messages=recovered)
-        self.destinations = build_destinations(cfg)
+        self.destinations = build_destinations(cfg)  # also imports the user's plugins
         runtimes = {ch.name: ChannelRuntime(cfg, ch, store) for ch in cfg.channels if ch.enabled}
         if cfg.processing_workers > 0:
             self.pool = ProcessingPool(cfg, cfg.processing_workers)
