@@ -214,7 +214,7 @@ def check(config_path: str) -> None:
         registry.load_builtins()
         dests = build_destinations(cfg)
         for ch in cfg.channels:
-            ChannelRuntime(cfg, ch, store=None)  # type: ignore[arg-type]
+            ChannelRuntime(cfg, ch, store=None)
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
     click.echo(f"ok: {cfg.file}")

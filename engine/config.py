@@ -192,7 +192,7 @@ class _Section:
     def has(self, k: str) -> bool:
         return k in self.data
 
-    def str(self, k: str, default: str | None = None, *, choices: tuple[str, ...] | None = None) -> Any:
+    def text(self, k: str, default: str | None = None, *, choices: tuple[str, ...] | None = None) -> Any:
         v = self.get(k, default)
         if v is None:
             return None
@@ -208,7 +208,7 @@ class _Section:
             )
         return v
 
-    def int(self, k: str, default: int) -> int:
+    def integer(self, k: str, default: int) -> int:
         v = self.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int):
             if isinstance(v, str):
@@ -219,7 +219,7 @@ class _Section:
             raise ConfigError(f"expected a whole number, got {v!r}", file=self.file, key=self.key(k))
         return v
 
-    def float(self, k: str, default: float | None) -> Any:
+    def number(self, k: str, default: float | None) -> Any:
         v = self.get(k, default)
         if v is None:
             return None
@@ -227,13 +227,13 @@ class _Section:
             raise ConfigError(f"expected a number, got {v!r}", file=self.file, key=self.key(k))
         return float(v)
 
-    def bool(self, k: str, default: bool) -> bool:
+    def flag(self, k: str, default: bool) -> bool:
         v = self.get(k, default)
         if not isinstance(v, bool):
             raise ConfigError(f"expected true or false, got {v!r}", file=self.file, key=self.key(k))
         return v
 
-    def list(self, k: str) -> list[Any]:
+    def items(self, k: str) -> list[Any]:
         v = self.get(k, [])
         if v is None:
             return []
@@ -293,10 +293,10 @@ def _read_yaml(path: Path) -> Any:
 
 def _retry(sec: _Section) -> RetryConfig:
     r = RetryConfig(
-        max_attempts=sec.int("max_attempts", 5),
-        backoff=sec.float("backoff", 2.0),
-        max_backoff=sec.float("max_backoff", 300.0),
-        jitter=sec.float("jitter", 0.2),
+        max_attempts=sec.integer("max_attempts", 5),
+        backoff=sec.number("backoff", 2.0),
+        max_backoff=sec.number("max_backoff", 300.0),
+        jitter=sec.number("jitter", 0.2),
     )
     sec.done()
     if r.max_attempts < 1:
@@ -305,12 +305,12 @@ def _retry(sec: _Section) -> RetryConfig:
 
 
 def _destination(name: str, sec: _Section) -> DestinationConfig:
-    kind = sec.str("kind")
+    kind = sec.text("kind")
     if not kind:
         raise ConfigError("missing 'kind'", file=sec.file, key=sec.key("kind"), hint="e.g. kind: file")
     retry = _retry(sec.sub("retry"))
-    on_failure = sec.str("on_failure", "dead-letter", choices=FAILURE_POLICIES)
-    lanes = sec.int("lanes", 4)
+    on_failure = sec.text("on_failure", "dead-letter", choices=FAILURE_POLICIES)
+    lanes = sec.integer("lanes", 4)
     options = {k: v for k, v in sec.data.items() if k not in ("kind", "retry", "on_failure", "lanes")}
     return DestinationConfig(name, kind, options, retry, on_failure, lanes)
 
@@ -349,30 +349,30 @@ def _source(sec: _Section) -> SourceConfig:
     if sec.has("tls") and sec.data.get("tls"):
         t = sec.sub("tls")
         tls = TLSConfig(
-            cert=t.str("cert"),
-            key=t.str("key"),
-            ca=t.str("ca"),
-            require_client_cert=t.bool("require_client_cert", False),
+            cert=t.text("cert"),
+            key=t.text("key"),
+            ca=t.text("ca"),
+            require_client_cert=t.flag("require_client_cert", False),
         )
         t.done()
         if not tls.cert or not tls.key:
             raise ConfigError("tls needs cert and key files", file=sec.file, key=sec.key("tls"))
     else:
         sec.get("tls")
-    kind = sec.str("kind", "mllp", choices=("mllp",))
+    kind = sec.text("kind", "mllp", choices=("mllp",))
     assert kind == "mllp"
     src = SourceConfig(
-        host=sec.str("host", "127.0.0.1"),
-        port=sec.int("port", 2575),
+        host=sec.text("host", "127.0.0.1"),
+        port=sec.integer("port", 2575),
         tls=tls,
-        max_connections=sec.int("max_connections", 1000),
-        idle_timeout=sec.float("idle_timeout", 300.0),
-        frame_timeout=sec.float("frame_timeout", 30.0),
-        max_frame=sec.int("max_frame", 16 * 1024 * 1024),
-        max_junk=sec.int("max_junk", 1024 * 1024),
-        lenient_end=sec.bool("lenient_end", False),
-        fallback_charset=sec.str("fallback_charset", "latin-1"),
-        keepalive=sec.bool("keepalive", True),
+        max_connections=sec.integer("max_connections", 1000),
+        idle_timeout=sec.number("idle_timeout", 300.0),
+        frame_timeout=sec.number("frame_timeout", 30.0),
+        max_frame=sec.integer("max_frame", 16 * 1024 * 1024),
+        max_junk=sec.integer("max_junk", 1024 * 1024),
+        lenient_end=sec.flag("lenient_end", False),
+        fallback_charset=sec.text("fallback_charset", "latin-1"),
+        keepalive=sec.flag("keepalive", True),
     )
     sec.done()
     if not 0 <= src.port <= 65535:
@@ -383,14 +383,14 @@ def _source(sec: _Section) -> SourceConfig:
 def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> ChannelConfig:
     file = str(path)
     sec = _Section(_read_yaml(path), file, "")
-    name = sec.str("name") or path.stem
+    name = sec.text("name") or path.stem
     source = _source(sec.sub("source"))
     accept = sec.sub("accept")
     types = _types(accept.get("types"), file, "accept.types")
-    versions = tuple(str(v) for v in accept.list("versions")) or DEFAULT_VERSIONS
-    pids = tuple(str(v).upper() for v in accept.list("processing_ids")) or ("P", "T", "D")
+    versions = tuple(str(v) for v in accept.items("versions")) or DEFAULT_VERSIONS
+    pids = tuple(str(v).upper() for v in accept.items("processing_ids")) or ("P", "T", "D")
     accept.done()
-    site_tz = sec.str("site_tz", "America/Los_Angeles")
+    site_tz = sec.text("site_tz", "America/Los_Angeles")
     try:
         from zoneinfo import ZoneInfo
 
@@ -403,9 +403,9 @@ def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> C
             hint="use an IANA name like America/New_York",
         ) from exc
     routes: list[RouteConfig] = []
-    for i, r in enumerate(sec.list("routes")):
+    for i, r in enumerate(sec.items("routes")):
         rs = _Section(r if isinstance(r, Mapping) else {"destination": r}, file, f"routes[{i}]")
-        dest = rs.str("destination")
+        dest = rs.text("destination")
         if dest not in destinations:
             known = ", ".join(sorted(destinations)) or "none defined"
             raise ConfigError(
@@ -416,23 +416,23 @@ def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> C
             )
         routes.append(RouteConfig(dest, rs.get("filter")))
         rs.done()
-    order_by = sec.str("order_by")
+    order_by = sec.text("order_by")
     if order_by:
         _check_path(order_by, file, "order_by")
-    require = tuple(_check_path(str(p), file, f"require[{i}]") for i, p in enumerate(sec.list("require")))
+    require = tuple(_check_path(str(p), file, f"require[{i}]") for i, p in enumerate(sec.items("require")))
     ds = sec.sub("dedupe")
     dedupe = DedupeConfig(
-        enabled=ds.bool("enabled", True),
-        window_days=ds.float("window_days", 7.0),
-        on_conflict=ds.str("on_conflict", "reject", choices=("reject", "accept")),
+        enabled=ds.flag("enabled", True),
+        window_days=ds.number("window_days", 7.0),
+        on_conflict=ds.text("on_conflict", "reject", choices=("reject", "accept")),
     )
     ds.done()
     rt = sec.sub("retention")
     retention = RetentionConfig(
-        bodies_days=rt.float("bodies_days", None), rows_days=rt.float("rows_days", None)
+        bodies_days=rt.number("bodies_days", None), rows_days=rt.number("rows_days", None)
     )
     rt.done()
-    transform = sec.list("transform")
+    transform = sec.items("transform")
     ch = ChannelConfig(
         name=name,
         file=file,
@@ -441,7 +441,7 @@ def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> C
         versions=versions,
         processing_ids=pids,
         site_tz=site_tz,
-        ack=sec.str("ack", "on-commit", choices=ACK_MODES),
+        ack=sec.text("ack", "on-commit", choices=ACK_MODES),
         require=require,
         filter=sec.get("filter"),
         transform=tuple(transform),
@@ -449,8 +449,8 @@ def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> C
         order_by=order_by,
         dedupe=dedupe,
         retention=retention,
-        batch=sec.str("batch", "accept", choices=("accept", "reject")),
-        enabled=sec.bool("enabled", True),
+        batch=sec.text("batch", "accept", choices=("accept", "reject")),
+        enabled=sec.flag("enabled", True),
     )
     sec.done()
     return ch
@@ -476,7 +476,7 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     sec = _Section(_read_yaml(p), file, "")
     env = os.environ
     ov = dict(overrides or {})
-    file_store = sec.str("store", "sqlite:///var/sluice.db")
+    file_store = sec.text("store", "sqlite:///var/sluice.db")
     store_url = ov.get("store") or env.get(ENV_PREFIX + "STORE") or file_store
     store_url = _resolve_sqlite(store_url, base)
     dsec = sec.sub("destinations")
@@ -485,8 +485,8 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         destinations[str(name)] = _destination(str(name), dsec.sub(str(name)))
     dsec.used.update(dsec.data)
     lsec = sec.sub("logging")
-    file_format = lsec.str("format", "auto", choices=("auto", "json", "console"))
-    file_level = lsec.str("level", "info")
+    file_format = lsec.text("format", "auto", choices=("auto", "json", "console"))
+    file_level = lsec.text("level", "info")
     logging = LoggingConfig(
         format=env.get(ENV_PREFIX + "LOG_FORMAT") or file_format,
         level=env.get(ENV_PREFIX + "LOG_LEVEL") or file_level,
@@ -494,11 +494,11 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     lsec.done()
     asec = sec.sub("admin")
     admin = AdminConfig(
-        host=asec.str("host", "127.0.0.1"), port=asec.int("port", 8765), enabled=asec.bool("enabled", False)
+        host=asec.text("host", "127.0.0.1"), port=asec.integer("port", 8765), enabled=asec.flag("enabled", False)
     )
     asec.done()
-    plugin_paths = tuple((base / str(x)).resolve() for x in sec.list("plugin_paths"))
-    plugins = tuple(str(x) for x in sec.list("plugins"))
+    plugin_paths = tuple((base / str(x)).resolve() for x in sec.items("plugin_paths"))
+    plugins = tuple(str(x) for x in sec.items("plugins"))
     patterns = sec.get("channels", "channels/*.yaml")
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -508,11 +508,11 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         files.extend(Path(m) for m in matched if not m.endswith("_test.yaml"))
     psec = sec.sub("processing")
     default_workers = max(1, (os.cpu_count() or 2) - 1)
-    workers = psec.int("workers", default_workers)
+    workers = psec.integer("workers", default_workers)
     psec.done()
     if workers < 0:
         raise ConfigError("processing.workers must be 0 or more", file=file, key="processing.workers")
-    file_node = sec.str("node_id", "node-1")
+    file_node = sec.text("node_id", "node-1")
     node_id = env.get(ENV_PREFIX + "NODE_ID") or file_node
     sec.done()
     channels = [load_channel(f, destinations) for f in files]

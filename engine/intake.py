@@ -294,6 +294,8 @@ class Committer:
         assert j.process is not None and j.message is not None
         assert j.prepared is not None
         result = j.process.record(conn, j.prepared)
+        from sqlalchemy import update
+
         from engine.store import M
 
         if result.status == PROCESSED:
@@ -304,7 +306,7 @@ class Committer:
         )
         ack_bytes, code = render_ack(j.message, outcome)
         conn.execute(
-            M.update()
+            update(M)
             .where(M.c.id == j.message_id)
             .values(
                 status=result.status,

@@ -38,7 +38,7 @@ _REQUIRED_WHAT = {"Patient": "the prior patient of a merge", "Appointment": "the
 class ChannelRuntime:
     """A channel's compiled pipeline and routes."""
 
-    def __init__(self, config: Config, channel: ChannelConfig, store: Store):
+    def __init__(self, config: Config, channel: ChannelConfig, store: Store | None):
         self.channel = channel
         self.store = store
         ctx = StageContext(
@@ -115,13 +115,15 @@ class ChannelRuntime:
         out = prepared.output
         if prepared.status != PROCESSED or out is None:
             return prepared
+        store = self.store
+        assert store is not None, "record() runs in the engine process, which has the store"
         facts: Mapping[str, Any] = out.facts
         guards = dict(facts.get("guards", ()) or ())
         ranks: dict[str, int] = {}
         if guards and force:
             ranks.update(guards)
         elif guards:
-            current = self.store.resource_ranks(conn, list(guards))
+            current = store.resource_ranks(conn, list(guards))
             for key, rank in guards.items():
                 if current.get(key, -1) > rank:
                     reason = (
@@ -133,7 +135,7 @@ class ChannelRuntime:
         for key in facts.get("keys", ()) or ():
             ranks.setdefault(key, 0)
         for key in facts.get("requires", ()) or ():
-            if key not in ranks and not self.store.resource_ranks(conn, [key]):
+            if key not in ranks and not store.resource_ranks(conn, [key]):
                 rtype = key.split("?", 1)[0]
                 err = MessageContentError(
                     f"this message refers to a {rtype} the engine has never received "

@@ -108,7 +108,8 @@ class Server:
                 store=store.safe_url,
             )
         loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(w.run()) for w in [*self.processing, *self.delivery]]
+        self.tasks = [loop.create_task(w.run()) for w in self.processing]
+        self.tasks += [loop.create_task(d.run()) for d in self.delivery]
         if any(
             ch.retention.bodies_days is not None or ch.retention.rows_days is not None for ch in cfg.channels
         ):
@@ -158,9 +159,9 @@ class Server:
         for w in self.processing:
             w.stopping = True
             w.wake.set()
-        for w in self.delivery:
-            w.stopping = True
-            w.wake.set()
+        for d in self.delivery:
+            d.stopping = True
+            d.wake.set()
         if self.tasks:
             _done, pending = await asyncio.wait(self.tasks, timeout=15)
             for t in pending:

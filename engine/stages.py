@@ -61,7 +61,7 @@ def build_filter(spec: Any, ctx: StageContext, key: str = "filter") -> Predicate
         if op == "python":
             return _safe_callable(registry.import_from_string(str(arg), [ctx.base_dir]))
         if op in registry.FILTERS:
-            return registry.FILTERS[op](arg, ctx)  # type: ignore[no-any-return]
+            return registry.FILTERS[op](arg, ctx)
     if "field" in spec:
         path = str(spec["field"])
         try:
@@ -111,7 +111,7 @@ def build_filter(spec: Any, ctx: StageContext, key: str = "filter") -> Predicate
 def _safe_callable(fn: Any) -> Predicate:
     if not callable(fn):
         raise ConfigError(f"{fn!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def build_step(spec: Any, ctx: StageContext, key: str) -> Step:
@@ -130,14 +130,14 @@ def build_step(spec: Any, ctx: StageContext, key: str) -> Step:
         )
     name = str(name)
     if name in registry.TRANSFORMS:
-        return registry.TRANSFORMS[name](options, ctx)  # type: ignore[no-any-return]
+        return registry.TRANSFORMS[name](options, ctx)
     if ":" in name:
         fn = registry.import_from_string(name, [ctx.base_dir, ctx.base_dir / "transforms"])
         if not callable(fn):
             raise ConfigError(f"{name} is not callable", file=ctx.config_file, key=key)
         if options:
-            return lambda w: fn(w, options)  # type: ignore[no-any-return]
-        return fn  # type: ignore[no-any-return]
+            return lambda w: fn(w, options)
+        return fn
     known = ", ".join(sorted(registry.TRANSFORMS))
     raise ConfigError(
         f"unknown transform step {name!r}", file=ctx.config_file, key=key, hint=f"built-in steps: {known}"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Boolean,
@@ -25,6 +25,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     create_engine,
     delete,
@@ -137,11 +138,11 @@ class ResourceStateRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
-M = MessageRow.__table__
-D = DeliveryRow.__table__
-R = ReplayRow.__table__
-C = CounterRow.__table__
-S = ResourceStateRow.__table__
+M = cast(Table, MessageRow.__table__)
+D = cast(Table, DeliveryRow.__table__)
+R = cast(Table, ReplayRow.__table__)
+C = cast(Table, CounterRow.__table__)
+S = cast(Table, ResourceStateRow.__table__)
 
 # Message statuses
 RECEIVED = "received"  # stored, waiting for a processing worker
