@@ -494,7 +494,9 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     lsec.done()
     asec = sec.sub("admin")
     admin = AdminConfig(
-        host=asec.text("host", "127.0.0.1"), port=asec.integer("port", 8765), enabled=asec.flag("enabled", False)
+        host=asec.text("host", "127.0.0.1"),
+        port=asec.integer("port", 8765),
+        enabled=asec.flag("enabled", False),
     )
     asec.done()
     plugin_paths = tuple((base / str(x)).resolve() for x in sec.items("plugin_paths"))

@@ -234,12 +234,13 @@ class Rep:
 
     __slots__ = ("_d", "_plain", "_raw", "_split", "_u")
 
-    def __init__(self, raw: str, d: Delimiters):
+    def __init__(self, raw: str, d: Delimiters, comps: list[str] | None = None):
         self._raw = raw
         self._d = d
-        self._split: list[str] | None = None
-        self._u: list[str] | None = None
-        self._plain = False
+        # ``comps``: the caller already split a value it knows has no subcomponents or escapes
+        self._split: list[str] | None = comps
+        self._u: list[str] | None = comps
+        self._plain = comps is not None
 
     @property
     def raw(self) -> str:
@@ -337,16 +338,20 @@ class Segment:
     Repetitions and locations are built once per field and cached (a segment is read many times
     during a conversion); treat the lists ``reps`` returns as read-only."""
 
-    __slots__ = ("_d", "_empty", "_locs", "_reps", "fields", "name", "sequence")
+    __slots__ = ("_d", "_empty", "_fc", "_locs", "_plain", "_reps", "fields", "name", "sequence")
 
-    def __init__(self, fields: list[str], d: Delimiters, sequence: int):
+    def __init__(self, fields: list[str], d: Delimiters, sequence: int, plain: bool = False):
         self.fields = fields
         self.name = fields[0]
         self._d = d
         self.sequence = sequence
+        # plain: the segment has no escape and no subcomponent characters (the parser knows from the line),
+        # so components can be split straight from the raw text
+        self._plain = plain
         self._reps: dict[int, list[Rep]] = {}
         self._locs: dict[tuple[int | None, int | None], Location] = {}
         self._empty: Rep | None = None
+        self._fc: dict[int, list[str]] = {}  # field -> components of its first repetition (see get)
 
     def __getitem__(self, n: int) -> str:
         fields = self.fields
@@ -365,7 +370,19 @@ class Segment:
             out = [Rep(value, _LITERAL)]
         else:
             d = self._d
-            out = [Rep(r, d) for r in value.split(d.repetition)] if d.repetition in value else [Rep(value, d)]
+            if self._plain:
+                comp = d.component
+                out = (
+                    [Rep(r, d, r.split(comp)) for r in value.split(d.repetition)]
+                    if d.repetition in value
+                    else [Rep(value, d, value.split(comp))]
+                )
+            else:
+                out = (
+                    [Rep(r, d) for r in value.split(d.repetition)]
+                    if d.repetition in value
+                    else [Rep(value, d)]
+                )
         self._reps[n] = out
         return out
 
@@ -382,6 +399,23 @@ class Segment:
         return empty
 
     def get(self, n: int, c: int = 1, s: int = 1, r: int = 1) -> str:
+        if r == 1 and s == 1:
+            u = self._fc.get(n)
+            if u is None and self._plain:
+                fields = self.fields
+                value = fields[n] if 0 <= n < len(fields) else ""
+                if not value:
+                    return ""
+                d = self._d
+                if d.repetition in value:
+                    value = value.split(d.repetition, 1)[0]
+                u = self._fc[n] = value.split(d.component)
+            elif u is None:
+                reps = self._reps.get(n)
+                if reps is None:
+                    reps = self.reps(n)
+                u = self._fc[n] = reps[0]._unescaped() if reps else []
+            return u[c - 1] if 0 < c <= len(u) else ""
         reps = self._reps.get(n)
         if reps is None:
             reps = self.reps(n)
@@ -566,6 +600,7 @@ def parse(text: str) -> Message:
         )
     d = read_delimiters(text)
     fs = d.field
+    esc, sub = d.escape or d.subcomponent, d.subcomponent
     segments: list[Segment] = []
     counts: dict[str, int] = {}
     for line in text.split(CR):
@@ -581,7 +616,11 @@ def parse(text: str) -> Message:
             # MSH-1 is the field separator itself; shift so seg[n] is field n.
             fields.insert(1, fs)
         counts[name] = counts.get(name, 0) + 1
-        segments.append(Segment(fields, d, counts[name]))
+        segments.append(
+            Segment(
+                fields, d, counts[name], sub not in line and esc not in line and name not in HEADER_SEGMENTS
+            )
+        )
     return Message(text, d, segments)
 
 

@@ -79,7 +79,9 @@ class Server:
         committer.start()
         for name, dest in self.destinations.items():
             await dest.start()
-            self.delivery.append(DeliveryWorker(cfg.destinations[name], dest, store, committer))
+            self.delivery.append(
+                DeliveryWorker(cfg.destinations[name], dest, store, committer, owner=self.owner)
+            )
         by_dest = {w.config.name: w for w in self.delivery}
         for ch in cfg.channels:
             if not ch.enabled:

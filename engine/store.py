@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     Boolean,
@@ -100,6 +100,9 @@ class DeliveryRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Several nodes on one PostgreSQL store: a node leases the rows it is delivering.
+    lease_owner: Mapped[str] = mapped_column(String(100), default="")
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
 
     __table_args__ = (
         Index("ix_deliveries_dest_status_id", "destination", "status", "id"),
@@ -421,7 +424,14 @@ class Store:
         ]
 
     _DLV_COLS = ("message_id", "channel", "destination", "payload", "content_type", "meta", "order_key",
-                 "status", "attempts", "created_at", "next_attempt_at", "last_error", "detail")  # fmt: skip
+                 "status", "attempts", "created_at", "next_attempt_at", "last_error", "detail",
+                 "lease_owner", "lease_until")  # fmt: skip
+    _DLV_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "last_error": "",
+        "detail": "",
+        "lease_owner": "",
+        "lease_until": 0.0,
+    }
 
     def insert_deliveries(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:
@@ -430,7 +440,8 @@ class Store:
         sql = f"INSERT INTO deliveries ({', '.join(cols)}) VALUES ({self._p(len(cols))})"
         cur = self._cursor(conn)
         try:
-            cur.executemany(sql, [[r.get(c, "") for c in cols] for r in rows])
+            dflt = self._DLV_DEFAULTS
+            cur.executemany(sql, [[r[c] if c in r else dflt[c] for c in cols] for r in rows])
         finally:
             cur.close()
 
@@ -575,12 +586,44 @@ class Store:
         with self.engine.connect() as conn:
             return list(
                 conn.execute(
-                    select(D.c.id, D.c.order_key, D.c.next_attempt_at, D.c.attempts)
+                    select(
+                        D.c.id,
+                        D.c.order_key,
+                        D.c.next_attempt_at,
+                        D.c.attempts,
+                        D.c.lease_owner,
+                        D.c.lease_until,
+                    )
                     .where(D.c.destination == destination, D.c.status == PENDING)
                     .order_by(D.c.id)
                     .limit(limit)
                 ).all()
             )
+
+    def lease_deliveries(self, ids: Sequence[int], owner: str, lease_s: float = 120.0) -> set[int]:
+        """PostgreSQL, several nodes: take a lease on the rows this node is about to deliver.
+
+        Rows another node holds (locked or under an unexpired lease) are skipped; the caller
+        delivers only what it got.  SQLite (one node) needs no lease: every id is returned.
+        """
+        if self.is_sqlite or not ids:
+            return set(ids)
+        now = time.time()
+        with self.write() as conn:
+            locked = [
+                r[0]
+                for r in conn.execute(
+                    select(D.c.id)
+                    .where(D.c.id.in_(list(ids)), D.c.status == PENDING)
+                    .where((D.c.lease_until < now) | (D.c.lease_owner == owner))
+                    .with_for_update(skip_locked=True)
+                )
+            ]
+            if locked:
+                conn.execute(
+                    update(D).where(D.c.id.in_(locked)).values(lease_owner=owner, lease_until=now + lease_s)
+                )
+        return set(locked)
 
     def load_deliveries(self, ids: Sequence[int]) -> list[Any]:
         if not ids:
@@ -633,7 +676,7 @@ class Store:
                 [[DELIVERED, now, detail[:1000], did] for did, detail in delivered],
             )
         for did, attempts, error, next_at in failed:
-            values: dict[str, Any] = {"attempts": attempts, "last_error": error[:4000]}
+            values: dict[str, Any] = {"attempts": attempts, "last_error": error[:4000], "lease_until": 0.0}
             if next_at is None:
                 values["status"] = DEAD
             else:

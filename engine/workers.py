@@ -149,7 +149,9 @@ class DeliveryWorker:
         store: Store,
         committer: Committer,
         batch: int = 500,
+        owner: str = "",
     ):
+        self.owner = owner
         self.committer = committer
         self.config = config
         self.destination = destination
@@ -195,6 +197,9 @@ class DeliveryWorker:
             key = r.order_key
             if key in blocked:
                 continue
+            if r.lease_until > now and r.lease_owner != self.owner:
+                blocked.add(key)  # another node is delivering this key right now: keep its order
+                continue
             if r.next_attempt_at > now:
                 next_due = r.next_attempt_at if next_due is None else min(next_due, r.next_attempt_at)
                 if block:
@@ -204,6 +209,20 @@ class DeliveryWorker:
         if not lanes:
             return False, next_due
         ids = [r.id for lane in lanes.values() for r in lane.rows]
+        leased = await asyncio.to_thread(self.store.lease_deliveries, ids, self.owner)
+        if len(leased) != len(ids):
+            # Lost a race with another node: keep each lane's prefix this node holds.
+            for key, lane in list(lanes.items()):
+                kept: list[Any] = []
+                for r in lane.rows:
+                    if r.id not in leased:
+                        break
+                    kept.append(r)
+                if kept:
+                    lane.rows = kept
+                else:
+                    del lanes[key]
+            ids = [r.id for lane in lanes.values() for r in lane.rows]
         loaded = {r.id: r for r in await asyncio.to_thread(self.store.load_deliveries, ids)}
         delivered: list[tuple[int, str]] = []
         failed: list[tuple[int, int, str, float | None]] = []

@@ -58,14 +58,15 @@ def basic_channel(port: int, **extra: Any) -> dict[str, Any]:
 class EngineProcess:
     """``sluice run`` in a subprocess; stopped (or killed) by its PID only."""
 
-    def __init__(self, config: Path, port: int):
+    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None, log_name: str = "engine.log"):
         self.config = config
         self.port = port
+        self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = config.parent / "engine.log"
+        self.log = config.parent / log_name
 
     def start(self, timeout: float = 30.0) -> EngineProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         logf = open(self.log, "ab")  # noqa: SIM115 - owned by the process lifetime
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config)],

@@ -1,0 +1,67 @@
+"""Two engine processes sharing one PostgreSQL store: each message processed and delivered once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from engine import store as st
+from engine.client import MLLPClient, parse_ack
+from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
+
+PLUGINS = str(Path(__file__).resolve().parents[1] / "support" / "plugins")
+
+
+def adt(cid: str, mrn: str) -> bytes:
+    return (
+        f"MSH|^~\\&|EHR|NORTH|SL|HOSP|20250101120000||ADT^A08^ADT_A01|{cid}|P|2.5.1\r"
+        f"PID|1||{mrn}^^^NORTH^MR||Testpatient^Alex\r"
+    ).encode()
+
+
+def test_two_nodes_on_postgres_deliver_each_message_once(tmp_path: Path, pg_url: str) -> None:
+    port_a, port_b = free_port(), free_port()
+    log = tmp_path / "delivered.txt"
+    dest = {"kind": "recorder", "log": str(log), "lanes": 4, "delay": 0.002}
+    cfg = write_config(
+        tmp_path,
+        channels={"c": basic_channel(port_a, order_by="PID-3.1", routes=[{"destination": "rec"}])},
+        destinations={"rec": dest},
+        store=pg_url,
+    )
+    cfg.write_text(cfg.read_text() + f"plugin_paths: [{PLUGINS}]\nplugins: [sluice_test_recorder]\n")
+    a = EngineProcess(cfg, port_a, env={"SLUICE_NODE_ID": "a"}, log_name="a.log")
+    b = EngineProcess(cfg, port_b, env={"SLUICE_NODE_ID": "b", "SLUICE_PORT": str(port_b)}, log_name="b.log")
+    ids = [f"N{i:04d}" for i in range(600)]
+
+    async def send(port: int, chunk: list[str]) -> None:
+        c = MLLPClient("127.0.0.1", port)
+        try:
+            for cid in chunk:
+                assert parse_ack(await c.send(adt(cid, f"P{int(cid[1:]) % 13}"))).code == "AA"
+        finally:
+            await c.close()
+
+    async def go() -> None:
+        await asyncio.gather(*(send(port_a if k % 2 else port_b, ids[k::6]) for k in range(6)))
+
+    with a, b:
+        asyncio.run(go())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got = log.read_text().split() if log.exists() else []
+            if len(got) >= len(ids):
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)  # a double delivery would show up now
+    got = log.read_text().split()
+    assert sorted(got) == sorted(ids)  # every message delivered exactly once across the two nodes
+    s = st.Store(pg_url)
+    try:
+        rows = s.list_messages(limit=10_000)
+        assert len(rows) == len(ids) and all(r.status == st.PROCESSED for r in rows)
+    finally:
+        s.close()
+    # Strict per-key order across nodes (a message processed on one node before an older one on the
+    # other) is the scale-out issue's work; within one node order_by lanes keep it (test_ordering.py).
