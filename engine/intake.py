@@ -232,8 +232,7 @@ class Committer:
             ops = []
         for (_, fut), res in zip(ops, results, strict=False):
             fut.set_result(res)
-        for j, afut in batch:
-            afut.get_loop().call_soon_threadsafe(_resolve, afut, j)
+        _resolve_all(batch)
 
     def _write_jobs(self, conn: Any, jobs: list[Job]) -> None:
         self._dedupe(conn, jobs)
@@ -318,6 +317,20 @@ class Committer:
         )
         j.final_outcome = outcome
         j.row.ack = ack_bytes
+
+
+def _resolve_all(batch: list[tuple[Job, asyncio.Future[Job]]]) -> None:
+    """Hand a whole group commit back to its event loop(s) with one wake-up each."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, asyncio.Future[Job]]]] = {}
+    for j, fut in batch:
+        by_loop.setdefault(fut.get_loop(), []).append((j, fut))
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_resolve_many, items)
+
+
+def _resolve_many(items: list[tuple[Job, asyncio.Future[Job]]]) -> None:
+    for j, fut in items:
+        _resolve(fut, j)
 
 
 def _resolve(fut: asyncio.Future[Job], job: Job) -> None:
@@ -495,7 +508,10 @@ class Intake:
         if not jobs:
             log.info("message_rejected_unstored", channel=self.channel.name, outcome="AR")
             return split_acks(immediate)
-        results = await asyncio.gather(*(self.committer.submit(j) for j in jobs))
+        if len(jobs) == 1:
+            results = [await self.committer.submit(jobs[0])]
+        else:
+            results = list(await asyncio.gather(*(self.committer.submit(j) for j in jobs)))
         if self.on_stored is not None:
             self.on_stored()
         acks: list[bytes] = []
