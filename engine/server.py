@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import sys
@@ -53,7 +52,7 @@ def build_destinations(config: Config) -> dict[str, Destination]:
 class Server:
     def __init__(self, config: Config):
         self.config = config
-        self.owner = f"{config.node_id}:{socket.gethostname()}:{os.getpid()}"
+        self.owner = f"{config.node_id}@{socket.gethostname()}"  # stable across restarts; unique per node
         self.store: Store | None = None
         self.committer: Committer | None = None
         self.listeners: list[Listener] = []
@@ -68,7 +67,8 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         self.store = store = await asyncio.to_thread(Store, cfg.store_url)
-        recovered = await asyncio.to_thread(store.recover)
+        # Take back what this node had in flight before it stopped (other nodes' leases expire on their own).
+        recovered = await asyncio.to_thread(store.recover, None if store.is_sqlite else self.owner)
         if recovered:
             log.info("recovered_in_flight", messages=recovered)
         self.destinations = build_destinations(cfg)  # also imports the user's plugins
