@@ -86,7 +86,7 @@ class DestinationConfig:
     kind: str
     options: Mapping[str, Any]
     retry: RetryConfig = field(default_factory=RetryConfig)
-    on_failure: str = "dead-letter"  # or "block" for ordered lanes
+    on_failure: str = "block"  # retry holding the key's later messages; or "dead-letter": park and go on
     lanes: int = 4
 
 
@@ -309,7 +309,7 @@ def _destination(name: str, sec: _Section) -> DestinationConfig:
     if not kind:
         raise ConfigError("missing 'kind'", file=sec.file, key=sec.key("kind"), hint="e.g. kind: file")
     retry = _retry(sec.sub("retry"))
-    on_failure = sec.text("on_failure", "dead-letter", choices=FAILURE_POLICIES)
+    on_failure = sec.text("on_failure", "block", choices=FAILURE_POLICIES)
     lanes = sec.integer("lanes", 4)
     options = {k: v for k, v in sec.data.items() if k not in ("kind", "retry", "on_failure", "lanes")}
     return DestinationConfig(name, kind, options, retry, on_failure, lanes)

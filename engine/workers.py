@@ -6,9 +6,11 @@
 * :class:`DeliveryWorker` (one per destination) delivers pending rows in lanes:
   rows with the same order key (the channel, plus the channel's ``order_by``
   value) go strictly in order; different keys run in parallel up to ``lanes``.
-  Failures back off exponentially with jitter up to ``max_attempts`` and then
-  go to the dead-letter queue with a reason.  ``on_failure: block`` holds the
-  later rows of the failing key while it retries; ``dead-letter`` lets them pass.
+  ``on_failure: block`` (default): a failing row is retried with exponential
+  backoff and jitter up to ``max_attempts`` while the later rows of its key wait
+  (other keys go on), then dead-lettered with a reason and its key moves on.
+  ``dead-letter``: a failing row is parked in the dead-letter queue at once and
+  its key moves on.  Neither lets a late retry overwrite newer data silently.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def backoff_delay(
     jitter = 1.0 + retry.jitter * (2 * rnd() - 1)
     delay = base * jitter
     if retry_after is not None:
-        delay = max(delay, min(retry_after, retry.max_backoff * 4))
+        delay = max(delay, retry_after)  # never sooner than the server asked
     return max(0.0, delay)
 
 
@@ -264,7 +266,7 @@ class DeliveryWorker:
                     retryable = exc.retryable if isinstance(exc, DeliveryError) else False
                     retry_after = exc.retry_after if isinstance(exc, DeliveryError) else None
                     reason = str(exc) if isinstance(exc, SluiceError) else f"{type(exc).__name__}: {exc}"
-                    if retryable and attempts < self.config.retry.max_attempts:
+                    if block and retryable and attempts < self.config.retry.max_attempts:
                         next_at = time.time() + backoff_delay(self.config.retry, attempts, retry_after)
                         failed.append((r.id, attempts, reason, next_at))
                         self.failed += 1
@@ -278,7 +280,12 @@ class DeliveryWorker:
                             error=type(exc).__name__,
                         )
                     else:
-                        why = reason if not retryable else f"gave up after {attempts} attempts: {reason}"
+                        if not retryable:
+                            why = reason
+                        elif block:
+                            why = f"gave up after {attempts} attempts: {reason}"
+                        else:
+                            why = f"parked at the first failure (on_failure: dead-letter): {reason}"
                         failed.append((r.id, attempts, why, None))
                         self.dead += 1
                         log.error(
@@ -289,9 +296,9 @@ class DeliveryWorker:
                             attempts=attempts,
                             error=type(exc).__name__,
                         )
-                    if block:
-                        return  # hold the rest of this key until the failing one is done
-                    continue
+                    if block and failed[-1][3] is not None:
+                        return  # hold the rest of this key while the failing one waits for its retry
+                    continue  # dead-lettered: the key moves on (replaying it later is an operator's call)
                 delivered.append((r.id, detail or ""))
                 log.debug(
                     "delivered",
