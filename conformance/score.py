@@ -303,6 +303,24 @@ def _names(res: Mapping[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+EXPLAIN_CALLED_BY = (
+    "IG XPN[HumanName]: XPN-15 (called by) is a second name with use nickname, which Sluice emits; "
+    "MS appends it to given"
+)
+
+
+def _explain_called_by(ours: Mapping[str, Any], ov: str, ev: str) -> str:
+    """The reference ``given`` is ours plus an XPN-15 value that ours carries as a ``nickname`` name."""
+    for name in _as_list(ours.get("name")):
+        if not isinstance(name, dict) or name.get("use") != "nickname":
+            continue
+        for g in _as_list(name.get("given")):
+            nick = norm_text(g)
+            if nick and norm_text(f"{ov} {nick}") == norm_text(ev):
+                return EXPLAIN_CALLED_BY
+    return ""
+
+
 def _addresses(res: Mapping[str, Any]) -> list[dict[str, str]]:
     out = []
     for addr in _as_list(res.get("address")):
@@ -559,6 +577,8 @@ def compare_resources(ours: Mapping[str, Any], expected: Mapping[str, Any], base
                     why = "IG TelecommunicationEquipmentType map: XTN-3 CP → use mobile (MS keeps the field's use)"
                 if not ov and category == "identifiers" and leaf == "system":
                     why = explain_system("", ev)
+                if not ok and category == "names" and leaf == "given":
+                    why = why or _explain_called_by(ours, ov, ev)
                 score.record(
                     category,
                     ok,

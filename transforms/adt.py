@@ -237,43 +237,62 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
     """PID (+PD1, NK1 contacts) → Patient.  Returns (reference, resource key).
 
     ADT writes it as a conditional update (the ADT feed is the authority); ORU and SIU pass
-    ``create_only=True`` (conditional create: never overwrite the richer ADT Patient)."""
+    ``create_only=True`` (conditional create: never overwrite the richer ADT Patient).
+
+    Hot path: raw fields are tested before any datatype call, so empty fields cost one index."""
     s = ctx.settings
     system, value, key_rep = key_identifier(pid, 3, ctx)
-    res: JSON = {"active": True}
+    f = pid.fields
+    nf = len(f)
+    res: JSON = {"resourceType": "Patient", "active": True}
     idents: list[JSON] = []
+    seen: set[tuple[str | None, str]] = set()
+    key_raw = key_rep.raw
     for field in (3, 2, 4):
+        if field >= nf or not f[field]:
+            continue
+        loc = pid.loc(field)
         for r in pid.reps(field):
-            ident = dt.cx(r, ctx, pid.loc(field))
+            ident = dt.cx(r, ctx, loc)
             if ident is None:
                 continue
-            if r is key_rep or (r.raw == key_rep.raw and field == 3):
+            if r is key_rep or (field == 3 and r.raw == key_raw):
                 ident["system"] = system
-            if not any(i.get("system") == ident.get("system") and i["value"] == ident["value"] for i in idents):
+            sv = (ident.get("system"), ident["value"])
+            if sv not in seen:
+                seen.add(sv)
                 idents.append(ident)
-    if ssn := pid.get(19).strip():
+    if nf > 19 and (ssn := pid.get(19).strip()):
         idents.append({"type": dt.identifier_type("SS"), "system": dt.SSN_SYSTEM, "value": ssn})
-    dln = pid.rep(20)
-    if dl_no := dln.c(1).strip():
-        dl: JSON = {"type": dt.identifier_type("DL"), "value": dl_no}
-        if exp := dln.c(3).strip():
-            try:
-                if end := dt.dtm(exp, s, pid.loc(20, 3), kind="date"):
-                    dl["period"] = {"end": end}
-            except ConversionError:
-                ctx.count("bad_identifier_period")
-        idents.append(dl)
+    if nf > 20 and f[20]:
+        dln = pid.rep(20)
+        if dl_no := dln.c(1).strip():
+            dl: JSON = {"type": dt.identifier_type("DL"), "value": dl_no}
+            if exp := dln.c(3).strip():
+                try:
+                    if end := dt.dtm(exp, s, pid.loc(20, 3), kind="date"):
+                        dl["period"] = {"end": end}
+                except ConversionError:
+                    ctx.count("bad_identifier_period")
+            idents.append(dl)
     res["identifier"] = idents
-    names = dt.xpns(pid, 5, s) + dt.xpns(pid, 9, s)
+    names = dt.xpns(pid, 5, s) if nf > 5 and f[5] else []
+    if nf > 9 and f[9]:
+        names += dt.xpns(pid, 9, s)
     if names:
         res["name"] = names
-    telecom = dt.xtns(pid, 13, "home") + dt.xtns(pid, 14, "work") + dt.xtns(pid, 40)
+    telecom: list[JSON] = []
+    if nf > 13 and f[13]:
+        telecom += dt.xtns(pid, 13, "home")
+    if nf > 14 and f[14]:
+        telecom += dt.xtns(pid, 14, "work")
+    if nf > 40 and f[40]:
+        telecom += dt.xtns(pid, 40)
     if telecom:
         res["telecom"] = telecom
-    gender = dt.table(ctx, dt.ADMINISTRATIVE_SEX, pid.get(8), pid.loc(8), "0001")
-    if gender:
+    if nf > 8 and f[8] and (gender := dt.table(ctx, dt.ADMINISTRATIVE_SEX, pid.get(8), pid.loc(8), "0001")):
         res["gender"] = gender
-    dob = pid.get(7).strip()
+    dob = pid.get(7).strip() if nf > 7 and f[7] else ""
     if dob:
         res["birthDate"] = dt.dtm(dob, s, pid.loc(7), kind="date")
         if len(dob) > 8 and dob[8:10].isdigit():
@@ -283,49 +302,52 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
                     {"url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime", "valueDateTime": birth_time}
                 ]
             }
-    death_dt = pid.get(29).strip()
-    death_ind = pid.get(30).strip().upper()
-    if death_dt:
-        res["deceasedDateTime"] = dt.dtm(death_dt, s, pid.loc(29))
-    elif death_ind in ("Y", "N"):
-        res["deceasedBoolean"] = death_ind == "Y"
-    addresses = dt.xads(pid, 11, s)
-    county = pid.get(12).strip()
-    if county and len(addresses) == 1 and "district" not in addresses[0]:
-        addresses[0]["district"] = county
-    if addresses:
-        res["address"] = addresses
-    marital = pid.rep(16)
-    if marital:
-        code = marital.c(1).strip().upper()
-        mapped = MARITAL.get(code)
-        if mapped:
-            coding = {"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "code": mapped,
-                      "display": MARITAL_DISPLAY[mapped]}
-            if mapped == "UNK":
-                coding["system"] = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
-            res["maritalStatus"] = {"coding": [coding]}
-            if text := marital.c(2).strip():
-                res["maritalStatus"]["text"] = text
-        elif cc := dt.cwe(marital, ctx, pid.loc(16)):
-            res["maritalStatus"] = cc
-    mbi = pid.get(24).strip().upper()
-    order = pid.get(25).strip()
-    if order.isdigit() and mbi != "N":
-        res["multipleBirthInteger"] = int(order)
-    elif mbi in ("Y", "N"):
-        res["multipleBirthBoolean"] = mbi == "Y"
-    lang = pid.rep(15)
-    if lang and (cc := dt.language(lang, ctx, pid.loc(15))):
-        res["communication"] = [{"language": cc, "preferred": True}]
-    extensions: list[JSON] = []
-    mmn = pid.rep(6)
-    if mmn and (family := mmn.c(1, 1).strip()):
-        extensions.append(
-            {"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName", "valueString": family}
-        )
-    if extensions:
-        res["extension"] = extensions
+    if nf > 29:
+        death_dt = pid.get(29).strip()
+        death_ind = pid.get(30).strip().upper()
+        if death_dt:
+            res["deceasedDateTime"] = dt.dtm(death_dt, s, pid.loc(29))
+        elif death_ind in ("Y", "N"):
+            res["deceasedBoolean"] = death_ind == "Y"
+    if nf > 11 and f[11]:
+        addresses = dt.xads(pid, 11, s)
+        county = pid.get(12).strip()
+        if county and len(addresses) == 1 and "district" not in addresses[0]:
+            addresses[0]["district"] = county
+        if addresses:
+            res["address"] = addresses
+    if nf > 16 and f[16]:
+        marital = pid.rep(16)
+        if marital:
+            code = marital.c(1).strip().upper()
+            mapped = MARITAL.get(code)
+            if mapped:
+                coding = {"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "code": mapped,
+                          "display": MARITAL_DISPLAY[mapped]}
+                if mapped == "UNK":
+                    coding["system"] = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
+                res["maritalStatus"] = {"coding": [coding]}
+                if text := marital.c(2).strip():
+                    res["maritalStatus"]["text"] = text
+            elif cc := dt.cwe(marital, ctx, pid.loc(16)):
+                res["maritalStatus"] = cc
+    if nf > 24:
+        mbi = pid.get(24).strip().upper()
+        order = pid.get(25).strip()
+        if order.isdigit() and mbi != "N":
+            res["multipleBirthInteger"] = int(order)
+        elif mbi in ("Y", "N"):
+            res["multipleBirthBoolean"] = mbi == "Y"
+    if nf > 15 and f[15]:
+        lang = pid.rep(15)
+        if lang and (cc := dt.language(lang, ctx, pid.loc(15))):
+            res["communication"] = [{"language": cc, "preferred": True}]
+    if nf > 6 and f[6]:
+        mmn = pid.rep(6)
+        if mmn and (family := mmn.c(1, 1).strip()):
+            res["extension"] = [
+                {"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName", "valueString": family}
+            ]
     pd1 = msg.first("PD1")
     if pd1 is not None:
         gps = [gp for r in pd1.reps(4) if (gp := dt.xcn(r, ctx, pd1.loc(4)))]
@@ -339,29 +361,39 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
     return ref, conditional_url("Patient", system, value)
 
 
+def _xtns(seg: Segment, f: list[str], nf: int, field: int, default_use: str | None = None) -> list[JSON]:
+    """XTN repetitions of ``field``; [] without a call into the parser when the raw field is empty."""
+    if field < nf and f[field]:
+        return dt.xtns(seg, field, default_use)
+    return []
+
+
 def patient_contact(nk1: Segment, ctx: ConvertContext) -> JSON | None:
     """NK1 → Patient.contact (every NK1; the IG also makes a RelatedPerson for non-emergency roles)."""
     s = ctx.settings
+    f = nk1.fields
+    nf = len(f)
     c: JSON = {}
     rels = nk1_relationships(nk1, ctx)
     if rels:
         c["relationship"] = rels
-    if name := dt.xpn(nk1.rep(2), s):
+    if nf > 2 and f[2] and (name := dt.xpn(nk1.rep(2), s)):
         c["name"] = name
-    telecom = dt.xtns(nk1, 5, "home") + dt.xtns(nk1, 6, "work") + dt.xtns(nk1, 40) + dt.xtns(nk1, 41)
+    telecom = (_xtns(nk1, f, nf, 5, "home") + _xtns(nk1, f, nf, 6, "work") + _xtns(nk1, f, nf, 40)
+               + _xtns(nk1, f, nf, 41))
     if telecom:
         c["telecom"] = telecom
-    if addr := dt.xad(nk1.rep(4), s):
+    if nf > 4 and f[4] and (addr := dt.xad(nk1.rep(4), s)):
         c["address"] = addr
-    gender = dt.table(ctx, dt.ADMINISTRATIVE_SEX, nk1.get(15), nk1.loc(15), "0001")
-    if gender:
+    if nf > 15 and f[15] and (gender := dt.table(ctx, dt.ADMINISTRATIVE_SEX, nk1.get(15), nk1.loc(15), "0001")):
         c["gender"] = gender
-    p = dt.period(nk1.get(8), nk1.get(9), s, nk1.loc(8), nk1.loc(9))
-    if p:
-        c["period"] = p
-    if org_name := nk1.get(13).strip():
+    if nf > 8 and (f[8] or (nf > 9 and f[9])):
+        p = dt.period(nk1.get(8), nk1.get(9), s, nk1.loc(8), nk1.loc(9))
+        if p:
+            c["period"] = p
+    if nf > 13 and (org_name := nk1.get(13).strip()):
         c["organization"] = {"display": org_name}
-    if not any(k in c for k in ("name", "telecom", "address", "organization")):
+    if not ("name" in c or "telecom" in c or "address" in c or "organization" in c):
         return None
     return c
 
@@ -430,10 +462,12 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
     if pv1 is None:
         return None
     s = ctx.settings
+    f = pv1.fields
+    nf = len(f)
     visit = pv1.rep(19)
     visit_no = visit.c(1).strip()
     admit = pv1.get(44).strip()
-    res: JSON = {}
+    res: JSON = {"resourceType": "Encounter"}
     status = ENCOUNTER_STATUS.get(trigger) or _derived_status(pv1)
     res["status"] = status
     cls = pv1.get(2).strip().upper()
@@ -446,9 +480,9 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
             res["class"] = {"system": hit[0], "code": hit[1], "display": hit[2]}
     else:
         res["class"] = dict(CLASS_UNKNOWN)
-    if adm_type := pv1.get(4).strip():
+    if nf > 4 and (adm_type := pv1.get(4).strip()):
         res["type"] = [dt.coded_table(adm_type, "0007")]
-    if service := pv1.get(10).strip():
+    if nf > 10 and (service := pv1.get(10).strip()):
         res["serviceType"] = dt.coded_table(service, "0069")
     res["subject"] = {"reference": patient_ref}
     participants: list[JSON] = []
@@ -460,6 +494,9 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
     if pv2 is not None:
         sources.append((pv2, 13, "REF", "referrer"))  # PV2-13 referral source
     for seg, field, code, display in sources:
+        sf = seg.fields
+        if field >= len(sf) or not sf[field]:
+            continue
         for r in seg.reps(field):
             who = dt.xcn(r, ctx, seg.loc(field))
             if who:
@@ -469,33 +506,38 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
                 })
     if participants:
         res["participant"] = participants
-    p = dt.period(admit, pv1.get(45), s, pv1.loc(44), pv1.loc(45))
-    if p:
-        res["period"] = p
+    if admit or (nf > 45 and f[45]):
+        p = dt.period(admit, pv1.get(45), s, pv1.loc(44), pv1.loc(45))
+        if p:
+            res["period"] = p
     locations: list[JSON] = []
     loc_status_current = "completed" if status in ("finished", "cancelled") else (
         "planned" if status == "planned" else "active")
     for field, st in ((3, loc_status_current), (11, "active"), (6, "completed"), (42, "planned")):
         if trigger == "A12" and field == 6:
             continue  # A12: PV1-6 is the transfer being cancelled, PV1-3 the location restored
+        if field >= nf or not f[field]:
+            continue
         ref = dt.pl(pv1.rep(field), ctx, pv1.loc(field))
         if ref:
             locations.append({"location": ref, "status": st})
     if locations:
         res["location"] = locations
     hosp: JSON = {}
-    if pre := dt.cx(pv1.rep(5), ctx, pv1.loc(5)):
+    if nf > 5 and f[5] and (pre := dt.cx(pv1.rep(5), ctx, pv1.loc(5))):
         hosp["preAdmissionIdentifier"] = pre
-    if src := pv1.get(14).strip():
-        hosp["admitSource"] = dt.coded_table(src, "0023")
-    if readm := pv1.get(13).strip():
-        hosp["reAdmission"] = dt.coded_table(readm, "0092")
-    if arr := pv1.get(15).strip():
-        hosp["specialArrangement"] = [dt.coded_table(arr, "0009")]
-    if disp := pv1.get(36).strip():
-        hosp["dischargeDisposition"] = dt.coded_table(disp, "0112")
-    if diet := pv1.get(38).strip():
-        hosp["dietPreference"] = [{"coding": [{"code": diet}]}]
+    if nf > 13:
+        if src := pv1.get(14).strip():
+            hosp["admitSource"] = dt.coded_table(src, "0023")
+        if readm := pv1.get(13).strip():
+            hosp["reAdmission"] = dt.coded_table(readm, "0092")
+        if arr := pv1.get(15).strip():
+            hosp["specialArrangement"] = [dt.coded_table(arr, "0009")]
+    if nf > 36:
+        if disp := pv1.get(36).strip():
+            hosp["dischargeDisposition"] = dt.coded_table(disp, "0112")
+        if diet := pv1.get(38).strip():
+            hosp["dietPreference"] = [{"coding": [{"code": diet}]}]
     if hosp:
         res["hospitalization"] = hosp
     if pv2 is not None:
@@ -515,7 +557,7 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
                     dt.table(ctx, {}, code, pv2.loc(25), "0217")
             if codings:
                 res["priority"] = {"coding": codings}
-    alternates = [i for r in pv1.reps(50) if (i := dt.cx(r, ctx, pv1.loc(50)))]
+    alternates = [i for r in pv1.reps(50) if (i := dt.cx(r, ctx, pv1.loc(50)))] if nf > 50 and f[50] else []
     if visit_no:
         ident = dt.cx(visit, ctx, pv1.loc(19)) or {"value": visit_no}
         if "type" not in ident:
@@ -638,8 +680,10 @@ def related_person(nk1: Segment, ctx: ConvertContext, patient_ref: str, patient_
     name = dt.xpn(nk1.rep(2), s)
     if name is None:
         return None
-    res: JSON = {"active": True, "patient": {"reference": patient_ref}}
-    idents = [i for n in (12, 33) for r in nk1.reps(n) if (i := dt.cx(r, ctx, nk1.loc(n)))]
+    res: JSON = {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": patient_ref}}
+    f = nk1.fields
+    nf = len(f)
+    idents = [i for n in (12, 33) if n < nf and f[n] for r in nk1.reps(n) if (i := dt.cx(r, ctx, nk1.loc(n)))]
     if ssn := nk1.get(37).strip():
         idents.append({"type": dt.identifier_type("SS"), "system": dt.SSN_SYSTEM, "value": ssn})
     if idents:
@@ -649,24 +693,28 @@ def related_person(nk1: Segment, ctx: ConvertContext, patient_ref: str, patient_
         res["relationship"] = rels
     # IG NK1[RelatedPerson]: name[1] NK1-2, name[2] NK1-30 (contact person); telecom NK1-5/6/31/40/41;
     # address NK1-4/32
-    names = [name, *(n for r in nk1.reps(2)[1:] if (n := dt.xpn(r, s))), *dt.xpns(nk1, 30, s)]
+    names = [name, *(n for r in nk1.reps(2)[1:] if (n := dt.xpn(r, s)))]
+    if nf > 30 and f[30]:
+        names += dt.xpns(nk1, 30, s)
     res["name"] = names
-    telecom = (dt.xtns(nk1, 5, "home") + dt.xtns(nk1, 6, "work") + dt.xtns(nk1, 31) + dt.xtns(nk1, 40)
-               + dt.xtns(nk1, 41))
+    telecom = (_xtns(nk1, f, nf, 5, "home") + _xtns(nk1, f, nf, 6, "work") + _xtns(nk1, f, nf, 31)
+               + _xtns(nk1, f, nf, 40) + _xtns(nk1, f, nf, 41))
     if telecom:
         res["telecom"] = telecom
-    addresses = dt.xads(nk1, 4, s) + dt.xads(nk1, 32, s)
+    addresses = dt.xads(nk1, 4, s) if nf > 4 and f[4] else []
+    if nf > 32 and f[32]:
+        addresses += dt.xads(nk1, 32, s)
     if addresses:
         res["address"] = addresses
-    gender = dt.table(ctx, dt.ADMINISTRATIVE_SEX, nk1.get(15), nk1.loc(15), "0001")
-    if gender:
+    if nf > 15 and f[15] and (gender := dt.table(ctx, dt.ADMINISTRATIVE_SEX, nk1.get(15), nk1.loc(15), "0001")):
         res["gender"] = gender
-    if bd := nk1.get(16).strip():
+    if nf > 16 and (bd := nk1.get(16).strip()):
         res["birthDate"] = dt.dtm(bd, s, nk1.loc(16), kind="date")
-    p = dt.period(nk1.get(8), nk1.get(9), s, nk1.loc(8), nk1.loc(9))
-    if p:
-        res["period"] = p
-    if lang := dt.language(nk1.rep(20), ctx, nk1.loc(20)):
+    if nf > 8 and (f[8] or (nf > 9 and f[9])):
+        p = dt.period(nk1.get(8), nk1.get(9), s, nk1.loc(8), nk1.loc(9))
+        if p:
+            res["period"] = p
+    if nf > 20 and f[20] and (lang := dt.language(nk1.rep(20), ctx, nk1.loc(20))):
         res["communication"] = [{"language": lang}]
     key = "|".join((patient_key, "NK1", name.get("family", ""), " ".join(name.get("given", [])), rel.c(1).strip()))
     return ctx.add("RelatedPerson", res, key=key)
@@ -678,6 +726,7 @@ def allergy(al1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: st
     if code is None:
         return None
     res: JSON = {
+        "resourceType": "AllergyIntolerance",
         "clinicalStatus": {"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active",
         }]},
@@ -721,6 +770,7 @@ def condition(
     if code is None:
         return None
     res: JSON = {
+        "resourceType": "Condition",
         "category": [{"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": "encounter-diagnosis",
             "display": "Encounter Diagnosis",
@@ -793,7 +843,7 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
     if not (company_id.c(1).strip() or company_name or plan or policy):
         return None
     payor: JSON
-    org: JSON = {"active": True}
+    org: JSON = {"resourceType": "Organization", "active": True}
     if company_name:
         org["name"] = company_name
     if addr := dt.xad(in1.rep(5), s):
@@ -810,7 +860,7 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
         payor = {"reference": ctx.add("Organization", org, key=okey)}
     else:
         payor = {"display": "unknown payor"}
-    res: JSON = {"status": "active"}
+    res: JSON = {"resourceType": "Coverage", "status": "active"}
     idents: list[JSON] = []
     # IN1-2 health plan id (CWE → Identifier, IG), IN1-36 policy number, IN1-49 insured's id,
     # IN2-6 / IN2-8 Medicare / Medicaid numbers of the same insurance group

@@ -69,13 +69,20 @@ def escape_search(value: str) -> str:
     return value
 
 
+@lru_cache(maxsize=16384)
 def conditional_url(resource_type: str, system: str, value: str) -> str:
     """``Type?identifier=system|value`` with FHIR search escaping (URL-encoding is the sender's job)."""
     return f"{resource_type}?identifier={escape_search(system)}|{escape_search(value)}"
 
 
 def _put_type_first(resource: dict[str, Any], resource_type: str) -> None:
-    """Set ``resourceType`` as the first key, keeping the dict's identity (callers may keep mutating it)."""
+    """Set ``resourceType`` as the first key, keeping the dict's identity (callers may keep mutating it).
+
+    Hot mappers build their dicts with ``resourceType`` first already: then this is one key lookup."""
+    for first in resource:
+        if first == "resourceType" and resource[first] == resource_type:
+            return
+        break
     items = [(k, v) for k, v in resource.items() if k != "resourceType"]
     resource.clear()
     resource["resourceType"] = resource_type
@@ -165,14 +172,18 @@ class ConvertContext:
         if identifier is not None:
             system, value = identifier
         elif key is not None:
-            system, value = SLUICE_KEY_SYSTEM, det_uuid(f"{resource_type}|{key}")
+            system, value = SLUICE_KEY_SYSTEM, det_uuid(resource_type + "|" + key)
         else:
             raise ValueError("add() needs identifier= or key=")
         ids = resource.get("identifier")
         if ids is None:
             resource["identifier"] = [{"system": system, "value": value}]
-        elif not any(i.get("system") == system and i.get("value") == value for i in ids):
-            ids.append({"system": system, "value": value})
+        else:
+            for i in ids:
+                if i.get("value") == value and i.get("system") == system:
+                    break
+            else:
+                ids.append({"system": system, "value": value})
         url = conditional_url(resource_type, system, value)
         existing = self._by_url.get(url)
         if existing is not None:
@@ -182,7 +193,8 @@ class ConvertContext:
                     old[k] = v
             return str(existing["fullUrl"])
         full_url = "urn:uuid:" + det_uuid(url)
-        _put_type_first(resource, resource_type)
+        if resource.get("resourceType") != resource_type or next(iter(resource)) != "resourceType":
+            _put_type_first(resource, resource_type)
         request: dict[str, str]
         if create_only:
             request = {"method": "POST", "url": resource_type, "ifNoneExist": url[len(resource_type) + 1:]}

@@ -95,15 +95,14 @@ def add_provenance(msg: Message, ctx: ConvertContext) -> None:
     Provenance has no identifier, so it is a conditional *create* on a tag holding the uuid5 of
     sender + control id: a resent message does not add a second Provenance.
     """
-    sender = f"{msg.msh.get(3, 1)}|{msg.msh.get(4, 1)}|{msg.control_id}"
-    tag = det_uuid("message|" + sender)
     msh = msg.msh
-    try:
-        recorded = dtm(msh.get(7, 1), ctx.settings, msh.loc(7), kind="instant")
-    except ConversionError:
-        raise
+    app, facility = msh.get(3, 1), msh.get(4, 1)
+    sender = f"{app}|{facility}|{msg.control_id}"
+    tag = det_uuid("message|" + sender)
+    recorded = dtm(msh.get(7, 1), ctx.settings, msh.loc(7), kind="instant")
     targets = [{"reference": e["fullUrl"]} for e in ctx.entries]
     prov: dict[str, Any] = {
+        "resourceType": "Provenance",
         "meta": {"tag": [{"system": PROVENANCE_TAG_SYSTEM, "code": tag}]},
         "target": targets,
         "recorded": recorded or utc_now_instant(),
@@ -122,7 +121,7 @@ def add_provenance(msg: Message, ctx: ConvertContext) -> None:
                         }
                     ]
                 },
-                "who": {"display": msh.get(3, 1).strip() or msh.get(4, 1).strip() or "unknown sender"},
+                "who": {"display": app.strip() or facility.strip() or "unknown sender"},
             }
         ],
     }

@@ -163,7 +163,31 @@ def _fmt_offset(off: timedelta) -> str:
     return f"{sign}{total // 60:02d}:{total % 60:02d}"
 
 
+_DTM_CACHE: dict[tuple[str, str, str, str | None], str] = {}
+_DTM_CACHE_MAX = 16384
+
+
 def dtm(value: str, settings: ConvertSettings, loc: Location | None = None, kind: str = "dateTime") -> str | None:
+    """HL7 DTM/TS/DT → FHIR date/dateTime/instant (see :func:`_dtm`).
+
+    Results are cached per (value, kind, site zone, date format): the conversion is a pure function
+    of those, and the same timestamps recur within a message (MSH-7, EVN-2, OBX-14, ...) and a feed.
+    Only successes are cached; an invalid value raises with its location every time."""
+    if not value:
+        return None
+    key = (value, kind, settings.site_tz, settings.date_format)
+    hit = _DTM_CACHE.get(key)
+    if hit is not None:
+        return hit
+    out = _dtm(value, settings, loc, kind)
+    if out is not None:
+        if len(_DTM_CACHE) >= _DTM_CACHE_MAX:
+            _DTM_CACHE.clear()
+        _DTM_CACHE[key] = out
+    return out
+
+
+def _dtm(value: str, settings: ConvertSettings, loc: Location | None = None, kind: str = "dateTime") -> str | None:
     """HL7 DTM/TS/DT (any precision) → FHIR ``date`` / ``dateTime`` / ``instant`` string.
 
     Precision is kept (``2025`` → ``2025``, ``202503`` → ``2025-03``); a time part is padded to
@@ -253,9 +277,9 @@ def period(
 ) -> JSON | None:
     """Two DTM strings → Period (or None if both empty)."""
     p: JSON = {}
-    if s := dtm(start, settings, loc_start):
+    if start and (s := dtm(start, settings, loc_start)):
         p["start"] = s
-    if e := dtm(end, settings, loc_end):
+    if end and (e := dtm(end, settings, loc_end)):
         p["end"] = e
     return p or None
 
@@ -432,37 +456,66 @@ def xpn(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
 
 
 def xpns(seg: Segment, field: int, settings: ConvertSettings | None = None) -> list[JSON]:
-    return [n for r in seg.reps(field) if (n := xpn(r, settings)) is not None]
+    """Every XPN repetition → HumanName.  XPN-15 "called by" becomes a second HumanName with
+    ``use: nickname`` (IG XPN[HumanName]: ``[2].given`` / ``[2].use``, for elements that allow several
+    names; a single-name element such as Patient.contact.name uses :func:`xpn` and drops it)."""
+    out: list[JSON] = []
+    for r in seg.reps(field):
+        n = xpn(r, settings)
+        if n is None:
+            continue
+        out.append(n)
+        called = r.cs(15)[14].strip()
+        if called and called not in n.get("given", ()):
+            nick: JSON = {"use": "nickname", "given": [called]}
+            if nick not in out:
+                out.append(nick)
+    return out
 
 
 def xad(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
     """XAD → Address."""
     if not rep:
         return None
+    c = rep.cs(19)
     a: JSON = {}
     # XAD-1 SAD: street/mailing address & street name & dwelling number → one line (IG line[1-3];
     # "1000&Hospital Lane" is the street "1000 Hospital Lane"); XAD-2 other designation; XAD-19 addressee
     sad = rep.subs(1)
     street = " ".join(p for p in (x.strip() for x in sad[:3]) if p) if len(sad) > 1 else (sad[0].strip() if sad else "")
-    lines = _given(street, rep.c(2), rep.c(19))
-    kind = rep.c(7).strip().upper()
-    if use := ADDRESS_USE.get(kind):
-        a["use"] = use
-    if atype := ADDRESS_TYPE.get(kind):
-        a["type"] = atype
+    lines = [x for x in (street, c[1].strip(), c[18].strip()) if x]
+    if kind := c[6].strip().upper():
+        if use := ADDRESS_USE.get(kind):
+            a["use"] = use
+        if atype := ADDRESS_TYPE.get(kind):
+            a["type"] = atype
+    found = False
     if lines:
         a["line"] = lines
-    for comp, key in ((3, "city"), (9, "district"), (4, "state"), (5, "postalCode"), (6, "country")):
-        if v := rep.c(comp).strip():
-            a[key] = v
-    if settings is not None:
+        found = True
+    if v := c[2].strip():
+        a["city"] = v
+        found = True
+    if v := c[8].strip():
+        a["district"] = v
+        found = True
+    if v := c[3].strip():
+        a["state"] = v
+        found = True
+    if v := c[4].strip():
+        a["postalCode"] = v
+        found = True
+    if v := c[5].strip():
+        a["country"] = v
+        found = True
+    if settings is not None and len(rep) > 11:
         try:
-            p = dr(rep, 12, settings) or period(rep.c(13), rep.c(14), settings)
+            p = dr(rep, 12, settings) or period(c[12], c[13], settings)
         except ConversionError:
             p = None
         if p:
             a["period"] = p
-    if not any(k in a for k in ("line", "city", "district", "state", "postalCode", "country")):
+    if not found:
         return None
     return a
 
@@ -539,12 +592,25 @@ _UUID = re.compile(r"^[0-9a-fA-F-]{36}$")
 
 
 def hd_system(ctx: ConvertContext, namespace: str, universal_id: str, uid_type: str) -> tuple[str | None, str]:
+    """Assigning authority (HD) → ``(system, how)``: :func:`_hd_system`, cached per channel settings
+    (a feed names the same few authorities over and over)."""
+    cache = ctx.settings.hd_cache
+    key = (namespace, universal_id, uid_type)
+    hit = cache.get(key)
+    if hit is None:
+        hit = _hd_system(ctx.settings, namespace, universal_id, uid_type)
+        if len(cache) < 4096:
+            cache[key] = hit
+    return hit
+
+
+def _hd_system(settings: ConvertSettings, namespace: str, universal_id: str, uid_type: str) -> tuple[str | None, str]:
     """Assigning authority (HD) → ``(system, how)``.
 
     ``how`` is ``"mapped"`` (settings.identifier_systems), ``"oid"``/``"uuid"``/``"uri"`` (from HD-2/3),
     ``"derived"`` (``urn:sluice:authority:<namespace>`` when derive_unknown_systems) or ``"none"``.
     """
-    systems = ctx.settings.identifier_systems
+    systems = settings.identifier_systems
     namespace, universal_id, uid_type = namespace.strip(), universal_id.strip(), uid_type.strip().upper()
     if namespace and namespace in systems:
         return systems[namespace], "mapped"
@@ -562,7 +628,7 @@ def hd_system(ctx: ConvertContext, namespace: str, universal_id: str, uid_type: 
         return NPI_SYSTEM, "mapped"
     if namespace.upper() in ("SSA", "USSSA") or namespace.upper() == "SS":
         return SSN_SYSTEM, "mapped"
-    if ctx.settings.derive_unknown_systems and (namespace or universal_id):
+    if settings.derive_unknown_systems and (namespace or universal_id):
         return DERIVED_SYSTEM_PREFIX + quote(namespace or universal_id, safe=_URI_SAFE), "derived"
     return None, "none"
 
@@ -589,7 +655,7 @@ def cx(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
     if c[4] and (t := identifier_type(c[4])):
         ident["type"] = t
     # c[3] is only HD-1 (namespace): an authority can be HD-2/3 alone ("&2.16.840.1...&ISO")
-    system, how = hd_system(ctx, rep.c(4, 1), rep.c(4, 2), rep.c(4, 3)) if len(rep) > 3 else (None, "none")
+    system, how = hd_system(ctx, c[3], rep.c(4, 2), rep.c(4, 3)) if len(rep) > 3 else (None, "none")
     if system is None and c[4].strip().upper() == "SS":
         system = SSN_SYSTEM
     if how == "derived":
@@ -711,8 +777,9 @@ def coded_table(code: str, table_no: str, display: str | None = None) -> JSON:
 # Practitioners (XCN) and locations (PL)
 # ---------------------------------------------------------------------------
 def _xcn_name(rep: Rep) -> JSON | None:
-    family = rep.c(2, 1).strip()
-    given = _given(rep.c(3), rep.c(4))
+    c = rep.cs(21)
+    family = c[1].strip()
+    given = [x for x in (c[2].strip(), c[3].strip()) if x]
     if family and not given and "," in family:
         last, _, rest = family.partition(",")
         family, given = last.strip(), rest.split()
@@ -721,9 +788,9 @@ def _xcn_name(rep: Rep) -> JSON | None:
         n["family"] = family
     if given:
         n["given"] = given
-    if p := rep.c(6).strip():
+    if p := c[5].strip():
         n["prefix"] = [p]
-    suffix = _given(rep.c(5), rep.c(7), rep.c(21))
+    suffix = [x for x in (c[4].strip(), c[6].strip(), c[20].strip()) if x]
     if suffix:
         n["suffix"] = suffix
     return n if ("family" in n or "given" in n) else None
@@ -744,27 +811,29 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
     """
     if not rep:
         return None
-    pid = rep.c(1).strip()
+    c = rep.cs(21)
+    pid = c[0].strip()
     name = _xcn_name(rep)
     if not pid:
         disp = _display(name)
         return {"display": disp} if disp else None
-    ns, uid, utype = rep.c(9, 1), rep.c(9, 2), rep.c(9, 3)
-    id_type = rep.c(13).strip().upper()
-    if id_type == "NPI" or ns.strip().upper() == "NPI" or uid.strip() == NPI_OID:
+    ns = c[8]
+    uid, utype = (rep.c(9, 2), rep.c(9, 3)) if len(rep) > 8 else ("", "")
+    id_type_raw = c[12]
+    if id_type_raw.strip().upper() == "NPI" or ns.strip().upper() == "NPI" or uid.strip() == NPI_OID:
         system: str | None = NPI_SYSTEM
         how = "mapped"
     else:
         system, how = hd_system(ctx, ns, uid, utype)
     ident: JSON = {}
-    if t := identifier_type(rep.c(13)):
+    if t := identifier_type(id_type_raw):
         ident["type"] = t
     if system:
         ident["system"] = system
         if how == "derived":
             ctx.count("identifier_system_derived")
     ident["value"] = pid
-    prac: JSON = {"identifier": [ident]}
+    prac: JSON = {"resourceType": "Practitioner", "identifier": [ident]}
     if name:
         prac["name"] = [name]
     if system:
@@ -787,37 +856,40 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
     dict to the most specific one.  Key: facility + the path of levels (Sluice key)."""
     if not rep:
         return None
-    facility = rep.c(4, 1).strip() or rep.c(4, 2).strip()
-    building, floor = rep.c(7).strip(), rep.c(8).strip()
-    path = [facility, building, floor]
+    c = rep.cs(9)
+    facility = c[3].strip() or rep.c(4, 2).strip()
+    path = [facility, c[6].strip(), c[7].strip()]
     parent: str | None = None
     ref: str | None = None
     last_name = ""
     if facility:
-        site: JSON = {"name": facility, "mode": "instance", "status": "active", "physicalType": _phys("si", "Site")}
+        site: JSON = {"resourceType": "Location", "name": facility, "mode": "instance", "status": "active",
+                      "physicalType": _phys("si", "Site")}
         ref = parent = ctx.add("Location", site, key=facility)
         last_name = facility
+    levels: list[str] = []
     for comp, code, disp in _PL_LEVELS:
-        value = rep.c(comp).strip()
+        value = c[comp - 1].strip()
         path.append(value)
         if not value:
             continue
-        loc_res: JSON = {"name": value, "mode": "instance", "status": "active", "physicalType": _phys(code, disp)}
-        if comp == 3 and (status := rep.c(5).strip()):
+        levels.append(value)
+        loc_res: JSON = {"resourceType": "Location", "name": value, "mode": "instance", "status": "active",
+                         "physicalType": _phys(code, disp)}
+        if comp == 3 and (status := c[4].strip()):
             loc_res["operationalStatus"] = {
                 "system": V2_TABLE + "0116", "code": status,
             }
         if parent:
             loc_res["partOf"] = {"reference": parent}
-        if desc := rep.c(9).strip():
+        if desc := c[8].strip():
             loc_res["description"] = desc
         ref = ctx.add("Location", loc_res, key="|".join(path))
         parent = ref
         last_name = value
     if ref is None:
         return None
-    levels = [rep.c(i).strip() for i, _, _ in _PL_LEVELS]
-    display = " ".join(v for v in levels if v) or last_name
+    display = " ".join(levels) or last_name
     return {"reference": ref, "display": display}
 
 

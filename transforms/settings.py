@@ -73,6 +73,16 @@ class ConvertSettings:
             ) from exc
 
     @property
+    def hd_cache(self) -> dict[tuple[str, str, str], tuple[str | None, str]]:
+        """Assigning authority (HD-1, HD-2, HD-3) → (system, how): filled by ``transforms.datatypes.hd_system``
+        (a pure function of these settings), so each authority of a feed is resolved once."""
+        cache: dict[tuple[str, str, str], tuple[str | None, str]] | None = self.__dict__.get("_hd_cache")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_hd_cache", cache)
+        return cache
+
+    @property
     def zone(self) -> ZoneInfo:
         """The site time zone as a ZoneInfo (never the host's zone)."""
         z: ZoneInfo = self._zone  # type: ignore[attr-defined]

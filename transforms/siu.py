@@ -200,6 +200,20 @@ def _notes_after(msg: Message) -> dict[int, list[Segment]]:
     return out
 
 
+def patient_context(msg: Message, ctx: ConvertContext, patient_ref: str) -> None:
+    """The IG's SIU PATIENT group beyond PID: PV1/PV2 → Encounter (a conditional create, like ORU: the ADT
+    feed owns it), OBX → Observation (same mapping and key as an ADT's OBX: patient + OBX-3 + OBX-4),
+    DG1 → Condition (same key as ADT: encounter, else patient, + code)."""
+    from transforms import adt, oru
+
+    patient_key = ctx.key_of(patient_ref) or patient_ref
+    enc_ref = oru.encounter(msg, ctx)
+    if msg.first("OBX") is not None:
+        adt.observations(msg, ctx, patient_key, enc_ref)
+    for dg1 in msg.all("DG1"):
+        adt.condition(dg1, ctx, patient_ref, patient_key, enc_ref)
+
+
 def convert(msg: Message, ctx: ConvertContext) -> None:
     """SIU^S12..S17, S26 → an Appointment in ``ctx``."""
     trigger = msg.trigger
@@ -275,6 +289,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     if pid is not None:
         pref = patient(pid, ctx)
         participants.append(_participant({"reference": pref}, None, [], None))
+        patient_context(msg, ctx, pref)
     service_types: list[JSON] = []
     timings: list[_Timing] = []
     for seg in msg.segments:

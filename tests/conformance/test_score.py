@@ -201,3 +201,14 @@ def test_values_only_in_ig_unmapped_segments_are_explained() -> None:
     s = sb(ours, ref, source=src)
     assert s.compared == 3 and s.agreeing == 1 and s.explained == 1  # G-77 is GT1-only; X-1 is not explained
     assert [d.expected for d in s.diffs if not d.explanation] == ["X-1"]
+
+
+def test_called_by_appended_to_given_is_explained() -> None:
+    """MS appends XPN-15 to given; Sluice puts it in a nickname name (IG): explained, not counted."""
+    ours = {"resourceType": "Patient", "identifier": [{"value": "1"}],
+            "name": [{"family": "DOE", "given": ["ANN"]}, {"use": "nickname", "given": ["Annie"]}]}
+    ref = {"resourceType": "Patient", "identifier": [{"value": "1"}],
+           "name": [{"family": "DOE", "given": ["ANN", "Annie"]}]}
+    score = score_bundles(bundle(ours), bundle(ref))
+    assert score.explained == 1 and score.percent == 100.0
+    assert "XPN-15" in next(d for d in score.diffs if d.explanation).explanation

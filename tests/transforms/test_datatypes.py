@@ -219,3 +219,18 @@ def test_icdo_code_system() -> None:
 def test_cx_authority_with_universal_id_only() -> None:
     ident = dt.cx(rep("HMO-12345^^^&2.16.840.1.113883.1.3&ISO^NI"), ctx())
     assert ident is not None and ident["system"] == "urn:oid:2.16.840.1.113883.1.3"
+
+
+def test_xpn15_called_by_is_a_second_nickname_name() -> None:
+    """IG XPN[HumanName]: XPN-15 → name[2].given with use nickname (where several names are allowed)."""
+    from engine.hl7 import parse as _parse
+    from transforms.datatypes import xpns
+
+    m = _parse("MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5.1\r"
+               "PID|1||X^^^H||EVERYWOMAN^EVE^E^^^^L^^^^^^^^Evie~ALIAS^EVE\r")
+    names = xpns(m.first("PID"), 5)  # type: ignore[arg-type]
+    assert names == [
+        {"use": "official", "family": "EVERYWOMAN", "given": ["EVE", "E"]},
+        {"use": "nickname", "given": ["Evie"]},
+        {"family": "ALIAS", "given": ["EVE"]},
+    ]

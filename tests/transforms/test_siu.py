@@ -234,3 +234,29 @@ def test_siu_patient_is_a_conditional_create() -> None:
     bundle = _convert(load("siu_s12"), golden_settings()).bundle
     [pat] = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
     assert pat["request"]["method"] == "POST" and pat["request"]["ifNoneExist"].startswith("identifier=")
+
+
+def test_patient_group_pv1_obx_dg1() -> None:
+    """IG SIU_S12 PATIENT group: PV1 → Encounter (conditional create), OBX → Observation, DG1 → Condition,
+    all for the same Patient; the Appointment is unchanged by them."""
+    m = msg(
+        MSH.format("S12^SIU_S12"), SCH.format("Booked"), PID,
+        "PV1|1|O|CLINIC1^^^SYNTH HOSP||||||||||||||||V500^^^SYNTH HOSP&2.16.840.1.113883.19.999.2&ISO^VN",
+        "OBX|1|NM|29463-7^Body weight^LN||72|kg^^UCUM|||||F",
+        "DG1|1||R07.9^Chest pain, unspecified^I10",
+        "AIP|1||1234567893^CARDIOLOGIST^CASEY^^^DR^^^^^^^NPI|ATND^Attender^HL70443",
+    )
+    bundle = _convert(m, golden_settings()).bundle
+    validate_resources(bundle)
+    (pat,) = resources(bundle, "Patient")
+    (enc,) = resources(bundle, "Encounter")
+    (obs,) = resources(bundle, "Observation")
+    (cond,) = resources(bundle, "Condition")
+    pat_ref = next(e["fullUrl"] for e in bundle["entry"] if e["resource"] is pat)
+    enc_entry = next(e for e in bundle["entry"] if e["resource"] is enc)
+    assert enc_entry["request"]["method"] == "POST"  # the ADT feed owns the Encounter
+    assert enc["subject"] == {"reference": pat_ref} and enc["identifier"][0]["value"] == "V500"
+    assert obs["subject"] == {"reference": pat_ref} and obs["encounter"] == {"reference": enc_entry["fullUrl"]}
+    assert obs["valueQuantity"]["value"] == 72 and obs["code"]["coding"][0]["code"] == "29463-7"
+    assert cond["subject"] == {"reference": pat_ref} and cond["code"]["coding"][0]["code"] == "R07.9"
+    assert len(resources(bundle, "Appointment")) == 1
