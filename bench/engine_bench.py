@@ -83,14 +83,15 @@ def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) ->
             "routes": [{"destination": "out"}],
             "order_by": "PID-3.1",
         }
-        if kind != "file":
-            channel["order_by"] = "PID-3.1"
         dest["lanes"] = 16
         eng = start_engine(work, channel, {"out": dest})
         try:
             t0 = time.monotonic()
-            load = run_load(eng.port, "--connections", str(connections), "--count", str(count), "--warmup", "0")
+            load = run_load(
+                eng.port, "--connections", str(connections), "--count", str(count), "--seconds", "600", "--warmup", "0"
+            )
             t_intake = time.monotonic() - t0
+            acked = int(load["results"][0]["acked_ok"])
             store = st.Store(f"sqlite:///{work / 'sluice.db'}")
             try:
                 while True:
@@ -100,7 +101,7 @@ def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) ->
                     statuses = store.status_counts()
                     errors = statuses.get(("bench", st.ERROR), 0)
                     total = sum(v for (ch, s), v in statuses.items() if ch == "bench")
-                    if done + dead + errors >= total and total >= count:
+                    if done + dead + errors >= total and total >= acked:
                         break
                     if time.monotonic() - t0 > 600:
                         break

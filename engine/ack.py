@@ -23,6 +23,18 @@ _counter = itertools.count(1)
 _PREFIX = f"{os.getpid() % 10000:04d}"
 
 
+_ts_cache: tuple[int, str] = (0, "")
+
+
+def _timestamp() -> str:
+    """MSH-7 for an ACK (UTC with offset), formatted once per second."""
+    global _ts_cache
+    sec = int(time.time())
+    if _ts_cache[0] != sec:
+        _ts_cache = (sec, datetime.fromtimestamp(sec, UTC).strftime("%Y%m%d%H%M%S%z"))
+    return _ts_cache[1]
+
+
 def next_control_id() -> str:
     """A unique control id for an outbound ACK (time + pid + counter)."""
     return f"{int(time.time()):x}{_PREFIX}{next(_counter) % 1_000_000:06d}"
@@ -95,8 +107,7 @@ def build(
     """An ACK message as text with CR segment terminators."""
     d: Delimiters = message.delimiters if message is not None else DEFAULT_DELIMITERS
     fs, cs = d.field, d.component
-    now = now or datetime.now(UTC)
-    ts = now.strftime("%Y%m%d%H%M%S") + now.strftime("%z")
+    ts = _timestamp() if now is None else now.strftime("%Y%m%d%H%M%S%z")
     cid = control_id or next_control_id()
     if message is not None:
         h = message.msh

@@ -473,6 +473,13 @@ def parse_path(path: str) -> tuple[str, int, int | None, int, int | None, int | 
     )
 
 
+def _plain_header(msg: Message) -> bool:
+    """True when MSH fields 3-16 hold no escape, repetition or subcomponent characters (the usual case)."""
+    d = msg.delimiters
+    text = d.field.join(msg.msh.fields[3:17])
+    return d.escape not in text and d.repetition not in text and d.subcomponent not in text
+
+
 class Message:
     """A parsed HL7 v2 message.  Build with :func:`parse`."""
 
@@ -521,6 +528,28 @@ class Message:
     # -- header shortcuts (read once, on first use: intake reads them for every message) ----
     def _header(self) -> dict[str, str]:
         hdr = self._hdr
+        if hdr is None and _plain_header(self):
+            f = self.msh.fields
+            n = len(f)
+            cs = self.delimiters.component
+
+            def fld(i: int) -> str:
+                return f[i] if i < n else ""
+
+            parts = fld(9).split(cs)
+            parts += [""] * (3 - len(parts))
+            hdr = self._hdr = {
+                "control_id": fld(10).strip(),
+                "type": parts[0].strip().upper(),
+                "trigger": parts[1].strip().upper(),
+                "structure": parts[2].strip().upper(),
+                "version": fld(12).split(cs)[0].strip(),
+                "processing_id": fld(11).split(cs)[0].strip().upper(),
+                "accept_ack": fld(15).strip().upper(),
+                "app_ack": fld(16).strip().upper(),
+                "sending_app": fld(3),
+                "sending_facility": fld(4),
+            }
         if hdr is None:
             h = self.msh
             typ = h.rep(9)

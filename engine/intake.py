@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -109,6 +110,7 @@ class Committer:
         self.backlog = 0
         self.batches = 0
         self.committed = 0
+        self._conn: Any = None  # the writer thread's own connection
 
     def start(self) -> None:
         if self._thread is None:
@@ -142,6 +144,15 @@ class Committer:
         return await asyncio.wrap_future(self.submit_op(op))
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None
+
+    def _loop(self) -> None:
         while True:
             first = self._q.get()
             if first is None:
@@ -197,7 +208,7 @@ class Committer:
             jobs = [j for j, _ in batch]
         results: list[Any] = []
         try:
-            with self.store.write(durable=bool(jobs)) as conn:
+            with self._transaction(durable=bool(jobs)) as conn:
                 if jobs:
                     self._write_jobs(conn, jobs)
                 results = [op(conn) for op, _ in ops]
@@ -233,6 +244,21 @@ class Committer:
         for (_, fut), res in zip(ops, results, strict=False):
             fut.set_result(res)
         _resolve_all(batch)
+
+    @contextlib.contextmanager
+    def _transaction(self, *, durable: bool) -> Iterator[Any]:
+        """A write transaction on the committer's own long-lived connection (no pool round trip)."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self.store.engine.connect()
+        try:
+            with self.store.writer_transaction(self._conn, durable=durable) as conn:
+                yield conn
+        except Exception:
+            # A broken connection is replaced on the next batch; the error still fails this one.
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+            raise
 
     def _write_jobs(self, conn: Any, jobs: list[Job]) -> None:
         self._dedupe(conn, jobs)

@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.config import Config
 from engine.intake import ProcessResult
 
 _RUNTIMES: dict[str, Any] = {}
+_STORE: list[Any] = []  # the worker's own read-only view of the store (SQLite), opened on first use
+_CONFIG: list[Config] = []
+
+
+class Claimed(NamedTuple):
+    """The fields of a stored message the parent needs to record a result (no body)."""
+
+    id: int
+    order_key: str
+    replay_destinations: str | None
+    override_guards: bool
 
 
 def _init(config: Config) -> None:
@@ -29,6 +40,7 @@ def _init(config: Config) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     registry.load_plugins(config.plugin_paths, config.plugins, config.base_dir)
+    _CONFIG.append(config)
     for ch in config.channels:
         if ch.enabled:
             _RUNTIMES[ch.name] = ChannelRuntime(config, ch, store=None)
@@ -43,6 +55,24 @@ def _run(channel: str, items: list[tuple[int, bytes]]) -> list[ProcessResult]:
         res.error = None
         out.append(res)
     return out
+
+
+def _read_and_run(channel: str, limit: int) -> list[tuple[Claimed, ProcessResult]]:
+    """Single node (SQLite): read the oldest received messages here, in the worker, and process them.
+
+    The engine process then only records the results; reading and unpickling message bodies
+    stays off its GIL, which the listener and the committer need.
+    """
+    if not _STORE:
+        from engine.store import Store
+
+        _STORE.append(Store(_CONFIG[0].store_url, create=False))
+    rows = _STORE[0].next_received(channel, limit)
+    items = _run(channel, [(r.id, r.raw) for r in rows])
+    return [
+        (Claimed(r.id, r.order_key, r.replay_destinations, bool(r.override_guards)), res)
+        for r, res in zip(rows, items, strict=True)
+    ]
 
 
 class ProcessingPool:
@@ -66,6 +96,9 @@ class ProcessingPool:
         for f in futures:
             out.extend(f.result())
         return out
+
+    def read_and_run(self, channel: str, limit: int) -> list[tuple[Claimed, ProcessResult]]:
+        return self.executor.submit(_read_and_run, channel, limit).result()
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

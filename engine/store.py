@@ -246,10 +246,14 @@ def _sqlite_begin(conn: Connection) -> None:
     opts = conn.get_execution_options()
     if opts.get("sluice_write"):
         # FULL (fsync at commit) unless the caller says the write may be redone after a power loss.
-        conn.exec_driver_sql(
-            "PRAGMA synchronous=NORMAL" if opts.get("sluice_relaxed") else "PRAGMA synchronous=FULL"
-        )
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        mode = "NORMAL" if opts.get("sluice_relaxed") else "FULL"
+        dbapi = conn.connection.driver_connection
+        cur = dbapi.cursor()  # type: ignore[union-attr]
+        if conn.info.get("sluice_sync") != mode:
+            cur.execute(f"PRAGMA synchronous={mode}")
+            conn.info["sluice_sync"] = mode
+        cur.execute("BEGIN IMMEDIATE")
+        cur.close()
     else:
         conn.exec_driver_sql("BEGIN")
 
@@ -320,6 +324,13 @@ class Store:
             conn.execution_options(sluice_write=True, sluice_relaxed=not durable)
             with conn.begin():
                 yield conn
+
+    @contextmanager
+    def writer_transaction(self, conn: Connection, *, durable: bool = True) -> Iterator[Connection]:
+        """Like :meth:`write` on a connection the caller keeps open (the committer's own)."""
+        conn.execution_options(sluice_write=True, sluice_relaxed=not durable)
+        with conn.begin():
+            yield conn
 
     def check(self) -> str:
         """Integrity check: 'ok' or what is wrong."""

@@ -29,7 +29,7 @@ import structlog
 from engine.config import DestinationConfig, RetryConfig
 from engine.destinations.base import Destination, Outbound
 from engine.errors import DeliveryError, SluiceError
-from engine.intake import Committer
+from engine.intake import Committer, ProcessResult
 from engine.processing import ChannelRuntime
 from engine.procpool import ProcessingPool
 from engine.store import PROCESSED, Store
@@ -75,6 +75,7 @@ class ProcessingWorker:
         self.wake_destinations = wake_destinations
         self.stopping = False
         self.processed = 0
+        self.pace = 0.05  # seconds between partial batches (adds at most this to delivery latency)
 
     async def run(self) -> None:
         while not self.stopping:
@@ -93,30 +94,36 @@ class ProcessingWorker:
                 self.processed += n
                 self.wake_destinations()
                 if n < self.batch:
-                    # Let a few more arrive so one write covers many messages (keeps commits off
-                    # the intake path); a full batch means we are behind: go straight on.
-                    await asyncio.sleep(0.02)
+                    # Let more arrive so one round covers many messages: the intake path keeps the
+                    # engine's CPU; a full batch means we are behind: go straight on.
+                    await asyncio.sleep(self.pace)
                 continue
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=0.5)
+            await asyncio.sleep(self.pace / 5)  # a burst rarely comes alone
 
     def _process_batch(self) -> int:
         ch = self.runtime.channel
-        if self.store.is_sqlite:
-            rows = self.store.next_received(ch.name, self.batch)
+        prepared: list[tuple[Any, ProcessResult]]
+        if self.store.is_sqlite and self.pool is not None:
+            # One node: the worker process reads and processes; this process only records.
+            prepared = list(self.pool.read_and_run(ch.name, self.batch))
         else:
-            rows = self.store.claim_received(ch.name, self.batch, self.owner)
-        if not rows:
+            if self.store.is_sqlite:
+                rows = self.store.next_received(ch.name, self.batch)
+            else:
+                rows = self.store.claim_received(ch.name, self.batch, self.owner)
+            # The pipeline runs outside any transaction (in worker processes when configured); the
+            # results are then written in one short transaction by the committer.
+            items = [(r.id, r.raw) for r in rows]
+            if self.pool is not None:
+                results = self.pool.run(ch.name, items)
+            else:
+                results = [self.runtime.run_raw(mid, raw) for mid, raw in items]
+            prepared = list(zip(rows, results, strict=True))
+        if not prepared:
             return 0
-        # The pipeline runs outside any transaction (in worker processes when configured); the
-        # results are then written in one short transaction by the committer.
-        items = [(r.id, r.raw) for r in rows]
-        if self.pool is not None:
-            results = self.pool.run(ch.name, items)
-        else:
-            results = [self.runtime.run_raw(mid, raw) for mid, raw in items]
-        prepared = list(zip(rows, results, strict=True))
 
         def write(conn: Any) -> None:
             finished: list[tuple[int, str, str]] = []
@@ -133,7 +140,7 @@ class ProcessingWorker:
             self.store.finish_messages(conn, finished)
 
         self.committer.submit_op(write).result()
-        return len(rows)
+        return len(prepared)
 
 
 @dataclass
@@ -233,6 +240,22 @@ class DeliveryWorker:
         self.delivered += len(delivered)
         return bool(delivered or failed), next_due
 
+    @staticmethod
+    def _item(row: Any) -> Outbound:
+        return Outbound(
+            message_id=row.message_id,
+            channel=row.channel,
+            destination=row.destination,
+            control_id=row.control_id,
+            message_type=row.message_type,
+            trigger=row.trigger,
+            raw=row.raw or b"",
+            payload=row.payload if row.payload is not None else b"",
+            content_type=row.content_type,
+            attempt=row.attempts + 1,
+            meta=orjson.loads(row.meta or "{}"),
+        )
+
     async def _lane(
         self,
         lane: _Lane,
@@ -242,25 +265,29 @@ class DeliveryWorker:
         block: bool,
     ) -> None:
         async with self._sem:
+            work: list[tuple[Any, Any, Outbound]] = []
             for r in lane.rows:
                 row = loaded.get(r.id)
                 if row is None:
                     continue
-                item = Outbound(
-                    message_id=row.message_id,
-                    channel=row.channel,
-                    destination=row.destination,
-                    control_id=row.control_id,
-                    message_type=row.message_type,
-                    trigger=row.trigger,
-                    raw=row.raw or b"",
-                    payload=row.payload if row.payload is not None else b"",
-                    content_type=row.content_type,
-                    attempt=row.attempts + 1,
-                    meta=orjson.loads(row.meta or "{}"),
-                )
+                work.append((r, row, self._item(row)))
+            # A destination that can take several items at once (one thread hop, one directory
+            # sync...) gets the lane's run; it stops at its first failure and leaves the rest.
+            many = getattr(self.destination, "deliver_many", None)
+            results: list[Any] | None = None
+            if many is not None and len(work) > 1:
+                results = await many([it for _, _, it in work])
+            for idx, (r, row, item) in enumerate(work):
                 try:
-                    detail = await self.destination.deliver(item)
+                    if results is None:
+                        detail = await self.destination.deliver(item)
+                    else:
+                        res = results[idx]
+                        if res is None:
+                            return  # not attempted: stays pending for the next round, in order
+                        if isinstance(res, BaseException):
+                            raise res
+                        detail = res
                 except Exception as exc:
                     attempts = row.attempts + 1
                     retryable = exc.retryable if isinstance(exc, DeliveryError) else False

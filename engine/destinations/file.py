@@ -95,6 +95,20 @@ class FileDestination(Destination):
         # The write (and its fsync) happens in a thread: never block the event loop's ACKs on disk.
         return await asyncio.to_thread(self._write, item)
 
+    async def deliver_many(self, items: list[Outbound]) -> list[str | BaseException | None]:
+        """Several files in one thread hop; stops at the first failure (later items: None)."""
+        return await asyncio.to_thread(self._write_many, items)
+
+    def _write_many(self, items: list[Outbound]) -> list[str | BaseException | None]:
+        out: list[str | BaseException | None] = [None] * len(items)
+        for i, item in enumerate(items):
+            try:
+                out[i] = self._write(item)
+            except DeliveryError as exc:
+                out[i] = exc
+                break
+        return out
+
     def _write(self, item: Outbound) -> str:
         path = self.path_for(item)
         try:
