@@ -20,7 +20,7 @@ from engine.hl7 import Message, parse_bytes
 from engine.intake import Output, ProcessResult
 from engine.pipeline import Pipeline, Predicate, StageContext, Work
 from engine.stages import build_filter, build_pipeline
-from engine.store import ERROR, FILTERED, PROCESSED, REVIEW, NewDelivery, Store
+from engine.store import ERROR, FILTERED, PROCESSED, REVIEW, NewDelivery, RankView, Store
 
 log = structlog.get_logger("sluice.processing")
 
@@ -107,6 +107,7 @@ class ChannelRuntime:
         prepared: ProcessResult,
         only: list[str] | None = None,
         force: bool = False,
+        view: RankView | None = None,
     ) -> ProcessResult:
         """Inside the store transaction: status guards, required keys and one delivery per route.
 
@@ -117,13 +118,14 @@ class ChannelRuntime:
             return prepared
         store = self.store
         assert store is not None, "record() runs in the engine process, which has the store"
+        ranks_of = view.get if view is not None else (lambda keys: store.resource_ranks(conn, keys))
         facts: Mapping[str, Any] = out.facts
         guards = dict(facts.get("guards", ()) or ())
         ranks: dict[str, int] = {}
         if guards and force:
             ranks.update(guards)
         elif guards:
-            current = store.resource_ranks(conn, list(guards))
+            current = ranks_of(list(guards))
             for key, rank in guards.items():
                 if current.get(key, -1) > rank:
                     reason = (
@@ -135,7 +137,7 @@ class ChannelRuntime:
         for key in facts.get("keys", ()) or ():
             ranks.setdefault(key, 0)
         for key in facts.get("requires", ()) or ():
-            if key not in ranks and not store.resource_ranks(conn, [key]):
+            if key not in ranks and not ranks_of([key]):
                 rtype = key.split("?", 1)[0]
                 err = MessageContentError(
                     f"this message refers to a {rtype} the engine has never received "

@@ -258,6 +258,59 @@ def _sqlite_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+class RankView:
+    """Resource status ranks for one write transaction: read in bulk, changed in memory, written once.
+
+    A processing round checks the guards of many messages; one SELECT for all their keys and one
+    executemany for the changes replace a query per key per message.
+    """
+
+    def __init__(self, store: Store, conn: Connection):
+        self.store = store
+        self.conn = conn
+        self.known: dict[str, int] = {}
+        self.fetched: set[str] = set()
+        self.new: dict[str, tuple[int, int]] = {}  # key -> (rank, message id), not in the table yet
+        self.changed: dict[str, tuple[int, int]] = {}  # key -> (rank, message id), in the table
+
+    def get(self, keys: Sequence[str]) -> dict[str, int]:
+        missing = [k for k in dict.fromkeys(keys) if k not in self.fetched]
+        for i in range(0, len(missing), 500):
+            chunk = missing[i : i + 500]
+            self.known.update(self.store.resource_ranks(self.conn, chunk))
+            self.fetched.update(chunk)
+        return {k: self.known[k] for k in keys if k in self.known}
+
+    def set(self, message_id: int, ranks: dict[str, int]) -> None:
+        self.get(list(ranks))
+        for key, rank in ranks.items():
+            if key not in self.known:
+                self.known[key] = rank
+                self.new[key] = (rank, message_id)
+            elif rank > self.known[key]:
+                self.known[key] = rank
+                if key in self.new:
+                    self.new[key] = (rank, message_id)
+                else:
+                    self.changed[key] = (rank, message_id)
+
+    def flush(self) -> None:
+        now = time.time()
+        if self.new:
+            self.store._executemany(
+                self.conn,
+                "INSERT INTO resource_state (key, rank, message_id, updated_at) VALUES (?, ?, ?, ?)",
+                [[k, r, m, now] for k, (r, m) in self.new.items()],
+            )
+        if self.changed:
+            self.store._executemany(
+                self.conn,
+                "UPDATE resource_state SET rank = ?, message_id = ?, updated_at = ? WHERE key = ?",
+                [[r, m, now, k] for k, (r, m) in self.changed.items()],
+            )
+        self.new, self.changed = {}, {}
+
+
 class Store:
     """The engine's view of the database."""
 
@@ -540,6 +593,9 @@ class Store:
             return {}
         rows = conn.execute(select(S.c.key, S.c.rank).where(S.c.key.in_(list(set(keys))))).all()
         return {r.key: r.rank for r in rows}
+
+    def rank_view(self, conn: Connection) -> RankView:
+        return RankView(self, conn)
 
     def set_resource_ranks(self, conn: Connection, message_id: int, ranks: dict[str, int]) -> None:
         if not ranks:

@@ -128,14 +128,26 @@ class ProcessingWorker:
         def write(conn: Any) -> None:
             finished: list[tuple[int, str, str]] = []
             deliveries: list[dict[str, Any]] = []
+            view = self.store.rank_view(conn)
+            keys: list[str] = []  # every key the round will look at: fetched in one go
+            for _, pre in prepared:
+                if pre.output is not None:
+                    f = pre.output.facts
+                    keys += (
+                        [k for k, _ in f.get("guards", ())]
+                        + list(f.get("keys", ()))
+                        + list(f.get("requires", ()))
+                    )
+            view.get(keys)
             for r, pre in prepared:
                 only = r.replay_destinations.split(",") if r.replay_destinations else None
-                result = self.runtime.record(conn, pre, only, bool(r.override_guards))
+                result = self.runtime.record(conn, pre, only, bool(r.override_guards), view)
                 if result.status == PROCESSED:
                     deliveries.extend(self.store.delivery_rows(r.id, ch.name, r.order_key, result.deliveries))
                 if result.ranks:
-                    self.store.set_resource_ranks(conn, r.id, result.ranks)
+                    view.set(r.id, result.ranks)
                 finished.append((r.id, result.status, result.reason))
+            view.flush()
             self.store.insert_deliveries(conn, deliveries)
             self.store.finish_messages(conn, finished)
 
