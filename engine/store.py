@@ -353,8 +353,11 @@ class Store:
     def create_schema(self) -> None:
         try:
             if self.is_sqlite:
-                # Only takes effect on a new, empty database: lets pruning return disk space.
-                self._raw_sql("PRAGMA auto_vacuum=INCREMENTAL")
+                # A new database gets incremental auto-vacuum so pruning returns disk space.  (The
+                # setting needs a VACUUM once WAL mode has written the header; cheap while empty.)
+                (exists,) = self._raw_sql("SELECT count(*) FROM sqlite_master WHERE name = 'messages'")
+                if not exists:
+                    self._raw_sql("PRAGMA auto_vacuum=INCREMENTAL", "VACUUM")
             Base.metadata.create_all(self.engine)
         except Exception as exc:
             raise StoreError(
@@ -1060,8 +1063,8 @@ class Store:
             out = []
             for sql in statements:
                 cur.execute(sql)
-                row = cur.fetchone() if cur.description else None
-                out.append(row[0] if row else None)
+                rows = cur.fetchall()  # step to the end: incremental_vacuum frees one page per step
+                out.append(rows[0][0] if rows else None)
             cur.close()
             return out
         finally:
@@ -1071,7 +1074,16 @@ class Store:
         if self.is_sqlite:
             (mode,) = self._raw_sql("PRAGMA auto_vacuum")
             if mode == 2:
-                self._raw_sql("PRAGMA incremental_vacuum(2000)")
+                self._vacuum_free_pages()
+
+    def _vacuum_free_pages(self) -> None:
+        # executescript runs sqlite3_exec, which steps the pragma to the end; a plain execute
+        # through the sqlite3 module frees a single page.
+        raw = self.engine.raw_connection()
+        try:
+            raw.driver_connection.executescript("PRAGMA incremental_vacuum;")  # type: ignore[union-attr]
+        finally:
+            raw.close()
 
     def enable_incremental_vacuum(self) -> None:
         """SQLite: switch a database to incremental auto-vacuum (one full VACUUM the first time)."""

@@ -143,3 +143,25 @@ def test_prune_drops_bodies_then_rows(store_url: str) -> None:
         assert s.get_message(ids[0]) is None and s.get_message(keep) is not None
     finally:
         s.close()
+
+
+def test_prune_returns_disk_space_on_sqlite(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = st.Store(f"sqlite:///{tmp_path}/big.db")
+    try:
+        with s.write() as conn:
+            ids = []
+            for k in range(10):
+                rows = [new(k * 100 + i) for i in range(100)]
+                for r in rows:
+                    r.raw = r.raw + b"X" * 20_000
+                ids += s.insert_messages(conn, rows)
+            for mid in ids:
+                s.finish_message(conn, mid, st.PROCESSED)
+        s._raw_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        before = s.db_size()
+        s.prune("c", bodies_before=time.time() + 1, rows_before=time.time() + 1, batch=200)
+        s._raw_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        after = s.db_size()
+        assert before > 15_000_000 and after < before / 4  # pages handed back to the file system
+    finally:
+        s.close()
