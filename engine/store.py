@@ -258,6 +258,27 @@ def _sqlite_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+def _narrow(
+    q: Any,
+    id_col: Any,
+    channel_col: Any,
+    ids: Sequence[int],
+    channel: str | None,
+    since: float | None,
+    until: float | None,
+) -> Any:
+    """The replay selection's common filters: message ids, channel and a received-time range."""
+    if ids:
+        q = q.where(id_col.in_(list(ids)))
+    if channel:
+        q = q.where(channel_col == channel)
+    if since is not None:
+        q = q.where(M.c.received_at >= since)
+    if until is not None:
+        q = q.where(M.c.received_at < until)
+    return q
+
+
 class RankView:
     """Resource status ranks for one write transaction: read in bulk, changed in memory, written once.
 
@@ -891,31 +912,18 @@ class Store:
                     .join(M, M.c.id == D.c.message_id)
                     .where(D.c.status == DEAD)
                 )
-                if ids:
-                    q = q.where(D.c.message_id.in_(list(ids)))
-                if channel:
-                    q = q.where(D.c.channel == channel)
+                q = _narrow(q, D.c.message_id, D.c.channel, ids, channel, since, until)
                 if destination:
                     q = q.where(D.c.destination == destination)
-                if since is not None:
-                    q = q.where(M.c.received_at >= since)
-                if until is not None:
-                    q = q.where(M.c.received_at < until)
                 per: dict[int, list[str]] = {}
                 for r in conn.execute(q.order_by(D.c.message_id).limit(limit)):
                     per.setdefault(r.message_id, []).append(r.destination)
                 return [(mid, sorted(set(d))) for mid, d in per.items()]
-            q3 = select(M.c.id).where(M.c.raw.is_not(None))
-            if ids:
-                q3 = q3.where(M.c.id.in_(list(ids)))
-            if channel:
-                q3 = q3.where(M.c.channel == channel)
+            q3 = _narrow(
+                select(M.c.id).where(M.c.raw.is_not(None)), M.c.id, M.c.channel, ids, channel, since, until
+            )
             if status:
                 q3 = q3.where(M.c.status == status)
-            if since is not None:
-                q3 = q3.where(M.c.received_at >= since)
-            if until is not None:
-                q3 = q3.where(M.c.received_at < until)
             selected = [r[0] for r in conn.execute(q3.order_by(M.c.id).limit(limit))]
             out: list[tuple[int, list[str] | None]] = []
             for mid in selected:
