@@ -169,10 +169,8 @@ def test_transient_faults_retried_without_duplicates(
     proxy.reset()
     proxy.lose_responses = 1  # the next forwarded request is committed upstream but its answer is lost
     with eng:
-        t0 = time.monotonic()
         send_all(eng.port, SERIES)
         counts = wait_settled(db, len(SERIES))
-        elapsed = time.monotonic() - t0
     assert counts == {("fhir", st.DELIVERED): len(SERIES)}, counts
 
     actions = [a for _m, _p, a in proxy.log]
@@ -191,7 +189,6 @@ def test_transient_faults_retried_without_duplicates(
     assert gaps[0] >= 0.15, gaps  # after the 500: backoff 0.2 s ± 20 % jitter
     assert gaps[1] >= 0.95, gaps  # after the 429: Retry-After: 1
     assert gaps[2] >= TIMEOUT * 0.9, gaps  # the stall lasted until the destination timed out
-    assert elapsed < 30
 
     # nothing duplicated although the A04 transaction was applied twice
     patient = only(fhir_server, "Patient")
