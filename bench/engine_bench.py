@@ -73,7 +73,11 @@ def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) ->
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as d:
         work = Path(d)
         if kind == "file":
-            dest: dict[str, Any] = {"kind": "file", "directory": str(work / "out"), "fsync": True}
+            dest: dict[str, Any] = {
+                "kind": "file",
+                "directory": str(work / "out"),
+                "fsync": os.environ.get("BENCH_FSYNC", "1") == "1",
+            }
         elif kind == "fhir":
             # Note: Medplum refuses a transaction with conditional writes and more than 8 entries
             # ("requires strict isolation but has too many entries"); the load generator's full
@@ -92,7 +96,15 @@ def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) ->
         try:
             t0 = time.monotonic()
             load = run_load(
-                eng.port, "--connections", str(connections), "--count", str(count), "--seconds", "600", "--warmup", "0"
+                eng.port,
+                "--connections",
+                str(connections),
+                "--count",
+                str(count),
+                "--seconds",
+                "600",
+                "--warmup",
+                "0",
             )
             t_intake = time.monotonic() - t0
             acked = int(load["results"][0]["acked_ok"])
@@ -141,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     which = args.only or ["intake", "e2e-file", "e2e-fhir", "e2e-rabbitmq"]
     report: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "store": "sqlite (WAL, synchronous=FULL, commit before ACK)",
     }
