@@ -331,6 +331,9 @@ class Rep:
 
 _NO_REPS: list[Rep] = []
 
+_LOCS: dict[tuple[str, int, int | None, int | None], Location] = {}
+_LOCS_MAX = 8192
+
 
 class Segment:
     """One segment.  ``seg[n]`` is field ``n`` as raw text, numbered as in the standard.
@@ -338,7 +341,7 @@ class Segment:
     Repetitions and locations are built once per field and cached (a segment is read many times
     during a conversion); treat the lists ``reps`` returns as read-only."""
 
-    __slots__ = ("_d", "_empty", "_fc", "_locs", "_plain", "_reps", "fields", "name", "sequence")
+    __slots__ = ("_d", "_empty", "_fc", "_plain", "_reps", "fields", "name", "sequence")
 
     def __init__(self, fields: list[str], d: Delimiters, sequence: int, plain: bool = False):
         self.fields = fields
@@ -349,7 +352,6 @@ class Segment:
         # so components can be split straight from the raw text
         self._plain = plain
         self._reps: dict[int, list[Rep]] = {}
-        self._locs: dict[tuple[int | None, int | None], Location] = {}
         self._empty: Rep | None = None
         self._fc: dict[int, list[str]] = {}  # field -> components of its first repetition (see get)
 
@@ -428,15 +430,43 @@ class Segment:
             reps = self.reps(n)
         return reps[0].cs(k) if reps else [""] * k
 
+    def rep_comps(self, n: int, k: int) -> list[list[str]]:
+        """Components 1..``k`` (at least; padded with "", subcomponent 1 of each, unescaped) of every
+        non-empty repetition of field ``n`` (a repetition is empty as :meth:`Rep.__bool__` says).
+
+        For mappers that only read components: on a plain segment no Rep objects are built.
+        Treat the lists as read-only."""
+        if self._plain and n not in self._reps:
+            fields = self.fields
+            value = fields[n] if 0 <= n < len(fields) else ""
+            if not value:
+                return []
+            d = self._d
+            blank = d.component + d.subcomponent + " "
+            comp = d.component
+            out: list[list[str]] = []
+            for r in value.split(d.repetition) if d.repetition in value else (value,):
+                if not r or not r.strip(blank):
+                    continue
+                c = r.split(comp)
+                if len(c) < k:
+                    c += [""] * (k - len(c))
+                out.append(c)
+            return out
+        return [r.cs(k) for r in self.reps(n) if r]
+
     def value(self, n: int) -> str:
         """Field ``n`` unescaped as a whole (first repetition)."""
         return self.rep(n).text
 
     def loc(self, field: int | None = None, component: int | None = None) -> Location:
-        key = (field, component)
-        hit = self._locs.get(key)
+        # Locations are frozen and equal by value: share them across segments and messages
+        key = (self.name, self.sequence, field, component)
+        hit = _LOCS.get(key)
         if hit is None:
-            hit = self._locs[key] = Location(self.name, self.sequence, field, None, component)
+            if len(_LOCS) >= _LOCS_MAX:
+                _LOCS.clear()
+            hit = _LOCS[key] = Location(self.name, self.sequence, field, None, component)
         return hit
 
     def __len__(self) -> int:

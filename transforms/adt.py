@@ -743,7 +743,7 @@ def allergy(al1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: st
     sev = al1.get(4).strip().upper()
     if crit := ALLERGY_CRITICALITY.get(sev):
         res["criticality"] = crit
-    reactions = [r.text.strip() for r in al1.reps(5) if r.text.strip()]
+    reactions = [t for r in al1.reps(5) if (t := r.text.strip())]
     if reactions:
         reaction: JSON = {"manifestation": [{"text": t} for t in reactions]}
         if rsev := REACTION_SEVERITY.get(sev):
@@ -790,10 +790,13 @@ def condition(
         res["onsetDateTime"] = dt.dtm(onset, s, dg1.loc(5))
     if rec := dg1.get(19).strip():
         res["recordedDate"] = dt.dtm(rec, s, dg1.loc(19))
-    asserter = dt.xcn(dg1.rep(16), ctx, dg1.loc(16))
+    f = dg1.fields
+    nf = len(f)
+    # raw-field checks first: an empty field costs one index, not a Rep and a datatype call
+    asserter = dt.xcn(dg1.rep(16), ctx, dg1.loc(16)) if nf > 16 and f[16] else None
     if asserter and "reference" in asserter:
         res["asserter"] = asserter
-    ident = dt.ei(dg1.rep(20), ctx, dg1.loc(20))
+    ident = dt.ei(dg1.rep(20), ctx, dg1.loc(20)) if nf > 20 and f[20] else None
     if ident and "system" in ident:
         res["identifier"] = [ident]
         return ctx.add("Condition", res, identifier=(ident["system"], ident["value"]))
@@ -846,7 +849,10 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
     org: JSON = {"resourceType": "Organization", "active": True}
     if company_name:
         org["name"] = company_name
-    if addr := dt.xad(in1.rep(5), s):
+    f = in1.fields
+    nf = len(f)
+    # raw-field checks first: an empty field costs one index, not a Rep and a datatype call
+    if nf > 5 and f[5] and (addr := dt.xad(in1.rep(5), s)):
         org["address"] = [addr]
     org_ident = dt.cx(company_id, ctx, in1.loc(3))
     if org_ident and "system" in org_ident:
@@ -872,7 +878,7 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
     if policy:
         idents.append({"value": policy})
         res["subscriberId"] = policy
-    insured_ids = [i for r in in1.reps(49) if (i := dt.cx(r, ctx, in1.loc(49)))]
+    insured_ids = [i for r in in1.reps(49) if (i := dt.cx(r, ctx, in1.loc(49)))] if nf > 49 and f[49] else []
     idents.extend(insured_ids)
     if in2 is not None:
         for field, system in ((6, MEDICARE_SYSTEM), (8, MEDICAID_SYSTEM)):
@@ -880,7 +886,7 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
                 idents.append({"system": system, "value": v})
     if idents:
         res["identifier"] = idents
-    if ptype := dt.cwe(in1.rep(15), ctx, in1.loc(15)):
+    if nf > 15 and f[15] and (ptype := dt.cwe(in1.rep(15), ctx, in1.loc(15))):
         for coding in ptype.get("coding", ()):
             if "system" not in coding and coding["code"].upper() in ACT_CODE_PLAN_TYPES:
                 coding["system"] = ACT_CODE
@@ -896,9 +902,10 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
         res["subscriber"] = {"reference": patient_ref}
     elif rel_code and (sub := subscriber(in1, ctx, patient_ref, patient_key, insured_ids)):
         res["subscriber"] = {"reference": sub}
-    p = dt.period(in1.get(12), in1.get(13), s, in1.loc(12), in1.loc(13))
-    if p:
-        res["period"] = p
+    if nf > 12 and (f[12] or (nf > 13 and f[13])):
+        p = dt.period(in1.get(12), in1.get(13), s, in1.loc(12), in1.loc(13))
+        if p:
+            res["period"] = p
     res["payor"] = [payor]
     classes: list[JSON] = []
     cls_sys = "http://terminology.hl7.org/CodeSystem/coverage-class"

@@ -117,7 +117,7 @@ class ConvertContext:
     """
 
     __slots__ = ("_by_full_url", "_by_url", "entries", "events", "guards", "message", "patient_ref", "requires",
-                 "settings")
+                 "settings", "xcn_memo")
 
     def __init__(self, message: Message, settings: ConvertSettings):
         self.message = message
@@ -129,6 +129,9 @@ class ConvertContext:
         self._by_url: dict[str, dict[str, Any]] = {}
         self._by_full_url: dict[str, tuple[dict[str, Any], str]] = {}  # fullUrl -> (resource, resource key)
         self.patient_ref: str | None = None
+        # datatypes.xcn: raw XCN repetition -> (reference, display, derived system); the same practitioner
+        # recurs within a message (PD1-4, PV1-7, DG1-16, ...) and maps to the same entry every time
+        self.xcn_memo: dict[str, tuple[str, str | None, bool]] = {}
 
     # ------------------------------------------------------------------
     def count(self, event: str, n: int = 1) -> None:

@@ -528,7 +528,11 @@ def xtn(rep: Rep, default_use: str | None = None) -> JSON | None:
     """XTN → ContactPoint (phone, fax, pager, email)."""
     if not rep:
         return None
-    c = rep.cs(18)
+    return _xtn(rep.cs(18), default_use)
+
+
+def _xtn(c: list[str], default_use: str | None) -> JSON | None:
+    """:func:`xtn` on the components (at least 18) of a non-empty repetition."""
     equip = c[2].strip()
     equip_u = equip.upper()
     email = c[3].strip()
@@ -571,7 +575,7 @@ def xtn(rep: Rep, default_use: str | None = None) -> JSON | None:
 
 
 def xtns(seg: Segment, field: int, default_use: str | None = None) -> list[JSON]:
-    return [t for r in seg.reps(field) if (t := xtn(r, default_use)) is not None]
+    return [t for c in seg.rep_comps(field, 18) if (t := _xtn(c, default_use)) is not None]
 
 
 # ---------------------------------------------------------------------------
@@ -811,6 +815,15 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
     """
     if not rep:
         return None
+    raw = rep.raw
+    memo = ctx.xcn_memo
+    hit = memo.get(raw)
+    if hit is not None:
+        # the same XCN text in the same message: same Practitioner, same reference (a second add would
+        # only merge an identical resource into the first)
+        if hit[2]:
+            ctx.count("identifier_system_derived")
+        return {"reference": hit[0], "display": hit[1]} if hit[1] else {"reference": hit[0]}
     c = rep.cs(21)
     pid = c[0].strip()
     name = _xcn_name(rep)
@@ -844,6 +857,7 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
     out: JSON = {"reference": ref}
     if disp := _display(name):
         out["display"] = disp
+    memo[raw] = (ref, disp, bool(system) and how == "derived")
     return out
 
 
