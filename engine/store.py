@@ -279,6 +279,19 @@ def _narrow(
     return q
 
 
+FINISHED = (PROCESSED, FILTERED, REJECTED, QUARANTINED, IGNORED, ERROR, REVIEW)
+
+
+def _finished_before(
+    conn: Connection, channel: str, before: float, batch: int, *, with_body: bool = False
+) -> list[int]:
+    """Up to ``batch`` ids of a channel's finished messages received before ``before`` (retention)."""
+    q = select(M.c.id).where(M.c.channel == channel, M.c.received_at < before, M.c.status.in_(FINISHED))
+    if with_body:
+        q = q.where(M.c.raw.is_not(None))
+    return [r[0] for r in conn.execute(q.limit(batch))]
+
+
 class RankView:
     """Resource status ranks for one write transaction: read in bulk, changed in memory, written once.
 
@@ -1009,21 +1022,10 @@ class Store:
         Disk space is returned: SQLite runs an incremental vacuum after each batch.
         """
         done = {"bodies": 0, "rows": 0}
-        finished = [PROCESSED, FILTERED, REJECTED, QUARANTINED, IGNORED, ERROR, REVIEW]
         if bodies_before is not None:
             while True:
                 with self.write() as conn:
-                    ids = [
-                        r[0]
-                        for r in conn.execute(
-                            select(M.c.id)
-                            .where(
-                                M.c.channel == channel, M.c.received_at < bodies_before, M.c.raw.is_not(None)
-                            )
-                            .where(M.c.status.in_(finished))
-                            .limit(batch)
-                        )
-                    ]
+                    ids = _finished_before(conn, channel, bodies_before, batch, with_body=True)
                     if not ids:
                         break
                     conn.execute(update(M).where(M.c.id.in_(ids)).values(raw=None))
@@ -1037,15 +1039,7 @@ class Store:
         if rows_before is not None:
             while True:
                 with self.write() as conn:
-                    ids = [
-                        r[0]
-                        for r in conn.execute(
-                            select(M.c.id)
-                            .where(M.c.channel == channel, M.c.received_at < rows_before)
-                            .where(M.c.status.in_(finished))
-                            .limit(batch)
-                        )
-                    ]
+                    ids = _finished_before(conn, channel, rows_before, batch)
                     if not ids:
                         break
                     conn.execute(delete(D).where(D.c.message_id.in_(ids), D.c.status != PENDING))

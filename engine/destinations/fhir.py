@@ -24,10 +24,10 @@ import orjson
 
 from engine.destinations.base import CONTENT_FHIR, Destination, DestinationContext, Outbound, secret
 from engine.destinations.http import (
-    USER_AGENT,
     build_ssl_context,
     check_choice,
     check_positive,
+    make_client,
     operation_outcome_text,
     resolve_headers,
     response_error,
@@ -271,14 +271,7 @@ class FhirDestination(Destination):
 
     async def start(self) -> None:
         if self.client is None:
-            n = self.limiter.concurrency or 10
-            self.client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout),
-                verify=self.ssl,
-                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-                headers={"User-Agent": USER_AGENT, **self.extra_headers},
-                follow_redirects=False,
-            )
+            self.client = make_client(self.timeout, self.ssl, self.limiter.concurrency, self.extra_headers)
 
     async def close(self) -> None:
         if self.client is not None:

@@ -273,6 +273,20 @@ def sign(body: bytes, key: bytes) -> str:
     return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
+def make_client(
+    timeout: float, ssl: Any, concurrency: int, headers: dict[str, str] | None = None
+) -> httpx.AsyncClient:
+    """A pooled keep-alive client sized to the destination's concurrency (10 when unlimited)."""
+    n = concurrency or 10
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout),
+        verify=ssl,
+        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+        headers={"User-Agent": USER_AGENT, **(headers or {})},
+        follow_redirects=False,
+    )
+
+
 # --------------------------------------------------------------------------- the http destination
 
 
@@ -323,14 +337,7 @@ class HttpDestination(Destination):
 
     async def start(self) -> None:
         if self.client is None:
-            n = self.limiter.concurrency or 10
-            self.client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout),
-                verify=self.ssl,
-                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-                headers={"User-Agent": USER_AGENT},
-                follow_redirects=False,
-            )
+            self.client = make_client(self.timeout, self.ssl, self.limiter.concurrency)
 
     async def close(self) -> None:
         if self.client is not None:

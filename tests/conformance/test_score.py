@@ -194,10 +194,21 @@ def test_values_only_in_ig_unmapped_segments_are_explained() -> None:
     from conformance.score import score_bundles as sb
 
     src = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\rPID|1||MRN1^^^H||DOE^JANE\rGT1|1|G-77^^^H|ROE^RICK\r"
-    ours = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient",
-            "identifier": [{"value": "MRN1"}]}}]}
-    ref = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient",
-           "identifier": [{"value": "MRN1"}, {"value": "G-77"}, {"value": "X-1"}]}}]}
+    ours = {
+        "resourceType": "Bundle",
+        "entry": [{"resource": {"resourceType": "Patient", "identifier": [{"value": "MRN1"}]}}],
+    }
+    ref = {
+        "resourceType": "Bundle",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "Patient",
+                    "identifier": [{"value": "MRN1"}, {"value": "G-77"}, {"value": "X-1"}],
+                }
+            }
+        ],
+    }
     s = sb(ours, ref, source=src)
     assert s.compared == 3 and s.agreeing == 1 and s.explained == 1  # G-77 is GT1-only; X-1 is not explained
     assert [d.expected for d in s.diffs if not d.explanation] == ["X-1"]
@@ -205,10 +216,16 @@ def test_values_only_in_ig_unmapped_segments_are_explained() -> None:
 
 def test_called_by_appended_to_given_is_explained() -> None:
     """MS appends XPN-15 to given; Sluice puts it in a nickname name (IG): explained, not counted."""
-    ours = {"resourceType": "Patient", "identifier": [{"value": "1"}],
-            "name": [{"family": "DOE", "given": ["ANN"]}, {"use": "nickname", "given": ["Annie"]}]}
-    ref = {"resourceType": "Patient", "identifier": [{"value": "1"}],
-           "name": [{"family": "DOE", "given": ["ANN", "Annie"]}]}
+    ours = {
+        "resourceType": "Patient",
+        "identifier": [{"value": "1"}],
+        "name": [{"family": "DOE", "given": ["ANN"]}, {"use": "nickname", "given": ["Annie"]}],
+    }
+    ref = {
+        "resourceType": "Patient",
+        "identifier": [{"value": "1"}],
+        "name": [{"family": "DOE", "given": ["ANN", "Annie"]}],
+    }
     score = score_bundles(bundle(ours), bundle(ref))
     assert score.explained == 1 and score.percent == 100.0
     assert "XPN-15" in next(d for d in score.diffs if d.explanation).explanation

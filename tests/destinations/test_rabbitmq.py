@@ -175,7 +175,9 @@ def test_missing_template_field_is_permanent(ctx: DestinationContext) -> None:
         run(d.deliver(make_item(BUNDLE)))
 
 
-def test_broker_down_fails_fast_with_backoff(ctx: DestinationContext, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broker_down_fails_fast_with_backoff(
+    ctx: DestinationContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
     d = RabbitMQDestination(
         "bus", {"url": "amqp://guest:guest@127.0.0.1:1/", "connect_timeout": 1, "reconnect_initial": 5}, ctx
     )

@@ -6,15 +6,13 @@ nothing left in flight, and the store passes its integrity check.
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 from pathlib import Path
 
 import pytest
 
 from engine import store as st
-from tests.engine.test_engine_e2e import _sender
+from tests.engine.test_engine_e2e import send_through_kills
 from tests.support.engine import EngineProcess, free_port, write_config
 from tests.support.fhirserver import FhirServer
 
@@ -42,23 +40,8 @@ def test_kill_9_with_fhir_destination_exactly_once(tmp_path: Path, fhir_server: 
     per_conn = [ids[i::10] for i in range(10)]
     acked: set[str] = set()
     eng = EngineProcess(cfg, port).start()
-    rnd = random.Random(11)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(_sender(port, chunk, acked, stop)) for chunk in per_conn]
-        for _ in range(3):
-            await asyncio.sleep(rnd.uniform(0.3, 1.2))
-            eng.kill()
-            await asyncio.sleep(0.2)
-            await asyncio.to_thread(eng.start)
-        try:
-            await asyncio.wait_for(asyncio.gather(*tasks), timeout=180)
-        finally:
-            stop.set()
-
     try:
-        asyncio.run(run())
+        send_through_kills(eng, per_conn, acked, kills=3, seed=11, timeout=180)
         assert acked == set(ids)
         s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
         try:

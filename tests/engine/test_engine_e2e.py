@@ -213,6 +213,28 @@ async def _sender(port: int, ids: list[str], acked: set[str], stop: asyncio.Even
             await client.close()
 
 
+def send_through_kills(
+    eng: EngineProcess, per_conn: list[list[str]], acked: set[str], *, kills: int, seed: int, timeout: float
+) -> None:
+    """Send each connection's ids until AA'd while SIGKILLing and restarting the engine ``kills`` times."""
+    rnd = random.Random(seed)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(_sender(eng.port, chunk, acked, stop)) for chunk in per_conn]
+        for _ in range(kills):
+            await asyncio.sleep(rnd.uniform(0.3, 1.5))
+            eng.kill()
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(eng.start)
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=timeout)
+        finally:
+            stop.set()
+
+    asyncio.run(run())
+
+
 @pytest.mark.slow
 def test_kill_9_while_sending_loses_nothing(tmp_path: Path) -> None:
     """5,000 messages over 20 connections, SIGKILL 3 times at random moments and restarted; the
@@ -224,23 +246,8 @@ def test_kill_9_while_sending_loses_nothing(tmp_path: Path) -> None:
     per_conn = [ids[i::20] for i in range(20)]
     acked: set[str] = set()
     eng = EngineProcess(cfg, port).start()
-    rnd = random.Random(7)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(_sender(port, chunk, acked, stop)) for chunk in per_conn]
-        for _ in range(3):
-            await asyncio.sleep(rnd.uniform(0.3, 1.5))
-            eng.kill()
-            await asyncio.sleep(0.2)
-            await asyncio.to_thread(eng.start)
-        try:
-            await asyncio.wait_for(asyncio.gather(*tasks), timeout=240)
-        finally:
-            stop.set()
-
     try:
-        asyncio.run(run())
+        send_through_kills(eng, per_conn, acked, kills=3, seed=7, timeout=240)
         assert acked == set(ids)
         s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
         try:

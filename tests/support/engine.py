@@ -58,7 +58,9 @@ def basic_channel(port: int, **extra: Any) -> dict[str, Any]:
 class EngineProcess:
     """``sluice run`` in a subprocess; stopped (or killed) by its PID only."""
 
-    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None, log_name: str = "engine.log"):
+    def __init__(
+        self, config: Path, port: int, env: dict[str, str] | None = None, log_name: str = "engine.log"
+    ):
         self.config = config
         self.port = port
         self.extra_env = env or {}
@@ -78,7 +80,9 @@ class EngineProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"engine exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"engine exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return self

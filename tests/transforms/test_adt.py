@@ -52,9 +52,19 @@ def test_deterministic_and_idempotent(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "status"),
-    [("adt_a01", "in-progress"), ("adt_a02", "in-progress"), ("adt_a03", "finished"), ("adt_a04", "in-progress"),
-     ("adt_a05", "planned"), ("adt_a06", "in-progress"), ("adt_a07", "in-progress"), ("adt_a08", "in-progress"),
-     ("adt_a11", "cancelled"), ("adt_a12", "in-progress"), ("adt_a13", "in-progress")],
+    [
+        ("adt_a01", "in-progress"),
+        ("adt_a02", "in-progress"),
+        ("adt_a03", "finished"),
+        ("adt_a04", "in-progress"),
+        ("adt_a05", "planned"),
+        ("adt_a06", "in-progress"),
+        ("adt_a07", "in-progress"),
+        ("adt_a08", "in-progress"),
+        ("adt_a11", "cancelled"),
+        ("adt_a12", "in-progress"),
+        ("adt_a13", "in-progress"),
+    ],
 )
 def test_encounter_status_by_trigger(name: str, status: str) -> None:
     (enc,) = resources(convert(load(name), golden_settings()), "Encounter")
@@ -66,9 +76,17 @@ def test_a01_patient_fields() -> None:
     bundle = convert(load("adt_a01"), golden_settings())
     (pat,) = resources(bundle, "Patient")
     assert pat["identifier"][0] == {
-        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR",
-                             "display": "Medical record number"}]},
-        "system": MRN_SYS, "value": "MRN10001",
+        "type": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                    "code": "MR",
+                    "display": "Medical record number",
+                }
+            ]
+        },
+        "system": MRN_SYS,
+        "value": "MRN10001",
     }
     assert pat["name"][0]["family"] == "TESTPATIENT" and pat["name"][0]["given"] == ["ALEX", "Q"]
     # a single component "Last, First" is split
@@ -98,8 +116,11 @@ def test_a40_merge_links_and_requires() -> None:
     result = convert_report(load("adt_a40"), golden_settings())
     validate_resources(result.bundle)
     survivor, old = resources(result.bundle, "Patient")
-    urls = {e["resource"]["identifier"][0]["value"]: e["fullUrl"] for e in result.bundle["entry"]
-            if e["resource"]["resourceType"] == "Patient"}
+    urls = {
+        e["resource"]["identifier"][0]["value"]: e["fullUrl"]
+        for e in result.bundle["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+    }
     assert survivor["link"] == [{"other": {"reference": urls["MRN09999"]}, "type": "replaces"}]
     assert old["active"] is False
     assert old["link"] == [{"other": {"reference": urls["MRN10001"]}, "type": "replaced-by"}]
@@ -214,8 +235,10 @@ def test_fhir_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from transforms import fhir_step  # noqa: F401  (registers the step)
 
     make = TRANSFORMS["hl7-to-fhir"]
-    step = make({"identifier_systems": {"HOSP": MRN_SYS, "VISITS": "urn:oid:2.16.840.1.113883.19.6"}},
-                StageContext("demo", tmp_path, "channels/demo.yaml"))
+    step = make(
+        {"identifier_systems": {"HOSP": MRN_SYS, "VISITS": "urn:oid:2.16.840.1.113883.19.6"}},
+        StageContext("demo", tmp_path, "channels/demo.yaml"),
+    )
     raw = (MESSAGES / "adt_a40.hl7").read_bytes()
     out = step(Work(message=load("adt_a40"), raw=raw, payload=raw, content_type="x-application/hl7-v2+er7"))
     assert out.content_type == "application/fhir+json"

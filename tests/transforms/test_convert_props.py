@@ -18,8 +18,11 @@ from transforms.convert import _convert
 from .conftest import MESSAGES, golden_settings, validate_resources
 
 SEEDS = [(MESSAGES / p.name).read_text(encoding="utf-8") for p in sorted(MESSAGES.glob("adt_*.hl7"))]
-SETTINGS = [golden_settings(), golden_settings(derive_unknown_systems=True, code_table_errors="reject"),
-            golden_settings(default_identifier_system="urn:oid:1.2.3", date_format="%m/%d/%Y")]
+SETTINGS = [
+    golden_settings(),
+    golden_settings(derive_unknown_systems=True, code_table_errors="reject"),
+    golden_settings(default_identifier_system="urn:oid:1.2.3", date_format="%m/%d/%Y"),
+]
 ALLOWED_CODES = {"100", "101", "102", "103", "200", "201", "204"}
 ALPHABET = st.sampled_from(list("|^~\\&\r0123456789ABCMPRSZ+-.:/ ,<>é\x00\n\t"))
 
@@ -54,9 +57,9 @@ def mutated(draw: st.DrawFn) -> str:
         if op == "insert":
             text = text[:i] + draw(st.text(ALPHABET, min_size=1, max_size=8)) + text[i:]
         elif op == "delete":
-            text = text[:i] + text[i + draw(st.integers(1, 12)):]
+            text = text[:i] + text[i + draw(st.integers(1, 12)) :]
         elif op == "replace":
-            text = text[:i] + draw(ALPHABET) + text[i + 1:]
+            text = text[:i] + draw(ALPHABET) + text[i + 1 :]
         else:
             # replace the content of one field with random digits/punctuation (dates, codes, ids)
             j = text.find("|", i)
@@ -77,7 +80,9 @@ SEGMENTS = st.sampled_from(["PID", "PV1", "PV2", "NK1", "AL1", "DG1", "IN1", "MR
 
 @st.composite
 def random_adt(draw: st.DrawFn) -> str:
-    trigger = draw(st.sampled_from(["A01", "A02", "A03", "A04", "A08", "A11", "A12", "A28", "A31", "A40", "A99", ""]))
+    trigger = draw(
+        st.sampled_from(["A01", "A02", "A03", "A04", "A08", "A11", "A12", "A28", "A31", "A40", "A99", ""])
+    )
     lines = [f"MSH|^~\\&|APP|FAC|C|D|{draw(st.text('0123456789+-', max_size=19))}||ADT^{trigger}|1|P|2.5.1"]
     for _ in range(draw(st.integers(0, 8))):
         name = draw(SEGMENTS)
@@ -100,5 +105,9 @@ def test_random_field_values_in_pid(value: str) -> None:
         while len(fields) <= field:
             fields.append("")
         fields[field] = value.replace("\r", "").replace("\n", "") if field != 3 else value + "^^^HOSP^MR"
-        text = "MSH|^~\\&|APP|FAC|C|D|20250101||ADT^A08|1|P|2.5.1\r" + "|".join(fields) + "\rPV1|1|I|W^1^2||||||||||||||||V1^^^VISITS"
+        text = (
+            "MSH|^~\\&|APP|FAC|C|D|20250101||ADT^A08|1|P|2.5.1\r"
+            + "|".join(fields)
+            + "\rPV1|1|I|W^1^2||||||||||||||||V1^^^VISITS"
+        )
         _check(text, 0)

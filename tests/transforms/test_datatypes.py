@@ -53,8 +53,10 @@ def test_dtm_site_zone_not_host() -> None:
     assert dt.dtm("20250715120000", ConvertSettings(site_tz="UTC")) == "2025-07-15T12:00:00+00:00"
 
 
-@pytest.mark.parametrize("value", ["20250230", "20251301", "2025031525", "202503151260", "abc", "20250315+2500",
-                                   "0000", "2025-03-15"])
+@pytest.mark.parametrize(
+    "value",
+    ["20250230", "20251301", "2025031525", "202503151260", "abc", "20250315+2500", "0000", "2025-03-15"],
+)
 def test_dtm_invalid_is_102(value: str) -> None:
     with pytest.raises(ConversionError) as ei:
         dt.dtm(value, LA, LOC)
@@ -73,24 +75,43 @@ def test_custom_date_format() -> None:
 
 def test_xpn() -> None:
     assert dt.xpn(rep("DOE^JANE^Q^JR^DR^^L")) == {
-        "use": "official", "family": "DOE", "given": ["JANE", "Q"], "prefix": ["DR"], "suffix": ["JR"]}
+        "use": "official",
+        "family": "DOE",
+        "given": ["JANE", "Q"],
+        "prefix": ["DR"],
+        "suffix": ["JR"],
+    }
     assert dt.xpn(rep("Doe, Jane Quinn")) == {"family": "Doe", "given": ["Jane", "Quinn"]}
     assert dt.xpn(rep("")) is None
 
 
 def test_xad() -> None:
     a = dt.xad(rep("1 MAIN ST^STE 2^TOWN^OR^97000^USA^H^^LANE"))
-    assert a == {"use": "home", "line": ["1 MAIN ST", "STE 2"], "city": "TOWN", "district": "LANE", "state": "OR",
-                 "postalCode": "97000", "country": "USA"}
+    assert a == {
+        "use": "home",
+        "line": ["1 MAIN ST", "STE 2"],
+        "city": "TOWN",
+        "district": "LANE",
+        "state": "OR",
+        "postalCode": "97000",
+        "country": "USA",
+    }
     assert dt.xad(rep("^^^^^^M")) is None
 
 
 def test_xtn() -> None:
     assert dt.xtn(rep("(555)555-0100^PRN^PH")) == {"system": "phone", "value": "(555)555-0100", "use": "home"}
     assert dt.xtn(rep("^NET^Internet^a@example.org")) == {"system": "email", "value": "a@example.org"}
-    assert dt.xtn(rep("^^CP^^1^555^5550101")) == {"system": "phone", "value": "+1 (555) 5550101", "use": "mobile"}
+    assert dt.xtn(rep("^^CP^^1^555^5550101")) == {
+        "system": "phone",
+        "value": "+1 (555) 5550101",
+        "use": "mobile",
+    }
     assert dt.xtn(rep("^WPN^FX^^^555^5550102^9")) == {
-        "system": "fax", "value": "(555) 5550102 ext. 9", "use": "work"}
+        "system": "fax",
+        "value": "(555) 5550102 ext. 9",
+        "use": "work",
+    }
 
 
 def test_cx_systems() -> None:
@@ -106,19 +127,26 @@ def test_cx_systems() -> None:
 def test_cwe_systems_and_maps(tmp_path: Path) -> None:
     c = ctx()
     assert dt.cwe(rep("718-7^Hemoglobin^LN"), c) == {
-        "coding": [{"system": "http://loinc.org", "code": "718-7", "display": "Hemoglobin"}]}
-    for name, system in [("SCT", "http://snomed.info/sct"), ("I10", "http://hl7.org/fhir/sid/icd-10-cm"),
-                         ("I9CM", "http://hl7.org/fhir/sid/icd-9-cm"),
-                         ("RXNORM", "http://www.nlm.nih.gov/research/umls/rxnorm"),
-                         ("HL70001", "http://terminology.hl7.org/CodeSystem/v2-0001"),
-                         ("99LAB", "urn:sluice:codesystem:99LAB")]:
+        "coding": [{"system": "http://loinc.org", "code": "718-7", "display": "Hemoglobin"}]
+    }
+    for name, system in [
+        ("SCT", "http://snomed.info/sct"),
+        ("I10", "http://hl7.org/fhir/sid/icd-10-cm"),
+        ("I9CM", "http://hl7.org/fhir/sid/icd-9-cm"),
+        ("RXNORM", "http://www.nlm.nih.gov/research/umls/rxnorm"),
+        ("HL70001", "http://terminology.hl7.org/CodeSystem/v2-0001"),
+        ("99LAB", "urn:sluice:codesystem:99LAB"),
+    ]:
         assert dt.cwe(rep(f"X^x^{name}"), c)["coding"][0]["system"] == system  # type: ignore[index]
     assert dt.cwe(rep("^free text only"), c) == {"text": "free text only"}
     cmap = load_code_map("demo-lab-codes.csv", tmp_path)
     c = ctx(code_maps={"OBX-3": cmap})
     cc = dt.cwe(rep("GLU^Glucose^L"), c, field="OBX-3")
-    assert cc["coding"][0] == {"system": "http://loinc.org", "code": "2345-7",  # type: ignore[index]
-                               "display": "Glucose [Mass/volume] in Serum or Plasma"}
+    assert cc["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "2345-7",  # type: ignore[index]
+        "display": "Glucose [Mass/volume] in Serum or Plasma",
+    }
     assert cc["coding"][1]["code"] == "GLU"  # type: ignore[index]  # local coding kept
     dt.cwe(rep("ZZZ^Unknown^L"), c, field="OBX-3")
     assert c.events["unmapped_code"] == 1
@@ -141,10 +169,17 @@ def test_yaml_map_and_bad_map(tmp_path: Path) -> None:
 def test_from_options(tmp_path: Path) -> None:
     s = ConvertSettings.from_options(
         {"site_tz": "Europe/Berlin", "code_maps": {"OBX-3": "demo-lab-codes.csv"}, "note_max_length": 100},
-        tmp_path, "channels/x.yaml")
+        tmp_path,
+        "channels/x.yaml",
+    )
     assert s.code_maps["OBX-3"]["GLU"][1] == "2345-7"
-    for bad in ({"unmapped_codes": "drop"}, {"validate": "yes"}, {"note_max_length": 5},
-                {"identifier_systems": {"A": "not a uri"}}, {"nope": 1}):
+    for bad in (
+        {"unmapped_codes": "drop"},
+        {"validate": "yes"},
+        {"note_max_length": 5},
+        {"identifier_systems": {"A": "not a uri"}},
+        {"nope": 1},
+    ):
         with pytest.raises(ConfigError) as ei:
             ConvertSettings.from_options(bad, tmp_path, "channels/x.yaml")
         assert ei.value.file == "channels/x.yaml" and ei.value.key and ei.value.key.startswith("options.")
@@ -156,9 +191,16 @@ def test_numbers() -> None:
         dt.nm("1,5", Location("OBX", 1, 5))
     assert dt.sn(rep("<^5")) == ("valueQuantity", {"value": 5, "comparator": "<"})
     assert dt.sn(rep("^1^-^5")) == ("valueRange", {"low": {"value": 1}, "high": {"value": 5}})
-    assert dt.sn(rep("^1^:^128")) == ("valueRatio", {"numerator": {"value": 1}, "denominator": {"value": 128}})
+    assert dt.sn(rep("^1^:^128")) == (
+        "valueRatio",
+        {"numerator": {"value": 1}, "denominator": {"value": 128}},
+    )
     assert dt.quantity("7.2", rep("mg/dL^^UCUM")) == {
-        "value": 7.2, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+        "value": 7.2,
+        "unit": "mg/dL",
+        "system": "http://unitsofmeasure.org",
+        "code": "mg/dL",
+    }
 
 
 def test_text_cleanup() -> None:
@@ -173,12 +215,18 @@ def test_xcn_and_pl() -> None:
     c = ctx()
     ref = dt.xcn(rep("1234567890^DOC^ANA^^^DR^^^NPI^L^^^NPI"), c)
     assert ref is not None and ref["reference"].startswith("urn:uuid:")
-    assert c.entries[0]["request"]["url"] == "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|1234567890"
+    assert (
+        c.entries[0]["request"]["url"] == "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|1234567890"
+    )
     assert dt.xcn(rep("^NONAME^ONLY"), c) == {"display": "ONLY NONAME"}
     ref2 = dt.pl(rep("4W^401^A^FAC"), c)
     assert ref2 is not None and ref2["display"] == "4W 401 A"
     assert [e["resource"]["name"] for e in c.entries if e["resource"]["resourceType"] == "Location"] == [
-        "FAC", "4W", "401", "A"]
+        "FAC",
+        "4W",
+        "401",
+        "A",
+    ]
 
 
 # --- conformance fixes (IG datatype tables) -------------------------------------------------
@@ -226,8 +274,10 @@ def test_xpn15_called_by_is_a_second_nickname_name() -> None:
     from engine.hl7 import parse as _parse
     from transforms.datatypes import xpns
 
-    m = _parse("MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5.1\r"
-               "PID|1||X^^^H||EVERYWOMAN^EVE^E^^^^L^^^^^^^^Evie~ALIAS^EVE\r")
+    m = _parse(
+        "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5.1\r"
+        "PID|1||X^^^H||EVERYWOMAN^EVE^E^^^^L^^^^^^^^Evie~ALIAS^EVE\r"
+    )
     names = xpns(m.first("PID"), 5)  # type: ignore[arg-type]
     assert names == [
         {"use": "official", "family": "EVERYWOMAN", "given": ["EVE", "E"]},

@@ -56,7 +56,9 @@ def test_golden(name: str) -> None:
     got = {"bundle": result.bundle, "guards": [list(g) for g in result.guards], "events": dict(result.events)}
     path = EXPECTED / f"{name}.json"
     if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
-        path.write_text(json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+        path.write_text(
+            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
+        )
     assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
     expected = json.loads(path.read_text(encoding="utf-8"))
     assert json.loads(json.dumps(got)) == expected
@@ -82,7 +84,10 @@ def test_one_report_per_obr_with_results(multi: dict[str, Any]) -> None:
     assert len(reports) == 3
     first = reports[0]
     assert first["status"] == "final"
-    assert {k: first["identifier"][1][k] for k in ("system", "value")} == {"system": FILLER, "value": "FIL5001"}
+    assert {k: first["identifier"][1][k] for k in ("system", "value")} == {
+        "system": FILLER,
+        "value": "FIL5001",
+    }
     assert first["identifier"][0]["type"]["coding"][0]["code"] == "PLAC"
     assert first["identifier"][1]["type"]["coding"][0]["code"] == "FILL"
     assert len(first["result"]) == 10
@@ -110,13 +115,18 @@ def test_patient_and_encounter_references(multi: dict[str, Any]) -> None:
 def test_nm_with_ucum_units_range_and_flag(multi: dict[str, Any]) -> None:
     glucose = one(multi, "2345-7")
     assert glucose["valueQuantity"] == {
-        "value": 182, "unit": "milligram per deciliter", "system": "http://unitsofmeasure.org", "code": "mg/dL"
+        "value": 182,
+        "unit": "milligram per deciliter",
+        "system": "http://unitsofmeasure.org",
+        "code": "mg/dL",
     }
     assert glucose["referenceRange"][0]["low"]["value"] == 70
     assert glucose["referenceRange"][0]["high"]["value"] == 99
     assert glucose["referenceRange"][0]["text"] == "70-99"
     assert glucose["interpretation"][0]["coding"][0] == {
-        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "H", "display": "High"
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+        "code": "H",
+        "display": "High",
     }
     assert glucose["effectiveDateTime"] == "2025-03-10T08:15:00-07:00"
     assert glucose["status"] == "final"
@@ -152,7 +162,9 @@ def test_text_types_keep_line_breaks(multi: dict[str, Any]) -> None:
 def test_coded_and_date_values(multi: dict[str, Any]) -> None:
     cwe = one(multi, "600-7")
     assert cwe["valueCodeableConcept"]["coding"][0] == {
-        "system": "http://snomed.info/sct", "code": "112283007", "display": "Escherichia coli"
+        "system": "http://snomed.info/sct",
+        "code": "112283007",
+        "display": "Escherichia coli",
     }
     assert cwe["status"] == "corrected"
     assert one(multi, "8665-2")["valueDateTime"] == "2025-02-14"
@@ -165,7 +177,16 @@ def test_statuses_map_to_valid_fhir_codes(multi: dict[str, Any]) -> None:
     assert x["status"] == "cancelled" and "valueQuantity" not in x
     assert x["dataAbsentReason"]["coding"][0]["code"] == "not-performed"
     assert one(multi, "26478-8")["status"] == "entered-in-error"
-    valid = {"registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown"}
+    valid = {
+        "registered",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    }
     assert set(OBX_STATUS.values()) <= valid
     assert "ammended" not in json.dumps(multi)
 
@@ -236,8 +257,11 @@ def test_late_preliminary_has_lower_guard_rank_than_final() -> None:
 
 def test_every_observation_and_report_is_guarded() -> None:
     r = _convert(load("oru_r01_multi"), golden_settings())
-    keys = {e["request"]["url"] for e in r.bundle["entry"]
-            if e["resource"]["resourceType"] in ("Observation", "DiagnosticReport")}
+    keys = {
+        e["request"]["url"]
+        for e in r.bundle["entry"]
+        if e["resource"]["resourceType"] in ("Observation", "DiagnosticReport")
+    }
     assert keys == {k for k, _ in r.guards}
 
 
@@ -256,10 +280,17 @@ def test_resend_is_identical() -> None:
 
 
 def test_filler_falls_back_to_placer() -> None:
-    r = conv(MSH, PID, "OBR|1|PLC9^^2.16.840.1.113883.19.999.3^ISO||24323-8^Panel^LN",
-             "OBX|1|NM|2345-7^Glucose^LN||90||||||F")
+    r = conv(
+        MSH,
+        PID,
+        "OBR|1|PLC9^^2.16.840.1.113883.19.999.3^ISO||24323-8^Panel^LN",
+        "OBX|1|NM|2345-7^Glucose^LN||90||||||F",
+    )
     (rep,) = resources(r.bundle, "DiagnosticReport")
-    assert entry_of(r.bundle, rep)["request"]["url"] == "DiagnosticReport?identifier=urn:oid:2.16.840.1.113883.19.999.3|PLC9"
+    assert (
+        entry_of(r.bundle, rep)["request"]["url"]
+        == "DiagnosticReport?identifier=urn:oid:2.16.840.1.113883.19.999.3|PLC9"
+    )
 
 
 def test_no_order_number_is_ae_101() -> None:
@@ -285,8 +316,14 @@ def test_invalid_date_is_ae_102_with_location() -> None:
 
 
 def test_site_time_zone_is_dst_correct() -> None:
-    r = conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||F|||20250115120000",
-             "OBX|2|NM|718-7^Hb^LN||13||||||F|||20250715120000", site_tz="Europe/Berlin")
+    r = conv(
+        MSH,
+        PID,
+        OBR,
+        "OBX|1|NM|2345-7^Glucose^LN||90||||||F|||20250115120000",
+        "OBX|2|NM|718-7^Hb^LN||13||||||F|||20250715120000",
+        site_tz="Europe/Berlin",
+    )
     assert one(r.bundle, "2345-7")["effectiveDateTime"] == "2025-01-15T12:00:00+01:00"
     assert one(r.bundle, "718-7")["effectiveDateTime"] == "2025-07-15T12:00:00+02:00"
 
@@ -330,8 +367,14 @@ def test_no_pid_is_a_located_error() -> None:
 
 
 def test_html_in_notes_is_stripped_and_truncated() -> None:
-    r = conv(MSH, PID, OBR, "OBX|1|ST|8251-1^Comment^LN||x||||||F",
-             "NTE|1||<b>Bold</b> remark " + "y" * 100, note_max_length=40)
+    r = conv(
+        MSH,
+        PID,
+        OBR,
+        "OBX|1|ST|8251-1^Comment^LN||x||||||F",
+        "NTE|1||<b>Bold</b> remark " + "y" * 100,
+        note_max_length=40,
+    )
     text = one(r.bundle, "8251-1")["note"][0]["text"]
     assert text.startswith("Bold remark") and text.endswith("[truncated]") and len(text) == 40
 
@@ -339,7 +382,7 @@ def test_html_in_notes_is_stripped_and_truncated() -> None:
 # ---------------------------------------------------------------------------
 # robustness: random and mutated messages raise only SluiceError
 # ---------------------------------------------------------------------------
-_BASE = (load("oru_r01_multi").text)
+_BASE = load("oru_r01_multi").text
 
 
 @hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -351,11 +394,11 @@ def test_mutated_messages_never_raise_anything_else(data: st.DataObject) -> None
         op = data.draw(st.sampled_from(["delete", "insert", "replace"]))
         ch = data.draw(st.sampled_from([*list("|^~\\&\r0123456789ABCDEFXZ .-+<>:/"), "\\.br\\", "\\X0D\\"]))
         if op == "delete":
-            text = text[:i] + text[i + 1:]
+            text = text[:i] + text[i + 1 :]
         elif op == "insert":
             text = text[:i] + ch + text[i:]
         else:
-            text = text[:i] + ch + text[i + 1:]
+            text = text[:i] + ch + text[i + 1 :]
     try:
         m = parse(text)
         result = _convert(m, golden_settings())

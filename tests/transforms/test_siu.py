@@ -21,11 +21,35 @@ KEY = "Appointment?identifier=urn:oid:2.16.840.1.113883.19.999.4|APT-FL-77"
 MSH = "MSH|^~\\&|SYNSCHED|SYNTH HOSP|SLUICE|SLUICE|20250301100000||SIU^{}|C1|P|2.5.1"
 PID = "PID|1||MRN900001^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO^MR||TESTPERSON^ALEXANDRA||19800229|F"
 SCH = "|".join(
-    ["SCH", "PL1^SYNEHR", "FL1^SYNSCHED^2.16.840.1.113883.19.999.4^ISO", "", "", "", "", "", "", "30", "min",
-     "^^30^20250315090000^20250315093000"] + [""] * 13 + ["{}"]
+    [
+        "SCH",
+        "PL1^SYNEHR",
+        "FL1^SYNSCHED^2.16.840.1.113883.19.999.4^ISO",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "30",
+        "min",
+        "^^30^20250315090000^20250315093000",
+    ]
+    + [""] * 13
+    + ["{}"]
 )
-VALID = {"proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow", "entered-in-error",
-         "checked-in", "waitlist"}
+VALID = {
+    "proposed",
+    "pending",
+    "booked",
+    "arrived",
+    "fulfilled",
+    "cancelled",
+    "noshow",
+    "entered-in-error",
+    "checked-in",
+    "waitlist",
+}
 
 
 def conv(trigger: str, *segments: str, status: str = "Booked", **kw: Any) -> Any:
@@ -48,19 +72,32 @@ GOLDEN = ["siu_s12", "siu_s13", "siu_s14", "siu_s15", "siu_s16", "siu_s17", "siu
 def test_golden(name: str) -> None:
     result = _convert(load(name), golden_settings())
     validate_resources(result.bundle)
-    got = {"bundle": result.bundle, "guards": [list(g) for g in result.guards], "events": dict(result.events),
-           "requires": list(result.requires)}
+    got = {
+        "bundle": result.bundle,
+        "guards": [list(g) for g in result.guards],
+        "events": dict(result.events),
+        "requires": list(result.requires),
+    }
     path = EXPECTED / f"{name}.json"
     if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
-        path.write_text(json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+        path.write_text(
+            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
+        )
     assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
     assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize(
     ("name", "status"),
-    [("siu_s12", "booked"), ("siu_s13", "booked"), ("siu_s14", "booked"), ("siu_s15", "cancelled"),
-     ("siu_s16", "cancelled"), ("siu_s17", "entered-in-error"), ("siu_s26", "noshow")],
+    [
+        ("siu_s12", "booked"),
+        ("siu_s13", "booked"),
+        ("siu_s14", "booked"),
+        ("siu_s15", "cancelled"),
+        ("siu_s16", "cancelled"),
+        ("siu_s17", "entered-in-error"),
+        ("siu_s26", "noshow"),
+    ],
 )
 def test_lifecycle_updates_one_appointment(name: str, status: str) -> None:
     r = _convert(load(name), golden_settings())
@@ -110,9 +147,16 @@ def test_late_booking_after_cancel_ranks_lower() -> None:
 
 def test_status_maps_are_valid_fhir() -> None:
     assert set(FILLER_STATUS.values()) <= VALID
-    for code, want in [("Booked", "booked"), ("Cancelled", "cancelled"), ("Deleted", "entered-in-error"),
-                       ("Noshow", "noshow"), ("Complete", "fulfilled"), ("Started", "checked-in"),
-                       ("Pending", "pending"), ("Waitlist", "waitlist")]:
+    for code, want in [
+        ("Booked", "booked"),
+        ("Cancelled", "cancelled"),
+        ("Deleted", "entered-in-error"),
+        ("Noshow", "noshow"),
+        ("Complete", "fulfilled"),
+        ("Started", "checked-in"),
+        ("Pending", "pending"),
+        ("Waitlist", "waitlist"),
+    ]:
         assert appointment(conv("S14", PID, status=code).bundle)["status"] == want
 
 
@@ -169,7 +213,9 @@ def test_placer_used_when_no_filler() -> None:
 
 def test_no_id_is_ae_101() -> None:
     with pytest.raises(ConversionError) as ei:
-        _convert(msg(MSH.format("S12"), "SCH|||||||||||^^^20250315090000^20250315093000", PID), golden_settings())
+        _convert(
+            msg(MSH.format("S12"), "SCH|||||||||||^^^20250315090000^20250315093000", PID), golden_settings()
+        )
     assert ei.value.hl7_error == "101"
 
 
@@ -205,11 +251,11 @@ def test_mutated_messages_never_raise_anything_else(data: st.DataObject) -> None
         ch = data.draw(st.sampled_from([*list("|^~\\&\r0123456789ABSZ .-+:"), "\\.br\\"]))
         op = data.draw(st.sampled_from(["delete", "insert", "replace"]))
         if op == "delete":
-            text = text[:i] + text[i + 1:]
+            text = text[:i] + text[i + 1 :]
         elif op == "insert":
             text = text[:i] + ch + text[i:]
         else:
-            text = text[:i] + ch + text[i + 1:]
+            text = text[:i] + ch + text[i + 1 :]
     try:
         result = _convert(parse(text), golden_settings())
     except SluiceError:
@@ -240,7 +286,9 @@ def test_patient_group_pv1_obx_dg1() -> None:
     """IG SIU_S12 PATIENT group: PV1 → Encounter (conditional create), OBX → Observation, DG1 → Condition,
     all for the same Patient; the Appointment is unchanged by them."""
     m = msg(
-        MSH.format("S12^SIU_S12"), SCH.format("Booked"), PID,
+        MSH.format("S12^SIU_S12"),
+        SCH.format("Booked"),
+        PID,
         "PV1|1|O|CLINIC1^^^SYNTH HOSP||||||||||||||||V500^^^SYNTH HOSP&2.16.840.1.113883.19.999.2&ISO^VN",
         "OBX|1|NM|29463-7^Body weight^LN||72|kg^^UCUM|||||F",
         "DG1|1||R07.9^Chest pain, unspecified^I10",
@@ -256,7 +304,9 @@ def test_patient_group_pv1_obx_dg1() -> None:
     enc_entry = next(e for e in bundle["entry"] if e["resource"] is enc)
     assert enc_entry["request"]["method"] == "POST"  # the ADT feed owns the Encounter
     assert enc["subject"] == {"reference": pat_ref} and enc["identifier"][0]["value"] == "V500"
-    assert obs["subject"] == {"reference": pat_ref} and obs["encounter"] == {"reference": enc_entry["fullUrl"]}
+    assert obs["subject"] == {"reference": pat_ref} and obs["encounter"] == {
+        "reference": enc_entry["fullUrl"]
+    }
     assert obs["valueQuantity"]["value"] == 72 and obs["code"]["coding"][0]["code"] == "29463-7"
     assert cond["subject"] == {"reference": pat_ref} and cond["code"]["coding"][0]["code"] == "R07.9"
     assert len(resources(bundle, "Appointment")) == 1
