@@ -24,6 +24,7 @@ import orjson
 
 from engine.destinations.base import CONTENT_FHIR, Destination, DestinationContext, Outbound, secret
 from engine.destinations.http import (
+    TRANSPORT_ERRORS,
     build_ssl_context,
     check_choice,
     check_positive,
@@ -131,7 +132,7 @@ class _Auth:
             what = f"{what} oauth2 token request"
             try:
                 resp = await client.post(self.token_url, data=form, headers=hdrs)
-            except httpx.HTTPError as exc:
+            except TRANSPORT_ERRORS as exc:
                 raise transport_error(exc, what=what) from exc
             if resp.status_code != 200:
                 err = response_error(resp, what=what)
@@ -326,7 +327,7 @@ class FhirDestination(Destination):
             try:
                 self.requests_sent += 1
                 resp = await self.client.request(method, full, content=content, headers=hdrs)
-            except httpx.HTTPError as exc:
+            except TRANSPORT_ERRORS as exc:
                 raise transport_error(exc, what=what) from exc
             if resp.status_code == 401 and self.auth.type == "oauth2" and attempt == 1:
                 self.auth.invalidate()

@@ -127,8 +127,13 @@ def response_error(resp: httpx.Response, *, what: str) -> DeliveryError:
     )
 
 
-def transport_error(exc: httpx.HTTPError, *, what: str) -> DeliveryError:
-    """Timeouts, refused/reset connections, protocol errors → retryable."""
+# What a request can raise short of a response: httpx's own errors, and TLS alerts (e.g. a server
+# that requires a client certificate says so only after the handshake) that can surface raw.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.HTTPError, OSError)
+
+
+def transport_error(exc: BaseException, *, what: str) -> DeliveryError:
+    """Timeouts, refused/reset connections, TLS and protocol errors → retryable."""
     if isinstance(exc, httpx.TimeoutException):
         kind = type(exc).__name__  # ConnectTimeout / ReadTimeout / WriteTimeout / PoolTimeout
         return DeliveryError(f"{what}: timed out ({kind}); will retry", retryable=True)
@@ -136,6 +141,12 @@ def transport_error(exc: httpx.HTTPError, *, what: str) -> DeliveryError:
         return DeliveryError(
             f"{what}: TLS certificate verification failed ({exc}); if the server uses a private CA set "
             "tls.ca_file, will retry",
+            retryable=True,
+        )
+    if "CERTIFICATE_REQUIRED" in str(exc):
+        return DeliveryError(
+            f"{what}: the server requires a client certificate ({exc}); set auth type mtls with cert "
+            "and key, will retry",
             retryable=True,
         )
     if isinstance(exc, httpx.ConnectError):
@@ -366,7 +377,7 @@ class HttpDestination(Destination):
             await self.limiter.request()
             try:
                 resp = await self.client.request(self.method, self.url, content=body, headers=headers)
-            except httpx.HTTPError as exc:
+            except TRANSPORT_ERRORS as exc:
                 raise transport_error(exc, what=what) from exc
         if not 200 <= resp.status_code < 300:
             raise response_error(resp, what=what)
