@@ -100,33 +100,91 @@ class FileDestination(Destination):
         return await asyncio.to_thread(self._write_many, items)
 
     def _write_many(self, items: list[Outbound]) -> list[str | BaseException | None]:
+        """Write every file, then make them durable together, then rename them into place.
+
+        One fsync per file written back to back costs one journal commit each; writing all the
+        temp files first lets the first fsync commit them all (the later ones find nothing left
+        to do), and each directory is synced once after the renames.  Stops at the first
+        failure: the items before it are delivered, that one gets the error, the rest None.
+        """
         out: list[str | BaseException | None] = [None] * len(items)
-        for i, item in enumerate(items):
-            try:
-                out[i] = self._write(item)
-            except DeliveryError as exc:
-                out[i] = exc
-                break
+        staged: list[tuple[int, Path, Path]] = []  # (index, temp file, final path)
+        fds: list[int] = []
+        try:
+            for i, item in enumerate(items):
+                path = self.path_for(item)
+                try:
+                    tmp = self._stage(path, item.payload, fds)
+                except OSError as exc:
+                    out[i] = self._error(path, exc)
+                    break
+                staged.append((i, tmp, path))
+            done = self._commit(staged, fds, out)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for i, _, path in staged[:done]:
+            out[i] = str(path.relative_to(self.directory))
         return out
 
     def _write(self, item: Outbound) -> str:
-        path = self.path_for(item)
-        try:
-            parent = path.parent
-            if parent not in self._made:
-                parent.mkdir(parents=True, exist_ok=True)
-                self._made.add(parent)
-            tmp = parent / f".{path.name}.{os.getpid()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                os.write(fd, item.payload)
-                if self.fsync:
+        res = self._write_many([item])[0]
+        if isinstance(res, BaseException):
+            raise res
+        assert res is not None
+        return res
+
+    def _stage(self, path: Path, payload: bytes, fds: list[int]) -> Path:
+        parent = path.parent
+        if parent not in self._made:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(parent)
+        tmp = parent / f".{path.name}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        fds.append(fd)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        return tmp
+
+    def _commit(self, staged: list[tuple[int, Path, Path]], fds: list[int], out: list[Any]) -> int:
+        """fsync the staged files, rename them, fsync their directories; how many made it."""
+        if self.fsync:
+            for k, (_, fd) in enumerate(zip(staged, fds, strict=False)):
+                try:
                     os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise DeliveryError(
-                f"cannot write {path}: {exc.strerror}; check the directory exists and is writable"
-            ) from exc
-        return str(path.relative_to(self.directory))
+                except OSError as exc:
+                    out[staged[k][0]] = self._error(staged[k][2], exc)
+                    del staged[k:]
+                    break
+        done = 0
+        dirs: set[Path] = set()
+        for i, tmp, path in staged:
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                out[i] = self._error(path, exc)
+                break
+            dirs.add(path.parent)
+            done += 1
+        if self.fsync:
+            for d in dirs:
+                try:
+                    dfd = os.open(d, os.O_RDONLY)
+                    try:
+                        os.fsync(dfd)  # the renames themselves survive a power cut
+                    finally:
+                        os.close(dfd)
+                except OSError as exc:
+                    # The files are written; only the rename's durability is in doubt: retry them all.
+                    for i, _, _ in staged[:done]:
+                        out[i] = None
+                    out[staged[0][0]] = self._error(d, exc)
+                    return 0
+        return done
+
+    @staticmethod
+    def _error(path: Path, exc: OSError) -> DeliveryError:
+        return DeliveryError(
+            f"cannot write {path}: {exc.strerror or exc}; check the directory exists and is writable"
+        )
