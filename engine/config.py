@@ -509,7 +509,7 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         matched = sorted(glob.glob(str(base / str(pat))))
         files.extend(Path(m) for m in matched if not m.endswith("_test.yaml"))
     psec = sec.sub("processing")
-    default_workers = max(1, (os.cpu_count() or 2) - 1)
+    default_workers = max(1, os.cpu_count() or 1)  # niced: they use the CPU the listener leaves
     workers = psec.integer("workers", default_workers)
     psec.done()
     if workers < 0:

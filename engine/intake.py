@@ -61,6 +61,7 @@ class Output:
     meta: dict[str, str]
     facts: dict[str, Any]
     routes: list[str]  # destinations whose route filter accepted the message
+    packed: bool = False  # payload already in its stored form (engine.payloads.pack, done in the worker)
 
 
 class Processor(Protocol):

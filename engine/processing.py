@@ -147,7 +147,7 @@ class ChannelRuntime:
                 )
                 return ProcessResult(ERROR, str(err), err)
         deliveries = [
-            NewDelivery(dest, out.payload, out.content_type, out.meta)
+            NewDelivery(dest, out.payload, out.content_type, out.meta, packed=out.packed)
             for dest in out.routes
             if only is None or dest in only
         ]

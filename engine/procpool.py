@@ -11,13 +11,18 @@ is only ever touched by the parent.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import multiprocessing
+import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, NamedTuple
 
+from engine import payloads
 from engine.config import Config
 from engine.intake import ProcessResult
 
+WORKER_NICENESS = 5
 _RUNTIMES: dict[str, Any] = {}
 _STORE: list[Any] = []  # the worker's own read-only view of the store (SQLite), opened on first use
 _CONFIG: list[Config] = []
@@ -39,6 +44,9 @@ def _init(config: Config) -> None:
     from engine.processing import ChannelRuntime
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    with contextlib.suppress(OSError):
+        # Conversion uses what CPU is spare; the listener's ACKs come first when cores are short.
+        os.nice(WORKER_NICENESS)
     registry.load_plugins(config.plugin_paths, config.plugins, config.base_dir)
     _CONFIG.append(config)
     for ch in config.channels:
@@ -53,12 +61,15 @@ def _run(channel: str, items: list[tuple[int, bytes]]) -> list[ProcessResult]:
         res = rt.run_raw(mid, raw)
         # Exceptions do not travel well between processes; the reason text says it all.
         res.error = None
+        if res.output is not None and not res.output.packed:
+            # Compress here, in parallel, rather than in the engine process (smaller to send, too).
+            res.output = dataclasses.replace(res.output, payload=payloads.pack(res.output.payload), packed=True)
         out.append(res)
     return out
 
 
-def _read_and_run(channel: str, limit: int) -> list[tuple[Claimed, ProcessResult]]:
-    """Single node (SQLite): read the oldest received messages here, in the worker, and process them.
+def _read_and_run(channel: str, ids: list[int]) -> list[tuple[Claimed, ProcessResult]]:
+    """Single node (SQLite): read the given received messages here, in the worker, and process them.
 
     The engine process then only records the results; reading and unpickling message bodies
     stays off its GIL, which the listener and the committer need.
@@ -67,7 +78,7 @@ def _read_and_run(channel: str, limit: int) -> list[tuple[Claimed, ProcessResult
         from engine.store import Store
 
         _STORE.append(Store(_CONFIG[0].store_url, create=False))
-    rows = _STORE[0].next_received(channel, limit)
+    rows = _STORE[0].received_by_id(ids)
     items = _run(channel, [(r.id, r.raw) for r in rows])
     return [
         (Claimed(r.id, r.order_key, r.replay_destinations, bool(r.override_guards)), res)
@@ -97,8 +108,9 @@ class ProcessingPool:
             out.extend(f.result())
         return out
 
-    def read_and_run(self, channel: str, limit: int) -> list[tuple[Claimed, ProcessResult]]:
-        return self.executor.submit(_read_and_run, channel, limit).result()
+    def read_and_run(self, channel: str, ids: list[int]) -> Future[list[tuple[Claimed, ProcessResult]]]:
+        """Read and process the messages ``ids`` in one worker; several calls run side by side."""
+        return self.executor.submit(_read_and_run, channel, ids)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

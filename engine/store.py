@@ -39,6 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from engine import payloads
 from engine.errors import StoreError
 
 
@@ -221,6 +222,7 @@ class NewDelivery:
     payload: bytes
     content_type: str
     meta: dict[str, str] = field(default_factory=dict)
+    packed: bool = False  # payload is already in its stored form (engine.payloads)
 
 
 @dataclass(frozen=True)
@@ -512,7 +514,7 @@ class Store:
                 "message_id": message_id,
                 "channel": channel,
                 "destination": d.destination,
-                "payload": d.payload,
+                "payload": d.payload if d.packed else payloads.pack(d.payload),
                 "content_type": d.content_type,
                 "meta": json.dumps(d.meta),
                 "order_key": f"{channel}|{order_key}"[:300],
@@ -572,20 +574,28 @@ class Store:
     _CLAIM_COLUMNS = ("id", "channel", "raw", "control_id", "message_type", "trigger", "order_key",
                       "replay_destinations", "override_guards")  # fmt: skip
 
-    def next_received(self, channel: str, limit: int) -> list[Any]:
-        """Single node (SQLite): the oldest received messages, read without a write.
+    def received_ids(self, channel: str, limit: int, skip: frozenset[int] | set[int] = frozenset()) -> list[int]:
+        """Single node (SQLite): ids of the oldest received messages, leaving out ``skip`` (in flight).
 
-        One processing worker per channel reads, processes and finishes in turn, so no lease
-        is needed; a crash leaves the rows 'received' and they are simply processed again.
+        Only ids: the bodies are read by the worker process that converts them.
         """
         with self.engine.connect() as conn:
-            cols = [M.c[c] for c in self._CLAIM_COLUMNS]
             q = (
-                select(*cols)
+                select(M.c.id)
                 .where(M.c.channel == channel, M.c.status == RECEIVED)
                 .order_by(M.c.id)
-                .limit(limit)
+                .limit(limit + len(skip))
             )
+            ids = [r[0] for r in conn.execute(q)]
+        return [i for i in ids if i not in skip][:limit]
+
+    def received_by_id(self, ids: list[int]) -> list[Any]:
+        """The claim columns of those of ``ids`` that are still received, in id order."""
+        if not ids:
+            return []
+        with self.engine.connect() as conn:
+            cols = [M.c[c] for c in self._CLAIM_COLUMNS]
+            q = select(*cols).where(M.c.id.in_(ids), M.c.status == RECEIVED).order_by(M.c.id)
             return list(conn.execute(q).all())
 
     def claim_received(self, channel: str, limit: int, owner: str, lease_s: float = 300.0) -> list[Any]:
@@ -728,6 +738,12 @@ class Store:
                     update(D).where(D.c.id.in_(locked)).values(lease_owner=owner, lease_until=now + lease_s)
                 )
         return set(locked)
+
+    def delivery_payloads(self, message_id: int) -> list[bytes]:
+        """The payloads routed for one message (unpacked), in delivery-row order."""
+        with self.engine.connect() as conn:
+            q = select(D.c.payload).where(D.c.message_id == message_id).order_by(D.c.id)
+            return [payloads.unpack(r[0]) for r in conn.execute(q)]
 
     def load_deliveries(self, ids: Sequence[int]) -> list[Any]:
         if not ids:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import random
 import time
@@ -26,6 +27,7 @@ from typing import Any
 import orjson
 import structlog
 
+from engine import payloads
 from engine.config import DestinationConfig, RetryConfig
 from engine.destinations.base import Destination, Outbound
 from engine.errors import DeliveryError, SluiceError
@@ -78,54 +80,114 @@ class ProcessingWorker:
         self.pace = 0.05  # seconds between partial batches (adds at most this to delivery latency)
 
     async def run(self) -> None:
+        if self.store.is_sqlite and self.pool is not None:
+            await self._run_pipelined(self.pool)
+            return
         while not self.stopping:
             try:
                 n = await asyncio.to_thread(self._process_batch)
             except Exception as exc:  # store trouble: back off, never spin
-                log.error(
-                    "processing_batch_failed",
-                    channel=self.runtime.channel.name,
-                    error=type(exc).__name__,
-                    detail=str(exc)[:200],
-                )
+                self._log_failure(exc)
                 n = 0
                 await asyncio.sleep(1.0)
             if n:
-                self.processed += n
-                self.wake_destinations()
+                self._progress(n)
                 if n < self.batch:
                     # Let more arrive so one round covers many messages: the intake path keeps the
                     # engine's CPU; a full batch means we are behind: go straight on.
                     await asyncio.sleep(self.pace)
                 continue
-            self.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=0.5)
-            await asyncio.sleep(self.pace / 5)  # a burst rarely comes alone
+            await self._idle()
+
+    async def _idle(self) -> None:
+        self.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout=0.5)
+        await asyncio.sleep(self.pace / 5)  # a burst rarely comes alone
+
+    def _progress(self, n: int) -> None:
+        self.processed += n
+        self.wake_destinations()
+
+    def _log_failure(self, exc: Exception) -> None:
+        log.error(
+            "processing_batch_failed",
+            channel=self.runtime.channel.name,
+            error=type(exc).__name__,
+            detail=str(exc)[:200],
+        )
+
+    async def _run_pipelined(self, pool: ProcessingPool) -> None:
+        """One node (SQLite): keep every worker process busy with a batch of its own.
+
+        The worker reads the bodies and converts; this process picks the ids (skipping those
+        in flight) and records the results strictly in dispatch order, so a key's messages are
+        recorded, and so delivered, in the order they arrived.  If recording fails, the batches
+        behind it are dropped unrecorded (their messages stay 'received' and are read again):
+        recording them first would let a later message of a key overtake an earlier one.
+        """
+        name = self.runtime.channel.name
+        inflight: collections.deque[tuple[list[int], asyncio.Future[Any]]] = collections.deque()
+        busy: set[int] = set()
+        while not self.stopping:
+            try:
+                while len(inflight) < pool.workers:
+                    ids = await asyncio.to_thread(self.store.received_ids, name, self.batch, busy)
+                    if not ids:
+                        break
+                    busy.update(ids)
+                    inflight.append((ids, asyncio.wrap_future(pool.read_and_run(name, ids))))
+                    if len(ids) < self.batch:
+                        break  # caught up: the next batch can wait for more to arrive
+                if not inflight:
+                    await self._idle()
+                    continue
+                ids, fut = inflight[0]
+                prepared = await fut
+                inflight.popleft()
+                busy.difference_update(ids)
+                n = await self._record(prepared) if prepared else 0
+            except Exception as exc:
+                self._log_failure(exc)
+                for _, f in inflight:
+                    with contextlib.suppress(Exception):
+                        await f
+                inflight.clear()
+                busy.clear()
+                await asyncio.sleep(1.0)
+                continue
+            if n:
+                self._progress(n)
+            if not inflight and n < self.batch:
+                await asyncio.sleep(self.pace)  # see run(): gather more per round while intake is busy
 
     def _process_batch(self) -> int:
+        """Claim (PostgreSQL) or read (SQLite without workers) a batch, process it, record it."""
         ch = self.runtime.channel
-        prepared: list[tuple[Any, ProcessResult]]
-        if self.store.is_sqlite and self.pool is not None:
-            # One node: the worker process reads and processes; this process only records.
-            prepared = list(self.pool.read_and_run(ch.name, self.batch))
+        if self.store.is_sqlite:
+            rows = self.store.received_by_id(self.store.received_ids(ch.name, self.batch))
         else:
-            if self.store.is_sqlite:
-                rows = self.store.next_received(ch.name, self.batch)
-            else:
-                rows = self.store.claim_received(ch.name, self.batch, self.owner)
-            # The pipeline runs outside any transaction (in worker processes when configured); the
-            # results are then written in one short transaction by the committer.
-            items = [(r.id, r.raw) for r in rows]
-            if self.pool is not None:
-                results = self.pool.run(ch.name, items)
-            else:
-                results = [self.runtime.run_raw(mid, raw) for mid, raw in items]
-            prepared = list(zip(rows, results, strict=True))
+            rows = self.store.claim_received(ch.name, self.batch, self.owner)
+        # The pipeline runs outside any transaction (in worker processes when configured); the
+        # results are then written in one short transaction by the committer.
+        items = [(r.id, r.raw) for r in rows]
+        if self.pool is not None:
+            results = self.pool.run(ch.name, items)
+        else:
+            results = [self.runtime.run_raw(mid, raw) for mid, raw in items]
+        prepared = list(zip(rows, results, strict=True))
         if not prepared:
             return 0
+        return int(self.committer.submit_op(self._writer(prepared)).result())
 
-        def write(conn: Any) -> None:
+    async def _record(self, prepared: list[tuple[Any, ProcessResult]]) -> int:
+        return int(await self.committer.run_op(self._writer(prepared)))
+
+    def _writer(self, prepared: list[tuple[Any, ProcessResult]]) -> Callable[[Any], int]:
+        """The committer op that records a processed batch: statuses, ranks and delivery rows."""
+        ch = self.runtime.channel
+
+        def write(conn: Any) -> int:
             finished: list[tuple[int, str, str]] = []
             deliveries: list[dict[str, Any]] = []
             view = self.store.rank_view(conn)
@@ -150,9 +212,9 @@ class ProcessingWorker:
             view.flush()
             self.store.insert_deliveries(conn, deliveries)
             self.store.finish_messages(conn, finished)
+            return len(prepared)
 
-        self.committer.submit_op(write).result()
-        return len(prepared)
+        return write
 
 
 @dataclass
@@ -244,13 +306,17 @@ class DeliveryWorker:
                 else:
                     del lanes[key]
             ids = [r.id for lane in lanes.values() for r in lane.rows]
-        loaded = {r.id: r for r in await asyncio.to_thread(self.store.load_deliveries, ids)}
+        loaded = await asyncio.to_thread(self._load, ids)
         delivered: list[tuple[int, str]] = []
         failed: list[tuple[int, int, str, float | None]] = []
         await asyncio.gather(*(self._lane(lane, loaded, delivered, failed, block) for lane in lanes.values()))
         await self.committer.run_op(lambda conn: self.store.record_deliveries(delivered, failed, conn))
         self.delivered += len(delivered)
         return bool(delivered or failed), next_due
+
+    def _load(self, ids: list[int]) -> dict[int, tuple[Any, Outbound]]:
+        """Rows and their outbound items (payloads unpacked here, off the event loop)."""
+        return {r.id: (r, self._item(r)) for r in self.store.load_deliveries(ids)}
 
     @staticmethod
     def _item(row: Any) -> Outbound:
@@ -262,7 +328,7 @@ class DeliveryWorker:
             message_type=row.message_type,
             trigger=row.trigger,
             raw=row.raw or b"",
-            payload=row.payload if row.payload is not None else b"",
+            payload=payloads.unpack(row.payload),
             content_type=row.content_type,
             attempt=row.attempts + 1,
             meta=orjson.loads(row.meta or "{}"),
@@ -271,7 +337,7 @@ class DeliveryWorker:
     async def _lane(
         self,
         lane: _Lane,
-        loaded: dict[int, Any],
+        loaded: dict[int, tuple[Any, Outbound]],
         delivered: list[tuple[int, str]],
         failed: list[tuple[int, int, str, float | None]],
         block: bool,
@@ -279,10 +345,10 @@ class DeliveryWorker:
         async with self._sem:
             work: list[tuple[Any, Any, Outbound]] = []
             for r in lane.rows:
-                row = loaded.get(r.id)
-                if row is None:
+                got = loaded.get(r.id)
+                if got is None:
                     continue
-                work.append((r, row, self._item(row)))
+                work.append((r, *got))
             # A destination that can take several items at once (one thread hop, one directory
             # sync...) gets the lane's run; it stops at its first failure and leaves the rest.
             many = getattr(self.destination, "deliver_many", None)

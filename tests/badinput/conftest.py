@@ -273,13 +273,7 @@ class Engine:
 
     def payloads(self, message_id: int) -> list[bytes]:
         """Delivery payloads created for a message (e.g. the FHIR Bundle)."""
-        from sqlalchemy import select
-
-        with self.store.engine.connect() as conn:
-            return [
-                bytes(r[0] or b"")
-                for r in conn.execute(select(st.D.c.payload).where(st.D.c.message_id == message_id)).all()
-            ]
+        return self.store.delivery_payloads(message_id)
 
     def log_lines(self) -> list[dict[str, Any]]:
         out = []
