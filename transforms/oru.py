@@ -577,6 +577,26 @@ def _order_identifiers(order: _Order, ctx: ConvertContext) -> tuple[JSON | None,
     return placer, filler
 
 
+def _group_number(rep: Rep, ctx: ConvertContext, loc: Location) -> list[JSON]:
+    """ORC-4 placer group number → identifiers: EI (``id^namespace^uid^type``), or EIP (v2.8.2:
+    ``placer id&ns&uid&type^filler id&ns&uid&type``, recognised by subcomponents in component 1)."""
+    if not rep:
+        return []
+    subs = rep.subs(1)
+    if len(subs) <= 1:
+        ident = ei(rep, ctx, loc)
+        return [ident] if ident is not None else []
+    out: list[JSON] = []
+    d = ctx.message.delimiters
+    for comp in (1, 2):
+        parts = rep.subs(comp)
+        if parts and parts[0].strip():
+            ident = ei(Rep(d.component.join(parts[:4]), d), ctx, loc)
+            if ident is not None:
+                out.append(ident)
+    return out
+
+
 def _typed(ident: JSON, code: str, display: str) -> JSON:
     out = dict(ident)
     out["type"] = {"coding": [{"system": V2_TABLE + "0203", "code": code, "display": display}]}
@@ -767,18 +787,37 @@ def service_request(order: _Order, placer: JSON | None, filler: JSON | None, cod
         idents.append(_typed(placer, "PLAC", "Placer Identifier"))
     if filler:
         idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    # OBR-53 alternate placer order number (else ORC-33) → a PLAC-typed identifier
+    alt_seg, alt_f = (obr, 53) if obr.get(53).strip() else (orc, 33) if orc is not None else (None, 0)
+    alt = cx(alt_seg.rep(alt_f), ctx, alt_seg.loc(alt_f)) if alt_seg is not None else None
+    if alt is not None and not any(alt["value"] == i["value"] and alt.get("system") == i.get("system")
+                                   for i in idents):
+        idents.append(_typed(alt, "PLAC", "Placer Identifier"))
     res["identifier"] = idents
+    # status: ORC-5 (IG OrderStatus), IF ORC-5 NOT VALUED ORC-1 (IG OrderControlCode[ServiceRequest.status])
     status = "unknown"
+    control = orc.get(1).strip().upper() if orc is not None else ""
     if orc is not None:
-        status = (ORDER_STATUS.get(orc.get(5).strip().upper()) or ORDER_CONTROL_STATUS.get(orc.get(1).strip().upper())
+        status = (ORDER_STATUS.get(orc.get(5).strip().upper()) or ORDER_CONTROL_STATUS.get(control)
                   or "unknown")
     res["status"] = status
-    res["intent"] = "order"
+    # intent: IG OBR-11 "G" → reflex-order; anything else "order" (the IG's "#add-on#" for "A" is no code)
+    res["intent"] = "reflex-order" if obr.get(11).strip().upper() == "G" else "order"
     res["code"] = code
     if ctx.patient_ref:
         res["subject"] = _ref(ctx.patient_ref)
     if enc:
         res["encounter"] = _ref(enc)
+    if orc is not None and (req := _group_number(orc.rep(4), ctx, orc.loc(4))):
+        res["requisition"] = _typed(req[0], "PGN", "Placer Group Number")
+    if (details := [c for f in (46, 47) for r in obr.reps(f) if (c := cwe(r, ctx, obr.loc(f))) is not None]):
+        res["orderDetail"] = details
+    if (when := obr.get(6).strip()) and (occ := dtm(when, ctx.settings, obr.loc(6))):
+        res["occurrenceDateTime"] = occ
+    if (reasons := [c for r in obr.reps(31) if (c := cwe(r, ctx, obr.loc(31), field="OBR-31")) is not None]):
+        res["reasonCode"] = reasons
+    if orc is not None and orc.rep(29) and (otype := cwe(orc.rep(29), ctx, orc.loc(29))):
+        res["locationCode"] = [otype]
     requester = None
     if orc is not None and orc.rep(12):
         requester = xcn(orc.rep(12), ctx, orc.loc(12))
@@ -786,13 +825,26 @@ def service_request(order: _Order, placer: JSON | None, filler: JSON | None, cod
         requester = xcn(obr.rep(16), ctx, obr.loc(16))
     if requester is not None:
         res["requester"] = requester
-    if orc is not None and (when := orc.get(9).strip()) and (authored := dtm(when, ctx.settings, orc.loc(9))):
+    # IG ORC-9 → authoredOn only IF ORC-1 IS "NW" (in a result message ORC-9 is the transaction time)
+    if control == "NW" and (when := orc.get(9).strip() if orc is not None else "") and (
+        authored := dtm(when, ctx.settings, orc.loc(9) if orc is not None else None)
+    ):
         res["authoredOn"] = authored
     system = key_ident.get("system")
     if system:
         return ctx.add("ServiceRequest", res, identifier=(system, key_ident["value"]), create_only=True)
     facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
     return ctx.add("ServiceRequest", res, key=f"{facility}|order|{key_ident['value']}", create_only=True)
+
+
+# IG OBR[DiagnosticReport]: OBR-34 technician / OBR-35 transcriptionist → performer with the
+# event-performerFunction extension (v3-ParticipationType SPRF / TRANS)
+_PERFORMER_FUNCTION = "http://hl7.org/fhir/StructureDefinition/event-performerFunction"
+_V3_PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+_TECHNICIAN: JSON = {"url": _PERFORMER_FUNCTION, "valueCodeableConcept": {"coding": [
+    {"system": _V3_PARTICIPATION, "code": "SPRF", "display": "secondary performer"}]}}
+_TRANSCRIPTIONIST: JSON = {"url": _PERFORMER_FUNCTION, "valueCodeableConcept": {"coding": [
+    {"system": _V3_PARTICIPATION, "code": "TRANS", "display": "Transcriber"}]}}
 
 
 def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
@@ -837,6 +889,10 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
         idents.append(_typed(placer, "PLAC", "Placer Identifier"))
     if filler:
         idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    if order.orc is not None:
+        # IG ORC[DiagnosticReport]: ORC-4 placer group number → identifier[3]/[4]
+        for grp in _group_number(order.orc.rep(4), ctx, order.orc.loc(4)):
+            idents.append(_typed(grp, "PGN", "Placer Group Number"))
     res["identifier"] = idents
     res["status"] = status
     section = obr.get(24).strip()
@@ -861,9 +917,10 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
     if obr.get(22).strip() and (issued := dtm(obr.get(22), ctx.settings, obr.loc(22), kind="instant")):
         res["issued"] = issued
     performers: list[JSON] = []
-    for f in (34, 35):
+    for f, function in ((34, _TECHNICIAN), (35, _TRANSCRIPTIONIST)):
         for i, rep in enumerate(obr.reps(f), start=1):
             if (p := ndl_practitioner(rep, ctx, Location("OBR", obr.sequence, f, i))) is not None:
+                p["extension"] = [function]
                 performers.append(p)
     if performers:
         res["performer"] = performers

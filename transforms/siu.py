@@ -18,7 +18,7 @@ from typing import Any
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, dtm, ei, pl, table, xcn
+from transforms.datatypes import V2_TABLE, cwe, dtm, ei, pl, table, xads, xcn, xtns
 from transforms.oru import annotation, patient
 
 JSON = dict[str, Any]
@@ -185,6 +185,52 @@ def _participant(actor: JSON, status: str | None, types: list[JSON], timing: _Ti
     return p
 
 
+# SCH-12 / SCH-16 / SCH-20 → Appointment.participant.type (IG SCH[Appointment]).  The IG assigns the
+# placeholder codes ``#placer contact#`` / ``#filler contact#`` (no such concepts exist yet), so those two
+# are local codes; SCH-20 uses the IG's provenance-participant-type ``enterer``.  See docs/mapping.md.
+# Each contact's phone (SCH-13 / SCH-17 / SCH-21) and address (SCH-14 / SCH-18 / -) go on its Practitioner:
+# the IG gives them no target, but they are how the scheduler reaches that person (docs/mapping.md).
+_CONTACT_DETAILS: dict[int, tuple[int, int | None]] = {12: (13, 14), 16: (17, 18), 20: (21, None)}
+_CONTACT_TYPES: tuple[tuple[int, JSON], ...] = (
+    (12, {"coding": [{"system": "urn:sluice:codesystem:participant-type", "code": "placer-contact",
+                      "display": "Placer Contact"}], "text": "Placer contact person"}),
+    (16, {"coding": [{"system": "urn:sluice:codesystem:participant-type", "code": "filler-contact",
+                      "display": "Filler Contact"}], "text": "Filler contact person"}),
+    (20, {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                      "code": "enterer", "display": "Enterer"}], "text": "Entered by"}),
+)
+
+
+def contact_participants(sch: Segment, ctx: ConvertContext) -> list[JSON]:
+    """SCH-12 placer contact, SCH-16 filler contact, SCH-20 entered-by person → Practitioner participants
+    (``required: information-only``: they are named for contact, not expected to attend).  The same
+    person in several roles is one participant with several types."""
+    out: list[JSON] = []
+    by_actor: dict[str, JSON] = {}
+    for field, ptype in _CONTACT_TYPES:
+        rep = sch.rep(field)
+        if not rep:
+            continue
+        actor = xcn(rep, ctx, sch.loc(field))
+        if actor is None:
+            continue
+        if (prac := ctx.find(actor.get("reference", ""))) is not None:
+            phone_f, addr_f = _CONTACT_DETAILS[field]
+            if "telecom" not in prac and (telecom := xtns(sch, phone_f, "work")):
+                prac["telecom"] = telecom
+            if addr_f and "address" not in prac and (address := xads(sch, addr_f, ctx.settings)):
+                prac["address"] = address
+        key = actor.get("reference") or actor.get("display", "")
+        same = by_actor.get(key)
+        if same is not None:
+            same["type"].append(dict(ptype))
+            continue
+        p: JSON = {"type": [dict(ptype)], "actor": actor, "required": "information-only", "status": "accepted"}
+        by_actor[key] = p
+        out.append(p)
+    return out
+
+
 def _notes_after(msg: Message) -> dict[int, list[Segment]]:
     """NTE segments grouped under the index of the segment they follow (SCH, AIS, AIG, AIL, AIP)."""
     out: dict[int, list[Segment]] = {}
@@ -207,6 +253,8 @@ def patient_context(msg: Message, ctx: ConvertContext, patient_ref: str) -> None
     from transforms import adt, oru
 
     patient_key = ctx.key_of(patient_ref) or patient_ref
+    if (pid := msg.first("PID")) is not None:
+        adt.mother(pid, ctx, patient_ref, patient_key)  # PID-21 (IG PID[Patient] → RelatedPerson-Mother)
     enc_ref = oru.encounter(msg, ctx)
     if msg.first("OBX") is not None:
         adt.observations(msg, ctx, patient_key, enc_ref)
@@ -290,6 +338,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         pref = patient(pid, ctx)
         participants.append(_participant({"reference": pref}, None, [], None))
         patient_context(msg, ctx, pref)
+    participants.extend(contact_participants(sch, ctx))
     service_types: list[JSON] = []
     timings: list[_Timing] = []
     for seg in msg.segments:
@@ -315,7 +364,18 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
                 continue
             participants.append(_participant(actor, own, types, t))
         elif name == "AIG":
-            ctx.count("aig_not_mapped")
+            # IG AIG[Appointment]: AIG-4 resource type → participant.type, AIG-8..12 → period, AIG-14 →
+            # status.  AIG-3 becomes an actor only "if AIG-4 reflects a location", which the IG does not
+            # define: no actor (a participant with a type is valid, FHIR app-1)
+            t = resource_timing(seg, 8, 11, ctx, start, explicit)
+            timings.append(t)
+            types = [c for r in seg.reps(4) if (c := cwe(r, ctx, seg.loc(4), field="AIG-4")) is not None]
+            if not types:
+                ctx.count("aig_without_type")
+                continue
+            p = _participant({}, _status_of(seg, 14, ctx), types, t)
+            del p["actor"]
+            participants.append(p)
     if start is None:
         starts = sorted((t.start for t in timings if t.start), key=lambda v: datetime.fromisoformat(v))
         ends = sorted((t.end for t in timings if t.end), key=lambda v: datetime.fromisoformat(v))

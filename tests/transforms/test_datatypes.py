@@ -215,9 +215,12 @@ def test_xcn_and_pl() -> None:
     c = ctx()
     ref = dt.xcn(rep("1234567890^DOC^ANA^^^DR^^^NPI^L^^^NPI"), c)
     assert ref is not None and ref["reference"].startswith("urn:uuid:")
-    assert (
-        c.entries[0]["request"]["url"] == "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|1234567890"
-    )
+    # a conditional create: created when absent, never rewritten by a message that names the person
+    assert c.entries[0]["request"] == {
+        "method": "POST",
+        "url": "Practitioner",
+        "ifNoneExist": "identifier=http://hl7.org/fhir/sid/us-npi|1234567890",
+    }
     assert dt.xcn(rep("^NONAME^ONLY"), c) == {"display": "ONLY NONAME"}
     ref2 = dt.pl(rep("4W^401^A^FAC"), c)
     assert ref2 is not None and ref2["display"] == "4W 401 A"
@@ -284,3 +287,14 @@ def test_xpn15_called_by_is_a_second_nickname_name() -> None:
         {"use": "nickname", "given": ["Evie"]},
         {"family": "ALIAS", "given": ["EVE"]},
     ]
+
+
+def test_identifier_type_is_a_valid_fhir_code() -> None:
+    """An escaped line break inside CX-5 / XCN-13 must not produce an invalid FHIR code."""
+    from transforms.datatypes import identifier_type
+
+    assert identifier_type("N\n\nPI") == {
+        "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "N PI"}]
+    }
+    assert identifier_type(" MR ") == {"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR", "display": "Medical record number"}]}

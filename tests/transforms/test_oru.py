@@ -431,3 +431,101 @@ def test_oru_patient_and_encounter_are_conditional_creates() -> None:
             assert req["ifNoneExist"].startswith("identifier=")
     reports = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
     assert reports and all(r["basedOn"] for r in reports)
+
+
+# ---------------------------------------------------------------------------
+# IG ORC/OBR[ServiceRequest] and OBR[DiagnosticReport] details
+# ---------------------------------------------------------------------------
+def _obr(**fields: str) -> str:
+    parts = OBR.split("|")
+    parts += [""] * (54 - len(parts))
+    for k, v in fields.items():
+        parts[int(k[1:])] = v
+    return "|".join(parts).rstrip("|")
+
+
+def _orc(**fields: str) -> str:
+    parts = ["ORC", "RE", "PLC1^SYNEHR", "FIL1^SYNLAB^2.16.840.1.113883.19.999.2^ISO"] + [""] * 30
+    for k, v in fields.items():
+        parts[int(k[1:])] = v
+    return "|".join(parts).rstrip("|")
+
+
+def _order(bundle: dict[str, Any]) -> dict[str, Any]:
+    (sr,) = resources(bundle, "ServiceRequest")
+    return sr
+
+
+def test_service_request_status_orc5_then_orc1() -> None:
+    """IG: ORC-5 (OrderStatus) wins; ORC-1 (OrderControlCode) only IF ORC-5 NOT VALUED; no ORC → unknown."""
+    obx = "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F"
+    assert _order(conv(MSH, PID, _orc(f1="NW", f5="CM"), OBR, obx).bundle)["status"] == "completed"
+    assert _order(conv(MSH, PID, _orc(f1="NW"), OBR, obx).bundle)["status"] == "active"
+    assert _order(conv(MSH, PID, _orc(f1="OC"), OBR, obx).bundle)["status"] == "revoked"
+    assert _order(conv(MSH, PID, OBR, obx).bundle)["status"] == "unknown"
+
+
+def test_service_request_obr_and_orc_fields() -> None:
+    """IG OBR[ServiceRequest]: OBR-6 occurrence, OBR-31 reasonCode, OBR-46/47 orderDetail, OBR-53 PLAC
+    identifier, OBR-11 G → reflex-order; ORC[ServiceRequest]: ORC-4 requisition (PGN), ORC-29
+    locationCode, ORC-9 authoredOn only for ORC-1 NW."""
+    m = (
+        MSH,
+        PID,
+        _orc(f1="RE", f4="GRP7^SYNEHR", f9="20250309100000", f29="O^Outpatient^HL70482"),
+        _obr(f6="20250309120000", f11="G", f31="R07.9^Chest pain^I10", f46="PSS^Placer svc^L",
+             f47="FSS^Filler svc^L", f53="ALT9^^^SYNEHR&2.16.840.1.113883.19.999.3&ISO"),
+        "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F",
+    )
+    bundle = conv(*m).bundle
+    validate_resources(bundle)
+    sr = _order(bundle)
+    assert sr["intent"] == "reflex-order"
+    assert sr["occurrenceDateTime"] == "2025-03-09T12:00:00-07:00"
+    assert sr["reasonCode"][0]["coding"][0]["code"] == "R07.9"
+    assert [d["coding"][0]["code"] for d in sr["orderDetail"]] == ["PSS", "FSS"]
+    assert sr["requisition"]["value"] == "GRP7"
+    assert sr["requisition"]["type"]["coding"][0]["code"] == "PGN"
+    assert sr["locationCode"][0]["coding"][0]["code"] == "O"
+    (alt,) = [i for i in sr["identifier"] if i["value"] == "ALT9"]
+    assert alt["value"] == "ALT9" and alt["system"] == "urn:oid:2.16.840.1.113883.19.999.3"
+    assert alt["type"]["coding"][0]["code"] == "PLAC"
+    assert "authoredOn" not in sr  # ORC-1 RE: ORC-9 is the transaction time, not the order's
+    (dr,) = resources(bundle, "DiagnosticReport")
+    pgn = [i for i in dr["identifier"] if i["type"]["coding"][0]["code"] == "PGN"]
+    assert [i["value"] for i in pgn] == ["GRP7"]  # IG ORC[DiagnosticReport]: ORC-4 → identifier
+    # identity is unchanged: the same order without the new fields has the same conditional key
+    plain = conv(MSH, PID, _orc(), OBR, "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F").bundle
+    assert entry_of(bundle, sr)["request"] == entry_of(plain, _order(plain))["request"]
+    new = conv(MSH, PID, _orc(f1="NW", f9="20250309100000"), OBR, "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F")
+    assert _order(new.bundle)["authoredOn"] == "2025-03-09T10:00:00-07:00"
+
+
+def test_orc4_eip_gives_placer_and_filler_group_numbers() -> None:
+    m = (MSH, PID, _orc(f4="GRP7&SYNEHR^FGRP8&SYNLAB"), OBR, "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F")
+    bundle = conv(*m).bundle
+    (dr,) = resources(bundle, "DiagnosticReport")
+    assert [i["value"] for i in dr["identifier"] if i["type"]["coding"][0]["code"] == "PGN"] == ["GRP7", "FGRP8"]
+    assert _order(bundle)["requisition"]["value"] == "GRP7"
+
+
+def test_obr_interpreter_technician_transcriptionist() -> None:
+    """IG OBR[DiagnosticReport]: OBR-32 → resultsInterpreter, OBR-34/35 → performer with the
+    event-performerFunction extension SPRF / TRANS; each a Practitioner keyed by id + authority."""
+    lab = "SYNLAB&2.16.840.1.113883.19.999.2&ISO"
+    m = (
+        MSH, PID,
+        _obr(f25="F", f32=f"4455&LABDOC&LEE&&&&&&{lab}", f34=f"77&TECH&TERRY&&&&&&{lab}", f35="&TYPIST&TINA"),
+        "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F",
+    )
+    bundle = conv(*m).bundle
+    validate_resources(bundle)
+    (dr,) = resources(bundle, "DiagnosticReport")
+    pracs = {p["identifier"][0]["value"]: entry_of(bundle, p)["fullUrl"] for p in resources(bundle, "Practitioner")}
+    assert dr["resultsInterpreter"][0]["reference"] == pracs["4455"]
+    tech, typist = dr["performer"]
+    assert tech["reference"] == pracs["77"]
+    assert tech["extension"][0]["valueCodeableConcept"]["coding"][0]["code"] == "SPRF"
+    assert typist["display"] == "TINA TYPIST"  # no id: a display-only reference, no Practitioner
+    assert typist["extension"][0]["valueCodeableConcept"]["coding"][0]["code"] == "TRANS"
+    assert set(pracs) == {"4455", "77"}

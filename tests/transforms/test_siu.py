@@ -310,3 +310,109 @@ def test_patient_group_pv1_obx_dg1() -> None:
     assert obs["valueQuantity"]["value"] == 72 and obs["code"]["coding"][0]["code"] == "29463-7"
     assert cond["subject"] == {"reference": pat_ref} and cond["code"]["coding"][0]["code"] == "R07.9"
     assert len(resources(bundle, "Appointment")) == 1
+
+
+def _sch_with_contacts(placer: str, filler: str, enterer: str) -> str:
+    """SCH with SCH-12 placer contact, SCH-16 filler contact and SCH-20 entered-by person."""
+    fields = SCH.format("Booked").split("|")
+    fields += [""] * (26 - len(fields))
+    fields[12], fields[16], fields[20] = placer, filler, enterer
+    return "|".join(fields)
+
+
+CONTACT = "1234567893^SCHEDULER^SAM^^^^^^^^^^NPI"
+ENTERER = "E42^CLERK^CARY^^^^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO"
+
+
+def test_sch_contacts_become_practitioner_participants() -> None:
+    """IG SCH[Appointment]: SCH-12 / SCH-16 / SCH-20 → participant.actor(Practitioner) with a type; the same
+    person as placer and filler contact is one participant with both types; information-only."""
+    m = msg(MSH.format("S12^SIU_S12"), _sch_with_contacts(CONTACT, CONTACT, ENTERER), PID)
+    bundle = _convert(m, golden_settings()).bundle
+    validate_resources(bundle)
+    a = appointment(bundle)
+    pracs = {p["identifier"][0]["value"]: p for p in resources(bundle, "Practitioner")}
+    assert set(pracs) == {"1234567893", "E42"}
+    assert pracs["1234567893"]["identifier"][0]["system"] == "http://hl7.org/fhir/sid/us-npi"
+    refs = {entry_of(bundle, p)["fullUrl"]: v for v, p in pracs.items()}
+    contacts = [p for p in a["participant"] if p["actor"].get("reference") in refs]
+    assert len(contacts) == 2
+    by_id = {refs[p["actor"]["reference"]]: p for p in contacts}
+    codes = [t["coding"][0]["code"] for t in by_id["1234567893"]["type"]]
+    assert codes == ["placer-contact", "filler-contact"]
+    (enterer_type,) = by_id["E42"]["type"]
+    assert enterer_type["coding"][0] == {
+        "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+        "code": "enterer",
+        "display": "Enterer",
+    }
+    assert all(p["required"] == "information-only" and p["status"] == "accepted" for p in contacts)
+    # the patient participant is still first and still required
+    assert a["participant"][0]["required"] == "required"
+    # the Practitioner is a conditional create keyed by its NPI (resend never duplicates, never rewrites)
+    assert entry_of(bundle, pracs["1234567893"])["request"] == {
+        "method": "POST", "url": "Practitioner", "ifNoneExist": "identifier=http://hl7.org/fhir/sid/us-npi|1234567893"}
+
+
+def test_sch_contact_phone_and_address_go_on_the_practitioner() -> None:
+    """SCH-13/14 (placer contact phone/address), SCH-21 (entered-by phone) → the contact's Practitioner."""
+    sch = _sch_with_contacts(CONTACT, "", ENTERER).split("|")
+    sch[13] = "^WPN^PH^^1^555^5550142"
+    sch[14] = "1 SYNTHETIC WAY^^SPRINGFIELD^OR^97401^USA"
+    sch[21] = "^WPN^PH^^1^555^5550143"
+    bundle = _convert(msg(MSH.format("S12^SIU_S12"), "|".join(sch), PID), golden_settings()).bundle
+    validate_resources(bundle)
+    pracs = {p["identifier"][0]["value"]: p for p in resources(bundle, "Practitioner")}
+    placer, enterer = pracs["1234567893"], pracs["E42"]
+    assert [(t["system"], t["use"]) for t in placer["telecom"]] == [("phone", "work")]
+    assert "5550142" in placer["telecom"][0]["value"]
+    assert placer["address"][0]["city"] == "SPRINGFIELD"
+    assert "5550143" in enterer["telecom"][0]["value"]
+    assert "address" not in enterer  # SCH-20's person has no address field
+
+
+def test_pid21_mother_related_person_in_siu() -> None:
+    """PID-21 → RelatedPerson (mother) in SIU as in ADT: same key, so both feeds write one resource."""
+    pid = PID + "|||||||||||||MOM77^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO^MR"
+    bundle = _convert(msg(MSH.format("S12^SIU_S12"), SCH.format("Booked"), pid), golden_settings()).bundle
+    validate_resources(bundle)
+    (mother,) = resources(bundle, "RelatedPerson")
+    assert mother["relationship"][0]["coding"][0]["code"] == "MTH"
+    assert any(i["value"] == "MOM77" for i in mother["identifier"])
+    adt = msg("MSH|^~\\&|SYNTH|SYNTH HOSP|SLUICE|SLUICE|20250315090000||ADT^A08^ADT_A01|A1|P|2.5.1", pid)
+    adt_bundle = _convert(adt, golden_settings()).bundle
+    (adt_mother,) = resources(adt_bundle, "RelatedPerson")
+    assert entry_of(adt_bundle, adt_mother)["request"] == entry_of(bundle, mother)["request"]
+
+
+def test_sch_contact_without_id_is_display_only() -> None:
+    m = msg(MSH.format("S12^SIU_S12"), _sch_with_contacts("^DESK^DANA", "", ""), PID)
+    bundle = _convert(m, golden_settings()).bundle
+    validate_resources(bundle)
+    a = appointment(bundle)
+    assert not resources(bundle, "Practitioner")
+    (contact,) = [p for p in a["participant"] if "type" in p]
+    assert contact["actor"] == {"display": "DANA DESK"}
+
+
+def test_aig_becomes_typed_participant() -> None:
+    """IG AIG[Appointment]: AIG-4 → participant.type, AIG-8 + AIG-11/12 → period, AIG-14 → status; no actor
+    (the IG maps AIG-3 only for locations, without saying how to tell)."""
+    m = msg(
+        MSH.format("S12^SIU_S12"),
+        SCH.format("Booked"),
+        PID,
+        "RGS|1|A",
+        "AIG|1|A|EQ5^Video scope^L|101^Equipment^L||||20250315090000|||20|min||Booked",
+        "AIG|2|A|EQ6^Cart^L|||||20250315090000",
+    )
+    result = _convert(m, golden_settings())
+    validate_resources(result.bundle)
+    a = appointment(result.bundle)
+    typed = [p for p in a["participant"] if "actor" not in p]
+    assert len(typed) == 1
+    (p,) = typed
+    assert p["type"][0]["coding"][0]["code"] == "101"
+    assert p["status"] == "accepted"
+    assert p["period"] == {"start": "2025-03-15T09:00:00-07:00", "end": "2025-03-15T09:20:00-07:00"}
+    assert result.events.get("aig_without_type") == 1
