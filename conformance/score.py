@@ -771,6 +771,17 @@ counted as agreeing."""
 
 EXPLAIN_OUTSIDE_IG = "MS maps {segs}, which the IG's message map leaves unmapped (Sluice follows the IG)"
 
+MS_OBSERVATION_CODE_SYSTEM = "http://example.com/v2-to-fhir-converter/CodeSystem/observation-code"
+MS_SEGMENT_OBSERVATIONS: dict[str, str] = {
+    "death-certificate": "PDA", "autopsy": "PDA", "coroner": "PDA", "injury-incident": "ACC",
+}
+"""Observations the MS converter synthesises from one segment, under a code system of its own (no code
+of the message): its ADT templates (``data/Templates/Hl7v2/ADT_A01.liquid``) include
+``Resource/Observation`` with ``PDA_3`` (death-certificate), ``PDA_6`` (autopsy), ``PDA_9``
+(coroner) and ``ACC`` (injury-incident).  Their values (Y/N indicators, dates) are not distinctive enough
+to trace back through :func:`source_tokens`, so the origin is recognised by this code instead; the
+explanation applies only when the message has that segment and the IG leaves it unmapped."""
+
 
 def _split_hl7(text: str) -> list[list[str]]:
     segs = []
@@ -807,16 +818,35 @@ def _outside_ig(value: str, tokens: Mapping[str, set[str]]) -> str:
     return EXPLAIN_OUTSIDE_IG.format(segs="/".join(sorted(segs)))
 
 
+def _synthesised_outside_ig(res: Mapping[str, Any], segments: set[str]) -> str:
+    """The explanation for an unproduced resource the MS converter synthesises from an IG-unmapped segment
+    (:data:`MS_SEGMENT_OBSERVATIONS`) present in the message; "" otherwise."""
+    if res.get("resourceType") != "Observation":
+        return ""
+    code = res.get("code")
+    for coding in _as_list(code.get("coding") if isinstance(code, dict) else None):
+        if not isinstance(coding, dict) or coding.get("system") != MS_OBSERVATION_CODE_SYSTEM:
+            continue
+        seg = MS_SEGMENT_OBSERVATIONS.get(str(coding.get("code")))
+        if seg and seg in segments and seg in IG_UNMAPPED_SEGMENTS:
+            return EXPLAIN_OUTSIDE_IG.format(segs=seg)
+    return ""
+
+
+_ELEMENT_LEAF = re.compile(r"\.(?:identifier|name|telecom|address)\[([^\]]*)\]\.\w+$")
+"""``<Resource>[..].<list element>[<label>].<leaf>``: a leaf of an identifier, name, telecom or address."""
+
+
 def explain_outside_ig(score: Score, tokens: Mapping[str, set[str]]) -> None:
     """Mark still-unexplained differences whose reference value comes only from IG-unmapped segments."""
     for n, d in enumerate(score.diffs):
         if d.explanation or d.ours or d.category == "resource":
             continue
         why = _outside_ig(d.expected, tokens)
-        if not why and "].identifier[" in d.path:
-            # an identifier's system: judge by the identifier value it belongs to
-            label = d.path.rsplit("[", 1)[1].split("]", 1)[0]
-            why = _outside_ig(label, tokens)
+        if not why and (m := _ELEMENT_LEAF.search(d.path)):
+            # a leaf of a list element (an identifier's system, a name's given, a telecom's use, an address's
+            # state): judge by the element it belongs to, i.e. the label the element is paired by
+            why = _outside_ig(m.group(1), tokens)
         if why:
             score.diffs[n] = FieldDiff(d.path, d.category, d.ours, d.expected, why, d.file)
             score.explained += 1
@@ -880,6 +910,7 @@ def score_bundles(
     With the HL7 ``source`` text, differences whose reference value occurs only in segments the IG's
     message map leaves unmapped (:data:`IG_UNMAPPED_SEGMENTS`) are explained, not counted."""
     tokens = source_tokens(source) if source else {}
+    segments = {f[0].strip().upper() for f in _split_hl7(source)} if source else set()
     types = set(scored_types)
     score = Score()
     our_res = resources(ours)
@@ -903,6 +934,8 @@ def score_bundles(
             continue
         inner = label[label.find("[") + 1 : -1].split("@")[0] if "[" in label else ""
         why = _outside_ig(inner, tokens) if inner and tokens else ""
+        if not why and segments:
+            why = _synthesised_outside_ig(exp, segments)
         score.compared += missing.compared
         if why:
             score.explained += missing.compared

@@ -20,6 +20,9 @@ from transforms.settings import DERIVED_SYSTEM_PREFIX
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+# IG PV2[Encounter]: PV2-8 / PV2-9 (the IG's PV2-9 URL has a stray "v\"; this is the published one)
+PLANNED_START = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedStartDate"
+PLANNED_END = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedEndDate"
 
 # Trigger → Encounter.status (IG Event[EncounterStatus]); None = derived from the PV1 data.
 ENCOUNTER_STATUS: dict[str, str | None] = {
@@ -433,6 +436,9 @@ def nk1_relationships(nk1: Segment, ctx: ConvertContext) -> list[JSON]:
         if code.upper() in CONTACT_ROLE:
             out.append({"coding": [{"system": dt.V2_TABLE + "0131", "code": code.upper(),
                                     "display": CONTACT_ROLE[code.upper()]}]})
+        elif (hit := RELATIONSHIP.get(code.upper())) is not None and hit[0] == dt.V2_TABLE + "0131":
+            # a table-0063 contact code sent in NK1-7 (EMC, EMR, UNK, OTH): the Relationship map's 0131 code
+            out.append({"coding": [{"system": hit[0], "code": hit[1], "display": hit[2]}]})
         elif role_cc := dt.cwe(role, ctx, nk1.loc(7)):
             for coding in role_cc.get("coding", ()):
                 coding.setdefault("system", dt.V2_TABLE + "0131")
@@ -544,8 +550,25 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
         reasons = dt.cwes(pv2, 3, ctx)
         if reasons:
             res["reasonCode"] = reasons
-        if (exp_admit := pv2.get(8).strip()) and "period" not in res and status == "planned":
-            res["period"] = {"start": dt.dtm(exp_admit, s, pv2.loc(8))}
+        pf = pv2.fields
+        npf = len(pf)
+        exp_admit = pv2.get(8).strip() if npf > 8 and pf[8] else ""
+        exp_disch = pv2.get(9).strip() if npf > 9 and pf[9] else ""
+        if exp_admit or exp_disch:
+            # IG PV2[Encounter]: PV2-8 / PV2-9 → the R5 plannedStartDate / plannedEndDate extensions
+            planned: list[JSON] = []
+            if exp_admit:
+                start = dt.dtm(exp_admit, s, pv2.loc(8))
+                planned.append({"url": PLANNED_START, "valueDateTime": start})
+                if "period" not in res and status == "planned":
+                    res["period"] = {"start": start}
+            if exp_disch:
+                try:  # newly mapped and only a plan: a bad value is counted, never a rejected update
+                    planned.append({"url": PLANNED_END, "valueDateTime": dt.dtm(exp_disch, s, pv2.loc(9))})
+                except ConversionError:
+                    ctx.count("bad_planned_end")
+            if planned:
+                res["extension"] = planned
         prio = pv2.rep(25)
         if prio:
             codings = []

@@ -638,7 +638,7 @@ def _hd_system(settings: ConvertSettings, namespace: str, universal_id: str, uid
 
 
 def identifier_type(code: str) -> JSON | None:
-    code = code.strip()
+    code = fhir_code(code)  # a FHIR code: no inner line breaks or runs of spaces (e.g. an escaped \.br\)
     if not code:
         return None
     coding: JSON = {"system": V2_TABLE + "0203", "code": code}
@@ -849,11 +849,14 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
     prac: JSON = {"resourceType": "Practitioner", "identifier": [ident]}
     if name:
         prac["name"] = [name]
+    # A conditional create: a message names a practitioner in passing (an attending doctor, a scheduling
+    # contact) and does not own the directory entry.  Created when absent, never rewritten, so one feed's
+    # partial XCN (no name, another phone) cannot flip-flop what another feed wrote (docs/mapping.md).
     if system:
-        ref = ctx.add("Practitioner", prac, identifier=(system, pid))
+        ref = ctx.add("Practitioner", prac, identifier=(system, pid), create_only=True)
     else:
         facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
-        ref = ctx.add("Practitioner", prac, key=f"{facility}|{ns.strip()}|{pid}")
+        ref = ctx.add("Practitioner", prac, key=f"{facility}|{ns.strip()}|{pid}", create_only=True)
     out: JSON = {"reference": ref}
     if disp := _display(name):
         out["display"] = disp

@@ -229,3 +229,36 @@ def test_called_by_appended_to_given_is_explained() -> None:
     score = score_bundles(bundle(ours), bundle(ref))
     assert score.explained == 1 and score.percent == 100.0
     assert "XPN-15" in next(d for d in score.diffs if d.explanation).explanation
+
+
+def test_element_leaves_are_judged_by_their_element_label() -> None:
+    """A telecom (name, address) element whose label occurs only in an IG-unmapped segment: its leaves
+    are explained too; one from a mapped segment is not."""
+    src = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\rPID|1||MRN1^^^H||DOE^JANE||||||||555-0100\r" \
+          "GT1|1||ROE^RICK||||8484^^Internet\r"
+    ours = {"resourceType": "Bundle", "entry": [{"resource": {
+        "resourceType": "Patient", "identifier": [{"value": "MRN1"}], "telecom": [{"value": "555-0100"}]}}]}
+    ref = {"resourceType": "Bundle", "entry": [{"resource": {
+        "resourceType": "Patient", "identifier": [{"value": "MRN1"}],
+        "telecom": [{"value": "555-0100", "system": "phone"}, {"value": "8484", "system": "email"}]}}]}
+    s = score_bundles(ours, ref, source=src)
+    unexplained = sorted(d.path for d in s.diffs if not d.explanation)
+    explained = sorted(d.path for d in s.diffs if d.explanation)
+    assert unexplained == ["Patient[MRN1].telecom[555-0100].system"]
+    assert explained == ["Patient[MRN1].telecom[8484].system", "Patient[MRN1].telecom[8484].value"]
+
+
+def test_ms_observations_synthesised_from_pda_acc_are_explained_only_with_the_segment() -> None:
+    """MS makes Observation[death-certificate] etc. from PDA (IG: no target); without a PDA in the
+    message the same unproduced resource counts against us."""
+    obs = {"resourceType": "Observation", "status": "final", "code": {"coding": [{
+        "system": "http://example.com/v2-to-fhir-converter/CodeSystem/observation-code",
+        "code": "death-certificate"}]}, "valueCodeableConcept": {"coding": [{"code": "Y"}]}}
+    ours: dict[str, Any] = {"resourceType": "Bundle", "entry": []}
+    ref = {"resourceType": "Bundle", "entry": [{"resource": obs}]}
+    head = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\rPID|1||MRN1^^^H||DOE^JANE\r"
+    with_pda = score_bundles(ours, ref, source=head + "PDA||||||Y\r")
+    assert with_pda.compared == with_pda.explained > 0
+    assert "PDA" in with_pda.diffs[0].explanation
+    without = score_bundles(ours, ref, source=head)
+    assert without.explained == 0 and without.compared > 0
