@@ -64,7 +64,9 @@ class FileDestination(Destination):
                 key=f"destinations.{name}.pattern",
                 hint=f"fields you can use: {', '.join('{' + f + '}' for f in _FIELDS)}",
             ) from exc
-        self._made: set[Path] = set()
+        self._root = str(self.directory)
+        self._pid = os.getpid()
+        self._made: set[str] = set()
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -78,18 +80,25 @@ class FileDestination(Destination):
             if pid is not None and pid != os.getpid() and not _alive(pid):
                 tmp.unlink(missing_ok=True)
 
+    def relative_path(self, item: Outbound) -> str:
+        """The file's path under the directory (every field made safe: no separators, never ``..``)."""
+        values = (
+            ("channel", item.channel),
+            ("destination", item.destination),
+            ("message_id", item.message_id),
+            ("control_id", item.control_id),
+            ("type", item.message_type),
+            ("trigger", item.trigger),
+            ("ext", _EXT.get(item.content_type, "dat")),
+        )
+        safe = {}
+        for k, v in values:
+            text = _SAFE.sub("_", str(v))
+            safe[k] = "_" if text in ("", ".", "..") else text
+        return self.pattern.format(**safe)
+
     def path_for(self, item: Outbound) -> Path:
-        values = {
-            "channel": item.channel,
-            "destination": item.destination,
-            "message_id": item.message_id,
-            "control_id": item.control_id,
-            "type": item.message_type,
-            "trigger": item.trigger,
-            "ext": _EXT.get(item.content_type, "dat"),
-        }
-        safe = {k: _SAFE.sub("_", str(v)) or "_" for k, v in values.items()}
-        return self.directory / self.pattern.format(**safe)
+        return self.directory / self.relative_path(item)
 
     async def deliver(self, item: Outbound) -> str:
         # The write (and its fsync) happens in a thread: never block the event loop's ACKs on disk.
@@ -108,14 +117,18 @@ class FileDestination(Destination):
         failure: the items before it are delivered, that one gets the error, the rest None.
         """
         out: list[str | BaseException | None] = [None] * len(items)
-        staged: list[tuple[int, Path, Path]] = []  # (index, temp file, final path)
+        staged: list[tuple[int, str, str]] = []  # (index, temp file, final path); plain str: no pathlib cost
         fds: list[int] = []
+        rels: list[str] = []
         try:
             for i, item in enumerate(items):
-                path = self.path_for(item)
+                rel = self.relative_path(item)
+                rels.append(rel)
+                path = os.path.join(self._root, rel)
                 try:
                     tmp = self._stage(path, item.payload, fds)
                 except OSError as exc:
+                    self._made.discard(os.path.dirname(path))  # removed under us? make it again next time
                     out[i] = self._error(path, exc)
                     break
                 staged.append((i, tmp, path))
@@ -123,8 +136,8 @@ class FileDestination(Destination):
         finally:
             for fd in fds:
                 os.close(fd)
-        for i, _, path in staged[:done]:
-            out[i] = str(path.relative_to(self.directory))
+        for i, _, _ in staged[:done]:
+            out[i] = rels[i]
         return out
 
     def _write(self, item: Outbound) -> str:
@@ -134,12 +147,12 @@ class FileDestination(Destination):
         assert res is not None
         return res
 
-    def _stage(self, path: Path, payload: bytes, fds: list[int]) -> Path:
-        parent = path.parent
+    def _stage(self, path: str, payload: bytes, fds: list[int]) -> str:
+        parent, name = os.path.split(path)
         if parent not in self._made:
-            parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(parent, exist_ok=True)
             self._made.add(parent)
-        tmp = parent / f".{path.name}.{os.getpid()}.tmp"
+        tmp = os.path.join(parent, f".{name}.{self._pid}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         fds.append(fd)
         view = memoryview(payload)
@@ -147,7 +160,7 @@ class FileDestination(Destination):
             view = view[os.write(fd, view) :]
         return tmp
 
-    def _commit(self, staged: list[tuple[int, Path, Path]], fds: list[int], out: list[Any]) -> int:
+    def _commit(self, staged: list[tuple[int, str, str]], fds: list[int], out: list[Any]) -> int:
         """fsync the staged files, rename them, fsync their directories; how many made it."""
         if self.fsync:
             for k, (_, fd) in enumerate(zip(staged, fds, strict=False)):
@@ -158,14 +171,14 @@ class FileDestination(Destination):
                     del staged[k:]
                     break
         done = 0
-        dirs: set[Path] = set()
+        dirs: set[str] = set()
         for i, tmp, path in staged:
             try:
                 os.replace(tmp, path)
             except OSError as exc:
                 out[i] = self._error(path, exc)
                 break
-            dirs.add(path.parent)
+            dirs.add(os.path.dirname(path))
             done += 1
         if self.fsync:
             for d in dirs:
@@ -184,7 +197,7 @@ class FileDestination(Destination):
         return done
 
     @staticmethod
-    def _error(path: Path, exc: OSError) -> DeliveryError:
+    def _error(path: str, exc: OSError) -> DeliveryError:
         return DeliveryError(
             f"cannot write {path}: {exc.strerror or exc}; check the directory exists and is writable"
         )

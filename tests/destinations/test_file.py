@@ -76,3 +76,26 @@ def test_fsync_off_still_writes_atomically(tmp_path: Path) -> None:
     d = _dest(tmp_path, fsync=False)
     assert asyncio.run(d.deliver(_item(1, b"x" * 100_000))) == "adt/1.json"
     assert os.path.getsize(tmp_path / "out" / "adt" / "1.json") == 100_000
+
+
+def test_fields_cannot_escape_the_directory(tmp_path: Path) -> None:
+    d = _dest(tmp_path, pattern="{control_id}/{message_id}.{ext}")
+    item = Outbound(
+        message_id=1, channel="adt", destination="out", control_id="..", message_type="ADT",
+        trigger="A01", raw=b"", payload=b"{}", content_type=CONTENT_FHIR,
+    )
+    assert asyncio.run(d.deliver(item)) == "_/1.json"
+    slash = Outbound(**{**item.__dict__, "control_id": "../../etc"})
+    assert asyncio.run(d.deliver(slash)) == ".._.._etc/1.json"
+    assert (tmp_path / "out" / ".._.._etc" / "1.json").exists()
+
+
+def test_directory_removed_under_the_engine_is_made_again(tmp_path: Path) -> None:
+    import shutil
+
+    d = _dest(tmp_path)
+    asyncio.run(d.deliver(_item(1)))
+    shutil.rmtree(tmp_path / "out" / "adt")
+    with pytest.raises(DeliveryError):
+        asyncio.run(d.deliver(_item(2)))  # this attempt fails (retryable) ...
+    assert asyncio.run(d.deliver(_item(2))) == "adt/2.json"  # ... the retry recreates the directory
