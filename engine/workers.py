@@ -131,7 +131,7 @@ class ProcessingWorker:
         busy: set[int] = set()
         while not self.stopping:
             try:
-                while len(inflight) < pool.workers:
+                while len(inflight) < 2 * pool.workers:  # one converting, one queued, per worker
                     ids = await asyncio.to_thread(self.store.received_ids, name, self.batch, busy)
                     if not ids:
                         break
