@@ -68,8 +68,35 @@ def intake(seconds: float) -> dict[str, Any]:
     return data
 
 
-def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) -> dict[str, Any]:
-    """Send ``count`` ADT^A01 over ``connections``; time intake and the last delivery."""
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of one process so far (Linux /proc; 0 when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def e2e(
+    kind: str,
+    count: int,
+    connections: int,
+    fhir_url: str | None = None,
+    *,
+    server_pid: int | None = None,
+    patients: int = 1,
+    message: str = "adt-a01",
+) -> dict[str, Any]:
+    """Send ``count`` messages over ``connections``; time intake and the last delivery."""
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as d:
         work = Path(d)
         if kind == "file":
@@ -79,10 +106,8 @@ def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) ->
                 "fsync": os.environ.get("BENCH_FSYNC", "1") == "1",
             }
         elif kind == "fhir":
-            # Note: Medplum refuses a transaction with conditional writes and more than 8 entries
-            # ("requires strict isolation but has too many entries"); the load generator's full
-            # ADT^A01 (NK1, IN1, AL1, DG1, OBX...) converts to ~18 entries, so against Medplum every
-            # bundle is dead-lettered with that reason.  See bench/README.md.
+            # Medplum refuses a transaction with conditional writes and more than 8 entries ("requires
+            # strict isolation but has too many entries"): send a message that converts to fewer.
             dest = {"kind": "fhir", "base_url": fhir_url, "concurrency": 8}
         else:
             dest = {"kind": "rabbitmq", "exchange": "sluice.bench", "routing_key": "hl7.{type}.{trigger}"}
@@ -93,6 +118,8 @@ def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) ->
         }
         dest["lanes"] = 16
         eng = start_engine(work, channel, {"out": dest})
+        assert eng.proc is not None
+        cpu0 = {"server": _cpu_seconds(server_pid) if server_pid else 0.0, "engine": _cpu_seconds(eng.proc.pid)}
         try:
             t0 = time.monotonic()
             load = run_load(
@@ -105,6 +132,10 @@ def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) ->
                 "600",
                 "--warmup",
                 "0",
+                "--patients",
+                str(patients),
+                "--message",
+                message,
             )
             t_intake = time.monotonic() - t0
             acked = int(load["results"][0]["acked_ok"])
@@ -123,6 +154,14 @@ def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) ->
                         break
                     time.sleep(0.05)
                 t_all = time.monotonic() - t0
+                # Where the CPU went, per delivered message: the engine process (listener, store
+                # writer, delivery), its worker processes (conversion), the FHIR server (if any).
+                cpu = {
+                    "engine": _cpu_seconds(eng.proc.pid) - cpu0["engine"],
+                    "workers": sum(_cpu_seconds(c) for c in _children(eng.proc.pid)),
+                }
+                if server_pid:
+                    cpu["server"] = _cpu_seconds(server_pid) - cpu0["server"]
             finally:
                 store.close()
         finally:
@@ -130,6 +169,8 @@ def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) ->
     res = load["results"][0]
     return {
         "destination": kind,
+        "message": message,
+        "patients": patients,
         "messages": count,
         "connections": connections,
         "intake_msg_per_s": res["msg_per_s"],
@@ -138,6 +179,7 @@ def e2e(kind: str, count: int, connections: int, fhir_url: str | None = None) ->
         "dead": dead,
         "processing_errors": errors,
         "end_to_end_seconds": round(t_all, 2),
+        "cpu_ms_per_delivered": {k: round(v * 1000 / max(1, done), 3) for k, v in cpu.items()},
         "delivered_per_s": round(done / t_all, 1) if t_all else 0.0,
         "intake_seconds": round(t_intake, 2),
     }
@@ -149,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="per intake scenario")
     ap.add_argument("--count", type=int, default=20000, help="messages per end-to-end run")
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--patients", type=int, default=1, help="distinct patients in the end-to-end runs")
     ap.add_argument("--json", type=Path, default=RESULTS / "engine.json")
     args = ap.parse_args(argv)
     which = args.only or ["intake", "e2e-file", "e2e-fhir", "e2e-rabbitmq"]
@@ -165,23 +208,36 @@ def main(argv: list[str] | None = None) -> int:
         report["intake"] = intake(args.seconds)
     e2e_results = []
     if "e2e-file" in which:
-        e2e_results.append(e2e("file", args.count, args.connections))
+        e2e_results.append(e2e("file", args.count, args.connections, patients=args.patients))
     if "e2e-fhir" in which:
         from tests.support.fhirserver import FhirServer
 
         with FhirServer() as srv:
-            e2e_results.append(e2e("fhir", min(args.count, 2000), args.connections, srv.base_url))
+            # the full ADT^A01 converts to ~18 entries, over Medplum's limit for conditional transactions;
+            # the registration message (6 entries) is one it accepts (see _registration in mllp_load.py)
+            e2e_results.append(
+                e2e(
+                    "fhir",
+                    min(args.count, 2000),
+                    args.connections,
+                    srv.base_url,
+                    server_pid=srv.proc.pid if srv.proc else None,
+                    patients=max(args.patients, 200),
+                    message="registration",
+                )
+            )
     if "e2e-rabbitmq" in which:
-        e2e_results.append(e2e("rabbitmq", args.count, args.connections))
+        e2e_results.append(e2e("rabbitmq", args.count, args.connections, patients=args.patients))
     if e2e_results:
         report["end_to_end"] = e2e_results
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     for r in e2e_results:
         print(
-            f"e2e → {r['destination']}: intake {r['intake_msg_per_s']:.0f} msg/s, "
+            f"e2e → {r['destination']} ({r['message']}, {r['patients']} patients): intake {r['intake_msg_per_s']:.0f} msg/s, "
             f"delivered {r['delivered']}/{r['messages']} at {r['delivered_per_s']:.0f}/s "
-            f"({r['end_to_end_seconds']} s end to end; dead {r['dead']}, errors {r['processing_errors']})"
+            f"({r['end_to_end_seconds']} s end to end; dead {r['dead']}, errors {r['processing_errors']}); "
+            f"CPU ms per delivered: {r['cpu_ms_per_delivered']}"
         )
     print(f"wrote {args.json}")
     return 0

@@ -72,6 +72,42 @@ PREFIX, SUFFIX = _template()
 MESSAGE_SIZE = len(PREFIX) + len(SUFFIX) + 17
 
 
+def _registration() -> tuple[bytes, bytes]:
+    """(prefix, suffix) of a small ADT^A04 (~0.5 KB): Patient, Practitioner, Encounter and its Locations.
+
+    Converts to 6 bundle entries, under the 8-entry limit the Medplum test server puts on conditional
+    transactions (the full template converts to ~18), so a FHIR server run measures delivery, not refusals.
+    """
+    ts = time.strftime("%Y%m%d%H%M%S")
+    segments = [
+        f"MSH|^~\\&|LOADGEN|BENCH_HOSP|SLUICE|BENCH_HOSP|{ts}||ADT^A04^ADT_A01|@CID@|P|2.5|||AL|NE",
+        f"EVN|A04|{ts}",
+        "PID|1||MRN00012345^^^BENCH_HOSP^MR||TESTPATIENT^SYNTHETIC^Q^JR^^^L||19700101|F|||"
+        "100 MAIN ST^APT 1^SPRINGFIELD^ST^00000^USA^H||^PRN^PH^^1^555^5550100",
+        "PV1|1|O|CLINIC1^^^BENCH_HOSP|R^Routine^HL70007|||DR0001^PHYSICIAN^TEST^A^^^MD^^^^L||||||||||||"
+        f"VN000987654^^^BENCH_HOSP^VN|||||||||||||||||||||BENCH_HOSP||A|||{ts}",
+    ]
+    text = "\r".join(segments) + "\r"
+    prefix, suffix = text.split("@CID@")
+    return prefix.encode(), suffix.encode()
+
+
+TEMPLATES = {"adt-a01": (PREFIX, SUFFIX), "registration": _registration()}
+
+
+def suffixes(patients: int, suffix: bytes = SUFFIX) -> list[bytes]:
+    """The message tail for ``patients`` distinct synthetic patients (MRN and visit number vary).
+
+    One patient (the default) is the worst case for a channel with ``order_by``: a single ordered lane.
+    """
+    if patients <= 1:
+        return [suffix]
+    return [
+        suffix.replace(b"MRN00012345", b"MRN%08d" % n).replace(b"VN000987654", b"VN%09d" % n)
+        for n in range(patients)
+    ]
+
+
 def _base36(n: int, width: int) -> str:
     digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     out = ""
@@ -141,6 +177,8 @@ async def run_load(
     ack_timeout: float = 30.0,
     target: str = "",
     scenario: str = "",
+    patients: int = 1,
+    template: str = "adt-a01",
 ) -> Result:
     """Drive ``connections`` clients; measure for ``seconds`` (or until ``count`` messages)."""
     result = Result(target or f"{host}:{port}", scenario, connections, seconds, rate)
@@ -151,6 +189,8 @@ async def run_load(
     await asyncio.gather(*(c.connect() for c in clients))
     interval = connections / rate if rate else 0.0
     perf = time.perf_counter
+    head, tail = TEMPLATES[template]
+    tails = suffixes(patients, tail)
 
     async def worker(k: int, client: MLLPClient) -> None:
         seq = 0
@@ -169,7 +209,7 @@ async def run_load(
             measuring = state["measuring"]
             t0 = perf()
             try:
-                ack = await client.send(PREFIX + cid + SUFFIX)
+                ack = await client.send(head + cid + tails[(k * 7919 + seq) % len(tails)])
             except DeliveryError as exc:
                 if measuring:
                     result.errors += 1
@@ -317,6 +357,8 @@ async def run_matrix(args: argparse.Namespace, host: str, port: int, target: str
             ack_timeout=args.ack_timeout,
             target=target,
             scenario=name,
+            patients=args.patients,
+            template=args.message,
         )
         print(summary(r), flush=True)
         out.append(r)
@@ -375,6 +417,8 @@ def main() -> None:
     p.add_argument("--compare-echo", action="store_true", help="also measure the echo server, same run")
     p.add_argument("--suite", action="store_true", help="run 1 conn, 50 conns, 50 conns @ 1000/s")
     p.add_argument("--uvloop", action="store_true", help="use uvloop if installed")
+    p.add_argument("--patients", type=int, default=1, help="distinct synthetic patients (MRN, visit number)")
+    p.add_argument("--message", choices=sorted(TEMPLATES), default="adt-a01", help="which synthetic message")
     p.add_argument("--framer", action="store_true", help="also benchmark the sans-IO framer alone")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
