@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from functools import lru_cache
 
 from engine.errors import Location, MessageContentError, MessageRejected
@@ -30,6 +31,11 @@ class Delimiters:
     escape: str = "\\"
     subcomponent: str = "&"
     truncation: str = ""
+    # what an empty repetition may consist of (component and subcomponent separators, spaces): derived
+    blank: str = dc_field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "blank", self.component + self.subcomponent + " ")
 
     @property
     def encoding_characters(self) -> str:
@@ -304,6 +310,20 @@ class Rep:
         u = self._u = u + [""] * (n - k)
         return u
 
+    def hd(self, i: int) -> tuple[str, str, str]:
+        """Subcomponents 1-3 of component ``i`` (an HD: namespace, universal id, universal id type),
+        unescaped; "" when absent.  Same as ``(c(i, 1), c(i, 2), c(i, 3))`` in one call."""
+        u = self._u
+        if u is None:
+            u = self._unescaped()
+        first = u[i - 1] if 0 < i <= len(u) else ""
+        if self._plain:
+            return first, "", ""
+        comps = self._split
+        if comps is None or not 0 < i <= len(comps) or self._d.subcomponent not in comps[i - 1]:
+            return first, "", ""
+        return first, self.c(i, 2), self.c(i, 3)
+
     def subs(self, i: int) -> list[str]:
         """All subcomponents of component ``i``, unescaped."""
         comps = self._comps()
@@ -318,7 +338,7 @@ class Rep:
         raw = self._raw
         if not raw:
             return False
-        return bool(raw.strip(self._d.component + self._d.subcomponent + " "))
+        return bool(raw.strip(self._d.blank))
 
     @property
     def text(self) -> str:

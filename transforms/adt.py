@@ -197,16 +197,15 @@ def key_identifier(seg: Segment, field: int, ctx: ConvertContext) -> tuple[str, 
     SSN-type identifiers (CX-5 = SS) are never keys.  If none has a system: the channel's
     ``default_identifier_system`` for the first repetition, else AE 204 (AE 101 if the field is empty).
     """
-    reps = [r for r in seg.reps(field) if r.c(1).strip()]
-    loc = seg.loc(field)
+    reps = [r for r in seg.reps(field) if r.cs(5)[0].strip()]
     if not reps:
         ctx.count("identifier_match_failure")
-        raise ConversionError(f"{seg.name}-{field} (patient identifier) is empty", code="101", location=loc)
+        raise ConversionError(f"{seg.name}-{field} (patient identifier) is empty", code="101", location=seg.loc(field))
     best: tuple[int, int, str, Rep] | None = None
     for i, r in enumerate(reps):
-        if r.c(5).strip().upper() == "SS":
+        if r.cs(5)[4].strip().upper() == "SS":
             continue
-        system, how = dt.hd_system(ctx, r.c(4, 1), r.c(4, 2), r.c(4, 3))
+        system, how = dt.hd_system(ctx, *r.hd(4))
         if system is None:
             continue
         cand = (_RANK.get(how, 3), i, system, r)
@@ -232,7 +231,7 @@ def key_identifier(seg: Segment, field: int, ctx: ConvertContext) -> tuple[str, 
     raise ConversionError(
         f"{seg.name}-{field}: no patient identifier has an assigning authority (CX-4) with a known system",
         code="204",
-        location=loc,
+        location=seg.loc(field),
     )
 
 
@@ -254,9 +253,8 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
     for field in (3, 2, 4):
         if field >= nf or not f[field]:
             continue
-        loc = pid.loc(field)
         for r in pid.reps(field):
-            ident = dt.cx(r, ctx, loc)
+            ident = dt.cx(r, ctx)  # (cx's location only names a bad CX-7/8 period, which it drops)
             if ident is None:
                 continue
             if r is key_rep or (field == 3 and r.raw == key_raw):
@@ -297,9 +295,9 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
         res["gender"] = gender
     dob = pid.get(7).strip() if nf > 7 and f[7] else ""
     if dob:
-        res["birthDate"] = dt.dtm(dob, s, pid.loc(7), kind="date")
+        res["birthDate"] = dt.dtm_at(dob, s, pid, 7, kind="date")
         if len(dob) > 8 and dob[8:10].isdigit():
-            birth_time = dt.dtm(dob, s, pid.loc(7))
+            birth_time = dt.dtm_at(dob, s, pid, 7)
             res["_birthDate"] = {
                 "extension": [
                     {"url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime", "valueDateTime": birth_time}
@@ -309,7 +307,7 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
         death_dt = pid.get(29).strip()
         death_ind = pid.get(30).strip().upper()
         if death_dt:
-            res["deceasedDateTime"] = dt.dtm(death_dt, s, pid.loc(29))
+            res["deceasedDateTime"] = dt.dtm_at(death_dt, s, pid, 29)
         elif death_ind in ("Y", "N"):
             res["deceasedBoolean"] = death_ind == "Y"
     if nf > 11 and f[11]:
@@ -371,29 +369,69 @@ def _xtns(seg: Segment, f: list[str], nf: int, field: int, default_use: str | No
     return []
 
 
+class _NK1:
+    """What Patient.contact and the RelatedPerson of one NK1 both map (computed once per NK1 and message).
+
+    The pieces may end up in both resources: the Bundle is read-only once built.  ``events``: what
+    computing them counted, counted again for the second user (as when each mapped the NK1 itself)."""
+
+    __slots__ = ("addresses", "events", "first_address", "gender", "name", "period", "rels", "telecom")
+
+    def __init__(self, nk1: Segment, ctx: ConvertContext):
+        s = ctx.settings
+        f = nk1.fields
+        nf = len(f)
+        counted = ctx.events
+        before = dict(counted)
+        self.rels = nk1_relationships(nk1, ctx)
+        self.name = dt.xpn(nk1.rep(2), s) if nf > 2 and f[2] else None
+        self.telecom = {n: _xtns(nk1, f, nf, n, use) for n, use in _NK1_TELECOM}
+        per_rep = [dt.xad(r, s) for r in nk1.reps(4)] if nf > 4 and f[4] else []
+        self.first_address = per_rep[0] if per_rep else None
+        self.addresses = [a for a in per_rep if a is not None]
+        self.gender = (dt.table(ctx, dt.ADMINISTRATIVE_SEX, nk1.get(15), nk1.loc(15), "0001")
+                       if nf > 15 and f[15] else None)
+        self.period = (dt.period_at(nk1.get(8), nk1.get(9), s, nk1, 8, 9)
+                       if nf > 8 and (f[8] or (nf > 9 and f[9])) else None)
+        self.events = [(k, n - before.get(k, 0)) for k, n in counted.items() if n != before.get(k, 0)]
+
+
+_NK1_TELECOM = ((5, "home"), (6, "work"), (31, None), (40, None), (41, None))
+
+
+def _nk1(nk1: Segment, ctx: ConvertContext) -> tuple[_NK1, bool]:
+    """The shared NK1 pieces, and whether they were computed before in this message."""
+    key = ("NK1", id(nk1))
+    hit: _NK1 | None = ctx.memo.get(key)
+    if hit is not None:
+        return hit, True
+    hit = ctx.memo[key] = _NK1(nk1, ctx)
+    return hit, False
+
+
 def patient_contact(nk1: Segment, ctx: ConvertContext) -> JSON | None:
     """NK1 → Patient.contact (every NK1; the IG also makes a RelatedPerson for non-emergency roles)."""
-    s = ctx.settings
+    parts, again = _nk1(nk1, ctx)
+    if again:
+        for event, times in parts.events:
+            ctx.count(event, times)
     f = nk1.fields
     nf = len(f)
     c: JSON = {}
-    rels = nk1_relationships(nk1, ctx)
-    if rels:
-        c["relationship"] = rels
-    if nf > 2 and f[2] and (name := dt.xpn(nk1.rep(2), s)):
-        c["name"] = name
-    telecom = (_xtns(nk1, f, nf, 5, "home") + _xtns(nk1, f, nf, 6, "work") + _xtns(nk1, f, nf, 40)
-               + _xtns(nk1, f, nf, 41))
+    if parts.rels:
+        c["relationship"] = list(parts.rels)
+    if parts.name:
+        c["name"] = parts.name
+    tel = parts.telecom
+    telecom = tel[5] + tel[6] + tel[40] + tel[41]
     if telecom:
         c["telecom"] = telecom
-    if nf > 4 and f[4] and (addr := dt.xad(nk1.rep(4), s)):
-        c["address"] = addr
-    if nf > 15 and f[15] and (gender := dt.table(ctx, dt.ADMINISTRATIVE_SEX, nk1.get(15), nk1.loc(15), "0001")):
-        c["gender"] = gender
-    if nf > 8 and (f[8] or (nf > 9 and f[9])):
-        p = dt.period(nk1.get(8), nk1.get(9), s, nk1.loc(8), nk1.loc(9))
-        if p:
-            c["period"] = p
+    if parts.first_address:
+        c["address"] = parts.first_address
+    if parts.gender:
+        c["gender"] = parts.gender
+    if parts.period:
+        c["period"] = parts.period
     if nf > 13 and (org_name := nk1.get(13).strip()):
         c["organization"] = {"display": org_name}
     if not ("name" in c or "telecom" in c or "address" in c or "organization" in c):
@@ -504,7 +542,7 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
         if field >= len(sf) or not sf[field]:
             continue
         for r in seg.reps(field):
-            who = dt.xcn(r, ctx, seg.loc(field))
+            who = dt.xcn(r, ctx)
             if who:
                 participants.append({
                     "type": [{"coding": [{"system": PARTICIPATION, "code": code, "display": display}]}],
@@ -513,7 +551,7 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
     if participants:
         res["participant"] = participants
     if admit or (nf > 45 and f[45]):
-        p = dt.period(admit, pv1.get(45), s, pv1.loc(44), pv1.loc(45))
+        p = dt.period_at(admit, pv1.get(45), s, pv1, 44, 45)
         if p:
             res["period"] = p
     locations: list[JSON] = []
@@ -524,7 +562,7 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
             continue  # A12: PV1-6 is the transfer being cancelled, PV1-3 the location restored
         if field >= nf or not f[field]:
             continue
-        ref = dt.pl(pv1.rep(field), ctx, pv1.loc(field))
+        ref = dt.pl(pv1.rep(field), ctx)
         if ref:
             locations.append({"location": ref, "status": st})
     if locations:
@@ -558,13 +596,13 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
             # IG PV2[Encounter]: PV2-8 / PV2-9 → the R5 plannedStartDate / plannedEndDate extensions
             planned: list[JSON] = []
             if exp_admit:
-                start = dt.dtm(exp_admit, s, pv2.loc(8))
+                start = dt.dtm_at(exp_admit, s, pv2, 8)
                 planned.append({"url": PLANNED_START, "valueDateTime": start})
                 if "period" not in res and status == "planned":
                     res["period"] = {"start": start}
             if exp_disch:
                 try:  # newly mapped and only a plan: a bad value is counted, never a rejected update
-                    planned.append({"url": PLANNED_END, "valueDateTime": dt.dtm(exp_disch, s, pv2.loc(9))})
+                    planned.append({"url": PLANNED_END, "valueDateTime": dt.dtm_at(exp_disch, s, pv2, 9)})
                 except ConversionError:
                     ctx.count("bad_planned_end")
             if planned:
@@ -651,7 +689,7 @@ def roles(msg: Message, ctx: ConvertContext, patient_ref: str, enc_ref: str | No
                 part["type"] = [cc]
             part["individual"] = who
             try:
-                if p := dt.period(seg.get(5), seg.get(6), ctx.settings, seg.loc(5), seg.loc(6)):
+                if p := dt.period_at(seg.get(5), seg.get(6), ctx.settings, seg, 5, 6):
                     part["period"] = p
             except ConversionError:
                 ctx.count("bad_role_period")
@@ -700,43 +738,47 @@ def related_person(nk1: Segment, ctx: ConvertContext, patient_ref: str, patient_
     if rel.c(1).strip().upper() in EMERGENCY_CONTACT_ROLES:
         return None
     s = ctx.settings
-    name = dt.xpn(nk1.rep(2), s)
+    f = nk1.fields
+    nf = len(f)
+    if not (nf > 2 and f[2]):
+        return None  # no name (dt.xpn of an empty repetition)
+    parts, again = _nk1(nk1, ctx)
+    name = parts.name
     if name is None:
         return None
     res: JSON = {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": patient_ref}}
-    f = nk1.fields
-    nf = len(f)
     idents = [i for n in (12, 33) if n < nf and f[n] for r in nk1.reps(n) if (i := dt.cx(r, ctx, nk1.loc(n)))]
     if ssn := nk1.get(37).strip():
         idents.append({"type": dt.identifier_type("SS"), "system": dt.SSN_SYSTEM, "value": ssn})
     if idents:
         res["identifier"] = idents
-    rels = nk1_relationships(nk1, ctx)
-    if rels:
-        res["relationship"] = rels
+    if again:
+        # what mapping the relationships, gender and period counted, counted again (as before sharing)
+        for event, times in parts.events:
+            ctx.count(event, times)
+    if parts.rels:
+        res["relationship"] = list(parts.rels)
     # IG NK1[RelatedPerson]: name[1] NK1-2, name[2] NK1-30 (contact person); telecom NK1-5/6/31/40/41;
     # address NK1-4/32
     names = [name, *(n for r in nk1.reps(2)[1:] if (n := dt.xpn(r, s)))]
     if nf > 30 and f[30]:
         names += dt.xpns(nk1, 30, s)
     res["name"] = names
-    telecom = (_xtns(nk1, f, nf, 5, "home") + _xtns(nk1, f, nf, 6, "work") + _xtns(nk1, f, nf, 31)
-               + _xtns(nk1, f, nf, 40) + _xtns(nk1, f, nf, 41))
+    tel = parts.telecom
+    telecom = tel[5] + tel[6] + tel[31] + tel[40] + tel[41]
     if telecom:
         res["telecom"] = telecom
-    addresses = dt.xads(nk1, 4, s) if nf > 4 and f[4] else []
+    addresses = list(parts.addresses)
     if nf > 32 and f[32]:
         addresses += dt.xads(nk1, 32, s)
     if addresses:
         res["address"] = addresses
-    if nf > 15 and f[15] and (gender := dt.table(ctx, dt.ADMINISTRATIVE_SEX, nk1.get(15), nk1.loc(15), "0001")):
-        res["gender"] = gender
+    if parts.gender:
+        res["gender"] = parts.gender
     if nf > 16 and (bd := nk1.get(16).strip()):
-        res["birthDate"] = dt.dtm(bd, s, nk1.loc(16), kind="date")
-    if nf > 8 and (f[8] or (nf > 9 and f[9])):
-        p = dt.period(nk1.get(8), nk1.get(9), s, nk1.loc(8), nk1.loc(9))
-        if p:
-            res["period"] = p
+        res["birthDate"] = dt.dtm_at(bd, s, nk1, 16, kind="date")
+    if parts.period:
+        res["period"] = parts.period
     if nf > 20 and f[20] and (lang := dt.language(nk1.rep(20), ctx, nk1.loc(20))):
         res["communication"] = [{"language": lang}]
     key = "|".join((patient_key, "NK1", name.get("family", ""), " ".join(name.get("given", [])), rel.c(1).strip()))
@@ -773,7 +815,7 @@ def allergy(al1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: st
             reaction["severity"] = rsev
         res["reaction"] = [reaction]
     if onset := al1.get(6).strip():
-        res["onsetDateTime"] = dt.dtm(onset, ctx.settings, al1.loc(6))
+        res["onsetDateTime"] = dt.dtm_at(onset, ctx.settings, al1, 6)
     c0 = code.get("coding", [{}])[0]
     key = "|".join((patient_key, "AL1", c0.get("system", ""), c0.get("code", "") or code.get("text", "")))
     return ctx.add("AllergyIntolerance", res, key=key)
@@ -810,9 +852,9 @@ def condition(
     if enc_ref:
         res["encounter"] = {"reference": enc_ref}
     if onset := dg1.get(5).strip():
-        res["onsetDateTime"] = dt.dtm(onset, s, dg1.loc(5))
+        res["onsetDateTime"] = dt.dtm_at(onset, s, dg1, 5)
     if rec := dg1.get(19).strip():
-        res["recordedDate"] = dt.dtm(rec, s, dg1.loc(19))
+        res["recordedDate"] = dt.dtm_at(rec, s, dg1, 19)
     f = dg1.fields
     nf = len(f)
     # raw-field checks first: an empty field costs one index, not a Rep and a datatype call
@@ -852,7 +894,7 @@ def subscriber(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key:
     if gender:
         res["gender"] = gender
     if bd := in1.get(18).strip():
-        res["birthDate"] = dt.dtm(bd, s, in1.loc(18), kind="date")
+        res["birthDate"] = dt.dtm_at(bd, s, in1, 18, kind="date")
     key = "|".join((patient_key, "IN1-16", name.get("family", ""), " ".join(name.get("given", [])),
                     rel.c(1).strip()))
     return ctx.add("RelatedPerson", res, key=key)
@@ -926,7 +968,7 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
     elif rel_code and (sub := subscriber(in1, ctx, patient_ref, patient_key, insured_ids)):
         res["subscriber"] = {"reference": sub}
     if nf > 12 and (f[12] or (nf > 13 and f[13])):
-        p = dt.period(in1.get(12), in1.get(13), s, in1.loc(12), in1.loc(13))
+        p = dt.period_at(in1.get(12), in1.get(13), s, in1, 12, 13)
         if p:
             res["period"] = p
     res["payor"] = [payor]

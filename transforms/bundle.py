@@ -116,8 +116,8 @@ class ConvertContext:
     reference string (``urn:uuid:...``) inside other resources.
     """
 
-    __slots__ = ("_by_full_url", "_by_url", "entries", "events", "guards", "message", "patient_ref", "requires",
-                 "settings", "xcn_memo")
+    __slots__ = ("_by_full_url", "_by_url", "entries", "events", "guards", "hd_cache", "memo", "message",
+                 "patient_ref", "requires", "settings", "xcn_memo")
 
     def __init__(self, message: Message, settings: ConvertSettings):
         self.message = message
@@ -132,6 +132,10 @@ class ConvertContext:
         # datatypes.xcn: raw XCN repetition -> (reference, display, derived system); the same practitioner
         # recurs within a message (PD1-4, PV1-7, DG1-16, ...) and maps to the same entry every time
         self.xcn_memo: dict[str, tuple[str, str | None, bool]] = {}
+        # the channel's assigning-authority cache (datatypes.hd_system), read once per message
+        self.hd_cache = settings.hd_cache
+        # per-message memo for mappers whose result is a pure function of raw segment text (see users)
+        self.memo: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------
     def count(self, event: str, n: int = 1) -> None:
@@ -188,7 +192,8 @@ class ConvertContext:
             else:
                 ids.append({"system": system, "value": value})
         url = conditional_url(resource_type, system, value)
-        existing = self._by_url.get(url)
+        by_url = self._by_url
+        existing = by_url.get(url)
         if existing is not None:
             old = existing["resource"]
             for k, v in resource.items():
@@ -196,15 +201,18 @@ class ConvertContext:
                     old[k] = v
             return str(existing["fullUrl"])
         full_url = "urn:uuid:" + det_uuid(url)
-        if resource.get("resourceType") != resource_type or next(iter(resource)) != "resourceType":
-            _put_type_first(resource, resource_type)
-        request: dict[str, str]
-        if create_only:
-            request = {"method": "POST", "url": resource_type, "ifNoneExist": url[len(resource_type) + 1:]}
-        else:
-            request = {"method": "PUT", "url": url}
-        entry = {"fullUrl": full_url, "resource": resource, "request": request}
-        self._by_url[url] = entry
+        for first in resource:
+            if first != "resourceType" or resource[first] != resource_type:
+                _put_type_first(resource, resource_type)
+            break
+        entry = {
+            "fullUrl": full_url,
+            "resource": resource,
+            "request": {"method": "POST", "url": resource_type, "ifNoneExist": url[len(resource_type) + 1 :]}
+            if create_only
+            else {"method": "PUT", "url": url},
+        }
+        by_url[url] = entry
         self._by_full_url[full_url] = (resource, url)
         self.entries.append(entry)
         return full_url

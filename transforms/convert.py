@@ -23,7 +23,7 @@ from typing import Any
 from engine.errors import ConversionError, Location, MessageRejected, SluiceError
 from engine.hl7 import Message
 from transforms.bundle import Conversion, ConvertContext, det_uuid
-from transforms.datatypes import V2_TABLE, dtm, utc_now_instant
+from transforms.datatypes import V2_TABLE, dtm_at, fhir_code, utc_now_instant
 from transforms.settings import ConvertSettings
 
 __all__ = ["MODULES", "Conversion", "ConvertSettings", "convert", "convert_report"]
@@ -99,16 +99,17 @@ def add_provenance(msg: Message, ctx: ConvertContext) -> None:
     app, facility = msh.get(3, 1), msh.get(4, 1)
     sender = f"{app}|{facility}|{msg.control_id}"
     tag = det_uuid("message|" + sender)
-    recorded = dtm(msh.get(7, 1), ctx.settings, msh.loc(7), kind="instant")
+    recorded = dtm_at(msh.get(7, 1), ctx.settings, msh, 7, kind="instant")
     targets = [{"reference": e["fullUrl"]} for e in ctx.entries]
+    trigger = fhir_code(msg.trigger)  # a FHIR code: no inner line breaks or runs of spaces
     prov: dict[str, Any] = {
         "resourceType": "Provenance",
         "meta": {"tag": [{"system": PROVENANCE_TAG_SYSTEM, "code": tag}]},
         "target": targets,
         "recorded": recorded or utc_now_instant(),
         "activity": {
-            "coding": [{"system": V2_TABLE + "0003", "code": msg.trigger}]
-            if msg.trigger
+            "coding": [{"system": V2_TABLE + "0003", "code": trigger}]
+            if trigger
             else [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "UPDATE"}]
         },
         "agent": [

@@ -187,6 +187,17 @@ def dtm(value: str, settings: ConvertSettings, loc: Location | None = None, kind
     return out
 
 
+def dtm_at(value: str, settings: ConvertSettings, seg: Segment, field: int, kind: str = "dateTime") -> str | None:
+    """:func:`dtm` of a value read from ``seg``-``field``: the location is only built when the value is
+    not cached (it is only needed for an error)."""
+    if not value:
+        return None
+    hit = _DTM_CACHE.get((value, kind, settings.site_tz, settings.date_format))
+    if hit is not None:
+        return hit
+    return dtm(value, settings, seg.loc(field), kind)
+
+
 def _dtm(value: str, settings: ConvertSettings, loc: Location | None = None, kind: str = "dateTime") -> str | None:
     """HL7 DTM/TS/DT (any precision) → FHIR ``date`` / ``dateTime`` / ``instant`` string.
 
@@ -284,6 +295,18 @@ def period(
     return p or None
 
 
+def period_at(
+    start: str, end: str, settings: ConvertSettings, seg: Segment, start_field: int, end_field: int
+) -> JSON | None:
+    """:func:`period` of two values read from ``seg`` (locations built only when needed for an error)."""
+    p: JSON = {}
+    if start and (s := dtm_at(start, settings, seg, start_field)):
+        p["start"] = s
+    if end and (e := dtm_at(end, settings, seg, end_field)):
+        p["end"] = e
+    return p or None
+
+
 def dr(rep: Rep, comp: int, settings: ConvertSettings, loc: Location | None = None) -> JSON | None:
     """DR (date range) held in component ``comp`` of ``rep`` (subcomponents 1 and 2) → Period."""
     return period(rep.c(comp, 1), rep.c(comp, 2), settings, loc, loc)
@@ -340,23 +363,43 @@ def nm(value: str, loc: Location | None = None) -> int | float | None:
 
 
 def unit(rep: Rep | None) -> JSON:
-    """CWE units (OBX-6) → the ``unit``/``system``/``code`` part of a Quantity."""
+    """CWE units (OBX-6) → the ``unit``/``system``/``code`` part of a Quantity (a new dict each call)."""
     if rep is None or not rep:
         return {}
-    code, text, sysname = rep.c(1).strip(), rep.c(2).strip(), rep.c(3).strip()
-    q: JSON = {}
+    c = rep.cs(3)
+    key = (c[0], c[1], c[2])
+    hit = _UNIT_CACHE.get(key)
+    if hit is None:
+        hit = _unit(*key)
+        if len(_UNIT_CACHE) >= _UNIT_CACHE_MAX:
+            _UNIT_CACHE.clear()
+        _UNIT_CACHE[key] = hit
+    return dict(hit)
+
+
+# (code, text, coding system) of a units CWE → the Quantity items: a pure function, and a feed uses few units
+_UNIT_CACHE: dict[tuple[str, str, str], tuple[tuple[str, str], ...]] = {}
+_UNIT_CACHE_MAX = 4096
+
+
+def _unit(code: str, text: str, sysname: str) -> tuple[tuple[str, str], ...]:
+    code, text, sysname = code.strip(), text.strip(), sysname.strip()
+    q: list[tuple[str, str]] = []
     if text or code:
-        q["unit"] = text or code
+        q.append(("unit", text or code))
     if code:
         system = code_system(sysname) if sysname else UCUM if sysname == "" and _looks_ucum(code) else None
         if system:
-            q["system"] = system
-            q["code"] = code
-    return q
+            q.append(("system", system))
+            q.append(("code", code))
+    return tuple(q)
+
+
+_UCUM_LIKE = re.compile(r"^[A-Za-z0-9%/.\[\]{}()*^'_-]+$")
 
 
 def _looks_ucum(code: str) -> bool:
-    return bool(re.match(r"^[A-Za-z0-9%/.\[\]{}()*^'_-]+$", code))
+    return bool(_UCUM_LIKE.match(code))
 
 
 def quantity(value: str, units: Rep | None, loc: Location | None = None) -> JSON | None:
@@ -598,7 +641,7 @@ _UUID = re.compile(r"^[0-9a-fA-F-]{36}$")
 def hd_system(ctx: ConvertContext, namespace: str, universal_id: str, uid_type: str) -> tuple[str | None, str]:
     """Assigning authority (HD) → ``(system, how)``: :func:`_hd_system`, cached per channel settings
     (a feed names the same few authorities over and over)."""
-    cache = ctx.settings.hd_cache
+    cache = ctx.hd_cache
     key = (namespace, universal_id, uid_type)
     hit = cache.get(key)
     if hit is None:
@@ -659,7 +702,7 @@ def cx(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
     if c[4] and (t := identifier_type(c[4])):
         ident["type"] = t
     # c[3] is only HD-1 (namespace): an authority can be HD-2/3 alone ("&2.16.840.1...&ISO")
-    system, how = hd_system(ctx, c[3], rep.c(4, 2), rep.c(4, 3)) if len(rep) > 3 else (None, "none")
+    system, how = hd_system(ctx, *rep.hd(4)) if c[3] or len(rep) > 3 else (None, "none")
     if system is None and c[4].strip().upper() == "SS":
         system = SSN_SYSTEM
     if how == "derived":
@@ -830,8 +873,7 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
     if not pid:
         disp = _display(name)
         return {"display": disp} if disp else None
-    ns = c[8]
-    uid, utype = (rep.c(9, 2), rep.c(9, 3)) if len(rep) > 8 else ("", "")
+    ns, uid, utype = rep.hd(9)
     id_type_raw = c[12]
     if id_type_raw.strip().upper() == "NPI" or ns.strip().upper() == "NPI" or uid.strip() == NPI_OID:
         system: str | None = NPI_SYSTEM

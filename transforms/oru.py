@@ -30,6 +30,7 @@ from transforms.datatypes import (
     cwe,
     cx,
     dtm,
+    dtm_at,
     ei,
     hd_system,
     nm,
@@ -217,7 +218,7 @@ def minimal_patient(pid: Segment, ctx: ConvertContext) -> str:
     gender = {"F": "female", "M": "male", "O": "other", "U": "unknown", "A": "other", "N": "other"}.get(sex)
     if gender:
         res["gender"] = gender
-    if bd := dtm(pid.get(7), ctx.settings, pid.loc(7), kind="date"):
+    if bd := dtm_at(pid.get(7), ctx.settings, pid, 7, kind="date"):
         res["birthDate"] = bd
     addrs = [a for r in pid.reps(11) if (a := xad(r, ctx.settings)) is not None]
     if addrs:
@@ -288,7 +289,7 @@ def annotation(ntes: list[Segment], ctx: ConvertContext) -> JSON | None:
         if author is None and nte.rep(5):
             author = xcn(nte.rep(5), ctx, nte.loc(5))
         if when is None and nte.get(6).strip():
-            when = dtm(nte.get(6), ctx.settings, nte.loc(6))
+            when = dtm_at(nte.get(6), ctx.settings, nte, 6)
     while lines and not lines[-1].strip():
         lines.pop()
     while lines and not lines[0].strip():
@@ -319,16 +320,22 @@ def _text_value(reps: list[Rep]) -> str | None:
 _NUMERIC_PREFIX = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")
 
 
-def _numeric(value: str, units: Rep, loc: Location) -> tuple[str, Any] | None:
-    """NM text → valueQuantity (with a comparator for ``<5`` style values sent in an NM)."""
+def _number(num: str) -> int | float:
+    """:func:`transforms.datatypes.nm` for text already matched as a number (no sign of whitespace)."""
+    return float(num) if "." in num else int(num)
+
+
+def _numeric(value: str, units: Rep, loc: Location, u: JSON | None = None) -> tuple[str, Any] | None:
+    """NM text → valueQuantity (with a comparator for ``<5`` style values sent in an NM).  ``u``: the
+    already computed ``unit(units)`` (its items are copied)."""
     m = _NUMERIC_PREFIX.match(value)
     if m is None:
         return None
     comp, num = m.group(1), m.group(2)
-    q: JSON = {"value": nm(num, loc)}
+    q: JSON = {"value": _number(num)}
     if comp and comp != "=":
         q["comparator"] = comp
-    q.update(unit(units))
+    q.update(unit(units) if u is None else u)
     return ("valueQuantity", q)
 
 
@@ -465,29 +472,38 @@ def attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
     title = obx.get(3, 2).strip() or obx.get(3, 1).strip()
     if title:
         att["title"] = title
-    if created := dtm(obx.get(14), ctx.settings, obx.loc(14)):
+    if created := dtm_at(obx.get(14), ctx.settings, obx, 14):
         att["creation"] = created
     return att
 
 
-def reference_range(obx: Segment, vtype: str, ctx: ConvertContext) -> list[JSON]:
-    """OBX-7 → referenceRange: text always; low/high parsed from ``a-b``, ``<b``, ``>a`` for numeric values."""
+_RR_NUM = r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))"
+_RR_RANGE = re.compile(rf"^\s*{_RR_NUM}\s*[-–]\s*{_RR_NUM}\s*$")
+_RR_RANGE_UNDERSCORE = re.compile(rf"^\s*{_RR_NUM}\s*_\s*{_RR_NUM}\s*$")
+_RR_BELOW = re.compile(rf"^\s*(<=|<)\s*{_RR_NUM}\s*$")
+_RR_ABOVE = re.compile(rf"^\s*(>=|>)\s*{_RR_NUM}\s*$")
+
+
+def reference_range(obx: Segment, vtype: str, ctx: ConvertContext, u: JSON | None = None) -> list[JSON]:
+    """OBX-7 → referenceRange: text always; low/high parsed from ``a-b``, ``<b``, ``>a`` for numeric values.
+    ``u``: the already computed ``unit(obx.rep(6))``, if the caller has it."""
     text = obx.value(7).strip()
     if not text:
         return []
     rr: JSON = {}
     if vtype in ("NM", "SN", "NR", ""):
-        u = unit(obx.rep(6))
-        u.pop("comparator", None)
-        num = r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))"
-        m = re.match(rf"^\s*{num}\s*[-–]\s*{num}\s*$", text) or re.match(rf"^\s*{num}\s*_\s*{num}\s*$", text)
+        if u is None:
+            u = unit(obx.rep(6))
+        if "comparator" in u:
+            u = {k: v for k, v in u.items() if k != "comparator"}
+        m = _RR_RANGE.match(text) or _RR_RANGE_UNDERSCORE.match(text)
         if m:
-            rr["low"] = {"value": nm(m.group(1)), **u}
-            rr["high"] = {"value": nm(m.group(2)), **u}
-        elif m := re.match(rf"^\s*(<=|<)\s*{num}\s*$", text):
-            rr["high"] = {"value": nm(m.group(2)), **u}
-        elif m := re.match(rf"^\s*(>=|>)\s*{num}\s*$", text):
-            rr["low"] = {"value": nm(m.group(2)), **u}
+            rr["low"] = {"value": _number(m.group(1)), **u}
+            rr["high"] = {"value": _number(m.group(2)), **u}
+        elif m := _RR_BELOW.match(text):
+            rr["high"] = {"value": _number(m.group(2)), **u}
+        elif m := _RR_ABOVE.match(text):
+            rr["low"] = {"value": _number(m.group(2)), **u}
     rr["text"] = text
     return [rr]
 
@@ -613,9 +629,13 @@ def _category(section: str) -> list[JSON]:
 
 
 def _obx_status(obx: Segment, obr_status_code: str, ctx: ConvertContext) -> str:
-    code = obx.get(11).strip().upper()
+    return _obx_status_of(obx, obx.get(11).strip().upper(), obr_status_code, ctx)
+
+
+def _obx_status_of(obx: Segment, code: str, obr_status_code: str, ctx: ConvertContext) -> str:
+    """Observation.status from OBX-11 (``code``, stripped and upper-cased), else from OBR-25."""
     if code:
-        status = table(ctx, OBX_STATUS, code, obx.loc(11), "0085") or "unknown"
+        status = OBX_STATUS.get(code) or table(ctx, OBX_STATUS, code, obx.loc(11), "0085") or "unknown"
     else:
         status = _DR_TO_OBS.get(OBR_STATUS.get(obr_status_code, ""), "unknown")
     # a corrected report (OBR-25 C) corrects its final results
@@ -639,9 +659,14 @@ def observation(
     seen: dict[str, int],
     enc: str | None = None,
 ) -> str | None:
-    """OBX (+ its NTEs) → Observation; returns its reference (None for an OBX with no code)."""
-    code_rep = obx.rep(3)
-    code = cwe(code_rep, ctx, obx.loc(3), field="OBX-3")
+    """OBX (+ its NTEs) → Observation; returns its reference (None for an OBX with no code).
+
+    Hot path (one call per result): raw fields are tested before any accessor or datatype call (an empty
+    raw field gives "" / an empty Rep / no repetitions)."""
+    f = obx.fields
+    nf = len(f)
+    settings = ctx.settings
+    code = cwe(obx.rep(3), ctx, obx.loc(3), field="OBX-3")
     if code is None:
         has_value = any(r.c(5).strip() if vtype_of(obx) == "ED" else bool(r) for r in obx.reps(5))
         if not has_value:
@@ -649,74 +674,99 @@ def observation(
             return None
         raise ConversionError("OBX-3 observation identifier is missing", code="101", location=obx.loc(3))
     vtype = obx.get(2).strip().upper()
-    status = _obx_status(obx, obr_status_code, ctx)
-    res: JSON = {"status": status}
-    if obx.get(11).strip().upper() == "X":
+    status_code = obx.get(11).strip().upper()
+    status = _obx_status_of(obx, status_code, obr_status_code, ctx)
+    res: JSON = {"resourceType": "Observation", "status": status}
+    if status_code == "X":
         res["_status"] = {"extension": [{"url": ALTERNATE_CODES, "valueCodeableConcept": {
             "coding": [{"system": V2_TABLE + "0085", "code": "X"}]}}]}
     if obr is not None and (cat := _category(obr.get(24))):
         res["category"] = cat
     res["code"] = code
     if ctx.patient_ref:
-        res["subject"] = _ref(ctx.patient_ref)
+        res["subject"] = {"reference": ctx.patient_ref}
     if enc:
-        res["encounter"] = _ref(enc)
-    effective = obx.get(14) or (obr.get(7) if obr is not None else "")
-    eff_loc = obx.loc(14) if obx.get(14) else (obr.loc(7) if obr is not None else obx.loc(14))
-    if eff := dtm(effective, ctx.settings, eff_loc):
+        res["encounter"] = {"reference": enc}
+    own_time = obx.get(14)
+    if own_time:
+        eff = dtm_at(own_time, settings, obx, 14)
+    elif obr is not None:
+        eff = dtm_at(obr.get(7), settings, obr, 7)
+    else:
+        eff = None
+    if eff:
         res["effectiveDateTime"] = eff
     if obr is not None and obr.get(22).strip():
-        issued = dtm(obr.get(22), ctx.settings, obr.loc(22), kind="instant")
+        issued = dtm_at(obr.get(22), settings, obr, 22, kind="instant")
         if issued:
             res["issued"] = issued
     performers: list[JSON] = []
-    for i, rep in enumerate(obx.reps(16), start=1):
-        if (p := xcn(rep, ctx, Location("OBX", obx.sequence, 16, i))) is not None:
-            performers.append(p)
-    if (md := xcn(obx.rep(25), ctx, obx.loc(25))) is not None:
+    if nf > 16 and f[16]:
+        for i, rep in enumerate(obx.reps(16), start=1):
+            if (p := xcn(rep, ctx, Location("OBX", obx.sequence, 16, i))) is not None:
+                performers.append(p)
+    if nf > 25 and f[25] and (md := xcn(obx.rep(25), ctx, obx.loc(25))) is not None:
         performers.append(md)
-    if (org := xon_organization(obx, 23, 24, ctx)) is not None:
+    if nf > 23 and f[23] and (org := _performing_organization(obx, ctx)) is not None:
         performers.append(org)
     if performers:
         res["performer"] = performers
     # value
     units = obx.rep(6)
-    reps = [r for r in obx.reps(5) if r]
+    u: JSON | None = None  # unit(units), computed once for the value and the reference range
+    valued = False
     if vtype == "ED":
         # only for an ED outside any OBR (inside one it goes to DiagnosticReport.presentedForm)
+        reps = [r for r in obx.reps(5) if r]
         atts = [a for rep in reps if (a := attachment(rep, obx, ctx)) is not None]
         res.setdefault("extension", []).extend({"url": R5_OBS_ATTACHMENT, "valueAttachment": a} for a in atts)
     elif vtype in _TEXT_TYPES:
         text = _text_value(obx.reps(5))
         if text:
             res["valueString"] = text
-    elif len(reps) == 1:
-        if (got := value_of(vtype, reps[0], units, obx, ctx)) is not None:
-            res[got[0]] = got[1]
-    elif len(reps) > 1:
-        comps = []
-        for rep in reps:
-            if (got := value_of(vtype, rep, units, obx, ctx)) is not None:
-                comps.append({"code": code, got[0]: got[1]})
-        if comps:
-            res["component"] = comps
-    if not any(k.startswith("value") for k in res) and "component" not in res:
-        absent = {"X": "not-performed", "N": "not-asked"}.get(obx.get(11).strip().upper())
+            valued = True
+    elif nf > 5 and f[5]:
+        reps = [r for r in obx.reps(5) if r]
+        if len(reps) == 1:
+            rep = reps[0]
+            if vtype == "NM":
+                # value_of's NM branch, with the units computed once
+                raw = rep.text.strip()
+                u = unit(units)
+                got = _numeric(raw, units, obx.loc(5), u)
+                if got is None:
+                    ctx.count("obx_value_not_numeric")
+                    got = ("valueString", raw)
+            else:
+                got = value_of(vtype, rep, units, obx, ctx)
+            if got is not None:
+                res[got[0]] = got[1]
+                valued = True
+        elif len(reps) > 1:
+            comps = []
+            for rep in reps:
+                if (got := value_of(vtype, rep, units, obx, ctx)) is not None:
+                    comps.append({"code": code, got[0]: got[1]})
+            if comps:
+                res["component"] = comps
+                valued = True
+    if not valued:
+        absent = {"X": "not-performed", "N": "not-asked"}.get(status_code)
         if absent:
             res["dataAbsentReason"] = {"coding": [{"system": DATA_ABSENT, "code": absent}]}
-    if interp := interpretation(obx, ctx):
+    if nf > 8 and f[8] and (interp := interpretation(obx, ctx)):
         res["interpretation"] = interp
     if notes and (note := annotation(notes, ctx)) is not None:
         res["note"] = [note]
-    if obx.rep(17) and (method := cwe(obx.rep(17), ctx, obx.loc(17))):
+    if nf > 17 and f[17] and obx.rep(17) and (method := cwe(obx.rep(17), ctx, obx.loc(17))):
         res["method"] = method
-    if obx.rep(20) and (site := cwe(obx.rep(20), ctx, obx.loc(20))):
+    if nf > 20 and f[20] and obx.rep(20) and (site := cwe(obx.rep(20), ctx, obx.loc(20))):
         res["bodySite"] = site
-    if rr := reference_range(obx, vtype, ctx):
+    if nf > 7 and f[7] and (rr := reference_range(obx, vtype, ctx, u)):
         res["referenceRange"] = rr
-    if obx.get(19).strip() and (analysed := dtm(obx.get(19), ctx.settings, obx.loc(19))):
+    if nf > 19 and f[19] and obx.get(19).strip() and (analysed := dtm_at(obx.get(19), settings, obx, 19)):
         res.setdefault("extension", []).append({"url": ANALYSIS_DATE_TIME, "valueDateTime": analysed})
-    if (inst := ei(obx.rep(21), ctx, obx.loc(21))) is not None:
+    if nf > 21 and f[21] and (inst := ei(obx.rep(21), ctx, obx.loc(21))) is not None:
         res["identifier"] = [_typed(inst, "FILL", "Filler Identifier")]
     # identity: filler order + OBX-3 code + OBX-4 sub-id (a repeat of the same pair in one group is numbered)
     first = (code.get("coding") or [{}])[0]
@@ -728,8 +778,20 @@ def observation(
         ctx.count("obx_duplicate_key")
         base += f"#{n}"
     ref = ctx.add("Observation", res, key=base)
-    ctx.guard(_rank_key(ctx, ref), observation_rank(status))
+    ctx.guard(ctx.key_of(ref) or ref, OBSERVATION_STATUS_RANK.get(status, 0))
     return ref
+
+
+def _performing_organization(obx: Segment, ctx: ConvertContext) -> JSON | None:
+    """OBX-23/24 → :func:`xon_organization`, once per message for the same raw text (every result of a lab
+    names the same performing organization; the same text maps to the same entry and the same reference)."""
+    f = obx.fields
+    key = ("OBX-23", f[23], f[24] if len(f) > 24 else "")
+    memo = ctx.memo
+    hit = memo.get(key)
+    if hit is None:
+        hit = memo[key] = (xon_organization(obx, 23, 24, ctx),)
+    return dict(hit[0]) if hit[0] is not None else None
 
 
 def _report_status(obr: Segment, observations: list[JSON], ctx: ConvertContext) -> str:
@@ -812,7 +874,7 @@ def service_request(order: _Order, placer: JSON | None, filler: JSON | None, cod
         res["requisition"] = _typed(req[0], "PGN", "Placer Group Number")
     if (details := [c for f in (46, 47) for r in obr.reps(f) if (c := cwe(r, ctx, obr.loc(f))) is not None]):
         res["orderDetail"] = details
-    if (when := obr.get(6).strip()) and (occ := dtm(when, ctx.settings, obr.loc(6))):
+    if (when := obr.get(6).strip()) and (occ := dtm_at(when, ctx.settings, obr, 6)):
         res["occurrenceDateTime"] = occ
     if (reasons := [c for r in obr.reps(31) if (c := cwe(r, ctx, obr.loc(31), field="OBR-31")) is not None]):
         res["reasonCode"] = reasons
@@ -908,13 +970,13 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
         res["subject"] = _ref(ctx.patient_ref)
     if enc:
         res["encounter"] = _ref(enc)
-    start = dtm(obr.get(7), ctx.settings, obr.loc(7))
-    end = dtm(obr.get(8), ctx.settings, obr.loc(8))
+    start = dtm_at(obr.get(7), ctx.settings, obr, 7)
+    end = dtm_at(obr.get(8), ctx.settings, obr, 8)
     if start and end:
         res["effectivePeriod"] = {"start": start, "end": end}
     elif start or end:
         res["effectiveDateTime"] = start or end
-    if obr.get(22).strip() and (issued := dtm(obr.get(22), ctx.settings, obr.loc(22), kind="instant")):
+    if obr.get(22).strip() and (issued := dtm_at(obr.get(22), ctx.settings, obr, 22, kind="instant")):
         res["issued"] = issued
     performers: list[JSON] = []
     for f, function in ((34, _TECHNICIAN), (35, _TRANSCRIPTIONIST)):
