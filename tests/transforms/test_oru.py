@@ -529,3 +529,18 @@ def test_obr_interpreter_technician_transcriptionist() -> None:
     assert typist["display"] == "TINA TYPIST"  # no id: a display-only reference, no Practitioner
     assert typist["extension"][0]["valueCodeableConcept"]["coding"][0]["code"] == "TRANS"
     assert set(pracs) == {"4455", "77"}
+
+
+def test_trigger_with_escaped_line_break_gives_a_valid_provenance() -> None:
+    """MSH-9.2 holding an escaped line break (found by the mutation test): the Provenance activity code
+    is normalised to a valid FHIR code instead of failing validation."""
+    m = msg(
+        "MSH|^~\\&|LAB|HOSP|SLUICE|SLUICE|20250315143000||ORU^R\\.br\\01|C1|P|2.5.1",
+        "PID|1||MRN1^^^HOSP^MR||DOE^JANE||19800101|F",
+        "OBR|1|PL1|FL1|1234-5^Test^LN|||20250315080000||||||||||||||20250315120000|||F",
+        "OBX|1|NM|1234-5^Test^LN||5|mg||||||F",
+    )
+    bundle = _convert(m, golden_settings()).bundle
+    validate_resources(bundle)
+    (prov,) = resources(bundle, "Provenance")
+    assert prov["activity"]["coding"][0]["code"] == "R 01"
