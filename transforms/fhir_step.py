@@ -31,6 +31,11 @@ from transforms.settings import ConvertSettings
 FHIR_JSON = "application/fhir+json"
 
 
+# Resource types a conversion may `require` (transforms.adt.merge: the prior Patient; transforms.siu: the
+# Appointment a cancel refers to when the channel wants it booked first).
+REQUIRABLE_TYPES = frozenset({"Patient", "Appointment"})
+
+
 @transform("hl7-to-fhir")
 def make(options: Mapping[str, Any], ctx: StageContext) -> Callable[[Work], Work]:
     """Step factory: validated settings once, then one conversion per message."""
@@ -44,13 +49,17 @@ def make(options: Mapping[str, Any], ctx: StageContext) -> Callable[[Work], Work
         facts = dict(work.facts)
         facts["guards"] = list(result.guards)
         facts["requires"] = list(result.requires)
-        # Every resource this bundle writes becomes known to the engine (so a later A40 can
-        # check its prior patient); what the message *requires* must already be known.
+        # The resources this bundle writes that a later message may require become known to the
+        # engine (an A40's prior patient, a cancel's appointment); what the message *requires* must
+        # already be known.  Other types are never required: recording them would only grow the
+        # store (about 15 rows per ADT message).
         required = set(result.requires)
         facts["keys"] = [
-            e["request"]["url"]
+            url
             for e in result.bundle.get("entry", ())
-            if e.get("request", {}).get("method") == "PUT" and e["request"]["url"] not in required
+            if e.get("request", {}).get("method") == "PUT"
+            and (url := e["request"]["url"]).split("?", 1)[0] in REQUIRABLE_TYPES
+            and url not in required
         ]
         facts["events"] = dict(result.events)
         meta = dict(work.meta)

@@ -256,6 +256,22 @@ def test_fhir_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert out.meta["resource_types"] == "Patient,Provenance"
 
 
+def test_fhir_step_records_only_keys_a_later_message_may_require(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An A01's Patient key becomes known (an A40 may need it); its Locations, Observations ... do not
+    (nothing ever requires them, and each would be a row in the store)."""
+    from engine.pipeline import StageContext, Work
+    from transforms.fhir_step import make
+
+    step = make(
+        {"identifier_systems": {"HOSP": MRN_SYS, "VISITS": "urn:oid:2.16.840.1.113883.19.6"}},
+        StageContext("demo", tmp_path, "channels/demo.yaml"),
+    )
+    raw = (MESSAGES / "adt_a01.hl7").read_bytes()
+    out = step(Work(message=load("adt_a01"), raw=raw, payload=raw, content_type="x-application/hl7-v2+er7"))
+    assert len(orjson.loads(out.payload)["entry"]) > 10
+    assert [k.split("?")[0] for k in out.facts["keys"]] == ["Patient"]
+
+
 def test_fhir_step_bad_option(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from engine.errors import ConfigError
     from engine.pipeline import StageContext
