@@ -57,13 +57,29 @@ class MLLPDestination(Destination):
             return None
         ctx = ssl.create_default_context()
         if isinstance(spec, dict):
-            if spec.get("ca"):
-                ctx.load_verify_locations(str(self.ctx.base_dir / str(spec["ca"])))
-            if spec.get("cert"):
-                ctx.load_cert_chain(
-                    str(self.ctx.base_dir / str(spec["cert"])),
-                    str(self.ctx.base_dir / str(spec.get("key", ""))),
+            unknown = sorted(set(spec) - {"ca", "cert", "key", "verify"})
+            if unknown:
+                raise ConfigError(
+                    f"unknown tls option(s) {', '.join(unknown)}",
+                    file=self.ctx.config_file,
+                    key=f"destinations.{self.name}.tls",
+                    hint="allowed: ca, cert, key, verify",
                 )
+            try:
+                if spec.get("ca"):
+                    ctx.load_verify_locations(str(self.ctx.base_dir / str(spec["ca"])))
+                if spec.get("cert"):
+                    ctx.load_cert_chain(
+                        str(self.ctx.base_dir / str(spec["cert"])),
+                        str(self.ctx.base_dir / str(spec.get("key", ""))),
+                    )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"cannot load the TLS files: {exc}",
+                    file=self.ctx.config_file,
+                    key=f"destinations.{self.name}.tls",
+                    hint="ca, cert and key are PEM files; relative paths resolve against the directory of routes.yaml",
+                ) from exc
             if spec.get("verify") is False:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE

@@ -135,3 +135,14 @@ def test_unreachable_is_retryable() -> None:
         await d.close()
 
     run(go())
+
+
+def test_tls_config_errors_name_the_key(tmp_path: Path) -> None:
+    from engine.errors import ConfigError
+
+    ctx = DestinationContext(tmp_path)
+    with pytest.raises(ConfigError, match="cannot load the TLS files") as missing:
+        MLLPDestination("down", {"host": "127.0.0.1", "port": 1, "tls": {"ca": "nope.pem"}}, ctx)
+    assert "destinations.down.tls" in str(missing.value)
+    with pytest.raises(ConfigError, match="unknown tls option"):
+        MLLPDestination("down", {"host": "127.0.0.1", "port": 1, "tls": {"ca_file": "x.pem"}}, ctx)
