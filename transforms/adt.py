@@ -166,13 +166,15 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
             diags = []
             for ref, dg1 in conditions:
                 d: JSON = {"condition": {"reference": ref}}
-                if role := DIAGNOSIS_ROLE.get(dg1.get(6).strip().upper()):
+                if role := DIAGNOSIS_ROLE.get(dt.value(dg1, 6, ctx).strip().upper()):
                     d["use"] = {"coding": [{"system": DIAGNOSIS_ROLE_SYSTEM, "code": role[0], "display": role[1]}]}
-                rank = dg1.get(15).strip()
+                rank = dt.value(dg1, 15, ctx).strip()
                 if rank.isdigit() and int(rank) > 0:
                     d["rank"] = int(rank)
                 diags.append(d)
             enc["diagnosis"] = diags
+    if not msg.all("IN1"):
+        return
     in1_in2: list[list[Segment]] = []  # INSURANCE groups: IN1 and the IN2 right after it
     for seg in msg.segments:
         if seg.name == "IN1":
@@ -197,26 +199,28 @@ def key_identifier(seg: Segment, field: int, ctx: ConvertContext) -> tuple[str, 
     SSN-type identifiers (CX-5 = SS) are never keys.  If none has a system: the channel's
     ``default_identifier_system`` for the first repetition, else AE 204 (AE 101 if the field is empty).
     """
-    reps = [r for r in seg.reps(field) if r.cs(5)[0].strip()]
+    # (repetition, its components 1-5) of every repetition with an id (CX-1); components read once
+    reps = [(r, c) for r in seg.reps(field) if (c := r.cs(5))[0].strip()]
     if not reps:
         ctx.count("identifier_match_failure")
         raise ConversionError(f"{seg.name}-{field} (patient identifier) is empty", code="101", location=seg.loc(field))
     best: tuple[int, int, str, Rep] | None = None
-    for i, r in enumerate(reps):
-        if r.cs(5)[4].strip().upper() == "SS":
+    usable: list[Rep] = []
+    for i, (r, c) in enumerate(reps):
+        if c[4] and c[4].strip().upper() == "SS":
             continue
+        usable.append(r)
         system, how = dt.hd_system(ctx, *r.hd(4))
         if system is None:
             continue
-        cand = (_RANK.get(how, 3), i, system, r)
-        if best is None or cand[:2] < best[:2]:
-            best = cand
+        rank = _RANK.get(how, 3)
+        if best is None or (rank, i) < best[:2]:
+            best = (rank, i, system, r)
     if best is not None:
         if best[0] == 2:
             ctx.count("identifier_system_derived")
         return best[2], best[3].c(1).strip(), best[3]
     default = ctx.settings.default_identifier_system
-    usable = [r for r in reps if r.c(5).strip().upper() != "SS"]
     if default and usable:
         ctx.count("identifier_system_default")
         return default, usable[0].c(1).strip(), usable[0]
@@ -263,10 +267,10 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
             if sv not in seen:
                 seen.add(sv)
                 idents.append(ident)
-    if nf > 19 and (ssn := pid.get(19).strip()):
+    if nf > 19 and f[19] and (ssn := dt.value(pid, 19, ctx).strip()):
         idents.append({"type": dt.identifier_type("SS"), "system": dt.SSN_SYSTEM, "value": ssn})
     if nf > 20 and f[20]:
-        dln = pid.rep(20)
+        dln = dt.rep_of(pid, 20, ctx)
         if dl_no := dln.c(1).strip():
             dl: JSON = {"type": dt.identifier_type("DL"), "value": dl_no}
             if exp := dln.c(3).strip():
@@ -291,9 +295,9 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
         telecom += dt.xtns(pid, 40)
     if telecom:
         res["telecom"] = telecom
-    if nf > 8 and f[8] and (gender := dt.table(ctx, dt.ADMINISTRATIVE_SEX, pid.get(8), pid.loc(8), "0001")):
+    if nf > 8 and f[8] and (gender := dt.table_at(ctx, dt.ADMINISTRATIVE_SEX, pid, 8, "0001")):
         res["gender"] = gender
-    dob = pid.get(7).strip() if nf > 7 and f[7] else ""
+    dob = dt.value(pid, 7, ctx).strip() if nf > 7 and f[7] else ""
     if dob:
         res["birthDate"] = dt.dtm_at(dob, s, pid, 7, kind="date")
         if len(dob) > 8 and dob[8:10].isdigit():
@@ -304,54 +308,53 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
                 ]
             }
     if nf > 29:
-        death_dt = pid.get(29).strip()
-        death_ind = pid.get(30).strip().upper()
+        death_dt = dt.value(pid, 29, ctx).strip() if f[29] else ""
+        death_ind = dt.value(pid, 30, ctx).strip().upper() if nf > 30 and f[30] else ""
         if death_dt:
             res["deceasedDateTime"] = dt.dtm_at(death_dt, s, pid, 29)
         elif death_ind in ("Y", "N"):
             res["deceasedBoolean"] = death_ind == "Y"
     if nf > 11 and f[11]:
         addresses = dt.xads(pid, 11, s)
-        county = pid.get(12).strip()
+        county = dt.value(pid, 12, ctx).strip() if nf > 12 and f[12] else ""
         if county and len(addresses) == 1 and "district" not in addresses[0]:
             addresses[0]["district"] = county
         if addresses:
             res["address"] = addresses
     if nf > 16 and f[16]:
-        marital = pid.rep(16)
+        marital = dt.rep_of(pid, 16, ctx)
         if marital:
-            code = marital.c(1).strip().upper()
-            mapped = MARITAL.get(code)
+            mc = marital.cs(2)
+            mapped = MARITAL.get(mc[0].strip().upper())
             if mapped:
                 coding = {"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "code": mapped,
                           "display": MARITAL_DISPLAY[mapped]}
                 if mapped == "UNK":
                     coding["system"] = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
                 res["maritalStatus"] = {"coding": [coding]}
-                if text := marital.c(2).strip():
+                if text := mc[1].strip():
                     res["maritalStatus"]["text"] = text
-            elif cc := dt.cwe(marital, ctx, pid.loc(16)):
+            elif cc := dt.cwe(marital, ctx, seg=pid, at=16):
                 res["maritalStatus"] = cc
     if nf > 24:
-        mbi = pid.get(24).strip().upper()
-        order = pid.get(25).strip()
+        mbi = dt.value(pid, 24, ctx).strip().upper() if f[24] else ""
+        order = dt.value(pid, 25, ctx).strip() if nf > 25 and f[25] else ""
         if order.isdigit() and mbi != "N":
             res["multipleBirthInteger"] = int(order)
         elif mbi in ("Y", "N"):
             res["multipleBirthBoolean"] = mbi == "Y"
     if nf > 15 and f[15]:
-        lang = pid.rep(15)
-        if lang and (cc := dt.language(lang, ctx, pid.loc(15))):
+        lang = dt.rep_of(pid, 15, ctx)
+        if lang and (cc := dt.language(lang, ctx)):
             res["communication"] = [{"language": cc, "preferred": True}]
-    if nf > 6 and f[6]:
-        mmn = pid.rep(6)
-        if mmn and (family := mmn.c(1, 1).strip()):
-            res["extension"] = [
-                {"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName", "valueString": family}
-            ]
+    # PID-6.1.1 (a blank first repetition has no family name either)
+    if nf > 6 and f[6] and (family := dt.value(pid, 6, ctx).strip()):
+        res["extension"] = [
+            {"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName", "valueString": family}
+        ]
     pd1 = msg.first("PD1")
-    if pd1 is not None:
-        gps = [gp for r in pd1.reps(4) if (gp := dt.xcn(r, ctx, pd1.loc(4)))]
+    if pd1 is not None and len(pd1.fields) > 4 and pd1.fields[4]:
+        gps = [gp for r in pd1.reps(4) if (gp := dt.xcn(r, ctx))]
         if gps:
             res["generalPractitioner"] = gps
     contacts = [c for nk1 in msg.all("NK1") if (c := patient_contact(nk1, ctx))]
@@ -362,20 +365,18 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
     return ref, conditional_url("Patient", system, value)
 
 
-def _xtns(seg: Segment, f: list[str], nf: int, field: int, default_use: str | None = None) -> list[JSON]:
-    """XTN repetitions of ``field``; [] without a call into the parser when the raw field is empty."""
-    if field < nf and f[field]:
-        return dt.xtns(seg, field, default_use)
-    return []
+_NO_JSON: list[JSON] = []  # shared empty result: only ever concatenated, never mutated
 
 
 class _NK1:
     """What Patient.contact and the RelatedPerson of one NK1 both map (computed once per NK1 and message).
 
     The pieces may end up in both resources: the Bundle is read-only once built.  ``events``: what
-    computing them counted, counted again for the second user (as when each mapped the NK1 itself)."""
+    computing them counted, counted again for the second user (as when each mapped the NK1 itself).
+    Telecom: NK1-5 and -6 (``tel_head``), NK1-31 (RelatedPerson only), NK1-40 and -41 (``tel_tail``)."""
 
-    __slots__ = ("addresses", "events", "first_address", "gender", "name", "period", "rels", "telecom")
+    __slots__ = ("addresses", "events", "first_address", "gender", "name", "period", "rels", "tel31",
+                 "tel_head", "tel_tail")
 
     def __init__(self, nk1: Segment, ctx: ConvertContext):
         s = ctx.settings
@@ -384,19 +385,24 @@ class _NK1:
         counted = ctx.events
         before = dict(counted)
         self.rels = nk1_relationships(nk1, ctx)
-        self.name = dt.xpn(nk1.rep(2), s) if nf > 2 and f[2] else None
-        self.telecom = {n: _xtns(nk1, f, nf, n, use) for n, use in _NK1_TELECOM}
-        per_rep = [dt.xad(r, s) for r in nk1.reps(4)] if nf > 4 and f[4] else []
+        self.name = dt.xpn(dt.rep_of(nk1, 2, ctx), s) if nf > 2 and f[2] else None
+        # raw-field checks first: an empty field costs one index, not a parser call
+        head = dt.xtns(nk1, 5, "home") if nf > 5 and f[5] else _NO_JSON
+        if nf > 6 and f[6]:
+            head = head + dt.xtns(nk1, 6, "work")
+        self.tel_head = head
+        self.tel31 = dt.xtns(nk1, 31) if nf > 31 and f[31] else _NO_JSON
+        tail = dt.xtns(nk1, 40) if nf > 40 and f[40] else _NO_JSON
+        if nf > 41 and f[41]:
+            tail = tail + dt.xtns(nk1, 41)
+        self.tel_tail = tail
+        per_rep = [dt.xad(r, s) for r in nk1.reps(4)] if nf > 4 and f[4] else _NO_JSON
         self.first_address = per_rep[0] if per_rep else None
-        self.addresses = [a for a in per_rep if a is not None]
-        self.gender = (dt.table(ctx, dt.ADMINISTRATIVE_SEX, nk1.get(15), nk1.loc(15), "0001")
-                       if nf > 15 and f[15] else None)
-        self.period = (dt.period_at(nk1.get(8), nk1.get(9), s, nk1, 8, 9)
+        self.addresses = [a for a in per_rep if a is not None] if per_rep else _NO_JSON
+        self.gender = dt.table_at(ctx, dt.ADMINISTRATIVE_SEX, nk1, 15, "0001") if nf > 15 and f[15] else None
+        self.period = (dt.period_at(dt.value(nk1, 8, ctx), dt.value(nk1, 9, ctx), s, nk1, 8, 9)
                        if nf > 8 and (f[8] or (nf > 9 and f[9])) else None)
         self.events = [(k, n - before.get(k, 0)) for k, n in counted.items() if n != before.get(k, 0)]
-
-
-_NK1_TELECOM = ((5, "home"), (6, "work"), (31, None), (40, None), (41, None))
 
 
 def _nk1(nk1: Segment, ctx: ConvertContext) -> tuple[_NK1, bool]:
@@ -415,28 +421,30 @@ def patient_contact(nk1: Segment, ctx: ConvertContext) -> JSON | None:
     if again:
         for event, times in parts.events:
             ctx.count(event, times)
-    f = nk1.fields
-    nf = len(f)
     c: JSON = {}
     if parts.rels:
         c["relationship"] = list(parts.rels)
     if parts.name:
         c["name"] = parts.name
-    tel = parts.telecom
-    telecom = tel[5] + tel[6] + tel[40] + tel[41]
-    if telecom:
-        c["telecom"] = telecom
+    if parts.tel_head or parts.tel_tail:
+        c["telecom"] = parts.tel_head + parts.tel_tail
     if parts.first_address:
         c["address"] = parts.first_address
     if parts.gender:
         c["gender"] = parts.gender
     if parts.period:
         c["period"] = parts.period
-    if nf > 13 and (org_name := nk1.get(13).strip()):
+    f = nk1.fields
+    if len(f) > 13 and f[13] and (org_name := dt.value(nk1, 13, ctx).strip()):
         c["organization"] = {"display": org_name}
     if not ("name" in c or "telecom" in c or "address" in c or "organization" in c):
         return None
     return c
+
+
+_ROLE_SYSTEMS = frozenset(("", "HL70063", "HL70131", "HL7-0063", "HL7-0131", "ACR"))
+TABLE_0063 = dt.V2_TABLE + "0063"
+TABLE_0131 = dt.V2_TABLE + "0131"
 
 
 def _mapped_coding(code: str, display: str, sysname: str, table_map: dict[str, tuple[str, str, str]],
@@ -445,7 +453,7 @@ def _mapped_coding(code: str, display: str, sysname: str, table_map: dict[str, t
     if not code:
         return None
     hit = table_map.get(code.upper())
-    if hit is not None and sysname.strip().upper() in ("", "HL70063", "HL70131", "HL7-0063", "HL7-0131", "ACR"):
+    if hit is not None and sysname.strip().upper() in _ROLE_SYSTEMS:
         return {"system": hit[0], "code": hit[1], "display": hit[2]}
     c: JSON = {"system": dt.code_system(sysname) or default_system, "code": code}
     if display.strip():
@@ -457,29 +465,28 @@ def nk1_relationships(nk1: Segment, ctx: ConvertContext) -> list[JSON]:
     """NK1-3 (relationship, IG ConceptMap Relationship: 0063 → v3-RoleCode / v2-0131) and NK1-7 (contact
     role, table 0131) → CodeableConcepts.  Both triplets of each CWE are mapped."""
     out: list[JSON] = []
-    rel = nk1.rep(3)
-    if rel:
-        codings = [c for c in (
-            _mapped_coding(rel.c(1), rel.c(2), rel.c(3), RELATIONSHIP, dt.V2_TABLE + "0063"),
-            _mapped_coding(rel.c(4), rel.c(5), rel.c(6), RELATIONSHIP, dt.V2_TABLE + "0063"),
-        ) if c is not None]
+    f = nk1.fields
+    nf = len(f)
+    if nf > 3 and f[3] and (rel := dt.rep_of(nk1, 3, ctx)):
+        c = rel.cs(6)
+        first = _mapped_coding(c[0], c[1], c[2], RELATIONSHIP, TABLE_0063) if c[0] else None
+        alt = _mapped_coding(c[3], c[4], c[5], RELATIONSHIP, TABLE_0063) if c[3] else None
+        codings = [x for x in (first, alt) if x is not None]
         if codings:
             cc: JSON = {"coding": codings}
-            if (text := rel.c(2).strip()) and text != codings[0].get("display"):
+            if (text := c[1].strip()) and text != codings[0].get("display"):
                 cc["text"] = text  # the sender's own wording, kept next to the mapped code
             out.append(cc)
-    role = nk1.rep(7)
-    if role:
-        code = dt.fhir_code(role.c(1))
-        if code.upper() in CONTACT_ROLE:
-            out.append({"coding": [{"system": dt.V2_TABLE + "0131", "code": code.upper(),
-                                    "display": CONTACT_ROLE[code.upper()]}]})
-        elif (hit := RELATIONSHIP.get(code.upper())) is not None and hit[0] == dt.V2_TABLE + "0131":
+    if nf > 7 and f[7] and (role := dt.rep_of(nk1, 7, ctx)):
+        code = dt.fhir_code(role.c(1)).upper()
+        if code in CONTACT_ROLE:
+            out.append({"coding": [{"system": TABLE_0131, "code": code, "display": CONTACT_ROLE[code]}]})
+        elif (hit := RELATIONSHIP.get(code)) is not None and hit[0] == TABLE_0131:
             # a table-0063 contact code sent in NK1-7 (EMC, EMR, UNK, OTH): the Relationship map's 0131 code
             out.append({"coding": [{"system": hit[0], "code": hit[1], "display": hit[2]}]})
-        elif role_cc := dt.cwe(role, ctx, nk1.loc(7)):
+        elif role_cc := dt.cwe(role, ctx, seg=nk1, at=7):
             for coding in role_cc.get("coding", ()):
-                coding.setdefault("system", dt.V2_TABLE + "0131")
+                coding.setdefault("system", TABLE_0131)
             out.append(role_cc)
     return out
 
@@ -498,6 +505,23 @@ def _derived_status(pv1: Segment) -> str:
     return "in-progress"
 
 
+# PV1 fields naming the encounter's participants: (field, v3-ParticipationType code, display)
+_PV1_PARTICIPANTS = ((7, "ATND", "attender"), (8, "REF", "referrer"), (9, "CON", "consultant"),
+                     (17, "ADM", "admitter"), (52, "PART", "Participation"))
+
+
+def _participants(seg: Segment, field: int, code: str, display: str, ctx: ConvertContext,
+                  out: list[JSON]) -> None:
+    """Every XCN repetition of ``seg``-``field`` → an Encounter.participant of type ``code``."""
+    for r in seg.reps(field):
+        who = dt.xcn(r, ctx)
+        if who:
+            out.append({
+                "type": [{"coding": [{"system": PARTICIPATION, "code": code, "display": display}]}],
+                "individual": who,
+            })
+
+
 def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str, patient_key: str, *,
               create_only: bool = False) -> str | None:
     """PV1/PV2 → Encounter keyed by PV1-19 (visit number).  No visit number and no admit time → no
@@ -508,13 +532,13 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
     s = ctx.settings
     f = pv1.fields
     nf = len(f)
-    visit = pv1.rep(19)
-    visit_no = visit.c(1).strip()
-    admit = pv1.get(44).strip()
+    # raw-field checks first: an empty field costs one index, not a parser call
+    visit_no = dt.value(pv1, 19, ctx).strip() if nf > 19 and f[19] else ""
+    admit = dt.value(pv1, 44, ctx).strip() if nf > 44 and f[44] else ""
     res: JSON = {"resourceType": "Encounter"}
     status = ENCOUNTER_STATUS.get(trigger) or _derived_status(pv1)
     res["status"] = status
-    cls = pv1.get(2).strip().upper()
+    cls = dt.value(pv1, 2, ctx).strip().upper() if nf > 2 and f[2] else ""
     if cls:
         hit = PATIENT_CLASS.get(cls)
         if hit is None:
@@ -524,34 +548,22 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
             res["class"] = {"system": hit[0], "code": hit[1], "display": hit[2]}
     else:
         res["class"] = dict(CLASS_UNKNOWN)
-    if nf > 4 and (adm_type := pv1.get(4).strip()):
+    if nf > 4 and f[4] and (adm_type := dt.value(pv1, 4, ctx).strip()):
         res["type"] = [dt.coded_table(adm_type, "0007")]
-    if nf > 10 and (service := pv1.get(10).strip()):
+    if nf > 10 and f[10] and (service := dt.value(pv1, 10, ctx).strip()):
         res["serviceType"] = dt.coded_table(service, "0069")
     res["subject"] = {"reference": patient_ref}
     participants: list[JSON] = []
     pv2 = msg.first("PV2")
-    sources: list[tuple[Segment, int, str, str]] = [
-        (pv1, 7, "ATND", "attender"), (pv1, 8, "REF", "referrer"), (pv1, 9, "CON", "consultant"),
-        (pv1, 17, "ADM", "admitter"), (pv1, 52, "PART", "Participation"),
-    ]
-    if pv2 is not None:
-        sources.append((pv2, 13, "REF", "referrer"))  # PV2-13 referral source
-    for seg, field, code, display in sources:
-        sf = seg.fields
-        if field >= len(sf) or not sf[field]:
-            continue
-        for r in seg.reps(field):
-            who = dt.xcn(r, ctx)
-            if who:
-                participants.append({
-                    "type": [{"coding": [{"system": PARTICIPATION, "code": code, "display": display}]}],
-                    "individual": who,
-                })
+    for field, code, display in _PV1_PARTICIPANTS:
+        if field < nf and f[field]:
+            _participants(pv1, field, code, display, ctx, participants)
+    if pv2 is not None and len(pv2.fields) > 13 and pv2.fields[13]:
+        _participants(pv2, 13, "REF", "referrer", ctx, participants)  # PV2-13 referral source
     if participants:
         res["participant"] = participants
     if admit or (nf > 45 and f[45]):
-        p = dt.period_at(admit, pv1.get(45), s, pv1, 44, 45)
+        p = dt.period_at(admit, dt.value(pv1, 45, ctx), s, pv1, 44, 45)
         if p:
             res["period"] = p
     locations: list[JSON] = []
@@ -568,30 +580,30 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
     if locations:
         res["location"] = locations
     hosp: JSON = {}
-    if nf > 5 and f[5] and (pre := dt.cx(pv1.rep(5), ctx, pv1.loc(5))):
+    if nf > 5 and f[5] and (pre := dt.cx(dt.rep_of(pv1, 5, ctx), ctx)):
         hosp["preAdmissionIdentifier"] = pre
     if nf > 13:
-        if src := pv1.get(14).strip():
+        if nf > 14 and f[14] and (src := dt.value(pv1, 14, ctx).strip()):
             hosp["admitSource"] = dt.coded_table(src, "0023")
-        if readm := pv1.get(13).strip():
+        if f[13] and (readm := dt.value(pv1, 13, ctx).strip()):
             hosp["reAdmission"] = dt.coded_table(readm, "0092")
-        if arr := pv1.get(15).strip():
+        if nf > 15 and f[15] and (arr := dt.value(pv1, 15, ctx).strip()):
             hosp["specialArrangement"] = [dt.coded_table(arr, "0009")]
     if nf > 36:
-        if disp := pv1.get(36).strip():
+        if f[36] and (disp := dt.value(pv1, 36, ctx).strip()):
             hosp["dischargeDisposition"] = dt.coded_table(disp, "0112")
-        if diet := pv1.get(38).strip():
+        if nf > 38 and f[38] and (diet := dt.value(pv1, 38, ctx).strip()):
             hosp["dietPreference"] = [{"coding": [{"code": diet}]}]
     if hosp:
         res["hospitalization"] = hosp
     if pv2 is not None:
-        reasons = dt.cwes(pv2, 3, ctx)
-        if reasons:
-            res["reasonCode"] = reasons
         pf = pv2.fields
         npf = len(pf)
-        exp_admit = pv2.get(8).strip() if npf > 8 and pf[8] else ""
-        exp_disch = pv2.get(9).strip() if npf > 9 and pf[9] else ""
+        reasons = dt.cwes(pv2, 3, ctx) if npf > 3 and pf[3] else None
+        if reasons:
+            res["reasonCode"] = reasons
+        exp_admit = dt.value(pv2, 8, ctx).strip() if npf > 8 and pf[8] else ""
+        exp_disch = dt.value(pv2, 9, ctx).strip() if npf > 9 and pf[9] else ""
         if exp_admit or exp_disch:
             # IG PV2[Encounter]: PV2-8 / PV2-9 → the R5 plannedStartDate / plannedEndDate extensions
             planned: list[JSON] = []
@@ -607,7 +619,7 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
                     ctx.count("bad_planned_end")
             if planned:
                 res["extension"] = planned
-        prio = pv2.rep(25)
+        prio = dt.rep_of(pv2, 25, ctx) if npf > 25 and pf[25] else None
         if prio:
             codings = []
             for ci in (1, 4):
@@ -618,9 +630,9 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
                     dt.table(ctx, {}, code, pv2.loc(25), "0217")
             if codings:
                 res["priority"] = {"coding": codings}
-    alternates = [i for r in pv1.reps(50) if (i := dt.cx(r, ctx, pv1.loc(50)))] if nf > 50 and f[50] else []
+    alternates = [i for r in pv1.reps(50) if (i := dt.cx(r, ctx))] if nf > 50 and f[50] else []
     if visit_no:
-        ident = dt.cx(visit, ctx, pv1.loc(19)) or {"value": visit_no}
+        ident = dt.cx(dt.rep_of(pv1, 19, ctx), ctx) or {"value": visit_no}
         if "type" not in ident:
             ident["type"] = dt.identifier_type("VN")
         res["identifier"] = [ident, *alternates]
@@ -643,14 +655,17 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
 # ---------------------------------------------------------------------------
 def mother(pid: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str) -> str | None:
     """PID-21 mother's identifier → RelatedPerson (IG CX[RelatedPerson-Mother]: relationship MTH)."""
-    idents = [i for r in pid.reps(21) if (i := dt.cx(r, ctx, pid.loc(21)))]
+    f = pid.fields
+    if len(f) <= 21 or not f[21]:
+        return None
+    idents = [i for r in pid.reps(21) if (i := dt.cx(r, ctx))]
     if not idents:
         return None
     res: JSON = {
         "active": True, "patient": {"reference": patient_ref}, "identifier": idents,
         "relationship": [{"coding": [{"system": ROLE_CODE, "code": "MTH", "display": "mother"}]}],
     }
-    if (mmn := pid.rep(6)) and (name := dt.xpn(mmn, ctx.settings)):
+    if (mmn := dt.rep_of(pid, 6, ctx)) and (name := dt.xpn(mmn, ctx.settings)):
         name.setdefault("use", "maiden")
         res["name"] = [name]
     first = idents[0]
@@ -663,6 +678,8 @@ def roles(msg: Message, ctx: ConvertContext, patient_ref: str, enc_ref: str | No
     ROL after PV1/PV2 → Encounter.participant (IG ROL[Encounter-PractitionerRole]; the person is the
     Practitioner, the ROL-3 role is the participant type).  ROLs elsewhere (procedures, insurance) are not
     mapped."""
+    if not msg.all("ROL"):
+        return
     owner = ""
     patient_res = ctx.find(patient_ref)
     enc = ctx.find(enc_ref) if enc_ref else None
@@ -674,7 +691,7 @@ def roles(msg: Message, ctx: ConvertContext, patient_ref: str, enc_ref: str | No
         if name != "ROL" or owner not in ("PID", "PD1", "PV1", "PV2"):
             continue
         role = seg.rep(3)
-        who = dt.xcn(seg.rep(4), ctx, seg.loc(4))
+        who = dt.xcn(seg.rep(4), ctx)
         if who is None or "reference" not in who:
             continue
         role_code = role.c(1).strip().upper()
@@ -685,7 +702,7 @@ def roles(msg: Message, ctx: ConvertContext, patient_ref: str, enc_ref: str | No
                     gps.append(who)
         elif enc is not None:
             part: JSON = {}
-            if cc := dt.cwe(role, ctx, seg.loc(3)):
+            if cc := dt.cwe(role, ctx, seg=seg, at=3):
                 part["type"] = [cc]
             part["individual"] = who
             try:
@@ -734,21 +751,21 @@ def observations(msg: Message, ctx: ConvertContext, patient_key: str, enc_ref: s
 # ---------------------------------------------------------------------------
 def related_person(nk1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str) -> str | None:
     """NK1 → RelatedPerson (IG: only when NK1-3 is not an emergency-contact role)."""
-    rel = nk1.rep(3)
-    if rel.c(1).strip().upper() in EMERGENCY_CONTACT_ROLES:
-        return None
-    s = ctx.settings
     f = nk1.fields
     nf = len(f)
+    rel_code = dt.value(nk1, 3, ctx).strip() if nf > 3 and f[3] else ""
+    if rel_code.upper() in EMERGENCY_CONTACT_ROLES:
+        return None
     if not (nf > 2 and f[2]):
         return None  # no name (dt.xpn of an empty repetition)
+    s = ctx.settings
     parts, again = _nk1(nk1, ctx)
     name = parts.name
     if name is None:
         return None
     res: JSON = {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": patient_ref}}
-    idents = [i for n in (12, 33) if n < nf and f[n] for r in nk1.reps(n) if (i := dt.cx(r, ctx, nk1.loc(n)))]
-    if ssn := nk1.get(37).strip():
+    idents = [i for n in (12, 33) if n < nf and f[n] for r in nk1.reps(n) if (i := dt.cx(r, ctx))]
+    if nf > 37 and f[37] and (ssn := dt.value(nk1, 37, ctx).strip()):
         idents.append({"type": dt.identifier_type("SS"), "system": dt.SSN_SYSTEM, "value": ssn})
     if idents:
         res["identifier"] = idents
@@ -760,34 +777,43 @@ def related_person(nk1: Segment, ctx: ConvertContext, patient_ref: str, patient_
         res["relationship"] = list(parts.rels)
     # IG NK1[RelatedPerson]: name[1] NK1-2, name[2] NK1-30 (contact person); telecom NK1-5/6/31/40/41;
     # address NK1-4/32
-    names = [name, *(n for r in nk1.reps(2)[1:] if (n := dt.xpn(r, s)))]
+    names = [name]
+    reps2 = nk1.reps(2)
+    if len(reps2) > 1:
+        names += [n for r in reps2[1:] if (n := dt.xpn(r, s))]
     if nf > 30 and f[30]:
         names += dt.xpns(nk1, 30, s)
     res["name"] = names
-    tel = parts.telecom
-    telecom = tel[5] + tel[6] + tel[31] + tel[40] + tel[41]
-    if telecom:
-        res["telecom"] = telecom
-    addresses = list(parts.addresses)
-    if nf > 32 and f[32]:
-        addresses += dt.xads(nk1, 32, s)
+    if parts.tel_head or parts.tel31 or parts.tel_tail:
+        res["telecom"] = parts.tel_head + parts.tel31 + parts.tel_tail
+    addresses = parts.addresses + dt.xads(nk1, 32, s) if nf > 32 and f[32] else list(parts.addresses)
     if addresses:
         res["address"] = addresses
     if parts.gender:
         res["gender"] = parts.gender
-    if nf > 16 and (bd := nk1.get(16).strip()):
+    if nf > 16 and f[16] and (bd := dt.value(nk1, 16, ctx).strip()):
         res["birthDate"] = dt.dtm_at(bd, s, nk1, 16, kind="date")
     if parts.period:
         res["period"] = parts.period
-    if nf > 20 and f[20] and (lang := dt.language(nk1.rep(20), ctx, nk1.loc(20))):
+    if nf > 20 and f[20] and (lang := dt.language(dt.rep_of(nk1, 20, ctx), ctx)):
         res["communication"] = [{"language": lang}]
-    key = "|".join((patient_key, "NK1", name.get("family", ""), " ".join(name.get("given", [])), rel.c(1).strip()))
+    key = "|".join((patient_key, "NK1", name.get("family", ""), " ".join(name.get("given", ())), rel_code))
     return ctx.add("RelatedPerson", res, key=key)
+
+
+def _texts(seg: Segment, field: int, ctx: ConvertContext) -> list[str]:
+    """The non-blank repetitions of ``seg``-``field``, each unescaped as a whole and stripped."""
+    d = ctx.message.delimiters
+    raw = seg.fields[field]
+    if d.escape and d.escape in raw:
+        return [t for r in seg.reps(field) if (t := r.text.strip())]
+    # nothing to unescape: the repetitions are the raw text's (what seg.reps(field) splits it into)
+    return [t for x in raw.split(d.repetition) if (t := x.strip())]
 
 
 def allergy(al1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str) -> str | None:
     """AL1 → AllergyIntolerance keyed by patient + allergen code (set ids are not stable)."""
-    code = dt.cwe(al1.rep(3), ctx, al1.loc(3), field="AL1-3")
+    code = dt.cwe(dt.rep_of(al1, 3, ctx), ctx, field="AL1-3", seg=al1, at=3)
     if code is None:
         return None
     res: JSON = {
@@ -796,7 +822,10 @@ def allergy(al1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: st
             "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active",
         }]},
     }
-    atype = al1.get(2).strip().upper()
+    f = al1.fields
+    nf = len(f)
+    # raw-field checks first: an empty field costs one index, not a parser call
+    atype = dt.value(al1, 2, ctx).strip().upper() if nf > 2 and f[2] else ""
     if atype:
         cat = ALLERGY_CATEGORY.get(atype)
         if cat:
@@ -805,16 +834,16 @@ def allergy(al1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: st
             dt.table(ctx, {}, atype, al1.loc(2), "0127")
     res["code"] = code
     res["patient"] = {"reference": patient_ref}
-    sev = al1.get(4).strip().upper()
+    sev = dt.value(al1, 4, ctx).strip().upper() if nf > 4 and f[4] else ""
     if crit := ALLERGY_CRITICALITY.get(sev):
         res["criticality"] = crit
-    reactions = [t for r in al1.reps(5) if (t := r.text.strip())]
+    reactions = _texts(al1, 5, ctx) if nf > 5 and f[5] else None
     if reactions:
         reaction: JSON = {"manifestation": [{"text": t} for t in reactions]}
         if rsev := REACTION_SEVERITY.get(sev):
             reaction["severity"] = rsev
         res["reaction"] = [reaction]
-    if onset := al1.get(6).strip():
+    if nf > 6 and f[6] and (onset := dt.value(al1, 6, ctx).strip()):
         res["onsetDateTime"] = dt.dtm_at(onset, ctx.settings, al1, 6)
     c0 = code.get("coding", [{}])[0]
     key = "|".join((patient_key, "AL1", c0.get("system", ""), c0.get("code", "") or code.get("text", "")))
@@ -826,8 +855,11 @@ def condition(
 ) -> str | None:
     """DG1 → Condition (encounter-diagnosis).  Key: DG1-20 identifier, else encounter (or patient) + code."""
     s = ctx.settings
-    code = dt.cwe(dg1.rep(3), ctx, dg1.loc(3), field="DG1-3")
-    desc = dg1.get(4).strip()
+    f = dg1.fields
+    nf = len(f)
+    # raw-field checks first: an empty field costs one index, not a parser call
+    code = dt.cwe(dt.rep_of(dg1, 3, ctx), ctx, field="DG1-3", seg=dg1, at=3) if nf > 3 and f[3] else None
+    desc = dt.value(dg1, 4, ctx).strip() if nf > 4 and f[4] else ""
     if code is None and desc:
         code = {"text": desc}
     elif code is not None and desc and "text" not in code:
@@ -841,8 +873,9 @@ def condition(
             "display": "Encounter Diagnosis",
         }]}],
     }
-    dtype = dg1.get(6).strip().upper()
-    ver = "entered-in-error" if dg1.get(21).strip().upper() == "D" else DIAGNOSIS_VERIFICATION.get(dtype, "")
+    dtype = dt.value(dg1, 6, ctx).strip().upper() if nf > 6 and f[6] else ""
+    deleted = nf > 21 and f[21] and dt.value(dg1, 21, ctx).strip().upper() == "D"
+    ver = "entered-in-error" if deleted else DIAGNOSIS_VERIFICATION.get(dtype, "")
     if ver:
         res["verificationStatus"] = {"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": ver,
@@ -851,17 +884,14 @@ def condition(
     res["subject"] = {"reference": patient_ref}
     if enc_ref:
         res["encounter"] = {"reference": enc_ref}
-    if onset := dg1.get(5).strip():
+    if nf > 5 and f[5] and (onset := dt.value(dg1, 5, ctx).strip()):
         res["onsetDateTime"] = dt.dtm_at(onset, s, dg1, 5)
-    if rec := dg1.get(19).strip():
+    if nf > 19 and f[19] and (rec := dt.value(dg1, 19, ctx).strip()):
         res["recordedDate"] = dt.dtm_at(rec, s, dg1, 19)
-    f = dg1.fields
-    nf = len(f)
-    # raw-field checks first: an empty field costs one index, not a Rep and a datatype call
-    asserter = dt.xcn(dg1.rep(16), ctx, dg1.loc(16)) if nf > 16 and f[16] else None
+    asserter = dt.xcn(dt.rep_of(dg1, 16, ctx), ctx) if nf > 16 and f[16] else None
     if asserter and "reference" in asserter:
         res["asserter"] = asserter
-    ident = dt.ei(dg1.rep(20), ctx, dg1.loc(20)) if nf > 20 and f[20] else None
+    ident = dt.ei(dt.rep_of(dg1, 20, ctx), ctx) if nf > 20 and f[20] else None
     if ident and "system" in ident:
         res["identifier"] = [ident]
         return ctx.add("Condition", res, identifier=(ident["system"], ident["value"]))
@@ -877,49 +907,53 @@ def subscriber(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key:
                insured_ids: list[JSON]) -> str | None:
     """IN1-16.. (insured person, when IN1-17 is not self) → RelatedPerson (IG IN1-16 subscriber)."""
     s = ctx.settings
-    name = dt.xpn(in1.rep(16), s)
+    name = dt.xpn(dt.rep_of(in1, 16, ctx), s)
     if name is None:
         return None
     res: JSON = {"active": True, "patient": {"reference": patient_ref}}
     if insured_ids:
         res["identifier"] = [dict(i) for i in insured_ids]
-    rel = in1.rep(17)
+    rel = dt.rep_of(in1, 17, ctx)
     coding = _mapped_coding(rel.c(1), rel.c(2), rel.c(3), RELATIONSHIP, dt.V2_TABLE + "0063")
     if coding is not None:
         res["relationship"] = [{"coding": [coding]}]
     res["name"] = [name]
     if addr := dt.xads(in1, 19, s):
         res["address"] = addr
-    gender = dt.table(ctx, dt.ADMINISTRATIVE_SEX, in1.get(43), in1.loc(43), "0001")
+    gender = dt.table_at(ctx, dt.ADMINISTRATIVE_SEX, in1, 43, "0001")
     if gender:
         res["gender"] = gender
-    if bd := in1.get(18).strip():
+    if bd := dt.value(in1, 18, ctx).strip():
         res["birthDate"] = dt.dtm_at(bd, s, in1, 18, kind="date")
     key = "|".join((patient_key, "IN1-16", name.get("family", ""), " ".join(name.get("given", [])),
                     rel.c(1).strip()))
     return ctx.add("RelatedPerson", res, key=key)
 
 
+_NO_PLAN = ("", "", "")
+
+
 def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str,
              in2: Segment | None = None) -> str | None:
     """IN1 → Coverage (+ payor Organization).  Key: patient + company id + plan + policy number."""
     s = ctx.settings
-    company_id = in1.rep(3)
-    company_name = in1.get(4, 1).strip()
-    plan = in1.get(2, 1).strip()
-    policy = in1.get(36).strip()
-    if not (company_id.c(1).strip() or company_name or plan or policy):
+    f = in1.fields
+    nf = len(f)
+    # raw-field checks first: an empty field costs one index, not a parser call
+    company_code = dt.value(in1, 3, ctx).strip() if nf > 3 and f[3] else ""
+    company_name = dt.value(in1, 4, ctx).strip() if nf > 4 and f[4] else ""
+    plan_c = in1.cs(2, 3) if nf > 2 and f[2] else _NO_PLAN  # IN1-2 health plan: id, text, coding system
+    plan = plan_c[0].strip()
+    policy = dt.value(in1, 36, ctx).strip() if nf > 36 and f[36] else ""
+    if not (company_code or company_name or plan or policy):
         return None
     payor: JSON
     org: JSON = {"resourceType": "Organization", "active": True}
     if company_name:
         org["name"] = company_name
-    f = in1.fields
-    nf = len(f)
-    # raw-field checks first: an empty field costs one index, not a Rep and a datatype call
-    if nf > 5 and f[5] and (addr := dt.xad(in1.rep(5), s)):
+    if nf > 5 and f[5] and (addr := dt.xad(dt.rep_of(in1, 5, ctx), s)):
         org["address"] = [addr]
-    org_ident = dt.cx(company_id, ctx, in1.loc(3))
+    org_ident = dt.cx(dt.rep_of(in1, 3, ctx), ctx) if nf > 3 and f[3] else None
     if org_ident and "system" in org_ident:
         org["identifier"] = [org_ident]
         payor = {"reference": ctx.add("Organization", org, identifier=(org_ident["system"], org_ident["value"]))}
@@ -937,27 +971,28 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
     # IN2-6 / IN2-8 Medicare / Medicaid numbers of the same insurance group
     if plan:
         plan_ident: JSON = {"value": plan}
-        if (psys := in1.get(2, 3).strip()) and (plan_system := dt.code_system(psys)):
+        if (psys := plan_c[2].strip()) and (plan_system := dt.code_system(psys)):
             plan_ident["system"] = plan_system
         idents.append(plan_ident)
     if policy:
         idents.append({"value": policy})
         res["subscriberId"] = policy
-    insured_ids = [i for r in in1.reps(49) if (i := dt.cx(r, ctx, in1.loc(49)))] if nf > 49 and f[49] else []
+    insured_ids = [i for r in in1.reps(49) if (i := dt.cx(r, ctx))] if nf > 49 and f[49] else []
     idents.extend(insured_ids)
     if in2 is not None:
+        f2 = in2.fields
         for field, system in ((6, MEDICARE_SYSTEM), (8, MEDICAID_SYSTEM)):
-            if v := in2.get(field).strip():
+            if field < len(f2) and f2[field] and (v := in2.get(field).strip()):
                 idents.append({"system": system, "value": v})
     if idents:
         res["identifier"] = idents
-    if nf > 15 and f[15] and (ptype := dt.cwe(in1.rep(15), ctx, in1.loc(15))):
+    if nf > 15 and f[15] and (ptype := dt.cwe(dt.rep_of(in1, 15, ctx), ctx, seg=in1, at=15)):
         for coding in ptype.get("coding", ()):
             if "system" not in coding and coding["code"].upper() in ACT_CODE_PLAN_TYPES:
                 coding["system"] = ACT_CODE
         res["type"] = ptype
     res["beneficiary"] = {"reference": patient_ref}
-    rel_code = in1.get(17, 1).strip().upper()
+    rel_code = dt.value(in1, 17, ctx).strip().upper() if nf > 17 and f[17] else ""
     rel = SUBSCRIBER_RELATIONSHIP.get(rel_code) if rel_code else None
     if rel:
         res["relationship"] = {"coding": [{
@@ -968,25 +1003,25 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
     elif rel_code and (sub := subscriber(in1, ctx, patient_ref, patient_key, insured_ids)):
         res["subscriber"] = {"reference": sub}
     if nf > 12 and (f[12] or (nf > 13 and f[13])):
-        p = dt.period_at(in1.get(12), in1.get(13), s, in1, 12, 13)
+        p = dt.period_at(dt.value(in1, 12, ctx), dt.value(in1, 13, ctx), s, in1, 12, 13)
         if p:
             res["period"] = p
     res["payor"] = [payor]
     classes: list[JSON] = []
     cls_sys = "http://terminology.hl7.org/CodeSystem/coverage-class"
-    if group := in1.get(8).strip():
+    if nf > 8 and f[8] and (group := dt.value(in1, 8, ctx).strip()):
         cl: JSON = {"type": {"coding": [{"system": cls_sys, "code": "group"}]}, "value": group}
-        if gname := in1.get(9, 1).strip():
+        if nf > 9 and f[9] and (gname := dt.value(in1, 9, ctx).strip()):
             cl["name"] = gname
         classes.append(cl)
     if plan:
         cl = {"type": {"coding": [{"system": cls_sys, "code": "plan"}]}, "value": plan}
-        if pname := in1.get(2, 2).strip():
+        if pname := plan_c[1].strip():
             cl["name"] = pname
         classes.append(cl)
     if classes:
         res["class"] = classes
-    key = "|".join((patient_key, "IN1", company_id.c(1).strip() or company_name, plan, policy))
+    key = "|".join((patient_key, "IN1", company_code or company_name, plan, policy))
     return ctx.add("Coverage", res, key=key)
 
 
@@ -1010,7 +1045,7 @@ def merge(msg: Message, ctx: ConvertContext, survivor_ref: str, survivor_key: st
     old: JSON = {"active": False}
     idents: list[JSON] = []
     for r in mrg.reps(1):
-        if i := dt.cx(r, ctx, mrg.loc(1)):
+        if i := dt.cx(r, ctx):
             if r.c(1).strip() == value and "system" not in i:
                 i["system"] = system
             idents.append(i)

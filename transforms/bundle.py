@@ -75,6 +75,21 @@ def conditional_url(resource_type: str, system: str, value: str) -> str:
     return f"{resource_type}?identifier={escape_search(system)}|{escape_search(value)}"
 
 
+# (resource type, system, value) -> (conditional url, fullUrl) and (resource type, business key) -> (key uuid,
+# (url, fullUrl)): pure functions of their keys, so one dict lookup per ``add`` instead of three cached calls
+_ADDRESSES: dict[tuple[str, str, str], tuple[str, str]] = {}
+_KEY_ADDRESSES: dict[tuple[str, str], tuple[str, tuple[str, str]]] = {}
+_ADDRESSES_MAX = 16384
+
+
+def _address(resource_type: str, system: str, value: str, url: str) -> tuple[str, str]:
+    addr = (url, "urn:uuid:" + det_uuid(url))
+    if len(_ADDRESSES) >= _ADDRESSES_MAX:
+        _ADDRESSES.clear()
+    _ADDRESSES[(resource_type, system, value)] = addr
+    return addr
+
+
 def _put_type_first(resource: dict[str, Any], resource_type: str) -> None:
     """Set ``resourceType`` as the first key, keeping the dict's identity (callers may keep mutating it).
 
@@ -116,8 +131,8 @@ class ConvertContext:
     reference string (``urn:uuid:...``) inside other resources.
     """
 
-    __slots__ = ("_by_full_url", "_by_url", "entries", "events", "guards", "hd_cache", "memo", "message",
-                 "patient_ref", "requires", "settings", "xcn_memo")
+    __slots__ = ("_by_full_url", "_by_url", "alnum_plain", "delimiters", "entries", "events", "guards", "hd_cache",
+                 "memo", "message", "patient_ref", "requires", "settings", "xcn_memo")
 
     def __init__(self, message: Message, settings: ConvertSettings):
         self.message = message
@@ -136,6 +151,12 @@ class ConvertContext:
         self.hd_cache = settings.hd_cache
         # per-message memo for mappers whose result is a pure function of raw segment text (see users)
         self.memo: dict[Any, Any] = {}
+        d = message.delimiters
+        self.delimiters = d
+        # no delimiter is a letter or digit (always so in practice): a raw field value made of letters and digits
+        # only then holds no separator or escape and is its own value (datatypes.value, datatypes.rep_of)
+        enc = d.encoding_characters
+        self.alnum_plain = enc == "^~\\&" or not any(ch.isalnum() for ch in enc)
 
     # ------------------------------------------------------------------
     def count(self, event: str, n: int = 1) -> None:
@@ -178,8 +199,21 @@ class ConvertContext:
         """
         if identifier is not None:
             system, value = identifier
+            addr = _ADDRESSES.get((resource_type, system, value))
+            if addr is None:
+                url = conditional_url(resource_type, system, value)
+                addr = _address(resource_type, system, value, url)
         elif key is not None:
-            system, value = SLUICE_KEY_SYSTEM, det_uuid(resource_type + "|" + key)
+            system = SLUICE_KEY_SYSTEM
+            kaddr = _KEY_ADDRESSES.get((resource_type, key))
+            if kaddr is None:
+                value = det_uuid(resource_type + "|" + key)
+                url = conditional_url(resource_type, system, value)
+                kaddr = (value, _address(resource_type, system, value, url))
+                if len(_KEY_ADDRESSES) >= _ADDRESSES_MAX:
+                    _KEY_ADDRESSES.clear()
+                _KEY_ADDRESSES[(resource_type, key)] = kaddr
+            value, addr = kaddr
         else:
             raise ValueError("add() needs identifier= or key=")
         ids = resource.get("identifier")
@@ -191,7 +225,7 @@ class ConvertContext:
                     break
             else:
                 ids.append({"system": system, "value": value})
-        url = conditional_url(resource_type, system, value)
+        url, full_url = addr
         by_url = self._by_url
         existing = by_url.get(url)
         if existing is not None:
@@ -200,7 +234,6 @@ class ConvertContext:
                 if k not in old:
                     old[k] = v
             return str(existing["fullUrl"])
-        full_url = "urn:uuid:" + det_uuid(url)
         for first in resource:
             if first != "resourceType" or resource[first] != resource_type:
                 _put_type_first(resource, resource_type)
@@ -220,7 +253,12 @@ class ConvertContext:
     def add_create(self, resource_type: str, resource: dict[str, Any], *, if_none_exist: str, key: str) -> str:
         """Add a conditional *create* (``POST`` + ``ifNoneExist``) for resources without identifiers
         (Provenance).  ``key`` makes the fullUrl deterministic."""
-        _put_type_first(resource, resource_type)
+        for first in resource:
+            if first != "resourceType" or resource[first] != resource_type:
+                _put_type_first(resource, resource_type)
+            break
+        else:
+            _put_type_first(resource, resource_type)
         full_url = "urn:uuid:" + det_uuid(f"{resource_type}|{key}")
         self.entries.append(
             {

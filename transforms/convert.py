@@ -23,7 +23,7 @@ from typing import Any
 from engine.errors import ConversionError, Location, MessageRejected, SluiceError
 from engine.hl7 import Message
 from transforms.bundle import Conversion, ConvertContext, det_uuid
-from transforms.datatypes import V2_TABLE, dtm_at, fhir_code, utc_now_instant
+from transforms.datatypes import V2_TABLE, dtm_at, fhir_code, utc_now_instant, value
 from transforms.settings import ConvertSettings
 
 __all__ = ["MODULES", "Conversion", "ConvertSettings", "convert", "convert_report"]
@@ -96,10 +96,10 @@ def add_provenance(msg: Message, ctx: ConvertContext) -> None:
     sender + control id: a resent message does not add a second Provenance.
     """
     msh = msg.msh
-    app, facility = msh.get(3, 1), msh.get(4, 1)
+    app, facility = value(msh, 3, ctx), value(msh, 4, ctx)
     sender = f"{app}|{facility}|{msg.control_id}"
     tag = det_uuid("message|" + sender)
-    recorded = dtm_at(msh.get(7, 1), ctx.settings, msh, 7, kind="instant")
+    recorded = dtm_at(value(msh, 7, ctx), ctx.settings, msh, 7, kind="instant")
     targets = [{"reference": e["fullUrl"]} for e in ctx.entries]
     trigger = fhir_code(msg.trigger)  # a FHIR code: no inner line breaks or runs of spaces
     prov: dict[str, Any] = {

@@ -126,6 +126,32 @@ TELECOM_SYSTEM = {
 }
 
 
+# ---------------------------------------------------------------------------
+# Raw-field shortcuts for the hot mappers (same results as the parser's accessors)
+# ---------------------------------------------------------------------------
+def value(seg: Segment, n: int, ctx: ConvertContext) -> str:
+    """``seg.get(n)`` (component 1 of the first repetition, unescaped; "" when absent).
+
+    A raw value of letters and digits only (a code, a date, a number: most single-valued fields) is
+    returned as it is, without the parser's per-field split and cache."""
+    f = seg.fields
+    v = f[n] if n < len(f) else ""
+    if not v or (ctx.alnum_plain and v.isalnum()):
+        return v
+    return seg.get(n)
+
+
+def rep_of(seg: Segment, n: int, ctx: ConvertContext) -> Rep:
+    """``seg.rep(n)`` (the first repetition of field ``n``).  A field without repetitions becomes a
+    :class:`Rep` of its raw text directly (not cached on the segment: for fields a mapper reads once)."""
+    f = seg.fields
+    v = f[n] if n < len(f) else ""
+    d = ctx.delimiters
+    if not v or d.repetition in v or n < 3:  # (MSH-1/2 are literal: the parser's accessor knows)
+        return seg.rep(n)
+    return Rep(v, d)
+
+
 def table(
     ctx: ConvertContext, mapping: Mapping[str, str], code: str, loc: Location, table_name: str
 ) -> str | None:
@@ -140,6 +166,19 @@ def table(
     if ctx.settings.code_table_errors == "reject":
         raise ConversionError(f"value not in HL7 table {table_name}", code="103", location=loc)
     return None
+
+
+def table_at(
+    ctx: ConvertContext, mapping: Mapping[str, str], seg: Segment, field: int, table_name: str
+) -> str | None:
+    """:func:`table` of ``seg``-``field`` component 1: the location is built only for a miss."""
+    code = value(seg, field, ctx).strip()
+    if not code:
+        return None
+    hit = mapping.get(code) or mapping.get(code.upper())
+    if hit is not None:
+        return hit
+    return table(ctx, mapping, code, seg.loc(field), table_name)
 
 
 # ---------------------------------------------------------------------------
@@ -452,22 +491,17 @@ def _sn_text(rep: Rep) -> str:
 # ---------------------------------------------------------------------------
 # Names, addresses, telecom
 # ---------------------------------------------------------------------------
-def _given(*parts: str) -> list[str]:
-    out: list[str] = []
-    for p in parts:
-        p = p.strip()
-        if p:
-            out.append(p)
-    return out
-
-
 def xpn(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
     """XPN → HumanName.  A single component holding ``"Last, First [Middle]"`` is split."""
     if not rep:
         return None
-    c = rep.cs(14)
+    return _xpn(rep, rep.cs(15), settings)
+
+
+def _xpn(rep: Rep, c: list[str], settings: ConvertSettings | None) -> JSON | None:
+    """:func:`xpn` of a non-empty repetition and its components (at least 15)."""
     family = c[0].strip()
-    given = _given(c[1], c[2])
+    given = [g for g in (c[1].strip(), c[2].strip()) if g] if c[1] or c[2] else []
     if family and not given and "," in family:
         last, _, rest = family.partition(",")
         family = last.strip()
@@ -483,11 +517,12 @@ def xpn(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
         name["family"] = family
     if given:
         name["given"] = given
-    if prefix := c[4].strip():
+    if c[4] and (prefix := c[4].strip()):
         name["prefix"] = [prefix]
-    suffix = _given(c[3], c[5], c[13])
-    if suffix:
-        name["suffix"] = suffix
+    if c[3] or c[5] or c[13]:
+        suffix = [x for x in (c[3].strip(), c[5].strip(), c[13].strip()) if x]
+        if suffix:
+            name["suffix"] = suffix
     if settings is not None and len(rep) > 9:
         try:
             p = dr(rep, 10, settings) or period(c[11], c[12], settings)
@@ -504,11 +539,14 @@ def xpns(seg: Segment, field: int, settings: ConvertSettings | None = None) -> l
     names; a single-name element such as Patient.contact.name uses :func:`xpn` and drops it)."""
     out: list[JSON] = []
     for r in seg.reps(field):
-        n = xpn(r, settings)
+        if not r:
+            continue
+        c = r.cs(15)
+        n = _xpn(r, c, settings)
         if n is None:
             continue
         out.append(n)
-        called = r.cs(15)[14].strip()
+        called = c[14].strip() if c[14] else ""
         if called and called not in n.get("given", ()):
             nick: JSON = {"use": "nickname", "given": [called]}
             if nick not in out:
@@ -524,8 +562,9 @@ def xad(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
     a: JSON = {}
     # XAD-1 SAD: street/mailing address & street name & dwelling number → one line (IG line[1-3];
     # "1000&Hospital Lane" is the street "1000 Hospital Lane"); XAD-2 other designation; XAD-19 addressee
-    sad = rep.subs(1)
-    street = " ".join(p for p in (x.strip() for x in sad[:3]) if p) if len(sad) > 1 else (sad[0].strip() if sad else "")
+    # subcomponents 1-3 of XAD-1 (the same as rep.subs(1)[:3], read in one call)
+    s1, s2, s3 = rep.hd(1)
+    street = " ".join(p for p in (s1.strip(), s2.strip(), s3.strip()) if p) if s2 or s3 else s1.strip()
     lines = [x for x in (street, c[1].strip(), c[18].strip()) if x]
     if kind := c[6].strip().upper():
         if use := ADDRESS_USE.get(kind):
@@ -575,10 +614,12 @@ def xtn(rep: Rep, default_use: str | None = None) -> JSON | None:
 
 
 def _xtn(c: list[str], default_use: str | None) -> JSON | None:
-    """:func:`xtn` on the components (at least 18) of a non-empty repetition."""
-    equip = c[2].strip()
-    equip_u = equip.upper()
-    email = c[3].strip()
+    """:func:`xtn` on the components (at least 18) of a non-empty repetition.
+
+    Hot path: most components are empty, so each is tested before it is stripped."""
+    equip = c[2].strip() if c[2] else ""
+    equip_u = equip.upper() if equip else ""
+    email = c[3].strip() if c[3] else ""
     cp: JSON = {}
     if equip_u in ("INTERNET", "X.400") or (not equip and email and not c[0].strip()):
         if not email:
@@ -589,16 +630,16 @@ def _xtn(c: list[str], default_use: str | None) -> JSON | None:
         cp["value"] = email
     else:
         # IG XTN: XTN-12 (unformatted number) when valued, else the number built from XTN-5..8, else XTN-1
-        number = c[11].strip()
+        number = c[11].strip() if c[11] else ""
         if not number:
-            local = c[6].strip()
+            local = c[6].strip() if c[6] else ""
             if local:
                 area, ext, country = c[5].strip(), c[7].strip(), c[4].strip()
                 number = (f"+{country.lstrip('+')} " if country else "") + (f"({area}) " if area else "") + local
                 if ext:
                     number += f" ext. {ext}"
             else:
-                number = c[0].strip()
+                number = c[0].strip() if c[0] else ""
         if not number:
             if email:
                 return {"system": "email", "value": email}
@@ -611,8 +652,7 @@ def _xtn(c: list[str], default_use: str | None) -> JSON | None:
     use = use or default_use
     if use:
         cp["use"] = use
-    rank = c[17].strip()
-    if rank.isdigit() and int(rank) > 0:
+    if c[17] and (rank := c[17].strip()).isdigit() and int(rank) > 0:
         cp["rank"] = int(rank)
     return cp
 
@@ -681,13 +721,28 @@ def _hd_system(settings: ConvertSettings, namespace: str, universal_id: str, uid
 
 
 def identifier_type(code: str) -> JSON | None:
+    hit = _ID_TYPE_CACHE.get(code)
+    if hit is None:
+        hit = _identifier_type(code)
+        if len(_ID_TYPE_CACHE) < 1024:
+            _ID_TYPE_CACHE[code] = hit
+    if not hit:
+        return None
+    return {"coding": [hit.copy()]}  # new dicts each call: callers own what they are given
+
+
+def _identifier_type(code: str) -> JSON:
     code = fhir_code(code)  # a FHIR code: no inner line breaks or runs of spaces (e.g. an escaped \.br\)
     if not code:
-        return None
+        return {}
     coding: JSON = {"system": V2_TABLE + "0203", "code": code}
     if disp := _IDENTIFIER_TYPES.get(code):
         coding["display"] = disp
-    return {"coding": [coding]}
+    return coding
+
+
+# raw CX-5 / XCN-13 text -> the coding (a template, copied for each caller; empty: no type)
+_ID_TYPE_CACHE: dict[str, JSON] = {}
 
 
 def cx(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
@@ -759,9 +814,13 @@ def _coding(code: str, display: str, sysname: str) -> JSON | None:
 
 
 def cwe(
-    rep: Rep, ctx: ConvertContext, loc: Location | None = None, *, field: str | None = None
+    rep: Rep, ctx: ConvertContext, loc: Location | None = None, *, field: str | None = None,
+    seg: Segment | None = None, at: int = 0,
 ) -> JSON | None:
     """CWE/CE/CNE → CodeableConcept.
+
+    ``seg``/``at`` instead of ``loc``: the value's segment and field, for a location built only when
+    an error needs it.
 
     Codings from the identifier triplet (1-3) and the alternate triplet (4-6); text from CWE-9
     (original text) or, for a text-only value, CWE-2/CWE-1.  A code map applies when one is
@@ -794,6 +853,8 @@ def cwe(
             else:
                 ctx.count("unmapped_code")
                 if ctx.settings.unmapped_codes == "reject":
+                    if loc is None and seg is not None:
+                        loc = seg.loc(at)
                     raise ConversionError(
                         f"{_where(loc)}: code not in the channel's code map", code="103", location=loc
                     )
@@ -809,7 +870,7 @@ def cwe(
 
 
 def cwes(seg: Segment, n: int, ctx: ConvertContext, *, field: str | None = None) -> list[JSON]:
-    return [c for r in seg.reps(n) if (c := cwe(r, ctx, seg.loc(n), field=field)) is not None]
+    return [c for r in seg.reps(n) if (c := cwe(r, ctx, field=field, seg=seg, at=n)) is not None]
 
 
 def coded_table(code: str, table_no: str, display: str | None = None) -> JSON:
@@ -823,10 +884,10 @@ def coded_table(code: str, table_no: str, display: str | None = None) -> JSON:
 # ---------------------------------------------------------------------------
 # Practitioners (XCN) and locations (PL)
 # ---------------------------------------------------------------------------
-def _xcn_name(rep: Rep) -> JSON | None:
-    c = rep.cs(21)
+def _xcn_name(c: list[str]) -> JSON | None:
+    """The HumanName of an XCN's components (at least 21)."""
     family = c[1].strip()
-    given = [x for x in (c[2].strip(), c[3].strip()) if x]
+    given = [x for x in (c[2].strip(), c[3].strip()) if x] if c[2] or c[3] else []
     if family and not given and "," in family:
         last, _, rest = family.partition(",")
         family, given = last.strip(), rest.split()
@@ -835,11 +896,12 @@ def _xcn_name(rep: Rep) -> JSON | None:
         n["family"] = family
     if given:
         n["given"] = given
-    if p := c[5].strip():
+    if c[5] and (p := c[5].strip()):
         n["prefix"] = [p]
-    suffix = [x for x in (c[4].strip(), c[6].strip(), c[20].strip()) if x]
-    if suffix:
-        n["suffix"] = suffix
+    if c[4] or c[6] or c[20]:
+        suffix = [x for x in (c[4].strip(), c[6].strip(), c[20].strip()) if x]
+        if suffix:
+            n["suffix"] = suffix
     return n if ("family" in n or "given" in n) else None
 
 
@@ -869,13 +931,14 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
         return {"reference": hit[0], "display": hit[1]} if hit[1] else {"reference": hit[0]}
     c = rep.cs(21)
     pid = c[0].strip()
-    name = _xcn_name(rep)
+    name = _xcn_name(c)
     if not pid:
         disp = _display(name)
         return {"display": disp} if disp else None
     ns, uid, utype = rep.hd(9)
     id_type_raw = c[12]
-    if id_type_raw.strip().upper() == "NPI" or ns.strip().upper() == "NPI" or uid.strip() == NPI_OID:
+    if (id_type_raw and id_type_raw.strip().upper() == "NPI") or ns.strip().upper() == "NPI" or (
+            uid and uid.strip() == NPI_OID):
         system: str | None = NPI_SYSTEM
         how = "mapped"
     else:
@@ -916,14 +979,16 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
     if not rep:
         return None
     c = rep.cs(9)
-    facility = c[3].strip() or rep.c(4, 2).strip()
+    facility = (c[3].strip() if c[3] else "") or rep.c(4, 2).strip()
     path = [facility, c[6].strip(), c[7].strip()]
     parent: str | None = None
     ref: str | None = None
     last_name = ""
+    desc = c[8].strip() if c[8] else ""
     if facility:
         site: JSON = {"resourceType": "Location", "name": facility, "mode": "instance", "status": "active",
-                      "physicalType": _phys("si", "Site")}
+                      "physicalType": {"coding": [
+                          {"system": LOCATION_PHYSICAL_TYPE, "code": "si", "display": "Site"}]}}
         ref = parent = ctx.add("Location", site, key=facility)
         last_name = facility
     levels: list[str] = []
@@ -934,14 +999,15 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
             continue
         levels.append(value)
         loc_res: JSON = {"resourceType": "Location", "name": value, "mode": "instance", "status": "active",
-                         "physicalType": _phys(code, disp)}
+                         "physicalType": {"coding": [
+                             {"system": LOCATION_PHYSICAL_TYPE, "code": code, "display": disp}]}}
         if comp == 3 and (status := c[4].strip()):
             loc_res["operationalStatus"] = {
                 "system": V2_TABLE + "0116", "code": status,
             }
         if parent:
             loc_res["partOf"] = {"reference": parent}
-        if desc := c[8].strip():
+        if desc:
             loc_res["description"] = desc
         ref = ctx.add("Location", loc_res, key="|".join(path))
         parent = ref
@@ -950,10 +1016,6 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
         return None
     display = " ".join(levels) or last_name
     return {"reference": ref, "display": display}
-
-
-def _phys(code: str, display: str) -> JSON:
-    return {"coding": [{"system": LOCATION_PHYSICAL_TYPE, "code": code, "display": display}]}
 
 
 def derived_key_identifier(key_value: str) -> JSON:
@@ -1000,25 +1062,26 @@ def language(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON
     codes converted: ``ara`` → ``ar``); a code that is no language tag keeps its original coding."""
     if not rep:
         return None
+    comps = rep.cs(9)
     codings: list[JSON] = []
-    for ci, di in ((1, 2), (4, 5)):
-        code = rep.c(ci).strip()
+    for ci in (0, 3):  # the identifier triplet and the alternate one: code, text, coding system
+        code = comps[ci].strip()
         if not code:
             continue
         tag = bcp47(code)
         if tag is None:
-            if c := _coding(code, rep.c(di), rep.c(ci + 2)):
+            if c := _coding(code, comps[ci + 1], comps[ci + 2]):
                 codings.append(c)
             ctx.count("language_not_bcp47")
             continue
         c = {"system": BCP47, "code": tag}
-        if disp := rep.c(di).strip():
+        if disp := comps[ci + 1].strip():
             c["display"] = disp
         if c not in codings and not any(x.get("code") == tag and x.get("system") == BCP47 for x in codings):
             codings.append(c)
     cc: JSON = {}
     if codings:
         cc["coding"] = codings
-    if text := rep.c(9).strip() or ("" if codings else rep.c(2).strip()):
+    if text := comps[8].strip() or ("" if codings else comps[1].strip()):
         cc["text"] = text
     return cc or None
