@@ -9,6 +9,8 @@ the same file instead of adding a second one (exactly-once in effect).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import re
 from pathlib import Path
@@ -27,6 +29,10 @@ from engine.errors import ConfigError, DeliveryError
 
 _EXT = {CONTENT_FHIR: "json", CONTENT_JSON: "json", CONTENT_HL7: "hl7"}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# syncfs(2): write back one whole file system (errors are reported since Linux 5.8).  ctypes releases the GIL.
+SYNCFS_MIN_BATCH = 8
+_libc_name = ctypes.util.find_library("c")
+_syncfs = getattr(ctypes.CDLL(_libc_name, use_errno=True), "syncfs", None) if _libc_name else None
 _FIELDS = ("channel", "destination", "message_id", "control_id", "type", "trigger", "ext")
 
 
@@ -161,15 +167,13 @@ class FileDestination(Destination):
         return tmp
 
     def _commit(self, staged: list[tuple[int, str, str]], fds: list[int], out: list[Any]) -> int:
-        """fsync the staged files, rename them, fsync their directories; how many made it."""
-        if self.fsync:
-            for k, (_, fd) in enumerate(zip(staged, fds, strict=False)):
-                try:
-                    os.fsync(fd)
-                except OSError as exc:
-                    out[staged[k][0]] = self._error(staged[k][2], exc)
-                    del staged[k:]
-                    break
+        """Make the staged files durable, rename them, sync their directories; how many made it."""
+        if self.fsync and staged:
+            failed = self._sync_contents(fds[: len(staged)])
+            if failed is not None:
+                k, exc = failed
+                out[staged[k][0]] = self._error(staged[k][2], exc)
+                del staged[k:]
         done = 0
         dirs: set[str] = set()
         for i, tmp, path in staged:
@@ -195,6 +199,32 @@ class FileDestination(Destination):
                     out[staged[0][0]] = self._error(d, exc)
                     return 0
         return done
+
+    @staticmethod
+    def _sync_contents(fds: list[int]) -> tuple[int, OSError] | None:
+        """Flush the written files to disk; on failure (index of the first file not known durable, error).
+
+        A batch is made durable with one ``syncfs`` per file system (Linux): an ``fsync`` per file costs
+        a journal commit each (~1-2 ms here: 500 files took 0.75 s, against 0.07 s with one syncfs, see
+        bench/README.md).  Small batches, and systems without syncfs, fsync each file.
+        """
+        if _syncfs is not None and len(fds) >= SYNCFS_MIN_BATCH:
+            seen: set[int] = set()
+            for fd in fds:
+                dev = os.fstat(fd).st_dev
+                if dev in seen:
+                    continue
+                seen.add(dev)
+                if _syncfs(fd) != 0:
+                    err = ctypes.get_errno()
+                    return 0, OSError(err, f"syncfs: {os.strerror(err)}")
+            return None
+        for k, fd in enumerate(fds):
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                return k, exc
+        return None
 
     @staticmethod
     def _error(path: str, exc: OSError) -> DeliveryError:

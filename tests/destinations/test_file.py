@@ -99,3 +99,32 @@ def test_directory_removed_under_the_engine_is_made_again(tmp_path: Path) -> Non
     with pytest.raises(DeliveryError):
         asyncio.run(d.deliver(_item(2)))  # this attempt fails (retryable) ...
     assert asyncio.run(d.deliver(_item(2))) == "adt/2.json"  # ... the retry recreates the directory
+
+
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs-batch", "fsync-each"])
+def test_both_durability_paths_write_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool) -> None:
+    """Batches of SYNCFS_MIN_BATCH or more use one syncfs per file system where the OS has it; otherwise
+    (or without syncfs) each file is fsynced.  Same files either way."""
+    from engine.destinations import file as filemod
+
+    if not syncfs:
+        monkeypatch.setattr(filemod, "_syncfs", None)
+    elif filemod._syncfs is None:
+        pytest.skip("no syncfs on this OS")
+    d = _dest(tmp_path)
+    items = [_item(i, b"y" * 2000) for i in range(1, filemod.SYNCFS_MIN_BATCH * 3)]
+    assert asyncio.run(d.deliver_many(items)) == [f"adt/{i}.json" for i in range(1, filemod.SYNCFS_MIN_BATCH * 3)]
+    assert not list((tmp_path / "out").rglob(".*.tmp"))
+
+
+def test_failed_sync_delivers_nothing_of_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the batch cannot be made durable, no file is renamed into place and the first item carries the
+    error (retryable), the rest stay pending."""
+    from engine.destinations import file as filemod
+
+    monkeypatch.setattr(filemod, "_syncfs", lambda fd: -1)
+    d = _dest(tmp_path)
+    res = asyncio.run(d.deliver_many([_item(i) for i in range(1, 20)]))
+    assert isinstance(res[0], DeliveryError) and res[0].retryable
+    assert res[1:] == [None] * 18
+    assert not (tmp_path / "out" / "adt" / "1.json").exists()
