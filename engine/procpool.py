@@ -15,6 +15,8 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, NamedTuple
 
@@ -37,6 +39,14 @@ class Claimed(NamedTuple):
     override_guards: bool
 
 
+def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    """A worker whose engine died (SIGKILL, OOM) would wait on its task queue forever: leave instead."""
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
 def _init(config: Config) -> None:
     import signal
 
@@ -44,6 +54,7 @@ def _init(config: Config) -> None:
     from engine.processing import ChannelRuntime
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     with contextlib.suppress(OSError):
         # Conversion uses what CPU is spare; the listener's ACKs come first when cores are short.
         os.nice(WORKER_NICENESS)

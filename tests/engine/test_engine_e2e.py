@@ -270,3 +270,46 @@ def test_kill_9_while_sending_loses_nothing(tmp_path: Path) -> None:
         assert not list(out.glob(".*.tmp"))
     finally:
         eng.stop()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_worker_processes_leave_when_the_engine_is_killed(tmp_path: Path) -> None:
+    """A SIGKILLed engine cannot stop its worker processes; they notice and exit on their own."""
+    port = free_port()
+    channel = basic_channel(port)
+    cfg = write_config(
+        tmp_path, channels={"c": channel}, destinations={"out": file_dest(tmp_path / "out")}, processing={"workers": 2}
+    )
+    eng = EngineProcess(cfg, port).start()
+    assert eng.proc is not None
+
+    async def send() -> None:
+        async with MLLPClient("127.0.0.1", port) as c:
+            for i in range(20):
+                assert parse_ack(await c.send(adt(f"W{i}"))).code == "AA"
+
+    asyncio.run(send())
+    s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
+    try:
+        wait_for(lambda: s.delivery_counts().get(("out", st.DELIVERED), 0) >= 20, what="delivered")
+    finally:
+        s.close()
+    workers = [p for p in _children(eng.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert workers, "the engine should have started worker processes"
+    eng.kill()
+    wait_for(lambda: not any(_alive(p) for p in workers), timeout=10, what="worker processes to exit")

@@ -28,6 +28,7 @@ def write_config(
     channels: dict[str, dict[str, Any]],
     destinations: dict[str, dict[str, Any]],
     store: str | None = None,
+    processing: dict[str, Any] | None = None,
 ) -> Path:
     """routes.yaml + channels/<name>.yaml under ``directory``; returns the routes.yaml path."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -38,6 +39,8 @@ def write_config(
         "channels": "channels/*.yaml",
         "destinations": destinations,
     }
+    if processing is not None:
+        routes["processing"] = processing
     (directory / "routes.yaml").write_text(yaml.safe_dump(routes, sort_keys=False))
     for name, body in channels.items():
         body = {"name": name, **body}
