@@ -307,6 +307,12 @@ class DeliveryWorker:
                     del lanes[key]
             ids = [r.id for lane in lanes.values() for r in lane.rows]
         loaded = await asyncio.to_thread(self._load, ids)
+        if getattr(self.destination, "batch_across_keys", False) and len(lanes) > 1:
+            # The destination takes a whole batch in one call, in order, stopping at its first failure
+            # (the file destination: one thread hop, one sync). One lane in arrival order keeps every
+            # key's order, and a failure holds everything after it until the next round.
+            merged = sorted((r for lane in lanes.values() for r in lane.rows), key=lambda r: r.id)
+            lanes = {"": _Lane(merged)}
         delivered: list[tuple[int, str]] = []
         failed: list[tuple[int, int, str, float | None]] = []
         await asyncio.gather(*(self._lane(lane, loaded, delivered, failed, block) for lane in lanes.values()))

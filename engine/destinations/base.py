@@ -53,6 +53,10 @@ class Destination:
     kind: ClassVar[str] = ""
     # allowed keys of this kind's options, with defaults (None = required)
     options: ClassVar[Mapping[str, Any]] = {}
+    # A kind may also define ``async deliver_many(items) -> list[str | BaseException | None]``: several
+    # items in one call, in order, stopping at the first failure (later items None = not attempted).
+    # With batch_across_keys the delivery worker passes rows of different order keys in one call.
+    batch_across_keys: ClassVar[bool] = False
 
     def __init__(self, name: str, options: Mapping[str, Any], ctx: DestinationContext):
         self.name = name

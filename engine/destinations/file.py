@@ -49,6 +49,7 @@ def _alive(pid: int) -> bool:
 @registry.destination("file")
 class FileDestination(Destination):
     kind = "file"
+    batch_across_keys = True  # one thread hop and one sync for the whole round, whatever the keys
     options: ClassVar[dict[str, Any]] = {
         "directory": None,
         "pattern": "{channel}/{message_id}.{ext}",

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from engine import store as st
 from engine.client import MLLPClient, parse_ack
 from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
@@ -42,11 +44,11 @@ def wait_for(pred: Any, timeout: float = 20.0) -> None:
     raise AssertionError("timed out")
 
 
-def setup(tmp_path: Path, policy: str) -> tuple[EngineProcess, Path, Path, Path]:
+def setup(tmp_path: Path, policy: str, kind: str = "recorder") -> tuple[EngineProcess, Path, Path, Path]:
     port = free_port()
     log, fail, reject = tmp_path / "log.txt", tmp_path / "fail.txt", tmp_path / "reject.txt"
     dest = {
-        "kind": "recorder",
+        "kind": kind,
         "log": str(log),
         "fail_file": str(fail),
         "reject_file": str(reject),
@@ -69,8 +71,10 @@ def lines(p: Path) -> list[str]:
     return p.read_text().split() if p.exists() else []
 
 
-def test_block_holds_only_the_failing_key(tmp_path: Path) -> None:
-    eng, log, fail, _ = setup(tmp_path, "block")
+@pytest.mark.parametrize("kind", ["recorder", "batch-recorder"])
+def test_block_holds_only_the_failing_key(tmp_path: Path, kind: str) -> None:
+    """One call per key, or one call per round across keys (batch_across_keys): the same order rules."""
+    eng, log, fail, _ = setup(tmp_path, "block", kind)
     fail.write_text("A2\n")
     with eng:
         send(eng.port, [("A1", "PA"), ("A2", "PA"), ("B1", "PB"), ("A3", "PA"), ("B2", "PB")])
@@ -84,8 +88,9 @@ def test_block_holds_only_the_failing_key(tmp_path: Path) -> None:
         assert got.index("A1") < got.index("A2") < got.index("A3")
 
 
-def test_dead_letter_policy_parks_and_continues(tmp_path: Path) -> None:
-    eng, log, _, reject = setup(tmp_path, "dead-letter")
+@pytest.mark.parametrize("kind", ["recorder", "batch-recorder"])
+def test_dead_letter_policy_parks_and_continues(tmp_path: Path, kind: str) -> None:
+    eng, log, _, reject = setup(tmp_path, "dead-letter", kind)
     reject.write_text("A2\n")
     with eng:
         send(eng.port, [("A1", "PA"), ("A2", "PA"), ("A3", "PA")])

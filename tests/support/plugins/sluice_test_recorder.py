@@ -44,3 +44,21 @@ class Recorder(Destination):
         with self.log.open("a") as f:
             f.write(item.control_id + "\n")
         return "recorded"
+
+
+@registry.destination("batch-recorder")
+class BatchRecorder(Recorder):
+    """The same, taking a whole round in one call across order keys (like the file destination)."""
+
+    kind = "batch-recorder"
+    batch_across_keys = True
+
+    async def deliver_many(self, items: list[Outbound]) -> list[str | BaseException | None]:
+        out: list[str | BaseException | None] = [None] * len(items)
+        for i, item in enumerate(items):
+            try:
+                out[i] = await self.deliver(item)
+            except DeliveryError as exc:
+                out[i] = exc
+                break
+        return out
