@@ -554,6 +554,9 @@ def xpns(seg: Segment, field: int, settings: ConvertSettings | None = None) -> l
     return out
 
 
+_XAD_PARTS = ((2, "city"), (8, "district"), (3, "state"), (4, "postalCode"), (5, "country"))  # element order
+
+
 def xad(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
     """XAD → Address."""
     if not rep:
@@ -575,21 +578,10 @@ def xad(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
     if lines:
         a["line"] = lines
         found = True
-    if v := c[2].strip():
-        a["city"] = v
-        found = True
-    if v := c[8].strip():
-        a["district"] = v
-        found = True
-    if v := c[3].strip():
-        a["state"] = v
-        found = True
-    if v := c[4].strip():
-        a["postalCode"] = v
-        found = True
-    if v := c[5].strip():
-        a["country"] = v
-        found = True
+    for index, key in _XAD_PARTS:
+        if v := c[index].strip():
+            a[key] = v
+            found = True
     if settings is not None and len(rep) > 11:
         try:
             p = dr(rep, 12, settings) or period(c[12], c[13], settings)
