@@ -47,14 +47,16 @@ def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
             os._exit(0)
 
 
-def _init(config: Config) -> None:
+def _init(config: Config, parent: int) -> None:
     import signal
 
     from engine import registry
     from engine.processing import ChannelRuntime
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
+    # The engine's pid comes from the engine itself: if it died while this worker was starting, the
+    # parent here is already someone else and the watch must see that too.
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
     with contextlib.suppress(OSError):
         # Conversion uses what CPU is spare; the listener's ACKs come first when cores are short.
         os.nice(WORKER_NICENESS)
@@ -102,7 +104,7 @@ class ProcessingPool:
         self.workers = workers
         ctx = multiprocessing.get_context("spawn")  # never fork a process that has threads
         self.executor = ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init, initargs=(config,)
+            max_workers=workers, mp_context=ctx, initializer=_init, initargs=(config, os.getpid())
         )
 
     def run(self, channel: str, items: list[tuple[int, bytes]]) -> list[ProcessResult]:
