@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 from sqlalchemy import (
     Boolean,
@@ -223,6 +223,20 @@ class NewDelivery:
     content_type: str
     meta: dict[str, str] = field(default_factory=dict)
     packed: bool = False  # payload is already in its stored form (engine.payloads)
+
+
+class ClaimedRow(NamedTuple):
+    """A received message as a processing worker reads it (the columns of Store._CLAIM_COLUMNS)."""
+
+    id: int
+    channel: str
+    raw: bytes  # a received message always has its body (retention only touches finished ones)
+    control_id: str
+    message_type: str
+    trigger: str
+    order_key: str
+    replay_destinations: str | None
+    override_guards: bool
 
 
 @dataclass(frozen=True)
@@ -589,14 +603,26 @@ class Store:
             ids = [r[0] for r in conn.execute(q)]
         return [i for i in ids if i not in skip][:limit]
 
-    def received_by_id(self, ids: list[int]) -> list[Any]:
-        """The claim columns of those of ``ids`` that are still received, in id order."""
+    def received_by_id(self, ids: list[int]) -> list[ClaimedRow]:
+        """The claim columns of those of ``ids`` that are still received, in id order.
+
+        A worker process reads its batch here: the DB-API cursor, not SQLAlchemy rows (a tenth of a
+        worker's time went to building rows for 200-message batches).
+        """
         if not ids:
             return []
+        p = "?" if self.is_sqlite else "%s"
+        sql = (
+            f"SELECT {', '.join(self._CLAIM_COLUMNS)} FROM messages "
+            f"WHERE id IN ({', '.join([p] * len(ids))}) AND status = {p} ORDER BY id"
+        )
         with self.engine.connect() as conn:
-            cols = [M.c[c] for c in self._CLAIM_COLUMNS]
-            q = select(*cols).where(M.c.id.in_(ids), M.c.status == RECEIVED).order_by(M.c.id)
-            return list(conn.execute(q).all())
+            cur = self._cursor(conn)
+            try:
+                cur.execute(sql, [*ids, RECEIVED])
+                return [ClaimedRow(*row) for row in cur.fetchall()]
+            finally:
+                cur.close()
 
     def claim_received(self, channel: str, limit: int, owner: str, lease_s: float = 300.0) -> list[Any]:
         """Take up to ``limit`` received messages of a channel, oldest first, under a lease."""
