@@ -225,6 +225,35 @@ class NewDelivery:
     packed: bool = False  # payload is already in its stored form (engine.payloads)
 
 
+class PendingRow(NamedTuple):
+    """A pending delivery as the delivery loop schedules it (no payload)."""
+
+    id: int
+    order_key: str
+    next_attempt_at: float
+    attempts: int
+    lease_owner: str
+    lease_until: float
+
+
+class LoadedDelivery(NamedTuple):
+    """A delivery with what the destination needs: its payload and the message's header fields."""
+
+    id: int
+    message_id: int
+    channel: str
+    destination: str
+    payload: bytes | None
+    content_type: str
+    meta: str
+    order_key: str
+    attempts: int
+    raw: bytes | None
+    control_id: str
+    message_type: str
+    trigger: str
+
+
 class ClaimedRow(NamedTuple):
     """A received message as a processing worker reads it (the columns of Store._CLAIM_COLUMNS)."""
 
@@ -721,24 +750,27 @@ class Store:
         )
 
     # ---------------------------------------------------------------- delivery
-    def pending_deliveries(self, destination: str, limit: int) -> list[Any]:
+    def pending_deliveries(self, destination: str, limit: int) -> list[PendingRow]:
         """The oldest pending deliveries of a destination (ids and scheduling fields only)."""
-        with self.engine.connect() as conn:
-            return list(
-                conn.execute(
-                    select(
-                        D.c.id,
-                        D.c.order_key,
-                        D.c.next_attempt_at,
-                        D.c.attempts,
-                        D.c.lease_owner,
-                        D.c.lease_until,
-                    )
-                    .where(D.c.destination == destination, D.c.status == PENDING)
-                    .order_by(D.c.id)
-                    .limit(limit)
-                ).all()
+        p = "?" if self.is_sqlite else "%s"
+        return [
+            PendingRow(*r)
+            for r in self._select(
+                "SELECT id, order_key, next_attempt_at, attempts, lease_owner, lease_until FROM deliveries "
+                f"WHERE destination = {p} AND status = {p} ORDER BY id LIMIT {int(limit)}",
+                [destination, PENDING],
             )
+        ]
+
+    def _select(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """Rows of one read on the DB-API cursor (the delivery and processing loops' hot reads)."""
+        with self.engine.connect() as conn:
+            cur = self._cursor(conn)
+            try:
+                cur.execute(sql, list(params))
+                return list(cur.fetchall())
+            finally:
+                cur.close()
 
     def lease_deliveries(self, ids: Sequence[int], owner: str, lease_s: float = 120.0) -> set[int]:
         """PostgreSQL, several nodes: take a lease on the rows this node is about to deliver.
@@ -771,32 +803,18 @@ class Store:
             q = select(D.c.payload).where(D.c.message_id == message_id).order_by(D.c.id)
             return [payloads.unpack(r[0]) for r in conn.execute(q)]
 
-    def load_deliveries(self, ids: Sequence[int]) -> list[Any]:
+    def load_deliveries(self, ids: Sequence[int]) -> list[LoadedDelivery]:
         if not ids:
             return []
-        with self.engine.connect() as conn:
-            return list(
-                conn.execute(
-                    select(
-                        D.c.id,
-                        D.c.message_id,
-                        D.c.channel,
-                        D.c.destination,
-                        D.c.payload,
-                        D.c.content_type,
-                        D.c.meta,
-                        D.c.order_key,
-                        D.c.attempts,
-                        M.c.raw,
-                        M.c.control_id,
-                        M.c.message_type,
-                        M.c.trigger,
-                    )
-                    .join(M, M.c.id == D.c.message_id)
-                    .where(D.c.id.in_(list(ids)))
-                    .order_by(D.c.id)
-                ).all()
-            )
+        p = "?" if self.is_sqlite else "%s"
+        rows = self._select(
+            "SELECT d.id, d.message_id, d.channel, d.destination, d.payload, d.content_type, d.meta, "
+            "d.order_key, d.attempts, m.raw, m.control_id, m.message_type, m.trigger "
+            "FROM deliveries d JOIN messages m ON m.id = d.message_id "
+            f"WHERE d.id IN ({', '.join([p] * len(ids))}) ORDER BY d.id",
+            list(ids),
+        )
+        return [LoadedDelivery(*r) for r in rows]
 
     def record_deliveries(
         self,
