@@ -68,6 +68,13 @@ CHARSETS: dict[str, str] = {
 
 def read_delimiters(text: str) -> Delimiters:
     """Delimiters from the start of an MSH/FHS/BHS segment.  AR 101 if there are none."""
+    # They depend on the first 10 characters only (MSH-1, then at most 5 encoding characters and
+    # what ends them): a sender repeats the same few, so cache on those.
+    return _read_delimiters(text[:10])
+
+
+@lru_cache(maxsize=256)
+def _read_delimiters(text: str) -> Delimiters:
     if len(text) < 5 or text[3] in "\r\n":
         raise MessageRejected(
             "MSH has no field separator or encoding characters", code="101", location=Location("MSH", 1, 1)
@@ -266,8 +273,11 @@ class Rep:
         u = self._u
         if u is None:
             comps = self._split
-            if comps is None:
-                comps = self._comps()
+            if comps is None:  # self._comps() inlined: this is the hot path of c/cs/hd
+                d = self._d
+                raw = self._raw
+                comps = self._split = raw.split(d.component)
+                self._plain = d.subcomponent not in raw and (not d.escape or d.escape not in raw)
             if self._plain:
                 u = comps
             else:
@@ -343,6 +353,8 @@ class Rep:
     @property
     def text(self) -> str:
         """The whole repetition unescaped (components still joined by their separator)."""
+        if self._plain:  # known to hold no escape character
+            return self._raw
         return unescape(self._raw, self._d)
 
     def __repr__(self) -> str:
@@ -371,9 +383,10 @@ class Segment:
         # plain: the segment has no escape and no subcomponent characters (the parser knows from the line),
         # so components can be split straight from the raw text
         self._plain = plain
-        self._reps: dict[int, list[Rep]] = {}
+        # built on first use: most fields are read once (or never)
+        self._reps: dict[int, list[Rep]] | None = None
         self._empty: Rep | None = None
-        self._fc: dict[int, list[str]] = {}  # field -> components of its first repetition (see get)
+        self._fc: dict[int, list[str]] | None = None  # field -> components of its first repetition (see get)
 
     def __getitem__(self, n: int) -> str:
         fields = self.fields
@@ -381,9 +394,13 @@ class Segment:
 
     def reps(self, n: int) -> list[Rep]:
         """Field ``n`` split into repetitions (empty list when the field is empty)."""
-        cached = self._reps.get(n)
-        if cached is not None:
-            return cached
+        cache = self._reps
+        if cache is None:
+            cache = self._reps = {}
+        else:
+            cached = cache.get(n)
+            if cached is not None:
+                return cached
         fields = self.fields
         value = fields[n] if 0 <= n < len(fields) else ""
         if not value:
@@ -405,12 +422,13 @@ class Segment:
                     if d.repetition in value
                     else [Rep(value, d)]
                 )
-        self._reps[n] = out
+        cache[n] = out
         return out
 
     def rep(self, n: int, r: int = 1) -> Rep:
         """Repetition ``r`` of field ``n``; an empty Rep when absent."""
-        reps = self._reps.get(n)
+        cache = self._reps
+        reps = None if cache is None else cache.get(n)
         if reps is None:
             reps = self.reps(n)
         if 0 < r <= len(reps):
@@ -422,7 +440,12 @@ class Segment:
 
     def get(self, n: int, c: int = 1, s: int = 1, r: int = 1) -> str:
         if r == 1 and s == 1:
-            u = self._fc.get(n)
+            fc = self._fc
+            if fc is None:
+                fc = self._fc = {}
+                u = None
+            else:
+                u = fc.get(n)
             if u is None and self._plain:
                 fields = self.fields
                 value = fields[n] if 0 <= n < len(fields) else ""
@@ -431,23 +454,17 @@ class Segment:
                 d = self._d
                 if d.repetition in value:
                     value = value.split(d.repetition, 1)[0]
-                u = self._fc[n] = value.split(d.component)
+                u = fc[n] = value.split(d.component)
             elif u is None:
-                reps = self._reps.get(n)
-                if reps is None:
-                    reps = self.reps(n)
-                u = self._fc[n] = reps[0]._unescaped() if reps else []
+                reps = self.reps(n)
+                u = fc[n] = reps[0]._unescaped() if reps else []
             return u[c - 1] if 0 < c <= len(u) else ""
-        reps = self._reps.get(n)
-        if reps is None:
-            reps = self.reps(n)
+        reps = self.reps(n)
         return reps[r - 1].c(c, s) if 0 < r <= len(reps) else ""
 
     def cs(self, n: int, k: int) -> list[str]:
         """Components 1..``k`` (at least) of the first repetition of field ``n``: see :meth:`Rep.cs`."""
-        reps = self._reps.get(n)
-        if reps is None:
-            reps = self.reps(n)
+        reps = self.reps(n)
         return reps[0].cs(k) if reps else [""] * k
 
     def rep_comps(self, n: int, k: int) -> list[list[str]]:
@@ -456,7 +473,7 @@ class Segment:
 
         For mappers that only read components: on a plain segment no Rep objects are built.
         Treat the lists as read-only."""
-        if self._plain and n not in self._reps:
+        if self._plain and (self._reps is None or n not in self._reps):
             fields = self.fields
             value = fields[n] if 0 <= n < len(fields) else ""
             if not value:
@@ -477,6 +494,11 @@ class Segment:
 
     def value(self, n: int) -> str:
         """Field ``n`` unescaped as a whole (first repetition)."""
+        if self._plain:  # no escapes: the raw text of the first repetition, without building Reps
+            fields = self.fields
+            value = fields[n] if 0 <= n < len(fields) else ""
+            rs = self._d.repetition
+            return value.split(rs, 1)[0] if rs in value else value
         return self.rep(n).text
 
     def loc(self, field: int | None = None, component: int | None = None) -> Location:
@@ -686,7 +708,9 @@ def parse(text: str) -> Message:
         if not line:
             continue
         fields = line.split(fs)
-        name = fields[0].strip()
+        name = fields[0]
+        if not name.isalnum():
+            name = name.strip()
         if len(name) != 3:
             # Garbage line: keep it under a name that never matches a real segment.
             name = name[:3].upper() if name else "???"
@@ -694,11 +718,9 @@ def parse(text: str) -> Message:
         if name in HEADER_SEGMENTS:
             # MSH-1 is the field separator itself; shift so seg[n] is field n.
             fields.insert(1, fs)
-        counts[name] = counts.get(name, 0) + 1
+        seq = counts[name] = counts.get(name, 0) + 1
         segments.append(
-            Segment(
-                fields, d, counts[name], sub not in line and esc not in line and name not in HEADER_SEGMENTS
-            )
+            Segment(fields, d, seq, sub not in line and esc not in line and name not in HEADER_SEGMENTS)
         )
     return Message(text, d, segments)
 

@@ -510,8 +510,8 @@ def reference_range(obx: Segment, vtype: str, ctx: ConvertContext, u: JSON | Non
 
 def interpretation(obx: Segment, ctx: ConvertContext) -> list[JSON]:
     out: list[JSON] = []
-    for rep in obx.reps(8):
-        code = rep.c(1).strip()
+    for comps in obx.rep_comps(8, 2):  # (blank repetitions, which rep_comps leaves out, have no code)
+        code = comps[0].strip()
         if not code:
             continue
         display = INTERPRETATION.get(code) or INTERPRETATION.get(code.upper())
@@ -521,7 +521,7 @@ def interpretation(obx: Segment, ctx: ConvertContext) -> list[JSON]:
         else:
             ctx.count("code_table_miss")
             cc: JSON = {"coding": [{"system": V2_TABLE + "0078", "code": code}]}
-            if t := rep.c(2).strip():
+            if t := comps[1].strip():
                 cc["text"] = t
             out.append(cc)
     return out
