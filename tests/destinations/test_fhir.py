@@ -729,3 +729,23 @@ def test_mutual_tls_with_custom_ca(
             dest(ctx, peer.url, headers={"Authorization": "Bearer literal"})
     finally:
         peer.close()
+
+
+def test_test_server_survives_a_client_killed_mid_request(fhir_server: Any) -> None:
+    """The crash tests SIGKILL the engine while it posts bundles: the test server must shrug off a
+    connection reset in the middle of a request body (it used to exit, and every later delivery
+    failed with 'cannot connect')."""
+    import socket
+    import struct
+    from urllib.parse import urlsplit
+
+    port = urlsplit(fhir_server.base_url).port
+    assert port is not None
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n{\"resourceType\":")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # RST with the body unfinished
+    time.sleep(0.5)
+    assert fhir_server.proc.poll() is None
+    assert isinstance(fhir_server.search("Patient"), list)

@@ -78,8 +78,16 @@ function send(res, status, body, headers = {}) {
 }
 
 const server = http.createServer(async (req, res) => {
+  // A client that dies mid-request (the crash tests SIGKILL the engine) must not take the server down:
+  // a socket error while reading the body is that request's problem only.
+  req.on('error', () => {});
+  res.on('error', () => {});
   const chunks = [];
-  for await (const c of req) chunks.push(c);
+  try {
+    for await (const c of req) chunks.push(c);
+  } catch {
+    return; // the client went away before sending its whole body: nothing to answer
+  }
   const url = (req.url || '/').replace(/^\/+/, '');
   try {
     if (req.method === 'POST' && url === '$reset') { repo.clear(); return send(res, 200, { ok: true }); }
@@ -105,4 +113,5 @@ const server = http.createServer(async (req, res) => {
 server.listen(Number(process.argv[2] || 0), '127.0.0.1', () => {
   console.log(`listening ${server.address().port}`);
 });
+process.on('unhandledRejection', (err) => console.error('unhandled rejection (request dropped):', err));
 for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => server.close(() => process.exit(0)));
