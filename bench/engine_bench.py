@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine import store as st  # noqa: E402
-from tests.support.engine import EngineProcess, basic_channel, free_port, write_config  # noqa: E402
+from tests.support.engine import EngineProcess, basic_channel, child_pids, free_port, write_config  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 LOAD = [sys.executable, str(ROOT / "bench" / "mllp_load.py")]
@@ -76,14 +76,6 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
 
 
 def e2e(
@@ -158,7 +150,7 @@ def e2e(
                 # writer, delivery), its worker processes (conversion), the FHIR server (if any).
                 cpu = {
                     "engine": _cpu_seconds(eng.proc.pid) - cpu0["engine"],
-                    "workers": sum(_cpu_seconds(c) for c in _children(eng.proc.pid)),
+                    "workers": sum(_cpu_seconds(c) for c in child_pids(eng.proc.pid)),
                 }
                 if server_pid:
                     cpu["server"] = _cpu_seconds(server_pid) - cpu0["server"]

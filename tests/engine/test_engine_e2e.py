@@ -15,7 +15,7 @@ from engine import store as st
 from engine.cli import main
 from engine.client import MLLPClient, parse_ack
 from engine.errors import DeliveryError
-from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
+from tests.support.engine import EngineProcess, basic_channel, child_pids, free_port, write_config
 
 SAMPLES = Path(__file__).parent / "samples"
 
@@ -272,14 +272,6 @@ def test_kill_9_while_sending_loses_nothing(tmp_path: Path) -> None:
         eng.stop()
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -309,7 +301,7 @@ def test_worker_processes_leave_when_the_engine_is_killed(tmp_path: Path) -> Non
         wait_for(lambda: s.delivery_counts().get(("out", st.DELIVERED), 0) >= 20, what="delivered")
     finally:
         s.close()
-    workers = [p for p in _children(eng.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    workers = [p for p in child_pids(eng.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
     assert workers, "the engine should have started worker processes"
     eng.kill()
     wait_for(lambda: not any(_alive(p) for p in workers), timeout=10, what="worker processes to exit")

@@ -58,6 +58,15 @@ def basic_channel(port: int, **extra: Any) -> dict[str, Any]:
     return ch
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (Linux /proc), e.g. the engine's worker processes."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 class EngineProcess:
     """``sluice run`` in a subprocess; stopped (or killed) by its PID only."""
 
