@@ -13,7 +13,7 @@ import pytest
 
 from engine import store as st
 from tests.engine.test_engine_e2e import send_through_kills
-from tests.support.engine import EngineProcess, free_port, write_config
+from tests.support.engine import EngineProcess, fhir_channel, free_port, write_config
 from tests.support.fhirserver import FhirServer
 
 pytestmark = [pytest.mark.fhirserver, pytest.mark.slow]
@@ -22,13 +22,7 @@ pytestmark = [pytest.mark.fhirserver, pytest.mark.slow]
 def test_kill_9_with_fhir_destination_exactly_once(tmp_path: Path, fhir_server: FhirServer) -> None:
     fhir_server.reset()
     port = free_port()
-    channel = {
-        "source": {"host": "127.0.0.1", "port": port},
-        "accept": {"types": {"ADT": "*"}},
-        "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
-        "routes": [{"destination": "fhir"}],
-        "order_by": "PID-3.1",
-    }
+    channel = fhir_channel(port, "fhir", order_by="PID-3.1")
     dest = {
         "kind": "fhir",
         "base_url": fhir_server.base_url,

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from engine import store as st
 from engine.cli import main
 from tests.e2e.test_fhir_series import adt, only, send_all
-from tests.support.engine import EngineProcess, free_port, write_config
+from tests.support.engine import EngineProcess, fhir_channel, free_port, write_config
 from tests.support.faultproxy import ThreadedFaultProxy
 from tests.support.fhirserver import FhirServer
 
@@ -105,14 +105,7 @@ def engine_via(
     tmp_path: Path, proxy: LossyProxy, channel_extra: dict[str, Any] | None = None, **dest_extra: Any
 ) -> tuple[EngineProcess, Path, Path]:
     port = free_port()
-    channel = {
-        **(channel_extra or {}),
-        "source": {"host": "127.0.0.1", "port": port},
-        "accept": {"types": {"ADT": "*"}},
-        "site_tz": "America/Los_Angeles",
-        "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
-        "routes": [{"destination": "fhir"}],
-    }
+    channel = fhir_channel(port, "fhir", **(channel_extra or {}))
     dest = {
         "kind": "fhir",
         "base_url": proxy.url,

@@ -14,7 +14,7 @@ import pytest
 
 from engine import store as st
 from engine.client import MLLPClient, parse_ack
-from tests.support.engine import EngineProcess, free_port, write_config
+from tests.support.engine import EngineProcess, fhir_channel, free_port, write_config
 from tests.support.fhirserver import FhirServer
 
 pytestmark = pytest.mark.fhirserver
@@ -62,13 +62,7 @@ def siu(trigger: str, cid: str, start: str, end: str, status: str) -> str:
 
 def engine_for(tmp_path: Path, fhir: FhirServer) -> tuple[EngineProcess, Path]:
     port = free_port()
-    channel = {
-        "source": {"host": "127.0.0.1", "port": port},
-        "accept": {"types": {"ADT": "*", "ORU": "*", "SIU": "*"}},
-        "site_tz": "America/Los_Angeles",
-        "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
-        "routes": [{"destination": "fhir"}],
-    }
+    channel = fhir_channel(port, "fhir", types=("ADT", "ORU", "SIU"))
     dest = {"kind": "fhir", "base_url": fhir.base_url, "retry": {"max_attempts": 5, "backoff": 0.2}}
     cfg = write_config(tmp_path, channels={"clinic": channel}, destinations={"fhir": dest})
     return EngineProcess(cfg, port), tmp_path / "sluice.db"

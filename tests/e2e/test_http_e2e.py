@@ -23,7 +23,7 @@ import pytest
 
 from engine import store as st
 from engine.client import MLLPClient, parse_ack
-from tests.support.engine import EngineProcess, free_port, write_config
+from tests.support.engine import EngineProcess, fhir_channel, free_port, write_config
 
 KEY = b"synthetic-test-signing-key-0001"
 
@@ -97,13 +97,7 @@ def engine_for(
 ) -> tuple[EngineProcess, Path]:
     (tmp_path / "hook.key").write_bytes(KEY)
     port = free_port()
-    channel = {
-        "source": {"host": "127.0.0.1", "port": port},
-        "accept": {"types": {"ADT": "*"}},
-        "site_tz": "America/Los_Angeles",
-        "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
-        "routes": [{"destination": "hook"}],
-    }
+    channel = fhir_channel(port, "hook")
     dest = {
         "kind": "http",
         "url": url,

@@ -26,7 +26,7 @@ import pytest
 from engine import store as st
 from engine.client import MLLPClient, parse_ack
 from tests.conftest import service_unavailable
-from tests.support.engine import EngineProcess, free_port, write_config
+from tests.support.engine import EngineProcess, fhir_channel, free_port, write_config
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -122,13 +122,7 @@ def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path, mandatory: bool
     exchange, queue = f"sluice-e2e-{uuid.uuid4().hex[:8]}", f"sluice-e2e-q-{uuid.uuid4().hex[:8]}"
     asyncio.run(declare_queue(exchange, queue))
     port = free_port()
-    channel = {
-        "source": {"host": "127.0.0.1", "port": port},
-        "accept": {"types": {"ADT": "*"}},
-        "site_tz": "America/Los_Angeles",
-        "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
-        "routes": [{"destination": "bus"}],
-    }
+    channel = fhir_channel(port, "bus")
     dest = {
         "kind": "rabbitmq",
         "url": URL,

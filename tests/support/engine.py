@@ -58,6 +58,20 @@ def basic_channel(port: int, **extra: Any) -> dict[str, Any]:
     return ch
 
 
+def fhir_channel(port: int, destination: str, *, types: tuple[str, ...] = ("ADT",), **extra: Any) -> dict[str, Any]:
+    """A channel on ``port`` converting ``types`` to FHIR bundles (demo-style derived identifier systems,
+    site zone America/Los_Angeles) and routing them to ``destination``; ``extra`` adds or overrides keys."""
+    ch: dict[str, Any] = {
+        "source": {"host": "127.0.0.1", "port": port},
+        "accept": {"types": {t: "*" for t in types}},
+        "site_tz": "America/Los_Angeles",
+        "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
+        "routes": [{"destination": destination}],
+    }
+    ch.update(extra)
+    return ch
+
+
 def child_pids(pid: int) -> list[int]:
     """The direct children of a process (Linux /proc), e.g. the engine's worker processes."""
     try:
