@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 # --- build: wheels for sluice and its dependencies ------------------------------
 FROM python:3.11-slim AS build
+# a C compiler lets setup.py compile the hot modules with mypyc (without one it installs pure Python)
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md setup.py ./
 COPY engine ./engine
 COPY transforms ./transforms
 COPY conformance ./conformance

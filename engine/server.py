@@ -17,7 +17,7 @@ import time
 
 import structlog
 
-from engine import registry
+from engine import native, registry
 from engine.config import Config
 from engine.destinations.base import Destination, DestinationContext
 from engine.errors import ConfigError
@@ -109,6 +109,7 @@ class Server:
                 ack=ch.ack,
                 store=store.safe_url,
             )
+        log.info("hot modules", build=native.REASON)
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(w.run()) for w in self.processing]
         self.tasks += [loop.create_task(d.run()) for d in self.delivery]
