@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, NamedTuple
 
-from engine import payloads
+from engine import collector, payloads
 from engine.config import Config
 from engine.intake import ProcessResult
 
@@ -65,6 +65,7 @@ def _init(config: Config, parent: int) -> None:
     for ch in config.channels:
         if ch.enabled:
             _RUNTIMES[ch.name] = ChannelRuntime(config, ch, store=None)
+    collector.tune()
 
 
 def _run(channel: str, items: list[tuple[int, bytes]]) -> list[ProcessResult]:

@@ -17,7 +17,7 @@ import time
 
 import structlog
 
-from engine import native, registry
+from engine import collector, native, registry
 from engine.config import Config
 from engine.destinations.base import Destination, DestinationContext
 from engine.errors import ConfigError
@@ -150,6 +150,7 @@ class Server:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.should_exit.set)
         await self.start()
+        collector.tune()  # this process is the engine: start-up objects out of the collector's way
         await self.should_exit.wait()
         log.info("shutting_down")
         await self.stop()
