@@ -60,7 +60,10 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
 def _package_dir(name: str) -> Path | None:
     if name == "engine":
         return Path(__file__).resolve().parent
-    spec = importlib.util.find_spec(name)  # a top-level package: located, not imported
+    try:
+        spec = importlib.util.find_spec(name)  # a top-level package: located, not imported
+    except (ImportError, ValueError):
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
