@@ -2,7 +2,7 @@
 
 The HL7 parser and the HL7 → FHIR mappers are plain, fully typed Python; mypyc (part of mypy) compiles
 them to C extensions, which makes a conversion about 2.5x cheaper (``bench/convert_bench.py`` measures
-both builds; see docs/performance.md).  The build never fails for want of a compiler: without one, or
+both builds; see bench/README.md and DEVELOPERS.md).  The build never fails for want of a compiler: without one, or
 with ``SLUICE_PURE_PYTHON=1`` set, it installs the same modules as pure Python.
 
 Each package with compiled modules gets a ``_native.json`` beside them listing the SHA-256 of every

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from engine import native
 from engine.errors import ConfigError, SluiceError
 
 DEFAULT_CONFIG = "routes.yaml"
@@ -74,16 +75,10 @@ config_option = click.option(
 )
 
 
-def _native_reason() -> str:
-    from engine import native
-
-    return native.REASON
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(
     package_name="sluice",
-    message="%(prog)s %(version)s (hot modules: " + _native_reason() + ")",
+    message="%(prog)s %(version)s (hot modules: " + native.REASON + ")",
 )
 def main() -> None:
     """Sluice: a fast, durable HL7 v2 interface engine with HL7→FHIR built in."""

@@ -11,7 +11,7 @@
 
 All or nothing because compiled modules call each other directly: a compiled ``transforms.convert``
 would keep calling the compiled ``transforms.adt`` even if ``adt.py`` had been loaded from source.
-Outputs are identical either way (tests/test_native.py converts the golden messages under both).
+Outputs are identical either way (tests/engine/test_native.py converts the golden messages under both).
 """
 
 from __future__ import annotations
@@ -36,11 +36,7 @@ COMPILED: bool = False
 """True when this process runs the compiled modules."""
 
 REASON: str = "not checked"
-"""Why the process runs what it runs (shown by ``sluice version`` and logged at start-up)."""
-
-MODULES: tuple[str, ...] = ()
-"""Dotted names of the modules the build compiled (empty when there is no compiled build)."""
-
+"""Why the process runs what it runs (shown by ``sluice --version`` and logged at start-up)."""
 
 class _SourceFinder(importlib.abc.MetaPathFinder):
     """Load the listed modules from their ``.py`` sources, ahead of the extension modules beside them."""
@@ -73,6 +69,10 @@ def _compiled_extension(directory: Path, module: str) -> bool:
     return any((directory / (module + suffix)).exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES)
 
 
+def _pure_requested(environ: Mapping[str, str]) -> bool:
+    return environ.get(PURE_ENV, "") not in ("", "0")
+
+
 def decide(
     directories: Mapping[str, Path | None] | None = None, environ: Mapping[str, str] | None = None
 ) -> tuple[bool, str, dict[str, Path]]:
@@ -102,7 +102,7 @@ def decide(
                 stale.append(f"{package}/{module}.py")
     if not sources:
         return False, "pure Python (installed without the compiled modules)", sources
-    if environ.get(PURE_ENV, "") not in ("", "0"):
+    if _pure_requested(environ):
         return False, f"pure Python ({PURE_ENV} is set)", sources
     if missing:
         return False, f"pure Python (compiled module missing: {', '.join(missing)})", sources
@@ -113,17 +113,16 @@ def decide(
 
 def install() -> None:
     """Decide once per process; route imports to the sources unless the compiled build is usable."""
-    global COMPILED, REASON, MODULES
+    global COMPILED, REASON
     if REASON != "not checked":
         return
-    compiled, reason, sources = decide()
-    COMPILED, REASON, MODULES = compiled, reason, tuple(sorted(sources))
-    if compiled or not sources:
+    COMPILED, REASON, sources = decide()
+    if COMPILED or not sources:
         return
     sys.meta_path.insert(0, _SourceFinder(sources))
-    if "changed since compiled" in reason or "missing" in reason:
+    if not _pure_requested(os.environ):  # a compiled build that cannot be used: tell the developer
         print(
-            f"sluice: {reason}; running the slower pure-Python modules. "
+            f"sluice: {REASON}; running the slower pure-Python modules. "
             "Run `pip install -e .` again to recompile.",
             file=sys.stderr,
         )
