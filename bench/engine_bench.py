@@ -19,7 +19,6 @@ Figures go to bench/results/engine.json (and a table on stdout).  Nothing here i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -28,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +58,13 @@ def start_engine(workdir: Path, channel: dict[str, Any], destinations: dict[str,
 
 
 def intake(seconds: float) -> dict[str, Any]:
-    with _scratch("run-") as d:
-        work = Path(d)
-        dest = {"out": {"kind": "file", "directory": str(work / "out"), "fsync": True}}
-        eng = start_engine(work, basic_channel(0), dest)
-        try:
-            data = run_load(eng.port, "--suite", "--compare-echo", "--seconds", str(seconds), "--warmup", "1")
-        finally:
-            eng.stop()
+    work = _scratch()
+    dest = {"out": {"kind": "file", "directory": str(work / "out"), "fsync": True}}
+    eng = start_engine(work, basic_channel(0), dest)
+    try:
+        data = run_load(eng.port, "--suite", "--compare-echo", "--seconds", str(seconds), "--warmup", "1")
+    finally:
+        eng.stop()
     return data
 
 
@@ -94,11 +91,11 @@ def _cpu_seconds(pid: int) -> float:
 _SCRATCH: list[Path] = []
 
 
-@contextlib.contextmanager
-def _scratch(prefix: str) -> Iterator[str]:
+def _scratch() -> Path:
+    """A new directory for one scenario, under one root that main() removes at the end."""
     if not _SCRATCH:
         _SCRATCH.append(Path(tempfile.mkdtemp(prefix="sluice-bench-")))
-    yield tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH[0])
+    return Path(tempfile.mkdtemp(prefix="run-", dir=_SCRATCH[0]))
 
 
 def e2e(
@@ -112,77 +109,76 @@ def e2e(
     message: str = "adt-a01",
 ) -> dict[str, Any]:
     """Send ``count`` messages over ``connections``; time intake and the last delivery."""
-    with _scratch("run-") as d:
-        work = Path(d)
-        if kind == "file":
-            dest: dict[str, Any] = {
-                "kind": "file",
-                "directory": str(work / "out"),
-                "fsync": os.environ.get("BENCH_FSYNC", "1") == "1",
-            }
-        elif kind == "fhir":
-            # Medplum refuses a transaction with conditional writes and more than 8 entries ("requires
-            # strict isolation but has too many entries"): send a message that converts to fewer.
-            dest = {"kind": "fhir", "base_url": fhir_url, "concurrency": 8}
-        else:
-            dest = {"kind": "rabbitmq", "exchange": "sluice.bench", "routing_key": "hl7.{type}.{trigger}"}
-        channel = {
-            "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
-            "routes": [{"destination": "out"}],
-            "order_by": "PID-3.1",
+    work = _scratch()
+    if kind == "file":
+        dest: dict[str, Any] = {
+            "kind": "file",
+            "directory": str(work / "out"),
+            "fsync": os.environ.get("BENCH_FSYNC", "1") == "1",
         }
-        dest["lanes"] = 16
-        eng = start_engine(work, channel, {"out": dest})
-        assert eng.proc is not None
-        cpu0 = {"server": _cpu_seconds(server_pid) if server_pid else 0.0, "engine": _cpu_seconds(eng.proc.pid)}
-        sys0 = _cpu_split(eng.proc.pid)[1]
+    elif kind == "fhir":
+        # Medplum refuses a transaction with conditional writes and more than 8 entries ("requires
+        # strict isolation but has too many entries"): send a message that converts to fewer.
+        dest = {"kind": "fhir", "base_url": fhir_url, "concurrency": 8}
+    else:
+        dest = {"kind": "rabbitmq", "exchange": "sluice.bench", "routing_key": "hl7.{type}.{trigger}"}
+    channel = {
+        "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
+        "routes": [{"destination": "out"}],
+        "order_by": "PID-3.1",
+    }
+    dest["lanes"] = 16
+    eng = start_engine(work, channel, {"out": dest})
+    assert eng.proc is not None
+    cpu0 = {"server": _cpu_seconds(server_pid) if server_pid else 0.0, "engine": _cpu_seconds(eng.proc.pid)}
+    sys0 = _cpu_split(eng.proc.pid)[1]
+    try:
+        t0 = time.monotonic()
+        load = run_load(
+            eng.port,
+            "--connections",
+            str(connections),
+            "--count",
+            str(count),
+            "--seconds",
+            "600",
+            "--warmup",
+            "0",
+            "--patients",
+            str(patients),
+            "--message",
+            message,
+        )
+        t_intake = time.monotonic() - t0
+        acked = int(load["results"][0]["acked_ok"])
+        store = st.Store(f"sqlite:///{work / 'sluice.db'}")
         try:
-            t0 = time.monotonic()
-            load = run_load(
-                eng.port,
-                "--connections",
-                str(connections),
-                "--count",
-                str(count),
-                "--seconds",
-                "600",
-                "--warmup",
-                "0",
-                "--patients",
-                str(patients),
-                "--message",
-                message,
-            )
-            t_intake = time.monotonic() - t0
-            acked = int(load["results"][0]["acked_ok"])
-            store = st.Store(f"sqlite:///{work / 'sluice.db'}")
-            try:
-                while True:
-                    counts = store.delivery_counts()
-                    done = counts.get(("out", st.DELIVERED), 0)
-                    dead = counts.get(("out", st.DEAD), 0)
-                    statuses = store.status_counts()
-                    errors = statuses.get(("bench", st.ERROR), 0)
-                    total = sum(v for (ch, s), v in statuses.items() if ch == "bench")
-                    if done + dead + errors >= total and total >= acked:
-                        break
-                    if time.monotonic() - t0 > 600:
-                        break
-                    time.sleep(0.05)
-                t_all = time.monotonic() - t0
-                # Where the CPU went, per delivered message: the engine process (listener, store
-                # writer, delivery), its worker processes (conversion), the FHIR server (if any).
-                cpu = {
-                    "engine": _cpu_seconds(eng.proc.pid) - cpu0["engine"],
-                    "workers": sum(_cpu_seconds(c) for c in child_pids(eng.proc.pid)),
-                }
-                if server_pid:
-                    cpu["server"] = _cpu_seconds(server_pid) - cpu0["server"]
-                engine_sys = _cpu_split(eng.proc.pid)[1] - sys0
-            finally:
-                store.close()
+            while True:
+                counts = store.delivery_counts()
+                done = counts.get(("out", st.DELIVERED), 0)
+                dead = counts.get(("out", st.DEAD), 0)
+                statuses = store.status_counts()
+                errors = statuses.get(("bench", st.ERROR), 0)
+                total = sum(v for (ch, s), v in statuses.items() if ch == "bench")
+                if done + dead + errors >= total and total >= acked:
+                    break
+                if time.monotonic() - t0 > 600:
+                    break
+                time.sleep(0.05)
+            t_all = time.monotonic() - t0
+            # Where the CPU went, per delivered message: the engine process (listener, store
+            # writer, delivery), its worker processes (conversion), the FHIR server (if any).
+            cpu = {
+                "engine": _cpu_seconds(eng.proc.pid) - cpu0["engine"],
+                "workers": sum(_cpu_seconds(c) for c in child_pids(eng.proc.pid)),
+            }
+            if server_pid:
+                cpu["server"] = _cpu_seconds(server_pid) - cpu0["server"]
+            engine_sys = _cpu_split(eng.proc.pid)[1] - sys0
         finally:
-            eng.stop()
+            store.close()
+    finally:
+        eng.stop()
     res = load["results"][0]
     return {
         "destination": kind,
