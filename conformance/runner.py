@@ -410,14 +410,18 @@ def run(
     return summary
 
 
-def _score(result: MessageResult, bundle: dict[str, Any], expected: Path, root: Path, source: bytes = b"") -> None:
+def _score(
+    result: MessageResult, bundle: dict[str, Any], expected: Path, root: Path, source: bytes = b""
+) -> None:
     try:
         reference = json.loads(expected.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         result.detail = (result.detail + "; " if result.detail else "") + f"expected bundle unreadable: {exc}"
         return
     result.expected = _rel(expected, root)
-    result.score = score_bundles(bundle, reference, source=source.decode("utf-8", "replace") if source else None)
+    result.score = score_bundles(
+        bundle, reference, source=source.decode("utf-8", "replace") if source else None
+    )
 
 
 def _rel(path: Path, root: Path) -> str:

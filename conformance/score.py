@@ -758,10 +758,34 @@ def match_resources(
     return [(e, ours[result[i]] if i in result else None) for i, e in enumerate(expected)]
 
 
-IG_UNMAPPED_SEGMENTS: frozenset[str] = frozenset({
-    "ARV", "UAC", "OH1", "OH2", "OH3", "OH4", "DB1", "IAM", "DRG", "GT1", "IN2", "AUT", "RF1", "ACC", "UB1",
-    "UB2", "PDA", "RGS", "TQ2", "CTD", "FT1", "CTI", "DSC", "TXA",
-})
+IG_UNMAPPED_SEGMENTS: frozenset[str] = frozenset(
+    {
+        "ARV",
+        "UAC",
+        "OH1",
+        "OH2",
+        "OH3",
+        "OH4",
+        "DB1",
+        "IAM",
+        "DRG",
+        "GT1",
+        "IN2",
+        "AUT",
+        "RF1",
+        "ACC",
+        "UB1",
+        "UB2",
+        "PDA",
+        "RGS",
+        "TQ2",
+        "CTD",
+        "FT1",
+        "CTI",
+        "DSC",
+        "TXA",
+    }
+)
 """Segments the HL7 V2-to-FHIR IG's message maps (ADT_A01..., ORU_R01, SIU_S12) give no FHIR target.
 
 The MS converter maps several of them anyway (GT1 → a RelatedPerson and Patient identifiers, IN2 →
@@ -773,7 +797,10 @@ EXPLAIN_OUTSIDE_IG = "MS maps {segs}, which the IG's message map leaves unmapped
 
 MS_OBSERVATION_CODE_SYSTEM = "http://example.com/v2-to-fhir-converter/CodeSystem/observation-code"
 MS_SEGMENT_OBSERVATIONS: dict[str, str] = {
-    "death-certificate": "PDA", "autopsy": "PDA", "coroner": "PDA", "injury-incident": "ACC",
+    "death-certificate": "PDA",
+    "autopsy": "PDA",
+    "coroner": "PDA",
+    "injury-incident": "ACC",
 }
 """Observations the MS converter synthesises from one segment, under a code system of its own (no code
 of the message): its ADT templates (``data/Templates/Hl7v2/ADT_A01.liquid``) include
@@ -902,7 +929,9 @@ def _collect_refs(obj: Any, out: list[str]) -> None:
 
 
 def score_bundles(
-    ours: Mapping[str, Any], expected: Mapping[str, Any], scored_types: Iterable[str] = SCORED_TYPES,
+    ours: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    scored_types: Iterable[str] = SCORED_TYPES,
     source: str | None = None,
 ) -> Score:
     """Field-level agreement of ``ours`` with the reference bundle ``expected``.

@@ -38,6 +38,7 @@ COMPILED: bool = False
 REASON: str = "not checked"
 """Why the process runs what it runs (shown by ``sluice --version`` and logged at start-up)."""
 
+
 class _SourceFinder(importlib.abc.MetaPathFinder):
     """Load the listed modules from their ``.py`` sources, ahead of the extension modules beside them."""
 

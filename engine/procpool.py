@@ -77,7 +77,9 @@ def _run(channel: str, items: list[tuple[int, bytes]]) -> list[ProcessResult]:
         res.error = None
         if res.output is not None and not res.output.packed:
             # Compress here, in parallel, rather than in the engine process (smaller to send, too).
-            res.output = dataclasses.replace(res.output, payload=payloads.pack(res.output.payload), packed=True)
+            res.output = dataclasses.replace(
+                res.output, payload=payloads.pack(res.output.payload), packed=True
+            )
         out.append(res)
     return out
 

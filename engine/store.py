@@ -617,7 +617,9 @@ class Store:
     _CLAIM_COLUMNS = ("id", "channel", "raw", "control_id", "message_type", "trigger", "order_key",
                       "replay_destinations", "override_guards")  # fmt: skip
 
-    def received_ids(self, channel: str, limit: int, skip: frozenset[int] | set[int] = frozenset()) -> list[int]:
+    def received_ids(
+        self, channel: str, limit: int, skip: frozenset[int] | set[int] = frozenset()
+    ) -> list[int]:
         """Single node (SQLite): ids of the oldest received messages, leaving out ``skip`` (in flight).
 
         Only ids: the bodies are read by the worker process that converts them.

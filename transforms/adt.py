@@ -63,52 +63,119 @@ PATIENT_CLASS = {
     "N": (dt.V2_TABLE + "0004", "N", "Not Applicable"),
     "U": (dt.V2_TABLE + "0004", "U", "Unknown"),
 }
-CLASS_UNKNOWN = {"system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor", "code": "UNK", "display": "unknown"}
+CLASS_UNKNOWN = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor",
+    "code": "UNK",
+    "display": "unknown",
+}
 
 MARITAL = {
-    "A": "A", "D": "D", "I": "I", "L": "L", "M": "M", "C": "C", "P": "P", "T": "T", "U": "U", "S": "S", "W": "W",
-    "N": "A", "B": "U", "E": "L", "G": "T", "O": "UNK", "R": "T",
+    "A": "A",
+    "D": "D",
+    "I": "I",
+    "L": "L",
+    "M": "M",
+    "C": "C",
+    "P": "P",
+    "T": "T",
+    "U": "U",
+    "S": "S",
+    "W": "W",
+    "N": "A",
+    "B": "U",
+    "E": "L",
+    "G": "T",
+    "O": "UNK",
+    "R": "T",
 }
 MARITAL_DISPLAY = {
-    "A": "Annulled", "D": "Divorced", "I": "Interlocutory", "L": "Legally Separated", "M": "Married",
-    "C": "Common Law", "P": "Polygamous", "T": "Domestic partner", "U": "unmarried", "S": "Never Married",
-    "W": "Widowed", "UNK": "unknown",
+    "A": "Annulled",
+    "D": "Divorced",
+    "I": "Interlocutory",
+    "L": "Legally Separated",
+    "M": "Married",
+    "C": "Common Law",
+    "P": "Polygamous",
+    "T": "Domestic partner",
+    "U": "unmarried",
+    "S": "Never Married",
+    "W": "Widowed",
+    "UNK": "unknown",
 }
 ALLERGY_CATEGORY = {
-    "DA": "medication", "MC": "medication", "FA": "food", "EA": "environment", "AA": "environment",
-    "PA": "environment", "LA": "environment", "MA": None,
+    "DA": "medication",
+    "MC": "medication",
+    "FA": "food",
+    "EA": "environment",
+    "AA": "environment",
+    "PA": "environment",
+    "LA": "environment",
+    "MA": None,
 }
 ALLERGY_CRITICALITY = {"SV": "high", "MO": "low", "MI": "low", "U": "unable-to-assess"}
 REACTION_SEVERITY = {"SV": "severe", "MO": "moderate", "MI": "mild"}
 DIAGNOSIS_VERIFICATION = {"A": "provisional", "W": "provisional", "F": "confirmed", "P": "provisional"}
 SUBSCRIBER_RELATIONSHIP = {
-    "SEL": "self", "SPO": "spouse", "CHD": "child", "PAR": "parent", "FTH": "parent", "MTH": "parent",
-    "DOM": "common", "EME": "other", "OTH": "other", "01": "spouse", "18": "self", "19": "child",
+    "SEL": "self",
+    "SPO": "spouse",
+    "CHD": "child",
+    "PAR": "parent",
+    "FTH": "parent",
+    "MTH": "parent",
+    "DOM": "common",
+    "EME": "other",
+    "OTH": "other",
+    "01": "spouse",
+    "18": "self",
+    "19": "child",
 }
 EMERGENCY_CONTACT_ROLES = ("EMR", "E", "F", "I", "S")
 ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
 # IG ConceptMap Relationship (table 0063 → v3-RoleCode, or v2-0131 for the contact roles)
 RELATIONSHIP: dict[str, tuple[str, str, str]] = {
-    "SEL": (ROLE_CODE, "ONESELF", "self"), "SPO": (ROLE_CODE, "SPS", "spouse"),
-    "DOM": (ROLE_CODE, "SIGOTHR", "significant other"), "CHD": (ROLE_CODE, "CHILD", "child"),
-    "GCH": (ROLE_CODE, "GRNDCHILD", "grandchild"), "NCH": (ROLE_CODE, "NCHILD", "natural child"),
-    "SCH": (ROLE_CODE, "STPCHLD", "step child"), "FCH": (ROLE_CODE, "CHLDFOST", "foster child"),
-    "DEP": (ROLE_CODE, "DEP", "Handicapped dependent"), "WRD": (ROLE_CODE, "WRD", "Ward of court"),
-    "PAR": (ROLE_CODE, "PRN", "parent"), "MTH": (ROLE_CODE, "MTH", "mother"), "FTH": (ROLE_CODE, "FTH", "father"),
-    "CGV": (ROLE_CODE, "CGV", "Care giver"), "GRD": (ROLE_CODE, "GRD", "Guardian"),
-    "GRP": (ROLE_CODE, "GRPRN", "grandparent"), "EXF": (ROLE_CODE, "EXT", "extended family member"),
-    "SIB": (ROLE_CODE, "SIB", "sibling"), "BRO": (ROLE_CODE, "BRO", "brother"), "SIS": (ROLE_CODE, "SIS", "sister"),
-    "FND": (ROLE_CODE, "FRND", "unrelated friend"), "OAD": (ROLE_CODE, "OAD", "Other adult"),
-    "EME": (ROLE_CODE, "EME", "Employee"), "EMR": (dt.V2_TABLE + "0131", "E", "Employer"),
-    "ASC": (ROLE_CODE, "ASC", "Associate"), "EMC": (dt.V2_TABLE + "0131", "C", "Emergency Contact"),
-    "OWN": (ROLE_CODE, "OWN", "Owner"), "TRA": (ROLE_CODE, "TRA", "Trainer"), "MGR": (ROLE_CODE, "MGR", "Manager"),
-    "NON": (ROLE_CODE, "NON", "None"), "UNK": (dt.V2_TABLE + "0131", "U", "Unknown"),
+    "SEL": (ROLE_CODE, "ONESELF", "self"),
+    "SPO": (ROLE_CODE, "SPS", "spouse"),
+    "DOM": (ROLE_CODE, "SIGOTHR", "significant other"),
+    "CHD": (ROLE_CODE, "CHILD", "child"),
+    "GCH": (ROLE_CODE, "GRNDCHILD", "grandchild"),
+    "NCH": (ROLE_CODE, "NCHILD", "natural child"),
+    "SCH": (ROLE_CODE, "STPCHLD", "step child"),
+    "FCH": (ROLE_CODE, "CHLDFOST", "foster child"),
+    "DEP": (ROLE_CODE, "DEP", "Handicapped dependent"),
+    "WRD": (ROLE_CODE, "WRD", "Ward of court"),
+    "PAR": (ROLE_CODE, "PRN", "parent"),
+    "MTH": (ROLE_CODE, "MTH", "mother"),
+    "FTH": (ROLE_CODE, "FTH", "father"),
+    "CGV": (ROLE_CODE, "CGV", "Care giver"),
+    "GRD": (ROLE_CODE, "GRD", "Guardian"),
+    "GRP": (ROLE_CODE, "GRPRN", "grandparent"),
+    "EXF": (ROLE_CODE, "EXT", "extended family member"),
+    "SIB": (ROLE_CODE, "SIB", "sibling"),
+    "BRO": (ROLE_CODE, "BRO", "brother"),
+    "SIS": (ROLE_CODE, "SIS", "sister"),
+    "FND": (ROLE_CODE, "FRND", "unrelated friend"),
+    "OAD": (ROLE_CODE, "OAD", "Other adult"),
+    "EME": (ROLE_CODE, "EME", "Employee"),
+    "EMR": (dt.V2_TABLE + "0131", "E", "Employer"),
+    "ASC": (ROLE_CODE, "ASC", "Associate"),
+    "EMC": (dt.V2_TABLE + "0131", "C", "Emergency Contact"),
+    "OWN": (ROLE_CODE, "OWN", "Owner"),
+    "TRA": (ROLE_CODE, "TRA", "Trainer"),
+    "MGR": (ROLE_CODE, "MGR", "Manager"),
+    "NON": (ROLE_CODE, "NON", "None"),
+    "UNK": (dt.V2_TABLE + "0131", "U", "Unknown"),
     "OTH": (dt.V2_TABLE + "0131", "O", "Other"),
 }
 # IG ConceptMap ContactRole (table 0131, identity)
 CONTACT_ROLE = {
-    "E": "Employer", "C": "Emergency Contact", "F": "Federal Agency", "I": "Insurance Company",
-    "N": "Next-of-Kin", "S": "State Agency", "O": "Other", "U": "Unknown",
+    "E": "Employer",
+    "C": "Emergency Contact",
+    "F": "Federal Agency",
+    "I": "Insurance Company",
+    "N": "Next-of-Kin",
+    "S": "State Agency",
+    "O": "Other",
+    "U": "Unknown",
 }
 # PV2-25 visit priority (table 0217) → v3-ActPriority
 VISIT_PRIORITY = {"1": ("EM", "emergency"), "2": ("UR", "urgent"), "3": ("EL", "elective")}
@@ -117,12 +184,46 @@ ACT_PRIORITY = "http://terminology.hl7.org/CodeSystem/v3-ActPriority"
 DIAGNOSIS_ROLE = {"A": ("AD", "Admission diagnosis"), "F": ("DD", "Discharge diagnosis")}
 DIAGNOSIS_ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
 # IN1-15 plan types that are v3-ActCode insurance policy codes (a CWE without a coding system)
-ACT_CODE_PLAN_TYPES = frozenset({
-    "HMO", "PPO", "POS", "EHCPOL", "HSAPOL", "AUTOPOL", "COL", "UNINSMOT", "PUBLICPOL", "DENTPRG", "DISEASEPRG",
-    "CANPRG", "ENDRENAL", "HIVAIDS", "MANDPOL", "MENTPRG", "SAFNET", "SUBPRG", "SUBSIDIZ", "SUBSIDMC", "SUBSUPP",
-    "WCBPOL", "INSPOL", "DENTAL", "DISEASE", "DRUGPOL", "HIP", "LTC", "MCPOL", "MENTPOL", "SUBSIDFFS", "VISPOL",
-    "WORKCOMP", "MEDICARE", "MEDICAID", "CHAR",
-})
+ACT_CODE_PLAN_TYPES = frozenset(
+    {
+        "HMO",
+        "PPO",
+        "POS",
+        "EHCPOL",
+        "HSAPOL",
+        "AUTOPOL",
+        "COL",
+        "UNINSMOT",
+        "PUBLICPOL",
+        "DENTPRG",
+        "DISEASEPRG",
+        "CANPRG",
+        "ENDRENAL",
+        "HIVAIDS",
+        "MANDPOL",
+        "MENTPRG",
+        "SAFNET",
+        "SUBPRG",
+        "SUBSIDIZ",
+        "SUBSIDMC",
+        "SUBSUPP",
+        "WCBPOL",
+        "INSPOL",
+        "DENTAL",
+        "DISEASE",
+        "DRUGPOL",
+        "HIP",
+        "LTC",
+        "MCPOL",
+        "MENTPOL",
+        "SUBSIDFFS",
+        "VISPOL",
+        "WORKCOMP",
+        "MEDICARE",
+        "MEDICAID",
+        "CHAR",
+    }
+)
 MEDICARE_SYSTEM = "http://hl7.org/fhir/sid/us-medicare"
 MEDICAID_SYSTEM = "http://hl7.org/fhir/sid/us-medicaid"
 
@@ -167,7 +268,9 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
             for ref, dg1 in conditions:
                 d: JSON = {"condition": {"reference": ref}}
                 if role := DIAGNOSIS_ROLE.get(dt.value(dg1, 6, ctx).strip().upper()):
-                    d["use"] = {"coding": [{"system": DIAGNOSIS_ROLE_SYSTEM, "code": role[0], "display": role[1]}]}
+                    d["use"] = {
+                        "coding": [{"system": DIAGNOSIS_ROLE_SYSTEM, "code": role[0], "display": role[1]}]
+                    }
                 rank = dt.value(dg1, 15, ctx).strip()
                 if rank.isdigit() and int(rank) > 0:
                     d["rank"] = int(rank)
@@ -203,7 +306,9 @@ def key_identifier(seg: Segment, field: int, ctx: ConvertContext) -> tuple[str, 
     reps = [(r, c) for r in seg.reps(field) if (c := r.cs(5))[0].strip()]
     if not reps:
         ctx.count("identifier_match_failure")
-        raise ConversionError(f"{seg.name}-{field} (patient identifier) is empty", code="101", location=seg.loc(field))
+        raise ConversionError(
+            f"{seg.name}-{field} (patient identifier) is empty", code="101", location=seg.loc(field)
+        )
     best: tuple[int, int, str, Rep] | None = None
     usable: list[Rep] = []
     for i, (r, c) in enumerate(reps):
@@ -304,7 +409,10 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
             birth_time = dt.dtm_at(dob, s, pid, 7)
             res["_birthDate"] = {
                 "extension": [
-                    {"url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime", "valueDateTime": birth_time}
+                    {
+                        "url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime",
+                        "valueDateTime": birth_time,
+                    }
                 ]
             }
     if nf > 29:
@@ -327,8 +435,11 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
             mc = marital.cs(2)
             mapped = MARITAL.get(mc[0].strip().upper())
             if mapped:
-                coding = {"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "code": mapped,
-                          "display": MARITAL_DISPLAY[mapped]}
+                coding = {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus",
+                    "code": mapped,
+                    "display": MARITAL_DISPLAY[mapped],
+                }
                 if mapped == "UNK":
                     coding["system"] = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
                 res["maritalStatus"] = {"coding": [coding]}
@@ -350,7 +461,10 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
     # PID-6.1.1 (a blank first repetition has no family name either)
     if nf > 6 and f[6] and (family := dt.value(pid, 6, ctx).strip()):
         res["extension"] = [
-            {"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName", "valueString": family}
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName",
+                "valueString": family,
+            }
         ]
     pd1 = msg.first("PD1")
     if pd1 is not None and len(pd1.fields) > 4 and pd1.fields[4]:
@@ -375,8 +489,18 @@ class _NK1:
     computing them counted, counted again for the second user (as when each mapped the NK1 itself).
     Telecom: NK1-5 and -6 (``tel_head``), NK1-31 (RelatedPerson only), NK1-40 and -41 (``tel_tail``)."""
 
-    __slots__ = ("addresses", "events", "first_address", "gender", "name", "period", "rels", "tel31",
-                 "tel_head", "tel_tail")
+    __slots__ = (
+        "addresses",
+        "events",
+        "first_address",
+        "gender",
+        "name",
+        "period",
+        "rels",
+        "tel31",
+        "tel_head",
+        "tel_tail",
+    )
 
     def __init__(self, nk1: Segment, ctx: ConvertContext):
         s = ctx.settings
@@ -400,8 +524,11 @@ class _NK1:
         self.first_address = per_rep[0] if per_rep else None
         self.addresses = [a for a in per_rep if a is not None] if per_rep else _NO_JSON
         self.gender = dt.table_at(ctx, dt.ADMINISTRATIVE_SEX, nk1, 15, "0001") if nf > 15 and f[15] else None
-        self.period = (dt.period_at(dt.value(nk1, 8, ctx), dt.value(nk1, 9, ctx), s, nk1, 8, 9)
-                       if nf > 8 and (f[8] or (nf > 9 and f[9])) else None)
+        self.period = (
+            dt.period_at(dt.value(nk1, 8, ctx), dt.value(nk1, 9, ctx), s, nk1, 8, 9)
+            if nf > 8 and (f[8] or (nf > 9 and f[9]))
+            else None
+        )
         self.events = [(k, n - before.get(k, 0)) for k, n in counted.items() if n != before.get(k, 0)]
 
 
@@ -447,8 +574,9 @@ TABLE_0063 = dt.V2_TABLE + "0063"
 TABLE_0131 = dt.V2_TABLE + "0131"
 
 
-def _mapped_coding(code: str, display: str, sysname: str, table_map: dict[str, tuple[str, str, str]],
-                   default_system: str) -> JSON | None:
+def _mapped_coding(
+    code: str, display: str, sysname: str, table_map: dict[str, tuple[str, str, str]], default_system: str
+) -> JSON | None:
     code = dt.fhir_code(code)
     if not code:
         return None
@@ -506,24 +634,39 @@ def _derived_status(pv1: Segment) -> str:
 
 
 # PV1 fields naming the encounter's participants: (field, v3-ParticipationType code, display)
-_PV1_PARTICIPANTS = ((7, "ATND", "attender"), (8, "REF", "referrer"), (9, "CON", "consultant"),
-                     (17, "ADM", "admitter"), (52, "PART", "Participation"))
+_PV1_PARTICIPANTS = (
+    (7, "ATND", "attender"),
+    (8, "REF", "referrer"),
+    (9, "CON", "consultant"),
+    (17, "ADM", "admitter"),
+    (52, "PART", "Participation"),
+)
 
 
-def _participants(seg: Segment, field: int, code: str, display: str, ctx: ConvertContext,
-                  out: list[JSON]) -> None:
+def _participants(
+    seg: Segment, field: int, code: str, display: str, ctx: ConvertContext, out: list[JSON]
+) -> None:
     """Every XCN repetition of ``seg``-``field`` → an Encounter.participant of type ``code``."""
     for r in seg.reps(field):
         who = dt.xcn(r, ctx)
         if who:
-            out.append({
-                "type": [{"coding": [{"system": PARTICIPATION, "code": code, "display": display}]}],
-                "individual": who,
-            })
+            out.append(
+                {
+                    "type": [{"coding": [{"system": PARTICIPATION, "code": code, "display": display}]}],
+                    "individual": who,
+                }
+            )
 
 
-def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str, patient_key: str, *,
-              create_only: bool = False) -> str | None:
+def encounter(
+    msg: Message,
+    ctx: ConvertContext,
+    trigger: str,
+    patient_ref: str,
+    patient_key: str,
+    *,
+    create_only: bool = False,
+) -> str | None:
     """PV1/PV2 → Encounter keyed by PV1-19 (visit number).  No visit number and no admit time → no
     Encounter (counted ``encounter_without_key``): an unkeyed Encounter would duplicate on every update."""
     pv1 = msg.first("PV1")
@@ -567,8 +710,11 @@ def encounter(msg: Message, ctx: ConvertContext, trigger: str, patient_ref: str,
         if p:
             res["period"] = p
     locations: list[JSON] = []
-    loc_status_current = "completed" if status in ("finished", "cancelled") else (
-        "planned" if status == "planned" else "active")
+    loc_status_current = (
+        "completed"
+        if status in ("finished", "cancelled")
+        else ("planned" if status == "planned" else "active")
+    )
     for field, st in ((3, loc_status_current), (11, "active"), (6, "completed"), (42, "planned")):
         if trigger == "A12" and field == 6:
             continue  # A12: PV1-6 is the transfer being cancelled, PV1-3 the location restored
@@ -662,7 +808,9 @@ def mother(pid: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str
     if not idents:
         return None
     res: JSON = {
-        "active": True, "patient": {"reference": patient_ref}, "identifier": idents,
+        "active": True,
+        "patient": {"reference": patient_ref},
+        "identifier": idents,
         "relationship": [{"coding": [{"system": ROLE_CODE, "code": "MTH", "display": "mother"}]}],
     }
     if (mmn := dt.rep_of(pid, 6, ctx)) and (name := dt.xpn(mmn, ctx.settings)):
@@ -742,8 +890,16 @@ def observations(msg: Message, ctx: ConvertContext, patient_key: str, enc_ref: s
             continue
         if obx.get(2).strip().upper() == "ED":
             ctx.count("ed_without_report")
-        oru.observation(obx, notes.get(id(obx), []), ctx, key_prefix=f"{patient_key}|adt-observation", obr=None,
-                        obr_status_code="", seen=seen, enc=enc_ref)
+        oru.observation(
+            obx,
+            notes.get(id(obx), []),
+            ctx,
+            key_prefix=f"{patient_key}|adt-observation",
+            obr=None,
+            obr_status_code="",
+            seen=seen,
+            enc=enc_ref,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -818,9 +974,14 @@ def allergy(al1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: st
         return None
     res: JSON = {
         "resourceType": "AllergyIntolerance",
-        "clinicalStatus": {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active",
-        }]},
+        "clinicalStatus": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical",
+                    "code": "active",
+                }
+            ]
+        },
     }
     f = al1.fields
     nf = len(f)
@@ -868,18 +1029,30 @@ def condition(
         return None
     res: JSON = {
         "resourceType": "Condition",
-        "category": [{"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": "encounter-diagnosis",
-            "display": "Encounter Diagnosis",
-        }]}],
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/condition-category",
+                        "code": "encounter-diagnosis",
+                        "display": "Encounter Diagnosis",
+                    }
+                ]
+            }
+        ],
     }
     dtype = dt.value(dg1, 6, ctx).strip().upper() if nf > 6 and f[6] else ""
     deleted = nf > 21 and f[21] and dt.value(dg1, 21, ctx).strip().upper() == "D"
     ver = "entered-in-error" if deleted else DIAGNOSIS_VERIFICATION.get(dtype, "")
     if ver:
-        res["verificationStatus"] = {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": ver,
-        }]}
+        res["verificationStatus"] = {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                    "code": ver,
+                }
+            ]
+        }
     res["code"] = code
     res["subject"] = {"reference": patient_ref}
     if enc_ref:
@@ -899,12 +1072,15 @@ def condition(
         res["identifier"] = [ident]
     enc_key = ctx.key_of(enc_ref) if enc_ref else None
     c0 = code.get("coding", [{}])[0]
-    key = "|".join((enc_key or patient_key, "DG1", c0.get("system", ""), c0.get("code", "") or code.get("text", "")))
+    key = "|".join(
+        (enc_key or patient_key, "DG1", c0.get("system", ""), c0.get("code", "") or code.get("text", ""))
+    )
     return ctx.add("Condition", res, key=key)
 
 
-def subscriber(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str,
-               insured_ids: list[JSON]) -> str | None:
+def subscriber(
+    in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str, insured_ids: list[JSON]
+) -> str | None:
     """IN1-16.. (insured person, when IN1-17 is not self) → RelatedPerson (IG IN1-16 subscriber)."""
     s = ctx.settings
     name = dt.xpn(dt.rep_of(in1, 16, ctx), s)
@@ -925,16 +1101,18 @@ def subscriber(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key:
         res["gender"] = gender
     if bd := dt.value(in1, 18, ctx).strip():
         res["birthDate"] = dt.dtm_at(bd, s, in1, 18, kind="date")
-    key = "|".join((patient_key, "IN1-16", name.get("family", ""), " ".join(name.get("given", [])),
-                    rel.c(1).strip()))
+    key = "|".join(
+        (patient_key, "IN1-16", name.get("family", ""), " ".join(name.get("given", [])), rel.c(1).strip())
+    )
     return ctx.add("RelatedPerson", res, key=key)
 
 
 _NO_PLAN = ("", "", "")
 
 
-def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str,
-             in2: Segment | None = None) -> str | None:
+def coverage(
+    in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str, in2: Segment | None = None
+) -> str | None:
     """IN1 → Coverage (+ payor Organization).  Key: patient + company id + plan + policy number."""
     s = ctx.settings
     f = in1.fields
@@ -956,7 +1134,9 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
     org_ident = dt.cx(dt.rep_of(in1, 3, ctx), ctx) if nf > 3 and f[3] else None
     if org_ident and "system" in org_ident:
         org["identifier"] = [org_ident]
-        payor = {"reference": ctx.add("Organization", org, identifier=(org_ident["system"], org_ident["value"]))}
+        payor = {
+            "reference": ctx.add("Organization", org, identifier=(org_ident["system"], org_ident["value"]))
+        }
     elif org_ident or company_name:
         if org_ident:
             org["identifier"] = [org_ident]
@@ -995,9 +1175,14 @@ def coverage(in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: s
     rel_code = dt.value(in1, 17, ctx).strip().upper() if nf > 17 and f[17] else ""
     rel = SUBSCRIBER_RELATIONSHIP.get(rel_code) if rel_code else None
     if rel:
-        res["relationship"] = {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/subscriber-relationship", "code": rel,
-        }]}
+        res["relationship"] = {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/subscriber-relationship",
+                    "code": rel,
+                }
+            ]
+        }
     if rel == "self":
         res["subscriber"] = {"reference": patient_ref}
     elif rel_code and (sub := subscriber(in1, ctx, patient_ref, patient_key, insured_ids)):
@@ -1040,7 +1225,8 @@ def merge(msg: Message, ctx: ConvertContext, survivor_ref: str, survivor_key: st
     if old_key == survivor_key:
         raise ConversionError(
             "A40: the prior patient identifier (MRG-1) is the surviving patient's identifier",
-            code="204", location=mrg.loc(1),
+            code="204",
+            location=mrg.loc(1),
         )
     old: JSON = {"active": False}
     idents: list[JSON] = []
@@ -1061,4 +1247,3 @@ def merge(msg: Message, ctx: ConvertContext, survivor_ref: str, survivor_key: st
         ctx.require(old_key)
     else:
         ctx.count("prior_patient_unverified")
-

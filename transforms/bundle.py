@@ -131,8 +131,22 @@ class ConvertContext:
     reference string (``urn:uuid:...``) inside other resources.
     """
 
-    __slots__ = ("_by_full_url", "_by_url", "alnum_plain", "delimiters", "entries", "events", "guards", "hd_cache",
-                 "memo", "message", "patient_ref", "requires", "settings", "xcn_memo")
+    __slots__ = (
+        "_by_full_url",
+        "_by_url",
+        "alnum_plain",
+        "delimiters",
+        "entries",
+        "events",
+        "guards",
+        "hd_cache",
+        "memo",
+        "message",
+        "patient_ref",
+        "requires",
+        "settings",
+        "xcn_memo",
+    )
 
     def __init__(self, message: Message, settings: ConvertSettings):
         self.message = message
@@ -250,7 +264,9 @@ class ConvertContext:
         self.entries.append(entry)
         return full_url
 
-    def add_create(self, resource_type: str, resource: dict[str, Any], *, if_none_exist: str, key: str) -> str:
+    def add_create(
+        self, resource_type: str, resource: dict[str, Any], *, if_none_exist: str, key: str
+    ) -> str:
         """Add a conditional *create* (``POST`` + ``ifNoneExist``) for resources without identifiers
         (Provenance).  ``key`` makes the fullUrl deterministic."""
         for first in resource:

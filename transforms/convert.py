@@ -52,7 +52,9 @@ def _module(message_type: str) -> ModuleType:
         if exc.name != name:
             raise
         raise MessageRejected(
-            f"message type {message_type!r} is not supported yet", code="200", location=Location("MSH", 1, 9, None, 1)
+            f"message type {message_type!r} is not supported yet",
+            code="200",
+            location=Location("MSH", 1, 9, None, 1),
         ) from None
     _loaded[message_type] = mod
     return mod
@@ -150,9 +152,7 @@ def validate_bundle(bundle: dict[str, Any]) -> None:
             get_fhir_model_class(rtype).parse_obj(res)
         except (V1Error, V2Error, KeyError, ValueError, TypeError) as exc:
             paths = _error_paths(exc)
-            raise ConversionError(
-                f"converted {rtype} is not valid FHIR R4 ({paths})", code="102"
-            ) from None
+            raise ConversionError(f"converted {rtype} is not valid FHIR R4 ({paths})", code="102") from None
 
 
 def _error_paths(exc: Exception) -> str:
@@ -161,7 +161,8 @@ def _error_paths(exc: Exception) -> str:
         try:
             items = errors()
             return "; ".join(
-                ".".join(str(p) for p in e.get("loc", ())) + ": " + str(e.get("type", "invalid")) for e in items[:5]
+                ".".join(str(p) for p in e.get("loc", ())) + ": " + str(e.get("type", "invalid"))
+                for e in items[:5]
             )
         except Exception:  # pragma: no cover
             pass

@@ -114,15 +114,31 @@ def _code_system(name: str) -> str | None:
 # ---------------------------------------------------------------------------
 ADMINISTRATIVE_SEX = {"F": "female", "M": "male", "O": "other", "U": "unknown", "A": "other", "N": "other"}
 NAME_USE = {
-    "BAD": "old", "D": "usual", "L": "official", "M": "maiden", "MSK": "anonymous", "N": "nickname",
-    "NAV": "temp", "R": "official", "TEMP": "temp", "NOUSE": "old",
+    "BAD": "old",
+    "D": "usual",
+    "L": "official",
+    "M": "maiden",
+    "MSK": "anonymous",
+    "N": "nickname",
+    "NAV": "temp",
+    "R": "official",
+    "TEMP": "temp",
+    "NOUSE": "old",
 }
 ADDRESS_USE = {"BA": "old", "BI": "billing", "C": "temp", "B": "work", "O": "work", "H": "home"}
 ADDRESS_TYPE = {"M": "postal", "SH": "postal"}
 TELECOM_USE = {"PRN": "home", "WPN": "work", "PRS": "mobile", "VHN": "temp", "ORN": "home", "EMR": "home"}
 TELECOM_SYSTEM = {
-    "PH": "phone", "FX": "fax", "MD": "other", "CP": "phone", "SAT": "other", "BP": "pager",
-    "INTERNET": "email", "X.400": "email", "TDD": "other", "TTY": "other",
+    "PH": "phone",
+    "FX": "fax",
+    "MD": "other",
+    "CP": "phone",
+    "SAT": "other",
+    "BP": "pager",
+    "INTERNET": "email",
+    "X.400": "email",
+    "TDD": "other",
+    "TTY": "other",
 }
 
 
@@ -206,7 +222,9 @@ _DTM_CACHE: dict[tuple[str, str, str, str | None], str] = {}
 _DTM_CACHE_MAX = 16384
 
 
-def dtm(value: str, settings: ConvertSettings, loc: Location | None = None, kind: str = "dateTime") -> str | None:
+def dtm(
+    value: str, settings: ConvertSettings, loc: Location | None = None, kind: str = "dateTime"
+) -> str | None:
     """HL7 DTM/TS/DT → FHIR date/dateTime/instant (see :func:`_dtm`).
 
     Results are cached per (value, kind, site zone, date format): the conversion is a pure function
@@ -226,7 +244,9 @@ def dtm(value: str, settings: ConvertSettings, loc: Location | None = None, kind
     return out
 
 
-def dtm_at(value: str, settings: ConvertSettings, seg: Segment, field: int, kind: str = "dateTime") -> str | None:
+def dtm_at(
+    value: str, settings: ConvertSettings, seg: Segment, field: int, kind: str = "dateTime"
+) -> str | None:
     """:func:`dtm` of a value read from ``seg``-``field``: the location is only built when the value is
     not cached (it is only needed for an error)."""
     if not value:
@@ -237,7 +257,9 @@ def dtm_at(value: str, settings: ConvertSettings, seg: Segment, field: int, kind
     return dtm(value, settings, seg.loc(field), kind)
 
 
-def _dtm(value: str, settings: ConvertSettings, loc: Location | None = None, kind: str = "dateTime") -> str | None:
+def _dtm(
+    value: str, settings: ConvertSettings, loc: Location | None = None, kind: str = "dateTime"
+) -> str | None:
     """HL7 DTM/TS/DT (any precision) → FHIR ``date`` / ``dateTime`` / ``instant`` string.
 
     Precision is kept (``2025`` → ``2025``, ``202503`` → ``2025-03``); a time part is padded to
@@ -322,7 +344,10 @@ def dt(value: str, settings: ConvertSettings, loc: Location | None = None) -> st
 
 
 def period(
-    start: str, end: str, settings: ConvertSettings, loc_start: Location | None = None,
+    start: str,
+    end: str,
+    settings: ConvertSettings,
+    loc_start: Location | None = None,
     loc_end: Location | None = None,
 ) -> JSON | None:
     """Two DTM strings → Period (or None if both empty)."""
@@ -478,7 +503,10 @@ def sn(rep: Rep, units: Rep | None = None, loc: Location | None = None) -> tuple
         if sep == "-" and n1 and n2 and not comp:
             return ("valueRange", {"low": {"value": nm(n1, loc), **u}, "high": {"value": nm(n2, loc), **u}})
         if sep in (":", "/") and n1 and n2 and not comp:
-            return ("valueRatio", {"numerator": {"value": nm(n1, loc)}, "denominator": {"value": nm(n2, loc)}})
+            return (
+                "valueRatio",
+                {"numerator": {"value": nm(n1, loc)}, "denominator": {"value": nm(n2, loc)}},
+            )
     except ConversionError:
         raise
     return ("valueString", _sn_text(rep)) if _sn_text(rep) else None
@@ -627,7 +655,9 @@ def _xtn(c: list[str], default_use: str | None) -> JSON | None:
             local = c[6].strip() if c[6] else ""
             if local:
                 area, ext, country = c[5].strip(), c[7].strip(), c[4].strip()
-                number = (f"+{country.lstrip('+')} " if country else "") + (f"({area}) " if area else "") + local
+                number = (
+                    (f"+{country.lstrip('+')} " if country else "") + (f"({area}) " if area else "") + local
+                )
                 if ext:
                     number += f" ext. {ext}"
             else:
@@ -657,20 +687,37 @@ def xtns(seg: Segment, field: int, default_use: str | None = None) -> list[JSON]
 # Identifiers
 # ---------------------------------------------------------------------------
 _IDENTIFIER_TYPES = {
-    "MR": "Medical record number", "PI": "Patient internal identifier", "SS": "Social Security number",
-    "DL": "Driver's license number", "PT": "Patient external identifier", "AN": "Account number",
-    "VN": "Visit number", "NPI": "National provider identifier", "PN": "Person number",
-    "EI": "Employee number", "MA": "Patient Medicaid number", "MC": "Patient's Medicare number",
-    "PRN": "Provider number", "FILL": "Filler Identifier", "PLAC": "Placer Identifier",
-    "SB": "Social Beneficiary Identifier", "BC": "Bank Card Number", "PPN": "Passport number",
-    "XX": "Organization identifier", "LN": "License number", "DN": "Doctor number", "ANON": "Anonymous identifier",
+    "MR": "Medical record number",
+    "PI": "Patient internal identifier",
+    "SS": "Social Security number",
+    "DL": "Driver's license number",
+    "PT": "Patient external identifier",
+    "AN": "Account number",
+    "VN": "Visit number",
+    "NPI": "National provider identifier",
+    "PN": "Person number",
+    "EI": "Employee number",
+    "MA": "Patient Medicaid number",
+    "MC": "Patient's Medicare number",
+    "PRN": "Provider number",
+    "FILL": "Filler Identifier",
+    "PLAC": "Placer Identifier",
+    "SB": "Social Beneficiary Identifier",
+    "BC": "Bank Card Number",
+    "PPN": "Passport number",
+    "XX": "Organization identifier",
+    "LN": "License number",
+    "DN": "Doctor number",
+    "ANON": "Anonymous identifier",
 }
 SSN_SYSTEM = "http://hl7.org/fhir/sid/us-ssn"
 _OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
 _UUID = re.compile(r"^[0-9a-fA-F-]{36}$")
 
 
-def hd_system(ctx: ConvertContext, namespace: str, universal_id: str, uid_type: str) -> tuple[str | None, str]:
+def hd_system(
+    ctx: ConvertContext, namespace: str, universal_id: str, uid_type: str
+) -> tuple[str | None, str]:
     """Assigning authority (HD) → ``(system, how)``: :func:`_hd_system`, cached per channel settings
     (a feed names the same few authorities over and over)."""
     cache = ctx.hd_cache
@@ -683,7 +730,9 @@ def hd_system(ctx: ConvertContext, namespace: str, universal_id: str, uid_type: 
     return hit
 
 
-def _hd_system(settings: ConvertSettings, namespace: str, universal_id: str, uid_type: str) -> tuple[str | None, str]:
+def _hd_system(
+    settings: ConvertSettings, namespace: str, universal_id: str, uid_type: str
+) -> tuple[str | None, str]:
     """Assigning authority (HD) → ``(system, how)``.
 
     ``how`` is ``"mapped"`` (settings.identifier_systems), ``"oid"``/``"uuid"``/``"uri"`` (from HD-2/3),
@@ -806,8 +855,13 @@ def _coding(code: str, display: str, sysname: str) -> JSON | None:
 
 
 def cwe(
-    rep: Rep, ctx: ConvertContext, loc: Location | None = None, *, field: str | None = None,
-    seg: Segment | None = None, at: int = 0,
+    rep: Rep,
+    ctx: ConvertContext,
+    loc: Location | None = None,
+    *,
+    field: str | None = None,
+    seg: Segment | None = None,
+    at: int = 0,
 ) -> JSON | None:
     """CWE/CE/CNE → CodeableConcept.
 
@@ -929,8 +983,11 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
         return {"display": disp} if disp else None
     ns, uid, utype = rep.hd(9)
     id_type_raw = c[12]
-    if (id_type_raw and id_type_raw.strip().upper() == "NPI") or ns.strip().upper() == "NPI" or (
-            uid and uid.strip() == NPI_OID):
+    if (
+        (id_type_raw and id_type_raw.strip().upper() == "NPI")
+        or ns.strip().upper() == "NPI"
+        or (uid and uid.strip() == NPI_OID)
+    ):
         system: str | None = NPI_SYSTEM
         how = "mapped"
     else:
@@ -978,9 +1035,13 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
     last_name = ""
     desc = c[8].strip() if c[8] else ""
     if facility:
-        site: JSON = {"resourceType": "Location", "name": facility, "mode": "instance", "status": "active",
-                      "physicalType": {"coding": [
-                          {"system": LOCATION_PHYSICAL_TYPE, "code": "si", "display": "Site"}]}}
+        site: JSON = {
+            "resourceType": "Location",
+            "name": facility,
+            "mode": "instance",
+            "status": "active",
+            "physicalType": {"coding": [{"system": LOCATION_PHYSICAL_TYPE, "code": "si", "display": "Site"}]},
+        }
         ref = parent = ctx.add("Location", site, key=facility)
         last_name = facility
     levels: list[str] = []
@@ -990,12 +1051,17 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
         if not value:
             continue
         levels.append(value)
-        loc_res: JSON = {"resourceType": "Location", "name": value, "mode": "instance", "status": "active",
-                         "physicalType": {"coding": [
-                             {"system": LOCATION_PHYSICAL_TYPE, "code": code, "display": disp}]}}
+        loc_res: JSON = {
+            "resourceType": "Location",
+            "name": value,
+            "mode": "instance",
+            "status": "active",
+            "physicalType": {"coding": [{"system": LOCATION_PHYSICAL_TYPE, "code": code, "display": disp}]},
+        }
         if comp == 3 and (status := c[4].strip()):
             loc_res["operationalStatus"] = {
-                "system": V2_TABLE + "0116", "code": status,
+                "system": V2_TABLE + "0116",
+                "code": status,
             }
         if parent:
             loc_res["partOf"] = {"reference": parent}
@@ -1021,19 +1087,110 @@ def derived_key_identifier(key_value: str) -> JSON:
 BCP47 = "urn:ietf:bcp:47"
 # ISO 639-2 (B and T codes, as HL7 table 0296 uses them) → the ISO 639-1 code BCP-47 requires
 ISO639_2_TO_1: dict[str, str] = {
-    "ara": "ar", "ben": "bn", "bos": "bs", "bul": "bg", "cat": "ca", "ces": "cs", "cze": "cs", "chi": "zh",
-    "zho": "zh", "cym": "cy", "wel": "cy", "dan": "da", "deu": "de", "ger": "de", "ell": "el", "gre": "el",
-    "eng": "en", "est": "et", "fas": "fa", "per": "fa", "fin": "fi", "fra": "fr", "fre": "fr", "gle": "ga",
-    "guj": "gu", "hat": "ht", "heb": "he", "hin": "hi", "hrv": "hr", "hun": "hu", "hye": "hy", "arm": "hy",
-    "ind": "id", "isl": "is", "ice": "is", "ita": "it", "jpn": "ja", "kat": "ka", "geo": "ka", "khm": "km",
-    "kor": "ko", "lao": "lo", "lav": "lv", "lit": "lt", "mkd": "mk", "mac": "mk", "mal": "ml", "mar": "mr",
-    "msa": "ms", "may": "ms", "mya": "my", "bur": "my", "nep": "ne", "nld": "nl", "dut": "nl", "nor": "no",
-    "nob": "nb", "nno": "nn", "pan": "pa", "pol": "pl", "por": "pt", "pus": "ps", "ron": "ro", "rum": "ro",
-    "rus": "ru", "slk": "sk", "slo": "sk", "slv": "sl", "som": "so", "spa": "es", "sqi": "sq", "alb": "sq",
-    "srp": "sr", "swa": "sw", "swe": "sv", "tam": "ta", "tel": "te", "tgl": "tl", "tha": "th", "tur": "tr",
-    "ukr": "uk", "urd": "ur", "vie": "vi", "yid": "yi", "yor": "yo", "amh": "am", "aze": "az", "bel": "be",
-    "eus": "eu", "baq": "eu", "glg": "gl", "kaz": "kk", "kin": "rw", "mon": "mn", "sin": "si", "tir": "ti",
-    "uzb": "uz", "xho": "xh", "zul": "zu", "afr": "af", "hmn": "hmn", "smo": "sm", "ton": "to", "haw": "haw",
+    "ara": "ar",
+    "ben": "bn",
+    "bos": "bs",
+    "bul": "bg",
+    "cat": "ca",
+    "ces": "cs",
+    "cze": "cs",
+    "chi": "zh",
+    "zho": "zh",
+    "cym": "cy",
+    "wel": "cy",
+    "dan": "da",
+    "deu": "de",
+    "ger": "de",
+    "ell": "el",
+    "gre": "el",
+    "eng": "en",
+    "est": "et",
+    "fas": "fa",
+    "per": "fa",
+    "fin": "fi",
+    "fra": "fr",
+    "fre": "fr",
+    "gle": "ga",
+    "guj": "gu",
+    "hat": "ht",
+    "heb": "he",
+    "hin": "hi",
+    "hrv": "hr",
+    "hun": "hu",
+    "hye": "hy",
+    "arm": "hy",
+    "ind": "id",
+    "isl": "is",
+    "ice": "is",
+    "ita": "it",
+    "jpn": "ja",
+    "kat": "ka",
+    "geo": "ka",
+    "khm": "km",
+    "kor": "ko",
+    "lao": "lo",
+    "lav": "lv",
+    "lit": "lt",
+    "mkd": "mk",
+    "mac": "mk",
+    "mal": "ml",
+    "mar": "mr",
+    "msa": "ms",
+    "may": "ms",
+    "mya": "my",
+    "bur": "my",
+    "nep": "ne",
+    "nld": "nl",
+    "dut": "nl",
+    "nor": "no",
+    "nob": "nb",
+    "nno": "nn",
+    "pan": "pa",
+    "pol": "pl",
+    "por": "pt",
+    "pus": "ps",
+    "ron": "ro",
+    "rum": "ro",
+    "rus": "ru",
+    "slk": "sk",
+    "slo": "sk",
+    "slv": "sl",
+    "som": "so",
+    "spa": "es",
+    "sqi": "sq",
+    "alb": "sq",
+    "srp": "sr",
+    "swa": "sw",
+    "swe": "sv",
+    "tam": "ta",
+    "tel": "te",
+    "tgl": "tl",
+    "tha": "th",
+    "tur": "tr",
+    "ukr": "uk",
+    "urd": "ur",
+    "vie": "vi",
+    "yid": "yi",
+    "yor": "yo",
+    "amh": "am",
+    "aze": "az",
+    "bel": "be",
+    "eus": "eu",
+    "baq": "eu",
+    "glg": "gl",
+    "kaz": "kk",
+    "kin": "rw",
+    "mon": "mn",
+    "sin": "si",
+    "tir": "ti",
+    "uzb": "uz",
+    "xho": "xh",
+    "zul": "zu",
+    "afr": "af",
+    "hmn": "hmn",
+    "smo": "sm",
+    "ton": "to",
+    "haw": "haw",
 }
 _BCP47_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
 

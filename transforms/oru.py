@@ -116,21 +116,70 @@ def observation_rank(status: str) -> int:
 INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 # OBX-8 (table 0078) → v3 ObservationInterpretation (IG InterpretationCodes: identity where mapped)
 INTERPRETATION: dict[str, str] = {
-    "<": "Off scale low", ">": "Off scale high", "A": "Abnormal", "AA": "Critical abnormal", "B": "Better",
-    "CAR": "Carrier", "D": "Significant change down", "DET": "Detected", "E": "Equivocal",
-    "EX": "outside threshold", "EXP": "Expected", "H": "High", "HH": "Critical high", "HU": "Significantly high",
-    "I": "Intermediate", "IE": "Insufficient evidence", "IND": "Indeterminate", "L": "Low", "LL": "Critical low",
-    "LU": "Significantly low", "MS": "moderately susceptible", "N": "Normal", "NCL": "No CLSI defined breakpoint",
-    "ND": "Not detected", "NEG": "Negative", "NR": "Non-reactive", "NS": "Non-susceptible", "POS": "Positive",
-    "R": "Resistant", "RR": "Reactive", "S": "Susceptible", "SDD": "Susceptible-dose dependent",
-    "SYN-R": "Synergy - resistant", "SYN-S": "Synergy - susceptible", "U": "Significant change up",
-    "VS": "very susceptible", "UNE": "Unexpected", "W": "Worse", "WR": "Weakly reactive",
+    "<": "Off scale low",
+    ">": "Off scale high",
+    "A": "Abnormal",
+    "AA": "Critical abnormal",
+    "B": "Better",
+    "CAR": "Carrier",
+    "D": "Significant change down",
+    "DET": "Detected",
+    "E": "Equivocal",
+    "EX": "outside threshold",
+    "EXP": "Expected",
+    "H": "High",
+    "HH": "Critical high",
+    "HU": "Significantly high",
+    "I": "Intermediate",
+    "IE": "Insufficient evidence",
+    "IND": "Indeterminate",
+    "L": "Low",
+    "LL": "Critical low",
+    "LU": "Significantly low",
+    "MS": "moderately susceptible",
+    "N": "Normal",
+    "NCL": "No CLSI defined breakpoint",
+    "ND": "Not detected",
+    "NEG": "Negative",
+    "NR": "Non-reactive",
+    "NS": "Non-susceptible",
+    "POS": "Positive",
+    "R": "Resistant",
+    "RR": "Reactive",
+    "S": "Susceptible",
+    "SDD": "Susceptible-dose dependent",
+    "SYN-R": "Synergy - resistant",
+    "SYN-S": "Synergy - susceptible",
+    "U": "Significant change up",
+    "VS": "very susceptible",
+    "UNE": "Unexpected",
+    "W": "Worse",
+    "WR": "Weakly reactive",
 }
 
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 # OBR-24 diagnostic service section (table 0074) → Observation.category (Sluice choice; IG silent)
 _LAB_SECTIONS = frozenset(
-    ["BG", "BLB", "CG", "CH", "CP", "GE", "HM", "IMM", "LAB", "MB", "MCB", "MYC", "OSL", "SP", "SR", "TX", "VR", "URN"]
+    [
+        "BG",
+        "BLB",
+        "CG",
+        "CH",
+        "CP",
+        "GE",
+        "HM",
+        "IMM",
+        "LAB",
+        "MB",
+        "MCB",
+        "MYC",
+        "OSL",
+        "SP",
+        "SR",
+        "TX",
+        "VR",
+        "URN",
+    ]
 )
 _IMAGING_SECTIONS = frozenset(["CT", "CUS", "MR", "NMR", "NMS", "OUS", "RAD", "RUS", "RX", "VUS", "XRC"])
 
@@ -253,7 +302,9 @@ def ndl_practitioner(rep: Rep, ctx: ConvertContext, loc: Location) -> JSON | Non
     return xcn(Rep(raw, d), ctx, loc)
 
 
-def xon_organization(seg: Segment, name_field: int, addr_field: int | None, ctx: ConvertContext) -> JSON | None:
+def xon_organization(
+    seg: Segment, name_field: int, addr_field: int | None, ctx: ConvertContext
+) -> JSON | None:
     """XON (name^^id^^^authority^^^^org-identifier) → Organization reference."""
     rep = seg.rep(name_field)
     if not rep:
@@ -414,15 +465,40 @@ def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext
 
 
 _CONTENT_TYPES = {
-    "PDF": "application/pdf", "JPEG": "image/jpeg", "JPG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
-    "TIFF": "image/tiff", "TIF": "image/tiff", "BMP": "image/bmp", "RTF": "application/rtf",
-    "HTML": "text/html", "XML": "application/xml", "PLAIN": "text/plain", "ASCII": "text/plain",
-    "OCTET-STREAM": "application/octet-stream", "MSWORD": "application/msword", "DICOM": "application/dicom",
-    "PS": "application/postscript", "POSTSCRIPT": "application/postscript", "WAV": "audio/wav",
-    "MPEG": "video/mpeg", "SGML": "text/sgml", "X-HL7-CDA-LEVEL-ONE": "application/x-hl7-cda-level-one+xml",
+    "PDF": "application/pdf",
+    "JPEG": "image/jpeg",
+    "JPG": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "TIFF": "image/tiff",
+    "TIF": "image/tiff",
+    "BMP": "image/bmp",
+    "RTF": "application/rtf",
+    "HTML": "text/html",
+    "XML": "application/xml",
+    "PLAIN": "text/plain",
+    "ASCII": "text/plain",
+    "OCTET-STREAM": "application/octet-stream",
+    "MSWORD": "application/msword",
+    "DICOM": "application/dicom",
+    "PS": "application/postscript",
+    "POSTSCRIPT": "application/postscript",
+    "WAV": "audio/wav",
+    "MPEG": "video/mpeg",
+    "SGML": "text/sgml",
+    "X-HL7-CDA-LEVEL-ONE": "application/x-hl7-cda-level-one+xml",
 }
-_MEDIA_TYPES = {"IM": "image", "SI": "image", "AP": "application", "AU": "audio", "TEXT": "text", "TX": "text",
-                "NS": "application", "SD": "application", "MULTIPART": "multipart"}
+_MEDIA_TYPES = {
+    "IM": "image",
+    "SI": "image",
+    "AP": "application",
+    "AU": "audio",
+    "TEXT": "text",
+    "TX": "text",
+    "NS": "application",
+    "SD": "application",
+    "MULTIPART": "multipart",
+}
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+$")
 
 
@@ -433,8 +509,10 @@ def content_type(type_of_data: str, subtype: str) -> str:
         return s.lower()
     if known := _CONTENT_TYPES.get(s.upper()):
         return known
-    major = t.lower() if t.lower() in ("application", "image", "audio", "video", "text", "multipart", "model") else (
-        _MEDIA_TYPES.get(t.upper(), "")
+    major = (
+        t.lower()
+        if t.lower() in ("application", "image", "audio", "video", "text", "multipart", "model")
+        else (_MEDIA_TYPES.get(t.upper(), ""))
     )
     if major and s and _TOKEN.match(s):
         return f"{major}/{s.lower()}"
@@ -466,8 +544,9 @@ def attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
     elif encoding == "A":
         b64 = base64.b64encode(data.encode("utf-8")).decode("ascii")
     else:
-        raise ConversionError("OBX-5.4 names an unknown ED encoding (use Base64, Hex or A)", code="103",
-                              location=obx.loc(5, 4))
+        raise ConversionError(
+            "OBX-5.4 names an unknown ED encoding (use Base64, Hex or A)", code="103", location=obx.loc(5, 4)
+        )
     att: JSON = {"contentType": content_type(rep.c(2), rep.c(3)), "data": b64}
     title = obx.get(3, 2).strip() or obx.get(3, 1).strip()
     if title:
@@ -516,8 +595,17 @@ def interpretation(obx: Segment, ctx: ConvertContext) -> list[JSON]:
             continue
         display = INTERPRETATION.get(code) or INTERPRETATION.get(code.upper())
         if display is not None:
-            out.append({"coding": [{"system": INTERPRETATION_SYSTEM, "code": code.upper() if code.upper()
-                                    in INTERPRETATION else code, "display": display}]})
+            out.append(
+                {
+                    "coding": [
+                        {
+                            "system": INTERPRETATION_SYSTEM,
+                            "code": code.upper() if code.upper() in INTERPRETATION else code,
+                            "display": display,
+                        }
+                    ]
+                }
+            )
         else:
             ctx.count("code_table_miss")
             cc: JSON = {"coding": [{"system": V2_TABLE + "0078", "code": code}]}
@@ -678,8 +766,14 @@ def observation(
     status = _obx_status_of(obx, status_code, obr_status_code, ctx)
     res: JSON = {"resourceType": "Observation", "status": status}
     if status_code == "X":
-        res["_status"] = {"extension": [{"url": ALTERNATE_CODES, "valueCodeableConcept": {
-            "coding": [{"system": V2_TABLE + "0085", "code": "X"}]}}]}
+        res["_status"] = {
+            "extension": [
+                {
+                    "url": ALTERNATE_CODES,
+                    "valueCodeableConcept": {"coding": [{"system": V2_TABLE + "0085", "code": "X"}]},
+                }
+            ]
+        }
     if obr is not None and (cat := _category(obr.get(24))):
         res["category"] = cat
     res["code"] = code
@@ -823,18 +917,41 @@ def _report_status(obr: Segment, observations: list[JSON], ctx: ConvertContext) 
 # ORC-5 order status (table 0038, IG OrderStatus) and ORC-1 order control (table 0119, IG
 # OrderControlCode[ServiceRequest.status]) → ServiceRequest.status
 ORDER_STATUS: dict[str, str] = {
-    "CA": "revoked", "CM": "completed", "DC": "revoked", "ER": "entered-in-error", "HD": "on-hold",
-    "IP": "active", "RP": "revoked", "SC": "active",
+    "CA": "revoked",
+    "CM": "completed",
+    "DC": "revoked",
+    "ER": "entered-in-error",
+    "HD": "on-hold",
+    "IP": "active",
+    "RP": "revoked",
+    "SC": "active",
 }
 ORDER_CONTROL_STATUS: dict[str, str] = {
-    "AF": "active", "CA": "active", "CR": "revoked", "DC": "revoked", "DF": "revoked", "DR": "revoked",
-    "FU": "completed", "HD": "active", "HR": "on-hold", "NW": "active", "OC": "revoked", "OD": "revoked",
-    "OH": "on-hold", "OK": "active", "PR": "active", "PY": "active", "RL": "active", "RO": "active", "RQ": "active",
+    "AF": "active",
+    "CA": "active",
+    "CR": "revoked",
+    "DC": "revoked",
+    "DF": "revoked",
+    "DR": "revoked",
+    "FU": "completed",
+    "HD": "active",
+    "HR": "on-hold",
+    "NW": "active",
+    "OC": "revoked",
+    "OD": "revoked",
+    "OH": "on-hold",
+    "OK": "active",
+    "PR": "active",
+    "PY": "active",
+    "RL": "active",
+    "RO": "active",
+    "RQ": "active",
 }
 
 
-def service_request(order: _Order, placer: JSON | None, filler: JSON | None, code: JSON, ctx: ConvertContext,
-                    enc: str | None) -> str | None:
+def service_request(
+    order: _Order, placer: JSON | None, filler: JSON | None, code: JSON, ctx: ConvertContext, enc: str | None
+) -> str | None:
     """ORC/OBR → ServiceRequest (IG ORU_R01: the order the results are ``basedOn``), keyed by the placer
     order number (OBR-2, else ORC-2; else the filler number).  Written as a conditional *create*: the
     ordering system owns the order, a result message only makes sure it exists."""
@@ -852,16 +969,18 @@ def service_request(order: _Order, placer: JSON | None, filler: JSON | None, cod
     # OBR-53 alternate placer order number (else ORC-33) → a PLAC-typed identifier
     alt_seg, alt_f = (obr, 53) if obr.get(53).strip() else (orc, 33) if orc is not None else (None, 0)
     alt = cx(alt_seg.rep(alt_f), ctx, alt_seg.loc(alt_f)) if alt_seg is not None else None
-    if alt is not None and not any(alt["value"] == i["value"] and alt.get("system") == i.get("system")
-                                   for i in idents):
+    if alt is not None and not any(
+        alt["value"] == i["value"] and alt.get("system") == i.get("system") for i in idents
+    ):
         idents.append(_typed(alt, "PLAC", "Placer Identifier"))
     res["identifier"] = idents
     # status: ORC-5 (IG OrderStatus), IF ORC-5 NOT VALUED ORC-1 (IG OrderControlCode[ServiceRequest.status])
     status = "unknown"
     control = orc.get(1).strip().upper() if orc is not None else ""
     if orc is not None:
-        status = (ORDER_STATUS.get(orc.get(5).strip().upper()) or ORDER_CONTROL_STATUS.get(control)
-                  or "unknown")
+        status = (
+            ORDER_STATUS.get(orc.get(5).strip().upper()) or ORDER_CONTROL_STATUS.get(control) or "unknown"
+        )
     res["status"] = status
     # intent: IG OBR-11 "G" → reflex-order; anything else "order" (the IG's "#add-on#" for "A" is no code)
     res["intent"] = "reflex-order" if obr.get(11).strip().upper() == "G" else "order"
@@ -872,11 +991,11 @@ def service_request(order: _Order, placer: JSON | None, filler: JSON | None, cod
         res["encounter"] = _ref(enc)
     if orc is not None and (req := _group_number(orc.rep(4), ctx, orc.loc(4))):
         res["requisition"] = _typed(req[0], "PGN", "Placer Group Number")
-    if (details := [c for f in (46, 47) for r in obr.reps(f) if (c := cwe(r, ctx, obr.loc(f))) is not None]):
+    if details := [c for f in (46, 47) for r in obr.reps(f) if (c := cwe(r, ctx, obr.loc(f))) is not None]:
         res["orderDetail"] = details
     if (when := obr.get(6).strip()) and (occ := dtm_at(when, ctx.settings, obr, 6)):
         res["occurrenceDateTime"] = occ
-    if (reasons := [c for r in obr.reps(31) if (c := cwe(r, ctx, obr.loc(31), field="OBR-31")) is not None]):
+    if reasons := [c for r in obr.reps(31) if (c := cwe(r, ctx, obr.loc(31), field="OBR-31")) is not None]:
         res["reasonCode"] = reasons
     if orc is not None and orc.rep(29) and (otype := cwe(orc.rep(29), ctx, orc.loc(29))):
         res["locationCode"] = [otype]
@@ -888,8 +1007,10 @@ def service_request(order: _Order, placer: JSON | None, filler: JSON | None, cod
     if requester is not None:
         res["requester"] = requester
     # IG ORC-9 → authoredOn only IF ORC-1 IS "NW" (in a result message ORC-9 is the transaction time)
-    if control == "NW" and (when := orc.get(9).strip() if orc is not None else "") and (
-        authored := dtm(when, ctx.settings, orc.loc(9) if orc is not None else None)
+    if (
+        control == "NW"
+        and (when := orc.get(9).strip() if orc is not None else "")
+        and (authored := dtm(when, ctx.settings, orc.loc(9) if orc is not None else None))
     ):
         res["authoredOn"] = authored
     system = key_ident.get("system")
@@ -903,10 +1024,18 @@ def service_request(order: _Order, placer: JSON | None, filler: JSON | None, cod
 # event-performerFunction extension (v3-ParticipationType SPRF / TRANS)
 _PERFORMER_FUNCTION = "http://hl7.org/fhir/StructureDefinition/event-performerFunction"
 _V3_PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
-_TECHNICIAN: JSON = {"url": _PERFORMER_FUNCTION, "valueCodeableConcept": {"coding": [
-    {"system": _V3_PARTICIPATION, "code": "SPRF", "display": "secondary performer"}]}}
-_TRANSCRIPTIONIST: JSON = {"url": _PERFORMER_FUNCTION, "valueCodeableConcept": {"coding": [
-    {"system": _V3_PARTICIPATION, "code": "TRANS", "display": "Transcriber"}]}}
+_TECHNICIAN: JSON = {
+    "url": _PERFORMER_FUNCTION,
+    "valueCodeableConcept": {
+        "coding": [{"system": _V3_PARTICIPATION, "code": "SPRF", "display": "secondary performer"}]
+    },
+}
+_TRANSCRIPTIONIST: JSON = {
+    "url": _PERFORMER_FUNCTION,
+    "valueCodeableConcept": {
+        "coding": [{"system": _V3_PARTICIPATION, "code": "TRANS", "display": "Transcriber"}]
+    },
+}
 
 
 def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
@@ -939,8 +1068,16 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
                 ctx.count("ed_note_on_report")
                 order.notes.extend(notes)
             continue
-        ref = observation(obx, notes, ctx, key_prefix=key_prefix, obr=obr, obr_status_code=obr_status_code,
-                          seen=seen, enc=enc)
+        ref = observation(
+            obx,
+            notes,
+            ctx,
+            key_prefix=key_prefix,
+            obr=obr,
+            obr_status_code=obr_status_code,
+            seen=seen,
+            enc=enc,
+        )
         if ref is not None:
             results.append(ref)
     obs_resources = [r for ref in results if (r := ctx.find(ref)) is not None]
@@ -962,7 +1099,9 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
         res["category"] = [coded_table(section, "0074")]
     code = cwe(obr.rep(4), ctx, obr.loc(4), field="OBR-4")
     if code is None:
-        raise ConversionError("OBR-4 universal service identifier is missing", code="101", location=obr.loc(4))
+        raise ConversionError(
+            "OBR-4 universal service identifier is missing", code="101", location=obr.loc(4)
+        )
     res["code"] = code
     if (order_ref := service_request(order, placer, filler, dict(code), ctx, enc)) is not None:
         res["basedOn"] = [_ref(order_ref)]
@@ -986,8 +1125,11 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
                 performers.append(p)
     if performers:
         res["performer"] = performers
-    interpreters = [p for i, rep in enumerate(obr.reps(32), start=1)
-                    if (p := ndl_practitioner(rep, ctx, Location("OBR", obr.sequence, 32, i))) is not None]
+    interpreters = [
+        p
+        for i, rep in enumerate(obr.reps(32), start=1)
+        if (p := ndl_practitioner(rep, ctx, Location("OBR", obr.sequence, 32, i))) is not None
+    ]
     if interpreters:
         res["resultsInterpreter"] = interpreters
     if results:
@@ -1008,8 +1150,9 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     """ORU^R01 → entries in ``ctx``."""
     pid, orders, patient_obs = _groups(msg)
     if pid is None:
-        raise ConversionError("ORU message has no PID segment: results need a patient", code="100",
-                              location=Location("PID", 1))
+        raise ConversionError(
+            "ORU message has no PID segment: results need a patient", code="100", location=Location("PID", 1)
+        )
     patient(pid, ctx)
     enc = encounter(msg, ctx)
     if not orders and not patient_obs:
@@ -1020,7 +1163,9 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         for obx, notes in patient_obs:
             if obx.get(2).strip().upper() == "ED":
                 ctx.count("ed_without_report")
-            observation(obx, notes, ctx, key_prefix=key_prefix, obr=None, obr_status_code="", seen=seen, enc=enc)
+            observation(
+                obx, notes, ctx, key_prefix=key_prefix, obr=None, obr_status_code="", seen=seen, enc=enc
+            )
     for order in orders:
         report(order, ctx, enc)
 

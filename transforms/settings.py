@@ -96,7 +96,9 @@ class ConvertSettings:
             options = {}
         if not isinstance(options, Mapping):
             raise ConfigError(
-                "hl7-to-fhir options must be a mapping", file=config_file, key="options",
+                "hl7-to-fhir options must be a mapping",
+                file=config_file,
+                key="options",
                 hint="write the options as key: value pairs",
             )
         known = {f.name for f in fields(cls)}
@@ -113,7 +115,9 @@ class ConvertSettings:
         try:
             return cls(**kwargs)
         except ConfigError as exc:
-            raise ConfigError(exc.message, file=config_file, key=f"options.{exc.key}", hint=exc.hint) from None
+            raise ConfigError(
+                exc.message, file=config_file, key=f"options.{exc.key}", hint=exc.hint
+            ) from None
 
 
 def _check(key: str, value: Any, base_dir: Path, config_file: str) -> Any:
@@ -130,7 +134,9 @@ def _check(key: str, value: Any, base_dir: Path, config_file: str) -> Any:
         return value
     if key == "site_tz":
         if not isinstance(value, str) or not value:
-            raise bad(f"{value!r} is not a time zone name", "use an IANA zone name such as America/Los_Angeles")
+            raise bad(
+                f"{value!r} is not a time zone name", "use an IANA zone name such as America/Los_Angeles"
+            )
         return value
     if key == "default_identifier_system":
         if value is not None and (not isinstance(value, str) or ":" not in value):
@@ -163,7 +169,9 @@ def _check(key: str, value: Any, base_dir: Path, config_file: str) -> Any:
             elif isinstance(ref, str):
                 maps[str(name)] = load_code_map(ref, base_dir, config_file, f"options.code_maps.{name}")
             else:
-                raise bad(f"code map {name!r} must be a file path", "give a CSV or YAML path under transforms/maps/")
+                raise bad(
+                    f"code map {name!r} must be a file path", "give a CSV or YAML path under transforms/maps/"
+                )
         return maps
     return value  # pragma: no cover - every field is handled above
 
@@ -187,7 +195,9 @@ def _target(target: Any, config_file: str, key: str) -> tuple[str, str, str]:
     if not system or not code:
         raise ConfigError(
             f"code map entry {target!r} needs a system and a code",
-            file=config_file, key=key, hint="write {system: http://loinc.org, code: 2345-7, display: Glucose}",
+            file=config_file,
+            key=key,
+            hint="write {system: http://loinc.org, code: 2345-7, display: Glucose}",
         )
     return (str(system), str(code), str(display or ""))
 
@@ -195,7 +205,9 @@ def _target(target: Any, config_file: str, key: str) -> tuple[str, str, str]:
 def resolve_map_path(ref: str, base_dir: Path) -> Path | None:
     """A map file: absolute, relative to the channel base dir, or relative to transforms/maps/."""
     p = Path(ref)
-    candidates = [p] if p.is_absolute() else [base_dir / p, base_dir / "transforms" / "maps" / p, MAPS_DIR / p]
+    candidates = (
+        [p] if p.is_absolute() else [base_dir / p, base_dir / "transforms" / "maps" / p, MAPS_DIR / p]
+    )
     for c in candidates:
         if c.is_file():
             return c
@@ -207,7 +219,9 @@ def load_code_map(ref: str, base_dir: Path, config_file: str = "", key: str = "c
     path = resolve_map_path(ref, base_dir)
     if path is None:
         raise ConfigError(
-            f"code map file {ref!r} not found", file=config_file, key=key,
+            f"code map file {ref!r} not found",
+            file=config_file,
+            key=key,
             hint=f"put it under {base_dir}/transforms/maps/ or give a path relative to {base_dir}",
         )
     try:
@@ -220,8 +234,12 @@ def load_code_map(ref: str, base_dir: Path, config_file: str = "", key: str = "c
         except yaml.YAMLError as exc:
             raise ConfigError(f"code map {path} is not valid YAML: {exc}", file=config_file, key=key) from exc
         if not isinstance(data, Mapping):
-            raise ConfigError(f"code map {path} must be a mapping", file=config_file, key=key,
-                              hint="write local-code: {system: ..., code: ..., display: ...}")
+            raise ConfigError(
+                f"code map {path} must be a mapping",
+                file=config_file,
+                key=key,
+                hint="write local-code: {system: ..., code: ..., display: ...}",
+            )
         return _inline_map(data, str(path), key)
     out: dict[str, tuple[str, str, str]] = {}
     reader = csv.DictReader(text.splitlines())
@@ -229,16 +247,22 @@ def load_code_map(ref: str, base_dir: Path, config_file: str = "", key: str = "c
     if reader.fieldnames is None or not need <= set(reader.fieldnames):
         raise ConfigError(
             f"code map {path} must have a header with local_code,system,code[,display]",
-            file=config_file, key=key, hint="first line: local_code,system,code,display",
+            file=config_file,
+            key=key,
+            hint="first line: local_code,system,code,display",
         )
     for n, row in enumerate(reader, start=2):
-        local, system, code = (row.get("local_code") or "").strip(), (row.get("system") or "").strip(), (
-            row.get("code") or ""
-        ).strip()
+        local, system, code = (
+            (row.get("local_code") or "").strip(),
+            (row.get("system") or "").strip(),
+            (row.get("code") or "").strip(),
+        )
         if not local:
             continue
         if not system or not code:
-            raise ConfigError(f"{path}:{n}: entry {local!r} needs a system and a code", file=config_file, key=key)
+            raise ConfigError(
+                f"{path}:{n}: entry {local!r} needs a system and a code", file=config_file, key=key
+            )
         out[local] = (system, code, (row.get("display") or "").strip())
     return out
 

@@ -83,8 +83,19 @@ APPOINTMENT_REASON_0276 = {
     "WALKIN": "A previously unscheduled walk-in visit",
 }
 
-_UNIT_MINUTES = {"S": 1 / 60, "SEC": 1 / 60, "M": 1.0, "MIN": 1.0, "H": 60.0, "HR": 60.0, "HOUR": 60.0,
-                 "D": 1440.0, "DAY": 1440.0, "W": 10080.0, "WK": 10080.0}
+_UNIT_MINUTES = {
+    "S": 1 / 60,
+    "SEC": 1 / 60,
+    "M": 1.0,
+    "MIN": 1.0,
+    "H": 60.0,
+    "HR": 60.0,
+    "HOUR": 60.0,
+    "D": 1440.0,
+    "DAY": 1440.0,
+    "W": 10080.0,
+    "WK": 10080.0,
+}
 _UNIT_SECONDS_UCUM = {"s": 1 / 60, "min": 1.0, "h": 60.0, "d": 1440.0, "wk": 10080.0}
 
 
@@ -142,8 +153,14 @@ class _Timing:
         return p or None
 
 
-def resource_timing(seg: Segment, start_f: int, dur_f: int, ctx: ConvertContext,
-                    default_start: str | None, default_offset: bool) -> _Timing:
+def resource_timing(
+    seg: Segment,
+    start_f: int,
+    dur_f: int,
+    ctx: ConvertContext,
+    default_start: str | None,
+    default_offset: bool,
+) -> _Timing:
     """AIx start date/time (or the appointment start + start offset) and duration → timing."""
     raw = seg.get(start_f).strip()
     start = _instant(raw, ctx, seg.loc(start_f))
@@ -192,12 +209,45 @@ def _participant(actor: JSON, status: str | None, types: list[JSON], timing: _Ti
 # the IG gives them no target, but they are how the scheduler reaches that person (docs/mapping.md).
 _CONTACT_DETAILS: dict[int, tuple[int, int | None]] = {12: (13, 14), 16: (17, 18), 20: (21, None)}
 _CONTACT_TYPES: tuple[tuple[int, JSON], ...] = (
-    (12, {"coding": [{"system": "urn:sluice:codesystem:participant-type", "code": "placer-contact",
-                      "display": "Placer Contact"}], "text": "Placer contact person"}),
-    (16, {"coding": [{"system": "urn:sluice:codesystem:participant-type", "code": "filler-contact",
-                      "display": "Filler Contact"}], "text": "Filler contact person"}),
-    (20, {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                      "code": "enterer", "display": "Enterer"}], "text": "Entered by"}),
+    (
+        12,
+        {
+            "coding": [
+                {
+                    "system": "urn:sluice:codesystem:participant-type",
+                    "code": "placer-contact",
+                    "display": "Placer Contact",
+                }
+            ],
+            "text": "Placer contact person",
+        },
+    ),
+    (
+        16,
+        {
+            "coding": [
+                {
+                    "system": "urn:sluice:codesystem:participant-type",
+                    "code": "filler-contact",
+                    "display": "Filler Contact",
+                }
+            ],
+            "text": "Filler contact person",
+        },
+    ),
+    (
+        20,
+        {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                    "code": "enterer",
+                    "display": "Enterer",
+                }
+            ],
+            "text": "Entered by",
+        },
+    ),
 )
 
 
@@ -225,7 +275,12 @@ def contact_participants(sch: Segment, ctx: ConvertContext) -> list[JSON]:
         if same is not None:
             same["type"].append(dict(ptype))
             continue
-        p: JSON = {"type": [dict(ptype)], "actor": actor, "required": "information-only", "status": "accepted"}
+        p: JSON = {
+            "type": [dict(ptype)],
+            "actor": actor,
+            "required": "information-only",
+            "status": "accepted",
+        }
         by_actor[key] = p
         out.append(p)
     return out
@@ -268,7 +323,8 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     if trigger not in TRIGGER_STATUS:
         raise MessageRejected(
             f"SIU trigger {trigger or '(empty)'!r} is not supported (supported: "
-            + ", ".join(sorted(TRIGGER_STATUS)) + ")",
+            + ", ".join(sorted(TRIGGER_STATUS))
+            + ")",
             code="201",
             location=Location("MSH", 1, 9, None, 2),
         )
@@ -287,7 +343,10 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         )
     res: JSON = {}
     idents: list[JSON] = []
-    for ident, code, display in ((placer, "PLAC", "Placer Identifier"), (filler, "FILL", "Filler Identifier")):
+    for ident, code, display in (
+        (placer, "PLAC", "Placer Identifier"),
+        (filler, "FILL", "Filler Identifier"),
+    ):
         if ident is not None:
             typed = dict(ident)
             typed["type"] = {"coding": [{"system": V2_TABLE + "0203", "code": code, "display": display}]}
@@ -303,8 +362,11 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         code = reason_rep.c(1).strip().upper()
         sysname = reason_rep.c(3).strip().upper()
         if code in APPOINTMENT_REASON_0276 and sysname in ("", "HL70276", "HL7-0276"):
-            res["appointmentType"] = {"coding": [{"system": V2_TABLE + "0276", "code": code,
-                                                  "display": APPOINTMENT_REASON_0276[code]}]}
+            res["appointmentType"] = {
+                "coding": [
+                    {"system": V2_TABLE + "0276", "code": code, "display": APPOINTMENT_REASON_0276[code]}
+                ]
+            }
         elif cc := cwe(reason_rep, ctx, sch.loc(7), field="SCH-7"):
             res["reasonCode"] = [cc]
     if "appointmentType" not in res and sch.rep(8):

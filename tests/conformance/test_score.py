@@ -234,13 +234,37 @@ def test_called_by_appended_to_given_is_explained() -> None:
 def test_element_leaves_are_judged_by_their_element_label() -> None:
     """A telecom (name, address) element whose label occurs only in an IG-unmapped segment: its leaves
     are explained too; one from a mapped segment is not."""
-    src = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\rPID|1||MRN1^^^H||DOE^JANE||||||||555-0100\r" \
-          "GT1|1||ROE^RICK||||8484^^Internet\r"
-    ours = {"resourceType": "Bundle", "entry": [{"resource": {
-        "resourceType": "Patient", "identifier": [{"value": "MRN1"}], "telecom": [{"value": "555-0100"}]}}]}
-    ref = {"resourceType": "Bundle", "entry": [{"resource": {
-        "resourceType": "Patient", "identifier": [{"value": "MRN1"}],
-        "telecom": [{"value": "555-0100", "system": "phone"}, {"value": "8484", "system": "email"}]}}]}
+    src = (
+        "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\rPID|1||MRN1^^^H||DOE^JANE||||||||555-0100\r"
+        "GT1|1||ROE^RICK||||8484^^Internet\r"
+    )
+    ours = {
+        "resourceType": "Bundle",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "Patient",
+                    "identifier": [{"value": "MRN1"}],
+                    "telecom": [{"value": "555-0100"}],
+                }
+            }
+        ],
+    }
+    ref = {
+        "resourceType": "Bundle",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "Patient",
+                    "identifier": [{"value": "MRN1"}],
+                    "telecom": [
+                        {"value": "555-0100", "system": "phone"},
+                        {"value": "8484", "system": "email"},
+                    ],
+                }
+            }
+        ],
+    }
     s = score_bundles(ours, ref, source=src)
     unexplained = sorted(d.path for d in s.diffs if not d.explanation)
     explained = sorted(d.path for d in s.diffs if d.explanation)
@@ -251,9 +275,19 @@ def test_element_leaves_are_judged_by_their_element_label() -> None:
 def test_ms_observations_synthesised_from_pda_acc_are_explained_only_with_the_segment() -> None:
     """MS makes Observation[death-certificate] etc. from PDA (IG: no target); without a PDA in the
     message the same unproduced resource counts against us."""
-    obs = {"resourceType": "Observation", "status": "final", "code": {"coding": [{
-        "system": "http://example.com/v2-to-fhir-converter/CodeSystem/observation-code",
-        "code": "death-certificate"}]}, "valueCodeableConcept": {"coding": [{"code": "Y"}]}}
+    obs = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {
+            "coding": [
+                {
+                    "system": "http://example.com/v2-to-fhir-converter/CodeSystem/observation-code",
+                    "code": "death-certificate",
+                }
+            ]
+        },
+        "valueCodeableConcept": {"coding": [{"code": "Y"}]},
+    }
     ours: dict[str, Any] = {"resourceType": "Bundle", "entry": []}
     ref = {"resourceType": "Bundle", "entry": [{"resource": obs}]}
     head = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\rPID|1||MRN1^^^H||DOE^JANE\r"

@@ -743,7 +743,7 @@ def test_test_server_survives_a_client_killed_mid_request(fhir_server: Any) -> N
     assert port is not None
     for _ in range(3):
         s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n{\"resourceType\":")
+        s.sendall(b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n{"resourceType":')
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()  # RST with the body unfinished
     time.sleep(0.5)

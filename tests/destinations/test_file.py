@@ -28,7 +28,9 @@ def _item(mid: int, payload: bytes = b'{"resourceType":"Bundle"}', channel: str 
 
 
 def _dest(tmp_path: Path, **opts: object) -> FileDestination:
-    d = FileDestination("out", {"directory": str(tmp_path / "out"), **opts}, DestinationContext(base_dir=tmp_path))
+    d = FileDestination(
+        "out", {"directory": str(tmp_path / "out"), **opts}, DestinationContext(base_dir=tmp_path)
+    )
     asyncio.run(d.start())
     return d
 
@@ -81,8 +83,15 @@ def test_fsync_off_still_writes_atomically(tmp_path: Path) -> None:
 def test_fields_cannot_escape_the_directory(tmp_path: Path) -> None:
     d = _dest(tmp_path, pattern="{control_id}/{message_id}.{ext}")
     item = Outbound(
-        message_id=1, channel="adt", destination="out", control_id="..", message_type="ADT",
-        trigger="A01", raw=b"", payload=b"{}", content_type=CONTENT_FHIR,
+        message_id=1,
+        channel="adt",
+        destination="out",
+        control_id="..",
+        message_type="ADT",
+        trigger="A01",
+        raw=b"",
+        payload=b"{}",
+        content_type=CONTENT_FHIR,
     )
     assert asyncio.run(d.deliver(item)) == "_/1.json"
     slash = Outbound(**{**item.__dict__, "control_id": "../../etc"})
@@ -102,7 +111,9 @@ def test_directory_removed_under_the_engine_is_made_again(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs-batch", "fsync-each"])
-def test_both_durability_paths_write_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool) -> None:
+def test_both_durability_paths_write_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool
+) -> None:
     """Batches of SYNCFS_MIN_BATCH or more use one syncfs per file system where the OS has it; otherwise
     (or without syncfs) each file is fsynced.  Same files either way."""
     from engine.destinations import file as filemod
@@ -113,7 +124,9 @@ def test_both_durability_paths_write_the_batch(tmp_path: Path, monkeypatch: pyte
         pytest.skip("no syncfs on this OS")
     d = _dest(tmp_path)
     items = [_item(i, b"y" * 2000) for i in range(1, filemod.SYNCFS_MIN_BATCH * 3)]
-    assert asyncio.run(d.deliver_many(items)) == [f"adt/{i}.json" for i in range(1, filemod.SYNCFS_MIN_BATCH * 3)]
+    assert asyncio.run(d.deliver_many(items)) == [
+        f"adt/{i}.json" for i in range(1, filemod.SYNCFS_MIN_BATCH * 3)
+    ]
     assert not list((tmp_path / "out").rglob(".*.tmp"))
 
 

@@ -46,7 +46,10 @@ def test_kill_9_with_fhir_destination_exactly_once(tmp_path: Path, fhir_server: 
                     break
                 time.sleep(0.2)
             counts = s.delivery_counts()
-            assert counts.get(("fhir", st.DELIVERED), 0) == len(ids), (counts, [d.reason for d in s.dead_letters()][:3])
+            assert counts.get(("fhir", st.DELIVERED), 0) == len(ids), (
+                counts,
+                [d.reason for d in s.dead_letters()][:3],
+            )
             assert not counts.get(("fhir", st.DEAD)) and not counts.get(("fhir", st.PENDING))
             assert sorted(r.control_id for r in s.list_messages(limit=10_000)) == sorted(ids)
             assert s.check() == "ok"

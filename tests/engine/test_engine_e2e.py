@@ -285,7 +285,10 @@ def test_worker_processes_leave_when_the_engine_is_killed(tmp_path: Path) -> Non
     port = free_port()
     channel = basic_channel(port)
     cfg = write_config(
-        tmp_path, channels={"c": channel}, destinations={"out": file_dest(tmp_path / "out")}, processing={"workers": 2}
+        tmp_path,
+        channels={"c": channel},
+        destinations={"out": file_dest(tmp_path / "out")},
+        processing={"workers": 2},
     )
     eng = EngineProcess(cfg, port).start()
     assert eng.proc is not None

@@ -14,7 +14,9 @@ def test_small_payload_is_stored_plain() -> None:
 
 
 def test_large_payload_is_compressed_and_restored() -> None:
-    bundle = b'{"resourceType":"Bundle","entry":[' + b'{"resource":{"resourceType":"Patient"}},' * 400 + b"{}]}"
+    bundle = (
+        b'{"resourceType":"Bundle","entry":[' + b'{"resource":{"resourceType":"Patient"}},' * 400 + b"{}]}"
+    )
     stored = payloads.pack(bundle)
     assert stored.startswith(payloads.MAGIC)
     assert len(stored) < len(bundle) // 4

@@ -58,7 +58,9 @@ def basic_channel(port: int, **extra: Any) -> dict[str, Any]:
     return ch
 
 
-def fhir_channel(port: int, destination: str, *, types: tuple[str, ...] = ("ADT",), **extra: Any) -> dict[str, Any]:
+def fhir_channel(
+    port: int, destination: str, *, types: tuple[str, ...] = ("ADT",), **extra: Any
+) -> dict[str, Any]:
     """A channel on ``port`` converting ``types`` to FHIR bundles (demo-style derived identifier systems,
     site zone America/Los_Angeles) and routing them to ``destination``; ``extra`` adds or overrides keys."""
     ch: dict[str, Any] = {

@@ -45,7 +45,9 @@ def test_deterministic_and_idempotent(name: str) -> None:
     bundle = orjson.loads(a)
     assert bundle["type"] == "transaction"
     urls = [
-        e["request"]["url"] if e["request"]["method"] == "PUT" else e["request"]["url"] + "?" + e["request"]["ifNoneExist"]
+        e["request"]["url"]
+        if e["request"]["method"] == "PUT"
+        else e["request"]["url"] + "?" + e["request"]["ifNoneExist"]
         for e in bundle["entry"]
     ]
     assert len(urls) == len(set(urls)), "one entry per resource"
@@ -290,14 +292,22 @@ ADT_BASE = "MSH|^~\\&|A|GOODHOSP|C|D|20250315143000||ADT^A01^ADT_A01|1|P|2.5.1"
 
 def test_pv2_expected_admit_and_discharge_become_planned_extensions() -> None:
     """IG PV2[Encounter]: PV2-8 / PV2-9 → extension-Encounter.plannedStartDate / plannedEndDate (R5)."""
-    m = msg(ADT_BASE, "PID|1||MRN1^^^HOSP^MR||DOE^JO", "PV1|1|I|||||||||||||||||V1^^^VISITS^VN",
-            "PV2||||||||20250401070000|20250403120000")
+    m = msg(
+        ADT_BASE,
+        "PID|1||MRN1^^^HOSP^MR||DOE^JO",
+        "PV1|1|I|||||||||||||||||V1^^^VISITS^VN",
+        "PV2||||||||20250401070000|20250403120000",
+    )
     (enc,) = resources(convert(m, golden_settings()), "Encounter")
     assert enc["extension"] == [
-        {"url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedStartDate",
-         "valueDateTime": "2025-04-01T07:00:00-07:00"},
-        {"url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedEndDate",
-         "valueDateTime": "2025-04-03T12:00:00-07:00"},
+        {
+            "url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedStartDate",
+            "valueDateTime": "2025-04-01T07:00:00-07:00",
+        },
+        {
+            "url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedEndDate",
+            "valueDateTime": "2025-04-03T12:00:00-07:00",
+        },
     ]
     assert "period" not in enc  # an in-progress encounter's period is actual, never the plan
     m = msg(ADT_BASE, "PID|1||MRN1^^^HOSP^MR||DOE^JO", "PV1|1|I|||||||||||||||||V1^^^VISITS^VN", "PV2|||X")
@@ -307,20 +317,33 @@ def test_pv2_expected_admit_and_discharge_become_planned_extensions() -> None:
 
 def test_nk1_7_table_0063_contact_code_goes_through_the_relationship_map() -> None:
     """NK1-7 `EMC` (a table-0063 code in the 0131 field) → v2-0131 C, like NK1-3 EMC; 0131 codes stay."""
-    m = msg(ADT_BASE, "PID|1||MRN1^^^HOSP^MR||DOE^JO",
-            "NK1|1|ROE^RITA|SPO||||EMC", "NK1|2|ROE^RAY|SPO||||N")
+    m = msg(ADT_BASE, "PID|1||MRN1^^^HOSP^MR||DOE^JO", "NK1|1|ROE^RITA|SPO||||EMC", "NK1|2|ROE^RAY|SPO||||N")
     bundle = convert(m, golden_settings())
     validate_resources(bundle)
     rp1, rp2 = resources(bundle, "RelatedPerson")
-    assert rp1["relationship"][1] == {"coding": [{
-        "system": "http://terminology.hl7.org/CodeSystem/v2-0131", "code": "C", "display": "Emergency Contact"}]}
-    assert rp2["relationship"][1] == {"coding": [{
-        "system": "http://terminology.hl7.org/CodeSystem/v2-0131", "code": "N", "display": "Next-of-Kin"}]}
+    assert rp1["relationship"][1] == {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/v2-0131",
+                "code": "C",
+                "display": "Emergency Contact",
+            }
+        ]
+    }
+    assert rp2["relationship"][1] == {
+        "coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/v2-0131", "code": "N", "display": "Next-of-Kin"}
+        ]
+    }
 
 
 def test_bad_pv2_9_is_counted_not_rejected() -> None:
-    m = msg(ADT_BASE, "PID|1||MRN1^^^HOSP^MR||DOE^JO", "PV1|1|I|||||||||||||||||V1^^^VISITS^VN",
-            "PV2|||||||||2025-04-03")
+    m = msg(
+        ADT_BASE,
+        "PID|1||MRN1^^^HOSP^MR||DOE^JO",
+        "PV1|1|I|||||||||||||||||V1^^^VISITS^VN",
+        "PV2|||||||||2025-04-03",
+    )
     result = convert_report(m, golden_settings())
     (enc,) = resources(result.bundle, "Encounter")
     assert "extension" not in enc

@@ -296,5 +296,12 @@ def test_identifier_type_is_a_valid_fhir_code() -> None:
     assert identifier_type("N\n\nPI") == {
         "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "N PI"}]
     }
-    assert identifier_type(" MR ") == {"coding": [{
-        "system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR", "display": "Medical record number"}]}
+    assert identifier_type(" MR ") == {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                "code": "MR",
+                "display": "Medical record number",
+            }
+        ]
+    }

@@ -473,8 +473,14 @@ def test_service_request_obr_and_orc_fields() -> None:
         MSH,
         PID,
         _orc(f1="RE", f4="GRP7^SYNEHR", f9="20250309100000", f29="O^Outpatient^HL70482"),
-        _obr(f6="20250309120000", f11="G", f31="R07.9^Chest pain^I10", f46="PSS^Placer svc^L",
-             f47="FSS^Filler svc^L", f53="ALT9^^^SYNEHR&2.16.840.1.113883.19.999.3&ISO"),
+        _obr(
+            f6="20250309120000",
+            f11="G",
+            f31="R07.9^Chest pain^I10",
+            f46="PSS^Placer svc^L",
+            f47="FSS^Filler svc^L",
+            f53="ALT9^^^SYNEHR&2.16.840.1.113883.19.999.3&ISO",
+        ),
         "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F",
     )
     bundle = conv(*m).bundle
@@ -497,7 +503,9 @@ def test_service_request_obr_and_orc_fields() -> None:
     # identity is unchanged: the same order without the new fields has the same conditional key
     plain = conv(MSH, PID, _orc(), OBR, "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F").bundle
     assert entry_of(bundle, sr)["request"] == entry_of(plain, _order(plain))["request"]
-    new = conv(MSH, PID, _orc(f1="NW", f9="20250309100000"), OBR, "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F")
+    new = conv(
+        MSH, PID, _orc(f1="NW", f9="20250309100000"), OBR, "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F"
+    )
     assert _order(new.bundle)["authoredOn"] == "2025-03-09T10:00:00-07:00"
 
 
@@ -505,7 +513,10 @@ def test_orc4_eip_gives_placer_and_filler_group_numbers() -> None:
     m = (MSH, PID, _orc(f4="GRP7&SYNEHR^FGRP8&SYNLAB"), OBR, "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F")
     bundle = conv(*m).bundle
     (dr,) = resources(bundle, "DiagnosticReport")
-    assert [i["value"] for i in dr["identifier"] if i["type"]["coding"][0]["code"] == "PGN"] == ["GRP7", "FGRP8"]
+    assert [i["value"] for i in dr["identifier"] if i["type"]["coding"][0]["code"] == "PGN"] == [
+        "GRP7",
+        "FGRP8",
+    ]
     assert _order(bundle)["requisition"]["value"] == "GRP7"
 
 
@@ -514,14 +525,17 @@ def test_obr_interpreter_technician_transcriptionist() -> None:
     event-performerFunction extension SPRF / TRANS; each a Practitioner keyed by id + authority."""
     lab = "SYNLAB&2.16.840.1.113883.19.999.2&ISO"
     m = (
-        MSH, PID,
+        MSH,
+        PID,
         _obr(f25="F", f32=f"4455&LABDOC&LEE&&&&&&{lab}", f34=f"77&TECH&TERRY&&&&&&{lab}", f35="&TYPIST&TINA"),
         "OBX|1|NM|2345-7^Glucose^LN||95|mg/dL|||||F",
     )
     bundle = conv(*m).bundle
     validate_resources(bundle)
     (dr,) = resources(bundle, "DiagnosticReport")
-    pracs = {p["identifier"][0]["value"]: entry_of(bundle, p)["fullUrl"] for p in resources(bundle, "Practitioner")}
+    pracs = {
+        p["identifier"][0]["value"]: entry_of(bundle, p)["fullUrl"] for p in resources(bundle, "Practitioner")
+    }
     assert dr["resultsInterpreter"][0]["reference"] == pracs["4455"]
     tech, typist = dr["performer"]
     assert tech["reference"] == pracs["77"]

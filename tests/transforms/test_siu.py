@@ -351,7 +351,10 @@ def test_sch_contacts_become_practitioner_participants() -> None:
     assert a["participant"][0]["required"] == "required"
     # the Practitioner is a conditional create keyed by its NPI (resend never duplicates, never rewrites)
     assert entry_of(bundle, pracs["1234567893"])["request"] == {
-        "method": "POST", "url": "Practitioner", "ifNoneExist": "identifier=http://hl7.org/fhir/sid/us-npi|1234567893"}
+        "method": "POST",
+        "url": "Practitioner",
+        "ifNoneExist": "identifier=http://hl7.org/fhir/sid/us-npi|1234567893",
+    }
 
 
 def test_sch_contact_phone_and_address_go_on_the_practitioner() -> None:
