@@ -111,10 +111,6 @@ class FramingError(SluiceError):
     """MLLP protocol violation.  No ACK can be sent; the connection is closed."""
 
 
-class FrameTooLarge(FramingError):
-    """A frame went past the size cap."""
-
-
 class MessageRejected(SluiceError):
     """The receiver cannot accept the message as such (AR).  The sender may resend unchanged."""
 
@@ -137,12 +133,6 @@ class MessageContentError(SluiceError):
 
 class ConversionError(MessageContentError):
     """HL7 v2 → FHIR conversion found content it cannot map; carries a location."""
-
-
-class DuplicateMessage(MessageContentError):
-    """Same sender and control id as a stored message, but different content (AE 205)."""
-
-    hl7_error = "205"
 
 
 class DeliveryError(SluiceError):

@@ -291,13 +291,6 @@ class ConvertContext:
         hit = self._by_full_url.get(full_url)
         return hit[0] if hit is not None else None
 
-    @staticmethod
-    def url_of_entry(entry: Mapping[str, Any]) -> str:
-        req = entry["request"]
-        if req.get("method") == "POST" and req.get("ifNoneExist"):
-            return f"{req['url']}?{req['ifNoneExist']}"
-        return str(req["url"])
-
     def key_of(self, full_url: str) -> str | None:
         """The resource key (conditional URL, ``Type?identifier=system|value``) of an added entry."""
         hit = self._by_full_url.get(full_url)

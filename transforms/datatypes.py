@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from engine.errors import ConversionError, Location
 from engine.hl7 import Rep, Segment
-from transforms.bundle import SLUICE_KEY_SYSTEM, ConvertContext
+from transforms.bundle import ConvertContext
 from transforms.settings import DERIVED_SYSTEM_PREFIX, ConvertSettings
 
 JSON = dict[str, Any]
@@ -1074,11 +1074,6 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
         return None
     display = " ".join(levels) or last_name
     return {"reference": ref, "display": display}
-
-
-def derived_key_identifier(key_value: str) -> JSON:
-    """The Sluice key identifier dict (for callers building resources by hand)."""
-    return {"system": SLUICE_KEY_SYSTEM, "value": key_value}
 
 
 # ---------------------------------------------------------------------------

@@ -716,10 +716,6 @@ def _category(section: str) -> list[JSON]:
     return []
 
 
-def _obx_status(obx: Segment, obr_status_code: str, ctx: ConvertContext) -> str:
-    return _obx_status_of(obx, obx.get(11).strip().upper(), obr_status_code, ctx)
-
-
 def _obx_status_of(obx: Segment, code: str, obr_status_code: str, ctx: ConvertContext) -> str:
     """Observation.status from OBX-11 (``code``, stripped and upper-cased), else from OBR-25."""
     if code:

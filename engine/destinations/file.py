@@ -104,9 +104,6 @@ class FileDestination(Destination):
             safe[k] = "_" if text in ("", ".", "..") else text
         return self.pattern.format(**safe)
 
-    def path_for(self, item: Outbound) -> Path:
-        return self.directory / self.relative_path(item)
-
     async def deliver(self, item: Outbound) -> str:
         # The write (and its fsync) happens in a thread: never block the event loop's ACKs on disk.
         return await asyncio.to_thread(self._write, item)
