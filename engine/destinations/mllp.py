@@ -1,8 +1,11 @@
 """MLLP destination: forward the message to another MLLP endpoint and check its ACK.
 
-The connection is reused between messages.  MSA-2 must echo our MSH-10; AA/CA is
-delivered; AE/AR follow the destination's ``on_error`` policy (``retry`` or
-``dead-letter``); a timeout or a broken connection is retried.
+Connections are reused between messages, one message in flight on each (MLLP has no
+pipelining).  ``concurrency`` caps how many connections (so messages in flight) there are,
+1 by default; ``rate_limit`` caps messages sent per second (engine/ratelimit.py, as for the
+other kinds).  MSA-2 must echo our MSH-10; AA/CA is delivered; AE/AR follow the
+destination's ``on_error`` policy (``retry`` or ``dead-letter``); a timeout or a broken
+connection is retried.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from engine import registry
 from engine.client import MLLPClient, parse_ack
 from engine.destinations.base import Destination, DestinationContext, Outbound
 from engine.errors import ConfigError, DeliveryError, PermanentDeliveryError
+from engine.ratelimit import Limiter
 
 
 @registry.destination("mllp")
@@ -28,6 +32,8 @@ class MLLPDestination(Destination):
         "on_error": "dead-letter",  # what to do with AE/AR: dead-letter or retry
         "tls": False,  # true, or {ca: file, cert: file, key: file, verify: true}
         "payload": "hl7",  # hl7: forward the raw message; output: forward the channel's output
+        "concurrency": 1,  # connections, each with one message in flight; 0 = as many as the lanes
+        "rate_limit": 0,  # messages per second; 0 = unlimited
     }
 
     def __init__(self, name: str, options: Any, ctx: DestinationContext):
@@ -42,15 +48,27 @@ class MLLPDestination(Destination):
             raise ConfigError(
                 "payload must be hl7 or output", file=ctx.config_file, key=f"destinations.{name}.payload"
             )
+        self.limiter = Limiter.from_options(
+            self.opts, config_file=ctx.config_file, key=f"destinations.{name}"
+        )
         self.ssl = self._ssl(self.opts["tls"])
-        self.client = MLLPClient(
+        # Connections not sending right now.  A new one is opened only when every existing one is busy,
+        # and the limiter's slot caps the busy ones, so there are never more than `concurrency`.
+        self._idle: list[MLLPClient] = []
+        self.clients: list[MLLPClient] = []
+
+    def _client(self) -> MLLPClient:
+        if self._idle:
+            return self._idle.pop()
+        client = MLLPClient(
             str(self.opts["host"]),
             int(self.opts["port"]),
             ssl=self.ssl,
             connect_timeout=float(self.opts["connect_timeout"]),
             ack_timeout=float(self.opts["ack_timeout"]),
         )
-        self.lock = asyncio.Lock()
+        self.clients.append(client)
+        return client
 
     def _ssl(self, spec: Any) -> ssl.SSLContext | None:
         if not spec:
@@ -87,8 +105,13 @@ class MLLPDestination(Destination):
 
     async def deliver(self, item: Outbound) -> str:
         payload = item.raw if self.opts["payload"] == "hl7" else item.payload
-        async with self.lock:  # one message in flight per connection
-            ack = await self.client.send(payload)
+        async with self.limiter.slot():
+            await self.limiter.request()
+            client = self._client()  # one message in flight per connection
+            try:
+                ack = await client.send(payload)
+            finally:
+                self._idle.append(client)
         info = parse_ack(ack)
         if info.control_id != item.control_id:
             raise DeliveryError(
@@ -104,4 +127,4 @@ class MLLPDestination(Destination):
         raise PermanentDeliveryError(reason)
 
     async def close(self) -> None:
-        await self.client.close()
+        await asyncio.gather(*(c.close() for c in self.clients))
