@@ -36,6 +36,9 @@ class StageContext:
     base_dir: Path
     config_file: str
     site_tz: str = "UTC"
+    # Where the stage sits in the channel file (``filter.all[1]``, ``transform[0]``): the ``key`` of a
+    # ConfigError the factory raises.
+    key: str = ""
 
 
 Step = Callable[[Work], "Work | None"]

@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 # name -> factory(options: dict, context: StageContext) -> step callable
 TRANSFORMS: dict[str, Callable[..., Any]] = {}
-# name -> factory(options: dict, context: StageContext) -> predicate callable
+# name -> factory(argument, context: StageContext) -> predicate callable (engine.stages.build_filter)
 FILTERS: dict[str, Callable[..., Any]] = {}
 # kind -> Destination class (see engine.destinations.base.Destination)
 DESTINATIONS: dict[str, type[Any]] = {}
@@ -47,6 +47,8 @@ def transform(name: str) -> Callable[[T], T]:
 
 
 def filter_(name: str) -> Callable[[T], T]:
+    """Decorator: register a filter factory under ``name`` (a channel writes ``{name: argument}``)."""
+
     def deco(factory: T) -> T:
         FILTERS[name] = factory  # type: ignore[assignment]
         return factory

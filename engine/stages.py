@@ -10,6 +10,9 @@ Filters are declarative::
         - {field: PID-3, exists: true}
         - any: [...]
         - {python: mypkg.filters:only_inpatients}
+        - {my_filter: argument}     # a plugin's @registry.filter_("my_filter")
+
+Built-in filters register with the same decorator as a plugin's, so both go through one path.
 
 Transform steps are a list of registered names (with options) or ``module:function`` refs.
 """
@@ -17,7 +20,7 @@ Transform steps are a list of registered names (with options) or ``module:functi
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -26,92 +29,130 @@ import orjson
 from engine import registry
 from engine.destinations.base import CONTENT_HL7, CONTENT_JSON
 from engine.errors import ConfigError
-from engine.hl7 import Message, parse_path
+from engine.hl7 import parse_path
 from engine.pipeline import Pipeline, Predicate, StageContext, Step, Work
+
+
+def build_filter(spec: Any, ctx: StageContext, key: str = "filter") -> Predicate | None:
+    """A predicate from a filter spec; ConfigError naming the key path on mistakes.
+
+    Every filter, built-in or a plugin's, is a factory registered with ``@registry.filter_(name)``
+    and called as ``factory(argument, ctx)`` (``ctx.key`` is the spec's key path).  A spec names
+    its filter: ``{name: argument}``; a field condition ``{field: ..., equals: ...}`` is the filter
+    ``field`` with the whole mapping as its argument; a ``"module:function"`` string is ``python``.
+    """
+    if spec is None:
+        return None
+    name: Any = None
+    arg: Any = spec
+    if isinstance(spec, str) and ":" in spec:
+        name = "python"
+    elif not isinstance(spec, Mapping):
+        raise ConfigError("a filter must be a mapping or 'module:function'", file=ctx.config_file, key=key)
+    elif "field" in spec:
+        name = "field"
+    elif len(spec) == 1:
+        ((name, arg),) = spec.items()
+    factory = registry.FILTERS.get(name)
+    if factory is None:
+        raise ConfigError(
+            f"unknown filter {dict(spec)!r}",
+            file=ctx.config_file,
+            key=key,
+            hint="use all/any/not, {field: ..., equals|in|regex|exists: ...}, or {python: module:function}",
+        )
+    pred: Predicate = factory(arg, replace(ctx, key=key))
+    return pred
+
+
+# ---------------------------------------------------------------------------
+# built-in filters
+
+
+def _conditions(op: str, arg: Any, ctx: StageContext) -> list[Predicate]:
+    if not isinstance(arg, list) or not arg:
+        raise ConfigError(
+            f"'{op}' needs a non-empty list of conditions", file=ctx.config_file, key=f"{ctx.key}.{op}"
+        )
+    parts = [build_filter(a, ctx, f"{ctx.key}.{op}[{i}]") for i, a in enumerate(arg)]
+    return [p for p in parts if p is not None]
+
+
+@registry.filter_("all")
+def all_of(arg: Any, ctx: StageContext) -> Predicate:
+    """``all: [conditions]``: every condition holds."""
+    preds = _conditions("all", arg, ctx)
+    return lambda m: all(p(m) for p in preds)
+
+
+@registry.filter_("any")
+def any_of(arg: Any, ctx: StageContext) -> Predicate:
+    """``any: [conditions]``: at least one condition holds."""
+    preds = _conditions("any", arg, ctx)
+    return lambda m: any(p(m) for p in preds)
+
+
+@registry.filter_("not")
+def not_(arg: Any, ctx: StageContext) -> Predicate:
+    """``not: condition``."""
+    inner = build_filter(arg, ctx, f"{ctx.key}.not")
+    if inner is None:
+        raise ConfigError("'not' needs a condition", file=ctx.config_file, key=f"{ctx.key}.not")
+    return lambda m: not inner(m)
+
+
+@registry.filter_("python")
+def python(arg: Any, ctx: StageContext) -> Predicate:
+    """``python: module:function``: a function(message) -> bool, looked up next to routes.yaml."""
+    fn = registry.import_from_string(str(arg), [ctx.base_dir])
+    if not callable(fn):
+        raise ConfigError(f"{fn!r} is not callable")
+    return fn
+
 
 _OPS = ("equals", "in", "regex", "exists", "not_equals")
 
 
-def build_filter(spec: Any, ctx: StageContext, key: str = "filter") -> Predicate | None:
-    """A predicate from a filter spec; ConfigError naming the key path on mistakes."""
-    if spec is None:
-        return None
-    if isinstance(spec, str) and ":" in spec:
-        fn = registry.import_from_string(spec, [ctx.base_dir])
-        return _safe_callable(fn)
-    if not isinstance(spec, Mapping):
-        raise ConfigError("a filter must be a mapping or 'module:function'", file=ctx.config_file, key=key)
-    if len(spec) == 1:
-        ((op, arg),) = spec.items()
-        if op in ("all", "any"):
-            if not isinstance(arg, list) or not arg:
-                raise ConfigError(
-                    f"'{op}' needs a non-empty list of conditions", file=ctx.config_file, key=f"{key}.{op}"
-                )
-            parts = [build_filter(a, ctx, f"{key}.{op}[{i}]") for i, a in enumerate(arg)]
-            preds = [p for p in parts if p is not None]
-            if op == "all":
-                return lambda m: all(p(m) for p in preds)
-            return lambda m: any(p(m) for p in preds)
-        if op == "not":
-            inner = build_filter(arg, ctx, f"{key}.not")
-            if inner is None:
-                raise ConfigError("'not' needs a condition", file=ctx.config_file, key=f"{key}.not")
-            return lambda m: not inner(m)
-        if op == "python":
-            return _safe_callable(registry.import_from_string(str(arg), [ctx.base_dir]))
-        if op in registry.FILTERS:
-            return registry.FILTERS[op](arg, ctx)
-    if "field" in spec:
-        path = str(spec["field"])
+@registry.filter_("field")
+def field(spec: Mapping[str, Any], ctx: StageContext) -> Predicate:
+    """``{field: PATH, equals|not_equals|in|regex|exists: ...}``: a condition on one field's text."""
+    key = ctx.key
+    path = str(spec["field"])
+    try:
+        parse_path(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=ctx.config_file, key=f"{key}.field") from exc
+    ops = [k for k in spec if k != "field"]
+    if len(ops) != 1 or ops[0] not in _OPS:
+        raise ConfigError(
+            f"a field condition needs exactly one of {', '.join(_OPS)}",
+            file=ctx.config_file,
+            key=key,
+            hint="e.g. {field: MSH-9.1, in: [ADT, ORU]}",
+        )
+    op = ops[0]
+    arg = spec[op]
+    if op == "equals":
+        want = str(arg)
+        return lambda m: m[path] == want
+    if op == "not_equals":
+        want = str(arg)
+        return lambda m: m[path] != want
+    if op == "in":
+        if not isinstance(arg, list):
+            raise ConfigError("'in' needs a list", file=ctx.config_file, key=f"{key}.in")
+        values = {str(a) for a in arg}
+        return lambda m: m[path] in values
+    if op == "regex":
         try:
-            parse_path(path)
-        except ValueError as exc:
-            raise ConfigError(str(exc), file=ctx.config_file, key=f"{key}.field") from exc
-        ops = [k for k in spec if k != "field"]
-        if len(ops) != 1 or ops[0] not in _OPS:
+            rx = re.compile(str(arg))
+        except re.error as exc:
             raise ConfigError(
-                f"a field condition needs exactly one of {', '.join(_OPS)}",
-                file=ctx.config_file,
-                key=key,
-                hint="e.g. {field: MSH-9.1, in: [ADT, ORU]}",
-            )
-        op = ops[0]
-        arg = spec[op]
-        if op == "equals":
-            want = str(arg)
-            return lambda m: m[path] == want
-        if op == "not_equals":
-            want = str(arg)
-            return lambda m: m[path] != want
-        if op == "in":
-            if not isinstance(arg, list):
-                raise ConfigError("'in' needs a list", file=ctx.config_file, key=f"{key}.in")
-            values = {str(a) for a in arg}
-            return lambda m: m[path] in values
-        if op == "regex":
-            try:
-                rx = re.compile(str(arg))
-            except re.error as exc:
-                raise ConfigError(
-                    f"bad regular expression: {exc}", file=ctx.config_file, key=f"{key}.regex"
-                ) from exc
-            return lambda m: rx.search(m[path]) is not None
-        if op == "exists":
-            want_exists = bool(arg)
-            return lambda m: bool(m[path].strip()) == want_exists
-    raise ConfigError(
-        f"unknown filter {dict(spec)!r}",
-        file=ctx.config_file,
-        key=key,
-        hint="use all/any/not, {field: ..., equals|in|regex|exists: ...}, or {python: module:function}",
-    )
-
-
-def _safe_callable(fn: Any) -> Predicate:
-    if not callable(fn):
-        raise ConfigError(f"{fn!r} is not callable")
-    return fn
+                f"bad regular expression: {exc}", file=ctx.config_file, key=f"{key}.regex"
+            ) from exc
+        return lambda m: rx.search(m[path]) is not None
+    want_exists = bool(arg)  # exists
+    return lambda m: bool(m[path].strip()) == want_exists
 
 
 def build_step(spec: Any, ctx: StageContext, key: str) -> Step:
@@ -130,7 +171,7 @@ def build_step(spec: Any, ctx: StageContext, key: str) -> Step:
         )
     name = str(name)
     if name in registry.TRANSFORMS:
-        return registry.TRANSFORMS[name](options, ctx)
+        return registry.TRANSFORMS[name](options, replace(ctx, key=key))
     if ":" in name:
         fn = registry.import_from_string(name, [ctx.base_dir, ctx.base_dir / "transforms"])
         if not callable(fn):
@@ -188,8 +229,3 @@ def hl7_to_json(options: Mapping[str, Any], ctx: StageContext) -> Step:
         return replace(work, payload=orjson.dumps(doc), content_type=CONTENT_JSON)
 
     return step
-
-
-def message_filter(fn: Callable[[Message], bool]) -> Predicate:
-    """Decorator for user filter functions (documentational; any callable works)."""
-    return fn
