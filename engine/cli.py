@@ -9,12 +9,15 @@ import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from engine import native
 from engine.errors import ConfigError, SluiceError
+
+if TYPE_CHECKING:
+    from engine.processing import ChannelRuntime
 
 DEFAULT_CONFIG = "routes.yaml"
 
@@ -215,7 +218,7 @@ def check(config_path: str) -> None:
 
     cfg = _load_config(config_path)
     try:
-        registry.load_builtins()
+        registry.load_plugins(cfg.plugin_paths, cfg.plugins, cfg.base_dir)  # as `run` does
         dests = build_destinations(cfg)
         for ch in cfg.channels:
             ChannelRuntime(cfg, ch, store=None)
@@ -386,54 +389,167 @@ def replay(config_path: str, ids: tuple[int, ...], channel: str | None, status: 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @config_option
-@click.option("--channel", help="Use this channel's conversion settings (default: the demo channel).")
-@click.option("--pretty", is_flag=True, help="Indent the JSON.")
+@click.option(
+    "--channel",
+    help="Run this channel's pipeline (default: the first enabled channel of the config; "
+    "without a config file, the plain HL7 to FHIR converter).",
+)
+@click.option("--pretty", is_flag=True, help="Indent JSON output; print HL7 output one segment a line.")
 def convert(files: tuple[str, ...], config_path: str, channel: str | None, pretty: bool) -> None:
-    """Convert HL7 v2 files to FHIR R4 transaction Bundles (JSON on stdout)."""
-    from engine.hl7 import parse_bytes
-    from transforms.convert import convert as to_fhir
+    """Run HL7 v2 files through a channel and print what it would deliver (one output a line).
 
-    settings = _convert_settings(config_path, channel)
+    The channel's intake checks, filter, transform steps and route filters run exactly as in the engine
+    (the same compiled pipeline a processing worker runs); a message the channel would reject, filter or
+    fail is reported on stderr.  Exit 1 when any message is rejected or fails.
+    """
+    runtime = _convert_runtime(config_path, channel, explicit_config=_option_given("config_path"))
     failed = 0
     for f in files:
         for i, raw in enumerate(split_messages(Path(f).read_bytes()), 1):
-            try:
-                bundle = to_fhir(parse_bytes(raw), settings)
-            except SluiceError as exc:
-                click.echo(f"{f}#{i}: error {exc.hl7_error}: {exc}", err=True)
+            label = f"{f}#{i}"
+            outputs = _convert_plain(label, raw) if runtime is None else _convert_channel(runtime, label, raw)
+            if outputs is None:
                 failed += 1
                 continue
-            click.echo(json.dumps(bundle, indent=2 if pretty else None, ensure_ascii=False))
+            for payload, content_type in outputs:
+                _print_output(payload, content_type, pretty)
     sys.exit(1 if failed else 0)
 
 
-def _convert_settings(config_path: str, channel: str | None) -> Any:
+def _option_given(name: str) -> bool:
+    ctx = click.get_current_context()
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _convert_runtime(
+    config_path: str, channel: str | None, *, explicit_config: bool
+) -> ChannelRuntime | None:
+    """The channel's compiled pipeline, built as a processing worker builds it (plugins first).
+
+    ``None``: no config file (the default ``routes.yaml`` is absent and no channel asked for), so
+    messages go through the plain converter.
+    """
+    from engine import registry
+    from engine.processing import ChannelRuntime
+
+    if not Path(config_path).exists() and not explicit_config and channel is None:
+        return None
+    cfg = _load_config(config_path)
+    try:
+        if channel is not None:
+            ch = cfg.channel(channel)
+        else:
+            enabled = [c for c in cfg.channels if c.enabled]
+            if not enabled:
+                raise ConfigError("every channel is disabled", file=cfg.file, hint="name one with --channel")
+            ch = enabled[0]
+        registry.load_plugins(cfg.plugin_paths, cfg.plugins, cfg.base_dir)
+        return ChannelRuntime(cfg, ch, store=None)
+    except ConfigError as exc:
+        raise click.ClickException(f"config error: {exc}") from exc
+
+
+def _convert_plain(label: str, raw: bytes) -> list[tuple[bytes, str]] | None:
+    """No config: the hl7-to-fhir conversion with default settings (unknown authorities derived)."""
+    import orjson
+
+    from engine.hl7 import parse_bytes
+    from transforms.convert import convert as to_fhir
+    from transforms.fhir_step import FHIR_JSON
     from transforms.settings import ConvertSettings
 
-    path = Path(config_path)
-    if not path.exists():
-        return ConvertSettings(derive_unknown_systems=True)
-    cfg = _load_config(config_path)
-    ch = cfg.channel(channel) if channel else cfg.channels[0]
-    for step in ch.transform:
-        if isinstance(step, dict) and "hl7-to-fhir" in step:
-            try:
-                return ConvertSettings.from_options(step["hl7-to-fhir"] or {}, cfg.base_dir, ch.file)
-            except ConfigError as exc:
-                raise click.ClickException(f"config error: {exc}") from exc
-        if step == "hl7-to-fhir":
-            return ConvertSettings.from_options({}, cfg.base_dir, ch.file)
-    return ConvertSettings(site_tz=ch.site_tz, derive_unknown_systems=True)
+    try:
+        bundle = to_fhir(parse_bytes(raw), ConvertSettings(derive_unknown_systems=True))
+    except SluiceError as exc:
+        click.echo(f"{label}: error {exc.hl7_error}: {exc}", err=True)
+        return None
+    return [(orjson.dumps(bundle), FHIR_JSON)]
+
+
+def _convert_channel(runtime: ChannelRuntime, label: str, raw: bytes) -> list[tuple[bytes, str]] | None:
+    """What the engine would deliver for ``raw`` on this channel; ``None`` when it would not process it.
+
+    The intake decision (charset, batch, accepted types, versions, processing ids, ``require``) is the
+    listener's own pure part; the pipeline runs through ``ChannelRuntime.run_raw``, as in a worker.
+    """
+    from typing import cast
+
+    from engine.intake import Committer, Intake
+    from engine.store import ERROR, FILTERED, IGNORED, PROCESSED, RECEIVED
+
+    # decide() is the intake's pure part: it never touches the committer.
+    intake = Intake(runtime.channel, cast(Committer, None))
+    jobs, immediate = intake.decide(raw, "sluice convert")
+    if not jobs:
+        click.echo(f"{label}: the channel answers {_ack_summary(immediate)}; nothing is stored", err=True)
+        return None
+    outputs: list[tuple[bytes, str]] = []
+    ok = True
+    for n, job in enumerate(jobs, 1):
+        where = label if len(jobs) == 1 else f"{label} (batch message {n})"
+        row = job.row
+        if row.status == IGNORED:
+            click.echo(f"{where}: not processed: {row.reason}", err=True)
+            continue
+        if row.status != RECEIVED:
+            click.echo(
+                f"{where}: {row.status}: the channel answers {_ack_summary(row.ack)}: {row.reason}", err=True
+            )
+            ok = False
+            continue
+        result = runtime.run_raw(n, row.raw)
+        if result.status == ERROR:
+            code = f" {result.error.hl7_error}" if isinstance(result.error, SluiceError) else ""
+            click.echo(f"{where}: error{code}: {result.reason}", err=True)
+            ok = False
+            continue
+        if result.status == FILTERED or result.output is None:
+            click.echo(f"{where}: filtered: {result.reason}; nothing is delivered", err=True)
+            continue
+        assert result.status == PROCESSED
+        out = result.output
+        if runtime.routes and not out.routes:
+            click.echo(f"{where}: filtered: no route accepted the message; nothing is delivered", err=True)
+            continue
+        outputs.append((out.payload, out.content_type))
+    return outputs if ok else None
+
+
+def _ack_summary(ack: bytes | None) -> str:
+    from engine.client import parse_ack
+    from engine.intake import split_acks
+
+    parts = []
+    for a in split_acks(ack):
+        info = parse_ack(a)
+        parts.append(f"{info.code} {info.error_code}".strip())
+    return ", ".join(parts) or "nothing"
+
+
+def _print_output(payload: bytes, content_type: str, pretty: bool) -> None:
+    """The payload as a destination receives it (bytes unchanged), then a newline."""
+    import orjson
+
+    if pretty and "json" in content_type:
+        payload = orjson.dumps(orjson.loads(payload), option=orjson.OPT_INDENT_2)
+    elif pretty and "hl7" in content_type:
+        payload = payload.replace(b"\r\n", b"\r").replace(b"\r", b"\n").rstrip(b"\n")
+    click.echo(payload)  # bytes go to the binary stream as they are
 
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--report", type=click.Path(dir_okay=False), help="Write a Markdown report here.")
-def conformance(directory: str, report: str | None) -> None:
+@click.option(
+    "--diffs",
+    is_flag=True,
+    help="Also print every differing field: message, path, Sluice value, expected value, explanation.",
+)
+def conformance(directory: str, report: str | None, diffs: bool) -> None:
     """Convert every HL7 file under DIRECTORY, validate, and score against expected bundles."""
     from conformance.runner import main as run_conformance
 
-    args = [directory] + (["--report", report] if report else [])
+    args = [directory] + (["--report", report] if report else []) + (["--diffs"] if diffs else [])
     sys.exit(run_conformance(args))
 
 

@@ -1,0 +1,198 @@
+"""`sluice convert` and `sluice check` against real configs (convert: compared with what the engine delivers)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import main
+from tests.support.engine import ROOT, EngineProcess, basic_channel, free_port, write_config
+
+SAMPLES = Path(__file__).parent / "samples"
+PLUGINS = ROOT / "tests" / "support" / "plugins"
+
+# A step of the user's own, after hl7-to-fhir: convert must run every step, not only the converter.
+STAMP_STEP = """
+import dataclasses
+
+import orjson
+
+
+def stamp(work):
+    bundle = orjson.loads(work.payload)
+    bundle["meta"] = {"tag": [{"system": "urn:example:site", "code": "north"}]}
+    return dataclasses.replace(work, payload=orjson.dumps(bundle))
+"""
+
+
+def wait_for(pred: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def chicago_channel(port: int) -> dict[str, Any]:
+    """Non-default settings everywhere convert used to ignore: the channel's site_tz (the step gives
+    none), identifier systems, an inline code map, no Provenance, a user step, a route filter."""
+    return {
+        "source": {"host": "127.0.0.1", "port": port},
+        "accept": {"types": {"ADT": "*", "ORU": "*"}},
+        "site_tz": "America/Chicago",
+        "transform": [
+            {
+                "hl7-to-fhir": {
+                    "identifier_systems": {"NORTHCLINIC": "urn:oid:2.16.840.1.113883.3.999.1"},
+                    "code_maps": {
+                        "OBX-3": {
+                            "2093-3": {"system": "urn:example:lab", "code": "CHOL", "display": "Cholesterol"}
+                        }
+                    },
+                    "provenance": False,
+                }
+            },
+            "convert_test_stamp:stamp",
+        ],
+        "routes": [{"destination": "out", "filter": {"field": "MSH-9.1", "in": ["ADT", "ORU"]}}],
+    }
+
+
+def test_convert_channel_prints_exactly_what_the_engine_delivers(tmp_path: Path) -> None:
+    port, other_port = free_port(), free_port()
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path,
+        channels={
+            # the first channel (the default of convert) is a plain one: --channel must pick the other
+            "a-plain": basic_channel(other_port),
+            "b-chicago": chicago_channel(port),
+        },
+        destinations={
+            "out": {"kind": "file", "directory": str(out), "pattern": "{control_id}.{ext}", "fsync": False}
+        },
+        processing={"workers": 1},  # the engine converts in a worker process
+    )
+    (tmp_path / "transforms").mkdir()
+    (tmp_path / "transforms" / "convert_test_stamp.py").write_text(STAMP_STEP)
+    samples = [str(SAMPLES / "adt_a01.hl7"), str(SAMPLES / "oru_r01.hl7")]
+    with EngineProcess(cfg, port):
+        res = CliRunner().invoke(main, ["send", *samples, "--to", f"127.0.0.1:{port}"])
+        assert res.exit_code == 0, res.output
+        delivered = [out / "DEMO0001.json", out / "DEMO0002.json"]
+        wait_for(lambda: all(p.exists() for p in delivered), what="the engine's delivered bundles")
+    engine_bytes = [p.read_bytes() for p in delivered]
+
+    res = CliRunner().invoke(main, ["convert", *samples, "--config", str(cfg), "--channel", "b-chicago"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout_bytes.splitlines() == engine_bytes
+
+    text = res.stdout
+    # March 2025 after the DST change: Chicago is -05:00; the old convert printed Los Angeles (-07:00)
+    assert '"issued":"2025-03-14T10:10:00-05:00"' in text and "-07:00" not in text
+    assert "urn:oid:2.16.840.1.113883.3.999.1" in text and '"code":"CHOL"' in text
+    assert '"Provenance"' not in text and "urn:example:site" in text
+
+    pretty = CliRunner().invoke(
+        main, ["convert", samples[0], "--config", str(cfg), "--channel", "b-chicago", "--pretty"]
+    )
+    assert pretty.exit_code == 0, pretty.output
+    assert json.loads(pretty.stdout) == json.loads(engine_bytes[0]) and '\n  "entry": [' in pretty.stdout
+
+
+def test_convert_reports_what_the_channel_would_not_deliver(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        channels={
+            "labs": {
+                **basic_channel(free_port()),
+                "accept": {"types": {"ORU": ["R01"]}},
+                "filter": {"field": "OBX-3.1", "equals": "no-such-code"},
+            },
+            "adt": {**basic_channel(free_port()), "require": ["PID-18"]},
+        },
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out")}},
+    )
+    base = ["convert", "--config", str(cfg)]
+    rejected = CliRunner().invoke(main, [*base, "--channel", "labs", str(SAMPLES / "adt_a01.hl7")])
+    assert rejected.exit_code == 1 and rejected.stdout == ""
+    assert "rejected: the channel answers AR 200: message type ADT is not accepted" in rejected.stderr
+
+    filtered = CliRunner().invoke(main, [*base, "--channel", "labs", str(SAMPLES / "oru_r01.hl7")])
+    assert filtered.exit_code == 0 and filtered.stdout == ""
+    assert "filtered: filtered by the channel filter; nothing is delivered" in filtered.stderr
+
+    missing = CliRunner().invoke(main, [*base, "--channel", "adt", str(SAMPLES / "adt_a01.hl7")])
+    assert missing.exit_code == 1 and missing.stdout == ""
+    assert "error: the channel answers AE 101: required field PID-18 is missing" in missing.stderr
+
+    # the passthrough channel delivers the HL7 as received; --pretty prints a segment a line
+    raw = (SAMPLES / "adt_a01.hl7").read_bytes()
+    passed = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            "--config",
+            str(write_passthrough(tmp_path / "p")),
+            "--pretty",
+            str(SAMPLES / "adt_a01.hl7"),
+        ],
+    )
+    assert passed.exit_code == 0, passed.output
+    assert passed.stdout_bytes == raw.replace(b"\r", b"\n").rstrip(b"\n") + b"\n"
+
+    unknown = CliRunner().invoke(main, [*base, "--channel", "nope", str(SAMPLES / "adt_a01.hl7")])
+    assert unknown.exit_code == 1 and "no channel named 'nope'" in unknown.output
+
+
+def write_passthrough(directory: Path) -> Path:
+    return write_config(
+        directory,
+        channels={"p": basic_channel(free_port())},
+        destinations={"out": {"kind": "file", "directory": str(directory / "out")}},
+    )
+
+
+def test_convert_without_a_config_uses_the_plain_converter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no routes.yaml here
+    res = CliRunner().invoke(main, ["convert", str(SAMPLES / "adt_a01.hl7")])
+    assert res.exit_code == 0, res.output
+    bundle = json.loads(res.stdout)
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    assert '"recorded":"2025-03-14T08:30:00-07:00"' in res.stdout  # the default zone, Los Angeles
+    # asking for a channel without a config is an error, not a silent default
+    res = CliRunner().invoke(main, ["convert", "--channel", "x", str(SAMPLES / "adt_a01.hl7")])
+    assert res.exit_code == 1 and "config file not found" in res.output
+
+
+def test_check_loads_plugins(tmp_path: Path) -> None:
+    """A destination kind from a plugin is known to `check`, as it is to `run`."""
+    cfg = write_config(
+        tmp_path,
+        channels={"c": basic_channel(free_port())},
+        destinations={"out": {"kind": "recorder", "log": str(tmp_path / "log.txt")}},
+    )
+    cfg.write_text(cfg.read_text() + f"plugin_paths: [{PLUGINS}]\nplugins: [sluice_test_recorder]\n")
+    res = CliRunner().invoke(main, ["check", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "destination out: recorder" in res.output
+
+
+def test_check_accepts_mllp_rate_limit(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        channels={"c": basic_channel(free_port())},
+        destinations={
+            "out": {"kind": "mllp", "host": "127.0.0.1", "port": 1, "rate_limit": 5, "concurrency": 2}
+        },
+    )
+    res = CliRunner().invoke(main, ["check", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
