@@ -8,15 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
+# Re-exported for the test modules that import them from here; the definition is tests/support/ci.py.
+from tests.support.ci import IN_CI, service_unavailable
+
+__all__ = ["IN_CI", "service_unavailable"]
+
 PG_ADMIN_URL = os.environ.get("SLUICE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def service_unavailable(reason: str) -> None:
-    """Fail under CI=true (services are required there); skip on a developer machine without them."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: this service is required)", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture

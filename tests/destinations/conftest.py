@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# The repository root must be importable (``engine``, ``tests.support``) however pytest is started;
-# pyproject's ``[tool.pytest.ini_options] pythonpath = ["."]`` would make this unnecessary.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from engine.destinations.base import CONTENT_FHIR, DestinationContext, Outbound  # noqa: E402
-from tests.support.fhirserver import FhirServer, FhirServerUnavailable  # noqa: E402
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def unavailable(reason: str) -> None:
-    """A missing service fails under CI=true and skips locally."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: services are required)", pytrace=False)
-    pytest.skip(reason)
+from engine.destinations.base import CONTENT_FHIR, DestinationContext, Outbound
+from tests.support.ci import service_unavailable
+from tests.support.fhirserver import FhirServer, FhirServerUnavailable
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +18,7 @@ def fhir_server() -> Iterator[FhirServer]:
     try:
         srv.start()
     except FhirServerUnavailable as exc:
-        unavailable(f"FHIR test server unavailable: {exc}")
+        service_unavailable(f"FHIR test server unavailable: {exc}")
     try:
         yield srv
     finally:

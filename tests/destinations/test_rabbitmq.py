@@ -19,7 +19,8 @@ import pytest
 from engine.destinations.base import CONTENT_FHIR, CONTENT_HL7, CONTENT_JSON, DestinationContext
 from engine.destinations.rabbitmq import RabbitMQDestination
 from engine.errors import ConfigError, DeliveryError, PermanentDeliveryError
-from tests.destinations.conftest import make_item, unavailable
+from tests.destinations.conftest import make_item
+from tests.support.ci import service_unavailable
 
 T = TypeVar("T")
 URL = "amqp://guest:guest@127.0.0.1/"
@@ -56,7 +57,7 @@ def broker() -> None:
     try:
         run(ping())
     except Exception as exc:
-        unavailable(
+        service_unavailable(
             f"RabbitMQ on 127.0.0.1:5672 unavailable ({exc}); start it with `rabbitmq-server -detached`"
         )
 
@@ -240,7 +241,7 @@ def rabbitmqctl(*args: str) -> None:
 
 def test_broker_restart_mid_stream_loses_nothing(ctx: DestinationContext) -> None:
     if not shutil.which("rabbitmqctl"):
-        unavailable("rabbitmqctl not found; needed to restart the broker")
+        service_unavailable("rabbitmqctl not found; needed to restart the broker")
     ex, n = name(), 300
 
     async def go() -> tuple[list[aio_pika.abc.AbstractIncomingMessage], int, int]:
