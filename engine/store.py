@@ -717,28 +717,6 @@ class Store:
             else:
                 conn.execute(insert(S).values(key=key, rank=rank, message_id=message_id, updated_at=now))
 
-    def finish_message(
-        self,
-        conn: Connection,
-        message_id: int,
-        status: str,
-        reason: str = "",
-        *,
-        patient_key: str | None = None,
-    ) -> None:
-        values: dict[str, Any] = {
-            "status": status,
-            "reason": reason[:4000],
-            "processed_at": time.time(),
-            "lease_owner": "",
-            "lease_until": 0.0,
-            "replay_destinations": None,
-            "override_guards": False,
-        }
-        if patient_key is not None:
-            values["patient_key"] = patient_key
-        conn.execute(update(M).where(M.c.id == message_id).values(**values))
-
     def finish_messages(self, conn: Connection, results: Sequence[tuple[int, str, str]]) -> None:
         """Many (message id, status, reason) in one executemany statement."""
         if not results:
@@ -798,12 +776,6 @@ class Store:
                     update(D).where(D.c.id.in_(locked)).values(lease_owner=owner, lease_until=now + lease_s)
                 )
         return set(locked)
-
-    def delivery_payloads(self, message_id: int) -> list[bytes]:
-        """The payloads routed for one message (unpacked), in delivery-row order."""
-        with self.engine.connect() as conn:
-            q = select(D.c.payload).where(D.c.message_id == message_id).order_by(D.c.id)
-            return [payloads.unpack(r[0]) for r in conn.execute(q)]
 
     def load_deliveries(self, ids: Sequence[int]) -> list[LoadedDelivery]:
         if not ids:
@@ -1148,23 +1120,6 @@ class Store:
             raw.driver_connection.executescript("PRAGMA incremental_vacuum;")  # type: ignore[union-attr]
         finally:
             raw.close()
-
-    def enable_incremental_vacuum(self) -> None:
-        """SQLite: switch a database to incremental auto-vacuum (one full VACUUM the first time)."""
-        if not self.is_sqlite:
-            return
-        (mode,) = self._raw_sql("PRAGMA auto_vacuum")
-        if mode != 2:
-            self._raw_sql("PRAGMA auto_vacuum=INCREMENTAL", "VACUUM")
-
-    def db_size(self) -> int:
-        if self.is_sqlite:
-            with self.engine.connect() as conn:
-                pages = conn.exec_driver_sql("PRAGMA page_count").scalar() or 0
-                size = conn.exec_driver_sql("PRAGMA page_size").scalar() or 0
-                return int(pages) * int(size)
-        with self.engine.connect() as conn:
-            return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar() or 0)
 
 
 __all__ = [

@@ -272,8 +272,14 @@ class Engine:
         raise AssertionError(f"no matching stored row for control id {control_id} after {timeout}s")
 
     def payloads(self, message_id: int) -> list[bytes]:
-        """Delivery payloads created for a message (e.g. the FHIR Bundle)."""
-        return self.store.delivery_payloads(message_id)
+        """Delivery payloads created for a message (e.g. the FHIR Bundle), in delivery-row order."""
+        from sqlalchemy import select
+
+        from engine import payloads
+
+        q = select(st.D.c.payload).where(st.D.c.message_id == message_id).order_by(st.D.c.id)
+        with self.store.engine.connect() as conn:
+            return [payloads.unpack(r[0]) for r in conn.execute(q)]
 
     def log_lines(self) -> list[dict[str, Any]]:
         out = []
