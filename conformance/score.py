@@ -20,9 +20,14 @@ HD/PL/EI it meets) are only counted.
 Normalisation: text is whitespace-trimmed and -collapsed; systems are compared
 case-insensitively with OID aliases of the common terminologies; phone numbers by digits;
 dates as instants when both sides carry an offset, else by their wall-clock components at
-equal precision.  Differences caused by known quirks of the reference converter are
-*explained* (kept in the list with the reason, but left out of the agreement percentage):
-see :func:`explain_system` and :func:`compare_dates`.
+equal precision.
+
+Explained differences.  A difference caused by a known quirk of the reference converter is
+*explained*: kept in the list with its rule (:data:`RULES`) and reason, and left out of the
+explained agreement figure, never out of the raw one.  Every rule checks its evidence in the HL7
+source message (:class:`Source`) before it excuses a field; without the source nothing is
+explained.  The raw figure (:attr:`Score.raw_percent`) counts every compared field of every
+reference resource of :data:`SCORED_TYPES`, reference Practitioners included.
 """
 
 from __future__ import annotations
@@ -65,10 +70,30 @@ CATEGORIES: tuple[str, ...] = (
 
 MS_PLACEHOLDER_PREFIX = "http://example.com/v2-to-fhir-converter/"
 """The MS converter invents ``http://example.com/v2-to-fhir-converter/Identifier/<authority>`` and
-``.../CodeSystem/<table>`` systems for authorities and coding systems it has no URI for."""
+``.../CodeSystem/<coding system>`` systems for authorities and coding systems it has no URI for, with
+the name the message gives them (spaces turned into ``-``)."""
 
-MS_HOST_OFFSET = "+05:30"
-"""The offset of the machine the MS expected files were generated on."""
+MS_FIELD_PLACEHOLDERS: dict[str, tuple[str, int]] = {
+    "sid/us-medicaid": ("IN2", 8),  # Medicaid Case Number
+    "sid/us-military": ("IN2", 10),  # Military ID Number
+    "Identifier/policy-id": ("IN1", 36),  # Policy Number
+}
+"""MS placeholder systems named after the field an identifier comes from, not after a name in the
+message: the evidence is the identifier's value in that field."""
+
+RULES: dict[str, str] = {
+    "ms-placeholder": "MS placeholder system (example.com) for an authority or coding system the message "
+    "names without a URI",
+    "xtn-cp-mobile": "XTN-3 CP → telecom use mobile (IG TelecommunicationEquipmentType map); MS keeps the "
+    "field's home/work use",
+    "xpn15-nickname": "XPN-15 (called by) → a second name with use nickname (IG XPN[HumanName]); MS appends "
+    "it to given",
+    "ig-unmapped-segment": "value found only in segments the IG's message maps leave unmapped",
+    "ms-segment-observation": "Observation MS synthesises from one IG-unmapped segment (PDA, ACC)",
+    "unscored-practitioner": "Practitioner only of resources that are not scored (Provenance, Procedure, "
+    "Specimen, ...)",
+}
+"""Every explanation rule: key → what it excuses.  Each one checks its evidence in the HL7 message."""
 
 SYSTEM_ALIASES: dict[str, str] = {
     "urn:oid:2.16.840.1.113883.6.1": "http://loinc.org",
@@ -89,14 +114,17 @@ SYSTEM_ALIASES: dict[str, str] = {
 # ----------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class FieldDiff:
-    """One compared field on which the two bundles disagree."""
+    """One compared field (or, for a reference resource Sluice did not produce, all of its fields) on
+    which the two bundles disagree."""
 
     path: str  # e.g. "Patient[12345].birthDate"
     category: str
     ours: str  # "" when Sluice has no value there
     expected: str
-    explanation: str = ""  # non-empty: a known, explained difference (not counted against us)
+    explanation: str = ""  # non-empty: a known, explained difference, with its evidence
     file: str = ""
+    rule: str = ""  # the key in RULES of the explanation (set exactly when explanation is)
+    fields: int = 1  # compared fields this line stands for (a resource not produced: all of its fields)
 
 
 @dataclass
@@ -111,21 +139,30 @@ class Score:
     expected_resources: Counter[str] = field(default_factory=Counter)
     our_resources: Counter[str] = field(default_factory=Counter)
     unmatched: list[str] = field(default_factory=list)  # reference resources Sluice did not produce
-    # reference resources not produced and only reachable from elements outside Sluice's mapping scope
-    out_of_scope: list[str] = field(default_factory=list)
 
     @property
     def scored(self) -> int:
-        """Compared fields minus explained differences: the agreement denominator."""
+        """Compared fields minus explained differences: the explained figure's denominator."""
         return self.compared - self.explained
 
     @property
     def percent(self) -> float | None:
+        """Agreement with the explained differences left out."""
         return 100.0 * self.agreeing / self.scored if self.scored else None
 
     @property
     def raw_percent(self) -> float | None:
+        """Agreement over every compared field, nothing left out."""
         return 100.0 * self.agreeing / self.compared if self.compared else None
+
+    @property
+    def explained_by(self) -> Counter[str]:
+        """Fields excused by each rule of :data:`RULES`."""
+        out: Counter[str] = Counter()
+        for d in self.diffs:
+            if d.rule:
+                out[d.rule] += d.fields
+        return out
 
     def record(self, category: str, ok: bool, diff: FieldDiff | None = None) -> None:
         cat = self.by_category.setdefault(category, [0, 0, 0])
@@ -136,10 +173,43 @@ class Score:
             cat[1] += 1
             return
         assert diff is not None
+        assert bool(diff.explanation) == bool(diff.rule) and diff.rule in ("", *RULES), diff
         if diff.explanation:
             self.explained += 1
             cat[2] += 1
         self.diffs.append(diff)
+
+    def record_missing(self, label: str, missing: Score, why: str = "", rule: str = "") -> None:
+        """A reference resource Sluice did not produce: all of its ``missing.compared`` fields disagree."""
+        assert bool(why) == bool(rule) and rule in ("", *RULES)
+        self.compared += missing.compared
+        if why:
+            self.explained += missing.compared
+        for cat, (c, _a, _e) in missing.by_category.items():
+            counts = self.by_category.setdefault(cat, [0, 0, 0])
+            counts[0] += c
+            if why:
+                counts[2] += c
+        self.unmatched.append(label)
+        self.diffs.append(
+            FieldDiff(
+                label,
+                "resource",
+                "",
+                f"(not produced: {missing.compared} reference fields)",
+                why,
+                rule=rule,
+                fields=missing.compared,
+            )
+        )
+
+    def explain(self, n: int, why: str, rule: str) -> None:
+        """Mark the unexplained single-field difference ``diffs[n]`` as explained by ``rule``."""
+        d = self.diffs[n]
+        assert why and rule in RULES and not d.explanation and d.fields == 1
+        self.diffs[n] = FieldDiff(d.path, d.category, d.ours, d.expected, why, d.file, rule)
+        self.explained += 1
+        self.by_category.setdefault(d.category, [0, 0, 0])[2] += 1
 
     def add(self, other: Score, file: str = "") -> None:
         self.compared += other.compared
@@ -155,7 +225,6 @@ class Score:
         self.expected_resources.update(other.expected_resources)
         self.our_resources.update(other.our_resources)
         self.unmatched.extend(f"{file}: {u}" if file else u for u in other.unmatched)
-        self.out_of_scope.extend(f"{file}: {u}" if file else u for u in other.out_of_scope)
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -241,31 +310,17 @@ def parse_when(value: Any) -> _When | None:
     return _When(tuple(parts), offset)
 
 
-def compare_dates(ours: Any, expected: Any) -> tuple[bool, str]:
-    """(agree, explanation).  Instants when both carry offsets, else wall clock at equal precision."""
+def compare_dates(ours: Any, expected: Any) -> bool:
+    """Instants when both carry offsets, else wall clock at equal precision."""
     a, b = parse_when(ours), parse_when(expected)
     if a is None or b is None:
-        return norm_text(ours) == norm_text(expected), ""
+        return norm_text(ours) == norm_text(expected)
     if a.has_time and b.has_time and a.offset is not None and b.offset is not None:
         try:
-            if a.instant() == b.instant():
-                return True, ""
+            return a.instant() == b.instant()
         except ValueError:
-            return False, ""
-        if a.parts == b.parts and norm_text(expected).endswith(MS_HOST_OFFSET):
-            return False, (
-                "HL7 time without offset: Sluice applies the channel's site zone, "
-                f"the MS converter its build host's zone ({MS_HOST_OFFSET})"
-            )
-        return False, ""
-    return a.parts == b.parts, ""
-
-
-def explain_system(ours: str, expected: str) -> str:
-    """Why a system difference is not a Sluice error, or ""."""
-    if norm_text(expected).lower().startswith(MS_PLACEHOLDER_PREFIX):
-        return "MS placeholder system (example.com) for an authority/coding system without a known URI"
-    return ""
+            return False
+    return a.parts == b.parts
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -301,24 +356,6 @@ def _names(res: Mapping[str, Any]) -> list[dict[str, str]]:
         if d:
             out.append(d)
     return out
-
-
-EXPLAIN_CALLED_BY = (
-    "IG XPN[HumanName]: XPN-15 (called by) is a second name with use nickname, which Sluice emits; "
-    "MS appends it to given"
-)
-
-
-def _explain_called_by(ours: Mapping[str, Any], ov: str, ev: str) -> str:
-    """The reference ``given`` is ours plus an XPN-15 value that ours carries as a ``nickname`` name."""
-    for name in _as_list(ours.get("name")):
-        if not isinstance(name, dict) or name.get("use") != "nickname":
-            continue
-        for g in _as_list(name.get("given")):
-            nick = norm_text(g)
-            if nick and norm_text(f"{ov} {nick}") == norm_text(ev):
-                return EXPLAIN_CALLED_BY
-    return ""
 
 
 def _addresses(res: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -481,20 +518,18 @@ def _short(v: Any, limit: int = 120) -> str:
 
 
 # ----------------------------------------------------------------------------- comparing two resources
-def _eq(kind: str, ours: str, expected: str) -> tuple[bool, str]:
+def _eq(kind: str, ours: str, expected: str) -> bool:
     if kind == "date":
         return compare_dates(ours, expected)
     if kind == "system":
-        if norm_system(ours) == norm_system(expected):
-            return True, ""
-        return False, explain_system(ours, expected)
+        return norm_system(ours) == norm_system(expected)
     if kind == "number":
-        return norm_number(ours) == norm_number(expected), ""
+        return norm_number(ours) == norm_number(expected)
     if kind == "phone":
-        return norm_phone(ours) == norm_phone(expected), ""
+        return norm_phone(ours) == norm_phone(expected)
     if kind == "ci":
-        return norm_text(ours).lower() == norm_text(expected).lower(), ""
-    return norm_text(ours) == norm_text(expected), ""
+        return norm_text(ours).lower() == norm_text(expected).lower()
+    return norm_text(ours) == norm_text(expected)
 
 
 _LEAF_KIND = {
@@ -525,16 +560,14 @@ def _pair_lists(
     cands = []
     for i, e in enumerate(exp):
         for j, o in enumerate(ours):
-            s = sum(
-                1 for k, v in e.items() if k in o and _eq(_LEAF_KIND.get((category, k), "text"), o[k], v)[0]
-            )
+            s = sum(1 for k, v in e.items() if k in o and _eq(_LEAF_KIND.get((category, k), "text"), o[k], v))
             # the identifying leaf weighs most (value of identifier/telecom, family of a name)
             key = (
                 "value"
                 if category in ("identifiers", "telecom")
                 else ("family" if category == "names" else "line")
             )
-            if key in e and key in o and _eq(_LEAF_KIND.get((category, key), "text"), o[key], e[key])[0]:
+            if key in e and key in o and _eq(_LEAF_KIND.get((category, key), "text"), o[key], e[key]):
                 s += 10
             if s:
                 cands.append((s, i, j))
@@ -560,8 +593,21 @@ def _status_category(path: str) -> str:
     return "codes"
 
 
-def compare_resources(ours: Mapping[str, Any], expected: Mapping[str, Any], base: str, score: Score) -> None:
-    """Record every reference leaf of ``expected`` against ``ours`` into ``score``."""
+def _diff(
+    score: Score, category: str, path: str, ours: str, expected: str, why: str = "", rule: str = ""
+) -> None:
+    score.record(category, False, FieldDiff(path, category, ours, expected, why, rule=rule if why else ""))
+
+
+def compare_resources(
+    ours: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    base: str,
+    score: Score,
+    source: Source | None = None,
+) -> None:
+    """Record every reference leaf of ``expected`` against ``ours`` into ``score``; explain a difference
+    only where ``source`` (the HL7 message) holds the evidence of its rule."""
     # identifiers, names, addresses, telecom: lists matched element by element
     for category, (key, fn) in _LIST_FIELDS.items():
         exp_elems = fn(expected)
@@ -570,20 +616,25 @@ def compare_resources(ours: Mapping[str, Any], expected: Mapping[str, Any], base
         for e, o in _pair_lists(category, exp_elems, fn(ours)):
             label = _label(e, category)
             for leaf, ev in e.items():
-                kind = _LEAF_KIND.get((category, leaf), "text")
                 ov = (o or {}).get(leaf, "")
-                ok, why = _eq(kind, ov, ev) if ov else (False, "")
-                if not ok and category == "telecom" and leaf == "use" and ov == "mobile":
-                    why = "IG TelecommunicationEquipmentType map: XTN-3 CP → use mobile (MS keeps the field's use)"
-                if not ov and category == "identifiers" and leaf == "system":
-                    why = explain_system("", ev)
-                if not ok and category == "names" and leaf == "given":
-                    why = why or _explain_called_by(ours, ov, ev)
-                score.record(
-                    category,
-                    ok,
-                    None if ok else FieldDiff(f"{base}.{key}[{label}].{leaf}", category, ov, ev, why),
-                )
+                if ov and _eq(_LEAF_KIND.get((category, leaf), "text"), ov, ev):
+                    score.record(category, True)
+                    continue
+                why, rule = "", ""
+                if category == "identifiers" and leaf == "system":
+                    why, rule = _placeholder(e.get("value", ""), ev, source), "ms-placeholder"
+                elif (
+                    category == "telecom" and leaf == "use" and ov.lower() == "mobile" and source is not None
+                ):
+                    number = e.get("value", "")
+                    if norm_phone((o or {}).get("value", "")) == norm_phone(number) and (
+                        where := source.mobile(number)
+                    ):
+                        why = f"{where} has XTN-3 CP: Sluice says use mobile (IG), MS keeps {ev!r}"
+                    rule = "xtn-cp-mobile"
+                elif category == "names" and leaf == "given":
+                    why, rule = _called_by(ours, ov, ev, source), "xpn15-nickname"
+                _diff(score, category, f"{base}.{key}[{label}].{leaf}", ov, ev, why, rule)
 
     # scalars
     for key, category, kind in (
@@ -593,17 +644,19 @@ def compare_resources(ours: Mapping[str, Any], expected: Mapping[str, Any], base
     ):
         if isinstance(expected.get(key), str) and norm_text(expected[key]):
             ov = norm_text(ours.get(key)) if isinstance(ours.get(key), str) else ""
-            ok, why = _eq(kind, ov, expected[key]) if ov else (False, "")
-            score.record(
-                category, ok, None if ok else FieldDiff(f"{base}.{key}", category, ov, expected[key], why)
-            )
+            if ov and _eq(kind, ov, expected[key]):
+                score.record(category, True)
+            else:
+                _diff(score, category, f"{base}.{key}", ov, expected[key])
 
     # periods and times
     our_times = _times(ours)
     for key, ev in _times(expected).items():
         ov = our_times.get(key, "")
-        ok, why = compare_dates(ov, ev) if ov else (False, "")
-        score.record("periods", ok, None if ok else FieldDiff(f"{base}.{key}", "periods", ov, ev, why))
+        if ov and compare_dates(ov, ev):
+            score.record("periods", True)
+        else:
+            _diff(score, "periods", f"{base}.{key}", ov, ev)
 
     # codes and coded statuses (CodeableConcept / Coding anywhere outside the skipped elements)
     exp_codes: dict[str, list[tuple[str, str]]] = {}
@@ -622,26 +675,34 @@ def compare_resources(ours: Mapping[str, Any], expected: Mapping[str, Any], base
             exp_text = f"{system}|{code}" if system else code
             if not same_code:
                 ours_text = ", ".join(f"{s}|{c}" if s else c for s, c in mine)
-                score.record(category, False, FieldDiff(f"{base}.{path}", category, ours_text, exp_text))
-                continue
-            if not system or any(norm_system(s) == norm_system(system) for s in same_code):
+                _diff(score, category, f"{base}.{path}", ours_text, exp_text)
+            elif not system or any(norm_system(s) == norm_system(system) for s in same_code):
                 score.record(category, True)
-                continue
-            why = explain_system(same_code[0], system)
-            score.record(
-                category,
-                False,
-                FieldDiff(f"{base}.{path}", category, f"{same_code[0]}|{code}", exp_text, why),
-            )
+            else:
+                why = _placeholder(code, system, source)
+                _diff(
+                    score,
+                    category,
+                    f"{base}.{path}",
+                    f"{same_code[0]}|{code}",
+                    exp_text,
+                    why,
+                    "ms-placeholder",
+                )
 
     # values (value[x] other than CodeableConcept)
     for path, (kind, ev) in exp_vleaves.items():
         if path in our_vleaves:
             ov = our_vleaves[path][1]
-            ok, why = _eq(kind, ov, ev)
+            if _eq(kind, ov, ev):
+                score.record("values", True)
+                continue
         else:
-            ov, ok, why = _summary_value(ours), False, ""
-        score.record("values", ok, None if ok else FieldDiff(f"{base}.{path}", "values", ov, ev, why))
+            ov = _summary_value(ours)
+        why = ""
+        if kind == "system" and path in our_vleaves:  # a Quantity's unit system: evidence next to its code
+            why = _placeholder(exp_vleaves.get(f"{path.rsplit('.', 1)[0]}.code", ("", ""))[1], ev, source)
+        _diff(score, "values", f"{base}.{path}", ov, ev, why, "ms-placeholder")
 
 
 # ----------------------------------------------------------------------------- matching resources
@@ -793,23 +854,35 @@ Patient identifiers and names, DB1 → identifiers, PDA/ACC → Observations, RF
 reference value found *only* in such segments is explained ("outside the IG's message map"), never
 counted as agreeing."""
 
-EXPLAIN_OUTSIDE_IG = "MS maps {segs}, which the IG's message map leaves unmapped (Sluice follows the IG)"
-
 MS_OBSERVATION_CODE_SYSTEM = "http://example.com/v2-to-fhir-converter/CodeSystem/observation-code"
-MS_SEGMENT_OBSERVATIONS: dict[str, str] = {
-    "death-certificate": "PDA",
-    "autopsy": "PDA",
-    "coroner": "PDA",
-    "injury-incident": "ACC",
+MS_SEGMENT_OBSERVATIONS: dict[str, tuple[str, int | None]] = {
+    "death-certificate": ("PDA", 3),
+    "autopsy": ("PDA", 6),
+    "coroner": ("PDA", 9),
+    "injury-incident": ("ACC", None),
 }
 """Observations the MS converter synthesises from one segment, under a code system of its own (no code
 of the message): its ADT templates (``data/Templates/Hl7v2/ADT_A01.liquid``) include
 ``Resource/Observation`` with ``PDA_3`` (death-certificate), ``PDA_6`` (autopsy), ``PDA_9``
-(coroner) and ``ACC`` (injury-incident).  Their values (Y/N indicators, dates) are not distinctive enough
-to trace back through :func:`source_tokens`, so the origin is recognised by this code instead; the
-explanation applies only when the message has that segment and the IG leaves it unmapped."""
+(coroner) and ``ACC`` (injury-incident).  Evidence: for a PDA indicator, that field of the message's
+PDA carries the Observation's value; for ACC, the message has a valued ACC carrying the Observation's
+identifiers (if it has any)."""
+
+UNSCORED_PRACTITIONER_FIELDS: dict[str, str] = {
+    "EVN-5": "Provenance.agent (IG EVN[Provenance])",
+    "PR1-8": "Procedure.performer (IG PR1[Procedure])",
+    "PR1-11": "Procedure.performer (IG PR1[Procedure])",
+    "PR1-12": "Procedure.performer (IG PR1[Procedure])",
+    "OBR-10": "Specimen.collection.collector (IG OBR[Specimen])",
+}
+"""XCN fields whose IG target is a resource that is not scored (:data:`SCORED_TYPES`).  Besides these,
+a ROL of the PROCEDURE or INSURANCE group (after PR1, IN1, IN2 or IN3) has no target in the IG's
+message maps, nor has any field of :data:`IG_UNMAPPED_SEGMENTS`."""
+
+_NO_TARGET_ROL_GROUPS = {"PR1": "PROCEDURE", "IN1": "INSURANCE", "IN2": "INSURANCE", "IN3": "INSURANCE"}
 
 
+# ----------------------------------------------------------------------------- the source message: evidence
 def _split_hl7(text: str) -> list[list[str]]:
     segs = []
     for line in re.split(r"[\r\n]+", text.lstrip("\ufeff")):
@@ -834,29 +907,192 @@ def source_tokens(hl7_text: str) -> dict[str, set[str]]:
     return out
 
 
-def _outside_ig(value: str, tokens: Mapping[str, set[str]]) -> str:
-    """The explanation when ``value`` occurs in the message only in segments the IG leaves unmapped."""
-    v = norm_text(value).lower()
-    if "|" in v:
-        v = v.rsplit("|", 1)[1]
-    segs = tokens.get(v)
-    if not segs or not segs <= IG_UNMAPPED_SEGMENTS:
-        return ""
-    return EXPLAIN_OUTSIDE_IG.format(segs="/".join(sorted(segs)))
+@dataclass(frozen=True)
+class _Rep:
+    """One repetition of one field of the source message."""
+
+    segment: str
+    field: int  # the HL7 field number (MSH-1 is the field separator itself)
+    after: str  # the last segment before this one that is not a ROL or NTE: a ROL's group
+    comps: tuple[tuple[str, ...], ...]  # the components, each as its (trimmed) subcomponents
+    tokens: frozenset[str]  # every normalised, lower-case component and subcomponent value
+
+    @property
+    def where(self) -> str:
+        return f"{self.segment}-{self.field}"
+
+    def comp(self, n: int) -> str:
+        """Component ``n`` (1-based), its subcomponents joined by spaces."""
+        return norm_text(" ".join(x for x in self.comps[n - 1] if x)) if n <= len(self.comps) else ""
 
 
-def _synthesised_outside_ig(res: Mapping[str, Any], segments: set[str]) -> str:
-    """The explanation for an unproduced resource the MS converter synthesises from an IG-unmapped segment
-    (:data:`MS_SEGMENT_OBSERVATIONS`) present in the message; "" otherwise."""
-    if res.get("resourceType") != "Observation":
+class Source:
+    """The HL7 v2 message a bundle was converted from: the evidence every explanation checks."""
+
+    def __init__(self, text: str) -> None:
+        self.tokens = source_tokens(text)
+        self.reps: list[_Rep] = []
+        fs, comp, rep, sub = "|", "^", "~", "&"
+        anchor = ""
+        for line in re.split(r"[\r\n]+", text.lstrip("\ufeff")):
+            if len(line) < 4 or not line[:3].isalnum():
+                continue
+            name = line[:3].upper()
+            header = name in ("MSH", "FHS", "BHS")
+            if header:
+                fs = line[3]
+                enc = line[4:].split(fs, 1)[0]
+                comp, rep, sub = (enc[:1] or "^"), (enc[1:2] or "~"), (enc[3:4] or "&")
+            fields = line.split(fs)
+            for i, value in enumerate(fields[1:], start=1):
+                number = i + 1 if header else i
+                if header and number == 2:
+                    continue  # the encoding characters
+                for r in value.split(rep):
+                    comps = tuple(tuple(x.strip() for x in c.split(sub)) for c in r.split(comp))
+                    tokens = frozenset(
+                        t for c in comps for x in (*c, " ".join(c)) if (t := norm_text(x).lower())
+                    )
+                    if tokens:
+                        self.reps.append(_Rep(name, number, anchor, comps, tokens))
+            if name not in ("ROL", "NTE"):
+                anchor = name
+
+    def find(self, value: str) -> list[_Rep]:
+        """The field repetitions that carry ``value`` as a component or subcomponent."""
+        v = norm_text(value).lower()
+        return [r for r in self.reps if v in r.tokens] if v else []
+
+    def names(self, value: str, name: str) -> str:
+        """Where one field repetition carries both ``value`` and ``name`` (blanks in it may be ``-``)."""
+        n = norm_text(name).lower()
+        for r in self.find(value):
+            if n and (n in r.tokens or any(t.replace(" ", "-") == n for t in r.tokens)):
+                return r.where
         return ""
-    code = res.get("code")
-    for coding in _as_list(code.get("coding") if isinstance(code, dict) else None):
-        if not isinstance(coding, dict) or coding.get("system") != MS_OBSERVATION_CODE_SYSTEM:
+
+    def in_field(self, value: str, segment: str, number: int) -> str:
+        """Where field ``segment``-``number`` carries ``value``."""
+        for r in self.find(value):
+            if r.segment == segment and r.field == number:
+                return r.where
+        return ""
+
+    def mobile(self, number: str) -> str:
+        """Where an XTN with XTN-3 ``CP`` (cellular phone) carries the phone number ``number``."""
+        want = norm_phone(number)
+        for r in self.reps:
+            if not want or r.comp(3).upper() != "CP":
+                continue
+            local = r.comp(7) + (f"x{r.comp(8)}" if r.comp(8) else "")
+            candidates = {
+                r.comp(1),
+                r.comp(4),
+                r.comp(12),
+                local,
+                r.comp(6) + local,
+                r.comp(5) + r.comp(6) + local,
+            }
+            if want in {norm_phone(c) for c in candidates if c}:
+                return r.where
+        return ""
+
+    def called_by(self, given: str, nick: str) -> str:
+        """Where an XPN with given names (XPN-2, XPN-3) ``given`` has XPN-15 (called by) ``nick``."""
+        for r in self.find(nick):
+            if r.comp(15).lower() == norm_text(nick).lower() and (
+                norm_text(f"{r.comp(2)} {r.comp(3)}").lower() == norm_text(given).lower()
+            ):
+                return r.where
+        return ""
+
+    def only_in_unmapped(self, value: str) -> str:
+        """The explanation when ``value`` occurs in the message only in segments the IG leaves unmapped."""
+        v = norm_text(value).lower()
+        if "|" in v:
+            v = v.rsplit("|", 1)[1]
+        segs = self.tokens.get(v)
+        if not segs or not segs <= IG_UNMAPPED_SEGMENTS:
+            return ""
+        return f"only in {'/'.join(sorted(segs))}, which MS maps and the IG's message maps leave unmapped"
+
+    def only_in_unscored_fields(self, value: str) -> str:
+        """The fields, each with its IG target, when ``value`` occurs only in XCN fields whose target is
+        not scored (:data:`UNSCORED_PRACTITIONER_FIELDS`, ROL of the PROCEDURE/INSURANCE group, or a
+        field of an IG-unmapped segment); "" if it occurs anywhere else, or nowhere."""
+        found = set()
+        for r in self.find(value):
+            if r.segment in IG_UNMAPPED_SEGMENTS:
+                found.add(f"{r.where} (segment not mapped by the IG)")
+            elif r.segment == "ROL" and r.field == 4 and r.after in _NO_TARGET_ROL_GROUPS:
+                found.add(
+                    f"ROL-4 of the {_NO_TARGET_ROL_GROUPS[r.after]} group (no target in the IG's message map)"
+                )
+            elif r.where in UNSCORED_PRACTITIONER_FIELDS:
+                found.add(f"{r.where} → {UNSCORED_PRACTITIONER_FIELDS[r.where]}")
+            else:
+                return ""
+        return ", ".join(sorted(found))
+
+    def segment_observation(self, res: Mapping[str, Any]) -> str:
+        """The explanation for an unproduced MS Observation synthesised from an IG-unmapped segment
+        (:data:`MS_SEGMENT_OBSERVATIONS`), when the message holds what it was made from."""
+        if res.get("resourceType") != "Observation":
+            return ""
+        code = res.get("code")
+        for coding in _as_list(code.get("coding") if isinstance(code, dict) else None):
+            if not isinstance(coding, dict) or coding.get("system") != MS_OBSERVATION_CODE_SYSTEM:
+                continue
+            seg, number = MS_SEGMENT_OBSERVATIONS.get(str(coding.get("code")), ("", None))
+            if not seg or seg not in IG_UNMAPPED_SEGMENTS:
+                continue
+            if number is not None:
+                value = res.get("valueCodeableConcept")
+                codes = [
+                    norm_text(c.get("code")).lower()
+                    for c in _as_list(value.get("coding") if isinstance(value, dict) else None)
+                    if isinstance(c, dict)
+                ]
+                for r in self.reps:
+                    if r.segment == seg and r.field == number and (not codes or r.comp(1).lower() in codes):
+                        return f"MS makes it from {r.where}, which the IG's message maps leave unmapped"
+                continue
+            idents = [i["value"] for i in _identifiers(res)]
+            reps = [r for r in self.reps if r.segment == seg]
+            if reps and all(any(r.segment == seg for r in self.find(v)) for v in idents):
+                return f"MS makes it from {seg}, which the IG's message maps leave unmapped"
+        return ""
+
+
+def _placeholder(value: str, system: str, source: Source | None) -> str:
+    """The explanation when the reference ``system`` is an MS placeholder invented for the name the
+    message gives ``value`` (or for the field it sits in); "" without that evidence."""
+    s = norm_text(system)
+    if source is None or not value or not s.lower().startswith(MS_PLACEHOLDER_PREFIX):
+        return ""
+    rest = s[len(MS_PLACEHOLDER_PREFIX) :]
+    if rest in MS_FIELD_PLACEHOLDERS:
+        where = source.in_field(value, *MS_FIELD_PLACEHOLDERS[rest])
+        return f"MS placeholder system named after the field {where} that holds {value!r}" if where else ""
+    name = rest.partition("/")[2]
+    where = source.names(value, name) if name else ""
+    return f"MS placeholder system: {where} gives {value!r} with the name {name!r}" if where else ""
+
+
+def _called_by(ours: Mapping[str, Any], ov: str, ev: str, source: Source | None) -> str:
+    """The reference ``given`` is ours plus the XPN-15 of that name in the message, which ours carries
+    as a ``nickname`` name."""
+    if source is None or not ov:
+        return ""
+    for name in _as_list(ours.get("name")):
+        if not isinstance(name, dict) or name.get("use") != "nickname":
             continue
-        seg = MS_SEGMENT_OBSERVATIONS.get(str(coding.get("code")))
-        if seg and seg in segments and seg in IG_UNMAPPED_SEGMENTS:
-            return EXPLAIN_OUTSIDE_IG.format(segs=seg)
+        for g in _as_list(name.get("given")):
+            nick = norm_text(g)
+            if nick and norm_text(f"{ov} {nick}") == norm_text(ev) and (where := source.called_by(ov, nick)):
+                return (
+                    f"{where} has XPN-15 (called by) {nick!r}: Sluice makes it a nickname name, MS appends it"
+                )
     return ""
 
 
@@ -864,28 +1100,28 @@ _ELEMENT_LEAF = re.compile(r"\.(?:identifier|name|telecom|address)\[([^\]]*)\]\.
 """``<Resource>[..].<list element>[<label>].<leaf>``: a leaf of an identifier, name, telecom or address."""
 
 
-def explain_outside_ig(score: Score, tokens: Mapping[str, set[str]]) -> None:
+def explain_outside_ig(score: Score, source: Source) -> None:
     """Mark still-unexplained differences whose reference value comes only from IG-unmapped segments."""
     for n, d in enumerate(score.diffs):
         if d.explanation or d.ours or d.category == "resource":
             continue
-        why = _outside_ig(d.expected, tokens)
+        why = source.only_in_unmapped(d.expected)
         if not why and (m := _ELEMENT_LEAF.search(d.path)):
             # a leaf of a list element (an identifier's system, a name's given, a telecom's use, an address's
             # state): judge by the element it belongs to, i.e. the label the element is paired by
-            why = _outside_ig(m.group(1), tokens)
+            why = source.only_in_unmapped(m.group(1))
         if why:
-            score.diffs[n] = FieldDiff(d.path, d.category, d.ours, d.expected, why, d.file)
-            score.explained += 1
-            score.by_category.setdefault(d.category, [0, 0, 0])[2] += 1
+            score.explain(n, why, "ig-unmapped-segment")
 
 
 REFERENCED_ONLY: frozenset[str] = frozenset({"Practitioner"})
-"""Types scored only when a scored resource refers to them (directly or via a PractitionerRole).
+"""Types whose unproduced reference resources may be explained as "unscored-practitioner".
 
-The MS converter makes a Practitioner for every XCN of every segment (PR1 surgeons, GT1, ROL, ...);
-Sluice maps the segments of its spec only, so an unproduced Practitioner counts against us only when
-a resource we are scored on (Encounter.participant, Observation.performer, ...) refers to it."""
+The MS converter makes a Practitioner for every XCN of every segment (EVN-5, PR1 surgeons, ROL, ...).
+A reference Practitioner Sluice did not produce is always compared (all of its fields disagree); it is
+explained only when no scored reference resource refers to it (directly or via a PractitionerRole) *and*
+the message has its identifying value only in fields whose IG target is not scored
+(:meth:`Source.only_in_unscored_fields`)."""
 
 
 def _in_scope(bundle: Mapping[str, Any], scored: list[dict[str, Any]]) -> set[int]:
@@ -936,10 +1172,10 @@ def score_bundles(
 ) -> Score:
     """Field-level agreement of ``ours`` with the reference bundle ``expected``.
 
-    With the HL7 ``source`` text, differences whose reference value occurs only in segments the IG's
-    message map leaves unmapped (:data:`IG_UNMAPPED_SEGMENTS`) are explained, not counted."""
-    tokens = source_tokens(source) if source else {}
-    segments = {f[0].strip().upper() for f in _split_hl7(source)} if source else set()
+    Every reference resource of ``scored_types`` is compared, field by field.  Differences are explained
+    (:data:`RULES`) only with the HL7 ``source`` text the bundles were converted from, and only where it
+    holds the rule's evidence."""
+    src = Source(source) if source else None
     types = set(scored_types)
     score = Score()
     our_res = resources(ours)
@@ -952,31 +1188,23 @@ def score_bundles(
     for exp, mine in match_resources(our_scored, exp_scored):
         label = resource_label(exp)
         if mine is not None:
-            compare_resources(mine, exp, label, score)
-            continue
-        if id(exp) not in in_scope:
-            score.out_of_scope.append(label)
+            compare_resources(mine, exp, label, score, src)
             continue
         missing = Score()
         compare_resources({}, exp, label, missing)
         if not missing.compared:
             continue
-        inner = label[label.find("[") + 1 : -1].split("@")[0] if "[" in label else ""
-        why = _outside_ig(inner, tokens) if inner and tokens else ""
-        if not why and segments:
-            why = _synthesised_outside_ig(exp, segments)
-        score.compared += missing.compared
-        if why:
-            score.explained += missing.compared
-        for cat, (c, _a, _e) in missing.by_category.items():
-            counts = score.by_category.setdefault(cat, [0, 0, 0])
-            counts[0] += c
-            if why:
-                counts[2] += c
-        score.unmatched.append(label)
-        score.diffs.append(
-            FieldDiff(label, "resource", "", f"(not produced: {missing.compared} reference fields)", why)
-        )
-    if tokens:
-        explain_outside_ig(score, tokens)
+        why, rule = "", ""
+        if src is not None:
+            inner = label[label.find("[") + 1 : -1].split("@")[0] if "[" in label else ""
+            if inner and (why := src.only_in_unmapped(inner)):
+                rule = "ig-unmapped-segment"
+            elif why := src.segment_observation(exp):
+                rule = "ms-segment-observation"
+            elif inner and id(exp) not in in_scope and (where := src.only_in_unscored_fields(inner)):
+                why = f"no scored reference resource refers to it; the message has {inner!r} only in {where}"
+                rule = "unscored-practitioner"
+        score.record_missing(label, missing, why, rule)
+    if src is not None:
+        explain_outside_ig(score, src)
     return score

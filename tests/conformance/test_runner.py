@@ -198,3 +198,63 @@ def test_validate_bundle_checks_bundle_rules() -> None:
     del norequest["entry"][0]["request"]
     assert any("bdl-3" in p for p in validate_bundle(norequest))
     assert validate_bundle([]) != []
+
+
+def _scored_corpus(tmp_path: Path) -> Path:
+    """One message whose reference differs in gender (unexplained) and in an identifier system that is an MS
+    placeholder for the authority PID-3 names (explained)."""
+    corpus = tmp_path / "corpus"
+    (corpus / "expected").mkdir(parents=True)
+    (corpus / "ADT-Y.hl7").write_bytes(message("MRN7").encode())
+    expected = fake_convert(__import__("engine.hl7", fromlist=["parse"]).parse(message("MRN7")), None)
+    patient = expected["entry"][0]["resource"]
+    patient["gender"] = "male"
+    patient["identifier"][0]["system"] = "http://example.com/v2-to-fhir-converter/Identifier/HOSP"
+    (corpus / "expected" / "ADT-Y-expected.json").write_text(json.dumps(expected))
+    return corpus
+
+
+def test_diffs_list_every_differing_field_with_its_explanation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(runner, "_default_convert", lambda: fake_convert)
+    corpus = _scored_corpus(tmp_path)
+    report = tmp_path / "r.md"
+    assert main([str(corpus), "--diffs", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    diffs = [line for line in out.splitlines() if line.startswith("DIFF ")]
+    assert diffs == [
+        "DIFF ADT-Y.hl7  Patient[MRN7].identifier[MRN7].system  sluice='urn:oid:1.2.3.4'  "
+        "expected='http://example.com/v2-to-fhir-converter/Identifier/HOSP'  "
+        "explained (ms-placeholder): MS placeholder system: PID-3 gives 'MRN7' with the name 'HOSP'",
+        "DIFF ADT-Y.hl7  Patient[MRN7].gender  sluice='female'  expected='male'  unexplained",
+    ]
+    # raw (every compared field) beside the explained figure, and what each rule excused: 6 fields compared
+    # (identifier value and system, family, given, birthDate, gender), 4 agree, 1 explained
+    assert "raw 4/6 = 66.7% of every compared field; explained 4/5 = 80.0% (1 explained" in out
+    assert "ms-placeholder 1, xtn-cp-mobile 0" in out
+    text = report.read_text()
+    assert "**raw: 4 / 6 = 66.7%**" in text and "**explained: 4 / 5 = 80.0%**" in text
+    assert "| ms-placeholder | 1 |" in text and "| xtn-cp-mobile | 0 |" in text
+    assert "| **total** | **1** | |" in text
+    # without --diffs, no DIFF lines
+    assert main([str(corpus)]) == 0
+    assert "DIFF " not in capsys.readouterr().out
+
+
+def test_cli_conformance_passes_diffs_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from engine.cli import main as cli
+
+    monkeypatch.setattr(runner, "_default_convert", lambda: fake_convert)
+    corpus = _scored_corpus(tmp_path)
+    report = tmp_path / "cli.md"
+    result = CliRunner().invoke(cli, ["conformance", str(corpus), "--diffs", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "DIFF ADT-Y.hl7  Patient[MRN7].gender  sluice='female'  expected='male'  unexplained" in result.output
+    )
+    assert report.is_file()
+    result = CliRunner().invoke(cli, ["conformance", str(corpus)])
+    assert result.exit_code == 0 and "DIFF " not in result.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from conformance.score import compare_dates, norm_system, score_bundles
+from conformance.score import RULES, Score, compare_dates, norm_system, score_bundles
 
 
 def _entry(resource: dict[str, Any], n: int) -> dict[str, Any]:
@@ -158,31 +158,70 @@ def test_normalisation_of_dates_systems_and_phones() -> None:
     assert s.agreeing == s.compared, s.diffs
 
 
-def test_ms_placeholder_system_is_an_explained_difference() -> None:
+MSH_LINE = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\r"
+
+
+def test_ms_placeholder_system_is_explained_only_with_its_authority_in_the_source() -> None:
     expected = sample()
     expected["entry"][0]["resource"]["identifier"][0]["system"] = (
         "http://example.com/v2-to-fhir-converter/Identifier/HOSP"
     )
     ours = copy.deepcopy(sample())
     ours["entry"][0]["resource"]["identifier"][0]["system"] = "urn:sluice:authority:HOSP"
-    s = score_bundles(ours, expected)
+    src = MSH_LINE + "PID|1||MRN001^^^HOSP^MR||TESTPERSON^ALEX\r"
+    s = score_bundles(ours, expected, source=src)
     assert s.explained == 1
     assert s.agreeing == s.compared - 1
     assert s.percent == 100.0
     assert s.raw_percent is not None and s.raw_percent < 100
     (diff,) = s.diffs
     assert diff.path == "Patient[MRN001].identifier[MRN001].system"
-    assert "placeholder" in diff.explanation
+    assert diff.rule == "ms-placeholder" and "PID-3" in diff.explanation
+    assert s.explained_by == {"ms-placeholder": 1}
+    # no evidence: no source; the authority named only in another field than the identifier's
+    for source in (None, MSH_LINE + "PID|1||MRN001^^^OTHER^MR|X9^^^HOSP|TESTPERSON^ALEX\r"):
+        s = score_bundles(ours, expected, source=source)
+        assert s.explained == 0 and s.compared - s.agreeing == 1, source
+        assert s.diffs[0].rule == "" and s.diffs[0].explanation == ""
+
+
+def test_ms_field_placeholder_needs_the_value_in_that_field() -> None:
+    """``.../sid/us-medicaid`` is named after IN2-8 (Medicaid Case Number), not after a name in the message."""
+    medicaid = {"system": "http://hl7.org/fhir/sid/us-medicaid", "value": "MC-8"}
+    ours = bundle({"resourceType": "Patient", "identifier": [{"value": "M1"}, medicaid]})
+    ref = bundle(
+        {
+            "resourceType": "Patient",
+            "identifier": [
+                {"value": "M1"},
+                {"system": "http://example.com/v2-to-fhir-converter/sid/us-medicaid", "value": "MC-8"},
+            ],
+        }
+    )
+    head = MSH_LINE + "PID|1||M1^^^H^MR||DOE^ANN\r"
+    s = score_bundles(ours, ref, source=head + "IN1|1|P1\rIN2|1|||||||MC-8\r")
+    assert s.explained_by == {"ms-placeholder": 1} and "IN2-8" in s.diffs[0].explanation
+    s = score_bundles(ours, ref, source=head + "IN1|1|P1\rIN2|1||||||||MC-8\r")  # IN2-9, not IN2-8
+    assert s.explained == 0 and len(s.diffs) == 1
 
 
 def test_compare_dates() -> None:
-    assert compare_dates("2014-10-06T09:29:00+07:00", "2014-10-06T07:59:00+05:30") == (True, "")
-    assert compare_dates("2014-10-06T09:29:00+07:00", "2014-10-06T09:29+07:00")[0]
-    assert compare_dates("1988-08-18", "1988-08-18")[0]
-    assert not compare_dates("1988-08-18", "1988-08-18T10:00:00+00:00")[0]  # precision differs
-    assert not compare_dates("2014-10-06T09:29:00+07:00", "2014-10-06T09:30:00+07:00")[0]
-    ok, why = compare_dates("2020-01-01T10:00:00-08:00", "2020-01-01T10:00:00+05:30")
-    assert not ok and "site zone" in why
+    assert compare_dates("2014-10-06T09:29:00+07:00", "2014-10-06T07:59:00+05:30")
+    assert compare_dates("2014-10-06T09:29:00+07:00", "2014-10-06T09:29+07:00")
+    assert compare_dates("1988-08-18", "1988-08-18")
+    assert not compare_dates("1988-08-18", "1988-08-18T10:00:00+00:00")  # precision differs
+    assert not compare_dates("2014-10-06T09:29:00+07:00", "2014-10-06T09:30:00+07:00")
+    assert not compare_dates("2020-01-01T10:00:00-08:00", "2020-01-01T10:00:00+05:30")
+
+
+def test_same_wall_clock_at_another_offset_is_an_unexplained_difference() -> None:
+    """No rule excuses a time with the MS build host's +05:30 (there is none: it excused nothing)."""
+    expected = sample()
+    expected["entry"][1]["resource"]["period"]["start"] = "2024-01-01T10:00:00+05:30"
+    src = MSH_LINE + "PID|1||MRN001^^^H^MR||TESTPERSON^ALEX\rPV1|1|I\r"
+    s = score_bundles(sample(), expected, source=src)
+    (diff,) = s.diffs
+    assert diff.path.endswith(".period.start") and diff.explanation == "" and s.explained == 0
 
 
 def test_norm_system_is_case_insensitive_and_aliases_oids() -> None:
@@ -214,8 +253,9 @@ def test_values_only_in_ig_unmapped_segments_are_explained() -> None:
     assert [d.expected for d in s.diffs if not d.explanation] == ["X-1"]
 
 
-def test_called_by_appended_to_given_is_explained() -> None:
-    """MS appends XPN-15 to given; Sluice puts it in a nickname name (IG): explained, not counted."""
+def test_called_by_appended_to_given_is_explained_only_with_xpn15_in_the_source() -> None:
+    """MS appends XPN-15 to given; Sluice puts it in a nickname name (IG): explained when the message's
+    XPN carries that XPN-15, counted otherwise."""
     ours = {
         "resourceType": "Patient",
         "identifier": [{"value": "1"}],
@@ -226,9 +266,50 @@ def test_called_by_appended_to_given_is_explained() -> None:
         "identifier": [{"value": "1"}],
         "name": [{"family": "DOE", "given": ["ANN", "Annie"]}],
     }
-    score = score_bundles(bundle(ours), bundle(ref))
+    pid = MSH_LINE + "PID|1||1^^^H^MR||DOE^ANN" + "^" * 13 + "{}\r"
+    score = score_bundles(bundle(ours), bundle(ref), source=pid.format("Annie"))
     assert score.explained == 1 and score.percent == 100.0
-    assert "XPN-15" in next(d for d in score.diffs if d.explanation).explanation
+    diff = next(d for d in score.diffs if d.explanation)
+    assert diff.rule == "xpn15-nickname" and "PID-5" in diff.explanation
+    # no evidence: no source, an XPN-15 that is not the nickname, the nickname in another component
+    for source in (None, pid.format("Bea"), MSH_LINE + "PID|1||1^^^H^MR||DOE^ANN^Annie\r"):
+        score = score_bundles(bundle(ours), bundle(ref), source=source)
+        assert score.explained == 0 and score.compared - score.agreeing == 1, source
+
+
+def _phone_pair(use: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    ours = {
+        "resourceType": "Patient",
+        "identifier": [{"value": "1"}],
+        "telecom": [{"system": "phone", "value": "555-0100", "use": "mobile"}],
+    }
+    ref = {
+        "resourceType": "Patient",
+        "identifier": [{"value": "1"}],
+        "telecom": [{"system": "phone", "value": "(555) 0100", "use": use}],
+    }
+    return bundle(ours), bundle(ref)
+
+
+def test_mobile_use_is_explained_only_when_xtn3_is_cp() -> None:
+    ours, ref = _phone_pair("home")
+    pid = MSH_LINE + "PID|1||1^^^H^MR||DOE^ANN||||||||{}\r"
+    s = score_bundles(ours, ref, source=pid.format("555-0100^PRN^CP"))
+    (diff,) = s.diffs
+    assert diff.path == "Patient[1].telecom[(555) 0100].use" and diff.rule == "xtn-cp-mobile"
+    assert "PID-13" in diff.explanation and s.percent == 100.0
+    assert score_bundles(ours, ref, source=pid.format("^PRN^CP^^^555^0100")).explained == 1  # XTN-6/7
+    # no evidence: no source, the number with XTN-3 PH, CP on another number
+    for source in (
+        None,
+        pid.format("555-0100^PRN^PH"),
+        pid.format("555-0199^PRN^CP~555-0100^PRN^PH"),
+        MSH_LINE + "PID|1||1^^^H^MR||DOE^ANN\r",
+    ):
+        s = score_bundles(ours, ref, source=source)
+        assert s.explained == 0 and [d.path for d in s.diffs] == ["Patient[1].telecom[(555) 0100].use"], (
+            source
+        )
 
 
 def test_element_leaves_are_judged_by_their_element_label() -> None:
@@ -291,8 +372,134 @@ def test_ms_observations_synthesised_from_pda_acc_are_explained_only_with_the_se
     ours: dict[str, Any] = {"resourceType": "Bundle", "entry": []}
     ref = {"resourceType": "Bundle", "entry": [{"resource": obs}]}
     head = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\rPID|1||MRN1^^^H||DOE^JANE\r"
-    with_pda = score_bundles(ours, ref, source=head + "PDA||||||Y\r")
+    with_pda = score_bundles(ours, ref, source=head + "PDA|||Y\r")  # PDA-3: death certificate signed
     assert with_pda.compared == with_pda.explained > 0
-    assert "PDA" in with_pda.diffs[0].explanation
-    without = score_bundles(ours, ref, source=head)
-    assert without.explained == 0 and without.compared > 0
+    assert with_pda.diffs[0].rule == "ms-segment-observation" and "PDA-3" in with_pda.diffs[0].explanation
+    # no evidence: no PDA, PDA-3 says otherwise, only PDA-6 (autopsy) valued, no source at all
+    for source in (head, head + "PDA|||N\r", head + "PDA||||||Y\r", None):
+        without = score_bundles(ours, ref, source=source)
+        assert without.explained == 0 and without.compared == with_pda.compared, source
+        assert without.unmatched == ["Observation[death-certificate]"]
+
+
+def _operator_pair(*, referenced_by_encounter: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A reference with an EVN-5 operator Practitioner that only its Provenance refers to."""
+    patient = {"resourceType": "Patient", "identifier": [{"value": "MRN1"}]}
+    operator = {
+        "resourceType": "Practitioner",
+        "identifier": [{"value": "OP1"}],
+        "name": [{"family": "OPERATOR", "given": ["OLGA"]}],
+    }
+    provenance = {"resourceType": "Provenance", "agent": [{"who": {"reference": "Practitioner/id-1"}}]}
+    ref = [patient, operator, provenance]
+    if referenced_by_encounter:
+        ref.append(
+            {
+                "resourceType": "Encounter",
+                "identifier": [{"value": "V1"}],
+                "participant": [{"individual": {"reference": "Practitioner/id-1"}}],
+            }
+        )
+    ours = [patient] + (
+        [{"resourceType": "Encounter", "identifier": [{"value": "V1"}]}] if len(ref) > 3 else []
+    )
+    return bundle(*ours), bundle(*ref)
+
+
+def test_reference_practitioners_count_in_the_raw_figure() -> None:
+    """A Practitioner Sluice did not produce is compared (all its fields disagree) even when no scored
+    resource refers to it; without the source's evidence it is not explained either."""
+    ours, ref = _operator_pair()
+    s = score_bundles(ours, ref)
+    assert s.unmatched == ["Practitioner[OP1]"]
+    assert s.compared == 1 + 3 and s.agreeing == 1 and s.explained == 0
+    assert s.raw_percent == 25.0 and s.percent == 25.0
+    (diff,) = s.diffs
+    assert diff.category == "resource" and diff.fields == 3 and diff.rule == ""
+
+
+def test_unscored_practitioner_is_explained_only_with_its_evidence() -> None:
+    src = MSH_LINE + "EVN|A01|20250101|||OP1^OPERATOR^OLGA\rPID|1||MRN1^^^H^MR||DOE^ANN\r"
+    ours, ref = _operator_pair()
+    s = score_bundles(ours, ref, source=src)
+    assert s.compared == 4 and s.explained == 3 and s.raw_percent == 25.0 and s.percent == 100.0
+    (diff,) = s.diffs
+    assert diff.rule == "unscored-practitioner" and "EVN-5" in diff.explanation
+    assert s.explained_by == {"unscored-practitioner": 3}
+    # a ROL of the PROCEDURE group has no IG target either; a ROL after PV1 does
+    rol = MSH_LINE + "PID|1||MRN1^^^H^MR||DOE^ANN\r{}\rROL|1|AD|AT^^HL70443|OP1^OPERATOR^OLGA\r"
+    assert score_bundles(ours, ref, source=rol.format("PR1|1||1^X^L")).explained == 3
+    assert score_bundles(ours, ref, source=rol.format("PV1|1|I")).explained == 0
+    # the same XCN also in a mapped field (PV1-7 → Encounter.participant): counted
+    also_pv1 = src + "PV1|1|I|||||OP1^OPERATOR^OLGA\r"
+    assert score_bundles(ours, ref, source=also_pv1).explained == 0
+    # a scored resource refers to it: counted, whatever the source says
+    ours, ref = _operator_pair(referenced_by_encounter=True)
+    s = score_bundles(ours, ref, source=src)
+    assert s.explained == 0 and s.unmatched == ["Practitioner[OP1]"]
+
+
+def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Bundles with one difference per explanation rule, and the message holding every rule's evidence."""
+    ours = {
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:sluice:authority:HOSP", "value": "MRN1"}],
+        "name": [{"family": "DOE", "given": ["ANN"]}, {"use": "nickname", "given": ["Annie"]}],
+        "telecom": [{"system": "phone", "value": "555-0100", "use": "mobile"}],
+    }
+    ref = {
+        "resourceType": "Patient",
+        "identifier": [
+            {"system": "http://example.com/v2-to-fhir-converter/Identifier/HOSP", "value": "MRN1"},
+            {"value": "G-77"},
+        ],
+        "name": [{"family": "DOE", "given": ["ANN", "Annie"]}],
+        "telecom": [{"system": "phone", "value": "555-0100", "use": "home"}],
+    }
+    operator = {"resourceType": "Practitioner", "identifier": [{"value": "OP1"}]}
+    death = {
+        "resourceType": "Observation",
+        "code": {
+            "coding": [
+                {
+                    "system": "http://example.com/v2-to-fhir-converter/CodeSystem/observation-code",
+                    "code": "death-certificate",
+                }
+            ]
+        },
+        "valueCodeableConcept": {"coding": [{"code": "Y"}]},
+    }
+    src = (
+        MSH_LINE
+        + "EVN|A01|20250101|||OP1^OPERATOR^OLGA\r"
+        + "PID|1||MRN1^^^HOSP^MR||DOE^ANN"
+        + "^" * 13
+        + "Annie||||||||555-0100^PRN^CP\r"
+        + "GT1|1|G-77^^^H|ROE^RICK\rPDA|||Y\r"
+    )
+    return bundle(ours), bundle(ref, operator, death), src
+
+
+def test_every_rule_fires_with_its_evidence_and_none_without_a_source() -> None:
+    ours, ref, src = _every_quirk()
+    s = score_bundles(ours, ref, source=src)
+    assert set(s.explained_by) == set(RULES), s.diffs
+    assert sum(s.explained_by.values()) == s.explained
+    assert s.explained == sum(e for _c, _a, e in s.by_category.values())
+    assert all(d.rule in RULES and d.explanation for d in s.diffs), [d for d in s.diffs if not d.rule]
+    bare = score_bundles(ours, ref)
+    assert bare.compared == s.compared and bare.agreeing == s.agreeing
+    assert bare.explained == 0 and not bare.explained_by
+    assert all(not d.rule and not d.explanation for d in bare.diffs)
+    assert bare.raw_percent == s.raw_percent and bare.percent == bare.raw_percent
+
+
+def test_totals_keep_the_per_rule_counts() -> None:
+    ours, ref, src = _every_quirk()
+    one = score_bundles(ours, ref, source=src)
+    total = Score()
+    total.add(one, "a.hl7")
+    total.add(one, "b.hl7")
+    assert total.explained_by == {k: 2 * v for k, v in one.explained_by.items()}
+    assert total.compared == 2 * one.compared and total.explained == 2 * one.explained
+    assert {d.file for d in total.diffs} == {"a.hl7", "b.hl7"}
