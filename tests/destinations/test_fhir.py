@@ -731,6 +731,7 @@ def test_mutual_tls_with_custom_ca(
         peer.close()
 
 
+@pytest.mark.fhirserver
 def test_test_server_survives_a_client_killed_mid_request(fhir_server: Any) -> None:
     """The crash tests SIGKILL the engine while it posts bundles: the test server must shrug off a
     connection reset in the middle of a request body (it used to exit, and every later delivery

@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from engine import store as st
 from engine.client import MLLPClient, parse_ack
 from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
@@ -20,6 +22,7 @@ def adt(cid: str, mrn: str) -> bytes:
     ).encode()
 
 
+@pytest.mark.postgres
 def test_two_nodes_on_postgres_deliver_each_message_once(tmp_path: Path, pg_url: str) -> None:
     port_a, port_b = free_port(), free_port()
     log = tmp_path / "delivered.txt"
