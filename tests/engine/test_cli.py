@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 
 from engine.cli import main
 from tests.support.engine import ROOT, EngineProcess, basic_channel, free_port, write_config
+from tests.support.polling import wait_for
 
 SAMPLES = Path(__file__).parent / "samples"
 PLUGINS = ROOT / "tests" / "support" / "plugins"
@@ -28,15 +28,6 @@ def stamp(work):
     bundle["meta"] = {"tag": [{"system": "urn:example:site", "code": "north"}]}
     return dataclasses.replace(work, payload=orjson.dumps(bundle))
 """
-
-
-def wait_for(pred: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def chicago_channel(port: int) -> dict[str, Any]:
