@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -57,11 +58,13 @@ class MLLPProtocol(asyncio.Protocol):
     def __init__(self, listener: Listener):
         self.listener = listener
         self.source = listener.source
+        self.clock = listener.clock
         self.framer = mllp.Framer(
             max_frame=self.source.max_frame,
             frame_timeout=self.source.frame_timeout,
             max_junk=self.source.max_junk,
             lenient_end=self.source.lenient_end,
+            clock=self.clock,
         )
         self.transport: asyncio.Transport | None = None
         self.peer = ""
@@ -70,7 +73,7 @@ class MLLPProtocol(asyncio.Protocol):
         self.paused = False
         self.closing = False
         self.eof = False
-        self.last_activity = time.monotonic()
+        self.last_activity = self.clock()
         self.timer: asyncio.TimerHandle | None = None
         self.counted = False
         self.closing_abort = False
@@ -118,7 +121,7 @@ class MLLPProtocol(asyncio.Protocol):
         if self.closing:
             return
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
+        now = self.clock()
         due = self.last_activity + self.source.idle_timeout
         deadline = self.framer.deadline
         if deadline is not None:
@@ -131,7 +134,7 @@ class MLLPProtocol(asyncio.Protocol):
         self.timer = None
         if self.closing or self.transport is None:
             return
-        now = time.monotonic()
+        now = self.clock()
         if self.framer.expired(now):
             self.listener.stats.frame_timeouts += 1
             log.warning("frame_deadline_exceeded", channel=self.listener.channel_name, peer=self.peer)
@@ -147,7 +150,7 @@ class MLLPProtocol(asyncio.Protocol):
 
     # -- data ---------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self.last_activity = now
         had_deadline = self.framer.deadline is not None
         self.framer.receive_data(data, now)
@@ -245,7 +248,7 @@ class MLLPProtocol(asyncio.Protocol):
                     log.error("ack_unframable", channel=self.listener.channel_name, peer=self.peer)
                     data = mllp.encode(_internal_error_ack()[0])
                 transport.write(data)
-            self.last_activity = time.monotonic()
+            self.last_activity = self.clock()
         if self.eof:
             self._close()
 
@@ -269,10 +272,22 @@ def _internal_error_ack() -> list[bytes]:
 
 
 class Listener:
-    """One channel's MLLP server."""
+    """One channel's MLLP server.
 
-    def __init__(self, channel_name: str, source: SourceConfig, intake: Intake):
+    ``clock`` (monotonic seconds) times the idle timeout and the per-frame deadline; a test passes a
+    fake one and calls a connection's timer by hand.
+    """
+
+    def __init__(
+        self,
+        channel_name: str,
+        source: SourceConfig,
+        intake: Intake,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.channel_name = channel_name
+        self.clock = clock
         self.source = source
         self.intake = intake
         self.stats = ListenerStats()

@@ -34,6 +34,7 @@ cursors), so feeding a frame one byte at a time is O(n) overall.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -115,6 +116,7 @@ class Framer:
         "_state",
         "_swallow_cr",
         "_vt_scan",
+        "clock",
         "frame_timeout",
         "junk_bytes",
         "lenient_end",
@@ -128,6 +130,7 @@ class Framer:
         frame_timeout: float = 30.0,
         max_junk: int = 1024 * 1024,
         lenient_end: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_frame < 0 or max_junk < 0 or frame_timeout <= 0:
             raise ValueError("max_frame and max_junk must be >= 0 and frame_timeout > 0")
@@ -135,6 +138,7 @@ class Framer:
         self.frame_timeout = frame_timeout
         self.max_junk = max_junk
         self.lenient_end = lenient_end
+        self.clock = clock  # seconds, monotonic; a test passes a fake one to move time by hand
         self.junk_bytes = 0
         self._buf = bytearray()
         self._pos = 0  # outside: first unread byte; inside: first content byte of the frame
@@ -155,10 +159,11 @@ class Framer:
     def receive_data(self, data: bytes, now: float | None = None) -> None:
         """Buffer bytes from the peer; ``b""`` means EOF.
 
-        ``now`` (a ``time.monotonic()`` value) is used to start the deadline of a frame
-        whose start block is in these bytes; it defaults to the current monotonic time.
+        ``now`` (a ``clock()`` value) is used to start the deadline of a frame whose start
+        block is in these bytes; it defaults to ``clock()`` (``time.monotonic`` unless the
+        framer was given another clock).
         """
-        self._now = time.monotonic() if now is None else now
+        self._now = self.clock() if now is None else now
         if not data:
             self._eof = True
             return
@@ -179,7 +184,7 @@ class Framer:
     # -- deadline ------------------------------------------------------------
     @property
     def deadline(self) -> float | None:
-        """Monotonic time by which the frame in progress must be complete; None outside a frame."""
+        """Clock time by which the frame in progress must be complete; None outside a frame."""
         return self._deadline
 
     def expired(self, now: float) -> bool:
