@@ -14,7 +14,9 @@ from click.testing import CliRunner
 from engine import store as st
 from engine.cli import main
 from engine.client import MLLPClient, parse_ack
+from engine.errors import DeliveryError
 from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
+from tests.support.polling import wait_for_async
 
 SAMPLE = Path(__file__).parent / "samples" / "adt_a01.hl7"
 
@@ -98,32 +100,43 @@ def test_sigterm_answers_in_flight_and_exits_cleanly(tmp_path: Path) -> None:
     )
     eng = EngineProcess(cfg, port).start()
     acked: list[str] = []
+    not_aa: list[str] = []
+    stopped: list[str] = []  # how each sender ended after SIGTERM
+    sigterm_sent = False
 
     async def sender(k: int) -> None:
         c = MLLPClient("127.0.0.1", port, ack_timeout=10)
         try:
-            for i in range(1000):
+            for i in range(100_000):
                 cid = f"T{k}-{i}"
                 raw = SAMPLE.read_bytes().replace(b"DEMO0001", cid.encode())
                 info = parse_ack(await c.send(raw))
-                if info.code == "AA":
-                    acked.append(cid)
-        except Exception:
-            return  # the engine stopped accepting: expected
+                (acked if info.code == "AA" else not_aa).append(cid)
+        except DeliveryError as exc:
+            # The engine stopped accepting: expected, but only after SIGTERM; anything else propagates.
+            assert sigterm_sent, f"sender {k} failed before SIGTERM: {exc}"
+            stopped.append(exc.message)
         finally:
             await c.close()
 
     async def run() -> None:
+        nonlocal sigterm_sent
         tasks = [asyncio.create_task(sender(k)) for k in range(5)]
-        await asyncio.sleep(1.0)
+        # SIGTERM while every sender has a message in flight: after each has had some answered.
+        await wait_for_async(
+            lambda: all(any(c.startswith(f"T{k}-") for c in acked) for k in range(5)) and len(acked) >= 50,
+            what=lambda: f"ACKs from all five senders before SIGTERM (have {len(acked)})",
+        )
         assert eng.proc is not None
+        sigterm_sent = True
         eng.proc.send_signal(signal.SIGTERM)
         await asyncio.gather(*tasks)
 
     asyncio.run(run())
     assert eng.proc is not None
     assert eng.proc.wait(30) == 0
-    assert acked
+    assert not_aa == []
+    assert len(stopped) == 5, stopped  # each sender was cut off by the shutdown, none ran out of messages
     s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
     try:
         stored = {r.control_id for r in s.list_messages(limit=100_000)}
