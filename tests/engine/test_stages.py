@@ -4,7 +4,6 @@ registered with the same decorator (``@registry.filter_``) running in a real cha
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from engine.errors import ConfigError
 from engine.hl7 import Message, parse
 from engine.pipeline import StageContext
 from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
+from tests.support.polling import wait_for
 
 PLUGINS = Path(__file__).resolve().parents[1] / "support" / "plugins"
 
@@ -155,20 +155,22 @@ def test_plugin_filter_in_a_channel(tmp_path: Path) -> None:
         asyncio.run(_send(port, [_raw(kind, cid) for cid, kind in sent.items()]))
         s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
         try:
-            _wait(
-                lambda: (
-                    len(s.list_messages()) == 4 and all(m.status != st.RECEIVED for m in s.list_messages())
-                )
-            )
-            status = {m.control_id: m.status for m in s.list_messages()}
+
+            def finished() -> dict[str, str]:
+                rows = s.list_messages()
+                done = len(rows) == len(sent) and all(m.status != st.RECEIVED for m in rows)
+                return {m.control_id: m.status for m in rows} if done else {}
+
+            status = wait_for(finished, what="every message processed or filtered")
         finally:
             s.close()
-        _wait(
+        wait_for(
             lambda: (
                 (out / "KEEP1.hl7").exists()
                 and (out / "LAB1.hl7").exists()
                 and (audit / "AUDIT1.hl7").exists()
-            )
+            ),
+            what="the three deliveries",
         )
     assert status == {
         "KEEP1": st.PROCESSED,
@@ -194,12 +196,3 @@ async def _send(port: int, frames: list[bytes]) -> None:
             assert parse_ack(await c.send(f)).code == "AA"
     finally:
         await c.close()
-
-
-def _wait(pred: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
