@@ -707,6 +707,17 @@ def _typed(ident: JSON, code: str, display: str) -> JSON:
     return out
 
 
+def _placer_filler(placer: JSON | None, filler: JSON | None) -> list[JSON]:
+    """An order's placer and filler numbers as PLAC- and FILL-typed identifiers (ServiceRequest and
+    DiagnosticReport carry the same two)."""
+    idents: list[JSON] = []
+    if placer:
+        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+    if filler:
+        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    return idents
+
+
 def _category(section: str) -> list[JSON]:
     s = section.strip().upper()
     if s in _LAB_SECTIONS:
@@ -957,11 +968,7 @@ def service_request(
     if key_ident is None:
         return None
     res: JSON = {}
-    idents: list[JSON] = []
-    if placer:
-        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
-    if filler:
-        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    idents = _placer_filler(placer, filler)
     # OBR-53 alternate placer order number (else ORC-33) → a PLAC-typed identifier
     alt_seg, alt_f = (obr, 53) if obr.get(53).strip() else (orc, 33) if orc is not None else (None, 0)
     alt = cx(alt_seg.rep(alt_f), ctx, alt_seg.loc(alt_f)) if alt_seg is not None else None
@@ -1079,11 +1086,7 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
     obs_resources = [r for ref in results if (r := ctx.find(ref)) is not None]
     status = _report_status(obr, obs_resources, ctx)
     res: JSON = {}
-    idents: list[JSON] = []
-    if placer:
-        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
-    if filler:
-        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    idents = _placer_filler(placer, filler)
     if order.orc is not None:
         # IG ORC[DiagnosticReport]: ORC-4 placer group number → identifier[3]/[4]
         for grp in _group_number(order.orc.rep(4), ctx, order.orc.loc(4)):
