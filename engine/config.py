@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from engine.alerts.config import AlertsConfig, parse_alerts
 from engine.errors import ConfigError
 from engine.hl7 import parse_path
 
@@ -156,6 +157,7 @@ class Config:
     plugins: tuple[str, ...] = ()  # modules imported at start; they register stages/destinations
     node_id: str = "node-1"
     processing_workers: int = 1  # worker processes for channel pipelines; 0 = in the engine process
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)  # engine/alerts/
 
     def channel(self, name: str) -> ChannelConfig:
         for ch in self.channels:
@@ -516,6 +518,7 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         raise ConfigError("processing.workers must be 0 or more", file=file, key="processing.workers")
     file_node = sec.text("node_id", "node-1")
     node_id = env.get(ENV_PREFIX + "NODE_ID") or file_node
+    alerts_sec = sec.sub("alerts")  # read once the channels are known (rules name them)
     sec.done()
     channels = [load_channel(f, destinations) for f in files]
     if not channels:
@@ -557,6 +560,7 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         plugins=plugins,
         node_id=node_id,
         processing_workers=int(env.get(ENV_PREFIX + "PROCESSING_WORKERS") or workers),
+        alerts=parse_alerts(alerts_sec, channels, destinations),
     )
 
 

@@ -18,6 +18,8 @@ import time
 import structlog
 
 from engine import collector, native, registry
+from engine.alerts.runner import AlertRunner, snapshot_from_server
+from engine.alerts.sinks import build_sinks
 from engine.config import Config
 from engine.destinations.base import Destination, DestinationContext
 from engine.errors import ConfigError
@@ -63,6 +65,8 @@ class Server:
         self.pool: ProcessingPool | None = None
         self.should_exit = asyncio.Event()
         self.started = asyncio.Event()
+        self.alerts: AlertRunner | None = None
+        self.alerts_stop = asyncio.Event()
 
     async def start(self) -> None:
         cfg = self.config
@@ -72,6 +76,7 @@ class Server:
         if recovered:
             log.info("recovered_in_flight", messages=recovered)
         self.destinations = build_destinations(cfg)  # also imports the user's plugins
+        alert_sinks = build_sinks(cfg.alerts, cfg.node_id) if cfg.alerts.active else {}  # secrets: fail now
         runtimes = {ch.name: ChannelRuntime(cfg, ch, store) for ch in cfg.channels if ch.enabled}
         if cfg.processing_workers > 0:
             self.pool = ProcessingPool(cfg, cfg.processing_workers)
@@ -117,6 +122,9 @@ class Server:
             ch.retention.bodies_days is not None or ch.retention.rows_days is not None for ch in cfg.channels
         ):
             self.tasks.append(loop.create_task(self._retention()))
+        if cfg.alerts.active:
+            self.alerts = AlertRunner(cfg.alerts, lambda: snapshot_from_server(self), alert_sinks)
+            self.tasks.append(loop.create_task(self.alerts.run(self.alerts_stop)))
         self.started.set()
 
     async def _retention(self, first: float = 60.0, every: float = 3600.0) -> None:
@@ -156,6 +164,7 @@ class Server:
         await self.stop()
 
     async def stop(self) -> None:
+        self.alerts_stop.set()  # first: shutting down is not an incident
         for listener in self.listeners:
             await listener.stop_accepting()
         for listener in self.listeners:
@@ -170,6 +179,8 @@ class Server:
             _done, pending = await asyncio.wait(self.tasks, timeout=15)
             for t in pending:
                 t.cancel()
+        if self.alerts is not None:
+            await self.alerts.close()
         for dest in self.destinations.values():
             try:
                 await dest.close()

@@ -245,6 +245,7 @@ class DeliveryWorker:
         self.delivered = 0
         self.failed = 0
         self.dead = 0
+        self.consecutive_failures = 0  # failed attempts since the last delivery (engine/alerts/)
         self._sem = asyncio.Semaphore(max(1, config.lanes))
 
     async def run(self) -> None:
@@ -381,6 +382,7 @@ class DeliveryWorker:
                         next_at = time.time() + backoff_delay(self.config.retry, attempts, retry_after)
                         failed.append((r.id, attempts, reason, next_at))
                         self.failed += 1
+                        self.consecutive_failures += 1
                         log.warning(
                             "delivery_retry",
                             destination=self.config.name,
@@ -399,6 +401,7 @@ class DeliveryWorker:
                             why = f"parked at the first failure (on_failure: dead-letter): {reason}"
                         failed.append((r.id, attempts, why, None))
                         self.dead += 1
+                        self.consecutive_failures += 1
                         log.error(
                             "delivery_dead_lettered",
                             destination=self.config.name,
@@ -411,6 +414,7 @@ class DeliveryWorker:
                         return  # hold the rest of this key while the failing one waits for its retry
                     continue  # dead-lettered: the key moves on (replaying it later is an operator's call)
                 delivered.append((r.id, detail or ""))
+                self.consecutive_failures = 0
                 log.debug(
                     "delivered",
                     destination=self.config.name,
