@@ -222,6 +222,10 @@ def check(config_path: str) -> None:
         dests = build_destinations(cfg)
         for ch in cfg.channels:
             ChannelRuntime(cfg, ch, store=None)
+        if cfg.alerts.active:
+            from engine.alerts.sinks import build_sinks
+
+            build_sinks(cfg.alerts)  # the secrets the sinks need are there
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
     click.echo(f"ok: {cfg.file}")
@@ -231,6 +235,8 @@ def check(config_path: str) -> None:
         click.echo(f"  channel {ch.name}: {ch.source.host}:{ch.source.port} ack={ch.ack} → {routes}")
     for name, d in dests.items():
         click.echo(f"  destination {name}: {d.kind}")
+    for rule in cfg.alerts.rules if cfg.alerts.enabled else ():
+        click.echo(f"  alert {rule.name}: {rule.kind} → {', '.join(rule.sinks)}")
 
 
 @main.group()

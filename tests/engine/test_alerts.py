@@ -323,6 +323,22 @@ def test_missing_secret_env_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> 
     )
 
 
+def test_check_command_lists_rules_and_checks_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alerts = {
+        "rules": [{"name": "down", "kind": "destination_failing", "sinks": ["hook", "log"]}],
+        "sinks": {"hook": {"kind": "webhook", "url": "http://127.0.0.1:9/h", "secret": {"env": "SLUICE_TEST_CHECK_SECRET"}}},
+    }  # fmt: skip
+    path = _with_alerts(tmp_path, alerts)
+    monkeypatch.delenv("SLUICE_TEST_CHECK_SECRET", raising=False)
+    res = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert res.exit_code == 1 and "alerts.sinks.hook.secret" in res.output, res.output
+    monkeypatch.setenv("SLUICE_TEST_CHECK_SECRET", "x")
+    res = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert res.exit_code == 0 and "alert down: destination_failing → hook, log" in res.output, res.output
+
+
 # --------------------------------------------------------------------------- the evaluator, rule by rule
 
 
