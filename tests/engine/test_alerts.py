@@ -819,7 +819,7 @@ def test_tls_expiry_from_the_engine_config(tmp_path: Path) -> None:
     by_rule: dict[str, list[Notice]] = {}
     for n in out:
         by_rule.setdefault(n.rule, []).append(n)
-    (c,) = by_rule["certs"][:1]
+    (c,) = by_rule["certs"]  # the engine's certificate, not the other rule's file
     assert c.subject == str(crt) and "(channel adt) expires in 2d23h" in c.summary
     assert [n.subject for n in by_rule["extra"]] == [str(tmp_path / "missing.crt")]
     assert "cannot be read" in by_rule["extra"][0].summary
