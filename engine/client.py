@@ -94,6 +94,7 @@ class _AckProtocol(asyncio.Protocol):
                 f"connection to {self.peer} closed before an ACK arrived{why}; the message may or may "
                 "not have been received, resend it (the receiver deduplicates)",
                 retryable=True,
+                category="network",
             )
         self._wake()
         if self._can_write is not None and not self._can_write.done():
@@ -126,7 +127,7 @@ class _AckProtocol(asyncio.Protocol):
 
     def _fail(self, reason: str) -> None:
         if self.error is None:
-            self.error = DeliveryError(reason, retryable=True)
+            self.error = DeliveryError(reason, retryable=True, category="server")  # the peer broke MLLP
         if self.transport is not None:
             self.transport.abort()
 
@@ -208,10 +209,13 @@ class MLLPClient:
                 f"cannot connect to {self.peer}: no answer within {self.connect_timeout:g}s "
                 "(is the receiver up and reachable?)",
                 retryable=True,
+                category="network",
             ) from None
         except OSError as exc:  # refused, unreachable, TLS handshake (ssl.SSLError is an OSError)
             raise DeliveryError(
-                f"cannot connect to {self.peer}: {exc} (check host, port and TLS settings)", retryable=True
+                f"cannot connect to {self.peer}: {exc} (check host, port and TLS settings)",
+                retryable=True,
+                category="network",
             ) from None
         self._proto = proto
 
@@ -220,7 +224,7 @@ class MLLPClient:
         try:
             wire = mllp.encode(payload)
         except ValueError as exc:
-            raise PermanentDeliveryError(str(exc)) from None
+            raise PermanentDeliveryError(str(exc), category="validation") from None
         async with self._lock:
             await self.connect()
             proto = self._proto
@@ -236,13 +240,16 @@ class MLLPClient:
                     f"no ACK from {self.peer} within {self.ack_timeout:g}s; the connection was closed and "
                     "the next send reconnects (the receiver deduplicates a resend)",
                     retryable=True,
+                    category="network",
                 ) from None
             except DeliveryError:
                 await self._drop()
                 raise
             except OSError as exc:
                 await self._drop()
-                raise DeliveryError(f"sending to {self.peer} failed: {exc}", retryable=True) from None
+                raise DeliveryError(
+                    f"sending to {self.peer} failed: {exc}", retryable=True, category="network"
+                ) from None
 
     async def close(self) -> None:
         """Close the connection (idempotent)."""

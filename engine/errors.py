@@ -135,21 +135,42 @@ class ConversionError(MessageContentError):
     """HL7 v2 → FHIR conversion found content it cannot map; carries a location."""
 
 
+REJECTION_CLASSES = ("validation", "auth", "throttling", "server", "network", "conflict")
+"""Why a delivery failed (``DeliveryError.category``; the ``class`` label of ``sluice_rejections_total``)."""
+
+
 class DeliveryError(SluiceError):
     """A destination could not take a message.
 
     ``retryable`` says whether trying again later can help; ``retry_after`` is a
-    server's hint in seconds (Retry-After), if it gave one.
+    server's hint in seconds (Retry-After), if it gave one.  ``category`` is the cause, one of
+    :data:`REJECTION_CLASSES` (``None``: ``engine.metrics.rejection_class`` works it out).
+    ``match_failure`` names the resource type of a conditional write that matched several
+    resources on the server (e.g. ``"Patient"``: a patient match failure).
     """
 
-    def __init__(self, message: str, *, retryable: bool = True, retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = True,
+        retry_after: float | None = None,
+        category: str | None = None,
+        match_failure: str | None = None,
+    ):
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
+        if category is not None and category not in REJECTION_CLASSES:
+            raise ValueError(
+                f"unknown rejection category {category!r}; use one of {', '.join(REJECTION_CLASSES)}"
+            )
+        self.category = category
+        self.match_failure = match_failure
 
 
 class PermanentDeliveryError(DeliveryError):
     """The destination rejected the message for good: dead-letter it with this reason."""
 
-    def __init__(self, message: str):
-        super().__init__(message, retryable=False)
+    def __init__(self, message: str, *, category: str | None = None, match_failure: str | None = None):
+        super().__init__(message, retryable=False, category=category, match_failure=match_failure)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import re
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -138,14 +139,16 @@ class _Auth:
                 err = response_error(resp, what=what)
                 if err.retryable:
                     raise err
-                raise PermanentDeliveryError(f"{err.message} (check auth.client_id/client_secret/scope)")
+                raise PermanentDeliveryError(
+                    f"{err.message} (check auth.client_id/client_secret/scope)", category="auth"
+                )
             try:
                 data = orjson.loads(resp.content)
                 token = str(data["access_token"])
                 lifetime = float(data.get("expires_in") or 300)
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise DeliveryError(
-                    f"{what}: token response without access_token ({exc})", retryable=True
+                    f"{what}: token response without access_token ({exc})", retryable=True, category="auth"
                 ) from exc
             self.token_fetches += 1
             margin = min(self.refresh_margin, lifetime / 10)
@@ -202,11 +205,55 @@ def dependency_order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             )
             raise PermanentDeliveryError(
                 f"per-resource mode: circular references between bundle entries ({', '.join(types)}); "
-                "use mode transaction for this channel"
+                "use mode transaction for this channel",
+                category="validation",
             )
         done.add(ready[0])
         order.append(rest[ready[0]])
     return deletes + order
+
+
+# A conditional write (PUT Type?search, POST with ifNoneExist) whose search matched more than one
+# resource: FHIR's OperationOutcome issue code ``multiple-matches`` (Medplum, 412), HAPI's "matched N
+# resources", Medplum's transaction pre-check "Conditional PUT matched multiple resources".
+_MULTIPLE_MATCHES = re.compile(
+    r"multiple-matches|matched multiple resources|multiple resources (?:found|match)"
+    r"|match(?:ed|es)? \d+ resources|more than one resource",
+    re.IGNORECASE,
+)
+_ENTRY_AT = re.compile(r"Bundle\.entry\[(\d+)\]")
+_MATCH_URL = re.compile(r"\b([A-Z][A-Za-z]+)\?[A-Za-z_:.-]+=")
+
+
+def _entry_type(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return None
+    rtype = (entry.get("resource") or {}).get("resourceType")
+    if rtype:
+        return str(rtype)
+    url = str((entry.get("request") or {}).get("url") or "")
+    return url.split("?")[0].split("/")[0] or None
+
+
+def mark_multiple_match(
+    err: DeliveryError, *, resource_type: str | None = None, entries: list[Any] | None = None
+) -> DeliveryError:
+    """If the server said a conditional write matched several resources: class ``conflict`` and
+    ``match_failure`` = the resource type (from ``resource_type``, the entry the server points at, or the
+    match URL it quotes); a ``Patient`` there is counted as a patient match failure."""
+    if not _MULTIPLE_MATCHES.search(err.message):
+        return err
+    rtype = resource_type
+    if rtype is None:
+        at = _ENTRY_AT.search(err.message)
+        if at is not None and entries is not None and int(at.group(1)) < len(entries):
+            rtype = _entry_type(entries[int(at.group(1))])
+        else:
+            url = _MATCH_URL.search(err.message)
+            rtype = url.group(1) if url is not None else None
+    err.category = "conflict"
+    err.match_failure = rtype
+    return err
 
 
 def _status_code(status: Any) -> int:
@@ -295,21 +342,25 @@ class FhirDestination(Destination):
             bundle = orjson.loads(item.payload)
         except orjson.JSONDecodeError as exc:
             raise PermanentDeliveryError(
-                f"payload is not FHIR JSON ({exc}); the channel's transform must produce a transaction Bundle"
+                f"payload is not FHIR JSON ({exc}); the channel's transform must produce a transaction Bundle",
+                category="validation",
             ) from exc
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise PermanentDeliveryError(
-                "payload is not a FHIR Bundle; the channel's transform must produce a transaction Bundle"
+                "payload is not a FHIR Bundle; the channel's transform must produce a transaction Bundle",
+                category="validation",
             )
         if bundle.get("type") not in ("transaction", "batch"):
             raise PermanentDeliveryError(
-                f"payload is a {bundle.get('type')!r} Bundle, not a transaction; fix the channel's transform"
+                f"payload is a {bundle.get('type')!r} Bundle, not a transaction; fix the channel's transform",
+                category="validation",
             )
         for n, entry in enumerate(bundle.get("entry") or []):
             req = entry.get("request") if isinstance(entry, dict) else None
             if not isinstance(req, dict) or not req.get("method") or not req.get("url"):
                 raise PermanentDeliveryError(
-                    f"bundle entry {n} has no request method/url; fix the channel's transform"
+                    f"bundle entry {n} has no request method/url; fix the channel's transform",
+                    category="validation",
                 )
         return bundle
 
@@ -341,11 +392,13 @@ class FhirDestination(Destination):
         resp = await self._send("POST", "", body=bundle)
         what = f"{self.name} {self.mode}"
         if not 200 <= resp.status_code < 300:
-            raise response_error(resp, what=what)
+            raise mark_multiple_match(response_error(resp, what=what), entries=entries)
         try:
             reply = orjson.loads(resp.content)
         except orjson.JSONDecodeError as exc:
-            raise DeliveryError(f"{what}: HTTP {resp.status_code} but the body is not JSON ({exc})") from exc
+            raise DeliveryError(
+                f"{what}: HTTP {resp.status_code} but the body is not JSON ({exc})", category="server"
+            ) from exc
         rentries = reply.get("entry") or [] if isinstance(reply, dict) else []
         if (
             not isinstance(reply, dict)
@@ -354,7 +407,8 @@ class FhirDestination(Destination):
         ):
             raise DeliveryError(
                 f"{what}: HTTP {resp.status_code} but the response is not a {self.mode}-response Bundle "
-                f"with {len(entries)} entries; delivery is unconfirmed, will retry"
+                f"with {len(entries)} entries; delivery is unconfirmed, will retry",
+                category="server",
             )
         failures: list[DeliveryError] = []
         counts: dict[int, int] = {}
@@ -367,7 +421,8 @@ class FhirDestination(Destination):
                     0
                 ]
                 reason = operation_outcome_text(r.get("outcome")) or f"status {r.get('status')!r}"
-                failures.append(status_error(code or 500, reason, what=f"{what} entry {n} ({rtype})"))
+                err = status_error(code or 500, reason, what=f"{what} entry {n} ({rtype})")
+                failures.append(mark_multiple_match(err, resource_type=_entry_type(sent)))
         if failures:
             raise self._combine(failures, what)
         tally = ", ".join(f"{c}x{k}" for k, c in sorted(counts.items()))
@@ -379,13 +434,22 @@ class FhirDestination(Destination):
         text = "; ".join(f.message for f in failures)
         if len(text) > 1500:
             text = text[:1497] + "..."
-        if any(not f.retryable for f in failures):
+        # The combined error's class and patient-match mark come from the entry that decides its fate.
+        permanent = [f for f in failures if not f.retryable]
+        first = (permanent or failures)[0]
+        matched = next((f.match_failure for f in failures if f.match_failure), None)
+        if permanent:
             return PermanentDeliveryError(
-                f"{what}: {len(failures)} entr{'y' if len(failures) == 1 else 'ies'} failed: {text}"
+                f"{what}: {len(failures)} entr{'y' if len(failures) == 1 else 'ies'} failed: {text}",
+                category=first.category,
+                match_failure=matched,
             )
         hints = [f.retry_after for f in failures if f.retry_after is not None]
         return DeliveryError(
-            f"{what}: {len(failures)} entries failed: {text}", retry_after=max(hints) if hints else None
+            f"{what}: {len(failures)} entries failed: {text}",
+            retry_after=max(hints) if hints else None,
+            category=first.category,
+            match_failure=matched,
         )
 
     def _as_batch(self, bundle: dict[str, Any]) -> dict[str, Any]:
@@ -406,7 +470,8 @@ class FhirDestination(Destination):
                 raise PermanentDeliveryError(
                     f"batch mode: a {rtype} entry references another entry by {dangling[0].split(':')[0]}:... "
                     "that has no fixed id; batch entries cannot reference each other — use mode transaction "
-                    "or per-resource for this destination"
+                    "or per-resource for this destination",
+                    category="validation",
                 )
             out.append({**e, "resource": res} if "resource" in e else e)
         return {**bundle, "type": "batch", "entry": out}
@@ -438,14 +503,15 @@ class FhirDestination(Destination):
                 method, url, body=resource if method in ("PUT", "POST", "PATCH") else None, headers=headers
             )
             if not 200 <= resp.status_code < 300:
-                raise response_error(resp, what=what)
+                raise mark_multiple_match(response_error(resp, what=what), resource_type=rtype)
             counts[resp.status_code] = counts.get(resp.status_code, 0) + 1
             if entry.get("fullUrl") and method in ("PUT", "POST"):
                 ref = self._assigned_ref(resp)
                 if ref is None:
                     raise DeliveryError(
                         f"{what}: HTTP {resp.status_code} without a Location header or resource id; "
-                        "cannot resolve later references, will retry"
+                        "cannot resolve later references, will retry",
+                        category="server",
                     )
                 mapping[entry["fullUrl"]] = ref
         tally = ", ".join(f"{c}x{k}" for k, c in sorted(counts.items()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import errno
 import os
 import re
 from pathlib import Path
@@ -227,5 +228,7 @@ class FileDestination(Destination):
     @staticmethod
     def _error(path: str, exc: OSError) -> DeliveryError:
         return DeliveryError(
-            f"cannot write {path}: {exc.strerror or exc}; check the directory exists and is writable"
+            f"cannot write {path}: {exc.strerror or exc}; check the directory exists and is writable",
+            # permission refused: auth; anything else (missing directory, full or read-only disk): server
+            category="auth" if exc.errno in (errno.EACCES, errno.EPERM) else "server",
         )

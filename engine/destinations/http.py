@@ -95,27 +95,61 @@ def _cap(text: str) -> str:
     return text if len(text) <= REASON_MAX else text[: REASON_MAX - 3] + "..."
 
 
+def status_category(status: int) -> str:
+    """The rejection class (``engine.errors.REJECTION_CLASSES``) of a non-2xx HTTP status.
+
+    400/422 (and other 4xx) validation, 401/403/407 auth, 429/503/425 throttling, 409/412 conflict,
+    408 network (the server gave up waiting for the request), other 5xx and 3xx server.
+    """
+    if status in (429, 503, 425):
+        return "throttling"
+    if status in (409, 412):
+        return "conflict"
+    if status in (401, 403, 407):
+        return "auth"
+    if status == 408:
+        return "network"
+    if 400 <= status < 500:
+        return "validation"
+    return "server"
+
+
 def status_error(status: int, reason: str, *, what: str, retry_after: float | None = None) -> DeliveryError:
     """The DeliveryError for a non-2xx ``status``; ``reason`` is the already-extracted server text."""
     head = f"{what}: HTTP {status}"
+    category = status_category(status)
     if status in (429, 503):
         hint = f"; retry after {retry_after:g}s" if retry_after is not None else ""
-        return DeliveryError(f"{head} (server busy{hint}): {reason}", retryable=True, retry_after=retry_after)
+        return DeliveryError(
+            f"{head} (server busy{hint}): {reason}",
+            retryable=True,
+            retry_after=retry_after,
+            category=category,
+        )
     if status in (409, 412):
         return DeliveryError(
-            f"{head} (version conflict, will retry): {reason}", retryable=True, retry_after=retry_after
+            f"{head} (version conflict, will retry): {reason}",
+            retryable=True,
+            retry_after=retry_after,
+            category=category,
         )
     if status in RETRYABLE_4XX or status >= 500:
-        return DeliveryError(f"{head} (will retry): {reason}", retryable=True, retry_after=retry_after)
+        return DeliveryError(
+            f"{head} (will retry): {reason}", retryable=True, retry_after=retry_after, category=category
+        )
     if status in (401, 403):
         return PermanentDeliveryError(
-            f"{head} (not authorised: check the destination's credentials/auth settings, then replay): {reason}"
+            f"{head} (not authorised: check the destination's credentials/auth settings, then replay): {reason}",
+            category=category,
         )
     if 300 <= status < 400:
         return PermanentDeliveryError(
-            f"{head} (redirected: point the destination's URL at the final address, then replay): {reason}"
+            f"{head} (redirected: point the destination's URL at the final address, then replay): {reason}",
+            category=category,
         )
-    return PermanentDeliveryError(f"{head} (rejected; fix the message or mapping, then replay): {reason}")
+    return PermanentDeliveryError(
+        f"{head} (rejected; fix the message or mapping, then replay): {reason}", category=category
+    )
 
 
 def response_error(resp: httpx.Response, *, what: str) -> DeliveryError:
@@ -136,22 +170,28 @@ def transport_error(exc: BaseException, *, what: str) -> DeliveryError:
     """Timeouts, refused/reset connections, TLS and protocol errors → retryable."""
     if isinstance(exc, httpx.TimeoutException):
         kind = type(exc).__name__  # ConnectTimeout / ReadTimeout / WriteTimeout / PoolTimeout
-        return DeliveryError(f"{what}: timed out ({kind}); will retry", retryable=True)
+        return DeliveryError(f"{what}: timed out ({kind}); will retry", retryable=True, category="network")
     if "CERTIFICATE_VERIFY_FAILED" in str(exc):
         return DeliveryError(
             f"{what}: TLS certificate verification failed ({exc}); if the server uses a private CA set "
             "tls.ca_file, will retry",
             retryable=True,
+            category="network",
         )
     if "CERTIFICATE_REQUIRED" in str(exc):
         return DeliveryError(
             f"{what}: the server requires a client certificate ({exc}); set auth type mtls with cert "
             "and key, will retry",
             retryable=True,
+            category="network",
         )
     if isinstance(exc, httpx.ConnectError):
-        return DeliveryError(f"{what}: cannot connect ({exc}); will retry", retryable=True)
-    return DeliveryError(f"{what}: {type(exc).__name__} ({exc}); will retry", retryable=True)
+        return DeliveryError(
+            f"{what}: cannot connect ({exc}); will retry", retryable=True, category="network"
+        )
+    return DeliveryError(
+        f"{what}: {type(exc).__name__} ({exc}); will retry", retryable=True, category="network"
+    )
 
 
 def build_ssl_context(tls: Any, *, ctx: DestinationContext, key: str) -> ssl.SSLContext:
@@ -244,7 +284,8 @@ def render_body(item: Outbound, payload: str) -> tuple[bytes, str]:
             out: Any = orjson.loads(item.payload)
         except orjson.JSONDecodeError as exc:
             raise PermanentDeliveryError(
-                f"payload says {item.content_type} but is not JSON ({exc}); check the channel's transform"
+                f"payload says {item.content_type} but is not JSON ({exc}); check the channel's transform",
+                category="validation",
             ) from exc
     else:
         out = item.payload.decode("utf-8", "replace")

@@ -115,16 +115,41 @@ class MLLPDestination(Destination):
         info = parse_ack(ack)
         if info.control_id != item.control_id:
             raise DeliveryError(
-                f"ACK does not match: MSA-2 is {info.control_id!r}, expected {item.control_id!r}"
+                f"ACK does not match: MSA-2 is {info.control_id!r}, expected {item.control_id!r}",
+                category="server",
             )
         if info.code in ("AA", "CA"):
             return info.code
         reason = f"receiver answered {info.code}" + (f" {info.error_code}" if info.error_code else "")
         if info.text:
             reason += f": {info.text}"
+        category = nack_category(info.code, info.error_code, info.text)
         if self.opts["on_error"] == "retry" or info.code in ("CR",):
-            raise DeliveryError(reason)
-        raise PermanentDeliveryError(reason)
+            raise DeliveryError(reason, category=category)
+        raise PermanentDeliveryError(reason, category=category)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients))
+
+
+_BUSY = ("busy", "overload", "too many", "try again", "try later", "unavailable", "throttl", "rate limit")
+
+
+def nack_category(code: str, error_code: str, text: str) -> str:
+    """The rejection class of a negative ACK (MSA-1 AE/AR/CE/CR, ERR-3 / MSA-3 text).
+
+    AE/CE (application error) say the content is wrong: ``validation``.  AR/CR (reject) are, by the
+    standard, for reasons unrelated to content (system down, internal error): ``server``, unless the
+    receiver says it is busy (``throttling``), the record is locked (HL7 table 0357 code 206:
+    ``conflict``) or it names a content or header problem (codes 100-105, 200-205: ``validation``).
+    """
+    lowered = text.lower()
+    if any(word in lowered for word in _BUSY):
+        return "throttling"
+    if error_code == "206":
+        return "conflict"
+    if code in ("AE", "CE"):
+        return "validation"
+    if error_code[:1] == "1" or error_code in ("200", "201", "202", "203", "204", "205"):
+        return "validation"
+    return "server"

@@ -176,6 +176,7 @@ class RabbitMQDestination(Destination):
                 raise DeliveryError(
                     f"{self.name}: broker {self._where()} unreachable; next reconnect attempt in {wait:.1f}s",
                     retry_after=wait,
+                    category="network",
                 )
             try:
                 conn = await aio_pika.connect(self.url, timeout=self.connect_timeout)
@@ -198,7 +199,8 @@ class RabbitMQDestination(Destination):
                     await asyncio.wait_for(conn.close(), 2)
                 raise PermanentDeliveryError(
                     f"{self.name}: exchange {self.exchange_name!r} exists with other settings ({exc}); "
-                    "make exchange/exchange_type match it (it must be durable) or use another exchange name"
+                    "make exchange/exchange_type match it (it must be durable) or use another exchange name",
+                    category="server",
                 ) from exc
             except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
                 with contextlib.suppress(Exception):
@@ -220,7 +222,9 @@ class RabbitMQDestination(Destination):
         delay = self._backoff * random.uniform(0.8, 1.2)
         self._next_attempt = time.monotonic() + delay
         return DeliveryError(
-            f"{self.name}: {text}; will retry (next reconnect in {delay:.1f}s)", retry_after=delay
+            f"{self.name}: {text}; will retry (next reconnect in {delay:.1f}s)",
+            retry_after=delay,
+            category="network",
         )
 
     async def _drop(self) -> None:
@@ -252,7 +256,8 @@ class RabbitMQDestination(Destination):
         except (KeyError, IndexError, AttributeError, ValueError) as exc:
             raise PermanentDeliveryError(
                 f"{self.name}: routing_key {self.routing_key!r} needs {exc} which this message does not have; "
-                f"use item fields ({', '.join(ITEM_FIELDS)}) or meta keys set by the channel"
+                f"use item fields ({', '.join(ITEM_FIELDS)}) or meta keys set by the channel",
+                category="validation",
             ) from exc
 
     def build_message(self, item: Outbound) -> aio_pika.Message:
@@ -292,15 +297,21 @@ class RabbitMQDestination(Destination):
             except aio_pika.exceptions.PublishError as exc:
                 raise DeliveryError(
                     f"{self.name}: broker returned the message as unroutable (routing key {routing_key!r}, "
-                    f"exchange {self.exchange_name!r}): bind a queue for it; will retry"
+                    f"exchange {self.exchange_name!r}): bind a queue for it; will retry",
+                    category="server",
                 ) from exc
             except aio_pika.exceptions.DeliveryError as exc:
-                raise DeliveryError(f"{self.name}: broker refused (nack) the message; will retry") from exc
+                # A nack: the broker could not take it (a full queue with overflow reject-publish, or
+                # an internal error); both pass with time.
+                raise DeliveryError(
+                    f"{self.name}: broker refused (nack) the message; will retry", category="throttling"
+                ) from exc
             except TimeoutError as exc:
                 await self._drop()
                 raise DeliveryError(
                     f"{self.name}: no publisher confirm within {self.confirm_timeout:g}s; will retry "
-                    "(the broker may still have it: consumers dedupe on message_id)"
+                    "(the broker may still have it: consumers dedupe on message_id)",
+                    category="network",
                 ) from exc
             except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
                 await self._drop()
