@@ -26,6 +26,7 @@ from engine import ack as ackmod
 from engine import hl7
 from engine.config import ChannelConfig
 from engine.errors import Location, MessageContentError, MessageRejected, SluiceError, StoreError
+from engine.metrics import ChannelMetrics, Metrics
 from engine.store import (
     IGNORED,
     PROCESSED,
@@ -50,6 +51,7 @@ class ProcessResult:
     deliveries: list[NewDelivery] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)
     output: Output | None = None  # the pipeline's output, between ``run`` and ``record``
+    missing: str = ""  # resource type of a required earlier record never received (e.g. Patient)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Job:
     replay_ack: bytes | None = None
     final_outcome: ackmod.Outcome | None = None
     error: Exception | None = None
+    result: ProcessResult | None = None  # what inline processing (ack: after-processing) recorded
 
 
 Op = Callable[[Any], Any]
@@ -344,6 +347,7 @@ class Committer:
         )
         j.final_outcome = outcome
         j.row.ack = ack_bytes
+        j.result = result
 
 
 def _resolve_all(batch: list[tuple[Job, asyncio.Future[Job]]]) -> None:
@@ -398,8 +402,16 @@ def split_acks(data: bytes | None) -> list[bytes]:
 class Intake:
     """Checks one channel's frames and decides their rows and ACKs."""
 
-    def __init__(self, channel: ChannelConfig, committer: Committer, process: Processor | None = None):
+    def __init__(
+        self,
+        channel: ChannelConfig,
+        committer: Committer,
+        process: Processor | None = None,
+        *,
+        metrics: Metrics | None = None,
+    ):
         self.channel = channel
+        self._metrics: ChannelMetrics | None = metrics.channel(channel.name) if metrics is not None else None
         self.committer = committer
         self.process = process if channel.ack == "after-processing" else None
         self.on_stored: Callable[[], None] | None = None  # wakes the processing worker
@@ -534,6 +546,9 @@ class Intake:
         jobs, immediate = self.decide(payload, peer)
         if not jobs:
             log.info("message_rejected_unstored", channel=self.channel.name, outcome="AR")
+            if self._metrics is not None:
+                self._metrics.received.inc()
+                self._metrics.processed(REJECTED)
             return split_acks(immediate)
         if len(jobs) == 1:
             results = [await self.committer.submit(jobs[0])]
@@ -541,6 +556,8 @@ class Intake:
             results = list(await asyncio.gather(*(self.committer.submit(j) for j in jobs)))
         if self.on_stored is not None:
             self.on_stored()
+        if self._metrics is not None:
+            _count(self._metrics, results)
         acks: list[bytes] = []
         for j in results:
             if j.error is not None:
@@ -577,6 +594,23 @@ class Intake:
             acks.sort(key=lambda a: order.get(_msa1(a), 3))
             return acks[:1]
         return acks
+
+
+def _count(m: ChannelMetrics, jobs: list[Job]) -> None:
+    """Metrics for a frame's jobs, once their group commit is over: every fact here is final."""
+    m.received.inc(len(jobs))
+    for j in jobs:
+        if j.error is not None:
+            continue  # not stored (AR 207): the sender resends, and that one counts
+        if j.duplicate_of:
+            m.duplicates.inc()
+            continue
+        res = j.result
+        status = res.status if res is not None else j.row.status
+        if status != RECEIVED:  # decided here, or by inline processing (ack: after-processing)
+            m.processed(status)
+        if res is not None and res.missing == "Patient":
+            m.patient_match_failures.inc()
 
 
 def _batch_raws(payload: bytes) -> list[bytes]:

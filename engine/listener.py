@@ -25,7 +25,8 @@ from engine import ack as ackmod
 from engine import mllp
 from engine.config import SourceConfig, TLSConfig
 from engine.errors import FramingError, MessageRejected
-from engine.intake import Intake, render_ack, split_acks
+from engine.intake import Intake, _msa1, render_ack, split_acks
+from engine.metrics import Metrics
 
 log = structlog.get_logger("sluice.listener")
 
@@ -69,6 +70,8 @@ class MLLPProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.queue: deque[bytes | mllp.Oversize] = deque()
+        self.arrived: deque[float] = deque()  # when each queued frame was complete (ACK latency)
+        self.metrics = listener.metrics
         self.worker: asyncio.Task[None] | None = None
         self.paused = False
         self.closing = False
@@ -176,8 +179,10 @@ class MLLPProtocol(asyncio.Protocol):
                 if isinstance(ev, mllp.Frame):
                     self.listener.stats.frames += 1
                     self.queue.append(ev.payload)
+                    self.arrived.append(time.monotonic())
                 elif isinstance(ev, mllp.Oversize):
                     self.queue.append(ev)
+                    self.arrived.append(time.monotonic())
                 elif isinstance(ev, mllp.Closed):
                     if not ev.clean:
                         log.warning("eof_mid_frame", channel=self.listener.channel_name, peer=self.peer)
@@ -219,12 +224,16 @@ class MLLPProtocol(asyncio.Protocol):
         assert transport is not None
         while self.queue:
             item = self.queue.popleft()
+            arrived = self.arrived.popleft()
             if self.paused and len(self.queue) <= LOW_WATER and not self.closing:
                 self.paused = False
                 transport.resume_reading()
             if isinstance(item, mllp.Oversize):
                 err = MessageRejected(f"frame of {item.size} bytes is over the size cap", code="207")
                 acks = split_acks(render_ack(None, ackmod.Outcome("AR", err))[0])
+                if self.metrics is not None:
+                    self.metrics.received.inc()
+                    self.metrics.processed("rejected")
             else:
                 try:
                     acks = await intake.handle(item, self.peer)
@@ -248,6 +257,11 @@ class MLLPProtocol(asyncio.Protocol):
                     log.error("ack_unframable", channel=self.listener.channel_name, peer=self.peer)
                     data = mllp.encode(_internal_error_ack()[0])
                 transport.write(data)
+            m = self.metrics
+            if m is not None and acks:
+                m.ack_latency.observe(time.monotonic() - arrived)
+                for a in acks:
+                    m.ack(_msa1(a))
             self.last_activity = self.clock()
         if self.eof:
             self._close()
@@ -285,14 +299,20 @@ class Listener:
         intake: Intake,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ):
         self.channel_name = channel_name
+        # ACKs, their latency and frames refused for size are counted here; connections are read
+        # from ``stats`` when scraped.
+        self.metrics = metrics.channel(channel_name) if metrics is not None else None
         self.clock = clock
         self.source = source
         self.intake = intake
         self.stats = ListenerStats()
         self.protocols: set[MLLPProtocol] = set()
         self.server: asyncio.base_events.Server | None = None
+        if metrics is not None:
+            metrics.watch_listener(self)
 
     @property
     def port(self) -> int:

@@ -145,7 +145,8 @@ class ChannelRuntime:
                     code="204",
                     location=_REQUIRED_AT.get(rtype),
                 )
-                return ProcessResult(ERROR, str(err), err)
+                # ``missing``: counted as a patient match failure (engine.metrics) once recorded.
+                return ProcessResult(ERROR, str(err), err, missing=rtype)
         deliveries = [
             NewDelivery(dest, out.payload, out.content_type, out.meta, packed=out.packed)
             for dest in out.routes

@@ -17,7 +17,7 @@ import time
 
 import structlog
 
-from engine import collector, native, registry
+from engine import __version__, collector, native, registry
 from engine.alerts.runner import AlertRunner, snapshot_from_server
 from engine.alerts.sinks import build_sinks
 from engine.config import Config
@@ -25,6 +25,7 @@ from engine.destinations.base import Destination, DestinationContext
 from engine.errors import ConfigError
 from engine.intake import Committer, Intake
 from engine.listener import Listener
+from engine.metrics import Metrics
 from engine.processing import ChannelRuntime
 from engine.procpool import ProcessingPool
 from engine.store import Store
@@ -65,6 +66,14 @@ class Server:
         self.pool: ProcessingPool | None = None
         self.should_exit = asyncio.Event()
         self.started = asyncio.Event()
+        # Prometheus metrics (engine/metrics.py), served by the admin app as GET /metrics.
+        self.metrics = Metrics(
+            channels=[ch.name for ch in config.channels if ch.enabled],
+            destinations=list(config.destinations),
+            version=__version__,
+            build="compiled" if native.COMPILED else "pure",
+            node=config.node_id,
+        )
         self.alerts: AlertRunner | None = None
         self.alerts_stop = asyncio.Event()
 
@@ -82,10 +91,14 @@ class Server:
             self.pool = ProcessingPool(cfg, cfg.processing_workers)
         self.committer = committer = Committer(store)
         committer.start()
+        self.metrics.watch_store(store)
+        self.metrics.watch_committer(committer)
         for name, dest in self.destinations.items():
             await dest.start()
             self.delivery.append(
-                DeliveryWorker(cfg.destinations[name], dest, store, committer, owner=self.owner)
+                DeliveryWorker(
+                    cfg.destinations[name], dest, store, committer, owner=self.owner, metrics=self.metrics
+                )
             )
         by_dest = {w.config.name: w for w in self.delivery}
         for ch in cfg.channels:
@@ -98,11 +111,13 @@ class Server:
                 for d in ds:
                     d.wake.set()
 
-            pw = ProcessingWorker(rt, store, self.owner, wake, committer, pool=self.pool)
+            pw = ProcessingWorker(
+                rt, store, self.owner, wake, committer, pool=self.pool, metrics=self.metrics
+            )
             self.processing.append(pw)
-            intake = Intake(ch, self.committer, rt)
+            intake = Intake(ch, self.committer, rt, metrics=self.metrics)
             intake.on_stored = pw.wake.set if ch.ack == "on-commit" else wake
-            listener = Listener(ch.name, ch.source, intake)
+            listener = Listener(ch.name, ch.source, intake, metrics=self.metrics)
             await listener.start()
             self.listeners.append(listener)
             log.info(

@@ -32,6 +32,7 @@ from engine.config import DestinationConfig, RetryConfig
 from engine.destinations.base import Destination, Outbound
 from engine.errors import DeliveryError, SluiceError
 from engine.intake import Committer, ProcessResult
+from engine.metrics import UNAVAILABLE, ChannelMetrics, DestinationMetrics, Metrics, rejection_class
 from engine.processing import ChannelRuntime
 from engine.procpool import ProcessingPool
 from engine.store import PROCESSED, Store
@@ -66,8 +67,12 @@ class ProcessingWorker:
         committer: Committer,
         batch: int = 200,
         pool: ProcessingPool | None = None,
+        metrics: Metrics | None = None,
     ):
         self.pool = pool
+        self.metrics: ChannelMetrics | None = (
+            metrics.channel(runtime.channel.name) if metrics is not None else None
+        )
         self.runtime = runtime
         self.store = store
         self.committer = committer
@@ -178,17 +183,28 @@ class ProcessingWorker:
         prepared = list(zip(rows, results, strict=True))
         if not prepared:
             return 0
-        return int(self.committer.submit_op(self._writer(prepared)).result())
+        return self._count(self.committer.submit_op(self._writer(prepared)).result())
 
     async def _record(self, prepared: list[tuple[Any, ProcessResult]]) -> int:
-        return int(await self.committer.run_op(self._writer(prepared)))
+        return self._count(await self.committer.run_op(self._writer(prepared)))
 
-    def _writer(self, prepared: list[tuple[Any, ProcessResult]]) -> Callable[[Any], int]:
+    def _count(self, recorded: _Recorded) -> int:
+        """Metrics for a batch the committer has written (only then are its statuses final)."""
+        m = self.metrics
+        if m is not None:
+            for status, n in recorded.statuses.items():
+                m.processed(status, n)
+            if recorded.unmatched_patients:
+                m.patient_match_failures.inc(recorded.unmatched_patients)
+        return recorded.n
+
+    def _writer(self, prepared: list[tuple[Any, ProcessResult]]) -> Callable[[Any], _Recorded]:
         """The committer op that records a processed batch: statuses, ranks and delivery rows."""
         ch = self.runtime.channel
 
-        def write(conn: Any) -> int:
+        def write(conn: Any) -> _Recorded:
             finished: list[tuple[int, str, str]] = []
+            unmatched = 0
             deliveries: list[dict[str, Any]] = []
             view = self.store.rank_view(conn)
             keys: list[str] = []  # every key the round will look at: fetched in one go
@@ -209,12 +225,26 @@ class ProcessingWorker:
                 if result.ranks:
                     view.set(r.id, result.ranks)
                 finished.append((r.id, result.status, result.reason))
+                unmatched += result.missing == "Patient"
             view.flush()
             self.store.insert_deliveries(conn, deliveries)
             self.store.finish_messages(conn, finished)
-            return len(prepared)
+            return _Recorded(len(prepared), collections.Counter(s for _, s, _ in finished), unmatched)
 
         return write
+
+
+@dataclass
+class _Recorded:
+    """What a processing batch recorded: the committer op's result, counted once it is written."""
+
+    n: int
+    statuses: dict[str, int]
+    unmatched_patients: int  # messages referring to a Patient the engine has never received
+
+
+# (delivery row, the exception or None when delivered, dead-lettered?, when the destination answered)
+_Tally = list[tuple[Any, BaseException | None, bool, float]]
 
 
 @dataclass
@@ -233,8 +263,11 @@ class DeliveryWorker:
         committer: Committer,
         batch: int = 500,
         owner: str = "",
+        metrics: Metrics | None = None,
     ):
         self.owner = owner
+        self.metrics = metrics
+        self._m: DestinationMetrics | None = metrics.destination(config.name) if metrics is not None else None
         self.committer = committer
         self.config = config
         self.destination = destination
@@ -316,10 +349,40 @@ class DeliveryWorker:
             lanes = {"": _Lane(merged)}
         delivered: list[tuple[int, str]] = []
         failed: list[tuple[int, int, str, float | None]] = []
-        await asyncio.gather(*(self._lane(lane, loaded, delivered, failed, block) for lane in lanes.values()))
+        tally: _Tally = []
+        await asyncio.gather(
+            *(self._lane(lane, loaded, delivered, failed, block, tally) for lane in lanes.values())
+        )
         await self.committer.run_op(lambda conn: self.store.record_deliveries(delivered, failed, conn))
         self.delivered += len(delivered)
+        if self._m is not None and tally:
+            self._count(self._m, tally)  # after the outcomes are written: each counted once
         return bool(delivered or failed), next_due
+
+    def _count(self, dm: DestinationMetrics, tally: _Tally) -> None:
+        assert self.metrics is not None
+        answered = unavailable = False
+        for row, exc, dead, at in tally:
+            if exc is None:
+                dm.outcomes["delivered"].inc()
+                dm.lag.observe(max(0.0, at - row.received_at))
+                answered = True
+                continue
+            klass = rejection_class(exc)
+            cm = self.metrics.channel(row.channel)
+            cm.rejection(klass)
+            if klass in UNAVAILABLE:
+                unavailable = True
+            else:
+                answered = True  # it refused this message: it is up
+            if dead:
+                dm.outcomes["dead"].inc()
+                dm.dead_letters.inc()
+                if getattr(exc, "match_failure", None) == "Patient":
+                    cm.patient_match_failures.inc()  # a conditional write matched several Patients
+            else:
+                dm.outcomes["retry"].inc()
+        dm.up.set(0 if unavailable and not answered else 1)
 
     def _load(self, ids: list[int]) -> dict[int, tuple[Any, Outbound]]:
         """Rows and their outbound items (payloads unpacked here, off the event loop)."""
@@ -348,6 +411,7 @@ class DeliveryWorker:
         delivered: list[tuple[int, str]],
         failed: list[tuple[int, int, str, float | None]],
         block: bool,
+        tally: _Tally,
     ) -> None:
         async with self._sem:
             work: list[tuple[Any, Any, Outbound]] = []
@@ -410,10 +474,12 @@ class DeliveryWorker:
                             attempts=attempts,
                             error=type(exc).__name__,
                         )
+                    tally.append((row, exc, failed[-1][3] is None, 0.0))
                     if block and failed[-1][3] is not None:
                         return  # hold the rest of this key while the failing one waits for its retry
                     continue  # dead-lettered: the key moves on (replaying it later is an operator's call)
                 delivered.append((r.id, detail or ""))
+                tally.append((row, None, False, time.time()))
                 self.consecutive_failures = 0
                 log.debug(
                     "delivered",

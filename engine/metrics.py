@@ -1,0 +1,412 @@
+"""Prometheus metrics: one :class:`Metrics` per engine, on its own registry.
+
+The engine process is where every fact becomes final, so that is where everything is counted:
+intake (received, duplicates, statuses decided at intake) after the group commit that made it
+durable; processing statuses after the committer has recorded a worker batch (conversion runs in
+worker processes, but the result only counts once it is written); delivery outcomes after the
+delivery round's outcomes are written.  A write that is rolled back and retried is therefore
+counted once, and nothing runs in the worker processes (no multiprocess-mode files).
+
+The hot path gets label children bound once per channel or destination (:class:`ChannelMetrics`,
+:class:`DestinationMetrics`), so counting costs a method call (~0.4 µs a counter, ~1 µs a
+histogram observation).  Queue depth, oldest pending age, connections and the committer backlog
+are read at scrape time (:class:`_ScrapeCollector`): one grouped, index-only query on the store
+and the listeners' live counters.
+
+Components take ``metrics: Metrics | None = None``; ``None`` counts nothing.  The admin app serves
+:meth:`Metrics.render` as ``GET /metrics`` (it queries the store: call it off the event loop, e.g.
+``await asyncio.to_thread(metrics.render)``).
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import prometheus_client
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine.errors import REJECTION_CLASSES, DeliveryError
+
+if TYPE_CHECKING:
+    from engine.store import Store
+
+log = structlog.get_logger("sluice.metrics")
+
+# The ``_created`` series prometheus-client adds to every counter and histogram double the output for
+# nothing Prometheus uses; the engine process has no other metrics, so turning them off is local to us.
+prometheus_client.disable_created_metrics()
+
+CONTENT_TYPE: str = getattr(
+    prometheus_client.exposition, "CONTENT_TYPE_PLAIN_0_0_4", prometheus_client.CONTENT_TYPE_LATEST
+)
+
+# frame received → ACK written: sub-millisecond when idle, tens of ms under load, seconds when the store stalls
+ACK_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# message received → delivered (the sync lag): sub-second normally; minutes to hours while a destination is down
+DELIVERY_LAG_BUCKETS = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0, 86400.0,
+)  # fmt: skip
+
+ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
+# Final message statuses (engine.store): decided at intake or by processing.
+STATUSES = ("processed", "filtered", "error", "review", "rejected", "quarantined", "ignored")
+OUTCOMES = ("delivered", "retry", "dead")
+# Rejection classes that say the destination itself is unavailable (not that it refused one message).
+UNAVAILABLE = frozenset({"network", "server", "auth", "throttling"})
+
+
+class ChannelMetrics:
+    """One channel's label children, bound once (the intake and listener hot paths use these)."""
+
+    __slots__ = (
+        "_acks",
+        "_family",
+        "_processed",
+        "_rejections",
+        "ack_latency",
+        "duplicates",
+        "name",
+        "patient_match_failures",
+        "received",
+    )
+
+    def __init__(self, family: Metrics, name: str):
+        self._family = family
+        self.name = name
+        self.received = family.received.labels(name)
+        self.ack_latency = family.ack_latency.labels(name)
+        self.duplicates = family.duplicates.labels(name)
+        self.patient_match_failures = family.patient_match_failures.labels(name)
+        self._acks = {code: family.acks.labels(name, code) for code in ACK_CODES}
+        self._processed = {s: family.processed.labels(name, s) for s in STATUSES}
+        self._rejections = {c: family.rejections.labels(name, c) for c in REJECTION_CLASSES}
+
+    def ack(self, code: str) -> None:
+        """One ACK written with MSA-1 ``code``."""
+        child = self._acks.get(code)
+        if child is None:  # a code outside HL7 table 0008 (cannot come from Sluice's own ACK builder)
+            child = self._acks[code] = self._family.acks.labels(self.name, code or "none")
+        child.inc()
+
+    def processed(self, status: str, n: int = 1) -> None:
+        """``n`` messages reached the final status ``status``."""
+        child = self._processed.get(status)
+        if child is None:
+            child = self._processed[status] = self._family.processed.labels(self.name, status)
+        child.inc(n)
+
+    def rejection(self, klass: str) -> None:
+        """A delivery of one of this channel's messages failed for a reason of class ``klass``."""
+        self._rejections[klass if klass in self._rejections else "server"].inc()
+
+
+class DestinationMetrics:
+    """One destination's label children, bound once."""
+
+    __slots__ = ("dead_letters", "lag", "name", "outcomes", "up")
+
+    def __init__(self, family: Metrics, name: str):
+        self.name = name
+        self.outcomes = {o: family.deliveries.labels(name, o) for o in OUTCOMES}
+        self.lag = family.delivery_lag.labels(name)
+        self.dead_letters = family.dead_letters.labels(name)
+        self.up = family.destination_up.labels(name)
+        self.up.set(1)
+
+
+class ListenerView(Protocol):
+    """What the scrape reads from a listener (engine.listener.Listener)."""
+
+    channel_name: str
+
+    @property
+    def stats(self) -> Any: ...
+
+
+class CommitterView(Protocol):
+    backlog: int
+
+
+class Metrics:
+    """The engine's metric families on a registry of its own (several engines can share a process)."""
+
+    def __init__(
+        self,
+        *,
+        channels: Iterable[str] = (),
+        destinations: Iterable[str] = (),
+        version: str = "",
+        build: str = "",
+        node: str = "",
+    ):
+        self.registry = r = CollectorRegistry()
+        self.received = Counter(
+            "sluice_messages_received",
+            "HL7 messages received (each member of a batch counts; frames refused before parsing count once).",
+            ["channel"],
+            registry=r,
+        )
+        self.acks = Counter(
+            "sluice_acks",
+            "Acknowledgements written back to senders, by MSA-1 code.",
+            ["channel", "code"],
+            registry=r,
+        )
+        self.ack_latency = Histogram(
+            "sluice_ack_latency_seconds",
+            "Time from a complete MLLP frame received to its ACK written to the connection.",
+            ["channel"],
+            buckets=ACK_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.processed = Counter(
+            "sluice_messages_processed",
+            "Messages that reached a final status: at intake (rejected, quarantined, error, ignored) or "
+            "by processing (processed, filtered, error, review).",
+            ["channel", "status"],
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "sluice_deliveries",
+            "Delivery attempts by outcome: delivered, retry (failed, tried again later), dead (dead-lettered).",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.delivery_lag = Histogram(
+            "sluice_delivery_lag_seconds",
+            "Time from the message received to its delivery confirmed by the destination (the sync lag).",
+            ["destination"],
+            buckets=DELIVERY_LAG_BUCKETS,
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "sluice_duplicates_prevented",
+            "Resent messages (same sender, facility and MSH-10, same content) answered from the store, not "
+            "processed again.",
+            ["channel"],
+            registry=r,
+        )
+        self.patient_match_failures = Counter(
+            "sluice_patient_match_failures",
+            "Messages that could not be matched to a patient: referring to a Patient the engine never "
+            "received, or dead-lettered because a FHIR conditional write matched several Patients.",
+            ["channel"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "sluice_rejections",
+            "Failed delivery attempts by cause: validation, auth, throttling, server, network, conflict; "
+            "channel is the message's channel.",
+            ["channel", "class"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "sluice_dead_letters", "Deliveries moved to the dead-letter queue.", ["destination"], registry=r
+        )
+        self.destination_up = Gauge(
+            "sluice_destination_up",
+            "0 while the destination's latest delivery round failed for an availability reason (network, "
+            "server, auth, throttling) and delivered nothing; 1 otherwise.",
+            ["destination"],
+            registry=r,
+        )
+        Gauge(
+            "sluice_build_info",
+            "Sluice version and hot-module build.",
+            ["version", "build", "node"],
+            registry=r,
+        ).labels(version, build, node).set(1)
+        self._channels: dict[str, ChannelMetrics] = {}
+        self._destinations: dict[str, DestinationMetrics] = {}
+        for name in channels:
+            self.channel(name)
+        for name in destinations:
+            self.destination(name)
+        self._scrape = _ScrapeCollector(self)
+        r.register(self._scrape)
+
+    # -- label children ---------------------------------------------------------------------------
+    def channel(self, name: str) -> ChannelMetrics:
+        m = self._channels.get(name)
+        if m is None:
+            m = self._channels[name] = ChannelMetrics(self, name)
+        return m
+
+    def destination(self, name: str) -> DestinationMetrics:
+        m = self._destinations.get(name)
+        if m is None:
+            m = self._destinations[name] = DestinationMetrics(self, name)
+        return m
+
+    # -- read at scrape time ----------------------------------------------------------------------
+    def watch_store(self, store: Store) -> None:
+        """Queue depth and oldest pending age per destination come from this store at each scrape."""
+        self._scrape.store = store
+
+    def watch_listener(self, listener: ListenerView) -> None:
+        """Live connection counts (and accepted/refused/framing-error totals) from this listener."""
+        self._scrape.listeners.append(listener)
+
+    def watch_committer(self, committer: CommitterView) -> None:
+        self._scrape.committer = committer
+
+    # -- exposition -------------------------------------------------------------------------------
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) in the Prometheus text format; runs the scrape-time store query."""
+        return prometheus_client.generate_latest(self.registry), CONTENT_TYPE
+
+
+class _ScrapeCollector(Collector):
+    """Families computed when scraped: queue depth and age (store), connections, committer backlog."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.store: Store | None = None
+        self.listeners: list[ListenerView] = []
+        self.committer: CommitterView | None = None
+        self._store_failing = False
+
+    def describe(self) -> Iterator[Metric]:
+        yield from _Families()
+
+    def collect(self) -> Iterator[Metric]:
+        f = _Families()
+        if self.store is not None:
+            try:
+                pending = self.store.pending_summary()
+            except Exception as exc:  # a scrape must not fail because the store is briefly unreachable
+                if not self._store_failing:
+                    log.warning("metrics_store_query_failed", error=type(exc).__name__, detail=str(exc)[:200])
+                self._store_failing = True
+                f.store_up.add_metric([], 0)
+            else:
+                self._store_failing = False
+                f.store_up.add_metric([], 1)
+                now = time.time()
+                for name in dict.fromkeys([*self.metrics._destinations, *pending]):
+                    count, oldest = pending.get(name, (0, None))
+                    f.queue_depth.add_metric([name], count)
+                    f.oldest_age.add_metric([name], max(0.0, now - oldest) if oldest is not None else 0.0)
+                yield f.queue_depth
+                yield f.oldest_age
+            yield f.store_up
+        if self.listeners:
+            for lst in self.listeners:
+                st = lst.stats
+                f.connections.add_metric([lst.channel_name], st.connections)
+                f.accepted.add_metric([lst.channel_name], st.accepted_total)
+                f.refused.add_metric([lst.channel_name], st.refused_total)
+                f.framing_errors.add_metric([lst.channel_name], st.framing_errors)
+            yield f.connections
+            yield f.accepted
+            yield f.refused
+            yield f.framing_errors
+        if self.committer is not None:
+            f.backlog.add_metric([], self.committer.backlog)
+            yield f.backlog
+
+
+class _Families:
+    """The scrape-time families, fresh for each scrape."""
+
+    def __init__(self) -> None:
+        self.queue_depth = GaugeMetricFamily(
+            "sluice_queue_depth", "Pending deliveries (waiting or retrying).", labels=["destination"]
+        )
+        self.oldest_age = GaugeMetricFamily(
+            "sluice_oldest_pending_age_seconds",
+            "Age of the oldest pending delivery (0 when none is pending).",
+            labels=["destination"],
+        )
+        self.connections = GaugeMetricFamily(
+            "sluice_connections", "Open MLLP connections.", labels=["channel"]
+        )
+        self.accepted = CounterMetricFamily(
+            "sluice_connections_accepted", "MLLP connections accepted.", labels=["channel"]
+        )
+        self.refused = CounterMetricFamily(
+            "sluice_connections_refused",
+            "MLLP connections refused at the connection cap (source.max_connections).",
+            labels=["channel"],
+        )
+        self.framing_errors = CounterMetricFamily(
+            "sluice_framing_errors", "MLLP connections closed for broken framing.", labels=["channel"]
+        )
+        self.backlog = GaugeMetricFamily(
+            "sluice_committer_backlog", "Intake jobs waiting for the group commit."
+        )
+        self.store_up = GaugeMetricFamily(
+            "sluice_store_up", "1 when the scrape-time store query succeeded, 0 when it failed."
+        )
+
+    def __iter__(self) -> Iterator[Metric]:
+        return iter(
+            (
+                self.queue_depth,
+                self.oldest_age,
+                self.connections,
+                self.accepted,
+                self.refused,
+                self.framing_errors,
+                self.backlog,
+                self.store_up,
+            )
+        )
+
+
+# -- rejection classes ------------------------------------------------------------------------------
+_NETWORK_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+        errno.ENOTCONN,
+    }
+)
+_AUTH_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+
+
+def rejection_class(exc: BaseException) -> str:
+    """Why a delivery failed, as one of ``engine.errors.REJECTION_CLASSES``.
+
+    A :class:`~engine.errors.DeliveryError` says so itself (``category``, set where the destinations
+    raise); this classifies whatever comes without one: plugin destinations, raw library errors.
+    """
+    category = getattr(exc, "category", None)
+    if category in REJECTION_CLASSES:
+        return str(category)
+    httpx = sys.modules.get("httpx")
+    if httpx is not None:
+        if isinstance(exc, httpx.HTTPStatusError):
+            from engine.destinations.http import status_category
+
+            return status_category(exc.response.status_code)
+        if isinstance(exc, httpx.TransportError):
+            return "network"
+    if isinstance(exc, (TimeoutError, ConnectionError, ssl.SSLError)):
+        return "network"
+    if isinstance(exc, OSError):
+        if exc.errno in _NETWORK_ERRNOS:
+            return "network"
+        if exc.errno in _AUTH_ERRNOS:
+            return "auth"
+        return "server"
+    if isinstance(exc, DeliveryError):
+        # Retrying can help: the other side had trouble; it cannot: it refused this message.
+        return "server" if exc.retryable else "validation"
+    if isinstance(exc, (ValueError, TypeError, KeyError, UnicodeError)):
+        return "validation"  # the payload did not fit what the destination (plugin) expects
+    return "server"
