@@ -497,6 +497,34 @@ def test_dashboard_is_importable() -> None:
             assert p["datasource"]["uid"] == "${datasource}", p["title"]
 
 
+def test_every_metric_is_documented() -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    section = doc[doc.index("\n## Metrics") :]
+
+    class Stats:
+        connections = accepted_total = refused_total = framing_errors = 0
+
+    class FakeListener:
+        channel_name = "c"
+        stats = Stats()
+
+    class FakeStore:
+        def pending_summary(self) -> dict[str, tuple[int, float]]:
+            return {}
+
+    class FakeCommitter:
+        backlog = 0
+
+    m = Metrics(channels=["c"], destinations=["d"])
+    m.watch_store(FakeStore())  # type: ignore[arg-type]
+    m.watch_listener(FakeListener())
+    m.watch_committer(FakeCommitter())
+    names = {f.name + ("_total" if f.type == "counter" else "") for f in m.registry.collect()}
+    assert len(names) >= 19
+    missing = sorted(n for n in names if f"`{n}`" not in section)
+    assert not missing, f"document these in the Metrics section of docs/operations.md: {missing}"
+
+
 # -- the scrape-time query reads an index --------------------------------------------------------------
 def test_pending_summary_uses_the_partial_index(store_url: str) -> None:
     store = Store(store_url)
