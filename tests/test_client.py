@@ -16,6 +16,7 @@ import pytest
 from engine import mllp
 from engine.client import AckInfo, MLLPClient, parse_ack
 from engine.errors import DeliveryError, PermanentDeliveryError
+from tests.support.polling import wait_for_async
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -218,10 +219,7 @@ def test_peer_closing_idle_connection_is_transparent() -> None:
         server = await serve(make)
         client = MLLPClient("127.0.0.1", server.port)
         assert parse_ack(await client.send(message("I1"))).code == "AA"
-        for _ in range(100):  # wait until the client has seen the close
-            if not client.connected:
-                break
-            await asyncio.sleep(0.01)
+        await wait_for_async(lambda: not client.connected, what="the client to see the server's close")
         assert parse_ack(await client.send(message("I2"))).control_id == "I2"
         assert server.connections == 2
         await client.close()
@@ -300,7 +298,10 @@ def test_stray_frame_before_send_is_not_taken_as_ack() -> None:
         server = await serve(make)
         async with MLLPClient("127.0.0.1", server.port) as client:
             assert parse_ack(await client.send(message("E1"))).code == "CA"
-            await asyncio.sleep(0.05)  # the AA for E1 arrives while nothing is in flight
+            # The AA for E1 arrives while nothing is in flight: wait until the client holds it.
+            proto = client._proto
+            assert proto is not None
+            await wait_for_async(lambda: len(proto.frames) == 1, what="E1's AA to reach the idle client")
             info = parse_ack(await client.send(message("E2")))
             assert (info.code, info.control_id) == ("CA", "E2")
         await server.__aexit__()
