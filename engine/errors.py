@@ -135,6 +135,20 @@ class ConversionError(MessageContentError):
     """HL7 v2 → FHIR conversion found content it cannot map; carries a location."""
 
 
+class InternalConversionError(ConversionError):
+    """A bug in a mapping, not a problem with the message: AR 207 (application internal error).
+
+    Raised only by the converter's safety net (``transforms.convert.convert_report``), chained
+    (``__cause__``) to the unexpected exception, so the message is failed with a reason instead of
+    crashing a worker, yet tests and the conformance runner can tell it from a located
+    ``ConversionError`` the sender must fix.  AR, not AE: the content may well be fine; the
+    stored message can be replayed once the converter is fixed.
+    """
+
+    ack_code = "AR"
+    hl7_error = "207"
+
+
 REJECTION_CLASSES = ("validation", "auth", "throttling", "server", "network", "conflict")
 """Why a delivery failed (``DeliveryError.category``; the ``class`` label of ``sluice_rejections_total``)."""
 

@@ -271,9 +271,8 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
                     d["use"] = {
                         "coding": [{"system": DIAGNOSIS_ROLE_SYSTEM, "code": role[0], "display": role[1]}]
                     }
-                rank = dt.value(dg1, 15, ctx).strip()
-                if rank.isdigit() and int(rank) > 0:
-                    d["rank"] = int(rank)
+                if (rank := dt.positive_int(dt.value(dg1, 15, ctx))) is not None:
+                    d["rank"] = rank
                 diags.append(d)
             enc["diagnosis"] = diags
     if not msg.all("IN1"):
@@ -450,8 +449,8 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
     if nf > 24:
         mbi = dt.value(pid, 24, ctx).strip().upper() if f[24] else ""
         order = dt.value(pid, 25, ctx).strip() if nf > 25 and f[25] else ""
-        if order.isdigit() and mbi != "N":
-            res["multipleBirthInteger"] = int(order)
+        if (birth_order := dt.unsigned_int(order)) is not None and mbi != "N":
+            res["multipleBirthInteger"] = birth_order
         elif mbi in ("Y", "N"):
             res["multipleBirthBoolean"] = mbi == "Y"
     if nf > 15 and f[15]:

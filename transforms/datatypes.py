@@ -414,16 +414,63 @@ def string(value: str) -> str | None:
 _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 
+_INT64 = 1 << 63
+EXACT_DIGITS = 15  # a decimal with at most 15 significant digits survives float and back unchanged
+
+
+def exact_number(num: str) -> int | float | None:
+    """Text already matched as a plain number (optional sign, digits, optional fraction) → the JSON
+    number orjson writes without loss: an int when there is no decimal point and it fits 64 bits, else a
+    float when the value has at most 15 significant digits (and so survives the round trip).  ``None``
+    when it would not be carried exactly (orjson refuses integers past 64 bits and writes an infinite
+    float as ``null``; a float would round a longer decimal)."""
+    if len(num) <= EXACT_DIGITS:  # the usual case: too short to be either
+        return float(num) if "." in num else int(num)
+    digits = num.lstrip("+-")
+    if "." not in digits:
+        if len(digits.lstrip("0")) > 19:  # and int() refuses over 4,300 digits
+            return None
+        n = int(num)
+        return n if -_INT64 <= n < _INT64 else None
+    whole, _, frac = digits.partition(".")
+    if len(digits) > 300 or len((whole + frac).strip("0")) > EXACT_DIGITS:
+        return None
+    return float(num)
+
+
 def nm(value: str, loc: Location | None = None) -> int | float | None:
-    """NM → JSON number (int when there is no decimal point).  Not a number → AE 102."""
+    """NM → JSON number (int when there is no decimal point).  Not a number → AE 102; a number JSON
+    cannot carry exactly (see :func:`exact_number`) → AE 102 too."""
     v = value.strip()
     if not v:
         return None
     if not _NUM.match(v):
         raise ConversionError(f"{_where(loc)} is not a number", code="102", location=loc)
-    if "." in v:
-        return float(v)
-    return int(v)
+    n = exact_number(v)
+    if n is None:
+        raise ConversionError(
+            f"{_where(loc)} is a number with more digits than FHIR JSON carries exactly "
+            f"(at most {EXACT_DIGITS} significant digits, or a 64-bit integer)",
+            code="102",
+            location=loc,
+        )
+    return n
+
+
+def unsigned_int(value: str) -> int | None:
+    """ASCII digits → a FHIR ``unsignedInt`` (0 to 2**31 - 1); ``None`` for anything else (``str.isdigit``
+    alone would pass ``"²"``, which ``int()`` refuses)."""
+    v = value.strip()
+    if not (v.isascii() and v.isdigit()) or len(v) > 10:
+        return None
+    n = int(v)
+    return n if n < 1 << 31 else None
+
+
+def positive_int(value: str) -> int | None:
+    """ASCII digits → a FHIR ``positiveInt`` (1 to 2**31 - 1); ``None`` for anything else."""
+    n = unsigned_int(value)
+    return n if n else None
 
 
 def unit(rep: Rep | None) -> JSON:
@@ -674,8 +721,8 @@ def _xtn(c: list[str], default_use: str | None) -> JSON | None:
     use = use or default_use
     if use:
         cp["use"] = use
-    if c[17] and (rank := c[17].strip()).isdigit() and int(rank) > 0:
-        cp["rank"] = int(rank)
+    if c[17] and (rank := positive_int(c[17])) is not None:
+        cp["rank"] = rank
     return cp
 
 

@@ -32,6 +32,7 @@ from transforms.datatypes import (
     dtm,
     dtm_at,
     ei,
+    exact_number,
     hd_system,
     nm,
     sn,
@@ -371,19 +372,18 @@ def _text_value(reps: list[Rep]) -> str | None:
 _NUMERIC_PREFIX = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")
 
 
-def _number(num: str) -> int | float:
-    """:func:`transforms.datatypes.nm` for text already matched as a number (no sign of whitespace)."""
-    return float(num) if "." in num else int(num)
-
-
 def _numeric(value: str, units: Rep, loc: Location, u: JSON | None = None) -> tuple[str, Any] | None:
     """NM text → valueQuantity (with a comparator for ``<5`` style values sent in an NM).  ``u``: the
-    already computed ``unit(units)`` (its items are copied)."""
+    already computed ``unit(units)`` (its items are copied).  ``None`` when it is not a number, or one
+    FHIR JSON cannot carry exactly (:func:`transforms.datatypes.exact_number`): the caller keeps the text."""
     m = _NUMERIC_PREFIX.match(value)
     if m is None:
         return None
     comp, num = m.group(1), m.group(2)
-    q: JSON = {"value": _number(num)}
+    number = exact_number(num)
+    if number is None:
+        return None
+    q: JSON = {"value": number}
     if comp and comp != "=":
         q["comparator"] = comp
     q.update(unit(units) if u is None else u)
@@ -575,14 +575,17 @@ def reference_range(obx: Segment, vtype: str, ctx: ConvertContext, u: JSON | Non
             u = unit(obx.rep(6))
         if "comparator" in u:
             u = {k: v for k, v in u.items() if k != "comparator"}
+        # a bound JSON cannot carry exactly is left to the text
         m = _RR_RANGE.match(text) or _RR_RANGE_UNDERSCORE.match(text)
         if m:
-            rr["low"] = {"value": _number(m.group(1)), **u}
-            rr["high"] = {"value": _number(m.group(2)), **u}
-        elif m := _RR_BELOW.match(text):
-            rr["high"] = {"value": _number(m.group(2)), **u}
-        elif m := _RR_ABOVE.match(text):
-            rr["low"] = {"value": _number(m.group(2)), **u}
+            if (low := exact_number(m.group(1))) is not None:
+                rr["low"] = {"value": low, **u}
+            if (high := exact_number(m.group(2))) is not None:
+                rr["high"] = {"value": high, **u}
+        elif (m := _RR_BELOW.match(text)) and (high := exact_number(m.group(2))) is not None:
+            rr["high"] = {"value": high, **u}
+        elif (m := _RR_ABOVE.match(text)) and (low := exact_number(m.group(2))) is not None:
+            rr["low"] = {"value": low, **u}
     rr["text"] = text
     return [rr]
 

@@ -1,8 +1,11 @@
 """Property-based fuzzing of the HL7 v2 → FHIR conversion (bounded for CI).
 
-Contract (transforms/convert.py): ``convert_report`` raises nothing but ``SluiceError``.  It wraps
-unexpected exceptions as ``ConversionError`` code 207 ("internal conversion error"), so the second
-property calls ``_convert`` (no safety net) to find the mapping bugs that net would hide.
+Contract (transforms/convert.py): a conversion gives a Bundle, a located ``ConversionError`` (content
+the sender must fix) or a located ``MessageRejected`` (unsupported type or trigger).  Its safety net
+turns any other exception into ``InternalConversionError`` (AR 207, chained to the original): that is
+a converter bug, and both properties fail on it: the first through ``convert_report`` (what the
+engine calls), the second through ``_convert`` (no safety net, so the failure shows the original
+traceback).  ``SLUICE_FUZZ_EXAMPLES=20000`` runs them longer.
 
 Inputs: synthetic ADT/ORU/SIU messages (no real PHI) with field-aware mutations: a random field,
 component or repetition replaced by odd values (impossible dates, offsets, huge numbers, escapes,
@@ -11,18 +14,30 @@ delimiter runs, unicode), segments dropped or duplicated.
 
 from __future__ import annotations
 
-import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+import orjson
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from engine import hl7
-from engine.errors import SluiceError
+from engine.errors import ConversionError, InternalConversionError, MessageRejected, SluiceError
 from transforms.convert import _convert, convert_report
 from transforms.settings import ConvertSettings
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ROOT = Path(__file__).resolve().parents[2]
+FUZZ = settings(
+    max_examples=int(os.environ.get("SLUICE_FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 SETTINGS = [
     ConvertSettings(derive_unknown_systems=True, site_tz="America/Chicago"),
@@ -82,6 +97,10 @@ ODD = [
     "F", "C", "P", "X", "D", "W", "Y", "Z", "A", "SS", "MR", "NORTH", "urn:oid:1.2", "2.16.840.1", "ISO",
     "Booked", "Cancelled", "Noshow", "Blocked", "MIN", "HR", "S", "D", "WK", "NM", "ST", "CWE", "ED", "SN", "TX",
     "Base64", "A99", "S17", "S26",
+    # numbers past what JSON/orjson carries (64-bit ints, finite floats) and digits int() refuses
+    "18446744073709551616", "-9223372036854775809", "1" * 30 + ".5", "9" * 400 + ".0", "2147483648", "²", "١٢",
+    # control characters, raw and as escapes (FHIR strings allow none but TAB, LF, CR)
+    "\x00", "A\x00B", "\x08", "\x1f", "\t", "\\X00\\", "\\X08\\", "\\X411F42\\", "\\XC2A0\\",
 ]  # fmt: skip
 
 
@@ -127,22 +146,129 @@ def _parse(text: str) -> hl7.Message | None:
         return None
 
 
+def expect_located(exc: SluiceError) -> None:
+    """Pass for a located content error or rejection; fail (keeping the cause) for anything else."""
+    if isinstance(exc, InternalConversionError):
+        raise AssertionError(f"converter bug: {exc}") from exc
+    assert isinstance(exc, ConversionError | MessageRejected), f"{type(exc).__name__}: {exc}"
+    assert exc.location is not None, f"conversion error without a location: {exc}"
+    assert exc.hl7_error != "207", f"internal error code without the internal error type: {exc}"
+
+
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # FHIR string: no C0 controls but TAB, LF, CR
+
+
+def check_bundle(bundle: dict[str, Any]) -> None:
+    """What the ``hl7-to-fhir`` step needs of a Bundle: orjson can encode it exactly (integers within
+    64 bits, finite decimals, which orjson would silently write as null) and every string is a valid
+    FHIR string."""
+    orjson.dumps(bundle)
+    stack: list[Any] = [bundle]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, float):
+            assert math.isfinite(v), f"non-finite decimal {v!r}"
+        elif isinstance(v, str):
+            assert not _FORBIDDEN.search(v), f"control character in a FHIR string: {v[:60]!r}"
+
+
+# Regressions the properties found once (issue #12): a number orjson refuses (past 64 bits) or would write as
+# null (an infinite float), digits int() refuses, and control characters in FHIR strings.
+REGRESSIONS = [
+    CORPUS[3].replace("||182|", "||18446744073709551616|"),  # OBX-5 NM past 64 bits
+    CORPUS[3].replace("||182|", "||" + "9" * 400 + ".0|"),  # float('inf')
+    CORPUS[3].replace("||182|", "||" + "9" * 5000 + "|"),  # int() refuses over 4,300 digits
+    CORPUS[3].replace("|<200|", "|1-" + "9" * 30 + "|"),  # OBX-7 reference range bound
+    CORPUS[3].replace(">^150", ">^18446744073709551616"),  # SN
+    # DG1-15 rank '²': str.isdigit() says yes, int() refuses it
+    CORPUS[0].replace("|20250314|A\r", "|20250314|A|||||||||\u00b2\r"),
+    CORPUS[0].replace("MRN1", "MR\x00N1").replace("Alex^Q", "\x08^\\X00\\Q"),  # NUL, BS, hex-escaped NUL
+    CORPUS[0].replace("Alex^Q", "Alex\\F\\^Q").replace("|", "\x00"),  # NUL field separator: \F\ decodes to it
+]
+
+
 @FUZZ
 @given(mutated(), st.sampled_from(range(len(SETTINGS))))
-def test_convert_report_raises_only_sluice_errors(text: str, which: int) -> None:
+@example(REGRESSIONS[0], 0)
+@example(REGRESSIONS[1], 0)
+@example(REGRESSIONS[2], 1)
+@example(REGRESSIONS[3], 0)
+@example(REGRESSIONS[4], 2)
+@example(REGRESSIONS[5], 0)
+@example(REGRESSIONS[6], 0)
+@example(REGRESSIONS[7], 0)
+def test_convert_report_gives_a_bundle_or_a_located_error(text: str, which: int) -> None:
     msg = _parse(text)
     if msg is None:
         return
-    with contextlib.suppress(SluiceError):
-        convert_report(msg, SETTINGS[which])
+    try:
+        result = convert_report(msg, SETTINGS[which])
+    except SluiceError as exc:
+        expect_located(exc)
+    else:
+        check_bundle(result.bundle)
 
 
 @FUZZ
 @given(mutated(), st.sampled_from(range(len(SETTINGS))))
 def test_mappings_have_no_internal_errors(text: str, which: int) -> None:
-    """Without the safety net: any non-SluiceError is a mapping bug (it would surface as AE 207)."""
+    """Without the safety net: any non-SluiceError is a mapping bug (it would surface as AR 207)."""
     msg = _parse(text)
     if msg is None:
         return
-    with contextlib.suppress(SluiceError):
-        _convert(msg, SETTINGS[which])
+    try:
+        result = _convert(msg, SETTINGS[which])
+    except SluiceError as exc:
+        expect_located(exc)
+    else:
+        check_bundle(result.bundle)
+
+
+SAFETY_NET_PROBE = """
+import json
+import transforms.convert as convert_mod
+from engine.hl7 import parse
+from engine.errors import InternalConversionError
+from tests.fuzz.test_convert_fuzz import CORPUS, SETTINGS, expect_located
+
+def boom(msg, settings):
+    raise IndexError("list index out of range")
+
+convert_mod._convert = boom  # pure build only: compiled code calls _convert directly
+out = {"module": convert_mod.__file__}
+try:
+    convert_mod.convert_report(parse(CORPUS[0]), SETTINGS[0])
+except InternalConversionError as exc:
+    out.update(ack=exc.ack_code, code=exc.hl7_error, located=exc.location is not None, text=str(exc),
+               cause=type(exc.__cause__).__name__)
+    try:
+        expect_located(exc)
+        out["accepted"] = True
+    except AssertionError:
+        out["accepted"] = False
+print(json.dumps(out))
+"""
+
+
+def test_the_safety_net_is_told_apart_from_a_located_error() -> None:
+    """The properties above can fail: a mapping that raises becomes InternalConversionError (AR 207),
+    chained to the original, and ``expect_located`` rejects it.  Run on the pure build in a fresh
+    interpreter (compiled modules cannot be monkeypatched)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SAFETY_NET_PROBE],
+        cwd=ROOT,
+        env=dict(os.environ, SLUICE_PURE_PYTHON="1"),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    out = json.loads(proc.stdout)
+    assert out["module"].endswith("convert.py")
+    assert (out["ack"], out["code"], out["located"], out["cause"]) == ("AR", "207", False, "IndexError")
+    assert "internal conversion error (IndexError) converting ADT^A01" in out["text"]
+    assert out["accepted"] is False
