@@ -23,27 +23,65 @@ from tests.conftest import IN_CI
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = sorted((ROOT / "tests" / "transforms" / "messages").glob("*.hl7"))
 
+# Each message's outcome, by kind: a Bundle (its bytes), a located error (what the sender must fix: type,
+# HL7 code, location, text) or an internal error (a converter bug; the builds must agree and neither may
+# have one).  A plain string per outcome would let two builds failing the same way compare equal.
 DUMP = """
 import sys, orjson
 from pathlib import Path
 import engine.native, transforms.adt
+from engine.errors import InternalConversionError, SluiceError
 from engine.hl7 import parse
 from transforms.convert import convert
 from transforms.settings import DEMO_SETTINGS
-out = {"reason": engine.native.REASON, "adt_file": transforms.adt.__file__, "bundles": {}}
+out = {"reason": engine.native.REASON, "adt_file": transforms.adt.__file__, "outcomes": {}}
 for p in sys.argv[1:]:
     try:
-        out["bundles"][p] = orjson.dumps(convert(parse(Path(p).read_text()), DEMO_SETTINGS)).decode()
-    except Exception as exc:
-        out["bundles"][p] = f"{type(exc).__name__}: {exc}"
+        bundle = orjson.dumps(convert(parse(Path(p).read_text()), DEMO_SETTINGS)).decode()
+        outcome = {"kind": "bundle", "bundle": bundle}
+    except InternalConversionError as exc:
+        cause = exc.__cause__
+        outcome = {"kind": "internal error", "error": str(exc), "cause": f"{type(cause).__name__}: {cause}"}
+    except SluiceError as exc:
+        kind = "located error" if exc.location is not None else "unlocated error"
+        outcome = {"kind": kind, "type": type(exc).__name__, "code": exc.hl7_error, "ack": exc.ack_code,
+                   "location": str(exc.location), "error": str(exc)}
+    except Exception as exc:  # outside the safety net (parse, orjson): a bug as well
+        outcome = {"kind": "internal error", "error": f"{type(exc).__name__}: {exc}"}
+    out["outcomes"][p] = outcome
 print(orjson.dumps(out).decode())
 """
 
+# Besides the golden messages (all convert): a located error of each family, and the inputs the conversion
+# fuzz once broke on (tests/fuzz/test_convert_fuzz.py REGRESSIONS: numbers past 64 bits, control characters),
+# so the compiled build is held to the same outcome on its error and clean-up paths.
+H = "MSH|^~\\&|EHR|NORTH|SL|HOSP|20250314083000||{t}|N{n}|P|2.5.1\r"
+ERRORS = {
+    "unsupported_type": H.format(t="MDM^T02", n=1) + "PID|1||MRN1^^^NORTH^MR\r",
+    "unsupported_trigger": H.format(t="ADT^A45^ADT_A45", n=2) + "EVN|A45\rPID|1||MRN1^^^NORTH^MR\r",
+    "bad_date": H.format(t="ADT^A01^ADT_A01", n=3)
+    + "EVN|A01|20250314\rPID|1||MRN1^^^NORTH^MR||Doe^J||20251340\r",
+    "no_pid": H.format(t="ADT^A01^ADT_A01", n=4) + "EVN|A01|20250314\r",
+    "no_obr": H.format(t="ORU^R01^ORU_R01", n=5) + "PID|1||MRN1^^^NORTH^MR\r",
+}
 
-def _dump(**env: str) -> dict[str, Any]:
-    """Convert the golden messages in a fresh interpreter with ``env`` added: build, reason, bundles."""
+
+def _inputs(tmp_path: Path) -> list[Path]:
+    from tests.fuzz.test_convert_fuzz import REGRESSIONS
+
+    extra = {**ERRORS, **{f"fuzz_regression_{i}": text for i, text in enumerate(REGRESSIONS)}}
+    paths = list(MESSAGES)
+    for name, text in extra.items():
+        path = tmp_path / f"{name}.hl7"
+        path.write_bytes(text.encode("utf-8"))
+        paths.append(path)
+    return paths
+
+
+def _dump(paths: list[Path], **env: str) -> dict[str, Any]:
+    """Convert ``paths`` in a fresh interpreter with ``env`` added: build, reason, outcome per message."""
     proc = subprocess.run(
-        [sys.executable, "-c", DUMP, *map(str, MESSAGES)],
+        [sys.executable, "-c", DUMP, *map(str, paths)],
         cwd=ROOT,
         env=dict(os.environ, **env),
         capture_output=True,
@@ -53,6 +91,10 @@ def _dump(**env: str) -> dict[str, Any]:
     )
     out: dict[str, Any] = json.loads(proc.stdout)
     return out
+
+
+def _kinds(outcomes: dict[str, dict[str, str]]) -> dict[str, str]:
+    return {Path(p).stem: o["kind"] for p, o in outcomes.items()}
 
 
 def test_ci_runs_the_compiled_build() -> None:
@@ -65,15 +107,25 @@ def test_ci_runs_the_compiled_build() -> None:
     assert not transforms.adt.__file__.endswith(".py")
 
 
-def test_pure_build_converts_identically() -> None:
+def test_pure_build_converts_identically(tmp_path: Path) -> None:
     assert MESSAGES
-    pure = _dump(SLUICE_PURE_PYTHON="1")
+    paths = _inputs(tmp_path)
+    pure = _dump(paths, SLUICE_PURE_PYTHON="1")
     assert "pure Python" in pure["reason"]
     assert pure["adt_file"].endswith("adt.py")
-    # the same golden messages in the installed build (compiled when the build is) give the same bytes
-    installed = _dump(SLUICE_PURE_PYTHON="0")
+    # the same messages in the installed build (compiled when the build is) give the same outcomes
+    installed = _dump(paths, SLUICE_PURE_PYTHON="0")
     assert installed["reason"] == native.REASON
-    assert pure["bundles"] == installed["bundles"]
+    for build in (pure, installed):
+        internal = {
+            p: o for p, o in build["outcomes"].items() if o["kind"] not in ("bundle", "located error")
+        }
+        assert not internal, f"{build['reason']}: internal or unlocated errors: {internal}"
+    kinds = _kinds(pure["outcomes"])
+    assert all(kinds[p.stem] == "bundle" for p in MESSAGES), kinds  # the golden messages all convert
+    assert all(kinds[name] == "located error" for name in ERRORS), kinds
+    assert _kinds(installed["outcomes"]) == kinds
+    assert installed["outcomes"] == pure["outcomes"]
 
 
 def _fake_package(tmp_path: Path, source: str, compiled_from: str, with_extension: bool = True) -> Path:
