@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from engine import store as st
 from engine.client import MLLPClient, parse_ack
 from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
+from tests.support.polling import wait_for
 
 PLUGINS = str(Path(__file__).resolve().parents[1] / "support" / "plugins")
 
@@ -33,15 +32,6 @@ def send(port: int, items: list[tuple[str, str]]) -> None:
             await c.close()
 
     asyncio.run(go())
-
-
-def wait_for(pred: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def setup(tmp_path: Path, policy: str, kind: str = "recorder") -> tuple[EngineProcess, Path, Path, Path]:
@@ -71,6 +61,13 @@ def lines(p: Path) -> list[str]:
     return p.read_text().split() if p.exists() else []
 
 
+def delivery(s: st.Store, control_id: str) -> tuple[str, int] | None:
+    """(status, attempts) of the one delivery of the message with this control id; None before it exists."""
+    ids = [m.id for m in s.list_messages(limit=1000) if m.control_id == control_id]
+    rows = s.deliveries_of(ids[0]) if ids else []
+    return (rows[0].status, rows[0].attempts) if rows else None
+
+
 @pytest.mark.parametrize("kind", ["recorder", "batch-recorder"])
 def test_block_holds_only_the_failing_key(tmp_path: Path, kind: str) -> None:
     """One call per key, or one call per round across keys (batch_across_keys): the same order rules."""
@@ -78,12 +75,27 @@ def test_block_holds_only_the_failing_key(tmp_path: Path, kind: str) -> None:
     fail.write_text("A2\n")
     with eng:
         send(eng.port, [("A1", "PA"), ("A2", "PA"), ("B1", "PB"), ("A3", "PA"), ("B2", "PB")])
-        wait_for(lambda: {"A1", "B1", "B2"} <= set(lines(log)))
-        time.sleep(0.5)
-        assert "A3" not in lines(log)  # held behind A2 (same patient)
+        wait_for(
+            lambda: {"A1", "B1", "B2"} <= set(lines(log)), what=lambda: f"A1, B1, B2 delivered ({lines(log)})"
+        )
+        s = st.Store(f"sqlite:///{tmp_path}/sluice.db", create=False)
+        try:
+            # A3 is waiting to be delivered; from then on A2 is retried twice more ...
+            wait_for(lambda: delivery(s, "A3"), what="A3's delivery to be created")
+            a2 = delivery(s, "A2")
+            assert a2 is not None and a2[0] == st.PENDING, a2
+            wait_for(
+                lambda: (d := delivery(s, "A2")) is not None and d[1] >= a2[1] + 2,
+                what=lambda: f"two more attempts at A2 (had {a2[1]}, now {delivery(s, 'A2')})",
+            )
+            # ... and A3 is held behind it (same patient): never attempted, not delivered.
+            assert delivery(s, "A3") == (st.PENDING, 0)
+            assert "A3" not in lines(log)
+        finally:
+            s.close()
         assert lines(log).index("B1") < lines(log).index("B2")
         fail.write_text("")
-        wait_for(lambda: "A3" in lines(log))
+        wait_for(lambda: "A3" in lines(log), what=lambda: f"A3 delivered after A2 recovered ({lines(log)})")
         got = lines(log)
         assert got.index("A1") < got.index("A2") < got.index("A3")
 
@@ -94,11 +106,11 @@ def test_dead_letter_policy_parks_and_continues(tmp_path: Path, kind: str) -> No
     reject.write_text("A2\n")
     with eng:
         send(eng.port, [("A1", "PA"), ("A2", "PA"), ("A3", "PA")])
-        wait_for(lambda: "A3" in lines(log))
+        wait_for(lambda: "A3" in lines(log), what=lambda: f"A3 delivered ({lines(log)})")
         assert lines(log) == ["A1", "A3"]
         s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
         try:
-            wait_for(lambda: bool(s.dead_letters()))
+            wait_for(lambda: s.dead_letters(), what="A2 in the dead letters")
             (dl,) = s.dead_letters()
             assert "recorder rejects A2" in dl.reason
         finally:
@@ -118,5 +130,5 @@ def test_fifo_without_order_by(tmp_path: Path) -> None:
     ids = [f"F{i:03d}" for i in range(200)]
     with EngineProcess(cfg, port):
         send(port, [(c, f"P{i % 7}") for i, c in enumerate(ids)])
-        wait_for(lambda: len(lines(log)) == 200)
+        wait_for(lambda: len(lines(log)) >= 200, what=lambda: f"200 deliveries (have {len(lines(log))})")
     assert lines(log) == ids  # one lane per channel and destination: strict arrival order

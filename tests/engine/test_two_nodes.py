@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from engine import store as st
 from engine.client import MLLPClient, parse_ack
 from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
+from tests.support.polling import wait_for
 
 PLUGINS = str(Path(__file__).resolve().parents[1] / "support" / "plugins")
 
@@ -49,16 +49,21 @@ def test_two_nodes_on_postgres_deliver_each_message_once(tmp_path: Path, pg_url:
     async def go() -> None:
         await asyncio.gather(*(send(port_a if k % 2 else port_b, ids[k::6]) for k in range(6)))
 
+    def delivered() -> list[str]:
+        return log.read_text().split() if log.exists() else []
+
     with a, b:
         asyncio.run(go())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            got = log.read_text().split() if log.exists() else []
-            if len(got) >= len(ids):
-                break
-            time.sleep(0.1)
-        time.sleep(1.0)  # a double delivery would show up now
-    got = log.read_text().split()
+        wait_for(
+            lambda: len(delivered()) >= len(ids),
+            timeout=60,
+            what=lambda: f"{len(ids)} deliveries (have {len(delivered())})",
+        )
+    # Both engines have stopped, each after finishing what it had in flight: nothing more can be
+    # delivered, so a double delivery would be in the log by now.
+    assert a.proc is not None and b.proc is not None
+    assert (a.proc.returncode, b.proc.returncode) == (0, 0)
+    got = delivered()
     assert sorted(got) == sorted(ids)  # every message delivered exactly once across the two nodes
     s = st.Store(pg_url)
     try:
