@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from engine.errors import ConfigError
@@ -18,11 +18,17 @@ class TokenBucket:
     """``rate`` tokens per second, holding at most ``burst`` (default: max(1, rate)).
 
     ``await acquire()`` waits until a token is available.  Waiters are served in arrival order
-    because only one of them sleeps at a time (the lock is held while waiting).
+    because only one of them sleeps at a time (the lock is held while waiting).  ``clock`` and
+    ``sleep`` are ``time.monotonic`` and ``asyncio.sleep``; a test passes a fake pair to move time.
     """
 
     def __init__(
-        self, rate: float, burst: float | None = None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0")
@@ -31,6 +37,7 @@ class TokenBucket:
         if self.capacity < 1:
             raise ValueError("burst must be >= 1")
         self._clock = clock
+        self._sleep = sleep
         self._tokens = self.capacity
         self._last = clock()
         self._lock = asyncio.Lock()
@@ -50,7 +57,7 @@ class TokenBucket:
     async def acquire(self) -> None:
         async with self._lock:
             while not self.try_acquire():
-                await asyncio.sleep((1 - self._tokens) / self.rate)
+                await self._sleep((1 - self._tokens) / self.rate)
 
 
 class Limiter:

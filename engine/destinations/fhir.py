@@ -16,7 +16,7 @@ import base64
 import copy
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -46,7 +46,10 @@ FHIR_HEADERS = {"Accept": CONTENT_FHIR, "Content-Type": CONTENT_FHIR}
 
 
 class _Auth:
-    """Adds credentials to requests; ``oauth2`` keeps a cached token."""
+    """Adds credentials to requests; ``oauth2`` keeps a cached token.
+
+    ``clock`` (monotonic seconds) times the token's lifetime; a test sets a fake one to expire it.
+    """
 
     def __init__(self, spec: Any, *, ctx: DestinationContext, key: str) -> None:
         spec = dict(spec or {})
@@ -87,6 +90,7 @@ class _Auth:
         self._token: str | None = None
         self._expires_at = 0.0
         self._lock = asyncio.Lock()
+        self.clock: Callable[[], float] = time.monotonic
         self.token_fetches = 0
         if self.type == "bearer":
             self.header = "Bearer " + secret(need("token"), what="auth token", ctx=ctx, key=f"{key}.token")
@@ -119,7 +123,7 @@ class _Auth:
 
     async def _oauth_token(self, client: httpx.AsyncClient, what: str) -> str:
         async with self._lock:
-            if self._token is not None and time.monotonic() < self._expires_at:
+            if self._token is not None and self.clock() < self._expires_at:
                 return self._token
             form = {"grant_type": "client_credentials"}
             if self.scope:
@@ -152,7 +156,7 @@ class _Auth:
                 ) from exc
             self.token_fetches += 1
             margin = min(self.refresh_margin, lifetime / 10)
-            self._token, self._expires_at = token, time.monotonic() + lifetime - margin
+            self._token, self._expires_at = token, self.clock() + lifetime - margin
             return token
 
 

@@ -302,16 +302,22 @@ def test_retry_after_is_honoured(fhir: FhirServer, ctx: DestinationContext, stat
 
 @pytest.mark.fhirserver
 def test_retry_after_http_date(fhir: FhirServer, ctx: DestinationContext) -> None:
-    when = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 120))
+    target = int(time.time()) + 120  # an HTTP-date has whole seconds
+    when = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(target))
+    clock: dict[str, float] = {}
 
     async def go(proxy: FaultProxy) -> DeliveryError:
         proxy.http_error(503, retry_after=when)
         with pytest.raises(DeliveryError) as info:
+            clock["before"] = time.time()
             await deliver_once(dest(ctx, proxy.url), bundle())
+        clock["after"] = time.time()
         return info.value
 
     err = run(with_proxy(fhir.base_url, go))
-    assert err.retry_after is not None and 100 < err.retry_after <= 121
+    # seconds from the moment the reply was read (between before and after) to the date given
+    assert err.retry_after is not None
+    assert target - clock["after"] <= err.retry_after <= target - clock["before"]
 
 
 @pytest.mark.fhirserver
@@ -426,34 +432,33 @@ def test_per_resource_fault_midway_then_retry_no_duplicates(
 
 @pytest.mark.fhirserver
 def test_concurrency_and_rate_limit(fhir: FhirServer, ctx: DestinationContext) -> None:
-    n, rate = 24, 20.0
+    n, rate = 20, 16.0  # 1/16 s per token: exact in binary floating point
 
-    async def go() -> tuple[int, int]:
+    async def go() -> tuple[list[float], int]:
         d = dest(ctx, fhir.base_url, concurrency=2, rate_limit=rate)
+        assert d.limiter.bucket is not None
+        # The bucket's time moves only when it waits for a token, so how long the real requests take
+        # cannot refill it: exactly the requests past the burst wait, each for one token.
+        now = [0.0]
+        waits: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            now[0] += seconds
+            await asyncio.sleep(0)
+
+        d.limiter.bucket = TokenBucket(rate, clock=lambda: now[0], sleep=sleep)
         await d.start()
-        bucket = d.limiter.bucket
-        assert bucket is not None
-        waited = 0
-        real_try = bucket.try_acquire
-
-        def counting_try() -> bool:
-            nonlocal waited
-            ok = real_try()
-            waited += not ok
-            return ok
-
-        bucket.try_acquire = counting_try  # type: ignore[method-assign]
         await asyncio.gather(
             *(d.deliver(make_item(bundle(mrn=f"SYN{i:04d}", visit=f"V{i}"))) for i in range(n))
         )
         await d.close()
-        return waited, d.limiter.max_in_flight
+        return waits, d.limiter.max_in_flight
 
-    waited, peak = run(go())
+    waits, peak = run(go())
     assert peak == 2
-    # the bucket starts full (burst = rate): the requests past the burst had to wait for tokens
-    # (the bucket's timing itself is tested with a fake clock in test_token_bucket_fake_clock)
-    assert waited >= 1
+    # the bucket starts full (burst = rate = 16 requests); the other 4 each waited 1/16 s for a token
+    assert waits == [1 / rate] * (n - int(rate))
     assert counts(fhir)["Patient"] == n
 
 
@@ -465,6 +470,29 @@ def test_token_bucket_fake_clock() -> None:
     assert b.try_acquire() and not b.try_acquire()
     now[0] += 10
     assert b.try_acquire() and b.try_acquire() and not b.try_acquire()  # capped at burst
+
+
+def test_token_bucket_acquire_waits_in_arrival_order() -> None:
+    now = [0.0]
+    log: list[str] = []
+
+    async def sleep(seconds: float) -> None:
+        log.append(f"sleep {seconds:g}")
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    async def main() -> None:
+        b = TokenBucket(4, burst=1, clock=lambda: now[0], sleep=sleep)
+
+        async def take(name: str) -> None:
+            await b.acquire()
+            log.append(f"{name} at {now[0]:g}")
+
+        await asyncio.gather(*(take(n) for n in "abc"))
+
+    asyncio.run(main())
+    # a takes the one token; b and c each wait a quarter second, in the order they asked
+    assert log == ["a at 0", "sleep 0.25", "b at 0.25", "sleep 0.25", "c at 0.5"]
 
 
 # ---------------------------------------------------------------------------------------- auth peers
@@ -579,12 +607,21 @@ def test_oauth2_token_cached_refreshed_on_401_and_before_expiry(
             await d.deliver(make_item(bundle()))
         assert len(auth_peer.tokens) == 3
         auth_peer.always_401 = False
-        auth_peer.expires_in = 1  # short-lived token: refreshed before it expires
+        # A 100 s token is refreshed a tenth of its lifetime before it expires (refresh_margin
+        # is 60 s, capped at lifetime/10); the token cache reads a clock the test moves.
+        auth_peer.expires_in = 100
+        now = [1000.0]
+        d.auth.clock = lambda: now[0]
         d.auth.invalidate()
         await d.deliver(make_item(bundle()))
-        await asyncio.sleep(1.0)
+        assert len(auth_peer.tokens) == 4
+        now[0] = 1089.5
         await d.deliver(make_item(bundle()))
-        assert len(auth_peer.tokens) == 5
+        assert len(auth_peer.tokens) == 4  # still cached
+        now[0] = 1090.0
+        await d.deliver(make_item(bundle()))
+        assert auth_peer.tokens[4:] == ["tok-5"]  # refreshed, before the old one expired
+        assert auth_peer.seen_auth[-1] == "Bearer tok-5"
         await d.close()
 
     run(go())
@@ -747,6 +784,7 @@ def test_test_server_survives_a_client_killed_mid_request(fhir_server: Any) -> N
         s.sendall(b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n{"resourceType":')
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()  # RST with the body unfinished
-    time.sleep(0.5)
-    assert fhir_server.proc.poll() is None
+    # The server (one event loop) accepts in order: by the time it answers this later request it has
+    # read the three reset connections, and an error there would have ended the process already.
     assert isinstance(fhir_server.search("Patient"), list)
+    assert fhir_server.proc.poll() is None
