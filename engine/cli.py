@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import re
 import sys
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from engine import native
+from engine.admin.commands import audit_group, token
 from engine.errors import ConfigError, SluiceError
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ def _load_config(path: str, **overrides: Any) -> Any:
     from engine import config as cfgmod
 
     try:
-        return cfgmod.load(path, {k: v for k, v in overrides.items() if v})
+        return cfgmod.load(path, {k: v for k, v in overrides.items() if v is not None and v != ""})
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
 
@@ -94,6 +94,11 @@ def main() -> None:
 @click.option("--store", help="Store URL, e.g. sqlite:///var/sluice.db or postgresql+psycopg://host/db.")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), help="Log output format.")
 @click.option("--log-level", help="Log level (debug, info, warning, error).")
+@click.option(
+    "--admin-port",
+    type=int,
+    help="Port of the admin API (overrides admin.port and SLUICE_ADMIN_PORT; 0 = any free).",
+)
 def run(
     config_path: str,
     host: str | None,
@@ -101,12 +106,13 @@ def run(
     store: str | None,
     log_format: str | None,
     log_level: str | None,
+    admin_port: int | None,
 ) -> None:
-    """Run the engine: listen, store, process and deliver."""
+    """Run the engine: listen, store, process and deliver; serve the admin API."""
     from engine import logs
     from engine.server import Server
 
-    cfg = _load_config(config_path, host=host, port=port, store=store)
+    cfg = _load_config(config_path, host=host, port=port, store=store, admin_port=admin_port)
     logs.configure(log_format or cfg.logging.format, log_level or cfg.logging.level)
     try:
         Server(cfg).run()
@@ -248,14 +254,40 @@ def messages() -> None:
 @config_option
 @click.option("--channel")
 @click.option("--status", help="received, processed, filtered, error, review, rejected, quarantined, ignored")
+@click.option("--control-id", help="Only this MSH-10 control id.")
+@click.option("--type", "type_", help="Message type (MSH-9.1), e.g. ADT.")
+@click.option("--trigger", help="Trigger event (MSH-9.2), e.g. A08.")
+@click.option("--destination", help="Only messages with a delivery to this destination.")
+@click.option(
+    "--patient", help="A patient identifier (PID-3.1); matched by its keyed hash, never stored plain."
+)
+@click.option("--since", help="Received after (2h, 3d, or ISO time).")
+@click.option("--until", help="Received before (2h, 3d, or ISO time).")
 @click.option("--limit", default=50, show_default=True)
+@click.option("--cursor", type=int, help="Continue below this message id (the previous page's last id).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def messages_list(
-    config_path: str, channel: str | None, status: str | None, limit: int, as_json: bool
-) -> None:
-    """List messages: id, received time, channel, type, control id, status."""
+def messages_list(config_path: str, channel: str | None, status: str | None, control_id: str | None,
+                  type_: str | None, trigger: str | None, destination: str | None, patient: str | None,
+                  since: str | None, until: str | None, limit: int, cursor: int | None,
+                  as_json: bool) -> None:  # fmt: skip
+    """List messages (newest first): id, received time, channel, type, control id, status, ACK code."""
+    from engine.admin import search
+
     store = _open_store(_load_config(config_path))
-    rows = store.list_messages(channel=channel, status=status, limit=limit)
+    query = search.MessageQuery(
+        control_id=control_id,
+        type=type_,
+        trigger=trigger,
+        status=status,
+        channel=channel,
+        destination=destination,
+        since=_parse_time(since),
+        until=_parse_time(until),
+        patient_hash=search.patient_hash(search.installation_key(store), patient) if patient else None,
+        limit=limit,
+        cursor=cursor,
+    )
+    rows, _next = search.search(store, query)
     for r in rows:
         item = {
             "id": r.id,
@@ -267,7 +299,7 @@ def messages_list(
             "ack": r.ack_code,
         }
         if as_json:
-            click.echo(json.dumps(item))
+            click.echo(json.dumps(item))  # JSON escapes control characters itself
         else:
             click.echo("\t".join(str(v) for v in item.values()))
 
@@ -275,9 +307,12 @@ def messages_list(
 @messages.command("show")
 @config_option
 @click.argument("message_id", type=int)
-@click.option("--show-phi", is_flag=True, help="Print the message content (contains PHI).")
-def messages_show(config_path: str, message_id: int, show_phi: bool) -> None:
-    """Show one message's metadata, deliveries and (with --show-phi) its content."""
+@click.option("--show-phi", is_flag=True, help="Print the message content (contains PHI; audited).")
+@click.option(
+    "--reason", default="", help="Why you are looking (recorded in the audit trail with --show-phi)."
+)
+def messages_show(config_path: str, message_id: int, show_phi: bool, reason: str) -> None:
+    """Show one message's metadata, deliveries and (with --show-phi, audited) its content."""
     store = _open_store(_load_config(config_path))
     r = store.get_message(message_id)
     if r is None:
@@ -300,8 +335,12 @@ def messages_show(config_path: str, message_id: int, show_phi: bool) -> None:
     if r.raw is None:
         click.echo("content:     (dropped by retention)")
     elif show_phi:
+        from engine.admin import operations
+        from engine.admin.commands import os_user
+
+        raw, _outputs = operations.view_content(store, os_user(), message_id, reason=reason, source="cli")
         click.echo("content:")
-        click.echo(r.raw.decode("latin-1").replace("\r", "\n"))
+        click.echo((raw or b"").decode("latin-1").replace("\r", "\n"))
     else:
         segs = [line[:3] for line in r.raw.decode("latin-1").replace("\n", "\r").split("\r") if line.strip()]
         click.echo(f"segments:    {' '.join(segs)}  (content hidden; --show-phi to print it)")
@@ -357,19 +396,16 @@ def dead_letter_list(
 def replay(config_path: str, ids: tuple[int, ...], channel: str | None, status: str | None, destination: str | None,
            since: str | None, until: str | None, dry_run: bool, who: str | None, why: str) -> None:  # fmt: skip
     """Run messages through the current config again (dead letters, errors, filtered...)."""
+    from dataclasses import replace as dc_replace
+
+    from engine.admin import operations
+    from engine.admin.commands import os_user
+
     if not ids and not (channel and status):
         raise click.UsageError("give --id ID, or --channel NAME with --status")
     cfg = _load_config(config_path)
     store = _open_store(cfg)
-    criteria = {
-        "ids": list(ids),
-        "channel": channel,
-        "status": status,
-        "destination": destination,
-        "since": since,
-        "until": until,
-    }
-    selection = store.select_for_replay(
+    req = operations.ReplayRequest(
         ids=ids,
         channel=channel,
         status=status,
@@ -377,19 +413,23 @@ def replay(config_path: str, ids: tuple[int, ...], channel: str | None, status: 
         since=_parse_time(since),
         until=_parse_time(until),
     )
-    if not selection:
+    actor = os_user() if not who else dc_replace(os_user(), name=who)
+    try:
+        res = operations.replay(store, actor, req, dry_run=dry_run, why=why, source="cli")
+    except operations.OperationError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not res.selection:
         click.echo("nothing to replay")
         return
-    for mid, dests in selection:
+    for mid, dests in res.selection:
         click.echo(
             f"{'would replay' if dry_run else 'replaying'} message {mid}"
             + (f" → {', '.join(dests)}" if dests else "")
         )
     if dry_run:
-        click.echo(f"{len(selection)} message(s) would be replayed (dry run, nothing changed)")
+        click.echo(f"{len(res.selection)} message(s) would be replayed (dry run, nothing changed)")
         return
-    n = store.replay(selection, who=who or getpass.getuser(), why=why, criteria=criteria)
-    click.echo(f"{n} message(s) queued for replay; a running engine picks them up within a second")
+    click.echo(f"{res.replayed} message(s) queued for replay; a running engine picks them up within a second")
 
 
 @main.command()
@@ -580,6 +620,9 @@ def prune(config_path: str, channel: str | None) -> None:
         )
         click.echo(f"{ch.name}: dropped {done['bodies']} bodies, {done['rows']} rows")
 
+
+main.add_command(token)
+main.add_command(audit_group)
 
 if __name__ == "__main__":
     main()

@@ -138,10 +138,28 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class OIDCConfig:
+    """``admin.oidc``: accept JWT bearer tokens from an identity provider (engine/admin/oidc.py)."""
+
+    issuer: str
+    audience: str
+    jwks_url: str
+    roles_claim: str = "roles"  # a dotted path, e.g. realm_access.roles
+    role_map: Mapping[str, str] = field(default_factory=dict)  # provider group → viewer|operator|admin|phi
+    leeway: float = 30.0  # seconds of clock skew allowed
+
+
+@dataclass(frozen=True)
 class AdminConfig:
+    """``admin:``: the admin HTTP API served by ``sluice run`` (engine/admin/)."""
+
+    enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = 8765
-    enabled: bool = False
+    port: int = 8080
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_auth: bool = False  # GET /metrics needs a token too
+    oidc: OIDCConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -382,6 +400,69 @@ def _source(sec: _Section) -> SourceConfig:
     return src
 
 
+def _admin(sec: _Section, base: Path, port_override: Any) -> AdminConfig:
+    tls_cert = tls_key = None
+    if sec.data.get("tls"):
+        t = sec.sub("tls")
+        tls_cert, tls_key = t.text("cert"), t.text("key")
+        t.done()
+        if not tls_cert or not tls_key:
+            raise ConfigError("admin.tls needs cert and key files", file=sec.file, key="admin.tls")
+        tls_cert, tls_key = str((base / tls_cert).resolve()), str((base / tls_key).resolve())
+    else:
+        sec.get("tls")
+    oidc = None
+    if sec.data.get("oidc"):
+        o = sec.sub("oidc")
+        role_map = o.get("role_map") or {}
+        if not isinstance(role_map, Mapping):
+            raise ConfigError("expected a mapping of group → role", file=sec.file, key="admin.oidc.role_map")
+        oidc = OIDCConfig(
+            issuer=o.text("issuer") or "",
+            audience=o.text("audience") or "",
+            jwks_url=o.text("jwks_url") or "",
+            roles_claim=o.text("roles_claim", "roles"),
+            role_map={str(k): str(v) for k, v in role_map.items()},
+            leeway=o.number("leeway", 30.0),
+        )
+        o.done()
+        for k in ("issuer", "audience", "jwks_url"):
+            if not getattr(oidc, k):
+                raise ConfigError(f"admin.oidc needs {k}", file=sec.file, key=f"admin.oidc.{k}")
+        for group, role in oidc.role_map.items():
+            if role not in ("viewer", "operator", "admin", "phi"):
+                raise ConfigError(
+                    f"role_map maps {group!r} to {role!r}",
+                    file=sec.file,
+                    key=f"admin.oidc.role_map.{group}",
+                    hint="map to viewer, operator, admin or phi",
+                )
+    else:
+        sec.get("oidc")
+    admin = AdminConfig(
+        enabled=sec.flag("enabled", True),
+        host=sec.text("host", "127.0.0.1"),
+        port=sec.integer("port", 8080),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        metrics_auth=sec.flag("metrics_auth", False),
+        oidc=oidc,
+    )
+    sec.done()
+    if port_override not in (None, ""):
+        try:
+            admin = replace(admin, port=int(port_override))
+        except ValueError:
+            raise ConfigError(
+                f"admin port {port_override!r} is not a number",
+                key="admin.port",
+                hint="check SLUICE_ADMIN_PORT",
+            ) from None
+    if not 0 <= admin.port <= 65535:
+        raise ConfigError(f"port {admin.port} is out of range", file=sec.file, key="admin.port")
+    return admin
+
+
 def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> ChannelConfig:
     file = str(path)
     sec = _Section(_read_yaml(path), file, "")
@@ -494,13 +575,7 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         level=env.get(ENV_PREFIX + "LOG_LEVEL") or file_level,
     )
     lsec.done()
-    asec = sec.sub("admin")
-    admin = AdminConfig(
-        host=asec.text("host", "127.0.0.1"),
-        port=asec.integer("port", 8765),
-        enabled=asec.flag("enabled", False),
-    )
-    asec.done()
+    admin = _admin(sec.sub("admin"), base, ov.get("admin_port") or env.get(ENV_PREFIX + "ADMIN_PORT"))
     plugin_paths = tuple((base / str(x)).resolve() for x in sec.items("plugin_paths"))
     plugins = tuple(str(x) for x in sec.items("plugins"))
     patterns = sec.get("channels", "channels/*.yaml")

@@ -24,6 +24,7 @@ import structlog
 
 from engine import ack as ackmod
 from engine import hl7
+from engine.admin.search import patient_hash
 from engine.config import ChannelConfig
 from engine.errors import Location, MessageContentError, MessageRejected, SluiceError, StoreError
 from engine.metrics import ChannelMetrics, Metrics
@@ -115,6 +116,10 @@ class Committer:
         self.batches = 0
         self.committed = 0
         self._conn: Any = None  # the writer thread's own connection
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         if self._thread is None:
@@ -408,9 +413,12 @@ class Intake:
         committer: Committer,
         process: Processor | None = None,
         *,
+        patient_key: bytes | None = None,
         metrics: Metrics | None = None,
     ):
         self.channel = channel
+        # Key of the patient-search hash (engine/admin/search.py); None stores no patient column.
+        self.patient_key = patient_key
         self._metrics: ChannelMetrics | None = metrics.channel(channel.name) if metrics is not None else None
         self.committer = committer
         self.process = process if channel.ack == "after-processing" else None
@@ -531,7 +539,8 @@ class Intake:
                 row.status = ERROR
             row.ack, row.ack_code = render_ack(msg, outcome)
             return Job(ch, row, msg, outcome)
-        row.patient_key = _patient_key(msg)
+        if self.patient_key is not None:
+            row.patient_key = _patient_hash(msg, self.patient_key)
         row.order_key = msg[ch.order_by] if ch.order_by else ""
         row.dedupe_key = (
             f"{row.sending_app}|{row.sending_facility}|{row.control_id}" if ch.dedupe.enabled else ""
@@ -636,10 +645,9 @@ def _msa1(ack_bytes: bytes) -> str:
     return ack_bytes[i + 4 : i + 6].decode("ascii", "replace") if i >= 0 else ""
 
 
-def _patient_key(msg: hl7.Message) -> str:
+def _patient_hash(msg: hl7.Message, key: bytes) -> str:
+    """The keyed hash of the first PID-3 identifier: searchable, never the identifier itself."""
     pid = msg.first("PID")
     if pid is None:
         return ""
-    rep = pid.rep(3)
-    value, authority = rep.c(1), rep.c(4)
-    return f"{authority}|{value}"[:300] if value else ""
+    return patient_hash(key, pid.rep(3).c(1))

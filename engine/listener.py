@@ -44,6 +44,7 @@ class ListenerStats:
     framing_errors: int = 0
     frame_timeouts: int = 0
     idle_closed: int = 0
+    last_frame_at: float = 0.0  # wall-clock time of the last complete frame (admin API)
 
 
 def make_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -177,7 +178,9 @@ class MLLPProtocol(asyncio.Protocol):
                 if ev is mllp.NEED_DATA:
                     break
                 if isinstance(ev, mllp.Frame):
-                    self.listener.stats.frames += 1
+                    stats = self.listener.stats
+                    stats.frames += 1
+                    stats.last_frame_at = time.time()
                     self.queue.append(ev.payload)
                     self.arrived.append(time.monotonic())
                 elif isinstance(ev, mllp.Oversize):
@@ -318,6 +321,10 @@ class Listener:
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def listening(self) -> bool:
+        return self.server is not None and self.server.is_serving()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

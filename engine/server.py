@@ -14,10 +14,12 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 import structlog
 
 from engine import __version__, collector, native, registry
+from engine.admin import operations, search
 from engine.alerts.runner import AlertRunner, snapshot_from_server
 from engine.alerts.sinks import build_sinks
 from engine.config import Config
@@ -66,6 +68,8 @@ class Server:
         self.pool: ProcessingPool | None = None
         self.should_exit = asyncio.Event()
         self.started = asyncio.Event()
+        self.admin: Any = None  # engine.admin.service.AdminService while the admin API runs
+        self.patient_key: bytes | None = None
         # Prometheus metrics (engine/metrics.py), served by the admin app as GET /metrics.
         self.metrics = Metrics(
             channels=[ch.name for ch in config.channels if ch.enabled],
@@ -84,6 +88,7 @@ class Server:
         recovered = await asyncio.to_thread(store.recover, None if store.is_sqlite else self.owner)
         if recovered:
             log.info("recovered_in_flight", messages=recovered)
+        self.patient_key = await asyncio.to_thread(search.installation_key, store)
         self.destinations = build_destinations(cfg)  # also imports the user's plugins
         alert_sinks = build_sinks(cfg.alerts, cfg.node_id) if cfg.alerts.active else {}  # secrets: fail now
         runtimes = {ch.name: ChannelRuntime(cfg, ch, store) for ch in cfg.channels if ch.enabled}
@@ -115,7 +120,7 @@ class Server:
                 rt, store, self.owner, wake, committer, pool=self.pool, metrics=self.metrics
             )
             self.processing.append(pw)
-            intake = Intake(ch, self.committer, rt, metrics=self.metrics)
+            intake = Intake(ch, self.committer, rt, patient_key=self.patient_key, metrics=self.metrics)
             intake.on_stored = pw.wake.set if ch.ack == "on-commit" else wake
             listener = Listener(ch.name, ch.source, intake, metrics=self.metrics)
             await listener.start()
@@ -130,6 +135,9 @@ class Server:
                 store=store.safe_url,
             )
         log.info("hot modules", build=native.REASON)
+        await self._apply_pauses()
+        if cfg.admin.enabled:
+            await self._start_admin()
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(w.run()) for w in self.processing]
         self.tasks += [loop.create_task(d.run()) for d in self.delivery]
@@ -140,7 +148,106 @@ class Server:
         if cfg.alerts.active:
             self.alerts = AlertRunner(cfg.alerts, lambda: snapshot_from_server(self), alert_sinks)
             self.tasks.append(loop.create_task(self.alerts.run(self.alerts_stop)))
+        self.tasks.append(loop.create_task(self._housekeeping()))
         self.started.set()
+
+    # ------------------------------------------------------------------ admin API
+    async def _start_admin(self) -> None:
+        from engine.admin import tokens
+        from engine.admin.app import AdminContext, create_app
+        from engine.admin.service import AdminService
+
+        cfg, store = self.config, self.store
+        assert store is not None and self.patient_key is not None
+        oidc = None
+        if cfg.admin.oidc is not None:
+            from engine.admin.oidc import OIDCVerifier
+
+            oidc = OIDCVerifier(cfg.admin.oidc)
+        ctx = AdminContext(
+            config=cfg,
+            store=store,
+            engine=self,
+            patient_key=self.patient_key,
+            tokens=tokens.TokenVerifier(store),
+            oidc=oidc,
+            metrics_auth=cfg.admin.metrics_auth,
+        )
+        service = AdminService(
+            create_app(ctx),
+            cfg.admin.host,
+            cfg.admin.port,
+            certfile=cfg.admin.tls_cert,
+            keyfile=cfg.admin.tls_key,
+        )
+        service.bind(cfg.file)
+        await service.start()
+        self.admin = service
+        log.info("admin_listening", url=service.url, port=service.bound_port, oidc=oidc is not None)
+
+    async def _apply_pauses(self) -> None:
+        assert self.store is not None
+        paused = await asyncio.to_thread(operations.paused, self.store)
+        for w in self.processing:
+            w.paused = ("channel", w.runtime.channel.name) in paused
+        for d in self.delivery:
+            d.paused = ("destination", d.config.name) in paused
+
+    async def _housekeeping(self, every: float = 2.0) -> None:
+        """Pauses set by the CLI or another node apply within seconds; old plain patient keys get hashed."""
+        assert self.store is not None and self.patient_key is not None
+        try:
+            n = await asyncio.to_thread(search.rehash_legacy, self.store, self.patient_key)
+            if n:
+                log.info("patient_keys_hashed", messages=n)
+        except Exception as exc:
+            log.error("patient_key_rehash_failed", error=type(exc).__name__)
+        while not self.should_exit.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.should_exit.wait(), every)
+            try:
+                await self._apply_pauses()
+            except Exception as exc:
+                log.warning("pause_refresh_failed", error=type(exc).__name__)
+
+    # EngineView (engine/admin/status.py): what the admin API reads from the running engine
+    def ready(self) -> dict[str, bool]:
+        checks = {f"listener:{lst.channel_name}": lst.listening for lst in self.listeners}
+        checks["committer"] = self.committer is not None and self.committer.alive
+        return checks
+
+    def live_channels(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for lst in self.listeners:
+            out[lst.channel_name] = {
+                "listening": lst.listening,
+                "port": lst.port,
+                "connections": lst.stats.connections,
+                "last_message_at": lst.stats.last_frame_at or None,
+            }
+        return out
+
+    def metric_samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in self.metrics.registry.collect():
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        return self.metrics.render()
+
+    def apply_pause(self, kind: str, name: str, paused: bool) -> None:
+        for w in self.processing:
+            if kind == "channel" and w.runtime.channel.name == name:
+                w.paused = paused
+                if not paused:
+                    w.wake.set()
+        for d in self.delivery:
+            if kind == "destination" and d.config.name == name:
+                d.paused = paused
+                if not paused:
+                    d.wake.set()
 
     async def _retention(self, first: float = 60.0, every: float = 3600.0) -> None:
         """Apply each channel's retention in small batches, in a thread, without blocking intake."""
@@ -201,6 +308,8 @@ class Server:
                 await dest.close()
             except Exception as exc:
                 log.warning("destination_close_failed", error=type(exc).__name__)
+        if self.admin is not None:
+            await self.admin.stop()
         if self.pool is not None:
             await asyncio.to_thread(self.pool.close)
         if self.committer is not None:

@@ -80,6 +80,9 @@ class MessageRow(Base):
         Index("ix_messages_channel_status_id", "channel", "status", "id"),
         Index("ix_messages_dedupe", "channel", "dedupe_key"),
         Index("ix_messages_received", "received_at"),
+        # admin search (engine/admin/search.py): by control id and by the keyed patient hash
+        Index("ix_messages_control_id", "control_id"),
+        Index("ix_messages_patient", "patient_key"),
     )
 
 
@@ -153,11 +156,77 @@ class ResourceStateRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class AuditRow(Base):
+    """Who did what, when, to which message or setting (PHI views, replays, pauses, token changes).
+
+    Never pruned by message retention: the audit trail outlives the bodies it refers to.
+    """
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float)
+    actor: Mapped[str] = mapped_column(String(200))  # token name, OIDC subject or OS user
+    actor_kind: Mapped[str] = mapped_column(String(20))  # token | oidc | os
+    action: Mapped[str] = mapped_column(String(50))  # phi.view, replay, pause, resume, token.create ...
+    target: Mapped[str] = mapped_column(String(300), default="")  # message:12, channel:adt, token:ops
+    reason: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[str] = mapped_column(Text, default="{}")  # JSON, never PHI
+    source: Mapped[str] = mapped_column(String(100), default="")  # api from 127.0.0.1, cli, engine
+
+    __table_args__ = (
+        Index("ix_audit_at", "at"),
+        Index("ix_audit_action_id", "action", "id"),
+        Index("ix_audit_target", "target"),
+    )
+
+
+class TokenRow(Base):
+    """An admin API token: only a hash of the secret is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    phi: Mapped[bool] = mapped_column(Boolean, default=False)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class PauseRow(Base):
+    """A paused channel (processing holds) or destination (delivery holds); shared by every node."""
+
+    __tablename__ = "pauses"
+
+    kind: Mapped[str] = mapped_column(String(20), primary_key=True)  # channel | destination
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    at: Mapped[float] = mapped_column(Float)
+    who: Mapped[str] = mapped_column(String(200), default="")
+
+
+class SettingRow(Base):
+    """Per-installation values every node shares (e.g. the patient-search HMAC key)."""
+
+    __tablename__ = "installation"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
 M = cast(Table, MessageRow.__table__)
 D = cast(Table, DeliveryRow.__table__)
 R = cast(Table, ReplayRow.__table__)
 C = cast(Table, CounterRow.__table__)
 S = cast(Table, ResourceStateRow.__table__)
+AUDIT = cast(Table, AuditRow.__table__)
+TOKENS = cast(Table, TokenRow.__table__)
+PAUSES = cast(Table, PauseRow.__table__)
+SETTINGS = cast(Table, SettingRow.__table__)
 
 # Message statuses
 RECEIVED = "received"  # stored, waiting for a processing worker
@@ -450,6 +519,9 @@ class Store:
                 if not exists:
                     self._raw_sql("PRAGMA auto_vacuum=INCREMENTAL", "VACUUM")
             Base.metadata.create_all(self.engine)
+            for table in Base.metadata.sorted_tables:  # indexes added to a table since it was created
+                for index in table.indexes:
+                    index.create(self.engine, checkfirst=True)
             for dindex in D.indexes:  # delivery indexes added since an existing table was created
                 dindex.create(self.engine, checkfirst=True)
         except Exception as exc:

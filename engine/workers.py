@@ -83,12 +83,16 @@ class ProcessingWorker:
         self.stopping = False
         self.processed = 0
         self.pace = 0.05  # seconds between partial batches (adds at most this to delivery latency)
+        self.paused = False  # an operator paused the channel: messages are stored and ACKed, not processed
 
     async def run(self) -> None:
         if self.store.is_sqlite and self.pool is not None:
             await self._run_pipelined(self.pool)
             return
         while not self.stopping:
+            if self.paused:
+                await self._idle()
+                continue
             try:
                 n = await asyncio.to_thread(self._process_batch)
             except Exception as exc:  # store trouble: back off, never spin
@@ -136,7 +140,8 @@ class ProcessingWorker:
         busy: set[int] = set()
         while not self.stopping:
             try:
-                while len(inflight) < 2 * pool.workers:  # one converting, one queued, per worker
+                # one converting, one queued, per worker (none while an operator has paused the channel)
+                while not self.paused and len(inflight) < 2 * pool.workers:
                     ids = await asyncio.to_thread(self.store.received_ids, name, self.batch, busy)
                     if not ids:
                         break
@@ -280,11 +285,12 @@ class DeliveryWorker:
         self.dead = 0
         self.consecutive_failures = 0  # failed attempts since the last delivery (engine/alerts/)
         self._sem = asyncio.Semaphore(max(1, config.lanes))
+        self.paused = False  # an operator paused the destination: its deliveries wait in the queue
 
     async def run(self) -> None:
         while not self.stopping:
             try:
-                progressed, next_due = await self._round()
+                progressed, next_due = (False, None) if self.paused else await self._round()
             except Exception as exc:
                 log.error(
                     "delivery_round_failed",

@@ -13,6 +13,10 @@ from tests.support.ci import IN_CI, service_unavailable
 
 __all__ = ["IN_CI", "service_unavailable"]
 
+# Every engine a test starts serves the admin API (on by default, 127.0.0.1:8080): on any free port
+# here, so engines never fight over 8080.  A test that talks to the API passes its own port.
+os.environ.setdefault("SLUICE_ADMIN_PORT", "0")
+
 PG_ADMIN_URL = os.environ.get("SLUICE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

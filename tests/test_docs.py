@@ -128,7 +128,11 @@ logging: {{format: json, level: info}}
 processing: {{workers: 0}}
 plugin_paths: []
 plugins: []
-admin: {{}}
+admin:
+  metrics_auth: false
+  tls: {{cert: admin.crt, key: admin.key}}
+  oidc: {{issuer: "https://idp.test", audience: sluice, jwks_url: "http://127.0.0.1/jwks", roles_claim: roles,
+          role_map: {{ops: operator}}, leeway: 30}}
 destinations:
   out:
     kind: file

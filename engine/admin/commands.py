@@ -1,0 +1,147 @@
+"""``sluice token ...`` and ``sluice audit ...``: the admin functions from the command line.
+
+They act on the store named by the config, as the OS user running them (recorded in the
+audit trail), and call the same functions as the admin API.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from engine.admin import audit, operations, tokens
+from engine.admin.roles import ROLES, Principal
+
+
+def os_user() -> Principal:
+    """The person at the terminal: the CLI trusts whoever can read the store's config."""
+    try:
+        name = getpass.getuser()
+    except Exception:
+        name = "unknown"
+    return Principal(name, "os", "admin", phi=True)
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _store(config_path: str) -> Any:
+    from engine.cli import _load_config, _open_store
+
+    return _open_store(_load_config(config_path))
+
+
+def _config_option() -> Any:
+    return click.option(
+        "--config",
+        "-c",
+        "config_path",
+        default="routes.yaml",
+        show_default=True,
+        envvar="SLUICE_CONFIG",
+        help="routes.yaml to use.",
+    )
+
+
+@click.group()
+def token() -> None:
+    """Admin API tokens: create (shown once), list, revoke."""
+
+
+@token.command("create")
+@_config_option()
+@click.option("--name", required=True, help="A name for the token (who or what uses it).")
+@click.option("--role", required=True, type=click.Choice(ROLES), help="viewer, operator or admin.")
+@click.option("--phi", is_flag=True, help="Also allow reading message content (PHI).")
+@click.option("--expires", help="Lifetime, e.g. 90d or 12h (default: never).")
+def token_create(config_path: str, name: str, role: str, phi: bool, expires: str | None) -> None:
+    """Create a token and print it once; only its hash is stored."""
+    store = _store(config_path)
+    try:
+        ttl = tokens.parse_duration(expires) if expires else None
+        secret = tokens.create(store, name, role, phi=phi, expires_in=ttl, by=os_user(), source="cli")
+    except tokens.TokenError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(secret)
+    click.echo(
+        f"token {name!r} ({role}{' + phi' if phi else ''}) created; it is shown only now. "
+        "Send it as 'Authorization: Bearer <token>'.",
+        err=True,
+    )
+
+
+@token.command("list")
+@_config_option()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def token_list(config_path: str, as_json: bool) -> None:
+    """Every token: name, role, phi, created, expires, last used, state (never the secret)."""
+    for t in tokens.listing(_store(config_path)):
+        state = "revoked" if t.revoked_at else ("active" if t.active else "expired")
+        item = {
+            "name": t.name,
+            "role": t.role,
+            "phi": t.phi,
+            "created": _when(t.created_at),
+            "expires": _when(t.expires_at),
+            "last_used": _when(t.last_used_at),
+            "state": state,
+        }
+        click.echo(json.dumps(item) if as_json else "\t".join(str(v) for v in item.values()))
+
+
+@token.command("revoke")
+@_config_option()
+@click.argument("name")
+def token_revoke(config_path: str, name: str) -> None:
+    """Revoke a token now (a running engine stops accepting it within 5 seconds)."""
+    try:
+        tokens.revoke(_store(config_path), name, by=os_user(), source="cli")
+    except tokens.TokenError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"token {name!r} revoked")
+
+
+@click.group("audit")
+def audit_group() -> None:
+    """The audit trail: PHI views, replays, pauses, token changes."""
+
+
+@audit_group.command("list")
+@_config_option()
+@click.option("--since", help="Since (2h, 3d, or an ISO time).")
+@click.option("--action", type=click.Choice(audit.ACTIONS), help="Only this action.")
+@click.option("--actor", help="Only this token name, OIDC user or OS user.")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_list(
+    config_path: str, since: str | None, action: str | None, actor: str | None, limit: int, as_json: bool
+) -> None:
+    """Audit rows, newest first."""
+    try:
+        when = operations.parse_when(since)
+    except operations.OperationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    for e in audit.entries(_store(config_path), since=when, action=action, actor=actor, limit=limit):
+        if as_json:
+            click.echo(json.dumps(e.as_dict()))
+        else:
+            click.echo(
+                "\t".join(
+                    [
+                        str(e.id),
+                        _when(e.at),
+                        f"{e.actor_kind}:{e.actor}",
+                        e.action,
+                        e.target,
+                        e.source,
+                        e.reason,
+                    ]
+                )
+            )
