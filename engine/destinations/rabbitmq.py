@@ -17,7 +17,7 @@ import contextlib
 import random
 import string
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -133,6 +133,7 @@ class RabbitMQDestination(Destination):
         self._lock = asyncio.Lock()
         self._backoff = 0.0
         self._next_attempt = 0.0
+        self.clock: Callable[[], float] = time.monotonic  # times the reconnect backoff; tests fake it
         self.connects = 0  # successful (re)connections, for tests and metrics
 
     # ------------------------------------------------------------------ connection
@@ -171,7 +172,7 @@ class RabbitMQDestination(Destination):
                 assert self._exchange is not None
                 return self._exchange
             await self._drop()
-            wait = self._next_attempt - time.monotonic()
+            wait = self._next_attempt - self.clock()
             if wait > 0:
                 raise DeliveryError(
                     f"{self.name}: broker {self._where()} unreachable; next reconnect attempt in {wait:.1f}s",
@@ -220,7 +221,7 @@ class RabbitMQDestination(Destination):
             self.reconnect_max, self._backoff * 2 if self._backoff else self.reconnect_initial
         )
         delay = self._backoff * random.uniform(0.8, 1.2)
-        self._next_attempt = time.monotonic() + delay
+        self._next_attempt = self.clock() + delay
         return DeliveryError(
             f"{self.name}: {text}; will retry (next reconnect in {delay:.1f}s)",
             retry_after=delay,

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aio_pika
@@ -79,19 +79,31 @@ async def bound_queue(exchange: str, binding: str = "#") -> AsyncIterator[aio_pi
         await conn.close()
 
 
+Messages = list[aio_pika.abc.AbstractIncomingMessage]
+
+
 async def drain(
-    q: aio_pika.abc.AbstractQueue, *, idle: float = 1.0
-) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    out: list[aio_pika.abc.AbstractIncomingMessage] = []
+    q: aio_pika.abc.AbstractQueue, complete: Callable[[Messages], bool], *, timeout: float = 30.0
+) -> Messages:
+    """Everything in the queue, read until it is empty and what arrived is ``complete``.
+
+    The destination's publishes were confirmed, so they are in the queue already and ``complete``
+    holds at the first empty read; the poll (bounded by ``timeout``) only guards against a broker
+    that confirms before a basic.get can see the message.  Any extra message is read too, for the
+    caller to see.
+    """
+    out: Messages = []
+    deadline = time.monotonic() + timeout
     while True:
         msg = await q.get(no_ack=False, fail=False, timeout=5)
-        if msg is None:
-            await asyncio.sleep(idle)
-            msg = await q.get(no_ack=False, fail=False, timeout=5)
-            if msg is None:
-                return out
-        await msg.ack()
-        out.append(msg)
+        if msg is not None:
+            await msg.ack()
+            out.append(msg)
+            continue
+        if complete(out):
+            return out
+        assert time.monotonic() < deadline, f"queue empty after {len(out)} message(s), more were published"
+        await asyncio.sleep(0.05)
 
 
 def dest(ctx: DestinationContext, exchange: str, **opts: Any) -> RabbitMQDestination:
@@ -112,7 +124,7 @@ def test_publish_confirmed_with_headers(ctx: DestinationContext) -> None:
             detail = await d.deliver(make_item(BUNDLE, message_id=41, control_id="CTRL0041"))
             await d.close()
             assert detail == f"confirmed {ex}/hl7.ADT.A04"
-            return await drain(q, idle=0.2)
+            return await drain(q, lambda got: len(got) >= 1)
 
     (msg,) = run(go())
     assert msg.body == BUNDLE
@@ -137,7 +149,7 @@ def test_payload_modes_and_resource_type_key(ctx: DestinationContext) -> None:
             d = dest(ctx, ex, routing_key="fhir.{resourceType}")
             await d.deliver(make_item(BUNDLE, message_id=9, meta={"resourceType": "Encounter"}))
             await d.close()
-            return await drain(q, idle=0.2)
+            return await drain(q, lambda got: len(got) >= 4)
 
     hl7, both, fhir, meta = run(go())
     item = make_item(BUNDLE)
@@ -182,6 +194,8 @@ def test_broker_down_fails_fast_with_backoff(
     d = RabbitMQDestination(
         "bus", {"url": "amqp://guest:guest@127.0.0.1:1/", "connect_timeout": 1, "reconnect_initial": 5}, ctx
     )
+    now = [100.0]
+    d.clock = lambda: now[0]  # the backoff's clock: moves only when the test moves it
     attempts: list[str] = []
     real_connect = aio_pika.connect
 
@@ -191,21 +205,31 @@ def test_broker_down_fails_fast_with_backoff(
 
     monkeypatch.setattr(aio_pika, "connect", counting_connect)
 
-    async def go() -> tuple[DeliveryError, DeliveryError]:
+    async def go() -> tuple[DeliveryError, DeliveryError, DeliveryError]:
         with pytest.raises(DeliveryError) as first:
             await d.deliver(make_item(BUNDLE))
         with pytest.raises(DeliveryError) as second:
             await d.deliver(make_item(BUNDLE))
-        attempts.append("-- both deliveries done --")
+        attempts.append("-- inside the backoff --")
+        assert first.value.retry_after is not None
+        now[0] += first.value.retry_after  # the backoff has run out: the next delivery reconnects
+        with pytest.raises(DeliveryError) as third:
+            await d.deliver(make_item(BUNDLE))
+        attempts.append("-- after the backoff --")
         await RabbitMQDestination("bus", {"url": "amqp://guest:guest@127.0.0.1:1/"}, ctx).start()  # not fatal
-        return first.value, second.value
+        return first.value, second.value, third.value
 
-    first, second = run(go())
+    first, second, third = run(go())
     assert first.retryable and "cannot connect" in first.message
+    assert first.retry_after is not None and 4 <= first.retry_after <= 6  # reconnect_initial ± 20 % jitter
+    # No hang: inside the backoff window the second delivery fails without trying to connect, and
+    # says how long is left (all of it: no time passed on the destination's clock).
     assert second.retryable and "next reconnect attempt" in second.message
-    assert second.retry_after is not None and 0 < second.retry_after <= 6
-    # No hang: inside the backoff window the second delivery fails without trying to connect.
-    assert attempts[:2] == ["connect", "-- both deliveries done --"]
+    assert second.retry_after == pytest.approx(first.retry_after)
+    # After the backoff it tries again, fails again and doubles the backoff.
+    assert third.retryable and "cannot connect" in third.message
+    assert third.retry_after is not None and 8 <= third.retry_after <= 12
+    assert attempts[:4] == ["connect", "-- inside the backoff --", "connect", "-- after the backoff --"]
 
 
 def test_config(ctx: DestinationContext, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -259,11 +283,15 @@ def test_broker_restart_mid_stream_loses_nothing(ctx: DestinationContext) -> Non
         await d.start()
         errors = 0
         restarted = asyncio.Event()
+        down = asyncio.Event()  # stop_app has returned
+        hit = asyncio.Event()  # a publish has failed on the outage
 
         async def restart() -> None:
             try:
                 await asyncio.to_thread(rabbitmqctl, "stop_app")
-                await asyncio.sleep(1)
+                down.set()
+                # The broker stays down until the publisher has run into the outage (bounded).
+                await asyncio.wait_for(hit.wait(), 120)
             finally:
                 await asyncio.to_thread(rabbitmqctl, "start_app")
                 restarted.set()
@@ -278,6 +306,8 @@ def test_broker_restart_mid_stream_loses_nothing(ctx: DestinationContext) -> Non
                 except DeliveryError as exc:  # what the engine's worker does: retry later
                     assert exc.retryable, exc.message
                     errors += 1
+                    if down.is_set():
+                        hit.set()
                     assert time.monotonic() < deadline, "broker did not come back"
                     await asyncio.sleep(min(exc.retry_after or 0.2, 0.5))
 
@@ -285,9 +315,12 @@ def test_broker_restart_mid_stream_loses_nothing(ctx: DestinationContext) -> Non
         try:
             for i in range(n):
                 if i == n // 3:
-                    restarter = asyncio.create_task(restart())
+                    restarter = asyncio.create_task(restart())  # stops the broker while we publish
+                if i == 2 * n // 3:
+                    # The rest of the stream goes out with the broker down (then back): never all of
+                    # it before stop_app has taken effect.
+                    await asyncio.wait_for(down.wait(), 120)
                 await publish(i)
-                await asyncio.sleep(0.005)
             if restarter is not None:
                 await restarter
         finally:
@@ -302,7 +335,8 @@ def test_broker_restart_mid_stream_loses_nothing(ctx: DestinationContext) -> Non
         conn = await aio_pika.connect(URL)
         ch = await conn.channel()
         q = await ch.declare_queue(qname, durable=True)
-        got = await drain(q)
+        every = {str(i) for i in range(n)}
+        got = await drain(q, lambda got: {m.message_id for m in got} >= every)
         await q.delete(if_unused=False, if_empty=False)
         await ch.exchange_delete(ex)
         await conn.close()
