@@ -1,4 +1,9 @@
-"""Fixtures for end-to-end tests against real peers (the Medplum FHIR server, RabbitMQ)."""
+"""Fixtures for end-to-end tests against real peers (the Medplum FHIR server, RabbitMQ).
+
+``fhir_server`` validates writes as Medplum's server does; ``stock_fhir_server`` is Medplum's FhirRouter on
+the plain MemoryRepository with the definitions as shipped (see tests/support/fhir_server/server.mjs).
+Both resolve searches and conditional writes with Medplum's own code.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import service_unavailable
+from tests.support.ci import service_unavailable
 from tests.support.fhirserver import FhirServer, FhirServerUnavailable
 
 
-@pytest.fixture(scope="module")
-def fhir_server() -> Iterator[FhirServer]:
-    srv = FhirServer()
+def _serve(stock: bool) -> Iterator[FhirServer]:
+    srv = FhirServer(stock=stock)
     try:
         srv.start()
     except FhirServerUnavailable as exc:
@@ -21,3 +25,13 @@ def fhir_server() -> Iterator[FhirServer]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def fhir_server() -> Iterator[FhirServer]:
+    yield from _serve(stock=False)
+
+
+@pytest.fixture(scope="module")
+def stock_fhir_server() -> Iterator[FhirServer]:
+    yield from _serve(stock=True)

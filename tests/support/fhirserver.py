@@ -3,6 +3,11 @@
     with FhirServer() as srv:          # npm-installs on first use, picks a free 127.0.0.1 port
         httpx.get(srv.base_url + "/Patient")
 
+Searches and conditional writes are Medplum's own (FhirRouter + MemoryRepository, unmodified).  By default
+each write is validated the way Medplum's server does it (400 + OperationOutcome for an invalid resource),
+which MemoryRepository alone does not do; ``FhirServer(stock=True)`` runs the plain MemoryRepository.
+server.mjs says exactly what differs from Medplum's server in each mode.
+
 A missing node/npm or a failed install raises :class:`FhirServerUnavailable`; the pytest fixture turns that
 into a skip locally and a failure under ``CI=true``.
 """
@@ -63,9 +68,10 @@ def ensure_installed(timeout: float = 300) -> None:
 
 
 class FhirServer:
-    def __init__(self, port: int = 0, *, startup_timeout: float = 60) -> None:
+    def __init__(self, port: int = 0, *, startup_timeout: float = 60, stock: bool = False) -> None:
         self.port = port
         self.startup_timeout = startup_timeout
+        self.stock = stock  # the unmodified MemoryRepository: no validation of writes
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -79,7 +85,14 @@ class FhirServer:
         assert node is not None
         self._log = tempfile.NamedTemporaryFile(prefix="sluice-fhir-server-", suffix=".log", delete=False)  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [node, "--experimental-websocket", "--no-warnings", "server.mjs", str(self.port)],
+            [
+                node,
+                "--experimental-websocket",
+                "--no-warnings",
+                "server.mjs",
+                str(self.port),
+                *(["--stock"] if self.stock else []),
+            ],
             cwd=SERVER_DIR,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -153,9 +166,12 @@ class FhirServer:
         self.stop()
 
 
-if __name__ == "__main__":  # manual use: python -m tests.support.fhirserver
-    with FhirServer() as srv:
-        print(f"FHIR test server on {srv.base_url} (Ctrl-C to stop)", flush=True)
+if __name__ == "__main__":  # manual use: python -m tests.support.fhirserver [--stock]
+    import sys
+
+    with FhirServer(stock="--stock" in sys.argv[1:]) as srv:
+        kind = "stock MemoryRepository" if srv.stock else "validating writes"
+        print(f"FHIR test server ({kind}) on {srv.base_url} (Ctrl-C to stop)", flush=True)
         try:
             while True:
                 time.sleep(3600)
