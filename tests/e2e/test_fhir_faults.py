@@ -6,11 +6,18 @@
 * A permanently rejected bundle (422 + OperationOutcome) is dead-lettered at once with the server's
   diagnostics as the reason; ``sluice dead-letter list`` shows it; after the fault is removed
   ``sluice replay --channel X --status dead`` delivers it, still without duplicates.
+* One entry of a bundle rejected by the real server (no injected fault: the server already holds two
+  resources the entry's conditional update matches): Medplum rejects the whole transaction with HTTP 400
+  naming that entry, writes nothing of it, and the message is dead-lettered with the server's reason, then
+  replayed once the duplicate is removed.  A transaction never comes back as a 2xx with a failed entry from
+  Medplum; parsing such a response is unit-tested in tests/destinations/test_fhir_entry_errors.py (a real
+  batch-response from Medplum, and an invented transaction-response).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,7 @@ from tests.e2e.test_fhir_series import adt, only, send_all
 from tests.support.engine import EngineProcess, fhir_channel, free_port, write_config
 from tests.support.faultproxy import ThreadedFaultProxy
 from tests.support.fhirserver import FhirServer
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.fhirserver
 
@@ -44,51 +52,25 @@ class TimedLog(list[tuple[str, str, str]]):
 
 
 class LossyProxy(ThreadedFaultProxy):
-    """The fault proxy plus two faults it lacks (both apply to requests that would be forwarded):
-
-    * ``lose_responses``: forward the request (the server commits it), then drop the connection instead of
-      answering, so the engine cannot know it succeeded and must retry;
-    * ``reject_entries``: answer HTTP 200 with a transaction-response whose Encounter entry is 422 with an
-      OperationOutcome (one bad entry in an otherwise fine bundle), without forwarding.
-    """
+    """The fault proxy plus a fault it lacks: ``lose_responses`` forwards the request (the server commits
+    it), then drops the connection instead of answering, so the engine cannot know it succeeded and must
+    retry."""
 
     def __init__(self, upstream: str) -> None:
         super().__init__(upstream)
         self.timed = TimedLog()
         self.log = self.timed
         self.lose_responses = 0
-        self.reject_entries = 0
 
     async def _forward(
         self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
     ) -> tuple[int, list[tuple[str, str]], bytes]:
-        if self.reject_entries > 0:
-            self.reject_entries -= 1
-            self.log[-1] = (method, path, "200 with a 422 entry")
-            return 200, [("Content-Type", "application/fhir+json")], entry_rejection(json.loads(body))
         result = await super()._forward(method, path, headers, body)
         if self.lose_responses > 0:
             self.lose_responses -= 1
             self.log[-1] = (method, path, f"forwarded ({result[0]}), response lost")
             raise ConnectionResetError("test: response dropped after the upstream committed")
         return result
-
-
-def entry_rejection(bundle: dict[str, Any]) -> bytes:
-    entries = []
-    for e in bundle["entry"]:
-        rtype = e["resource"]["resourceType"]
-        if rtype == "Encounter":
-            entries.append({"response": {"status": "422 Unprocessable Entity", "outcome": ENTRY_OUTCOME}})
-        else:
-            entries.append({"response": {"status": "201 Created", "location": f"{rtype}/x/_history/1"}})
-    return json.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": entries}).encode()
-
-
-ENTRY_OUTCOME = {
-    "resourceType": "OperationOutcome",
-    "issue": [{"severity": "error", "code": "value", "diagnostics": "Synthetic check: unknown location 4N"}],
-}
 
 
 @pytest.fixture
@@ -316,69 +298,90 @@ def replay_dead(cfg: Path, why: str) -> None:
     assert rep.exit_code == 0 and "1 message(s) queued" in rep.output, rep.output
 
 
-def test_entry_rejected_inside_2xx_dead_letter_then_replay(
-    tmp_path: Path, proxy: LossyProxy, fhir_server: FhirServer
-) -> None:
-    """HTTP 200, but the transaction-response says one entry failed: not delivered; dead-lettered (422 is
-    permanent) with that entry's OperationOutcome; replayed once the server accepts it."""
-    eng, cfg, db = engine_via(tmp_path, proxy)
-    proxy.reject_entries = 1
-    with eng:
-        send_all(eng.port, [SERIES[0]])
-        assert wait_settled(db, 1, timeout=20) == {("fhir", st.DEAD): 1}
-        (d,) = deliveries(db)
-        assert d.attempts == 1
-        assert "entry" in d.last_error and "(Encounter): HTTP 422" in d.last_error, d.last_error
-        assert "Synthetic check: unknown location 4N" in d.last_error
-        replay_dead(cfg, "location 4N added to the EHR")
-        s = st.Store(f"sqlite:///{db}")
-        try:
-            deadline = time.monotonic() + 20
-            while not s.delivery_counts().get(("fhir", st.DELIVERED)) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert s.delivery_counts() == {("fhir", st.DELIVERED): 1, ("fhir", st.SUPERSEDED): 1}
-        finally:
-            s.close()
-    only(fhir_server, "Patient")
-    only(fhir_server, "Encounter")
+IDENT = {
+    "Patient": {"system": "urn:sluice:authority:NORTHCLINIC", "value": "E2E100"},  # PID-3 of SERIES
+    "Encounter": {"system": "urn:sluice:authority:NORTHCLINIC", "value": "V900"},  # PV1-19 of SERIES
+}
+DUPLICATE = {  # what the EHR already holds twice: valid resources carrying the message's identifier
+    "Patient": {"resourceType": "Patient", "name": [{"family": "Fixture"}]},
+    "Encounter": {
+        "resourceType": "Encounter",
+        "status": "planned",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+    },
+}
 
 
-def test_real_server_rejection_dead_letter_then_replay(
-    tmp_path: Path, proxy: LossyProxy, fhir_server: FhirServer
+def converted(tmp_path: Path, cfg: Path, message: str) -> dict[str, Any]:
+    """The bundle the channel hands the destination for ``message`` (``sluice convert``, same pipeline)."""
+    src = tmp_path / "message.hl7"
+    src.write_bytes(message.encode())
+    res = CliRunner().invoke(main, ["convert", "--config", str(cfg), str(src)])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("{"))
+    bundle: dict[str, Any] = json.loads(line)
+    return bundle
+
+
+@pytest.mark.parametrize(
+    ("rtype", "server"), [("Patient", "validating"), ("Encounter", "validating"), ("Encounter", "stock")]
+)
+def test_real_server_rejects_one_entry_dead_letter_then_replay(
+    tmp_path: Path, rtype: str, server: str, request: pytest.FixtureRequest
 ) -> None:
-    """No injected fault: the EHR itself holds two Patients with the message's MRN, so the conditional
-    update is ambiguous and the real server rejects the transaction.  The operator merges the duplicate on
-    the server and replays: one Patient, one Encounter."""
-    ident = {"system": "urn:sluice:authority:NORTHCLINIC", "value": "E2E100"}
+    """No injected fault: the EHR already holds two resources of type ``rtype`` with the message's
+    identifier, so that one entry's conditional update is ambiguous.  Medplum rejects the entry and with it
+    the whole transaction (HTTP 400, the entry's path in the OperationOutcome), writes none of the other,
+    valid, entries, and the message is dead-lettered with the server's own diagnostics.  The operator
+    merges the duplicate on the server and replays: one Patient, one Encounter, the surviving one kept.
+    On the validating test server and on the stock router (MemoryRepository, no code of ours)."""
+    srv: FhirServer = request.getfixturevalue(
+        "fhir_server" if server == "validating" else "stock_fhir_server"
+    )
+    srv.reset()
     ids = [
-        fhir_server.request("POST", "/Patient", {"resourceType": "Patient", "identifier": [ident]})["id"]
+        srv.request("POST", f"/{rtype}", {**DUPLICATE[rtype], "identifier": [IDENT[rtype]]})["id"]
         for _ in range(2)
     ]
-    eng, cfg, db = engine_via(tmp_path, proxy)
-    with eng:
-        send_all(eng.port, [SERIES[0]])
-        assert wait_settled(db, 1, timeout=20) == {("fhir", st.DEAD): 1}
-        (d,) = deliveries(db)
-        assert d.attempts == 1 and "HTTP 400" in d.last_error, d.last_error
-        assert "multiple" in d.last_error.lower(), d.last_error  # the server's own diagnostics
-        listing = CliRunner().invoke(main, ["dead-letter", "list", "--config", str(cfg)])
-        assert "multiple" in listing.output.lower() and "\tF1\t" in listing.output, listing.output
-        assert fhir_server.search("Encounter") == []  # all-or-nothing: nothing half-written
+    with LossyProxy(srv.base_url) as proxy:
+        eng, cfg, db = engine_via(tmp_path, proxy)
+        bundle = converted(tmp_path, cfg, SERIES[0])
+        with eng:
+            send_all(eng.port, [SERIES[0]])
+            assert wait_settled(db, 1, timeout=20) == {("fhir", st.DEAD): 1}
+            (d,) = deliveries(db)
+            assert d.attempts == 1 and "HTTP 400" in d.last_error, d.last_error  # permanent: no retries
+            assert "matched multiple resources" in d.last_error, d.last_error  # the server's own words
+            where = re.search(r"\(at Bundle\.entry\[(\d+)\]\.request\.url\)", d.last_error)
+            assert where, d.last_error
+            rejected = bundle["entry"][int(where.group(1))]
+            assert rejected["resource"]["resourceType"] == rtype  # the server named the ambiguous entry
+            others = {e["resource"]["resourceType"] for e in bundle["entry"]} - {rtype}
+            assert {"Patient", "Encounter", "Practitioner", "Location", "Provenance"} - {rtype} <= others
+            listing = CliRunner().invoke(main, ["dead-letter", "list", "--config", str(cfg)])
+            assert "matched multiple" in listing.output and "\tF1\t" in listing.output, listing.output
+            # all-or-nothing: not one of the bundle's valid entries was written
+            assert [r["id"] for r in srv.search(rtype)] == ids
+            for other in sorted(others):
+                assert srv.search(other) == [], f"{other} written by a rejected transaction"
 
-        fhir_server.request("DELETE", f"/Patient/{ids[1]}")  # the operator merges the duplicate
-        replay_dead(cfg, "duplicate patient merged in the EHR")
-        s = st.Store(f"sqlite:///{db}")
-        try:
-            deadline = time.monotonic() + 20
-            while not s.delivery_counts().get(("fhir", st.DELIVERED)) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert s.delivery_counts().get(("fhir", st.DELIVERED)) == 1, s.delivery_counts()
-        finally:
-            s.close()
-    patient = only(fhir_server, "Patient")
-    assert patient["id"] == ids[0] and patient["name"][0]["family"] == "Fixture"
-    encounter = only(fhir_server, "Encounter")
-    assert encounter["subject"]["reference"] == f"Patient/{ids[0]}"
+            srv.request("DELETE", f"/{rtype}/{ids[1]}")  # the operator merges the duplicate
+            replay_dead(cfg, f"duplicate {rtype} merged in the EHR")
+            s = st.Store(f"sqlite:///{db}")
+            try:
+                wait_for(
+                    lambda: s.delivery_counts().get(("fhir", st.DELIVERED)) == 1,
+                    timeout=20,
+                    what=lambda: f"the replay delivered: {s.delivery_counts()}",
+                )
+            finally:
+                s.close()
+        assert proxy.forwarded == 2  # the rejected transaction and the replay
+    patient, encounter = only(srv, "Patient"), only(srv, "Encounter")
+    assert (patient if rtype == "Patient" else encounter)["id"] == ids[0]
+    assert encounter["subject"]["reference"] == f"Patient/{patient['id']}"
+    assert patient["name"][0]["family"] == "Fixture"
+    assert encounter["identifier"][0]["value"] == "V900"
 
 
 def test_transient_fault_does_not_reorder_a_series_by_default(
