@@ -129,6 +129,7 @@ class ChannelConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     batch: str = "accept"  # FHS/BHS batches: "accept" (one ACK for the batch) or "reject" (AR 200)
     enabled: bool = True
+    validate: str = "off"  # or "structure": segments checked against HL7 with hl7apy (engine/validation.py)
 
 
 @dataclass(frozen=True)
@@ -516,6 +517,13 @@ def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> C
     )
     rt.done()
     transform = sec.items("transform")
+    validate = "off"
+    if sec.get("validate") is not False:  # YAML reads a bare `off` as false
+        validate = sec.text("validate", "off", choices=("off", "structure"))
+    if validate == "structure":
+        from engine.validation import require_hl7apy
+
+        require_hl7apy(file)
     ch = ChannelConfig(
         name=name,
         file=file,
@@ -534,6 +542,7 @@ def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> C
         retention=retention,
         batch=sec.text("batch", "accept", choices=("accept", "reject")),
         enabled=sec.flag("enabled", True),
+        validate=validate,
     )
     sec.done()
     return ch

@@ -8,7 +8,7 @@ that records its result, so a message is never half-processed.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -45,6 +45,10 @@ class ChannelRuntime:
             channel=channel.name, base_dir=config.base_dir, config_file=channel.file, site_tz=channel.site_tz
         )
         self.pipeline: Pipeline = build_pipeline(channel.filter, channel.transform, ctx)
+        if channel.validate == "structure":  # after the filter, before the first step (engine/validation.py)
+            from engine.validation import structure_step
+
+            self.pipeline = replace(self.pipeline, steps=(structure_step(), *self.pipeline.steps))
         self.routes = tuple(
             Route(r.destination, build_filter(r.filter, ctx, f"routes[{i}].filter"))
             for i, r in enumerate(channel.routes)
