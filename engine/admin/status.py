@@ -33,6 +33,10 @@ class EngineView(Protocol):
 Samples = Mapping[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+# Final statuses that count as errors: failed processing, held for review, refused or quarantined at intake.
+ERRORED = ("error", "review", "rejected", "quarantined")
+
+
 def _sum(samples: Samples, name: str, **labels: str) -> int:
     return int(samples.get((name, tuple(sorted(labels.items()))), 0.0))
 
@@ -61,7 +65,7 @@ def channels(
         lv = live.get(ch.name, {})
         processed = {
             s: _sum(samples, "sluice_messages_processed_total", channel=ch.name, status=s)
-            for s in ("processed", "filtered", "error", "review")
+            for s in ("processed", "filtered", *ERRORED)
         }
         acks = {c: _sum(samples, "sluice_acks_total", channel=ch.name, code=c) for c in ("AA", "AE", "AR")}
         last = lv.get("last_message_at") or last_received(store, ch.name)
@@ -81,7 +85,7 @@ def channels(
                 "counters": {
                     "received": _sum(samples, "sluice_messages_received_total", channel=ch.name),
                     "filtered": processed["filtered"],
-                    "errored": processed["error"] + processed["review"] + acks["AE"] + acks["AR"],
+                    "errored": sum(processed[s] for s in ERRORED),
                     "processed": processed["processed"],
                     "AA": acks["AA"],
                     "AE": acks["AE"],

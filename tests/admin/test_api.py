@@ -75,6 +75,10 @@ def test_counters_move_with_traffic(admin: Admin) -> None:
         return int(d["counters"]["delivered"])
 
     wait_for(lambda: delivered() >= 3, what="deliveries counted")
+    refused = adt("COUNT-BAD", "MRN-C4").replace(b"ADT^A08^ADT_A01", b"ZZZ^Z01")
+    assert admin.send(refused) == ["AR"]
+    now = wait_for(lambda: (c := channel())["counters"]["AR"] >= before["AR"] + 1 and c, what="AR counted")
+    assert now["counters"]["errored"] >= before["errored"] + 1
     metrics = admin.get("/metrics").text
     assert 'sluice_messages_received_total{channel="adt"}' in metrics
 
