@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import structlog
 
 from engine import ack as ackmod
-from engine import hl7
+from engine import hl7, redact
 from engine.admin.search import patient_hash
 from engine.config import ChannelConfig
 from engine.errors import Location, MessageContentError, MessageRejected, SluiceError, StoreError
@@ -437,28 +437,32 @@ class Intake:
         mtype, trig = msg.message_type, msg.trigger
         if not mtype:
             raise MessageRejected("MSH-9 message type is missing", code="101", location=Location("MSH", 1, 9))
+        # Reasons quote a header value only when it is a known code (engine.redact): they are stored,
+        # logged and sent back in the ACK's ERR segment.
         if mtype not in self._types:
             raise MessageRejected(
-                f"message type {mtype} is not accepted by channel {self.channel.name}",
+                f"message type {redact.message_type(mtype)} is not accepted by channel {self.channel.name}",
                 code="200",
                 location=Location("MSH", 1, 9, None, 1),
             )
         triggers = self._types[mtype]
         if triggers and trig not in triggers:
             raise MessageRejected(
-                f"trigger event {mtype}^{trig} is not accepted by channel {self.channel.name}",
+                f"trigger event {mtype}^{redact.trigger(trig, triggers)} is not accepted by channel "
+                f"{self.channel.name}",
                 code="201",
                 location=Location("MSH", 1, 9, None, 2),
             )
         if msg.processing_id not in self._pids:
             raise MessageRejected(
-                f"processing id {msg.processing_id or '(empty)'} is not accepted",
+                f"processing id {redact.code(msg.processing_id, redact.PROCESSING_IDS) if msg.processing_id else '(empty)'} "
+                "is not accepted",
                 code="202",
                 location=Location("MSH", 1, 11),
             )
         if msg.version not in self._versions:
             raise MessageRejected(
-                f"HL7 version {msg.version or '(empty)'} is not accepted",
+                f"HL7 version {redact.code(msg.version, redact.VERSIONS) if msg.version else '(empty)'} is not accepted",
                 code="203",
                 location=Location("MSH", 1, 12),
             )
@@ -579,8 +583,8 @@ class Intake:
                     "duplicate_ignored",
                     channel=self.channel.name,
                     original_id=j.duplicate_of,
-                    control_id=j.row.control_id,
-                    type=f"{j.row.message_type}^{j.row.trigger}",
+                    control_id=redact.control_id(j.row.control_id),
+                    type=redact.type_and_trigger(j.row.message_type, j.row.trigger),
                 )
                 acks.extend(split_acks(j.replay_ack))
                 continue
@@ -591,8 +595,8 @@ class Intake:
                 "message_stored",
                 channel=self.channel.name,
                 message_id=j.message_id,
-                control_id=j.row.control_id,
-                type=f"{j.row.message_type}^{j.row.trigger}",
+                control_id=redact.control_id(j.row.control_id),
+                type=redact.type_and_trigger(j.row.message_type, j.row.trigger),
                 status=j.row.status if j.final_outcome is None else "processed",
                 outcome=outcome.code,
             )

@@ -1,7 +1,11 @@
 """Logging setup: structlog, JSON in production, readable in a terminal.
 
 What Sluice logs about a message is its id, channel, type, control id and outcome,
-never names, identifiers, dates of birth or message content.
+never names, identifiers, dates of birth or message content.  Header values are logged
+only once validated (:mod:`engine.redact`); in the console format every string value is
+printed as its ``repr``, control characters escaped, so a logged value can never start a
+fake line or drive the terminal (JSON escapes them itself).  Worker processes log with the
+engine's settings (:func:`current`, passed to them at start).
 """
 
 from __future__ import annotations
@@ -11,24 +15,35 @@ import sys
 
 import structlog
 
+_current: tuple[str, str] = ("console", "info")
+
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
+    global _current
     lvl = getattr(logging, level.upper(), logging.INFO)
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
+    _current = (fmt, level)
     renderer: structlog.types.Processor
+    processors: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer()  # JSON escapes control characters itself
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # repr every string value: control characters come out escaped (by default the console
+        # renderer prints a string without spaces or quotes as it is, an ESC sequence included)
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), repr_native_str=True)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
+        processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def current() -> tuple[str, str]:
+    """The format (``json`` or ``console``, ``auto`` resolved) and level :func:`configure` last set."""
+    return _current

@@ -35,6 +35,17 @@ _REQUIRED_AT = {"Patient": Location("MRG", 1, 1), "Appointment": Location("SCH",
 _REQUIRED_WHAT = {"Patient": "the prior patient of a merge", "Appointment": "the appointment being cancelled"}
 
 
+def _raised_at(exc: BaseException) -> str:
+    """``file.py:123 in function`` of the innermost frame of ``exc``'s traceback (no values)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "an unknown place"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name}"
+
+
 class ChannelRuntime:
     """A channel's compiled pipeline and routes."""
 
@@ -92,8 +103,10 @@ class ChannelRuntime:
                 control_id=msg.control_id,
                 error=type(exc).__name__,
             )
+            # The exception's own text may quote message content (a KeyError names the key): the
+            # reason carries the type and where it was raised, which is what a developer needs.
             err = MessageContentError(
-                f"internal error in a transform step: {type(exc).__name__}: {exc}", code="207"
+                f"internal error in a transform step: {type(exc).__name__} at {_raised_at(exc)}", code="207"
             )
             err.ack_code = "AR"  # type: ignore[misc]
             return ProcessResult(ERROR, str(err), err)

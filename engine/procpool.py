@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, NamedTuple
 
-from engine import collector, payloads
+from engine import collector, logs, payloads
 from engine.config import Config
 from engine.intake import ProcessResult
 
@@ -47,13 +47,14 @@ def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
             os._exit(0)
 
 
-def _init(config: Config, parent: int) -> None:
+def _init(config: Config, parent: int, log_settings: tuple[str, str] = ("console", "info")) -> None:
     import signal
 
     from engine import registry
     from engine.processing import ChannelRuntime
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    logs.configure(*log_settings)  # the engine's format and level (JSON when it logs JSON)
     # The engine's pid comes from the engine itself: if it died while this worker was starting, the
     # parent here is already someone else and the watch must see that too.
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
@@ -107,7 +108,10 @@ class ProcessingPool:
         self.workers = workers
         ctx = multiprocessing.get_context("spawn")  # never fork a process that has threads
         self.executor = ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init, initargs=(config, os.getpid())
+            max_workers=workers,
+            mp_context=ctx,
+            initializer=_init,
+            initargs=(config, os.getpid(), logs.current()),
         )
 
     def run(self, channel: str, items: list[tuple[int, bytes]]) -> list[ProcessResult]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment
 from transforms import datatypes as dt
@@ -237,7 +238,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         trigger = evn.get(1).strip().upper() if evn is not None else ""
     if trigger not in SUPPORTED:
         raise MessageRejected(
-            f"ADT trigger {trigger or '(empty)'!r} is not supported by the FHIR conversion",
+            f"ADT trigger {redact.trigger(trigger) if trigger else '(empty)'} is not supported by the FHIR conversion",
             code="201",
             location=Location("MSH", 1, 9, None, 2),
         )

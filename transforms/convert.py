@@ -23,6 +23,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from engine import redact
 from engine.errors import ConversionError, InternalConversionError, Location, MessageRejected, SluiceError
 from engine.hl7 import HEADER_SEGMENTS, Message, escape, parse, unescape
 from transforms.bundle import Conversion, ConvertContext, det_uuid
@@ -44,7 +45,8 @@ def _module(message_type: str) -> ModuleType:
     name = MODULES.get(message_type)
     if name is None:
         raise MessageRejected(
-            f"message type {message_type or '(empty)'!r} is not supported by the FHIR conversion "
+            f"message type {redact.message_type(message_type) if message_type else '(empty)'} is not supported by the "
+            "FHIR conversion "
             f"(supported: {', '.join(sorted(MODULES))})",
             code="200",
             location=Location("MSH", 1, 9, None, 1),
@@ -55,7 +57,7 @@ def _module(message_type: str) -> ModuleType:
         if exc.name != name:
             raise
         raise MessageRejected(
-            f"message type {message_type!r} is not supported yet",
+            f"message type {redact.message_type(message_type)} is not supported yet",
             code="200",
             location=Location("MSH", 1, 9, None, 1),
         ) from None
@@ -71,7 +73,8 @@ def convert_report(msg: Message, settings: ConvertSettings) -> Conversion:
         raise
     except Exception as exc:  # a mapping bug must fail the message with a reason, not crash the worker
         raise InternalConversionError(
-            f"internal conversion error ({type(exc).__name__}) converting {msg.message_type}^{msg.trigger}: "
+            f"internal conversion error ({type(exc).__name__}) converting "
+            f"{redact.type_and_trigger(msg.message_type, msg.trigger)}: "
             "a Sluice bug, not a problem with the message; report it and replay the message once fixed"
         ) from exc
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment
 from transforms.bundle import ConvertContext
@@ -322,7 +323,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     trigger = msg.trigger
     if trigger not in TRIGGER_STATUS:
         raise MessageRejected(
-            f"SIU trigger {trigger or '(empty)'!r} is not supported (supported: "
+            f"SIU trigger {redact.trigger(trigger) if trigger else '(empty)'} is not supported (supported: "
             + ", ".join(sorted(TRIGGER_STATUS))
             + ")",
             code="201",

@@ -87,11 +87,17 @@ class EngineProcess:
     """``sluice run`` in a subprocess; stopped (or killed) by its PID only."""
 
     def __init__(
-        self, config: Path, port: int, env: dict[str, str] | None = None, log_name: str = "engine.log"
+        self,
+        config: Path,
+        port: int,
+        env: dict[str, str] | None = None,
+        log_name: str = "engine.log",
+        args: list[str] | None = None,
     ):
         self.config = config
         self.port = port
         self.extra_env = env or {}
+        self.args = list(args or [])  # more ``sluice run`` options, e.g. --log-format json
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config.parent / log_name
 
@@ -99,7 +105,7 @@ class EngineProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         logf = open(self.log, "ab")  # noqa: SIM115 - owned by the process lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config)],
+            [sys.executable, "-m", "engine.cli", "run", "--config", str(self.config), *self.args],
             cwd=str(ROOT),
             stdout=logf,
             stderr=logf,
