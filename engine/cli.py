@@ -15,6 +15,7 @@ import click
 from engine import native
 from engine.admin.commands import audit_group, token
 from engine.errors import ConfigError, SluiceError
+from engine.redact import printable
 
 if TYPE_CHECKING:
     from engine.processing import ChannelRuntime
@@ -38,6 +39,20 @@ def _open_store(cfg: Any) -> Any:
         return Store(cfg.store_url)
     except SluiceError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<store url>"
+
+
+def _row(*values: object) -> str:
+    """One tab-separated table row, each value with its control characters escaped (engine.redact)."""
+    return "\t".join(printable(v) for v in values)
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -201,12 +216,13 @@ async def _send_all(host: str, port: int, ctx: Any, timeout: float, messages: li
             try:
                 ack = await client.send(payload)
             except DeliveryError as exc:
-                click.echo(f"{label}\tERROR\t-\t{exc}")
+                click.echo(_row(label, "ERROR", "-", exc))
                 failures += 1
                 continue
             info = parse_ack(ack)
-            extra = f"\t{info.error_code} {info.text}".rstrip() if info.code not in ("AA", "CA") else ""
-            click.echo(f"{label}\t{info.code}\t{info.control_id}{extra}")
+            # the receiver's answer is its text: escaped, so it cannot drive the terminal or add columns
+            extra = f"{info.error_code} {info.text}".rstrip() if info.code not in ("AA", "CA") else ""
+            click.echo(_row(label, info.code, info.control_id, *([extra] if extra else [])))
             if info.code not in ("AA", "CA"):
                 failures += 1
     finally:
@@ -301,7 +317,7 @@ def messages_list(config_path: str, channel: str | None, status: str | None, con
         if as_json:
             click.echo(json.dumps(item))  # JSON escapes control characters itself
         else:
-            click.echo("\t".join(str(v) for v in item.values()))
+            click.echo(_row(*item.values()))
 
 
 @messages.command("show")
@@ -317,20 +333,22 @@ def messages_show(config_path: str, message_id: int, show_phi: bool, reason: str
     r = store.get_message(message_id)
     if r is None:
         raise click.ClickException(f"no message {message_id}")
+    # Stored values are printed with their control characters escaped (engine.redact.printable).
+    p = printable
     click.echo(f"id:          {r.id}")
-    click.echo(f"channel:     {r.channel}")
-    click.echo(f"received:    {_fmt_time(r.received_at)} from {r.peer}")
-    click.echo(f"type:        {r.message_type}^{r.trigger} v{r.version}")
-    click.echo(f"control id:  {r.control_id}")
-    click.echo(f"status:      {r.status}")
+    click.echo(f"channel:     {p(r.channel)}")
+    click.echo(f"received:    {_fmt_time(r.received_at)} from {p(r.peer)}")
+    click.echo(f"type:        {p(r.message_type)}^{p(r.trigger)} v{p(r.version)}")
+    click.echo(f"control id:  {p(r.control_id)}")
+    click.echo(f"status:      {p(r.status)}")
     if r.reason:
-        click.echo(f"reason:      {r.reason}")
-    click.echo(f"ack:         {r.ack_code or '-'}")
-    click.echo(f"size:        {r.size} bytes, hash {r.content_hash}")
+        click.echo(f"reason:      {p(r.reason)}")
+    click.echo(f"ack:         {p(r.ack_code or '-')}")
+    click.echo(f"size:        {r.size} bytes, hash {p(r.content_hash)}")
     for d in store.deliveries_of(message_id):
-        line = f"delivery {d.id} → {d.destination}: {d.status}, {d.attempts} attempt(s)"
+        line = f"delivery {d.id} → {p(d.destination)}: {p(d.status)}, {d.attempts} attempt(s)"
         if d.last_error and d.status != "delivered":
-            line += f", last error: {d.last_error}"
+            line += f", last error: {p(d.last_error)}"
         click.echo(line)
     if r.raw is None:
         click.echo("content:     (dropped by retention)")
@@ -340,10 +358,11 @@ def messages_show(config_path: str, message_id: int, show_phi: bool, reason: str
 
         raw, _outputs = operations.view_content(store, os_user(), message_id, reason=reason, source="cli")
         click.echo("content:")
-        click.echo((raw or b"").decode("latin-1").replace("\r", "\n"))
+        # one segment a line; any other control character (an ESC sequence in a field) escaped
+        click.echo(p((raw or b"").decode("latin-1").replace("\r", "\n"), keep="\n"))
     else:
         segs = [line[:3] for line in r.raw.decode("latin-1").replace("\n", "\r").split("\r") if line.strip()]
-        click.echo(f"segments:    {' '.join(segs)}  (content hidden; --show-phi to print it)")
+        click.echo(f"segments:    {p(' '.join(segs))}  (content hidden; --show-phi to print it)")
 
 
 @main.group("dead-letter")
@@ -376,7 +395,7 @@ def dead_letter_list(
         if as_json:
             click.echo(json.dumps(item))
         else:
-            click.echo("\t".join(str(v) for v in item.values()))
+            click.echo(_row(*item.values()))
 
 
 @main.command()
@@ -424,7 +443,7 @@ def replay(config_path: str, ids: tuple[int, ...], channel: str | None, status: 
     for mid, dests in res.selection:
         click.echo(
             f"{'would replay' if dry_run else 'replaying'} message {mid}"
-            + (f" → {', '.join(dests)}" if dests else "")
+            + (f" → {printable(', '.join(dests))}" if dests else "")
         )
     if dry_run:
         click.echo(f"{len(res.selection)} message(s) would be replayed (dry run, nothing changed)")
