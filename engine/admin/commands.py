@@ -15,6 +15,7 @@ import click
 
 from engine.admin import audit, operations, tokens
 from engine.admin.roles import ROLES, Principal
+from engine.redact import printable
 
 
 def os_user() -> Principal:
@@ -93,7 +94,7 @@ def token_list(config_path: str, as_json: bool) -> None:
             "last_used": _when(t.last_used_at),
             "state": state,
         }
-        click.echo(json.dumps(item) if as_json else "\t".join(str(v) for v in item.values()))
+        click.echo(json.dumps(item) if as_json else "\t".join(printable(v) for v in item.values()))
 
 
 @token.command("revoke")
@@ -105,7 +106,7 @@ def token_revoke(config_path: str, name: str) -> None:
         tokens.revoke(_store(config_path), name, by=os_user(), source="cli")
     except tokens.TokenError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"token {name!r} revoked")
+    click.echo(f"token {printable(name)!r} revoked")
 
 
 @click.group("audit")
@@ -132,16 +133,6 @@ def audit_list(
         if as_json:
             click.echo(json.dumps(e.as_dict()))
         else:
-            click.echo(
-                "\t".join(
-                    [
-                        str(e.id),
-                        _when(e.at),
-                        f"{e.actor_kind}:{e.actor}",
-                        e.action,
-                        e.target,
-                        e.source,
-                        e.reason,
-                    ]
-                )
-            )
+            # an operator's reason, an OIDC subject: printed with control characters escaped
+            values = [e.id, _when(e.at), f"{e.actor_kind}:{e.actor}", e.action, e.target, e.source, e.reason]
+            click.echo("\t".join(printable(v) for v in values))

@@ -265,3 +265,18 @@ def test_engine_log_and_ack_carry_no_phi_from_msh9_or_msh18(tmp_path: Path) -> N
     assert len(reasons) == 3 and not any(
         SECRET.lower() in r.lower() or SECRET[:3].upper() in r for r in reasons
     )
+
+
+def test_audit_table_escapes_control_characters(tmp_path: Path) -> None:
+    cfg = _hostile_store(tmp_path)
+    runner = CliRunner()
+    why = "ticket 1\n2\tfake\x1b[2J"  # an operator's reason for looking (token names are validated already)
+    shown = runner.invoke(
+        main, ["messages", "show", "1", "--show-phi", "--reason", why, "--config", str(cfg)]
+    )
+    assert shown.exit_code == 0, shown.output
+    res = runner.invoke(main, ["audit", "list", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    rows = res.output.splitlines()
+    assert len(rows) == 1 and "\x1b" not in res.output
+    assert rows[0].endswith("ticket 1\\n2\\tfake\\x1b[2J")
