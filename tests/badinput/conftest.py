@@ -127,21 +127,46 @@ class Reader:
     def one(self, timeout: float = 10.0) -> bytes:
         return self.frames(1, timeout)[0]
 
-    def nothing(self, wait: float = 1.0) -> None:
-        """Assert no frame (and no byte at all) arrives within ``wait`` seconds."""
-        deadline = time.monotonic() + wait
-        while self._fill(deadline):
-            pass
-        assert not self.buf, f"expected no reply, got {bytes(self.buf[:300])!r}"
+    def nothing_before_probe(self) -> None:
+        """Assert that no reply is pending for what was sent so far on this connection.
 
-    def wait_closed(self, timeout: float) -> float:
-        """Seconds until the engine closed the connection; AssertionError if it stays open."""
-        t0 = time.monotonic()
-        deadline = t0 + timeout
+        Sends a normal message (the probe) on the same connection: the engine answers a connection's
+        frames in order, so the probe's AA must be the very next frame; a reply still to come for
+        anything sent earlier would arrive before it.  Order, not a wait for silence.
+        """
+        cid = uid("PR")
+        self.sock.sendall(frame(adt(cid)))
+        raw = self.one()
+        ack = parse_ack(raw)
+        assert (ack.code, ack.control_id) == ("AA", cid), f"expected the probe's AA next, got {raw[:300]!r}"
+
+    def wait_closed(self, timeout: float = 30.0) -> None:
+        """Read until the engine closes the connection; AssertionError if it stays open past ``timeout``
+        (a bound for a hung test: what closed it is for the test to check, e.g. in the engine's log)."""
+        deadline = time.monotonic() + timeout
         while not self.closed:
             if not self._fill(deadline) and not self.closed and time.monotonic() >= deadline:
                 raise AssertionError(f"connection still open after {timeout}s")
-        return time.monotonic() - t0
+
+    def is_open(self) -> bool:
+        """True while the engine has not closed the connection (reads only what is already there)."""
+        if self.closed:
+            return False
+        self.sock.setblocking(False)
+        try:
+            data = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return True
+        except (ConnectionResetError, BrokenPipeError):
+            self.closed = self.reset = True
+            return False
+        finally:
+            self.sock.setblocking(True)
+        if not data:
+            self.closed = True
+            return False
+        self.buf += data
+        return True
 
 
 def send_recv(port: int, payload: bytes, n: int = 1, timeout: float = 10.0) -> list[bytes]:
