@@ -323,9 +323,10 @@ def check_deliveries_through_kills(
 @pytest.mark.slow
 def test_kill_9_while_sending_loses_nothing(tmp_path: Path) -> None:
     """5,000 messages over 20 connections, SIGKILL 3 times (at random points of the stream, each while that
-    process is delivering) and restarted; the senders resend anything not ACKed.  Every AA'd message is stored exactly once, gets exactly one
-    delivery row per destination, and is delivered at least once; a message is delivered twice only when
-    a process was killed after delivering it and before recording that, and then by the next process.
+    process is delivering) and restarted; the senders resend anything not ACKed.  Every AA'd message is
+    stored exactly once, gets exactly one delivery row per destination, and is delivered at least once; a
+    message is delivered twice only when a process was killed after delivering it and before recording
+    that, and then by the next process.
 
     Two routes: the file destination (one file per message, written atomically: a re-delivery rewrites the
     same name, so the files alone cannot show a duplicate) and the recorder plugin, which appends every
