@@ -802,4 +802,8 @@ def create_app(ctx: AdminContext) -> FastAPI:
             raise operations.NotFound(str(exc)) from None
         return Response(status_code=204)
 
+    # -------------------------------------------------------------- web console (engine/web/, at /)
+    from engine.web import mount as mount_console
+
+    mount_console(app)
     return app
