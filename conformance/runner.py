@@ -13,7 +13,7 @@ Every message ends in exactly one outcome:
 ``UNLOCATED``    a ``SluiceError`` without a location: a failure (the target is "valid FHIR or a
                  *located* error");
 ``CRASH``        any other exception, including the converter's "internal conversion error"
-                 (AE 207) wrapping one: a failure.
+                 (AR 207, InternalConversionError) wrapping one: a failure.
 
 Where ``<dir>/expected/<stem>-expected.json`` sits next to a single-message file (the layout of
 Microsoft FHIR-Converter's samples), the Bundle is scored field by field with
@@ -292,7 +292,7 @@ def _default_settings() -> ConvertSettings:
 
 
 def _internal_cause(exc: SluiceError) -> BaseException | None:
-    """The non-Sluice exception a SluiceError wraps (the converter's AE 207 safety net), if any."""
+    """The non-Sluice exception a SluiceError wraps (the converter's AR 207 safety net), if any."""
     cause = exc.__cause__
     if cause is not None and not isinstance(cause, SluiceError):
         return cause
