@@ -6,7 +6,9 @@ conditional PUT / POST with If-None-Exist, in dependency order, rewriting urn:uu
 server assigned).  Replays are safe as long as the mapping uses conditional requests or deterministic ids.
 
 Auth: none | bearer | basic | oauth2 (client credentials; token cached, refreshed before expiry, one refresh
-on 401) | mtls (client cert/key).  TLS verification is on by default; ``tls.ca_file`` for a private CA.
+on 401) | smart-backend (SMART Backend Services: client credentials with a signed JWT client assertion,
+engine/destinations/smart.py; cached and refreshed like oauth2) | mtls (client cert/key).  TLS verification
+is on by default; ``tls.ca_file`` for a private CA.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import hashlib
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import orjson
 
+from engine.destinations import fhir_plan, smart
 from engine.destinations.base import CONTENT_FHIR, Destination, DestinationContext, Outbound, secret
 from engine.destinations.http import (
     TRANSPORT_ERRORS,
@@ -41,14 +46,17 @@ from engine.ratelimit import Limiter
 from engine.registry import destination
 
 MODES = ("transaction", "batch", "per-resource")
-AUTH_TYPES = ("none", "bearer", "basic", "oauth2", "mtls")
+AUTH_TYPES = ("none", "bearer", "basic", "oauth2", "smart-backend", "mtls")
+# A token from a token endpoint: cached, refreshed before expiry, fetched again once on a 401.
+TOKEN_TYPES = ("oauth2", "smart-backend")
 FHIR_HEADERS = {"Accept": CONTENT_FHIR, "Content-Type": CONTENT_FHIR}
 
 
 class _Auth:
-    """Adds credentials to requests; ``oauth2`` keeps a cached token.
+    """Adds credentials to requests; ``oauth2`` and ``smart-backend`` keep a cached token.
 
     ``clock`` (monotonic seconds) times the token's lifetime; a test sets a fake one to expire it.
+    ``wall`` (Unix seconds) dates the SMART client assertion, which the token server checks.
     """
 
     def __init__(self, spec: Any, *, ctx: DestinationContext, key: str) -> None:
@@ -59,6 +67,15 @@ class _Auth:
             "bearer": {"token"},
             "basic": {"username", "password"},
             "oauth2": {"token_url", "client_id", "client_secret", "scope", "client_auth", "refresh_margin"},
+            "smart-backend": {
+                "token_url",
+                "client_id",
+                "private_key",
+                "alg",
+                "kid",
+                "scope",
+                "refresh_margin",
+            },
             "mtls": {"cert", "key"},
         }
         unknown = sorted(set(spec) - allowed[self.type])
@@ -91,6 +108,8 @@ class _Auth:
         self._expires_at = 0.0
         self._lock = asyncio.Lock()
         self.clock: Callable[[], float] = time.monotonic
+        self.wall: Callable[[], float] = time.time
+        self.smart: smart.Client | None = None
         self.token_fetches = 0
         if self.type == "bearer":
             self.header = "Bearer " + secret(need("token"), what="auth token", ctx=ctx, key=f"{key}.token")
@@ -109,15 +128,75 @@ class _Auth:
                 spec.get("client_auth", "basic"), ("basic", "post"), ctx=ctx, key=f"{key}.client_auth"
             )
             self.refresh_margin = float(spec.get("refresh_margin", 60))
+        elif self.type == "smart-backend":
+            self.token_url = str(need("token_url"))
+            if not self.token_url.startswith(("http://", "https://")):
+                raise ConfigError(
+                    "token_url must be the server's token endpoint, an http:// or https:// URL",
+                    file=ctx.config_file,
+                    key=f"{key}.token_url",
+                    hint="the token_endpoint of the server's .well-known/smart-configuration",
+                )
+            self.client_id = plain_or_secret("client_id")
+            if not spec.get("scope"):
+                raise ConfigError(
+                    "auth type smart-backend needs scope (the SMART system scopes to ask for)",
+                    file=ctx.config_file,
+                    key=f"{key}.scope",
+                    hint="e.g. scope: system/Patient.write system/Encounter.write (what the EHR granted "
+                    "this client)",
+                )
+            self.scope = str(spec["scope"])
+            pem = secret(
+                need("private_key"), what="smart-backend private_key", ctx=ctx, key=f"{key}.private_key"
+            )
+            try:
+                signing_key = smart.load_private_key(pem)
+            except smart.SmartKeyError as exc:
+                raise ConfigError(
+                    f"smart-backend private_key: {exc}",
+                    file=ctx.config_file,
+                    key=f"{key}.private_key",
+                    hint="an RSA (2048+ bits, alg RS384) or EC P-384 (alg ES384) PEM key, "
+                    "as {file: /run/secrets/name}",
+                ) from exc
+            alg = spec.get("alg")
+            if alg is not None:
+                alg = check_choice(alg, smart.ALGS, ctx=ctx, key=f"{key}.alg")
+            kid = spec.get("kid")
+            if kid is not None and (not isinstance(kid, str) or not kid):
+                raise ConfigError(
+                    "kid must be the key id registered with the server (a string)",
+                    file=ctx.config_file,
+                    key=f"{key}.kid",
+                    hint="leave it out to use the key's thumbprint, as `sluice keys jwks` prints it",
+                )
+            try:
+                self.smart = smart.Client.make(
+                    client_id=self.client_id,
+                    token_url=self.token_url,
+                    key=signing_key,
+                    scope=self.scope,
+                    alg=alg,
+                    kid=kid,
+                )
+            except smart.SmartKeyError as exc:
+                raise ConfigError(f"smart-backend: {exc}", file=ctx.config_file, key=f"{key}.alg") from exc
+            self.refresh_margin = float(spec.get("refresh_margin", 60))
         elif self.type == "mtls":
             self.tls = {"cert": need("cert"), "key": need("key")}
+
+    @property
+    def refreshable(self) -> bool:
+        """A token from a token endpoint: a 401 invalidates it and the request is retried once."""
+        return self.type in TOKEN_TYPES
 
     def invalidate(self) -> None:
         self._token = None
         self._expires_at = 0.0
 
     async def headers(self, client: httpx.AsyncClient, what: str) -> dict[str, str]:
-        if self.type == "oauth2":
+        if self.type in TOKEN_TYPES:
             return {"Authorization": "Bearer " + await self._oauth_token(client, what)}
         return {"Authorization": self.header} if self.header else {}
 
@@ -125,16 +204,23 @@ class _Auth:
         async with self._lock:
             if self._token is not None and self.clock() < self._expires_at:
                 return self._token
-            form = {"grant_type": "client_credentials"}
-            if self.scope:
-                form["scope"] = self.scope
             hdrs = {"Accept": "application/json"}
-            if self.client_auth == "basic":
-                cred = (quote(self.client_id, safe="") + ":" + quote(self.client_secret, safe="")).encode()
-                hdrs["Authorization"] = "Basic " + base64.b64encode(cred).decode()
+            if self.smart is not None:
+                form = self.smart.token_form(self.wall())  # a new assertion (and jti) each request
+                check = "auth.client_id, the key registered with the server (sluice keys jwks), kid and scope"
             else:
-                form |= {"client_id": self.client_id, "client_secret": self.client_secret}
-            what = f"{what} oauth2 token request"
+                form = {"grant_type": "client_credentials"}
+                if self.scope:
+                    form["scope"] = self.scope
+                if self.client_auth == "basic":
+                    cred = (
+                        quote(self.client_id, safe="") + ":" + quote(self.client_secret, safe="")
+                    ).encode()
+                    hdrs["Authorization"] = "Basic " + base64.b64encode(cred).decode()
+                else:
+                    form |= {"client_id": self.client_id, "client_secret": self.client_secret}
+                check = "auth.client_id/client_secret/scope"
+            what = f"{what} {self.type} token request"
             try:
                 resp = await client.post(self.token_url, data=form, headers=hdrs)
             except TRANSPORT_ERRORS as exc:
@@ -143,9 +229,7 @@ class _Auth:
                 err = response_error(resp, what=what)
                 if err.retryable:
                     raise err
-                raise PermanentDeliveryError(
-                    f"{err.message} (check auth.client_id/client_secret/scope)", category="auth"
-                )
+                raise PermanentDeliveryError(f"{err.message} (check {check})", category="auth")
             try:
                 data = orjson.loads(resp.content)
                 token = str(data["access_token"])
@@ -158,63 +242,6 @@ class _Auth:
             margin = min(self.refresh_margin, lifetime / 10)
             self._token, self._expires_at = token, self.clock() + lifetime - margin
             return token
-
-
-def _references(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == "reference" and isinstance(v, str):
-                yield v
-            else:
-                yield from _references(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _references(v)
-
-
-def _rewrite(node: Any, mapping: Mapping[str, str]) -> Any:
-    if isinstance(node, dict):
-        return {
-            k: (mapping.get(v, v) if k == "reference" and isinstance(v, str) else _rewrite(v, mapping))
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_rewrite(v, mapping) for v in node]
-    return node
-
-
-def dependency_order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """DELETEs first (FHIR transaction order), then entries so that each comes after the entries it references.
-
-    Stable: otherwise keeps bundle order.  A reference cycle is a PermanentDeliveryError.
-    """
-    deletes = [e for e in entries if (e.get("request") or {}).get("method", "").upper() == "DELETE"]
-    rest = [e for e in entries if e not in deletes]
-    by_url = {e["fullUrl"]: i for i, e in enumerate(rest) if e.get("fullUrl")}
-    deps = [
-        {by_url[r] for r in _references(e.get("resource")) if r in by_url and by_url[r] != i}
-        for i, e in enumerate(rest)
-    ]
-    done: set[int] = set()
-    order: list[dict[str, Any]] = []
-    while len(done) < len(rest):
-        ready = [i for i in range(len(rest)) if i not in done and deps[i] <= done]
-        if not ready:
-            types = sorted(
-                {
-                    rest[i].get("resource", {}).get("resourceType", "?")
-                    for i in range(len(rest))
-                    if i not in done
-                }
-            )
-            raise PermanentDeliveryError(
-                f"per-resource mode: circular references between bundle entries ({', '.join(types)}); "
-                "use mode transaction for this channel",
-                category="validation",
-            )
-        done.add(ready[0])
-        order.append(rest[ready[0]])
-    return deletes + order
 
 
 # A conditional write (PUT Type?search, POST with ifNoneExist) whose search matched more than one
@@ -267,14 +294,6 @@ def _status_code(status: Any) -> int:
         return 0
 
 
-def _ref_from_location(location: str) -> str | None:
-    """``[base/]Type/id[/_history/v]`` → ``Type/id``."""
-    parts = [p for p in location.split("?")[0].split("/") if p]
-    if "_history" in parts:
-        parts = parts[: parts.index("_history")]
-    return f"{parts[-2]}/{parts[-1]}" if len(parts) >= 2 else None
-
-
 @destination("fhir")
 class FhirDestination(Destination):
     kind = "fhir"
@@ -287,7 +306,10 @@ class FhirDestination(Destination):
         "concurrency": 4,
         "rate_limit": 0,
         "headers": {},
+        "max_transaction_entries": 0,
     }
+    # Deliveries whose plan failed part-way (retryable), by message: what is applied, ids the server gave.
+    PROGRESS_KEPT = 10_000
 
     def __init__(self, name: str, options: Mapping[str, Any], ctx: DestinationContext) -> None:
         super().__init__(name, options, ctx)
@@ -320,6 +342,22 @@ class FhirDestination(Destination):
         self.extra_headers = resolve_headers(self.opts["headers"], ctx=ctx, key=f"{key}.headers")
         self.client: httpx.AsyncClient | None = None
         self.requests_sent = 0
+        cap = self.opts["max_transaction_entries"]
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0 or cap == 1:
+            raise ConfigError(
+                "max_transaction_entries must be a whole number of at least 2 (0 = never split)",
+                file=ctx.config_file,
+                key=f"{key}.max_transaction_entries",
+                hint="e.g. 8 for Medplum (see 'Server profiles' in docs/destinations.md)",
+            )
+        if cap and self.mode != "transaction":
+            raise ConfigError(
+                f"max_transaction_entries applies to mode transaction, not {self.mode}",
+                file=ctx.config_file,
+                key=f"{key}.max_transaction_entries",
+            )
+        self.max_entries = cap
+        self._progress: OrderedDict[tuple[int, str, bytes], fhir_plan.Progress] = OrderedDict()
 
     async def start(self) -> None:
         if self.client is None:
@@ -337,9 +375,10 @@ class FhirDestination(Destination):
             await self.start()
         bundle = self._bundle(item)
         async with self.limiter.slot():
-            if self.mode == "per-resource":
-                return await self._per_resource(bundle)
-            return await self._bundle_post(bundle)
+            entries = bundle.get("entry") or []
+            if self.mode == "transaction" and (not self.max_entries or len(entries) <= self.max_entries):
+                return await self._bundle_post(bundle)
+            return await self._planned(bundle, item)
 
     def _bundle(self, item: Outbound) -> dict[str, Any]:
         try:
@@ -384,7 +423,7 @@ class FhirDestination(Destination):
                 resp = await self.client.request(method, full, content=content, headers=hdrs)
             except TRANSPORT_ERRORS as exc:
                 raise transport_error(exc, what=what) from exc
-            if resp.status_code == 401 and self.auth.type == "oauth2" and attempt == 1:
+            if resp.status_code == 401 and self.auth.refreshable and attempt == 1:
                 self.auth.invalidate()
                 continue
             return resp
@@ -392,7 +431,7 @@ class FhirDestination(Destination):
 
     async def _bundle_post(self, bundle: dict[str, Any]) -> str:
         entries = bundle.get("entry") or []
-        bundle = self._as_batch(bundle) if self.mode == "batch" else {**bundle, "type": "transaction"}
+        bundle = {**bundle, "type": "transaction"}
         resp = await self._send("POST", "", body=bundle)
         what = f"{self.name} {self.mode}"
         if not 200 <= resp.status_code < 300:
@@ -456,76 +495,198 @@ class FhirDestination(Destination):
             match_failure=matched,
         )
 
-    def _as_batch(self, bundle: dict[str, Any]) -> dict[str, Any]:
-        """Batch entries are independent: urn:uuid references must map to a literal ``Type/id`` PUT entry."""
-        entries = bundle.get("entry") or []
-        mapping: dict[str, str] = {}
-        for e in entries:
-            url, method = e["request"]["url"], e["request"]["method"].upper()
-            if e.get("fullUrl") and method == "PUT" and "?" not in url and url.count("/") == 1:
-                mapping[e["fullUrl"]] = url
-        local = {e.get("fullUrl") for e in entries if e.get("fullUrl")}
-        out = []
-        for e in entries:
-            res = _rewrite(e.get("resource"), mapping) if mapping else e.get("resource")
-            dangling = [r for r in _references(res) if r in local]
-            if dangling:
+    async def _planned(self, bundle: dict[str, Any], item: Outbound) -> str:
+        """Per-resource, batch, or a transaction split under ``max_transaction_entries``: the requests of
+        :func:`fhir_plan.build`, each after the ones it depends on, references rewritten to the ids the
+        server returned.  A retryable failure keeps what was applied, so the retry resumes at the failed
+        request; every write is conditional or by id, so a resend after a crash (progress lost) updates
+        the same resources instead of duplicating them."""
+        entries: list[dict[str, Any]] = list(bundle.get("entry") or [])
+        plan = fhir_plan.build(entries, self.mode, self.max_entries)
+        key = (item.message_id, item.channel, hashlib.blake2b(item.payload, digest_size=16).digest())
+        prog = self._progress.pop(key, None) or fhir_plan.Progress()
+        resumed = bool(prog.done)
+        for url, ref in plan.fixed.items():
+            prog.refs.setdefault(url, ref)
+        local = {str(e["fullUrl"]) for e in entries if e.get("fullUrl")}
+        label = {"transaction": "chunk", "batch": "batch", "per-resource": "request"}[self.mode]
+        for s, step in enumerate(plan.steps, 1):
+            todo = [k for k in step if k not in prog.done]
+            if not todo:
+                continue
+            try:
+                outcome = await self._step(plan, todo, prog, local, f"{s}/{len(plan.steps)}")
+            except DeliveryError as err:
+                applied = len(prog.done)
+                if err.retryable:
+                    self._progress[key] = prog
+                    while len(self._progress) > self.PROGRESS_KEPT:
+                        self._progress.popitem(last=False)
+                if len(plan.steps) > 1:
+                    kept = "a retry resumes here" if err.retryable else "a replay sends every write again"
+                    err.args = (
+                        f"{label} {s}/{len(plan.steps)} failed, {applied} of {len(plan.writes)} writes "
+                        f"applied before it ({kept}): {err.message}",
+                    )
+                    err.message = err.args[0]
+                raise
+            prog.outcomes.append(f"{s}: {outcome}")
+        if len(plan.steps) == 1:
+            return prog.outcomes[0].split(": ", 1)[1]
+        what = {
+            "transaction": f"transaction split into {len(plan.steps)} chunks of <= {self.max_entries}",
+            "batch": f"batch in {len(plan.steps)} dependency levels",
+            "per-resource": f"per-resource: {len(plan.steps)} requests",
+        }[self.mode]
+        extra = f", {plan.updates} two-phase update(s)" if plan.updates else ""
+        again = ", resumed after a failure" if resumed else ""
+        if self.mode == "per-resource":
+            codes: dict[str, int] = {}
+            for o in prog.outcomes:
+                code = o.rsplit(" ", 1)[-1]
+                codes[code] = codes.get(code, 0) + 1
+            tally = ", ".join(f"{c}x{code}" for code, c in sorted(codes.items()))
+            return f"{what} ({tally}{extra}{again})"
+        return f"{what} ({len(entries)} entries{extra}{again}): " + "; ".join(prog.outcomes)
+
+    async def _step(
+        self, plan: fhir_plan.Plan, todo: list[int], prog: fhir_plan.Progress, local: set[str], at: str
+    ) -> str:
+        """One request of a plan: a single entry (per-resource) or a batch/transaction Bundle."""
+        sent = [fhir_plan.request_entry(plan.writes[k], prog.refs) for k in todo]
+        in_request = {str(e["fullUrl"]) for e in sent if e.get("fullUrl")}
+        for e in sent:
+            left = [r for r in fhir_plan.unresolved(e, local) if r not in prog.refs]
+            if left and (self.mode != "transaction" or any(r not in in_request for r in left)):
                 rtype = (e.get("resource") or {}).get("resourceType", "?")
                 raise PermanentDeliveryError(
-                    f"batch mode: a {rtype} entry references another entry by {dangling[0].split(':')[0]}:... "
-                    "that has no fixed id; batch entries cannot reference each other — use mode transaction "
-                    "or per-resource for this destination",
+                    f"{self.mode} mode: a {rtype} entry references another entry that was not written "
+                    "before it (a bug in the delivery plan; report it with the channel's mapping)",
                     category="validation",
                 )
-            out.append({**e, "resource": res} if "resource" in e else e)
-        return {**bundle, "type": "batch", "entry": out}
-
-    async def _per_resource(self, bundle: dict[str, Any]) -> str:
-        mapping: dict[str, str] = {}
+        if self.mode == "per-resource":
+            k = todo[0]
+            code = await self._one(sent[0], plan.writes[k], prog, at)
+            prog.done.add(k)
+            return f"HTTP {code}"
+        kind = "transaction" if self.mode == "transaction" else "batch"
+        what = f"{self.name} {kind}" if at == "1/1" else f"{self.name} {kind} {at}"
+        resp = await self._send("POST", "", body={"resourceType": "Bundle", "type": kind, "entry": sent})
+        if not 200 <= resp.status_code < 300:
+            raise mark_multiple_match(response_error(resp, what=what), entries=sent)
+        rentries = self._response_entries(resp, len(sent), what)
+        failures: list[DeliveryError] = []
         counts: dict[int, int] = {}
-        ordered = dependency_order(list(bundle.get("entry") or []))
-        for n, entry in enumerate(ordered):
-            req = entry["request"]
-            method, url = req["method"].upper(), req["url"].lstrip("/")
-            headers: dict[str, str] = {}
-            for field, header in (
-                ("ifNoneExist", "If-None-Exist"),
-                ("ifMatch", "If-Match"),
-                ("ifNoneMatch", "If-None-Match"),
-                ("ifModifiedSince", "If-Modified-Since"),
-            ):
-                if req.get(field):
-                    headers[header] = str(req[field])
-            resource = entry.get("resource")
-            if resource is not None and mapping:
-                resource = _rewrite(resource, mapping)
-            if resource is not None and method == "PUT" and "?" not in url and url.count("/") == 1:
-                resource = {**copy.copy(resource), "id": url.split("/")[1]}
-            rtype = (resource or {}).get("resourceType") or url.split("?")[0].split("/")[0]
-            what = f"{self.name} per-resource {method} {rtype} (entry {n + 1}/{len(ordered)})"
-            resp = await self._send(
-                method, url, body=resource if method in ("PUT", "POST", "PATCH") else None, headers=headers
+        for k, e, got in zip(todo, sent, rentries, strict=True):
+            r = (got or {}).get("response") or {}
+            code = _status_code(r.get("status"))
+            counts[code] = counts.get(code, 0) + 1
+            rtype = _entry_type(e) or "?"
+            if not 200 <= code < 300:
+                reason = operation_outcome_text(r.get("outcome")) or f"status {r.get('status')!r}"
+                err = status_error(code or 500, reason, what=f"{what} entry {plan.writes[k].index} ({rtype})")
+                failures.append(mark_multiple_match(err, resource_type=_entry_type(e)))
+                continue
+            if kind == "batch":  # a batch entry stands alone: applied even if another failed
+                self._note(e, plan.writes[k], prog, k, r.get("location"), got.get("resource"), what)
+        if failures:
+            raise self._combine(failures, what)
+        if kind == "transaction":  # all or nothing: recorded once the whole chunk is confirmed
+            for k, e, got in zip(todo, sent, rentries, strict=True):
+                r = got.get("response") or {}
+                self._note(e, plan.writes[k], prog, k, r.get("location"), got.get("resource"), what)
+        tally = ", ".join(f"{c}x{code}" for code, c in sorted(counts.items()))
+        return f"{kind} HTTP {resp.status_code}: {len(sent)} entries ({tally})"
+
+    def _response_entries(self, resp: httpx.Response, n: int, what: str) -> list[dict[str, Any]]:
+        try:
+            reply = orjson.loads(resp.content)
+        except orjson.JSONDecodeError as exc:
+            raise DeliveryError(
+                f"{what}: HTTP {resp.status_code} but the body is not JSON ({exc})", category="server"
+            ) from exc
+        rentries = reply.get("entry") or [] if isinstance(reply, dict) else []
+        if (
+            not isinstance(reply, dict)
+            or reply.get("resourceType") != "Bundle"
+            or len(rentries) != n
+            or not all(isinstance(x, dict) for x in rentries)
+        ):
+            raise DeliveryError(
+                f"{what}: HTTP {resp.status_code} but the response is not a response Bundle with {n} "
+                "entries; delivery is unconfirmed, will retry",
+                category="server",
             )
-            if not 200 <= resp.status_code < 300:
-                raise mark_multiple_match(response_error(resp, what=what), resource_type=rtype)
-            counts[resp.status_code] = counts.get(resp.status_code, 0) + 1
-            if entry.get("fullUrl") and method in ("PUT", "POST"):
-                ref = self._assigned_ref(resp)
-                if ref is None:
-                    raise DeliveryError(
-                        f"{what}: HTTP {resp.status_code} without a Location header or resource id; "
-                        "cannot resolve later references, will retry",
-                        category="server",
-                    )
-                mapping[entry["fullUrl"]] = ref
-        tally = ", ".join(f"{c}x{k}" for k, c in sorted(counts.items()))
-        return f"per-resource: {len(ordered)} requests ({tally})"
+        return list(rentries)
+
+    @staticmethod
+    def _note(
+        entry: Mapping[str, Any],
+        write: fhir_plan.Write,
+        prog: fhir_plan.Progress,
+        k: int,
+        location: Any,
+        resource: Any,
+        what: str,
+    ) -> None:
+        """Record an applied write and the id the server gave it (for the later requests' references)."""
+        url = entry.get("fullUrl")
+        method = str(entry["request"]["method"]).upper()
+        if url and method in ("PUT", "POST") and write.phase == fhir_plan.PHASE_WRITE:
+            ref = fhir_plan.ref_from_location(location) if isinstance(location, str) and location else None
+            if ref is None and isinstance(resource, dict) and resource.get("id"):
+                ref = f"{resource.get('resourceType') or _entry_type(entry)}/{resource['id']}"
+            if ref is None:
+                raise DeliveryError(
+                    f"{what}: entry {write.index} written without a location or resource id; cannot "
+                    "resolve later references, will retry",
+                    category="server",
+                )
+            prog.refs[str(url)] = ref
+        prog.done.add(k)
+
+    async def _one(
+        self, entry: dict[str, Any], write: fhir_plan.Write, prog: fhir_plan.Progress, at: str
+    ) -> int:
+        """Per-resource: the entry's own request (its conditional fields as headers)."""
+        req = entry["request"]
+        method, url = req["method"].upper(), req["url"].lstrip("/")
+        headers: dict[str, str] = {}
+        for fname, header in (
+            ("ifNoneExist", "If-None-Exist"),
+            ("ifMatch", "If-Match"),
+            ("ifNoneMatch", "If-None-Match"),
+            ("ifModifiedSince", "If-Modified-Since"),
+        ):
+            if req.get(fname):
+                headers[header] = str(req[fname])
+        resource = entry.get("resource")
+        if resource is not None and method == "PUT" and "?" not in url and url.count("/") == 1:
+            resource = {**copy.copy(resource), "id": url.split("/")[1]}
+        rtype = (resource or {}).get("resourceType") or url.split("?")[0].split("/")[0]
+        step = "update" if write.phase == fhir_plan.PHASE_UPDATE else "entry"
+        what = f"{self.name} per-resource {method} {rtype} ({step} {at})"
+        resp = await self._send(
+            method, url, body=resource if method in ("PUT", "POST", "PATCH") else None, headers=headers
+        )
+        if not 200 <= resp.status_code < 300:
+            raise mark_multiple_match(response_error(resp, what=what), resource_type=rtype)
+        if entry.get("fullUrl") and method in ("PUT", "POST") and write.phase == fhir_plan.PHASE_WRITE:
+            ref = self._assigned_ref(resp)
+            if ref is None:
+                raise DeliveryError(
+                    f"{what}: HTTP {resp.status_code} without a Location header or resource id; "
+                    "cannot resolve later references, will retry",
+                    category="server",
+                )
+            prog.refs[str(entry["fullUrl"])] = ref
+        return resp.status_code
 
     @staticmethod
     def _assigned_ref(resp: httpx.Response) -> str | None:
         loc = resp.headers.get("location") or resp.headers.get("content-location")
         if loc:
-            ref = _ref_from_location(loc)
+            ref = fhir_plan.ref_from_location(loc)
             if ref:
                 return ref
         try:
