@@ -66,7 +66,7 @@ def start_console_engine(tmp: Path) -> Iterator[Admin]:
     )
     with engine:
         a = Admin(f"http://127.0.0.1:{admin_port}", cfg, port, tmp, engine)
-        wait_for(lambda: _up(a.url), what="admin API")
+        wait_for(lambda: _up(a.url), 60, "admin API")
         a.tokens["admin"] = make_token(cfg, "admin", "admin")  # the CLI makes the first one...
         for name, role, phi in (
             ("viewer", "viewer", False),

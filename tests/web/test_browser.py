@@ -19,6 +19,8 @@ from tests.web.conftest import API, Admin, adt, send_in_thread, wait_for
 
 CHROMIUM = ("chromium", "chromium-browser")  # Debian's package; .ci/run installs it
 VIEWPORT = {"width": 1366, "height": 860}  # a laptop screen
+WAIT = 60.0  # how long to wait for the engine (generous: a loaded CI machine is slow, never a timing test)
+WAIT_MS = int(WAIT * 1000)
 
 
 def chromium() -> str | None:
@@ -73,7 +75,8 @@ def log_in(browser: Any, admin: Admin, who: str) -> Any:
 def message_id(admin: Admin, control: str) -> int:
     items = wait_for(
         lambda: admin.get(f"{API}/messages", token="viewer", params={"control_id": control}).json()["items"],
-        what=f"message {control}",
+        WAIT,
+        f"message {control}",
     )
     return int(items[0]["id"])
 
@@ -99,12 +102,12 @@ def test_viewer_sees_the_channel_and_its_counters_move(console_engine: Admin, br
     page.wait_for_function(
         "n => parseInt(document.querySelector('[data-k=\"c-adt-received\"]').textContent) >= n",
         arg=received + 3,
-        timeout=15_000,
+        timeout=WAIT_MS,
     )
     page.wait_for_function(
         "n => parseInt(document.querySelector('[data-k=\"d-out-delivered\"]').textContent) >= n",
         arg=delivered + 3,
-        timeout=15_000,
+        timeout=WAIT_MS,
     )
     assert page.evaluate("window.__sameDocument") is True  # updated in place, never reloaded
     assert cell("c-adt-AA") >= 3
@@ -142,7 +145,7 @@ def test_find_a_message_by_control_id(console_engine: Admin, browser: Any) -> No
             )
         )
 
-    wait_for(lambda: destinations() == ["out", "picky"], what="both deliveries on the page")
+    wait_for(lambda: destinations() == ["out", "picky"], WAIT, "both deliveries on the page")
     assert "MRN-F1" not in page.content()
     page.context.close()
 
@@ -179,7 +182,9 @@ def test_phi_operator_reveals_and_the_audit_page_shows_it(
     mid = message_id(console_engine, "REVEAL-UI-1")
     page = log_in(browser, console_engine, "phi-operator")
     page.goto(f"{console_engine.url}/messages/{mid}")
-    wait_for(lambda: page.reload() and page.locator("#deliveries-table tr[data-destination]").count() == 2)
+    wait_for(
+        lambda: page.reload() and page.locator("#deliveries-table tr[data-destination]").count() == 2, WAIT
+    )
     assert "MRN-RV1" not in page.content()
     page.get_by_role("button", name="Reveal PHI").click()  # no reason: the form does not go
     assert page.url == f"{console_engine.url}/messages/{mid}" and "MRN-RV1" not in page.content()
@@ -225,7 +230,7 @@ def test_replay_a_dead_letter_from_the_ui(console_engine: Admin, browser: Any, s
             if d["control_id"] == "DEAD-UI-1"
         ]
 
-    wait_for(dead, what="dead letter")
+    wait_for(dead, WAIT, "dead letter")
     page = log_in(browser, console_engine, "operator")
     page.get_by_role("link", name="Dead letters").click()
     page.get_by_label(f"select message {mid} (DEAD-UI-1 to picky)").check()
@@ -244,7 +249,7 @@ def test_replay_a_dead_letter_from_the_ui(console_engine: Admin, browser: Any, s
         page.reload()
         return page.locator('#deliveries-table tr[data-destination="picky"] .badge').all_inner_texts()
 
-    wait_for(lambda: picky() == ["superseded", "delivered"], what="the replayed dead letter delivered")
+    wait_for(lambda: picky() == ["superseded", "delivered"], WAIT, "the replayed dead letter delivered")
     assert not dead()
     replays = console_engine.get(f"{API}/audit", token="admin", params={"action": "replay"}).json()["items"]
     assert replays[0]["actor"] == "operator" and replays[0]["reason"] == "picky disk fixed"
@@ -253,6 +258,6 @@ def test_replay_a_dead_letter_from_the_ui(console_engine: Admin, browser: Any, s
     assert int(page.locator('[data-k="d-picky-dead"]').inner_text()) >= 1
     failed = page.locator('#rejections-table [data-k$="-total"]').all_inner_texts()
     assert sum(int(n) for n in failed) >= 1
-    page.wait_for_selector("#live[data-refreshed]", timeout=10_000)  # shows when it last refreshed
+    page.wait_for_selector("#live[data-refreshed]", timeout=WAIT_MS)  # shows when it last refreshed
     page.screenshot(path=str(shots / "console-dashboard.png"))
     page.context.close()

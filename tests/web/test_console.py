@@ -21,7 +21,8 @@ def api_channel(admin: Admin, name: str = "adt") -> dict:
 def message_id(admin: Admin, control: str) -> int:
     items = wait_for(
         lambda: admin.get(f"{API}/messages", token="viewer", params={"control_id": control}).json()["items"],
-        what=f"message {control}",
+        60,
+        f"message {control}",
     )
     return int(items[0]["id"])
 
@@ -225,7 +226,7 @@ def test_a_revoked_token_ends_its_sessions(console_engine: Admin) -> None:
         ).status_code
         == 204
     )
-    wait_for(lambda: c.get("/").status_code == 303, timeout=20, what="session ended after revocation")
+    wait_for(lambda: c.get("/").status_code == 303, timeout=60, what="session ended after revocation")
 
 
 def test_the_console_is_served_by_the_engine_and_not_in_the_api_schema(console_engine: Admin) -> None:
