@@ -15,12 +15,13 @@
 //    and rejects an invalid one with 400 + OperationOutcome.  ValidatingRepository calls that same
 //    validateResource before MemoryRepository stores a version.
 // 2. A SearchParameter shared by several resource types is indexed once per type, with only that type's
-//    branch of its FHIRPath (Medplum's getExpressionForResourceType).  `identifier` on Encounter, Location,
-//    Provenance and 37 other types is clinical-identifier, `AllergyIntolerance.identifier |
-//    CarePlan.identifier | ...`; matchesSearchRequest evaluates the whole union for each scanned resource
-//    (about 3 ms per stored Encounter, so one conditional PUT over 1,000 Encounters took 3 s).  The other
-//    branches are empty for a resource of that type, so every search matches exactly the same resources;
-//    the scan is ~100x cheaper.
+//    branch of its FHIRPath (Medplum's getExpressionForResourceType).  `identifier` on Encounter,
+//    Observation, DiagnosticReport and 27 other types is clinical-identifier, `AllergyIntolerance.identifier
+//    | CarePlan.identifier | ...` (30 branches); matchesSearchRequest evaluates the whole union for each
+//    scanned resource (about 3 ms per stored Encounter, so one conditional PUT over 1,000 Encounters took
+//    3 s).  The other branches are empty for a resource of that type, so every search matches exactly the
+//    same resources; the scan is ~100x cheaper.  (Medplum's matcher compares token system and value
+//    case-insensitively in both modes; the identifier index this replaced compared them exactly.)
 //
 // With --stock the plain MemoryRepository and the definitions as shipped are used: invalid resources are
 // stored as sent and searches on shared parameters are slow.  The end-to-end series tests run on both.
