@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 
+from engine.destinations import fhir_plan
 from engine.destinations.base import DestinationContext
-from engine.destinations.fhir import FhirDestination, dependency_order
+from engine.destinations.fhir import FhirDestination
 from engine.errors import ConfigError, DeliveryError, PermanentDeliveryError
 from engine.ratelimit import TokenBucket
 from tests.destinations.conftest import make_item
@@ -187,10 +188,20 @@ def test_batch_mode_with_fixed_ids(fhir: FhirServer, ctx: DestinationContext) ->
     assert len(fhir.search("Patient")) == 1
 
 
-def test_batch_mode_refuses_unresolvable_references(ctx: DestinationContext) -> None:
-    d = dest(ctx, "http://127.0.0.1:9", mode="batch")
-    with pytest.raises(PermanentDeliveryError, match="batch entries cannot reference each other"):
-        run(deliver_once(d, bundle()))
+@pytest.mark.fhirserver
+def test_batch_mode_resolves_references_level_by_level(fhir: FhirServer, ctx: DestinationContext) -> None:
+    """Conditional writes that reference each other by urn:uuid: one batch per dependency level, later
+    levels refer to the ids the earlier ones got (a batch's entries cannot reference each other)."""
+    d = dest(ctx, fhir.base_url, mode="batch")
+    detail = run(deliver_once(d, bundle()))
+    assert detail.startswith("batch in 3 dependency levels (3 entries): 1: batch HTTP 200: 1 entries"), detail
+    run(deliver_once(dest(ctx, fhir.base_url, mode="batch"), bundle(status="finished")))
+    (pat,) = fhir.search("Patient")
+    (enc,) = fhir.search("Encounter")
+    (obs,) = fhir.search("Observation")
+    assert enc["status"] == "finished"
+    assert enc["subject"]["reference"] == f"Patient/{pat['id']}"
+    assert obs["encounter"]["reference"] == f"Encounter/{enc['id']}"
 
 
 @pytest.mark.fhirserver
@@ -226,22 +237,9 @@ def test_not_a_bundle_is_permanent(ctx: DestinationContext) -> None:
 
 def test_dependency_order() -> None:
     entries = orjson.loads(bundle())["entry"]
-    order = [e["resource"]["resourceType"] for e in dependency_order(entries)]
+    plan = fhir_plan.build(entries, "per-resource")
+    order = [plan.writes[k].entry["resource"]["resourceType"] for step in plan.steps for k in step]
     assert order == ["Patient", "Encounter", "Observation"]
-    cyc = [
-        {
-            "fullUrl": "urn:uuid:a",
-            "resource": {"resourceType": "A", "x": {"reference": "urn:uuid:b"}},
-            "request": {"method": "PUT", "url": "A/1"},
-        },
-        {
-            "fullUrl": "urn:uuid:b",
-            "resource": {"resourceType": "B", "x": {"reference": "urn:uuid:a"}},
-            "request": {"method": "PUT", "url": "B/1"},
-        },
-    ]
-    with pytest.raises(PermanentDeliveryError, match="circular"):
-        dependency_order(cyc)
 
 
 # ---------------------------------------------------------------------------------------- fault proxy
@@ -416,10 +414,12 @@ def test_per_resource_fault_midway_then_retry_no_duplicates(
         try:
             with pytest.raises(DeliveryError) as info:
                 await d.deliver(make_item(bundle()))
-            await d.deliver(make_item(bundle(), attempt=2))  # the worker's retry: all conditional, so safe
+            # the worker's retry resumes at the Encounter: the Patient is not sent again
+            detail = await d.deliver(make_item(bundle(), attempt=2))
         finally:
             await d.close()
-        assert [a for _, _, a in proxy.log] == ["forward", "503", "forward", "forward", "forward"]
+        assert [a for _, _, a in proxy.log] == ["forward", "503", "forward", "forward"]
+        assert detail.endswith("resumed after a failure)"), detail
         return info.value
 
     err = run(with_proxy(fhir.base_url, go))
