@@ -42,13 +42,19 @@ def _field_markup(value: str, comp: str, rep: str, sub: str) -> str:
     return "".join(out)
 
 
+HIGHLIGHT_MAX = 512 * 1024  # a larger message is shown one segment a line, without field markup
+
+
 def hl7_markup(raw: str) -> Markup:
     """The message with each segment in a block of its own and fields and separators in spans.
 
     Every field carries its position as a tooltip (``PID-3``); the non-empty fields alternate two
     classes so neighbours stand apart.  All text is escaped: a message may contain ``<script>``.
+    Past HIGHLIGHT_MAX characters only the segments are split (the page stays a few times the message).
     """
     segments = [s for s in re.split(r"\r\n|\r|\n", raw) if s]
+    if len(raw) > HIGHLIGHT_MAX:
+        return Markup("".join(f'<span class="segment">{escape(s)}</span>' for s in segments))
     field_sep, comp, rep, sub = "|", "^", "~", "&"
     lines: list[str] = []
     for seg in segments:

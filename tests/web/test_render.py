@@ -39,6 +39,13 @@ def test_segment_separators_and_other_delimiters() -> None:
     assert 'title="MSH-3">APP<' in html
 
 
+def test_a_huge_message_is_split_into_segments_only() -> None:
+    big = ADT + "OBX|1|TX|||" + "<b>x</b>" * (render.HIGHLIGHT_MAX // 8) + "\r"
+    html = str(render.hl7_markup(big))
+    assert html.count('class="segment"') == 4 and 'class="f ' not in html
+    assert "<b>" not in html and html.startswith('<span class="segment">MSH|^~\\&amp;|EHR')
+
+
 def test_outputs_are_made_readable() -> None:
     assert render.pretty_output("application/fhir+json", '{"a":{"b":1}}') == '{\n  "a": {\n    "b": 1\n  }\n}'
     assert render.pretty_output("x-application/hl7-v2+er7", "MSH|^~\\&|A\rPID|1") == "MSH|^~\\&|A\nPID|1"
