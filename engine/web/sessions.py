@@ -111,13 +111,6 @@ class SessionStore:
             return False
         return self._sessions.pop(_key(session_id), None) is not None
 
-    def end_for(self, who_name: str, kind: str) -> int:
-        """End every session of one principal (its token was revoked)."""
-        keys = [k for k, s in self._sessions.items() if s.who.name == who_name and s.who.kind == kind]
-        for k in keys:
-            del self._sessions[k]
-        return len(keys)
-
     def prune(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         for k in [k for k, s in self._sessions.items() if now >= s.expires_at or now >= s.idle_until]:
