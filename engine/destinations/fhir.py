@@ -1,9 +1,11 @@
 """FHIR server destination (kind ``fhir``): a pooled keep-alive httpx client.
 
-Modes: ``transaction`` (POST the Bundle to the base; default), ``batch`` (same bundle as type batch;
-references between entries must be resolvable to literal ids), ``per-resource`` (each entry's own request,
-conditional PUT / POST with If-None-Exist, in dependency order, rewriting urn:uuid references to the ids the
-server assigned).  Replays are safe as long as the mapping uses conditional requests or deterministic ids.
+Modes: ``transaction`` (POST the Bundle to the base; default; with ``max_transaction_entries`` a larger
+Bundle is split into transactions of at most that many entries), ``batch`` (one batch per reference-dependency
+level), ``per-resource`` (each entry's own request, conditional PUT / POST with If-None-Exist).  The plans
+(order, chunks, two-phase writes of reference cycles) are in engine/destinations/fhir_plan.py; urn:uuid
+references are rewritten to the ids the server assigned.  Replays are safe as long as the mapping uses
+conditional requests or deterministic ids.
 
 Auth: none | bearer | basic | oauth2 (client credentials; token cached, refreshed before expiry, one refresh
 on 401) | smart-backend (SMART Backend Services: client credentials with a signed JWT client assertion,
