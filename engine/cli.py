@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from engine import native
+from engine import native, privacy
 from engine.admin.commands import audit_group, token
 from engine.errors import ConfigError, SluiceError
+from engine.keycommands import keys as keys_group
 from engine.redact import printable
 
 if TYPE_CHECKING:
@@ -33,10 +34,11 @@ def _load_config(path: str, **overrides: Any) -> Any:
 
 
 def _open_store(cfg: Any) -> Any:
+    from engine import keyring
     from engine.store import Store
 
     try:
-        return Store(cfg.store_url)
+        return Store(cfg.store_url, keys=keyring.from_config(cfg))
     except SluiceError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -93,7 +95,18 @@ config_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Every command: an engine error (a store that cannot be read, a key ring missing...) exits 1 with its
+    message, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SluiceError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(
     package_name="sluice",
     message="%(prog)s %(version)s (hot modules: " + native.REASON + ")",
@@ -234,7 +247,7 @@ async def _send_all(host: str, port: int, ctx: Any, timeout: float, messages: li
 @config_option
 def check(config_path: str) -> None:
     """Validate routes.yaml, every channel and every destination; exit 1 on errors."""
-    from engine import registry
+    from engine import keyring, registry
     from engine.processing import ChannelRuntime
     from engine.server import build_destinations
 
@@ -248,10 +261,20 @@ def check(config_path: str) -> None:
             from engine.alerts.sinks import build_sinks
 
             build_sinks(cfg.alerts)  # the secrets the sinks need are there
+        ring = keyring.from_config(cfg)  # the key file or variable is there and holds keys
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
     click.echo(f"ok: {cfg.file}")
-    click.echo(f"  store: {cfg.store_url}")
+    click.echo(f"  store: {_safe_url(cfg.store_url)}")
+    if ring is not None:
+        source = f"key file {ring.file}" if ring.file is not None else f"variable {ring.env}"
+        click.echo(
+            f"  store encryption: on, current key {ring.current.id} ({len(ring.keys)} in the {source})"
+        )
+    else:
+        click.echo("  store encryption: off (message bodies are stored plain; see docs/security.md)")
+    for warning in privacy.warnings(cfg):
+        click.echo(f"warning: {warning}", err=True)
     for ch in cfg.channels:
         routes = ", ".join(r.destination for r in ch.routes) or "(no routes)"
         click.echo(f"  channel {ch.name}: {ch.source.host}:{ch.source.port} ack={ch.ack} → {routes}")
@@ -259,6 +282,9 @@ def check(config_path: str) -> None:
         click.echo(f"  destination {name}: {d.kind}")
     for rule in cfg.alerts.rules if cfg.alerts.enabled else ():
         click.echo(f"  alert {rule.name}: {rule.kind} → {', '.join(rule.sinks)}")
+
+
+main.add_command(keys_group)
 
 
 @main.group()

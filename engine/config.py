@@ -111,6 +111,14 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class StoreEncryptionConfig:
+    """``store_encryption:``: seal message bodies, ACKs and payloads with a key ring (engine/keyring.py)."""
+
+    key_file: str | None = None  # absolute path of the key ring file
+    env: str | None = None  # or the environment variable holding the ring
+
+
+@dataclass(frozen=True)
 class ChannelConfig:
     name: str
     file: str
@@ -177,6 +185,7 @@ class Config:
     node_id: str = "node-1"
     processing_workers: int = 1  # worker processes for channel pipelines; 0 = in the engine process
     alerts: AlertsConfig = field(default_factory=AlertsConfig)  # engine/alerts/
+    store_encryption: StoreEncryptionConfig | None = None  # None: bodies are stored plain
 
     def channel(self, name: str) -> ChannelConfig:
         for ch in self.channels:
@@ -571,6 +580,7 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     file_store = sec.text("store", "sqlite:///var/sluice.db")
     store_url = ov.get("store") or env.get(ENV_PREFIX + "STORE") or file_store
     store_url = _resolve_sqlite(store_url, base)
+    store_encryption = _store_encryption(sec.sub("store_encryption"), base)
     dsec = sec.sub("destinations")
     destinations: dict[str, DestinationConfig] = {}
     for name in list(dsec.data):
@@ -645,7 +655,29 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         node_id=node_id,
         processing_workers=int(env.get(ENV_PREFIX + "PROCESSING_WORKERS") or workers),
         alerts=parse_alerts(alerts_sec, channels, destinations),
+        store_encryption=store_encryption,
     )
+
+
+def _store_encryption(sec: _Section, base: Path) -> StoreEncryptionConfig | None:
+    """``store_encryption: {key_file: PATH}`` or ``{env: NAME}``; absent or empty: off.
+
+    Only the shape is checked here; the keys are read when the store is opened (``keyring.from_config``).
+    """
+    key_file, env = sec.text("key_file"), sec.text("env")
+    sec.done()
+    if not sec.data:
+        return None
+    if bool(key_file) == bool(env):
+        raise ConfigError(
+            "store_encryption needs exactly one of key_file and env",
+            file=sec.file,
+            key="store_encryption",
+            hint="key_file: a key ring made by `sluice keys create --out PATH`; env: a variable holding one",
+        )
+    if key_file:
+        return StoreEncryptionConfig(key_file=str((base / key_file).resolve()))
+    return StoreEncryptionConfig(env=env)
 
 
 def _resolve_sqlite(url: str, base: Path) -> str:

@@ -20,14 +20,16 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, NamedTuple
 
-from engine import collector, logs, payloads
+from engine import collector, keyring, logs
 from engine.config import Config
 from engine.intake import ProcessResult
+from engine.store import stored_payload
 
 WORKER_NICENESS = 5
 _RUNTIMES: dict[str, Any] = {}
 _STORE: list[Any] = []  # the worker's own read-only view of the store (SQLite), opened on first use
 _CONFIG: list[Config] = []
+_KEYS: list[keyring.KeyRing | None] = []  # the store's key ring: payloads are sealed here, bodies opened
 
 
 class Claimed(NamedTuple):
@@ -63,6 +65,7 @@ def _init(config: Config, parent: int, log_settings: tuple[str, str] = ("console
         os.nice(WORKER_NICENESS)
     registry.load_plugins(config.plugin_paths, config.plugins, config.base_dir)
     _CONFIG.append(config)
+    _KEYS.append(keyring.from_config(config))
     for ch in config.channels:
         if ch.enabled:
             _RUNTIMES[ch.name] = ChannelRuntime(config, ch, store=None)
@@ -77,9 +80,11 @@ def _run(channel: str, items: list[tuple[int, bytes]]) -> list[ProcessResult]:
         # Exceptions do not travel well between processes; the reason text says it all.
         res.error = None
         if res.output is not None and not res.output.packed:
-            # Compress here, in parallel, rather than in the engine process (smaller to send, too).
+            # Compress (and seal) here, in parallel, rather than in the engine process (smaller to send, too).
             res.output = dataclasses.replace(
-                res.output, payload=payloads.pack(res.output.payload), packed=True
+                res.output,
+                payload=stored_payload(_KEYS[0] if _KEYS else None, res.output.payload),
+                packed=True,
             )
         out.append(res)
     return out
@@ -94,7 +99,7 @@ def _read_and_run(channel: str, ids: list[int]) -> list[tuple[Claimed, ProcessRe
     if not _STORE:
         from engine.store import Store
 
-        _STORE.append(Store(_CONFIG[0].store_url, create=False))
+        _STORE.append(Store(_CONFIG[0].store_url, create=False, keys=_KEYS[0]))
     rows = _STORE[0].received_by_id(ids)
     items = _run(channel, [(r.id, r.raw) for r in rows])
     return [

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import structlog
 
-from engine import __version__, collector, native, registry
+from engine import __version__, collector, keyring, native, privacy, registry
 from engine.admin import operations, search
 from engine.alerts.runner import AlertRunner, snapshot_from_server
 from engine.alerts.sinks import build_sinks
@@ -83,7 +85,10 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
-        self.store = store = await asyncio.to_thread(Store, cfg.store_url)
+        keys = keyring.from_config(cfg)  # a missing or malformed key file stops the start here
+        self.store = store = await asyncio.to_thread(partial(Store, cfg.store_url, keys=keys))
+        for warning in privacy.warnings(cfg):
+            log.warning("store_files_not_private", detail=warning)
         # Take back what this node had in flight before it stopped (other nodes' leases expire on their own).
         recovered = await asyncio.to_thread(store.recover, None if store.is_sqlite else self.owner)
         if recovered:
@@ -321,6 +326,8 @@ class Server:
         log.info("stopped")
 
     def run(self) -> None:
+        # Files the engine creates (store, WAL, SHM, output directories and files) are its own.
+        os.umask(privacy.PRIVATE_UMASK)
         # The committer thread hands results back to the event loop many times a second; with
         # the default 5 ms GIL switch interval every hand-off can stall that long (a convoy).
         sys.setswitchinterval(0.0005)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     create_engine,
     delete,
     event,
@@ -39,12 +40,38 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from engine import payloads
+from engine import keyring, payloads
 from engine.errors import StoreError
 
 
 class Base(DeclarativeBase):
     pass
+
+
+class Sealed(TypeDecorator[bytes]):
+    """A body column (message raw and ACK, delivery payload): sealed with the store's key ring, if any.
+
+    SQLAlchemy statements seal and open these values on their own; the ring is the engine's
+    (``engine.dialect.sluice_keys``, set by :class:`Store`), so each store has its own.  The hot
+    paths that use the DB-API cursor directly call :func:`engine.keyring.seal`/``unseal`` themselves.
+    """
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def __init__(self, purpose: bytes):
+        super().__init__()
+        self.purpose = purpose
+
+    def process_bind_param(self, value: bytes | None, dialect: Any) -> bytes | None:
+        if value is None:
+            return None
+        return keyring.seal(getattr(dialect, "sluice_keys", None), bytes(value), self.purpose)
+
+    def process_result_value(self, value: Any, dialect: Any) -> bytes | None:
+        if value is None:
+            return None
+        return keyring.unseal(getattr(dialect, "sluice_keys", None), bytes(value), self.purpose)
 
 
 class MessageRow(Base):
@@ -54,7 +81,7 @@ class MessageRow(Base):
     channel: Mapped[str] = mapped_column(String(100))
     received_at: Mapped[float] = mapped_column(Float)
     peer: Mapped[str] = mapped_column(String(100), default="")
-    raw: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    raw: Mapped[bytes | None] = mapped_column(Sealed(keyring.RAW), nullable=True)
     size: Mapped[int] = mapped_column(Integer, default=0)
     control_id: Mapped[str] = mapped_column(String(200), default="")
     sending_app: Mapped[str] = mapped_column(String(200), default="")
@@ -68,7 +95,7 @@ class MessageRow(Base):
     dedupe_key: Mapped[str] = mapped_column(String(700), default="")
     status: Mapped[str] = mapped_column(String(20))
     reason: Mapped[str] = mapped_column(Text, default="")
-    ack: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    ack: Mapped[bytes | None] = mapped_column(Sealed(keyring.ACK), nullable=True)
     ack_code: Mapped[str] = mapped_column(String(4), default="")
     lease_owner: Mapped[str] = mapped_column(String(100), default="")
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)
@@ -93,7 +120,7 @@ class DeliveryRow(Base):
     message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
     channel: Mapped[str] = mapped_column(String(100))
     destination: Mapped[str] = mapped_column(String(100))
-    payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    payload: Mapped[bytes | None] = mapped_column(Sealed(keyring.PAYLOAD), nullable=True)
     content_type: Mapped[str] = mapped_column(String(100), default="")
     meta: Mapped[str] = mapped_column(Text, default="{}")
     order_key: Mapped[str] = mapped_column(String(300), default="")
@@ -302,7 +329,7 @@ class NewDelivery:
     payload: bytes
     content_type: str
     meta: dict[str, str] = field(default_factory=dict)
-    packed: bool = False  # payload is already in its stored form (engine.payloads)
+    packed: bool = False  # payload is already in its stored form (stored_payload: packed, then sealed)
 
 
 class PendingRow(NamedTuple):
@@ -356,6 +383,37 @@ class Duplicate:
     message_id: int
     content_hash: str
     ack: bytes | None
+
+
+def stored_payload(keys: keyring.KeyRing | None, payload: bytes) -> bytes:
+    """A destination payload's stored form: compressed when that pays (engine.payloads), then sealed.
+
+    Worker processes call this (compressing and encrypting in parallel, off the engine's GIL);
+    :meth:`Store.load_deliveries` opens the seal and the delivery worker unpacks.
+    """
+    return keyring.seal(keys, payloads.pack(payload), keyring.PAYLOAD)
+
+
+def _private_sqlite_file(path: str) -> None:
+    """Create a new SQLite database file 0600 in a directory created 0700, whatever the umask.
+
+    SQLite gives its -wal and -shm files the database file's permissions, so they are private too.
+    An existing file or directory keeps its mode (``sluice check`` warns when it is readable by others).
+    """
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # unwritable here: SQLite itself reports it with the path
+    os.close(fd)
+    os.chmod(p, 0o600)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -474,17 +532,18 @@ class RankView:
 class Store:
     """The engine's view of the database."""
 
-    def __init__(self, url: str, *, create: bool = True):
+    def __init__(self, url: str, *, create: bool = True, keys: keyring.KeyRing | None = None):
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict[str, Any] = {"future": True}
+        # Bodies, ACKs and payloads are sealed with these keys (None: stored plain).
+        self.keys = keys
+        # hide_parameters: a failed statement's error text (logged, stored as a reason) never quotes its
+        # values, which may be message content.
+        kwargs: dict[str, Any] = {"future": True, "hide_parameters": True}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30, "isolation_level": None}
             if ":memory:" not in url:
-                path = url.split("///", 1)[-1]
-                from pathlib import Path
-
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _private_sqlite_file(url.split("///", 1)[-1])
         else:
             kwargs["pool_size"] = 10
             kwargs["max_overflow"] = 10
@@ -493,6 +552,7 @@ class Store:
             self.engine: Engine = create_engine(url, **kwargs)
         except Exception as exc:  # bad URL, missing driver
             raise StoreError(f"cannot open store {self.safe_url}: {exc}") from exc
+        self.engine.dialect.sluice_keys = keys  # type: ignore[attr-defined]  # read by Sealed columns
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             # SQLite via pysqlite: let SQLAlchemy emit BEGIN itself so transactions are real.
@@ -594,7 +654,11 @@ class Store:
         out: dict[str, Duplicate] = {}
         for mid, key, chash, ack in rows:
             if key not in out:
-                out[key] = Duplicate(mid, chash, bytes(ack) if ack is not None else None)
+                out[key] = Duplicate(
+                    mid,
+                    chash,
+                    keyring.unseal(self.keys, bytes(ack), keyring.ACK) if ack is not None else None,
+                )
         return out
 
     _MSG_COLS = (
@@ -610,10 +674,14 @@ class Store:
         sql = f"INSERT INTO messages ({', '.join(cols)}) VALUES ({self._p(len(cols))}) RETURNING id"
         cur = self._cursor(conn)
         ids: list[int] = []
+        keys = self.keys
         try:
             for r in rows:
                 d = r.row()
                 d["lease_owner"], d["lease_until"], d["override_guards"] = "", 0.0, False
+                d["raw"] = keyring.seal(keys, r.raw, keyring.RAW)
+                if r.ack is not None:
+                    d["ack"] = keyring.seal(keys, r.ack, keyring.ACK)
                 cur.execute(sql, [d[c] for c in cols])
                 ids.append(int(cur.fetchone()[0]))
         finally:
@@ -628,13 +696,10 @@ class Store:
         order_key: str,
         deliveries: Iterable[NewDelivery],
     ) -> None:
-        rows = self.delivery_rows(message_id, channel, order_key, deliveries)
-        if rows:
-            conn.execute(insert(D), rows)
+        self.insert_deliveries(conn, self.delivery_rows(message_id, channel, order_key, deliveries))
 
-    @staticmethod
     def delivery_rows(
-        message_id: int, channel: str, order_key: str, deliveries: Iterable[NewDelivery]
+        self, message_id: int, channel: str, order_key: str, deliveries: Iterable[NewDelivery]
     ) -> list[dict[str, Any]]:
         """Rows for :meth:`insert_deliveries` (batch them across messages: one statement)."""
         now = time.time()
@@ -643,7 +708,7 @@ class Store:
                 "message_id": message_id,
                 "channel": channel,
                 "destination": d.destination,
-                "payload": d.payload if d.packed else payloads.pack(d.payload),
+                "payload": d.payload if d.packed else stored_payload(self.keys, d.payload),
                 "content_type": d.content_type,
                 "meta": json.dumps(d.meta),
                 "order_key": f"{channel}|{order_key}"[:300],
@@ -737,9 +802,16 @@ class Store:
             cur = self._cursor(conn)
             try:
                 cur.execute(sql, [*ids, RECEIVED])
-                return [ClaimedRow(*row) for row in cur.fetchall()]
+                rows = cur.fetchall()
             finally:
                 cur.close()
+        keys = self.keys
+        return [
+            ClaimedRow(
+                r[0], r[1], keyring.unseal(keys, r[2], keyring.RAW) if r[2] is not None else b"", *r[3:]
+            )
+            for r in rows
+        ]
 
     def claim_received(self, channel: str, limit: int, owner: str, lease_s: float = 300.0) -> list[Any]:
         """Take up to ``limit`` received messages of a channel, oldest first, under a lease."""
@@ -892,7 +964,16 @@ class Store:
             f"WHERE d.id IN ({', '.join([p] * len(ids))}) ORDER BY d.id",
             list(ids),
         )
-        return [LoadedDelivery(*r) for r in rows]
+        keys = self.keys
+        out = []
+        for r in rows:
+            r = list(r)
+            if r[4] is not None:
+                r[4] = keyring.unseal(keys, r[4], keyring.PAYLOAD)
+            if r[9] is not None:
+                r[9] = keyring.unseal(keys, r[9], keyring.RAW)
+            out.append(LoadedDelivery(*r))
+        return out
 
     def record_deliveries(
         self,

@@ -122,6 +122,7 @@ def test_every_command_option_and_choice_is_in_cli_md() -> None:
 
 ROUTES_YAML = """
 store: sqlite:///{tmp}/sluice.db
+store_encryption: {{key_file: store.keys}}
 node_id: node-a
 channels: channels/*.yaml
 logging: {{format: json, level: info}}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import keyring
 from engine import store as st
 from engine.client import MLLPClient, parse_ack
 from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
@@ -23,7 +24,10 @@ def adt(cid: str, mrn: str) -> bytes:
 
 
 @pytest.mark.postgres
-def test_two_nodes_on_postgres_deliver_each_message_once(tmp_path: Path, pg_url: str) -> None:
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_two_nodes_on_postgres_deliver_each_message_once(
+    tmp_path: Path, pg_url: str, encrypted: bool
+) -> None:
     port_a, port_b = free_port(), free_port()
     log = tmp_path / "delivered.txt"
     dest = {"kind": "recorder", "log": str(log), "lanes": 4, "delay": 0.002}
@@ -34,6 +38,11 @@ def test_two_nodes_on_postgres_deliver_each_message_once(tmp_path: Path, pg_url:
         store=pg_url,
     )
     cfg.write_text(cfg.read_text() + f"plugin_paths: [{PLUGINS}]\nplugins: [sluice_test_recorder]\n")
+    ring = None
+    if encrypted:  # one key ring for both nodes: each opens what the other sealed
+        keyring.write_ring(tmp_path / "store.keys", [keyring.new_key()], replace=False)
+        ring = keyring.KeyRing(file=tmp_path / "store.keys")
+        cfg.write_text(cfg.read_text() + f"store_encryption: {{key_file: {tmp_path / 'store.keys'}}}\n")
     a = EngineProcess(cfg, port_a, env={"SLUICE_NODE_ID": "a"}, log_name="a.log")
     b = EngineProcess(cfg, port_b, env={"SLUICE_NODE_ID": "b", "SLUICE_PORT": str(port_b)}, log_name="b.log")
     ids = [f"N{i:04d}" for i in range(600)]
@@ -65,10 +74,20 @@ def test_two_nodes_on_postgres_deliver_each_message_once(tmp_path: Path, pg_url:
     assert (a.proc.returncode, b.proc.returncode) == (0, 0)
     got = delivered()
     assert sorted(got) == sorted(ids)  # every message delivered exactly once across the two nodes
-    s = st.Store(pg_url)
+    s = st.Store(pg_url, keys=ring)
     try:
         rows = s.list_messages(limit=10_000)
         assert len(rows) == len(ids) and all(r.status == st.PROCESSED for r in rows)
+        if ring is not None:
+            with s.engine.connect() as conn:
+                stored = conn.exec_driver_sql("SELECT raw, ack FROM messages").all()
+                payloads = conn.exec_driver_sql("SELECT payload FROM deliveries").scalars().all()
+            values = [bytes(v) for row in stored for v in row] + [bytes(p) for p in payloads]
+            assert all(v.startswith(keyring.ENCRYPTED) for v in values)
+            assert not any(b"Testpatient" in v for v in values)
+            assert s.get_message(rows[0].id).raw == adt(
+                rows[0].control_id, f"P{int(rows[0].control_id[1:]) % 13}"
+            )
     finally:
         s.close()
     # Strict per-key order across nodes (a message processed on one node before an older one on the
