@@ -195,9 +195,9 @@ class DeadLetter(BaseModel):
     reason: str
 
 
-# "2h", "3d", epoch seconds, or an ISO date / date-time (operations.parse_when reads them)
+# "2h", "3d" (up to 99999 units back), epoch seconds, or an ISO date / date-time (operations.parse_when)
 WHEN_PATTERN = (
-    r"^(\d{1,10}(\.\d+)?[smhd]?|(19|20|21)\d\d-(0[1-9]|1[0-2])-(0[1-9]|1\d|2[0-8])"
+    r"^(\d{1,10}(\.\d+)?|\d{1,5}(\.\d+)?[smhd]|(19|20|21)\d\d-(0[1-9]|1[0-2])-(0[1-9]|1\d|2[0-8])"
     r"([T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?(Z|[+-]([01]\d|2[0-3]):?[0-5]\d)?)?)$"
 )
 When = Annotated[

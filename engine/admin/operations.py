@@ -43,7 +43,10 @@ def parse_when(value: str | float | None, *, now: float | None = None) -> float 
     if m:
         secs = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)] * float(m.group(1))
         base = datetime.now(UTC) if now is None else datetime.fromtimestamp(now, UTC)
-        return (base - timedelta(seconds=secs)).timestamp()
+        try:
+            return (base - timedelta(seconds=secs)).timestamp()
+        except (OverflowError, ValueError):  # before year 1: nothing is that old
+            raise OperationError(f"{value!r} reaches back before the year 1: use e.g. 30d") from None
     try:
         return float(text)
     except ValueError:

@@ -99,6 +99,8 @@ def test_when() -> None:
     assert operations.parse_when(None) is None
     with pytest.raises(operations.OperationError, match="2h"):
         operations.parse_when("yesterday-ish")
+    with pytest.raises(operations.OperationError, match="before the year 1"):
+        operations.parse_when("174653661d")
 
 
 def test_retention_never_prunes_the_audit_trail(tmp_path: object) -> None:
