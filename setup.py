@@ -32,6 +32,8 @@ COMPILED = [
     "transforms/adt.py",
     "transforms/oru.py",
     "transforms/siu.py",
+    "transforms/vxu.py",
+    "transforms/mdm.py",
     "transforms/convert.py",
 ]
 

@@ -32,7 +32,13 @@ from transforms.settings import ConvertSettings
 
 __all__ = ["MODULES", "Conversion", "ConvertSettings", "convert", "convert_report"]
 
-MODULES: dict[str, str] = {"ADT": "transforms.adt", "ORU": "transforms.oru", "SIU": "transforms.siu"}
+MODULES: dict[str, str] = {
+    "ADT": "transforms.adt",
+    "ORU": "transforms.oru",
+    "SIU": "transforms.siu",
+    "VXU": "transforms.vxu",
+    "MDM": "transforms.mdm",
+}
 PROVENANCE_TAG_SYSTEM = "urn:sluice:message"
 
 _loaded: dict[str, ModuleType] = {}

@@ -218,7 +218,7 @@ def test_invalid_birth_date_is_102() -> None:
 
 def test_unsupported_type_and_trigger() -> None:
     with pytest.raises(MessageRejected) as ei:
-        convert(msg("MSH|^~\\&|A|B|C|D|20250101||MDM^T02|1|P|2.5.1", "PID|1||1^^^HOSP"), golden_settings())
+        convert(msg("MSH|^~\\&|A|B|C|D|20250101||QRY^Q01|1|P|2.5.1", "PID|1||1^^^HOSP"), golden_settings())
     assert ei.value.hl7_error == "200"
     with pytest.raises(MessageRejected) as ei:
         convert(msg("MSH|^~\\&|A|B|C|D|20250101||ADT^A47|1|P|2.5.1", "PID|1||1^^^HOSP"), golden_settings())

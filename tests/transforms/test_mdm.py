@@ -1,0 +1,128 @@
+"""MDM^T01-T11 → DocumentReference: golden files, replacement and cancel update the same document (synthetic data)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import pytest
+
+from engine.errors import ConversionError, MessageRejected
+from tests.transforms.conftest import EXPECTED, golden_settings, load, msg, validate_resources
+from transforms.convert import _convert
+
+KEY = "DocumentReference?identifier=urn:oid:2.16.840.1.113883.19.999.8|DOC-1"
+MSH = "MSH|^~\\&|SYNDOC|SYNTH HOSP|SLUICE|SLUICE|20250402120000||MDM^{}|C1|P|2.5.1"
+PID = "PID|1||MRN900001^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO^MR||TESTPERSON^ALEXANDRA||19800229|F"
+TXA = "TXA|1|DS|TX|||||||||{number}|{parent}||||{completion}||{avail}"
+DOC = "DOC-2^SYNDOC^2.16.840.1.113883.19.999.8^ISO"
+OBX = "OBX|1|TX|18842-5^Discharge summary^LN||Line one||||||F"
+
+
+@pytest.mark.parametrize("name", ["mdm_t02", "mdm_t10", "mdm_t11"])
+def test_golden(name: str) -> None:
+    result = _convert(load(name), golden_settings())
+    validate_resources(result.bundle)
+    got = {
+        "bundle": result.bundle,
+        "guards": [list(g) for g in result.guards],
+        "events": dict(result.events),
+        "requires": list(result.requires),
+    }
+    path = EXPECTED / f"{name}.json"
+    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
+        path.write_text(
+            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
+    assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))
+
+
+def _doc(bundle: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    (entry,) = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "DocumentReference"]
+    return entry, entry["resource"]
+
+
+def test_note_text_is_the_obx_lines_joined() -> None:
+    entry, doc = _doc(_convert(load("mdm_t02"), golden_settings()).bundle)
+    assert entry["request"] == {"method": "PUT", "url": KEY}
+    assert doc["masterIdentifier"]["value"] == "DOC-1"
+    text = base64.b64decode(doc["content"][0]["attachment"]["data"]).decode("utf-8")
+    assert text == "Patient admitted with synthetic complaint.\nDischarged home in good condition."
+    assert doc["status"] == "current" and doc["docStatus"] == "preliminary"
+    assert doc["type"]["coding"][0]["code"] == "DS" and doc["description"] == "Discharge summary"
+
+
+def test_replacement_and_cancel_update_the_same_document() -> None:
+    original = _convert(load("mdm_t02"), golden_settings())
+    replaced = _convert(load("mdm_t10"), golden_settings())
+    cancelled = _convert(load("mdm_t11"), golden_settings())
+    entries = [_doc(r.bundle) for r in (original, replaced, cancelled)]
+    assert {e["request"]["url"] for e, _ in entries} == {KEY}
+    assert {e["request"]["method"] for e, _ in entries} == {"PUT"}
+    assert len({e["fullUrl"] for e, _ in entries}) == 1
+    _, doc2 = entries[1]
+    assert doc2["docStatus"] == "final"
+    assert [c["attachment"]["contentType"] for c in doc2["content"]] == [
+        "text/plain; charset=utf-8",
+        "application/pdf",
+    ]
+    assert entries[2][1]["status"] == "entered-in-error"
+    ranks = [dict(r.guards)[KEY] for r in (original, replaced, cancelled)]
+    assert ranks[0] == ranks[1] < ranks[2]
+
+
+def test_replacement_with_a_new_number_points_at_its_parent() -> None:
+    parent = "DOC-1^SYNDOC^2.16.840.1.113883.19.999.8^ISO"
+    m = msg(MSH.format("T10"), PID, TXA.format(number=DOC, parent=parent, completion="AU", avail="AV"), OBX)
+    _, doc = _doc(_convert(m, golden_settings()).bundle)
+    assert doc["relatesTo"] == [
+        {
+            "code": "replaces",
+            "target": {"identifier": {"system": "urn:oid:2.16.840.1.113883.19.999.8", "value": "DOC-1"}},
+        }
+    ]
+    m = msg(MSH.format("T06"), PID, TXA.format(number=DOC, parent=parent, completion="AU", avail="AV"), OBX)
+    assert _doc(_convert(m, golden_settings()).bundle)[1]["relatesTo"][0]["code"] == "appends"
+
+
+def test_notification_without_content_never_overwrites() -> None:
+    m = msg(MSH.format("T03"), PID, TXA.format(number=DOC, parent="", completion="AU", avail="AV"))
+    r = _convert(m, golden_settings())
+    entry, _ = _doc(r.bundle)
+    assert entry["request"]["method"] == "POST" and r.events["document_notification_only"] == 1
+
+
+@pytest.mark.parametrize(("avail", "status"), [("AV", "current"), ("", "current"), ("OB", "superseded"), ("CA", "entered-in-error"), ("UN", "current")])  # fmt: skip
+def test_availability(avail: str, status: str) -> None:
+    m = msg(MSH.format("T02"), PID, TXA.format(number=DOC, parent="", completion="AU", avail=avail), OBX)
+    assert _doc(_convert(m, golden_settings()).bundle)[1]["status"] == status
+
+
+def test_located_errors() -> None:
+    with pytest.raises(ConversionError) as e:
+        _convert(
+            msg(MSH.format("T02"), PID, TXA.format(number="", parent="", completion="AU", avail=""), OBX),
+            golden_settings(),
+        )
+    assert e.value.hl7_error == "101" and str(e.value.location).startswith("TXA")
+    with pytest.raises(ConversionError) as e:
+        _convert(
+            msg(MSH.format("T02"), PID, TXA.format(number=DOC, parent="", completion="XX", avail=""), OBX),
+            golden_settings(),
+        )
+    assert e.value.hl7_error == "103" and "TXA" in str(e.value.location)
+    with pytest.raises(ConversionError) as e:
+        _convert(
+            msg(MSH.format("T02"), PID, TXA.format(number=DOC, parent="", completion="AU", avail="ZZ"), OBX),
+            golden_settings(),
+        )
+    assert e.value.hl7_error == "103"
+    with pytest.raises(ConversionError) as e:
+        _convert(msg(MSH.format("T02"), PID, OBX), golden_settings())
+    assert e.value.hl7_error == "100"
+    with pytest.raises(MessageRejected) as r:
+        _convert(msg(MSH.format("T12"), PID), golden_settings())
+    assert r.value.hl7_error == "201"

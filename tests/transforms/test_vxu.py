@@ -1,0 +1,116 @@
+"""VXU^V04 → Immunization: golden files, entered-in-error on the same resource, located errors (synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from engine.errors import ConversionError, MessageRejected
+from tests.transforms.conftest import EXPECTED, golden_settings, load, msg, resources, validate_resources
+from transforms.convert import _convert
+
+KEY = "Immunization?identifier=urn:oid:2.16.840.1.113883.19.999.7|FL-IZ-1"
+MSH = "MSH|^~\\&|SYNEHR|SYNTH CLINIC|SYNIIS|SYNTH IIS|20250401103000||VXU^{}|C1|P|2.5.1"
+PID = "PID|1||MRN900001^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO^MR||TESTPERSON^ALEXANDRA||20200115|F"
+RXA = "RXA|0|1|20250401100000||08^Hep B^CVX|0.5|mL^mL^UCUM||00^New^NIP001|||||||||||{status}|{action}"
+
+
+@pytest.mark.parametrize("name", ["vxu_v04", "vxu_v04_delete"])
+def test_golden(name: str) -> None:
+    result = _convert(load(name), golden_settings())
+    validate_resources(result.bundle)
+    got = {
+        "bundle": result.bundle,
+        "guards": [list(g) for g in result.guards],
+        "events": dict(result.events),
+        "requires": list(result.requires),
+    }
+    path = EXPECTED / f"{name}.json"
+    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
+        path.write_text(
+            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
+    assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))
+
+
+def _imm(bundle: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    (entry,) = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Immunization"]
+    return entry, entry["resource"]
+
+
+def test_mapping_of_the_golden_message() -> None:
+    b = _convert(load("vxu_v04"), golden_settings()).bundle
+    entry, imm = _imm(b)
+    assert entry["request"] == {"method": "PUT", "url": KEY}
+    assert imm["status"] == "completed"
+    assert imm["vaccineCode"]["coding"][0]["code"] == "08"
+    assert imm["occurrenceDateTime"].startswith("2025-04-01T10:00:00")
+    assert imm["lotNumber"] == "LOT123" and imm["expirationDate"] == "2026-12-31"
+    assert imm["doseQuantity"]["value"] == 0.5 and imm["doseQuantity"]["code"] == "mL"
+    assert imm["route"]["coding"][0]["code"] == "C28161" and imm["site"]["coding"][0]["code"] == "RT"
+    assert imm["programEligibility"][0]["coding"][0]["code"] == "V02"
+    assert imm["fundingSource"]["coding"][0]["code"] == "VXC1"
+    assert imm["education"] == [{"documentType": "Hepatitis B VIS", "presentationDate": "2025-04-01"}]
+    assert imm["primarySource"] is True
+    assert {p["function"]["coding"][0]["code"] for p in imm["performer"]} == {"OP", "AP"}
+    assert "recorded" in imm  # RXA-22 with action A
+    # every OBX is also an Observation part of the immunization
+    obs = resources(b, "Observation")
+    assert len(obs) == 4 and all(o["partOf"] == [{"reference": entry["fullUrl"]}] for o in obs)
+
+
+def test_entered_in_error_updates_the_same_immunization() -> None:
+    added = _convert(load("vxu_v04"), golden_settings())
+    deleted = _convert(load("vxu_v04_delete"), golden_settings())
+    e1, i1 = _imm(added.bundle)
+    e2, i2 = _imm(deleted.bundle)
+    assert e1["request"] == e2["request"] and e1["fullUrl"] == e2["fullUrl"]
+    assert i1["status"] == "completed" and i2["status"] == "entered-in-error"
+    # the guard ranks entered-in-error above completed: a late resend of the original goes to review
+    assert dict(deleted.guards)[KEY] > dict(added.guards)[KEY]
+    # the deletion is idempotent: converting it twice gives the same bundle
+    assert _convert(load("vxu_v04_delete"), golden_settings()).bundle == deleted.bundle
+
+
+@pytest.mark.parametrize(
+    ("status", "action", "expected"),
+    [("CP", "A", "completed"), ("PA", "A", "completed"), ("RE", "A", "not-done"), ("NA", "U", "not-done"),
+     ("", "", "completed"), ("CP", "D", "entered-in-error"), ("RE", "D", "entered-in-error")],
+)  # fmt: skip
+def test_status(status: str, action: str, expected: str) -> None:
+    orc = "ORC|RE||F1^SYN^2.16.840.1.113883.19.999.7^ISO"
+    m = msg(MSH.format("V04"), PID, orc, RXA.format(status=status, action=action))
+    _, imm = _imm(_convert(m, golden_settings()).bundle)
+    assert imm["status"] == expected
+
+
+def test_without_order_ids_keyed_on_patient_vaccine_and_date() -> None:
+    m = msg(MSH.format("V04"), PID, RXA.format(status="CP", action="A"))
+    r = _convert(m, golden_settings())
+    entry, _ = _imm(r.bundle)
+    assert r.events["immunization_fallback_key"] == 1
+    again = _convert(msg(MSH.format("V04"), PID, RXA.format(status="CP", action="D")), golden_settings())
+    assert _imm(again.bundle)[0]["request"] == entry["request"]
+
+
+def test_located_errors() -> None:
+    orc = "ORC|RE||F1^SYN^2.16.840.1.113883.19.999.7^ISO"
+    with pytest.raises(ConversionError) as e:
+        _convert(msg(MSH.format("V04"), PID, orc, "RXA|0|1|20250401||"), golden_settings())
+    assert e.value.location is not None and str(e.value.location).startswith("RXA")
+    with pytest.raises(ConversionError) as e:
+        _convert(msg(MSH.format("V04"), PID, orc, "RXA|0|1|||08^Hep B^CVX"), golden_settings())
+    assert e.value.location is not None and "RXA" in str(e.value.location)
+    with pytest.raises(ConversionError) as e:
+        _convert(msg(MSH.format("V04"), PID, orc), golden_settings())
+    assert e.value.hl7_error == "100"
+    with pytest.raises(ConversionError) as e:
+        _convert(msg(MSH.format("V04"), PID), golden_settings())
+    assert e.value.hl7_error == "100"
+    with pytest.raises(MessageRejected) as r:
+        _convert(msg(MSH.format("V03"), PID, orc), golden_settings())
+    assert r.value.hl7_error == "201"
