@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from engine import redact
 from engine.config import ChannelConfig, Config
 from engine.destinations.base import CONTENT_HL7
 from engine.errors import Location, MessageContentError, SluiceError
@@ -89,7 +90,7 @@ class ChannelRuntime:
                 "processing_failed",
                 channel=self.channel.name,
                 message_id=message_id,
-                control_id=msg.control_id,
+                control_id=redact.control_id(msg.control_id),
                 error=type(exc).__name__,
                 code=exc.hl7_error,
                 location=str(exc.location) if exc.location else None,
@@ -100,7 +101,7 @@ class ChannelRuntime:
                 "processing_crashed",
                 channel=self.channel.name,
                 message_id=message_id,
-                control_id=msg.control_id,
+                control_id=redact.control_id(msg.control_id),
                 error=type(exc).__name__,
             )
             # The exception's own text may quote message content (a KeyError names the key): the

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 import structlog
 
-from engine import payloads
+from engine import payloads, redact
 from engine.config import DestinationConfig, RetryConfig
 from engine.destinations.base import Destination, Outbound
 from engine.errors import DeliveryError, SluiceError
@@ -457,7 +457,7 @@ class DeliveryWorker:
                             "delivery_retry",
                             destination=self.config.name,
                             message_id=row.message_id,
-                            control_id=row.control_id,
+                            control_id=redact.control_id(row.control_id),
                             attempt=attempts,
                             retry_in=round(next_at - time.time(), 2),
                             error=type(exc).__name__,
@@ -476,7 +476,7 @@ class DeliveryWorker:
                             "delivery_dead_lettered",
                             destination=self.config.name,
                             message_id=row.message_id,
-                            control_id=row.control_id,
+                            control_id=redact.control_id(row.control_id),
                             attempts=attempts,
                             error=type(exc).__name__,
                         )
@@ -491,5 +491,5 @@ class DeliveryWorker:
                     "delivered",
                     destination=self.config.name,
                     message_id=row.message_id,
-                    control_id=row.control_id,
+                    control_id=redact.control_id(row.control_id),
                 )
