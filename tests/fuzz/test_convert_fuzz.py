@@ -88,6 +88,23 @@ CORPUS: list[str] = [
     H.format(t="SIU^S15^SIU_S12", n=6)
     + "SCH|APT2^NORTH|APT2^NORTH|||||||30|MIN|^^30^20250320093000|||||||||||||||Cancelled\r"
     "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r",
+    H.format(t="VXU^V04^VXU_V04", n=7) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||20200101|F\r"
+    "NK1|1|Testkin^Sam|MTH\rORC|RE|PIZ1^NORTH|FIZ1^NORTH|||||||||1234567893^Carer^Casey^^^Dr^^^NPI\r"
+    "RXA|0|1|20250314090000||08^Hep B^CVX|0.5|mL^mL^UCUM||00^New^NIP001|1234567893^Carer^Casey^^^Dr^^^NPI|"
+    "^^^NORTH||||LOT1|20261231|MSD^Merck^MVX|||CP|A|20250314091000\r"
+    "RXR|C28161^Intramuscular^NCIT|LA^Left Arm^HL70163\r"
+    "OBX|1|CE|64994-7^Eligibility^LN|1|V02^Medicaid^HL70064||||||F|||20250314\r"
+    "OBX|2|CE|30963-3^Funding^LN|2|VXC1^Federal^CDCPHINVS||||||F\r"
+    "OBX|3|TS|29769-7^VIS presented^LN|3|20250314||||||F\r",
+    H.format(t="MDM^T02^MDM_T02", n=8) + "EVN|T02|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\r"
+    "PV1|1|I|4N^401^A^NORTH|||||||MED|||||||||V1^^^NORTH^VN\r"
+    "TXA|1|DS^Discharge summary^HL70270|TX|20250314083000||20250314084000|||1234567893^Carer^Casey^^^Dr^^^NPI|||"
+    "DOC1^NORTH|DOC0^NORTH||||AU||AV||||||Summary\r"
+    "OBX|1|TX|18842-5^Discharge summary^LN|1|Line one||||||F\r"
+    "OBX|2|ED|18842-5^Discharge summary^LN|2|^application^pdf^Base64^JVBERi0xLjQK||||||F\r",
+    H.format(t="MDM^T11^MDM_T01", n=9) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
+    "TXA|1|DS|TX|||||||||DOC1^NORTH|||||LA||CA\r",
 ]
 
 ODD = [
@@ -96,7 +113,7 @@ ODD = [
     "&&", "\\", "\\X4\\", "\\XZZ\\", "\\Q\\", "\\.br\\", "\\H\\x\\N\\", "Ünïcödé", "\u202e", "\ud7ff", " ", "A" * 300,
     "F", "C", "P", "X", "D", "W", "Y", "Z", "A", "SS", "MR", "NORTH", "urn:oid:1.2", "2.16.840.1", "ISO",
     "Booked", "Cancelled", "Noshow", "Blocked", "MIN", "HR", "S", "D", "WK", "NM", "ST", "CWE", "ED", "SN", "TX",
-    "Base64", "A99", "S17", "S26",
+    "Base64", "A99", "S17", "S26", "V04", "T02", "T06", "T10", "T11", "CP", "RE", "NA", "PA", "AU", "LA", "AV", "OB", "CA",
     # numbers past what JSON/orjson carries (64-bit ints, finite floats) and digits int() refuses
     "18446744073709551616", "-9223372036854775809", "1" * 30 + ".5", "9" * 400 + ".0", "2147483648", "²", "١٢",
     # control characters, raw and as escapes (FHIR strings allow none but TAB, LF, CR)
