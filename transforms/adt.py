@@ -667,8 +667,10 @@ def encounter(
     *,
     create_only: bool = False,
 ) -> str | None:
-    """PV1/PV2 → Encounter keyed by PV1-19 (visit number).  No visit number and no admit time → no
-    Encounter (counted ``encounter_without_key``): an unkeyed Encounter would duplicate on every update."""
+    """PV1/PV2 → Encounter keyed by PV1-19 (visit number); without one by patient + admit time (PV1-44);
+    without either, in ADT, by patient + sender + MSH-10 (a located warning ``encounter_keyed_by_message``):
+    every ADT with a visit in its PV1 gets its Encounter.  A placeholder PV1 of a person-only event has
+    none; ORU/SIU (``create_only``) reference none without a visit number or admit time."""
     pv1 = msg.first("PV1")
     if pv1 is None:
         return None
@@ -708,6 +710,15 @@ def encounter(
     if admit or (nf > 45 and f[45]):
         p = dt.period_at(admit, dt.value(pv1, 45, ctx), s, pv1, 44, 45)
         if p:
+            if "start" in p and "end" in p and dt.ends_before_start(p["start"], p["end"]):
+                # FHIR per-1: a period cannot end before it starts.  The admit time keys and starts the
+                # visit, so the discharge time is the one dropped.
+                del p["end"]
+                ctx.warn(
+                    "encounter_end_before_start",
+                    pv1.loc(45),
+                    "discharge date/time is before the admit date/time (PV1-44); Encounter.period.end dropped",
+                )
             res["period"] = p
     locations: list[JSON] = []
     loc_status_current = (
@@ -791,9 +802,44 @@ def encounter(
     if admit:
         ctx.count("encounter_keyed_by_admit_time")
         return ctx.add("Encounter", res, key=f"{patient_key}|admit|{admit}", create_only=create_only)
-    if any(pv1.get(n).strip() for n in (3, 7, 44)) or trigger not in ("A28", "A31", "A08", "A60"):
+    if create_only:
+        # ORU/SIU (conditional create; the ADT feed owns the Encounter): one unkeyed Encounter per result
+        # or appointment message would only pile up stubs, so they reference none
         ctx.count("encounter_without_key")
-    return None
+        return None
+    if not _has_visit_data(pv1, trigger):
+        return None  # a placeholder PV1 (``PV1|1|N``) of a person-only event: there is no visit
+    # Last resort: neither a visit number nor an admit time.  The Encounter is keyed by the patient and the
+    # message (sending application, facility and MSH-10), so a resent message updates the same Encounter;
+    # a later message about the same visit cannot be matched to it and makes another one (documented in
+    # docs/mapping.md, warned so the sender can be asked for PV1-19).
+    msh = msg.msh
+    sender = f"{dt.value(msh, 3, ctx)}|{dt.value(msh, 4, ctx)}"
+    ctx.warn(
+        "encounter_keyed_by_message",
+        pv1.loc(19),
+        "no visit number (PV1-19) and no admit date/time (PV1-44): the Encounter is keyed by the patient and "
+        "this message's control id (MSH-10), so later messages about the visit cannot update it",
+    )
+    return ctx.add(
+        "Encounter", res, key=f"{patient_key}|message|{sender}|{msg.control_id}", create_only=create_only
+    )
+
+
+# Triggers about the person rather than a visit: their PV1 is often a placeholder (``PV1|1|N``)
+_PERSON_TRIGGERS = frozenset(("A28", "A31", "A08", "A60", "A29", "A47", "A24", "A37"))
+
+
+def _has_visit_data(pv1: Segment, trigger: str) -> bool:
+    """Does PV1 describe a visit?  Always for visit events; for person events (A28, A31, ...) only when a
+    field past PV1-2 is valued or the patient class is not N (not applicable)."""
+    if trigger not in _PERSON_TRIGGERS:
+        return True
+    f = pv1.fields
+    if any(v.strip() for v in f[3:]):
+        return True
+    cls = pv1.get(2).strip().upper()
+    return bool(cls) and cls != "N"
 
 
 # ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from engine.errors import Location
 from engine.hl7 import Message
 from transforms.settings import ConvertSettings
 
@@ -115,6 +116,9 @@ class Conversion:
     guards: tuple[tuple[str, int], ...]
     # resource keys that must already exist on the target (e.g. the prior patient of an A40)
     requires: tuple[str, ...]
+    # located, PHI-free warnings: what the conversion changed or dropped instead of rejecting the message,
+    # e.g. "PV1-45: discharge date/time before the admit date/time (PV1-44); Encounter.period.end dropped"
+    warnings: tuple[str, ...] = ()
 
     @property
     def resource_types(self) -> tuple[str, ...]:
@@ -145,6 +149,7 @@ class ConvertContext:
         "patient_ref",
         "requires",
         "settings",
+        "warnings",
         "xcn_memo",
     )
 
@@ -154,6 +159,7 @@ class ConvertContext:
         self.events: Counter[str] = Counter()
         self.guards: dict[str, int] = {}
         self.requires: list[str] = []
+        self.warnings: list[str] = []
         self.entries: list[dict[str, Any]] = []
         self._by_url: dict[str, dict[str, Any]] = {}
         self._by_full_url: dict[str, tuple[dict[str, Any], str]] = {}  # fullUrl -> (resource, resource key)
@@ -176,6 +182,12 @@ class ConvertContext:
     def count(self, event: str, n: int = 1) -> None:
         """Count a PHI-free event (name only, never values)."""
         self.events[event] += n
+
+    def warn(self, event: str, location: Location | None, what: str) -> None:
+        """Count ``event`` and keep a located warning: ``what`` says what was wrong and what the conversion
+        did instead (names of fields, never their values)."""
+        self.events[event] += 1
+        self.warnings.append(f"{location}: {what}" if location is not None else what)
 
     def guard(self, key: str, rank: int) -> None:
         """Tell the engine: resource ``key`` is written with status rank ``rank``."""
@@ -307,4 +319,5 @@ class ConvertContext:
             events=dict(self.events),
             guards=tuple(sorted(self.guards.items())),
             requires=tuple(self.requires),
+            warnings=tuple(self.warnings),
         )

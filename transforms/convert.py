@@ -96,9 +96,14 @@ def _convert(msg: Message, settings: ConvertSettings) -> Conversion:
     cleaned = has_control_characters(msg)
     if cleaned:
         msg = without_control_characters(msg)
+    nulls = 0
+    if '""' in msg.text:
+        msg, nulls = without_explicit_nulls(msg)
     ctx = ConvertContext(msg, settings)
     if cleaned:
         ctx.count("control_characters_removed")
+    if nulls:
+        ctx.count("explicit_null", nulls)
     fn: Callable[[Message, ConvertContext], None] = mod.convert
     fn(msg, ctx)
     if settings.provenance and ctx.entries:
@@ -162,6 +167,47 @@ def without_control_characters(msg: Message) -> Message:
         fields[first:] = [split_clean(f, inner) for f in fields[first:]]
         lines.append(d.field.join(fields))
     return parse("\r".join(lines))
+
+
+_NULL = '""'
+
+
+def without_explicit_nulls(msg: Message) -> tuple[Message, int]:
+    """``msg`` with HL7's explicit null taken out: every field, repetition, component or subcomponent that
+    is exactly ``""`` becomes empty, and how many there were.
+
+    In HL7 v2 ``""`` means "this value is deleted", never the two-character string.  The mappings then
+    see an empty value: the element is left out of the resource, and since ADT writes are full
+    conditional updates, an update (A08, A31) that sends ``""`` clears the element on the server.  A
+    ``""`` in an optional date is an absent date, not an invalid one; in a key field (PID-3, PV1-19 ...)
+    it is a missing key, rejected as such.  MSH-1/MSH-2 and segment names are kept as sent."""
+    d = msg.delimiters
+    seps = "".join(ch for ch in (d.repetition, d.component, d.subcomponent) if ch)
+    found = 0
+
+    def split_null(value: str, rest: str) -> str:
+        nonlocal found
+        if value == _NULL:
+            found += 1
+            return ""
+        if _NULL not in value or not rest:
+            return value
+        sep = rest[0]
+        if sep not in value:
+            return split_null(value, rest[1:])
+        return sep.join(split_null(part, rest[1:]) for part in value.split(sep))
+
+    lines: list[str] = []
+    for line in msg.text.split("\r"):
+        if _NULL in line:
+            fields = line.split(d.field)
+            first = 2 if fields[0] in HEADER_SEGMENTS else 1
+            fields[first:] = [split_null(f, seps) for f in fields[first:]]
+            line = d.field.join(fields)
+        lines.append(line)
+    if not found:
+        return msg, 0
+    return parse("\r".join(lines)), found
 
 
 def add_provenance(msg: Message, ctx: ConvertContext) -> None:

@@ -371,6 +371,21 @@ def period_at(
     return p or None
 
 
+def ends_before_start(start: str, end: str) -> bool:
+    """Do two FHIR date/dateTime strings (as :func:`dtm` writes them) make a period that ends before it
+    starts (FHIR invariant per-1)?  Values of different precision are compared as FHIRPath does only when
+    both have a time with an offset, else as dates when both are full dates; otherwise they are not
+    comparable and the period is kept."""
+    if len(start) >= 25 and len(end) >= 25:  # YYYY-MM-DDThh:mm:ss[.f]+zz:zz
+        try:
+            return datetime.fromisoformat(end) < datetime.fromisoformat(start)
+        except ValueError:
+            return False
+    if len(start) == len(end):  # same date precision (YYYY, YYYY-MM, YYYY-MM-DD): text order is time order
+        return end < start
+    return False
+
+
 def dr(rep: Rep, comp: int, settings: ConvertSettings, loc: Location | None = None) -> JSON | None:
     """DR (date range) held in component ``comp`` of ``rep`` (subcomponents 1 and 2) → Period."""
     return period(rep.c(comp, 1), rep.c(comp, 2), settings, loc, loc)

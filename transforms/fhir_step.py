@@ -62,6 +62,8 @@ def make(options: Mapping[str, Any], ctx: StageContext) -> Callable[[Work], Work
             and url not in required
         ]
         facts["events"] = dict(result.events)
+        if result.warnings:
+            facts["warnings"] = list(result.warnings)
         meta = dict(work.meta)
         meta["resource_types"] = ",".join(result.resource_types)
         return dataclasses.replace(

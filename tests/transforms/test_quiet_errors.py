@@ -1,0 +1,139 @@
+"""Issue #14, quiet errors in converted output: HL7's explicit null, Encounters without a visit number,
+periods that end before they start (synthetic messages only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from engine.errors import ConversionError
+from engine.hl7 import parse
+from tests.transforms.conftest import resources, validate_resources
+from transforms.convert import Conversion, convert_report
+from transforms.settings import ConvertSettings
+
+SETTINGS = ConvertSettings(derive_unknown_systems=True, site_tz="America/Los_Angeles")
+MSH = "MSH|^~\\&|REG|NORTH|EHR|HOSP|20250314083000||ADT^{trigger}|{control}|P|2.5.1"
+
+
+def adt(*segments: str, trigger: str = "A01", control: str = "C1") -> Conversion:
+    text = "\r".join(
+        [MSH.format(trigger=trigger, control=control), f"EVN|{trigger}|20250314083000", *segments]
+    )
+    result = convert_report(parse(text + "\r"), SETTINGS)
+    validate_resources(result.bundle)
+    return result
+
+
+def pv1(**fields: str) -> str:
+    f = [""] * 53
+    f[0] = "PV1"
+    f[1] = "1"
+    for k, v in fields.items():
+        f[int(k[1:])] = v
+    return "|".join(f).rstrip("|")
+
+
+PID = "PID|1||MRN1^^^NORTH^MR||Sample^Jo||19800101|F|||1 Way^^City^OR^97477||^PRN^PH^^1^541^5550100"
+
+
+def one(bundle: dict[str, Any], rtype: str) -> dict[str, Any]:
+    (res,) = resources(bundle, rtype)
+    return res
+
+
+# ---------------------------------------------------------------------------
+# "" (explicit null)
+# ---------------------------------------------------------------------------
+def test_explicit_null_never_reaches_fhir_and_clears_the_element_on_update() -> None:
+    full = adt(PID, pv1(f2="I", f19="V1^^^NORTH^VN"), trigger="A08")
+    nulls = adt(
+        'PID|1||MRN1^^^NORTH^MR~""||Sample^Jo||""|F|||""~1 Way^""^City||""~^PRN^PH^^1^541^5550100',
+        pv1(f2="I", f19="V1^^^NORTH^VN", f44='""', f45='""'),
+        trigger="A08",
+    )
+    assert b'""' not in orjson.dumps(nulls.bundle)
+    patient = one(nulls.bundle, "Patient")
+    before = one(full.bundle, "Patient")
+    # "" in an optional date: absent, not rejected
+    assert "birthDate" in before and "birthDate" not in patient
+    assert [i["value"] for i in patient["identifier"]] == ["MRN1"]
+    assert patient["address"] == [{"line": ["1 Way"], "city": "City"}]
+    assert [t["value"] for t in patient["telecom"]] == ["+1 (541) 5550100"]
+    # the update is a full conditional PUT: leaving the element out clears it on the server
+    [put] = [e["request"] for e in nulls.bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert put["method"] == "PUT"
+    assert "period" not in one(nulls.bundle, "Encounter")
+    assert nulls.events.get("explicit_null") == 7  # PID-3~, -7, -11~, -11.2, -13~, PV1-44, -45
+
+
+def test_explicit_null_in_the_patient_key_is_a_missing_key() -> None:
+    with pytest.raises(ConversionError) as err:
+        adt('PID|1||""||Sample^Jo', pv1(f2="I", f19="V1"))
+    assert err.value.hl7_error == "101" and str(err.value.location) == "PID-3"
+
+
+# ---------------------------------------------------------------------------
+# Encounter without a visit number
+# ---------------------------------------------------------------------------
+def test_pv1_without_visit_number_or_admit_time_still_gets_an_encounter_keyed_by_the_message() -> None:
+    seg = pv1(f2="I", f3="4N^401^A^NORTH", f7="1234567893^Carer^Casey^^^Dr^^^NPI")
+    first = adt(PID, seg, control="C1")
+    enc = one(first.bundle, "Encounter")
+    assert enc["class"]["code"] == "IMP" and enc["participant"][0]["type"][0]["coding"][0]["code"] == "ATND"
+    assert enc["location"] and enc["subject"]["reference"].startswith("urn:uuid:")
+    assert first.events.get("encounter_keyed_by_message") == 1
+    assert first.warnings == (
+        "PV1-19: no visit number (PV1-19) and no admit date/time (PV1-44): the Encounter is keyed by the "
+        "patient and this message's control id (MSH-10), so later messages about the visit cannot update it",
+    )
+    url = [e["request"]["url"] for e in first.bundle["entry"] if e["resource"]["resourceType"] == "Encounter"]
+    # a resend of the same message writes the same Encounter; another message another one
+    again = adt(PID, seg, control="C1")
+    assert [
+        e["request"]["url"] for e in again.bundle["entry"] if e["resource"]["resourceType"] == "Encounter"
+    ] == url
+    other = adt(PID, seg, control="C2")
+    assert [
+        e["request"]["url"] for e in other.bundle["entry"] if e["resource"]["resourceType"] == "Encounter"
+    ] != url
+
+
+def test_admit_time_keys_the_encounter_across_messages_when_pv1_19_is_empty() -> None:
+    seg = pv1(f2="I", f44="20250314082500")
+    a = adt(PID, seg, control="C1")
+    b = adt(PID, seg, trigger="A08", control="C2")
+    urls = [
+        [e["request"]["url"] for e in r.bundle["entry"] if e["resource"]["resourceType"] == "Encounter"]
+        for r in (a, b)
+    ]
+    assert urls[0] == urls[1] and len(urls[0]) == 1 and not a.warnings
+
+
+def test_placeholder_pv1_of_a_person_event_makes_no_encounter() -> None:
+    for trigger in ("A28", "A31", "A08"):
+        result = adt(PID, "PV1|1|N", trigger=trigger)
+        assert resources(result.bundle, "Encounter") == [] and not result.warnings
+
+
+# ---------------------------------------------------------------------------
+# Encounter.period ending before it starts
+# ---------------------------------------------------------------------------
+def test_discharge_before_admit_drops_the_end_with_a_located_warning() -> None:
+    result = adt(
+        PID, pv1(f2="I", f19="V1^^^NORTH^VN", f44="20250314082500", f45="20250313120000"), trigger="A03"
+    )
+    enc = one(result.bundle, "Encounter")
+    assert enc["period"] == {"start": "2025-03-14T08:25:00-07:00"}
+    assert result.events.get("encounter_end_before_start") == 1
+    assert result.warnings == (
+        "PV1-45: discharge date/time is before the admit date/time (PV1-44); Encounter.period.end dropped",
+    )
+    ok = adt(PID, pv1(f2="I", f19="V1^^^NORTH^VN", f44="20250314082500", f45="20250315120000"), trigger="A03")
+    assert one(ok.bundle, "Encounter")["period"] == {
+        "start": "2025-03-14T08:25:00-07:00",
+        "end": "2025-03-15T12:00:00-07:00",
+    }
+    assert not ok.warnings
