@@ -103,6 +103,28 @@ def content(obxs: list[Segment], ctx: ConvertContext, txa: Segment) -> list[JSON
     return out
 
 
+def orders(msg: Message, ctx: ConvertContext, enc: str | None) -> list[str]:
+    """The COMMON_ORDER groups (ORC + OBR) → ServiceRequest, with ORU's mapping (IG MDM_T02: ORC/OBR
+    [ServiceRequest], referenced from ``context.related``): a conditional create, the ordering system owns
+    the order.  An ORC without an OBR names no service and is left out."""
+    from transforms import oru
+
+    out: list[str] = []
+    _pid, groups, _obs = oru._groups(msg)
+    for order in groups:
+        obr = order.obr
+        if obr is None:
+            continue
+        code = cwe(obr.rep(4), ctx, obr.loc(4), field="OBR-4")
+        if code is None:
+            ctx.count("order_without_service_skipped")
+            continue
+        placer, filler = oru._order_identifiers(order, ctx)
+        if (ref := oru.service_request(order, placer, filler, code, ctx, enc)) is not None:
+            out.append(ref)
+    return out
+
+
 def _status(trigger: str, txa: Segment, ctx: ConvertContext) -> tuple[str, str]:
     """(DocumentReference.status, the TXA-19 code) ; T11 forces entered-in-error."""
     code = txa.get(19).strip().upper()
@@ -215,6 +237,9 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
             c.setdefault("format", {"system": V2_TABLE + "0191", "code": ctype})
     res["content"] = contents
     context: JSON = {}
+    related = orders(msg, ctx, enc)
+    if related:
+        context["related"] = [{"reference": r} for r in related]
     if enc:
         context["encounter"] = [{"reference": enc}]
     if txa.get(4).strip() and (activity := dtm_at(txa.get(4), settings, txa, 4)):

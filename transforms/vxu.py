@@ -291,6 +291,50 @@ def immunization(order: _Order, ctx: ConvertContext, patient_key: str, enc: str 
     return ref
 
 
+def service_request(
+    order: _Order, placer: JSON | None, filler: JSON | None, ctx: ConvertContext, enc: str | None
+) -> str | None:
+    """ORC → ServiceRequest (IG VXU_V04 ORDER.ORC[ServiceRequest], "only if the system wants to know about
+    the order"): keyed by ORC-2 placer, else ORC-3 filler; a conditional *create* like ORU's, the ordering
+    system owns the order.  The order's Observations are ``basedOn`` it."""
+    from transforms import oru
+
+    orc = order.orc
+    key_ident = placer or filler
+    if orc is None or key_ident is None:
+        return None
+    res: JSON = {"resourceType": "ServiceRequest"}
+    idents: list[JSON] = []
+    for ident, code, display in (
+        (placer, "PLAC", "Placer Identifier"),
+        (filler, "FILL", "Filler Identifier"),
+    ):
+        if ident is not None:
+            typed = dict(ident)
+            typed["type"] = {"coding": [{"system": V2_TABLE + "0203", "code": code, "display": display}]}
+            idents.append(typed)
+    res["identifier"] = idents
+    res["status"] = (
+        oru.ORDER_STATUS.get(orc.get(5).strip().upper())
+        or oru.ORDER_CONTROL_STATUS.get(orc.get(1).strip().upper())
+        or "unknown"
+    )
+    res["intent"] = "order"
+    if order.rxa is not None and (vaccine := cwe(order.rxa.rep(5), ctx, order.rxa.loc(5), field="RXA-5")):
+        res["code"] = vaccine
+    if ctx.patient_ref:
+        res["subject"] = {"reference": ctx.patient_ref}
+    if enc:
+        res["encounter"] = {"reference": enc}
+    if orc.rep(12) and (requester := xcn(orc.rep(12), ctx, orc.loc(12))) is not None:
+        res["requester"] = requester
+    system = key_ident.get("system")
+    if system:
+        return ctx.add("ServiceRequest", res, identifier=(system, key_ident["value"]), create_only=True)
+    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+    return ctx.add("ServiceRequest", res, key=f"{facility}|order|{key_ident['value']}", create_only=True)
+
+
 def _observations(
     obxs: list[Segment],
     notes: dict[int, list[Segment]],
@@ -298,6 +342,7 @@ def _observations(
     key_prefix: str,
     enc: str | None,
     part_of: str | None,
+    based_on: str | None = None,
 ) -> None:
     from transforms import oru
 
@@ -316,8 +361,11 @@ def _observations(
             seen=seen,
             enc=enc,
         )
-        if ref is not None and part_of and (obs := ctx.find(ref)) is not None:
+        obs = ctx.find(ref) if ref is not None else None
+        if obs is not None and part_of:
             obs.setdefault("partOf", [{"reference": part_of}])
+        if obs is not None and based_on:
+            obs.setdefault("basedOn", [{"reference": based_on}])
 
 
 def convert(msg: Message, ctx: ConvertContext) -> None:
@@ -350,8 +398,14 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         _observations(person, person_notes, ctx, f"{patient_key}|vxu-observation", enc, None)
     for order in orders:
         ref = immunization(order, ctx, patient_key, enc)
+        orc = order.orc
+        sr = (
+            service_request(order, ei(orc.rep(2), ctx, orc.loc(2)), ei(orc.rep(3), ctx, orc.loc(3)), ctx, enc)
+            if orc is not None
+            else None
+        )
         if order.obx:
-            _observations(order.obx, order.notes, ctx, f"{ctx.key_of(ref) or ref}|observation", enc, ref)
+            _observations(order.obx, order.notes, ctx, f"{ctx.key_of(ref) or ref}|observation", enc, ref, sr)
 
 
 __all__ = ["COMPLETION_STATUS", "IMMUNIZATION_STATUS_RANK", "TRIGGERS", "convert"]

@@ -126,3 +126,18 @@ def test_located_errors() -> None:
     with pytest.raises(MessageRejected) as r:
         _convert(msg(MSH.format("T12"), PID), golden_settings())
     assert r.value.hl7_error == "201"
+
+
+def test_common_order_becomes_a_service_request_in_context_related() -> None:
+    orc = "ORC|SC|ORD-7^SYNEHR^2.16.840.1.113883.19.999.9^ISO"
+    obr = "OBR|1|ORD-7^SYNEHR^2.16.840.1.113883.19.999.9^ISO||18842-5^Discharge summary^LN"
+    m = msg(
+        MSH.format("T02"), PID, orc, obr, TXA.format(number=DOC, parent="", completion="AU", avail="AV"), OBX
+    )
+    b = _convert(m, golden_settings()).bundle
+    (sr,) = [e for e in b["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
+    assert sr["request"]["ifNoneExist"] == "identifier=urn:oid:2.16.840.1.113883.19.999.9|ORD-7"
+    _, doc = _doc(b)
+    assert doc["context"]["related"] == [{"reference": sr["fullUrl"]}]
+    # the OBX after TXA are the document, not results: no Observation
+    assert not [e for e in b["entry"] if e["resource"]["resourceType"] == "Observation"]

@@ -61,6 +61,12 @@ def test_mapping_of_the_golden_message() -> None:
     # every OBX is also an Observation part of the immunization
     obs = resources(b, "Observation")
     assert len(obs) == 4 and all(o["partOf"] == [{"reference": entry["fullUrl"]}] for o in obs)
+    # ORC → ServiceRequest (conditional create keyed on the placer number), the Observations are basedOn it
+    (sr_entry,) = [e for e in b["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
+    assert sr_entry["request"]["method"] == "POST"
+    assert sr_entry["request"]["ifNoneExist"] == "identifier=urn:oid:2.16.840.1.113883.19.999.7|PL-IZ-1"
+    assert sr_entry["resource"]["intent"] == "order" and sr_entry["resource"]["code"] == imm["vaccineCode"]
+    assert all(o["basedOn"] == [{"reference": sr_entry["fullUrl"]}] for o in obs)
 
 
 def test_entered_in_error_updates_the_same_immunization() -> None:
