@@ -92,6 +92,8 @@ RULES: dict[str, str] = {
     "ms-segment-observation": "Observation MS synthesises from one IG-unmapped segment (PDA, ACC)",
     "unscored-practitioner": "Practitioner only of resources that are not scored (Provenance, Procedure, "
     "Specimen, ...)",
+    "ig-document-obx": "Observation / DiagnosticReport MS makes from the OBX / OBR of a document message "
+    "(TXA), which the IG's MDM maps put into DocumentReference.content / ServiceRequest",
 }
 """Every explanation rule: key → what it excuses.  Each one checks its evidence in the HL7 message."""
 
@@ -845,9 +847,10 @@ IG_UNMAPPED_SEGMENTS: frozenset[str] = frozenset(
         "CTI",
         "DSC",
         "TXA",
+        "CON",
     }
 )
-"""Segments the HL7 V2-to-FHIR IG's message maps (ADT_A01..., ORU_R01, SIU_S12) give no FHIR target.
+"""Segments the HL7 V2-to-FHIR IG's message maps (ADT_A01..., ORU_R01, SIU_S12, MDM_T02) give no FHIR target.
 
 The MS converter maps several of them anyway (GT1 → a RelatedPerson and Patient identifiers, IN2 →
 Patient identifiers and names, DB1 → identifiers, PDA/ACC → Observations, RF1 → ServiceRequest).  A
@@ -1034,6 +1037,36 @@ class Source:
                 return ""
         return ", ".join(sorted(found))
 
+    def document_result(self, res: Mapping[str, Any]) -> str:
+        """The explanation for an unproduced MS Observation (DiagnosticReport) made from an OBX (OBR) of a
+        document message: the message has a TXA, and the resource's code is the OBX-3 of an OBX after it
+        (the OBR-4 of an OBR).  The IG's MDM maps put those OBX into DocumentReference.content and the
+        OBR into the ServiceRequest."""
+        rtype = res.get("resourceType")
+        seg, number = {"Observation": ("OBX", 3), "DiagnosticReport": ("OBR", 4)}.get(str(rtype), ("", 0))
+        if not seg or not any(r.segment == "TXA" for r in self.reps):
+            return ""
+        code = res.get("code")
+        codes = {
+            norm_text(c.get("code")).lower()
+            for c in _as_list(code.get("coding") if isinstance(code, dict) else None)
+            if isinstance(c, dict) and c.get("code")
+        }
+        seen_txa = False
+        for r in self.reps:
+            if r.segment == "TXA":
+                seen_txa = True
+            elif (
+                r.segment == seg
+                and r.field == number
+                and r.comp(1).lower() in codes
+                and (seg == "OBR" or seen_txa)
+            ):
+                return f"MS makes it from {r.where} of a document message (TXA); the IG maps it to " + (
+                    "DocumentReference.content" if seg == "OBX" else "a ServiceRequest"
+                )
+        return ""
+
     def segment_observation(self, res: Mapping[str, Any]) -> str:
         """The explanation for an unproduced MS Observation synthesised from an IG-unmapped segment
         (:data:`MS_SEGMENT_OBSERVATIONS`), when the message holds what it was made from."""
@@ -1201,6 +1234,8 @@ def score_bundles(
                 rule = "ig-unmapped-segment"
             elif why := src.segment_observation(exp):
                 rule = "ms-segment-observation"
+            elif why := src.document_result(exp):
+                rule = "ig-document-obx"
             elif inner and id(exp) not in in_scope and (where := src.only_in_unscored_fields(inner)):
                 why = f"no scored reference resource refers to it; the message has {inner!r} only in {where}"
                 rule = "unscored-practitioner"

@@ -476,8 +476,15 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
         + "^" * 13
         + "Annie||||||||555-0100^PRN^CP\r"
         + "GT1|1|G-77^^^H|ROE^RICK\rPDA|||Y\r"
+        + "TXA|1|DS|TX||||||||||DOC1\rOBX|1|TX|NOTE1^Note line^L||Synthetic note text||||||F\r"
     )
-    return bundle(ours), bundle(ref, operator, death), src
+    # an MDM's OBX after TXA: MS makes an Observation, the IG puts it into DocumentReference.content
+    note = {
+        "resourceType": "Observation",
+        "code": {"coding": [{"code": "NOTE1"}]},
+        "valueString": "Synthetic note text",
+    }
+    return bundle(ours), bundle(ref, operator, death, note), src
 
 
 def test_every_rule_fires_with_its_evidence_and_none_without_a_source() -> None:
@@ -503,3 +510,20 @@ def test_totals_keep_the_per_rule_counts() -> None:
     assert total.explained_by == {k: 2 * v for k, v in one.explained_by.items()}
     assert total.compared == 2 * one.compared and total.explained == 2 * one.explained
     assert {d.file for d in total.diffs} == {"a.hl7", "b.hl7"}
+
+
+def test_document_obx_is_explained_only_after_a_txa() -> None:
+    """An Observation MS makes from an OBX of a document message is explained only when the message has a TXA
+    before that OBX (the IG's MDM maps put it into DocumentReference.content); in a result message it counts."""
+    ref = bundle({"resourceType": "Observation", "code": {"coding": [{"code": "NOTE1"}]}, "valueString": "x"})
+    ours = bundle()
+    obx = "OBX|1|TX|NOTE1^Note line^L||x||||||F\r"
+    pid = "PID|1||MRN1^^^H^MR||DOE^ANN\r"
+    doc = score_bundles(ours, ref, source=MSH_LINE + pid + "TXA|1|DS|TX||||||||||DOC1\r" + obx)
+    assert doc.explained == doc.compared - doc.agreeing > 0 and doc.explained_by == {
+        "ig-document-obx": doc.explained
+    }
+    assert score_bundles(ours, ref, source=MSH_LINE + pid + obx).explained == 0
+    assert (
+        score_bundles(ours, ref, source=MSH_LINE + pid + obx + "TXA|1|DS|TX||||||||||DOC1\r").explained == 0
+    )
