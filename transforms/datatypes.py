@@ -23,7 +23,7 @@ from urllib.parse import quote
 from engine.errors import ConversionError, Location
 from engine.hl7 import Rep, Segment
 from transforms.bundle import ConvertContext
-from transforms.settings import DERIVED_SYSTEM_PREFIX, ConvertSettings
+from transforms.settings import DERIVED_SYSTEM_PREFIX, MAPS_DIR, ConvertSettings
 
 JSON = dict[str, Any]
 
@@ -488,11 +488,20 @@ def positive_int(value: str) -> int | None:
     return n if n else None
 
 
-def unit(rep: Rep | None) -> JSON:
-    """CWE units (OBX-6) → the ``unit``/``system``/``code`` part of a Quantity (a new dict each call)."""
+def unit(rep: Rep | None, settings: ConvertSettings | None = None) -> JSON:
+    """CWE units (OBX-6) → the ``unit``/``system``/``code`` part of a Quantity (a new dict each call).
+
+    The UCUM system only for valid UCUM: a unit in the channel's ``unit_map`` or the shipped
+    ``transforms/maps/units.csv`` (``mmHg`` → ``mm[Hg]``) gets its UCUM code; otherwise the code is
+    checked with the UCUM grammar (:func:`valid_ucum`); a unit that is neither keeps its text, no system.
+    A code sent under another coding system (OBX-6.3 ``ISO+``, a local table) keeps that system."""
     if rep is None or not rep:
         return {}
     c = rep.cs(3)
+    if settings is not None and settings.unit_map:
+        local = settings.unit_map.get(c[0].strip()) or settings.unit_map.get(c[0].strip().upper())
+        if local is not None and _ucum_or_unnamed(c[2].strip()):
+            return {"unit": c[1].strip() or c[0].strip(), "system": UCUM, "code": local}
     key = (c[0], c[1], c[2])
     hit = _UNIT_CACHE.get(key)
     if hit is None:
@@ -508,24 +517,71 @@ _UNIT_CACHE: dict[tuple[str, str, str], tuple[tuple[str, str], ...]] = {}
 _UNIT_CACHE_MAX = 4096
 
 
+def _ucum_or_unnamed(sysname: str) -> bool:
+    return not sysname or code_system(sysname) == UCUM
+
+
 def _unit(code: str, text: str, sysname: str) -> tuple[tuple[str, str], ...]:
     code, text, sysname = code.strip(), text.strip(), sysname.strip()
     q: list[tuple[str, str]] = []
     if text or code:
         q.append(("unit", text or code))
     if code:
-        system = code_system(sysname) if sysname else UCUM if sysname == "" and _looks_ucum(code) else None
-        if system:
+        if _ucum_or_unnamed(sysname):
+            ucum = UNIT_MAP.get(code) or UNIT_MAP.get(code.upper())
+            if ucum is None and valid_ucum(code):
+                ucum = code
+            if ucum is not None:
+                q.append(("system", UCUM))
+                q.append(("code", ucum))
+        elif system := code_system(sysname):
             q.append(("system", system))
             q.append(("code", code))
     return tuple(q)
 
 
+def _load_unit_map() -> dict[str, str]:
+    from transforms.settings import load_unit_map
+
+    return load_unit_map(str(MAPS_DIR / "units.csv"), MAPS_DIR)
+
+
+UNIT_MAP: dict[str, str] = _load_unit_map()
+"""The shipped local-unit → UCUM map (transforms/maps/units.csv); keys exact and upper-cased."""
+
 _UCUM_LIKE = re.compile(r"^[A-Za-z0-9%/.\[\]{}()*^'_-]+$")
+_UCUM_VALID: dict[str, bool] = {}
+_UCUM_VALID_MAX = 4096
+_ucum_parse: list[Any] = []  # [parse function] once ucumvert is loaded; [None] when it is not installed
 
 
-def _looks_ucum(code: str) -> bool:
-    return bool(_UCUM_LIKE.match(code))
+def valid_ucum(code: str) -> bool:
+    """Is ``code`` valid UCUM (case-sensitive)?  Checked with ``ucumvert`` (the UCUM grammar and its unit
+    atoms, a dependency), cached per unit; without it (an install that dropped it) only the UCUM character
+    set is checked."""
+    hit = _UCUM_VALID.get(code)
+    if hit is not None:
+        return hit
+    if not _ucum_parse:
+        try:
+            from ucumvert import get_ucum_parser
+
+            _ucum_parse.append(get_ucum_parser().parse)
+        except ImportError:  # pragma: no cover - ucumvert is a dependency
+            _ucum_parse.append(None)
+    parse = _ucum_parse[0]
+    if parse is None:  # pragma: no cover
+        ok = bool(_UCUM_LIKE.match(code))
+    else:
+        try:
+            parse(code)
+            ok = True
+        except Exception:  # lark's UnexpectedInput family, and anything else the grammar refuses
+            ok = False
+    if len(_UCUM_VALID) >= _UCUM_VALID_MAX:
+        _UCUM_VALID.clear()
+    _UCUM_VALID[code] = ok
+    return ok
 
 
 def quantity(value: str, units: Rep | None, loc: Location | None = None) -> JSON | None:
@@ -541,7 +597,9 @@ def quantity(value: str, units: Rep | None, loc: Location | None = None) -> JSON
 _COMPARATORS = {"<": "<", ">": ">", "<=": "<=", ">=": ">="}
 
 
-def sn(rep: Rep, units: Rep | None = None, loc: Location | None = None) -> tuple[str, Any] | None:
+def sn(
+    rep: Rep, units: Rep | None = None, loc: Location | None = None, settings: ConvertSettings | None = None
+) -> tuple[str, Any] | None:
     """SN (structured numeric) → ``(value[x] name, value)``: valueQuantity, valueRange, valueRatio or valueString.
 
     ``<^5`` → Quantity with comparator; ``^1^-^5`` → Range; ``^1^:^128`` / ``^1^/^2`` → Ratio;
@@ -550,7 +608,7 @@ def sn(rep: Rep, units: Rep | None = None, loc: Location | None = None) -> tuple
     if not rep:
         return None
     comp, n1, sep, n2 = rep.c(1).strip(), rep.c(2).strip(), rep.c(3).strip(), rep.c(4).strip()
-    u = unit(units)
+    u = unit(units, settings)
     try:
         if not sep and not n2 and n1:
             q: JSON = {"value": nm(n1, loc)}

@@ -410,14 +410,14 @@ def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext
         return ("valueString", text) if text else None
     if vtype == "NM":
         raw = rep.text.strip()
-        got = _numeric(raw, units, loc)
+        got = _numeric(raw, units, loc, unit(units, ctx.settings))
         if got is None:
             ctx.count("obx_value_not_numeric")
             return ("valueString", raw)
         return got
     if vtype == "SN":
         try:
-            return sn(rep, units, loc)
+            return sn(rep, units, loc, ctx.settings)
         except ConversionError:
             ctx.count("obx_value_not_numeric")
             return ("valueString", rep.text.replace(ctx.message.delimiters.component, " ").strip())
@@ -440,9 +440,9 @@ def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext
         rng: JSON = {}
         try:
             if low:
-                rng["low"] = {"value": nm(low, loc), **unit(units)}
+                rng["low"] = {"value": nm(low, loc), **unit(units, ctx.settings)}
             if high:
-                rng["high"] = {"value": nm(high, loc), **unit(units)}
+                rng["high"] = {"value": nm(high, loc), **unit(units, ctx.settings)}
         except ConversionError:
             ctx.count("obx_value_not_numeric")
             return ("valueString", rep.text)
@@ -572,7 +572,7 @@ def reference_range(obx: Segment, vtype: str, ctx: ConvertContext, u: JSON | Non
     rr: JSON = {}
     if vtype in ("NM", "SN", "NR", ""):
         if u is None:
-            u = unit(obx.rep(6))
+            u = unit(obx.rep(6), ctx.settings)
         if "comparator" in u:
             u = {k: v for k, v in u.items() if k != "comparator"}
         # a bound JSON cannot carry exactly is left to the text
@@ -836,7 +836,7 @@ def observation(
             if vtype == "NM":
                 # value_of's NM branch, with the units computed once
                 raw = rep.text.strip()
-                u = unit(units)
+                u = unit(units, ctx.settings)
                 got = _numeric(raw, units, obx.loc(5), u)
                 if got is None:
                     ctx.count("obx_value_not_numeric")

@@ -52,6 +52,8 @@ class ConvertSettings:
     date_format: str | None = None
     # map name -> local code -> (system, code, display); name is a field ("OBX-3") or a CWE-3 system
     code_maps: Mapping[str, CodeMap] = field(default_factory=dict)
+    # local unit (OBX-6.1; exact and upper-cased) -> UCUM code, over the shipped transforms/maps/units.csv
+    unit_map: Mapping[str, str] = field(default_factory=dict)
     unmapped_codes: str = "keep"
     strip_html: bool = True
     note_max_length: int | None = None
@@ -173,7 +175,68 @@ def _check(key: str, value: Any, base_dir: Path, config_file: str) -> Any:
                     f"code map {name!r} must be a file path", "give a CSV or YAML path under transforms/maps/"
                 )
         return maps
+    if key == "unit_map":
+        if isinstance(value, str):
+            units = load_unit_map(value, base_dir, config_file, "options.unit_map")
+        elif isinstance(value, Mapping):
+            units = _unit_entries(
+                ((str(k), str(v)) for k, v in value.items()), config_file, "options.unit_map"
+            )
+        else:
+            raise bad(
+                "unit_map must be a file path or a mapping", "write local-unit: UCUM pairs, or a CSV path"
+            )
+        from transforms.datatypes import valid_ucum
+
+        for local, ucum in units.items():
+            if not valid_ucum(ucum):
+                raise bad(
+                    f"unit_map maps {local!r} to {ucum!r}, which is not valid UCUM",
+                    "use a UCUM code (case-sensitive), e.g. mm[Hg], g/dL, 10*9/L, [IU]/L",
+                )
+        return units
     return value  # pragma: no cover - every field is handled above
+
+
+def _unit_entries(pairs: Any, config_file: str, key: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for local, ucum in pairs:
+        local, ucum = local.strip(), ucum.strip()
+        if not local:
+            continue
+        if not ucum:
+            raise ConfigError(f"unit {local!r} has no UCUM code", file=config_file, key=key)
+        out.setdefault(local, ucum)
+        out.setdefault(local.upper(), ucum)
+    return out
+
+
+def load_unit_map(ref: str, base_dir: Path, config_file: str = "", key: str = "unit_map") -> dict[str, str]:
+    """Load a unit map: CSV with the header ``local_unit,ucum`` (lines starting with ``#`` are comments).
+    Keys are kept as written and upper-cased, so the lookup is case-insensitive on the local side."""
+    path = resolve_map_path(ref, base_dir)
+    if path is None:
+        raise ConfigError(
+            f"unit map file {ref!r} not found",
+            file=config_file,
+            key=key,
+            hint=f"put it under {base_dir}/transforms/maps/ or give a path relative to {base_dir}",
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read unit map {path}: {exc}", file=config_file, key=key) from exc
+    reader = csv.DictReader(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    if reader.fieldnames is None or not {"local_unit", "ucum"} <= set(reader.fieldnames):
+        raise ConfigError(
+            f"unit map {path} must have the header local_unit,ucum",
+            file=config_file,
+            key=key,
+            hint="first line: local_unit,ucum",
+        )
+    return _unit_entries(
+        ((row.get("local_unit") or "", row.get("ucum") or "") for row in reader), str(path), key
+    )
 
 
 def _inline_map(ref: Mapping[str, Any], config_file: str, key: str) -> CodeMap:

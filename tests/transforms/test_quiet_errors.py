@@ -3,12 +3,13 @@ periods that end before they start (synthetic messages only)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from engine.errors import ConversionError
+from engine.errors import ConfigError, ConversionError
 from engine.hl7 import parse
 from tests.transforms.conftest import resources, validate_resources
 from transforms.convert import Conversion, convert_report
@@ -137,3 +138,77 @@ def test_discharge_before_admit_drops_the_end_with_a_located_warning() -> None:
         "end": "2025-03-15T12:00:00-07:00",
     }
     assert not ok.warnings
+
+
+# ---------------------------------------------------------------------------
+# Units: the UCUM system only for valid UCUM
+# ---------------------------------------------------------------------------
+def oru(*obx: str, settings: ConvertSettings = SETTINGS) -> Conversion:
+    text = "\r".join(
+        [
+            "MSH|^~\\&|LAB|NORTH|EHR|HOSP|20250314083000||ORU^R01^ORU_R01|L1|P|2.5.1",
+            "PID|1||MRN1^^^NORTH^MR||Sample^Jo||19800101|F",
+            "OBR|1|PL1|FL1^LAB|24331-1^Lipid panel^LN|||20250314080000",
+            *obx,
+        ]
+    )
+    result = convert_report(parse(text + "\r"), settings)
+    validate_resources(result.bundle)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("sent", "ucum"),
+    [
+        ("mmHg", "mm[Hg]"),
+        ("gm/dl", "g/dL"),
+        ("MMOLL", "mmol/L"),
+        ("UMOLL", "umol/L"),
+        ("MLMIN", "mL/min"),
+        ("tril/L", "10*12/L"),
+        ("giga.l-1", "10*9/L"),
+        ("tera.l-1", "10*12/L"),
+        (
+            "K/uL",
+            "10*3/uL",
+        ),  # valid UCUM grammar (kelvin per microlitre) but meant as thousands: the map wins
+        ("mg/dL", "mg/dL"),  # valid UCUM as sent
+        ("mL/min/{1.73_m2}", "mL/min/{1.73_m2}"),
+        ("mmHg^^UCUM", "mm[Hg]"),  # labelled UCUM by the sender, but not UCUM: mapped
+    ],
+)
+def test_units_are_ucum_only_when_valid_or_mapped(sent: str, ucum: str) -> None:
+    obs = one(oru(f"OBX|1|NM|2093-3^Cholesterol^LN||5.2|{sent}|||||F").bundle, "Observation")
+    q = obs["valueQuantity"]
+    assert q["system"] == "http://unitsofmeasure.org" and q["code"] == ucum
+    assert q["unit"] == sent.split("^")[0]  # the unit text as sent
+
+
+# the last one is labelled UCUM by the sender, but is neither UCUM nor in the map
+@pytest.mark.parametrize("sent", ["furlongs", "mmHgx", "cells per field", "per cent^^UCUM"])
+def test_a_unit_that_is_not_ucum_keeps_its_text_without_a_system(sent: str) -> None:
+    obs = one(oru(f"OBX|1|NM|2093-3^Cholesterol^LN||5.2|{sent}|||||F").bundle, "Observation")
+    assert obs["valueQuantity"] == {"value": 5.2, "unit": sent.split("^")[0]}
+
+
+def test_a_channel_extends_the_unit_map() -> None:
+    settings = ConvertSettings.from_options(
+        {"derive_unknown_systems": True, "unit_map": {"furlongs": "[fur_us]", "MMOLL": "mmol/L"}},
+        Path("."),
+        "c.yaml",
+    )
+    obs = one(
+        oru("OBX|1|NM|2093-3^Cholesterol^LN||5.2|FURLONGS|||||F", settings=settings).bundle, "Observation"
+    )
+    assert obs["valueQuantity"]["code"] == "[fur_us]" and obs["valueQuantity"]["unit"] == "FURLONGS"
+    with pytest.raises(ConfigError) as err:
+        ConvertSettings.from_options({"unit_map": {"furlongs": "furlongs"}}, Path("."), "c.yaml")
+    assert "not valid UCUM" in str(err.value) and err.value.key == "options.unit_map"
+
+
+def test_the_shipped_unit_map_targets_are_valid_ucum() -> None:
+    from transforms.datatypes import UNIT_MAP, valid_ucum
+
+    assert len(UNIT_MAP) > 40
+    assert [(k, v) for k, v in UNIT_MAP.items() if not valid_ucum(v)] == []
+    assert valid_ucum("mm[Hg]") and not valid_ucum("mmHg") and not valid_ucum("gm/dl")
