@@ -624,6 +624,16 @@ def render_markdown(summary: Summary) -> str:
     return "\n".join(out)
 
 
+def validator_missing() -> str | None:
+    """Why the FHIR validator (the ``validate`` extra: fhir.resources) cannot be imported, or None.
+    Without it every bundle would look INVALID, so the runner stops before converting anything."""
+    try:
+        import fhir.resources.R4B  # noqa: F401
+    except ImportError as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sluice conformance",
@@ -641,6 +651,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.dir.exists():
         print(
             f"error: {args.dir} does not exist; give the corpus directory, e.g. ../shared/corpus",
+            file=sys.stderr,
+        )
+        return 2
+    missing = validator_missing()
+    if missing is not None:
+        print(
+            f"error: sluice conformance validates every bundle with fhir.resources, which is not installed "
+            f"({missing}): install sluice[validate] (pip install 'sluice[validate]') and run it again",
             file=sys.stderr,
         )
         return 2

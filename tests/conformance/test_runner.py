@@ -258,3 +258,28 @@ def test_cli_conformance_passes_diffs_and_report(tmp_path: Path, monkeypatch: py
     assert report.is_file()
     result = CliRunner().invoke(cli, ["conformance", str(corpus)])
     assert result.exit_code == 0 and "DIFF " not in result.output
+
+
+def test_cli_conformance_without_the_validate_extra_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without fhir.resources every bundle would be INVALID: exit 2 naming the extra, before converting."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from engine.cli import main as cli
+
+    converted: list[str] = []
+
+    def spy(msg: Message, settings: Any) -> dict[str, Any]:
+        converted.append(msg.control_id)
+        return fake_convert(msg, settings)
+
+    monkeypatch.setattr(runner, "_default_convert", lambda: spy)
+    monkeypatch.setitem(sys.modules, "fhir.resources.R4B", None)  # import fails as in an install without it
+    corpus = _scored_corpus(tmp_path)
+    result = CliRunner().invoke(cli, ["conformance", str(corpus)])
+    assert result.exit_code == 2
+    assert "install sluice[validate]" in result.output and "INVALID" not in result.output
+    assert converted == []
