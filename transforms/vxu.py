@@ -155,7 +155,9 @@ def _education(obxs: list[Segment], ctx: ConvertContext) -> list[JSON]:
     return [e for e in groups.values() if "documentType" in e]
 
 
-def immunization(order: _Order, ctx: ConvertContext, patient_key: str, enc: str | None) -> str:
+def immunization(
+    order: _Order, ctx: ConvertContext, patient_key: str, enc: str | None, used: set[str]
+) -> str:
     """One ORDER group → an Immunization; returns its reference."""
     rxa = order.rxa
     orc = order.orc
@@ -277,16 +279,29 @@ def immunization(order: _Order, ctx: ConvertContext, patient_key: str, enc: str 
         res["education"] = edu
     # identity
     key_ident = filler or placer
-    if key_ident is not None and key_ident.get("system"):
+    first = (vaccine.get("coding") or [{}])[0]
+    code_key = f"{first.get('system', '')}|{first.get('code', '')}" if first else str(vaccine.get("text", ""))
+    order_key = f"{key_ident.get('system', '')}|{key_ident['value']}" if key_ident is not None else ""
+    if key_ident is not None and order_key in used:
+        # another ORDER group of this message has the same order number: a second administration (a sender
+        # that repeats one ORC for its history), not the same one; keyed apart instead of merged into it
+        ctx.warn(
+            "immunization_duplicate_order_id",
+            orc.loc(3 if filler is not None else 2) if orc is not None else None,
+            "another order group of this message has the same order number: this administration is keyed by "
+            "order number + vaccine + date instead",
+        )
+        ref = ctx.add("Immunization", res, key=f"{order_key}|immunization|{code_key}|{occurred}")
+    elif key_ident is not None and key_ident.get("system"):
         ref = ctx.add("Immunization", res, identifier=(key_ident["system"], key_ident["value"]))
     elif key_ident is not None:
         facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
         ref = ctx.add("Immunization", res, key=f"{facility}|immunization|{key_ident['value']}")
     else:
         ctx.count("immunization_fallback_key")
-        first = (vaccine.get("coding") or [{}])[0]
-        code_key = f"{first.get('system', '')}|{first.get('code', '')}" if first else vaccine.get("text", "")
         ref = ctx.add("Immunization", res, key=f"{patient_key}|immunization|{code_key}|{occurred}")
+    if order_key:
+        used.add(order_key)
     ctx.guard(ctx.key_of(ref) or ref, IMMUNIZATION_STATUS_RANK.get(status, 0))
     return ref
 
@@ -396,8 +411,9 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         )
     if person:
         _observations(person, person_notes, ctx, f"{patient_key}|vxu-observation", enc, None)
+    used: set[str] = set()
     for order in orders:
-        ref = immunization(order, ctx, patient_key, enc)
+        ref = immunization(order, ctx, patient_key, enc, used)
         orc = order.orc
         sr = (
             service_request(order, ei(orc.rep(2), ctx, orc.loc(2)), ei(orc.rep(3), ctx, orc.loc(3)), ctx, enc)

@@ -120,3 +120,19 @@ def test_located_errors() -> None:
     with pytest.raises(MessageRejected) as r:
         _convert(msg(MSH.format("V03"), PID, orc), golden_settings())
     assert r.value.hl7_error == "201"
+
+
+def test_two_administrations_under_one_order_number_are_kept_apart() -> None:
+    orc = "ORC|RE||F1^SYN^2.16.840.1.113883.19.999.7^ISO"
+    first = "RXA|0|1|20250401||08^Hep B^CVX|0.5|mL^mL^UCUM||00^New^NIP001|||||||||||CP|A"
+    second = "RXA|0|1|20240301||88^Influenza^CVX|999|||01^Historical^NIP001|||||||||||CP|A"
+    r = _convert(msg(MSH.format("V04"), PID, orc, first, orc, second), golden_settings())
+    imms = resources(r.bundle, "Immunization")
+    assert [i["vaccineCode"]["coding"][0]["code"] for i in imms] == ["08", "88"]
+    assert imms[0]["primarySource"] is True and "reportOrigin" not in imms[0]
+    assert imms[1]["primarySource"] is False and imms[1]["occurrenceDateTime"] == "2024-03-01"
+    assert r.events["immunization_duplicate_order_id"] == 1
+    assert any(w.startswith("ORC(2)-3") for w in r.warnings), r.warnings
+    # deterministic: the same message gives the same two keys
+    again = _convert(msg(MSH.format("V04"), PID, orc, first, orc, second), golden_settings())
+    assert [e["request"] for e in again.bundle["entry"]] == [e["request"] for e in r.bundle["entry"]]
