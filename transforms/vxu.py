@@ -404,11 +404,8 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     enc = oru.encounter(msg, ctx)
     person, person_notes, orders = _groups(msg)
     if not orders:
-        raise ConversionError(
-            "VXU message has no ORDER group (ORC + RXA): nothing to record",
-            code="100",
-            location=Location("RXA", 1),
-        )
+        # the ORDER group is optional (VXU_V04 [{ ORC ... }]): a demographics-only update
+        ctx.count("vxu_without_order")
     if person:
         _observations(person, person_notes, ctx, f"{patient_key}|vxu-observation", enc, None)
     used: set[str] = set()

@@ -115,8 +115,8 @@ def test_located_errors() -> None:
         _convert(msg(MSH.format("V04"), PID, orc), golden_settings())
     assert e.value.hl7_error == "100"
     with pytest.raises(ConversionError) as e:
-        _convert(msg(MSH.format("V04"), PID), golden_settings())
-    assert e.value.hl7_error == "100"
+        _convert(msg(MSH.format("V04"), "NK1|1|TESTKIN^SAM|MTH"), golden_settings())
+    assert e.value.hl7_error == "100" and str(e.value.location).startswith("PID")
     with pytest.raises(MessageRejected) as r:
         _convert(msg(MSH.format("V03"), PID, orc), golden_settings())
     assert r.value.hl7_error == "201"
@@ -136,3 +136,10 @@ def test_two_administrations_under_one_order_number_are_kept_apart() -> None:
     # deterministic: the same message gives the same two keys
     again = _convert(msg(MSH.format("V04"), PID, orc, first, orc, second), golden_settings())
     assert [e["request"] for e in again.bundle["entry"]] == [e["request"] for e in r.bundle["entry"]]
+
+
+def test_without_order_group_only_the_patient() -> None:
+    """The ORDER group is optional in VXU_V04: a demographics-only message converts, counted."""
+    r = _convert(msg(MSH.format("V04"), PID), golden_settings())
+    assert {e["resource"]["resourceType"] for e in r.bundle["entry"]} <= {"Patient", "Provenance"}
+    assert resources(r.bundle, "Patient") and r.events["vxu_without_order"] == 1
