@@ -344,17 +344,40 @@ def key_identifier(seg: Segment, field: int, ctx: ConvertContext) -> tuple[str, 
     )
 
 
+def _has_identifier(seg: Segment, field: int) -> bool:
+    """Does ``seg``-``field`` hold a CX with an id (CX-1)?"""
+    f = seg.fields
+    if field >= len(f) or not f[field]:
+        return False
+    return any(r.c(1).strip() for r in seg.reps(field))
+
+
 def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: bool = False) -> tuple[str, str]:
     """PID (+PD1, NK1 contacts) → Patient.  Returns (reference, resource key).
+
+    The key is PID-3 (:func:`key_identifier`); a PID-3 without an identifier falls back to PID-2, then
+    PID-4 (v2.3 senders), with a located warning.
 
     ADT writes it as a conditional update (the ADT feed is the authority); ORU and SIU pass
     ``create_only=True`` (conditional create: never overwrite the richer ADT Patient).
 
     Hot path: raw fields are tested before any datatype call, so empty fields cost one index."""
     s = ctx.settings
-    system, value, key_rep = key_identifier(pid, 3, ctx)
     f = pid.fields
     nf = len(f)
+    key_field = 3
+    if not _has_identifier(pid, 3):
+        # v2.3-era senders: the patient's identifier only in PID-2 (external id) or PID-4 (alternate id)
+        for alt in (2, 4):
+            if _has_identifier(pid, alt):
+                key_field = alt
+                ctx.warn(
+                    "patient_key_from_pid_2" if alt == 2 else "patient_key_from_pid_4",
+                    pid.loc(alt),
+                    f"PID-3 is empty: the patient is matched on PID-{alt} (a pre-v2.5 identifier field)",
+                )
+                break
+    system, value, key_rep = key_identifier(pid, key_field, ctx)
     res: JSON = {"resourceType": "Patient", "active": True}
     idents: list[JSON] = []
     seen: set[tuple[str | None, str]] = set()
@@ -366,7 +389,7 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
             ident = dt.cx(r, ctx)  # (cx's location only names a bad CX-7/8 period, which it drops)
             if ident is None:
                 continue
-            if r is key_rep or (field == 3 and r.raw == key_raw):
+            if r is key_rep or (field == key_field and r.raw == key_raw):
                 ident["system"] = system
             sv = (ident.get("system"), ident["value"])
             if sv not in seen:

@@ -1064,8 +1064,21 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
     seen: dict[str, int] = {}
     results: list[str] = []
     forms: list[JSON] = []
+    narrative: list[str] = []  # TX/FT/ST OBX without OBX-3: the report's text, not observations
     for obx, notes in order.observations:
         vtype = obx.get(2).strip().upper()
+        if vtype in _TEXT_TYPES and not obx.rep(3):
+            if (text := _text_value(obx.reps(5))) is not None:
+                if not narrative:
+                    ctx.warn(
+                        "obx_text_without_code_to_conclusion",
+                        obx.loc(3),
+                        "OBX-3 is empty on a text OBX: its text goes to DiagnosticReport.conclusion",
+                    )
+                narrative.append(text)
+            if notes:
+                order.notes.extend(notes)
+            continue
         if vtype == "ED":
             for rep in obx.reps(5):
                 if (att := attachment(rep, obx, ctx)) is not None:
@@ -1136,6 +1149,8 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
         res["resultsInterpreter"] = interpreters
     if results:
         res["result"] = [_ref(r) for r in results]
+    if narrative and (conclusion := clean_text(ctx, "\n".join(narrative)).strip()):
+        res["conclusion"] = conclusion
     if forms:
         res["presentedForm"] = forms
     if order.notes and (note := annotation(order.notes, ctx)) is not None:

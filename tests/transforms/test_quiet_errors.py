@@ -212,3 +212,48 @@ def test_the_shipped_unit_map_targets_are_valid_ucum() -> None:
     assert len(UNIT_MAP) > 40
     assert [(k, v) for k, v in UNIT_MAP.items() if not valid_ucum(v)] == []
     assert valid_ucum("mm[Hg]") and not valid_ucum("mmHg") and not valid_ucum("gm/dl")
+
+
+# ---------------------------------------------------------------------------
+# Fallbacks: v2.3 patient identifiers, narrative OBX without OBX-3
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("pid", "field"),
+    [
+        ("PID|1|EXT77^^^NORTH|||Sample^Jo||19800101|F", 2),
+        ("PID|1|||ALT5^^^NORTH^PI~|Sample^Jo||19800101|F", 4),
+        ('PID|1|EXT77^^^NORTH|""|ALT5^^^NORTH|Sample^Jo||19800101|F', 2),  # PID-2 before PID-4
+    ],
+)
+def test_patient_keyed_by_pid_2_or_pid_4_when_pid_3_is_empty(pid: str, field: int) -> None:
+    result = adt(pid, pv1(f2="O", f19="V1^^^NORTH^VN"), trigger="A04")
+    value = "EXT77" if field == 2 else "ALT5"
+    [entry] = [e for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert entry["request"]["url"] == f"Patient?identifier=urn:sluice:authority:NORTH|{value}"
+    assert {"system": "urn:sluice:authority:NORTH", "value": value}.items() <= entry["resource"][
+        "identifier"
+    ][0].items()
+    assert result.warnings == (
+        f"PID-{field}: PID-3 is empty: the patient is matched on PID-{field} (a pre-v2.5 identifier field)",
+    )
+    assert result.events.get(f"patient_key_from_pid_{field}") == 1
+
+
+def test_no_identifier_in_pid_2_3_or_4_is_still_rejected_at_pid_3() -> None:
+    with pytest.raises(ConversionError) as err:
+        adt("PID|1||||Sample^Jo", pv1(f2="O", f19="V1"), trigger="A04")
+    assert err.value.hl7_error == "101" and str(err.value.location) == "PID-3"
+
+
+def test_text_obx_without_obx_3_becomes_the_report_conclusion() -> None:
+    result = oru(
+        "OBX|1|NM|2093-3^Cholesterol^LN||5.2|mmol/L|||||F",
+        "OBX|2|TX|||Impression: synthetic narrative line one.||||||F",
+        "OBX|3|TX|||Line two of the narrative.||||||F",
+    )
+    report = one(result.bundle, "DiagnosticReport")
+    assert report["conclusion"] == "Impression: synthetic narrative line one.\nLine two of the narrative."
+    assert len(report["result"]) == 1 and len(resources(result.bundle, "Observation")) == 1
+    assert result.warnings == (
+        "OBX(2)-3: OBX-3 is empty on a text OBX: its text goes to DiagnosticReport.conclusion",
+    )
