@@ -556,8 +556,28 @@ def attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
     return att
 
 
+def rp_attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
+    """RP (pointer^application id^type of data^subtype) → Attachment (IG RP[Attachment]): RP-1 → url,
+    RP-3/RP-4 → contentType (when given), OBX-3 text → title, OBX-14 → creation.  No pointer → None."""
+    pointer = rep.c(1).strip()
+    if not pointer:
+        return None
+    att: JSON = {}
+    type_of_data, subtype = rep.c(3).strip(), rep.c(4).strip()
+    if type_of_data or subtype:
+        att["contentType"] = content_type(type_of_data, subtype)
+    att["url"] = pointer
+    title = obx.get(3, 2).strip() or obx.get(3, 1).strip()
+    if title:
+        att["title"] = title
+    if created := dtm_at(obx.get(14), ctx.settings, obx, 14):
+        att["creation"] = created
+    return att
+
+
 _RR_NUM = r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))"
-_RR_RANGE = re.compile(rf"^\s*{_RR_NUM}\s*[-–]\s*{_RR_NUM}\s*$")
+# "4.3-6.2", "4.3 - 6.2" (also an en dash), "4.3 to 6.2"
+_RR_RANGE = re.compile(rf"^\s*{_RR_NUM}\s*(?:[-–]|\s[tT][oO]\s)\s*{_RR_NUM}\s*$")
 _RR_RANGE_UNDERSCORE = re.compile(rf"^\s*{_RR_NUM}\s*_\s*{_RR_NUM}\s*$")
 _RR_BELOW = re.compile(rf"^\s*(<=|<)\s*{_RR_NUM}\s*$")
 _RR_ABOVE = re.compile(rf"^\s*(>=|>)\s*{_RR_NUM}\s*$")
@@ -828,6 +848,14 @@ def observation(
         text = _text_value(obx.reps(5))
         if text:
             res["valueString"] = text
+            valued = True
+    elif vtype == "RP":
+        # IG OBX[Observation]: RP → the R5 Observation.valueAttachment extension (R4 has no valueAttachment)
+        atts = [a for r in obx.reps(5) if (a := rp_attachment(r, obx, ctx)) is not None]
+        if atts:
+            res.setdefault("extension", []).extend(
+                {"url": R5_OBS_ATTACHMENT, "valueAttachment": a} for a in atts
+            )
             valued = True
     elif nf > 5 and f[5]:
         reps = [r for r in obx.reps(5) if r]

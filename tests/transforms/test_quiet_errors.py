@@ -257,3 +257,47 @@ def test_text_obx_without_obx_3_becomes_the_report_conclusion() -> None:
     assert result.warnings == (
         "OBX(2)-3: OBX-3 is empty on a text OBX: its text goes to DiagnosticReport.conclusion",
     )
+
+
+# ---------------------------------------------------------------------------
+# Typed values: RP, numeric reference ranges
+# ---------------------------------------------------------------------------
+def test_rp_value_is_an_attachment_not_the_encoded_string() -> None:
+    result = oru(
+        "OBX|1|RP|18748-4^Diagnostic imaging study^LN||https://images.example.org/study/1^^IM^JPEG||||||F"
+        "|||20250314081500"
+    )
+    obs = one(result.bundle, "Observation")
+    assert "valueString" not in obs and "^" not in orjson.dumps(obs).decode()
+    assert obs["extension"] == [
+        {
+            "url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.valueAttachment",
+            "valueAttachment": {
+                "contentType": "image/jpeg",
+                "url": "https://images.example.org/study/1",
+                "title": "Diagnostic imaging study",
+                "creation": "2025-03-14T08:15:00-07:00",
+            },
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "low", "high"),
+    [
+        ("4.3-6.2", 4.3, 6.2),
+        ("4.3 to 6.2", 4.3, 6.2),
+        ("4.3 - 6.2", 4.3, 6.2),
+        ("<5", None, 5),
+        (">=1.5", 1.5, None),
+    ],
+)
+def test_numeric_reference_range_has_low_high_and_text(
+    text: str, low: float | None, high: float | None
+) -> None:
+    obs = one(oru(f"OBX|1|NM|2093-3^Cholesterol^LN||5.2|mmol/L|{text}||||F").bundle, "Observation")
+    [rr] = obs["referenceRange"]
+    assert rr["text"] == text
+    unit = {"unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"}
+    assert rr.get("low") == (None if low is None else {"value": low, **unit})
+    assert rr.get("high") == (None if high is None else {"value": high, **unit})
