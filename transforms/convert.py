@@ -183,12 +183,11 @@ def without_explicit_nulls(msg: Message) -> tuple[Message, int]:
     it is a missing key, rejected as such.  MSH-1/MSH-2 and segment names are kept as sent."""
     d = msg.delimiters
     seps = "".join(ch for ch in (d.repetition, d.component, d.subcomponent) if ch)
-    found = 0
+    found = [0]  # (a list, not nonlocal: the module is compiled with mypyc)
 
     def split_null(value: str, rest: str) -> str:
-        nonlocal found
         if value == _NULL:
-            found += 1
+            found[0] += 1
             return ""
         if _NULL not in value or not rest:
             return value
@@ -205,9 +204,9 @@ def without_explicit_nulls(msg: Message) -> tuple[Message, int]:
             fields[first:] = [split_null(f, seps) for f in fields[first:]]
             line = d.field.join(fields)
         lines.append(line)
-    if not found:
+    if not found[0]:
         return msg, 0
-    return parse("\r".join(lines)), found
+    return parse("\r".join(lines)), found[0]
 
 
 def add_provenance(msg: Message, ctx: ConvertContext) -> None:
