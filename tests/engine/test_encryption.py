@@ -233,6 +233,9 @@ def test_store_seals_every_body_column_and_its_readers_open_them(tmp_path: Path)
     from engine import payloads
 
     assert loaded.raw == raw and payloads.unpack(loaded.payload) == b"payload " + DISTINCT.encode()
+    from engine.admin import search  # the admin API's and the web console's content view
+
+    assert search.content(s, mid) == (raw, [("out", "text/plain", b"payload " + DISTINCT.encode())])
     # the metadata columns stay plain and queryable
     assert [r.control_id for r in s.list_messages()] == ["C1"]
     s.close()
