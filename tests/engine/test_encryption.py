@@ -440,3 +440,33 @@ def test_commands_say_a_key_ring_is_missing_instead_of_failing(tmp_path: Path) -
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
     assert "encrypted values" in res.output and "add store_encryption to routes.yaml" in res.output
     assert "K1" in CliRunner().invoke(main, ["messages", "list", "--config", str(cfg)]).output  # metadata
+
+
+def test_acks_written_by_inline_processing_and_replayed_for_duplicates_are_sealed(tmp_path: Path) -> None:
+    port = free_port()
+    key_file = make_key_file(tmp_path / "store.keys")
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path,
+        channels={"c": basic_channel(port, ack="after-processing")},
+        destinations={"out": {"kind": "file", "directory": str(out)}},
+        processing={"workers": 0},
+    )
+    cfg.write_text(cfg.read_text() + f"store_encryption: {{key_file: {key_file}}}\n")
+
+    async def go() -> list[bytes]:
+        c = MLLPClient("127.0.0.1", port)
+        try:
+            return [await c.send(adt("DUP1")), await c.send(adt("DUP1"))]
+        finally:
+            await c.close()
+
+    with EngineProcess(cfg, port):
+        first, again = asyncio.run(go())
+    assert parse_ack(first).code == "AA"
+    assert again == first  # the duplicate gets the stored ACK back, opened from its seal
+    s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
+    with s.engine.connect() as conn:
+        (ack,) = conn.exec_driver_sql("SELECT ack FROM messages").one()
+    s.close()
+    assert bytes(ack).startswith(keyring.ENCRYPTED)  # written by the inline processing's UPDATE
