@@ -152,6 +152,18 @@ class DeliveryRow(Base):
     )
 
 
+class DeliveryProgressRow(Base):
+    """How far a multi-request delivery got (a split FHIR transaction: chunks applied, ids the server gave),
+    so a retry, also after an engine crash, resends only what is not applied yet.  Only kinds with
+    ``keeps_progress`` write it; the row goes when its delivery is delivered or dead-lettered."""
+
+    __tablename__ = "delivery_progress"
+
+    delivery_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(Text)  # JSON, the destination's own (no PHI)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
 class ReplayRow(Base):
     __tablename__ = "replays"
 
@@ -250,6 +262,7 @@ D = cast(Table, DeliveryRow.__table__)
 R = cast(Table, ReplayRow.__table__)
 C = cast(Table, CounterRow.__table__)
 S = cast(Table, ResourceStateRow.__table__)
+PROGRESS = cast(Table, DeliveryProgressRow.__table__)
 AUDIT = cast(Table, AuditRow.__table__)
 TOKENS = cast(Table, TokenRow.__table__)
 PAUSES = cast(Table, PauseRow.__table__)
@@ -1006,6 +1019,33 @@ class Store:
                 values["next_attempt_at"] = next_at
             conn.execute(update(D).where(D.c.id == did).values(**values))
 
+    # ------------------------------------------------------- delivery progress
+    def load_progress(self, ids: Sequence[int]) -> dict[int, str]:
+        """Saved progress (JSON text) of those deliveries that have some."""
+        if not ids:
+            return {}
+        p = "?" if self.is_sqlite else "%s"
+        rows = self._select(
+            f"SELECT delivery_id, state FROM delivery_progress WHERE delivery_id IN ({', '.join([p] * len(ids))})",
+            list(ids),
+        )
+        return {int(r[0]): str(r[1]) for r in rows}
+
+    def save_progress(self, conn: Connection, delivery_id: int, state: str) -> None:
+        """Replace a delivery's saved progress (in the committer's transaction)."""
+        conn.execute(
+            text(
+                "INSERT INTO delivery_progress (delivery_id, state, updated_at) VALUES (:d, :s, :t) "
+                "ON CONFLICT (delivery_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
+            ),
+            {"d": delivery_id, "s": state, "t": time.time()},
+        )
+
+    def forget_progress(self, conn: Connection, delivery_ids: Sequence[int]) -> None:
+        """Drop the progress of finished deliveries (delivered: the detail has each request's outcome)."""
+        if delivery_ids:
+            conn.execute(delete(PROGRESS).where(PROGRESS.c.delivery_id.in_(list(delivery_ids))))
+
     # ---------------------------------------------------------------- recovery
     def recover(self, owner: str | None = None) -> int:
         """After a crash or restart: messages left 'processing' go back to 'received'."""
@@ -1261,6 +1301,13 @@ class Store:
                     ids = _finished_before(conn, channel, rows_before, batch)
                     if not ids:
                         break
+                    conn.execute(
+                        delete(PROGRESS).where(
+                            PROGRESS.c.delivery_id.in_(
+                                select(D.c.id).where(D.c.message_id.in_(ids), D.c.status != PENDING)
+                            )
+                        )
+                    )
                     conn.execute(delete(D).where(D.c.message_id.in_(ids), D.c.status != PENDING))
                     pending = {
                         r[0]

@@ -20,7 +20,7 @@ import collections
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,6 +286,12 @@ class DeliveryWorker:
         self.consecutive_failures = 0  # failed attempts since the last delivery (engine/alerts/)
         self._sem = asyncio.Semaphore(max(1, config.lanes))
         self.paused = False  # an operator paused the destination: its deliveries wait in the queue
+        # Multi-request deliveries keep their progress in the store (Destination.keeps_progress); the
+        # others never read or write it.
+        self.keeps_progress = bool(getattr(destination, "keeps_progress", False))
+        self._with_progress: set[int] = set()  # delivery ids with saved progress (forgotten when finished)
+        if self.keeps_progress:
+            destination.progress_sink = self._save_progress
 
     async def run(self) -> None:
         while not self.stopping:
@@ -359,7 +365,18 @@ class DeliveryWorker:
         await asyncio.gather(
             *(self._lane(lane, loaded, delivered, failed, block, tally) for lane in lanes.values())
         )
-        await self.committer.run_op(lambda conn: self.store.record_deliveries(delivered, failed, conn))
+        finished: list[int] = []
+        if self._with_progress:
+            done = [d for d, _ in delivered] + [f[0] for f in failed if f[3] is None]
+            finished = [d for d in done if d in self._with_progress]
+            self._with_progress.difference_update(finished)
+
+        def record(conn: Any) -> None:
+            self.store.record_deliveries(delivered, failed, conn)
+            if finished:
+                self.store.forget_progress(conn, finished)
+
+        await self.committer.run_op(record)
         self.delivered += len(delivered)
         if self._m is not None and tally:
             self._count(self._m, tally)  # after the outcomes are written: each counted once
@@ -392,10 +409,36 @@ class DeliveryWorker:
 
     def _load(self, ids: list[int]) -> dict[int, tuple[Any, Outbound]]:
         """Rows and their outbound items (payloads unpacked here, off the event loop)."""
-        return {r.id: (r, self._item(r)) for r in self.store.load_deliveries(ids)}
+        if not self.keeps_progress:
+            return {r.id: (r, self._item(r)) for r in self.store.load_deliveries(ids)}
+        saved = self.store.load_progress(ids)
+        self._with_progress.update(saved)
+        return {
+            r.id: (r, self._item(r, orjson.loads(saved[r.id]) if r.id in saved else None))
+            for r in self.store.load_deliveries(ids)
+        }
+
+    async def _save_progress(self, item: Outbound, state: Mapping[str, Any]) -> None:
+        """The destination's progress sink: durable (committed) before the destination sends more.  A
+        failure to save is logged, not raised: the delivery goes on, a retry then resends more (the writes
+        of such destinations are idempotent)."""
+        if not item.delivery_id:
+            return
+        text = orjson.dumps(state).decode()
+        try:
+            await self.committer.run_op(lambda conn: self.store.save_progress(conn, item.delivery_id, text))
+        except Exception as exc:
+            log.warning(
+                "delivery_progress_not_saved",
+                destination=self.config.name,
+                message_id=item.message_id,
+                error=type(exc).__name__,
+            )
+            return
+        self._with_progress.add(item.delivery_id)
 
     @staticmethod
-    def _item(row: Any) -> Outbound:
+    def _item(row: Any, progress: Mapping[str, Any] | None = None) -> Outbound:
         return Outbound(
             message_id=row.message_id,
             channel=row.channel,
@@ -408,6 +451,8 @@ class DeliveryWorker:
             content_type=row.content_type,
             attempt=row.attempts + 1,
             meta=orjson.loads(row.meta or "{}"),
+            delivery_id=row.id,
+            progress=progress,
         )
 
     async def _lane(

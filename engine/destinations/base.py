@@ -5,12 +5,18 @@ raises :class:`engine.errors.DeliveryError` (``retryable`` decides between
 retry-with-backoff and dead-letter).  Queueing, retries, backoff, ordering,
 concurrency and rate limits live in the delivery worker, not here, so a new
 kind is one registered class with ``start``/``deliver``/``close``.
+
+A delivery made of several requests (a FHIR bundle split into transactions) may keep its progress across
+retries and engine restarts: a kind that sets ``keeps_progress`` gets the state it saved last in
+:attr:`Outbound.progress` and saves new state with :meth:`Destination.save_progress`; the delivery worker
+writes it through the committer (durable before ``save_progress`` returns) and forgets it once the delivery
+is delivered or dead-lettered.  Kinds that do not set it pay nothing: no progress is read or written.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,6 +43,14 @@ class Outbound:
     content_type: str
     attempt: int = 1
     meta: Mapping[str, str] = field(default_factory=dict)
+    delivery_id: int = 0  # the delivery row (0 = not from the store, e.g. a direct call in a test)
+    # What this delivery saved with Destination.save_progress on an earlier attempt (None = nothing);
+    # filled only for kinds with keeps_progress.
+    progress: Mapping[str, Any] | None = None
+
+
+# Records a delivery's progress durably (the delivery worker's, through the committer).
+ProgressSink = Callable[[Outbound, Mapping[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,10 @@ class Destination:
     # items in one call, in order, stopping at the first failure (later items None = not attempted).
     # With batch_across_keys the delivery worker passes rows of different order keys in one call.
     batch_across_keys: ClassVar[bool] = False
+    # A kind whose delivery is several requests sets this to keep its progress between attempts (and engine
+    # restarts): Outbound.progress then carries the state saved last, save_progress stores a new one.
+    keeps_progress: ClassVar[bool] = False
+    progress_sink: ProgressSink | None = None  # set by the delivery worker when keeps_progress
 
     def __init__(self, name: str, options: Mapping[str, Any], ctx: DestinationContext):
         self.name = name
@@ -97,6 +115,13 @@ class Destination:
 
     async def close(self) -> None:
         """Release connections.  Called once at shutdown."""
+
+    async def save_progress(self, item: Outbound, state: Mapping[str, Any]) -> None:
+        """Record how far ``item``'s delivery got (JSON-serialisable ``state``, no PHI): a later attempt of
+        the same delivery, in this process or after a restart, finds it in ``Outbound.progress``.  Durable
+        once this returns; a no-op without a sink (a direct call, or a kind without keeps_progress)."""
+        if self.progress_sink is not None:
+            await self.progress_sink(item, state)
 
 
 def secret(spec: Any, *, what: str, ctx: DestinationContext, key: str) -> str:

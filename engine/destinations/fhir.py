@@ -310,6 +310,9 @@ class FhirDestination(Destination):
         "headers": {},
         "max_transaction_entries": 0,
     }
+    # A split or multi-request delivery saves its progress after each request (engine/destinations/base.py),
+    # so a retry after an engine crash resumes at the first request not yet applied.
+    keeps_progress = True
     # Deliveries whose plan failed part-way (retryable), by message: what is applied, ids the server gave.
     PROGRESS_KEPT = 10_000
 
@@ -501,12 +504,21 @@ class FhirDestination(Destination):
         """Per-resource, batch, or a transaction split under ``max_transaction_entries``: the requests of
         :func:`fhir_plan.build`, each after the ones it depends on, references rewritten to the ids the
         server returned.  A retryable failure keeps what was applied, so the retry resumes at the failed
-        request; every write is conditional or by id, so a resend after a crash (progress lost) updates
-        the same resources instead of duplicating them."""
+        request.  After each request but the last the progress is also saved with the delivery (durably,
+        :meth:`save_progress`), so the retry after an engine crash resumes there too; every write is
+        conditional or by id, so a resend of a request whose outcome was not saved updates the same
+        resources instead of duplicating them."""
         entries: list[dict[str, Any]] = list(bundle.get("entry") or [])
         plan = fhir_plan.build(entries, self.mode, self.max_entries)
-        key = (item.message_id, item.channel, hashlib.blake2b(item.payload, digest_size=16).digest())
-        prog = self._progress.pop(key, None) or fhir_plan.Progress()
+        digest = hashlib.blake2b(item.payload, digest_size=16).digest()
+        key = (item.message_id, item.channel, digest)
+        # The saved positions mean something only for the same plan: same payload, mode, chunk size, server.
+        plan_id = f"{self.mode}/{self.max_entries}/{len(plan.writes)}/{self.base_url}/{digest.hex()}"
+        prog = (
+            self._progress.pop(key, None)
+            or fhir_plan.Progress.from_state(item.progress, plan_id, len(plan.writes))
+            or fhir_plan.Progress()
+        )
         resumed = bool(prog.done)
         for url, ref in plan.fixed.items():
             prog.refs.setdefault(url, ref)
@@ -521,6 +533,8 @@ class FhirDestination(Destination):
             except DeliveryError as err:
                 applied = len(prog.done)
                 if err.retryable:
+                    if self.mode == "batch" and prog.done:  # entries of the failed batch may have applied
+                        await self.save_progress(item, prog.state(plan_id))
                     self._progress[key] = prog
                     while len(self._progress) > self.PROGRESS_KEPT:
                         self._progress.popitem(last=False)
@@ -533,6 +547,8 @@ class FhirDestination(Destination):
                     err.message = err.args[0]
                 raise
             prog.outcomes.append(f"{s}: {outcome}")
+            if s < len(plan.steps):
+                await self.save_progress(item, prog.state(plan_id))
         if len(plan.steps) == 1:
             return prog.outcomes[0].split(": ", 1)[1]
         what = {

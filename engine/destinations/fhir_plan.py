@@ -373,3 +373,35 @@ class Progress:
     done: set[int] = field(default_factory=set)
     refs: dict[str, str] = field(default_factory=dict)
     outcomes: list[str] = field(default_factory=list)
+
+    STATE_VERSION = 1
+
+    def state(self, plan_id: str) -> dict[str, Any]:
+        """The JSON form a destination saves between attempts (no PHI: positions, server ids, statuses).
+        ``plan_id`` names the plan the positions refer to (the payload, mode, chunk size and server)."""
+        return {
+            "v": self.STATE_VERSION,
+            "plan": plan_id,
+            "done": sorted(self.done),
+            "refs": dict(self.refs),
+            "outcomes": list(self.outcomes),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any] | None, plan_id: str, writes: int) -> Progress | None:
+        """Progress saved for the same plan (``writes`` entries), or None: nothing saved, saved for another
+        plan (the payload, mode, chunk size or server changed since), or not understood.  None means start
+        over, which is safe: every write is conditional or by id."""
+        if not state or state.get("v") != cls.STATE_VERSION or state.get("plan") != plan_id:
+            return None
+        done, refs, outcomes = state.get("done"), state.get("refs"), state.get("outcomes")
+        if (
+            not isinstance(done, list)
+            or not all(isinstance(k, int) and 0 <= k < writes for k in done)
+            or not isinstance(refs, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in refs.items())
+            or not isinstance(outcomes, list)
+            or not all(isinstance(o, str) for o in outcomes)
+        ):
+            return None
+        return cls(done=set(done), refs=dict(refs), outcomes=list(outcomes))

@@ -174,3 +174,20 @@ def test_ref_from_location() -> None:
     assert fp.ref_from_location("Patient/1/_history/2") == "Patient/1"
     assert fp.ref_from_location("http://h/fhir/Encounter/x") == "Encounter/x"
     assert fp.ref_from_location("x") is None
+
+
+def test_progress_state_round_trips_only_for_the_same_plan() -> None:
+    prog = fp.Progress(done={0, 2}, refs={"urn:uuid:a": "Patient/1"}, outcomes=["1: HTTP 201"])
+    state = prog.state("transaction/8/16/http://x/ab")
+    assert fp.Progress.from_state(state, "transaction/8/16/http://x/ab", 16) == prog
+    # another plan (payload, mode, chunk size or server changed): start over
+    assert fp.Progress.from_state(state, "transaction/4/16/http://x/ab", 16) is None
+    assert fp.Progress.from_state(None, "p", 16) is None
+    for bad in (
+        {**state, "v": 0},
+        {**state, "done": [0, 16]},  # a position outside the plan
+        {**state, "done": "0"},
+        {**state, "refs": {"urn:uuid:a": 1}},
+        {**state, "outcomes": [1]},
+    ):
+        assert fp.Progress.from_state(bad, "transaction/8/16/http://x/ab", 16) is None
