@@ -65,10 +65,12 @@ class SourceConfig:
     host: str = "127.0.0.1"
     port: int = 2575
     tls: TLSConfig | None = None
-    max_connections: int = 1000
-    idle_timeout: float = 300.0
+    max_connections: int = 1000  # at the cap a new connection evicts an idle one (engine/limits.py)
+    max_connections_per_peer: int = 0  # per remote host; 0 = only max_connections applies
+    idle_timeout: float = 300.0  # counted from the last complete frame or ACK, not from any byte
     frame_timeout: float = 30.0
-    max_frame: int = 16 * 1024 * 1024
+    handshake_timeout: float = 10.0  # TLS: the handshake must finish within this many seconds
+    max_frame: int = 16 * 1024 * 1024  # routes key max_frame, or its alias max_frame_bytes
     max_junk: int = 1024 * 1024
     lenient_end: bool = False
     fallback_charset: str = "latin-1"
@@ -143,9 +145,29 @@ class ChannelConfig:
 
 
 @dataclass(frozen=True)
+class LogFloodConfig:
+    """``logging.flood``: repeated lines are rate-limited and summarised (engine/logflood.py)."""
+
+    per_peer: int = 10  # lines of one event from one connection per window; 0 = no limit
+    per_kind: int = 100  # lines of one event from everywhere per window; 0 = no limit
+    window: float = 10.0  # seconds
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: str = "auto"  # auto | json | console
     level: str = "info"
+    flood: LogFloodConfig = field(default_factory=LogFloodConfig)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``limits:`` in routes.yaml: memory bounds for what the MLLP listeners hold (engine/limits.py)."""
+
+    inflight_bytes: int = 128 * 1024 * 1024  # all connections: read and not yet answered; 0 = no limit
+    connection_inflight_bytes: int = 32 * 1024 * 1024  # one connection: complete frames not yet answered
+    connection_frames: int = 32  # one connection: complete frames not yet answered
+    unsent_ack_bytes: int = 64 * 1024  # one connection: ACK bytes the peer has not read yet
 
 
 @dataclass(frozen=True)
@@ -187,6 +209,7 @@ class Config:
     node_id: str = "node-1"
     processing_workers: int = 1  # worker processes for channel pipelines; 0 = in the engine process
     alerts: AlertsConfig = field(default_factory=AlertsConfig)  # engine/alerts/
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     store_encryption: StoreEncryptionConfig | None = None  # None: bodies are stored plain
 
     def channel(self, name: str) -> ChannelConfig:
@@ -398,9 +421,11 @@ def _source(sec: _Section) -> SourceConfig:
         port=sec.integer("port", 2575),
         tls=tls,
         max_connections=sec.integer("max_connections", 1000),
+        max_connections_per_peer=sec.integer("max_connections_per_peer", 0),
         idle_timeout=sec.number("idle_timeout", 300.0),
         frame_timeout=sec.number("frame_timeout", 30.0),
-        max_frame=sec.integer("max_frame", 16 * 1024 * 1024),
+        handshake_timeout=sec.number("handshake_timeout", 10.0),
+        max_frame=_max_frame(sec),
         max_junk=sec.integer("max_junk", 1024 * 1024),
         lenient_end=sec.flag("lenient_end", False),
         fallback_charset=sec.text("fallback_charset", "latin-1"),
@@ -409,7 +434,60 @@ def _source(sec: _Section) -> SourceConfig:
     sec.done()
     if not 0 <= src.port <= 65535:
         raise ConfigError(f"port {src.port} is out of range", file=sec.file, key=sec.key("port"))
+    for k in ("max_connections", "max_connections_per_peer"):
+        if getattr(src, k) < 0:
+            raise ConfigError(f"{k} must be 0 or more", file=sec.file, key=sec.key(k))
+    for k in ("idle_timeout", "frame_timeout", "handshake_timeout"):
+        if getattr(src, k) <= 0:
+            raise ConfigError(f"{k} must be more than 0 seconds", file=sec.file, key=sec.key(k))
     return src
+
+
+def _max_frame(sec: _Section) -> int:
+    """``max_frame``, or ``max_frame_bytes`` (the same setting under the name issue #12 gave it)."""
+    plain, alias = sec.get("max_frame"), sec.get("max_frame_bytes")
+    if plain is not None and alias is not None:
+        raise ConfigError(
+            "max_frame and max_frame_bytes are the same setting",
+            file=sec.file,
+            key=sec.key("max_frame_bytes"),
+            hint="keep one of them",
+        )
+    return sec.integer("max_frame_bytes" if alias is not None else "max_frame", 16 * 1024 * 1024)
+
+
+def _limits(sec: _Section) -> LimitsConfig:
+    d = LimitsConfig()
+    lim = LimitsConfig(
+        inflight_bytes=sec.integer("inflight_bytes", d.inflight_bytes),
+        connection_inflight_bytes=sec.integer("connection_inflight_bytes", d.connection_inflight_bytes),
+        connection_frames=sec.integer("connection_frames", d.connection_frames),
+        unsent_ack_bytes=sec.integer("unsent_ack_bytes", d.unsent_ack_bytes),
+    )
+    sec.done()
+    if lim.inflight_bytes < 0:
+        raise ConfigError(
+            "inflight_bytes must be 0 (no limit) or more", file=sec.file, key="limits.inflight_bytes"
+        )
+    for k in ("connection_inflight_bytes", "connection_frames", "unsent_ack_bytes"):
+        if getattr(lim, k) < 1:
+            raise ConfigError(f"{k} must be at least 1", file=sec.file, key=f"limits.{k}")
+    return lim
+
+
+def _log_flood(sec: _Section) -> LogFloodConfig:
+    d = LogFloodConfig()
+    fl = LogFloodConfig(
+        per_peer=sec.integer("per_peer", d.per_peer),
+        per_kind=sec.integer("per_kind", d.per_kind),
+        window=sec.number("window", d.window),
+    )
+    sec.done()
+    if fl.per_peer < 0 or fl.per_kind < 0:
+        raise ConfigError("per_peer and per_kind must be 0 (no limit) or more", file=sec.file, key=sec.path)
+    if fl.window <= 0:
+        raise ConfigError("window must be more than 0 seconds", file=sec.file, key=sec.key("window"))
+    return fl
 
 
 def _admin(sec: _Section, base: Path, port_override: Any) -> AdminConfig:
@@ -594,8 +672,10 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     logging = LoggingConfig(
         format=env.get(ENV_PREFIX + "LOG_FORMAT") or file_format,
         level=env.get(ENV_PREFIX + "LOG_LEVEL") or file_level,
+        flood=_log_flood(lsec.sub("flood")),
     )
     lsec.done()
+    limits = _limits(sec.sub("limits"))
     admin = _admin(sec.sub("admin"), base, ov.get("admin_port") or env.get(ENV_PREFIX + "ADMIN_PORT"))
     plugin_paths = tuple((base / str(x)).resolve() for x in sec.items("plugin_paths"))
     plugins = tuple(str(x) for x in sec.items("plugins"))
@@ -657,6 +737,7 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         node_id=node_id,
         processing_workers=int(env.get(ENV_PREFIX + "PROCESSING_WORKERS") or workers),
         alerts=parse_alerts(alerts_sec, channels, destinations),
+        limits=limits,
         store_encryption=store_encryption,
     )
 

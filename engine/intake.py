@@ -558,7 +558,7 @@ class Intake:
         """The ACK payloads to send back for one frame, in order (possibly none)."""
         jobs, immediate = self.decide(payload, peer)
         if not jobs:
-            log.info("message_rejected_unstored", channel=self.channel.name, outcome="AR")
+            log.info("message_rejected_unstored", channel=self.channel.name, peer=peer, outcome="AR")
             if self._metrics is not None:
                 self._metrics.received.inc()
                 self._metrics.processed(REJECTED)
@@ -582,6 +582,7 @@ class Intake:
                 log.info(
                     "duplicate_ignored",
                     channel=self.channel.name,
+                    peer=peer,
                     original_id=j.duplicate_of,
                     control_id=redact.control_id(j.row.control_id),
                     type=redact.type_and_trigger(j.row.message_type, j.row.trigger),
@@ -594,6 +595,7 @@ class Intake:
             (log.debug if outcome.code == "AA" else log.info)(
                 "message_stored",
                 channel=self.channel.name,
+                peer=peer,
                 message_id=j.message_id,
                 control_id=redact.control_id(j.row.control_id),
                 type=redact.type_and_trigger(j.row.message_type, j.row.trigger),

@@ -2,9 +2,24 @@
 
 ``data_received`` feeds :class:`engine.mllp.Framer`; each complete frame goes to
 :meth:`engine.intake.Intake.handle` (which commits before it answers) and the
-ACKs are written back in frame order.  Reading pauses while a connection has too
-many frames waiting (backpressure), a connection cap, an idle timeout and a
-total per-frame deadline protect the engine from slow or idle peers.
+ACKs are written back in frame order.
+
+What protects the engine from hostile or broken peers (issue #12; the decisions are pure, in
+:mod:`engine.limits`, and the limits are in docs/security.md):
+
+* Back-pressure.  Frames are taken from the framer only while the connection has room
+  (``limits.connection_frames`` frames and ``limits.connection_inflight_bytes`` bytes not yet
+  answered); the rest stays in the framer's buffer and reading pauses.  A peer that does not read its
+  ACKs (more than ``limits.unsent_ack_bytes`` unsent) is not served further and not read from.
+  Every connection reports what it holds to the engine-wide :class:`~engine.limits.InflightBudget`
+  (``limits.inflight_bytes``); over it, connections holding bytes stop reading until frames are
+  answered.  Nothing is dropped once read: every complete frame is stored and answered, in order.
+* Fair connection limits.  At ``max_connections`` (or a peer's ``max_connections_per_peer``) a
+  newcomer is served and an existing connection is closed instead (:class:`engine.limits.ConnectionSlots`).
+  TLS handshakes run after the connection is counted (``loop.start_tls``) under ``handshake_timeout``.
+* Timers.  ``idle_timeout`` counts from the last complete frame or ACK (junk outside frames does not
+  keep a slot); a frame in progress is bounded by ``frame_timeout`` in total (the time the engine
+  itself stopped reading is given back); a peer that reads no ACK for ``idle_timeout`` is cut off.
 """
 
 from __future__ import annotations
@@ -15,23 +30,23 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import structlog
 
 from engine import ack as ackmod
-from engine import mllp
-from engine.config import SourceConfig, TLSConfig
+from engine import logflood, mllp
+from engine.config import LimitsConfig, SourceConfig, TLSConfig
 from engine.errors import FramingError, MessageRejected
 from engine.intake import Intake, _msa1, render_ack, split_acks
+from engine.limits import ConnectionSlots, InflightBudget
 from engine.metrics import Metrics
 
 log = structlog.get_logger("sluice.listener")
 
-HIGH_WATER = 32  # frames waiting on one connection before we stop reading
-LOW_WATER = 4
+YIELD_EVERY = 32  # frames answered without waiting (e.g. empty ones) before the worker lets others run
 
 
 @dataclass
@@ -39,11 +54,14 @@ class ListenerStats:
     connections: int = 0
     accepted_total: int = 0
     refused_total: int = 0
+    evicted_total: int = 0  # closed so a newcomer could be served (max_connections / per peer)
     frames: int = 0
     junk_bytes: int = 0
     framing_errors: int = 0
     frame_timeouts: int = 0
     idle_closed: int = 0
+    stalled_closed: int = 0  # peers that read no ACK for idle_timeout
+    handshake_failures: int = 0
     last_frame_at: float = 0.0  # wall-clock time of the last complete frame (admin API)
 
 
@@ -60,6 +78,8 @@ class MLLPProtocol(asyncio.Protocol):
     def __init__(self, listener: Listener):
         self.listener = listener
         self.source = listener.source
+        self.limits = listener.limits
+        self.budget = listener.budget
         self.clock = listener.clock
         self.framer = mllp.Framer(
             max_frame=self.source.max_frame,
@@ -70,16 +90,27 @@ class MLLPProtocol(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+        self.host = ""  # the peer's address without the port: connections per peer are counted by it
         self.queue: deque[bytes | mllp.Oversize] = deque()
         self.arrived: deque[float] = deque()  # when each queued frame was complete (ACK latency)
         self.metrics = listener.metrics
         self.worker: asyncio.Task[None] | None = None
-        self.paused = False
+        self.handshaking = False
         self.closing = False
         self.eof = False
-        self.last_activity = self.clock()
+        self.framer_done = False  # the framer said Closed or failed: no more events from it
+        self.framer_blocked = False  # the framer may hold more frames: not taken while the queue is full
+        self.pending_bytes = 0  # payload bytes of complete frames not yet answered (queued or in intake)
+        self.held = 0  # what this connection last reported to the budget
+        self.reading = True  # as this protocol last set the transport
+        self.paused_at = 0.0  # when reading was paused (the frame deadline is given that time back)
+        self.write_blocked = False  # the transport holds more than unsent_ack_bytes of ACKs
+        self.blocked_since = 0.0
+        self.writable: asyncio.Event | None = None
+        self.last_activity = self.clock()  # last complete frame or ACK (connect time before any)
         self.timer: asyncio.TimerHandle | None = None
         self.counted = False
+        self.evicted = False
         self.closing_abort = False
 
     # -- connection lifecycle ---------------------------------------------
@@ -87,20 +118,14 @@ class MLLPProtocol(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it: no isinstance check.
         tr = cast(asyncio.Transport, transport)
         self.transport = tr
-        stats = self.listener.stats
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
-        if stats.connections >= self.source.max_connections:
-            stats.refused_total += 1
-            log.warning(
-                "connection_refused_cap", channel=self.listener.channel_name, cap=self.source.max_connections
-            )
+        if isinstance(peer, tuple):
+            self.peer, self.host = f"{peer[0]}:{peer[1]}", str(peer[0])
+        else:
+            self.peer = self.host = str(peer or "")
+        if not self.listener.admit(self):
             tr.abort()
             return
-        self.counted = True
-        stats.connections += 1
-        stats.accepted_total += 1
-        self.listener.protocols.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and self.source.keepalive:
             try:
@@ -108,19 +133,94 @@ class MLLPProtocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        if self.listener.ssl_context is not None:
+            # The handshake runs on a counted connection (so it is subject to the cap and can be
+            # evicted) and under its own timeout; nothing is read as MLLP until it is done.
+            self.handshaking = True
+            self._handshake(tr)
+        else:
+            tr.set_write_buffer_limits(high=self.limits.unsent_ack_bytes)
         self._arm_timer()
 
+    def _handshake(self, raw: asyncio.Transport) -> None:
+        """Start TLS on the raw connection: ``loop.start_tls``, its first step run right here.
+
+        uvloop starts reading a new connection as soon as ``connection_made`` returns, even when it
+        paused reading itself, so a task started from here could see the ClientHello arrive in
+        ``data_received`` first.  Running start_tls's first step now hands the socket to the TLS protocol
+        before any byte is read (bytes that come before its own ``connection_made`` wait in its buffer);
+        :meth:`_step` then resumes it like a task would, each time the future it waits for is done.
+        """
+        ctx = self.listener.ssl_context
+        assert ctx is not None
+        coro = asyncio.get_running_loop().start_tls(
+            raw, self, ctx, server_side=True, ssl_handshake_timeout=self.source.handshake_timeout
+        )
+        self._step(coro, raw)
+
+    def _step(self, coro: Coroutine[Any, Any, asyncio.Transport | None], raw: asyncio.Transport) -> None:
+        try:
+            waiting = coro.send(None)
+        except StopIteration as done:
+            self._handshake_done(raw, done.value, None)
+        except Exception as exc:  # any failure (TLS alert, timeout, reset) closes this connection only
+            self._handshake_done(raw, None, exc)
+        else:
+            waiting.add_done_callback(lambda _f: self._step(coro, raw))
+
+    def _handshake_done(
+        self, raw: asyncio.Transport, tr: asyncio.Transport | None, exc: BaseException | None
+    ) -> None:
+        if exc is not None or tr is None or self.closing:
+            if not self.evicted:  # (an evicted one is counted and logged as such)
+                self.listener.stats.handshake_failures += 1
+                log.info(
+                    "tls_handshake_failed",
+                    channel=self.listener.channel_name,
+                    peer=self.peer,
+                    error=type(exc).__name__ if exc is not None else "closed",
+                )
+            if tr is not None:
+                tr.abort()
+            raw.abort()
+            self.connection_lost(None)
+            return
+        self.transport = tr
+        self.handshaking = False
+        tr.set_write_buffer_limits(high=self.limits.unsent_ack_bytes)
+        # Frames that came in with the end of the handshake are waiting in the framer or the queue.
+        self._pull()
+        self._start_worker()
+        self._sync()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.counted:
-            self.listener.stats.connections -= 1
-            self.counted = False
-        self.listener.protocols.discard(self)
+        self.listener.release(self)
+        first = not self.closing
         self.closing = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.writable is not None:
+            self.writable.set()  # a worker waiting to write: there is nobody to write to
+        self.budget.forget(self)
+        if self.worker is None or self.worker.done():
+            # Frames already read are still stored (a resend is deduplicated); a partial one is dropped.
+            self._pull()
+            if not self._start_worker():
+                self._drop()
+        if first:
+            logflood.flush_peer(self.peer)
 
-    # -- timers: idle timeout and the per-frame deadline -------------------
+    def _drop(self) -> None:
+        """Nothing more will be read or answered: give back what this connection held."""
+        self.framer = mllp.Framer(max_frame=0, clock=self.clock)  # frees the buffered bytes
+        self.framer_done = True
+        self.queue.clear()
+        self.arrived.clear()
+        self.pending_bytes = 0
+        self._report()
+
+    # -- timers: idle timeout, the per-frame deadline, a peer that reads no ACK ---------------------
     def _arm_timer(self) -> None:
         if self.closing:
             return
@@ -128,8 +228,10 @@ class MLLPProtocol(asyncio.Protocol):
         now = self.clock()
         due = self.last_activity + self.source.idle_timeout
         deadline = self.framer.deadline
-        if deadline is not None:
+        if deadline is not None and self.reading:
             due = min(due, deadline)
+        if self.write_blocked:
+            due = min(due, self.blocked_since + self.source.idle_timeout)
         if self.timer is not None:
             self.timer.cancel()
         self.timer = loop.call_at(loop.time() + max(0.0, due - now) + 0.01, self._on_timer)
@@ -139,79 +241,178 @@ class MLLPProtocol(asyncio.Protocol):
         if self.closing or self.transport is None:
             return
         now = self.clock()
-        if self.framer.expired(now):
+        name = self.listener.channel_name
+        if self.reading and self.framer.expired(now):
             self.listener.stats.frame_timeouts += 1
-            log.warning("frame_deadline_exceeded", channel=self.listener.channel_name, peer=self.peer)
+            log.warning("frame_deadline_exceeded", channel=name, peer=self.peer)
             self._abort()
             return
-        busy = bool(self.queue) or (self.worker is not None and not self.worker.done())
-        if not busy and now - self.last_activity >= self.source.idle_timeout:
+        if self.write_blocked and now - self.blocked_since >= self.source.idle_timeout:
+            self.listener.stats.stalled_closed += 1
+            log.warning("connection_stalled_closed", channel=name, peer=self.peer, unread_acks=True)
+            self._abort()
+            return
+        if not self._busy() and now - self.last_activity >= self.source.idle_timeout:
             self.listener.stats.idle_closed += 1
-            log.info("connection_idle_closed", channel=self.listener.channel_name, peer=self.peer)
+            log.info("connection_idle_closed", channel=name, peer=self.peer)
             self._close()
             return
         self._arm_timer()
 
+    def _busy(self) -> bool:
+        """Frames being answered, or one arriving (bounded by its deadline): not idle."""
+        if self.write_blocked:
+            return False  # waiting for the peer to read: its own timer above
+        return (
+            bool(self.queue)
+            or (self.worker is not None and not self.worker.done())
+            or self.framer.deadline is not None
+        )
+
+    def _active(self) -> None:
+        """A complete frame arrived or an ACK went out: idle time starts over."""
+        self.last_activity = self.clock()
+        self.listener.slots.touch(self, self.host)
+
     # -- data ---------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        now = self.clock()
-        self.last_activity = now
         had_deadline = self.framer.deadline is not None
-        self.framer.receive_data(data, now)
-        self._drain_events()
+        self.framer.receive_data(data, self.clock())
+        self._pull()
+        self._start_worker()
+        self._sync()
         if not had_deadline and self.framer.deadline is not None:
             self._arm_timer()
 
     def eof_received(self) -> bool:
         self.eof = True
         self.framer.receive_data(b"")
-        self._drain_events()
+        self._pull()
+        self._start_worker()
+        self._sync()
         # Keep the transport open for writing so ACKs of complete frames still go out (half-close).
         return True
 
-    def _drain_events(self) -> None:
+    def _pull(self) -> None:
+        """Take frames from the framer while this connection has room for them."""
+        if self.framer_done:
+            return
         framer = self.framer
+        queue = self.queue
+        max_frames = self.limits.connection_frames
+        max_bytes = self.limits.connection_inflight_bytes
         before = framer.junk_bytes
+        stats = self.listener.stats
+        blocked = True
         try:
-            while True:
+            while len(queue) < max_frames and self.pending_bytes < max_bytes:
                 ev = framer.next_event()
                 if ev is mllp.NEED_DATA:
+                    blocked = False
                     break
                 if isinstance(ev, mllp.Frame):
-                    stats = self.listener.stats
                     stats.frames += 1
                     stats.last_frame_at = time.time()
-                    self.queue.append(ev.payload)
+                    queue.append(ev.payload)
                     self.arrived.append(time.monotonic())
+                    self.pending_bytes += len(ev.payload)
+                    self._active()
                 elif isinstance(ev, mllp.Oversize):
-                    self.queue.append(ev)
+                    queue.append(ev)
                     self.arrived.append(time.monotonic())
+                    self._active()
                 elif isinstance(ev, mllp.Closed):
+                    blocked = False
+                    self.framer_done = True
                     if not ev.clean:
                         log.warning("eof_mid_frame", channel=self.listener.channel_name, peer=self.peer)
                     self._finish_after_queue()
                     break
         except FramingError as exc:
-            self.listener.stats.framing_errors += 1
+            blocked = False
+            self.framer_done = True
+            stats.framing_errors += 1
             log.warning(
                 "framing_error", channel=self.listener.channel_name, peer=self.peer, error=exc.message
             )
+            # Broken stream: stop reading whatever the peer keeps sending while we answer the frames
+            # already complete (the framer would re-raise on every read), then close.
             self._finish_after_queue(abort=True)
-            if self.transport is not None and not self.paused:
-                # Broken stream: stop buffering whatever the peer keeps sending while we answer
-                # the frames already complete (the framer would re-raise on every read).
-                self.paused = True
-                self.transport.pause_reading()
         finally:
             junk = framer.junk_bytes - before
             if junk:
-                self.listener.stats.junk_bytes += junk
+                stats.junk_bytes += junk
                 log.info("junk_discarded", channel=self.listener.channel_name, peer=self.peer, bytes=junk)
-        if self.queue and (self.worker is None or self.worker.done()):
-            self.worker = asyncio.get_running_loop().create_task(self._work())
-        if len(self.queue) >= HIGH_WATER and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        self.framer_blocked = blocked
+
+    def _start_worker(self) -> bool:
+        """Start answering the queue unless that is already under way; True when a worker runs."""
+        if self.worker is not None and not self.worker.done():
+            return True
+        if not self.queue or self.handshaking:
+            return False
+        self.worker = asyncio.get_running_loop().create_task(self._work())
+        return True
+
+    def _report(self) -> None:
+        """Tell the budget what this connection holds now."""
+        held = self.framer.buffered + self.pending_bytes
+        if held != self.held:
+            old, self.held = self.held, held
+            self.budget.update(old, held)
+
+    def _sync(self) -> None:
+        """Report to the budget, then read or stop reading as the limits say."""
+        self._report()
+        tr = self.transport
+        if tr is None or self.handshaking:
+            return
+        want = not (
+            self.closing
+            or self.eof
+            or self.framer_done
+            or self.write_blocked
+            or self.framer_blocked
+            or len(self.queue) >= self.limits.connection_frames
+            or self.pending_bytes >= self.limits.connection_inflight_bytes
+        )
+        if want and not self.budget.may_read(self.held):
+            want = False
+            self.budget.wait(self)
+        if want == self.reading:
+            return
+        self.reading = want
+        if want:
+            self.budget.forget(self)
+            self.framer.postpone(self.clock() - self.paused_at)
+            tr.resume_reading()
+            if self.framer.deadline is not None:
+                self._arm_timer()
+        else:
+            self.paused_at = self.clock()
+            if not tr.is_closing():
+                tr.pause_reading()
+
+    def budget_available(self) -> None:
+        if not self.closing:
+            self._sync()
+
+    # -- flow control from the transport: the peer is (not) reading its ACKs --------------------------
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        self.blocked_since = self.clock()
+        if self.writable is None:
+            self.writable = asyncio.Event()
+        self.writable.clear()
+        self._sync()
+        self._arm_timer()
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        self._active()  # the peer read its ACKs
+        if self.writable is not None:
+            self.writable.set()
+        self._sync()
 
     def _finish_after_queue(self, abort: bool = False) -> None:
         """Answer what is already complete, then close."""
@@ -223,14 +424,18 @@ class MLLPProtocol(asyncio.Protocol):
 
     async def _work(self) -> None:
         intake = self.listener.intake
-        transport = self.transport
-        assert transport is not None
-        while self.queue:
+        answered = 0
+        while True:
+            if not self.queue:
+                self._pull()
+                if not self.queue:
+                    break
+            if self.write_blocked and not self.closing and self.writable is not None:
+                await self.writable.wait()
+                continue
             item = self.queue.popleft()
             arrived = self.arrived.popleft()
-            if self.paused and len(self.queue) <= LOW_WATER and not self.closing:
-                self.paused = False
-                transport.resume_reading()
+            size = 0
             if isinstance(item, mllp.Oversize):
                 err = MessageRejected(f"frame of {item.size} bytes is over the size cap", code="207")
                 acks = split_acks(render_ack(None, ackmod.Outcome("AR", err))[0])
@@ -238,6 +443,7 @@ class MLLPProtocol(asyncio.Protocol):
                     self.metrics.received.inc()
                     self.metrics.processed("rejected")
             else:
+                size = len(item)
                 try:
                     acks = await intake.handle(item, self.peer)
                 except Exception as exc:
@@ -250,23 +456,34 @@ class MLLPProtocol(asyncio.Protocol):
                         error=type(exc).__name__,
                     )
                     acks = _internal_error_ack()
-            if self.closing or transport.is_closing():
-                # Connection gone: the message is committed already; a resend will be deduped.
-                continue
-            for a in acks:
-                try:
-                    data = mllp.encode(a)
-                except ValueError:  # an ACK holding a framing byte would cut its own frame
-                    log.error("ack_unframable", channel=self.listener.channel_name, peer=self.peer)
-                    data = mllp.encode(_internal_error_ack()[0])
-                transport.write(data)
-            m = self.metrics
-            if m is not None and acks:
-                m.ack_latency.observe(time.monotonic() - arrived)
+                del item
+            transport = self.transport
+            if not (self.closing or transport is None or transport.is_closing()):
                 for a in acks:
-                    m.ack(_msa1(a))
-            self.last_activity = self.clock()
-        if self.eof:
+                    try:
+                        data = mllp.encode(a)
+                    except ValueError:  # an ACK holding a framing byte would cut its own frame
+                        log.error("ack_unframable", channel=self.listener.channel_name, peer=self.peer)
+                        data = mllp.encode(_internal_error_ack()[0])
+                    transport.write(data)
+                m = self.metrics
+                if m is not None and acks:
+                    m.ack_latency.observe(time.monotonic() - arrived)
+                    for a in acks:
+                        m.ack(_msa1(a))
+                self._active()
+            # else: connection gone; the message is committed already and a resend will be deduped.
+            self.pending_bytes -= size
+            self._pull()
+            self._sync()
+            answered += 1
+            if answered % YIELD_EVERY == 0:
+                await asyncio.sleep(
+                    0
+                )  # frames answered without a wait (empty, oversize) must not hog the loop
+        if self.closing:
+            self._drop()
+        elif self.eof:
             self._close()
 
     def _close(self) -> None:
@@ -292,7 +509,8 @@ class Listener:
     """One channel's MLLP server.
 
     ``clock`` (monotonic seconds) times the idle timeout and the per-frame deadline; a test passes a
-    fake one and calls a connection's timer by hand.
+    fake one and calls a connection's timer by hand.  ``budget`` is the engine-wide in-flight budget,
+    shared by every listener (one is made from ``limits`` when none is given).
     """
 
     def __init__(
@@ -303,6 +521,8 @@ class Listener:
         *,
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        limits: LimitsConfig | None = None,
+        budget: InflightBudget[MLLPProtocol] | None = None,
     ):
         self.channel_name = channel_name
         # ACKs, their latency and frames refused for size are counted here; connections are read
@@ -311,9 +531,13 @@ class Listener:
         self.clock = clock
         self.source = source
         self.intake = intake
+        self.limits = limits or LimitsConfig()
+        self.budget: InflightBudget[MLLPProtocol] = budget or InflightBudget(self.limits.inflight_bytes)
         self.stats = ListenerStats()
         self.protocols: set[MLLPProtocol] = set()
+        self.slots: ConnectionSlots[MLLPProtocol] = ConnectionSlots()  # the same, by peer and idle time
         self.server: asyncio.base_events.Server | None = None
+        self.ssl_context = make_ssl_context(source.tls) if source.tls else None
         if metrics is not None:
             metrics.watch_listener(self)
 
@@ -326,14 +550,59 @@ class Listener:
     def listening(self) -> bool:
         return self.server is not None and self.server.is_serving()
 
+    # -- connection slots ----------------------------------------------------------------------
+    def admit(self, p: MLLPProtocol) -> bool:
+        """Count a new connection, closing another one first when a cap is reached (False: refused)."""
+        src = self.source
+        slots = self.slots
+        if src.max_connections_per_peer and slots.of(p.host) >= src.max_connections_per_peer:
+            victim = slots.victim(MLLPProtocol._busy, only_peer=p.host)
+            if victim is not None:
+                self._evict(victim, "max_connections_per_peer")
+        if self.stats.connections >= src.max_connections:
+            victim = slots.victim(MLLPProtocol._busy)
+            if victim is None:
+                self.stats.refused_total += 1
+                log.warning("connection_refused_cap", channel=self.channel_name, cap=src.max_connections)
+                return False
+            self._evict(victim, "max_connections")
+        p.counted = True
+        self.stats.connections += 1
+        self.stats.accepted_total += 1
+        self.protocols.add(p)
+        slots.add(p, p.host)
+        return True
+
+    def _evict(self, victim: MLLPProtocol, cap: str) -> None:
+        self.stats.evicted_total += 1
+        log.info(
+            "connection_evicted",
+            channel=self.channel_name,
+            peer=victim.peer,
+            cap=cap,
+            idle_seconds=round(self.clock() - victim.last_activity, 1),
+            handshaking=victim.handshaking,
+        )
+        victim.evicted = True
+        self.release(victim)
+        victim._abort()
+
+    def release(self, p: MLLPProtocol) -> None:
+        """Free a connection's slot (once; closing or evicting it)."""
+        if not p.counted:
+            return
+        p.counted = False
+        self.stats.connections -= 1
+        self.slots.remove(p, p.host)
+        self.protocols.discard(p)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        ctx = make_ssl_context(self.source.tls) if self.source.tls else None
+        # TLS is started per connection (MLLPProtocol._handshake), after the connection is counted.
         self.server = await loop.create_server(
             lambda: MLLPProtocol(self),
             host=self.source.host,
             port=self.source.port,
-            ssl=ctx,
             backlog=2048,
             reuse_address=True,
         )

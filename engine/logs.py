@@ -15,6 +15,8 @@ import sys
 
 import structlog
 
+from engine import logflood
+
 _current: tuple[str, str] = ("console", "info")
 
 
@@ -27,6 +29,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
     renderer: structlog.types.Processor
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        logflood.CONTROL,  # repeated lines rate-limited and summarised (issue #12)
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -170,9 +170,10 @@ class Framer:
         if self._eof:
             raise RuntimeError("receive_data() called with bytes after EOF")
         pos = self._pos
-        if pos:
-            # Drop consumed bytes (at most once per read; inside a frame _pos only moves
-            # at frame boundaries, so this stays linear).
+        if pos and pos * 2 >= len(self._buf):
+            # Drop consumed bytes once they are at least half the buffer (so this stays linear).  Not
+            # sooner: inside a large frame _pos sits at its start, and dropping those few bytes would
+            # make CPython copy the whole buffer on every later growth instead of extending it in place.
             del self._buf[:pos]
             self._pos = 0
             self._fs_scan -= pos
@@ -190,6 +191,18 @@ class Framer:
     def expired(self, now: float) -> bool:
         """True when a frame is in progress and its total deadline has passed."""
         return self._deadline is not None and now >= self._deadline
+
+    def postpone(self, seconds: float) -> None:
+        """Move the deadline of the frame in progress back: the listener stopped reading this
+        connection for ``seconds`` (back-pressure), time the sender could not use."""
+        if self._deadline is not None and seconds > 0:
+            self._deadline += seconds
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held and not yet handed out: a partial frame, or input not yet split into events
+        (the listener counts them against its memory budget)."""
+        return len(self._buf) - self._pos
 
     # -- output --------------------------------------------------------------
     def next_event(self) -> Event:
@@ -292,7 +305,16 @@ class Framer:
                     # 0x1C is the last byte so far: its 0x0D may be in the next read.
                     return self._wait(fs)
                 size = self._skipped + fs - pos
-                event = Oversize(size) if size > self.max_frame else Frame(bytes(buf[pos:fs]))
+                if size > self.max_frame:
+                    event: Event = Oversize(size)
+                else:
+                    with memoryview(buf) as view:  # one copy of the payload, not two
+                        event = Frame(view[pos:fs].tobytes())
+                if end == n:
+                    # Everything read is consumed: free it now (a 15 MB frame must not stay buffered
+                    # until the next read) and start the next read at 0.
+                    buf.clear()
+                    end = 0
                 self._pos = end
                 self._state = _OUTSIDE
                 self._deadline = None

@@ -28,7 +28,8 @@ from engine.config import Config
 from engine.destinations.base import Destination, DestinationContext
 from engine.errors import ConfigError
 from engine.intake import Committer, Intake
-from engine.listener import Listener
+from engine.limits import InflightBudget, prepare_process, trim_memory
+from engine.listener import Listener, MLLPProtocol
 from engine.metrics import Metrics
 from engine.processing import ChannelRuntime
 from engine.procpool import ProcessingPool
@@ -99,6 +100,7 @@ class Server:
         runtimes = {ch.name: ChannelRuntime(cfg, ch, store) for ch in cfg.channels if ch.enabled}
         if cfg.processing_workers > 0:
             self.pool = ProcessingPool(cfg, cfg.processing_workers)
+        self.budget: InflightBudget[MLLPProtocol] = InflightBudget(cfg.limits.inflight_bytes)  # all listeners
         self.committer = committer = Committer(store)
         committer.start()
         self.metrics.watch_store(store)
@@ -127,7 +129,9 @@ class Server:
             self.processing.append(pw)
             intake = Intake(ch, self.committer, rt, patient_key=self.patient_key, metrics=self.metrics)
             intake.on_stored = pw.wake.set if ch.ack == "on-commit" else wake
-            listener = Listener(ch.name, ch.source, intake, metrics=self.metrics)
+            listener = Listener(
+                ch.name, ch.source, intake, metrics=self.metrics, limits=cfg.limits, budget=self.budget
+            )
             await listener.start()
             self.listeners.append(listener)
             log.info(
@@ -150,6 +154,7 @@ class Server:
             ch.retention.bodies_days is not None or ch.retention.rows_days is not None for ch in cfg.channels
         ):
             self.tasks.append(loop.create_task(self._retention()))
+        self.tasks.append(loop.create_task(trim_memory(self.should_exit)))  # RSS falls back after bursts
         if cfg.alerts.active:
             self.alerts = AlertRunner(cfg.alerts, lambda: snapshot_from_server(self), alert_sinks)
             self.tasks.append(loop.create_task(self.alerts.run(self.alerts_stop)))
@@ -331,6 +336,10 @@ class Server:
         # The committer thread hands results back to the event loop many times a second; with
         # the default 5 ms GIL switch interval every hand-off can stall that long (a convoy).
         sys.setswitchinterval(0.0005)
+        from engine import logflood
+
+        logflood.apply(self.config.logging.flood)
+        prepare_process(sum(ch.source.max_connections for ch in self.config.channels if ch.enabled))
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency where it builds

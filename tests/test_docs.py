@@ -125,7 +125,8 @@ store: sqlite:///{tmp}/sluice.db
 store_encryption: {{key_file: store.keys}}
 node_id: node-a
 channels: channels/*.yaml
-logging: {{format: json, level: info}}
+logging: {{format: json, level: info, flood: {{per_peer: 10, per_kind: 100, window: 10}}}}
+limits: {{inflight_bytes: 128MiB, connection_inflight_bytes: 32MiB, connection_frames: 32, unsent_ack_bytes: 64KiB}}
 processing: {{workers: 0}}
 plugin_paths: []
 plugins: []
@@ -147,6 +148,9 @@ CHANNEL_YAML = """
 name: lab
 source:
   port: 2599
+  max_connections_per_peer: 10
+  handshake_timeout: 5
+  max_frame_bytes: 1MiB
   tls: {cert: server.crt, key: server.key, ca: ca.crt, require_client_cert: true}
 accept: {types: {ORU: [R01]}}
 require: [PID-3]

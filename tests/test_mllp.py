@@ -1,18 +1,13 @@
-"""The sans-IO MLLP framer, tested with plain bytes, and the listener's connection timers (idle timeout,
-per-frame deadline) and connection cap on a fake clock and a fake transport: no sockets, no waiting."""
+"""The sans-IO MLLP framer, tested with plain bytes: no sockets, no waiting.  The listener around it (timers,
+limits, back-pressure) is tested on a fake clock and a fake transport in tests/test_listener.py."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Any, cast
 
 import pytest
 
-from engine.config import SourceConfig
 from engine.errors import FramingError
-from engine.intake import Intake
-from engine.listener import Listener, MLLPProtocol
 from engine.mllp import END, NEED_DATA, START, Closed, Event, Frame, Framer, Oversize, encode
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
@@ -378,7 +373,6 @@ def test_bad_settings() -> None:
         Framer(frame_timeout=0)
 
 
-# -- the listener's timers and cap (fake clock, fake transport) ----------------------------------
 class Clock:
     """A monotonic clock the test moves by hand."""
 
@@ -389,143 +383,43 @@ class Clock:
         return self.now
 
 
-class FakeTransport:
-    """What MLLPProtocol uses of an asyncio transport, recording what happens to it."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-        self.aborted = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def is_closing(self) -> bool:
-        return self.closed or self.aborted
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
+# -- what the listener reads from the framer ----------------------------------------------------------
+def test_buffered_counts_what_is_not_handed_out() -> None:
+    framer = Framer()
+    framer.receive_data(encode(MSG) + VT + b"MSH|part")
+    assert framer.buffered == len(encode(MSG)) + 9  # nothing taken yet
+    assert framer.next_event() == Frame(MSG)
+    assert framer.buffered == 9  # the partial frame (its start block included)
+    assert framer.next_event() is NEED_DATA
+    framer.receive_data(b"ial" + END)
+    assert framer.next_event() == Frame(b"MSH|partial")
+    assert framer.buffered == 0
 
 
-class HeldIntake:
-    """Answers each frame with an AA, but only once the test releases it."""
-
-    ACK = b"MSH|^~\\&|ENG|FAC|APP|FAC|20250101120000||ACK^A01^ACK|A1|P|2.5\rMSA|AA|CTRL1\r"
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.seen: list[bytes] = []
-
-    async def handle(self, payload: bytes, peer: str) -> list[bytes]:
-        self.seen.append(payload)
-        await self.release.wait()
-        return [self.ACK]
+def test_consumed_input_is_freed_when_a_frame_ends_the_read() -> None:
+    framer = Framer()
+    framer.receive_data(encode(b"A" * 1_000_000))
+    assert framer.next_event() == Frame(b"A" * 1_000_000)
+    assert framer.buffered == 0 and len(framer._buf) == 0  # not kept until the next read
 
 
-def listener(clock: Clock, intake: HeldIntake | None = None, **source: Any) -> Listener:
-    src = SourceConfig(**{"idle_timeout": 10.0, "frame_timeout": 4.0, **source})
-    return Listener("c", src, cast(Intake, intake or HeldIntake()), clock=clock)
+def test_oversize_frame_holds_at_most_the_cap() -> None:
+    framer = Framer(max_frame=1000)
+    framer.receive_data(VT + b"x" * 100_000)
+    assert framer.next_event() is NEED_DATA
+    assert framer.buffered <= 1001
+    framer.receive_data(b"y" * 100_000 + END)
+    assert framer.next_event() == Oversize(200_000)
+    assert framer.buffered == 0
 
 
-def connect(lst: Listener) -> tuple[MLLPProtocol, FakeTransport]:
-    proto, transport = MLLPProtocol(lst), FakeTransport()
-    proto.connection_made(cast(asyncio.Transport, transport))
-    return proto, transport
-
-
-def test_idle_timeout_counts_from_the_last_byte_received() -> None:
-    async def main() -> None:
-        clock = Clock()
-        lst = listener(clock)
-        proto, tr = connect(lst)
-        clock.now += 9.5
-        proto._on_timer()
-        assert not tr.is_closing()
-        proto.data_received(b"noise")  # junk is activity too
-        clock.now += 9.5  # 19 s after connecting, 9.5 s after the junk
-        proto._on_timer()
-        assert not tr.is_closing()
-        clock.now += 0.5  # idle_timeout after the junk
-        proto._on_timer()
-        assert tr.closed and not tr.aborted  # an orderly close
-        assert (lst.stats.idle_closed, lst.stats.frame_timeouts) == (1, 0)
-        proto.connection_lost(None)
-
-    asyncio.run(main())
-
-
-def test_frame_deadline_is_total_however_often_bytes_arrive() -> None:
-    async def main() -> None:
-        clock = Clock()
-        lst = listener(clock)
-        proto, tr = connect(lst)
-        proto.data_received(VT + b"MSH|")
-        for _ in range(7):  # slowloris: a byte every 0.5 s keeps the idle timer far away
-            clock.now += 0.5
-            proto.data_received(b"x")
-            proto._on_timer()
-            assert not tr.is_closing()
-        clock.now += 0.5  # frame_timeout after the start block, 0.5 s after the last byte
-        proto._on_timer()
-        assert tr.aborted and not tr.written  # cut off, no ACK
-        assert (lst.stats.frame_timeouts, lst.stats.idle_closed) == (1, 0)
-        proto.connection_lost(None)
-
-    asyncio.run(main())
-
-
-def test_a_frame_being_answered_is_not_idle_and_the_ack_is_activity() -> None:
-    async def main() -> None:
-        clock = Clock()
-        intake = HeldIntake()
-        lst = listener(clock, intake)
-        proto, tr = connect(lst)
-        proto.data_received(encode(MSG))
-        assert proto.worker is not None
-        await asyncio.sleep(0)  # the connection's worker hands the frame to intake
-        assert intake.seen == [MSG]
-        clock.now += 60  # far past idle_timeout, but intake has not answered yet
-        proto._on_timer()
-        assert not tr.is_closing()
-        intake.release.set()
-        await proto.worker
-        assert bytes(tr.written) == encode(HeldIntake.ACK)
-        clock.now += 9.5  # idle time counts from the ACK
-        proto._on_timer()
-        assert not tr.is_closing()
-        clock.now += 0.5
-        proto._on_timer()
-        assert tr.closed and lst.stats.idle_closed == 1
-        proto.connection_lost(None)
-
-    asyncio.run(main())
-
-
-def test_connection_cap_refuses_past_the_cap_and_frees_a_slot_on_close() -> None:
-    async def main() -> None:
-        lst = listener(Clock(), max_connections=2)
-        (p1, t1), (p2, t2), (p3, t3) = connect(lst), connect(lst), connect(lst)
-        assert (t1.aborted, t2.aborted, t3.aborted) == (False, False, True)
-        assert (lst.stats.connections, lst.stats.accepted_total, lst.stats.refused_total) == (2, 2, 1)
-        p3.connection_lost(None)  # a refused connection does not free a slot
-        assert lst.stats.connections == 2
-        p1.connection_lost(None)
-        p4, t4 = connect(lst)
-        assert not t4.aborted and lst.stats.connections == 2
-        for p in (p2, p4):
-            p.connection_lost(None)
-        assert lst.stats.connections == 0
-
-    asyncio.run(main())
+def test_postpone_moves_only_a_running_deadline() -> None:
+    framer = Framer(frame_timeout=30.0, clock=lambda: 100.0)
+    framer.postpone(5.0)
+    assert framer.deadline is None  # no frame in progress: nothing to move
+    framer.receive_data(VT + b"MSH|")
+    assert framer.next_event() is NEED_DATA
+    assert framer.deadline == 130.0
+    framer.postpone(7.5)
+    assert framer.deadline == 137.5
+    assert not framer.expired(137.0) and framer.expired(137.5)
