@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
+from engine import redact
 from engine.errors import ConfigError, Location, MessageContentError
 from engine.hl7 import Message
 
@@ -179,9 +180,13 @@ def _structure(msg: Message, version: str) -> str:
     for name in candidates:
         if name in known:
             return name
-    said = f"MSH-9.3 names {given}, which HL7 v{version} does not define," if given else "MSH-9.3 is empty"
+    # MSH-9.3 and the trigger are quoted only when they are known codes (engine/redact.py): a reason is
+    # stored, logged and sent back as ERR text
+    named = redact.code(given, _all_structures())
+    said = f"MSH-9.3 names {named}, which HL7 v{version} does not define," if given else "MSH-9.3 is empty"
+    event = f"{mtype or '?'}^{redact.trigger(trigger) if trigger else '?'}"
     raise MessageContentError(
-        f"message structure: {said} and HL7 v{version} defines no structure for {mtype or '?'}^{trigger or '?'}; "
+        f"message structure: {said} and HL7 v{version} defines no structure for {event}; "
         "send the structure HL7 table 0354 gives this event in MSH-9.3, or set validate: off for this channel",
         code="100",
         location=Location("MSH", 1, 9, None, 3),
@@ -189,6 +194,15 @@ def _structure(msg: Message, version: str) -> str:
 
 
 _VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.8.1", "2.8.2")
+
+
+@cache
+def _all_structures() -> frozenset[str]:
+    """Every message structure any HL7 version hl7apy knows defines (table 0354's codes)."""
+    out: set[str] = set()
+    for version in _VERSIONS:
+        out |= _messages(version) or frozenset()
+    return frozenset(out)
 
 
 @cache

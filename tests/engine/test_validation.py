@@ -107,9 +107,13 @@ def test_the_structure_comes_from_the_event_when_msh_9_3_is_missing_or_undefined
     a04 = adt().replace("ADT^A01^ADT_A01", "ADT^A04").replace("|2.5.1\r", "|2.3\r")
     check_structure(hl7.parse(a04))  # v2.3: A04 uses the ADT_A01 structure (table 0354)
     check_structure(hl7.parse(adt(structure="ADT_A04")))  # not a v2.5.1 structure: the event's is used
-    err = failure(adt(structure="XYZ_A99").replace("ADT^A01", "QQQ^Z99"))
-    assert "MSH-9.3 names XYZ_A99, which HL7 v2.5.1 does not define" in str(err)
+    err = failure(adt(structure="ACK_N02").replace("ADT^A01", "QQQ^Z99"))
+    assert "MSH-9.3 names ACK_N02, which HL7 v2.5.1 does not define" in str(err)  # a structure of v2.3
     assert str(err.location) == "MSH-9.3"
+    # a value that is no structure of any version is not quoted: it may be anything a sender put there
+    err = failure(adt(structure="XYZ_A99").replace("ADT^A01", "QQQ^QUORTH"))
+    assert "MSH-9.3 names invalid (7 characters)" in str(err) and "XYZ" not in str(err)
+    assert "QQQ^invalid (6 characters)" in str(err) and "QUORTH" not in str(err)
 
 
 def test_a_version_without_definitions() -> None:
