@@ -168,6 +168,7 @@ class LimitsConfig:
     connection_inflight_bytes: int = 32 * 1024 * 1024  # one connection: complete frames not yet answered
     connection_frames: int = 32  # one connection: complete frames not yet answered
     unsent_ack_bytes: int = 64 * 1024  # one connection: ACK bytes the peer has not read yet
+    batch_bytes: int = 16 * 1024 * 1024  # processing batches and delivery rounds: stored bytes; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -463,12 +464,12 @@ def _limits(sec: _Section) -> LimitsConfig:
         connection_inflight_bytes=sec.integer("connection_inflight_bytes", d.connection_inflight_bytes),
         connection_frames=sec.integer("connection_frames", d.connection_frames),
         unsent_ack_bytes=sec.integer("unsent_ack_bytes", d.unsent_ack_bytes),
+        batch_bytes=sec.integer("batch_bytes", d.batch_bytes),
     )
     sec.done()
-    if lim.inflight_bytes < 0:
-        raise ConfigError(
-            "inflight_bytes must be 0 (no limit) or more", file=sec.file, key="limits.inflight_bytes"
-        )
+    for k in ("inflight_bytes", "batch_bytes"):
+        if getattr(lim, k) < 0:
+            raise ConfigError(f"{k} must be 0 (no limit) or more", file=sec.file, key=f"limits.{k}")
     for k in ("connection_inflight_bytes", "connection_frames", "unsent_ack_bytes"):
         if getattr(lim, k) < 1:
             raise ConfigError(f"{k} must be at least 1", file=sec.file, key=f"limits.{k}")

@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -107,9 +108,13 @@ class Committer:
     its parts are retried on their own, so one bad operation cannot fail unrelated messages.
     """
 
-    def __init__(self, store: Store, *, max_batch: int = 1000):
+    def __init__(self, store: Store, *, max_batch: int = 1000, max_batch_bytes: int = 8 * 1024 * 1024):
         self.store = store
         self.max_batch = max_batch
+        # Message bodies per transaction: past it, large messages wait for the next transaction, so a
+        # small message is never written (and fsynced) behind a group of 15 MB ones.
+        self.max_batch_bytes = max_batch_bytes
+        self._large_turn = True  # may the next transaction take large items while small ones wait?
         self._q: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.backlog = 0
@@ -143,14 +148,15 @@ class Committer:
         finally:
             self.backlog -= 1
 
-    def submit_op(self, op: Op) -> concurrent.futures.Future[Any]:
+    def submit_op(self, op: Op, size: int = 0) -> concurrent.futures.Future[Any]:
         """Run ``op(conn)`` inside the next write transaction (thread-safe; for worker threads)."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._q.put((op, fut))
+        self._q.put((_SizedOp(op, size) if size > LARGE_WRITE else op, fut))
         return fut
 
-    async def run_op(self, op: Op) -> Any:
-        return await asyncio.wrap_future(self.submit_op(op))
+    async def run_op(self, op: Op, size: int = 0) -> Any:
+        """``size``: bytes the operation writes, when large (a processed batch's payloads)."""
+        return await asyncio.wrap_future(self.submit_op(op, size))
 
     def _run(self) -> None:
         try:
@@ -162,21 +168,26 @@ class Committer:
                 self._conn = None
 
     def _loop(self) -> None:
+        pending: list[tuple[Any, Any]] = []  # taken from the queue, not yet committed
+        stop = False
         while True:
-            first = self._q.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.max_batch:
+            if not pending:
+                if stop:
+                    return
+                first = self._q.get()
+                if first is None:
+                    return
+                pending.append(first)
+            while not stop:
                 try:
                     nxt = self._q.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+                    stop = True  # commit what is pending first
+                else:
+                    pending.append(nxt)
+            batch, pending = self._take(pending)
             jobs = [(j, f) for j, f in batch if isinstance(j, Job)]
             ops = [(o, f) for o, f in batch if not isinstance(o, Job)]
             try:
@@ -186,8 +197,42 @@ class Committer:
                 # for an ACK forever.  Fail this batch (AR 207, nothing kept) and carry on.
                 log.error("committer_failed", error=type(exc).__name__, batch=len(batch))
                 self._fail(jobs, ops, exc)
-            if stop:
-                return
+
+    def _take(self, pending: list[tuple[Any, Any]]) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
+        """This transaction's share of what is waiting, and the rest.
+
+        Everything, in order, up to ``max_batch`` items, except large items (messages or operations
+        writing over ``LARGE_WRITE``): when small ones are waiting, large ones go only in every
+        other transaction, and at most ``max_batch_bytes`` of them together.  So a small message waits
+        for at most one large write besides its own, and a stream of small ones cannot starve the
+        large.  An item held back holds back everything after it from the same connection (its order
+        is kept).
+        """
+        if len(pending) == 1:
+            self._large_turn = _size(pending[0][0]) <= LARGE_WRITE
+            return pending, []
+        any_small = any(_size(item[0]) <= LARGE_WRITE for item in pending)
+        allow_large = self._large_turn or not any_small
+        batch: list[tuple[Any, Any]] = []
+        rest: list[tuple[Any, Any]] = []
+        large = 0
+        held: set[str] = set()
+        for item in pending:
+            job = item[0]
+            n = _size(job)
+            peer = job.row.peer if isinstance(job, Job) else None
+            if len(batch) >= self.max_batch or (peer is not None and peer in held):
+                rest.append(item)
+            elif n > LARGE_WRITE and not (allow_large and (not large or large + n <= self.max_batch_bytes)):
+                rest.append(item)
+                if peer is not None:
+                    held.add(peer)
+            else:
+                if n > LARGE_WRITE:
+                    large += n
+                batch.append(item)
+        self._large_turn = not large  # after a large write, small ones get the next transaction alone
+        return batch, rest
 
     @staticmethod
     def _fail(
@@ -355,6 +400,24 @@ class Committer:
         j.result = result
 
 
+class _SizedOp:
+    """A committer operation that writes many bytes (the committer keeps those apart from small ones)."""
+
+    __slots__ = ("op", "size")
+
+    def __init__(self, op: Op, size: int):
+        self.op, self.size = op, size
+
+    def __call__(self, conn: Any) -> Any:
+        return self.op(conn)
+
+
+def _size(item: Any) -> int:
+    if isinstance(item, Job):
+        return len(item.row.raw)
+    return item.size if isinstance(item, _SizedOp) else 0
+
+
 def _resolve_all(batch: list[tuple[Job, asyncio.Future[Job]]]) -> None:
     """Hand a whole group commit back to its event loop(s) with one wake-up each."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, asyncio.Future[Job]]]] = {}
@@ -389,6 +452,20 @@ def render_ack(
 
 
 _UNFRAMABLE = {0x00: None, 0x0B: None, 0x1C: None}
+_BLANK = re.compile(rb"[ \t\r\n\x00]*")
+OFFLOAD_BYTES = 256 * 1024  # frames this large are checked in a thread: the event loop keeps serving others
+_LARGE_DECIDES: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+
+def _large_decides() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    sem = _LARGE_DECIDES.get(loop)
+    if sem is None:
+        sem = _LARGE_DECIDES[loop] = asyncio.Semaphore(1)
+    return sem
+
+
+LARGE_WRITE = 1024 * 1024  # a message or operation writing more is kept apart from small ones (Committer)
 
 
 def _codec(message: hl7.Message | None) -> str:
@@ -478,8 +555,7 @@ class Intake:
     def decide(self, payload: bytes, peer: str) -> tuple[list[Job], bytes | None]:
         """Build the jobs to commit for a frame, or an immediate answer when nothing is stored."""
         now = time.time()
-        stripped = payload.strip(b" \t\r\n\x00")
-        if not stripped:
+        if _BLANK.fullmatch(payload):  # (not payload.strip(): that copies a 15 MB frame to look at it)
             err = MessageRejected("empty message", code="100")
             return [], render_ack(None, ackmod.Outcome("AR", err))[0]
         text: str | None = None
@@ -556,7 +632,16 @@ class Intake:
     # -- I/O part ----------------------------------------------------------
     async def handle(self, payload: bytes, peer: str) -> list[bytes]:
         """The ACK payloads to send back for one frame, in order (possibly none)."""
-        jobs, immediate = self.decide(payload, peer)
+        if len(payload) < OFFLOAD_BYTES:
+            jobs, immediate = self.decide(payload, peer)
+        else:
+            async with _large_decides():  # one at a time: each holds several copies of its frame
+                jobs, immediate = await asyncio.to_thread(self.decide, payload, peer)
+            for j in jobs:
+                if j.process is None and j.message is not None:
+                    # Only the header is read from here on (ACKs); the parsed body would hold two more
+                    # copies of a large frame while it waits for the committer.
+                    j.message = hl7.Message("", j.message.delimiters, j.message.segments[:1])
         if not jobs:
             log.info("message_rejected_unstored", channel=self.channel.name, peer=peer, outcome="AR")
             if self._metrics is not None:

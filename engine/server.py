@@ -109,7 +109,13 @@ class Server:
             await dest.start()
             self.delivery.append(
                 DeliveryWorker(
-                    cfg.destinations[name], dest, store, committer, owner=self.owner, metrics=self.metrics
+                    cfg.destinations[name],
+                    dest,
+                    store,
+                    committer,
+                    owner=self.owner,
+                    metrics=self.metrics,
+                    batch_bytes=cfg.limits.batch_bytes,
                 )
             )
         by_dest = {w.config.name: w for w in self.delivery}
@@ -124,7 +130,14 @@ class Server:
                     d.wake.set()
 
             pw = ProcessingWorker(
-                rt, store, self.owner, wake, committer, pool=self.pool, metrics=self.metrics
+                rt,
+                store,
+                self.owner,
+                wake,
+                committer,
+                pool=self.pool,
+                metrics=self.metrics,
+                batch_bytes=cfg.limits.batch_bytes,
             )
             self.processing.append(pw)
             intake = Intake(ch, self.committer, rt, patient_key=self.patient_key, metrics=self.metrics)

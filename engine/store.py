@@ -354,6 +354,19 @@ class PendingRow(NamedTuple):
     attempts: int
     lease_owner: str
     lease_until: float
+    size: int = 0  # stored bytes of its payload and message (a delivery round stops at limits.batch_bytes)
+
+
+def within_bytes(sizes: Sequence[int], max_bytes: int) -> int:
+    """How many of the leading items fit in ``max_bytes`` together (at least one; 0 = no limit)."""
+    if max_bytes <= 0:
+        return len(sizes)
+    total = 0
+    for n, size in enumerate(sizes):
+        total += size
+        if total > max_bytes and n:
+            return n
+    return len(sizes)
 
 
 class LoadedDelivery(NamedTuple):
@@ -788,15 +801,26 @@ class Store:
 
         Only ids: the bodies are read by the worker process that converts them.
         """
+        return [i for i, _ in self.received_sizes(channel, limit, skip)]
+
+    def received_sizes(
+        self,
+        channel: str,
+        limit: int,
+        skip: frozenset[int] | set[int] = frozenset(),
+        max_bytes: int = 0,
+    ) -> list[tuple[int, int]]:
+        """:meth:`received_ids` with each body's stored size: at most ``limit`` messages, and no more
+        than fit in ``max_bytes`` together (at least one; 0 = no limit)."""
         with self.engine.connect() as conn:
             q = (
-                select(M.c.id)
+                select(M.c.id, func.coalesce(func.length(M.c.raw), 0))
                 .where(M.c.channel == channel, M.c.status == RECEIVED)
                 .order_by(M.c.id)
                 .limit(limit + len(skip))
             )
-            ids = [r[0] for r in conn.execute(q)]
-        return [i for i in ids if i not in skip][:limit]
+            rows = [(int(r[0]), int(r[1])) for r in conn.execute(q) if r[0] not in skip][:limit]
+        return rows[: within_bytes([n for _, n in rows], max_bytes)]
 
     def received_by_id(self, ids: list[int]) -> list[ClaimedRow]:
         """The claim columns of those of ``ids`` that are still received, in id order.
@@ -826,19 +850,23 @@ class Store:
             for r in rows
         ]
 
-    def claim_received(self, channel: str, limit: int, owner: str, lease_s: float = 300.0) -> list[Any]:
-        """Take up to ``limit`` received messages of a channel, oldest first, under a lease."""
+    def claim_received(
+        self, channel: str, limit: int, owner: str, lease_s: float = 300.0, max_bytes: int = 0
+    ) -> list[Any]:
+        """Take up to ``limit`` received messages of a channel, oldest first, under a lease (no more
+        than fit in ``max_bytes`` of stored body together, at least one)."""
         now = time.time()
         with self.write() as conn:
             q = (
-                select(M.c.id)
+                select(M.c.id, func.coalesce(func.length(M.c.raw), 0))
                 .where(M.c.channel == channel, M.c.status == RECEIVED)
                 .order_by(M.c.id)
                 .limit(limit)
             )
             if not self.is_sqlite:
                 q = q.with_for_update(skip_locked=True)
-            ids = [r[0] for r in conn.execute(q)]
+            found = [(r[0], int(r[1])) for r in conn.execute(q)]
+            ids = [i for i, _ in found[: within_bytes([n for _, n in found], max_bytes)]]
             if not ids:
                 return []
             conn.execute(
@@ -907,8 +935,10 @@ class Store:
         return [
             PendingRow(*r)
             for r in self._select(
-                "SELECT id, order_key, next_attempt_at, attempts, lease_owner, lease_until FROM deliveries "
-                f"WHERE destination = {p} AND status = {p} ORDER BY id LIMIT {int(limit)}",
+                "SELECT d.id, d.order_key, d.next_attempt_at, d.attempts, d.lease_owner, d.lease_until, "
+                "coalesce(length(d.payload), 0) "
+                "+ coalesce((SELECT length(m.raw) FROM messages m WHERE m.id = d.message_id), 0) "
+                f"FROM deliveries d WHERE d.destination = {p} AND d.status = {p} ORDER BY d.id LIMIT {int(limit)}",
                 [destination, PENDING],
             )
         ]

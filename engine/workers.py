@@ -68,8 +68,10 @@ class ProcessingWorker:
         batch: int = 200,
         pool: ProcessingPool | None = None,
         metrics: Metrics | None = None,
+        batch_bytes: int = 0,
     ):
         self.pool = pool
+        self.batch_bytes = batch_bytes  # a batch stops at this many stored body bytes (limits)
         self.metrics: ChannelMetrics | None = (
             metrics.channel(runtime.channel.name) if metrics is not None else None
         )
@@ -136,30 +138,34 @@ class ProcessingWorker:
         recording them first would let a later message of a key overtake an earlier one.
         """
         name = self.runtime.channel.name
-        inflight: collections.deque[tuple[list[int], asyncio.Future[Any]]] = collections.deque()
+        inflight: collections.deque[tuple[list[int], asyncio.Future[Any], int]] = collections.deque()
         busy: set[int] = set()
         while not self.stopping:
             try:
                 # one converting, one queued, per worker (none while an operator has paused the channel)
                 while not self.paused and len(inflight) < 2 * pool.workers:
-                    ids = await asyncio.to_thread(self.store.received_ids, name, self.batch, busy)
-                    if not ids:
+                    sized = await asyncio.to_thread(
+                        self.store.received_sizes, name, self.batch, busy, self.batch_bytes
+                    )
+                    if not sized:
                         break
+                    ids = [i for i, _ in sized]
                     busy.update(ids)
-                    inflight.append((ids, asyncio.wrap_future(pool.read_and_run(name, ids))))
+                    size = sum(n for _, n in sized)
+                    inflight.append((ids, asyncio.wrap_future(pool.read_and_run(name, ids)), size))
                     if len(ids) < self.batch:
                         break  # caught up: the next batch can wait for more to arrive
                 if not inflight:
                     await self._idle()
                     continue
-                ids, fut = inflight[0]
+                ids, fut, size = inflight[0]
                 prepared = await fut
                 inflight.popleft()
                 busy.difference_update(ids)
-                n = await self._record(prepared) if prepared else 0
+                n = await self._record(prepared, size) if prepared else 0
             except Exception as exc:
                 self._log_failure(exc)
-                for _, f in inflight:
+                for _, f, _ in inflight:
                     with contextlib.suppress(Exception):
                         await f
                 inflight.clear()
@@ -175,9 +181,10 @@ class ProcessingWorker:
         """Claim (PostgreSQL) or read (SQLite without workers) a batch, process it, record it."""
         ch = self.runtime.channel
         if self.store.is_sqlite:
-            rows = self.store.received_by_id(self.store.received_ids(ch.name, self.batch))
+            sized = self.store.received_sizes(ch.name, self.batch, max_bytes=self.batch_bytes)
+            rows = self.store.received_by_id([i for i, _ in sized])
         else:
-            rows = self.store.claim_received(ch.name, self.batch, self.owner)
+            rows = self.store.claim_received(ch.name, self.batch, self.owner, max_bytes=self.batch_bytes)
         # The pipeline runs outside any transaction (in worker processes when configured); the
         # results are then written in one short transaction by the committer.
         items = [(r.id, r.raw) for r in rows]
@@ -188,10 +195,16 @@ class ProcessingWorker:
         prepared = list(zip(rows, results, strict=True))
         if not prepared:
             return 0
-        return self._count(self.committer.submit_op(self._writer(prepared)).result())
+        size = sum(len(r.raw) for r in rows) + sum(
+            len(r.output.payload) for r in results if r.output is not None
+        )
+        return self._count(self.committer.submit_op(self._writer(prepared), size).result())
 
-    async def _record(self, prepared: list[tuple[Any, ProcessResult]]) -> int:
-        return self._count(await self.committer.run_op(self._writer(prepared)))
+    async def _record(self, prepared: list[tuple[Any, ProcessResult]], size: int) -> int:
+        """``size``: the stored bytes of the messages (SQLite rewrites a row whole when its status
+        changes) plus their payloads; the committer keeps large writes apart from small ones."""
+        size += sum(len(r.output.payload) for _, r in prepared if r.output is not None)
+        return self._count(await self.committer.run_op(self._writer(prepared), size))
 
     def _count(self, recorded: _Recorded) -> int:
         """Metrics for a batch the committer has written (only then are its statuses final)."""
@@ -269,8 +282,10 @@ class DeliveryWorker:
         batch: int = 500,
         owner: str = "",
         metrics: Metrics | None = None,
+        batch_bytes: int = 0,
     ):
         self.owner = owner
+        self.batch_bytes = batch_bytes  # a round stops at this many stored payload bytes (limits)
         self.metrics = metrics
         self._m: DestinationMetrics | None = metrics.destination(config.name) if metrics is not None else None
         self.committer = committer
@@ -322,6 +337,7 @@ class DeliveryWorker:
         lanes: dict[str, _Lane] = {}
         blocked: set[str] = set()
         next_due: float | None = None
+        taken = 0  # stored payload bytes this round will load
         for r in rows:
             key = r.order_key
             if key in blocked:
@@ -334,6 +350,9 @@ class DeliveryWorker:
                 if block:
                     blocked.add(key)
                 continue
+            if lanes and self.batch_bytes and taken + r.size > self.batch_bytes:
+                break  # the rest waits for the next round (which starts at once): memory stays bounded
+            taken += r.size
             lanes.setdefault(key, _Lane()).rows.append(r)
         if not lanes:
             return False, next_due

@@ -126,7 +126,8 @@ store_encryption: {{key_file: store.keys}}
 node_id: node-a
 channels: channels/*.yaml
 logging: {{format: json, level: info, flood: {{per_peer: 10, per_kind: 100, window: 10}}}}
-limits: {{inflight_bytes: 128MiB, connection_inflight_bytes: 32MiB, connection_frames: 32, unsent_ack_bytes: 64KiB}}
+limits: {{inflight_bytes: 128MiB, connection_inflight_bytes: 32MiB, connection_frames: 32, unsent_ack_bytes: 64KiB,
+          batch_bytes: 16MiB}}
 processing: {{workers: 0}}
 plugin_paths: []
 plugins: []

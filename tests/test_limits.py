@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import structlog
 
+from engine import ack as ackmod
 from engine.config import Config, LimitsConfig, LogFloodConfig, load
 from engine.errors import ConfigError
+from engine.intake import Committer, Job, _SizedOp
 from engine.limits import ConnectionSlots, InflightBudget, tune_malloc
 from engine.logflood import FloodControl, Summary, Throttle
+from engine.store import NewMessage, Store, within_bytes
 
 MB = 1024 * 1024
 
@@ -109,6 +112,13 @@ def test_victim_at_a_peers_own_cap_is_that_peers() -> None:
     assert ConnectionSlots[Conn]().victim(busy) is None
 
 
+def test_within_bytes_keeps_at_least_one_and_stops_before_the_limit() -> None:
+    assert within_bytes([], 10) == 0
+    assert within_bytes([50], 10) == 1  # a message larger than the limit still goes, alone
+    assert within_bytes([4, 4, 4], 10) == 2
+    assert within_bytes([4, 4, 4], 0) == 3  # 0: no limit
+
+
 def test_tune_malloc_is_harmless_to_call() -> None:
     assert tune_malloc() in (True, False)
 
@@ -181,6 +191,55 @@ def test_flood_control_drops_and_summarises_through_structlog(capsys: pytest.Cap
     assert control.suppressed_total == 998
 
 
+# -- the committer keeps large writes apart from small ones -----------------------------------------
+def committer_take(pending: list[tuple[Any, Any]], **kw: Any) -> tuple[list[Any], list[Any], Committer]:
+    c = Committer(cast(Store, None), **kw)
+    batch, rest = c._take(pending)
+    return [i[1] for i in batch], [i[1] for i in rest], c
+
+
+def job(peer: str, size: int, name: str) -> tuple[Any, str]:
+    row = NewMessage(channel="c", received_at=0.0, peer=peer, raw=b"x" * size)
+    return Job(cast(Any, None), row, None, ackmod.ACCEPTED), name
+
+
+def test_small_messages_never_wait_behind_large_writes() -> None:
+    big = 5 * MB
+    pending = [
+        job("A", big, "A1"),
+        job("B", 100, "B1"),
+        job("A", 100, "A2"),
+        job("C", big, "C1"),
+        job("D", 10, "D1"),
+    ]
+    batch, rest, c = committer_take(pending, max_batch_bytes=8 * MB)
+    # Large ones may go (their turn), up to 8 MB together: A1 goes, C1 waits; A2 stays behind nothing.
+    assert batch == ["A1", "B1", "A2", "D1"] and rest == ["C1"]
+    # After a large write, waiting small ones get the next transaction alone; then the large again.
+    c._large_turn = False
+    batch2, rest2 = c._take([pending[3], job("E", 10, "E1")])
+    assert [i[1] for i in batch2] == ["E1"] and [i[1] for i in rest2] == ["C1"]
+    batch3, rest3 = c._take([pending[3], job("F", 10, "F1")])
+    assert [i[1] for i in batch3] == ["C1", "F1"] and rest3 == []
+
+
+def test_a_held_back_message_holds_back_the_rest_of_its_connection() -> None:
+    big = 5 * MB
+    pending = [job("A", big, "A1"), job("B", big, "B1"), job("B", 10, "B2"), job("C", 10, "C1")]
+    batch, rest, _ = committer_take(pending, max_batch_bytes=8 * MB)
+    assert batch == ["A1", "C1"] and rest == ["B1", "B2"]  # B2 after B1: never before it
+
+
+def test_large_operations_count_like_large_messages() -> None:
+    op = _SizedOp(lambda conn: None, 20 * MB)
+    pending = [(op, "OP"), job("A", 10, "A1")]
+    batch, rest, c = committer_take(pending)
+    assert batch == ["OP", "A1"] and rest == []  # its turn: goes with the small ones
+    c._large_turn = False
+    batch2, rest2 = c._take(pending)
+    assert [i[1] for i in batch2] == ["A1"] and [i[1] for i in rest2] == ["OP"]
+
+
 # -- configuration ------------------------------------------------------------------------------------
 def _load(tmp_path: Path, routes_extra: str = "", source_extra: str = "") -> Config:
     (tmp_path / "channels").mkdir(exist_ok=True)
@@ -199,10 +258,15 @@ def test_limits_defaults_and_sizes(tmp_path: Path) -> None:
     assert (src.max_connections_per_peer, src.handshake_timeout, src.max_frame) == (0, 10.0, 16 * MB)
     cfg = _load(
         tmp_path,
-        "limits: {inflight_bytes: 64MiB, connection_frames: 8}\nlogging: {flood: {per_peer: 0, window: 2}}\n",
+        "limits: {inflight_bytes: 64MiB, batch_bytes: 0, connection_frames: 8}\n"
+        "logging: {flood: {per_peer: 0, window: 2}}\n",
         ", max_frame_bytes: 1MiB, max_connections_per_peer: 5, handshake_timeout: 3",
     )
-    assert (cfg.limits.inflight_bytes, cfg.limits.connection_frames) == (64 * MB, 8)
+    assert (cfg.limits.inflight_bytes, cfg.limits.batch_bytes, cfg.limits.connection_frames) == (
+        64 * MB,
+        0,
+        8,
+    )
     assert (cfg.logging.flood.per_peer, cfg.logging.flood.window) == (0, 2.0)
     src = cfg.channels[0].source
     assert (src.max_frame, src.max_connections_per_peer, src.handshake_timeout) == (MB, 5, 3.0)
