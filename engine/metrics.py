@@ -304,10 +304,12 @@ class _ScrapeCollector(Collector):
                 f.connections.add_metric([lst.channel_name], st.connections)
                 f.accepted.add_metric([lst.channel_name], st.accepted_total)
                 f.refused.add_metric([lst.channel_name], st.refused_total)
+                f.evicted.add_metric([lst.channel_name], st.evicted_total)
                 f.framing_errors.add_metric([lst.channel_name], st.framing_errors)
             yield f.connections
             yield f.accepted
             yield f.refused
+            yield f.evicted
             yield f.framing_errors
         if self.committer is not None:
             f.backlog.add_metric([], self.committer.backlog)
@@ -334,7 +336,12 @@ class _Families:
         )
         self.refused = CounterMetricFamily(
             "sluice_connections_refused",
-            "MLLP connections refused at the connection cap (source.max_connections).",
+            "MLLP connections refused at the connection cap (only with source.max_connections: 0).",
+            labels=["channel"],
+        )
+        self.evicted = CounterMetricFamily(
+            "sluice_connections_evicted",
+            "MLLP connections closed so a newcomer could be served (max_connections, max_connections_per_peer).",
             labels=["channel"],
         )
         self.framing_errors = CounterMetricFamily(
@@ -355,6 +362,7 @@ class _Families:
                 self.connections,
                 self.accepted,
                 self.refused,
+                self.evicted,
                 self.framing_errors,
                 self.backlog,
                 self.store_up,

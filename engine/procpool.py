@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, NamedTuple
 
-from engine import collector, keyring, logs
+from engine import collector, keyring, logflood, logs
 from engine.config import Config
 from engine.intake import ProcessResult
 from engine.store import stored_payload
@@ -57,6 +57,7 @@ def _init(config: Config, parent: int, log_settings: tuple[str, str] = ("console
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     logs.configure(*log_settings)  # the engine's format and level (JSON when it logs JSON)
+    logflood.apply(config.logging.flood)  # and its log flood control
     # The engine's pid comes from the engine itself: if it died while this worker was starting, the
     # parent here is already someone else and the watch must see that too.
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()

@@ -502,7 +502,7 @@ def test_every_metric_is_documented() -> None:
     section = doc[doc.index("\n## Metrics") :]
 
     class Stats:
-        connections = accepted_total = refused_total = framing_errors = 0
+        connections = accepted_total = refused_total = evicted_total = framing_errors = 0
 
     class FakeListener:
         channel_name = "c"
