@@ -188,7 +188,7 @@ def test_search_pages_take_the_api_parameters(console_engine: Admin) -> None:
     bad = c.get("/messages?since=yesterday-ish")
     assert bad.status_code == 422 and "since: cannot read" in bad.text
     bad = c.get("/messages?until=174653661d")
-    assert bad.status_code == 422 and "until: 174653661d is out of range" in bad.text
+    assert bad.status_code == 422 and "until: cannot read" in bad.text
 
 
 def test_config_page_is_for_admins_and_masks_secrets(console_engine: Admin) -> None:
