@@ -37,6 +37,8 @@ from engine import store as st  # noqa: E402
 from tests.support.engine import EngineProcess, basic_channel, child_pids, free_port, write_config  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+# Every engine started here serves its admin API on a free port: the default 8080 may be another engine's.
+os.environ.setdefault("SLUICE_ADMIN_PORT", "0")
 LOAD = [sys.executable, str(ROOT / "bench" / "mllp_load.py")]
 
 
@@ -50,17 +52,25 @@ def run_load(port: int, *args: str) -> dict[str, Any]:
     return data
 
 
-def start_engine(workdir: Path, channel: dict[str, Any], destinations: dict[str, Any]) -> EngineProcess:
+def start_engine(
+    workdir: Path, channel: dict[str, Any], destinations: dict[str, Any], *, encrypted: bool = False
+) -> EngineProcess:
+    """``encrypted``: a fresh key ring and ``store_encryption`` (bodies, ACKs, payloads sealed; issue #12)."""
     port = free_port()
     channel = {**channel, "source": {**channel.get("source", {}), "host": "127.0.0.1", "port": port}}
     cfg = write_config(workdir, channels={"bench": channel}, destinations=destinations)
+    if encrypted:
+        from engine import keyring
+
+        keyring.write_ring(workdir / "store.keys", [keyring.new_key()], replace=False)
+        cfg.write_text(cfg.read_text() + f"store_encryption: {{key_file: {workdir / 'store.keys'}}}\n")
     return EngineProcess(cfg, port).start()
 
 
-def intake(seconds: float) -> dict[str, Any]:
+def intake(seconds: float, *, encrypted: bool = False) -> dict[str, Any]:
     work = _scratch()
     dest = {"out": {"kind": "file", "directory": str(work / "out"), "fsync": True}}
-    eng = start_engine(work, basic_channel(0), dest)
+    eng = start_engine(work, basic_channel(0), dest, encrypted=encrypted)
     try:
         data = run_load(eng.port, "--suite", "--compare-echo", "--seconds", str(seconds), "--warmup", "1")
     finally:
@@ -107,6 +117,7 @@ def e2e(
     server_pid: int | None = None,
     patients: int = 1,
     message: str = "adt-a01",
+    encrypted: bool = False,
 ) -> dict[str, Any]:
     """Send ``count`` messages over ``connections``; time intake and the last delivery."""
     work = _scratch()
@@ -128,7 +139,7 @@ def e2e(
         "order_by": "PID-3.1",
     }
     dest["lanes"] = 16
-    eng = start_engine(work, channel, {"out": dest})
+    eng = start_engine(work, channel, {"out": dest}, encrypted=encrypted)
     assert eng.proc is not None
     cpu0 = {"server": _cpu_seconds(server_pid) if server_pid else 0.0, "engine": _cpu_seconds(eng.proc.pid)}
     sys0 = _cpu_split(eng.proc.pid)[1]
@@ -182,6 +193,7 @@ def e2e(
     res = load["results"][0]
     return {
         "destination": kind,
+        "store_encryption": encrypted,
         "message": message,
         "patients": patients,
         "messages": count,
@@ -207,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--patients", type=int, default=1, help="distinct patients in the end-to-end runs")
     ap.add_argument("--json", type=Path, default=RESULTS / "engine.json")
+    ap.add_argument(
+        "--encryption",
+        choices=["off", "on"],
+        default="off",
+        help="store_encryption (bench/encryption_bench.py compares)",
+    )
     args = ap.parse_args(argv)
+    enc = args.encryption == "on"
     which = args.only or ["intake", "e2e-file", "e2e-fhir", "e2e-rabbitmq"]
     report: dict[str, Any] = {
         "machine": {
@@ -217,12 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         },
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "store": "sqlite (WAL, synchronous=FULL, commit before ACK)",
+        "store_encryption": enc,
     }
     if "intake" in which:
-        report["intake"] = intake(args.seconds)
+        report["intake"] = intake(args.seconds, encrypted=enc)
     e2e_results = []
     if "e2e-file" in which:
-        e2e_results.append(e2e("file", args.count, args.connections, patients=args.patients))
+        e2e_results.append(e2e("file", args.count, args.connections, patients=args.patients, encrypted=enc))
     if "e2e-fhir" in which:
         from tests.support.fhirserver import FhirServer
 
@@ -238,10 +258,13 @@ def main(argv: list[str] | None = None) -> int:
                     server_pid=srv.proc.pid if srv.proc else None,
                     patients=max(args.patients, 200),
                     message="registration",
+                    encrypted=enc,
                 )
             )
     if "e2e-rabbitmq" in which:
-        e2e_results.append(e2e("rabbitmq", args.count, args.connections, patients=args.patients))
+        e2e_results.append(
+            e2e("rabbitmq", args.count, args.connections, patients=args.patients, encrypted=enc)
+        )
     if e2e_results:
         report["end_to_end"] = e2e_results
     if _SCRATCH:
