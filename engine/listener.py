@@ -103,7 +103,8 @@ class MLLPProtocol(asyncio.Protocol):
         self.pending_bytes = 0  # payload bytes of complete frames not yet answered (queued or in intake)
         self.held = 0  # what this connection last reported to the budget
         self.reading = True  # as this protocol last set the transport
-        self.paused_at = 0.0  # when reading was paused (the frame deadline is given that time back)
+        self.budget_paused = False  # not reading because of the engine-wide budget (not its own limits)
+        self.paused_at = 0.0  # when reading was paused (own limits: the frame deadline gets that time back)
         self.write_blocked = False  # the transport holds more than unsent_ack_bytes of ACKs
         self.blocked_since = 0.0
         self.writable: asyncio.Event | None = None
@@ -228,7 +229,7 @@ class MLLPProtocol(asyncio.Protocol):
         now = self.clock()
         due = self.last_activity + self.source.idle_timeout
         deadline = self.framer.deadline
-        if deadline is not None and self.reading:
+        if deadline is not None and (self.reading or self.budget_paused):
             due = min(due, deadline)
         if self.write_blocked:
             due = min(due, self.blocked_since + self.source.idle_timeout)
@@ -242,7 +243,7 @@ class MLLPProtocol(asyncio.Protocol):
             return
         now = self.clock()
         name = self.listener.channel_name
-        if self.reading and self.framer.expired(now):
+        if (self.reading or self.budget_paused) and self.framer.expired(now):
             self.listener.stats.frame_timeouts += 1
             log.warning("frame_deadline_exceeded", channel=name, peer=self.peer)
             self._abort()
@@ -367,7 +368,7 @@ class MLLPProtocol(asyncio.Protocol):
         tr = self.transport
         if tr is None or self.handshaking:
             return
-        want = not (
+        own = (
             self.closing
             or self.eof
             or self.framer_done
@@ -376,22 +377,29 @@ class MLLPProtocol(asyncio.Protocol):
             or len(self.queue) >= self.limits.connection_frames
             or self.pending_bytes >= self.limits.connection_inflight_bytes
         )
-        if want and not self.budget.may_read(self.held):
-            want = False
+        budget = not own and not self.budget.may_read(self.held)
+        if budget:
             self.budget.wait(self)
-        if want == self.reading:
+        want = not (own or budget)
+        if want == self.reading and budget == self.budget_paused:
             return
-        self.reading = want
-        if want:
-            self.budget.forget(self)
-            self.framer.postpone(self.clock() - self.paused_at)
-            tr.resume_reading()
-            if self.framer.deadline is not None:
-                self._arm_timer()
-        else:
-            self.paused_at = self.clock()
-            if not tr.is_closing():
+        now = self.clock()
+        if not self.reading and not self.budget_paused:
+            # Paused for this connection's own back-pressure until now: time its sender could not use.
+            # Time paused for the engine-wide budget is not given back, so partial frames cannot hold the
+            # budget (and every reader waiting on it) forever.
+            self.framer.postpone(now - self.paused_at)
+        self.paused_at = now
+        self.budget_paused = budget
+        if want != self.reading:
+            self.reading = want
+            if want:
+                self.budget.forget(self)
+                tr.resume_reading()
+            elif not tr.is_closing():
                 tr.pause_reading()
+        if self.framer.deadline is not None:
+            self._arm_timer()
 
     def budget_available(self) -> None:
         if not self.closing:

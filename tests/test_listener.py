@@ -446,7 +446,7 @@ def test_global_budget_pauses_holders_and_lets_empty_connections_read() -> None:
         partial, tpartial = connect(lst)
         partial.data_received(VT + b"abc")  # holds bytes while over budget: paused
         assert not tpartial.reading and budget.waiting == 2
-        clock.now += 60  # paused longer than frame_timeout: not the sender's fault
+        clock.now += 2  # within frame_timeout (the budget's pauses count towards it: see below)
         partial._on_timer()
         assert not tpartial.aborted
         big.connection_lost(None)  # the big one goes: its bytes are given back, the others resume
@@ -473,5 +473,57 @@ def test_frames_read_before_the_peer_left_are_still_answered_and_the_budget_retu
         await settle(proto)
         assert intake.seen == [b"A", b"B", b"C", b"D"]  # stored (a resend is deduplicated), not answered
         assert not tr.written and lst.budget.total == 0 and proto.held == 0
+
+    run(main)
+
+
+def test_partial_frames_cannot_hold_the_budget_forever() -> None:
+    """Connections whose partial frames fill the budget all wait for it, and none has a complete frame
+    to answer: the frame deadline keeps running while a connection waits for the budget (unlike while it
+    waits on its own back-pressure), so they are cut off and the budget frees."""
+
+    async def main() -> None:
+        clock = Clock()
+        budget: InflightBudget[MLLPProtocol] = InflightBudget(1000)
+        lst = listener(clock, AckingIntake(), budget=budget)
+        (p1, t1), (p2, t2) = connect(lst), connect(lst)
+        p1.data_received(VT + b"a" * 600)
+        p2.data_received(VT + b"b" * 600)
+        p1.data_received(b"a")  # (a connection stops at its next read once the budget is over)
+        assert budget.over and not t1.reading and not t2.reading
+        clock.now += 4.0  # frame_timeout after the start blocks
+        p1._on_timer()
+        p2._on_timer()
+        assert t1.aborted and t2.aborted and lst.stats.frame_timeouts == 2
+        p1.connection_lost(None)
+        p2.connection_lost(None)
+        assert budget.total == 0
+        p3, t3 = connect(lst)  # a well-behaved sender gets through
+        p3.data_received(encode(b"OK"))
+        await settle(p3)
+        assert t3.acks() == [b"OK"]
+
+    run(main)
+
+
+def test_own_back_pressure_time_is_given_back_to_the_frame_deadline() -> None:
+    async def main() -> None:
+        clock = Clock()
+        intake = GatedIntake()
+        lst = listener(clock, intake, limits=LimitsConfig(connection_frames=1))
+        proto, tr = connect(lst)
+        proto.data_received(encode(b"M1") + VT + b"M2 in prog")  # M1 in intake, M2 half read: paused
+        await settle(proto)
+        assert not tr.reading and proto.framer.deadline is None  # M2 not taken from the framer yet
+        clock.now += 60  # the store is slow: a minute paused on this connection's own limit
+        proto._on_timer()
+        assert not tr.aborted
+        intake.release()
+        await settle(proto)  # M1 answered; M2's start is read now, its deadline starts now
+        assert tr.reading and proto.framer.deadline == clock.now + 4.0
+        proto.data_received(b"ress" + b"\x1c\x0d")
+        intake.release()
+        await settle(proto)
+        assert tr.acks() == [b"M1", b"M2 in progress"]
 
     run(main)
