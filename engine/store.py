@@ -608,8 +608,6 @@ class Store:
             for table in Base.metadata.sorted_tables:  # indexes added to a table since it was created
                 for index in table.indexes:
                     index.create(self.engine, checkfirst=True)
-            for dindex in D.indexes:  # delivery indexes added since an existing table was created
-                dindex.create(self.engine, checkfirst=True)
         except Exception as exc:
             raise StoreError(
                 f"cannot create tables in {self.safe_url}: {exc}. Check that the database exists and is writable"
