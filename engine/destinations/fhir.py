@@ -289,6 +289,23 @@ def mark_multiple_match(
     return err
 
 
+# What servers say when a transaction holds more entries than they take (Medplum: "too many entries").
+_TOO_LARGE = re.compile(
+    r"too many entries|too many (?:operations|updates)|bundle (?:is )?too (?:large|big)", re.I
+)
+
+
+def too_large_hint(err: DeliveryError, entries: int) -> DeliveryError:
+    """A transaction refused for its size: say which setting delivers it (the server's text stays first)."""
+    if _TOO_LARGE.search(err.message):
+        err.args = (
+            f"{err.message} — the server refuses transactions of {entries} entries: set max_transaction_entries "
+            "on this destination (Medplum: 8) to split it, or use mode per-resource or batch, then replay",
+        )
+        err.message = err.args[0]
+    return err
+
+
 def _status_code(status: Any) -> int:
     try:
         return int(str(status).strip().split()[0])
@@ -440,7 +457,9 @@ class FhirDestination(Destination):
         resp = await self._send("POST", "", body=bundle)
         what = f"{self.name} {self.mode}"
         if not 200 <= resp.status_code < 300:
-            raise mark_multiple_match(response_error(resp, what=what), entries=entries)
+            raise too_large_hint(
+                mark_multiple_match(response_error(resp, what=what), entries=entries), len(entries)
+            )
         try:
             reply = orjson.loads(resp.content)
         except orjson.JSONDecodeError as exc:

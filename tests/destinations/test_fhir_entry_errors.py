@@ -145,3 +145,16 @@ def test_invented_transaction_response_with_a_failed_entry_unit(ctx: Destination
     assert "ehr transaction entry 1 (Encounter): HTTP 422" in msg, msg
     assert "Synthetic check: unknown location 4N" in msg, msg
     assert len(sent) == 1 and orjson.loads(sent[0].content)["type"] == "transaction"
+
+
+def test_a_transaction_refused_for_its_size_names_the_setting_that_delivers_it() -> None:
+    from engine.destinations.fhir import too_large_hint
+    from engine.errors import PermanentDeliveryError
+
+    medplum = "fhir transaction: HTTP 400 (rejected): Transaction requires strict isolation but has too many entries"
+    err = too_large_hint(PermanentDeliveryError(medplum), 18)
+    assert str(err).startswith(medplum)
+    assert "18 entries" in str(err) and "max_transaction_entries" in str(err)
+    assert not err.retryable
+    other = PermanentDeliveryError("fhir transaction: HTTP 400 (rejected): Patient.gender: invalid code")
+    assert str(too_large_hint(other, 18)) == str(other)
