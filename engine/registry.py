@@ -33,6 +33,7 @@ BUILTIN_MODULES = (
     "engine.destinations.rabbitmq",
     "engine.destinations.http",
     "transforms.fhir_step",
+    "transforms.fhir_to_v2.step",
 )
 
 

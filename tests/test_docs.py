@@ -275,6 +275,23 @@ def test_every_hl7_to_fhir_option_is_in_configuration_md() -> None:
     assert not problems, _report(problems)
 
 
+def test_every_fhir_to_hl7_option_is_in_configuration_md() -> None:
+    from transforms.fhir_to_v2.settings import WritebackSettings
+
+    section = _section(CONFIG_DOC.read_text(), "`fhir-to-hl7` step options")
+    documented = set(_table_keys(section))
+    options = {f.name for f in dataclasses.fields(WritebackSettings)}
+    problems = [
+        f"fhir-to-hl7 option `{o}` (transforms/fhir_to_v2/settings.py) is not documented: add a row to "
+        "docs/configuration.md, section '`fhir-to-hl7` step options'"
+        for o in sorted(options - documented)
+    ] + [
+        f"docs/configuration.md documents fhir-to-hl7 option `{o}`, which WritebackSettings does not have"
+        for o in sorted(documented - options)
+    ]
+    assert not problems, _report(problems)
+
+
 def _env_vars_read() -> set[str]:
     """``SLUICE_*`` names the code reads: whole string literals, ``ENV_PREFIX + "NAME"`` and click envvars."""
     names: set[str] = set()

@@ -1,0 +1,131 @@
+"""Settings of the ``fhir-to-hl7`` step (frozen), built and validated from a channel's options.
+
+Every option of the channel's step maps 1:1 onto a :class:`WritebackSettings` field; an unknown key or
+a bad value is a :class:`engine.errors.ConfigError` naming the file, the key and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from engine.errors import ConfigError
+from engine.hl7 import CHARSETS
+
+VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8")
+
+
+@dataclass(frozen=True)
+class WritebackSettings:
+    """How one channel writes FHIR resources as HL7 v2 (MSH header values, identifiers, time zone)."""
+
+    sending_application: str = "SLUICE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    # Identifier system of the Appointment (ServiceRequest) whose value becomes SCH-1 (ORC-2); else the id
+    placer_system: str | None = None
+    # Identifier system of the Patient (or the participant's logical reference) whose value becomes PID-3
+    patient_system: str | None = None
+    # identifier system URI -> HL7 assigning authority (namespace) written in CX-4 / EI-2
+    authorities: Mapping[str, str] = field(default_factory=dict)
+    version: str = "2.5.1"
+    charset: str = ""  # MSH-18 (table 0211); empty = ASCII
+    processing_id: str = "P"
+    site_tz: str = "America/Los_Angeles"
+    # Times carry the site zone's offset (20261210090000-0800); false = local site time without offset
+    time_offsets: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "_zone", ZoneInfo(self.site_tz))
+        except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"unknown time zone {self.site_tz!r}",
+                key="site_tz",
+                hint="use an IANA zone name such as America/Los_Angeles or Europe/Berlin",
+            ) from exc
+
+    @property
+    def zone(self) -> ZoneInfo:
+        z: ZoneInfo = self._zone  # type: ignore[attr-defined]
+        return z
+
+    @property
+    def codec(self) -> str:
+        """The Python codec of ``charset``."""
+        return CHARSETS[self.charset.upper()]
+
+    @property
+    def has_tq1(self) -> bool:
+        """TQ1 exists from v2.5 on (before it, SCH-11 alone carries the times)."""
+        return _version_tuple(self.version) >= (2, 5)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None, config_file: str, key: str) -> WritebackSettings:
+        opts = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for name, value in opts.items():
+            where = f"{key}.{name}"
+            if name not in known:
+                raise ConfigError(
+                    f"unknown fhir-to-hl7 option {name!r}",
+                    file=config_file,
+                    key=where,
+                    hint="valid options: " + ", ".join(sorted(known)),
+                )
+            kwargs[name] = _check(name, value, config_file, where)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, file=config_file, key=f"{key}.{exc.key}", hint=exc.hint) from None
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("."))
+
+
+def _check(name: str, value: Any, config_file: str, where: str) -> Any:
+    def bad(msg: str, hint: str) -> ConfigError:
+        return ConfigError(msg, file=config_file, key=where, hint=hint)
+
+    if name == "time_offsets":
+        if not isinstance(value, bool):
+            raise bad(f"{value!r} is not true/false", "write true or false")
+        return value
+    if name == "version":
+        value = str(value)
+        if value not in VERSIONS:
+            raise bad(f"HL7 version {value!r} is not supported", "use one of: " + ", ".join(VERSIONS))
+        return value
+    if name == "charset":
+        if not isinstance(value, str) or value.upper() not in CHARSETS:
+            names = ", ".join(sorted(n for n in CHARSETS if n))
+            raise bad(f"{value!r} is not a character set Sluice can write", f"use one of: {names}")
+        return value.upper()
+    if name in ("placer_system", "patient_system"):
+        if value is not None and (not isinstance(value, str) or ":" not in value):
+            raise bad(f"{value!r} is not an identifier system URI", 'write e.g. "urn:portal:appointment"')
+        return value
+    if name == "authorities":
+        if not isinstance(value, Mapping):
+            raise bad("authorities must be a mapping", "write system-uri: AUTHORITY pairs")
+        out: dict[str, str] = {}
+        for uri, auth in value.items():
+            if not isinstance(auth, str) or not auth or "|" in auth or "^" in auth:
+                raise bad(f"authority for {uri!r} is not a plain name: {auth!r}", "write e.g. HOSP")
+            out[str(uri)] = auth
+        return out
+    if (
+        not isinstance(value, str)
+        or "|" in value
+        or "^" in value
+        or "~" in value
+        or "\\" in value
+        or "&" in value
+    ):
+        raise bad(f"{value!r} is not a plain HL7 header value", "write text without | ^ ~ \\ &")
+    return value
