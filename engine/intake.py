@@ -54,6 +54,7 @@ class ProcessResult:
     ranks: dict[str, int] = field(default_factory=dict)
     output: Output | None = None  # the pipeline's output, between ``run`` and ``record``
     missing: str = ""  # resource type of a required earlier record never received (e.g. Patient)
+    writeback_skipped: str = ""  # a write-back channel sent nothing: why (engine/writeback.py)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,10 @@ class ChannelMetrics:
             child = self._processed[status] = self._family.processed.labels(self.name, status)
         child.inc(n)
 
+    def writeback_skipped(self, reason: str, n: int = 1) -> None:
+        """``n`` write-back resource versions sent nothing, for ``reason`` (engine/writeback.py)."""
+        self._family.writeback_skipped.labels(self.name, reason).inc(n)
+
     def rejection(self, klass: str) -> None:
         """A delivery of one of this channel's messages failed for a reason of class ``klass``."""
         self._rejections[klass if klass in self._rejections else "server"].inc()
@@ -206,6 +210,13 @@ class Metrics:
             "Failed delivery attempts by cause: validation, auth, throttling, server, network, conflict; "
             "channel is the message's channel.",
             ["channel", "class"],
+            registry=r,
+        )
+        self.writeback_skipped = Counter(
+            "sluice_writeback_skipped",
+            "Write-back (fhir-to-hl7) resource versions that sent nothing, by reason: unchanged (nothing the "
+            "HL7 carries changed), cancel_never_sent (cancelled before anything was sent), already_closed.",
+            ["channel", "reason"],
             registry=r,
         )
         self.dead_letters = Counter(

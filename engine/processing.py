@@ -13,13 +13,14 @@ from typing import Any
 
 import structlog
 
-from engine import redact
+from engine import redact, writeback
 from engine.config import ChannelConfig, Config
 from engine.destinations.base import CONTENT_HL7
 from engine.errors import Location, MessageContentError, SluiceError
 from engine.hl7 import Message, parse_bytes
 from engine.intake import Output, ProcessResult
 from engine.pipeline import Pipeline, Predicate, StageContext, Work
+from engine.sources import resources
 from engine.stages import build_filter, build_pipeline
 from engine.store import ERROR, FILTERED, PROCESSED, REVIEW, NewDelivery, RankView, Store
 
@@ -53,6 +54,7 @@ class ChannelRuntime:
     def __init__(self, config: Config, channel: ChannelConfig, store: Store | None):
         self.channel = channel
         self.store = store
+        self._wb_secret: bytes | None = None
         ctx = StageContext(
             channel=channel.name, base_dir=config.base_dir, config_file=channel.file, site_tz=channel.site_tz
         )
@@ -66,6 +68,15 @@ class ChannelRuntime:
             for i, r in enumerate(channel.routes)
         )
 
+    def _secret(self, conn: Any) -> bytes:
+        """The installation's write-back HMAC key (read once, in the caller's transaction)."""
+        if self._wb_secret is not None:
+            return self._wb_secret
+        secret, committed = writeback.installation_secret(conn)
+        if committed:
+            self._wb_secret = secret
+        return secret
+
     def process(
         self, conn: Any, message_id: int, msg: Message, raw: bytes, only: list[str] | None = None
     ) -> ProcessResult:
@@ -74,15 +85,19 @@ class ChannelRuntime:
 
     def run_raw(self, message_id: int, raw: bytes) -> ProcessResult:
         """Parse and :meth:`run` (what a processing worker, or a worker process, does per message)."""
+        if resources.is_fhir(raw):  # a FHIR resource (engine/sources/resources.py): a header, no parse
+            return self.run(message_id, resources.header(raw), raw, resources.CONTENT_FHIR)
         try:
             msg = parse_bytes(raw, self.channel.source.fallback_charset)
         except SluiceError as exc:
             return ProcessResult(ERROR, str(exc), exc)
         return self.run(message_id, msg, raw)
 
-    def run(self, message_id: int, msg: Message, raw: bytes) -> ProcessResult:
+    def run(
+        self, message_id: int, msg: Message, raw: bytes, content_type: str = CONTENT_HL7
+    ) -> ProcessResult:
         """The pure part: filter, transform steps and route filters; no store access."""
-        work = Work(message=msg, raw=raw, payload=raw, content_type=CONTENT_HL7)
+        work = Work(message=msg, raw=raw, payload=raw, content_type=content_type)
         try:
             out = self.pipeline.run(work)
         except SluiceError as exc:
@@ -114,8 +129,11 @@ class ChannelRuntime:
         if out is None:
             return ProcessResult(FILTERED, "filtered by the channel filter")
         routes = [r.destination for r in self.routes if r.filter is None or r.filter(msg)]
+        facts = dict(out.facts)
+        if "writeback" in facts:  # record() decides which candidate is sent (engine/writeback.py)
+            facts["writeback"] = {**facts["writeback"], "message_id": message_id}
         output = Output(
-            out.payload, out.content_type, {k: str(v) for k, v in out.meta.items()}, dict(out.facts), routes
+            out.payload, out.content_type, {k: str(v) for k, v in out.meta.items()}, facts, routes
         )
         return ProcessResult(PROCESSED, "", None, output=output)
 
@@ -165,8 +183,16 @@ class ChannelRuntime:
                 )
                 # ``missing``: counted as a patient match failure (engine.metrics) once recorded.
                 return ProcessResult(ERROR, str(err), err, missing=rtype)
+        payload, packed, meta = out.payload, out.packed, out.meta
+        if (wb := facts.get("writeback")) is not None:
+            decision = writeback.apply(conn, self.channel.name, int(wb["message_id"]), wb, self._secret(conn))
+            if decision.message is None:
+                return ProcessResult(
+                    FILTERED, decision.reason, ranks=ranks, writeback_skipped=decision.skipped
+                )
+            payload, packed, meta = decision.payload, False, {**meta, "hl7_message": decision.message}
         deliveries = [
-            NewDelivery(dest, out.payload, out.content_type, out.meta, packed=out.packed)
+            NewDelivery(dest, payload, out.content_type, meta, packed=packed)
             for dest in out.routes
             if only is None or dest in only
         ]

@@ -195,6 +195,37 @@ class ResourceStateRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class WritebackStateRow(Base):
+    """What a write-back channel (``fhir-to-hl7``) last sent per resource key (engine/writeback.py).
+
+    The key and the digests are keyed hashes (HMAC with the installation key): no identifier or
+    content is stored in the clear (docs/security.md)."""
+
+    __tablename__ = "writeback_state"
+
+    channel: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(20))  # active | cancelled | noshow | deleted
+    content: Mapped[str] = mapped_column(String(64))
+    timing: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(String(10))  # S12, A31, NW... last sent
+    message_id: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class WritebackLogRow(Base):
+    """The write-back decision per stored message (a replay repeats it, it does not decide again)."""
+
+    __tablename__ = "writeback_log"
+
+    message_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(String(10), default="")  # what was sent; empty: nothing
+    skipped: Mapped[str] = mapped_column(String(40), default="")  # why nothing was sent
+    at: Mapped[float] = mapped_column(Float)
+
+
 class AuditRow(Base):
     """Who did what, when, to which message or setting (PHI views, replays, pauses, token changes).
 
@@ -267,6 +298,8 @@ AUDIT = cast(Table, AuditRow.__table__)
 TOKENS = cast(Table, TokenRow.__table__)
 PAUSES = cast(Table, PauseRow.__table__)
 SETTINGS = cast(Table, SettingRow.__table__)
+WRITEBACK = cast(Table, WritebackStateRow.__table__)
+WRITEBACK_LOG = cast(Table, WritebackLogRow.__table__)
 
 # Message statuses
 RECEIVED = "received"  # stored, waiting for a processing worker

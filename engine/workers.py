@@ -214,6 +214,8 @@ class ProcessingWorker:
                 m.processed(status, n)
             if recorded.unmatched_patients:
                 m.patient_match_failures.inc(recorded.unmatched_patients)
+            for reason, n in recorded.writeback_skipped.items():
+                m.writeback_skipped(reason, n)
         return recorded.n
 
     def _writer(self, prepared: list[tuple[Any, ProcessResult]]) -> Callable[[Any], _Recorded]:
@@ -225,6 +227,7 @@ class ProcessingWorker:
             unmatched = 0
             deliveries: list[dict[str, Any]] = []
             view = self.store.rank_view(conn)
+            skipped: collections.Counter[str] = collections.Counter()
             keys: list[str] = []  # every key the round will look at: fetched in one go
             for _, pre in prepared:
                 if pre.output is not None:
@@ -244,10 +247,14 @@ class ProcessingWorker:
                     view.set(r.id, result.ranks)
                 finished.append((r.id, result.status, result.reason))
                 unmatched += result.missing == "Patient"
+                if result.writeback_skipped:
+                    skipped[result.writeback_skipped] += 1
             view.flush()
             self.store.insert_deliveries(conn, deliveries)
             self.store.finish_messages(conn, finished)
-            return _Recorded(len(prepared), collections.Counter(s for _, s, _ in finished), unmatched)
+            return _Recorded(
+                len(prepared), collections.Counter(s for _, s, _ in finished), unmatched, dict(skipped)
+            )
 
         return write
 
@@ -259,6 +266,7 @@ class _Recorded:
     n: int
     statuses: dict[str, int]
     unmatched_patients: int  # messages referring to a Patient the engine has never received
+    writeback_skipped: dict[str, int] = field(default_factory=dict)  # write-back: nothing sent, by reason
 
 
 # (delivery row, the exception or None when delivered, dead-lettered?, when the destination answered)
