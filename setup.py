@@ -30,6 +30,7 @@ COMPILED = [
     "transforms/bundle.py",
     "transforms/datatypes.py",
     "transforms/adt.py",
+    "transforms/adt_events.py",
     "transforms/oru.py",
     "transforms/siu.py",
     "transforms/vxu.py",

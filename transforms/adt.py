@@ -1,9 +1,9 @@
 """ADT → FHIR: Patient, Encounter, RelatedPerson, AllergyIntolerance, Condition, Coverage,
 Practitioner, Location (HL7 V2-to-FHIR IG segment maps; choices where it is silent in docs/mapping.md).
 
-Supported triggers: A01-A16, A25-A28, A31, A40, A60.  Identity-changing events that need a
-human-reviewed workflow (A29 delete, A41 account merge, A45 move visit, A47 identifier change, ...)
-are AR 201 so they are never half-applied.
+Supported triggers: A01-A18, A20-A42, A44-A51, A60; the identity events (merges, moves, identifier
+changes, links, A17 swap, A20 bed status, A29 delete) are in :mod:`transforms.adt_events`.  A43 (move by
+identifier list) is AR 201.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from urllib.parse import quote
 from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment
+from transforms import adt_events
 from transforms import datatypes as dt
 from transforms.bundle import ConvertContext, conditional_url
 from transforms.datatypes import JSON
@@ -43,15 +44,21 @@ ENCOUNTER_STATUS: dict[str, str | None] = {
     "A14": "planned",
     "A15": "in-progress",
     "A16": "in-progress",
+    "A21": "onleave",
+    "A22": "in-progress",
+    "A23": "entered-in-error",
     "A25": "in-progress",
     "A26": "in-progress",
     "A27": "cancelled",
     "A28": None,
     "A31": None,
+    "A32": "in-progress",
+    "A33": "in-progress",
+    "A38": "cancelled",
     "A60": None,
 }
 MERGE_TRIGGERS = ("A40",)
-SUPPORTED = frozenset(ENCOUNTER_STATUS) | frozenset(MERGE_TRIGGERS)
+SUPPORTED = frozenset(ENCOUNTER_STATUS) | frozenset(MERGE_TRIGGERS) | adt_events.TRIGGERS
 
 PATIENT_CLASS = {
     "E": (ACT_CODE, "EMER", "emergency"),
@@ -236,6 +243,11 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     if not trigger:
         evn = msg.first("EVN")
         trigger = evn.get(1).strip().upper() if evn is not None else ""
+    if trigger in adt_events.REJECTED:
+        raise adt_events.rejected(trigger)
+    if trigger in adt_events.TRIGGERS:
+        adt_events.convert(msg, ctx, trigger)
+        return
     if trigger not in SUPPORTED:
         raise MessageRejected(
             f"ADT trigger {redact.trigger(trigger) if trigger else '(empty)'} is not supported by the FHIR conversion",
@@ -246,9 +258,6 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     if pid is None:
         raise ConversionError("ADT message has no PID segment", code="100", location=Location("PID", 1))
     patient_ref, patient_key = patient(pid, msg, ctx)
-    if trigger in MERGE_TRIGGERS:
-        merge(msg, ctx, patient_ref, patient_key)
-        return
     enc_ref = encounter(msg, ctx, trigger, patient_ref, patient_key)
     mother(pid, ctx, patient_ref, patient_key)
     roles(msg, ctx, patient_ref, enc_ref)
@@ -257,6 +266,8 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         related_person(nk1, ctx, patient_ref, patient_key)
     for al1 in msg.all("AL1"):
         allergy(al1, ctx, patient_ref, patient_key)
+    if msg.all("IAM"):
+        adt_events.allergies(msg, ctx, patient_ref, patient_key)
     conditions: list[tuple[str, Segment]] = []
     for dg1 in msg.all("DG1"):
         ref = condition(dg1, ctx, patient_ref, patient_key, enc_ref)
@@ -1288,12 +1299,16 @@ def merge(msg: Message, ctx: ConvertContext, survivor_ref: str, survivor_key: st
     when it does not exist (unless ``unknown_prior_patient: accept``)."""
     mrg = msg.first("MRG")
     if mrg is None:
-        raise ConversionError("A40 merge without an MRG segment", code="100", location=Location("MRG", 1))
+        raise ConversionError(
+            "patient merge without an MRG segment: send MRG-1 with the prior patient identifier",
+            code="100",
+            location=Location("MRG", 1),
+        )
     system, value, _rep = key_identifier(mrg, 1, ctx)
     old_key = conditional_url("Patient", system, value)
     if old_key == survivor_key:
         raise ConversionError(
-            "A40: the prior patient identifier (MRG-1) is the surviving patient's identifier",
+            "patient merge: the prior patient identifier (MRG-1) is the surviving patient's identifier",
             code="204",
             location=mrg.loc(1),
         )

@@ -298,6 +298,25 @@ class ConvertContext:
         self._by_full_url[full_url] = (resource, f"{resource_type}?{if_none_exist}")
         return full_url
 
+    def retarget(self, full_url: str, resource_type: str, system: str, value: str) -> str:
+        """Write the entry ``full_url`` to the resource found by another identifier ``system|value`` (an
+        identifier change, ADT A46/A47/A49/A50: the record known by the old identifier gets the new one).
+        The fullUrl stays (other entries reference it); the old identifier is kept on the resource with use
+        ``old`` so a resent message finds the same resource.  Returns the new resource key."""
+        hit = self._by_full_url.get(full_url)
+        if hit is None:
+            raise ValueError("retarget() of an entry that was never added")
+        resource, old_url = hit
+        url = conditional_url(resource_type, system, value)
+        entry = self._by_url.pop(old_url)
+        entry["request"] = {"method": "PUT", "url": url}
+        self._by_url[url] = entry
+        self._by_full_url[full_url] = (resource, url)
+        ids = resource.setdefault("identifier", [])
+        if not any(i.get("system") == system and i.get("value") == value for i in ids):
+            ids.append({"use": "old", "system": system, "value": value})
+        return url
+
     def find(self, full_url: str) -> dict[str, Any] | None:
         """The resource dict of an entry already added, by its fullUrl."""
         hit = self._by_full_url.get(full_url)

@@ -58,7 +58,7 @@ print(orjson.dumps(out).decode())
 H = "MSH|^~\\&|EHR|NORTH|SL|HOSP|20250314083000||{t}|N{n}|P|2.5.1\r"
 ERRORS = {
     "unsupported_type": H.format(t="MDM^T02", n=1) + "PID|1||MRN1^^^NORTH^MR\r",
-    "unsupported_trigger": H.format(t="ADT^A45^ADT_A45", n=2) + "EVN|A45\rPID|1||MRN1^^^NORTH^MR\r",
+    "unsupported_trigger": H.format(t="ADT^A43^ADT_A43", n=2) + "EVN|A43\rPID|1||MRN1^^^NORTH^MR\r",
     "bad_date": H.format(t="ADT^A01^ADT_A01", n=3)
     + "EVN|A01|20250314\rPID|1||MRN1^^^NORTH^MR||Doe^J||20251340\r",
     "no_pid": H.format(t="ADT^A01^ADT_A01", n=4) + "EVN|A01|20250314\r",

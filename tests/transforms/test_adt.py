@@ -58,7 +58,7 @@ def test_deterministic_and_idempotent(name: str) -> None:
         elif req["url"] == "Practitioner":  # named in passing: created when absent, never rewritten
             assert req["method"] == "POST" and req["ifNoneExist"].startswith("identifier=")
         else:
-            assert req["url"] == "Provenance" and req["ifNoneExist"].startswith("_tag=")
+            assert req["url"] in ("Provenance", "Linkage") and req["ifNoneExist"].startswith("_tag=")
 
 
 @pytest.mark.parametrize(
@@ -221,7 +221,7 @@ def test_unsupported_type_and_trigger() -> None:
         convert(msg("MSH|^~\\&|A|B|C|D|20250101||QRY^Q01|1|P|2.5.1", "PID|1||1^^^HOSP"), golden_settings())
     assert ei.value.hl7_error == "200"
     with pytest.raises(MessageRejected) as ei:
-        convert(msg("MSH|^~\\&|A|B|C|D|20250101||ADT^A47|1|P|2.5.1", "PID|1||1^^^HOSP"), golden_settings())
+        convert(msg("MSH|^~\\&|A|B|C|D|20250101||ADT^A43|1|P|2.5.1", "PID|1||1^^^HOSP"), golden_settings())
     assert ei.value.hl7_error == "201"
 
 

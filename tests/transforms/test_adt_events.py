@@ -1,0 +1,194 @@
+"""ADT identity events (transforms/adt_events.py): merges, moves, identifier changes, links, A20, A29, IAM.
+
+The golden files (adt_a17 ... adt_a60) are checked by test_adt.py; these tests state the rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from engine.errors import ConversionError, MessageRejected
+from transforms.convert import convert, convert_report
+
+from .conftest import golden_settings, load, msg, resources, validate_resources
+
+MRN = "urn:oid:2.16.840.1.113883.19.5"
+VISITS = "urn:oid:2.16.840.1.113883.19.6"
+H = "MSH|^~\\&|SYNTH-ADT|GOODHOSP|SLUICE|SLUICE|20250316090000||ADT^{t}|CTRL-{t}|P|2.5.1"
+PID1 = "PID|1||MRN10001^^^HOSP^MR||TESTPATIENT^ALEX||19800229|F|||||||||ACC500^^^HOSP^AN"
+PID2 = "PID|2||MRN10002^^^HOSP^MR||SAMPLE^JORDAN||19750101|M"
+PV1 = "PV1|1|I|4WEST^401^A^GOODHOSP||||||||MED||||||||V100^^^VISITS^VN"
+
+
+def urls(bundle: dict[str, Any]) -> list[str]:
+    return [e["request"]["url"] for e in bundle["entry"]]
+
+
+def test_identifier_change_updates_the_record_known_by_the_old_identifier() -> None:
+    r = convert_report(load("adt_a47"), golden_settings())
+    validate_resources(r.bundle)
+    (entry,) = [e for e in r.bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+    # the PUT addresses the old identifier: the same resource (its encounters, results) gets the new one
+    assert entry["request"] == {"method": "PUT", "url": f"Patient?identifier={MRN}|MRN09999"}
+    idents = {(i.get("system"), i["value"], i.get("use")) for i in entry["resource"]["identifier"]}
+    assert (MRN, "MRN10001", None) in idents
+    assert (MRN, "MRN09999", "old") in idents
+    assert r.requires == (f"Patient?identifier={MRN}|MRN09999",)
+    # a resend addresses the same resource (the old identifier stays on it)
+    assert convert(load("adt_a47"), golden_settings()) == r.bundle
+
+
+def test_identifier_change_to_the_same_identifier_is_located() -> None:
+    with pytest.raises(ConversionError) as ei:
+        convert(msg(H.format(t="A47"), PID1, "MRG|MRN10001^^^HOSP^MR"), golden_settings())
+    assert ei.value.hl7_error == "204" and ei.value.location is not None
+    assert ei.value.location.hl7() == "MRG^1^1"
+
+
+@pytest.mark.parametrize("trigger", ["A18", "A30", "A34", "A39", "A40"])
+def test_patient_merges(trigger: str) -> None:
+    b = convert(msg(H.format(t=trigger), PID1, "MRG|MRN09999^^^HOSP^MR"), golden_settings())
+    validate_resources(b)
+    survivor, prior = resources(b, "Patient")
+    assert survivor["link"][0]["type"] == "replaces"
+    assert prior["active"] is False and prior["link"][0]["type"] == "replaced-by"
+
+
+def test_merge_without_mrg_is_located() -> None:
+    with pytest.raises(ConversionError) as ei:
+        convert(msg(H.format(t="A34"), PID1), golden_settings())
+    assert ei.value.hl7_error == "100" and ei.value.location is not None
+
+
+def test_a39_groups_each_merge_and_a_pid_without_mrg_is_an_update_with_a_warning() -> None:
+    m = msg(H.format(t="A39"), PID1, "MRG|MRN09999^^^HOSP^MR", PID2)
+    r = convert_report(m, golden_settings())
+    assert r.events["merge_group_without_mrg"] == 1
+    assert any("PID" in w for w in r.warnings)
+    assert len(resources(r.bundle, "Patient")) == 3
+
+
+def test_account_merge_keeps_both_accounts_and_links_them() -> None:
+    r = convert_report(load("adt_a41"), golden_settings())
+    validate_resources(r.bundle)
+    survivor, prior = resources(r.bundle, "Account")
+    assert survivor["status"] == "active" and prior["status"] == "inactive"
+    (linkage,) = resources(r.bundle, "Linkage")
+    kinds = [i["type"] for i in linkage["item"]]
+    assert kinds == ["source", "alternate"]
+    assert r.requires == (f"Account?identifier={MRN}|ACC499",)
+
+
+def test_visit_merge_marks_the_prior_visit_a_duplicate_of_the_survivor() -> None:
+    b = convert(load("adt_a42"), golden_settings())
+    validate_resources(b)
+    by_url = {e["request"]["url"]: e for e in b["entry"]}
+    survivor = by_url[f"Encounter?identifier={VISITS}|V100"]
+    prior = by_url[f"Encounter?identifier={VISITS}|V099"]["resource"]
+    assert prior["status"] == "entered-in-error"
+    assert prior["partOf"] == {"reference": survivor["fullUrl"]}
+
+
+def test_visit_number_change_updates_the_prior_encounter() -> None:
+    r = convert_report(load("adt_a50"), golden_settings())
+    assert f"Encounter?identifier={VISITS}|V099" in urls(r.bundle)
+    assert f"Encounter?identifier={VISITS}|V100" not in urls(r.bundle)
+    (enc,) = resources(r.bundle, "Encounter")
+    assert {i["value"] for i in enc["identifier"]} >= {"V100", "V099"}
+    assert r.requires == (f"Encounter?identifier={VISITS}|V099",)
+
+
+def test_moves_rewrite_the_subject() -> None:
+    b = convert(load("adt_a45"), golden_settings())
+    (patient,) = [e for e in b["entry"] if e["resource"]["resourceType"] == "Patient"]
+    (enc,) = resources(b, "Encounter")
+    assert enc["subject"] == {"reference": patient["fullUrl"]}
+    assert patient["request"]["url"].endswith("|MRN10002")
+    b = convert(load("adt_a44"), golden_settings())
+    (account,) = resources(b, "Account")
+    assert account["subject"][0]["reference"] == b["entry"][0]["fullUrl"]
+
+
+def test_link_and_unlink() -> None:
+    b = convert(load("adt_a24"), golden_settings())
+    a, c = [e for e in b["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert a["resource"]["link"] == [{"other": {"reference": c["fullUrl"]}, "type": "seealso"}]
+    assert c["resource"]["link"] == [{"other": {"reference": a["fullUrl"]}, "type": "seealso"}]
+    b = convert(msg(H.format(t="A37"), PID1, PID2), golden_settings())
+    assert all("link" not in p for p in resources(b, "Patient"))
+    with pytest.raises(ConversionError):
+        convert(msg(H.format(t="A24"), PID1), golden_settings())
+
+
+def test_delete_person_writes_an_inactive_patient_and_no_visit() -> None:
+    b = convert(load("adt_a29"), golden_settings())
+    (p,) = resources(b, "Patient")
+    assert p["active"] is False
+    assert not resources(b, "Encounter")
+
+
+@pytest.mark.parametrize(
+    ("trigger", "status"),
+    [
+        ("A21", "onleave"),
+        ("A22", "in-progress"),
+        ("A23", "entered-in-error"),
+        ("A32", "in-progress"),
+        ("A33", "in-progress"),
+        ("A38", "cancelled"),
+    ],
+)
+def test_visit_events(trigger: str, status: str) -> None:
+    b = convert(msg(H.format(t=trigger), PID1, PV1), golden_settings())
+    validate_resources(b)
+    (enc,) = resources(b, "Encounter")
+    assert enc["status"] == status
+
+
+def test_swap_writes_both_visits() -> None:
+    b = convert(load("adt_a17"), golden_settings())
+    encs = resources(b, "Encounter")
+    assert len(encs) == 2
+    patients = [e["fullUrl"] for e in b["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert [e["subject"]["reference"] for e in encs] == patients
+
+
+def test_bed_status() -> None:
+    b = convert(load("adt_a20"), golden_settings())
+    statuses = [loc["operationalStatus"] for loc in resources(b, "Location") if "operationalStatus" in loc]
+    assert statuses == [
+        {"system": "http://terminology.hl7.org/CodeSystem/v2-0116", "code": "H", "display": "Housekeeping"}
+    ]
+    with pytest.raises(ConversionError) as ei:
+        convert(msg(H.format(t="A20")), golden_settings())
+    assert ei.value.location is not None
+
+
+def test_iam_allergies_and_their_deletion() -> None:
+    b = convert(load("adt_a60"), golden_settings())
+    validate_resources(b)
+    added, deleted = resources(b, "AllergyIntolerance")
+    assert added["verificationStatus"]["coding"][0]["code"] == "confirmed"
+    assert added["clinicalStatus"]["coding"][0]["code"] == "active"
+    assert added["criticality"] == "high" and added["type"] == "allergy"
+    assert [m["text"] for m in added["reaction"][0]["manifestation"]] == ["Hives", "Wheezing"]
+    assert added["reaction"][1]["manifestation"][0]["coding"][0]["code"] == "271807003"
+    assert added["note"] == [{"text": "Reaction observed in clinic."}]
+    # IAM-6 D: the same allergy (IAM-7) entered in error, without clinicalStatus (FHIR ait-2)
+    assert deleted["verificationStatus"]["coding"][0]["code"] == "entered-in-error"
+    assert "clinicalStatus" not in deleted
+    iam_add = "IAM|1|FA|91935009^Peanut^SCT|MI||A|ALG-78^^2.16.840.1.113883.19.9^ISO"
+    iam_del = "IAM|1|FA|91935009^Peanut^SCT|MI||D|ALG-78^^2.16.840.1.113883.19.9^ISO"
+    first = convert(msg(H.format(t="A60"), PID1, iam_add), golden_settings())
+    second = convert(msg(H.format(t="A60"), PID1, iam_del), golden_settings())
+    assert [e["request"]["url"] for e in first["entry"] if "Allergy" in e["request"]["url"]] == [
+        e["request"]["url"] for e in second["entry"] if "Allergy" in e["request"]["url"]
+    ]
+
+
+def test_move_by_identifier_list_is_rejected_with_what_to_do() -> None:
+    with pytest.raises(MessageRejected) as ei:
+        convert(msg(H.format(t="A43"), PID1, "MRG|MRN09999^^^HOSP^MR"), golden_settings())
+    assert ei.value.hl7_error == "201"
+    assert "A40" in str(ei.value)
