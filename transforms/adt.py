@@ -1189,6 +1189,47 @@ def subscriber(
 
 _NO_PLAN = ("", "", "")
 
+_PRICE_TYPE = {  # HL7 table 0205 (price type): CP-2
+    "AP": "administrative price or handling fee",
+    "DC": "direct unit cost",
+    "IC": "indirect unit cost",
+    "PF": "professional fee for performing provider",
+    "TF": "technology fee for billing system",
+    "TP": "total price",
+    "UP": "unit price, may be based on length of procedure or service",
+}
+
+
+def policy_deductible(in1: Segment, ctx: ConvertContext) -> JSON | None:
+    """IN1-37 policy deductible (CP: price as MO ``amount&currency`` ^ price type) → a
+    Coverage.costToBeneficiary with ``valueMoney`` (the IG leaves IN1-37 unmapped; MS maps it so).  The
+    deductible is not essential: an amount that is not an exact number is dropped with a located warning."""
+    rep = dt.rep_of(in1, 37, ctx)
+    amount = rep.c(1, 1).strip()
+    if not amount:
+        return None
+    loc = Location("IN1", in1.sequence, 37, 1, 1)
+    try:
+        value = dt.nm(amount, loc)
+    except ConversionError:
+        value = None
+    if value is None:
+        ctx.warn(
+            "bad_policy_deductible",
+            loc,
+            "the policy deductible is not an exact number: costToBeneficiary dropped",
+        )
+        return None
+    money: JSON = {"value": value}
+    if (currency := rep.c(1, 2).strip().upper()) and len(currency) == 3 and currency.isalpha():
+        money["currency"] = currency
+    out: JSON = {"valueMoney": money}
+    if (ptype := rep.c(2).strip().upper()) in _PRICE_TYPE:
+        out["type"] = {
+            "coding": [{"system": dt.V2_TABLE + "0205", "code": ptype, "display": _PRICE_TYPE[ptype]}]
+        }
+    return out
+
 
 def coverage(
     in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str, in2: Segment | None = None
@@ -1271,6 +1312,8 @@ def coverage(
         p = dt.period_at(dt.value(in1, 12, ctx), dt.value(in1, 13, ctx), s, in1, 12, 13)
         if p:
             res["period"] = p
+    if nf > 37 and f[37] and (cost := policy_deductible(in1, ctx)):
+        res["costToBeneficiary"] = [cost]
     res["payor"] = [payor]
     classes: list[JSON] = []
     cls_sys = "http://terminology.hl7.org/CodeSystem/coverage-class"

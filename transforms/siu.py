@@ -20,7 +20,7 @@ from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment
 from transforms.bundle import ConvertContext
 from transforms.datatypes import V2_TABLE, cwe, dtm, ei, pl, table, xads, xcn, xtns
-from transforms.oru import annotation, patient
+from transforms.oru import _placer_filler, _ref, annotation, patient
 
 JSON = dict[str, Any]
 
@@ -318,6 +318,49 @@ def patient_context(msg: Message, ctx: ConvertContext, patient_ref: str) -> None
         adt.condition(dg1, ctx, patient_ref, patient_key, enc_ref)
 
 
+def service_requests(msg: Message, sch: Segment, trigger: str, ctx: ConvertContext) -> list[JSON]:
+    """IG SIU_S12: ``IF SCH-26 or SCH-27 VALUED`` → ServiceRequest[1..n] (SCH[ServiceRequest]) that the
+    Appointment is ``basedOn``.  SCH-26/SCH-27 repetitions are paired by position (the IG leaves aligning
+    repeating orders with repeating AIS to the implementer: the first AIS-3 gives every one its code).
+
+    Keyed exactly like the ORU's order (placer number, else filler; system, else facility), and written as a
+    conditional *create*: the ordering system's feed owns the order, an appointment only makes sure it
+    exists, so an ORM/ORU and an SIU for the same order meet in one ServiceRequest."""
+    placers = [ei(r, ctx, sch.loc(26)) for r in sch.reps(26)] if sch.get(26).strip() else []
+    fillers = [ei(r, ctx, sch.loc(27)) for r in sch.reps(27)] if sch.get(27).strip() else []
+    if not any(placers) and not any(fillers):
+        return []
+    code = None
+    for seg in msg.all("AIS"):
+        if seg.rep(3) and (code := cwe(seg.rep(3), ctx, seg.loc(3), field="AIS-3")) is not None:
+            break
+    facility = msg.msh.get(4, 1).strip() or msg.msh.get(3, 1).strip()
+    # IG: status "active" IF SCH-25 NOT VALUED; the table it names for SCH-25 (FillerStatusCodes[Appointment])
+    # yields Appointment codes, so a cancelled or deleted appointment's order is revoked, anything else active
+    status = "revoked" if trigger in CANCEL_TRIGGERS else "active"
+    refs: list[JSON] = []
+    for n in range(max(len(placers), len(fillers))):
+        placer = placers[n] if n < len(placers) else None
+        filler = fillers[n] if n < len(fillers) else None
+        key_ident = placer or filler
+        if key_ident is None:
+            continue
+        res: JSON = {"identifier": _placer_filler(placer, filler), "status": status, "intent": "order"}
+        if code is not None:
+            res["code"] = code
+        if ctx.patient_ref:
+            res["subject"] = _ref(ctx.patient_ref)
+        system = key_ident.get("system")
+        if system:
+            ref = ctx.add("ServiceRequest", res, identifier=(system, key_ident["value"]), create_only=True)
+        else:
+            ref = ctx.add(
+                "ServiceRequest", res, key=f"{facility}|order|{key_ident['value']}", create_only=True
+            )
+        refs.append(_ref(ref))
+    return refs
+
+
 def convert(msg: Message, ctx: ConvertContext) -> None:
     """SIU^S12..S17, S26 → an Appointment in ``ctx``."""
     trigger = msg.trigger
@@ -474,6 +517,8 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
             location=Location("PID", 1),
         )
     res["participant"] = participants
+    if based_on := service_requests(msg, sch, trigger, ctx):
+        res["basedOn"] = based_on
     facility = msg.msh.get(4, 1).strip() or msg.msh.get(3, 1).strip()
     system = key_ident.get("system")
     if system:

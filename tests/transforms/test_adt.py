@@ -348,3 +348,40 @@ def test_bad_pv2_9_is_counted_not_rejected() -> None:
     (enc,) = resources(result.bundle, "Encounter")
     assert "extension" not in enc
     assert result.events.get("bad_planned_end") == 1
+
+
+def test_in1_37_policy_deductible_becomes_cost_to_beneficiary() -> None:
+    """IN1-37 (CP) → Coverage.costToBeneficiary valueMoney + price type (table 0205); a deductible that is not a
+    number is dropped with a located warning, the message still converts."""
+    from tests.transforms.conftest import golden_settings, msg, resources
+    from transforms.convert import _convert
+
+    base = [
+        "MSH|^~\\&|SYN|SYNTH HOSP|SLUICE|SLUICE|20250301100000||ADT^A04|C1|P|2.5.1",
+        "EVN|A04|20250301100000",
+        "PID|1||MRN900002^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO^MR||TESTPERSON^SAM||19800101|M",
+        "PV1|1|O|CLINIC1",
+    ]
+    in1 = (
+        "IN1|1|PLAN7^Synthetic Plan|PAYER9^^^SYNTH&2.16.840.1.113883.19.999.9&ISO|Synthetic Payer" + "|" * 32
+    )
+    conv = _convert(msg(*base, in1 + "POL-1|150.50&USD^DC"), golden_settings())
+    (cov,) = resources(conv.bundle, "Coverage")
+    assert cov["costToBeneficiary"] == [
+        {
+            "valueMoney": {"value": 150.5, "currency": "USD"},
+            "type": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v2-0205",
+                        "code": "DC",
+                        "display": "direct unit cost",
+                    }
+                ]
+            },
+        }
+    ]
+    bad = _convert(msg(*base, in1 + "POL-1|lots&USD^DC"), golden_settings())
+    (cov,) = resources(bad.bundle, "Coverage")
+    assert "costToBeneficiary" not in cov
+    assert any("IN1" in w and "deductible" in w for w in bad.warnings)

@@ -419,3 +419,43 @@ def test_aig_becomes_typed_participant() -> None:
     assert p["status"] == "accepted"
     assert p["period"] == {"start": "2025-03-15T09:00:00-07:00", "end": "2025-03-15T09:20:00-07:00"}
     assert result.events.get("aig_without_type") == 1
+
+
+def test_sch26_27_make_the_service_request_the_appointment_is_based_on() -> None:
+    """IG SIU_S12: IF SCH-26 or SCH-27 VALUED → ServiceRequest (placer/filler order numbers), Appointment.basedOn;
+    a conditional create keyed like the ORU's order, so both meet in one ServiceRequest."""
+    sch = SCH.format("Booked") + "|ORD-77^SYNEHR^2.16.840.1.113883.19.999.7^ISO|FORD-77^SYNLAB"
+    m = msg(
+        MSH.format("S12^SIU_S12"),
+        sch,
+        PID,
+        "RGS|1",
+        "AIS|1|A|45378-8^Colonoscopy^LN|20250315090000|||30|min",
+    )
+    bundle = _convert(m, golden_settings()).bundle
+    validate_resources(bundle)
+    (sr,) = resources(bundle, "ServiceRequest")
+    assert sr["status"] == "active" and sr["intent"] == "order"
+    assert [(i["value"], i["type"]["coding"][0]["code"]) for i in sr["identifier"]] == [
+        ("ORD-77", "PLAC"),
+        ("FORD-77", "FILL"),
+    ]
+    assert sr["code"]["coding"][0]["code"] == "45378-8"
+    (pat,) = resources(bundle, "Patient")
+    assert sr["subject"]["reference"] == entry_of(bundle, pat)["fullUrl"]
+    assert appointment(bundle)["basedOn"] == [{"reference": entry_of(bundle, sr)["fullUrl"]}]
+    req = entry_of(bundle, sr)["request"]
+    assert req["method"] == "POST"
+    assert req["ifNoneExist"] == "identifier=urn:oid:2.16.840.1.113883.19.999.7|ORD-77"
+    # the cancellation revokes an order it creates (a conditional create: it never changes an existing one)
+    cancelled = _convert(
+        msg(MSH.format("S15^SIU_S12"), sch.replace("Booked", "Cancelled"), PID), golden_settings()
+    )
+    (sr2,) = resources(cancelled.bundle, "ServiceRequest")
+    assert sr2["status"] == "revoked"
+
+
+def test_no_order_numbers_no_service_request() -> None:
+    m = msg(MSH.format("S12^SIU_S12"), SCH.format("Booked"), PID, "RGS|1", "AIS|1|A|45378-8^Colonoscopy^LN")
+    bundle = _convert(m, golden_settings()).bundle
+    assert resources(bundle, "ServiceRequest") == [] and "basedOn" not in appointment(bundle)
