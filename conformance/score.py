@@ -94,7 +94,17 @@ RULES: dict[str, str] = {
     "Specimen, ...)",
     "ig-document-obx": "Observation / DiagnosticReport MS makes from the OBX / OBR of a document message "
     "(TXA), which the IG's MDM maps put into DocumentReference.content / ServiceRequest",
+    "ig-condition": "resource MS makes where the IG's message map makes it only under a condition the "
+    "message does not meet (SIU: ServiceRequest only IF SCH-26 or SCH-27 VALUED)",
+    "ig-unmapped-code": "a code the IG's concept map leaves without a FHIR target: MS says unknown, Sluice "
+    "uses its documented choice (docs/mapping.md)",
+    "ms-merged-mother": "MS puts the PID-21 mother's identifier and relationship MTH on the NK1's "
+    "RelatedPerson; Sluice makes the mother a RelatedPerson of her own (IG CX[RelatedPerson-Mother])",
 }
+
+OBX_STATUS_IG_UNMAPPED: frozenset[str] = frozenset("BINORSUV")
+"""OBX-11 codes (table 0085) the IG's ObservationResultStatusCodesInterpretation concept map lists without a
+FHIR status (v2-to-fhir-ig/mappings/codesystems)."""
 """Every explanation rule: key → what it excuses.  Each one checks its evidence in the HL7 message."""
 
 SYSTEM_ALIASES: dict[str, str] = {
@@ -916,6 +926,7 @@ class _Rep:
 
     segment: str
     field: int  # the HL7 field number (MSH-1 is the field separator itself)
+    ordinal: int  # the segment's position in the message (0-based): the repetitions of one segment share it
     after: str  # the last segment before this one that is not a ROL or NTE: a ROL's group
     comps: tuple[tuple[str, ...], ...]  # the components, each as its (trimmed) subcomponents
     tokens: frozenset[str]  # every normalised, lower-case component and subcomponent value
@@ -937,7 +948,7 @@ class Source:
         self.reps: list[_Rep] = []
         fs, comp, rep, sub = "|", "^", "~", "&"
         anchor = ""
-        for line in re.split(r"[\r\n]+", text.lstrip("\ufeff")):
+        for ordinal, line in enumerate(re.split(r"[\r\n]+", text.lstrip("\ufeff"))):
             if len(line) < 4 or not line[:3].isalnum():
                 continue
             name = line[:3].upper()
@@ -957,7 +968,7 @@ class Source:
                         t for c in comps for x in (*c, " ".join(c)) if (t := norm_text(x).lower())
                     )
                     if tokens:
-                        self.reps.append(_Rep(name, number, anchor, comps, tokens))
+                        self.reps.append(_Rep(name, number, ordinal, anchor, comps, tokens))
             if name not in ("ROL", "NTE"):
                 anchor = name
 
@@ -1067,6 +1078,28 @@ class Source:
                 )
         return ""
 
+    def unordered_appointment(self, res: Mapping[str, Any]) -> str:
+        """The explanation for an unproduced MS ServiceRequest of an SIU whose SCH has neither SCH-26 nor
+        SCH-27: the IG's SIU maps make a ServiceRequest only IF SCH-26 or SCH-27 VALUED."""
+        if res.get("resourceType") != "ServiceRequest":
+            return ""
+        if not any(r.segment == "SCH" for r in self.reps):  # an SIU (only SIU carries SCH)
+            return ""
+        if any(r.segment == "SCH" and r.field in (26, 27) for r in self.reps):
+            return ""
+        return (
+            "SIU with neither SCH-26 nor SCH-27: the IG makes a ServiceRequest only IF SCH-26 or SCH-27 "
+            "VALUED (MS makes one from the AIS)"
+        )
+
+    def obx_status(self, code: str) -> list[str]:
+        """The OBX-11 values of the OBX segments whose OBX-3 has the code ``code``."""
+        c = norm_text(code).lower()
+        ordinals = {
+            r.ordinal for r in self.reps if r.segment == "OBX" and r.field == 3 and r.comp(1).lower() == c
+        }
+        return [r.comp(1).upper() for r in self.reps if r.ordinal in ordinals and r.field == 11]
+
     def segment_observation(self, res: Mapping[str, Any]) -> str:
         """The explanation for an unproduced MS Observation synthesised from an IG-unmapped segment
         (:data:`MS_SEGMENT_OBSERVATIONS`), when the message holds what it was made from."""
@@ -1145,6 +1178,83 @@ def explain_outside_ig(score: Score, source: Source) -> None:
             why = source.only_in_unmapped(m.group(1))
         if why:
             score.explain(n, why, "ig-unmapped-segment")
+
+
+_OBSERVATION_STATUS = re.compile(r"^Observation\[([^@\]]+)(?:@[^\]]*)?\]\.status$")
+
+
+def explain_unmapped_codes(score: Score, source: Source) -> None:
+    """Mark an Observation.status where MS says ``unknown`` for an OBX-11 code the IG's concept map leaves
+    unmapped (:data:`OBX_STATUS_IG_UNMAPPED`) and Sluice gives its documented choice for that code."""
+    from transforms.oru import OBX_STATUS
+
+    for n, d in enumerate(score.diffs):
+        if d.explanation or d.category != "statuses" or norm_text(d.expected) != "unknown":
+            continue
+        if not (m := _OBSERVATION_STATUS.match(d.path)):
+            continue
+        codes = set(source.obx_status(m.group(1)))
+        if len(codes) == 1 and (code := codes.pop()) in OBX_STATUS_IG_UNMAPPED and OBX_STATUS[code] == d.ours:
+            score.explain(
+                n,
+                f"OBX-11 {code!r} has no FHIR target in the IG's concept map: Sluice maps it to {d.ours!r}",
+                "ig-unmapped-code",
+            )
+
+
+_RELATED_PERSON_FIELD = re.compile(
+    r"^RelatedPerson\[([^\]]+)\]\.(identifier\[([^\]]*)\]\.value|relationship)$"
+)
+_MOTHER = "http://terminology.hl7.org/CodeSystem/v3-RoleCode|MTH"
+
+
+def explain_merged_mother(score: Score, source: Source, ours: list[dict[str, Any]]) -> None:
+    """Mark the PID-21 identifier and the MTH relationship MS adds to the RelatedPerson it makes of an NK1:
+    only when the message has that mother's identifier in PID-21 and Sluice made her a RelatedPerson of her own
+    (with that identifier and relationship MTH)."""
+    mothers = {
+        v: r.where
+        for r in source.reps
+        if r.segment == "PID"
+        and r.field == 21
+        and (v := norm_text(r.comp(1)))
+        and any(
+            o.get("resourceType") == "RelatedPerson"
+            and any(norm_text(i.get("value")) == v for i in _identifiers(o))
+            and "MTH" in json_codes(o.get("relationship"))
+            for o in ours
+        )
+    }
+    if not mothers:
+        return
+    for n, d in enumerate(score.diffs):
+        if d.explanation or not (m := _RELATED_PERSON_FIELD.match(d.path)):
+            continue
+        if m.group(3) is not None:
+            value = norm_text(d.expected)
+            if value != norm_text(m.group(3)) or value not in mothers:
+                continue
+        elif norm_text(d.expected) != _MOTHER:
+            continue
+        else:
+            value = next(iter(mothers))
+        score.explain(
+            n,
+            f"{mothers[value]} gives the mother's identifier {value!r}: MS adds it (and MTH) to the NK1's "
+            "RelatedPerson, Sluice makes her a RelatedPerson of her own",
+            "ms-merged-mother",
+        )
+
+
+def json_codes(concepts: Any) -> set[str]:
+    """Every ``code`` of the codings of one or more CodeableConcepts."""
+    return {
+        str(c.get("code"))
+        for cc in _as_list(concepts)
+        if isinstance(cc, dict)
+        for c in _as_list(cc.get("coding"))
+        if isinstance(c, dict) and c.get("code")
+    }
 
 
 REFERENCED_ONLY: frozenset[str] = frozenset({"Practitioner"})
@@ -1236,10 +1346,14 @@ def score_bundles(
                 rule = "ms-segment-observation"
             elif why := src.document_result(exp):
                 rule = "ig-document-obx"
+            elif why := src.unordered_appointment(exp):
+                rule = "ig-condition"
             elif inner and id(exp) not in in_scope and (where := src.only_in_unscored_fields(inner)):
                 why = f"no scored reference resource refers to it; the message has {inner!r} only in {where}"
                 rule = "unscored-practitioner"
         score.record_missing(label, missing, why, rule)
     if src is not None:
         explain_outside_ig(score, src)
+        explain_unmapped_codes(score, src)
+        explain_merged_mother(score, src, our_scored)
     return score

@@ -484,7 +484,34 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
         "code": {"coding": [{"code": "NOTE1"}]},
         "valueString": "Synthetic note text",
     }
-    return bundle(ours), bundle(ref, operator, death, note), src
+    # an SIU whose SCH has no SCH-26/27: MS makes a ServiceRequest from the AIS, the IG makes none
+    order = {"resourceType": "ServiceRequest", "status": "active", "code": {"coding": [{"code": "SVC1"}]}}
+    src += "SCH|PL1|FL1\rAIS|1|A|SVC1^Service^L\r"
+    # OBX-11 S (the IG's concept map gives it no FHIR status): MS says unknown, Sluice preliminary
+    src += "OBX|2|NM|3333-3^Partial^LN||5|mg|||||S\r"
+    ours_obs = _obs("3333-3", 5, "2024-01-01T10:00:00-08:00", "preliminary")
+    ref_obs = _obs("3333-3", 5, "2024-01-01T10:00:00-08:00", "unknown")
+    # PID-21 mother MOM1: MS adds her identifier and MTH to the NK1's RelatedPerson, Sluice makes her her own
+    src = src.replace("PID|1||MRN1", "PID|1||MRN1", 1) + "NK1|1|ROE^RITA|C^Child^HL70131\r"
+    src = src.replace("555-0100^PRN^CP\r", "555-0100^PRN^CP" + "|" * 8 + "MOM1^^^HOSP\r", 1)
+    rel = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0131", "code": "C"}]}
+    mth = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "MTH"}]}
+    ours_nk1 = {
+        "resourceType": "RelatedPerson",
+        "identifier": [{"value": "NK-1"}, {"value": "NK-2"}],
+        "relationship": [rel],
+    }
+    ours_mother = {"resourceType": "RelatedPerson", "identifier": [{"value": "MOM1"}], "relationship": [mth]}
+    ref_rp = {
+        "resourceType": "RelatedPerson",
+        "identifier": [{"value": "NK-1"}, {"value": "NK-2"}, {"value": "MOM1"}],
+        "relationship": [mth],
+    }
+    return (
+        bundle(ours, ours_obs, ours_nk1, ours_mother),
+        bundle(ref, operator, death, note, order, ref_obs, ref_rp),
+        src,
+    )
 
 
 def test_every_rule_fires_with_its_evidence_and_none_without_a_source() -> None:
@@ -527,3 +554,19 @@ def test_document_obx_is_explained_only_after_a_txa() -> None:
     assert (
         score_bundles(ours, ref, source=MSH_LINE + pid + obx + "TXA|1|DS|TX||||||||||DOC1\r").explained == 0
     )
+
+
+def test_new_rules_need_their_evidence() -> None:
+    """ig-condition, ig-unmapped-code and ms-merged-mother each excuse nothing without their evidence."""
+    ours, ref, src = _every_quirk()
+    full = score_bundles(ours, ref, source=src).explained_by
+    assert full["ig-condition"] and full["ig-unmapped-code"] and full["ms-merged-mother"]
+    # SCH-26 valued: the IG's condition holds, a missing ServiceRequest counts against us
+    with_order = src.replace("SCH|PL1|FL1\r", "SCH|PL1|FL1" + "|" * 24 + "ORD1\r")
+    assert "ig-condition" not in score_bundles(ours, ref, source=with_order).explained_by
+    # OBX-11 F is mapped by the IG: MS's "unknown" is not excused
+    final = src.replace("mg|||||S\r", "mg|||||F\r")
+    assert "ig-unmapped-code" not in score_bundles(ours, ref, source=final).explained_by
+    # no PID-21 in the message: the mother's identifier on the NK1's RelatedPerson is not excused
+    no_mother = src.replace("|MOM1^^^HOSP\r", "|\r")
+    assert "ms-merged-mother" not in score_bundles(ours, ref, source=no_mother).explained_by
