@@ -14,6 +14,7 @@ import click
 
 from engine import native, privacy
 from engine.admin.commands import audit_group, token
+from engine.analystcommands import register as analyst_commands
 from engine.errors import ConfigError, SluiceError
 from engine.keycommands import keys as keys_group
 from engine.redact import printable
@@ -668,6 +669,7 @@ def prune(config_path: str, channel: str | None) -> None:
 
 main.add_command(token)
 main.add_command(audit_group)
+analyst_commands(main)
 
 if __name__ == "__main__":
     main()

@@ -7,9 +7,9 @@ that records its result, so a message is never half-processed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -25,6 +25,13 @@ from engine.stages import build_filter, build_pipeline
 from engine.store import ERROR, FILTERED, PROCESSED, REVIEW, NewDelivery, RankView, Store
 
 log = structlog.get_logger("sluice.processing")
+
+
+class Ranks(Protocol):
+    """Where :meth:`ChannelRuntime.record` reads the status ranks already applied: a store's
+    ``RankView`` in the engine, an in-memory one in channel tests (engine/channeltest.py)."""
+
+    def get(self, keys: Sequence[str]) -> dict[str, int]: ...
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,7 @@ class ChannelRuntime:
         prepared: ProcessResult,
         only: list[str] | None = None,
         force: bool = False,
-        view: RankView | None = None,
+        view: RankView | Ranks | None = None,
     ) -> ProcessResult:
         """Inside the store transaction: status guards, required keys and one delivery per route.
 
@@ -152,9 +159,12 @@ class ChannelRuntime:
         out = prepared.output
         if prepared.status != PROCESSED or out is None:
             return prepared
-        store = self.store
-        assert store is not None, "record() runs in the engine process, which has the store"
-        ranks_of = view.get if view is not None else (lambda keys: store.resource_ranks(conn, keys))
+        if view is not None:
+            ranks_of = view.get
+        else:
+            store = self.store
+            assert store is not None, "record() runs in the engine process, which has the store"
+            ranks_of = lambda keys: store.resource_ranks(conn, keys)  # noqa: E731
         facts: Mapping[str, Any] = out.facts
         guards = dict(facts.get("guards", ()) or ())
         ranks: dict[str, int] = {}
