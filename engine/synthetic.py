@@ -193,7 +193,7 @@ def _siu(trigger: str, n: int, p: Person, when: datetime, rng: random.Random, fa
     return [
         _msh("SIU", trigger, "SIU_S12", when, n, facility),
         f"SCH|{appt}|{appt}||||{reason}|ROUTINE^Routine visit|FOLLOWUP|{minutes}|MIN|"
-        f"^^{minutes}^{_ts(start)}^{_ts(end)}|||||||||||||||{status}",
+        f"^^{minutes}^{_ts(start)}^{_ts(end)}||||||||||||||{status}",
         _pid(p, facility),
         "RGS|1|A",
         f"AIS|1|A|99213^Office visit^CPT|{_ts(start)}|||{minutes}|MIN",
