@@ -30,6 +30,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -195,6 +196,7 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 lines = sum(1 for _ in logf)
             sample = {
                 "t_s": round(time.monotonic() - t0, 1),
+                "load1": round(os.getloadavg()[0], 2),  # the machine's state: other work slows every figure
                 "rss_mb": round(rss_mb(pid), 1),
                 "workers_rss_mb": round(sum(rss_mb(c) for c in child_pids(pid)), 1),
                 **st.take(),
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-hostile", action="store_true", help="the steady load alone")
     ap.add_argument("--json", type=Path, default=RESULTS / "soak.json")
     args = ap.parse_args(argv)
+    # SIGTERM ends the run like Ctrl-C: the finally blocks stop the engine (by its PID) and remove the work dir
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="sluice-soak-"))
     try:
         with contextlib.suppress(ImportError):
