@@ -543,8 +543,7 @@ def _convert_runtime(
 
 def _convert_plain(label: str, raw: bytes) -> list[tuple[bytes, str]] | None:
     """No config: the hl7-to-fhir conversion with default settings (unknown authorities derived)."""
-    import orjson
-
+    from engine import exactjson
     from engine.hl7 import parse_bytes
     from transforms.convert import convert as to_fhir
     from transforms.fhir_step import FHIR_JSON
@@ -555,7 +554,7 @@ def _convert_plain(label: str, raw: bytes) -> list[tuple[bytes, str]] | None:
     except SluiceError as exc:
         click.echo(f"{label}: error {exc.hl7_error}: {exc}", err=True)
         return None
-    return [(orjson.dumps(bundle), FHIR_JSON)]
+    return [(exactjson.dumps(bundle), FHIR_JSON)]
 
 
 def _convert_channel(runtime: ChannelRuntime, label: str, raw: bytes) -> list[tuple[bytes, str]] | None:
@@ -622,8 +621,10 @@ def _print_output(payload: bytes, content_type: str, pretty: bool) -> None:
     """The payload as a destination receives it (bytes unchanged), then a newline."""
     import orjson
 
+    from engine import exactjson
+
     if pretty and "json" in content_type:
-        payload = orjson.dumps(orjson.loads(payload), option=orjson.OPT_INDENT_2)
+        payload = exactjson.dumps(exactjson.loads(payload), option=orjson.OPT_INDENT_2)
     elif pretty and "hl7" in content_type:
         payload = payload.replace(b"\r\n", b"\r").replace(b"\r", b"\n").rstrip(b"\n")
     click.echo(payload)  # bytes go to the binary stream as they are

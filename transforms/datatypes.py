@@ -17,6 +17,7 @@ import html
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
@@ -431,31 +432,47 @@ _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 _INT64 = 1 << 63
 EXACT_DIGITS = 15  # a decimal with at most 15 significant digits survives float and back unchanged
+MAX_NUMBER_DIGITS = 4300  # longer is no measurement (and Python's int() refuses it): a located error
+MAX_WHOLE_DIGITS = 308  # 1e308 and past: JSON readers (orjson, JavaScript) read it as infinite or refuse it
+NUMBER_RANGE = f"more than {MAX_NUMBER_DIGITS:,} digits, or 1e{MAX_WHOLE_DIGITS} or more"
 
 
-def exact_number(num: str) -> int | float | None:
-    """Text already matched as a plain number (optional sign, digits, optional fraction) → the JSON
-    number orjson writes without loss: an int when there is no decimal point and it fits 64 bits, else a
-    float when the value has at most 15 significant digits (and so survives the round trip).  ``None``
-    when it would not be carried exactly (orjson refuses integers past 64 bits and writes an infinite
-    float as ``null``; a float would round a longer decimal)."""
+def exact_number(num: str) -> int | float | Decimal | None:
+    """Text already matched as a plain number (optional sign, digits, optional fraction) → its FHIR decimal
+    with the precision kept: an int when there is no decimal point and it fits 64 bits, a float when the
+    value has at most 15 significant digits (and so survives the round trip), else a ``Decimal`` of the
+    digits as sent, which :func:`engine.exactjson.dumps` writes as that JSON number token (orjson refuses
+    integers past 64 bits and a float would round a longer decimal).  ``None`` when it is out of range
+    (:func:`number_out_of_range`)."""
     if len(num) <= EXACT_DIGITS:  # the usual case: too short to be either
         return float(num) if "." in num else int(num)
     digits = num.lstrip("+-")
-    if "." not in digits:
-        if len(digits.lstrip("0")) > 19:  # and int() refuses over 4,300 digits
-            return None
-        n = int(num)
-        return n if -_INT64 <= n < _INT64 else None
-    whole, _, frac = digits.partition(".")
-    if len(digits) > 300 or len((whole + frac).strip("0")) > EXACT_DIGITS:
+    if number_out_of_range(digits):
         return None
+    if "." not in digits:
+        if len(digits.lstrip("0")) <= 19:
+            n = int(num)
+            if -_INT64 <= n < _INT64:
+                return n
+        return Decimal(num)
+    whole, _, frac = digits.partition(".")
+    if len(digits) > 300 or len((whole + frac).strip("0")) > EXACT_DIGITS:  # float would round or overflow
+        return Decimal(num)
     return float(num)
 
 
-def nm(value: str, loc: Location | None = None) -> int | float | None:
-    """NM → JSON number (int when there is no decimal point).  Not a number → AE 102; a number JSON
-    cannot carry exactly (see :func:`exact_number`) → AE 102 too."""
+def number_out_of_range(text: str) -> bool:
+    """Longer than ``MAX_NUMBER_DIGITS`` digits, or a whole part of more than ``MAX_WHOLE_DIGITS`` digits:
+    no measurement, and no FHIR reader would take it (a fallback to text would hide that)."""
+    body = text.strip().lstrip("+-")
+    if len(body) - ("." in body) > MAX_NUMBER_DIGITS:
+        return True
+    return len(body.split(".")[0].lstrip("0")) > MAX_WHOLE_DIGITS
+
+
+def nm(value: str, loc: Location | None = None) -> int | float | Decimal | None:
+    """NM → JSON number (int when there is no decimal point; a ``Decimal`` past what int/float carry, see
+    :func:`exact_number`).  Not a number, or out of range (:func:`number_out_of_range`) → AE 102."""
     v = value.strip()
     if not v:
         return None
@@ -464,8 +481,7 @@ def nm(value: str, loc: Location | None = None) -> int | float | None:
     n = exact_number(v)
     if n is None:
         raise ConversionError(
-            f"{_where(loc)} is a number with more digits than FHIR JSON carries exactly "
-            f"(at most {EXACT_DIGITS} significant digits, or a 64-bit integer)",
+            f"{_where(loc)} is a number out of range ({NUMBER_RANGE}); send a measurement",
             code="102",
             location=loc,
         )

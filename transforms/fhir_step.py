@@ -10,7 +10,7 @@ Channel YAML::
           code_maps: {OBX-3: maps/demo-lab-codes.csv}
 
 The factory builds :class:`ConvertSettings` once (a ``ConfigError`` at start-up for bad options);
-each Work's payload becomes the orjson-encoded transaction Bundle.  ``facts`` carry the
+each Work's payload becomes the JSON-encoded transaction Bundle (decimals with their digits as sent).  ``facts`` carry the
 ``guards`` ((resource key, status rank) pairs), ``requires`` (resource keys that must exist)
 and the counted ``events``; ``meta["resource_types"]`` lists the resource types written.
 """
@@ -21,8 +21,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import orjson
-
+from engine import exactjson
 from engine.pipeline import StageContext, Work
 from engine.registry import transform
 from transforms.convert import convert_report
@@ -68,7 +67,7 @@ def make(options: Mapping[str, Any], ctx: StageContext) -> Callable[[Work], Work
         meta["resource_types"] = ",".join(result.resource_types)
         return dataclasses.replace(
             work,
-            payload=orjson.dumps(result.bundle),
+            payload=exactjson.dumps(result.bundle),
             content_type=FHIR_JSON,
             facts=facts,
             meta=meta,

@@ -24,6 +24,7 @@ from engine.errors import ConversionError, Location
 from engine.hl7 import Message, Rep, Segment, escape
 from transforms.bundle import OBSERVATION_STATUS_RANK, ConvertContext
 from transforms.datatypes import (
+    NUMBER_RANGE,
     V2_TABLE,
     clean_text,
     coded_table,
@@ -35,6 +36,7 @@ from transforms.datatypes import (
     exact_number,
     hd_system,
     nm,
+    number_out_of_range,
     sn,
     table,
     unit,
@@ -373,16 +375,21 @@ _NUMERIC_PREFIX = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+
 
 
 def _numeric(value: str, units: Rep, loc: Location, u: JSON | None = None) -> tuple[str, Any] | None:
-    """NM text → valueQuantity (with a comparator for ``<5`` style values sent in an NM).  ``u``: the
-    already computed ``unit(units)`` (its items are copied).  ``None`` when it is not a number, or one
-    FHIR JSON cannot carry exactly (:func:`transforms.datatypes.exact_number`): the caller keeps the text."""
+    """NM text → valueQuantity (with a comparator for ``<5`` style values sent in an NM), the value with
+    the digits as sent (:func:`transforms.datatypes.exact_number`).  ``u``: the already computed
+    ``unit(units)`` (its items are copied).  ``None`` when it is not a number: the caller keeps the text.
+    A number out of range (``number_out_of_range``) → AE 102 at ``loc``."""
     m = _NUMERIC_PREFIX.match(value)
     if m is None:
         return None
     comp, num = m.group(1), m.group(2)
     number = exact_number(num)
     if number is None:
-        return None
+        raise ConversionError(
+            f"{loc} is a number out of range ({NUMBER_RANGE}); send a measurement",
+            code="102",
+            location=loc,
+        )
     q: JSON = {"value": number}
     if comp and comp != "=":
         q["comparator"] = comp
@@ -419,6 +426,8 @@ def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext
         try:
             return sn(rep, units, loc, ctx.settings)
         except ConversionError:
+            if number_out_of_range(rep.c(2)) or number_out_of_range(rep.c(4)):
+                raise
             ctx.count("obx_value_not_numeric")
             return ("valueString", rep.text.replace(ctx.message.delimiters.component, " ").strip())
     if vtype in _CODED_TYPES:
@@ -444,6 +453,8 @@ def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext
             if high:
                 rng["high"] = {"value": nm(high, loc), **unit(units, ctx.settings)}
         except ConversionError:
+            if number_out_of_range(low) or number_out_of_range(high):
+                raise
             ctx.count("obx_value_not_numeric")
             return ("valueString", rep.text)
         return ("valueRange", rng) if rng else None
@@ -595,17 +606,28 @@ def reference_range(obx: Segment, vtype: str, ctx: ConvertContext, u: JSON | Non
             u = unit(obx.rep(6), ctx.settings)
         if "comparator" in u:
             u = {k: v for k, v in u.items() if k != "comparator"}
-        # a bound JSON cannot carry exactly is left to the text
+        # bounds keep the digits as sent; one out of range is dropped with a located warning (the
+        # text keeps it)
+        low_text = high_text = ""
         m = _RR_RANGE.match(text) or _RR_RANGE_UNDERSCORE.match(text)
         if m:
-            if (low := exact_number(m.group(1))) is not None:
-                rr["low"] = {"value": low, **u}
-            if (high := exact_number(m.group(2))) is not None:
-                rr["high"] = {"value": high, **u}
-        elif (m := _RR_BELOW.match(text)) and (high := exact_number(m.group(2))) is not None:
-            rr["high"] = {"value": high, **u}
-        elif (m := _RR_ABOVE.match(text)) and (low := exact_number(m.group(2))) is not None:
-            rr["low"] = {"value": low, **u}
+            low_text, high_text = m.group(1), m.group(2)
+        elif m := _RR_BELOW.match(text):
+            high_text = m.group(2)
+        elif m := _RR_ABOVE.match(text):
+            low_text = m.group(2)
+        for name, bound in (("low", low_text), ("high", high_text)):
+            if not bound:
+                continue
+            if (n := exact_number(bound)) is not None:
+                rr[name] = {"value": n, **u}
+            else:
+                ctx.warn(
+                    "reference_range_bound_dropped",
+                    obx.loc(7),
+                    f"a bound out of range ({NUMBER_RANGE}); referenceRange.{name} dropped "
+                    "(referenceRange.text keeps the range)",
+                )
     rr["text"] = text
     return [rr]
 

@@ -29,6 +29,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 
+from engine import exactjson
 from engine.destinations import fhir_plan, smart
 from engine.destinations.base import CONTENT_FHIR, Destination, DestinationContext, Outbound, secret
 from engine.destinations.http import (
@@ -404,7 +405,7 @@ class FhirDestination(Destination):
 
     def _bundle(self, item: Outbound) -> dict[str, Any]:
         try:
-            bundle = orjson.loads(item.payload)
+            bundle = exactjson.loads(item.payload)  # long decimals keep their digits
         except orjson.JSONDecodeError as exc:
             raise PermanentDeliveryError(
                 f"payload is not FHIR JSON ({exc}); the channel's transform must produce a transaction Bundle",

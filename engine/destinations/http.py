@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import orjson
 
+from engine import exactjson
 from engine.destinations.base import (
     CONTENT_FHIR,
     CONTENT_HL7,
@@ -281,7 +282,7 @@ def render_body(item: Outbound, payload: str) -> tuple[bytes, str]:
         hl7_text, encoding = item.raw.decode("latin-1"), "latin-1"
     if item.content_type.startswith((CONTENT_FHIR, CONTENT_JSON)):
         try:
-            out: Any = orjson.loads(item.payload)
+            out: Any = exactjson.loads(item.payload)  # long decimals keep their digits
         except orjson.JSONDecodeError as exc:
             raise PermanentDeliveryError(
                 f"payload says {item.content_type} but is not JSON ({exc}); check the channel's transform",

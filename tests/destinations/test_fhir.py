@@ -788,3 +788,55 @@ def test_test_server_survives_a_client_killed_mid_request(fhir_server: Any) -> N
     # read the three reset connections, and an error there would have ended the process already.
     assert isinstance(fhir_server.search("Patient"), list)
     assert fhir_server.proc.poll() is None
+
+
+# A synthetic ORU whose results carry more digits than a float or a 64-bit integer (issue #12)
+LONG_RESULT = "123456789012345678901234567890.50"
+LONG_BOUND = "18446744073709551616"
+LONG_ORU = (
+    "MSH|^~\\&|LAB|NORTH|EHR|HOSP|20250101120000||ORU^R01^ORU_R01|C1|P|2.5.1\r"
+    "PID|1||SYN0001^^^NORTH^MR||Testpatient^Synthetic||19800101|F\r"
+    "OBR|1|PL1|FL1^LAB|2093-3^Cholesterol^LN|||20250101110000\r"
+    f"OBX|1|NM|2093-3^Cholesterol^LN||{LONG_RESULT}|mg/dL|1-{LONG_BOUND}||||F\r"
+).encode()
+
+
+@pytest.mark.fhirserver
+@pytest.mark.parametrize("mode", ["transaction", "per-resource"])
+def test_long_decimals_reach_the_server_with_their_digits(
+    fhir: FhirServer, ctx: DestinationContext, mode: str
+) -> None:
+    """The hl7-to-fhir step writes the digits as sent; the destination reads the Bundle and sends them on
+    unchanged (whole or per resource); Medplum validates and stores the Observation."""
+    import httpx
+
+    from engine import hl7
+    from engine.pipeline import StageContext, Work
+    from transforms.fhir_step import make
+
+    step = make({"derive_unknown_systems": True}, StageContext("lab", ctx.base_dir, "channels/lab.yaml"))
+    payload = step(Work(hl7.parse_bytes(LONG_ORU), LONG_ORU, LONG_ORU, "x-application/hl7-v2+er7")).payload
+    assert f'"value":{LONG_RESULT},'.encode() in payload
+    sent: list[bytes] = []
+
+    async def record(request: httpx.Request) -> None:
+        if request.method in ("POST", "PUT"):
+            sent.append(request.read())
+
+    async def go() -> str:
+        d = dest(ctx, fhir.base_url, mode=mode)
+        await d.start()
+        assert d.client is not None
+        d.client.event_hooks["request"].append(record)
+        try:
+            return await d.deliver(make_item(payload, message_type="ORU", trigger="R01"))
+        finally:
+            await d.close()
+
+    assert run(go()).startswith(mode)
+    wire = b"".join(sent)
+    assert f'"value":{LONG_RESULT},'.encode() in wire and f'"value":{LONG_BOUND},'.encode() in wire
+    (obs,) = fhir.search("Observation")
+    # Medplum holds numbers as JavaScript doubles: accepted and stored, rounded only on its side
+    assert obs["valueQuantity"]["value"] == pytest.approx(float(LONG_RESULT))
+    assert obs["referenceRange"][0]["high"]["value"] == pytest.approx(float(LONG_BOUND))

@@ -30,6 +30,7 @@ DUMP = """
 import sys, orjson
 from pathlib import Path
 import engine.native, transforms.adt
+from engine import exactjson
 from engine.errors import InternalConversionError, SluiceError
 from engine.hl7 import parse
 from transforms.convert import convert
@@ -37,7 +38,7 @@ from transforms.settings import DEMO_SETTINGS
 out = {"reason": engine.native.REASON, "adt_file": transforms.adt.__file__, "outcomes": {}}
 for p in sys.argv[1:]:
     try:
-        bundle = orjson.dumps(convert(parse(Path(p).read_text()), DEMO_SETTINGS)).decode()
+        bundle = exactjson.dumps(convert(parse(Path(p).read_text()), DEMO_SETTINGS)).decode()  # as the step does
         outcome = {"kind": "bundle", "bundle": bundle}
     except InternalConversionError as exc:
         cause = exc.__cause__

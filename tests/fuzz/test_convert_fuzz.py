@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from engine import hl7
+from engine import exactjson, hl7
 from engine.errors import ConversionError, InternalConversionError, MessageRejected, SluiceError
 from transforms.convert import _convert, convert_report
 from transforms.settings import ConvertSettings
@@ -172,14 +173,15 @@ def expect_located(exc: SluiceError) -> None:
     assert exc.hl7_error != "207", f"internal error code without the internal error type: {exc}"
 
 
+_FHIR_DECIMAL = re.compile(rb"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # FHIR string: no C0 controls but TAB, LF, CR
 
 
 def check_bundle(bundle: dict[str, Any]) -> None:
-    """What the ``hl7-to-fhir`` step needs of a Bundle: orjson can encode it exactly (integers within
-    64 bits, finite decimals, which orjson would silently write as null) and every string is a valid
-    FHIR string."""
-    orjson.dumps(bundle)
+    """What the ``hl7-to-fhir`` step needs of a Bundle: it encodes exactly (integers within 64 bits and
+    finite floats, which orjson would silently write as null; longer numbers as Decimals written as valid
+    FHIR decimals that JSON readers take) and every string is a valid FHIR string."""
+    orjson.loads(exactjson.dumps(bundle))
     stack: list[Any] = [bundle]
     while stack:
         v = stack.pop()
@@ -189,6 +191,8 @@ def check_bundle(bundle: dict[str, Any]) -> None:
             stack.extend(v)
         elif isinstance(v, float):
             assert math.isfinite(v), f"non-finite decimal {v!r}"
+        elif isinstance(v, Decimal):
+            assert _FHIR_DECIMAL.fullmatch(exactjson.dumps(v)), f"not a FHIR decimal: {v!r}"
         elif isinstance(v, str):
             assert not _FORBIDDEN.search(v), f"control character in a FHIR string: {v[:60]!r}"
 
