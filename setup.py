@@ -35,6 +35,7 @@ COMPILED = [
     "transforms/siu.py",
     "transforms/vxu.py",
     "transforms/mdm.py",
+    "transforms/ppr.py",
     "transforms/convert.py",
 ]
 

@@ -32,6 +32,7 @@ DEFAULT_TYPES: dict[str, tuple[str, ...]] = {
     "SIU": ("S12", "S13", "S14", "S15", "S16", "S17", "S26"),
     "VXU": ("V04",),
     "MDM": ("T01", "T02", "T03", "T04", "T05", "T06", "T07", "T08", "T09", "T10", "T11"),
+    "PPR": ("PC1", "PC2", "PC3"),
 }  # fmt: skip
 DEFAULT_VERSIONS = (
     "2.1",

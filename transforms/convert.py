@@ -4,7 +4,7 @@
 :class:`Conversion` with the counted events, status guards and required resources too.
 
 Dispatch is by MSH-9.1: ``ADT`` → :mod:`transforms.adt`, ``ORU`` → :mod:`transforms.oru`,
-``SIU`` → :mod:`transforms.siu`, ``VXU`` → :mod:`transforms.vxu`, ``MDM`` → :mod:`transforms.mdm`.  Each module exposes ``convert(msg, ctx) -> None`` and adds
+``SIU`` → :mod:`transforms.siu`, ``VXU`` → :mod:`transforms.vxu`, ``MDM`` → :mod:`transforms.mdm`, ``PPR`` → :mod:`transforms.ppr`.  Each module exposes ``convert(msg, ctx) -> None`` and adds
 entries to the :class:`transforms.bundle.ConvertContext`.
 
 Errors: an unsupported message type is ``MessageRejected`` (AR 200), an unsupported trigger AR 201;
@@ -38,6 +38,7 @@ MODULES: dict[str, str] = {
     "SIU": "transforms.siu",
     "VXU": "transforms.vxu",
     "MDM": "transforms.mdm",
+    "PPR": "transforms.ppr",
 }
 PROVENANCE_TAG_SYSTEM = "urn:sluice:message"
 

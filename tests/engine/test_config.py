@@ -22,7 +22,8 @@ def test_demo_config_loads() -> None:
     (ch,) = cfg.channels
     assert ch.name == "allscripts" and ch.source.port == 2575 and ch.source.host == "127.0.0.1"
     assert ch.source.max_connections >= 200
-    assert set(ch.types) == {"ADT", "ORU", "SIU"}
+    assert set(ch.types) >= {"ADT", "ORU", "SIU", "PPR"}
+    assert "A47" in ch.types["ADT"] and "PC3" in ch.types["PPR"]
     assert cfg.store_url.endswith("var/sluice.db")
 
 
