@@ -37,10 +37,11 @@ def test_command(channels: tuple[str, ...], config_path: str, update: bool, verb
     an in-memory FHIR target, then checks ACK codes, statuses, FHIRPath assertions and golden files.
     With CHANNEL names, only those channels (each must have a test file).  See docs/testing-channels.md.
     """
-    from engine import channeltest, registry
+    from engine import channeltest, logs, registry
     from engine.cli import _load_config
 
     cfg = _load_config(config_path)
+    logs.configure("console", "warning")  # a case's processing errors are in its report, not log lines
     try:
         registry.load_plugins(cfg.plugin_paths, cfg.plugins, cfg.base_dir)
         pairs = channeltest.discover(cfg, channels)

@@ -362,13 +362,18 @@ class Runner:
             return
         if not golden.exists():
             result.failures.append(
-                f"golden: {golden} does not exist (run `sluice test --update` to write it)"
+                f"golden: {_shown(golden)} does not exist (run `sluice test --update` to write it)"
             )
             return
         expected = golden.read_text(encoding="utf-8")
         if expected != text:
             diff = difflib.unified_diff(
-                expected.splitlines(), text.splitlines(), f"expected ({golden})", "got", lineterm="", n=2
+                expected.splitlines(),
+                text.splitlines(),
+                f"expected ({_shown(golden)})",
+                "got",
+                lineterm="",
+                n=2,
             )
             lines = list(diff)
             shown = lines[:80] + ([f"... {len(lines) - 80} more diff lines"] if len(lines) > 80 else [])
@@ -376,6 +381,14 @@ class Runner:
                 "golden: the final state differs (`sluice test --update` accepts it)\n    "
                 + "\n    ".join(shown)
             )
+
+
+def _shown(path: Path) -> str:
+    """A path as the analyst typed it: relative to the current folder when it is below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def final_state(target: FhirTarget) -> dict[str, list[dict[str, Any]]]:

@@ -160,3 +160,13 @@ def test_a_named_channel_without_tests_is_an_error(tmp_path: Path) -> None:
     assert code == 1 and "has no test file" in out
     code, out = run("--config", str(cfg), "nosuch")
     assert code == 1 and "no channel named 'nosuch'" in out
+
+
+def test_the_example_channels_pass_their_tests_and_check() -> None:
+    """examples/: three channels the demo config does not load (docs/testing-channels.md)."""
+    code, out = run("--config", str(ROOT / "examples" / "routes.yaml"))
+    assert code == 0, out
+    for channel in ("allscripts-adt", "lab-results", "scheduling"):
+        assert f"ok   {channel}: " in out
+    res = CliRunner().invoke(main, ["check", "--config", str(ROOT / "examples" / "routes.yaml")])
+    assert res.exit_code == 0, res.output
