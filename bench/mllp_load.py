@@ -108,6 +108,36 @@ def suffixes(patients: int, suffix: bytes = SUFFIX) -> list[bytes]:
     ]
 
 
+def message_pairs(message: str, patients: int) -> list[tuple[bytes, bytes]]:
+    """(text before MSH-10, text after it) for each synthetic patient: a built-in template
+    (``adt-a01``, ``registration``), or any type ``sluice generate`` makes (``ADT^A04``, ``ORU^R01``,
+    ``SIU^S12``..., engine/synthetic.py: valid for the converter, the same bytes every run)."""
+    if message in TEMPLATES:
+        head, tail = TEMPLATES[message]
+        return [(head, t) for t in suffixes(patients, tail)]
+    from engine import synthetic
+
+    pairs = []
+    for text in synthetic.generate(message, max(1, patients), patients=patients):
+        fields = text.split("|", 10)  # MSH-10 is the tenth field after the segment name (MSH-1 is the bar)
+        head = "|".join(fields[:9]) + "|"
+        tail = "|" + fields[10]
+        pairs.append((head.encode(), tail.encode()))
+    return pairs
+
+
+def _message_arg(value: str) -> str:
+    if value in TEMPLATES:
+        return value
+    from engine import synthetic
+
+    try:
+        synthetic.parse_type(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; or one of {', '.join(sorted(TEMPLATES))}") from None
+    return value.upper()
+
+
 def _base36(n: int, width: int) -> str:
     digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     out = ""
@@ -189,8 +219,7 @@ async def run_load(
     await asyncio.gather(*(c.connect() for c in clients))
     interval = connections / rate if rate else 0.0
     perf = time.perf_counter
-    head, tail = TEMPLATES[template]
-    tails = suffixes(patients, tail)
+    pairs = message_pairs(template, patients)
 
     async def worker(k: int, client: MLLPClient) -> None:
         seq = 0
@@ -209,7 +238,8 @@ async def run_load(
             measuring = state["measuring"]
             t0 = perf()
             try:
-                ack = await client.send(head + cid + tails[(k * 7919 + seq) % len(tails)])
+                head, tail = pairs[(k * 7919 + seq) % len(pairs)]
+                ack = await client.send(head + cid + tail)
             except DeliveryError as exc:
                 if measuring:
                     result.errors += 1
@@ -418,7 +448,12 @@ def main() -> None:
     p.add_argument("--suite", action="store_true", help="run 1 conn, 50 conns, 50 conns @ 1000/s")
     p.add_argument("--uvloop", action="store_true", help="use uvloop if installed")
     p.add_argument("--patients", type=int, default=1, help="distinct synthetic patients (MRN, visit number)")
-    p.add_argument("--message", choices=sorted(TEMPLATES), default="adt-a01", help="which synthetic message")
+    p.add_argument(
+        "--message",
+        type=_message_arg,
+        default="adt-a01",
+        help="which synthetic message: adt-a01, registration, or a type `sluice generate` makes (ORU^R01...)",
+    )
     p.add_argument("--framer", action="store_true", help="also benchmark the sans-IO framer alone")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()

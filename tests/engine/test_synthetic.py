@@ -55,3 +55,38 @@ def test_an_unsupported_type_lists_the_supported_ones() -> None:
     res = CliRunner().invoke(main, ["generate", "--type", "ORM^O01"])
     assert res.exit_code == 2
     assert "cannot generate 'ORM^O01'" in res.output and "ADT^A01" in res.output
+
+
+def test_generated_messages_are_accepted_and_processed_by_a_running_engine(tmp_path: Path) -> None:
+    """Real sockets and store: generated ADT, ORU and SIU sent with `sluice send`, every one AA and processed."""
+    from engine import store as st
+    from tests.support.engine import EngineProcess, fhir_channel, free_port, write_config
+    from tests.support.polling import wait_for
+
+    port = free_port()
+    cfg = write_config(
+        tmp_path,
+        channels={"c": fhir_channel(port, "out", types=("ADT", "ORU", "SIU"))},
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out"), "fsync": False}},
+    )
+    files = []
+    for n, t in enumerate(("ADT^A01", "ADT^A03", "ORU^R01", "SIU^S12", "SIU^S26")):
+        f = tmp_path / f"m{n}.hl7"
+        res = CliRunner().invoke(
+            main, ["generate", "--type", t, "--count", "4", "--patients", "2", "--out", str(f)]
+        )
+        assert res.exit_code == 0, res.output
+        files.append(str(f))
+    with EngineProcess(cfg, port):
+        res = CliRunner().invoke(main, ["send", *files, "--to", f"127.0.0.1:{port}"])
+        assert res.exit_code == 0, res.output
+        assert res.output.count("\tAA\t") == 20
+        s = st.Store(f"sqlite:///{tmp_path}/sluice.db")
+        try:
+            wait_for(
+                lambda: sorted({m.status for m in s.list_messages(limit=100)}) == [st.PROCESSED],
+                what="every generated message processed",
+            )
+            assert len(s.list_messages(limit=100)) == 20
+        finally:
+            s.close()
