@@ -141,7 +141,7 @@ def load_test_file(path: Path, base_dir: Path) -> TestFile:
             raise _err(path, f"{key}.input", "a file name or a list of file names")
         for item in inputs:
             if isinstance(item, dict) and set(item) == {"hl7"}:
-                messages.extend(_inline(str(item["hl7"]), f"{name}: inline", split_messages))
+                messages.extend(_inline(str(item["hl7"]), "inline", split_messages))
                 continue
             if not isinstance(item, str):
                 raise _err(path, f"{key}.input", "each input is a file name (or `{hl7: ...}` inline)")
@@ -153,7 +153,7 @@ def load_test_file(path: Path, base_dir: Path) -> TestFile:
             for i, raw in enumerate(split_messages(f.read_bytes()), 1):
                 messages.append((f"{item}#{i}", raw))
         if rc.get("hl7") is not None:
-            messages.extend(_inline(str(rc["hl7"]), "hl7", split_messages))
+            messages.extend(_inline(str(rc["hl7"]), "inline", split_messages))
         if not messages:
             raise _err(
                 path, f"{key}.input", "the case sends no message", "give `input:` files or inline `hl7:`"
@@ -276,11 +276,13 @@ class Runner:
     ) -> Iterator[MessageOutcome]:
         jobs, immediate = intake.decide(raw, "sluice test")
         if not jobs:
-            from engine.cli import _ack_summary
+            from engine.client import parse_ack
+            from engine.intake import split_acks
 
-            yield MessageOutcome(
-                label, "rejected", _ack_summary(immediate).split(" ")[0], "nothing is stored"
-            )
+            acks = [parse_ack(a) for a in split_acks(immediate)]
+            code = "/".join(a.code for a in acks) or "-"
+            reason = "; ".join(f"{a.error_code} {a.text}".strip() for a in acks)
+            yield MessageOutcome(label, "rejected", code, f"{reason} (nothing is stored)".lstrip())
             return
         for k, job in enumerate(jobs, 1):
             where = label if len(jobs) == 1 else f"{label} (batch message {k})"
