@@ -155,7 +155,30 @@ class Anonymizer:
 
     # -- a message ----------------------------------------------------------------------------------
     def message(self, text: str, label: str) -> str:
-        """One message (segments separated by CR) → its de-identified form."""
+        """One message (segments separated by CR) → its de-identified form.  An FHS/BHS batch: each of its
+        messages on its own (its own patient's shift), the batch header and trailer lines kept."""
+        text = hl7.normalise_newlines(text)
+        if text.startswith(("FHS", "BHS")):
+            out: list[str] = []
+            current: list[str] = []
+            n = 0
+            for line in text.strip("\r\n").split("\r"):
+                if line.startswith("MSH") or line[:3] in ("BHS", "BTS", "FTS", "FHS"):
+                    if current:
+                        n += 1
+                        out.append(self._one("\r".join(current), f"{label} (batch message {n})").rstrip("\r"))
+                        current = []
+                    if not line.startswith("MSH"):
+                        out.append(line)
+                        continue
+                current.append(line)
+            if current:
+                n += 1
+                out.append(self._one("\r".join(current), f"{label} (batch message {n})").rstrip("\r"))
+            return "\r".join(out) + "\r"
+        return self._one(text, label)
+
+    def _one(self, text: str, label: str) -> str:
         msg = hl7.parse(text)  # the repo's parser: delimiters, and an AR-style error for junk
         d = msg.delimiters
         pid = msg.first("PID")

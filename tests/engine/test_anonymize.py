@@ -107,3 +107,24 @@ def test_an_existing_output_needs_force_and_a_junk_message_fails(tmp_path: Path)
     assert res.exit_code == 1 and "cannot read this message" in res.output
     res = CliRunner().invoke(main, ["anonymize", str(junk), "--out", str(out)])
     assert res.exit_code == 2 and "use --force" in res.output
+
+
+def test_a_batch_keeps_its_header_and_trailer_and_each_message_is_anonymized(tmp_path: Path) -> None:
+    one = (SAMPLES / "a01_admit.hl7").read_text().strip().replace("\n", "\r")
+    two = (SAMPLES / "a04_register.hl7").read_text().strip().replace("\n", "\r")
+    batch = tmp_path / "batch.hl7"
+    batch.write_text(
+        "FHS|^~\\&|ALLSCRIPTS|NORTHCLINIC\rBHS|^~\\&|ALLSCRIPTS|NORTHCLINIC\r"
+        + one
+        + "\r"
+        + two
+        + "\rBTS|2\rFTS|1\r"
+    )
+    code, out, folder = anonymize(tmp_path, batch)
+    assert code == 0, out
+    lines = (folder / "batch.hl7").read_bytes().decode().split("\r")
+    assert lines[:2] == ["FHS|^~\\&|ALLSCRIPTS|NORTHCLINIC", "BHS|^~\\&|ALLSCRIPTS|NORTHCLINIC"]
+    assert lines[-3:] == ["BTS|2", "FTS|1", ""]
+    pids = [line for line in lines if line.startswith("PID")]
+    assert len(pids) == 2 and "MRN200202" not in pids[0] and "MRN200101" not in pids[1]
+    assert "Synthetica" not in "\r".join(lines) and "Cohortson" not in "\r".join(lines)
