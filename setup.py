@@ -36,6 +36,7 @@ COMPILED = [
     "transforms/vxu.py",
     "transforms/mdm.py",
     "transforms/ppr.py",
+    "transforms/dft.py",
     "transforms/convert.py",
 ]
 

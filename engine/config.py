@@ -33,6 +33,8 @@ DEFAULT_TYPES: dict[str, tuple[str, ...]] = {
     "VXU": ("V04",),
     "MDM": ("T01", "T02", "T03", "T04", "T05", "T06", "T07", "T08", "T09", "T10", "T11"),
     "PPR": ("PC1", "PC2", "PC3"),
+    "DFT": ("P03", "P11"),
+    "BAR": ("P01", "P02", "P05", "P06", "P12"),
 }  # fmt: skip
 DEFAULT_VERSIONS = (
     "2.1",

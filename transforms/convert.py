@@ -4,7 +4,8 @@
 :class:`Conversion` with the counted events, status guards and required resources too.
 
 Dispatch is by MSH-9.1: ``ADT`` → :mod:`transforms.adt`, ``ORU`` → :mod:`transforms.oru`,
-``SIU`` → :mod:`transforms.siu`, ``VXU`` → :mod:`transforms.vxu`, ``MDM`` → :mod:`transforms.mdm`, ``PPR`` → :mod:`transforms.ppr`.  Each module exposes ``convert(msg, ctx) -> None`` and adds
+``SIU`` → :mod:`transforms.siu`, ``VXU`` → :mod:`transforms.vxu`, ``MDM`` → :mod:`transforms.mdm`, ``PPR`` → :mod:`transforms.ppr`,
+``DFT``/``BAR`` → :mod:`transforms.dft`.  Each module exposes ``convert(msg, ctx) -> None`` and adds
 entries to the :class:`transforms.bundle.ConvertContext`.
 
 Errors: an unsupported message type is ``MessageRejected`` (AR 200), an unsupported trigger AR 201;
@@ -39,6 +40,8 @@ MODULES: dict[str, str] = {
     "VXU": "transforms.vxu",
     "MDM": "transforms.mdm",
     "PPR": "transforms.ppr",
+    "DFT": "transforms.dft",
+    "BAR": "transforms.dft",
 }
 PROVENANCE_TAG_SYSTEM = "urn:sluice:message"
 
