@@ -5,7 +5,8 @@
 
 Dispatch is by MSH-9.1: ``ADT`` → :mod:`transforms.adt`, ``ORU`` → :mod:`transforms.oru`,
 ``SIU`` → :mod:`transforms.siu`, ``VXU`` → :mod:`transforms.vxu`, ``MDM`` → :mod:`transforms.mdm`, ``PPR`` → :mod:`transforms.ppr`,
-``DFT``/``BAR`` → :mod:`transforms.dft`.  Each module exposes ``convert(msg, ctx) -> None`` and adds
+``DFT``/``BAR`` → :mod:`transforms.dft`, ``ORM``/``OML``/``OMG`` → :mod:`transforms.orm`, ``OUL`` → :mod:`transforms.oul`,
+``REF`` → :mod:`transforms.ref`.  Each module exposes ``convert(msg, ctx) -> None`` and adds
 entries to the :class:`transforms.bundle.ConvertContext`.
 
 Errors: an unsupported message type is ``MessageRejected`` (AR 200), an unsupported trigger AR 201;
@@ -42,6 +43,11 @@ MODULES: dict[str, str] = {
     "PPR": "transforms.ppr",
     "DFT": "transforms.dft",
     "BAR": "transforms.dft",
+    "ORM": "transforms.orm",
+    "OML": "transforms.orm",
+    "OMG": "transforms.orm",
+    "OUL": "transforms.oul",
+    "REF": "transforms.ref",
 }
 PROVENANCE_TAG_SYSTEM = "urn:sluice:message"
 

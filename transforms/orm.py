@@ -1,0 +1,652 @@
+"""ORM^O01, OML^O21, OMG^O19 (orders) → ServiceRequest (+ Specimen, Condition, Observation, Patient, Encounter).
+
+Per the IG's ORM_O01 and OML_O21 message maps (OMG_O19 has the OML shape without specimens before v2.7):
+PID → Patient (a conditional create, like ORU/SIU: the ADT feed owns it), NK1 → RelatedPerson, PV1 →
+Encounter, AL1 → AllergyIntolerance; each ORDER group (ORC, TQ1, OBR, NTE, DG1, OBX/NTE, SPM) → one
+ServiceRequest (IG ORC[ServiceRequest] + OBR[ServiceRequest] + TQ1[ServiceRequest]), its DG1 → Condition
+``reasonReference``, its OBX → Observation ``supportingInfo``, its SPM → Specimen (``specimen``, and
+``Specimen.request`` back).
+
+Identity and lifecycle (docs/mapping.md): the ServiceRequest is keyed on the placer order number (OBR-2,
+else ORC-2; else the filler number OBR-3 / ORC-3), the same key ORU's ``basedOn`` ServiceRequest uses, so
+results attach to the order.  Every order message is a conditional *update* of that one resource: ORC-1
+NW → active, CA/OC/DC/OD/CR/DR → revoked, HD/OH/HR → on-hold, XO/XX/SC → the status ORC-5 gives,
+CM → completed.  Guards rank active/on-hold 1, completed/revoked 2, entered-in-error 3: a late resend of
+a new order after its cancellation goes to review instead of resurrecting it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine import redact
+from engine.errors import ConversionError, Location, MessageRejected
+from engine.hl7 import Message, Rep, Segment, escape
+from transforms.bundle import ConvertContext
+from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, nm, table, unit, xcn
+
+JSON = dict[str, Any]
+
+TRIGGERS: dict[str, frozenset[str]] = {
+    "ORM": frozenset({"O01"}),
+    "OML": frozenset({"O21"}),
+    "OMG": frozenset({"O19"}),
+}
+
+# ORC-1 order control (table 0119).  The codes that *are* the event decide the status whatever ORC-5 says
+# (a cancel is a cancel); the others give it only when ORC-5 is empty.
+CONTROL_EVENT_STATUS: dict[str, str] = {
+    "CA": "revoked",
+    "OC": "revoked",
+    "CR": "revoked",
+    "DC": "revoked",
+    "OD": "revoked",
+    "DR": "revoked",
+    "DF": "revoked",
+    "HD": "on-hold",
+    "OH": "on-hold",
+    "HR": "on-hold",
+    "CM": "completed",
+    "FU": "completed",
+}
+CONTROL_STATUS: dict[str, str] = {
+    "NW": "active",
+    "OK": "active",
+    "AF": "active",
+    "RL": "active",
+    "OR": "active",
+    "OE": "active",
+    "RO": "active",
+    "RQ": "active",
+    "RP": "active",
+    "RU": "active",
+    "PR": "active",
+    "PY": "active",
+    "SN": "active",
+    "NA": "active",
+    "XO": "active",
+    "XX": "active",
+    "XR": "active",
+    "SC": "active",
+    "SR": "active",
+    "SS": "active",
+    "RE": "active",
+    "CH": "active",
+    "PA": "active",
+    "LI": "active",
+    "UN": "active",
+    "UA": "revoked",
+    "UC": "active",
+    "UD": "active",
+    "UF": "active",
+    "UH": "active",
+    "UM": "active",
+    "UR": "on-hold",
+    "UX": "active",
+    "DE": "active",
+    "RR": "active",
+    "RF": "active",
+    "OF": "active",
+    "OP": "active",
+    "CN": "active",
+    "CP": "active",
+    "MC": "active",
+}
+# ORC-5 order status (table 0038, IG OrderStatus)
+ORDER_STATUS: dict[str, str] = {
+    "A": "active",
+    "CA": "revoked",
+    "CM": "completed",
+    "DC": "revoked",
+    "ER": "entered-in-error",
+    "HD": "on-hold",
+    "IP": "active",
+    "RP": "revoked",
+    "SC": "active",
+}
+SERVICE_REQUEST_STATUS_RANK: dict[str, int] = {
+    "draft": 1,
+    "active": 1,
+    "on-hold": 1,
+    "completed": 2,
+    "revoked": 2,
+    "entered-in-error": 3,
+}
+# table 0027 priority (TQ1-9, ORC-7.6, OBR-27.6, OBR-5) → ServiceRequest.priority
+PRIORITY: dict[str, str] = {
+    "S": "stat",
+    "A": "asap",
+    "R": "routine",
+    "P": "urgent",
+    "C": "urgent",
+    "T": "urgent",
+}
+# table 0482 order type (ORC-29) → v3 RoleCode service delivery location, next to the v2 coding
+ORDER_TYPE_ROLE: dict[str, tuple[str, str]] = {"O": ("OF", "Outpatient facility"), "I": ("HOSP", "Hospital")}
+V3_ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+# table 0493 specimen condition is coded as sent; SPM-20 availability (Y/N) → Specimen.status
+SPECIMEN_AVAILABLE: dict[str, str] = {"Y": "available", "N": "unavailable"}
+
+_DETAIL = frozenset({"OBR", "RQD", "RQ1", "RXO", "ODS", "ODT"})
+_IGNORED_IN_ORDER = frozenset({"PRT", "CTD", "FT1", "CTI", "BLG", "TCD", "SGH", "SGT", "SAC", "INV", "TQ2"})
+
+
+class Order:
+    """One ORDER group: its ORC, timing, order detail (OBR), notes, diagnoses, observations, specimens."""
+
+    __slots__ = ("dg1", "notes", "obr", "obx", "orc", "specimens", "tq1")
+
+    def __init__(self, orc: Segment | None) -> None:
+        self.orc = orc
+        self.obr: Segment | None = None
+        self.tq1: Segment | None = None
+        self.notes: list[Segment] = []
+        self.dg1: list[Segment] = []
+        # (OBX, its NTEs)
+        self.obx: list[tuple[Segment, list[Segment]]] = []
+        # (SPM, its specimen OBX with their NTEs)
+        self.specimens: list[tuple[Segment, list[tuple[Segment, list[Segment]]]]] = []
+
+
+def groups(msg: Message) -> tuple[Segment | None, list[Order]]:
+    """(first PID, ORDER groups) in message order.  An OBR with no ORC before it (v2.3-era senders, or a
+    second OBR under one ORC) starts its own group, which keeps the ORC before it for the order control."""
+    pid: Segment | None = None
+    orders: list[Order] = []
+    current: Order | None = None
+    notes: list[Segment] | None = None  # where an NTE goes
+    in_specimen = False
+    for seg in msg.segments:
+        name = seg.name
+        if name == "PID":
+            if pid is None:
+                pid = seg
+            notes = None
+        elif name == "ORC":
+            current = Order(seg)
+            orders.append(current)
+            notes = current.notes
+            in_specimen = False
+        elif current is None:
+            if name == "OBR":
+                current = Order(None)
+                orders.append(current)
+                current.obr = seg
+                notes = current.notes
+            else:
+                notes = None
+        elif name in _DETAIL:
+            if name == "OBR":
+                if current.obr is not None:
+                    current = Order(current.orc)
+                    orders.append(current)
+                current.obr = seg
+            notes = current.notes
+            in_specimen = False
+        elif name == "TQ1":
+            if current.tq1 is None:
+                current.tq1 = seg
+        elif name == "DG1":
+            current.dg1.append(seg)
+            notes = None
+        elif name == "SPM":
+            current.specimens.append((seg, []))
+            in_specimen = True
+            notes = None
+        elif name == "OBX":
+            group: tuple[Segment, list[Segment]] = (seg, [])
+            if in_specimen:
+                current.specimens[-1][1].append(group)
+            else:
+                current.obx.append(group)
+            notes = group[1]
+        elif name == "NTE":
+            if notes is not None:
+                notes.append(seg)
+        elif name not in _IGNORED_IN_ORDER:
+            notes = None
+    return pid, orders
+
+
+# ---------------------------------------------------------------------------
+# ServiceRequest
+# ---------------------------------------------------------------------------
+def _typed(ident: JSON, code: str, display: str) -> JSON:
+    out = dict(ident)
+    out["type"] = {"coding": [{"system": V2_TABLE + "0203", "code": code, "display": display}]}
+    return out
+
+
+def order_numbers(
+    orc: Segment | None, obr: Segment | None, ctx: ConvertContext
+) -> tuple[JSON | None, JSON | None]:
+    """(placer, filler) order numbers: OBR-2/OBR-3, falling back to ORC-2/ORC-3 (ORU's rule)."""
+    placer = filler = None
+    for seg in (obr, orc):
+        if seg is None:
+            continue
+        if placer is None:
+            placer = ei(seg.rep(2), ctx, seg.loc(2))
+        if filler is None:
+            filler = ei(seg.rep(3), ctx, seg.loc(3))
+    return placer, filler
+
+
+def status_of(orc: Segment | None, ctx: ConvertContext) -> str:
+    """ServiceRequest.status from ORC-1 (the event codes), else ORC-5 (table 0038), else ORC-1."""
+    if orc is None:
+        return "active"
+    control = orc.get(1).strip().upper()
+    if control in CONTROL_EVENT_STATUS:
+        return CONTROL_EVENT_STATUS[control]
+    if orc.get(5).strip():
+        hit = table(ctx, ORDER_STATUS, orc.get(5), orc.loc(5), "0038")
+        if hit:
+            return hit
+    if control == "SC":
+        ctx.warn(
+            "order_status_change_without_status",
+            orc.loc(5),
+            "ORC-1 is SC (status changed) but ORC-5 has no known order status: the ServiceRequest stays active",
+        )
+        return "active"
+    if not control:
+        return "active"
+    return table(ctx, CONTROL_STATUS, control, orc.loc(1), "0119") or "unknown"
+
+
+def _tq(rep: Rep, seg: Segment, field: int, ctx: ConvertContext) -> tuple[JSON | None, str]:
+    """ORC-7 / OBR-27 (TQ: quantity^interval^duration^start^end^priority) → (occurrence period, priority code)."""
+    if not rep:
+        return None, ""
+    p: JSON = {}
+    if rep.c(4).strip() and (s := dtm_at(rep.c(4).strip(), ctx.settings, seg, field)):
+        p["start"] = s
+    if rep.c(5).strip() and (e := dtm_at(rep.c(5).strip(), ctx.settings, seg, field)):
+        p["end"] = e
+    return p or None, rep.c(6).strip().upper()
+
+
+def service_request(
+    order: Order,
+    ctx: ConvertContext,
+    enc: str | None,
+    used: set[str] | None = None,
+    *,
+    create_only: bool = False,
+) -> tuple[str, str]:
+    """One ORDER group → the ServiceRequest; returns (reference, resource key).  Raises a located
+    ``ConversionError`` when the order has no placer or filler number (the key)."""
+    orc, obr = order.orc, order.obr
+    settings = ctx.settings
+    placer, filler = order_numbers(orc, obr, ctx)
+    key_ident = placer or filler
+    if key_ident is None:
+        where = orc if orc is not None else obr
+        assert where is not None
+        raise ConversionError(
+            f"{where.name} has neither a placer (ORC-2/OBR-2) nor a filler (ORC-3/OBR-3) order number: the order "
+            "cannot be identified; send ORC-2",
+            code="101",
+            location=where.loc(2),
+        )
+    res: JSON = {"resourceType": "ServiceRequest"}
+    idents: list[JSON] = []
+    if placer is not None:
+        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+    if filler is not None:
+        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    for seg, f in ((obr, 53), (orc, 33)):
+        if seg is not None and seg.get(f).strip():
+            alt = ei(seg.rep(f), ctx, seg.loc(f))
+            if alt is not None and not any(alt["value"] == i["value"] for i in idents):
+                idents.append(_typed(alt, "PLAC", "Placer Identifier"))
+            break
+    res["identifier"] = idents
+    status = status_of(orc, ctx)
+    res["status"] = status
+    res["intent"] = "reflex-order" if obr is not None and obr.get(11).strip().upper() == "G" else "order"
+    if orc is not None and orc.rep(4) and (grp := ei(orc.rep(4), ctx, orc.loc(4))) is not None:
+        res["requisition"] = _typed(grp, "PGN", "Placer Group Number")
+    # priority and timing: TQ1 (v2.5+), else ORC-7 / OBR-27 (TQ), else OBR-5
+    period: JSON | None = None
+    prio = ""
+    tq1 = order.tq1
+    if tq1 is not None:
+        period = {}
+        if tq1.get(7).strip() and (s := dtm_at(tq1.get(7).strip(), settings, tq1, 7)):
+            period["start"] = s
+        if tq1.get(8).strip() and (e := dtm_at(tq1.get(8).strip(), settings, tq1, 8)):
+            period["end"] = e
+        prio = tq1.get(9).strip().upper()
+    if not period and orc is not None:
+        period, p2 = _tq(orc.rep(7), orc, 7, ctx)
+        prio = prio or p2
+    if not period and obr is not None:
+        period, p3 = _tq(obr.rep(27), obr, 27, ctx)
+        prio = prio or p3
+    if not prio and obr is not None:
+        prio = obr.get(5).strip().upper()
+    if prio:
+        loc = tq1.loc(9) if tq1 is not None else (orc.loc(7) if orc is not None else None)
+        if (p := table(ctx, PRIORITY, prio, loc or Location("ORC", 1, 7), "0027")) is not None:
+            res["priority"] = p
+    if obr is not None and (code := cwe(obr.rep(4), ctx, obr.loc(4), field="OBR-4")) is not None:
+        res["code"] = code
+    elif obr is None:
+        ctx.warn(
+            "order_without_detail",
+            orc.loc(1) if orc is not None else None,
+            "the order has no OBR (order detail): the ServiceRequest is written without a code; an update "
+            "replaces the whole ServiceRequest, so send the OBR with every order control message",
+        )
+    if obr is not None and (
+        details := [c for f in (46, 47) for r in obr.reps(f) if (c := cwe(r, ctx, obr.loc(f)))]
+    ):
+        res["orderDetail"] = details
+    if ctx.patient_ref:
+        res["subject"] = {"reference": ctx.patient_ref}
+    if enc:
+        res["encounter"] = {"reference": enc}
+    if period and "start" in period and "end" in period:
+        res["occurrencePeriod"] = period
+    elif period:
+        res["occurrenceDateTime"] = period.get("start") or period["end"]
+    elif obr is not None and obr.get(6).strip() and (occ := dtm_at(obr.get(6).strip(), settings, obr, 6)):
+        res["occurrenceDateTime"] = occ
+    # IG ORC-9 → authoredOn; only for a new order (in a cancel or change ORC-9 is when that happened)
+    control = orc.get(1).strip().upper() if orc is not None else ""
+    if (
+        orc is not None
+        and control in ("NW", "")
+        and orc.get(9).strip()
+        and (authored := dtm_at(orc.get(9).strip(), settings, orc, 9))
+    ):
+        res["authoredOn"] = authored
+    requester = None
+    if orc is not None and orc.rep(12):
+        requester = xcn(orc.rep(12), ctx, orc.loc(12))
+    if requester is None and obr is not None and obr.rep(16):
+        requester = xcn(obr.rep(16), ctx, obr.loc(16))
+    if requester is None and orc is not None and orc.rep(21):
+        from transforms import oru
+
+        requester = oru.xon_organization(orc, 21, 22, ctx)
+    if requester is not None:
+        res["requester"] = requester
+    if obr is not None and (reasons := [c for r in obr.reps(31) if (c := cwe(r, ctx, obr.loc(31)))]):
+        res["reasonCode"] = reasons
+    if orc is not None and orc.rep(29) and (otype := _order_type(orc.rep(29), ctx, orc.loc(29))):
+        res["locationCode"] = [otype]
+    # OBR-29 parent (EIP: placer&...^filler&...) → basedOn, a logical reference by identifier
+    if obr is not None and obr.rep(29):
+        parent = obr.rep(29)
+        for comp, tcode, tdisplay in ((2, "FILL", "Filler Identifier"), (1, "PLAC", "Placer Identifier")):
+            value = parent.c(comp, 1).strip()
+            if value:
+                res["basedOn"] = [
+                    {"type": "ServiceRequest", "identifier": _typed({"value": value}, tcode, tdisplay)}
+                ]
+                break
+    if order.notes:
+        from transforms import oru
+
+        if (note := oru.annotation(order.notes, ctx)) is not None:
+            res["note"] = [note]
+    system = key_ident.get("system")
+    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+    order_key = f"{system or 'facility:' + facility}|{key_ident['value']}"
+    if used is not None and order_key in used:
+        # a second order detail (OBR) under the same order number: its own ServiceRequest, keyed apart
+        first = ((res.get("code") or {}).get("coding") or [{}])[0]
+        code_key = f"{first.get('system', '')}|{first.get('code', '')}"
+        where = obr if obr is not None else orc
+        ctx.warn(
+            "order_duplicate_number",
+            where.loc(2) if where is not None else None,
+            "another order group of this message has the same order number: this order detail is keyed by "
+            "order number + OBR-4 code instead",
+        )
+        ref = ctx.add("ServiceRequest", res, key=f"{order_key}|{code_key}", create_only=create_only)
+    elif system:
+        ref = ctx.add("ServiceRequest", res, identifier=(system, key_ident["value"]), create_only=create_only)
+    else:
+        ref = ctx.add(
+            "ServiceRequest", res, key=f"{facility}|order|{key_ident['value']}", create_only=create_only
+        )
+    if used is not None:
+        used.add(order_key)
+    key = ctx.key_of(ref) or ref
+    if not create_only:
+        ctx.guard(key, SERVICE_REQUEST_STATUS_RANK.get(status, 0))
+    return ref, key
+
+
+def _order_type(rep: Rep, ctx: ConvertContext, loc: Location) -> JSON | None:
+    cc = cwe(rep, ctx, loc)
+    if cc is None:
+        return None
+    code = rep.c(1).strip().upper()
+    role = ORDER_TYPE_ROLE.get(code)
+    if role is not None and not rep.c(3).strip():
+        # the bare table 0482 code: say which table, and add the v3 service delivery location
+        cc["coding"] = [
+            {"system": V2_TABLE + "0482", "code": code},
+            {"system": V3_ROLE_CODE, "code": role[0], "display": role[1]},
+        ]
+    return cc
+
+
+# ---------------------------------------------------------------------------
+# Specimen
+# ---------------------------------------------------------------------------
+def _eip_part(rep: Rep, comp: int, ctx: ConvertContext, loc: Location) -> JSON | None:
+    """One EI of an EIP (``id&namespace&uid&type`` in component ``comp``) → Identifier."""
+    subs = rep.subs(comp)
+    if not subs or not subs[0].strip():
+        return None
+    d = ctx.message.delimiters
+    return ei(Rep(d.component.join(escape(x, d) for x in subs[:4]), d), ctx, loc)
+
+
+def specimen(
+    spm: Segment, ctx: ConvertContext, order_key: str | None, request: str | None, patient_key: str
+) -> str:
+    """SPM → Specimen (IG SPM[Specimen]); returns its reference.
+
+    Key: the filler's specimen id (SPM-2.2), else the placer's (SPM-2.1), else the accession id (SPM-30);
+    without any, the order (or patient) + SPM-1 set id, counted ``specimen_fallback_key``."""
+    settings = ctx.settings
+    res: JSON = {"resourceType": "Specimen"}
+    loc2 = spm.loc(2)
+    placer = _eip_part(spm.rep(2), 1, ctx, loc2)
+    filler = _eip_part(spm.rep(2), 2, ctx, loc2)
+    idents: list[JSON] = []
+    if placer is not None:
+        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+    if filler is not None:
+        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    for i, rep in enumerate(spm.reps(31), start=1):
+        if (other := ei(rep, ctx, Location("SPM", spm.sequence, 31, i))) is not None:
+            idents.append(other)
+    if spm.rep(32) and (ship := ei(spm.rep(32), ctx, spm.loc(32))) is not None:
+        idents.append(_typed(ship, "SHIP", "Shipment ID"))
+    if idents:
+        res["identifier"] = idents
+    accession = ei(spm.rep(30), ctx, spm.loc(30)) if spm.rep(30) else None
+    if accession is not None:
+        res["accessionIdentifier"] = accession
+    avail = spm.get(20).strip().upper()
+    if avail and (st := table(ctx, SPECIMEN_AVAILABLE, avail, spm.loc(20), "0136")):
+        res["status"] = st
+    if spm.rep(4) and (stype := cwe(spm.rep(4), ctx, spm.loc(4), field="SPM-4")) is not None:
+        res["type"] = stype
+    if ctx.patient_ref:
+        res["subject"] = {"reference": ctx.patient_ref}
+    if spm.get(18).strip() and (received := dtm_at(spm.get(18).strip(), settings, spm, 18)):
+        res["receivedTime"] = received
+    parents = []
+    for i, rep in enumerate(spm.reps(3), start=1):
+        if pid := _eip_part(rep, 2, ctx, spm.loc(3)) or _eip_part(
+            rep, 1, ctx, Location("SPM", spm.sequence, 3, i)
+        ):
+            parents.append({"type": "Specimen", "identifier": pid})
+    if parents:
+        res["parent"] = parents
+    if request:
+        res["request"] = [{"reference": request}]
+    collection: JSON = {}
+    start, end = spm.rep(17).c(1, 1).strip(), spm.rep(17).c(2, 1).strip()
+    if start and (s := dtm_at(start, settings, spm, 17)):
+        if end and (e := dtm_at(end, settings, spm, 17)):
+            collection["collectedPeriod"] = {"start": s, "end": e}
+        else:
+            collection["collectedDateTime"] = s
+    amount = spm.rep(12)
+    if amount and (n := nm(amount.c(1).strip(), spm.loc(12))) is not None:
+        qty: JSON = {"value": n}
+        d = ctx.message.delimiters
+        qty.update(unit(Rep(d.component.join(escape(x, d) for x in amount.subs(2)), d), settings))
+        collection["quantity"] = qty
+    if spm.rep(7) and (method := cwe(spm.rep(7), ctx, spm.loc(7))) is not None:
+        collection["method"] = method
+    if spm.rep(8) and (site := cwe(spm.rep(8), ctx, spm.loc(8))) is not None:
+        collection["bodySite"] = site
+    if collection:
+        res["collection"] = collection
+    container: JSON = {}
+    if spm.rep(27) and (ctype := cwe(spm.rep(27), ctx, spm.loc(27))) is not None:
+        container["type"] = ctype
+    if spm.rep(6) and (additive := cwe(spm.rep(6), ctx, spm.loc(6))) is not None:
+        container["additiveCodeableConcept"] = additive
+    if container:
+        res["container"] = [container]
+    if conditions := [
+        c for i, r in enumerate(spm.reps(24), 1) if (c := cwe(r, ctx, Location("SPM", spm.sequence, 24, i)))
+    ]:
+        res["condition"] = conditions
+    texts = [r.text.strip() for r in spm.reps(14) if r.text.strip()]
+    if texts:
+        from transforms.datatypes import clean_text
+
+        res["note"] = [{"text": clean_text(ctx, "\n".join(texts))}]
+    key_ident = filler or placer or accession
+    if key_ident is not None and key_ident.get("system"):
+        return ctx.add("Specimen", res, identifier=(key_ident["system"], key_ident["value"]))
+    if key_ident is not None:
+        facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+        return ctx.add("Specimen", res, key=f"{facility}|specimen|{key_ident['value']}")
+    ctx.count("specimen_fallback_key")
+    return ctx.add("Specimen", res, key=f"{order_key or patient_key}|specimen|{spm.get(1).strip()}")
+
+
+# ---------------------------------------------------------------------------
+# The message
+# ---------------------------------------------------------------------------
+def observations(
+    obxs: list[tuple[Segment, list[Segment]]],
+    ctx: ConvertContext,
+    key_prefix: str,
+    obr: Segment | None,
+    enc: str | None,
+) -> list[str]:
+    """OBX groups → Observations (ORU's mapping); an OBX without OBX-3 and without a value is skipped."""
+    from transforms import oru
+
+    seen: dict[str, int] = {}
+    out: list[str] = []
+    for obx, notes in obxs:
+        if not obx.rep(3):
+            ctx.count("obx_without_code_skipped")
+            continue
+        ref = oru.observation(
+            obx, notes, ctx, key_prefix=key_prefix, obr=obr, obr_status_code="", seen=seen, enc=enc
+        )
+        if ref is not None:
+            out.append(ref)
+    return out
+
+
+def order(order: Order, ctx: ConvertContext, enc: str | None, patient_key: str, used: set[str]) -> str:
+    """One ORDER group → ServiceRequest + Condition/Observation/Specimen entries; returns its reference."""
+    from transforms import adt
+
+    ref, key = service_request(order, ctx, enc, used)
+    sr = ctx.find(ref)
+    assert sr is not None
+    reasons = [
+        {"reference": c}
+        for dg1 in order.dg1
+        if ctx.patient_ref and (c := adt.condition(dg1, ctx, ctx.patient_ref, patient_key, enc)) is not None
+    ]
+    if reasons:
+        sr["reasonReference"] = reasons
+    supporting = [
+        {"reference": o} for o in observations(order.obx, ctx, f"{key}|observation", order.obr, enc)
+    ]
+    specimens: list[JSON] = []
+    for spm, spm_obx in order.specimens:
+        sref = specimen(spm, ctx, key, ref, patient_key)
+        specimens.append({"reference": sref})
+        for oref in observations(spm_obx, ctx, f"{ctx.key_of(sref) or sref}|observation", order.obr, enc):
+            obs = ctx.find(oref)
+            if obs is not None:
+                obs.setdefault("specimen", {"reference": sref})
+            supporting.append({"reference": oref})
+    if supporting:
+        sr["supportingInfo"] = supporting
+    if specimens:
+        sr["specimen"] = specimens
+    return ref
+
+
+def convert(msg: Message, ctx: ConvertContext) -> None:
+    """ORM^O01 / OML^O21 / OMG^O19 → entries in ``ctx``."""
+    from transforms import adt, oru
+
+    mtype, trigger = msg.message_type, msg.trigger
+    allowed = TRIGGERS.get(mtype, frozenset())
+    if trigger not in allowed:
+        raise MessageRejected(
+            f"{redact.message_type(mtype)} trigger {redact.trigger(trigger) if trigger else '(empty)'} is not "
+            f"supported (supported: {', '.join(sorted(allowed))})",
+            code="201",
+            location=Location("MSH", 1, 9, None, 2),
+        )
+    pid, orders = groups(msg)
+    if pid is None:
+        raise ConversionError(
+            f"{redact.message_type(mtype)} message has no PID segment: an order needs a patient",
+            code="100",
+            location=Location("PID", 1),
+        )
+    if not orders:
+        raise ConversionError(
+            f"{redact.message_type(mtype)} message has no ORC (common order) segment",
+            code="100",
+            location=Location("ORC", 1),
+        )
+    patient_ref = oru.patient(pid, ctx)
+    patient_key = ctx.key_of(patient_ref) or patient_ref
+    for nk1 in msg.all("NK1"):
+        adt.related_person(nk1, ctx, patient_ref, patient_key)
+    enc = oru.encounter(msg, ctx)
+    for al1 in msg.all("AL1"):
+        adt.allergy(al1, ctx, patient_ref, patient_key)
+    used: set[str] = set()
+    for o in orders:
+        order(o, ctx, enc, patient_key, used)
+
+
+__all__ = [
+    "CONTROL_EVENT_STATUS",
+    "CONTROL_STATUS",
+    "ORDER_STATUS",
+    "SERVICE_REQUEST_STATUS_RANK",
+    "TRIGGERS",
+    "Order",
+    "convert",
+    "groups",
+    "service_request",
+    "specimen",
+]
