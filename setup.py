@@ -37,6 +37,9 @@ COMPILED = [
     "transforms/mdm.py",
     "transforms/ppr.py",
     "transforms/dft.py",
+    "transforms/orm.py",
+    "transforms/oul.py",
+    "transforms/ref.py",
     "transforms/convert.py",
 ]
 

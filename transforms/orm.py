@@ -23,7 +23,7 @@ from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment, escape
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, nm, table, unit, xcn
+from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, fhir_code, nm, table, unit, xcn
 
 JSON = dict[str, Any]
 
@@ -255,16 +255,30 @@ def status_of(orc: Segment | None, ctx: ConvertContext) -> str:
     return table(ctx, CONTROL_STATUS, control, orc.loc(1), "0119") or "unknown"
 
 
-def _tq(rep: Rep, seg: Segment, field: int, ctx: ConvertContext) -> tuple[JSON | None, str]:
-    """ORC-7 / OBR-27 (TQ: quantity^interval^duration^start^end^priority) → (occurrence period, priority code)."""
-    if not rep:
-        return None, ""
-    p: JSON = {}
-    if rep.c(4).strip() and (s := dtm_at(rep.c(4).strip(), ctx.settings, seg, field)):
-        p["start"] = s
-    if rep.c(5).strip() and (e := dtm_at(rep.c(5).strip(), ctx.settings, seg, field)):
-        p["end"] = e
-    return p or None, rep.c(6).strip().upper()
+def timing(
+    tq1: Segment | None, orc: Segment | None, obr: Segment | None, ctx: ConvertContext
+) -> tuple[JSON | None, str, str]:
+    """(bounds period, priority code, repeat pattern code) from TQ1 (v2.5+: TQ1-7/8, TQ1-9, TQ1-3), else
+    ORC-7 / OBR-27 (TQ: quantity^interval^duration^start^end^priority; interval component 1 the pattern)."""
+    settings = ctx.settings
+    if tq1 is not None:
+        p: JSON = {}
+        if tq1.get(7).strip() and (s := dtm_at(tq1.get(7).strip(), settings, tq1, 7)):
+            p["start"] = s
+        if tq1.get(8).strip() and (e := dtm_at(tq1.get(8).strip(), settings, tq1, 8)):
+            p["end"] = e
+        return p or None, tq1.get(9).strip().upper(), tq1.get(3).strip()
+    for seg, field in ((orc, 7), (obr, 27)):
+        if seg is None or not seg.rep(field):
+            continue
+        rep = seg.rep(field)
+        p = {}
+        if rep.c(4).strip() and (s := dtm_at(rep.c(4).strip(), settings, seg, field)):
+            p["start"] = s
+        if rep.c(5).strip() and (e := dtm_at(rep.c(5).strip(), settings, seg, field)):
+            p["end"] = e
+        return p or None, rep.c(6).strip().upper(), rep.c(2).strip()
+    return None, "", ""
 
 
 def service_request(
@@ -309,22 +323,8 @@ def service_request(
     if orc is not None and orc.rep(4) and (grp := ei(orc.rep(4), ctx, orc.loc(4))) is not None:
         res["requisition"] = _typed(grp, "PGN", "Placer Group Number")
     # priority and timing: TQ1 (v2.5+), else ORC-7 / OBR-27 (TQ), else OBR-5
-    period: JSON | None = None
-    prio = ""
     tq1 = order.tq1
-    if tq1 is not None:
-        period = {}
-        if tq1.get(7).strip() and (s := dtm_at(tq1.get(7).strip(), settings, tq1, 7)):
-            period["start"] = s
-        if tq1.get(8).strip() and (e := dtm_at(tq1.get(8).strip(), settings, tq1, 8)):
-            period["end"] = e
-        prio = tq1.get(9).strip().upper()
-    if not period and orc is not None:
-        period, p2 = _tq(orc.rep(7), orc, 7, ctx)
-        prio = prio or p2
-    if not period and obr is not None:
-        period, p3 = _tq(obr.rep(27), obr, 27, ctx)
-        prio = prio or p3
+    period, prio, pattern = timing(tq1, orc, obr, ctx)
     if not prio and obr is not None:
         prio = obr.get(5).strip().upper()
     if prio:
@@ -348,7 +348,13 @@ def service_request(
         res["subject"] = {"reference": ctx.patient_ref}
     if enc:
         res["encounter"] = {"reference": enc}
-    if period and "start" in period and "end" in period:
+    if pattern:
+        # a repeat pattern (table 0335: BID, Q4H, Once ...) → occurrenceTiming, bounded by the period
+        tim: JSON = {"code": {"coding": [{"system": V2_TABLE + "0335", "code": fhir_code(pattern)}]}}
+        if period:
+            tim["repeat"] = {"boundsPeriod": period}
+        res["occurrenceTiming"] = tim
+    elif period and "start" in period and "end" in period:
         res["occurrencePeriod"] = period
     elif period:
         res["occurrenceDateTime"] = period.get("start") or period["end"]
@@ -378,16 +384,8 @@ def service_request(
         res["reasonCode"] = reasons
     if orc is not None and orc.rep(29) and (otype := _order_type(orc.rep(29), ctx, orc.loc(29))):
         res["locationCode"] = [otype]
-    # OBR-29 parent (EIP: placer&...^filler&...) → basedOn, a logical reference by identifier
-    if obr is not None and obr.rep(29):
-        parent = obr.rep(29)
-        for comp, tcode, tdisplay in ((2, "FILL", "Filler Identifier"), (1, "PLAC", "Placer Identifier")):
-            value = parent.c(comp, 1).strip()
-            if value:
-                res["basedOn"] = [
-                    {"type": "ServiceRequest", "identifier": _typed({"value": value}, tcode, tdisplay)}
-                ]
-                break
+    if obr is not None and obr.rep(29) and (parent := _parent(obr, ctx)) is not None:
+        res["basedOn"] = [{"reference": parent}]
     if order.notes:
         from transforms import oru
 
@@ -420,6 +418,36 @@ def service_request(
     if not create_only:
         ctx.guard(key, SERVICE_REQUEST_STATUS_RANK.get(status, 0))
     return ref, key
+
+
+def _parent(obr: Segment, ctx: ConvertContext) -> str | None:
+    """OBR-29 parent order (EIP: placer id&ns&uid&type ^ filler id&ns&uid&type) → the parent ServiceRequest
+    (IG OBR-29 → basedOn), keyed like any order (placer, else filler) and written as a conditional *create*:
+    the parent's own order message owns its content; here it is only made sure to exist."""
+    loc = obr.loc(29)
+    placer = _eip_part(obr.rep(29), 1, ctx, loc)
+    filler = _eip_part(obr.rep(29), 2, ctx, loc)
+    key_ident = placer or filler
+    if key_ident is None:
+        return None
+    idents: list[JSON] = []
+    if placer is not None:
+        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+    if filler is not None:
+        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    res: JSON = {
+        "resourceType": "ServiceRequest",
+        "identifier": idents,
+        "status": "unknown",
+        "intent": "order",
+    }
+    if ctx.patient_ref:
+        res["subject"] = {"reference": ctx.patient_ref}
+    system = key_ident.get("system")
+    if system:
+        return ctx.add("ServiceRequest", res, identifier=(system, key_ident["value"]), create_only=True)
+    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+    return ctx.add("ServiceRequest", res, key=f"{facility}|order|{key_ident['value']}", create_only=True)
 
 
 def _order_type(rep: Rep, ctx: ConvertContext, loc: Location) -> JSON | None:
@@ -633,6 +661,14 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     enc = oru.encounter(msg, ctx)
     for al1 in msg.all("AL1"):
         adt.allergy(al1, ctx, patient_ref, patient_key)
+    insurance: list[list[Segment]] = []  # INSURANCE groups: IN1 and the IN2 right after it
+    for seg in msg.segments:
+        if seg.name == "IN1":
+            insurance.append([seg])
+        elif seg.name == "IN2" and insurance and len(insurance[-1]) == 1:
+            insurance[-1].append(seg)
+    for group in insurance:
+        adt.coverage(group[0], ctx, patient_ref, patient_key, group[1] if len(group) > 1 else None)
     used: set[str] = set()
     for o in orders:
         order(o, ctx, enc, patient_key, used)

@@ -1,0 +1,145 @@
+"""OUL^R22 (unsolicited specimen-oriented observation) → Specimen + DiagnosticReport + Observation.
+
+OUL_R22 is specimen first: PID, PV1, then SPECIMEN groups (SPM, its own OBX, SAC containers) each holding
+ORDER groups (OBR, then ORC, NTE, TQ1, RESULT: OBX + NTE).  Every SPM → Specimen (:func:`transforms.orm.specimen`,
+IG SPM[Specimen]); every ORDER → the ORU mapping (:func:`transforms.oru.report`: DiagnosticReport keyed on
+the filler order number, Observations keyed on it + OBX-3 + OBX-4, the order's ServiceRequest as a
+conditional create), with ``DiagnosticReport.specimen`` and ``Observation.specimen`` pointing at the group's
+Specimen.  The specimen's own OBX (before the first OBR) → Observations with that ``specimen``.
+
+A correction (OBX-11 C, OBR-25 C) updates the same resources, guarded by status rank like ORU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine import redact
+from engine.errors import ConversionError, Location, MessageRejected
+from engine.hl7 import Message, Segment
+from transforms.bundle import ConvertContext
+
+JSON = dict[str, Any]
+
+TRIGGERS = frozenset({"R22"})
+
+_BREAKS = frozenset({"SAC", "INV", "TXA", "CTI", "TCD", "SID", "PV1", "PV2", "PRT"})
+
+
+class _Specimen:
+    __slots__ = ("observations", "orders", "spm")
+
+    def __init__(self, spm: Segment | None) -> None:
+        self.spm = spm
+        self.observations: list[tuple[Segment, list[Segment]]] = []
+        self.orders: list[Any] = []  # oru._Order
+
+
+def _groups(msg: Message) -> tuple[Segment | None, list[tuple[Segment, list[Segment]]], list[_Specimen]]:
+    """(first PID, patient-level OBX groups, SPECIMEN groups).  An OBR before any SPM gets a group
+    without a specimen."""
+    from transforms import oru
+
+    pid: Segment | None = None
+    patient_obs: list[tuple[Segment, list[Segment]]] = []
+    specimens: list[_Specimen] = []
+    current: _Specimen | None = None
+    order: Any = None  # oru._Order
+    notes: list[Segment] | None = None
+    for seg in msg.segments:
+        name = seg.name
+        if name == "PID":
+            if pid is None:
+                pid = seg
+            notes = None
+        elif name == "SPM":
+            current = _Specimen(seg)
+            specimens.append(current)
+            order = None
+            notes = None
+        elif name == "OBR":
+            if current is None:
+                current = _Specimen(None)
+                specimens.append(current)
+            order = oru._Order(seg, None)
+            current.orders.append(order)
+            notes = order.notes
+        elif name == "ORC":
+            if order is not None and order.orc is None:
+                order.orc = seg
+                notes = order.notes
+            else:
+                notes = None
+        elif name == "OBX":
+            group: tuple[Segment, list[Segment]] = (seg, [])
+            if order is not None:
+                order.observations.append(group)
+            elif current is not None:
+                current.observations.append(group)
+            else:
+                patient_obs.append(group)
+            notes = group[1]
+        elif name == "NTE":
+            if notes is not None:
+                notes.append(seg)
+        elif name in _BREAKS and name != "PRT":
+            notes = None
+    return pid, patient_obs, specimens
+
+
+def convert(msg: Message, ctx: ConvertContext) -> None:
+    """OUL^R22 → entries in ``ctx``."""
+    from transforms import orm, oru
+
+    trigger = msg.trigger
+    if trigger not in TRIGGERS:
+        raise MessageRejected(
+            f"OUL trigger {redact.trigger(trigger) if trigger else '(empty)'} is not supported (supported: R22)",
+            code="201",
+            location=Location("MSH", 1, 9, None, 2),
+        )
+    pid, patient_obs, specimens = _groups(msg)
+    if pid is None:
+        raise ConversionError(
+            "OUL message has no PID segment: results need a patient", code="100", location=Location("PID", 1)
+        )
+    if not specimens and not patient_obs:
+        raise ConversionError(
+            "OUL message has no SPM or OBR segment", code="100", location=Location("SPM", 1)
+        )
+    patient_ref = oru.patient(pid, ctx)
+    patient_key = ctx.key_of(patient_ref) or patient_ref
+    enc = oru.encounter(msg, ctx)
+    if patient_obs:
+        orm.observations(patient_obs, ctx, f"{patient_key}|patient-observation", None, enc)
+    for group in specimens:
+        sref = orm.specimen(group.spm, ctx, None, None, patient_key) if group.spm is not None else None
+        if sref is not None and group.observations:
+            for oref in orm.observations(
+                group.observations, ctx, f"{ctx.key_of(sref) or sref}|observation", None, enc
+            ):
+                obs = ctx.find(oref)
+                if obs is not None:
+                    obs.setdefault("specimen", {"reference": sref})
+        for order in group.orders:
+            ref = oru.report(order, ctx, enc)
+            if sref is None:
+                continue
+            report = ctx.find(ref)
+            if report is None:
+                continue
+            report["specimen"] = [{"reference": sref}]
+            for result in report.get("result", ()):
+                obs = ctx.find(result["reference"])
+                if obs is not None:
+                    obs.setdefault("specimen", {"reference": sref})
+            for based in report.get("basedOn", ()):
+                sr = ctx.find(based["reference"])
+                if sr is not None:
+                    sr.setdefault("specimen", [{"reference": sref}])
+                    spec = ctx.find(sref)
+                    if spec is not None:
+                        spec.setdefault("request", [{"reference": based["reference"]}])
+
+
+__all__ = ["TRIGGERS", "convert"]
