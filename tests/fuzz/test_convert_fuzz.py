@@ -7,7 +7,7 @@ a converter bug, and both properties fail on it: the first through ``convert_rep
 engine calls), the second through ``_convert`` (no safety net, so the failure shows the original
 traceback).  ``SLUICE_FUZZ_EXAMPLES=20000`` runs them longer.
 
-Inputs: synthetic ADT/ORU/SIU messages (no real PHI) with field-aware mutations: a random field,
+Inputs: synthetic ADT/ORU/SIU/VXU/MDM/ORM/OML/OMG/OUL/REF messages (no real PHI) with field-aware mutations: a random field,
 component or repetition replaced by odd values (impossible dates, offsets, huge numbers, escapes,
 delimiter runs, unicode), segments dropped or duplicated.
 """
@@ -106,6 +106,35 @@ CORPUS: list[str] = [
     "OBX|2|ED|18842-5^Discharge summary^LN|2|^application^pdf^Base64^JVBERi0xLjQK||||||F\r",
     H.format(t="MDM^T11^MDM_T01", n=9) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
     "TXA|1|DS|TX|||||||||DOC1^NORTH|||||LA||CA\r",
+    H.format(t="ORM^O01^ORM_O01", n=10) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\r"
+    "PV1|1|O|CLIN^^^NORTH|||||||||||||||||V1^^^NORTH^VN\rAL1|1|DA|PCN^Penicillin^L|SV|Hives\r"
+    "ORC|NW|ORD1^NORTH|FIL1^NORTH|GRP1^NORTH|SC||1^BID^^20250314090000^20250320090000^R||20250314083000|||"
+    "1234567893^Carer^Casey^^^Dr^^^NPI|||||||||NORTH CLINIC|1 Example Way^^Springfield|||||||O\r"
+    "OBR|1|ORD1^NORTH|FIL1^NORTH|24331-1^Lipid panel^LN|R|20250314090000||||||||||1234567893^Carer^Casey^^^Dr^^^NPI|"
+    "||||||||||||PAR1&NORTH^PARF1&NORTH|||I10^Hypertension^I10\rNTE|1||Fasting.\r"
+    "DG1|1||I10^Hypertension^I10||20250314|W\rOBX|1|NM|3141-9^Weight^LN||72.5|kg^kg^UCUM|||||F\r",
+    H.format(t="ORM^O01^ORM_O01", n=11) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
+    "ORC|CA|ORD1^NORTH|FIL1^NORTH||CA\rOBR|1|ORD1^NORTH||24331-1^Lipid panel^LN\r",
+    H.format(t="OML^O21^OML_O21", n=12) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\r"
+    "ORC|NW|ORD2^NORTH|||||||20250314083000\rTQ1|1||Once||||20250314090000|20250314100000|S\r"
+    "OBR|1|ORD2^NORTH||2345-7^Glucose^LN|||20250314090000\r"
+    "SPM|1|SP1&NORTH^SF1&NORTH|SP0&NORTH|119364003^Serum^SCT|||VENIP^Venipuncture^HL70488|LACF^Arm^HL70163|||"
+    "|5^mL&mL&UCUM||Clear||||20250314090500|20250314093000||Y||||ROOM^Room^HL70493|||SST^Tube^HL70378|||ACC1^NORTH\r"
+    "OBX|1|NM|8310-5^Temp^LN||37.1|Cel^Cel^UCUM|||||F\r",
+    H.format(t="OMG^O19^OMG_O19", n=13) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
+    "ORC|XO|ORD3^NORTH|||HD\rOBR|1|ORD3^NORTH||24627-2^Chest CT^LN\rOBR|2|ORD3^NORTH||71250^CT^C4\r",
+    H.format(t="OUL^R22^OUL_R22", n=14) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\r"
+    "SPM|1|SP1&NORTH^SF1&NORTH||119364003^Serum^SCT|||||||||||||20250314090500\r"
+    "OBX|1|CWE|33882-2^Appearance^LN||CLEAR^Clear^L||||||F\r"
+    "OBR|1|ORD2^NORTH|FIL2^NORTH|2345-7^Glucose^LN|||20250314090500||||||||||||||20250314110000|||F\r"
+    "ORC|SC|ORD2^NORTH|FIL2^NORTH||CM\rOBX|1|NM|2345-7^Glucose^LN||95|mg/dL|70-99|N|||F\rNTE|1||Fasting\r",
+    H.format(t="REF^I12^REF_I12", n=15)
+    + "RF1|P^Pending^HL70283|R|Med^Medical^HL70281||O|RF1^NORTH|20250314|20250614||S^Second opinion^HL70336|EXT1^SPEC\r"
+    "PRD|RP|Carer^Casey^^^Dr|1 Example Way^^Springfield||^WPN^PH^^1^541^5550100||1234567893^NPI\r"
+    "PRD|RT|Special^Sam|2 Oak St^^Springfield||||SP22^LI\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\rDG1|1||R51^Headache^I10\rNTE|1||Soon please\r",
+    H.format(t="REF^I14^REF_I12", n=16)
+    + "RF1|A|R|Med||O|RF1^NORTH\rPID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r",
 ]
 
 ODD = [
@@ -115,6 +144,7 @@ ODD = [
     "F", "C", "P", "X", "D", "W", "Y", "Z", "A", "SS", "MR", "NORTH", "urn:oid:1.2", "2.16.840.1", "ISO",
     "Booked", "Cancelled", "Noshow", "Blocked", "MIN", "HR", "S", "D", "WK", "NM", "ST", "CWE", "ED", "SN", "TX",
     "Base64", "A99", "S17", "S26", "V04", "T02", "T06", "T10", "T11", "CP", "RE", "NA", "PA", "AU", "LA", "AV", "OB", "CA",
+    "NW", "OC", "DC", "HD", "XO", "SC", "CM", "ER", "O01", "O21", "O19", "R22", "I12", "I14", "BID", "Once",
     # numbers past what JSON/orjson carries (64-bit ints, finite floats) and digits int() refuses
     "18446744073709551616", "-9223372036854775809", "1" * 30 + ".5", "9" * 400 + ".0", "2147483648", "²", "١٢",
     # control characters, raw and as escapes (FHIR strings allow none but TAB, LF, CR)

@@ -1,0 +1,352 @@
+"""Orders, lab-order results and referrals (issue #14): ORM^O01, OML^O21, OMG^O19 → ServiceRequest (+ Specimen);
+OUL^R22 → Specimen + DiagnosticReport + Observation; REF^I12/I14 → ServiceRequest (referral).
+
+Golden files, the order lifecycle on one ServiceRequest, results attaching to the order, located errors
+(synthetic data only)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from engine.errors import ConversionError, MessageRejected
+from engine.hl7 import parse
+from tests.transforms.conftest import EXPECTED, golden_settings, load, resources, validate_resources
+from transforms.convert import _convert
+
+ORDER_KEY = "ServiceRequest?identifier=urn:oid:2.16.840.1.113883.19.999.7|PLC2001"
+REFERRAL_KEY = "ServiceRequest?identifier=urn:oid:2.16.840.1.113883.19.999.20|RF-1001"
+GOLDEN = ["orm_o01", "orm_o01_cancel", "oml_o21", "omg_o19", "oul_r22", "ref_i12", "ref_i14"]
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden(name: str) -> None:
+    result = _convert(load(name), golden_settings())
+    validate_resources(result.bundle)
+    got = {
+        "bundle": result.bundle,
+        "guards": [list(g) for g in result.guards],
+        "events": dict(result.events),
+        "requires": list(result.requires),
+        "warnings": list(result.warnings),
+    }
+    path = EXPECTED / f"{name}.json"
+    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
+        path.write_text(
+            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
+    assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))
+
+
+def _one(bundle: dict[str, Any], rtype: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    (entry,) = [e for e in bundle["entry"] if e["resource"]["resourceType"] == rtype]
+    return entry, entry["resource"]
+
+
+def _with(name: str, old: str, new: str) -> Any:
+    text = load(name).text
+    assert old in text
+    return parse(text.replace(old, new))
+
+
+def _ref(bundle: dict[str, Any], full_url: str) -> dict[str, Any]:
+    for e in bundle["entry"]:
+        if e["fullUrl"] == full_url:
+            return dict(e["resource"])
+    raise KeyError(full_url)
+
+
+# ----------------------------------------------------------------------------- ORM / OML / OMG
+def test_new_order_maps_orc_obr_and_its_group() -> None:
+    b = _convert(load("orm_o01"), golden_settings()).bundle
+    entry, sr = _one(b, "ServiceRequest")
+    # a conditional update keyed on the placer order number (the order message owns the order)
+    assert entry["request"] == {"method": "PUT", "url": ORDER_KEY}
+    assert sr["status"] == "active" and sr["intent"] == "order" and sr["priority"] == "routine"
+    assert sr["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "24331-1",
+        "display": "Lipid panel - Serum or Plasma",
+    }
+    assert sr["requisition"]["value"] == "GRP300"
+    assert sr["authoredOn"] == "2025-04-01T10:15:00-07:00"  # ORC-9 in the site's zone (no offset sent)
+    assert sr["occurrenceDateTime"] == "2025-04-02T08:00:00-07:00"  # ORC-7 TQ start
+    assert sr["locationCode"][0]["coding"][1]["code"] == "OF"  # ORC-29 O → outpatient facility
+    assert sr["note"] == [{"text": "Patient fasting since midnight"}]
+    assert sr["subject"]["reference"] == _one(b, "Patient")[0]["fullUrl"]
+    assert sr["encounter"]["reference"] == _one(b, "Encounter")[0]["fullUrl"]
+    assert _ref(b, sr["requester"]["reference"])["resourceType"] == "Practitioner"
+    # DG1 → Condition reason, OBX → supporting Observation, AL1 → AllergyIntolerance
+    cond_entry, _cond = _one(b, "Condition")
+    assert sr["reasonReference"] == [{"reference": cond_entry["fullUrl"]}]
+    obs_entry, obs = _one(b, "Observation")
+    assert sr["supportingInfo"] == [{"reference": obs_entry["fullUrl"]}]
+    assert obs["valueQuantity"]["value"] == 72.5
+    assert len(resources(b, "AllergyIntolerance")) == 1
+    # Patient and Encounter are conditional creates: the ADT feed owns them
+    assert _one(b, "Patient")[0]["request"]["method"] == "POST"
+
+
+def test_cancel_updates_the_same_service_request() -> None:
+    new = _convert(load("orm_o01"), golden_settings())
+    cancel = _convert(load("orm_o01_cancel"), golden_settings())
+    e1, sr1 = _one(new.bundle, "ServiceRequest")
+    e2, sr2 = _one(cancel.bundle, "ServiceRequest")
+    assert e1["request"] == e2["request"] == {"method": "PUT", "url": ORDER_KEY}
+    assert e1["fullUrl"] == e2["fullUrl"]
+    assert sr1["status"] == "active" and sr2["status"] == "revoked"
+    assert sr2["code"] == sr1["code"]  # the cancel carries the OBR: the order keeps its code
+    assert "authoredOn" not in sr2  # ORC-9 of a cancel is when it was cancelled, not when it was authored
+    # a late resend of the new order after its cancellation goes to review instead of resurrecting it
+    assert dict(cancel.guards)[ORDER_KEY] > dict(new.guards)[ORDER_KEY]
+
+
+@pytest.mark.parametrize(
+    ("control", "status_code", "expected"),
+    [
+        pytest.param("NW", "", "active", id="NW-new"),
+        pytest.param("CA", "", "revoked", id="CA-cancel"),
+        pytest.param("OC", "", "revoked", id="OC-cancelled"),
+        pytest.param("DC", "", "revoked", id="DC-discontinue"),
+        pytest.param("CA", "IP", "revoked", id="CA-wins-over-ORC5"),
+        pytest.param("HD", "", "on-hold", id="HD-hold"),
+        pytest.param("RL", "", "active", id="RL-release"),
+        pytest.param("XO", "", "active", id="XO-change"),
+        pytest.param("XO", "HD", "on-hold", id="XO-per-ORC5"),
+        pytest.param("SC", "CM", "completed", id="SC-per-ORC5-CM"),
+        pytest.param("SC", "IP", "active", id="SC-per-ORC5-IP"),
+        pytest.param("SC", "ER", "entered-in-error", id="SC-per-ORC5-ER"),
+        pytest.param("CM", "", "completed", id="CM-complete"),
+        pytest.param("NW", "HD", "on-hold", id="NW-with-ORC5-HD"),
+    ],
+)
+def test_order_control_lifecycle_on_one_resource(control: str, status_code: str, expected: str) -> None:
+    m = _with("orm_o01", "ORC|NW|PLC2001", f"ORC|{control}|PLC2001")
+    if status_code:
+        m = parse(
+            m.text.replace(
+                "GRP300^SYNEHR^2.16.840.1.113883.19.999.7^ISO|",
+                f"GRP300^SYNEHR^2.16.840.1.113883.19.999.7^ISO|{status_code}",
+            )
+        )
+    result = _convert(m, golden_settings())
+    entry, sr = _one(result.bundle, "ServiceRequest")
+    assert entry["request"] == {"method": "PUT", "url": ORDER_KEY}
+    assert sr["status"] == expected
+    validate_resources(result.bundle)
+
+
+def test_status_change_without_status_is_a_located_warning() -> None:
+    result = _convert(_with("orm_o01", "ORC|NW|PLC2001", "ORC|SC|PLC2001"), golden_settings())
+    assert _one(result.bundle, "ServiceRequest")[1]["status"] == "active"
+    assert any(w.startswith("ORC-5") and "SC" in w for w in result.warnings)
+
+
+def test_results_attach_to_the_order() -> None:
+    """The ORU result for an order is basedOn the same ServiceRequest (same conditional URL) the ORM wrote."""
+    orm = _convert(load("orm_o01"), golden_settings())
+    oru = parse(
+        "MSH|^~\\&|SYNLAB|SYNTH LAB^2.16.840.1.113883.19.999.2^ISO|SYNEHR|SYNTH CLINIC|20250402120000||ORU^R01^ORU_R01"
+        "|ORU9|P|2.5.1\r"
+        "PID|1||MRN900001^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO^MR||TESTPERSON^ALEXANDRA||19800229|F\r"
+        "ORC|RE|PLC2001^SYNEHR^2.16.840.1.113883.19.999.7^ISO|FIL7001^SYNLAB^2.16.840.1.113883.19.999.2^ISO\r"
+        "OBR|1|PLC2001^SYNEHR^2.16.840.1.113883.19.999.7^ISO|FIL7001^SYNLAB^2.16.840.1.113883.19.999.2^ISO"
+        "|24331-1^Lipid panel - Serum or Plasma^LN|||20250402080000||||||||||||||20250402115500|||F\r"
+        "OBX|1|NM|2093-3^Cholesterol^LN||180|mg/dL|||||F\r"
+    )
+    res = _convert(oru, golden_settings())
+    entry, _sr = _one(res.bundle, "ServiceRequest")
+    assert entry["request"]["ifNoneExist"] == ORDER_KEY.split("?", 1)[1]
+    assert entry["fullUrl"] == _one(orm.bundle, "ServiceRequest")[0]["fullUrl"]
+
+
+def test_oml_specimen_and_timing() -> None:
+    b = _convert(load("oml_o21"), golden_settings()).bundle
+    sr_entry, sr = _one(b, "ServiceRequest")
+    sp_entry, sp = _one(b, "Specimen")
+    assert sr["specimen"] == [{"reference": sp_entry["fullUrl"]}]
+    assert sp["request"] == [{"reference": sr_entry["fullUrl"]}]
+    # keyed on the filler's specimen id (SPM-2.2)
+    assert sp_entry["request"] == {
+        "method": "PUT",
+        "url": "Specimen?identifier=urn:oid:2.16.840.1.113883.19.999.9|SF-100",
+    }
+    assert sp["type"]["coding"][0]["code"] == "119364003"
+    assert sp["collection"]["collectedDateTime"] == "2025-04-02T08:15:00-07:00"
+    assert sp["receivedTime"] == "2025-04-02T09:00:00-07:00"
+    assert sp["collection"]["quantity"]["value"] == 5 and sp["collection"]["quantity"]["code"] == "mL"
+    assert sp["collection"]["method"]["coding"][0]["code"] == "VENIP"
+    assert sp["status"] == "available"
+    assert sp["accessionIdentifier"]["value"] == "ACC-555"
+    assert sp["container"][0]["type"]["coding"][0]["code"] == "SST"
+    assert sp["condition"][0]["coding"][0]["code"] == "ROOM"
+    # TQ1: priority S → stat, repeat pattern → occurrenceTiming bounded by TQ1-7/8
+    assert sr["priority"] == "stat"
+    assert sr["occurrenceTiming"]["code"]["coding"][0]["code"] == "Once"
+    assert sr["occurrenceTiming"]["repeat"]["boundsPeriod"] == {
+        "start": "2025-04-02T08:00:00-07:00",
+        "end": "2025-04-02T10:00:00-07:00",
+    }
+    # the specimen's OBX is an Observation of that specimen, supporting the order
+    obs_entry, obs = _one(b, "Observation")
+    assert obs["specimen"] == {"reference": sp_entry["fullUrl"]}
+    assert {"reference": obs_entry["fullUrl"]} in sr["supportingInfo"]
+
+
+def test_omg_orc5_status() -> None:
+    _entry, sr = _one(_convert(load("omg_o19"), golden_settings()).bundle, "ServiceRequest")
+    assert sr["status"] == "on-hold" and sr["code"]["coding"][0]["code"] == "24627-2"
+
+
+def test_second_obr_with_the_same_number_is_kept_apart() -> None:
+    m = parse(
+        load("omg_o19").text.rstrip("\r")
+        + "\rOBR|2|PLC2003^SYNEHR^2.16.840.1.113883.19.999.7^ISO||71250^CT thorax^C4\r"
+    )
+    result = _convert(m, golden_settings())
+    srs = resources(result.bundle, "ServiceRequest")
+    assert [s["code"]["coding"][0]["code"] for s in srs] == ["24627-2", "71250"]
+    assert result.events.get("order_duplicate_number") == 1
+    assert result.warnings[0].startswith("OBR(2)-2: another order group")
+
+
+def test_explicit_null_removes_the_element() -> None:
+    _e, sr = _one(
+        _convert(_with("orm_o01", "|R|20250402080000|", '|""|20250402080000|'), golden_settings()).bundle,
+        "ServiceRequest",
+    )
+    assert sr["priority"] == "routine"  # ORC-7.6 still says R
+    m = _with("orm_o01", "||20250401101500|||1234567893", '||""|||1234567893')
+    _e, sr = _one(_convert(m, golden_settings()).bundle, "ServiceRequest")
+    assert "authoredOn" not in sr
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where", "code"),
+    [
+        pytest.param(
+            "ORC|NW|PLC2001^SYNEHR^2.16.840.1.113883.19.999.7^ISO|",
+            "ORC|NW||",
+            "ORC-2",
+            "101",
+            id="no-order-number",
+        ),
+        pytest.param(
+            "||20250401101500|||1234567893", "||20251301101500|||1234567893", "ORC-9", "102", id="bad-date"
+        ),
+    ],
+)
+def test_located_errors(old: str, new: str, where: str, code: str) -> None:
+    m = _with("orm_o01", old, new)
+    if where == "ORC-2":
+        m = parse(m.text.replace("OBR|1|PLC2001^SYNEHR^2.16.840.1.113883.19.999.7^ISO|", "OBR|1||"))
+    with pytest.raises(ConversionError) as err:
+        _convert(m, golden_settings())
+    assert str(err.value.location) == where and err.value.hl7_error == code
+
+
+def test_order_without_pid_or_orc_and_unknown_trigger() -> None:
+    text = load("orm_o01").text
+    no_pid = parse("\r".join(s for s in text.split("\r") if not s.startswith("PID")))
+    with pytest.raises(ConversionError) as err:
+        _convert(no_pid, golden_settings())
+    assert str(err.value.location).startswith("PID")
+    no_order = parse("\r".join(s for s in text.split("\r") if not s.startswith(("ORC", "OBR"))))
+    with pytest.raises(ConversionError) as err:
+        _convert(no_order, golden_settings())
+    assert str(err.value.location).startswith("ORC")
+    with pytest.raises(MessageRejected) as rej:
+        _convert(parse(text.replace("ORM^O01^ORM_O01", "ORM^O02")), golden_settings())
+    assert rej.value.hl7_error == "201" or getattr(rej.value, "code", "") == "201"
+
+
+# ----------------------------------------------------------------------------- OUL
+def test_oul_specimen_report_and_observations() -> None:
+    b = _convert(load("oul_r22"), golden_settings()).bundle
+    sp_entry, _sp = _one(b, "Specimen")
+    _dr_entry, dr = _one(b, "DiagnosticReport")
+    assert dr["specimen"] == [{"reference": sp_entry["fullUrl"]}]
+    assert dr["status"] == "final" and dr["code"]["coding"][0]["code"] == "2345-7"
+    obs = resources(b, "Observation")
+    assert len(obs) == 2 and all(o["specimen"] == {"reference": sp_entry["fullUrl"]} for o in obs)
+    glucose = next(o for o in obs if o["code"]["coding"][0]["code"] == "2345-7")
+    assert glucose["valueQuantity"]["value"] == 95 and glucose["note"][0]["text"] == "Fasting specimen"
+    assert {"reference": next(e["fullUrl"] for e in b["entry"] if e["resource"] is glucose)} in dr["result"]
+    # the ORC after the OBR (OUL order) names the same order as the ORM: its ServiceRequest, by placer
+    sr_entry, sr = _one(b, "ServiceRequest")
+    assert sr_entry["request"]["ifNoneExist"] == "identifier=urn:oid:2.16.840.1.113883.19.999.7|PLC2002"
+    assert sr["specimen"] == [{"reference": sp_entry["fullUrl"]}]
+    assert dr["basedOn"] == [{"reference": sr_entry["fullUrl"]}]
+
+
+def test_oul_correction_updates_the_same_observation() -> None:
+    first = _convert(load("oul_r22"), golden_settings())
+    fixed = _convert(
+        _with(
+            "oul_r22",
+            "||95|mg/dL^milligram per deciliter^UCUM|70-99|N|||F",
+            "||96|mg/dL^milligram per deciliter^UCUM|70-99|N|||C",
+        ),
+        golden_settings(),
+    )
+
+    def urls(bundle: dict[str, Any]) -> list[str]:
+        return [
+            e["request"]["url"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"
+        ]
+
+    assert urls(first.bundle) == urls(fixed.bundle)
+    obs = [o for o in resources(fixed.bundle, "Observation") if o["code"]["coding"][0]["code"] == "2345-7"]
+    assert obs[0]["status"] == "corrected"
+
+
+# ----------------------------------------------------------------------------- REF
+def test_referral_maps_rf1_and_providers() -> None:
+    b = _convert(load("ref_i12"), golden_settings()).bundle
+    entry, sr = _one(b, "ServiceRequest")
+    assert entry["request"] == {"method": "PUT", "url": REFERRAL_KEY}
+    assert sr["status"] == "active" and sr["intent"] == "order" and sr["priority"] == "routine"
+    assert sr["category"][0]["coding"][0]["code"] == "3457005"
+    assert sr["code"]["coding"][0]["code"] == "Med"
+    assert sr["reasonCode"][0]["coding"][0]["code"] == "S"
+    assert sr["occurrencePeriod"] == {"start": "2025-04-01", "end": "2025-07-01"}
+    assert [i["value"] for i in sr["identifier"]] == ["RF-1001", "EXT-77"]
+    requester = _ref(b, sr["requester"]["reference"])
+    assert requester["identifier"][0] == {"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}
+    (performer,) = sr["performer"]
+    assert _ref(b, performer["reference"])["name"][0]["family"] == "Specialist"
+    assert sr["reasonReference"] == [{"reference": _one(b, "Condition")[0]["fullUrl"]}]
+    assert sr["note"] == [{"text": "Please see within 2 weeks"}]
+
+
+def test_referral_cancel_updates_the_same_service_request() -> None:
+    new = _convert(load("ref_i12"), golden_settings())
+    cancel = _convert(load("ref_i14"), golden_settings())
+    e1, sr1 = _one(new.bundle, "ServiceRequest")
+    e2, sr2 = _one(cancel.bundle, "ServiceRequest")
+    assert e1["request"] == e2["request"] and e1["fullUrl"] == e2["fullUrl"]
+    assert sr1["status"] == "active" and sr2["status"] == "revoked"
+    assert dict(cancel.guards)[REFERRAL_KEY] > dict(new.guards)[REFERRAL_KEY]
+
+
+def test_referral_errors_are_located() -> None:
+    text = load("ref_i12").text
+    with pytest.raises(ConversionError) as err:
+        _convert(
+            parse(
+                text.replace("|RF-1001^SYNREF^2.16.840.1.113883.19.999.20^ISO|", "||").replace(
+                    "|EXT-77^SPEC", "|"
+                )
+            ),
+            golden_settings(),
+        )
+    assert str(err.value.location).startswith("RF1-6")
+    with pytest.raises(ConversionError) as err:
+        _convert(parse("\r".join(s for s in text.split("\r") if not s.startswith("RF1"))), golden_settings())
+    assert str(err.value.location).startswith("RF1")
+    with pytest.raises(MessageRejected):
+        _convert(parse(text.replace("REF^I12^REF_I12", "REF^I15^REF_I15")), golden_settings())
