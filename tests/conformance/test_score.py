@@ -570,3 +570,37 @@ def test_new_rules_need_their_evidence() -> None:
     # no PID-21 in the message: the mother's identifier on the NK1's RelatedPerson is not excused
     no_mother = src.replace("|MOM1^^^HOSP\r", "|\r")
     assert "ms-merged-mother" not in score_bundles(ours, ref, source=no_mother).explained_by
+SPECIMEN = {
+    "resourceType": "Specimen",
+    "identifier": [{"value": "SP-100"}],
+    "type": {"coding": [{"system": "http://snomed.info/sct", "code": "119364003"}]},
+    "receivedTime": "2025-04-02T09:00:00-07:00",
+    "collection": {"collectedDateTime": "2025-04-02T08:15:00-07:00"},
+}
+
+
+def test_specimen_facts_are_scored() -> None:
+    """Specimen (issue #14): identifiers, type, received and collection time, compared both ways alike."""
+    expected = bundle(PATIENT, SPECIMEN)
+    s = score_bundles(bundle(PATIENT, copy.deepcopy(SPECIMEN)), expected)
+    assert s.compared == s.agreeing and not s.diffs
+    changed = copy.deepcopy(SPECIMEN)
+    changed["collection"]["collectedDateTime"] = "2025-04-02T08:45:00-07:00"
+    changed["type"]["coding"][0]["code"] = "122555007"
+    s = score_bundles(bundle(PATIENT, changed), expected)
+    paths = {d.path for d in s.diffs}
+    assert any("collection.collectedDateTime" in p for p in paths) and any(p.endswith(".type") for p in paths)
+
+
+def test_specimen_without_identifier_is_matched_by_collection_time() -> None:
+    """The IG's OBR[Specimen] carries no identifier: the collection time pairs the two sides."""
+    bare = {"resourceType": "Specimen", "collection": {"collectedDateTime": "2025-04-02T08:15:00-07:00"}}
+    other = {
+        "resourceType": "Specimen",
+        "identifier": [{"value": "X"}],
+        "collection": {"collectedDateTime": "2025-04-03T08:15:00-07:00"},
+    }
+    s = score_bundles(
+        bundle(PATIENT, other, dict(bare, receivedTime="2025-04-02T09:00:00-07:00")), bundle(PATIENT, bare)
+    )
+    assert s.compared == s.agreeing
