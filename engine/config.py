@@ -35,6 +35,11 @@ DEFAULT_TYPES: dict[str, tuple[str, ...]] = {
     "PPR": ("PC1", "PC2", "PC3"),
     "DFT": ("P03", "P11"),
     "BAR": ("P01", "P02", "P05", "P06", "P12"),
+    "ORM": ("O01",),
+    "OML": ("O21",),
+    "OMG": ("O19",),
+    "OUL": ("R22",),
+    "REF": ("I12", "I13", "I14"),
 }  # fmt: skip
 DEFAULT_VERSIONS = (
     "2.1",
