@@ -138,6 +138,6 @@ def test_referral_then_cancel(tmp_path: Path, fhir: FhirServer) -> None:
         wait_delivered(db, 2)
     referral = only(fhir, "ServiceRequest")
     assert referral["status"] == "revoked" and referral["category"][0]["coding"][0]["code"] == "3457005"
-    requester = fhir.request("GET", referral["requester"]["reference"])
+    requester = fhir.request("GET", "/" + referral["requester"]["reference"])
     assert requester["identifier"][0]["value"] == "1234567893"
     assert len(referral["performer"]) == 1
