@@ -570,6 +570,8 @@ def test_new_rules_need_their_evidence() -> None:
     # no PID-21 in the message: the mother's identifier on the NK1's RelatedPerson is not excused
     no_mother = src.replace("|MOM1^^^HOSP\r", "|\r")
     assert "ms-merged-mother" not in score_bundles(ours, ref, source=no_mother).explained_by
+
+
 SPECIMEN = {
     "resourceType": "Specimen",
     "identifier": [{"value": "SP-100"}],
