@@ -19,6 +19,7 @@ import ssl as ssl_mod
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
+from typing import cast
 
 from engine import hl7, mllp
 from engine.errors import (
@@ -74,8 +75,9 @@ class _AckProtocol(asyncio.Protocol):
 
     # -- asyncio callbacks ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it (the engine runs on
+        # uvloop): an isinstance check here failed every delivery of the mllp destination in the engine.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.framer.receive_data(data, 0.0)

@@ -113,9 +113,12 @@ class MLLPDestination(Destination):
             finally:
                 self._idle.append(client)
         info = parse_ack(ack)
-        if info.control_id != item.control_id:
+        # MSA-2 echoes the MSH-10 of what was sent: the stored message's, or the output's own (a
+        # fhir-to-hl7 channel's message is a FHIR resource; its output is the HL7 message).
+        expected = item.control_id if payload is item.raw else sent_control_id(payload, item.control_id)
+        if info.control_id != expected:
             raise DeliveryError(
-                f"ACK does not match: MSA-2 is {info.control_id!r}, expected {item.control_id!r}",
+                f"ACK does not match: MSA-2 is {info.control_id!r}, expected {expected!r}",
                 category="server",
             )
         if info.code in ("AA", "CA"):
@@ -130,6 +133,16 @@ class MLLPDestination(Destination):
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients))
+
+
+def sent_control_id(payload: bytes, default: str) -> str:
+    """MSH-10 of an HL7 v2 payload (``default`` when it does not start with an MSH segment)."""
+    if not payload.startswith(b"MSH") or len(payload) < 4:
+        return default
+    sep = payload[3:4]
+    first = payload.split(b"\r", 1)[0]
+    fields = first.split(sep)
+    return fields[9].decode("latin-1") if len(fields) > 9 else default
 
 
 _BUSY = ("busy", "overload", "too many", "try again", "try later", "unavailable", "throttl", "rate limit")
