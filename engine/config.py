@@ -69,7 +69,27 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class FhirPollConfig:
+    """``source: {kind: fhir-poll, ...}``: incremental polling of a FHIR server (engine/sources/fhir_poll.py)."""
+
+    base_url: str
+    resources: tuple[str, ...]
+    params: Mapping[str, str] = field(default_factory=dict)  # extra search parameters, every resource
+    interval: float = 30.0  # seconds between polls
+    overlap: float = 60.0  # seconds the search reaches back before the cursor (ties, clock skew)
+    page_size: int = 100  # _count
+    timeout: float = 30.0
+    auth: Mapping[str, Any] = field(default_factory=dict)  # as the fhir destination's auth
+    tls: Mapping[str, Any] = field(default_factory=dict)  # as the fhir destination's tls
+
+
+SOURCE_KINDS = ("mllp", "fhir-poll")
+
+
+@dataclass(frozen=True)
 class SourceConfig:
+    kind: str = "mllp"
+    poll: FhirPollConfig | None = None  # kind fhir-poll
     host: str = "127.0.0.1"
     port: int = 2575
     tls: TLSConfig | None = None
@@ -409,6 +429,9 @@ def _check_path(p: str, file: str, key: str) -> str:
 
 
 def _source(sec: _Section) -> SourceConfig:
+    kind = sec.text("kind", "mllp", choices=SOURCE_KINDS)
+    if kind == "fhir-poll":
+        return _fhir_poll(sec)
     tls = None
     if sec.has("tls") and sec.data.get("tls"):
         t = sec.sub("tls")
@@ -423,8 +446,6 @@ def _source(sec: _Section) -> SourceConfig:
             raise ConfigError("tls needs cert and key files", file=sec.file, key=sec.key("tls"))
     else:
         sec.get("tls")
-    kind = sec.text("kind", "mllp", choices=("mllp",))
-    assert kind == "mllp"
     src = SourceConfig(
         host=sec.text("host", "127.0.0.1"),
         port=sec.integer("port", 2575),
@@ -450,6 +471,59 @@ def _source(sec: _Section) -> SourceConfig:
         if getattr(src, k) <= 0:
             raise ConfigError(f"{k} must be more than 0 seconds", file=sec.file, key=sec.key(k))
     return src
+
+
+def _fhir_poll(sec: _Section) -> SourceConfig:
+    """``kind: fhir-poll``: the poll keys; the auth and tls options are checked at start (as a destination's)."""
+    base = sec.text("base_url")
+    if not isinstance(base, str) or not base.startswith(("http://", "https://")):
+        raise ConfigError(
+            "a fhir-poll source needs base_url, the server's FHIR base (http:// or https://)",
+            file=sec.file,
+            key=sec.key("base_url"),
+            hint="e.g. base_url: https://portal.example.org/fhir",
+        )
+    kinds = [str(r) for r in sec.items("resources")]
+    if not kinds or not all(k.isalpha() and k[:1].isupper() for k in kinds):
+        raise ConfigError(
+            "a fhir-poll source needs resources, a list of FHIR resource types",
+            file=sec.file,
+            key=sec.key("resources"),
+            hint="e.g. resources: [Appointment]",
+        )
+    params = sec.get("params") or {}
+    if not isinstance(params, Mapping) or any(
+        str(k).startswith("_lastUpdated") or str(k) == "_sort" for k in params
+    ):
+        raise ConfigError(
+            "params must be a mapping of search parameters other than _lastUpdated and _sort (the poller sets those)",
+            file=sec.file,
+            key=sec.key("params"),
+            hint='e.g. params: {status: "booked,cancelled"}',
+        )
+    for k in ("auth", "tls"):
+        if not isinstance(sec.get(k) or {}, Mapping):
+            raise ConfigError(f"{k} must be a mapping", file=sec.file, key=sec.key(k))
+    poll = FhirPollConfig(
+        base_url=base.rstrip("/"),
+        resources=tuple(dict.fromkeys(kinds)),
+        params={str(k): str(v) for k, v in params.items()},
+        interval=sec.number("interval", 30.0),
+        overlap=sec.number("overlap", 60.0),
+        page_size=sec.integer("page_size", 100),
+        timeout=sec.number("timeout", 30.0),
+        auth=dict(sec.get("auth") or {}),
+        tls=dict(sec.get("tls") or {}),
+    )
+    sec.done()
+    for k in ("interval", "timeout"):
+        if getattr(poll, k) <= 0:
+            raise ConfigError(f"{k} must be more than 0 seconds", file=sec.file, key=sec.key(k))
+    if poll.overlap < 0:
+        raise ConfigError("overlap must be 0 or more seconds", file=sec.file, key=sec.key("overlap"))
+    if not 1 <= poll.page_size <= 1000:
+        raise ConfigError("page_size must be 1 to 1000", file=sec.file, key=sec.key("page_size"))
+    return SourceConfig(kind="fhir-poll", poll=poll, host="", port=0)
 
 
 def _max_frame(sec: _Section) -> int:

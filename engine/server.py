@@ -64,6 +64,7 @@ class Server:
         self.store: Store | None = None
         self.committer: Committer | None = None
         self.listeners: list[Listener] = []
+        self.pollers: list[Any] = []  # engine.sources.fhir_poll.FhirPoller, one per fhir-poll channel
         self.processing: list[ProcessingWorker] = []
         self.delivery: list[DeliveryWorker] = []
         self.destinations: dict[str, Destination] = {}
@@ -140,6 +141,24 @@ class Server:
                 batch_bytes=cfg.limits.batch_bytes,
             )
             self.processing.append(pw)
+            if ch.source.kind == "fhir-poll":  # no listener: the poller stores what it takes
+                from engine.destinations.base import DestinationContext
+                from engine.sources.fhir_poll import FhirPoller
+
+                poller = FhirPoller(
+                    ch,
+                    store,
+                    committer.run_op,
+                    ctx=DestinationContext(cfg.base_dir, ch.file),
+                    on_stored=pw.wake.set,
+                )
+                self.pollers.append(poller)
+                log.info(
+                    "polling",
+                    channel=ch.name,
+                    resources=",".join(ch.source.poll.resources if ch.source.poll else ()),
+                )
+                continue
             intake = Intake(ch, self.committer, rt, patient_key=self.patient_key, metrics=self.metrics)
             intake.on_stored = pw.wake.set if ch.ack == "on-commit" else wake
             listener = Listener(
@@ -163,6 +182,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(w.run()) for w in self.processing]
         self.tasks += [loop.create_task(d.run()) for d in self.delivery]
+        self.tasks += [loop.create_task(p.run(self.should_exit)) for p in self.pollers]
         if any(
             ch.retention.bodies_days is not None or ch.retention.rows_days is not None for ch in cfg.channels
         ):

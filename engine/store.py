@@ -226,6 +226,18 @@ class WritebackLogRow(Base):
     at: Mapped[float] = mapped_column(Float)
 
 
+class SourceCursorRow(Base):
+    """Where an incremental source (``kind: fhir-poll``) is: the newest ``meta.lastUpdated`` committed per
+    channel and resource type (engine/sources/fhir_poll.py).  Written with the page's messages."""
+
+    __tablename__ = "source_cursors"
+
+    channel: Mapped[str] = mapped_column(String(100), primary_key=True)
+    resource: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cursor: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
 class AuditRow(Base):
     """Who did what, when, to which message or setting (PHI views, replays, pauses, token changes).
 
@@ -300,6 +312,7 @@ PAUSES = cast(Table, PauseRow.__table__)
 SETTINGS = cast(Table, SettingRow.__table__)
 WRITEBACK = cast(Table, WritebackStateRow.__table__)
 WRITEBACK_LOG = cast(Table, WritebackLogRow.__table__)
+CURSORS = cast(Table, SourceCursorRow.__table__)
 
 # Message statuses
 RECEIVED = "received"  # stored, waiting for a processing worker

@@ -164,6 +164,26 @@ routes:
     filter: {field: OBX-11, equals: F}
 """
 
+# A second channel: the fhir-poll source's keys (docs/writeback.md)
+POLL_CHANNEL_YAML = """
+name: portal
+source:
+  kind: fhir-poll
+  base_url: http://127.0.0.1:8089/fhir
+  resources: [Appointment]
+  params: {status: booked}
+  interval: 2
+  overlap: 30
+  page_size: 50
+  timeout: 10
+  auth: {type: bearer, token: t}
+  tls: {verify: false}
+transform:
+  - fhir-to-hl7: {sending_application: SLUICE, sending_facility: PORTAL, placer_system: "urn:portal:appointment"}
+routes:
+  - destination: out
+"""
+
 
 def _normalise(key: str) -> str:
     key = re.sub(r"\[\d+\]", "[]", key)
@@ -177,6 +197,7 @@ def keys_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, set[
     routes = tmp_path / "routes.yaml"
     routes.write_text(ROUTES_YAML.format(tmp=tmp_path))
     (tmp_path / "channels" / "lab.yaml").write_text(CHANNEL_YAML)
+    (tmp_path / "channels" / "portal.yaml").write_text(POLL_CHANNEL_YAML)
     seen: dict[str, set[str]] = {"routes": set(), "channel": set()}
     real_get = config_mod._Section.get
 

@@ -314,6 +314,9 @@ def _status_code(status: Any) -> int:
         return 0
 
 
+Auth = _Auth  # the fhir-poll source authenticates the same way (engine/sources/fhir_poll.py)
+
+
 @destination("fhir")
 class FhirDestination(Destination):
     kind = "fhir"

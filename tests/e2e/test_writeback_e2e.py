@@ -1,0 +1,225 @@
+"""Write-back end to end with real peers: the Medplum FHIR server is polled (``kind: fhir-poll``), the engine
+runs as a real process, and a test EHR (an MLLP receiver) takes the SIU.  Create → reschedule → cancel an
+Appointment: the EHR gets exactly S12, S13, S15 for one SCH-1; the same with the engine SIGKILLed
+mid-page and restarted; and with the EHR answering AE once: one dead letter, which a replay clears."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.store import Store
+from tests.support.ehr import AE_TEXT, EhrReceiver
+from tests.support.engine import EngineProcess, free_port, write_config
+from tests.support.faultproxy import ThreadedFaultProxy
+from tests.support.fhirserver import FhirServer
+from tests.support.polling import wait_for
+
+PLACER = "urn:portal:appointment"
+
+APPOINTMENT: dict[str, Any] = {
+    "resourceType": "Appointment",
+    "identifier": [{"system": PLACER, "value": "PA-1"}],
+    "status": "booked",
+    "start": "2026-12-10T17:00:00Z",
+    "end": "2026-12-10T17:30:00Z",
+    "participant": [
+        {"actor": {"reference": "Patient/pat-1", "display": "Testperson, Alexandra"}, "status": "accepted"}
+    ],
+}
+
+
+def appointment(placer: str, **changes: Any) -> dict[str, Any]:
+    res = copy.deepcopy(APPOINTMENT)
+    res["identifier"][0]["value"] = placer
+    res.update(changes)
+    return res
+
+
+@pytest.fixture
+def fhir(fhir_server: FhirServer) -> FhirServer:
+    fhir_server.reset()
+    return fhir_server
+
+
+@pytest.fixture
+def ehr() -> Any:
+    with EhrReceiver() as receiver:
+        yield receiver
+
+
+def engine(
+    tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver, *, page_size: int = 100, base_url: str | None = None
+) -> EngineProcess:
+    admin = free_port()
+    routes = write_config(
+        tmp_path,
+        channels={
+            "portal-appointments": {
+                "source": {
+                    "kind": "fhir-poll",
+                    "base_url": base_url or fhir.base_url,
+                    "resources": ["Appointment"],
+                    "interval": 0.3,
+                    "page_size": page_size,
+                },
+                "transform": [
+                    {
+                        "fhir-to-hl7": {
+                            "sending_application": "SLUICE",
+                            "sending_facility": "PORTAL",
+                            "placer_system": PLACER,
+                        }
+                    }
+                ],
+                "routes": [{"destination": "ehr-mllp"}],
+            }
+        },
+        destinations={
+            "ehr-mllp": {
+                "kind": "mllp",
+                "host": "127.0.0.1",
+                "port": ehr.port,
+                "payload": "output",
+                "retry": {"max_attempts": 3, "backoff": 0.2},
+            }
+        },
+    )
+    return EngineProcess(routes, admin, env={"SLUICE_ADMIN_PORT": str(admin)})
+
+
+def sent(ehr: EhrReceiver) -> list[tuple[str, str, str]]:
+    """(SCH-1 value, trigger, MSH-10) of every message the EHR accepted, in order."""
+    return [(m["SCH-1.1"], m.trigger, m.control_id) for m in ehr.received()]
+
+
+def settle(ehr: EhrReceiver, n: int) -> list[tuple[str, str, str]]:
+    """Wait for ``n`` accepted messages, then a few more poll rounds for anything extra."""
+    wait_for(
+        lambda: len(ehr.received()) >= n, timeout=60, what=lambda: f"{n} messages at the EHR, got {sent(ehr)}"
+    )
+    time.sleep(1.5)
+    return sent(ehr)
+
+
+def test_create_reschedule_cancel_is_s12_s13_s15(tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver) -> None:
+    with engine(tmp_path, fhir, ehr):
+        created = fhir.request("POST", "/Appointment", appointment("PA-1"))
+        wait_for(lambda: len(ehr.received()) >= 1, timeout=60, what=lambda: f"the S12, got {sent(ehr)}")
+        moved = {**created, "start": "2026-12-11T17:00:00Z", "end": "2026-12-11T17:30:00Z"}
+        moved = fhir.request("PUT", f"/Appointment/{created['id']}", moved)
+        wait_for(lambda: len(ehr.received()) >= 2, timeout=60, what=lambda: f"the S13, got {sent(ehr)}")
+        # an update that changes nothing the SIU carries: nothing is sent
+        fhir.request("PUT", f"/Appointment/{created['id']}", {**moved, "priority": 4})
+        time.sleep(1.5)
+        fhir.request("PUT", f"/Appointment/{created['id']}", {**moved, "priority": 4, "status": "cancelled"})
+        got = settle(ehr, 3)
+    assert [(p, t) for p, t, _ in got] == [("PA-1", "S12"), ("PA-1", "S13"), ("PA-1", "S15")]
+    assert ehr.received()[0]["SCH-1"] == f"PA-1^SLUICE^{PLACER}^URI"
+    assert ehr.received()[1]["TQ1-7"] == "20261211090000-0800"
+
+
+def test_cancel_of_an_appointment_never_sent_sends_nothing(
+    tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver
+) -> None:
+    fhir.request("POST", "/Appointment", appointment("PA-X", status="cancelled"))
+    with engine(tmp_path, fhir, ehr):
+        fhir.request("POST", "/Appointment", appointment("PA-2"))
+        got = settle(ehr, 1)
+    assert [(p, t) for p, t, _ in got] == [("PA-2", "S12")]
+
+
+def test_sigkill_mid_page_and_restart_never_emits_twice(
+    tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver
+) -> None:
+    ids = [fhir.request("POST", "/Appointment", appointment(f"PA-{i:02d}"))["id"] for i in range(12)]
+    with ThreadedFaultProxy(fhir.base_url) as proxy:
+        # two pages (of 2) pass, the third request is left hanging: the engine is SIGKILLed mid-page
+        proxy.forward(times=2)
+        proxy.stall(times=1)
+        proc = engine(tmp_path, fhir, ehr, page_size=2, base_url=proxy.url).start()
+        try:
+            wait_for(
+                lambda: len(proxy.log) >= 3,
+                timeout=60,
+                what=lambda: f"the third page request, log {proxy.log}",
+            )
+            db = Store(f"sqlite:///{tmp_path}/sluice.db", create=False)
+            try:
+                wait_for(
+                    lambda: sum(db.status_counts().values()) >= 3, timeout=30, what="the two pages stored"
+                )
+                time.sleep(0.5)
+                stored = sum(db.status_counts().values())
+            finally:
+                db.close()
+            proc.kill()
+            # the two committed pages: 2, then 1 new (a keyset page starts at the newest time it has seen
+            # (ge), so it repeats the first page's last appointment, which is not stored twice)
+            assert stored == 3
+            partial = len(ehr.received())
+            proc.start()  # the queued faults are used up: the proxy passes everything through now
+            for i in ids[:3]:  # reschedule three while the engine catches up
+                cur = fhir.request("GET", f"/Appointment/{i}")
+                fhir.request(
+                    "PUT",
+                    f"/Appointment/{i}",
+                    {**cur, "start": "2026-12-12T17:00:00Z", "end": "2026-12-12T17:30:00Z"},
+                )
+            got = settle(ehr, 15)
+        finally:
+            proc.stop()
+    assert partial <= 3
+    # a message in flight when the engine was killed may reach the EHR again, with the same MSH-10
+    # (at-least-once delivery; the receiver's MSH-10 dedupe sees it as one): count distinct messages
+    distinct = list(dict.fromkeys(got))
+    per = Counter((p, t) for p, t, _ in distinct)
+    want = {**{(f"PA-{i:02d}", "S12"): 1 for i in range(12)}, **{(f"PA-{i:02d}", "S13"): 1 for i in range(3)}}
+    assert per == Counter(want)
+    assert len(got) - len(distinct) <= 1
+
+
+def test_ehr_answers_ae_once_then_a_replay_clears_the_dead_letter(
+    tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver
+) -> None:
+    refused: list[str] = []
+
+    def reject(msg: Any) -> bool:
+        if msg.trigger == "S13" and not refused:
+            refused.append(msg.control_id)
+            return True
+        return False
+
+    ehr.reject = reject
+    proc = engine(tmp_path, fhir, ehr)
+    with proc:
+        created = fhir.request("POST", "/Appointment", appointment("PA-3"))
+        wait_for(lambda: len(ehr.received()) >= 1, timeout=60, what="the S12")
+        moved = fhir.request(
+            "PUT",
+            f"/Appointment/{created['id']}",
+            {**created, "start": "2026-12-11T17:00:00Z", "end": "2026-12-11T17:30:00Z"},
+        )
+        store = Store(f"sqlite:///{tmp_path}/sluice.db", create=False)
+        try:
+            dead = wait_for(lambda: store.dead_letters(), timeout=60, what="the dead letter")
+            (row,) = dead
+            assert row.destination == "ehr-mllp" and AE_TEXT in row.reason  # the ACK's ERR text
+            store.replay([(row.message_id, ["ehr-mllp"])], who="test", why="EHR slot fixed", criteria={})
+            wait_for(
+                lambda: len(ehr.received()) >= 2,
+                timeout=60,
+                what=lambda: f"the replayed S13, got {sent(ehr)}",
+            )
+            assert not store.dead_letters()
+        finally:
+            store.close()
+        fhir.request("PUT", f"/Appointment/{created['id']}", {**moved, "status": "cancelled"})
+        got = settle(ehr, 3)
+    assert [(p, t) for p, t, _ in got] == [("PA-3", "S12"), ("PA-3", "S13"), ("PA-3", "S15")]
+    assert [m.control_id for m in ehr.rejected] == refused and got[1][2] == refused[0]
