@@ -278,7 +278,11 @@ def check(config_path: str) -> None:
         click.echo(f"warning: {warning}", err=True)
     for ch in cfg.channels:
         routes = ", ".join(r.destination for r in ch.routes) or "(no routes)"
-        click.echo(f"  channel {ch.name}: {ch.source.host}:{ch.source.port} ack={ch.ack} → {routes}")
+        where = f"{ch.source.host}:{ch.source.port} ack={ch.ack}"
+        if ch.source.poll is not None:
+            where = f"fhir-poll {ch.source.poll.base_url} {','.join(ch.source.poll.resources)}"
+        off = "" if ch.enabled else " (disabled)"
+        click.echo(f"  channel {ch.name}{off}: {where} → {routes}")
     for name, d in dests.items():
         click.echo(f"  destination {name}: {d.kind}")
     for rule in cfg.alerts.rules if cfg.alerts.enabled else ():

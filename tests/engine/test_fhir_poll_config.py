@@ -66,3 +66,24 @@ def test_mistakes_name_the_key(tmp_path: Path, source: dict[str, Any], key: str,
     with pytest.raises(ConfigError, match=match) as exc:
         load(tmp_path, source)
     assert exc.value.key == key and str(exc.value.file).endswith("portal-appointments.yaml")
+
+
+def test_the_shipped_channel_is_the_issues_and_disabled_until_configured() -> None:
+    root = Path(__file__).resolve().parents[2]
+    cfg = config_mod.load(root / "routes.yaml")
+    (ch,) = [c for c in cfg.channels if c.name == "portal-appointments"]
+    assert not ch.enabled
+    assert ch.source.kind == "fhir-poll" and ch.source.poll is not None
+    assert ch.source.poll.resources == ("Appointment",) and ch.source.poll.interval == 2.0
+    assert [r.destination for r in ch.routes] == ["ehr-mllp"]
+    assert ch.transform == (
+        {
+            "fhir-to-hl7": {
+                "sending_application": "SLUICE",
+                "sending_facility": "PORTAL",
+                "placer_system": "urn:portal:appointment",
+            }
+        },
+    )
+    ehr = cfg.destinations["ehr-mllp"]
+    assert ehr.kind == "mllp" and ehr.options["payload"] == "output"
