@@ -477,6 +477,52 @@ def _eip_part(rep: Rep, comp: int, ctx: ConvertContext, loc: Location) -> JSON |
     return ei(Rep(d.component.join(escape(x, d) for x in subs[:4]), d), ctx, loc)
 
 
+def coded(
+    rep: Rep, ctx: ConvertContext, loc: Location, table_no: str, field: str | None = None
+) -> JSON | None:
+    """CWE of a field bound to an HL7 table → CodeableConcept; a code sent without its coding system
+    (CWE-3 / CWE-6 empty) is from the field's table, so it gets that table's system."""
+    cc = cwe(rep, ctx, loc, field=field)
+    if cc is None or "coding" not in cc:
+        return cc
+    system = V2_TABLE + table_no
+    out: list[JSON] = []
+    for i, coding in enumerate(cc["coding"]):
+        sent = rep.c(3 if i == 0 else 6).strip()
+        if "system" not in coding and not sent:
+            coding = {"system": system, **coding}
+        out.append(coding)
+    cc["coding"] = out
+    return cc
+
+
+def _add_specimen(ctx: ConvertContext, res: JSON, key_ident: JSON, *, create_only: bool = False) -> str:
+    system = key_ident.get("system")
+    if system:
+        return ctx.add("Specimen", res, identifier=(system, key_ident["value"]), create_only=create_only)
+    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+    return ctx.add("Specimen", res, key=f"{facility}|specimen|{key_ident['value']}", create_only=create_only)
+
+
+def _parent_specimen(rep: Rep, ctx: ConvertContext, loc: Location) -> str | None:
+    """SPM-3 parent (EIP) → the parent Specimen, keyed like any specimen and written as a conditional
+    *create* (its own SPM owns its content); here it is only made sure to exist."""
+    placer = _eip_part(rep, 1, ctx, loc)
+    filler = _eip_part(rep, 2, ctx, loc)
+    key_ident = filler or placer
+    if key_ident is None:
+        return None
+    idents: list[JSON] = []
+    if placer is not None:
+        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+    if filler is not None:
+        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+    res: JSON = {"resourceType": "Specimen", "identifier": idents}
+    if ctx.patient_ref:
+        res["subject"] = {"reference": ctx.patient_ref}
+    return _add_specimen(ctx, res, key_ident, create_only=True)
+
+
 def specimen(
     spm: Segment, ctx: ConvertContext, order_key: str | None, request: str | None, patient_key: str
 ) -> str:
@@ -507,18 +553,17 @@ def specimen(
     avail = spm.get(20).strip().upper()
     if avail and (st := table(ctx, SPECIMEN_AVAILABLE, avail, spm.loc(20), "0136")):
         res["status"] = st
-    if spm.rep(4) and (stype := cwe(spm.rep(4), ctx, spm.loc(4), field="SPM-4")) is not None:
+    if spm.rep(4) and (stype := coded(spm.rep(4), ctx, spm.loc(4), "0487", "SPM-4")) is not None:
         res["type"] = stype
     if ctx.patient_ref:
         res["subject"] = {"reference": ctx.patient_ref}
     if spm.get(18).strip() and (received := dtm_at(spm.get(18).strip(), settings, spm, 18)):
         res["receivedTime"] = received
-    parents = []
-    for i, rep in enumerate(spm.reps(3), start=1):
-        if pid := _eip_part(rep, 2, ctx, spm.loc(3)) or _eip_part(
-            rep, 1, ctx, Location("SPM", spm.sequence, 3, i)
-        ):
-            parents.append({"type": "Specimen", "identifier": pid})
+    parents = [
+        {"reference": ref}
+        for i, rep in enumerate(spm.reps(3), start=1)
+        if (ref := _parent_specimen(rep, ctx, Location("SPM", spm.sequence, 3, i))) is not None
+    ]
     if parents:
         res["parent"] = parents
     if request:
@@ -536,7 +581,7 @@ def specimen(
         d = ctx.message.delimiters
         qty.update(unit(Rep(d.component.join(escape(x, d) for x in amount.subs(2)), d), settings))
         collection["quantity"] = qty
-    if spm.rep(7) and (method := cwe(spm.rep(7), ctx, spm.loc(7))) is not None:
+    if spm.rep(7) and (method := coded(spm.rep(7), ctx, spm.loc(7), "0488")) is not None:
         collection["method"] = method
     if spm.rep(8) and (site := cwe(spm.rep(8), ctx, spm.loc(8))) is not None:
         collection["bodySite"] = site
@@ -545,12 +590,14 @@ def specimen(
     container: JSON = {}
     if spm.rep(27) and (ctype := cwe(spm.rep(27), ctx, spm.loc(27))) is not None:
         container["type"] = ctype
-    if spm.rep(6) and (additive := cwe(spm.rep(6), ctx, spm.loc(6))) is not None:
+    if spm.rep(6) and (additive := coded(spm.rep(6), ctx, spm.loc(6), "0371")) is not None:
         container["additiveCodeableConcept"] = additive
     if container:
         res["container"] = [container]
     if conditions := [
-        c for i, r in enumerate(spm.reps(24), 1) if (c := cwe(r, ctx, Location("SPM", spm.sequence, 24, i)))
+        c
+        for i, r in enumerate(spm.reps(24), 1)
+        if (c := coded(r, ctx, Location("SPM", spm.sequence, 24, i), "0493"))
     ]:
         res["condition"] = conditions
     texts = [r.text.strip() for r in spm.reps(14) if r.text.strip()]
@@ -559,13 +606,68 @@ def specimen(
 
         res["note"] = [{"text": clean_text(ctx, "\n".join(texts))}]
     key_ident = filler or placer or accession
-    if key_ident is not None and key_ident.get("system"):
-        return ctx.add("Specimen", res, identifier=(key_ident["system"], key_ident["value"]))
+    if filler is not None and placer is not None:
+        # two SPMs of one message with the same filler id but different placer ids are two specimens
+        seen_key = ("specimen-filler", filler.get("system", ""), filler["value"])
+        seen = ctx.memo.get(seen_key)
+        if seen is None:
+            ctx.memo[seen_key] = placer["value"]
+        elif seen != placer["value"]:
+            ctx.warn(
+                "specimen_duplicate_id",
+                spm.loc(2),
+                "another SPM of this message has the same filler specimen id (SPM-2.2) with another placer id: "
+                "this specimen is keyed by its placer id (SPM-2.1) instead",
+            )
+            key_ident = placer
     if key_ident is not None:
-        facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
-        return ctx.add("Specimen", res, key=f"{facility}|specimen|{key_ident['value']}")
+        return _add_specimen(ctx, res, key_ident)
     ctx.count("specimen_fallback_key")
     return ctx.add("Specimen", res, key=f"{order_key or patient_key}|specimen|{spm.get(1).strip()}")
+
+
+def obr_specimen(obr: Segment, ctx: ConvertContext, order_key: str, request: str) -> str | None:
+    """IG OBR[Specimen], for an order group without SPM: OBR-7 (OBR-8) → collection.collected[x], OBR-9 →
+    collection.quantity, OBR-10 → collection.collector, OBR-14 → receivedTime, OBR-15 (SPS, v2.3-2.6) →
+    type; keyed by the order.  None when the OBR says nothing about a specimen (no OBR-7/9/14/15)."""
+    settings = ctx.settings
+    collection: JSON = {}
+    start = obr.get(7).strip()
+    end = obr.get(8).strip()
+    if start and (s := dtm_at(start, settings, obr, 7)):
+        if end and (e := dtm_at(end, settings, obr, 8)):
+            collection["collectedPeriod"] = {"start": s, "end": e}
+        else:
+            collection["collectedDateTime"] = s
+    volume = obr.rep(9)
+    if volume and (n := nm(volume.c(1).strip(), obr.loc(9))) is not None:
+        qty: JSON = {"value": n}
+        d = ctx.message.delimiters
+        qty.update(unit(Rep(d.component.join(escape(x, d) for x in volume.subs(2)), d), settings))
+        collection["quantity"] = qty
+    if (
+        obr.rep(10)
+        and (collector := xcn(obr.rep(10), ctx, obr.loc(10))) is not None
+        and "reference" in collector
+    ):
+        collection["collector"] = collector
+    res: JSON = {"resourceType": "Specimen"}
+    source = obr.rep(15)
+    if source and source.c(1).strip():
+        d = ctx.message.delimiters
+        code = coded(Rep(d.component.join(escape(x, d) for x in source.subs(1)), d), ctx, obr.loc(15), "0487")
+        if code is not None:
+            res["type"] = code
+    if ctx.patient_ref:
+        res["subject"] = {"reference": ctx.patient_ref}
+    if obr.get(14).strip() and (received := dtm_at(obr.get(14).strip(), settings, obr, 14)):
+        res["receivedTime"] = received
+    res["request"] = [{"reference": request}]
+    if collection:
+        res["collection"] = collection
+    if not collection and "type" not in res and "receivedTime" not in res:
+        return None
+    return ctx.add("Specimen", res, key=f"{order_key}|obr-specimen")
 
 
 # ---------------------------------------------------------------------------
@@ -623,6 +725,8 @@ def order(order: Order, ctx: ConvertContext, enc: str | None, patient_key: str, 
             supporting.append({"reference": oref})
     if supporting:
         sr["supportingInfo"] = supporting
+    if not order.specimens and order.obr is not None and (bref := obr_specimen(order.obr, ctx, key, ref)):
+        specimens.append({"reference": bref})
     if specimens:
         sr["specimen"] = specimens
     return ref

@@ -197,9 +197,49 @@ def test_oml_specimen_and_timing() -> None:
     assert {"reference": obs_entry["fullUrl"]} in sr["supportingInfo"]
 
 
-def test_omg_orc5_status() -> None:
-    _entry, sr = _one(_convert(load("omg_o19"), golden_settings()).bundle, "ServiceRequest")
+def test_omg_orc5_status_and_the_obr_specimen() -> None:
+    b = _convert(load("omg_o19"), golden_settings()).bundle
+    entry, sr = _one(b, "ServiceRequest")
     assert sr["status"] == "on-hold" and sr["code"]["coding"][0]["code"] == "24627-2"
+    # no SPM: the IG's OBR[Specimen] (OBR-7 → collection time), keyed by the order, requested by it
+    sp_entry, sp = _one(b, "Specimen")
+    assert sr["specimen"] == [{"reference": sp_entry["fullUrl"]}] and sp["request"] == [
+        {"reference": entry["fullUrl"]}
+    ]
+    assert sp["collection"] == {"collectedDateTime": "2025-04-03T09:00:00-07:00"}
+
+
+def test_spm_codes_without_a_system_are_from_the_fields_table() -> None:
+    m = _with("oml_o21", "119364003^Serum specimen^SCT", "SER^Serum")
+    m = parse(
+        m.text.replace("VENIP^Venipuncture^HL70488", "VENIP").replace("ROOM^Room temperature^HL70493", "ROOM")
+    )
+    _e, sp = _one(_convert(m, golden_settings()).bundle, "Specimen")
+    assert sp["type"]["coding"][0] == {
+        "system": "http://terminology.hl7.org/CodeSystem/v2-0487",
+        "code": "SER",
+        "display": "Serum",
+    }
+    assert sp["collection"]["method"]["coding"][0]["system"].endswith("v2-0488")
+    assert sp["condition"][0]["coding"][0]["system"].endswith("v2-0493")
+
+
+def test_spm_parent_and_a_repeated_filler_id() -> None:
+    second = "SPM|2|SP-101&SYNEHR&2.16.840.1.113883.19.999.8&ISO^SF-100&SYNLAB&2.16.840.1.113883.19.999.9&ISO|SP-000&SYNEHR&2.16.840.1.113883.19.999.8&ISO"
+    m = parse(load("oml_o21").text.rstrip("\r") + "\r" + second + "\r")
+    result = _convert(m, golden_settings())
+    specs = resources(result.bundle, "Specimen")
+    # the two SPMs stay two Specimens (keyed apart, with a located warning); the parent is made sure to exist
+    assert len(specs) == 3
+    assert result.events.get("specimen_duplicate_id") == 1 and result.warnings[0].startswith("SPM(2)-2")
+    parent = next(
+        e
+        for e in result.bundle["entry"]
+        if e["resource"]["resourceType"] == "Specimen" and e["request"]["method"] == "POST"
+    )
+    assert parent["request"]["ifNoneExist"] == "identifier=urn:oid:2.16.840.1.113883.19.999.8|SP-000"
+    child = next(s for s in specs if any(i["value"] == "SP-101" for i in s["identifier"]))
+    assert child["parent"] == [{"reference": parent["fullUrl"]}]
 
 
 def test_second_obr_with_the_same_number_is_kept_apart() -> None:
