@@ -40,6 +40,7 @@ COMPILED = [
     "transforms/orm.py",
     "transforms/oul.py",
     "transforms/ref.py",
+    "transforms/rde.py",
     "transforms/convert.py",
 ]
 

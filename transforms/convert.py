@@ -6,7 +6,7 @@
 Dispatch is by MSH-9.1: ``ADT`` → :mod:`transforms.adt`, ``ORU`` → :mod:`transforms.oru`,
 ``SIU`` → :mod:`transforms.siu`, ``VXU`` → :mod:`transforms.vxu`, ``MDM`` → :mod:`transforms.mdm`, ``PPR`` → :mod:`transforms.ppr`,
 ``DFT``/``BAR`` → :mod:`transforms.dft`, ``ORM``/``OML``/``OMG`` → :mod:`transforms.orm`, ``OUL`` → :mod:`transforms.oul`,
-``REF`` → :mod:`transforms.ref`.  Each module exposes ``convert(msg, ctx) -> None`` and adds
+``REF`` → :mod:`transforms.ref`, ``RDE``/``RDS`` → :mod:`transforms.rde`.  Each module exposes ``convert(msg, ctx) -> None`` and adds
 entries to the :class:`transforms.bundle.ConvertContext`.
 
 Errors: an unsupported message type is ``MessageRejected`` (AR 200), an unsupported trigger AR 201;
@@ -48,6 +48,8 @@ MODULES: dict[str, str] = {
     "OMG": "transforms.orm",
     "OUL": "transforms.oul",
     "REF": "transforms.ref",
+    "RDE": "transforms.rde",
+    "RDS": "transforms.rde",
 }
 PROVENANCE_TAG_SYSTEM = "urn:sluice:message"
 

@@ -1,0 +1,124 @@
+"""RDE^O11/O25 → MedicationRequest + Medication, RDS^O13 → MedicationDispense: golden files, one
+MedicationRequest through its lifecycle (new, discontinued), located errors (synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from engine.errors import ConversionError, MessageRejected
+from tests.transforms.conftest import EXPECTED, golden_settings, load, msg, resources, validate_resources
+from transforms.convert import _convert
+
+ORDER = "MedicationRequest?identifier=urn:oid:2.16.840.1.113883.19.20|RX-5001"
+MSH = "MSH|^~\\&|SYNTH-CPOE|GOODHOSP|SYNTH-RX|GOODHOSP|20250320085500||{}|C1|P|2.5.1"
+PID = "PID|1||MRN10001^^^HOSP^MR||TESTPATIENT^ALEX||19800229|F"
+RXE = "RXE||308182^Amoxicillin 500 MG Oral Capsule^RXNORM|500||mg^mg^UCUM"
+
+
+@pytest.mark.parametrize("name", ["rde_o11", "rde_o11_discontinue", "rde_o25", "rds_o13"])
+def test_golden(name: str) -> None:
+    result = _convert(load(name), golden_settings())
+    validate_resources(result.bundle)
+    got = {
+        "bundle": result.bundle,
+        "guards": [list(g) for g in result.guards],
+        "events": dict(result.events),
+        "warnings": list(result.warnings),
+    }
+    path = EXPECTED / f"{name}.json"
+    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
+        path.write_text(
+            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
+    assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))
+
+
+def _entries(bundle: dict[str, Any], rtype: str) -> list[dict[str, Any]]:
+    return [e for e in bundle["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+def test_new_then_discontinue_writes_the_same_request() -> None:
+    new = _convert(load("rde_o11"), golden_settings())
+    stop = _convert(load("rde_o11_discontinue"), golden_settings())
+    (a,) = _entries(new.bundle, "MedicationRequest")
+    (b,) = _entries(stop.bundle, "MedicationRequest")
+    assert a["request"] == b["request"] == {"method": "PUT", "url": ORDER}
+    assert a["resource"]["status"] == "active" and b["resource"]["status"] == "stopped"
+    # the discontinue's transaction time is not when the order was written
+    assert a["resource"]["authoredOn"] == "2025-03-20T08:55:00-07:00"
+    assert "authoredOn" not in b["resource"]
+    # a late resend of the new order cannot restart it
+    assert dict(stop.guards)[ORDER] > dict(new.guards)[ORDER]
+
+
+def test_mapping_of_the_new_order() -> None:
+    b = _convert(load("rde_o11"), golden_settings()).bundle
+    (req,) = resources(b, "MedicationRequest")
+    (med,) = _entries(b, "Medication")
+    assert req["medicationReference"] == {"reference": med["fullUrl"]}
+    assert med["resource"]["code"]["coding"][0]["code"] == "308182"
+    assert med["resource"]["form"]["coding"][0]["code"] == "CAP"
+    (dose,) = req["dosageInstruction"]
+    assert dose["text"] == "Take with food"
+    assert dose["route"]["coding"][0]["code"] == "PO"
+    assert dose["doseAndRate"][0]["doseQuantity"]["value"] == 500
+    assert dose["timing"]["repeat"]["boundsPeriod"]["end"].startswith("2025-03-27")
+    assert req["dispenseRequest"]["quantity"]["value"] == 21
+    assert req["substitution"] == {"allowedBoolean": True}
+    assert req["reasonCode"][0]["coding"][0]["code"] == "J02.9"
+    assert req["note"] == [{"text": "Complete the full course."}]
+
+
+def test_compound_medication_has_its_components() -> None:
+    b = _convert(load("rde_o25"), golden_settings()).bundle
+    (med,) = resources(b, "Medication")
+    assert [i["itemCodeableConcept"]["coding"][0]["code"] for i in med["ingredient"]] == ["313002", "8591"]
+    (req,) = resources(b, "MedicationRequest")
+    assert req["dosageInstruction"][0]["doseAndRate"][0]["rateQuantity"]["code"] == "mL/h"
+
+
+def test_dispense_refers_to_the_order_written_as_a_conditional_create() -> None:
+    b = _convert(load("rds_o13"), golden_settings()).bundle
+    (req,) = _entries(b, "MedicationRequest")
+    assert req["request"]["method"] == "POST" and req["request"]["ifNoneExist"] == ORDER.split("?", 1)[1]
+    (disp,) = resources(b, "MedicationDispense")
+    assert disp["authorizingPrescription"] == [{"reference": req["fullUrl"]}]
+    assert disp["status"] == "completed" and disp["quantity"]["value"] == 21
+    assert disp["substitution"] == {"wasSubstituted": False}
+    assert disp["whenHandedOver"] == "2025-03-20T09:30:00-07:00"
+    again = _convert(load("rds_o13"), golden_settings()).bundle
+    assert again == b
+
+
+@pytest.mark.parametrize(
+    ("control", "status", "expected"),
+    [("NW", "", "active"), ("CA", "", "cancelled"), ("OD", "", "stopped"), ("HD", "", "on-hold"),
+     ("RL", "", "active"), ("SC", "CM", "completed"), ("XO", "ER", "entered-in-error")],
+)  # fmt: skip
+def test_status(control: str, status: str, expected: str) -> None:
+    m = msg(MSH.format("RDE^O11"), PID, f"ORC|{control}|P1^CPOE^2.16.840.1.113883.19.20^ISO|||{status}", RXE)
+    (req,) = resources(_convert(m, golden_settings()).bundle, "MedicationRequest")
+    assert req["status"] == expected
+
+
+def test_located_errors() -> None:
+    with pytest.raises(ConversionError) as ei:
+        _convert(msg(MSH.format("RDE^O11"), PID, "ORC|NW", RXE), golden_settings())
+    assert ei.value.hl7_error == "101" and str(ei.value.location) == "ORC-2"
+    with pytest.raises(ConversionError) as ei:
+        _convert(msg(MSH.format("RDE^O11"), PID, "ORC|NW|P1"), golden_settings())
+    assert str(ei.value.location).startswith("RXE")
+    with pytest.raises(ConversionError) as ei:
+        _convert(msg(MSH.format("RDE^O11"), PID, "ORC|NW|P1", "RXE||"), golden_settings())
+    assert str(ei.value.location) == "RXE-2"
+    with pytest.raises(ConversionError) as ei:
+        _convert(msg(MSH.format("RDS^O13"), PID, "ORC|RE|P1", RXE), golden_settings())
+    assert str(ei.value.location).startswith("RXD")
+    with pytest.raises(MessageRejected) as er:
+        _convert(msg(MSH.format("RDE^O01"), PID), golden_settings())
+    assert er.value.hl7_error == "201"
