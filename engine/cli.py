@@ -17,6 +17,8 @@ from engine.admin.commands import audit_group, token
 from engine.analystcommands import register as analyst_commands
 from engine.errors import ConfigError, SluiceError
 from engine.keycommands import keys as keys_group
+from engine.opscommands import config_group, env_option
+from engine.opscommands import reload as reload_command
 from engine.redact import printable
 
 if TYPE_CHECKING:
@@ -25,11 +27,13 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG = "routes.yaml"
 
 
-def _load_config(path: str, **overrides: Any) -> Any:
+def _load_config(path: str, env: str | None = None, **overrides: Any) -> Any:
     from engine import config as cfgmod
 
     try:
-        return cfgmod.load(path, {k: v for k, v in overrides.items() if v is not None and v != ""})
+        return cfgmod.load(
+            path, {k: v for k, v in overrides.items() if v is not None and v != ""}, env=env or None
+        )
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
 
@@ -118,6 +122,7 @@ def main() -> None:
 
 @main.command()
 @config_option
+@env_option()
 @click.option("--host", help="Listen address for the first channel (overrides its source.host).")
 @click.option("--port", type=int, help="Listen port for the first channel (overrides its source.port).")
 @click.option("--store", help="Store URL, e.g. sqlite:///var/sluice.db or postgresql+psycopg://host/db.")
@@ -130,6 +135,7 @@ def main() -> None:
 )
 def run(
     config_path: str,
+    env: str | None,
     host: str | None,
     port: int | None,
     store: str | None,
@@ -141,7 +147,7 @@ def run(
     from engine import logs
     from engine.server import Server
 
-    cfg = _load_config(config_path, host=host, port=port, store=store, admin_port=admin_port)
+    cfg = _load_config(config_path, env, host=host, port=port, store=store, admin_port=admin_port)
     logs.configure(log_format or cfg.logging.format, log_level or cfg.logging.level)
     try:
         Server(cfg).run()
@@ -246,13 +252,16 @@ async def _send_all(host: str, port: int, ctx: Any, timeout: float, messages: li
 
 @main.command()
 @config_option
-def check(config_path: str) -> None:
-    """Validate routes.yaml, every channel and every destination; exit 1 on errors."""
+@env_option()
+def check(config_path: str, env: str | None) -> None:
+    """Validate routes.yaml, every channel and every destination; exit 1 on errors.
+
+    With --env, validates the promotion: routes.yaml with routes.<ENV>.yaml merged over it."""
     from engine import keyring, registry
     from engine.processing import ChannelRuntime
     from engine.server import build_destinations
 
-    cfg = _load_config(config_path)
+    cfg = _load_config(config_path, env)
     try:
         registry.load_plugins(cfg.plugin_paths, cfg.plugins, cfg.base_dir)  # as `run` does
         dests = build_destinations(cfg)
@@ -265,7 +274,7 @@ def check(config_path: str) -> None:
         ring = keyring.from_config(cfg)  # the key file or variable is there and holds keys
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
-    click.echo(f"ok: {cfg.file}")
+    click.echo(f"ok: {cfg.file}" + (f" (environment {cfg.env})" if cfg.env else ""))
     click.echo(f"  store: {_safe_url(cfg.store_url)}")
     if ring is not None:
         source = f"key file {ring.file}" if ring.file is not None else f"variable {ring.env}"
@@ -675,6 +684,8 @@ def prune(config_path: str, channel: str | None) -> None:
 main.add_command(token)
 main.add_command(audit_group)
 analyst_commands(main)
+main.add_command(reload_command)
+main.add_command(config_group)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from engine import overlays
 from engine.alerts.config import AlertsConfig, parse_alerts
 from engine.errors import ConfigError
 from engine.hl7 import parse_path
@@ -242,6 +243,10 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)  # engine/alerts/
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store_encryption: StoreEncryptionConfig | None = None  # None: bodies are stored plain
+    # How it was loaded, so a live reload loads the same way (engine/reload.py)
+    pid_file: str | None = None  # absolute; the running engine's pid, for `sluice reload` (SIGHUP)
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # CLI flags given to `sluice run`
+    env: str | None = None  # the environment overlay (routes.<env>.yaml), from --env or SLUICE_ENV
 
     def channel(self, name: str) -> ChannelConfig:
         for ch in self.channels:
@@ -638,9 +643,19 @@ def _admin(sec: _Section, base: Path, port_override: Any) -> AdminConfig:
     return admin
 
 
-def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> ChannelConfig:
+def load_channel(
+    path: Path, destinations: Mapping[str, DestinationConfig], overrides: Mapping[str, Any] | None = None
+) -> ChannelConfig:
+    """One channel file; ``overrides`` maps channel names to a partial channel merged over the file
+    (``channel_overrides`` of an environment, engine/overlays.py)."""
     file = str(path)
-    sec = _Section(_read_yaml(path), file, "")
+    data = _read_yaml(path)
+    if overrides and isinstance(data, Mapping):
+        override = overrides.get(str(data.get("name") or path.stem))
+        if override is not None:
+            data = overlays.deep_merge(data, override)
+            file = f"{file} + channel_overrides"
+    sec = _Section(data, file, "")
     name = sec.text("name") or path.stem
     source = _source(sec.sub("source"))
     accept = sec.sub("accept")
@@ -700,7 +715,7 @@ def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> C
         require_hl7apy(file)
     ch = ChannelConfig(
         name=name,
-        file=file,
+        file=str(path),
         source=source,
         types=types,
         versions=versions,
@@ -725,8 +740,10 @@ def load_channel(path: Path, destinations: Mapping[str, DestinationConfig]) -> C
 ENV_PREFIX = "SLUICE_"
 
 
-def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None = None) -> Config:
-    """Load routes.yaml and its channels.
+def load(
+    path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None = None, *, env: str | None = None
+) -> Config:
+    """Load routes.yaml (plus the overlay of ``env``, or of ``SLUICE_ENV``) and its channels.
 
     ``overrides`` (from CLI flags) and ``SLUICE_STORE``, ``SLUICE_HOST``, ``SLUICE_PORT``,
     ``SLUICE_LOG_FORMAT``, ``SLUICE_LOG_LEVEL``, ``SLUICE_NODE_ID`` win over the file.
@@ -739,11 +756,12 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
             "config file not found", file=file, hint="run sluice from the project folder or pass --config"
         )
     base = p.resolve().parent
-    sec = _Section(_read_yaml(p), file, "")
-    env = os.environ
+    env_name = (env if env is not None else os.environ.get(ENV_PREFIX + "ENV")) or None
+    sec = _Section(_with_overlay(p, env_name), file if not env_name else f"{file} + {env_name} overlay", "")
+    environ = os.environ
     ov = dict(overrides or {})
     file_store = sec.text("store", "sqlite:///var/sluice.db")
-    store_url = ov.get("store") or env.get(ENV_PREFIX + "STORE") or file_store
+    store_url = ov.get("store") or environ.get(ENV_PREFIX + "STORE") or file_store
     store_url = _resolve_sqlite(store_url, base)
     store_encryption = _store_encryption(sec.sub("store_encryption"), base)
     dsec = sec.sub("destinations")
@@ -755,13 +773,13 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     file_format = lsec.text("format", "auto", choices=("auto", "json", "console"))
     file_level = lsec.text("level", "info")
     logging = LoggingConfig(
-        format=env.get(ENV_PREFIX + "LOG_FORMAT") or file_format,
-        level=env.get(ENV_PREFIX + "LOG_LEVEL") or file_level,
+        format=environ.get(ENV_PREFIX + "LOG_FORMAT") or file_format,
+        level=environ.get(ENV_PREFIX + "LOG_LEVEL") or file_level,
         flood=_log_flood(lsec.sub("flood")),
     )
     lsec.done()
     limits = _limits(sec.sub("limits"))
-    admin = _admin(sec.sub("admin"), base, ov.get("admin_port") or env.get(ENV_PREFIX + "ADMIN_PORT"))
+    admin = _admin(sec.sub("admin"), base, ov.get("admin_port") or environ.get(ENV_PREFIX + "ADMIN_PORT"))
     plugin_paths = tuple((base / str(x)).resolve() for x in sec.items("plugin_paths"))
     plugins = tuple(str(x) for x in sec.items("plugins"))
     patterns = sec.get("channels", "channels/*.yaml")
@@ -777,11 +795,31 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
     psec.done()
     if workers < 0:
         raise ConfigError("processing.workers must be 0 or more", file=file, key="processing.workers")
+    pid_text = sec.text("pid_file", "var/sluice.pid")
+    pid_file = str((base / pid_text).resolve()) if pid_text else None
     file_node = sec.text("node_id", "node-1")
-    node_id = env.get(ENV_PREFIX + "NODE_ID") or file_node
+    node_id = environ.get(ENV_PREFIX + "NODE_ID") or file_node
     alerts_sec = sec.sub("alerts")  # read once the channels are known (rules name them)
+    channel_overrides = sec.get("channel_overrides") or {}
+    if not isinstance(channel_overrides, Mapping) or not all(
+        isinstance(v, Mapping) for v in channel_overrides.values()
+    ):
+        raise ConfigError(
+            "expected a mapping of channel name → channel settings",
+            file=sec.file,
+            key="channel_overrides",
+            hint="e.g. channel_overrides: {adt: {source: {port: 2600}}}",
+        )
     sec.done()
-    channels = [load_channel(f, destinations) for f in files]
+    channels = [load_channel(f, destinations, channel_overrides) for f in files]
+    unknown = sorted(set(map(str, channel_overrides)) - {c.name for c in channels})
+    if unknown:
+        raise ConfigError(
+            f"channel_overrides names no channel {unknown[0]!r}",
+            file=sec.file,
+            key=f"channel_overrides.{unknown[0]}",
+            hint=f"known channels: {', '.join(c.name for c in channels)}",
+        )
     if not channels:
         raise ConfigError(
             f"no channel files match {patterns}", file=file, key="channels", hint="add channels/<name>.yaml"
@@ -795,8 +833,8 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
                 key="channels",
                 hint="channel names must be unique",
             )
-    host = ov.get("host") or env.get(ENV_PREFIX + "HOST")
-    port = ov.get("port") or env.get(ENV_PREFIX + "PORT")
+    host = ov.get("host") or environ.get(ENV_PREFIX + "HOST")
+    port = ov.get("port") or environ.get(ENV_PREFIX + "PORT")
     if host or port:
         first = channels[0]
         src = replace(
@@ -820,11 +858,38 @@ def load(path: str | Path = "routes.yaml", overrides: Mapping[str, Any] | None =
         plugin_paths=plugin_paths,
         plugins=plugins,
         node_id=node_id,
-        processing_workers=int(env.get(ENV_PREFIX + "PROCESSING_WORKERS") or workers),
+        processing_workers=int(environ.get(ENV_PREFIX + "PROCESSING_WORKERS") or workers),
         alerts=parse_alerts(alerts_sec, channels, destinations),
         limits=limits,
         store_encryption=store_encryption,
+        pid_file=pid_file,
+        overrides=ov,
+        env=env_name,
     )
+
+
+def _with_overlay(path: Path, env: str | None) -> Any:
+    """routes.yaml's data, with ``routes.<env>.yaml`` deep-merged over it when ``env`` is given."""
+    data = _read_yaml(path)
+    if not env:
+        return data
+    if not overlays.valid_env(env):
+        raise ConfigError(
+            f"environment name {env!r} is not usable",
+            key="env",
+            hint="use letters, digits, '-' and '_' (e.g. prod); check --env or SLUICE_ENV",
+        )
+    op = overlays.overlay_path(path, env)
+    if not op.exists():
+        raise ConfigError(
+            f"no overlay file for environment {env!r}",
+            file=str(op),
+            hint=f"create {op.name} beside {path.name}, or check --env / SLUICE_ENV",
+        )
+    overlay = _read_yaml(op)
+    if overlay is not None and not isinstance(overlay, Mapping):
+        raise ConfigError(f"expected a mapping, got {type(overlay).__name__}", file=str(op))
+    return overlays.deep_merge(data or {}, overlay or {})
 
 
 def _store_encryption(sec: _Section, base: Path) -> StoreEncryptionConfig | None:

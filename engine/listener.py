@@ -615,6 +615,30 @@ class Listener:
             reuse_address=True,
         )
 
+    async def bind(self, source: SourceConfig) -> asyncio.base_events.Server:
+        """A listening socket on ``source``'s address for this listener (live reload: a port that changed).
+
+        Not used until :meth:`update` switches to it; close it if the reload is given up.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: MLLPProtocol(self), host=source.host, port=source.port, backlog=2048, reuse_address=True
+        )
+
+    def update(self, source: SourceConfig, server: asyncio.base_events.Server | None = None) -> None:
+        """Live reload: new connections get ``source``'s settings (timeouts, sizes, TLS).
+
+        With ``server`` (from :meth:`bind`), the listener moves to that address: the old listening socket
+        stops accepting at once, while the connections it accepted stay open and are served (with the
+        channel's new rules) until their senders close them; a sender reconnects to the new port.
+        """
+        self.source = source
+        self.ssl_context = make_ssl_context(source.tls) if source.tls else None
+        if server is not None:
+            old, self.server = self.server, server
+            if old is not None:
+                old.close()  # the listening socket only: accepted connections are not closed by this
+
     async def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()

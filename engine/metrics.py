@@ -266,6 +266,11 @@ class Metrics:
         """Live connection counts (and accepted/refused/framing-error totals) from this listener."""
         self._scrape.listeners.append(listener)
 
+    def unwatch_listener(self, listener: ListenerView) -> None:
+        """A listener taken out by a live reload (its channel removed) is no longer scraped."""
+        if listener in self._scrape.listeners:
+            self._scrape.listeners.remove(listener)
+
     def watch_committer(self, committer: CommitterView) -> None:
         self._scrape.committer = committer
 

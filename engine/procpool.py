@@ -112,13 +112,25 @@ def _read_and_run(channel: str, ids: list[int]) -> list[tuple[Claimed, ProcessRe
 class ProcessingPool:
     def __init__(self, config: Config, workers: int):
         self.workers = workers
+        self.executor = self._executor(config)
+
+    def _executor(self, config: Config) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that has threads
-        self.executor = ProcessPoolExecutor(
-            max_workers=workers,
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
             mp_context=ctx,
             initializer=_init,
             initargs=(config, os.getpid(), logs.current()),
         )
+
+    def reload(self, config: Config) -> None:
+        """Live reload: later work goes to new worker processes built from ``config``.
+
+        Batches already submitted finish in the old processes (with the pipelines they were sent to),
+        which then exit; nothing is cancelled.
+        """
+        old, self.executor = self.executor, self._executor(config)
+        old.shutdown(wait=False, cancel_futures=False)
 
     def run(self, channel: str, items: list[tuple[int, bytes]]) -> list[ProcessResult]:
         """Process ``items`` split across the workers; results in the same order."""

@@ -23,6 +23,7 @@ from engine.admin import audit, operations, search, status, tokens
 from engine.admin.oidc import OIDCError, OIDCVerifier, looks_like_jwt
 from engine.admin.roles import ADMIN, OPERATE, PHI, READ, ROLES, WHAT_NEEDS, Principal
 from engine.config import Config
+from engine.errors import ConfigError
 from engine.store import Store
 
 API = "/api/v1"
@@ -40,6 +41,12 @@ class AdminContext:
 
 
 # ------------------------------------------------------------------ response models
+
+
+class ReloadResult(BaseModel):
+    applied: bool
+    changes: dict[str, list[str]]
+    summary: str
 
 
 class ErrorBody(BaseModel):
@@ -724,6 +731,20 @@ def create_app(ctx: AdminContext) -> FastAPI:
             "replayed": res.replayed,
             "items": [{"message_id": m, "destinations": d} for m, d in res.selection[:1000]],
         }
+
+    # -------------------------------------------------------------- live reload (engine/reload.py)
+    @app.post(f"{API}/reload", response_model=ReloadResult, responses=ERRORS, tags=["config"])
+    async def reload_config(who: Admin, request: Request) -> Any:
+        """Load the config files again and apply them without dropping connections (admin; audited).
+
+        422 with the loader's message when the new config is invalid or needs a restart: the running
+        config is then unchanged.
+        """
+        try:
+            plan = await ctx.engine.reload(who, _client(request))
+        except ConfigError as exc:
+            return _error(422, "invalid_config", f"{exc} (nothing was changed)")
+        return {"applied": True, "changes": plan.summary(), "summary": plan.describe()}
 
     # -------------------------------------------------------------- audit, tokens
     @app.get(f"{API}/audit", response_model=AuditPage, responses=ERRORS, tags=["audit"])

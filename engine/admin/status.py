@@ -12,7 +12,9 @@ from typing import Any, Protocol
 
 from sqlalchemy import func, select
 
+from engine.admin.roles import Principal
 from engine.config import Config
+from engine.reload import Plan
 from engine.store import M, Store
 
 
@@ -28,6 +30,8 @@ class EngineView(Protocol):
     def render_metrics(self) -> tuple[bytes, str]: ...
 
     def apply_pause(self, kind: str, name: str, paused: bool) -> None: ...
+
+    async def reload(self, who: Principal | None = None, source: str = "") -> Plan: ...
 
 
 Samples = Mapping[tuple[str, tuple[tuple[str, str], ...]], float]
