@@ -62,6 +62,16 @@ def _row(*values: object) -> str:
     return "\t".join(printable(v) for v in values)
 
 
+MESSAGE_COLUMNS = ("id", "received", "channel", "type", "control_id", "status", "ack")
+
+
+def message_type(mtype: str | None, trigger: str | None) -> str:
+    """``ADT^A01``; ``ADT`` without a trigger; ``(unreadable)`` for a frame whose MSH-9 could not be read."""
+    if not mtype and not trigger:
+        return "(unreadable)"
+    return f"{mtype or '?'}^{trigger}" if trigger else str(mtype)
+
+
 def _fmt_time(ts: float | None) -> str:
     if not ts:
         return "-"
@@ -109,6 +119,33 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except SluiceError as exc:
             raise click.ClickException(str(exc)) from exc
+        except click.NoSuchOption as exc:
+            raise _suggest_option(exc) from None
+
+
+def _suggest_option(exc: click.NoSuchOption) -> click.NoSuchOption:
+    """The same error with one suggestion, the closest option by difflib (or none), for every command."""
+    from engine.suggest import closest
+
+    command = exc.ctx.command if exc.ctx is not None else None
+    known = [o for p in (command.params if command else []) for o in (*p.opts, *p.secondary_opts)]
+    best = closest(exc.option_name, [o for o in known if o.startswith("--")] or known)
+    return click.NoSuchOption(exc.option_name, possibilities=[best] if best else None, ctx=exc.ctx)
+
+
+class Choice(click.Choice):
+    """A choice whose error also suggests the closest value (difflib), as unknown options do."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:
+            from engine.suggest import did_you_mean
+
+            guess = did_you_mean(str(value), [str(c) for c in self.choices])
+            if not guess:
+                raise
+            raise click.BadParameter(f"{exc.message} ({guess})", ctx=ctx, param=param) from None
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,7 +163,7 @@ def main() -> None:
 @click.option("--host", help="Listen address for the first channel (overrides its source.host).")
 @click.option("--port", type=int, help="Listen port for the first channel (overrides its source.port).")
 @click.option("--store", help="Store URL, e.g. sqlite:///var/sluice.db or postgresql+psycopg://host/db.")
-@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), help="Log output format.")
+@click.option("--log-format", type=Choice(["auto", "json", "console"]), help="Log output format.")
 @click.option("--log-level", help="Log level (debug, info, warning, error).")
 @click.option(
     "--admin-port",
@@ -322,11 +359,14 @@ def messages() -> None:
 @click.option("--limit", default=50, show_default=True)
 @click.option("--cursor", type=int, help="Continue below this message id (the previous page's last id).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--no-header", is_flag=True, help="Leave out the header row (for scripts).")
 def messages_list(config_path: str, channel: str | None, status: str | None, control_id: str | None,
                   type_: str | None, trigger: str | None, destination: str | None, patient: str | None,
                   since: str | None, until: str | None, limit: int, cursor: int | None,
-                  as_json: bool) -> None:  # fmt: skip
-    """List messages (newest first): id, received time, channel, type, control id, status, ACK code."""
+                  as_json: bool, no_header: bool) -> None:  # fmt: skip
+    """List messages (newest first): id, received time, channel, type, control id, status, ACK code.
+
+    A header row names the columns (tab-separated); --no-header leaves it out."""
     from engine.admin import search
 
     store = _open_store(_load_config(config_path))
@@ -344,12 +384,17 @@ def messages_list(config_path: str, channel: str | None, status: str | None, con
         cursor=cursor,
     )
     rows, _next = search.search(store, query)
+    if not rows and not as_json:
+        click.echo("no messages match", err=True)
+        return
+    if not as_json and not no_header:
+        click.echo(_row(*MESSAGE_COLUMNS))
     for r in rows:
         item = {
             "id": r.id,
             "received": _fmt_time(r.received_at),
             "channel": r.channel,
-            "type": f"{r.message_type}^{r.trigger}",
+            "type": message_type(r.message_type, r.trigger),
             "control_id": r.control_id,
             "status": r.status,
             "ack": r.ack_code,
@@ -378,7 +423,7 @@ def messages_show(config_path: str, message_id: int, show_phi: bool, reason: str
     click.echo(f"id:          {r.id}")
     click.echo(f"channel:     {p(r.channel)}")
     click.echo(f"received:    {_fmt_time(r.received_at)} from {p(r.peer)}")
-    click.echo(f"type:        {p(r.message_type)}^{p(r.trigger)} v{p(r.version)}")
+    click.echo(f"type:        {p(message_type(r.message_type, r.trigger))} v{p(r.version or '-')}")
     click.echo(f"control id:  {p(r.control_id)}")
     click.echo(f"status:      {p(r.status)}")
     if r.reason:
@@ -421,14 +466,21 @@ def dead_letter_list(
 ) -> None:
     """List dead letters with their reasons."""
     store = _open_store(_load_config(config_path))
-    for r in store.dead_letters(channel=channel, destination=destination, limit=limit):
+    rows = store.dead_letters(channel=channel, destination=destination, limit=limit)
+    if not rows and not as_json:
+        which = " and ".join(f"{k} {v}" for k, v in (("channel", channel), ("destination", destination)) if v)
+        click.echo(
+            f"no dead letters{' for ' + printable(which) if which else ''}: the queue is empty", err=True
+        )
+        return
+    for r in rows:
         m = r._mapping
         item = {
             "message_id": m["message_id"],
             "received": _fmt_time(m["received_at"]),
             "channel": m["channel"],
             "where": m.get("destination") or m.get("status"),
-            "type": f"{m['message_type']}^{m['trigger']}",
+            "type": message_type(m["message_type"], m["trigger"]),
             "control_id": m["control_id"],
             "reason": m["reason"],
         }
@@ -441,10 +493,12 @@ def dead_letter_list(
 @main.command()
 @config_option
 @click.option("--id", "ids", multiple=True, type=int, help="Message id (repeatable).")
-@click.option("--channel")
+@click.option("--channel", help="Replay messages of this channel (with --status).")
 @click.option(
     "--status",
-    type=click.Choice(["dead", "error", "filtered", "review", "quarantined", "rejected", "processed"]),
+    type=Choice(["dead", "error", "filtered", "review", "quarantined", "rejected", "processed"]),
+    help="With --channel: dead (redo dead deliveries), or messages in this status: error, filtered, review, "
+    "quarantined, rejected, processed.",
 )
 @click.option("--destination", help="Only redo deliveries to this destination.")
 @click.option("--since", help="Received after (2h, 3d, or ISO time).")

@@ -21,6 +21,7 @@ from engine import overlays
 from engine.alerts.config import AlertsConfig, parse_alerts
 from engine.errors import ConfigError
 from engine.hl7 import parse_path
+from engine.suggest import did_you_mean
 
 DEFAULT_TYPES: dict[str, tuple[str, ...]] = {
     "ADT": (
@@ -253,7 +254,12 @@ class Config:
             if ch.name == name:
                 return ch
         known = ", ".join(c.name for c in self.channels) or "none"
-        raise ConfigError(f"no channel named {name!r}", file=self.file, hint=f"known channels: {known}")
+        guess = did_you_mean(name, [c.name for c in self.channels])
+        raise ConfigError(
+            f"no channel named {name!r}",
+            file=self.file,
+            hint=f"{guess + ' ' if guess else ''}known channels: {known}",
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -339,12 +345,13 @@ class _Section:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
             allowed = ", ".join(sorted(self.used))
+            guess = did_you_mean(str(unknown[0]), sorted(self.used))
             raise ConfigError(
                 f"unknown key {unknown[0]!r}"
                 + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
                 file=self.file,
                 key=self.key(unknown[0]),
-                hint=f"check the spelling; allowed here: {allowed}",
+                hint=f"{guess or 'check the spelling'}; allowed here: {allowed}",
             )
 
 

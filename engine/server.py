@@ -66,6 +66,46 @@ def build_destinations(config: Config, only: Iterable[str] | None = None) -> dic
     return out
 
 
+def check_ports(cfg: Config) -> None:
+    """A listen port already in use stops the start before anything is created (the store file included).
+
+    Probed the way the listeners bind (SO_REUSEADDR), so a port in TIME_WAIT is not reported.
+    """
+    first = cfg.channels[0].name if cfg.channels else None
+    for ch in cfg.channels:
+        if not ch.enabled or ch.source.port == 0:
+            continue
+        flag = " or `sluice run --port P`" if ch.name == first else ""
+        _probe(
+            ch.source.host,
+            ch.source.port,
+            f"channel {ch.name} cannot listen on {ch.source.host}:{ch.source.port}",
+            file=ch.file,
+            key="source.port",
+            hint=f"another program uses the port: stop it, or choose a free port with source.port{flag}",
+        )
+    if cfg.admin.enabled and cfg.admin.port != 0:
+        _probe(
+            cfg.admin.host,
+            cfg.admin.port,
+            f"the admin API cannot listen on {cfg.admin.host}:{cfg.admin.port}",
+            file=cfg.file,
+            key="admin.port",
+            hint="choose a free port (admin.port, --admin-port or SLUICE_ADMIN_PORT) "
+            "or turn the API off with admin: {enabled: false}",
+        )
+
+
+def _probe(host: str, port: int, what: str, *, file: str, key: str, hint: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{what}: {exc.strerror or exc}", file=file, key=key, hint=hint) from None
+
+
 class Server:
     def __init__(self, config: Config):
         self.config = config
@@ -648,6 +688,7 @@ class Server:
         from engine import logflood
 
         logflood.apply(self.config.logging.flood)
+        check_ports(self.config)  # before the store file or anything else is created
         prepare_process(sum(ch.source.max_connections for ch in self.config.channels if ch.enabled))
         try:
             import uvloop

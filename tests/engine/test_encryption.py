@@ -317,7 +317,9 @@ def test_engine_with_encryption_keeps_message_content_out_of_the_database_and_wa
     # every reader opens the sealed values with the configured key
     listed = CliRunner().invoke(main, ["messages", "list", "--config", str(cfg)])
     assert listed.exit_code == 0 and "ENC4" in listed.output and DISTINCT not in listed.output
-    mid = listed.output.split("\t", 1)[0]
+    header, first = listed.output.splitlines()[:2]
+    assert header.split("\t")[0] == "id"
+    mid = first.split("\t", 1)[0]
     shown = CliRunner().invoke(main, ["messages", "show", mid, "--show-phi", "--config", str(cfg)])
     assert shown.exit_code == 0, shown.output
     assert f"PID|1||MRN4411^^^NORTH^MR||{DISTINCT}^Zelvina" in shown.output

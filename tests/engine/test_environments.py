@@ -58,7 +58,11 @@ def _project(tmp_path: Path) -> Path:
                 "node_id": "prod-1",
                 "destinations": {
                     "out": {"directory": "/data/out"},
-                    "lab": {"kind": "http", "url": "http://127.0.0.1:9/x", "headers": {"X-Api-Key": {"env": "LAB_KEY"}}},
+                    "lab": {
+                        "kind": "http",
+                        "url": "http://127.0.0.1:9/x",
+                        "headers": {"X-Api-Key": {"env": "LAB_KEY"}},
+                    },
                 },
                 "channel_overrides": {"adt": {"source": {"host": "0.0.0.0", "port": 2600}}},
             }

@@ -112,7 +112,7 @@ def test_reload_while_a_sender_keeps_sending(tmp_path: Path) -> None:
                 code = sender.send(adt(control) if i % 2 else oru(control))
                 results.append((control, code, sent, time.monotonic()))
                 time.sleep(0.01)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+        except BaseException as exc:
             failure.append(exc)
 
     with EngineProcess(cfg, port) as engine:
