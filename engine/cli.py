@@ -17,7 +17,7 @@ from engine.admin.commands import audit_group, token
 from engine.analystcommands import register as analyst_commands
 from engine.errors import ConfigError, SluiceError
 from engine.keycommands import keys as keys_group
-from engine.opscommands import config_group, env_option
+from engine.opscommands import config_group, env_option, maps_group
 from engine.opscommands import reload as reload_command
 from engine.redact import printable
 
@@ -740,6 +740,7 @@ main.add_command(audit_group)
 analyst_commands(main)
 main.add_command(reload_command)
 main.add_command(config_group)
+main.add_command(maps_group)
 
 if __name__ == "__main__":
     main()

@@ -221,3 +221,74 @@ def config_show(config_path: str, env: str | None) -> None:
         "channels": overlays.masked(channels),
     }
     click.echo(printable(yaml.safe_dump(out, sort_keys=False, allow_unicode=True), keep="\n"))
+
+
+# ---------------------------------------------------------------------------------------------- maps
+
+
+@click.group("maps")
+def maps_group() -> None:
+    """Code, location and provider maps: coverage of what the senders actually send."""
+
+
+@maps_group.command("check")
+@config_option()
+@env_option()
+@click.option(
+    "--channel", help="Only this channel (default: every enabled channel with an hl7-to-fhir step)."
+)
+@click.option(
+    "--since",
+    default="30d",
+    show_default=True,
+    help="Messages received after this (30d, 12h, or an ISO time).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--no-header", is_flag=True, help="Leave out the header row (for scripts).")
+def maps_check(
+    config_path: str, env: str | None, channel: str | None, since: str, as_json: bool, no_header: bool
+) -> None:
+    """List the values seen in stored messages that no code, location or provider map covers.
+
+    Per channel and sending facility (MSH-4): PV1-3 locations, PV1-7/PV1-17 providers, OBX-3 local codes
+    and every field the channel's code_maps name, with counts and first/last seen.  Exit 0 either way;
+    prints codes and ids only, never patient data.
+    """
+    import json as jsonmod
+
+    from engine import mapcoverage
+    from engine.cli import _fmt_time, _open_store, _parse_time, _row
+
+    cfg = load(config_path, env)
+    try:
+        chosen = [cfg.channel(channel)] if channel else [c for c in cfg.channels if c.enabled]
+        maps = {ch.name: mapcoverage.channel_maps(cfg, ch) for ch in chosen}
+    except ConfigError as exc:
+        raise click.ClickException(f"config error: {exc}") from exc
+    after = _parse_time(since)
+    store = _open_store(cfg)
+    total = 0
+    header = ("channel", "facility", "field", "kind", "value", "system", "count", "first_seen", "last_seen")
+    if not as_json and not no_header:
+        click.echo(_row(*header))
+    for ch in chosen:
+        cov = mapcoverage.check(
+            mapcoverage.scan(store, ch.name, after), maps[ch.name], ch.source.fallback_charset
+        )
+        for g in cov.gaps():
+            total += 1
+            if as_json:
+                click.echo(jsonmod.dumps({"channel": ch.name, **g.as_dict()}))
+            else:
+                click.echo(
+                    _row(ch.name, g.facility or "-", g.field, g.kind, g.value, g.system or "-", g.count,
+                         _fmt_time(g.first_seen), _fmt_time(g.last_seen))
+                )  # fmt: skip
+        known = ", ".join(sorted(maps[ch.name])) or "none"
+        click.echo(
+            f"{ch.name}: {cov.messages} message(s) since {_fmt_time(after)}; maps: {printable(known)}; "
+            f"{len(cov.gaps())} value(s) not covered",
+            err=True,
+        )
+    if total == 0:
+        click.echo("every value seen is covered by a map (or uses a standard code system)", err=True)
