@@ -73,7 +73,7 @@ def check_ports(cfg: Config) -> None:
     """
     first = cfg.channels[0].name if cfg.channels else None
     for ch in cfg.channels:
-        if not ch.enabled or ch.source.port == 0:
+        if not ch.enabled or ch.source.kind != "mllp" or ch.source.port == 0:
             continue
         flag = " or `sluice run --port P`" if ch.name == first else ""
         _probe(
