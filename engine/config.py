@@ -266,6 +266,20 @@ class Config:
 # small schema helpers
 
 
+# The schema recorder (engine/schema.py): while set, every key read is noted with its kind, default and
+# choices, so the channel reference is generated from the loader itself.  None (the normal case): no cost.
+RECORDER: dict[tuple[str, str], dict[str, Any]] | None = None
+
+
+def _note(
+    sec: _Section, k: str, kind: str, default: Any = None, choices: tuple[str, ...] | None = None
+) -> None:
+    if RECORDER is not None:
+        entry = RECORDER.setdefault((sec.file, sec.key(k)), {"kind": "any", "default": None, "choices": None})
+        if kind != "any":
+            entry.update(kind=kind, default=default, choices=choices)
+
+
 class _Section:
     """A mapping being read, remembering its file and key path for errors."""
 
@@ -284,12 +298,16 @@ class _Section:
 
     def get(self, k: str, default: Any = None) -> Any:
         self.used.add(k)
+        if RECORDER is not None:
+            _note(self, k, "any")
         return self.data.get(k, default)
 
     def has(self, k: str) -> bool:
         return k in self.data
 
     def text(self, k: str, default: str | None = None, *, choices: tuple[str, ...] | None = None) -> Any:
+        if RECORDER is not None:
+            _note(self, k, "text", default, choices)
         v = self.get(k, default)
         if v is None:
             return None
@@ -306,6 +324,8 @@ class _Section:
         return v
 
     def integer(self, k: str, default: int) -> int:
+        if RECORDER is not None:
+            _note(self, k, "integer", default)
         v = self.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int):
             if isinstance(v, str):
@@ -317,6 +337,8 @@ class _Section:
         return v
 
     def number(self, k: str, default: float | None) -> Any:
+        if RECORDER is not None:
+            _note(self, k, "number", default)
         v = self.get(k, default)
         if v is None:
             return None
@@ -325,12 +347,16 @@ class _Section:
         return float(v)
 
     def flag(self, k: str, default: bool) -> bool:
+        if RECORDER is not None:
+            _note(self, k, "boolean", default)
         v = self.get(k, default)
         if not isinstance(v, bool):
             raise ConfigError(f"expected true or false, got {v!r}", file=self.file, key=self.key(k))
         return v
 
     def items(self, k: str) -> list[Any]:
+        if RECORDER is not None:
+            _note(self, k, "list", [])
         v = self.get(k, [])
         if v is None:
             return []
@@ -339,6 +365,8 @@ class _Section:
         return v
 
     def sub(self, k: str) -> _Section:
+        if RECORDER is not None:
+            _note(self, k, "mapping")
         return _Section(self.get(k), self.file, self.key(k))
 
     def done(self) -> None:

@@ -292,3 +292,37 @@ def maps_check(
         )
     if total == 0:
         click.echo("every value seen is covered by a map (or uses a standard code system)", err=True)
+
+
+@config_group.command("schema")
+@click.option(
+    "--markdown",
+    "markdown_out",
+    type=click.Path(dir_okay=False),
+    help="Write the channel reference (Markdown) to this file instead, e.g. docs/channel-reference.md.",
+)
+@click.option(
+    "--docs",
+    default="docs/configuration.md",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="With --markdown: where the meaning of each key is read from.",
+)
+def config_schema(markdown_out: str | None, docs: str) -> None:
+    """Print the channel file's JSON Schema, read from the loader itself (or write the reference)."""
+    import json as jsonmod
+    from pathlib import Path
+
+    from engine import schema
+
+    if markdown_out is None:
+        click.echo(jsonmod.dumps(schema.json_schema(), indent=2))
+        return
+    try:
+        text = schema.markdown(schema.meanings(Path(docs).read_text(encoding="utf-8")))
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {docs}: {exc.strerror} (run from the repository)") from None
+    except schema.Undocumented as exc:
+        raise click.ClickException(str(exc)) from None
+    Path(markdown_out).write_text(text, encoding="utf-8")
+    click.echo(f"wrote {markdown_out}")
