@@ -87,13 +87,25 @@ class FhirPollConfig:
     tls: Mapping[str, Any] = field(default_factory=dict)  # as the fhir destination's tls
 
 
-SOURCE_KINDS = ("mllp", "fhir-poll")
+@dataclass(frozen=True)
+class HttpSourceConfig:
+    """``source: {kind: http, ...}``: FHIR resources pushed over HTTP(S) (engine/sources/http.py)."""
+
+    path: str = "/fhir"
+    resources: tuple[str, ...] = ()  # accepted resource types; empty = any
+    auth: Mapping[str, Any] = field(default_factory=dict)  # {type: bearer, token: {env: NAME}} or none
+    max_body: int = 16 * 1024 * 1024
+    max_backlog: int = 5000  # commits waiting in the store's writer past which requests get 503
+
+
+SOURCE_KINDS = ("mllp", "fhir-poll", "http")
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     kind: str = "mllp"
     poll: FhirPollConfig | None = None  # kind fhir-poll
+    http: HttpSourceConfig | None = None  # kind http (host, port and tls below are its own)
     host: str = "127.0.0.1"
     port: int = 2575
     tls: TLSConfig | None = None
@@ -488,6 +500,8 @@ def _source(sec: _Section) -> SourceConfig:
             raise ConfigError("tls needs cert and key files", file=sec.file, key=sec.key("tls"))
     else:
         sec.get("tls")
+    if kind == "http":
+        return _http_source(sec, tls)
     src = SourceConfig(
         host=sec.text("host", "127.0.0.1"),
         port=sec.integer("port", 2575),
@@ -566,6 +580,42 @@ def _fhir_poll(sec: _Section) -> SourceConfig:
     if not 1 <= poll.page_size <= 1000:
         raise ConfigError("page_size must be 1 to 1000", file=sec.file, key=sec.key("page_size"))
     return SourceConfig(kind="fhir-poll", poll=poll, host="", port=0)
+
+
+def _http_source(sec: _Section, tls: TLSConfig | None) -> SourceConfig:
+    """``kind: http``: host, port, path, tls (as the listener's), auth, resources, max_body, max_backlog."""
+    auth = sec.get("auth") or {}
+    if not isinstance(auth, Mapping) or auth.get("type", "none") not in ("none", "bearer"):
+        raise ConfigError(
+            "auth must be {type: bearer, token: {env: NAME}} (or none; mutual TLS is tls.require_client_cert)",
+            file=sec.file,
+            key=sec.key("auth"),
+        )
+    if auth.get("type") == "bearer" and not auth.get("token"):
+        raise ConfigError("auth type bearer needs token", file=sec.file, key=sec.key("auth.token"))
+    kinds = tuple(str(r) for r in sec.items("resources"))
+    http = HttpSourceConfig(
+        path=sec.text("path", "/fhir"),
+        resources=kinds,
+        auth=dict(auth),
+        max_body=sec.integer("max_body", 16 * 1024 * 1024),
+        max_backlog=sec.integer("max_backlog", 5000),
+    )
+    src = SourceConfig(
+        kind="http", http=http, host=sec.text("host", "127.0.0.1"), port=sec.integer("port", 8443), tls=tls
+    )
+    sec.done()
+    if not 0 <= src.port <= 65535:
+        raise ConfigError(f"port {src.port} is out of range", file=sec.file, key=sec.key("port"))
+    if not http.path.startswith("/"):
+        raise ConfigError(
+            "path must start with /", file=sec.file, key=sec.key("path"), hint="e.g. path: /fhir"
+        )
+    if http.max_body <= 0 or http.max_backlog <= 0:
+        raise ConfigError(
+            "max_body and max_backlog must be more than 0", file=sec.file, key=sec.key("max_body")
+        )
+    return src
 
 
 def _max_frame(sec: _Section) -> int:

@@ -149,15 +149,21 @@ class Committer:
         finally:
             self.backlog -= 1
 
-    def submit_op(self, op: Op, size: int = 0) -> concurrent.futures.Future[Any]:
-        """Run ``op(conn)`` inside the next write transaction (thread-safe; for worker threads)."""
+    def submit_op(self, op: Op, size: int = 0, *, durable: bool = False) -> concurrent.futures.Future[Any]:
+        """Run ``op(conn)`` inside the next write transaction (thread-safe; for worker threads).
+
+        ``durable``: the transaction is fsynced like an intake commit (a source storing new messages
+        answers its sender after it); other operations are safe to redo and commit relaxed."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._q.put((_SizedOp(op, size) if size > LARGE_WRITE else op, fut))
+        if durable:
+            self._q.put((_DurableOp(op, size), fut))
+        else:
+            self._q.put((_SizedOp(op, size) if size > LARGE_WRITE else op, fut))
         return fut
 
-    async def run_op(self, op: Op, size: int = 0) -> Any:
+    async def run_op(self, op: Op, size: int = 0, *, durable: bool = False) -> Any:
         """``size``: bytes the operation writes, when large (a processed batch's payloads)."""
-        return await asyncio.wrap_future(self.submit_op(op, size))
+        return await asyncio.wrap_future(self.submit_op(op, size, durable=durable))
 
     def _run(self) -> None:
         try:
@@ -263,7 +269,7 @@ class Committer:
             jobs = [j for j, _ in batch]
         results: list[Any] = []
         try:
-            with self._transaction(durable=bool(jobs)) as conn:
+            with self._transaction(durable=bool(jobs) or any(type(o) is _DurableOp for o, _ in ops)) as conn:
                 if jobs:
                     self._write_jobs(conn, jobs)
                 results = [op(conn) for op, _ in ops]
@@ -411,6 +417,12 @@ class _SizedOp:
 
     def __call__(self, conn: Any) -> Any:
         return self.op(conn)
+
+
+class _DurableOp(_SizedOp):
+    """A committer operation whose transaction is fsynced (new messages from a source other than MLLP)."""
+
+    __slots__ = ()
 
 
 def _size(item: Any) -> int:

@@ -73,7 +73,7 @@ def check_ports(cfg: Config) -> None:
     """
     first = cfg.channels[0].name if cfg.channels else None
     for ch in cfg.channels:
-        if not ch.enabled or ch.source.kind != "mllp" or ch.source.port == 0:
+        if not ch.enabled or ch.source.kind not in ("mllp", "http") or ch.source.port == 0:
             continue
         flag = " or `sluice run --port P`" if ch.name == first else ""
         _probe(
@@ -114,6 +114,7 @@ class Server:
         self.committer: Committer | None = None
         self.listeners: list[Listener] = []
         self.pollers: list[Any] = []  # engine.sources.fhir_poll.FhirPoller, one per fhir-poll channel
+        self.http_sources: list[Any] = []  # engine.admin.service.AdminService serving an HttpSource
         self.processing: list[ProcessingWorker] = []
         self.delivery: list[DeliveryWorker] = []
         self.destinations: dict[str, Destination] = {}
@@ -170,6 +171,9 @@ class Server:
                 continue
             if ch.source.kind == "fhir-poll":  # no listener: the poller stores what it takes
                 self._add_poller(ch, runtimes[ch.name])
+                continue
+            if ch.source.kind == "http":  # FHIR pushed over HTTP(S): answered after the durable commit
+                await self._add_http_source(ch, runtimes[ch.name])
                 continue
             listener = self._listener(ch, runtimes[ch.name])
             await listener.start()
@@ -281,6 +285,38 @@ class Server:
             channel=ch.name,
             resources=",".join(ch.source.poll.resources if ch.source.poll else ()),
         )
+
+    async def _add_http_source(self, ch: ChannelConfig, runtime: ChannelRuntime) -> None:
+        """A ``kind: http`` channel: its endpoint (uvicorn in this loop) stores, its worker processes."""
+        from engine.admin.service import AdminService
+        from engine.destinations.base import DestinationContext
+        from engine.sources.http import HttpSource
+
+        assert self.store is not None and self.committer is not None
+        pw = self._processing_worker(ch, runtime)
+        app = HttpSource(
+            ch,
+            self.store,
+            self.committer,
+            ctx=DestinationContext(self.config.base_dir, ch.file),
+            on_stored=pw.wake.set,
+        )
+        tls = ch.source.tls
+        service = AdminService(
+            app,
+            ch.source.host,
+            ch.source.port,
+            certfile=tls.cert if tls else None,
+            keyfile=tls.key if tls else None,
+            cafile=tls.ca if tls else None,
+            require_client_cert=bool(tls and tls.require_client_cert),
+            what=f"channel {ch.name}'s http source",
+            key="source",
+        )
+        service.bind(ch.file)
+        await service.start()
+        self.http_sources.append(service)
+        log.info("http_listening", channel=ch.name, url=service.url, port=service.bound_port)
 
     def _add_channel(
         self, ch: ChannelConfig, runtime: ChannelRuntime, listener: Listener
@@ -646,6 +682,8 @@ class Server:
 
     async def stop(self) -> None:
         self.alerts_stop.set()  # first: shutting down is not an incident
+        for svc in self.http_sources:  # answered requests are committed; no new ones
+            await svc.stop()
         for listener in self.listeners:
             await listener.stop_accepting()
         for listener in self.listeners:

@@ -238,6 +238,19 @@ class SourceCursorRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class IdempotencyRow(Base):
+    """An HTTP source's answer per ``Idempotency-Key`` (SHA-256 of the key): a retried request gets it
+    again and creates nothing (engine/sources/http.py).  Written in the transaction of the messages."""
+
+    __tablename__ = "http_requests"
+
+    channel: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)
+    at: Mapped[float] = mapped_column(Float)
+
+
 class AuditRow(Base):
     """Who did what, when, to which message or setting (PHI views, replays, pauses, token changes).
 
@@ -313,6 +326,7 @@ SETTINGS = cast(Table, SettingRow.__table__)
 WRITEBACK = cast(Table, WritebackStateRow.__table__)
 WRITEBACK_LOG = cast(Table, WritebackLogRow.__table__)
 CURSORS = cast(Table, SourceCursorRow.__table__)
+IDEMPOTENCY = cast(Table, IdempotencyRow.__table__)
 
 # Message statuses
 RECEIVED = "received"  # stored, waiting for a processing worker

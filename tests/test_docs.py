@@ -184,6 +184,23 @@ routes:
   - destination: out
 """
 
+# A third: the http source's keys
+HTTP_CHANNEL_YAML = """
+name: push
+source:
+  kind: http
+  host: 127.0.0.1
+  port: 8443
+  path: /fhir
+  resources: [Appointment]
+  auth: {type: bearer, token: {env: PUSH_TOKEN}}
+  max_body: 1MiB
+  max_backlog: 100
+transform: [fhir-to-hl7]
+routes:
+  - destination: out
+"""
+
 
 def _normalise(key: str) -> str:
     key = re.sub(r"\[\d+\]", "[]", key)
@@ -198,6 +215,7 @@ def keys_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, set[
     routes.write_text(ROUTES_YAML.format(tmp=tmp_path))
     (tmp_path / "channels" / "lab.yaml").write_text(CHANNEL_YAML)
     (tmp_path / "channels" / "portal.yaml").write_text(POLL_CHANNEL_YAML)
+    (tmp_path / "channels" / "push.yaml").write_text(HTTP_CHANNEL_YAML)
     seen: dict[str, set[str]] = {"routes": set(), "channel": set()}
     real_get = config_mod._Section.get
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Generator
 from typing import Any
 
@@ -27,8 +28,20 @@ class _Server(uvicorn.Server):
 
 class AdminService:
     def __init__(
-        self, app: Any, host: str, port: int, *, certfile: str | None = None, keyfile: str | None = None
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        *,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        cafile: str | None = None,
+        require_client_cert: bool = False,
+        what: str = "the admin API",
+        key: str = "admin",
     ):
+        self.what, self.key = what, key  # for errors: "the admin API cannot listen ... (admin.port)"
+        self.cafile, self.require_client_cert = cafile, require_client_cert
         self.app = app
         self.host = host
         self.port = port
@@ -56,12 +69,17 @@ class AdminService:
             sock.bind((self.host, self.port))
         except OSError as exc:
             sock.close()
+            hint = (
+                "choose a free port (admin.port, --admin-port or SLUICE_ADMIN_PORT) "
+                "or turn the API off with admin: {enabled: false}"
+                if self.key == "admin"
+                else f"choose a free port ({self.key}.port)"
+            )
             raise ConfigError(
-                f"the admin API cannot listen on {self.host}:{self.port}: {exc.strerror}",
+                f"{self.what} cannot listen on {self.host}:{self.port}: {exc.strerror}",
                 file=config_file,
-                key="admin.port",
-                hint="choose a free port (admin.port, --admin-port or SLUICE_ADMIN_PORT) "
-                "or turn the API off with admin: {enabled: false}",
+                key=f"{self.key}.port",
+                hint=hint,
             ) from None
         sock.listen(128)
         sock.setblocking(False)
@@ -78,6 +96,8 @@ class AdminService:
             lifespan="off",
             ssl_certfile=self.certfile,
             ssl_keyfile=self.keyfile,
+            ssl_ca_certs=self.cafile,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if self.require_client_cert else ssl.CERT_NONE,
             server_header=False,
             proxy_headers=False,
             timeout_graceful_shutdown=5,
@@ -91,9 +111,9 @@ class AdminService:
         if self.task.done():
             exc = self.task.exception()
             raise ConfigError(
-                f"the admin API did not start: {exc}",
-                key="admin.tls",
-                hint="check admin.tls.cert and admin.tls.key",
+                f"{self.what} did not start: {exc}",
+                key=f"{self.key}.tls",
+                hint=f"check {self.key}.tls.cert and {self.key}.tls.key",
             )
 
     async def stop(self) -> None:

@@ -60,7 +60,7 @@ class FhirPoller:
         self,
         channel: ChannelConfig,
         store: Store,
-        run_op: Callable[[Callable[[Any], Any]], Any],
+        run_op: Callable[..., Any],
         *,
         ctx: DestinationContext,
         on_stored: Callable[[], None] = lambda: None,
@@ -71,7 +71,7 @@ class FhirPoller:
         self.channel = channel
         self.poll: FhirPollConfig = poll
         self.store = store
-        self.run_op = run_op  # Committer.run_op: the page's write transaction
+        self.run_op = run_op  # Committer.run_op: the page's write transaction (durable)
         self.on_stored = on_stored
         key = "source"
         ctx = DestinationContext(ctx.base_dir, channel.file)
@@ -147,7 +147,7 @@ class FhirPoller:
                 ),
                 default=None,
             )
-            stored += await self.run_op(self._page_writer(rtype, found, newest))
+            stored += await self.run_op(self._page_writer(rtype, found, newest), 0, durable=True)
             if len(found) < self.poll.page_size or newest is None:
                 break
             if lower is not None and newest <= lower:
