@@ -7,7 +7,8 @@ a converter bug, and both properties fail on it: the first through ``convert_rep
 engine calls), the second through ``_convert`` (no safety net, so the failure shows the original
 traceback).  ``SLUICE_FUZZ_EXAMPLES=20000`` runs them longer.
 
-Inputs: synthetic ADT/ORU/SIU/VXU/MDM/ORM/OML/OMG/OUL/REF messages (no real PHI) with field-aware mutations: a random field,
+Inputs: synthetic ADT (incl. merges, moves, changes, links, A17, A20, IAM)/ORU/SIU/VXU/MDM/ORM/OML/OMG/OUL/REF/
+RDE/RDS/PPR/DFT/BAR messages (no real PHI) with field-aware mutations: a random field,
 component or repetition replaced by odd values (impossible dates, offsets, huge numbers, escapes,
 delimiter runs, unicode), segments dropped or duplicated.
 """
@@ -135,6 +136,65 @@ CORPUS: list[str] = [
     "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\rDG1|1||R51^Headache^I10\rNTE|1||Soon please\r",
     H.format(t="REF^I14^REF_I12", n=16)
     + "RF1|A|R|Med||O|RF1^NORTH\rPID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r",
+    H.format(t="RDE^O11^RDE_O11", n=17) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\r"
+    "PV1|1|I|4N^401^A^NORTH|||||||MED|||||||||V1^^^NORTH^VN\r"
+    "ORC|NW|RX1^NORTH|PH1^NORTH||IP||^Q8H^^20250314090000||20250314083000|||1234567893^Carer^Casey^^^Dr^^^NPI\r"
+    "TQ1|1||Q8H||||20250314090000|20250321090000\r"
+    "RXE|^Q8H|308182^Amoxicillin 500 MG^RXNORM|500|1000|mg^mg^UCUM|CAP^Capsule^HL70292|^Take with food||G|21|"
+    "{capsule}^capsule^UCUM|2|||RXN1||||||||125|mL/h^mL/h^UCUM|||J02.9^Pharyngitis^I10||||||20250314080000\r"
+    "NTE|1||Full course.\rRXR|PO^Oral^HL70162|LA^Left Arm^HL70163||IVP^IV push^HL70165\r"
+    "RXC|B|313002^Saline^RXNORM|1000|mL^mL^UCUM\rRXC|A|8591^KCl^RXNORM|20|meq^meq^UCUM\r",
+    H.format(t="RDE^O11^RDE_O11", n=18) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
+    "ORC|DC|RX1^NORTH||||||||20250316083000\rRXE||308182^Amoxicillin 500 MG^RXNORM|500||mg\r",
+    H.format(t="RDS^O13^RDS_O13", n=19) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
+    "ORC|RE|RX1^NORTH|PH1^NORTH\rRXE||308182^Amoxicillin^RXNORM|500||mg\rRXR|PO\r"
+    "RXD|1|308182^Amoxicillin^RXNORM|20250314093000|21|{capsule}|CAP|RXN1|||1234567893^Pharm^Pam^^^^^^NORTH|N\r"
+    "NTE|1||Counselled.\rRXD|2|308182^Amoxicillin^RXNORM|20250321093000|21\r",
+    H.format(t="PPR^PC1^PPR_PC1", n=20) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\r"
+    "PV1|1|O|CLIN^^^NORTH||||||||||||||||V1^^^NORTH^VN\r"
+    "PRB|AD|20250314083000|44054006^Diabetes^SCT|PRB1^NORTH||1|20250314|20260101|20250601|CL^Chronic^L|||C|A|20250314|"
+    "20240101|onset text||||||||||SEV^Severe^L\rNTE|1||Counselling.\r"
+    "GOL|AD|20250314|A1C^A1c below 7^L|GOL1^NORTH||1|20250314|20251001|CAT^Cat^L|||||||||A|20250314\r"
+    "NTE|1||Review.\rOBX|1|NM|4548-4^A1c^LN||8.1|%|||||F\r",
+    H.format(t="PPR^PC3^PPR_PC1", n=21) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
+    "PRB|DE|20250315|44054006^Diabetes^SCT\rGOL|DE|20250315|A1C^A1c below 7^L\r",
+    H.format(t="DFT^P03^DFT_P03", n=22) + "EVN|P03|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F||||||||||ACC1^^^NORTH^AN\r"
+    "PV1|1|O|CLIN^^^NORTH||||||||||||||||V1^^^NORTH^VN\r"
+    "ORC|RE|ORD1^NORTH|FIL1^NORTH||CM\rOBR|1|ORD1^NORTH|FIL1^NORTH|24331-1^Lipid panel^LN|||20250314090000\r"
+    "OBX|1|NM|2093-3^Cholesterol^LN||182|mg/dL|||||F\r"
+    "FT1|1|TXN1||20250314090000^20250314100000|20250314110000|CG|99213^Visit^C4|||2|120.50&USD|||||||"
+    "|R51^Headache^I10|1234567893^Carer^Casey^^^Dr^^^NPI||||||99213^Visit^C4||||00009-0181-01^Dexa^NDC\r"
+    "NTE|1||Level 3.\rPR1|1||36415^Venipuncture^C4||20250314094500|||||||||||||PROC1^NORTH\r"
+    "FT1|2|||20250314|20250314|CG|626.2|||1\rDG1|1||R51^Headache^I10|||F\r"
+    "IN1|1|PLAN1|INS1^^^NORTH|Example Insurance|||GRP1||||||||Testpatient^Alex|SEL|19800101\rIN2|EI1|123\r",
+    H.format(t="BAR^P12^BAR_P12", n=23) + "EVN|P12|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex|||||||||||||ACC1^^^NORTH^AN\rPV1|1|O|||||||||||||||||V1^^^NORTH^VN\r"
+    "DG1|1||J45^Asthma^I10|||A|||||||||||||||D\rPR1|1||94010^Spirometry^C4||20250314091500|||||||||||||||D\r",
+    H.format(t="BAR^P02^BAR_P02", n=24) + "EVN|P02|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex|||||||||||||ACC1^^^NORTH^AN\rPV1|1|O\r"
+    "PID|2||MRN2^^^NORTH^MR||Testpatient^Bo|||||||||||||ACC2^^^NORTH^AN\r",
+    H.format(t="ADT^A47^ADT_A30", n=25) + "EVN|A47|20250314083000\r"
+    "PID|1||NEW1^^^NORTH^MR||Testpatient^Alex||19800101|F\rMRG|OLD1^^^NORTH^MR\r",
+    H.format(t="ADT^A41^ADT_A39", n=26) + "EVN|A41|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex|||||||||||||ACC2^^^NORTH^AN\rMRG|MRN1^^^NORTH^MR||ACC1^^^NORTH^AN\r",
+    H.format(t="ADT^A42^ADT_A39", n=27) + "EVN|A42|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\rMRG|MRN1^^^NORTH^MR||||V0^^^NORTH^VN\r"
+    "PV1|1|I|4N^401^A^NORTH||||||||||||||||V1^^^NORTH^VN\r",
+    H.format(t="ADT^A50^ADT_A50", n=28) + "EVN|A50|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\rMRG|MRN1^^^NORTH^MR||||V0^^^NORTH^VN\r"
+    "PV1|1|I|4N^401^A^NORTH||||||||||||||||V1^^^NORTH^VN\r",
+    H.format(t="ADT^A24^ADT_A24", n=29) + "EVN|A24|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\rPID|2||MRN2^^^NORTH^MR||Testpatient^Bo\r",
+    H.format(t="ADT^A17^ADT_A17", n=30) + "EVN|A17|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\rPV1|1|I|4N^401^A^NORTH||||||||||||||||V1^^^NORTH^VN\r"
+    "PID|2||MRN2^^^NORTH^MR||Testpatient^Bo\rPV1|1|I|4N^402^A^NORTH||||||||||||||||V2^^^NORTH^VN\r",
+    H.format(t="ADT^A20^ADT_A20", n=31) + "EVN|A20|20250314083000\rNPU|4N^401^A^NORTH|H\r",
+    H.format(t="ADT^A60^ADT_A60", n=32) + "EVN|A60|20250314083000\r"
+    "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
+    "IAM|1|DA^Drug^HL70127|70618^Penicillin^RXNORM|SV^Severe^HL70128|Hives~Rash|A|ALG1^NORTH||AL||20240101||"
+    "20250314||||C\rNTE|1||Observed.\rIAR|271807003^Rash^SCT|MO^Moderate^HL70128||None\r"
+    "IAM|2|FA|91935009^Peanut^SCT|MI||D|ALG2^NORTH\r",
 ]
 
 ODD = [
@@ -145,6 +205,8 @@ ODD = [
     "Booked", "Cancelled", "Noshow", "Blocked", "MIN", "HR", "S", "D", "WK", "NM", "ST", "CWE", "ED", "SN", "TX",
     "Base64", "A99", "S17", "S26", "V04", "T02", "T06", "T10", "T11", "CP", "RE", "NA", "PA", "AU", "LA", "AV", "OB", "CA",
     "NW", "OC", "DC", "HD", "XO", "SC", "CM", "ER", "O01", "O21", "O19", "R22", "I12", "I14", "BID", "Once",
+    "O11", "O25", "O13", "PC1", "PC2", "PC3", "P01", "P02", "P03", "P06", "P11", "P12", "A17", "A20", "A24", "A29", "A34",
+    "A37", "A41", "A42", "A43", "A44", "A45", "A47", "A49", "A50", "AD", "UP", "DE", "OD", "RL", "CG", "G", "N", "AN",
     # numbers past what JSON/orjson carries (64-bit ints, finite floats) and digits int() refuses
     "18446744073709551616", "-9223372036854775809", "1" * 30 + ".5", "9" * 400 + ".0", "2147483648", "²", "١٢",
     # control characters, raw and as escapes (FHIR strings allow none but TAB, LF, CR)
