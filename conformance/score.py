@@ -53,6 +53,13 @@ SCORED_TYPES: tuple[str, ...] = (
     "ServiceRequest",
     "Specimen",
     "Appointment",
+    "Account",
+    "ChargeItem",
+    "Procedure",
+    "MedicationRequest",
+    "MedicationDispense",
+    "Medication",
+    "Goal",
 )
 """Resource types whose fields are scored (the ones Sluice's mapping spec covers)."""
 
@@ -99,6 +106,8 @@ RULES: dict[str, str] = {
     "message does not meet (SIU: ServiceRequest only IF SCH-26 or SCH-27 VALUED)",
     "ig-unmapped-code": "a code the IG's concept map leaves without a FHIR target: MS says unknown, Sluice "
     "uses its documented choice (docs/mapping.md)",
+    "ms-segment-procedure": "Procedure MS synthesises from the PDA segment (death certification, autopsy), "
+    "which the IG's message maps leave unmapped",
     "ms-merged-mother": "MS puts the PID-21 mother's identifier and relationship MTH on the NK1's "
     "RelatedPerson; Sluice makes the mother a RelatedPerson of her own (IG CX[RelatedPerson-Mother])",
 }
@@ -434,6 +443,13 @@ _TIME_KEYS = frozenset(
         "receivedTime",
         "start",
         "end",
+        # the issue #14 types: Procedure, MedicationRequest, MedicationDispense, ChargeItem, Goal
+        "performedDateTime",
+        "authoredOn",
+        "whenPrepared",
+        "whenHandedOver",
+        "enteredDate",
+        "startDate",
     }
 )
 
@@ -515,11 +531,21 @@ def _value_leaves(key: str, v: Any, out: dict[str, tuple[str, str]]) -> None:
         out[key] = ("date" if key in _DATE_VALUE_KEYS else "text", norm_text(v))
 
 
+_QUANTITY_KEYS: dict[str, frozenset[str]] = {
+    "ChargeItem": frozenset({"quantity", "priceOverride"}),
+    "MedicationDispense": frozenset({"quantity", "daysSupply"}),
+}
+"""Quantities that are the value of a resource without value[x]: how much was charged or dispensed."""
+
+
 def _values(res: Mapping[str, Any]) -> tuple[dict[str, tuple[str, str]], dict[str, list[tuple[str, str]]]]:
     leaves: dict[str, tuple[str, str]] = {}
     codes: dict[str, list[tuple[str, str]]] = {}
+    quantities = _QUANTITY_KEYS.get(str(res.get("resourceType")), frozenset())
     for k, v in res.items():
-        if _is_value_key(k):
+        if k in quantities:
+            _value_leaves(k, v, leaves)
+        elif _is_value_key(k):
             _value_leaves(k, v, leaves)
             if isinstance(v, dict) and "coding" in v:
                 _codes(v, k, codes)
@@ -859,7 +885,6 @@ IG_UNMAPPED_SEGMENTS: frozenset[str] = frozenset(
         "OH3",
         "OH4",
         "DB1",
-        "IAM",
         "DRG",
         "GT1",
         "IN2",
@@ -872,14 +897,14 @@ IG_UNMAPPED_SEGMENTS: frozenset[str] = frozenset(
         "RGS",
         "TQ2",
         "CTD",
-        "FT1",
         "CTI",
         "DSC",
         "TXA",
         "CON",
     }
 )
-"""Segments the HL7 V2-to-FHIR IG's message maps (ADT_A01..., ORU_R01, SIU_S12, MDM_T02) give no FHIR target.
+"""Segments the HL7 V2-to-FHIR IG's message maps (ADT_A01..., ORU_R01, SIU_S12, MDM_T02) give no FHIR target
+(IAM and FT1 are not among them: the IG maps IAM → AllergyIntolerance and FT1 → ChargeItem, and so does Sluice).
 
 The MS converter maps several of them anyway (GT1 → a RelatedPerson and Patient identifiers, IN2 →
 Patient identifiers and names, DB1 → identifiers, PDA/ACC → Observations, RF1 → ServiceRequest).  A
@@ -902,9 +927,6 @@ identifiers (if it has any)."""
 
 UNSCORED_PRACTITIONER_FIELDS: dict[str, str] = {
     "EVN-5": "Provenance.agent (IG EVN[Provenance])",
-    "PR1-8": "Procedure.performer (IG PR1[Procedure])",
-    "PR1-11": "Procedure.performer (IG PR1[Procedure])",
-    "PR1-12": "Procedure.performer (IG PR1[Procedure])",
     "OBR-10": "Specimen.collection.collector (IG OBR[Specimen])",
 }
 """XCN fields whose IG target is a resource that is not scored (:data:`SCORED_TYPES`).  Besides these,
@@ -1149,6 +1171,31 @@ class Source:
         return ""
 
 
+MS_PROCEDURE_CODE_SYSTEM = "http://example.com/v2-to-fhir-converter/CodeSystem/procedure-code"
+MS_SEGMENT_PROCEDURES: dict[str, tuple[str, int]] = {
+    "death-certification": ("PDA", 6),  # death certificate signed date/time
+    "autopsy-performed": ("PDA", 9),  # autopsy start and end date/time
+}
+"""Procedures the MS converter synthesises from PDA fields under a code system of its own (its ADT templates:
+``Resource/Procedure`` from ``PDA_6`` and ``PDA_9``).  Evidence: that field of the message's PDA is valued."""
+
+
+def _segment_procedure(source: Source, res: Mapping[str, Any]) -> str:
+    if res.get("resourceType") != "Procedure":
+        return ""
+    code = res.get("code")
+    for coding in _as_list(code.get("coding") if isinstance(code, dict) else None):
+        if not isinstance(coding, dict) or coding.get("system") != MS_PROCEDURE_CODE_SYSTEM:
+            continue
+        seg, number = MS_SEGMENT_PROCEDURES.get(str(coding.get("code")), ("", 0))
+        if not seg or seg not in IG_UNMAPPED_SEGMENTS:
+            continue
+        for r in source.reps:
+            if r.segment == seg and r.field == number and r.comp(1):
+                return f"MS makes it from {r.where}, which the IG's message maps leave unmapped"
+    return ""
+
+
 def _placeholder(value: str, system: str, source: Source | None) -> str:
     """The explanation when the reference ``system`` is an MS placeholder invented for the name the
     message gives ``value`` (or for the field it sits in); "" without that evidence."""
@@ -1363,6 +1410,8 @@ def score_bundles(
                 rule = "ig-unmapped-segment"
             elif why := src.segment_observation(exp):
                 rule = "ms-segment-observation"
+            elif why := _segment_procedure(src, exp):
+                rule = "ms-segment-procedure"
             elif why := src.document_result(exp):
                 rule = "ig-document-obx"
             elif why := src.unordered_appointment(exp):

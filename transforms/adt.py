@@ -259,6 +259,8 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         raise ConversionError("ADT message has no PID segment", code="100", location=Location("PID", 1))
     patient_ref, patient_key = patient(pid, msg, ctx)
     enc_ref = encounter(msg, ctx, trigger, patient_ref, patient_key)
+    if len(pid.fields) > 18 and pid.fields[18]:
+        adt_events.account(pid, ctx, patient_ref)  # IG PID[Account]
     mother(pid, ctx, patient_ref, patient_key)
     roles(msg, ctx, patient_ref, enc_ref)
     observations(msg, ctx, patient_key, enc_ref)
@@ -273,6 +275,11 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         ref = condition(dg1, ctx, patient_ref, patient_key, enc_ref)
         if ref:
             conditions.append((ref, dg1))
+    if msg.all("PR1"):
+        from transforms import dft
+
+        for pr1 in msg.all("PR1"):
+            dft.procedure(pr1, ctx, patient_key, enc_ref)  # IG ADT_A01 PROCEDURE: PR1[Procedure]
     if enc_ref and conditions:
         enc = ctx.find(enc_ref)
         if enc is not None:

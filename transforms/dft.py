@@ -22,7 +22,7 @@ from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment
 from transforms.bundle import ConvertContext
-from transforms.datatypes import cwe, dtm_at, ei, nm, xcn
+from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, nm, xcn
 
 JSON = dict[str, Any]
 
@@ -89,6 +89,10 @@ def procedure(pr1: Segment, ctx: ConvertContext, patient_key: str, enc: str | No
         res["identifier"] = [ident]
     deleted = pr1.get(20).strip().upper() == PROCEDURE_ACTION_DELETE
     res["status"] = "entered-in-error" if deleted else "completed"
+    if pr1.rep(6) and (category := cwe(pr1.rep(6), ctx, pr1.loc(6))):
+        for coding in category.get("coding", ()):
+            coding.setdefault("system", V2_TABLE + "0230")  # PR1-6 procedure functional type
+        res["category"] = category
     res["code"] = code
     if ctx.patient_ref:
         res["subject"] = {"reference": ctx.patient_ref}

@@ -475,7 +475,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
         + "PID|1||MRN1^^^HOSP^MR||DOE^ANN"
         + "^" * 13
         + "Annie||||||||555-0100^PRN^CP\r"
-        + "GT1|1|G-77^^^H|ROE^RICK\rPDA|||Y\r"
+        + "GT1|1|G-77^^^H|ROE^RICK\rPDA|||Y|||20250101120000\r"
         + "TXA|1|DS|TX||||||||||DOC1\rOBX|1|TX|NOTE1^Note line^L||Synthetic note text||||||F\r"
     )
     # an MDM's OBX after TXA: MS makes an Observation, the IG puts it into DocumentReference.content
@@ -507,9 +507,23 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
         "identifier": [{"value": "NK-1"}, {"value": "NK-2"}, {"value": "MOM1"}],
         "relationship": [mth],
     }
+    # PDA-6 death certificate signed: MS makes a Procedure of its own code system from it (issue #14)
+    certified = {
+        "resourceType": "Procedure",
+        "status": "completed",
+        "code": {
+            "coding": [
+                {
+                    "system": "http://example.com/v2-to-fhir-converter/CodeSystem/procedure-code",
+                    "code": "death-certification",
+                }
+            ]
+        },
+        "performedDateTime": "2025-01-01T12:00:00Z",
+    }
     return (
         bundle(ours, ours_obs, ours_nk1, ours_mother),
-        bundle(ref, operator, death, note, order, ref_obs, ref_rp),
+        bundle(ref, operator, death, note, order, ref_obs, ref_rp, certified),
         src,
     )
 
@@ -606,3 +620,72 @@ def test_specimen_without_identifier_is_matched_by_collection_time() -> None:
         bundle(PATIENT, other, dict(bare, receivedTime="2025-04-02T09:00:00-07:00")), bundle(PATIENT, bare)
     )
     assert s.compared == s.agreeing
+
+
+def test_pda_procedure_is_explained_only_with_its_pda_field() -> None:
+    """ms-segment-procedure (issue #14): MS's death-certification Procedure is excused only when PDA-6 is valued."""
+    ours, ref, src = _every_quirk()
+    assert (
+        score_bundles(ours, ref, source=src).explained_by["ms-segment-procedure"] == 3
+    )  # status, code, time
+    without = src.replace("PDA|||Y|||20250101120000\r", "PDA|||Y\r")
+    assert "ms-segment-procedure" not in score_bundles(ours, ref, source=without).explained_by
+
+
+CHARGE = {
+    "resourceType": "ChargeItem",
+    "identifier": [{"value": "TXN-1"}],
+    "status": "billable",
+    "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "99213"}]},
+    "occurrenceDateTime": "2025-03-20T09:30:00-07:00",
+    "enteredDate": "2025-03-20T10:10:00-07:00",
+    "quantity": {"value": 2},
+    "priceOverride": {"value": 120, "currency": "USD"},
+}
+
+
+def test_issue_14_types_are_scored_both_ways_alike() -> None:
+    """ChargeItem, Procedure, MedicationRequest/Dispense, Goal, Account: their codes, times, statuses and the
+    charged / dispensed quantities are facts; the same resource on both sides agrees fully."""
+    procedure = {
+        "resourceType": "Procedure",
+        "identifier": [{"value": "P-1"}],
+        "status": "completed",
+        "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "36415"}]},
+        "performedDateTime": "2025-03-20T09:45:00-07:00",
+    }
+    dispense = {
+        "resourceType": "MedicationDispense",
+        "status": "completed",
+        "quantity": {"value": 21, "unit": "capsule"},
+        "whenHandedOver": "2025-03-20T09:30:00-07:00",
+        "medicationCodeableConcept": {
+            "coding": [{"system": "http://hl7.org/fhir/sid/ndc", "code": "0182-1061-05"}]
+        },
+    }
+    request = {
+        "resourceType": "MedicationRequest",
+        "identifier": [{"value": "RX-1"}],
+        "status": "active",
+        "intent": "order",
+        "authoredOn": "2025-03-20T08:55:00-07:00",
+    }
+    goal = {"resourceType": "Goal", "identifier": [{"value": "G-1"}], "lifecycleStatus": "active",
+            "startDate": "2025-04-01", "description": {"text": "A1c below 7"}}  # fmt: skip
+    account = {"resourceType": "Account", "identifier": [{"value": "ACC-1"}], "status": "active"}
+    expected = bundle(PATIENT, CHARGE, procedure, dispense, request, goal, account)
+    s = score_bundles(copy.deepcopy(expected), expected)
+    assert s.compared == s.agreeing and not s.diffs
+    assert s.compared >= 25
+    changed = copy.deepcopy(expected)
+    res = {e["resource"]["resourceType"]: e["resource"] for e in changed["entry"]}
+    res["ChargeItem"]["priceOverride"]["value"] = 100
+    res["ChargeItem"]["quantity"]["value"] = 1
+    res["Procedure"]["performedDateTime"] = "2025-03-21T09:45:00-07:00"
+    res["MedicationDispense"]["quantity"]["value"] = 20
+    res["MedicationRequest"]["authoredOn"] = "2025-03-21T08:55:00-07:00"
+    res["Account"]["status"] = "inactive"
+    paths = {d.path for d in score_bundles(changed, expected).diffs}
+    for want in ("priceOverride.value", "ChargeItem[TXN-1].quantity.value", "performedDateTime",
+                 "MedicationDispense", "authoredOn", "Account[ACC-1].status"):  # fmt: skip
+        assert any(want in p for p in paths), (want, paths)
