@@ -376,6 +376,22 @@ class Server:
             self._set_config(new)
             return plan
         assert self.store is not None
+        for name in (
+            *plan.channels_added,
+            *plan.channels_removed,
+            *plan.channels_changed,
+            *plan.channels_rebound,
+        ):
+            ch = new.channel(name) if name in {c.name for c in new.channels} else self.config.channel(name)
+            before = self.config.channel(name) if name in {c.name for c in self.config.channels} else ch
+            if ch.source.kind != "mllp" or before.source.kind != "mllp":
+                # fhir-poll and http channels have no listener to swap: applied at the next start
+                raise ConfigError(
+                    f"channel {name} ({ch.source.kind} source) changed: a live reload applies MLLP channels only",
+                    file=ch.file,
+                    key="source.kind",
+                    hint="restart the engine to apply it; the running config is unchanged",
+                )
         # 1. Prepare everything that can fail; nothing running is touched yet.
         runtimes = {
             name: ChannelRuntime(new, new.channel(name), self.store)

@@ -165,3 +165,39 @@ def test_refusals_say_what_is_wrong(setup: Any, kwargs: dict[str, Any], status: 
     assert (
         resp.json()["resourceType"] == "OperationOutcome" and says in resp.json()["issue"][0]["diagnostics"]
     )
+
+
+def test_a_live_reload_that_changes_an_http_channel_is_refused_and_it_keeps_working(tmp_path: Path) -> None:
+    import signal
+
+    import yaml
+
+    port = free_port()
+    routes = write_config(
+        tmp_path,
+        channels={
+            "push": {
+                "source": {"kind": "http", "host": "127.0.0.1", "port": port, "path": "/fhir"},
+                "transform": [{"fhir-to-hl7": {"placer_system": PLACER}}],
+                "routes": [{"destination": "out"}],
+            }
+        },
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out")}},
+    )
+    with EngineProcess(routes, port) as proc:
+        chan = tmp_path / "channels" / "push.yaml"
+        data = yaml.safe_load(chan.read_text())
+        data["source"]["path"] = "/other"
+        chan.write_text(yaml.safe_dump(data))
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: "config_reload_failed" in proc.log.read_text(), timeout=30, what="the refused reload"
+        )
+        assert "restart the engine" in proc.log.read_text()
+        resp = httpx.post(
+            f"http://127.0.0.1:{port}/fhir/Appointment",
+            json=version(1, id="appt-r1"),
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        assert resp.status_code == 201
