@@ -19,7 +19,8 @@ FILE_DEST = {"out": {"kind": "file", "directory": "out"}}
 
 def test_demo_config_loads() -> None:
     cfg = config.load(ROOT / "routes.yaml")
-    ch = next(c for c in cfg.channels if c.name == "allscripts")  # (routes.yaml also loads portal-appointments)
+    # routes.yaml also loads portal-appointments
+    ch = next(c for c in cfg.channels if c.name == "allscripts")
     assert ch.name == "allscripts" and ch.source.port == 2575 and ch.source.host == "127.0.0.1"
     assert ch.source.max_connections >= 200
     assert set(ch.types) >= {"ADT", "ORU", "SIU", "PPR"}
