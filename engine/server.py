@@ -300,6 +300,7 @@ class Server:
             self.committer,
             ctx=DestinationContext(self.config.base_dir, ch.file),
             on_stored=pw.wake.set,
+            intake=self._intake(ch, runtime, pw),
         )
         tls = ch.source.tls
         service = AdminService(

@@ -14,7 +14,9 @@ A plain ASGI app served by uvicorn in the engine's loop (like the admin API).  `
   OperationOutcome saying how many; 4xx with an OperationOutcome that says what is wrong; 503 with
   ``Retry-After`` when the store's writer is behind (``max_backlog``);
 * an ``Idempotency-Key`` header is stored with the answer in the same transaction: a retried request gets
-  the first answer and creates nothing.
+  the first answer and creates nothing;
+* ``x-application/hl7-v2+er7``: an HL7 v2 message (or FHS/BHS batch) takes the MLLP intake path of the
+  channel (accepted types, validation, dedupe by MSH-10, durable commit) and the answer is its ACK.
 
 Auth: ``auth: {type: bearer, token: {env: NAME}}`` (401 without it), and/or mutual TLS
 (``tls: {cert, key, ca, require_client_cert: true}``).  Nothing of a body is logged.
@@ -41,6 +43,7 @@ log = structlog.get_logger("sluice.http_source")
 
 SOURCE_NAME = "http"
 FHIR_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+HL7_TYPE = "x-application/hl7-v2+er7"
 NOTIFICATION_META = frozenset({"SubscriptionStatus", "Parameters"})
 
 
@@ -106,8 +109,10 @@ class HttpSource:
         *,
         ctx: DestinationContext,
         on_stored: Callable[[], None] = lambda: None,
+        intake: Any = None,
     ):
         cfg = channel.source.http
+        self.intake = intake  # engine.intake.Intake: HL7 v2 over HTTP takes the MLLP intake path
         assert cfg is not None
         self.channel = channel
         self.cfg: HttpSourceConfig = cfg
@@ -129,13 +134,9 @@ class HttpSource:
         if scope["type"] != "http":
             return
         status, body, headers = await self._answer(scope, receive)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/fhir+json"), *headers],
-            }
-        )
+        if not any(k == b"content-type" for k, _ in headers):
+            headers = [(b"content-type", b"application/fhir+json"), *headers]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def _answer(
@@ -160,9 +161,11 @@ class HttpSource:
                     outcome("information", "informational", "nothing to store (empty notification)"),
                     [],
                 )
-            if ctype not in FHIR_TYPES:
+            if ctype not in (*FHIR_TYPES, HL7_TYPE) or (ctype == HL7_TYPE and self.intake is None):
                 raise Refused(
-                    415, "not-supported", f"send application/fhir+json, not {ctype[:60] or 'no content type'}"
+                    415,
+                    "not-supported",
+                    f"send application/fhir+json or {HL7_TYPE}, not {ctype[:60] or 'no content type'}",
                 )
             if self.committer.backlog > self.cfg.max_backlog:
                 return (
@@ -170,6 +173,8 @@ class HttpSource:
                     outcome("error", "transient", "the engine is busy; retry"),
                     [(b"retry-after", b"1")],
                 )
+            if ctype == HL7_TYPE:
+                return await self._hl7(body, scope)
             try:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError:
@@ -183,6 +188,14 @@ class HttpSource:
         except Refused as exc:
             extra = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
             return exc.status, outcome("error", exc.code, exc.text), extra
+
+    async def _hl7(self, body: bytes, scope: dict[str, Any]) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """HL7 v2 over HTTP: the channel's MLLP intake path (validation, dedupe, durable commit, ACK); the
+        answer is the ACK (several for an FHS/BHS batch, one per line), 200 whatever its code."""
+        assert self.intake is not None
+        client = scope.get("client") or ("http", 0)
+        acks = await self.intake.handle(body, f"{client[0]}:{client[1]}")
+        return 200, b"\n".join(acks), [(b"content-type", HL7_TYPE.encode())]
 
     def _authorise(self, hdrs: dict[str, str]) -> None:
         if self.token is None:

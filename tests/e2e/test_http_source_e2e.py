@@ -201,3 +201,41 @@ def test_a_live_reload_that_changes_an_http_channel_is_refused_and_it_keeps_work
             headers={"Content-Type": "application/fhir+json"},
         )
         assert resp.status_code == 201
+
+
+def test_hl7_v2_over_http_takes_the_intake_path_and_answers_the_ack(tmp_path: Path) -> None:
+    port = free_port()
+    routes = write_config(
+        tmp_path,
+        channels={
+            "push-hl7": {
+                "source": {"kind": "http", "host": "127.0.0.1", "port": port, "path": "/hl7"},
+                "accept": {"types": ["ADT"]},
+                "transform": ["passthrough"],
+                "routes": [{"destination": "out"}],
+            }
+        },
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out")}},
+    )
+    adt = (
+        b"MSH|^~\\&|SYN|SYNHOSP|SLUICE|SLUICE|20261204120000||ADT^A01^ADT_A01|HTTP-1|P|2.5.1\r"
+        b"EVN|A01|20261204120000\rPID|1||MRN900001^^^SYNHOSP^MR||Testperson^Alexandra\rPV1|1|I\r"
+    )
+    hdrs = {"Content-Type": "x-application/hl7-v2+er7"}
+    with EngineProcess(routes, port):
+        url = f"http://127.0.0.1:{port}/hl7"
+        first = httpx.post(url, content=adt, headers=hdrs)
+        again = httpx.post(url, content=adt, headers=hdrs)  # a resend: answered from the store
+        wrong = httpx.post(url, content=adt.replace(b"ADT^A01^ADT_A01", b"ORU^R01^ORU_R01"), headers=hdrs)
+    assert first.status_code == again.status_code == 200
+    assert first.headers["content-type"] == "x-application/hl7-v2+er7"
+    assert b"MSA|AA|HTTP-1" in first.content and b"MSA|AA|HTTP-1" in again.content
+    assert b"MSA|AR|HTTP-1" in wrong.content
+    from engine.store import Store
+
+    s = Store(f"sqlite:///{tmp_path}/sluice.db", create=False)
+    try:
+        counts = s.status_counts()
+    finally:
+        s.close()
+    assert sum(n for (ch, status), n in counts.items() if status in ("received", "processed")) == 1
