@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -99,6 +100,8 @@ class HttpSourceConfig:
 
 
 SOURCE_KINDS = ("mllp", "fhir-poll", "http")
+# order_by of a FHIR source: Type.element.element... (the subset of FHIRPath engine/sources/resources.py reads)
+_FHIR_PATH = re.compile(r"^[A-Z][A-Za-z]*(\.[a-z][A-Za-z0-9]*)+$")
 
 
 @dataclass(frozen=True)
@@ -775,8 +778,15 @@ def load_channel(
         routes.append(RouteConfig(dest, rs.get("filter")))
         rs.done()
     order_by = sec.text("order_by")
-    if order_by:
+    if order_by and source.kind == "mllp":
         _check_path(order_by, file, "order_by")
+    elif order_by and not _FHIR_PATH.match(order_by):
+        raise ConfigError(
+            f"order_by {order_by!r} is not a FHIRPath of element names",
+            file=file,
+            key="order_by",
+            hint="a FHIR source orders by a path such as Appointment.participant.actor.reference",
+        )
     require = tuple(_check_path(str(p), file, f"require[{i}]") for i, p in enumerate(sec.items("require")))
     ds = sec.sub("dedupe")
     dedupe = DedupeConfig(

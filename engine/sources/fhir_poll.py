@@ -193,7 +193,14 @@ class FhirPoller:
         for res in found:
             raw = orjson.dumps(res)
             row = resources.message_row(
-                ch.name, res, raw, source=SOURCE_NAME, facility=self.facility, received_at=now, dedupe=True
+                ch.name,
+                res,
+                raw,
+                source=SOURCE_NAME,
+                facility=self.facility,
+                received_at=now,
+                dedupe=True,
+                order_by=ch.order_by,
             )
             rows.setdefault(row.dedupe_key, row)
         window = max(ch.dedupe.window_days * 86400.0, self.poll.overlap * 10)

@@ -229,7 +229,7 @@ class HttpSource:
         for res in found:
             raw = orjson.dumps(res)
             row = resources.message_row(
-                ch.name, res, raw, source=SOURCE_NAME, facility="http", received_at=now
+                ch.name, res, raw, source=SOURCE_NAME, facility="http", received_at=now, order_by=ch.order_by
             )
             rows.setdefault(row.dedupe_key, row)
         key = (

@@ -10,7 +10,9 @@ The metadata columns hold what the MSH of an HL7 message would:
   the body stands in), so the channel's dedupe (``sending_app|sending_facility|control_id``) drops a
   version taken twice, whatever the overlap window or a restart fetched again;
 * ``sending_app`` the source kind (``fhir-poll``), ``sending_facility`` the server's host and port;
-* ``order_key``: ``<type>/<id>``: the versions of one resource are delivered in order.
+* ``order_key``: the channel's ``order_by`` (a dotted FHIRPath such as
+  ``Appointment.participant.actor.reference``: its first value), else ``<type>/<id>``: the versions of one
+  resource (or everything of one patient) are processed and delivered in order.
 
 A channel's filters and steps see a :class:`~engine.hl7.Message` made of that header (:func:`header`):
 ``MSH-9.1`` is the resource type, ``MSH-10`` the version id, so ``{field: MSH-9.1, in: [Appointment]}``
@@ -63,6 +65,7 @@ def message_row(
     facility: str,
     received_at: float,
     dedupe: bool = True,
+    order_by: str | None = None,
 ) -> NewMessage:
     """The messages-table row of one resource version."""
     rtype = str(resource.get("resourceType") or "")
@@ -73,9 +76,34 @@ def message_row(
     row.sending_facility = facility[:200]
     row.message_type = type_code(rtype)
     row.version = "R4"
-    row.order_key = f"{rtype}/{resource.get('id', '')}"[:300]
+    row.order_key = (
+        path_value(resource, order_by) if order_by else ""
+    ) or f"{rtype}/{resource.get('id', '')}"
+    row.order_key = row.order_key[:300]
     row.dedupe_key = f"{row.sending_app}|{row.sending_facility}|{row.control_id}" if dedupe else ""
     return row
+
+
+def path_value(resource: dict[str, Any], path: str) -> str:
+    """The first text value of a dotted FHIRPath (``Appointment.participant.actor.reference``): lists are
+    walked in order; a path whose type is not the resource's gives ``""``."""
+    rtype, *names = path.split(".")
+    if resource.get("resourceType") != rtype:
+        return ""
+    values: list[Any] = [resource]
+    for name in names:
+        nxt: list[Any] = []
+        for v in values:
+            got = v.get(name) if isinstance(v, dict) else None
+            if isinstance(got, list):
+                nxt.extend(got)
+            elif got is not None:
+                nxt.append(got)
+        values = nxt
+    for v in values:
+        if isinstance(v, str | int | float) and not isinstance(v, bool) and str(v):
+            return str(v)
+    return ""
 
 
 def header(raw: bytes) -> hl7.Message:

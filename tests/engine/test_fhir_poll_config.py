@@ -87,3 +87,43 @@ def test_the_shipped_channel_is_the_issues_and_disabled_until_configured() -> No
     )
     ehr = cfg.destinations["ehr-mllp"]
     assert ehr.kind == "mllp" and ehr.options["payload"] == "output"
+
+
+def test_order_by_is_a_fhirpath_on_a_fhir_source(tmp_path: Path) -> None:
+    from engine.sources import resources
+
+    routes = write_config(
+        tmp_path,
+        channels={},
+        destinations={"ehr-mllp": {"kind": "mllp", "host": "127.0.0.1", "port": 2576, "payload": "output"}},
+    )
+    body = yaml.safe_load(ISSUE_CHANNEL)
+    body["order_by"] = "Appointment.participant.actor.reference"
+    path = tmp_path / "channels" / "portal-appointments.yaml"
+    path.write_text(yaml.safe_dump(body))
+    (ch,) = config_mod.load(routes).channels
+    res = {
+        "resourceType": "Appointment",
+        "id": "a1",
+        "participant": [{"actor": {"display": "room"}}, {"actor": {"reference": "Patient/p7"}}],
+    }
+    row = resources.message_row(
+        ch.name, res, b"{}", source="fhir-poll", facility="h", received_at=0.0, order_by=ch.order_by
+    )
+    assert row.order_key == "Patient/p7"
+    # no value there: the resource's own key, so its versions still keep their order
+    bare = resources.message_row(
+        ch.name,
+        {"resourceType": "Appointment", "id": "a2"},
+        b"{}",
+        source="s",
+        facility="h",
+        received_at=0.0,
+        order_by=ch.order_by,
+    )
+    assert bare.order_key == "Appointment/a2"
+    body["order_by"] = "PID-3.1"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError, match="FHIRPath") as exc:
+        config_mod.load(routes)
+    assert exc.value.key == "order_by"
