@@ -1407,8 +1407,15 @@ class Store:
                     if not gone:
                         break
                     conn.execute(delete(M).where(M.c.id.in_(gone)))
+                    conn.execute(delete(WRITEBACK_LOG).where(WRITEBACK_LOG.c.message_id.in_(gone)))
                 done["rows"] += len(gone)
                 self._reclaim()
+            with self.write() as conn:  # an http source's idempotency answers live as long as its rows
+                conn.execute(
+                    delete(IDEMPOTENCY).where(
+                        IDEMPOTENCY.c.channel == channel, IDEMPOTENCY.c.at < rows_before
+                    )
+                )
         return done
 
     def _raw_sql(self, *statements: str) -> list[Any]:

@@ -79,6 +79,7 @@ def take(
             )
             (message_id,) = store.insert_messages(conn, [row])
         result = rt.record(conn, rt.run_raw(message_id, raw))
+        store.finish_messages(conn, [(message_id, result.status, result.reason)])
     return message_id, result
 
 
@@ -160,5 +161,31 @@ def test_two_appointments_have_their_own_state(tmp_path: Path, store_url: str) -
         _, b = take(rt, store, version(1, **other))
         _, b2 = take(rt, store, version(2, start="2026-12-12T17:00:00Z", **other))
         assert [sent(r) for r in (a, b, b2)] == [("S12", "PA-SECRET-77"), ("S12", "PA-2"), ("S13", "PA-2")]
+    finally:
+        store.close()
+
+
+def test_retention_drops_the_decisions_with_their_messages_and_keeps_the_state(
+    tmp_path: Path, store_url: str
+) -> None:
+    from engine.store import IDEMPOTENCY
+
+    rt, store = runtime(tmp_path, store_url)
+    try:
+        take(rt, store, version(1))
+        take(rt, store, version(2, start="2026-12-11T17:00:00Z"))
+        with store.write() as conn:
+            conn.execute(
+                IDEMPOTENCY.insert().values(channel="portal", key="k" * 64, status=201, body="{}", at=1.0)
+            )
+        store.prune("portal", bodies_before=None, rows_before=time.time() + 1)
+        with store.engine.connect() as conn:
+            assert conn.execute(select(WRITEBACK_LOG)).all() == []
+            assert conn.execute(select(IDEMPOTENCY)).all() == []
+            (state,) = conn.execute(select(WRITEBACK)).all()
+        assert state.message == "S13"
+        # the state outlives the rows: the next version is still an update, not a second S12
+        _, r = take(rt, store, version(3, start="2026-12-12T17:00:00Z"))
+        assert sent(r) == ("S13", "PA-SECRET-77")
     finally:
         store.close()
