@@ -353,8 +353,13 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def _identifiers(res: Mapping[str, Any]) -> list[dict[str, str]]:
+    """``identifier`` values (and systems); a Specimen's ``accessionIdentifier`` counts as one of them (the IG
+    puts OBR-2 there, and identifies a specimen by it as much as by SPM-2)."""
     out = []
-    for ident in _as_list(res.get("identifier")):
+    idents = _as_list(res.get("identifier"))
+    if isinstance(res.get("accessionIdentifier"), dict):
+        idents = [*idents, res["accessionIdentifier"]]
+    for ident in idents:
         if not isinstance(ident, dict) or not norm_text(ident.get("value")):
             continue
         d = {"value": norm_text(ident.get("value"))}
@@ -803,7 +808,13 @@ def identity_score(ours: Mapping[str, Any], expected: Mapping[str, Any]) -> int:
             if _values(expected)[0] and _values(expected)[0] == _values(ours)[0]:
                 score += 2
     if expected.get("resourceType") == "Specimen":
-        # a Specimen without identifiers (IG OBR[Specimen]: the order's collection time): by that time
+        # its type, and for one without identifiers (IG OBR[Specimen]) the order's collection time
+        etypes: dict[str, list[tuple[str, str]]] = {}
+        otypes: dict[str, list[tuple[str, str]]] = {}
+        _codes(expected.get("type"), "type", etypes)
+        _codes(ours.get("type"), "type", otypes)
+        if {c for _s, c in etypes.get("type", [])} & {c for _s, c in otypes.get("type", [])}:
+            score += 5
         etimes, otimes = _times(expected), _times(ours)
         if any(
             compare_dates(otimes[k], v)

@@ -629,7 +629,7 @@ def specimen(
 def obr_specimen(obr: Segment, ctx: ConvertContext, order_key: str, request: str) -> str | None:
     """IG OBR[Specimen], for an order group without SPM: OBR-7 (OBR-8) → collection.collected[x], OBR-9 →
     collection.quantity, OBR-10 → collection.collector, OBR-14 → receivedTime, OBR-15 (SPS, v2.3-2.6) →
-    type; keyed by the order.  None when the OBR says nothing about a specimen (no OBR-7/9/14/15)."""
+    type, OBR-2 → accessionIdentifier; keyed by the order.  None when the OBR says nothing about a specimen (no OBR-7/9/14/15)."""
     settings = ctx.settings
     collection: JSON = {}
     start = obr.get(7).strip()
@@ -645,11 +645,7 @@ def obr_specimen(obr: Segment, ctx: ConvertContext, order_key: str, request: str
         d = ctx.message.delimiters
         qty.update(unit(Rep(d.component.join(escape(x, d) for x in volume.subs(2)), d), settings))
         collection["quantity"] = qty
-    if (
-        obr.rep(10)
-        and (collector := xcn(obr.rep(10), ctx, obr.loc(10))) is not None
-        and "reference" in collector
-    ):
+    if obr.rep(10) and (collector := xcn(obr.rep(10), ctx, obr.loc(10))) is not None:
         collection["collector"] = collector
     res: JSON = {"resourceType": "Specimen"}
     source = obr.rep(15)
@@ -667,6 +663,8 @@ def obr_specimen(obr: Segment, ctx: ConvertContext, order_key: str, request: str
         res["collection"] = collection
     if not collection and "type" not in res and "receivedTime" not in res:
         return None
+    if (accession := ei(obr.rep(2), ctx, obr.loc(2))) is not None:
+        res["accessionIdentifier"] = accession  # IG OBR[Specimen]: OBR-2
     return ctx.add("Specimen", res, key=f"{order_key}|obr-specimen")
 
 

@@ -664,15 +664,16 @@ def interpretation(obx: Segment, ctx: ConvertContext) -> list[JSON]:
 # Groups
 # ---------------------------------------------------------------------------
 class _Order:
-    """One ORDER_OBSERVATION group: its OBR, optional ORC, the OBX groups and the NTEs."""
+    """One ORDER_OBSERVATION group: its OBR, optional ORC, the OBX groups, the NTEs and the SPMs."""
 
-    __slots__ = ("notes", "obr", "observations", "orc")
+    __slots__ = ("notes", "obr", "observations", "orc", "specimens")
 
     def __init__(self, obr: Segment | None, orc: Segment | None):
         self.obr = obr
         self.orc = orc
         self.notes: list[Segment] = []
         self.observations: list[tuple[Segment, list[Segment]]] = []
+        self.specimens: list[Segment] = []
 
 
 def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segment, list[Segment]]]]:
@@ -708,6 +709,8 @@ def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segm
             if last_notes is not None:
                 last_notes.append(seg)
         elif name in ("SPM", "PV1", "PV2", "PD1", "NK1", "TQ1", "TQ2", "CTD", "FT1", "CTI"):
+            if name == "SPM" and current is not None:
+                current.specimens.append(seg)
             last_notes = None
     return pid, orders, patient_obs
 
@@ -1205,12 +1208,38 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
         res["presentedForm"] = forms
     if order.notes and (note := annotation(order.notes, ctx)) is not None:
         res["extension"] = [{"url": R5_DR_NOTE, "valueAnnotation": note}]
+    if specimens := _specimens(order, ctx, order_ref):
+        res["specimen"] = specimens
+        for result_ref in results:
+            obs = ctx.find(result_ref)
+            if obs is not None:
+                obs.setdefault("specimen", specimens[0])
     if key_system:
         ref = ctx.add("DiagnosticReport", res, identifier=(key_system, key_ident["value"]))
     else:
         ref = ctx.add("DiagnosticReport", res, key=key_prefix)
     ctx.guard(_rank_key(ctx, ref), DIAGNOSTIC_REPORT_STATUS_RANK.get(status, 0))
     return ref
+
+
+def _specimens(order: _Order, ctx: ConvertContext, order_ref: str | None) -> list[JSON]:
+    """The group's SPMs → Specimens (IG SPM[Specimen], :func:`transforms.orm.specimen`); without SPM the
+    IG's OBR[Specimen] (OBR-7/8/9/10/14/15), keyed by the order like the order message's, so the order
+    and its result write the same Specimen."""
+    from transforms import orm
+
+    patient_key = ctx.key_of(ctx.patient_ref or "") or ""
+    order_key = ctx.key_of(order_ref) if order_ref is not None else None
+    if order.specimens:
+        return [
+            {"reference": orm.specimen(spm, ctx, order_key, order_ref, patient_key)}
+            for spm in order.specimens
+        ]
+    obr = order.obr
+    if obr is None or order_ref is None or order_key is None:
+        return []
+    ref = orm.obr_specimen(obr, ctx, order_key, order_ref)
+    return [{"reference": ref}] if ref is not None else []
 
 
 def convert(msg: Message, ctx: ConvertContext) -> None:

@@ -122,6 +122,8 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
                 if obs is not None:
                     obs.setdefault("specimen", {"reference": sref})
         for order in group.orders:
+            if group.spm is not None:
+                order.specimens = [group.spm]  # the group's specimen, not one made from the OBR
             ref = oru.report(order, ctx, enc)
             if sref is None:
                 continue

@@ -390,3 +390,28 @@ def test_referral_errors_are_located() -> None:
     assert str(err.value.location).startswith("RF1")
     with pytest.raises(MessageRejected):
         _convert(parse(text.replace("REF^I12^REF_I12", "REF^I15^REF_I15")), golden_settings())
+
+
+def test_oru_spm_becomes_the_reports_specimen() -> None:
+    """ORU^R01's SPECIMEN group (SPM) is no longer dropped: Specimen, DiagnosticReport.specimen, Observation.specimen;
+    without SPM the OBR's specimen is keyed by the order, the same Specimen the order message wrote."""
+    head = (
+        "MSH|^~\\&|SYNLAB|SYNTH LAB^2.16.840.1.113883.19.999.2^ISO|SYNEHR|SYNTH CLINIC|20250402120000||ORU^R01^ORU_R01"
+        "|ORU8|P|2.5.1\r"
+        "PID|1||MRN900001^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO^MR||TESTPERSON^ALEXANDRA||19800229|F\r"
+        "OBR|1|PLC2003^SYNEHR^2.16.840.1.113883.19.999.7^ISO|FIL7003^SYNLAB^2.16.840.1.113883.19.999.2^ISO"
+        "|24627-2^Chest CT^LN|||20250403090000||||||||||||||20250403120000|||F\r"
+        "OBX|1|TX|24627-2^Chest CT^LN||No acute findings||||||F\r"
+    )
+    b = _convert(
+        parse(head + "SPM|1|^SF-300&SYNLAB&2.16.840.1.113883.19.999.9&ISO||119364003^Serum^SCT\r"),
+        golden_settings(),
+    ).bundle
+    sp_entry, sp = _one(b, "Specimen")
+    assert sp["type"]["coding"][0]["code"] == "119364003"
+    assert _one(b, "DiagnosticReport")[1]["specimen"] == [{"reference": sp_entry["fullUrl"]}]
+    assert _one(b, "Observation")[1]["specimen"] == {"reference": sp_entry["fullUrl"]}
+    # no SPM: OBR[Specimen], the same resource the OMG^O19 for this order wrote
+    b = _convert(parse(head), golden_settings()).bundle
+    order_msg = _convert(load("omg_o19"), golden_settings()).bundle
+    assert _one(b, "Specimen")[0]["request"] == _one(order_msg, "Specimen")[0]["request"]
