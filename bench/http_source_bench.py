@@ -47,7 +47,18 @@ def appointment(client: int, n: int) -> dict[str, Any]:
     }
 
 
-async def drive(url: str, clients: int, seconds: float, rate: float, tag: str) -> dict[str, Any]:
+def engine_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), 0 when unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+async def drive(
+    url: str, clients: int, seconds: float, rate: float, tag: str, engine_pid: int = 0
+) -> dict[str, Any]:
     lat: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
@@ -71,8 +82,12 @@ async def drive(url: str, clients: int, seconds: float, rate: float, tag: str) -
                     errors += 1
 
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    eng0 = engine_cpu(engine_pid)
     await asyncio.gather(*(one(c) for c in range(clients)))
     wall = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu0
+    eng_cpu = engine_cpu(engine_pid) - eng0
     lat.sort()
 
     def pct(p: float) -> float:
@@ -87,6 +102,9 @@ async def drive(url: str, clients: int, seconds: float, rate: float, tag: str) -
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
         "max_ms": round(lat[-1] * 1000, 2) if lat else 0.0,
+        "wall_s": round(wall, 2),
+        "client_cpu_s": round(client_cpu, 2),  # this process (httpx clients)
+        "engine_cpu_s": round(eng_cpu, 2),  # the engine process (user + system)
     }
 
 
@@ -111,10 +129,11 @@ def main() -> None:
             destinations={"out": {"kind": "file", "directory": str(Path(tmp) / "out")}},
         )
         url = f"http://127.0.0.1:{port}/fhir/Appointment"
-        with EngineProcess(routes, port):
-            asyncio.run(drive(url, 4, 2.0, 0, "w"))  # warm-up
-            unpaced = asyncio.run(drive(url, args.clients, args.seconds, 0, "u"))
-            paced = asyncio.run(drive(url, args.clients, args.seconds, args.rate, "p"))
+        with EngineProcess(routes, port) as proc:
+            pid = proc.proc.pid if proc.proc else 0
+            asyncio.run(drive(url, 4, 2.0, 0, "w", pid))  # warm-up
+            unpaced = asyncio.run(drive(url, args.clients, args.seconds, 0, "u", pid))
+            paced = asyncio.run(drive(url, args.clients, args.seconds, args.rate, "p", pid))
     out = {
         "what": "kind: http source, POST Appointment, answer after the durable commit (SQLite), fhir-to-hl7 → file",
         "machine": {
@@ -133,7 +152,8 @@ def main() -> None:
         r = out[name]
         print(
             f"{name:8} clients={r['clients']} requests={r['requests']} errors={r['errors']} "
-            f"{r['throughput_per_s']}/s p50={r['p50_ms']}ms p99={r['p99_ms']}ms max={r['max_ms']}ms"
+            f"{r['throughput_per_s']}/s p50={r['p50_ms']}ms p99={r['p99_ms']}ms max={r['max_ms']}ms "
+            f"wall={r['wall_s']}s client_cpu={r['client_cpu_s']}s engine_cpu={r['engine_cpu_s']}s"
         )
 
 
