@@ -20,6 +20,7 @@ from engine.keycommands import keys as keys_group
 from engine.opscommands import config_group, env_option, maps_group
 from engine.opscommands import reload as reload_command
 from engine.redact import printable
+from engine.suggest import Choice
 
 if TYPE_CHECKING:
     from engine.processing import ChannelRuntime
@@ -131,21 +132,6 @@ def _suggest_option(exc: click.NoSuchOption) -> click.NoSuchOption:
     known = [o for p in (command.params if command else []) for o in (*p.opts, *p.secondary_opts)]
     best = closest(exc.option_name, [o for o in known if o.startswith("--")] or known)
     return click.NoSuchOption(exc.option_name, possibilities=[best] if best else None, ctx=exc.ctx)
-
-
-class Choice(click.Choice):
-    """A choice whose error also suggests the closest value (difflib), as unknown options do."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            return super().convert(value, param, ctx)
-        except click.BadParameter as exc:
-            from engine.suggest import did_you_mean
-
-            guess = did_you_mean(str(value), [str(c) for c in self.choices])
-            if not guess:
-                raise
-            raise click.BadParameter(f"{exc.message} ({guess})", ctx=ctx, param=param) from None
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

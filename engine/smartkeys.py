@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from engine.suggest import Choice
+
 if TYPE_CHECKING:
     from engine.destinations.smart import SigningKey
 
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--alg",
-    type=click.Choice(["RS384", "ES384"]),
+    type=Choice(["RS384", "ES384"]),
     help="Signing algorithm to publish (one PRIVATE_KEY only); default: RS384 for an RSA key, ES384 for EC P-384.",
 )
 def jwks(private_key: tuple[str, ...], kid: str | None, alg: str | None) -> None:

@@ -1,10 +1,13 @@
-"""Spelling suggestions for every "unknown ..." error (pure): options, commands, choices, config keys,
-channel names.  One rule everywhere: the closest known word by difflib, if it is close enough."""
+"""Spelling suggestions for every "unknown ..." error: options, commands, choices, config keys,
+channel names (no I/O).  One rule everywhere: the closest known word by difflib, if it is close enough."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
+
+import click
 
 CUTOFF = 0.6
 
@@ -25,3 +28,16 @@ def did_you_mean(word: str, known: Iterable[str], *, cutoff: float = CUTOFF) -> 
     """``"did you mean 'x'?"`` or an empty string."""
     best = closest(word, known, cutoff=cutoff)
     return f"did you mean {best!r}?" if best is not None else ""
+
+
+class Choice(click.Choice):
+    """A click choice whose error also suggests the closest value, as unknown options do."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:
+            guess = did_you_mean(str(value), [str(c) for c in self.choices])
+            if not guess:
+                raise
+            raise click.BadParameter(f"{exc.message} ({guess})", ctx=ctx, param=param) from None

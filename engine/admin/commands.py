@@ -16,6 +16,7 @@ import click
 from engine.admin import audit, operations, tokens
 from engine.admin.roles import ROLES, Principal
 from engine.redact import printable
+from engine.suggest import Choice
 
 
 def os_user() -> Principal:
@@ -59,7 +60,7 @@ def token() -> None:
 @token.command("create")
 @_config_option()
 @click.option("--name", required=True, help="A name for the token (who or what uses it).")
-@click.option("--role", required=True, type=click.Choice(ROLES), help="viewer, operator or admin.")
+@click.option("--role", required=True, type=Choice(ROLES), help="viewer, operator or admin.")
 @click.option("--phi", is_flag=True, help="Also allow reading message content (PHI).")
 @click.option("--expires", help="Lifetime, e.g. 90d or 12h (default: never).")
 def token_create(config_path: str, name: str, role: str, phi: bool, expires: str | None) -> None:
@@ -117,7 +118,7 @@ def audit_group() -> None:
 @audit_group.command("list")
 @_config_option()
 @click.option("--since", help="Since (2h, 3d, or an ISO time).")
-@click.option("--action", type=click.Choice(audit.ACTIONS), help="Only this action.")
+@click.option("--action", type=Choice(audit.ACTIONS), help="Only this action.")
 @click.option("--actor", help="Only this token name, OIDC user or OS user.")
 @click.option("--limit", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
