@@ -110,16 +110,18 @@ def plan(old: Config, new: Config) -> Plan:
         if (now[n].source.host, now[n].source.port) != (was[n].source.host, was[n].source.port)
     )
     touched = [*(n for n in now if n not in was), *(n for n in was if n not in now), *changed]
-    polled = [
+    other = [
         n
         for n in touched
         if (now.get(n) or was[n]).source.kind != "mllp" or (was.get(n) or now[n]).source.kind != "mllp"
     ]
-    if polled:
+    if other:
+        ch = now.get(other[0]) or was[other[0]]
         raise ConfigError(
-            f"channel {polled[0]} polls a FHIR server (source kind fhir-poll): a reload cannot add, remove or "
-            "change such a channel yet",
-            file=(now.get(polled[0]) or was[polled[0]]).file,
+            f"channel {other[0]} has a {ch.source.kind} source: a reload cannot add, remove or change such a "
+            "channel yet (it applies MLLP channels)",
+            file=ch.file,
+            key="source.kind",
             hint="restart the engine (sluice run) to apply it; the running config is unchanged",
         )
     d_was, d_now = old.destinations, new.destinations

@@ -67,8 +67,12 @@ def test_empty_lists_say_so_and_messages_list_has_a_header(tmp_path: Path) -> No
         pytest.param(["mesages", "list"], "Did you mean 'messages'?", id="command"),
         pytest.param(["dead-letter", "lst"], "Did you mean 'list'?", id="subcommand"),
         pytest.param(["replay", "--channel", "c", "--status", "deaad"], "did you mean 'dead'?", id="choice"),
-        pytest.param(["token", "create", "--name", "x", "--role", "admn"], "did you mean 'admin'?", id="choice-2"),
-        pytest.param(["audit", "list", "--action", "config.relod"], "did you mean 'config.reload'?", id="choice-3"),
+        pytest.param(
+            ["token", "create", "--name", "x", "--role", "admn"], "did you mean 'admin'?", id="choice-2"
+        ),
+        pytest.param(
+            ["audit", "list", "--action", "config.relod"], "did you mean 'config.reload'?", id="choice-3"
+        ),
         pytest.param(["keys", "rotat"], "Did you mean 'rotate'?", id="subcommand-2"),
     ],
 )
