@@ -79,11 +79,26 @@ routes:
   - destination: out
 """
 
+HTTP_CHANNEL = """
+name: web
+source:
+  kind: http
+  host: 127.0.0.1
+  port: 8443
+  path: /fhir
+  resources: [Appointment]
+  max_body: 16MiB
+  max_backlog: 5000
+routes:
+  - destination: out
+"""
+
 # What the recorder cannot see: keys read as raw values, and defaults decided elsewhere.
 _KIND = {
     "source.max_frame": "size",
     "source.max_frame_bytes": "size",
     "source.max_junk": "size",
+    "source.max_body": "size",
     "accept.types": "mapping or list",
     "filter": "filter",
     "routes[].filter": "filter",
@@ -95,9 +110,11 @@ _KIND = {
 }
 _DEFAULT = {
     "name": "the file name without `.yaml`",
+    "source.port": "`2575` (`http`: `8443`)",
     "source.max_frame": "`16MiB`",
     "source.max_frame_bytes": "`16MiB`",
     "source.max_junk": "`1MiB`",
+    "source.max_body": "`16MiB`",
     "accept.types": "the types and triggers the converter handles ([configuration.md](configuration.md#channel-files))",
     "accept.versions": "`2.1` … `2.8.2`",
     "accept.processing_ids": "`[P, T, D]`",
@@ -125,7 +142,12 @@ def channel_keys() -> list[Key]:
         base = Path(tmp)
         (base / "channels").mkdir()
         (base / "routes.yaml").write_text(ROUTES.replace("{tmp}", tmp), encoding="utf-8")
-        for name, text in (("lab", MLLP_CHANNEL), ("alias", ALIAS_CHANNEL), ("portal", POLL_CHANNEL)):
+        for name, text in (
+            ("lab", MLLP_CHANNEL),
+            ("alias", ALIAS_CHANNEL),
+            ("portal", POLL_CHANNEL),
+            ("web", HTTP_CHANNEL),
+        ):
             (base / "channels" / f"{name}.yaml").write_text(text, encoding="utf-8")
         recorded: dict[tuple[str, str], dict[str, Any]] = {}
         config.RECORDER = recorded
