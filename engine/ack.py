@@ -158,7 +158,7 @@ def build(
             err_seg = fs.join(err).rstrip(fs)
         else:
             msa.append(detail)
-            ss = d.subcomponent
+            ss = d.subcomponent if d.subcomponent != fs else cs  # (MSH-2 without a subcomponent separator)
             where = ""
             if loc is not None:
                 where = cs.join([loc.segment, str(loc.sequence), str(loc.field or ""), ""])

@@ -421,6 +421,10 @@ def messages_show(config_path: str, message_id: int, show_phi: bool, reason: str
         if d.last_error and d.status != "delivered":
             line += f", last error: {p(d.last_error)}"
         click.echo(line)
+    for kind, text in store.warnings_of(
+        message_id
+    ):  # located, PHI-free: what the conversion dropped or changed
+        click.echo(f"warning:     {p(text)}  [{p(kind)}]")
     if r.raw is None:
         click.echo("content:     (dropped by retention)")
     elif show_phi:
@@ -548,9 +552,14 @@ def convert(files: tuple[str, ...], config_path: str, channel: str | None, prett
     fail is reported on stderr.  Exit 1 when any message is rejected or fails.
     """
     runtime = _convert_runtime(config_path, channel, explicit_config=_option_given("config_path"))
+    # A channel splits an FHS/BHS batch at its intake, as the engine does; the plain converter splits it the
+    # way `sluice conformance` does (each MSH a message, envelope segments dropped).
+    from conformance.runner import split_messages as split_batch_file
+
+    split = split_messages if runtime is not None else split_batch_file
     failed = 0
     for f in files:
-        for i, raw in enumerate(split_messages(Path(f).read_bytes()), 1):
+        for i, raw in enumerate(split(Path(f).read_bytes()), 1):
             label = f"{f}#{i}"
             outputs = _convert_plain(label, raw) if runtime is None else _convert_channel(runtime, label, raw)
             if outputs is None:

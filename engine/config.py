@@ -121,6 +121,8 @@ class SourceConfig:
     max_junk: int = 1024 * 1024
     lenient_end: bool = False
     fallback_charset: str = "latin-1"
+    # valid multi-byte UTF-8 under MSH-18 8859/1, ASCII or none is decoded as UTF-8 (with a stored warning)
+    utf8_fallback: bool = True
     keepalive: bool = True
 
 
@@ -189,6 +191,8 @@ class ChannelConfig:
     batch: str = "accept"  # FHS/BHS batches: "accept" (one ACK for the batch) or "reject" (AR 200)
     enabled: bool = True
     validate: str = "off"  # or "structure": segments checked against HL7 with hl7apy (engine/validation.py)
+    # a bad value in a non-key field: "lenient" drops it with a located warning, "strict" rejects (AE)
+    strictness: str = "lenient"
 
 
 @dataclass(frozen=True)
@@ -518,6 +522,7 @@ def _source(sec: _Section) -> SourceConfig:
         max_junk=sec.integer("max_junk", 1024 * 1024),
         lenient_end=sec.flag("lenient_end", False),
         fallback_charset=sec.text("fallback_charset", "latin-1"),
+        utf8_fallback=sec.flag("utf8_fallback", True),
         keepalive=sec.flag("keepalive", True),
     )
     sec.done()
@@ -827,6 +832,7 @@ def load_channel(
         batch=sec.text("batch", "accept", choices=("accept", "reject")),
         enabled=sec.flag("enabled", True),
         validate=validate,
+        strictness=sec.text("strictness", "lenient", choices=("lenient", "strict")),
     )
     sec.done()
     return ch

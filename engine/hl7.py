@@ -32,6 +32,10 @@ CR = "\r"
 
 @dataclass(frozen=True, slots=True)
 class Delimiters:
+    """The separators MSH-1/MSH-2 declare.  A separator MSH-2 leaves out (``^~\\`` without ``&``) is the field
+    separator itself: a field value never holds that, so nothing is ever split or unescaped on it (the
+    missing character is data, as the sender meant), and :attr:`encoding_characters` leaves it out."""
+
     field: str = "|"
     component: str = "^"
     repetition: str = "~"
@@ -46,7 +50,16 @@ class Delimiters:
 
     @property
     def encoding_characters(self) -> str:
-        return self.component + self.repetition + self.escape + self.subcomponent + self.truncation
+        """MSH-2 as declared (an ACK repeats it): the separators MSH-2 left out stay out."""
+        fs = self.field
+        if self.repetition != fs and self.escape != fs and self.subcomponent != fs:
+            return self.component + self.repetition + self.escape + self.subcomponent + self.truncation
+        out = ""
+        for ch in (self.component, self.repetition, self.escape, self.subcomponent):
+            if ch == fs:
+                break  # MSH-2 is positional: nothing after a missing character was declared
+            out += ch
+        return out
 
 
 DEFAULT_DELIMITERS = Delimiters()
@@ -98,10 +111,12 @@ def _read_delimiters(text: str) -> Delimiters:
         raise MessageRejected(
             "MSH-2 encoding characters are missing or invalid", code="101", location=Location("MSH", 1, 2)
         )
+    # MSH-2 declaring fewer than four characters: the missing ones are not separators (``^~\\`` without ``&``:
+    # an ``&`` in a value is data).  They become the field separator, which no field value holds.
     comp = enc[0]
-    rep = enc[1] if len(enc) > 1 else "~"
-    esc = enc[2] if len(enc) > 2 else "\\"
-    sub = enc[3] if len(enc) > 3 else "&"
+    rep = enc[1] if len(enc) > 1 else fs
+    esc = enc[2] if len(enc) > 2 else fs
+    sub = enc[3] if len(enc) > 3 else fs
     trunc = enc[4] if len(enc) > 4 else ""
     return Delimiters(fs, comp, rep, esc, sub, trunc)
 
@@ -127,13 +142,38 @@ def sniff_charset(raw: bytes) -> str:
     return value.decode("ascii", "replace").strip().upper()
 
 
-def decode(raw: bytes, fallback: str = "latin-1") -> str:
+# MSH-18 values declaring a single-byte charset under which valid multi-byte UTF-8 is a mislabel (a common one:
+# a UTF-8 sender that fills MSH-18 with 8859/1, or leaves it empty)
+UTF8_MISLABELS = frozenset({"", "ASCII", "8859/1"})
+
+
+def utf8_mislabelled(raw: bytes) -> bool:
+    """Are ``raw``'s bytes valid UTF-8 with multi-byte sequences under a declared single-byte charset (MSH-18
+    ``8859/1``, ``ASCII`` or none)?  Pure-ASCII bytes never are (decoded the same either way)."""
+    if raw.isascii() or sniff_charset(raw) not in UTF8_MISLABELS:
+        return False
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def decode(raw: bytes, fallback: str = "latin-1", utf8_fallback: bool = False) -> str:
     """Decode message bytes by MSH-18; the raw bytes stay untouched in the store.
 
     Empty MSH-18 means ASCII; bytes >= 0x80 then use the channel's fallback charset.
     Unknown MSH-18 is AE 103; bytes invalid under the declared charset are AE 102.
+    ``utf8_fallback`` (the channel's ``source.utf8_fallback``): bytes that are valid UTF-8 with multi-byte
+    sequences under MSH-18 ``8859/1``, ``ASCII`` or none are decoded as UTF-8 (:func:`utf8_mislabelled`;
+    processing records the warning).  Pure-ASCII messages pay one ``isascii`` scan for it.
     """
     charset = sniff_charset(raw)
+    if utf8_fallback and charset in UTF8_MISLABELS and not raw.isascii():
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # not UTF-8: read as declared below
     codec = CHARSETS.get(charset)
     if codec is None:
         raise MessageContentError(
@@ -208,6 +248,8 @@ def unescape(value: str, d: Delimiters = DEFAULT_DELIMITERS) -> str:
 def _escape_value(seq: str, d: Delimiters) -> str | None:
     if seq == "F":
         return d.field
+    if seq in ("T", "R") and (d.subcomponent if seq == "T" else d.repetition) == d.field:
+        return None  # a separator MSH-2 did not declare: kept literally
     if seq == "S":
         return d.component
     if seq == "T":
@@ -243,6 +285,11 @@ def escape(value: str, d: Delimiters = DEFAULT_DELIMITERS) -> str:
     if not any(c in value for c in specials) and "\n" not in value:
         return value
     e = d.escape
+    if e == d.field:  # MSH-2 declares no escape character: a delimiter in the value cannot be escaped
+        out = value
+        for ch in (d.field, d.component, d.repetition, d.subcomponent):
+            out = out.replace(ch, " ")
+        return out.replace("\n", " ")
     out = value.replace(e, f"{e}E{e}")
     out = out.replace(d.field, f"{e}F{e}").replace(d.component, f"{e}S{e}")
     out = out.replace(d.repetition, f"{e}R{e}").replace(d.subcomponent, f"{e}T{e}")
@@ -711,7 +758,10 @@ def parse(text: str) -> Message:
         )
     d = read_delimiters(text)
     fs = d.field
-    esc, sub = d.escape or d.subcomponent, d.subcomponent
+    # a line without escape or subcomponent characters is "plain" (see Segment); a separator MSH-2 left out is
+    # the field separator (never in a field value): checked as NUL then (a line holding one is just not plain)
+    sub = d.subcomponent if d.subcomponent != fs else "\x00"
+    esc = d.escape if d.escape != fs else sub
     segments: list[Segment] = []
     counts: dict[str, int] = {}
     for line in text.split(CR):
@@ -735,9 +785,9 @@ def parse(text: str) -> Message:
     return Message(text, d, segments)
 
 
-def parse_bytes(raw: bytes, fallback: str = "latin-1") -> Message:
-    """Decode by MSH-18, then parse."""
-    return parse(decode(raw, fallback))
+def parse_bytes(raw: bytes, fallback: str = "latin-1", utf8_fallback: bool = False) -> Message:
+    """Decode by MSH-18 (:func:`decode`), then parse."""
+    return parse(decode(raw, fallback, utf8_fallback))
 
 
 def split_batch(text: str) -> list[str]:

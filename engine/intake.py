@@ -55,6 +55,8 @@ class ProcessResult:
     output: Output | None = None  # the pipeline's output, between ``run`` and ``record``
     missing: str = ""  # resource type of a required earlier record never received (e.g. Patient)
     writeback_skipped: str = ""  # a write-back channel sent nothing: why (engine/writeback.py)
+    # (kind, text) located, PHI-free conversion warnings, stored with the message (engine.store.WarningRow)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -387,6 +389,8 @@ class Committer:
         if result.status == PROCESSED:
             self.store.add_deliveries(conn, j.message_id, j.channel.name, j.row.order_key, result.deliveries)
             self.store.set_resource_ranks(conn, j.message_id, result.ranks)
+        if result.warnings:
+            self.store.insert_warnings(conn, [(j.message_id, k, t) for k, t in result.warnings])
         outcome = (
             ackmod.ACCEPTED if result.error is None else ackmod.Outcome(result.error.ack_code, result.error)
         )
@@ -574,7 +578,8 @@ class Intake:
         text: str | None = None
         decode_error: SluiceError | None = None
         try:
-            text = hl7.decode(payload, self.channel.source.fallback_charset)
+            src = self.channel.source
+            text = hl7.decode(payload, src.fallback_charset, src.utf8_fallback)
         except SluiceError as exc:
             decode_error = exc
             text = payload.decode("latin-1")
@@ -724,6 +729,9 @@ def _count(m: ChannelMetrics, jobs: list[Job]) -> None:
             m.processed(status)
         if res is not None and res.missing == "Patient":
             m.patient_match_failures.inc()
+        if res is not None:
+            for kind, _ in res.warnings:
+                m.warned(kind)
 
 
 def _batch_raws(payload: bytes) -> list[bytes]:

@@ -71,6 +71,7 @@ class ChannelMetrics:
         "_family",
         "_processed",
         "_rejections",
+        "_warnings",
         "ack_latency",
         "duplicates",
         "name",
@@ -88,6 +89,7 @@ class ChannelMetrics:
         self._acks = {code: family.acks.labels(name, code) for code in ACK_CODES}
         self._processed = {s: family.processed.labels(name, s) for s in STATUSES}
         self._rejections = {c: family.rejections.labels(name, c) for c in REJECTION_CLASSES}
+        self._warnings: dict[str, Any] = {}
 
     def ack(self, code: str) -> None:
         """One ACK written with MSA-1 ``code``."""
@@ -106,6 +108,14 @@ class ChannelMetrics:
     def writeback_skipped(self, reason: str, n: int = 1) -> None:
         """``n`` write-back resource versions sent nothing, for ``reason`` (engine/writeback.py)."""
         self._family.writeback_skipped.labels(self.name, reason).inc(n)
+
+    def warned(self, kind: str, n: int = 1) -> None:
+        """``n`` conversion warnings of ``kind`` recorded with this channel's messages (kinds are the
+        converter's fixed event names, a small set: never a value)."""
+        child = self._warnings.get(kind)
+        if child is None:
+            child = self._warnings[kind] = self._family.conversion_warnings.labels(self.name, kind)
+        child.inc(n)
 
     def rejection(self, klass: str) -> None:
         """A delivery of one of this channel's messages failed for a reason of class ``klass``."""
@@ -203,6 +213,13 @@ class Metrics:
             "Messages that could not be matched to a patient: referring to a Patient the engine never "
             "received, or dead-lettered because a FHIR conditional write matched several Patients.",
             ["channel"],
+            registry=r,
+        )
+        self.conversion_warnings = Counter(
+            "sluice_conversion_warnings",
+            "Located warnings recorded with processed messages, by kind: what a conversion dropped or changed "
+            "instead of rejecting the message (e.g. field_dropped, charset_fallback, encounter_end_before_start).",
+            ["channel", "kind"],
             registry=r,
         )
         self.rejections = Counter(

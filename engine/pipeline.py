@@ -36,6 +36,8 @@ class StageContext:
     base_dir: Path
     config_file: str
     site_tz: str = "UTC"
+    # the channel's ``strictness`` (lenient | strict): what a transform does with a bad non-key value
+    strictness: str = "lenient"
     # Where the stage sits in the channel file (``filter.all[1]``, ``transform[0]``): the ``key`` of a
     # ConfigError the factory raises.
     key: str = ""

@@ -17,7 +17,7 @@ from engine import redact, writeback
 from engine.config import ChannelConfig, Config
 from engine.destinations.base import CONTENT_HL7
 from engine.errors import Location, MessageContentError, SluiceError
-from engine.hl7 import Message, parse_bytes
+from engine.hl7 import Message, parse_bytes, sniff_charset, utf8_mislabelled
 from engine.intake import Output, ProcessResult
 from engine.pipeline import Pipeline, Predicate, StageContext, Work
 from engine.sources import resources
@@ -55,6 +55,17 @@ def _raised_at(exc: BaseException) -> str:
     return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name}"
 
 
+def _charset_warning(raw: bytes) -> list[str]:
+    """The stored (kind, text) of a message decoded as UTF-8 despite its single-byte MSH-18."""
+    declared = sniff_charset(raw)
+    said = f"declares {redact.charset(declared)}" if declared else "declares no character set (ASCII)"
+    return [
+        "charset_fallback",
+        f"MSH-18: the message {said} but its bytes are UTF-8 (multi-byte sequences); decoded as UTF-8 "
+        "(turn off with the channel's source.utf8_fallback: false)",
+    ]
+
+
 class ChannelRuntime:
     """A channel's compiled pipeline and routes."""
 
@@ -63,7 +74,11 @@ class ChannelRuntime:
         self.store = store
         self._wb_secret: bytes | None = None
         ctx = StageContext(
-            channel=channel.name, base_dir=config.base_dir, config_file=channel.file, site_tz=channel.site_tz
+            channel=channel.name,
+            base_dir=config.base_dir,
+            config_file=channel.file,
+            site_tz=channel.site_tz,
+            strictness=channel.strictness,
         )
         self.pipeline: Pipeline = build_pipeline(channel.filter, channel.transform, ctx)
         if channel.validate == "structure":  # after the filter, before the first step (engine/validation.py)
@@ -95,7 +110,8 @@ class ChannelRuntime:
         if resources.is_fhir(raw):  # a FHIR resource (engine/sources/resources.py): a header, no parse
             return self.run(message_id, resources.header(raw), raw, resources.CONTENT_FHIR)
         try:
-            msg = parse_bytes(raw, self.channel.source.fallback_charset)
+            src = self.channel.source
+            msg = parse_bytes(raw, src.fallback_charset, src.utf8_fallback)
         except SluiceError as exc:
             return ProcessResult(ERROR, str(exc), exc)
         return self.run(message_id, msg, raw)
@@ -139,6 +155,9 @@ class ChannelRuntime:
         facts = dict(out.facts)
         if "writeback" in facts:  # record() decides which candidate is sent (engine/writeback.py)
             facts["writeback"] = {**facts["writeback"], "message_id": message_id}
+        if content_type == CONTENT_HL7 and self.channel.source.utf8_fallback and utf8_mislabelled(raw):
+            # decoded as UTF-8 at intake and above (engine.hl7.decode): said once, first, with the message
+            facts["warnings"] = [_charset_warning(raw), *facts.get("warnings", ())]
         output = Output(
             out.payload, out.content_type, {k: str(v) for k, v in out.meta.items()}, facts, routes
         )
@@ -159,6 +178,22 @@ class ChannelRuntime:
         out = prepared.output
         if prepared.status != PROCESSED or out is None:
             return prepared
+        result = self._decide(conn, prepared, out, only, force, view)
+        # what the conversion dropped or changed is recorded whatever the decision (held, filtered, error)
+        warned = out.facts.get("warnings")
+        if warned:
+            result.warnings = [(str(k), str(t)) for k, t in warned]
+        return result
+
+    def _decide(
+        self,
+        conn: Any,
+        prepared: ProcessResult,
+        out: Output,
+        only: list[str] | None,
+        force: bool,
+        view: RankView | Ranks | None,
+    ) -> ProcessResult:
         if view is not None:
             ranks_of = view.get
         else:

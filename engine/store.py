@@ -164,6 +164,21 @@ class DeliveryProgressRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class WarningRow(Base):
+    """A located, PHI-free warning a channel's conversion raised for a message (what it dropped or changed
+    instead of rejecting the message): the field's location and what was done, never a value.  Written with
+    the message's processing result; a replay replaces them; retention removes them with their message."""
+
+    __tablename__ = "message_warnings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(100))  # e.g. encounter_end_before_start, field_dropped
+    text: Mapped[str] = mapped_column(Text)  # "PV1-45: discharge date/time is before ..."
+
+    __table_args__ = (Index("ix_message_warnings_message", "message_id"),)
+
+
 class ReplayRow(Base):
     __tablename__ = "replays"
 
@@ -316,6 +331,7 @@ class SettingRow(Base):
 M = cast(Table, MessageRow.__table__)
 D = cast(Table, DeliveryRow.__table__)
 R = cast(Table, ReplayRow.__table__)
+W = cast(Table, WarningRow.__table__)
 C = cast(Table, CounterRow.__table__)
 S = cast(Table, ResourceStateRow.__table__)
 PROGRESS = cast(Table, DeliveryProgressRow.__table__)
@@ -833,6 +849,24 @@ class Store:
         finally:
             cur.close()
 
+    def insert_warnings(self, conn: Connection, rows: Sequence[tuple[int, str, str]]) -> None:
+        """(message id, kind, text) rows, in one executemany statement (the processing result's batch)."""
+        if not rows:
+            return
+        self._executemany(
+            conn,
+            "INSERT INTO message_warnings (message_id, kind, text) VALUES (?, ?, ?)",
+            [[mid, kind[:100], text[:2000]] for mid, kind, text in rows],
+        )
+
+    def warnings_of(self, message_id: int) -> list[tuple[str, str]]:
+        """A message's warnings as (kind, text), in the order the conversion raised them."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(W.c.kind, W.c.text).where(W.c.message_id == message_id).order_by(W.c.id)
+            ).all()
+        return [(r.kind, r.text) for r in rows]
+
     def bump(self, conn: Connection, channel: str, name: str, by: int = 1) -> None:
         """Add to a per-channel counter (e.g. duplicates prevented)."""
         res = conn.execute(
@@ -1316,6 +1350,7 @@ class Store:
                 if dests:
                     q = q.where(D.c.destination.in_(dests))
                 conn.execute(q.values(status=SUPERSEDED))
+                conn.execute(delete(W).where(W.c.message_id == mid))  # the fresh run records its own
                 conn.execute(
                     update(M)
                     .where(M.c.id == mid)
@@ -1406,6 +1441,7 @@ class Store:
                     gone = [i for i in ids if i not in pending]
                     if not gone:
                         break
+                    conn.execute(delete(W).where(W.c.message_id.in_(gone)))
                     conn.execute(delete(M).where(M.c.id.in_(gone)))
                     conn.execute(delete(WRITEBACK_LOG).where(WRITEBACK_LOG.c.message_id.in_(gone)))
                 done["rows"] += len(gone)

@@ -216,6 +216,8 @@ class ProcessingWorker:
                 m.patient_match_failures.inc(recorded.unmatched_patients)
             for reason, n in recorded.writeback_skipped.items():
                 m.writeback_skipped(reason, n)
+            for kind, n in recorded.warnings.items():
+                m.warned(kind, n)
         return recorded.n
 
     def _writer(self, prepared: list[tuple[Any, ProcessResult]]) -> Callable[[Any], _Recorded]:
@@ -224,6 +226,7 @@ class ProcessingWorker:
 
         def write(conn: Any) -> _Recorded:
             finished: list[tuple[int, str, str]] = []
+            warned: list[tuple[int, str, str]] = []
             unmatched = 0
             deliveries: list[dict[str, Any]] = []
             view = self.store.rank_view(conn)
@@ -249,11 +252,17 @@ class ProcessingWorker:
                 unmatched += result.missing == "Patient"
                 if result.writeback_skipped:
                     skipped[result.writeback_skipped] += 1
+                warned.extend((r.id, kind, text) for kind, text in result.warnings)
             view.flush()
             self.store.insert_deliveries(conn, deliveries)
+            self.store.insert_warnings(conn, warned)
             self.store.finish_messages(conn, finished)
             return _Recorded(
-                len(prepared), collections.Counter(s for _, s, _ in finished), unmatched, dict(skipped)
+                len(prepared),
+                collections.Counter(s for _, s, _ in finished),
+                unmatched,
+                dict(skipped),
+                collections.Counter(kind for _, kind, _ in warned),
             )
 
         return write
@@ -267,6 +276,7 @@ class _Recorded:
     statuses: dict[str, int]
     unmatched_patients: int  # messages referring to a Patient the engine has never received
     writeback_skipped: dict[str, int] = field(default_factory=dict)  # write-back: nothing sent, by reason
+    warnings: dict[str, int] = field(default_factory=dict)  # conversion warnings recorded, by kind
 
 
 # (delivery row, the exception or None when delivered, dead-lettered?, when the destination answered)

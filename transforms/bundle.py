@@ -119,6 +119,8 @@ class Conversion:
     # located, PHI-free warnings: what the conversion changed or dropped instead of rejecting the message,
     # e.g. "PV1-45: discharge date/time before the admit date/time (PV1-44); Encounter.period.end dropped"
     warnings: tuple[str, ...] = ()
+    # the kind of each warning (its counted event name, e.g. "encounter_end_before_start"), same order
+    warning_kinds: tuple[str, ...] = ()
 
     @property
     def resource_types(self) -> tuple[str, ...]:
@@ -149,6 +151,7 @@ class ConvertContext:
         "patient_ref",
         "requires",
         "settings",
+        "warning_kinds",
         "warnings",
         "xcn_memo",
     )
@@ -160,6 +163,7 @@ class ConvertContext:
         self.guards: dict[str, int] = {}
         self.requires: list[str] = []
         self.warnings: list[str] = []
+        self.warning_kinds: list[str] = []
         self.entries: list[dict[str, Any]] = []
         self._by_url: dict[str, dict[str, Any]] = {}
         self._by_full_url: dict[str, tuple[dict[str, Any], str]] = {}  # fullUrl -> (resource, resource key)
@@ -188,6 +192,7 @@ class ConvertContext:
         did instead (names of fields, never their values)."""
         self.events[event] += 1
         self.warnings.append(f"{location}: {what}" if location is not None else what)
+        self.warning_kinds.append(event)
 
     def guard(self, key: str, rank: int) -> None:
         """Tell the engine: resource ``key`` is written with status rank ``rank``."""
@@ -339,4 +344,5 @@ class ConvertContext:
             guards=tuple(sorted(self.guards.items())),
             requires=tuple(self.requires),
             warnings=tuple(self.warnings),
+            warning_kinds=tuple(self.warning_kinds),
         )

@@ -111,18 +111,101 @@ def _convert(msg: Message, settings: ConvertSettings) -> Conversion:
     nulls = 0
     if '""' in msg.text:
         msg, nulls = without_explicit_nulls(msg)
-    ctx = ConvertContext(msg, settings)
-    if cleaned:
-        ctx.count("control_characters_removed")
-    if nulls:
-        ctx.count("explicit_null", nulls)
     fn: Callable[[Message, ConvertContext], None] = mod.convert
-    fn(msg, ctx)
-    if settings.provenance and ctx.entries:
-        add_provenance(msg, ctx)
+    dropped: list[tuple[Location, str]] = []
+    while True:
+        ctx = ConvertContext(msg, settings)
+        if cleaned:
+            ctx.count("control_characters_removed")
+        if nulls:
+            ctx.count("explicit_null", nulls)
+        for where, why in dropped:
+            ctx.warn("field_dropped", where, why)
+        try:
+            fn(msg, ctx)
+            if settings.provenance and ctx.entries:
+                add_provenance(msg, ctx)
+        except ConversionError as exc:
+            field_loc = droppable(exc, settings)
+            if field_loc is None or len(dropped) >= MAX_DROPPED_FIELDS:
+                raise
+            at = exc.location
+            assert at is not None  # droppable() returns a field only for a located error
+            why = exc.message
+            prefix = str(at)
+            if why.startswith(prefix):
+                why = why[len(prefix) :].lstrip(" :")
+            field = f"{field_loc.segment}-{field_loc.field}"
+            dropped.append((at, f"{why}; {field} was left out (channel strictness: lenient)"))
+            msg = without_field(msg, field_loc)
+            continue
+        break
     if settings.validate:
         validate_bundle(ctx.bundle())
     return ctx.result()
+
+
+# ---------------------------------------------------------------------------
+# strictness: lenient -- one decision for every located error a mapper raises
+# ---------------------------------------------------------------------------
+# Fields that identify something (the patient, the message, the visit, an order, an appointment, a
+# document): a bad value there is never dropped, in either mode.  Every MSH field is kept strict too.
+KEY_FIELDS: frozenset[tuple[str, int]] = frozenset(
+    {
+        ("PID", 2), ("PID", 3), ("PID", 4),  # patient identifiers (PID-2/4: the v2.3 fallbacks)
+        ("MRG", 1), ("MRG", 2), ("MRG", 3), ("MRG", 4), ("MRG", 5), ("MRG", 6),  # prior patient/visit ids
+        ("PV1", 19), ("PV1", 50),  # visit number, alternate visit id
+        ("ORC", 2), ("ORC", 3), ("ORC", 4),  # placer/filler order numbers, placer group number
+        ("OBR", 2), ("OBR", 3),  # placer/filler order numbers
+        ("SCH", 1), ("SCH", 2), ("ARQ", 1), ("ARQ", 2),  # appointment ids
+        ("SCH", 11),  # the appointment's start and end: a booked Appointment without them is invalid FHIR
+        ("TXA", 12), ("TXA", 13),  # unique document number, parent document number
+        ("RXA", 1), ("RXA", 2),  # immunization give sub-id, administration sub-id
+        ("OBX", 5),  # the observation value itself: a result is never sent without its value
+    }
+)  # fmt: skip
+KEY_SEGMENTS = frozenset({"MSH", "FHS", "BHS"})
+# A message with more bad fields than this is rejected in lenient mode too (it is not a stray value).
+MAX_DROPPED_FIELDS = 20
+
+
+def droppable(exc: ConversionError, settings: ConvertSettings) -> Location | None:
+    """The field a lenient conversion leaves out instead of rejecting the message, or None (reject).
+
+    Only a *bad value* (HL7 error 102, data type error) located in a field that is not a key; a missing
+    required field (101), a table or code-map miss the channel asked to reject (103), an unknown key
+    (204) and an unlocated error are rejected in both modes."""
+    loc = exc.location
+    if (
+        settings.strictness != "lenient"
+        or exc.hl7_error != "102"
+        or isinstance(exc, InternalConversionError)
+        or loc is None
+        or loc.field is None
+        or loc.segment in KEY_SEGMENTS
+        or (loc.segment, loc.field) in KEY_FIELDS
+    ):
+        return None
+    return Location(loc.segment, loc.sequence, loc.field)
+
+
+def without_field(msg: Message, loc: Location) -> Message:
+    """``msg`` parsed again with field ``loc.field`` of the ``loc.sequence``-th ``loc.segment`` emptied
+    (every repetition).  Segments are matched to lines as :func:`engine.hl7.parse` numbers them."""
+    d = msg.delimiters
+    lines = [line for line in msg.text.split("\r") if line]
+    out: list[str] = []
+    segs = msg.segments
+    for i, line in enumerate(lines):
+        seg = segs[i]
+        if seg.name == loc.segment and seg.sequence == loc.sequence and loc.field is not None:
+            fields = line.split(d.field)
+            n = loc.field - 1 if seg.name in HEADER_SEGMENTS else loc.field
+            if 0 < n < len(fields):
+                fields[n] = ""
+                line = d.field.join(fields)
+        out.append(line)
+    return parse("\r".join(out))
 
 
 # FHIR strings allow no character below U+0020 but TAB, LF and CR; HL7 v2 text has no business carrying
@@ -141,8 +224,9 @@ def has_control_characters(msg: Message) -> bool:
     text = msg.text
     if b"\x00" in text.encode("utf-8", "surrogatepass").translate(_CONTROL_TO_NUL):
         return True
-    esc = msg.delimiters.escape
-    return bool(esc) and (esc + "X") in text
+    d = msg.delimiters
+    esc = d.escape
+    return bool(esc) and esc != d.field and (esc + "X") in text
 
 
 def without_control_characters(msg: Message) -> Message:

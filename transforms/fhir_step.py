@@ -41,6 +41,7 @@ def make(options: Mapping[str, Any], ctx: StageContext) -> Callable[[Work], Work
     opts = dict(options or {})
     # The channel's site_tz is the default; the step's own option wins when given.
     opts.setdefault("site_tz", ctx.site_tz)
+    opts.setdefault("strictness", ctx.strictness)  # the channel's key; the step may override it
     settings = ConvertSettings.from_options(opts, ctx.base_dir, ctx.config_file)
 
     def step(work: Work) -> Work:
@@ -62,7 +63,8 @@ def make(options: Mapping[str, Any], ctx: StageContext) -> Callable[[Work], Work
         ]
         facts["events"] = dict(result.events)
         if result.warnings:
-            facts["warnings"] = list(result.warnings)
+            # (kind, text) pairs: stored with the message when its result is recorded (engine.processing)
+            facts["warnings"] = [[k, w] for k, w in zip(result.warning_kinds, result.warnings, strict=True)]
         meta = dict(work.meta)
         meta["resource_types"] = ",".join(result.resource_types)
         return dataclasses.replace(

@@ -34,6 +34,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "unknown_prior_patient": ("error", "accept"),
     "cancel_before_book": ("create", "error"),
     "code_table_errors": ("warn", "reject"),
+    "strictness": ("lenient", "strict"),
 }
 
 
@@ -63,6 +64,9 @@ class ConvertSettings:
     code_table_errors: str = "warn"
     # Emit a Provenance resource for the message (MSH) in every bundle
     provenance: bool = True
+    # The channel's ``strictness``: "lenient" drops a bad value in a non-key field with a located warning
+    # (transforms.convert: one decision for every mapper); "strict" rejects the message (AE) as before
+    strictness: str = "lenient"
 
     def __post_init__(self) -> None:
         try:

@@ -167,12 +167,18 @@ class AuditItem(BaseModel):
     source: str
 
 
+class ConversionWarning(BaseModel):
+    kind: str = Field(description="the converter's name for it, e.g. field_dropped, charset_fallback")
+    text: str = Field(description="where (HL7 location) and what the conversion did instead; never a value")
+
+
 class MessageDetail(MessageSummary):
     peer: str
     sending_application: str
     sending_facility: str
     content_hash: str
     deliveries: list[Delivery]
+    warnings: list[ConversionWarning]
     audit: list[AuditItem]
 
 
@@ -641,6 +647,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
                 sending_facility=r.sending_facility,
                 content_hash=r.content_hash,
                 deliveries=[dict(d._mapping) for d in search.deliveries(ctx.store, [message_id])],
+                warnings=[{"kind": k, "text": t} for k, t in ctx.store.warnings_of(message_id)],
                 audit=[
                     a.as_dict() for a in audit.entries(ctx.store, target=f"message:{message_id}", limit=200)
                 ],

@@ -608,6 +608,7 @@ def mount(app: FastAPI) -> None:
             sending_facility=r.sending_facility,
             content_hash=r.content_hash,
             deliveries=[dict(d._mapping) for d in search.deliveries(ctx.store, [message_id])],
+            warnings=[{"kind": k, "text": t} for k, t in ctx.store.warnings_of(message_id)],
             audit=[a.as_dict() for a in audit.entries(ctx.store, target=f"message:{message_id}", limit=200)],
         )
         return out

@@ -51,6 +51,7 @@ def eng(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
             "fhir": {
                 "ack": "after-processing",
                 "site_tz": "America/Chicago",
+                "strictness": "strict",
                 "transform": [
                     {"hl7-to-fhir": {"derive_unknown_systems": True, "site_tz": "America/Chicago"}}
                 ],
@@ -247,7 +248,31 @@ def test_pid3_missing_in_fhir_conversion_is_ae_101_at_pid_1_3(eng: Engine) -> No
     eng.assert_serving("fhir")
 
 
+def test_impossible_date_in_an_optional_field_is_dropped_with_a_stored_warning(eng: Engine) -> None:
+    """``strictness: lenient`` (the default, channel fhirtz): the bad birth date is left out, the message
+    converts (AA), and the located warning is stored with it (no value in it)."""
+    cid = uid("L")
+    body = adt(cid).replace(b"19800101", b"20250230")
+    a = ack_of(eng, "fhirtz", body)
+    assert (a.code, a.control_id) == ("AA", cid), a.raw
+    row = eng.rows(cid)[0]
+    assert row.status == st.PROCESSED
+    (bundle,) = [json.loads(p) for p in eng.payloads(row.id)]
+    (patient,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert "birthDate" not in patient and patient["identifier"]
+    warnings = eng.store.warnings_of(row.id)
+    assert warnings[:1] == [
+        (
+            "field_dropped",
+            "PID-7: is not a valid HL7 date/time (no such date); PID-7 was left out (channel strictness: lenient)",
+        )
+    ]
+    assert b"20250230" not in json.dumps(warnings).encode()
+    eng.assert_serving("fhirtz")
+
+
 def test_impossible_date_is_ae_102_with_location(eng: Engine) -> None:
+    """``strictness: strict`` (channel fhir): rejected as before, with the location."""
     cid = uid("Q")
     body = adt(cid).replace(b"19800101", b"20250230")
     a = ack_of(eng, "fhir", body)

@@ -164,6 +164,33 @@ def test_convert_without_a_config_uses_the_plain_converter(
     assert res.exit_code == 1 and "config file not found" in res.output
 
 
+def test_convert_splits_an_fhs_bhs_batch_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #14: `sluice convert` takes the FHS/BHS batch files `sluice conformance` takes, with or without a
+    channel (the channel's intake splits it, as the engine does), one Bundle a message."""
+    one = (SAMPLES / "adt_a01.hl7").read_bytes().replace(b"\n", b"\r").rstrip(b"\r")
+    two = one.replace(b"DEMO0001", b"DEMO0002")
+    batch = tmp_path / "batch.hl7"
+    batch.write_bytes(b"FHS|^~\\&|EHR|NORTH\rBHS|^~\\&|EHR|NORTH\r" + one + b"\r" + two + b"\rBTS|2\rFTS|1\r")
+    monkeypatch.chdir(tmp_path)  # no routes.yaml: the plain converter
+    res = CliRunner().invoke(main, ["convert", str(batch)])
+    assert res.exit_code == 0, res.output
+    bundles = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(bundles) == 2 and all(b["type"] == "transaction" for b in bundles)
+    cfg = write_config(
+        tmp_path,
+        channels={
+            "c": {
+                **basic_channel(free_port()),
+                "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
+            }
+        },
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "o")}},
+    )
+    res = CliRunner().invoke(main, ["convert", "--config", str(cfg), str(batch)])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line) for line in res.stdout.splitlines()] == bundles
+
+
 def test_check_loads_plugins(tmp_path: Path) -> None:
     """A destination kind from a plugin is known to `check`, as it is to `run`."""
     cfg = write_config(

@@ -81,8 +81,10 @@ def test_five_character_encoding() -> None:
 
 
 def test_three_character_encoding() -> None:
-    m = hl7.parse("MSH|^~\\|A|B|C|D|||ADT^A01|1|P|2.3\r")
-    assert m.delimiters.subcomponent == "&" and m.control_id == "1"
+    # Issue #14: MSH-2 declares no subcomponent separator, so there is none (``&`` is data, not ``&`` assumed)
+    m = hl7.parse("MSH|^~\\|A|B|C|D|||ADT^A01|1|P|2.3\rPID|1||A&B\r")
+    assert m.delimiters.subcomponent != "&" and m.control_id == "1"
+    assert m["PID-3.1"] == "A&B" and m.delimiters.encoding_characters == "^~\\"
 
 
 @pytest.mark.parametrize(
@@ -139,3 +141,64 @@ def test_bad_path() -> None:
     m = hl7.parse(ADT)
     with pytest.raises(ValueError, match="bad HL7 path"):
         m["PID3"]
+
+
+def test_utf8_under_a_single_byte_msh18_is_read_as_utf8_when_asked() -> None:
+    """Issue #14: a common mislabel, UTF-8 bytes under MSH-18 8859/1, ASCII or none (``source.utf8_fallback``)."""
+    for msh18 in ("8859/1", "ASCII", ""):
+        raw = f"MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||{msh18}\rPID|1||1||NÚÑEZ\r".encode()
+        assert hl7.utf8_mislabelled(raw)
+        assert "NÚÑEZ" in hl7.decode(raw, "latin-1", utf8_fallback=True)
+        assert "NÚÑEZ" in hl7.parse_bytes(raw, "latin-1", True)["PID-5"]
+        if msh18 == "ASCII":  # as declared: not ASCII, AE 102
+            with pytest.raises(MessageContentError):
+                hl7.decode(raw, "latin-1")
+        else:  # as declared: mojibake
+            assert "NÃ\x9aÃ\x91EZ" in hl7.decode(raw, "latin-1")
+    # real Latin-1 (not valid UTF-8) stays Latin-1; pure ASCII and declared UTF-8 are not mislabels
+    latin = "MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||8859/1\rPID|1||1||M\xfcller\r".encode("latin-1")
+    assert not hl7.utf8_mislabelled(latin) and "Müller" in hl7.decode(latin, utf8_fallback=True)
+    ascii_only = b"MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||8859/1\rPID|1||1||MULLER\r"
+    assert not hl7.utf8_mislabelled(ascii_only)
+    declared = "MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||UNICODE UTF-8\rPID|1||1||NÚÑEZ\r".encode()
+    assert not hl7.utf8_mislabelled(declared)
+    # another single-byte charset is trusted as declared
+    greek = "MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||8859/7\rPID|1||1||NÚÑEZ\r".encode()
+    assert not hl7.utf8_mislabelled(greek)
+
+
+@pytest.mark.parametrize(
+    ("msh2", "pid5", "family", "given"),
+    [
+        pytest.param("^~\\", "O'BRIEN & SONS^ANN", "O'BRIEN & SONS", "ANN", id="no subcomponent separator"),
+        pytest.param("^~", "SMITH\\JONES&CO^ANN", "SMITH\\JONES&CO", "ANN", id="no escape character"),
+        pytest.param("^", "DOE~ROE^ANN", "DOE~ROE", "ANN", id="only a component separator"),
+    ],
+)
+def test_msh2_with_fewer_than_four_encoding_characters_is_honoured(
+    msh2: str, pid5: str, family: str, given: str
+) -> None:
+    """Issue #14: a separator MSH-2 does not declare is data, not a separator (``&`` in a name stays)."""
+    text = f"MSH|{msh2}|A|B|C|D|20250101||ADT^A08|X1|P|2.5.1\rPID|1||M1^^^HOSP^MR||{pid5}\r"
+    m = hl7.parse(text)
+    assert m.delimiters.encoding_characters == msh2
+    assert m["MSH-2"] == msh2
+    assert m["PID-5.1"] == family and m["PID-5.2"] == given
+    assert m["PID-5"] == pid5  # one repetition, nothing unescaped
+    seg = m.first("PID")
+    assert seg is not None and len(seg.reps(5)) == 1 and seg.rep(5).c(1, 2) == ""
+    assert seg.rep(5).subs(1) == [family]
+    # the ACK repeats MSH-2 as declared, and cannot break the message it answers
+    from engine.ack import build as build_ack
+    from engine.errors import MessageContentError as MCE
+
+    ack = build_ack(m, "AE", MCE("PID-7 is not a valid HL7 date/time (no such date)", code="102"))
+    assert ack.startswith(f"MSH|{msh2}|")
+    ack_msg = hl7.parse(ack)
+    assert ack_msg["MSA-2"] == "X1"
+
+
+def test_default_delimiters_unchanged() -> None:
+    d = hl7.parse("MSH|^~\\&|A|B|C|D|20250101||ADT^A08|X1|P|2.5.1\r").delimiters
+    assert (d.component, d.repetition, d.escape, d.subcomponent) == ("^", "~", "\\", "&")
+    assert d.encoding_characters == "^~\\&"

@@ -208,12 +208,24 @@ def test_mapped_authority_beats_oid_and_ssn_never_key() -> None:
     assert r.bundle["entry"][0]["request"]["url"] == "Patient?identifier=urn:oid:1.2.840.99|222"
 
 
-def test_invalid_birth_date_is_102() -> None:
+def test_invalid_birth_date_is_102_when_strict() -> None:
     m = msg(BASE, "PID|1||333^^^HOSP^MR||DOE^JO||20250230")
     with pytest.raises(ConversionError) as ei:
-        convert(m, golden_settings())
+        convert(m, golden_settings(strictness="strict"))
     assert ei.value.hl7_error == "102"
     assert ei.value.location is not None and ei.value.location.hl7() == "PID^1^7"
+
+
+def test_invalid_birth_date_is_dropped_with_a_warning_when_lenient() -> None:
+    m = msg(BASE, "PID|1||333^^^HOSP^MR||DOE^JO||20250230")
+    r = convert_report(m, golden_settings())  # lenient is the default
+    (patient,) = [e["resource"] for e in r.bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert "birthDate" not in patient and patient["name"]
+    assert r.warning_kinds == ("field_dropped",)
+    assert r.warnings == (
+        "PID-7: is not a valid HL7 date/time (no such date); PID-7 was left out (channel strictness: lenient)",
+    )
+    assert r.events["field_dropped"] == 1
 
 
 def test_unsupported_type_and_trigger() -> None:

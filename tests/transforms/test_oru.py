@@ -310,9 +310,16 @@ def test_patient_without_authority_is_ae_204() -> None:
 # ---------------------------------------------------------------------------
 def test_invalid_date_is_ae_102_with_location() -> None:
     with pytest.raises(ConversionError) as ei:
-        conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||F|||20251341")
+        conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||F|||20251341", strictness="strict")
     assert ei.value.hl7_error == "102"
     assert ei.value.location is not None and str(ei.value.location) == "OBX-14"
+
+
+def test_invalid_date_is_dropped_when_lenient() -> None:
+    r = conv(MSH, PID, OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||F|||20251341")
+    (obs,) = by_code(r.bundle, "2345-7")
+    assert obs["valueQuantity"]["value"] == 90  # OBX-14 left out: the time falls back to OBR-7
+    assert r.warnings[0].startswith("OBX-14: ") and r.warning_kinds == ("field_dropped",)
 
 
 def test_site_time_zone_is_dst_correct() -> None:

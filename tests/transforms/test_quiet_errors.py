@@ -11,7 +11,7 @@ import pytest
 
 from engine.errors import ConfigError, ConversionError
 from engine.hl7 import parse
-from tests.transforms.conftest import resources, validate_resources
+from tests.transforms.conftest import golden_settings, resources, validate_resources
 from transforms.convert import Conversion, convert_report
 from transforms.settings import ConvertSettings
 
@@ -301,3 +301,125 @@ def test_numeric_reference_range_has_low_high_and_text(
     unit = {"unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"}
     assert rr.get("low") == (None if low is None else {"value": low, **unit})
     assert rr.get("high") == (None if high is None else {"value": high, **unit})
+
+
+# ---------------------------------------------------------------------------
+# strictness: lenient | strict (issue #14): a bad value in a non-key field is dropped with a located warning
+# ---------------------------------------------------------------------------
+_ADT = "MSH|^~\\&|SYNTH|FAC|C|D|20250101120000||ADT^A01^ADT_A01|LEN1|P|2.5.1"
+_PID = "PID|1||LEN333^^^HOSP^MR||DOE^JO||19800101|F"
+_SIU = "MSH|^~\\&|SYNSCHED|SYNTH HOSP|SLUICE|SLUICE|20250301100000||SIU^S12|LEN2|P|2.5.1"
+_SCH = "SCH|PL1|FL1^SYNSCHED^2.16.840.1.113883.19.999.4^ISO|||||||||^^^20250315090000^20250315093000|||||||||||||Booked"
+
+
+def _types(bundle: dict[str, Any], rtype: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+@pytest.mark.parametrize(
+    ("segments", "where", "resource", "kept"),
+    [
+        pytest.param(
+            (
+                _ADT,
+                _PID,
+                "|".join(
+                    ["PV1", "1", "I", "W1^101^A", "", "", "", "DOC1^WHO^AL"]
+                    + [""] * 11
+                    + ["V100^^^VISITS"]
+                    + [""] * 24
+                    + ["20250230^"]
+                ),
+            ),
+            "PV1-44",
+            "Encounter",
+            "class",
+            id="PV1-44 no such date",
+        ),
+        pytest.param(
+            (
+                _ADT,
+                _PID,
+                "|".join(["PV1", "1", "I"] + [""] * 16 + ["V101^^^VISITS"]),
+                "AL1|1|DA|PCN^Penicillin^L|SV|hives|MI",
+            ),
+            "AL1-6",
+            "AllergyIntolerance",
+            "code",
+            id="AL1-6 MI",
+        ),
+        pytest.param(
+            (_SIU, _SCH, _PID, "AIG|1|A|EQ5^Video scope^L|101^Equipment^L|||||20250315091500|min|20|min"),
+            "AIG-9",
+            "Appointment",
+            "start",
+            id="AIG-9 timestamp in a number",
+        ),
+    ],
+)
+def test_lenient_drops_a_bad_non_key_value_with_a_located_warning(
+    segments: tuple[str, ...], where: str, resource: str, kept: str
+) -> None:
+    m = parse("\r".join(segments))
+    with pytest.raises(ConversionError) as ei:
+        convert_report(m, golden_settings(strictness="strict"))
+    assert ei.value.hl7_error == "102" and str(ei.value.location).startswith(where)
+    r = convert_report(m, golden_settings())  # lenient: the default
+    (res, *_) = _types(r.bundle, resource)
+    assert kept in res
+    assert r.warning_kinds == ("field_dropped",)
+    assert (
+        r.warnings[0].startswith(where)
+        and f"{where} was left out (channel strictness: lenient)" in r.warnings[0]
+    )
+    for seg in segments:  # no value of the message in the warning
+        for value in seg.split("|")[1:]:
+            if len(value) > 3:
+                assert value not in r.warnings[0]
+
+
+def test_keys_stay_strict_in_lenient_mode() -> None:
+    from engine.errors import Location
+    from transforms.convert import droppable
+
+    lenient = golden_settings()
+    for seg, field in [
+        ("PID", 3),
+        ("PV1", 19),
+        ("ORC", 2),
+        ("OBR", 3),
+        ("SCH", 1),
+        ("MSH", 7),
+        ("MSH", 10),
+        ("OBX", 5),
+    ]:
+        err = ConversionError("bad", code="102", location=Location(seg, 1, field))
+        assert droppable(err, lenient) is None, (seg, field)
+    assert droppable(
+        ConversionError("bad", code="102", location=Location("PV1", 1, 44)), lenient
+    ) == Location("PV1", 1, 44)
+    # only bad values (102): a required field missing or a code the channel rejects stays a rejection
+    assert droppable(ConversionError("missing", code="101", location=Location("OBX", 1, 3)), lenient) is None
+    assert droppable(ConversionError("unmapped", code="103", location=Location("OBX", 1, 3)), lenient) is None
+    assert droppable(ConversionError("bad", code="102"), lenient) is None  # unlocated
+    strict = golden_settings(strictness="strict")
+    assert droppable(ConversionError("bad", code="102", location=Location("PV1", 1, 44)), strict) is None
+
+
+def test_a_bad_message_time_is_rejected_in_both_modes() -> None:
+    m = parse("\r".join([_ADT.replace("20250101120000", "20251341"), _PID]))
+    for mode in ("lenient", "strict"):
+        with pytest.raises(ConversionError) as ei:
+            convert_report(m, golden_settings(strictness=mode))
+        assert str(ei.value.location) == "MSH-7"
+
+
+def test_msh2_without_a_subcomponent_separator_converts_with_the_ampersand_as_data() -> None:
+    m = parse(
+        "MSH|^~\\|SYNTH|FAC|C|D|20250101120000||ADT^A08^ADT_A01|ENC3|P|2.5.1\r"
+        "PID|1||AMP333^^^HOSP^MR||SMITH & JONES^ANN||19800101|F\r"
+    )
+    r = convert_report(m, golden_settings())
+    (patient,) = _types(r.bundle, "Patient")
+    assert patient["name"][0]["family"] == "SMITH & JONES" and patient["name"][0]["given"] == ["ANN"]
+    validate_resources(r.bundle)

@@ -199,7 +199,7 @@ def test_explicit_offset_kept() -> None:
 def test_invalid_date_is_ae_102_with_location() -> None:
     seg = "SCH|PL1|FL1^SYNSCHED^2.16.840.1.113883.19.999.4^ISO|||||||||^^^20250231090000^20250315093000"
     with pytest.raises(ConversionError) as ei:
-        _convert(msg(MSH.format("S12"), seg, PID), golden_settings())
+        _convert(msg(MSH.format("S12"), seg, PID), golden_settings(strictness="strict"))
     assert ei.value.hl7_error == "102"
     assert str(ei.value.location) == "SCH-11.4"
 

@@ -1,0 +1,114 @@
+"""Conversion warnings end to end (issue #14): a real engine process, real sockets, the SQLite store.
+
+A message that converts only because something was dropped or re-read (a bad value in a non-key field under
+``strictness: lenient``, UTF-8 bytes under MSH-18 ``8859/1``) is processed, and its located, PHI-free warnings
+are stored with it: ``sluice messages show``, the admin API's message detail and the Prometheus counter per
+kind show them.  ``strictness: strict`` rejects the same message; ``source.utf8_fallback: false`` reads the
+bytes as declared.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+from click.testing import CliRunner
+
+from engine import store as st
+from engine.cli import main
+from engine.client import MLLPClient, parse_ack
+from tests.admin.conftest import make_token
+from tests.support.engine import EngineProcess, fhir_channel, free_port, write_config
+from tests.support.polling import wait_for
+
+NAME = "Núñez"  # synthetic; UTF-8 bytes c3 ba / c3 b1
+
+
+def mislabelled(control: str) -> bytes:
+    """UTF-8 bytes under MSH-18 8859/1, and an impossible birth date in PID-7 (an optional field)."""
+    return (
+        f"MSH|^~\\&|EHR|NORTH|SL|HOSP|20250101120000||ADT^A08^ADT_A01|{control}|P|2.5.1||||||8859/1\r"
+        f"PID|1||MRNW1^^^NORTH^MR||{NAME}^Alex||20250230|F\r"
+        + "|".join(["PV1", "1", "O"] + [""] * 16 + [f"V{control}^^^NORTH"])
+        + "\r"
+    ).encode()
+
+
+def send(port: int, payload: bytes) -> str:
+    import asyncio
+
+    async def go() -> str:
+        async with MLLPClient("127.0.0.1", port) as c:
+            return parse_ack(await c.send(payload)).code
+
+    return asyncio.run(go())
+
+
+def test_warnings_are_stored_shown_and_counted(tmp_path: Path) -> None:
+    lenient, strict, off, admin_port = free_port(), free_port(), free_port(), free_port()
+    out = tmp_path / "out"
+    dest = {"kind": "file", "directory": str(out), "pattern": "{channel}-{control_id}.{ext}", "fsync": False}
+    cfg = write_config(
+        tmp_path,
+        channels={
+            "len": fhir_channel(lenient, "out"),
+            "str": fhir_channel(strict, "out", strictness="strict"),
+            "raw": fhir_channel(
+                off, "out", source={"host": "127.0.0.1", "port": off, "utf8_fallback": False}
+            ),
+        },
+        destinations={"out": dest},
+    )
+    with EngineProcess(cfg, lenient, env={"SLUICE_ADMIN_PORT": str(admin_port)}):
+        for port, cid in ((lenient, "W1"), (strict, "W2"), (off, "W3")):
+            assert send(port, mislabelled(cid)) == "AA"  # ack: on-commit
+        wait_for(lambda: (out / "len-W1.json").exists() and (out / "raw-W3.json").exists(), what="bundles")
+        store = st.Store(f"sqlite:///{tmp_path}/sluice.db", create=False)
+        try:
+            rows = {r.control_id: r for r in store.list_messages()}
+            wait_for(lambda: store.get_message(rows["W2"].id).status == st.ERROR, what="W2 rejected")
+            w1, w2, w3 = rows["W1"].id, rows["W2"].id, rows["W3"].id
+            assert store.get_message(w1).status == st.PROCESSED
+            got = store.warnings_of(w1)
+            assert [k for k, _ in got] == ["charset_fallback", "field_dropped"]
+            assert got[0][1].startswith("MSH-18: the message declares 8859/1 but its bytes are UTF-8")
+            assert got[1][1].startswith("PID-7: ")
+            text = json.dumps(got, ensure_ascii=False)
+            assert "20250230" not in text and NAME not in text and "MRNW1" not in text  # never a value
+            # lenient converted: the name read as UTF-8, the bad birth date left out
+            bundle = json.loads((out / "len-W1.json").read_bytes())
+            (patient,) = [
+                e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
+            ]
+            assert patient["name"][0]["family"] == NAME and "birthDate" not in patient
+            # strict: rejected with the located error, as before; the charset still fell back
+            r2 = store.get_message(w2)
+            assert "PID-7" in r2.reason and store.warnings_of(w2) == []
+            # utf8_fallback off: read as declared (latin-1), no charset warning
+            raw = json.loads((out / "raw-W3.json").read_bytes())
+            (p3,) = [e["resource"] for e in raw["entry"] if e["resource"]["resourceType"] == "Patient"]
+            assert p3["name"][0]["family"] == NAME.encode().decode("latin-1")
+            assert [k for k, _ in store.warnings_of(w3)] == ["field_dropped"]
+        finally:
+            store.close()
+
+        show = CliRunner().invoke(main, ["messages", "show", str(w1), "--config", str(cfg)])
+        assert show.exit_code == 0, show.output
+        assert "warning:     MSH-18: the message declares 8859/1" in show.output
+        assert "[charset_fallback]" in show.output and "[field_dropped]" in show.output
+        assert NAME not in show.output and "20250230" not in show.output
+
+        token = make_token(cfg, "viewer", "viewer")
+        base = f"http://127.0.0.1:{admin_port}"
+        detail = httpx.get(
+            f"{base}/api/v1/messages/{w1}", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ).json()
+        assert [w["kind"] for w in detail["warnings"]] == ["charset_fallback", "field_dropped"]
+        assert detail["warnings"][1]["text"].startswith("PID-7: ")
+
+        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10).text
+        assert 'sluice_conversion_warnings_total{channel="len",kind="charset_fallback"} 1.0' in metrics
+        assert 'sluice_conversion_warnings_total{channel="len",kind="field_dropped"} 1.0' in metrics
+        assert 'sluice_conversion_warnings_total{channel="raw",kind="field_dropped"} 1.0' in metrics
+        assert 'channel="str",kind=' not in metrics
