@@ -34,6 +34,7 @@ BUILTIN_MODULES = (
     "engine.destinations.http",
     "transforms.fhir_step",
     "transforms.fhir_to_v2.step",
+    "transforms.edits",
 )
 
 
