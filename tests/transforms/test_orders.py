@@ -285,8 +285,14 @@ def test_located_errors(old: str, new: str, where: str, code: str) -> None:
     if where == "ORC-2":
         m = parse(m.text.replace("OBR|1|PLC2001^SYNEHR^2.16.840.1.113883.19.999.7^ISO|", "OBR|1||"))
     with pytest.raises(ConversionError) as err:
-        _convert(m, golden_settings())
+        _convert(m, golden_settings(strictness="strict"))
     assert str(err.value.location) == where and err.value.hl7_error == code
+    if code == "102":  # a bad value in a non-key field: left out under strictness lenient (the default)
+        r = _convert(m, golden_settings())
+        assert r.warning_kinds[0] == "field_dropped" and r.warnings[0].startswith(where)
+    else:  # a missing order number is rejected in both modes
+        with pytest.raises(ConversionError):
+            _convert(m, golden_settings())
 
 
 def test_order_without_pid_or_orc_and_unknown_trigger() -> None:
