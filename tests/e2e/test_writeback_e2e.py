@@ -20,6 +20,8 @@ from tests.support.faultproxy import ThreadedFaultProxy
 from tests.support.fhirserver import FhirServer
 from tests.support.polling import wait_for
 
+pytestmark = pytest.mark.fhirserver
+
 PLACER = "urn:portal:appointment"
 
 APPOINTMENT: dict[str, Any] = {
@@ -54,7 +56,14 @@ def ehr() -> Any:
 
 
 def engine(
-    tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver, *, page_size: int = 100, base_url: str | None = None
+    tmp_path: Path,
+    fhir: FhirServer,
+    ehr: EhrReceiver,
+    *,
+    page_size: int = 100,
+    base_url: str | None = None,
+    store: str | None = None,
+    workers: int | None = None,
 ) -> EngineProcess:
     admin = free_port()
     routes = write_config(
@@ -89,6 +98,8 @@ def engine(
                 "retry": {"max_attempts": 3, "backoff": 0.2},
             }
         },
+        store=store,
+        processing={"workers": workers} if workers is not None else None,
     )
     return EngineProcess(routes, admin, env={"SLUICE_ADMIN_PORT": str(admin)})
 
@@ -107,8 +118,20 @@ def settle(ehr: EhrReceiver, n: int) -> list[tuple[str, str, str]]:
     return sent(ehr)
 
 
-def test_create_reschedule_cancel_is_s12_s13_s15(tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver) -> None:
-    with engine(tmp_path, fhir, ehr):
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("in-process", id="sqlite-pipeline-in-the-engine-process"),
+    ],
+)
+def test_create_reschedule_cancel_is_s12_s13_s15(
+    tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver, variant: str, request: pytest.FixtureRequest
+) -> None:
+    store = str(request.getfixturevalue("pg_url")) if variant == "postgres" else None
+    workers = 0 if variant == "in-process" else None  # default: one worker process runs the pipelines
+    with engine(tmp_path, fhir, ehr, store=store, workers=workers):
         created = fhir.request("POST", "/Appointment", appointment("PA-1"))
         wait_for(lambda: len(ehr.received()) >= 1, timeout=60, what=lambda: f"the S12, got {sent(ehr)}")
         moved = {**created, "start": "2026-12-11T17:00:00Z", "end": "2026-12-11T17:30:00Z"}
