@@ -39,6 +39,7 @@ source:
   max_junk: 1MiB
   lenient_end: false
   fallback_charset: latin-1
+  utf8_fallback: true
   keepalive: true
   tls: {cert: server.crt, key: server.key, ca: ca.crt, require_client_cert: true}
 accept: {types: {ORU: [R01]}, versions: ["2.5.1"], processing_ids: [P]}
@@ -51,6 +52,7 @@ retention: {bodies_days: 30, rows_days: 365}
 order_by: PID-3
 batch: accept
 validate: "off"
+strictness: lenient
 transform: [passthrough]
 routes:
   - destination: out
