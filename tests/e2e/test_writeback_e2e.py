@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from engine.store import Store
@@ -151,10 +152,22 @@ def test_cancel_of_an_appointment_never_sent_sends_nothing(
     tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver
 ) -> None:
     fhir.request("POST", "/Appointment", appointment("PA-X", status="cancelled"))
-    with engine(tmp_path, fhir, ehr):
+    with engine(tmp_path, fhir, ehr) as proc:
         fhir.request("POST", "/Appointment", appointment("PA-2"))
         got = settle(ehr, 1)
+        # recorded (the message is kept as filtered, with the reason) and counted
+        metrics = httpx.get(f"http://127.0.0.1:{proc.port}/metrics", timeout=10).text
     assert [(p, t) for p, t, _ in got] == [("PA-2", "S12")]
+    line = 'sluice_writeback_skipped_total{channel="portal-appointments",reason="cancel_never_sent"} 1.0'
+    assert line in metrics
+    s = Store(f"sqlite:///{tmp_path}/sluice.db", create=False)
+    try:
+        assert s.status_counts() == {
+            ("portal-appointments", "filtered"): 1,
+            ("portal-appointments", "processed"): 1,
+        }
+    finally:
+        s.close()
 
 
 def test_sigkill_mid_page_and_restart_never_emits_twice(
