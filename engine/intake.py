@@ -347,7 +347,11 @@ class Committer:
         for name, cj in by_channel.items():
             window = cj[0].channel.dedupe.window_days * 86400.0
             found = self.store.find_duplicates(
-                conn, name, [j.row.dedupe_key for j in cj], time.time() - window
+                conn,
+                name,
+                [j.row.dedupe_key for j in cj],
+                time.time() - window,
+                [j.row.control_id for j in cj],
             )
             seen: dict[str, Job] = {}
             for j in cj:

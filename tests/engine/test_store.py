@@ -82,8 +82,45 @@ def test_duplicates_lookup(store_url: str) -> None:
         assert set(found) == {"A|B|1"} and found["A|B|1"].content_hash == "h1"
         with s.engine.connect() as conn:
             assert s.find_duplicates(conn, "c", ["A|B|1"], time.time() + 60) == {}
+        # as intake asks: with the control ids (the look-up then seeks ix_messages_control_dedupe)
+        with s.engine.connect() as conn:
+            found = s.find_duplicates(conn, "c", ["A|B|1", "A|B|3"], time.time() - 60, ["1", "3"])
+            assert set(found) == {"A|B|1"} and found["A|B|1"].message_id == 1
+            assert s.find_duplicates(conn, "d", ["A|B|1"], time.time() - 60, ["1"]) == {}  # other channel
     finally:
         s.close()
+
+
+def test_dedupe_and_control_id_share_one_index(tmp_path: Path) -> None:
+    """A store made before ix_messages_control_dedupe gets it, and loses the two indexes it replaces
+    (the intake's writes per message: bench/README.md); the dedupe look-up and the admin search by
+    control id both seek it."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    st.Store(url).close()
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.execute("DROP INDEX ix_messages_control_dedupe")
+    db.execute("CREATE INDEX ix_messages_dedupe ON messages (channel, dedupe_key)")
+    db.execute("CREATE INDEX ix_messages_control_id ON messages (control_id)")
+    db.commit()
+    st.Store(url).close()  # as the engine's next start
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "ix_messages_control_dedupe" in names
+    assert not names & set(st.OBSOLETE_INDEXES)
+    plans = [
+        " ".join(str(r[-1]) for r in db.execute("EXPLAIN QUERY PLAN " + sql, args))
+        for sql, args in (
+            (
+                "SELECT id FROM messages WHERE control_id IN (?) AND channel = ? AND dedupe_key IN (?) "
+                "AND received_at >= ? AND status NOT IN (?, ?) ORDER BY id",
+                ["1", "c", "A|B|1", 0.0, "q", "r"],
+            ),
+            ("SELECT id FROM messages WHERE control_id = ? ORDER BY id DESC LIMIT 51", ["1"]),
+        )
+    ]
+    db.close()
+    assert all("ix_messages_control_dedupe" in p for p in plans), plans
 
 
 def test_replay_dead_delivery(store_url: str) -> None:
