@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import structlog
 
 from engine import ack as ackmod
-from engine import hl7, redact
+from engine import hl7, logs, redact
 from engine.admin.search import patient_hash
 from engine.config import ChannelConfig
 from engine.errors import Location, MessageContentError, MessageRejected, SluiceError, StoreError
@@ -698,17 +698,19 @@ class Intake:
                 continue
             outcome = j.final_outcome or j.outcome
             # Accepted messages are logged at debug (the store is the record; a line per message
-            # at info would cost more than the durable write); anything else at info.
-            (log.debug if outcome.code == "AA" else log.info)(
-                "message_stored",
-                channel=self.channel.name,
-                peer=peer,
-                message_id=j.message_id,
-                control_id=redact.control_id(j.row.control_id),
-                type=redact.type_and_trigger(j.row.message_type, j.row.trigger),
-                status=j.row.status if j.final_outcome is None else "processed",
-                outcome=outcome.code,
-            )
+            # at info would cost more than the durable write); anything else at info.  At info, an
+            # accepted message builds no log fields at all (a bound logger and the redaction per message).
+            if outcome.code != "AA" or logs.DEBUG:
+                (log.debug if outcome.code == "AA" else log.info)(
+                    "message_stored",
+                    channel=self.channel.name,
+                    peer=peer,
+                    message_id=j.message_id,
+                    control_id=redact.control_id(j.row.control_id),
+                    type=redact.type_and_trigger(j.row.message_type, j.row.trigger),
+                    status=j.row.status if j.final_outcome is None else "processed",
+                    outcome=outcome.code,
+                )
             acks.extend(split_acks(j.row.ack))
         if len(jobs) > 1:
             # A batch gets one ACK: the worst outcome of its messages.

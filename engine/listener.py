@@ -435,7 +435,10 @@ class MLLPProtocol(asyncio.Protocol):
         answered = 0
         while True:
             if not self.queue:
-                self._pull()
+                # The framer is asked again only when it may hold frames it could not hand out (the
+                # queue was full); otherwise it said NEED_DATA and only data_received can change that.
+                if self.framer_blocked:
+                    self._pull()
                 if not self.queue:
                     break
             if self.write_blocked and not self.closing and self.writable is not None:
@@ -482,7 +485,8 @@ class MLLPProtocol(asyncio.Protocol):
                 self._active()
             # else: connection gone; the message is committed already and a resend will be deduped.
             self.pending_bytes -= size
-            self._pull()
+            if self.framer_blocked:
+                self._pull()
             self._sync()
             answered += 1
             if answered % YIELD_EVERY == 0:

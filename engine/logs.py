@@ -18,11 +18,15 @@ import structlog
 from engine import logflood
 
 _current: tuple[str, str] = ("console", "info")
+# Whether debug lines are written (structlog's default, before configure(), writes everything).  A hot
+# path that would log a line per message at debug reads this first, so it builds no fields for nothing.
+DEBUG = True
 
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
-    global _current
+    global _current, DEBUG
     lvl = getattr(logging, level.upper(), logging.INFO)
+    DEBUG = lvl <= logging.DEBUG
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     _current = (fmt, level)
