@@ -248,7 +248,9 @@ class HttpSource:
                 ).first()
                 if prior is not None:
                     return int(prior.status), str(prior.body).encode()
-            seen = self.store.find_duplicates(conn, ch.name, list(rows), now - window)
+            seen = self.store.find_duplicates(
+                conn, ch.name, list(rows), now - window, [r.control_id for r in rows.values()]
+            )  # (with the control ids the look-up seeks ix_messages_control_dedupe)
             fresh = [r for k, r in rows.items() if k not in seen]
             ids = self.store.insert_messages(conn, fresh)
             status = 201 if ids else 200
