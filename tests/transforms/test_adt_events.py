@@ -16,7 +16,7 @@ from .conftest import golden_settings, load, msg, resources, validate_resources
 MRN = "urn:oid:2.16.840.1.113883.19.5"
 VISITS = "urn:oid:2.16.840.1.113883.19.6"
 H = "MSH|^~\\&|SYNTH-ADT|GOODHOSP|SLUICE|SLUICE|20250316090000||ADT^{t}|CTRL-{t}|P|2.5.1"
-PID1 = "PID|1||MRN10001^^^HOSP^MR||TESTPATIENT^ALEX||19800229|F|||||||||ACC500^^^HOSP^AN"
+PID1 = "PID|1||MRN10001^^^HOSP^MR||TESTPATIENT^ALEX||19800229|F||||||||||ACC500^^^HOSP^AN"
 PID2 = "PID|2||MRN10002^^^HOSP^MR||SAMPLE^JORDAN||19750101|M"
 PV1 = "PV1|1|I|4WEST^401^A^GOODHOSP||||||||MED||||||||V100^^^VISITS^VN"
 
@@ -192,3 +192,25 @@ def test_move_by_identifier_list_is_rejected_with_what_to_do() -> None:
         convert(msg(H.format(t="A43"), PID1, "MRG|MRN09999^^^HOSP^MR"), golden_settings())
     assert ei.value.hl7_error == "201"
     assert "A40" in str(ei.value)
+
+
+def test_adt_writes_the_account_and_procedures_of_the_ig_adt_map() -> None:
+    """IG ADT_A01: PID-18 → Account (subject the Patient), each PR1 → Procedure of the visit."""
+    pr1 = "PR1|1||0DTJ4ZZ^Appendectomy^ICD10PCS|Appendectomy|20250315120000|D^Diagnostic^HL70230"
+    b = convert(msg(H.format(t="A01"), PID1, PV1, pr1), golden_settings())
+    validate_resources(b)
+    by_type = {e["resource"]["resourceType"]: e for e in b["entry"]}
+    account = by_type["Account"]
+    assert account["request"]["url"] == f"Account?identifier={MRN}|ACC500"
+    assert account["resource"]["subject"] == [{"reference": by_type["Patient"]["fullUrl"]}]
+    proc = by_type["Procedure"]["resource"]
+    assert proc["encounter"] == {"reference": by_type["Encounter"]["fullUrl"]}
+    assert proc["code"]["coding"][0]["code"] == "0DTJ4ZZ" and proc["status"] == "completed"
+    assert proc["category"]["coding"][0] == {
+        "system": "http://terminology.hl7.org/CodeSystem/v2-0230",
+        "code": "D",
+        "display": "Diagnostic",
+    }
+    # no PID-18, no PR1: neither
+    b = convert(msg(H.format(t="A01"), PID2, PV1), golden_settings())
+    assert not resources(b, "Account") and not resources(b, "Procedure")
