@@ -278,6 +278,7 @@ class Server:
             self.committer.run_op,
             ctx=DestinationContext(self.config.base_dir, ch.file),
             on_stored=pw.wake.set,
+            metrics=self.metrics,
         )
         self.pollers.append(poller)
         log.info(
@@ -301,6 +302,7 @@ class Server:
             ctx=DestinationContext(self.config.base_dir, ch.file),
             on_stored=pw.wake.set,
             intake=self._intake(ch, runtime, pw),
+            metrics=self.metrics,
         )
         tls = ch.source.tls
         service = AdminService(

@@ -64,7 +64,9 @@ class FhirPoller:
         *,
         ctx: DestinationContext,
         on_stored: Callable[[], None] = lambda: None,
+        metrics: Any = None,
     ):
+        self.received = metrics.channel(channel.name).received if metrics is not None else None
         poll = channel.source.poll
         if poll is None:
             raise ConfigError("not a fhir-poll source", file=channel.file, key="source.kind")
@@ -156,6 +158,8 @@ class FhirPoller:
                 lower, op, offset = newest, "ge", 0
         if stored:
             self.taken += stored
+            if self.received is not None:  # sluice_messages_received_total, as for MLLP messages
+                self.received.inc(stored)
             self.on_stored()
         return stored
 

@@ -110,7 +110,9 @@ class HttpSource:
         ctx: DestinationContext,
         on_stored: Callable[[], None] = lambda: None,
         intake: Any = None,
+        metrics: Any = None,
     ):
+        self.received = metrics.channel(channel.name).received if metrics is not None else None
         cfg = channel.source.http
         self.intake = intake  # engine.intake.Intake: HL7 v2 over HTTP takes the MLLP intake path
         assert cfg is not None
@@ -181,8 +183,12 @@ class HttpSource:
                 raise Refused(400, "structure", "the body is not valid JSON") from None
             found = resources_of(parsed, self.cfg.resources)
             key = hdrs.get("idempotency-key", "")
-            status, answer = await self.committer.run_op(self._writer(found, key), len(body), durable=True)
-            if status == 201:
+            status, answer, new = await self.committer.run_op(
+                self._writer(found, key), len(body), durable=True
+            )
+            if new:
+                if self.received is not None:  # sluice_messages_received_total, as for MLLP messages
+                    self.received.inc(new)
                 self.on_stored()
             return status, answer, []
         except Refused as exc:
@@ -222,7 +228,7 @@ class HttpSource:
     # ------------------------------------------------------------------ store
     def _writer(
         self, found: list[dict[str, Any]], idempotency_key: str
-    ) -> Callable[[Any], tuple[int, bytes]]:
+    ) -> Callable[[Any], tuple[int, bytes, int]]:
         ch = self.channel
         now = time.time()
         rows: dict[str, NewMessage] = {}
@@ -239,7 +245,7 @@ class HttpSource:
         )
         window = ch.dedupe.window_days * 86400.0
 
-        def write(conn: Any) -> tuple[int, bytes]:
+        def write(conn: Any) -> tuple[int, bytes, int]:
             if key:
                 prior = conn.execute(
                     select(IDEMPOTENCY.c.status, IDEMPOTENCY.c.body).where(
@@ -247,7 +253,7 @@ class HttpSource:
                     )
                 ).first()
                 if prior is not None:
-                    return int(prior.status), str(prior.body).encode()
+                    return int(prior.status), str(prior.body).encode(), 0
             seen = self.store.find_duplicates(
                 conn, ch.name, list(rows), now - window, [r.control_id for r in rows.values()]
             )  # (with the control ids the look-up seeks ix_messages_control_dedupe)
@@ -262,6 +268,6 @@ class HttpSource:
                         channel=ch.name, key=key, status=status, body=answer.decode(), at=now
                     )
                 )
-            return status, answer
+            return status, answer, len(ids)
 
         return write

@@ -63,7 +63,7 @@ def notification(res: dict[str, Any], n: int) -> dict[str, Any]:
 @pytest.fixture
 def setup(tmp_path: Path) -> Any:
     with EhrReceiver() as ehr:
-        port = free_port()
+        port, admin_port = free_port(), free_port()
         routes = write_config(
             tmp_path,
             channels={
@@ -85,12 +85,14 @@ def setup(tmp_path: Path) -> Any:
             },
         )
         with (
-            EngineProcess(routes, port, env={"PORTAL_PUSH_TOKEN": TOKEN}),
+            EngineProcess(
+                routes, port, env={"PORTAL_PUSH_TOKEN": TOKEN, "SLUICE_ADMIN_PORT": str(admin_port)}
+            ),
             httpx.Client(
                 base_url=f"http://127.0.0.1:{port}/fhir", headers={"Authorization": f"Bearer {TOKEN}"}
             ) as client,
         ):
-            yield client, ehr
+            yield client, ehr, admin_port
 
 
 def post(client: httpx.Client, body: Any, **headers: str) -> httpx.Response:
@@ -100,7 +102,7 @@ def post(client: httpx.Client, body: Any, **headers: str) -> httpx.Response:
 
 
 def test_every_notification_twice_is_still_s12_s13_s15(setup: Any) -> None:
-    client, ehr = setup
+    client, ehr, admin = setup
     steps = [
         version(1),
         version(2, start="2026-12-11T17:00:00Z", end="2026-12-11T17:30:00Z"),
@@ -114,12 +116,14 @@ def test_every_notification_twice_is_still_s12_s13_s15(setup: Any) -> None:
         wait_for(lambda n=n: len(ehr.received()) >= n, timeout=60, what=f"{n} messages at the EHR")
     time.sleep(1.0)
     assert answers == [201, 200, 200] * 3
+    metrics = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=10).text
+    assert 'sluice_messages_received_total{channel="portal-push"} 3.0' in metrics
     got = [(m["SCH-1.1"], m.trigger) for m in ehr.received()]
     assert got == [("PH-1", "S12"), ("PH-1", "S13"), ("PH-1", "S15")]
 
 
 def test_idempotency_key_gets_the_first_answer(setup: Any) -> None:
-    client, ehr = setup
+    client, ehr, _ = setup
     first = post(
         client,
         version(1, id="appt-h2", identifier=[{"system": PLACER, "value": "PH-2"}]),
@@ -158,7 +162,7 @@ def test_idempotency_key_gets_the_first_answer(setup: Any) -> None:
     ],
 )
 def test_refusals_say_what_is_wrong(setup: Any, kwargs: dict[str, Any], status: int, says: str) -> None:
-    client, _ = setup
+    client, _, _ = setup
     headers = {"Content-Type": "application/fhir+json", **kwargs.pop("headers", {})}
     resp = client.post("/Appointment", headers=headers, **kwargs)
     assert resp.status_code == status

@@ -160,6 +160,7 @@ def test_cancel_of_an_appointment_never_sent_sends_nothing(
     assert [(p, t) for p, t, _ in got] == [("PA-2", "S12")]
     line = 'sluice_writeback_skipped_total{channel="portal-appointments",reason="cancel_never_sent"} 1.0'
     assert line in metrics
+    assert 'sluice_messages_received_total{channel="portal-appointments"} 2.0' in metrics
     s = Store(f"sqlite:///{tmp_path}/sluice.db", create=False)
     try:
         assert s.status_counts() == {
