@@ -229,22 +229,28 @@ def test_failed_reload_changes_nothing(tmp_path: Path) -> None:
 
 def test_port_change_rebinds_and_keeps_open_connections(tmp_path: Path) -> None:
     """The listener moves to the new port; a connection on the old one is served until it closes; a new
-    connection to the old port is refused; a channel added by the reload listens on its own port."""
+    connection to the old port is refused; a channel added by the reload listens on its own port; a changed
+    destination delivers what comes after the reload."""
     port, new_port, added_port = free_port(), free_port(), free_port()
-    out = tmp_path / "out"
+    out, out2 = tmp_path / "out", tmp_path / "out2"
     cfg = write_config(tmp_path, channels={"c": basic_channel(port)}, destinations={"out": _file_dest(out)})
     with EngineProcess(cfg, port):
         old = Sender(port)
         try:
             assert old.send(adt("A1")) == "AA"
+            wait_for(lambda: (out / "A1.hl7").exists(), what="the delivery before the reload")
             src = yaml.safe_load(_channel_file(cfg, "c").read_text())["source"]
             _edit_channel(cfg, "c", source={**src, "port": new_port})
             (cfg.parent / "channels" / "d.yaml").write_text(
                 yaml.safe_dump({"name": "d", **basic_channel(added_port)})
             )
+            routes = yaml.safe_load(cfg.read_text())  # and the destination writes elsewhere from now on
+            routes["destinations"]["out"]["directory"] = str(out2)
+            cfg.write_text(yaml.safe_dump(routes))
             res = _sluice("reload", "--config", str(cfg))
             assert res.returncode == 0, res.stdout + res.stderr
             assert "channels added: d" in res.stdout and "channels rebound: c" in res.stdout
+            assert "destinations changed: out" in res.stdout
             assert old.send(adt("A2")) == "AA"  # still served on the old port
             new = Sender(new_port)
             assert new.send(adt("A3")) == "AA"
@@ -262,4 +268,8 @@ def test_port_change_rebinds_and_keeps_open_connections(tmp_path: Path) -> None:
             assert old.send(adt("A4")) == "AA"
         finally:
             old.close()
-        wait_for(lambda: {p.stem for p in out.iterdir()} >= {"A1", "A2", "A3", "A4", "D1"}, what="deliveries")
+        wait_for(lambda: (out / "A1.hl7").exists(), what="the delivery before the reload")
+        wait_for(
+            lambda: {p.stem for p in out2.iterdir()} >= {"A2", "A3", "A4", "D1"}, what="deliveries after it"
+        )
+        assert {p.stem for p in out.iterdir()} == {"A1"}  # the old destination took nothing after the reload
