@@ -460,14 +460,26 @@ def allergy(
         dt.table(ctx, {}, cat_code, iam.loc(2), "0127")
     if crit := adt.ALLERGY_CRITICALITY.get(dt.value(iam, 4, ctx).strip().upper()):
         res["criticality"] = crit
+    if iam.rep(27) and (clinician := dt.cwe(iam.rep(27), ctx, iam.loc(27))):
+        # IAM-27 clinician's identified code: the same allergen as the clinician coded it
+        codings = code.setdefault("coding", [])
+        for extra in clinician.get("coding", ()):
+            if extra not in codings:
+                codings.append(extra)
     res["code"] = code
     res["patient"] = {"reference": patient_ref}
     if onset := dt.value(iam, 11, ctx).strip():
         res["onsetDateTime"] = dt.dtm_at(onset, ctx.settings, iam, 11)
     elif onset_text := dt.value(iam, 12, ctx).strip():
         res["onsetString"] = onset_text
-    if reported := dt.value(iam, 13, ctx).strip():
-        res["recordedDate"] = dt.dtm_at(reported, ctx.settings, iam, 13)
+    # IAM-24 initially recorded date/time, else IAM-13 reported date/time; IAM-23 initially recorded by
+    for field in (24, 13):
+        if recorded := dt.value(iam, field, ctx).strip():
+            res["recordedDate"] = dt.dtm_at(recorded, ctx.settings, iam, field)
+            break
+    recorder = dt.xcn(iam.rep(23), ctx, iam.loc(23)) if iam.rep(23) else None
+    if recorder is not None and "reference" in recorder:
+        res["recorder"] = recorder
     sev = adt.REACTION_SEVERITY.get(dt.value(iam, 4, ctx).strip().upper())
     reactions = [{"text": t} for r in iam.reps(5) if (t := r.text.strip())]
     if reactions:

@@ -214,3 +214,17 @@ def test_adt_writes_the_account_and_procedures_of_the_ig_adt_map() -> None:
     # no PID-18, no PR1: neither
     b = convert(msg(H.format(t="A01"), PID2, PV1), golden_settings())
     assert not resources(b, "Account") and not resources(b, "Procedure")
+
+
+def test_iam_clinician_code_and_initial_recording() -> None:
+    """IAM-27 is a further coding of the allergen; IAM-24 (initially recorded) wins over IAM-13 (reported)."""
+    fields = ["IAM", "1", "FA", "12345^Peanut Allergy^L", "", "", "A", "ALG-9^^2.16.840.1.113883.19.9^ISO"]
+    fields += [""] * 5 + ["20201005"] + [""] * 9
+    fields += ["1234567890^PRACTICE^PAT^^^DR^^^NPI^L^^^NPI", "20201010160000", "", "", "91935009^Peanut^SCT"]
+    assert fields[13] == "20201005" and fields[23].startswith("1234567890") and fields[27].startswith("9193")
+    b = convert(msg(H.format(t="A60"), PID1, "|".join(fields)), golden_settings())
+    validate_resources(b)
+    (allergy,) = resources(b, "AllergyIntolerance")
+    assert [c["code"] for c in allergy["code"]["coding"]] == ["12345", "91935009"]
+    assert allergy["recordedDate"].startswith("2020-10-10T16:00")
+    assert allergy["recorder"]["reference"].startswith("urn:uuid:")
