@@ -239,3 +239,19 @@ def test_the_console_is_served_by_the_engine_and_not_in_the_api_schema(console_e
         assert not re.search(r'(src|href)="(https?:)?//', page), path  # no CDN, nothing from elsewhere
     paths = httpx.get(console_engine.url + "/openapi.json").json()["paths"]
     assert all(p.startswith(("/api/", "/healthz", "/readyz", "/metrics")) for p in paths)
+
+
+def test_message_page_shows_the_conversion_warnings(console_engine: Admin) -> None:
+    """Issue #14: the located, PHI-free warnings stored with a message are on its page (no values)."""
+    console_engine.send(adt("WARN-HTTP-1", "MRN-WH1").replace(b"19800101", b"20250230"))
+    mid = message_id(console_engine, "WARN-HTTP-1")
+    wait_for(
+        lambda: console_engine.get(f"{API}/messages/{mid}", token="viewer").json()["status"] == "processed",
+        60,
+        "message processed",
+    )
+    c, _csrf = login(console_engine, "operator")
+    page = c.get(f"/messages/{mid}").text
+    assert 'id="warnings-table"' in page and "field_dropped" in page
+    assert "PID-7: is not a valid HL7 date/time (no such date); PID-7 was left out" in page
+    assert "20250230" not in page and "MRN-WH1" not in page
