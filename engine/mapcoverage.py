@@ -7,8 +7,9 @@ seen.  The pure part (:class:`Coverage`) takes parsed messages; only :func:`scan
 
 What is looked at: PV1-3 (location: point of care), PV1-7 and PV1-17 (attending and admitting provider:
 XCN-1 id), OBX-3 (observation codes), and every field a ``code_maps`` key of the channel names (``AL1-3``,
-``DG1-3``...).  A map covers a field when its key is the field (``PV1-3``), the field for one clinic
-(``PV1-3@NORTH``: MSH-4.1 = NORTH), or, for a coded value, its CWE-3 coding system name (``99LAB``).
+``DG1-3``...).  A code is covered as the conversion maps it: by the field's map (``OBX-3``) or, when the
+channel has none for that field, by the map of its CWE-3 coding system (``99LAB``).  A location or provider
+is covered by the field's map for its clinic (``PV1-3@NORTH``: MSH-4.1 = NORTH) or the field's map.
 Codes sent with a standard system (LN, SCT, I10, ...) need no map and are not listed.  Only codes and ids
 are printed, never patient data; every value goes out through ``engine.redact.printable``.
 """
@@ -77,12 +78,14 @@ class Coverage:
         self.seen: dict[tuple[str, str, str, str], Seen] = {}
         self.messages = 0
 
-    def covered(self, field: str, facility: str, value: str, system: str) -> bool:
-        for key in (f"{field}@{facility}", field, system):
-            m = self.maps.get(key) if key else None
-            if m is not None and value in m:
-                return True
-        return False
+    def covered(self, field: str, kind: str, facility: str, value: str, system: str) -> bool:
+        """A code: as the conversion decides (transforms/datatypes.cwe): the field's map, or when the channel
+        has none for the field, the map of the CWE-3 system; the first map found must hold the value.
+        A location or provider: the field's map for this facility, or the field's map."""
+        if kind == "code":
+            cmap = self.maps.get(field) or (self.maps.get(system) if system else None)
+            return cmap is not None and value in cmap
+        return any(value in self.maps.get(key, {}) for key in (f"{field}@{facility}", field))
 
     def add(self, msg: Message, at: float) -> None:
         self.messages += 1
@@ -97,7 +100,7 @@ class Coverage:
                     system = rep.c(3).strip() if kind == "code" else ""
                     if kind == "code" and system.upper() in self.standard:
                         continue
-                    if self.covered(field, facility, value, system):
+                    if self.covered(field, kind, facility, value, system):
                         continue
                     self.seen.setdefault((facility, field, value, system), Seen()).add(at)
 

@@ -60,7 +60,8 @@ def test_maps_check_lists_uncovered_values_per_facility(tmp_path: Path) -> None:
     store = Store(loaded.store_url, keys=keyring.from_config(loaded))
     now = time.time()
     rows = [
-        # North: CLINIC1 and D100 mapped; GLU mapped; K^^99LAB mapped by system; NA^^LN standard
+        # North: CLINIC1 and D100 mapped; GLU mapped; NA^^LN standard; K^^99LAB is not covered: the channel
+        # has an OBX-3 map, so the conversion never looks at the 99LAB map for OBX-3 (transforms/datatypes.cwe)
         (
             now - 3600,
             message("1", "NORTH", "CLINIC1", "D100", ["GLU^Glucose^L", "K^Potassium^99LAB", "NA^^LN"]),
@@ -93,6 +94,7 @@ def test_maps_check_lists_uncovered_values_per_facility(tmp_path: Path) -> None:
         ("NORTH", "PV1-17", "D100", 1),  # the provider map is keyed PV1-7 only
         ("NORTH", "PV1-17", "D200", 1),
         ("NORTH", "OBX-3", "XYZ", 2),
+        ("NORTH", "OBX-3", "K", 1),
         ("SOUTH", "PV1-3", "CLINIC1", 1),
         ("SOUTH", "PV1-17", "D100", 1),
     }
