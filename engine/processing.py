@@ -40,8 +40,18 @@ class Route:
     filter: Predicate | None
 
 
-_REQUIRED_AT = {"Patient": Location("MRG", 1, 1), "Appointment": Location("SCH", 1, 2)}
-_REQUIRED_WHAT = {"Patient": "the prior patient of a merge", "Appointment": "the appointment being cancelled"}
+_REQUIRED_AT = {
+    "Patient": Location("MRG", 1, 1),
+    "Appointment": Location("SCH", 1, 2),
+    "Account": Location("MRG", 1, 3),
+    "Encounter": Location("MRG", 1, 5),
+}
+_REQUIRED_WHAT = {
+    "Patient": "the prior patient of a merge or identifier change",
+    "Appointment": "the appointment being cancelled",
+    "Account": "the prior account of an account merge, move or number change",
+    "Encounter": "the prior visit of a visit merge or visit number change",
+}
 
 
 def _raised_at(exc: BaseException) -> str:
@@ -221,7 +231,8 @@ class ChannelRuntime:
             if key not in ranks and not ranks_of([key]):
                 rtype = key.split("?", 1)[0]
                 err = MessageContentError(
-                    f"this message refers to a {rtype} the engine has never received "
+                    f"this message refers to {'an' if rtype[:1] in 'AEIOU' else 'a'} {rtype} the engine has never "
+                    "received "
                     f"({_REQUIRED_WHAT.get(rtype, 'a prior record')}); send that first or replay after it arrives",
                     code="204",
                     location=_REQUIRED_AT.get(rtype),
