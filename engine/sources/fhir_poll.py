@@ -149,18 +149,19 @@ class FhirPoller:
                 ),
                 default=None,
             )
-            stored += await self.run_op(self._page_writer(rtype, found, newest), 0, durable=True)
+            new = await self.run_op(self._page_writer(rtype, found, newest), 0, durable=True)
+            if new:  # processed while the next page is fetched (and not lost to a later page's failure)
+                stored += new
+                self.taken += new
+                if self.received is not None:  # sluice_messages_received_total, as for MLLP messages
+                    self.received.inc(new)
+                self.on_stored()
             if len(found) < self.poll.page_size or newest is None:
                 break
             if lower is not None and newest <= lower:
                 offset += len(found)  # a full page of one timestamp: step past it
             else:
                 lower, op, offset = newest, "ge", 0
-        if stored:
-            self.taken += stored
-            if self.received is not None:  # sluice_messages_received_total, as for MLLP messages
-                self.received.inc(stored)
-            self.on_stored()
         return stored
 
     async def _get(self, url: str, params: dict[str, Any]) -> dict[str, Any]:
