@@ -181,6 +181,34 @@ def test_prune_drops_bodies_then_rows(store_url: str) -> None:
         s.close()
 
 
+def test_conversion_warnings_are_stored_replaced_on_replay_and_pruned(store_url: str) -> None:
+    """Issue #14: the warnings a message's conversion raised live in message_warnings, on both stores."""
+    s = st.Store(store_url)
+    try:
+        with s.write() as conn:
+            a, b = s.insert_messages(conn, [new(1), new(2)])
+            s.insert_warnings(conn, [(a, "field_dropped", "PID-7: no such date; PID-7 was left out"),
+                                     (a, "charset_fallback", "MSH-18: declared 8859/1, bytes UTF-8"),
+                                     (b, "encounter_keyed_by_message", "PV1-19: no visit number")])  # fmt: skip
+            s.insert_warnings(conn, [])  # a batch without warnings writes nothing
+            s.finish_messages(conn, [(a, st.PROCESSED, ""), (b, st.PROCESSED, "")])
+        assert s.warnings_of(a) == [
+            ("field_dropped", "PID-7: no such date; PID-7 was left out"),
+            ("charset_fallback", "MSH-18: declared 8859/1, bytes UTF-8"),
+        ]
+        # a replay runs the conversion again, which records its own warnings
+        assert s.replay([(a, None)], who="tester", why="fixed", criteria={}) == 1
+        assert s.warnings_of(a) == [] and len(s.warnings_of(b)) == 1
+        with s.write() as conn:
+            s.finish_messages(conn, [(a, st.PROCESSED, "")])
+        assert s.prune("c", bodies_before=None, rows_before=time.time() + 1)["rows"] == 2
+        assert s.warnings_of(b) == []
+        with s.engine.connect() as conn:
+            assert conn.execute(st.select(st.func.count()).select_from(st.W)).scalar_one() == 0
+    finally:
+        s.close()
+
+
 def test_prune_returns_disk_space_on_sqlite(tmp_path: Path) -> None:
     db = tmp_path / "big.db"
     s = st.Store(f"sqlite:///{db}")
