@@ -607,16 +607,18 @@ def _convert_plain(label: str, raw: bytes) -> list[tuple[bytes, str]] | None:
     """No config: the hl7-to-fhir conversion with default settings (unknown authorities derived)."""
     from engine import exactjson
     from engine.hl7 import parse_bytes
-    from transforms.convert import convert as to_fhir
+    from transforms.convert import convert_report
     from transforms.fhir_step import FHIR_JSON
     from transforms.settings import ConvertSettings
 
     try:
-        bundle = to_fhir(parse_bytes(raw), ConvertSettings(derive_unknown_systems=True))
+        result = convert_report(parse_bytes(raw), ConvertSettings(derive_unknown_systems=True))
     except SluiceError as exc:
         click.echo(f"{label}: error {exc.hl7_error}: {exc}", err=True)
         return None
-    return [(exactjson.dumps(bundle), FHIR_JSON)]
+    for kind, text in zip(result.warning_kinds, result.warnings, strict=True):
+        click.echo(f"{label}: warning: {printable(text)} [{kind}]", err=True)  # located, never a value
+    return [(exactjson.dumps(result.bundle), FHIR_JSON)]
 
 
 def _convert_channel(runtime: ChannelRuntime, label: str, raw: bytes) -> list[tuple[bytes, str]] | None:
@@ -664,6 +666,8 @@ def _convert_channel(runtime: ChannelRuntime, label: str, raw: bytes) -> list[tu
         if runtime.routes and not out.routes:
             click.echo(f"{where}: filtered: no route accepted the message; nothing is delivered", err=True)
             continue
+        for kind, text in out.facts.get("warnings", ()):  # what the engine stores with the message
+            click.echo(f"{where}: warning: {printable(str(text))} [{kind}]", err=True)
         outputs.append((out.payload, out.content_type))
     return outputs if ok else None
 

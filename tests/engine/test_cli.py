@@ -191,6 +191,18 @@ def test_convert_splits_an_fhs_bhs_batch_file(tmp_path: Path, monkeypatch: pytes
     assert [json.loads(line) for line in res.stdout.splitlines()] == bundles
 
 
+def test_convert_says_what_it_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #14: a value left out under strictness lenient is said on stderr, located, without the value."""
+    bad = tmp_path / "bad.hl7"
+    bad.write_bytes((SAMPLES / "adt_a01.hl7").read_bytes().replace(b"19760412", b"19761341"))
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["convert", str(bad)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["type"] == "transaction"
+    assert "warning: PID-7: is not a valid HL7 date/time" in res.stderr and "[field_dropped]" in res.stderr
+    assert "19761341" not in res.stderr
+
+
 def test_check_loads_plugins(tmp_path: Path) -> None:
     """A destination kind from a plugin is known to `check`, as it is to `run`."""
     cfg = write_config(
