@@ -5,6 +5,7 @@ EHR gets exactly S12, S13, S15; Idempotency-Key, bearer auth and what a refusal 
 from __future__ import annotations
 
 import copy
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.engine import test_tls_and_shutdown as _tls
 from tests.support.ehr import EhrReceiver
 from tests.support.engine import EngineProcess, free_port, write_config
 from tests.support.polling import wait_for
+
+pki = _tls.pki  # the throwaway CA and certificates (a module-scoped fixture)
 
 PLACER = "urn:portal:appointment"
 TOKEN = "synthetic-test-token"
@@ -243,3 +247,38 @@ def test_hl7_v2_over_http_takes_the_intake_path_and_answers_the_ack(tmp_path: Pa
     finally:
         s.close()
     assert sum(n for (ch, status), n in counts.items() if status in ("received", "processed")) == 1
+
+
+def test_mutual_tls(tmp_path: Path, pki: Path) -> None:
+    port = free_port()
+    routes = write_config(
+        tmp_path,
+        channels={
+            "push-tls": {
+                "source": {
+                    "kind": "http",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "tls": {
+                        "cert": str(pki / "server.crt"),
+                        "key": str(pki / "server.key"),
+                        "ca": str(pki / "ca.crt"),
+                        "require_client_cert": True,
+                    },
+                },
+                "transform": [{"fhir-to-hl7": {"placer_system": PLACER}}],
+                "routes": [{"destination": "out"}],
+            }
+        },
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out")}},
+    )
+    url = f"https://127.0.0.1:{port}/fhir/Appointment"
+    hdrs = {"Content-Type": "application/fhir+json"}
+    anonymous = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    client = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    client.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    with EngineProcess(routes, port):
+        with pytest.raises(httpx.TransportError):  # no client certificate: the handshake fails
+            httpx.post(url, json=version(1, id="appt-t1"), headers=hdrs, verify=anonymous)
+        resp = httpx.post(url, json=version(1, id="appt-t1"), headers=hdrs, verify=client)
+    assert resp.status_code == 201
