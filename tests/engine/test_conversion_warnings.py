@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 from click.testing import CliRunner
 
 from engine import store as st
@@ -45,7 +46,8 @@ def send(port: int, payload: bytes) -> str:
     return asyncio.run(go())
 
 
-def test_warnings_are_stored_shown_and_counted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [pytest.param(1, id="worker-process"), pytest.param(0, id="in-engine")])
+def test_warnings_are_stored_shown_and_counted(tmp_path: Path, workers: int) -> None:
     lenient, strict, off, admin_port = free_port(), free_port(), free_port(), free_port()
     out = tmp_path / "out"
     dest = {"kind": "file", "directory": str(out), "pattern": "{channel}-{control_id}.{ext}", "fsync": False}
@@ -59,6 +61,7 @@ def test_warnings_are_stored_shown_and_counted(tmp_path: Path) -> None:
             ),
         },
         destinations={"out": dest},
+        processing={"workers": workers},
     )
     with EngineProcess(cfg, lenient, env={"SLUICE_ADMIN_PORT": str(admin_port)}):
         for port, cid in ((lenient, "W1"), (strict, "W2"), (off, "W3")):
