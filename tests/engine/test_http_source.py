@@ -1,0 +1,87 @@
+"""The http source's ASGI app without a server (a unit test; tests/e2e/test_http_source_e2e.py runs it for
+real): back-pressure (503 + Retry-After), the body cap (413), a path outside the endpoint (404), a GET (405)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from engine import config as config_mod
+from engine.destinations.base import DestinationContext
+from engine.sources.http import HttpSource
+from tests.support.engine import write_config
+
+
+class BusyCommitter:
+    def __init__(self, backlog: int) -> None:
+        self.backlog = backlog
+        self.ops = 0
+
+    async def run_op(self, op: Any, size: int = 0, *, durable: bool = False) -> Any:
+        self.ops += 1
+        raise AssertionError("the request should have been answered before the store")
+
+
+def app(tmp_path: Path, committer: BusyCommitter) -> HttpSource:
+    routes = write_config(
+        tmp_path, channels={}, destinations={"out": {"kind": "file", "directory": str(tmp_path)}}
+    )
+    (tmp_path / "channels" / "push.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "push",
+                "source": {"kind": "http", "port": 0, "max_backlog": 10, "max_body": 1000},
+                "transform": ["fhir-to-hl7"],
+                "routes": [{"destination": "out"}],
+            }
+        )
+    )
+    (ch,) = config_mod.load(routes).channels
+    return HttpSource(ch, None, committer, ctx=DestinationContext(tmp_path, "x"))  # type: ignore[arg-type]
+
+
+def call(source: HttpSource, method: str, path: str, body: bytes) -> tuple[int, dict[bytes, bytes], Any]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [(b"content-type", b"application/fhir+json")],
+    }
+    asyncio.run(source(scope, receive, send))
+    return sent[0]["status"], dict(sent[0]["headers"]), orjson.loads(sent[1]["body"])
+
+
+APPT = orjson.dumps({"resourceType": "Appointment", "id": "a1", "status": "booked"})
+
+
+@pytest.mark.parametrize(
+    ("backlog", "method", "path", "body", "status", "says"),
+    [
+        pytest.param(11, "POST", "/fhir/Appointment", APPT, 503, "busy", id="back-pressure"),
+        pytest.param(0, "POST", "/fhir", b"{" + b" " * 2000 + b"}", 413, "max_body", id="too-large"),
+        pytest.param(0, "POST", "/other", APPT, 404, "POST /fhir", id="path"),
+        pytest.param(0, "GET", "/fhir/Appointment", b"", 405, "POST /fhir", id="get"),
+    ],
+)
+def test_answers_before_the_store(
+    tmp_path: Path, backlog: int, method: str, path: str, body: bytes, status: int, says: str
+) -> None:
+    committer = BusyCommitter(backlog)
+    got, headers, outcome = call(app(tmp_path, committer), method, path, body)
+    assert got == status and committer.ops == 0
+    assert outcome["resourceType"] == "OperationOutcome" and says in outcome["issue"][0]["diagnostics"]
+    if status == 503:
+        assert headers[b"retry-after"] == b"1"
