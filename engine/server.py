@@ -353,6 +353,12 @@ class Server:
         async with self.reload_lock:
             cfg = self.config
             try:
+                if not self.started.is_set() or self.should_exit.is_set():
+                    raise ConfigError(
+                        "the engine is starting or stopping",
+                        file=cfg.file,
+                        hint="reload again once it runs; nothing was changed",
+                    )
                 new = await asyncio.to_thread(config_mod.load, cfg.file, cfg.overrides, env=cfg.env)
                 plan = await self._apply(new)
             except ConfigError as exc:
@@ -364,7 +370,8 @@ class Server:
             return plan
 
     async def _audit_reload(self, audit: Any, who: Principal, source: str, detail: dict[str, Any]) -> None:
-        assert self.store is not None
+        if self.store is None:  # asked before the store was open (still starting): the log has it
+            return
         try:
             target = f"config:{self.config.file}"
             await asyncio.to_thread(
