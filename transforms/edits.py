@@ -33,7 +33,6 @@ worker processes); cost measured by ``bench/edits_bench.py`` (bench/results/edit
 
 from __future__ import annotations
 
-import base64
 import binascii
 import html
 import re
@@ -248,14 +247,14 @@ def _edit_value(place: Place, ops: tuple[tuple[str, Any], ...]) -> bool:
         if member == "data" and str(holder.get("contentType", "")).startswith("text/"):
             # a text attachment: edited as its decoded text, decoded and encoded once for all the operations
             try:
-                text = base64.b64decode(value, validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
+                text = binascii.a2b_base64(value.encode("ascii"), strict_mode=True).decode("utf-8")
+            except (binascii.Error, UnicodeError):
                 return False
             new = _text_ops(text, ops)
             if new == text:
                 return False
             data = new.encode("utf-8")
-            _put(place, base64.b64encode(data).decode("ascii"))
+            _put(place, binascii.b2a_base64(data, newline=False).decode("ascii"))
             if "size" in holder:
                 holder["size"] = len(data)
             holder.pop("hash", None)  # no longer the hash of this data
