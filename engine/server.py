@@ -153,6 +153,11 @@ class Server:
         if recovered:
             log.info("recovered_in_flight", messages=recovered)
         self.patient_key = await asyncio.to_thread(search.installation_key, store)
+        # Before any worker: order and resource-state keys written in clear by an older version become
+        # keyed hashes, so every key of one patient has one form (ordering lanes, status guards).
+        hashed = await asyncio.to_thread(search.hash_plain_keys, store)
+        if hashed:
+            log.info("plain_keys_hashed", rows=hashed)
         self.destinations = build_destinations(cfg)  # also imports the user's plugins
         alert_sinks = build_sinks(cfg.alerts, cfg.node_id) if cfg.alerts.active else {}  # secrets: fail now
         runtimes = {ch.name: ChannelRuntime(cfg, ch, store) for ch in cfg.channels if ch.enabled}

@@ -10,7 +10,10 @@ Times are stored as UNIX epoch seconds (float): portable, sortable, cheap.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from engine import keyring, payloads
@@ -586,6 +590,32 @@ def _finished_before(
     return [r[0] for r in conn.execute(q.limit(batch))]
 
 
+# Keys that would name a patient in clear (a channel's order_by value such as PID-3.1, FHIR conditional-write
+# keys such as ``Patient?identifier=system|value``) are stored as keyed hashes: ``k:`` + 32 hex digits of
+# HMAC-SHA256 under the installation's key (the one the patient search uses), so every node and every
+# restart hashes alike and equality (ordering lanes, status guards) works as before.
+PATIENT_KEY_SETTING = "patient_hmac_key"
+KEYED_PREFIX = "k:"
+_KEYED_LEN = len(KEYED_PREFIX) + 32
+_HEX = frozenset("0123456789abcdef")
+ORDER_TAG = b"order\0"
+STATE_TAG = b"resource_state\0"
+
+
+def keyed(key: bytes, tag: bytes, value: str) -> str:
+    """The stored form of ``value``: a keyed hash (``""`` stays ``""``, a keyed hash stays as it is)."""
+    if not value or is_keyed(value):
+        return value
+    return (
+        KEYED_PREFIX
+        + hmac.new(key, tag + value.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
+    )
+
+
+def is_keyed(value: str) -> bool:
+    return len(value) == _KEYED_LEN and value.startswith(KEYED_PREFIX) and _HEX.issuperset(value[2:])
+
+
 class RankView:
     """Resource status ranks for one write transaction: read in bulk, changed in memory, written once.
 
@@ -628,13 +658,13 @@ class RankView:
             self.store._executemany(
                 self.conn,
                 "INSERT INTO resource_state (key, rank, message_id, updated_at) VALUES (?, ?, ?, ?)",
-                [[k, r, m, now] for k, (r, m) in self.new.items()],
+                [[self.store.state_key(k), r, m, now] for k, (r, m) in self.new.items()],
             )
         if self.changed:
             self.store._executemany(
                 self.conn,
                 "UPDATE resource_state SET rank = ?, message_id = ?, updated_at = ? WHERE key = ?",
-                [[r, m, now, k] for k, (r, m) in self.changed.items()],
+                [[r, m, now, self.store.state_key(k)] for k, (r, m) in self.changed.items()],
             )
         self.new, self.changed = {}, {}
 
@@ -647,6 +677,7 @@ class Store:
         self.is_sqlite = url.startswith("sqlite")
         # Bodies, ACKs and payloads are sealed with these keys (None: stored plain).
         self.keys = keys
+        self._hash_key: bytes | None = None  # the installation's HMAC key, read once (installation_key)
         # hide_parameters: a failed statement's error text (logged, stored as a reason) never quotes its
         # values, which may be message content.
         kwargs: dict[str, Any] = {"future": True, "hide_parameters": True}
@@ -695,10 +726,38 @@ class Store:
             with self.engine.begin() as conn:  # replaced ones go only after their replacement exists
                 for name in OBSOLETE_INDEXES:
                     conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+            self.installation_key()  # made now, outside any transaction that hashes a key with it
         except Exception as exc:
             raise StoreError(
                 f"cannot create tables in {self.safe_url}: {exc}. Check that the database exists and is writable"
             ) from exc
+
+    def installation_key(self) -> bytes:
+        """The per-installation HMAC key of the patient search, order keys and resource-state keys (made on
+        first use in the ``installation`` table; every node then reads the same one)."""
+        if self._hash_key is not None:
+            return self._hash_key
+        with self.engine.connect() as conn:
+            row = conn.execute(select(SETTINGS.c.value).where(SETTINGS.c.key == PATIENT_KEY_SETTING)).first()
+        if row is None:
+            try:
+                with self.write() as conn:
+                    conn.execute(
+                        insert(SETTINGS).values(key=PATIENT_KEY_SETTING, value=secrets.token_hex(32))
+                    )
+            except IntegrityError:  # another node made it first
+                pass
+            return self.installation_key()
+        self._hash_key = bytes.fromhex(row[0])
+        return self._hash_key
+
+    def order_key(self, value: str) -> str:
+        """The stored form of a message's order key (the channel's ``order_by`` value): a keyed hash."""
+        return keyed(self.installation_key(), ORDER_TAG, value)
+
+    def state_key(self, key: str) -> str:
+        """The stored form of a resource-state key (a FHIR conditional-write URL): a keyed hash."""
+        return keyed(self.installation_key(), STATE_TAG, key)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -803,6 +862,7 @@ class Store:
         keys = self.keys
         try:
             for r in rows:
+                r.order_key = self.order_key(r.order_key)  # the caller's later add_deliveries uses it too
                 d = r.row()
                 d["lease_owner"], d["lease_until"], d["override_guards"] = "", 0.0, False
                 d["raw"] = keyring.seal(keys, r.raw, keyring.RAW)
@@ -827,8 +887,10 @@ class Store:
     def delivery_rows(
         self, message_id: int, channel: str, order_key: str, deliveries: Iterable[NewDelivery]
     ) -> list[dict[str, Any]]:
-        """Rows for :meth:`insert_deliveries` (batch them across messages: one statement)."""
+        """Rows for :meth:`insert_deliveries` (batch them across messages: one statement).  ``order_key``:
+        the message's, as stored (a plain one is hashed the same way)."""
         now = time.time()
+        order_key = self.order_key(order_key)
         return [
             {
                 "message_id": message_id,
@@ -837,7 +899,7 @@ class Store:
                 "payload": d.payload if d.packed else stored_payload(self.keys, d.payload),
                 "content_type": d.content_type,
                 "meta": json.dumps(d.meta),
-                "order_key": f"{channel}|{order_key}"[:300],
+                "order_key": f"{channel}|{order_key}",
                 "status": PENDING,
                 "attempts": 0,
                 "created_at": now,
@@ -1010,10 +1072,12 @@ class Store:
         return list(rows)
 
     def resource_ranks(self, conn: Connection, keys: Sequence[str]) -> dict[str, int]:
+        """The applied status rank per resource key (plain keys in and out; stored as keyed hashes)."""
         if not keys:
             return {}
-        rows = conn.execute(select(S.c.key, S.c.rank).where(S.c.key.in_(list(set(keys))))).all()
-        return {r.key: r.rank for r in rows}
+        stored = {self.state_key(k): k for k in set(keys)}
+        rows = conn.execute(select(S.c.key, S.c.rank).where(S.c.key.in_(list(stored)))).all()
+        return {stored[r.key]: r.rank for r in rows}
 
     def rank_view(self, conn: Connection) -> RankView:
         return RankView(self, conn)
@@ -1028,11 +1092,15 @@ class Store:
                 if rank > existing[key]:
                     conn.execute(
                         update(S)
-                        .where(S.c.key == key)
+                        .where(S.c.key == self.state_key(key))
                         .values(rank=rank, message_id=message_id, updated_at=now)
                     )
             else:
-                conn.execute(insert(S).values(key=key, rank=rank, message_id=message_id, updated_at=now))
+                conn.execute(
+                    insert(S).values(
+                        key=self.state_key(key), rank=rank, message_id=message_id, updated_at=now
+                    )
+                )
 
     def finish_messages(self, conn: Connection, results: Sequence[tuple[int, str, str]]) -> None:
         """Many (message id, status, reason) in one executemany statement."""

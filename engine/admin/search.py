@@ -4,7 +4,8 @@ The patient column holds ``HMAC-SHA256(installation key, identifier)`` (first 32
 digits), written at intake, so neither the index nor an API answer holds the plain
 identifier; a search for ``patient=MRN`` hashes the MRN the same way.  The key is made once
 per installation and kept in the store's ``installation`` table, so every node of a
-PostgreSQL cluster hashes alike.
+PostgreSQL cluster hashes alike.  Order keys and resource-state keys are keyed hashes under the
+same key (engine/store.py); :func:`hash_plain_keys` converts a store written before that.
 """
 
 from __future__ import annotations
@@ -12,33 +13,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, select, update
+from sqlalchemy import Select, and_, exists, func, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
-from engine.store import SETTINGS, D, M, Store
+from engine.store import KEYED_PREFIX, SETTINGS, D, M, S, Store
 
-PATIENT_KEY_SETTING = "patient_hmac_key"
 MAX_LIMIT = 1000
+KEYS_HASHED_SETTING = "plain_keys_hashed"  # set once every order and resource-state key is a keyed hash
 
 
 def installation_key(store: Store) -> bytes:
     """The per-installation HMAC key (made on first use; every node then reads the same one)."""
-    with store.engine.connect() as conn:
-        row = conn.execute(select(SETTINGS.c.value).where(SETTINGS.c.key == PATIENT_KEY_SETTING)).first()
-    if row is not None:
-        return bytes.fromhex(row[0])
-    fresh = secrets.token_hex(32)
-    try:
-        with store.write() as conn:
-            conn.execute(SETTINGS.insert().values(key=PATIENT_KEY_SETTING, value=fresh))
-    except IntegrityError:  # another node made it first
-        return installation_key(store)
-    return bytes.fromhex(fresh)
+    return store.installation_key()
 
 
 def patient_hash(key: bytes, identifier: str) -> str:
@@ -72,6 +62,89 @@ def rehash_legacy(store: Store, key: bytes, batch: int = 500) -> int:
         done += len(rows)
         if len(rows) < batch:
             return done
+
+
+def _plain(column: Any, prefix_at: Any = 1, keyed_length: Any = 34) -> Any:
+    """SQL: ``column`` is not a keyed hash (``k:`` + 32 hex digits at ``prefix_at``, 1-based)."""
+    return ~and_(
+        func.substr(column, prefix_at, len(KEYED_PREFIX)) == literal(KEYED_PREFIX),
+        func.length(column) == keyed_length,
+    )
+
+
+def hash_plain_keys(store: Store, batch: int = 500) -> int:
+    """Replace the plain order keys (messages and deliveries) and resource-state keys written before they
+    were hashed, in short transactions; the number of rows changed.  Run at start before any worker, so
+    every key of one patient is in the same form (ordering lanes and status guards compare keys).  A
+    delivery's key is rebuilt from its message's (``channel|key``): exactly what a new one gets."""
+    with store.engine.connect() as conn:
+        if conn.execute(select(SETTINGS.c.value).where(SETTINGS.c.key == KEYS_HASHED_SETTING)).first():
+            return 0
+    done = 0
+    rows: Sequence[Any]
+    r: Any
+    # deliveries first: their messages' keys are still the plain values they were made from
+    after = 0
+    while True:
+        with store.write() as conn:
+            rows = conn.execute(
+                select(D.c.id, D.c.channel, M.c.order_key)
+                .join(M, M.c.id == D.c.message_id)
+                .where(
+                    D.c.id > after,
+                    D.c.order_key != D.c.channel + "|",
+                    _plain(D.c.order_key, func.length(D.c.channel) + 2, func.length(D.c.channel) + 35),
+                )
+                .order_by(D.c.id)
+                .limit(batch)
+            ).all()
+            for r in rows:
+                key = f"{r.channel}|{store.order_key(r.order_key)}"
+                conn.execute(update(D).where(D.c.id == r.id).values(order_key=key))
+        done += len(rows)
+        if len(rows) < batch:
+            break
+        after = rows[-1].id
+    after = 0
+    while True:
+        with store.write() as conn:
+            rows = conn.execute(
+                select(M.c.id, M.c.order_key)
+                .where(M.c.id > after, M.c.order_key != "", _plain(M.c.order_key))
+                .order_by(M.c.id)
+                .limit(batch)
+            ).all()
+            for r in rows:
+                conn.execute(update(M).where(M.c.id == r.id).values(order_key=store.order_key(r.order_key)))
+        done += len(rows)
+        if len(rows) < batch:
+            break
+        after = rows[-1].id
+    while True:
+        with store.write() as conn:
+            rows = conn.execute(select(S).where(_plain(S.c.key)).limit(batch)).all()
+            for r in rows:
+                hashed = store.state_key(r.key)
+                same = conn.execute(select(S.c.rank).where(S.c.key == hashed)).first()
+                if same is None:
+                    conn.execute(update(S).where(S.c.key == r.key).values(key=hashed))
+                else:  # a node already wrote the hashed form: keep the higher rank
+                    if r.rank > same.rank:
+                        conn.execute(
+                            update(S)
+                            .where(S.c.key == hashed)
+                            .values(rank=r.rank, message_id=r.message_id, updated_at=r.updated_at)
+                        )
+                    conn.execute(S.delete().where(S.c.key == r.key))
+        done += len(rows)
+        if len(rows) < batch:
+            break
+    try:
+        with store.write() as conn:
+            conn.execute(SETTINGS.insert().values(key=KEYS_HASHED_SETTING, value="1"))
+    except IntegrityError:  # another node finished first
+        pass
+    return done
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -24,6 +25,9 @@ from tests.support.polling import wait_for
 
 # A synthetic name no other test data carries: found in the outputs, never in the store's files.
 DISTINCT = "Quorthvexil"
+DISTINCT_MRN = (
+    "QZV7730481"  # a synthetic identifier: the channel orders by it (order_key, resource_state keys)
+)
 
 
 def adt(cid: str, name: str = DISTINCT, mrn: str = "MRN4411") -> bytes:
@@ -53,10 +57,18 @@ def make_key_file(path: Path) -> Path:
 
 
 def encrypted_config(
-    tmp_path: Path, port: int, key_file: Path | None, *, fhir: bool = False, workers: int = 1
+    tmp_path: Path,
+    port: int,
+    key_file: Path | None,
+    *,
+    fhir: bool = False,
+    workers: int = 1,
+    order_by: str | None = None,
 ) -> Path:
     out = tmp_path / "out"
     channel = fhir_channel(port, "out") if fhir else basic_channel(port)
+    if order_by:
+        channel["order_by"] = order_by
     cfg = write_config(
         tmp_path,
         channels={"c": channel},
@@ -297,10 +309,11 @@ def test_rotate_reseals_plain_and_old_key_values_on_sqlite_and_postgres(store_ur
 def test_engine_with_encryption_keeps_message_content_out_of_the_database_and_wal(tmp_path: Path) -> None:
     port = free_port()
     key_file = make_key_file(tmp_path / "store.keys")
-    cfg = encrypted_config(tmp_path, port, key_file, fhir=True, workers=2)
+    # ordered by the patient identifier: it keys the order lanes and the Patient's resource state
+    cfg = encrypted_config(tmp_path, port, key_file, fhir=True, workers=2, order_by="PID-3.1")
     db = tmp_path / "sluice.db"
     with EngineProcess(cfg, port):
-        assert send_all(port, [adt(f"ENC{i}") for i in range(5)]) == ["AA"] * 5
+        assert send_all(port, [adt(f"ENC{i}", mrn=DISTINCT_MRN) for i in range(5)]) == ["AA"] * 5
         files = wait_for(lambda: len(outputs(tmp_path)) >= 5 and outputs(tmp_path), what="5 FHIR bundles")
         # delivered: the bundles were sealed in the worker processes and opened at delivery
         assert all(DISTINCT in f.read_text() for f in files)
@@ -309,11 +322,16 @@ def test_engine_with_encryption_keeps_message_content_out_of_the_database_and_wa
         for name, data in on_disk.items():
             assert DISTINCT.encode() not in data, f"{DISTINCT} found in {name}"
             assert b"Springfield" not in data, f"an address found in {name}"
+            assert DISTINCT_MRN.encode() not in data, f"the patient identifier found in {name}"
         assert (
             b"ENC3" in on_disk["sluice.db"] + on_disk["sluice.db-wal"]
         )  # metadata: control ids stay queryable
     for name, data in store_bytes(db).items():
         assert DISTINCT.encode() not in data, f"{DISTINCT} found in {name} after shutdown"
+        assert DISTINCT_MRN.encode() not in data, f"the patient identifier found in {name} after shutdown"
+    with sqlite3.connect(db) as conn:  # the keys were written (hashed), so the identifier was really there
+        assert conn.execute("SELECT count(*) FROM messages WHERE order_key LIKE 'k:%'").fetchone() == (5,)
+        assert conn.execute("SELECT count(*) FROM resource_state WHERE key LIKE 'k:%'").fetchone()[0] >= 1
     # every reader opens the sealed values with the configured key
     listed = CliRunner().invoke(main, ["messages", "list", "--config", str(cfg)])
     assert listed.exit_code == 0 and "ENC4" in listed.output and DISTINCT not in listed.output
@@ -322,7 +340,7 @@ def test_engine_with_encryption_keeps_message_content_out_of_the_database_and_wa
     mid = first.split("\t", 1)[0]
     shown = CliRunner().invoke(main, ["messages", "show", mid, "--show-phi", "--config", str(cfg)])
     assert shown.exit_code == 0, shown.output
-    assert f"PID|1||MRN4411^^^NORTH^MR||{DISTINCT}^Zelvina" in shown.output
+    assert f"PID|1||{DISTINCT_MRN}^^^NORTH^MR||{DISTINCT}^Zelvina" in shown.output
 
 
 def test_keys_rotate_reseals_every_row_while_the_engine_runs(tmp_path: Path) -> None:
