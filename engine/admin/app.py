@@ -334,23 +334,6 @@ async def _thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-def _summary(r: Any) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "received_at": r.received_at,
-        "channel": r.channel,
-        "type": r.message_type,
-        "trigger": r.trigger,
-        "control_id": r.control_id,
-        "version": r.version,
-        "status": r.status,
-        "ack_code": r.ack_code,
-        "size": r.size,
-        "reason": r.reason,
-        "processed_at": r.processed_at,
-    }
-
-
 def _text(data: bytes | None) -> str | None:
     if data is None:
         return None
@@ -628,7 +611,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
             cursor=cursor,
         )
         rows, nxt = await _thread(search.search, ctx.store, q)
-        return {"items": [_summary(r) for r in rows], "next_cursor": nxt}
+        return {"items": [search.summary(r) for r in rows], "next_cursor": nxt}
 
     @app.get(
         f"{API}/messages/{{message_id}}", response_model=MessageDetail, responses=ERRORS, tags=["messages"]
@@ -636,25 +619,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
     async def get_message(_who: Viewer, message_id: Annotated[int, Path(ge=0, le=MAX_ID)]) -> dict[str, Any]:
         """One message: metadata, deliveries with attempts and reasons, and its audit trail (no PHI)."""
 
-        def load() -> dict[str, Any] | None:
-            r = search.message(ctx.store, message_id)
-            if r is None:
-                return None
-            out = _summary(r)
-            out.update(
-                peer=r.peer,
-                sending_application=r.sending_app,
-                sending_facility=r.sending_facility,
-                content_hash=r.content_hash,
-                deliveries=[dict(d._mapping) for d in search.deliveries(ctx.store, [message_id])],
-                warnings=[{"kind": k, "text": t} for k, t in ctx.store.warnings_of(message_id)],
-                audit=[
-                    a.as_dict() for a in audit.entries(ctx.store, target=f"message:{message_id}", limit=200)
-                ],
-            )
-            return out
-
-        got = await _thread(load)
+        got = await _thread(search.detail, ctx.store, message_id)
         if got is None:
             raise operations.NotFound(f"no message {message_id}")
         return got

@@ -215,6 +215,45 @@ def search(store: Store, f: MessageQuery) -> tuple[list[Any], int | None]:
     return rows, (rows[-1].id if more and rows else None)
 
 
+def summary(r: Any) -> dict[str, Any]:
+    """A search row (:data:`SUMMARY_COLUMNS`) as the admin API and the console list it."""
+    return {
+        "id": r.id,
+        "received_at": r.received_at,
+        "channel": r.channel,
+        "type": r.message_type,
+        "trigger": r.trigger,
+        "control_id": r.control_id,
+        "version": r.version,
+        "status": r.status,
+        "ack_code": r.ack_code,
+        "size": r.size,
+        "reason": r.reason,
+        "processed_at": r.processed_at,
+    }
+
+
+def detail(store: Store, message_id: int) -> dict[str, Any] | None:
+    """One message as the admin API and the console show it: metadata, deliveries with attempts and
+    reasons, its conversion warnings and its audit trail (no PHI); None when there is no such message."""
+    from engine.admin import audit
+
+    r = message(store, message_id)
+    if r is None:
+        return None
+    out = summary(r)
+    out.update(
+        peer=r.peer,
+        sending_application=r.sending_app,
+        sending_facility=r.sending_facility,
+        content_hash=r.content_hash,
+        deliveries=[dict(d._mapping) for d in deliveries(store, [message_id])],
+        warnings=[{"kind": k, "text": t} for k, t in store.warnings_of(message_id)],
+        audit=[a.as_dict() for a in audit.entries(store, target=f"message:{message_id}", limit=200)],
+    )
+    return out
+
+
 def message(store: Store, message_id: int) -> Any | None:
     """One message's metadata (no body, no ACK bytes, no patient hash)."""
     cols = (

@@ -29,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from starlette.staticfiles import StaticFiles
 
 from engine.admin import audit, operations, search, status, tokens
-from engine.admin.app import MAX_ID, WHEN_PATTERN, AdminContext, _summary, _text
+from engine.admin.app import MAX_ID, WHEN_PATTERN, AdminContext, _text
 from engine.admin.oidc import OIDCError, looks_like_jwt
 from engine.admin.roles import ADMIN, OPERATE, PHI, READ, WHAT_NEEDS, Principal
 from engine.errors import REJECTION_CLASSES
@@ -579,7 +579,7 @@ def mount(app: FastAPI) -> None:
                 cursor=cursor,
             )
             rows, nxt = await _thread(search.search, ctx.store, q)
-            items = [_summary(r) for r in rows]
+            items = [search.summary(r) for r in rows]
         base = [(k, v) for k, v in f.items() if v and k != "cursor"]
         return console.page(
             request,
@@ -597,26 +597,10 @@ def mount(app: FastAPI) -> None:
             filtered=bool(base),
         )
 
-    def load_message(message_id: int) -> dict[str, Any] | None:
-        r = search.message(ctx.store, message_id)
-        if r is None:
-            return None
-        out = _summary(r)
-        out.update(
-            peer=r.peer,
-            sending_application=r.sending_app,
-            sending_facility=r.sending_facility,
-            content_hash=r.content_hash,
-            deliveries=[dict(d._mapping) for d in search.deliveries(ctx.store, [message_id])],
-            warnings=[{"kind": k, "text": t} for k, t in ctx.store.warnings_of(message_id)],
-            audit=[a.as_dict() for a in audit.entries(ctx.store, target=f"message:{message_id}", limit=200)],
-        )
-        return out
-
     async def message_page(
         request: Request, s: Session, message_id: int, status_code: int = 200, **extra: Any
     ) -> HTMLResponse:
-        m = await _thread(load_message, message_id)
+        m = await _thread(search.detail, ctx.store, message_id)
         if m is None:
             raise ConsoleError(404, f"no message {message_id} (it may have been removed by retention)")
         extra.setdefault("content", None)
