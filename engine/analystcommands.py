@@ -10,19 +10,8 @@ from pathlib import Path
 
 import click
 
+from engine.clioptions import config_option
 from engine.errors import ConfigError
-
-DEFAULT_CONFIG = "routes.yaml"
-
-config_option = click.option(
-    "--config",
-    "-c",
-    "config_path",
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    envvar="SLUICE_CONFIG",
-    help="routes.yaml to use.",
-)
 
 
 @click.command("test")

@@ -15,6 +15,7 @@ import click
 from engine import native, privacy
 from engine.admin.commands import audit_group, token
 from engine.analystcommands import register as analyst_commands
+from engine.clioptions import config_option
 from engine.errors import ConfigError, SluiceError
 from engine.keycommands import keys as keys_group
 from engine.opscommands import config_group, env_option, maps_group
@@ -24,8 +25,6 @@ from engine.suggest import Choice
 
 if TYPE_CHECKING:
     from engine.processing import ChannelRuntime
-
-DEFAULT_CONFIG = "routes.yaml"
 
 
 def _load_config(path: str, env: str | None = None, **overrides: Any) -> Any:
@@ -98,17 +97,6 @@ def _parse_time(value: str | None) -> float | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
-
-
-config_option = click.option(
-    "--config",
-    "-c",
-    "config_path",
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    envvar="SLUICE_CONFIG",
-    help="routes.yaml to use.",
-)
 
 
 class _Commands(click.Group):

@@ -13,32 +13,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from engine import keyring
+from engine.clioptions import config_option, open_store
 from engine.errors import ConfigError, SluiceError
 from engine.redact import printable
 from engine.smartkeys import jwks
-
-
-def _config_option() -> Any:
-    return click.option(
-        "--config",
-        "-c",
-        "config_path",
-        default="routes.yaml",
-        show_default=True,
-        envvar="SLUICE_CONFIG",
-        help="routes.yaml to use.",
-    )
-
-
-def _store(config_path: str) -> Any:
-    from engine.cli import _load_config, _open_store
-
-    return _open_store(_load_config(config_path))
 
 
 @click.group("keys")
@@ -104,12 +86,12 @@ def create(out: str, add: bool, standby: bool) -> None:
 
 
 @keys.command("status")
-@_config_option()
+@config_option
 def status(config_path: str) -> None:
     """How many stored values each key seals, per column ('plain': not encrypted)."""
     from engine import rekey
 
-    store = _store(config_path)
+    store = open_store(config_path)
     ring = store.keys
     current = ring.current.id if ring is not None else None
     click.echo(f"current key: {current or '(store_encryption is off)'}")
@@ -129,7 +111,7 @@ def status(config_path: str) -> None:
 
 
 @keys.command("rotate")
-@_config_option()
+@config_option
 @click.option("--batch", default=200, show_default=True, help="Rows re-sealed per transaction.")
 @click.option(
     "--pause",
@@ -146,7 +128,7 @@ def rotate(config_path: str, batch: int, pause: float) -> None:
 
     if batch < 1:
         raise click.BadParameter("must be 1 or more", param_hint="--batch")
-    store = _store(config_path)
+    store = open_store(config_path)
     if store.keys is None:
         raise click.ClickException(
             "store_encryption is off in the config: there is no key to rotate to "
@@ -169,7 +151,7 @@ def rotate(config_path: str, batch: int, pause: float) -> None:
 
 
 @keys.command("use")
-@_config_option()
+@config_option
 @click.argument("key_id")
 def use(config_path: str, key_id: str) -> None:
     """Make KEY_ID (already in the key file) the current key: new values are sealed with it."""
@@ -199,7 +181,7 @@ def _key_file_ring(config_path: str) -> keyring.KeyRing:
 
 
 @keys.command("retire")
-@_config_option()
+@config_option
 @click.argument("key_id")
 def retire(config_path: str, key_id: str) -> None:
     """Remove KEY_ID from the key file once no stored value is sealed with it (never the current key)."""
@@ -207,7 +189,7 @@ def retire(config_path: str, key_id: str) -> None:
 
     ring = _key_file_ring(config_path)
     assert ring.file is not None
-    cfg_store = _store(config_path)
+    cfg_store = open_store(config_path)
     ids = [k.id for k in ring.keys]
     if key_id not in ids:
         raise click.ClickException(f"no key {printable(key_id)!r} in {ring.file} (keys: {', '.join(ids)})")

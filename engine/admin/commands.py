@@ -9,12 +9,12 @@ from __future__ import annotations
 import getpass
 import json
 from datetime import UTC, datetime
-from typing import Any
 
 import click
 
 from engine.admin import audit, operations, tokens
 from engine.admin.roles import ROLES, Principal
+from engine.clioptions import config_option, open_store
 from engine.redact import printable
 from engine.suggest import Choice
 
@@ -34,38 +34,20 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _store(config_path: str) -> Any:
-    from engine.cli import _load_config, _open_store
-
-    return _open_store(_load_config(config_path))
-
-
-def _config_option() -> Any:
-    return click.option(
-        "--config",
-        "-c",
-        "config_path",
-        default="routes.yaml",
-        show_default=True,
-        envvar="SLUICE_CONFIG",
-        help="routes.yaml to use.",
-    )
-
-
 @click.group()
 def token() -> None:
     """Admin API tokens: create (shown once), list, revoke."""
 
 
 @token.command("create")
-@_config_option()
+@config_option
 @click.option("--name", required=True, help="A name for the token (who or what uses it).")
 @click.option("--role", required=True, type=Choice(ROLES), help="viewer, operator or admin.")
 @click.option("--phi", is_flag=True, help="Also allow reading message content (PHI).")
 @click.option("--expires", help="Lifetime, e.g. 90d or 12h (default: never).")
 def token_create(config_path: str, name: str, role: str, phi: bool, expires: str | None) -> None:
     """Create a token and print it once; only its hash is stored."""
-    store = _store(config_path)
+    store = open_store(config_path)
     try:
         ttl = tokens.parse_duration(expires) if expires else None
         secret = tokens.create(store, name, role, phi=phi, expires_in=ttl, by=os_user(), source="cli")
@@ -80,11 +62,11 @@ def token_create(config_path: str, name: str, role: str, phi: bool, expires: str
 
 
 @token.command("list")
-@_config_option()
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def token_list(config_path: str, as_json: bool) -> None:
     """Every token: name, role, phi, created, expires, last used, state (never the secret)."""
-    for t in tokens.listing(_store(config_path)):
+    for t in tokens.listing(open_store(config_path)):
         state = "revoked" if t.revoked_at else ("active" if t.active else "expired")
         item = {
             "name": t.name,
@@ -99,12 +81,12 @@ def token_list(config_path: str, as_json: bool) -> None:
 
 
 @token.command("revoke")
-@_config_option()
+@config_option
 @click.argument("name")
 def token_revoke(config_path: str, name: str) -> None:
     """Revoke a token now (a running engine stops accepting it within 5 seconds)."""
     try:
-        tokens.revoke(_store(config_path), name, by=os_user(), source="cli")
+        tokens.revoke(open_store(config_path), name, by=os_user(), source="cli")
     except tokens.TokenError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"token {printable(name)!r} revoked")
@@ -116,7 +98,7 @@ def audit_group() -> None:
 
 
 @audit_group.command("list")
-@_config_option()
+@config_option
 @click.option("--since", help="Since (2h, 3d, or an ISO time).")
 @click.option("--action", type=Choice(audit.ACTIONS), help="Only this action.")
 @click.option("--actor", help="Only this token name, OIDC user or OS user.")
@@ -130,7 +112,7 @@ def audit_list(
         when = operations.parse_when(since)
     except operations.OperationError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    for e in audit.entries(_store(config_path), since=when, action=action, actor=actor, limit=limit):
+    for e in audit.entries(open_store(config_path), since=when, action=action, actor=actor, limit=limit):
         if as_json:
             click.echo(json.dumps(e.as_dict()))
         else:
