@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.admin.conftest import Admin, adt, sluice, wait_for
+from tests.support.adminengine import Admin, adt, sluice, wait_for
 
 API = "/api/v1"
 

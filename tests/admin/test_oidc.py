@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from engine.admin.oidc import principal_from_claims
 from engine.config import OIDCConfig
-from tests.admin.conftest import wait_for
+from tests.support.adminengine import wait_for
 from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
 
 ISSUER = "https://idp.example.test/realms/hospital"

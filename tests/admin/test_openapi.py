@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.admin.conftest import Admin, adt
+from tests.support.adminengine import Admin, adt
 
 
 def test_api_conforms_to_its_openapi(admin: Admin, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from engine import config as cfgmod
 from engine.errors import ConfigError
-from tests.admin.conftest import wait_for
+from tests.support.adminengine import wait_for
 from tests.support.engine import ROOT, EngineProcess, basic_channel, free_port, write_config
 
 

@@ -7,12 +7,12 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.admin.conftest import Admin, _up, adt, make_token, wait_for
-from tests.support.engine import EngineProcess, free_port, write_config
+from tests.support.adminengine import Admin, admin_engine, adt, file_destinations, make_token, wait_for
 
 __all__ = ["API", "Admin", "adt", "console_engine", "login", "send_in_thread", "wait_for"]
 
@@ -24,50 +24,29 @@ def start_console_engine(tmp: Path) -> Iterator[Admin]:
     """An HL7 → FHIR channel 'adt' routed to 'out' and 'picky' (file destinations; a regular file named like
     a control id under picky/ makes that message a dead letter), plus an unrouted 'hook' (http) whose
     secrets the config page must mask."""
-    port, admin_port = free_port(), free_port()
     (tmp / "hook.key").write_text("signing-key-do-not-show\n")
-    channel = {
-        "source": {"host": "127.0.0.1", "port": port, "idle_timeout": 30, "frame_timeout": 5},
-        "accept": {"types": {"ADT": "*"}},
-        "site_tz": "America/Los_Angeles",
-        "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
-        "routes": [{"destination": "out"}, {"destination": "picky"}],
+
+    def channel(port: int) -> dict[str, Any]:
+        return {
+            "source": {"host": "127.0.0.1", "port": port, "idle_timeout": 30, "frame_timeout": 5},
+            "accept": {"types": {"ADT": "*"}},
+            "site_tz": "America/Los_Angeles",
+            "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
+            "routes": [{"destination": "out"}, {"destination": "picky"}],
+        }
+
+    destinations = file_destinations(tmp)
+    destinations["hook"] = {
+        "kind": "http",
+        "url": "http://127.0.0.1:9/hook",
+        "payload": "fhir",
+        "signing_secret": {"file": "hook.key"},
+        "headers": {"X-Tenant": "north", "Authorization": {"env": "SLUICE_TEST_HOOK_AUTH"}},
     }
-    cfg = write_config(
-        tmp,
-        channels={"adt": channel},
-        destinations={
-            "out": {
-                "kind": "file",
-                "directory": str(tmp / "out"),
-                "pattern": "{message_id}.{ext}",
-                "fsync": False,
-            },
-            "picky": {
-                "kind": "file",
-                "directory": str(tmp / "picky"),
-                "pattern": "{control_id}/{message_id}.{ext}",
-                "fsync": False,
-                "retry": {"max_attempts": 1},
-            },
-            "hook": {
-                "kind": "http",
-                "url": "http://127.0.0.1:9/hook",
-                "payload": "fhir",
-                "signing_secret": {"file": "hook.key"},
-                "headers": {"X-Tenant": "north", "Authorization": {"env": "SLUICE_TEST_HOOK_AUTH"}},
-            },
-        },
-    )
-    engine = EngineProcess(
-        cfg,
-        port,
-        env={"SLUICE_ADMIN_PORT": str(admin_port), "SLUICE_TEST_HOOK_AUTH": f"Bearer {HOOK_SECRET}"},
-    )
-    with engine:
-        a = Admin(f"http://127.0.0.1:{admin_port}", cfg, port, tmp, engine)
-        wait_for(lambda: _up(a.url), 60, "admin API")
-        a.tokens["admin"] = make_token(cfg, "admin", "admin")  # the CLI makes the first one...
+    with admin_engine(
+        tmp, channel, destinations, env={"SLUICE_TEST_HOOK_AUTH": f"Bearer {HOOK_SECRET}"}
+    ) as a:
+        a.tokens["admin"] = make_token(a.config, "admin", "admin")  # the CLI makes the first one...
         for name, role, phi in (
             ("viewer", "viewer", False),
             ("operator", "operator", False),

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.admin.conftest import _up, wait_for
 from tests.admin.test_oidc import _JWKS, AUDIENCE, ISSUER, _token
+from tests.support.adminengine import _up, wait_for
 from tests.support.engine import EngineProcess, basic_channel, free_port, write_config
 
 NONCE = re.compile(r'name="login_csrf" value="([^"]+)"')
