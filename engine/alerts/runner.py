@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import func, select
 
 from engine.alerts.certs import file_not_after
 from engine.alerts.config import TLS_EXPIRY, AlertsConfig
 from engine.alerts.evaluator import CertObs, ChannelObs, DestinationObs, Evaluator, Notice, Snapshot
 from engine.alerts.sinks import Sink
-from engine.store import PENDING, D, Store
+from engine.store import Store
 
 if TYPE_CHECKING:
     from engine.config import Config
@@ -145,22 +144,6 @@ def received_counts(store: Store, since: float) -> dict[str, tuple[dict[str, int
     return out
 
 
-def pending_figures(store: Store, destinations: list[str]) -> dict[str, tuple[int, float | None]]:
-    """destination → (pending deliveries, created_at of the oldest), two lookups on the
-    (destination, status, id) index per destination: the count reads the index only, the oldest is
-    its first row."""
-    out: dict[str, tuple[int, float | None]] = {}
-    with store.engine.connect() as conn:
-        for d in destinations:
-            where = (D.c.destination == d, D.c.status == PENDING)
-            n = int(conn.execute(select(func.count()).select_from(D).where(*where)).scalar() or 0)
-            oldest = None
-            if n:
-                oldest = conn.execute(select(D.c.created_at).where(*where).order_by(D.c.id).limit(1)).scalar()
-            out[d] = (n, oldest)
-    return out
-
-
 def _channel_obs(
     config: Config, store: Store, windows: tuple[float, ...], now: float
 ) -> dict[str, ChannelObs]:
@@ -224,7 +207,7 @@ def observe(config: Config, store: Store, workers: list[Any], now: float) -> Sna
     alerts = config.alerts
     windows = alerts.windows()
     dests = list(config.destinations)
-    pending = pending_figures(store, dests)
+    pending = store.pending_summary()  # what the metrics scrape reads: one grouped query on the pending rows
     by_name = {w.config.name: w for w in workers}
     destinations: dict[str, DestinationObs] = {}
     for d in dests:
