@@ -1,7 +1,7 @@
 """What the command modules share: the ``--config`` option and the store it names.
 
-``engine/cli.py`` adds the command groups of ``engine/admin/commands.py``, ``engine/keycommands.py`` and
-``engine/analystcommands.py``; those import this small module, never ``engine.cli`` at import time, so there
+``engine/cli.py`` adds the command groups of ``engine/admin/commands.py``, ``engine/keycommands.py``,
+``engine/analystcommands.py`` and ``engine/opscommands.py``; those import this small module, never ``engine.cli`` at import time, so there
 is no import cycle and one definition of the option every command takes.
 """
 

@@ -16,20 +16,9 @@ from typing import Any
 import click
 import yaml
 
+from engine.clioptions import config_option
 from engine.errors import ConfigError, SluiceError
 from engine.redact import printable
-
-
-def config_option() -> Any:
-    return click.option(
-        "--config",
-        "-c",
-        "config_path",
-        default="routes.yaml",
-        show_default=True,
-        envvar="SLUICE_CONFIG",
-        help="routes.yaml to use.",
-    )
 
 
 def env_option() -> Any:
@@ -74,7 +63,7 @@ def validate(cfg: Any) -> None:
 
 
 @click.command()
-@config_option()
+@config_option
 @env_option()
 @click.option(
     "--token",
@@ -189,7 +178,7 @@ def config_group() -> None:
 
 
 @config_group.command("show")
-@config_option()
+@config_option
 @env_option()
 def config_show(config_path: str, env: str | None) -> None:
     """Print the merged config (routes.yaml + routes.<ENV>.yaml, channels with their overrides) as YAML,
@@ -232,7 +221,7 @@ def maps_group() -> None:
 
 
 @maps_group.command("check")
-@config_option()
+@config_option
 @env_option()
 @click.option(
     "--channel", help="Only this channel (default: every enabled channel with an hl7-to-fhir step)."
