@@ -122,25 +122,33 @@ def intake_loop(encrypted: bool, n: int) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def instructions(small: int = 300, large: int = 1300) -> dict[str, Any]:
-    """Instructions per message of :func:`intake_loop`, encryption off and on (valgrind callgrind):
-    (Ir(large) - Ir(small)) / (large - small) cancels the interpreter's start-up."""
+def callgrind_instructions(args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> int:
+    """Instructions valgrind's callgrind counts for ``python ARGS`` (AssertionError if it does not say)."""
     import re
     import subprocess
 
     valgrind = shutil.which("valgrind")
-    if valgrind is None:
+    assert valgrind is not None, "valgrind is not installed"
+    cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    m = re.search(r"Collected : (\d+)", proc.stderr)
+    assert m is not None, proc.stderr[-2000:]
+    return int(m.group(1))
+
+
+def instructions(small: int = 300, large: int = 1300) -> dict[str, Any]:
+    """Instructions per message of :func:`intake_loop`, encryption off and on (valgrind callgrind):
+    (Ir(large) - Ir(small)) / (large - small) cancels the interpreter's start-up."""
+    if shutil.which("valgrind") is None:
         return {"skipped": "valgrind is not installed"}
     per: dict[str, float] = {}
     for side in ("off", "on"):
-        ir = []
-        for n in (small, large):
-            cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
-            cmd += [str(Path(__file__).resolve()), "--intake-loop", side, "--messages", str(n)]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-            m = re.search(r"Collected : (\d+)", proc.stderr)
-            assert m is not None, proc.stderr[-2000:]
-            ir.append(int(m.group(1)))
+        ir = [
+            callgrind_instructions(
+                [str(Path(__file__).resolve()), "--intake-loop", side, "--messages", str(n)]
+            )
+            for n in (small, large)
+        ]
         per[side] = (ir[1] - ir[0]) / (large - small)
         print(f"intake path, encryption {side}: {per[side]:,.0f} instructions per message", flush=True)
     return {
