@@ -134,7 +134,7 @@ _IGNORED_IN_ORDER = frozenset({"PRT", "CTD", "FT1", "CTI", "BLG", "TCD", "SGH", 
 class Order:
     """One ORDER group: its ORC, timing, order detail (OBR), notes, diagnoses, observations, specimens."""
 
-    __slots__ = ("dg1", "notes", "obr", "obx", "orc", "specimens", "tq1")
+    __slots__ = ("dg1", "notes", "obr", "obx", "orc", "prt", "specimens", "tq1")
 
     def __init__(self, orc: Segment | None) -> None:
         self.orc = orc
@@ -142,6 +142,7 @@ class Order:
         self.tq1: Segment | None = None
         self.notes: list[Segment] = []
         self.dg1: list[Segment] = []
+        self.prt: list[Segment] = []  # PRT of the order / observation request (not of an OBX)
         # (OBX, its NTEs)
         self.obx: list[tuple[Segment, list[Segment]]] = []
         # (SPM, its specimen OBX with their NTEs)
@@ -203,6 +204,9 @@ def groups(msg: Message) -> tuple[Segment | None, list[Order]]:
         elif name == "NTE":
             if notes is not None:
                 notes.append(seg)
+        elif name == "PRT":
+            if not current.obx and not current.specimens:
+                current.prt.append(seg)
         elif name not in _IGNORED_IN_ORDER:
             notes = None
     return pid, orders
@@ -374,6 +378,18 @@ def service_request(
         requester = xcn(orc.rep(12), ctx, orc.loc(12))
     if requester is None and obr is not None and obr.rep(16):
         requester = xcn(obr.rep(16), ctx, obr.loc(16))
+    if requester is None:
+        # IG OML_O21 ORDER.PRT / OBSERVATION_REQUEST.PRT: PRT-4 OP (table 0443 ordering provider) → the requester
+        for prt in order.prt:
+            role = prt.rep(4)
+            if (
+                role.c(1).strip().upper() == "OP"
+                and role.c(3).strip().upper() in ("", "HL70443")
+                and prt.rep(5)
+            ):
+                requester = xcn(prt.rep(5), ctx, prt.loc(5))
+                if requester is not None:
+                    break
     if requester is None and orc is not None and orc.rep(21):
         from transforms import oru
 

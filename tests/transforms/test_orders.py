@@ -421,3 +421,14 @@ def test_oru_spm_becomes_the_reports_specimen() -> None:
     b = _convert(parse(head), golden_settings()).bundle
     order_msg = _convert(load("omg_o19"), golden_settings()).bundle
     assert _one(b, "Specimen")[0]["request"] == _one(order_msg, "Specimen")[0]["request"]
+
+
+def test_prt_ordering_provider_is_the_requester_without_orc12() -> None:
+    """IG OML_O21 ORDER.PRT: PRT-4 OP (HL70443) → requester when ORC-12 and OBR-16 name nobody."""
+    text = load("oml_o21").text.replace("|||1234567893^Carer^Casey^^^Dr^^^NPI\r", "|||\r", 1)
+    text = text.replace(
+        "\rTQ1|", "\rPRT|1|AD||OP^Ordering Provider^HL70443|1992000007^Prescriber^Pat^^^Dr^^^NPI\rTQ1|", 1
+    )
+    b = _convert(parse(text), golden_settings()).bundle
+    _e, sr = _one(b, "ServiceRequest")
+    assert _ref(b, sr["requester"]["reference"])["identifier"][0]["value"] == "1992000007"
