@@ -42,6 +42,13 @@ COMPILED = [
     "transforms/ref.py",
     "transforms/rde.py",
     "transforms/convert.py",
+    # FHIR → HL7 v2 (the fhir-to-hl7 step; a sub-package: its own _native.json)
+    "transforms/fhir_to_v2/writer.py",
+    "transforms/fhir_to_v2/outbound.py",
+    "transforms/fhir_to_v2/siu.py",
+    "transforms/fhir_to_v2/adt.py",
+    "transforms/fhir_to_v2/orm.py",
+    "transforms/fhir_to_v2/convert.py",
 ]
 
 
@@ -70,8 +77,8 @@ class OptionalBuildExt(build_ext):
     def _write_manifests(self) -> None:
         by_package: dict[Path, dict[str, str]] = {}
         for source in COMPILED:
-            package, module = source[: -len(".py")].split("/")
-            out_dir = Path(self.get_ext_fullpath(f"{package}.{module}")).parent
+            package, module = source[: -len(".py")].rsplit("/", 1)
+            out_dir = Path(self.get_ext_fullpath(f"{package.replace('/', '.')}.{module}")).parent
             digest = hashlib.sha256((ROOT / source).read_bytes()).hexdigest()
             by_package.setdefault(out_dir, {})[module] = digest
         for out_dir, modules in by_package.items():

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
-PACKAGES = ("engine", "transforms")
+PACKAGES = ("engine", "transforms", "transforms.fhir_to_v2")
 """Packages that may hold compiled modules (``setup.py`` lists the modules)."""
 
 PURE_ENV = "SLUICE_PURE_PYTHON"
@@ -57,6 +57,10 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
 def _package_dir(name: str) -> Path | None:
     if name == "engine":
         return Path(__file__).resolve().parent
+    if "." in name:  # a sub-package: its folder under the parent's (located, nothing imported)
+        parent, _, child = name.rpartition(".")
+        base = _package_dir(parent)
+        return base / child if base is not None and (base / child).is_dir() else None
     try:
         spec = importlib.util.find_spec(name)  # a top-level package: located, not imported
     except (ImportError, ValueError):

@@ -178,3 +178,79 @@ def test_source_finder_loads_the_py_file(tmp_path: Path) -> None:
     spec = finder.find_spec("sluice_native_probe", None)
     assert spec is not None and spec.origin == str(src)
     assert finder.find_spec("something_else", None) is None
+
+
+# FHIR → HL7 v2 (transforms/fhir_to_v2, compiled too): the same resources give the same bytes (or the same
+# error) in both builds, including values that are not what FHIR allows where the code reads them.
+WRITE = """
+import sys, json, orjson
+import engine.native, transforms.fhir_to_v2.siu
+from engine.errors import SluiceError
+from transforms.fhir_to_v2.convert import convert
+from transforms.fhir_to_v2.settings import WritebackSettings
+from tests.transforms.test_fhir_to_v2 import APPOINTMENT
+settings = WritebackSettings(sending_facility="PORTAL", placer_system="urn:portal:appointment", charset="UNICODE UTF-8")
+patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "Testperson", "given": ["Alex"]}],
+           "identifier": [{"system": "urn:oid:2.16.840.1.113883.19.999.1", "value": "MRN1"}], "birthDate": "1980-02-29"}
+order = {"resourceType": "ServiceRequest", "id": "s1", "status": "revoked", "code": {"coding": [{"system": "http://loinc.org", "code": "24323-8"}]}}
+cases = {
+    "booked": APPOINTMENT,
+    "cancelled": {**APPOINTMENT, "status": "cancelled"},
+    "patient": patient,
+    "order": order,
+    "bad_start": {**APPOINTMENT, "start": 20261210},
+    "bad_participant": {**APPOINTMENT, "participant": ["Patient/p1"]},
+    "bad_comment": {**APPOINTMENT, "comment": ["not", "text"]},
+    "actor_text": {**APPOINTMENT, "participant": [{"actor": "Patient/p1"}]},
+    "bad_identifier": {**APPOINTMENT, "identifier": [{"system": "urn:portal:appointment", "value": 7}]},
+    "no_type": {"id": "x"},
+}
+out = {"reason": engine.native.REASON, "siu_file": transforms.fhir_to_v2.siu.__file__, "outcomes": {}}
+for name, res in cases.items():
+    try:
+        o = convert(res, settings, now="2026-12-04T10:00:00Z")
+        out["outcomes"][name] = {"kind": "ok", "key": o.key, "state": o.state, "content": o.content,
+                                 "variants": {k: v.decode() for k, v in o.variants.items()}}
+    except SluiceError as exc:
+        out["outcomes"][name] = {"kind": "error", "type": type(exc).__name__, "error": str(exc)}
+    except Exception as exc:
+        out["outcomes"][name] = {"kind": "crash", "error": f"{type(exc).__name__}: {exc}"}
+print(orjson.dumps(out).decode())
+"""
+
+
+def _write(**env: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", WRITE],
+        cwd=ROOT,
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+def test_pure_build_writes_hl7_identically() -> None:
+    pure = _write(SLUICE_PURE_PYTHON="1")
+    assert pure["siu_file"].endswith("siu.py")
+    installed = _write(SLUICE_PURE_PYTHON="0")
+    assert installed["reason"] == native.REASON
+    for build in (pure, installed):
+        crashes = {n: o for n, o in build["outcomes"].items() if o["kind"] == "crash"}
+        assert not crashes, f"{build['reason']}: {crashes}"
+    assert {n: o["kind"] for n, o in pure["outcomes"].items()} == {
+        "booked": "ok",
+        "cancelled": "ok",
+        "patient": "ok",
+        "order": "ok",
+        "bad_start": "error",
+        "bad_participant": "ok",
+        "bad_comment": "ok",
+        "actor_text": "error",
+        "bad_identifier": "ok",
+        "no_type": "error",
+    }
+    assert installed["outcomes"] == pure["outcomes"]

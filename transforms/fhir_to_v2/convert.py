@@ -42,9 +42,11 @@ def convert(resource: Any, settings: WritebackSettings, now: str | None = None) 
         ) from None
     except SluiceError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError):
         raise ConversionError(
-            f"the {rtype} has a value fhir-to-hl7 cannot read ({type(exc).__name__}): check that it is "
-            "valid FHIR R4 (dates as YYYY-MM-DD or full instants, references as Type/id)",
+            # (no exception type in the text: the compiled build raises TypeError where pure Python
+            # raises AttributeError, and both must say the same)
+            f"the {rtype} has a value fhir-to-hl7 cannot read: check that it is valid FHIR R4 (dates as "
+            "YYYY-MM-DD or full instants, references as {reference: Type/id}, text where text belongs)",
             code="102",
         ) from None
