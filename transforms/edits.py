@@ -40,8 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-import orjson
-
+from engine import exactjson
 from engine.errors import ConfigError
 from engine.pipeline import StageContext, Step, Work
 from engine.registry import transform
@@ -440,7 +439,7 @@ def make(options: Mapping[str, Any], ctx: StageContext) -> Step:
                 file=ctx.config_file,
                 key=f"{ctx.key}.fhir-edits",
             )
-        bundle = orjson.loads(work.payload)
+        bundle = exactjson.loads(work.payload)  # long decimals keep their digits (engine/exactjson.py)
         changed = 0
         for entry in bundle.get("entry", ()):
             res = entry.get("resource")
@@ -453,6 +452,6 @@ def make(options: Mapping[str, Any], ctx: StageContext) -> Step:
         events = dict(facts.get("events", {}))
         events["edit_applied"] = events.get("edit_applied", 0) + changed
         facts["events"] = events
-        return replace(work, payload=orjson.dumps(bundle), facts=facts)
+        return replace(work, payload=exactjson.dumps(bundle), facts=facts)
 
     return step

@@ -141,3 +141,19 @@ def test_a_bad_edit_is_a_config_error_naming_channel_step_and_what(
     assert "channel 'docs'" in text and "step fhir-edits (transform[0])" in text and "edit 2" in text
     assert says in text
     assert "transform[0].fhir-edits.edits[1]" in text
+
+
+def test_an_edited_bundle_keeps_long_decimals_digit_for_digit(tmp_path: Path) -> None:
+    """A number past a float's digits is written back exactly when the edit changes the Bundle (issue #12)."""
+    from engine.hl7 import parse
+
+    long_value = "123456789012345678901234567890.50"
+    msg = parse(
+        "MSH|^~\\&|LAB|NORTH|EHR|HOSP|20250101120000||ORU^R01^ORU_R01|C1|P|2.5.1\r"
+        "PID|1||MRN1^^^NORTH^MR||Doe^Jane||19800101|F\r"
+        "OBR|1|PL1|FL1^LAB|2093-3^Cholesterol^LN|||20250101110000\r"
+        f"OBX|1|NM|2093-3^Cholesterol^LN||{long_value}|mg/dL|||||F\r"
+    )
+    _, out = run(tmp_path, [{"select": "Patient.birthDate", "remove": True}], message=msg)
+    assert out.facts["events"]["edit_applied"] == 1
+    assert f'"value":{long_value},'.encode() in out.payload
