@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from tests.support import polling
 from tests.support.engine import ROOT, EngineProcess, free_port, write_config
 
 
@@ -26,13 +26,8 @@ def adt(control: str, mrn: str, trigger: str = "A08") -> bytes:
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    """:func:`tests.support.polling.wait_for` with the timeout and description positional."""
+    return polling.wait_for(pred, timeout=timeout, what=what)
 
 
 def sluice(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
