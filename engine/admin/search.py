@@ -72,17 +72,17 @@ def _plain(column: Any, prefix_at: Any = 1, keyed_length: Any = 34) -> Any:
     )
 
 
-def hash_plain_keys(store: Store, batch: int = 500) -> int:
+def hash_plain_keys(store: Store, batch: int = 2000) -> int:
     """Replace the plain order keys (messages and deliveries) and resource-state keys written before they
-    were hashed, in short transactions; the number of rows changed.  Run at start before any worker, so
-    every key of one patient is in the same form (ordering lanes and status guards compare keys).  A
-    delivery's key is rebuilt from its message's (``channel|key``): exactly what a new one gets."""
+    were hashed, in short transactions (one executemany each); the number of rows changed.  Run at start
+    before any worker, so every key of one patient is in the same form (ordering lanes and status guards
+    compare keys).  A delivery's key is rebuilt from its message's (``channel|key``): exactly what a new
+    one gets."""
     with store.engine.connect() as conn:
         if conn.execute(select(SETTINGS.c.value).where(SETTINGS.c.key == KEYS_HASHED_SETTING)).first():
             return 0
     done = 0
     rows: Sequence[Any]
-    r: Any
     # deliveries first: their messages' keys are still the plain values they were made from
     after = 0
     while True:
@@ -98,9 +98,12 @@ def hash_plain_keys(store: Store, batch: int = 500) -> int:
                 .order_by(D.c.id)
                 .limit(batch)
             ).all()
-            for r in rows:
-                key = f"{r.channel}|{store.order_key(r.order_key)}"
-                conn.execute(update(D).where(D.c.id == r.id).values(order_key=key))
+            if rows:
+                store._executemany(
+                    conn,
+                    "UPDATE deliveries SET order_key = ? WHERE id = ?",
+                    [[f"{r.channel}|{store.order_key(r.order_key)}", r.id] for r in rows],
+                )
         done += len(rows)
         if len(rows) < batch:
             break
@@ -114,8 +117,12 @@ def hash_plain_keys(store: Store, batch: int = 500) -> int:
                 .order_by(M.c.id)
                 .limit(batch)
             ).all()
-            for r in rows:
-                conn.execute(update(M).where(M.c.id == r.id).values(order_key=store.order_key(r.order_key)))
+            if rows:
+                store._executemany(
+                    conn,
+                    "UPDATE messages SET order_key = ? WHERE id = ?",
+                    [[store.order_key(r.order_key), r.id] for r in rows],
+                )
         done += len(rows)
         if len(rows) < batch:
             break
@@ -123,16 +130,22 @@ def hash_plain_keys(store: Store, batch: int = 500) -> int:
     while True:
         with store.write() as conn:
             rows = conn.execute(select(S).where(_plain(S.c.key)).limit(batch)).all()
-            for r in rows:
-                hashed = store.state_key(r.key)
-                same = conn.execute(select(S.c.rank).where(S.c.key == hashed)).first()
-                if same is None:
-                    conn.execute(update(S).where(S.c.key == r.key).values(key=hashed))
-                else:  # a node already wrote the hashed form: keep the higher rank
-                    if r.rank > same.rank:
+            hashed = {r.key: store.state_key(r.key) for r in rows}
+            known = {
+                k: rank
+                for k, rank in conn.execute(
+                    select(S.c.key, S.c.rank).where(S.c.key.in_(list(hashed.values())))
+                )
+            }
+            moves = [[hashed[r.key], r.key] for r in rows if hashed[r.key] not in known]
+            if moves:
+                store._executemany(conn, "UPDATE resource_state SET key = ? WHERE key = ?", moves)
+            for r in rows:  # a node already wrote the hashed form: keep the higher rank
+                if hashed[r.key] in known:
+                    if r.rank > known[hashed[r.key]]:
                         conn.execute(
                             update(S)
-                            .where(S.c.key == hashed)
+                            .where(S.c.key == hashed[r.key])
                             .values(rank=r.rank, message_id=r.message_id, updated_at=r.updated_at)
                         )
                     conn.execute(S.delete().where(S.c.key == r.key))
