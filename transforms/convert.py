@@ -162,6 +162,13 @@ KEY_FIELDS: frozenset[tuple[str, int]] = frozenset(
         ("TXA", 12), ("TXA", 13),  # unique document number, parent document number
         ("RXA", 1), ("RXA", 2),  # immunization give sub-id, administration sub-id
         ("OBX", 5),  # the observation value itself: a result is never sent without its value
+        ("PID", 18),  # patient account number (Account key; A35/A41 account merges)
+        ("FT1", 2),  # financial transaction id (ChargeItem key)
+        ("PRB", 4), ("GOL", 4),  # problem / goal instance ids (Condition / Goal keys)
+        ("RXE", 15), ("RXD", 1),  # prescription number, dispense sub-id counter (MedicationRequest / Dispense)
+        ("IAM", 7),  # allergy unique identifier (AllergyIntolerance key)
+        ("PR1", 19),  # procedure identifier (Procedure key)
+        ("SPM", 2),  # specimen id (Specimen key)
     }
 )  # fmt: skip
 KEY_SEGMENTS = frozenset({"MSH", "FHS", "BHS"})

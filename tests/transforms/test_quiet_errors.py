@@ -392,6 +392,16 @@ def test_keys_stay_strict_in_lenient_mode() -> None:
         ("MSH", 7),
         ("MSH", 10),
         ("OBX", 5),
+        # the keys of the order, pharmacy, problem and financial messages
+        ("PID", 18),
+        ("FT1", 2),
+        ("PRB", 4),
+        ("GOL", 4),
+        ("RXE", 15),
+        ("RXD", 1),
+        ("IAM", 7),
+        ("PR1", 19),
+        ("SPM", 2),
     ]:
         err = ConversionError("bad", code="102", location=Location(seg, 1, field))
         assert droppable(err, lenient) is None, (seg, field)
