@@ -109,19 +109,20 @@ class MessageRow(Base):
     __table_args__ = (
         Index("ix_messages_channel_status_id", "channel", "status", "id"),
         Index("ix_messages_received", "received_at"),
-        # One index serves the dedupe look-up at intake (control id, channel, key: find_duplicates) and
-        # the admin search by control id (engine/admin/search.py).  Control ids are spread over the
-        # index (each sender has its own), so every commit of a batch writes a page of it per message or
-        # so: two such indexes (the former ix_messages_dedupe and ix_messages_control_id) wrote ~37 %
-        # more bytes per message than one (bench/README.md, "Intake before and after session 4").
-        Index("ix_messages_control_dedupe", "control_id", "channel", "dedupe_key"),
+        # One index serves the dedupe look-up at intake (control id and channel, then the key from the row:
+        # find_duplicates) and the admin search by control id (engine/admin/search.py).  Control ids are
+        # spread over it (each sender has its own), so a group commit writes about a page of it per
+        # message: two such indexes (ix_messages_dedupe and ix_messages_control_id, ea29115) wrote ~30 %
+        # more bytes per message than 815026c, and (control_id, channel, dedupe_key) still ~20 %; this one
+        # writes what the dedupe index alone did (bench/README.md, "Intake before and after session 4").
+        Index("ix_messages_control_channel", "control_id", "channel"),
         # admin search by the keyed patient hash
         Index("ix_messages_patient", "patient_key"),
     )
 
 
-# Indexes of earlier versions that ix_messages_control_dedupe replaces: dropped once it exists.
-OBSOLETE_INDEXES = ("ix_messages_dedupe", "ix_messages_control_id")
+# Indexes of earlier versions that ix_messages_control_channel replaces: dropped once it exists.
+OBSOLETE_INDEXES = ("ix_messages_dedupe", "ix_messages_control_id", "ix_messages_control_dedupe")
 
 
 class DeliveryRow(Base):
@@ -819,7 +820,7 @@ class Store:
         """The earliest non-quarantined message per dedupe key received since ``since``.
 
         ``control_ids``: the control ids (MSH-10) of those keys' messages.  With them the look-up seeks
-        ``ix_messages_control_dedupe``; without them it reads every row of the channel (tests only).
+        ``ix_messages_control_channel``; without them it reads every row of the channel (tests only).
         """
         if not keys:
             return {}

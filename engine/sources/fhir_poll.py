@@ -213,7 +213,7 @@ class FhirPoller:
         def write(conn: Any) -> int:
             seen = self.store.find_duplicates(
                 conn, ch.name, list(rows), now - window, [r.control_id for r in rows.values()]
-            )  # (with the control ids the look-up seeks ix_messages_control_dedupe)
+            )  # (with the control ids the look-up seeks ix_messages_control_channel)
             fresh = [r for k, r in rows.items() if k not in seen]
             self.store.insert_messages(conn, fresh)
             if newest is not None:

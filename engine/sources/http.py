@@ -256,7 +256,7 @@ class HttpSource:
                     return int(prior.status), str(prior.body).encode(), 0
             seen = self.store.find_duplicates(
                 conn, ch.name, list(rows), now - window, [r.control_id for r in rows.values()]
-            )  # (with the control ids the look-up seeks ix_messages_control_dedupe)
+            )  # (with the control ids the look-up seeks ix_messages_control_channel)
             fresh = [r for k, r in rows.items() if k not in seen]
             ids = self.store.insert_messages(conn, fresh)
             status = 201 if ids else 200

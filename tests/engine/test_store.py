@@ -82,7 +82,7 @@ def test_duplicates_lookup(store_url: str) -> None:
         assert set(found) == {"A|B|1"} and found["A|B|1"].content_hash == "h1"
         with s.engine.connect() as conn:
             assert s.find_duplicates(conn, "c", ["A|B|1"], time.time() + 60) == {}
-        # as intake asks: with the control ids (the look-up then seeks ix_messages_control_dedupe)
+        # as intake asks: with the control ids (the look-up then seeks ix_messages_control_channel)
         with s.engine.connect() as conn:
             found = s.find_duplicates(conn, "c", ["A|B|1", "A|B|3"], time.time() - 60, ["1", "3"])
             assert set(found) == {"A|B|1"} and found["A|B|1"].message_id == 1
@@ -92,7 +92,7 @@ def test_duplicates_lookup(store_url: str) -> None:
 
 
 def test_dedupe_and_control_id_share_one_index(tmp_path: Path) -> None:
-    """A store made before ix_messages_control_dedupe gets it, and loses the two indexes it replaces
+    """A store made before ix_messages_control_channel gets it, and loses the indexes it replaces
     (the intake's writes per message: bench/README.md); the dedupe look-up and the admin search by
     control id both seek it."""
     import sqlite3
@@ -100,13 +100,14 @@ def test_dedupe_and_control_id_share_one_index(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     st.Store(url).close()
     db = sqlite3.connect(tmp_path / "old.db")
-    db.execute("DROP INDEX ix_messages_control_dedupe")
+    db.execute("DROP INDEX ix_messages_control_channel")
     db.execute("CREATE INDEX ix_messages_dedupe ON messages (channel, dedupe_key)")
     db.execute("CREATE INDEX ix_messages_control_id ON messages (control_id)")
+    db.execute("CREATE INDEX ix_messages_control_dedupe ON messages (control_id, channel, dedupe_key)")
     db.commit()
     st.Store(url).close()  # as the engine's next start
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert "ix_messages_control_dedupe" in names
+    assert "ix_messages_control_channel" in names
     assert not names & set(st.OBSOLETE_INDEXES)
     plans = [
         " ".join(str(r[-1]) for r in db.execute("EXPLAIN QUERY PLAN " + sql, args))
@@ -120,7 +121,7 @@ def test_dedupe_and_control_id_share_one_index(tmp_path: Path) -> None:
         )
     ]
     db.close()
-    assert all("ix_messages_control_dedupe" in p for p in plans), plans
+    assert all("ix_messages_control_channel" in p for p in plans), plans
 
 
 def test_replay_dead_delivery(store_url: str) -> None:
