@@ -102,8 +102,8 @@ RULES: dict[str, str] = {
     "Specimen, ...)",
     "ig-document-obx": "Observation / DiagnosticReport MS makes from the OBX / OBR of a document message "
     "(TXA), which the IG's MDM maps put into DocumentReference.content / ServiceRequest",
-    "ig-condition": "resource MS makes where the IG's message map makes it only under a condition the "
-    "message does not meet (SIU: ServiceRequest only IF SCH-26 or SCH-27 VALUED)",
+    "ig-condition": "resource MS makes where the IG's message map makes none for this message (SIU: "
+    "ServiceRequest only IF SCH-26 or SCH-27 VALUED; Account from PID-18 only in the ADT maps)",
     "ig-unmapped-code": "a code the IG's concept map leaves without a FHIR target: MS says unknown, Sluice "
     "uses its documented choice (docs/mapping.md)",
     "ms-segment-procedure": "Procedure MS synthesises from the PDA segment (death certification, autopsy), "
@@ -1144,6 +1144,20 @@ class Source:
             "VALUED (MS makes one from the AIS)"
         )
 
+    def account_outside_adt(self, res: Mapping[str, Any]) -> str:
+        """The explanation for an unproduced MS Account made from PID-18 of a message that is not an ADT:
+        of the IG's message maps only the ADT ones map PID[Account]."""
+        if res.get("resourceType") != "Account":
+            return ""
+        kinds = {r.comp(1).upper() for r in self.reps if r.segment == "MSH" and r.field == 9}
+        if not kinds or "ADT" in kinds:
+            return ""
+        values = {norm_text(i["value"]) for i in _identifiers(res)}
+        if not values or not all(self.in_field(v, "PID", 18) for v in values):
+            return ""
+        kind = "/".join(sorted(kinds))
+        return f"an Account from PID-18 of a {kind} message: of the IG's message maps only ADT maps PID[Account]"
+
     def obx_status(self, code: str) -> list[str]:
         """The OBX-11 values of the OBX segments whose OBX-3 has the code ``code``."""
         c = norm_text(code).lower()
@@ -1425,7 +1439,7 @@ def score_bundles(
                 rule = "ms-segment-procedure"
             elif why := src.document_result(exp):
                 rule = "ig-document-obx"
-            elif why := src.unordered_appointment(exp):
+            elif why := src.unordered_appointment(exp) or src.account_outside_adt(exp):
                 rule = "ig-condition"
             elif inner and id(exp) not in in_scope and (where := src.only_in_unscored_fields(inner)):
                 why = f"no scored reference resource refers to it; the message has {inner!r} only in {where}"

@@ -689,3 +689,15 @@ def test_issue_14_types_are_scored_both_ways_alike() -> None:
     for want in ("priceOverride.value", "ChargeItem[TXN-1].quantity.value", "performedDateTime",
                  "MedicationDispense", "authoredOn", "Account[ACC-1].status"):  # fmt: skip
         assert any(want in p for p in paths), (want, paths)
+
+
+def test_account_outside_adt_needs_a_non_adt_message_and_pid18() -> None:
+    """An Account MS makes from PID-18 of an ORU is excused (only the IG's ADT maps have PID[Account]); of an
+    ADT, or with a value not in PID-18, it counts against us."""
+    ref = bundle({"resourceType": "Account", "identifier": [{"value": "ACC77"}], "status": "active"})
+    pid = "PID|1||MRN1^^^H^MR||DOE^ANN" + "|" * 13 + "ACC77\r"
+    oru = "MSH|^~\\&|A|B|C|D|20250101||ORU^R01|1|P|2.5\r"
+    s = score_bundles(bundle(), ref, source=oru + pid)
+    assert s.explained == s.compared - s.agreeing > 0 and s.explained_by == {"ig-condition": s.explained}
+    assert score_bundles(bundle(), ref, source=MSH_LINE + pid).explained == 0
+    assert score_bundles(bundle(), ref, source=oru + pid.replace("ACC77", "OTHER")).explained == 0
