@@ -47,6 +47,10 @@ sys.path.insert(0, str(ROOT))
 from tests.support.engine import basic_channel, free_port, write_config  # noqa: E402
 
 LOAD = [sys.executable, str(ROOT / "bench" / "mllp_load.py")]
+# Every run's files stay until the whole A/B ends: on this machine's ext4 (no journal) creating files within
+# minutes of deleting many costs the kernel ~0.6 ms each (engine_bench.py: _scratch), which would charge one
+# run's clean-up to the next run's engine (its file destination), i.e. to the other side.
+_KEEP: list[Path] = []
 SETTLE = 6.0  # seconds between the engine's port opening and the load
 SYNC = re.compile(r"\b(fdatasync|fsync|syncfs)\(fd: (\d+)")
 
@@ -176,7 +180,7 @@ def one_run(side: Path, connections: int, seconds: float, pure: bool) -> dict[st
                 kind = "wal" if name.endswith("-wal") else "db" if name.endswith(".db") else "other"
                 key = f"{m.group(1)}:{kind}"
                 syncs[key] = syncs.get(key, 0) + 1
-    shutil.rmtree(work, ignore_errors=True)
+    _KEEP.append(work)  # removed at the end (see _KEEP)
     wal = syncs.get("fdatasync:wal", 0) + syncs.get("fsync:wal", 0)
     return {
         "side": str(side),
@@ -327,6 +331,8 @@ def main() -> None:
                 )
             }
     print(json.dumps(summary, indent=1))
+    for work in _KEEP:
+        shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(
             json.dumps(
