@@ -1156,7 +1156,9 @@ class Source:
         if not values or not all(self.in_field(v, "PID", 18) for v in values):
             return ""
         kind = "/".join(sorted(kinds))
-        return f"an Account from PID-18 of a {kind} message: of the IG's message maps only ADT maps PID[Account]"
+        return (
+            f"an Account from PID-18 of a {kind} message: of the IG's message maps only ADT maps PID[Account]"
+        )
 
     def obx_status(self, code: str) -> list[str]:
         """The OBX-11 values of the OBX segments whose OBX-3 has the code ``code``."""

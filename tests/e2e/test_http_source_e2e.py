@@ -193,6 +193,16 @@ def test_a_live_reload_that_changes_an_http_channel_is_refused_and_it_keeps_work
         destinations={"out": {"kind": "file", "directory": str(tmp_path / "out")}},
     )
     with EngineProcess(routes, port) as proc:
+        # the port answers before the engine has finished starting (a reload then is refused as "starting"):
+        # one message through to the destination first
+        first = httpx.post(
+            f"http://127.0.0.1:{port}/fhir/Appointment",
+            json=version(1, id="appt-r0"),
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        assert first.status_code == 201
+        out = tmp_path / "out"
+        wait_for(lambda: out.is_dir() and any(out.iterdir()), timeout=30, what="the first delivery")
         chan = tmp_path / "channels" / "push.yaml"
         data = yaml.safe_load(chan.read_text())
         data["source"]["path"] = "/other"
