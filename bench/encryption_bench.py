@@ -89,9 +89,10 @@ def crypto_micro() -> dict[str, Any]:
 KEY = keyring.Key("bench", bytes(range(32)))  # a fixed synthetic key: instruction counts repeat exactly
 
 
-def intake_loop(encrypted: bool, n: int) -> None:
+def intake_loop(encrypted: bool, n: int, order_by: str | None = None) -> None:
     """``n`` messages through the engine process's intake path as the listener drives it: checks, the
     durable group commit (SQLite, synchronous=FULL; bodies and ACKs sealed when ``encrypted``), the ACK.
+    ``order_by``: the channel's (with a patient-search key, as the engine runs it).
     Run under callgrind by :func:`instructions` (instruction counts do not move with the machine's load)."""
     import asyncio
     import tempfile
@@ -108,8 +109,10 @@ def intake_loop(encrypted: bool, n: int) -> None:
     store = Store(f"sqlite:///{work}/loop.db", keys=keyring.KeyRing([KEY]) if encrypted else None)
     committer = Committer(store)
     committer.start()
-    channel = ChannelConfig(name="c", file="c.yaml", source=SourceConfig(), types={"ADT": ()})
-    intake = Intake(channel, committer)
+    channel = ChannelConfig(
+        name="c", file="c.yaml", source=SourceConfig(), types={"ADT": ()}, order_by=order_by
+    )
+    intake = Intake(channel, committer, patient_key=bytes(32) if order_by else None)
 
     async def go() -> None:
         for i in range(n):
