@@ -3,7 +3,7 @@ move with the machine's load):
 
 * ``keyed``: one ``engine.store.keyed`` call (the hash of one order key, what intake adds per message of a
   channel with ``order_by``), against HMAC-SHA256 of the same value (``hmac``), per call.
-* ``--base PATH``: the engine process's intake path (checks, durable commit, ACK) per message for a channel
+* ``--base PATH`` (and ``--this PATH``): the engine process's intake path (checks, durable commit, ACK) per message for a channel
   with ``order_by: PID-3.1``, this checkout against another (a checkout from before the change); pure-Python
   modules on both sides.  The committer's group commits vary with thread timing, so this figure moves by
   a percent or two run to run: the ``keyed`` figure is the precise one.
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,35 +45,9 @@ def hash_loop(mode: str, n: int) -> None:
 
 def intake_loop(n: int) -> None:
     """``n`` messages through Intake.handle and the committer, the channel ordered by PID-3.1."""
-    import asyncio
-    import shutil
+    from encryption_bench import intake_loop as loop
 
-    from mllp_load import PREFIX, SUFFIX
-
-    from engine import logs
-    from engine.config import ChannelConfig, SourceConfig
-    from engine.intake import Committer, Intake, _msa1
-    from engine.store import Store
-
-    logs.configure("json", "info")
-    work = Path(tempfile.mkdtemp(prefix="sluice-keyed-loop-"))
-    store = Store(f"sqlite:///{work}/loop.db")
-    committer = Committer(store)
-    committer.start()
-    channel = ChannelConfig(
-        name="c", file="c.yaml", source=SourceConfig(), types={"ADT": ()}, order_by="PID-3.1"
-    )
-    intake = Intake(channel, committer, patient_key=bytes(32))
-
-    async def go() -> None:
-        for i in range(n):
-            acks = await intake.handle(PREFIX + b"LOOP%08d" % i + SUFFIX, "127.0.0.1:1")
-            assert acks and _msa1(acks[0]) == "CA"
-
-    asyncio.run(go())
-    committer.stop()
-    store.close()
-    shutil.rmtree(work, ignore_errors=True)
+    loop(False, n, order_by="PID-3.1")
 
 
 def per_item(args: list[str], small: int, large: int, src: Path = ROOT) -> float:
@@ -90,6 +63,9 @@ def per_item(args: list[str], small: int, large: int, src: Path = ROOT) -> float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, help="a checkout from before the change: also the intake A/B")
+    ap.add_argument(
+        "--this", type=Path, default=ROOT, help="the checkout with the change (default: this one)"
+    )
     ap.add_argument("--hash-loop", nargs=2, help=argparse.SUPPRESS)  # MODE N, run under callgrind
     ap.add_argument("--intake-loop", type=int, help=argparse.SUPPRESS)  # N, run under callgrind
     args = ap.parse_args()
@@ -113,13 +89,9 @@ def main() -> None:
     print(json.dumps(out["per_order_key"]), flush=True)
     save()
     if args.base:
-        out["intake_per_message"] = {"order_by": "PID-3.1", "messages": [300, 1300]}
-        for name, src in (
-            ("base", args.base.resolve()),
-            ("this", ROOT),
-            ("base", args.base.resolve()),
-            ("this", ROOT),
-        ):
+        out["intake_per_message"] = {"order_by": "PID-3.1", "messages": [300, 1300], "alternated": True}
+        base, this = args.base.resolve(), args.this.resolve()
+        for name, src in (("base", base), ("this", this), ("base", base), ("this", this)):
             per = per_item(["--intake-loop"], 300, 1300, src)
             out["intake_per_message"].setdefault(name, []).append(round(per))
             print(f"intake path, {name}: {per:,.0f} instructions per message", flush=True)
