@@ -657,25 +657,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
     ) -> list[dict[str, Any]]:
         """Dead deliveries and messages whose processing failed or waits for review, newest first."""
         rows = await _thread(ctx.store.dead_letters, channel=channel, destination=destination, limit=limit)
-        out = []
-        for r in rows:
-            m = r._mapping
-            out.append(
-                {
-                    "message_id": m["message_id"],
-                    "delivery_id": m.get("delivery_id"),
-                    "channel": m["channel"],
-                    "destination": m.get("destination"),
-                    "status": m.get("status") or "dead",
-                    "type": m["message_type"],
-                    "trigger": m["trigger"],
-                    "control_id": m["control_id"],
-                    "received_at": m["received_at"],
-                    "attempts": m.get("attempts"),
-                    "reason": m["reason"],
-                }
-            )
-        return out
+        return [search.dead_letter(r) for r in rows]
 
     @app.post(f"{API}/replay", response_model=ReplayResult, responses=ERRORS, tags=["dead letters"])
     async def replay(who: Operator, request: Request, body: ReplayBody) -> dict[str, Any]:

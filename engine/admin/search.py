@@ -246,6 +246,24 @@ def summary(r: Any) -> dict[str, Any]:
     }
 
 
+def dead_letter(r: Any) -> dict[str, Any]:
+    """A :meth:`Store.dead_letters` row as the admin API and the console list it."""
+    m = r._mapping
+    return {
+        "message_id": m["message_id"],
+        "delivery_id": m.get("delivery_id"),
+        "channel": m["channel"],
+        "destination": m.get("destination"),
+        "status": m.get("status") or "dead",
+        "type": m["message_type"],
+        "trigger": m["trigger"],
+        "control_id": m["control_id"],
+        "received_at": m["received_at"],
+        "attempts": m.get("attempts"),
+        "reason": m["reason"],
+    }
+
+
 def detail(store: Store, message_id: int) -> dict[str, Any] | None:
     """One message as the admin API and the console show it: metadata, deliveries with attempts and
     reasons, its conversion warnings and its audit trail (no PHI); None when there is no such message."""

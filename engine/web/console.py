@@ -656,24 +656,9 @@ def mount(app: FastAPI) -> None:
     def dead_rows(channel: str | None, destination: str | None, limit: int) -> list[dict[str, Any]]:
         out = []
         for r in ctx.store.dead_letters(channel=channel, destination=destination, limit=limit):
-            m = r._mapping
-            st = m.get("status") or "dead"
-            out.append(
-                {
-                    "message_id": m["message_id"],
-                    "delivery_id": m.get("delivery_id"),
-                    "channel": m["channel"],
-                    "destination": m.get("destination"),
-                    "status": st,
-                    "kind": DEAD_KINDS.get(st, st),
-                    "type": m["message_type"],
-                    "trigger": m["trigger"],
-                    "control_id": m["control_id"],
-                    "received_at": m["received_at"],
-                    "attempts": m.get("attempts"),
-                    "reason": m["reason"],
-                }
-            )
+            item = search.dead_letter(r)
+            item["kind"] = DEAD_KINDS.get(item["status"], item["status"])
+            out.append(item)
         return out
 
     @router.get("/dead-letters")
