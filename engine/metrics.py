@@ -9,9 +9,19 @@ counted once, and nothing runs in the worker processes (no multiprocess-mode fil
 
 The hot path gets label children bound once per channel or destination (:class:`ChannelMetrics`,
 :class:`DestinationMetrics`), so counting costs a method call (~0.4 µs a counter, ~1 µs a
-histogram observation).  Queue depth, oldest pending age, connections and the committer backlog
-are read at scrape time (:class:`_ScrapeCollector`): one grouped, index-only query on the store
-and the listeners' live counters.
+histogram observation).  The per-message intake and listener metrics (received, duplicates, patient
+match failures, ACKs by code, ACK latency) are cheaper still: plain ints on :class:`Tally` and
+:class:`LatencyTally` objects, no lock, exported at scrape time by :class:`_TallyCollector` under the
+same names, labels, HELP texts and bucket bounds as the prometheus-client families they replace.
+Their writers are the event loop (listener, intake, sources) and, rarely, the processing and delivery
+code's threads; ``value += n`` on an int attribute is not interrupted by a GIL switch in CPython (no
+eval-breaker check between the load and the store), and the scrape only reads ints and a float, so a
+scrape sees each tally at one instant; a histogram's ``_count`` is the sum of its buckets, so it always
+matches its ``+Inf`` bucket (its ``_sum`` may trail by the observation in flight).
+
+Queue depth, oldest pending age, connections and the committer backlog are read at scrape time
+(:class:`_ScrapeCollector`): one grouped, index-only query on the store and the listeners' live
+counters.
 
 Components take ``metrics: Metrics | None = None``; ``None`` counts nothing.  The admin app serves
 :meth:`Metrics.render` as ``GET /metrics`` (it queries the store: call it off the event loop, e.g.
@@ -24,14 +34,16 @@ import errno
 import ssl
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import prometheus_client
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from engine.errors import REJECTION_CLASSES, DeliveryError
 
@@ -63,10 +75,48 @@ OUTCOMES = ("delivered", "retry", "dead")
 UNAVAILABLE = frozenset({"network", "server", "auth", "throttling"})
 
 
+class Tally:
+    """A counter for one label set, incremented with plain int arithmetic (no lock: see the module doc)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+
+
+class LatencyTally:
+    """A histogram for one label set: a count per bucket (the last is ``+Inf``) and the sum observed."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bucket i holds bounds[i-1] < value <= bounds[i] (Prometheus ``le``); above the last: +Inf
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
+        """(``le`` → cumulative count, sum), as the exposition wants them."""
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), list(self.counts), strict=True):
+            total += n
+            buckets.append((floatToGoString(bound), total))
+        return buckets, self.sum
+
+
 class ChannelMetrics:
     """One channel's label children, bound once (the intake and listener hot paths use these)."""
 
     __slots__ = (
+        "_ack_labels",
         "_acks",
         "_family",
         "_processed",
@@ -82,21 +132,28 @@ class ChannelMetrics:
     def __init__(self, family: Metrics, name: str):
         self._family = family
         self.name = name
-        self.received = family.received.labels(name)
-        self.ack_latency = family.ack_latency.labels(name)
-        self.duplicates = family.duplicates.labels(name)
-        self.patient_match_failures = family.patient_match_failures.labels(name)
-        self._acks = {code: family.acks.labels(name, code) for code in ACK_CODES}
+        self.received = Tally()
+        self.ack_latency = LatencyTally(ACK_LATENCY_BUCKETS)
+        self.duplicates = Tally()
+        self.patient_match_failures = Tally()
+        self._acks = {code: Tally() for code in ACK_CODES}  # MSA-1 as written → its tally
+        self._ack_labels = dict(self._acks)  # code label → tally
+        family._ack_series.extend((name, code, t) for code, t in self._acks.items())
         self._processed = {s: family.processed.labels(name, s) for s in STATUSES}
         self._rejections = {c: family.rejections.labels(name, c) for c in REJECTION_CLASSES}
         self._warnings: dict[str, Any] = {}
 
     def ack(self, code: str) -> None:
         """One ACK written with MSA-1 ``code``."""
-        child = self._acks.get(code)
-        if child is None:  # a code outside HL7 table 0008 (cannot come from Sluice's own ACK builder)
-            child = self._acks[code] = self._family.acks.labels(self.name, code or "none")
-        child.inc()
+        tally = self._acks.get(code)
+        if tally is None:  # a code outside HL7 table 0008 (cannot come from Sluice's own ACK builder)
+            label = code or "none"
+            tally = self._ack_labels.get(label)
+            if tally is None:
+                tally = self._ack_labels[label] = Tally()
+                self._family._ack_series.append((self.name, label, tally))
+            self._acks[code] = tally
+        tally.value += 1
 
     def processed(self, status: str, n: int = 1) -> None:
         """``n`` messages reached the final status ``status``."""
@@ -162,24 +219,32 @@ class Metrics:
         node: str = "",
     ):
         self.registry = r = CollectorRegistry()
-        self.received = Counter(
-            "sluice_messages_received",
-            "HL7 messages received (each member of a batch counts; frames refused before parsing count once).",
-            ["channel"],
-            registry=r,
+        r.register(
+            _TallyCollector(
+                self,
+                "received",
+                "sluice_messages_received",
+                "HL7 messages received (each member of a batch counts; frames refused before parsing count once).",
+                ["channel"],
+            )
         )
-        self.acks = Counter(
-            "sluice_acks",
-            "Acknowledgements written back to senders, by MSA-1 code.",
-            ["channel", "code"],
-            registry=r,
+        r.register(
+            _TallyCollector(
+                self,
+                "acks",
+                "sluice_acks",
+                "Acknowledgements written back to senders, by MSA-1 code.",
+                ["channel", "code"],
+            )
         )
-        self.ack_latency = Histogram(
-            "sluice_ack_latency_seconds",
-            "Time from a complete MLLP frame received to its ACK written to the connection.",
-            ["channel"],
-            buckets=ACK_LATENCY_BUCKETS,
-            registry=r,
+        r.register(
+            _TallyCollector(
+                self,
+                "ack_latency",
+                "sluice_ack_latency_seconds",
+                "Time from a complete MLLP frame received to its ACK written to the connection.",
+                ["channel"],
+            )
         )
         self.processed = Counter(
             "sluice_messages_processed",
@@ -201,19 +266,25 @@ class Metrics:
             buckets=DELIVERY_LAG_BUCKETS,
             registry=r,
         )
-        self.duplicates = Counter(
-            "sluice_duplicates_prevented",
-            "Resent messages (same sender, facility and MSH-10, same content) answered from the store, not "
-            "processed again.",
-            ["channel"],
-            registry=r,
+        r.register(
+            _TallyCollector(
+                self,
+                "duplicates",
+                "sluice_duplicates_prevented",
+                "Resent messages (same sender, facility and MSH-10, same content) answered from the store, not "
+                "processed again.",
+                ["channel"],
+            )
         )
-        self.patient_match_failures = Counter(
-            "sluice_patient_match_failures",
-            "Messages that could not be matched to a patient: referring to a Patient the engine never "
-            "received, or dead-lettered because a FHIR conditional write matched several Patients.",
-            ["channel"],
-            registry=r,
+        r.register(
+            _TallyCollector(
+                self,
+                "patient_match_failures",
+                "sluice_patient_match_failures",
+                "Messages that could not be matched to a patient: referring to a Patient the engine never "
+                "received, or dead-lettered because a FHIR conditional write matched several Patients.",
+                ["channel"],
+            )
         )
         self.conversion_warnings = Counter(
             "sluice_conversion_warnings",
@@ -253,6 +324,8 @@ class Metrics:
             registry=r,
         ).labels(version, build, node).set(1)
         self._channels: dict[str, ChannelMetrics] = {}
+        # (channel, code, tally) of sluice_acks in the order first seen (as prometheus-client orders them)
+        self._ack_series: list[tuple[str, str, Tally]] = []
         self._destinations: dict[str, DestinationMetrics] = {}
         for name in channels:
             self.channel(name)
@@ -295,6 +368,44 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """(body, content type) in the Prometheus text format; runs the scrape-time store query."""
         return prometheus_client.generate_latest(self.registry), CONTENT_TYPE
+
+
+class _TallyCollector(Collector):
+    """One family read from every channel's tallies (:class:`Tally`, :class:`LatencyTally`) at scrape time.
+
+    Registered where the prometheus-client family it replaces was, so the exposition keeps its order.
+    """
+
+    def __init__(self, metrics: Metrics, attr: str, name: str, documentation: str, labels: list[str]):
+        self.metrics = metrics
+        self.attr = attr  # the ChannelMetrics attribute: received, acks, ack_latency, duplicates, ...
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+
+    def describe(self) -> Iterator[Metric]:
+        if self.attr == "ack_latency":
+            yield HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        else:
+            yield CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+
+    def collect(self) -> Iterator[Metric]:
+        if self.attr == "ack_latency":
+            histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+            for cm in list(self.metrics._channels.values()):
+                buckets, total = cm.ack_latency.cumulative()
+                histogram.add_metric([cm.name], buckets, total)
+            yield histogram
+            return
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        if self.attr == "acks":
+            for name, code, tally in list(self.metrics._ack_series):
+                family.add_metric([name, code], tally.value)
+        else:
+            for cm in list(self.metrics._channels.values()):
+                counter: Tally = getattr(cm, self.attr)
+                family.add_metric([cm.name], counter.value)
+        yield family
 
 
 class _ScrapeCollector(Collector):
