@@ -708,3 +708,42 @@ def test_fhir_multiple_matches_marked() -> None:
     e = status_error(412, "error conflict: version mismatch", what="d")
     assert mark_multiple_match(e, resource_type="Patient").match_failure is None
     assert e.category == "conflict"
+
+
+def test_tallies_expose_what_prometheus_client_would() -> None:
+    """The per-message tallies (plain ints, read at scrape) render exactly as prometheus-client's own
+    Counter and Histogram do for the same updates: names, HELP, labels, bucket bounds (a value on a
+    bound counts in that bucket), sample order."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from engine.metrics import ACK_LATENCY_BUCKETS
+
+    values = (0.0, 0.0001, 0.0005, 0.001, 0.003, 0.25, 1.0, 2.5, 10.0, 11.0)
+    m = Metrics(channels=["a"])
+    ref = CollectorRegistry()
+    lat = Histogram(
+        "sluice_ack_latency_seconds",
+        "Time from a complete MLLP frame received to its ACK written to the connection.",
+        ["channel"],
+        buckets=ACK_LATENCY_BUCKETS,
+        registry=ref,
+    )
+    acks = Counter(
+        "sluice_acks",
+        "Acknowledgements written back to senders, by MSA-1 code.",
+        ["channel", "code"],
+        registry=ref,
+    )
+    for ch in ("a", "b"):
+        cm = m.channel(ch)
+        for code in ("AA", "AE", "AR", "CA", "CE", "CR"):
+            acks.labels(ch, code)
+        for x in values:
+            cm.ack_latency.observe(x)
+            lat.labels(ch).observe(x)
+        for code in ("AA", "AA", "ZZ", ""):
+            cm.ack(code)
+            acks.labels(ch, code or "none").inc()
+    ours = m.render()[0].decode()
+    for family in generate_latest(ref).decode().split("# HELP ")[1:]:
+        assert "# HELP " + family in ours
