@@ -14,9 +14,9 @@ match failures, ACKs by code, ACK latency) are cheaper still: plain ints on :cla
 :class:`LatencyTally` objects, no lock, exported at scrape time by :class:`_TallyCollector` under the
 same names, labels, HELP texts and bucket bounds as the prometheus-client families they replace.
 Their writers are the event loop (listener, intake, sources) and, rarely, the processing and delivery
-code's threads; ``value += n`` on an int attribute is not interrupted by a GIL switch in CPython (no
-eval-breaker check between the load and the store), and the scrape only reads ints and a float, so a
-scrape sees each tally at one instant; a histogram's ``_count`` is the sum of its buckets, so it always
+code's threads; ``value += n`` on an int attribute is not interrupted by a GIL switch in CPython 3.11+
+with the GIL (no eval-breaker check between the load and the store; a free-threaded build would need a
+tally per thread), and the scrape only reads ints and a float, so a scrape sees each tally at one instant; a histogram's ``_count`` is the sum of its buckets, so it always
 matches its ``+Inf`` bucket (its ``_sum`` may trail by the observation in flight).
 
 Queue depth, oldest pending age, connections and the committer backlog are read at scrape time
