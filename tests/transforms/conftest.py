@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +65,15 @@ def entry_by_url(bundle: dict[str, Any], full_url: str) -> dict[str, Any]:
         if e["fullUrl"] == full_url:
             return e
     raise KeyError(full_url)
+
+
+def assert_golden(name: str, got: dict[str, Any]) -> None:
+    """``got`` equals the golden file ``expected/<name>.json``; ``SLUICE_REGEN_GOLDEN=1`` rewrites it first (review
+    the diff before committing)."""
+    path = EXPECTED / f"{name}.json"
+    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
+        path.write_text(
+            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
+    assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import base64
-import json
-import os
 from typing import Any
 
 import pytest
 
 from engine.errors import ConversionError, MessageRejected
-from tests.transforms.conftest import EXPECTED, golden_settings, load, msg, validate_resources
+from tests.transforms.conftest import assert_golden, golden_settings, load, msg, validate_resources
 from transforms.convert import _convert
 
 KEY = "DocumentReference?identifier=urn:oid:2.16.840.1.113883.19.999.8|DOC-1"
@@ -31,13 +29,7 @@ def test_golden(name: str) -> None:
         "events": dict(result.events),
         "requires": list(result.requires),
     }
-    path = EXPECTED / f"{name}.json"
-    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
-        path.write_text(
-            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
-        )
-    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
-    assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))
+    assert_golden(name, got)
 
 
 def _doc(bundle: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

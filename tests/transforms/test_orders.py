@@ -6,15 +6,19 @@ Golden files, the order lifecycle on one ServiceRequest, results attaching to th
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import pytest
 
 from engine.errors import ConversionError, MessageRejected
 from engine.hl7 import parse
-from tests.transforms.conftest import EXPECTED, golden_settings, load, resources, validate_resources
+from tests.transforms.conftest import (
+    assert_golden,
+    golden_settings,
+    load,
+    resources,
+    validate_resources,
+)
 from transforms.convert import _convert
 
 ORDER_KEY = "ServiceRequest?identifier=urn:oid:2.16.840.1.113883.19.999.7|PLC2001"
@@ -33,13 +37,7 @@ def test_golden(name: str) -> None:
         "requires": list(result.requires),
         "warnings": list(result.warnings),
     }
-    path = EXPECTED / f"{name}.json"
-    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
-        path.write_text(
-            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
-        )
-    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
-    assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))
+    assert_golden(name, got)
 
 
 def _one(bundle: dict[str, Any], rtype: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -3,14 +3,19 @@ lifecycle (added, resolved, deleted), located errors (synthetic data)."""
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import pytest
 
 from engine.errors import ConversionError, MessageRejected
-from tests.transforms.conftest import EXPECTED, golden_settings, load, msg, resources, validate_resources
+from tests.transforms.conftest import (
+    assert_golden,
+    golden_settings,
+    load,
+    msg,
+    resources,
+    validate_resources,
+)
 from transforms.convert import _convert
 
 PROBLEM = "Condition?identifier=urn:oid:2.16.840.1.113883.19.10|PRB-1001"
@@ -29,13 +34,7 @@ def test_golden(name: str) -> None:
         "events": dict(result.events),
         "warnings": list(result.warnings),
     }
-    path = EXPECTED / f"{name}.json"
-    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
-        path.write_text(
-            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
-        )
-    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
-    assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))
+    assert_golden(name, got)
 
 
 def _by_url(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import pytest
@@ -13,7 +11,14 @@ from hypothesis import strategies as st
 
 from engine.errors import ConversionError, MessageRejected, SluiceError
 from engine.hl7 import parse
-from tests.transforms.conftest import EXPECTED, golden_settings, load, msg, resources, validate_resources
+from tests.transforms.conftest import (
+    assert_golden,
+    golden_settings,
+    load,
+    msg,
+    resources,
+    validate_resources,
+)
 from transforms.convert import _convert
 from transforms.siu import APPOINTMENT_STATUS_RANK, FILLER_STATUS
 
@@ -78,13 +83,7 @@ def test_golden(name: str) -> None:
         "events": dict(result.events),
         "requires": list(result.requires),
     }
-    path = EXPECTED / f"{name}.json"
-    if os.environ.get("SLUICE_REGEN_GOLDEN") == "1":
-        path.write_text(
-            json.dumps(got, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
-        )
-    assert path.exists(), f"missing golden file {path.name}: run with SLUICE_REGEN_GOLDEN=1 and review it"
-    assert json.loads(json.dumps(got)) == json.loads(path.read_text(encoding="utf-8"))
+    assert_golden(name, got)
 
 
 @pytest.mark.parametrize(
