@@ -296,9 +296,17 @@ def markdown(meaning: Mapping[str, str]) -> str:
         "| transform step | | filter |",
         "|---|---|---|",
     ]
-    steps, filters = sorted(registry.TRANSFORMS), sorted(registry.FILTERS)
+    # the built-ins only: a plugin registered in this process (a test's, a site's) is not Sluice's reference
+    steps = sorted(n for n, f in registry.TRANSFORMS.items() if _builtin(f))
+    filters = sorted(n for n, f in registry.FILTERS.items() if _builtin(f))
     for i in range(max(len(steps), len(filters))):
         s = f"`{steps[i]}`" if i < len(steps) else ""
         f = f"`{filters[i]}`" if i < len(filters) else ""
         lines.append(f"| {s} | | {f} |")
     return "\n".join(lines) + "\n"
+
+
+def _builtin(factory: Any) -> bool:
+    """A step or filter Sluice itself registers (defined under engine/ or transforms/)."""
+    module = getattr(factory, "__module__", "") or ""
+    return module.split(".", 1)[0] in ("engine", "transforms")

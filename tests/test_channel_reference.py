@@ -48,3 +48,20 @@ def test_config_schema_prints_a_json_schema() -> None:
     assert doc["properties"]["ack"]["enum"] == ["on-commit", "after-processing"]
     assert doc["properties"]["routes"]["type"] == "array"
     assert "destination" in doc["properties"]["routes"]["items"]["properties"]
+
+
+def test_a_plugin_registered_in_the_process_is_not_in_the_reference() -> None:
+    """The reference lists Sluice's own steps and filters: a plugin another test (or a site) registered in this
+    process does not change it (the full suite registers tests/support/plugins' filters before this runs)."""
+    from engine import registry
+
+    @registry.filter_("zz_reference_probe")
+    def probe(arg: object, ctx: object) -> object:  # pragma: no cover - never called
+        return None
+
+    try:
+        text = schema.markdown(schema.meanings(CONFIG_DOC.read_text()))
+        assert "zz_reference_probe" not in text
+        assert "`hl7-to-fhir`" in text and "`field`" in text
+    finally:
+        registry.FILTERS.pop("zz_reference_probe", None)
