@@ -584,19 +584,9 @@ def specimen(
         res["parent"] = parents
     if request:
         res["request"] = [{"reference": request}]
-    collection: JSON = {}
-    start, end = spm.rep(17).c(1, 1).strip(), spm.rep(17).c(2, 1).strip()
-    if start and (s := dtm_at(start, settings, spm, 17)):
-        if end and (e := dtm_at(end, settings, spm, 17)):
-            collection["collectedPeriod"] = {"start": s, "end": e}
-        else:
-            collection["collectedDateTime"] = s
-    amount = spm.rep(12)
-    if amount and (n := nm(amount.c(1).strip(), spm.loc(12))) is not None:
-        qty: JSON = {"value": n}
-        d = ctx.message.delimiters
-        qty.update(unit(Rep(d.component.join(escape(x, d) for x in amount.subs(2)), d), settings))
-        collection["quantity"] = qty
+    collection = _collection(
+        ctx, spm, spm.rep(17).c(1, 1).strip(), 17, spm.rep(17).c(2, 1).strip(), 17, spm.rep(12), 12
+    )
     if spm.rep(7) and (method := coded(spm.rep(7), ctx, spm.loc(7), "0488")) is not None:
         collection["method"] = method
     if spm.rep(8) and (site := cwe(spm.rep(8), ctx, spm.loc(8))) is not None:
@@ -647,20 +637,7 @@ def obr_specimen(obr: Segment, ctx: ConvertContext, order_key: str, request: str
     collection.quantity, OBR-10 → collection.collector, OBR-14 → receivedTime, OBR-15 (SPS, v2.3-2.6) →
     type, OBR-2 → accessionIdentifier; keyed by the order.  None when the OBR says nothing about a specimen (no OBR-7/9/14/15)."""
     settings = ctx.settings
-    collection: JSON = {}
-    start = obr.get(7).strip()
-    end = obr.get(8).strip()
-    if start and (s := dtm_at(start, settings, obr, 7)):
-        if end and (e := dtm_at(end, settings, obr, 8)):
-            collection["collectedPeriod"] = {"start": s, "end": e}
-        else:
-            collection["collectedDateTime"] = s
-    volume = obr.rep(9)
-    if volume and (n := nm(volume.c(1).strip(), obr.loc(9))) is not None:
-        qty: JSON = {"value": n}
-        d = ctx.message.delimiters
-        qty.update(unit(Rep(d.component.join(escape(x, d) for x in volume.subs(2)), d), settings))
-        collection["quantity"] = qty
+    collection = _collection(ctx, obr, obr.get(7).strip(), 7, obr.get(8).strip(), 8, obr.rep(9), 9)
     if obr.rep(10) and (collector := xcn(obr.rep(10), ctx, obr.loc(10))) is not None:
         collection["collector"] = collector
     res: JSON = {"resourceType": "Specimen"}
@@ -790,6 +767,33 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     used: set[str] = set()
     for o in orders:
         order(o, ctx, enc, patient_key, used)
+
+
+def _collection(
+    ctx: ConvertContext,
+    seg: Segment,
+    start: str,
+    start_f: int,
+    end: str,
+    end_f: int,
+    amount: Rep,
+    amount_f: int,
+) -> JSON:
+    """Specimen.collection's time (a period when both ends are given, else a dateTime) and quantity (NM^units),
+    as SPM-17/SPM-12 and OBR-7/OBR-8/OBR-9 give them."""
+    settings = ctx.settings
+    collection: JSON = {}
+    if start and (s := dtm_at(start, settings, seg, start_f)):
+        if end and (e := dtm_at(end, settings, seg, end_f)):
+            collection["collectedPeriod"] = {"start": s, "end": e}
+        else:
+            collection["collectedDateTime"] = s
+    if amount and (n := nm(amount.c(1).strip(), seg.loc(amount_f))) is not None:
+        qty: JSON = {"value": n}
+        d = ctx.message.delimiters
+        qty.update(unit(Rep(d.component.join(escape(x, d) for x in amount.subs(2)), d), settings))
+        collection["quantity"] = qty
+    return collection
 
 
 __all__ = [
