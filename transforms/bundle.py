@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from engine.errors import Location
+from engine import redact
+from engine.errors import Location, MessageRejected
 from engine.hl7 import Message
 from transforms.settings import ConvertSettings
 
@@ -346,3 +347,17 @@ class ConvertContext:
             warnings=tuple(self.warnings),
             warning_kinds=tuple(self.warning_kinds),
         )
+
+
+def supported_trigger(msg: Message, supported: frozenset[str]) -> str:
+    """MSH-9.2 of ``msg`` when the converter of its MSH-9.1 handles it; else ``MessageRejected`` (AR 201)
+    naming the triggers it does handle."""
+    trigger = msg.trigger
+    if trigger not in supported:
+        raise MessageRejected(
+            f"{msg.message_type} trigger {redact.trigger(trigger) if trigger else '(empty)'} is not supported "
+            f"(supported: {', '.join(sorted(supported))})",
+            code="201",
+            location=Location("MSH", 1, 9, None, 2),
+        )
+    return trigger

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import redact
-from engine.errors import ConversionError, Location, MessageRejected
+from engine.errors import ConversionError, Location
 from engine.hl7 import Message, Rep, Segment
-from transforms.bundle import ConvertContext
+from transforms.bundle import ConvertContext, supported_trigger
 from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, nm, xcn
 
 JSON = dict[str, Any]
@@ -307,15 +306,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     from transforms import oru
 
     kind = msg.message_type
-    trigger = msg.trigger
-    supported = DFT_TRIGGERS if kind == "DFT" else BAR_TRIGGERS
-    if trigger not in supported:
-        raise MessageRejected(
-            f"{kind} trigger {redact.trigger(trigger) if trigger else '(empty)'} is not supported "
-            f"(supported: {', '.join(sorted(supported))})",
-            code="201",
-            location=Location("MSH", 1, 9, None, 2),
-        )
+    trigger = supported_trigger(msg, DFT_TRIGGERS if kind == "DFT" else BAR_TRIGGERS)
     patients = _split(msg, "PID")
     if not any(seg.name == "PID" for seg in patients[0]):
         raise ConversionError(f"{kind} message has no PID segment", code="100", location=Location("PID", 1))

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import redact
-from engine.errors import ConversionError, Location, MessageRejected
+from engine.errors import ConversionError, Location
 from engine.hl7 import Message, Rep, Segment
-from transforms.bundle import ConvertContext
+from transforms.bundle import ConvertContext, supported_trigger
 from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, quantity, unsigned_int, xcn
 
 JSON = dict[str, Any]
@@ -440,15 +439,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     from transforms import oru
 
     kind = msg.message_type
-    trigger = msg.trigger
-    supported = RDE_TRIGGERS if kind == "RDE" else RDS_TRIGGERS
-    if trigger not in supported:
-        raise MessageRejected(
-            f"{kind} trigger {redact.trigger(trigger) if trigger else '(empty)'} is not supported "
-            f"(supported: {', '.join(sorted(supported))})",
-            code="201",
-            location=Location("MSH", 1, 9, None, 2),
-        )
+    supported_trigger(msg, RDE_TRIGGERS if kind == "RDE" else RDS_TRIGGERS)
     pid = msg.first("PID")
     if pid is None:
         raise ConversionError(

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import redact
-from engine.errors import ConversionError, Location, MessageRejected
+from engine.errors import ConversionError, Location
 from engine.hl7 import Message, Segment
-from transforms.bundle import ConvertContext
+from transforms.bundle import ConvertContext, supported_trigger
 from transforms.datatypes import (
     NPI_SYSTEM,
     V2_TABLE,
@@ -110,14 +109,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     """REF^I12 / I13 / I14 → entries in ``ctx``."""
     from transforms import adt, orm, oru
 
-    trigger = msg.trigger
-    if trigger not in TRIGGERS:
-        raise MessageRejected(
-            f"REF trigger {redact.trigger(trigger) if trigger else '(empty)'} is not supported "
-            f"(supported: {', '.join(sorted(TRIGGERS))})",
-            code="201",
-            location=Location("MSH", 1, 9, None, 2),
-        )
+    trigger = supported_trigger(msg, TRIGGERS)
     rf1 = msg.first("RF1")
     if rf1 is None:
         raise ConversionError(
