@@ -11,15 +11,17 @@ channel's base directory, then to ``transforms/maps/``).  See ``docs/mapping.md`
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from engine.errors import ConfigError
+
+S = TypeVar("S")
 
 MAPS_DIR = Path(__file__).resolve().parent / "maps"
 
@@ -69,14 +71,7 @@ class ConvertSettings:
     strictness: str = "lenient"
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "_zone", ZoneInfo(self.site_tz))
-        except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
-            raise ConfigError(
-                f"unknown time zone {self.site_tz!r}",
-                key="site_tz",
-                hint="use an IANA zone name such as America/Los_Angeles or Europe/Berlin",
-            ) from exc
+        object.__setattr__(self, "_zone", site_zone(self.site_tz))
 
     @property
     def hd_cache(self) -> dict[tuple[str, str, str], tuple[str | None, str]]:
@@ -107,23 +102,55 @@ class ConvertSettings:
                 key="options",
                 hint="write the options as key: value pairs",
             )
-        known = {f.name for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in options.items():
-            if key not in known:
-                raise ConfigError(
-                    f"unknown hl7-to-fhir option {key!r}",
-                    file=config_file,
-                    key=f"options.{key}",
-                    hint="valid options: " + ", ".join(sorted(known)),
-                )
-            kwargs[key] = _check(key, value, base_dir, config_file)
-        try:
-            return cls(**kwargs)
-        except ConfigError as exc:
+        return build_settings(
+            cls,
+            options,
+            "hl7-to-fhir",
+            config_file,
+            "options",
+            lambda key, value, _where: _check(key, value, base_dir, config_file),
+        )
+
+
+def site_zone(name: str) -> ZoneInfo:
+    """The IANA zone ``name`` (a settings' ``site_tz``); ``ConfigError`` at key ``site_tz`` when unknown."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"unknown time zone {name!r}",
+            key="site_tz",
+            hint="use an IANA zone name such as America/Los_Angeles or Europe/Berlin",
+        ) from exc
+
+
+def build_settings(
+    cls: Callable[..., S],
+    options: Mapping[str, Any],
+    step: str,
+    config_file: str,
+    prefix: str,
+    check: Callable[[str, Any, str], Any],
+) -> S:
+    """A frozen settings dataclass from a step's options: every key a field of ``cls`` (else ``ConfigError``
+    listing the valid ones), every value through ``check(name, value, where)``; errors located at
+    ``<prefix>.<name>`` in ``config_file``."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for name, value in options.items():
+        where = f"{prefix}.{name}"
+        if name not in known:
             raise ConfigError(
-                exc.message, file=config_file, key=f"options.{exc.key}", hint=exc.hint
-            ) from None
+                f"unknown {step} option {name!r}",
+                file=config_file,
+                key=where,
+                hint="valid options: " + ", ".join(sorted(known)),
+            )
+        kwargs[name] = check(name, value, where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, file=config_file, key=f"{prefix}.{exc.key}", hint=exc.hint) from None
 
 
 def _check(key: str, value: Any, base_dir: Path, config_file: str) -> Any:

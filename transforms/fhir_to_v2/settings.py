@@ -7,12 +7,13 @@ a bad value is a :class:`engine.errors.ConfigError` naming the file, the key and
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from engine.errors import ConfigError
 from engine.hl7 import CHARSETS
+from transforms.settings import build_settings, site_zone
 
 VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8")
 
@@ -39,14 +40,7 @@ class WritebackSettings:
     time_offsets: bool = True
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "_zone", ZoneInfo(self.site_tz))
-        except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
-            raise ConfigError(
-                f"unknown time zone {self.site_tz!r}",
-                key="site_tz",
-                hint="use an IANA zone name such as America/Los_Angeles or Europe/Berlin",
-            ) from exc
+        object.__setattr__(self, "_zone", site_zone(self.site_tz))
 
     @property
     def zone(self) -> ZoneInfo:
@@ -65,23 +59,14 @@ class WritebackSettings:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None, config_file: str, key: str) -> WritebackSettings:
-        opts = dict(options or {})
-        known = {f.name for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for name, value in opts.items():
-            where = f"{key}.{name}"
-            if name not in known:
-                raise ConfigError(
-                    f"unknown fhir-to-hl7 option {name!r}",
-                    file=config_file,
-                    key=where,
-                    hint="valid options: " + ", ".join(sorted(known)),
-                )
-            kwargs[name] = _check(name, value, config_file, where)
-        try:
-            return cls(**kwargs)
-        except ConfigError as exc:
-            raise ConfigError(exc.message, file=config_file, key=f"{key}.{exc.key}", hint=exc.hint) from None
+        return build_settings(
+            cls,
+            dict(options or {}),
+            "fhir-to-hl7",
+            config_file,
+            key,
+            lambda name, value, where: _check(name, value, config_file, where),
+        )
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
