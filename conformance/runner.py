@@ -18,6 +18,11 @@ Every message ends in exactly one outcome:
 Where ``<dir>/expected/<stem>-expected.json`` sits next to a single-message file (the layout of
 Microsoft FHIR-Converter's samples), the Bundle is scored field by field with
 :mod:`conformance.score`.  ``main`` exits 1 on any failure, 2 on a usage error, else 0.
+
+Messages are converted as a channel with the shipped defaults converts them: bytes that are UTF-8 under a
+single-byte MSH-18 are decoded as UTF-8 (``source.utf8_fallback``), and a bad value in a field that is
+not a key is dropped (``strictness: lenient``).  What that changed or dropped is the message's located
+warnings (kind and text, never values): counted per message and per kind, listed in the report.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from conformance.score import CATEGORIES, RULES, Score, score_bundles
 from engine.errors import SluiceError
-from engine.hl7 import Message, parse_bytes
+from engine.hl7 import Message, charset_fallback_warning, parse_bytes, utf8_mislabelled
 
 if TYPE_CHECKING:
+    from transforms.bundle import Conversion
     from transforms.settings import ConvertSettings
 
-ConvertFn = Callable[[Message, "ConvertSettings"], dict[str, Any]]
+ConvertFn = Callable[[Message, "ConvertSettings"], "dict[str, Any] | Conversion"]
+"""A converter: the Bundle, or a :class:`transforms.bundle.Conversion` (the Bundle with its warnings)."""
 
 HL7_EXTENSIONS = frozenset({".hl7", ".hl7v2", ".er7"})
 """Always treated as HL7 (a file that is not HL7 gives a located parse error)."""
@@ -68,6 +75,7 @@ class MessageResult:
     problems: list[str] = field(default_factory=list)  # validation problems / traceback lines
     score: Score | None = None
     expected: str = ""  # expected bundle used for scoring (relative path)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (kind, located text), never values
 
     @property
     def name(self) -> str:
@@ -96,6 +104,11 @@ class Summary:
     @property
     def scored_files(self) -> int:
         return sum(1 for r in self.results if r.score is not None)
+
+    @property
+    def warning_kinds(self) -> Counter[str]:
+        """Warnings of the converted messages, by kind."""
+        return Counter(kind for r in self.results for kind, _text in r.warnings)
 
 
 # ----------------------------------------------------------------------------- finding and splitting
@@ -280,9 +293,9 @@ def validate_bundle(bundle: Any) -> list[str]:
 
 # ----------------------------------------------------------------------------- converting
 def _default_convert() -> ConvertFn:
-    from transforms.convert import convert
+    from transforms.convert import convert_report
 
-    return convert
+    return convert_report
 
 
 def _default_settings() -> ConvertSettings:
@@ -320,12 +333,15 @@ def _message_type(msg: Message | None, raw: bytes) -> str:
 def convert_one(
     raw: bytes, result: MessageResult, convert_fn: ConvertFn, settings: ConvertSettings
 ) -> dict[str, Any] | None:
-    """Parse, convert and validate one message into ``result``; the Bundle when it converted."""
+    """Parse, convert and validate one message into ``result``; the Bundle when it converted.
+
+    As a channel with the shipped defaults: UTF-8 bytes under a single-byte MSH-18 decoded as UTF-8 (a
+    ``charset_fallback`` warning), then the conversion's own warnings (``settings.strictness``)."""
     msg: Message | None = None
     try:
-        msg = parse_bytes(raw)
+        msg = parse_bytes(raw, utf8_fallback=True)
         result.message_type = _message_type(msg, raw)
-        bundle = convert_fn(msg, settings)
+        converted = convert_fn(msg, settings)
     except SluiceError as exc:
         result.message_type = _message_type(msg, raw)
         cause = _internal_cause(exc)
@@ -347,6 +363,13 @@ def convert_one(
         result.detail = f"{type(exc).__name__}: {exc}"
         result.problems = _tb_lines(exc)
         return None
+    if utf8_mislabelled(raw):
+        result.warnings.append(charset_fallback_warning(raw))
+    if isinstance(converted, dict):
+        bundle = converted
+    else:
+        bundle = converted.bundle
+        result.warnings.extend(zip(converted.warning_kinds, converted.warnings, strict=True))
     try:
         problems = validate_bundle(bundle)
     except Exception as exc:  # the validator itself failed: report, do not hide
@@ -450,6 +473,7 @@ def _row(r: MessageResult) -> list[str]:
         r.name,
         r.message_type,
         r.outcome,
+        str(len(r.warnings)) if r.warnings else "",
         str(s.compared) if s else "",
         str(s.agreeing) if s else "",
         str(s.explained) if s else "",
@@ -458,7 +482,17 @@ def _row(r: MessageResult) -> list[str]:
     ]
 
 
-HEAD = ["file", "type", "outcome", "compared", "agreeing", "explained", "raw", "explained agreement"]
+HEAD = [
+    "file",
+    "type",
+    "outcome",
+    "warnings",
+    "compared",
+    "agreeing",
+    "explained",
+    "raw",
+    "explained agreement",
+]
 
 
 def print_table(summary: Summary, out: TextIO | None = None, show_diffs: bool = False) -> None:
@@ -481,6 +515,8 @@ def print_table(summary: Summary, out: TextIO | None = None, show_diffs: bool = 
         + ", ".join(f"{counts.get(o, 0)} {o}" for o in OUTCOMES),
         file=out,
     )
+    if summary.warning_kinds:
+        print(warnings_line(summary), file=out)
     print(agreement_line(total, summary.scored_files), file=out)
     if total.compared:
         excused = total.explained_by
@@ -497,6 +533,15 @@ def print_table(summary: Summary, out: TextIO | None = None, show_diffs: bool = 
             print(f"    {line}", file=out)
     if show_diffs:
         print_diffs(total, out)
+
+
+def warnings_line(summary: Summary) -> str:
+    """How many converted messages carry warnings (what a lenient channel dropped or changed), by kind."""
+    kinds = summary.warning_kinds
+    messages = sum(1 for r in summary.results if r.warnings)
+    return f"{sum(kinds.values())} warning(s) on {messages} converted message(s), by kind: " + ", ".join(
+        f"{k} {n}" for k, n in sorted(kinds.items())
+    )
 
 
 def agreement_line(total: Score, files: int) -> str:
@@ -558,7 +603,7 @@ def render_markdown(summary: Summary) -> str:
     add("")
     add("## Per file\n")
     add("| " + " | ".join(HEAD) + " | detail |")
-    add("|---|---|---|---:|---:|---:|---:|---:|---|")
+    add("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in summary.results:
         detail = r.detail if r.outcome != "valid" else ""
         if r.location:
@@ -576,6 +621,18 @@ def render_markdown(summary: Summary) -> str:
             add("```")
             add("\n".join(r.problems[:40]))
             add("```\n")
+    warned = [r for r in summary.results if r.warnings]
+    add("## Warnings (converted, as a lenient channel with the shipped defaults converts)\n")
+    if not warned:
+        add("None.\n")
+    else:
+        add(warnings_line(summary) + "\n")
+        add("| file | type | kind | warning |")
+        add("|---|---|---|---|")
+        for r in warned:
+            for kind, text in r.warnings:
+                add(f"| {_md(r.name)} | {_md(r.message_type)} | {kind} | {_md(text)} |")
+        add("")
     located = [r for r in summary.results if r.outcome == "error"]
     add("## Located errors\n")
     if not located:

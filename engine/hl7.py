@@ -159,6 +159,18 @@ def utf8_mislabelled(raw: bytes) -> bool:
     return True
 
 
+def charset_fallback_warning(raw: bytes) -> tuple[str, str]:
+    """The (kind, text) warning kept with a message :func:`decode` read as UTF-8 under ``utf8_fallback``
+    although MSH-18 declares a single-byte charset (:func:`utf8_mislabelled`); the charset name redacted."""
+    declared = sniff_charset(raw)
+    said = f"declares {redact.charset(declared)}" if declared else "declares no character set (ASCII)"
+    return (
+        "charset_fallback",
+        f"MSH-18: the message {said} but its bytes are UTF-8 (multi-byte sequences); decoded as UTF-8 "
+        "(turn off with the channel's source.utf8_fallback: false)",
+    )
+
+
 def decode(raw: bytes, fallback: str = "latin-1", utf8_fallback: bool = False) -> str:
     """Decode message bytes by MSH-18; the raw bytes stay untouched in the store.
 

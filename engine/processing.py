@@ -17,7 +17,7 @@ from engine import redact, writeback
 from engine.config import ChannelConfig, Config
 from engine.destinations.base import CONTENT_HL7
 from engine.errors import Location, MessageContentError, SluiceError
-from engine.hl7 import Message, parse_bytes, sniff_charset, utf8_mislabelled
+from engine.hl7 import Message, charset_fallback_warning, parse_bytes, utf8_mislabelled
 from engine.intake import Output, ProcessResult
 from engine.pipeline import Pipeline, Predicate, StageContext, Work
 from engine.sources import resources
@@ -63,17 +63,6 @@ def _raised_at(exc: BaseException) -> str:
         tb = tb.tb_next
     code = tb.tb_frame.f_code
     return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name}"
-
-
-def _charset_warning(raw: bytes) -> list[str]:
-    """The stored (kind, text) of a message decoded as UTF-8 despite its single-byte MSH-18."""
-    declared = sniff_charset(raw)
-    said = f"declares {redact.charset(declared)}" if declared else "declares no character set (ASCII)"
-    return [
-        "charset_fallback",
-        f"MSH-18: the message {said} but its bytes are UTF-8 (multi-byte sequences); decoded as UTF-8 "
-        "(turn off with the channel's source.utf8_fallback: false)",
-    ]
 
 
 class ChannelRuntime:
@@ -167,7 +156,7 @@ class ChannelRuntime:
             facts["writeback"] = {**facts["writeback"], "message_id": message_id}
         if content_type == CONTENT_HL7 and self.channel.source.utf8_fallback and utf8_mislabelled(raw):
             # decoded as UTF-8 at intake and above (engine.hl7.decode): said once, first, with the message
-            facts["warnings"] = [_charset_warning(raw), *facts.get("warnings", ())]
+            facts["warnings"] = [list(charset_fallback_warning(raw)), *facts.get("warnings", ())]
         output = Output(
             out.payload, out.content_type, {k: str(v) for k, v in out.meta.items()}, facts, routes
         )

@@ -164,6 +164,41 @@ def test_scoring_against_expected_bundle(tmp_path: Path) -> None:
     assert total.diffs[0].file == "ADT-X.hl7"
 
 
+def test_converts_as_a_default_channel_utf8_fallback_and_warnings_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """UTF-8 bytes under MSH-18 ASCII (the IG's own ORM/OML test messages) convert, as a channel with the
+    shipped defaults (source.utf8_fallback) converts them, with a charset_fallback warning; a bad date in a
+    field that is not a key is dropped (strictness lenient) with a located warning; both counted."""
+    head = "MSH|^~\\&|SENDAPP|SENDFAC|RECVAPP|RECVFAC|20240101120000||ADT^A01^ADT_A01|{ctl}|P|2.5||||||ASCII"
+    pid = "PID|1||MRN{n}^^^HOSP^MR||TESTPERSON^{given}||{dob}|F"
+    zoe = "ZO\u00cb"
+    (tmp_path / "utf8.hl7").write_bytes(
+        f"{head.format(ctl='U1')}\r{pid.format(n=1, given=zoe, dob='19800203')}".encode()
+    )
+    (tmp_path / "baddate.hl7").write_bytes(
+        f"{head.format(ctl='B1')}\r{pid.format(n=2, given='ZOE', dob='1980x')}".encode()
+    )
+    latin1 = f"{head.format(ctl='L1')}\r{pid.format(n=3, given=zoe, dob='19800203')}"
+    (tmp_path / "latin1.hl7").write_bytes(latin1.encode("latin-1"))
+    summary = run(tmp_path)
+    results = by_name(summary)
+    assert results["utf8.hl7"].outcome == "valid", results["utf8.hl7"].detail
+    assert [k for k, _t in results["utf8.hl7"].warnings] == ["charset_fallback"]
+    assert "MSH-18" in results["utf8.hl7"].warnings[0][1]
+    assert results["baddate.hl7"].outcome == "valid", results["baddate.hl7"].detail
+    assert [k for k, _t in results["baddate.hl7"].warnings] == ["field_dropped"]
+    assert results["baddate.hl7"].warnings[0][1].startswith("PID-7")
+    # bytes that are not UTF-8 under a declared ASCII stay a located rejection
+    assert results["latin1.hl7"].outcome == "error" and results["latin1.hl7"].location == "MSH-18"
+    assert summary.warning_kinds == {"charset_fallback": 1, "field_dropped": 1}
+    runner.print_table(summary)
+    out = capsys.readouterr().out
+    assert "2 warning(s) on 2 converted message(s), by kind: charset_fallback 1, field_dropped 1" in out
+    report = runner.render_markdown(summary)
+    assert "| baddate.hl7 | ADT^A01 | field_dropped | PID-7:" in report
+
+
 def test_main_exit_codes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
