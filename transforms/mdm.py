@@ -78,7 +78,11 @@ def _text_content(obxs: list[Segment]) -> str | None:
 
 
 def content(obxs: list[Segment], ctx: ConvertContext, txa: Segment) -> list[JSON]:
-    """OBX → DocumentReference.content (IG OBX[DocumentReference])."""
+    """OBX → DocumentReference.content (IG OBX[DocumentReference]).
+
+    An ED whose data is not valid in its encoding (OBX-5.4) is, under ``strictness: lenient``, left out with a
+    located warning (``document_attachment_dropped``) when the document has other content (text, another
+    attachment); when it is the only content the message is rejected in both modes (no silent loss)."""
     from transforms import oru
 
     out: list[JSON] = []
@@ -89,17 +93,37 @@ def content(obxs: list[Segment], ctx: ConvertContext, txa: Segment) -> list[JSON
             "data": base64.b64encode(text.encode("utf-8")).decode("ascii"),
         }
         out.append({"attachment": att})
+    lenient = ctx.settings.strictness == "lenient"
+    bad: list[ConversionError] = []  # lenient: attachments whose data is not what OBX-5.4 says
     for obx in obxs:
         vtype = obx.get(2).strip().upper()
         if vtype == "ED":
             for rep in obx.reps(5):
-                if rep and (a := oru.attachment(rep, obx, ctx)) is not None:
+                if not rep:
+                    continue
+                try:
+                    a = oru.attachment(rep, obx, ctx)
+                except ConversionError as exc:
+                    if not lenient or exc.hl7_error != "102":
+                        raise
+                    bad.append(exc)
+                    continue
+                if a is not None:
                     out.append({"attachment": a})
         elif vtype == "RP":
             for rep in obx.reps(5):
                 url = rep.c(1).strip()
                 if url:
                     out.append({"attachment": {"url": url}})
+    if bad and not out:
+        raise bad[0]  # the bad attachment is the document's only content: nothing to file without it
+    for err in bad:
+        ctx.warn(
+            "document_attachment_dropped",
+            err.location,
+            f"{err.message}: this attachment was left out of the document, which keeps its other content "
+            "(channel strictness: lenient); send the data in the encoding OBX-5.4 names",
+        )
     return out
 
 

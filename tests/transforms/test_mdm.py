@@ -133,3 +133,35 @@ def test_common_order_becomes_a_service_request_in_context_related() -> None:
     assert doc["context"]["related"] == [{"reference": sr["fullUrl"]}]
     # the OBX after TXA are the document, not results: no Observation
     assert not [e for e in b["entry"] if e["resource"]["resourceType"] == "Observation"]
+
+
+BAD_ED = "OBX|2|ED|11502-2^Report PDF^LN||^AP^PDF^Base64^<Base64 encoded>||||||F"
+
+
+def test_bad_attachment_next_to_text_is_dropped_with_a_located_warning_when_lenient() -> None:
+    from transforms.convert import convert_report
+
+    m = msg(
+        MSH.format("T02"), PID, TXA.format(number=DOC, parent="", completion="AU", avail="AV"), OBX, BAD_ED
+    )
+    r = convert_report(m, golden_settings())
+    _, doc = _doc(r.bundle)
+    assert [c["attachment"]["contentType"] for c in doc["content"]] == ["text/plain; charset=utf-8"]
+    assert r.events["document_attachment_dropped"] == 1
+    (warning,) = [
+        w for w, k in zip(r.warnings, r.warning_kinds, strict=True) if k == "document_attachment_dropped"
+    ]
+    assert warning.startswith("OBX(2)-5.5: OBX-5.5 is not valid base64 data: this attachment was left out")
+    with pytest.raises(ConversionError) as exc:  # strict: rejected as before
+        convert_report(m, golden_settings(strictness="strict"))
+    assert exc.value.hl7_error == "102" and str(exc.value.location) == "OBX(2)-5.5"
+
+
+def test_bad_attachment_that_is_the_only_content_rejects_the_message_in_both_modes() -> None:
+    from transforms.convert import convert_report
+
+    m = msg(MSH.format("T02"), PID, TXA.format(number=DOC, parent="", completion="AU", avail="AV"), BAD_ED)
+    for mode in ("lenient", "strict"):
+        with pytest.raises(ConversionError) as exc:
+            convert_report(m, golden_settings(strictness=mode))
+        assert exc.value.hl7_error == "102" and str(exc.value.location) == "OBX-5.5"
