@@ -40,6 +40,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from conformance import igmaps
+
 SCORED_TYPES: tuple[str, ...] = (
     "Patient",
     "Encounter",
@@ -887,40 +889,12 @@ def match_resources(
     return [(e, ours[result[i]] if i in result else None) for i, e in enumerate(expected)]
 
 
-IG_UNMAPPED_SEGMENTS: frozenset[str] = frozenset(
-    {
-        "ARV",
-        "UAC",
-        "OH1",
-        "OH2",
-        "OH3",
-        "OH4",
-        "DB1",
-        "DRG",
-        "GT1",
-        "IN2",
-        "AUT",
-        "RF1",
-        "ACC",
-        "UB1",
-        "UB2",
-        "PDA",
-        "RGS",
-        "TQ2",
-        "CTD",
-        "CTI",
-        "DSC",
-        "TXA",
-        "CON",
-    }
-)
-"""Segments the HL7 V2-to-FHIR IG's message maps (ADT_A01..., ORU_R01, SIU_S12, MDM_T02) give no FHIR target
-(IAM and FT1 are not among them: the IG maps IAM → AllergyIntolerance and FT1 → ChargeItem, and so does Sluice).
-
-The MS converter maps several of them anyway (GT1 → a RelatedPerson and Patient identifiers, IN2 →
-Patient identifiers and names, DB1 → identifiers, PDA/ACC → Observations, RF1 → ServiceRequest).  A
-reference value found *only* in such segments is explained ("outside the IG's message map"), never
-counted as agreeing."""
+# The segments the IG's message maps leave without a FHIR target, per message structure: conformance/igmaps.py
+# (read from the IG's CSVs).  The MS converter maps several of them anyway (GT1 → a RelatedPerson and Patient
+# identifiers, IN2 → Patient identifiers and names, DB1 → identifiers, PDA/ACC → Observations, RF1 →
+# ServiceRequest, FT1 of an ORM/ORU → ChargeItem, MedicationDispense).  A reference value found *only* in such
+# segments of the message (:attr:`Source.unmapped`) is explained ("outside the IG's message map"), never
+# counted as agreeing.
 
 MS_OBSERVATION_CODE_SYSTEM = "http://example.com/v2-to-fhir-converter/CodeSystem/observation-code"
 MS_SEGMENT_OBSERVATIONS: dict[str, tuple[str, int | None]] = {
@@ -942,7 +916,7 @@ UNSCORED_PRACTITIONER_FIELDS: dict[str, str] = {
 }
 """XCN fields whose IG target is a resource that is not scored (:data:`SCORED_TYPES`).  Besides these,
 a ROL of the PROCEDURE or INSURANCE group (after PR1, IN1, IN2 or IN3) has no target in the IG's
-message maps, nor has any field of :data:`IG_UNMAPPED_SEGMENTS`."""
+message maps, nor has any field of a segment the message's IG map leaves unmapped (:attr:`Source.unmapped`)."""
 
 _NO_TARGET_ROL_GROUPS = {"PR1": "PROCEDURE", "IN1": "INSURANCE", "IN2": "INSURANCE", "IN3": "INSURANCE"}
 
@@ -998,6 +972,8 @@ class Source:
     def __init__(self, text: str) -> None:
         self.tokens = source_tokens(text)
         self.reps: list[_Rep] = []
+        self.unmapped: frozenset[str] = igmaps.DEFAULT
+        """The segments the IG's map for this message's structure leaves without a target (igmaps)."""
         fs, comp, rep, sub = "|", "^", "~", "&"
         anchor = ""
         for ordinal, line in enumerate(re.split(r"[\r\n]+", text.lstrip("\ufeff"))):
@@ -1023,6 +999,9 @@ class Source:
                         self.reps.append(_Rep(name, number, ordinal, anchor, comps, tokens))
             if name not in ("ROL", "NTE"):
                 anchor = name
+        msh9 = next((r for r in self.reps if r.segment == "MSH" and r.field == 9), None)
+        if msh9 is not None:
+            self.unmapped = igmaps.unmapped_segments(msh9.comp(1).upper(), msh9.comp(2).upper(), msh9.comp(3))
 
     def find(self, value: str) -> list[_Rep]:
         """The field repetitions that carry ``value`` as a component or subcomponent."""
@@ -1078,7 +1057,7 @@ class Source:
         if "|" in v:
             v = v.rsplit("|", 1)[1]
         segs = self.tokens.get(v)
-        if not segs or not segs <= IG_UNMAPPED_SEGMENTS:
+        if not segs or not segs <= self.unmapped:
             return ""
         return f"only in {'/'.join(sorted(segs))}, which MS maps and the IG's message maps leave unmapped"
 
@@ -1088,7 +1067,7 @@ class Source:
         field of an IG-unmapped segment); "" if it occurs anywhere else, or nowhere."""
         found = set()
         for r in self.find(value):
-            if r.segment in IG_UNMAPPED_SEGMENTS:
+            if r.segment in self.unmapped:
                 found.add(f"{r.where} (segment not mapped by the IG)")
             elif r.segment == "ROL" and r.field == 4 and r.after in _NO_TARGET_ROL_GROUPS:
                 found.add(
@@ -1178,7 +1157,7 @@ class Source:
             if not isinstance(coding, dict) or coding.get("system") != MS_OBSERVATION_CODE_SYSTEM:
                 continue
             seg, number = MS_SEGMENT_OBSERVATIONS.get(str(coding.get("code")), ("", None))
-            if not seg or seg not in IG_UNMAPPED_SEGMENTS:
+            if not seg or seg not in self.unmapped:
                 continue
             if number is not None:
                 value = res.get("valueCodeableConcept")
@@ -1215,7 +1194,7 @@ def _segment_procedure(source: Source, res: Mapping[str, Any]) -> str:
         if not isinstance(coding, dict) or coding.get("system") != MS_PROCEDURE_CODE_SYSTEM:
             continue
         seg, number = MS_SEGMENT_PROCEDURES.get(str(coding.get("code")), ("", 0))
-        if not seg or seg not in IG_UNMAPPED_SEGMENTS:
+        if not seg or seg not in source.unmapped:
             continue
         for r in source.reps:
             if r.segment == seg and r.field == number and r.comp(1):

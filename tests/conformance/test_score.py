@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 from conformance.score import RULES, Score, compare_dates, norm_system, score_bundles
@@ -701,3 +702,74 @@ def test_account_outside_adt_needs_a_non_adt_message_and_pid18() -> None:
     assert s.explained == s.compared - s.agreeing > 0 and s.explained_by == {"ig-condition": s.explained}
     assert score_bundles(bundle(), ref, source=MSH_LINE + pid).explained == 0
     assert score_bundles(bundle(), ref, source=oru + pid.replace("ACC77", "OTHER")).explained == 0
+
+
+def test_ig_unmapped_segments_are_judged_per_message_structure() -> None:
+    """FT1 has no target in the IG's ORM_O01 and ORU_R01 maps, so a ChargeItem MS makes from an ORM's FT1 is
+    excused; a DFT (no IG map: the default set, without FT1) is about its FT1s, so the same ChargeItem counts
+    against us there.  IN2 goes the other way: ORM_O01 folds it into the Coverage, ADT_A01 leaves it unmapped."""
+    from conformance import igmaps
+
+    ft1 = "FT1|1|TXN-1||20250320093000|20250320101000|CG|99213^Office visit^CPT\r"
+    pid = "PID|1||MRN1^^^H^MR||DOE^ANN\r"
+    ref = bundle(CHARGE)
+    for mtype in ("ORM^O01^ORM_O01", "ORU^R01^ORU_R01", "OML^O21^OML_O21", "ORM^O01"):
+        src = f"MSH|^~\\&|A|B|C|D|20250101||{mtype}|1|P|2.5\r{pid}{ft1}"
+        s = score_bundles(bundle(), ref, source=src)
+        assert s.explained == s.compared > 0, mtype
+        assert s.explained_by == {"ig-unmapped-segment": s.compared}
+        assert "only in FT1" in s.diffs[0].explanation
+    dft = f"MSH|^~\\&|A|B|C|D|20250101||DFT^P03^DFT_P03|1|P|2.5\r{pid}{ft1}"
+    assert score_bundles(bundle(), ref, source=dft).explained == 0
+
+    in2 = "IN1|1|PLAN1\rIN2|1|123-45-6789\r"
+    patient = {"resourceType": "Patient", "identifier": [{"value": "MRN1"}, {"value": "123-45-6789"}]}
+    ours = bundle({"resourceType": "Patient", "identifier": [{"value": "MRN1"}]})
+    for mtype, explained in (("ADT^A01^ADT_A01", 1), ("ADT^A04^ADT_A01", 1), ("ORM^O01^ORM_O01", 0)):
+        src = f"MSH|^~\\&|A|B|C|D|20250101||{mtype}|1|P|2.5\r{pid}{in2}"
+        assert score_bundles(ours, bundle(patient), source=src).explained == explained, mtype
+
+    # which map a message is judged by
+    assert igmaps.structure("ADT", "A04", "ADT_A01") == "ADT_A01"
+    assert igmaps.structure("ADT", "A04", "") == "ADT_A01"  # v2.3: no MSH-9.3, table 0354
+    assert igmaps.structure("ADT", "A11", "ADT_A09") == "ADT_A11"  # the IG has a map for the event itself
+    assert igmaps.structure("SIU", "S14", "SIU_S12") == "SIU_S12"
+    assert igmaps.structure("MDM", "T01", "MDM_T01") == "MDM_T02"
+    assert igmaps.structure("DFT", "P03", "DFT_P03") == ""
+    assert igmaps.unmapped_segments("DFT", "P03", "DFT_P03") == igmaps.DEFAULT
+    assert "FT1" not in igmaps.DEFAULT and "FT1" in igmaps.unmapped_segments("ORU", "R01", "")
+    # Sluice's documented mappings beyond an IG map are never excused
+    assert "IAM" in igmaps.UNMAPPED["ADT_A01"] and "IAM" not in igmaps.unmapped_segments("ADT", "A01", "")
+
+
+def test_ig_message_maps_read_from_the_csv(tmp_path: Path) -> None:
+    """A segment is IG-unmapped in a structure when none of its rows has a Primary Target or a Segment Map;
+    group rows and headers are not segments."""
+    from conformance.igmaps import unmapped_by_structure
+
+    rows = [
+        "i,,,,,,Condition (IF True),,,HL7 FHIR,,,,Comments",
+        "Sort Order,Identifier,Syntax,Name,Min,Max,ANTLR,FHIRPath,Narrative,Primary Target,Segment Map,Refs,,",
+        "1,ORM_O01.MSH,MSH,Message Header,1,1,,,,Bundle,MSH[Bundle],,,",
+        "3,ORM_O01.PATIENT,[ ,PATIENT begin,0,1,,,,,,,,",
+        "3.5.2,ORM_O01.PATIENT.INSURANCE.IN2,[ IN2 ],Insurance,0,1,,,,Coverage[1],,,,",
+        "3.6,ORM_O01.PATIENT.GT1,[ GT1 ],Guarantor,0,1,,,,,,,,",
+        "4.2.2,ORM_O01.ORDER_DETAIL.NTE,[{ NTE }],Notes,0,-1,,,,ServiceRequest[1].note,NTE[ServiceRequest],,,",
+        "2,ORM_O01.NTE,[{ NTE }],Notes (header),0,-1,,,,,,,,",
+        "4.3,ORM_O01.ORDER.FT1,[{ FT1 }],Financial Transaction,0,-1,,,,,,,,",
+    ]
+    (tmp_path / "HL7 Message - FHIR R4_ ORM_O01 - Sheet1.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "notes.csv").write_text("not,a,map\n")
+    assert unmapped_by_structure(tmp_path) == {"ORM_O01": frozenset({"GT1", "FT1"})}
+
+
+def test_builtin_ig_maps_match_the_corpus_csvs() -> None:
+    """igmaps.BUILTIN (used where the corpus is absent) is what the IG's CSVs in the shared corpus say."""
+    from conformance import igmaps
+    from tests.support.ci import service_unavailable
+
+    directory = igmaps.corpus_dir() / igmaps.MESSAGE_MAPS
+    if not directory.is_dir():
+        service_unavailable(f"the IG's message maps are not at {directory} (set SLUICE_CORPUS)")
+    assert igmaps.unmapped_by_structure(directory) == igmaps.BUILTIN
+    assert igmaps.UNMAPPED == igmaps.BUILTIN
