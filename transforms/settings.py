@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from engine.errors import ConfigError
+from engine.suggest import did_you_mean
 
 S = TypeVar("S")
 
@@ -140,8 +141,9 @@ def build_settings(
     for name, value in options.items():
         where = f"{prefix}.{name}"
         if name not in known:
+            guess = did_you_mean(str(name), known)
             raise ConfigError(
-                f"unknown {step} option {name!r}",
+                f"unknown {step} option {name!r}" + (f" ({guess})" if guess else ""),
                 file=config_file,
                 key=where,
                 hint="valid options: " + ", ".join(sorted(known)),

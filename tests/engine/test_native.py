@@ -189,7 +189,9 @@ from engine.errors import SluiceError
 from transforms.fhir_to_v2.convert import convert
 from transforms.fhir_to_v2.settings import WritebackSettings
 from tests.transforms.test_fhir_to_v2 import APPOINTMENT
+from tests.transforms.test_fhir_to_v2_orders import ORDER
 settings = WritebackSettings(sending_facility="PORTAL", placer_system="urn:portal:appointment", charset="UNICODE UTF-8")
+oml = WritebackSettings(sending_facility="PORTAL", placer_system="urn:portal:order", order_message="OML^O21")
 patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "Testperson", "given": ["Alex"]}],
            "identifier": [{"system": "urn:oid:2.16.840.1.113883.19.999.1", "value": "MRN1"}], "birthDate": "1980-02-29"}
 order = {"resourceType": "ServiceRequest", "id": "s1", "status": "revoked", "code": {"coding": [{"system": "http://loinc.org", "code": "24323-8"}]}}
@@ -204,11 +206,14 @@ cases = {
     "actor_text": {**APPOINTMENT, "participant": [{"actor": "Patient/p1"}]},
     "bad_identifier": {**APPOINTMENT, "identifier": [{"system": "urn:portal:appointment", "value": 7}]},
     "no_type": {"id": "x"},
+    "oml": (ORDER, oml),
+    "oml_bad_specimen": ({**ORDER, "specimen": [{"reference": "#spec1"}, "Specimen/x"]}, oml),
 }
 out = {"reason": engine.native.REASON, "siu_file": transforms.fhir_to_v2.siu.__file__, "outcomes": {}}
-for name, res in cases.items():
+for name, case in cases.items():
+    res, with_settings = case if isinstance(case, tuple) else (case, settings)
     try:
-        o = convert(res, settings, now="2026-12-04T10:00:00Z")
+        o = convert(res, with_settings, now="2026-12-04T10:00:00Z")
         out["outcomes"][name] = {"kind": "ok", "key": o.key, "state": o.state, "content": o.content,
                                  "variants": {k: v.decode() for k, v in o.variants.items()}}
     except SluiceError as exc:
@@ -252,5 +257,7 @@ def test_pure_build_writes_hl7_identically() -> None:
         "actor_text": "error",
         "bad_identifier": "ok",
         "no_type": "error",
+        "oml": "ok",
+        "oml_bad_specimen": "ok",
     }
     assert installed["outcomes"] == pure["outcomes"]

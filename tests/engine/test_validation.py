@@ -23,6 +23,8 @@ from tests.support.polling import wait_for
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = sorted((ROOT / "tests" / "transforms" / "messages").glob("*.hl7"))
 SAMPLES = sorted((ROOT / "tests" / "engine" / "samples").glob("*.hl7"))
+# what fhir-to-hl7 writes (tests/transforms/test_fhir_to_v2_orders.py keeps these goldens)
+WRITTEN = sorted((ROOT / "tests" / "transforms" / "expected" / "fhir_to_v2").glob("*.hl7"))
 
 # Synthetic values that must never show up in a reason (no PHI in reasons or logs).
 VALUES = ("Validatee", "MRN7731", "19611122", "Elm Street")
@@ -54,7 +56,7 @@ def failure(text: str) -> MessageContentError:
 
 
 # ----------------------------------------------------------------------------- the check
-@pytest.mark.parametrize("path", GOLDEN + SAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", GOLDEN + SAMPLES + WRITTEN, ids=lambda p: p.name)
 def test_the_repository_messages_have_a_valid_structure(path: Path) -> None:
     check_structure(hl7.parse(path.read_text()))
 

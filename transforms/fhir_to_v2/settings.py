@@ -13,9 +13,12 @@ from zoneinfo import ZoneInfo
 
 from engine.errors import ConfigError
 from engine.hl7 import CHARSETS
+from engine.suggest import did_you_mean
 from transforms.settings import build_settings, site_zone
 
 VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8")
+# What a ServiceRequest becomes (transforms/fhir_to_v2/orm.py)
+ORDER_MESSAGES = ("ORM^O01", "OML^O21")
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,17 @@ class WritebackSettings:
     site_tz: str = "America/Los_Angeles"
     # Times carry the site zone's offset (20261210090000-0800); false = local site time without offset
     time_offsets: bool = True
+    # The message a ServiceRequest becomes: ORM^O01 or OML^O21 (one of ORDER_MESSAGES)
+    order_message: str = "ORM^O01"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_zone", site_zone(self.site_tz))
+        if self.order_message == "OML^O21" and _version_tuple(self.version) < (2, 4):
+            raise ConfigError(
+                f"OML^O21 does not exist in HL7 v{self.version} (it is defined from v2.4 on)",
+                key="order_message",
+                hint="set version: 2.5.1 (or 2.4 and later), or order_message: ORM^O01",
+            )
 
     @property
     def zone(self) -> ZoneInfo:
@@ -85,6 +96,14 @@ def _check(name: str, value: Any, config_file: str, where: str) -> Any:
         value = str(value)
         if value not in VERSIONS:
             raise bad(f"HL7 version {value!r} is not supported", "use one of: " + ", ".join(VERSIONS))
+        return value
+    if name == "order_message":
+        if value not in ORDER_MESSAGES:
+            guess = did_you_mean(str(value), ORDER_MESSAGES)
+            raise bad(
+                f"{value!r} is not an order message fhir-to-hl7 writes" + (f" ({guess})" if guess else ""),
+                "use one of: " + ", ".join(ORDER_MESSAGES),
+            )
         return value
     if name == "charset":
         if not isinstance(value, str) or value.upper() not in CHARSETS:
