@@ -279,7 +279,9 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         from transforms import dft
 
         for pr1 in msg.all("PR1"):
-            dft.procedure(pr1, ctx, patient_key, enc_ref)  # IG ADT_A01 PROCEDURE: PR1[Procedure]
+            # IG ADT_A01 PROCEDURE: PR1[Procedure]; an ADT does not say whether a listed procedure was done
+            # (a pre-admit lists planned ones): the IG's "if not clear, use unknown"
+            dft.procedure(pr1, ctx, patient_key, enc_ref, "unknown")
     if enc_ref and conditions:
         enc = ctx.find(enc_ref)
         if enc is not None:

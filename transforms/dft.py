@@ -33,6 +33,14 @@ CLOSING_TRIGGERS = frozenset({"P02", "P06"})
 CHARGE_STATUS = "billable"
 CHARGE_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0017"
 PROCEDURE_ACTION_DELETE = "D"
+SNOMED = "http://snomed.info/sct"
+# IG PR1[Procedure]: performer[1] PR1-8 anesthesiologist (SNOMED 88189002), performer[2] PR1-11 surgeon
+# (304292004), performer[3] PR1-12 procedure practitioner (the IG gives it no function: less specific)
+PERFORMER_FUNCTION: tuple[tuple[int, str, str], ...] = (
+    (8, "88189002", "Anesthesiologist"),
+    (11, "304292004", "Surgeon"),
+    (12, "", ""),
+)
 
 
 def _split(msg: Message, name: str) -> list[list[Segment]]:
@@ -71,8 +79,12 @@ def _money(rep: Rep) -> JSON | None:
 
 
 # ---------------------------------------------------------------------------
-def procedure(pr1: Segment, ctx: ConvertContext, patient_key: str, enc: str | None) -> str | None:
-    """PR1 → Procedure (IG PR1[Procedure]); PR1-20 ``D`` → entered-in-error on the same resource."""
+def procedure(
+    pr1: Segment, ctx: ConvertContext, patient_key: str, enc: str | None, status: str = "completed"
+) -> str | None:
+    """PR1 → Procedure (IG PR1[Procedure]) with ``status`` (the IG leaves it to the message context: a billed
+    procedure was done; an ADT does not say, so its caller passes ``unknown``); PR1-20 ``D`` →
+    entered-in-error on the same resource."""
     code = cwe(pr1.rep(3), ctx, pr1.loc(3), field="PR1-3")
     desc = pr1.get(4).strip()
     if code is None and desc:
@@ -87,7 +99,7 @@ def procedure(pr1: Segment, ctx: ConvertContext, patient_key: str, enc: str | No
     if ident is not None:
         res["identifier"] = [ident]
     deleted = pr1.get(20).strip().upper() == PROCEDURE_ACTION_DELETE
-    res["status"] = "entered-in-error" if deleted else "completed"
+    res["status"] = "entered-in-error" if deleted else status
     if pr1.rep(6) and (category := cwe(pr1.rep(6), ctx, pr1.loc(6))):
         for coding in category.get("coding", ()):
             coding.setdefault("system", V2_TABLE + "0230")  # PR1-6 procedure functional type
@@ -101,15 +113,23 @@ def procedure(pr1: Segment, ctx: ConvertContext, patient_key: str, enc: str | No
     if when:
         res["performedDateTime"] = dtm_at(when, ctx.settings, pr1, 5)
     performers: list[JSON] = []
-    for field in (11, 8, 12):  # surgeon, anesthesiologist, procedure practitioner (deprecated v2.6+: ROL)
+    for field, function, display in PERFORMER_FUNCTION:  # PR1-12 is deprecated in v2.6+ (ROL)
         for i, rep in enumerate(pr1.reps(field), start=1):
             who = xcn(rep, ctx, Location("PR1", pr1.sequence, field, i))
-            if who is not None and "reference" in who:
-                performers.append({"actor": who})
+            if who is None or "reference" not in who:
+                continue
+            performer: JSON = {"actor": who}
+            if function:
+                performer["function"] = {"coding": [{"system": SNOMED, "code": function, "display": display}]}
+            performers.append(performer)
     if performers:
         res["performer"] = performers
     if pr1.rep(15) and (reason := cwe(pr1.rep(15), ctx, pr1.loc(15))):
         res["reasonCode"] = [reason]
+    if pr1.rep(25) and (parent := ei(pr1.rep(25), ctx, pr1.loc(25))):
+        # IG: partOf the Procedure whose identifier is PR1-25; a logical reference (Reference.identifier): the
+        # parent may be sent in another message, or never
+        res["partOf"] = [{"identifier": parent}]
     if ident is not None and "system" in ident:
         return ctx.add("Procedure", res, identifier=(ident["system"], ident["value"]))
     first = (code.get("coding") or [{}])[0]

@@ -397,3 +397,26 @@ def test_in1_37_policy_deductible_becomes_cost_to_beneficiary() -> None:
     (cov,) = resources(bad.bundle, "Coverage")
     assert "costToBeneficiary" not in cov
     assert any("IN1" in w and "deductible" in w for w in bad.warnings)
+
+
+def test_pr1_procedure_per_the_ig() -> None:
+    """IG PR1[Procedure] in an ADT: status unknown (the IG's "if not clear"; an ADT does not say whether a listed
+    procedure was done), performer functions SNOMED 88189002 (PR1-8) / 304292004 (PR1-11) and none for PR1-12,
+    PR1-25 → partOf by identifier; PR1-20 D still entered-in-error."""
+    pr1 = "PR1|1||76164006^Biopsy^SCT||20250401114000|||AN1^GAS^ANA|||SU1^CUT^SAM|PP1^DOE^PAT|||||||PR-6||||||PR-1"
+    m = msg(ADT_BASE, "PID|1||MRN1^^^HOSP^MR||DOE^JO", "PV1|1|I|||||||||||||||||V1^^^VISITS^VN", pr1)
+    bundle = convert(m, golden_settings())
+    validate_resources(bundle)
+    (proc,) = resources(bundle, "Procedure")
+    assert proc["status"] == "unknown"
+    functions = [p.get("function", {}).get("coding", [{}])[0].get("code") for p in proc["performer"]]
+    assert functions == ["88189002", "304292004", None]
+    assert all(
+        p["function"]["coding"][0]["system"] == "http://snomed.info/sct" for p in proc["performer"][:2]
+    )
+    assert proc["partOf"] == [{"identifier": {"value": "PR-1"}}]
+    deleted = convert(
+        msg(ADT_BASE, "PID|1||MRN1^^^HOSP^MR||DOE^JO", pr1.replace("PR-6|", "PR-6|D|")), golden_settings()
+    )
+    (proc,) = resources(deleted, "Procedure")
+    assert proc["status"] == "entered-in-error"
