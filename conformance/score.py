@@ -112,6 +112,12 @@ RULES: dict[str, str] = {
     "which the IG's message maps leave unmapped",
     "ms-merged-mother": "MS puts the PID-21 mother's identifier and relationship MTH on the NK1's "
     "RelatedPerson; Sluice makes the mother a RelatedPerson of her own (IG CX[RelatedPerson-Mother])",
+    "ms-performer-role": "Procedure.performer.function: MS's own performer-role codes for PR1-8/11/12; the IG "
+    "(PR1[Procedure]) gives SNOMED 88189002 / 304292004 for PR1-8 / PR1-11 and no function for PR1-12",
+    "ig-unmapped-rol": "Practitioner MS makes from a ROL of the PROCEDURE or INSURANCE group (no target in the "
+    "IG's message maps) and refers to from the Procedure / Coverage it makes",
+    "ms-parent-procedure": "Procedure MS makes with only the PR1-25 parent procedure id; the IG makes "
+    "Procedure.partOf of it, which Sluice writes as a reference by that identifier",
 }
 
 OBX_STATUS_IG_UNMAPPED: frozenset[str] = frozenset("BINORSUV")
@@ -920,6 +926,15 @@ message maps, nor has any field of a segment the message's IG map leaves unmappe
 
 _NO_TARGET_ROL_GROUPS = {"PR1": "PROCEDURE", "IN1": "INSURANCE", "IN2": "INSURANCE", "IN3": "INSURANCE"}
 
+MS_PERFORMER_ROLE = "http://example.com/v2-to-fhir-converter/CodeSystem/performer-role"
+MS_PERFORMER_ROLES: dict[str, tuple[int, str]] = {
+    "anesthesiologist": (8, "88189002"),
+    "surgeon": (11, "304292004"),
+    "procedure-practitioner": (12, ""),
+}
+"""MS's Procedure.performer.function code → the PR1 field it comes from and the IG's SNOMED function for that
+field (PR1[Procedure]; none for PR1-12)."""
+
 
 # ----------------------------------------------------------------------------- the source message: evidence
 def _split_hl7(text: str) -> list[list[str]]:
@@ -1078,6 +1093,53 @@ class Source:
             else:
                 return ""
         return ", ".join(sorted(found))
+
+    def only_in_no_target_rol(self, value: str) -> str:
+        """Where ``value`` occurs, when that is only in ROL-4 of a PROCEDURE or INSURANCE group (no target in the
+        IG's message maps); "" if it occurs anywhere else, or nowhere."""
+        found = set()
+        for r in self.find(value):
+            if r.segment != "ROL" or r.field != 4 or r.after not in _NO_TARGET_ROL_GROUPS:
+                return ""
+            found.add(f"ROL-4 of the {_NO_TARGET_ROL_GROUPS[r.after]} group")
+        return ", ".join(sorted(found))
+
+    def pr1_field(self, procedure: str, number: int) -> str:
+        """Where the PR1 identified by ``procedure`` (its PR1-19 id, else a PR1-3 code) has field ``number``
+        valued; "" when no such PR1 has it."""
+        v = norm_text(procedure).lower()
+        ordinals = {
+            r.ordinal
+            for r in self.reps
+            if r.segment == "PR1" and r.field in (3, 19) and r.comp(1).lower() == v and v
+        }
+        for r in self.reps:
+            if r.ordinal in ordinals and r.field == number and r.comp(1):
+                return r.where
+        return ""
+
+    def parent_procedure(self, res: Mapping[str, Any], ours: list[dict[str, Any]]) -> str:
+        """The explanation for an unproduced MS Procedure that has no code and only identifiers a PR1-25 (parent
+        procedure id) of the message gives, when Sluice's Procedure of that PR1 is ``partOf`` that identifier."""
+        if res.get("resourceType") != "Procedure" or res.get("code"):
+            return ""
+        values = {i["value"] for i in _identifiers(res)}
+        if not values:
+            return ""
+        parts = {
+            norm_text(p["identifier"].get("value"))
+            for o in ours
+            if o.get("resourceType") == "Procedure"
+            for p in _as_list(o.get("partOf"))
+            if isinstance(p, dict) and isinstance(p.get("identifier"), dict)
+        }
+        wheres = {self.in_field(v, "PR1", 25) for v in values if v in parts}
+        if len(wheres) != 1 or "" in wheres or len(values & parts) != len(values):
+            return ""
+        return (
+            f"MS makes a Procedure of the parent procedure id in {wheres.pop()}; Sluice's Procedure is partOf it "
+            "by that identifier (IG PR1-25 → partOf)"
+        )
 
     def document_result(self, res: Mapping[str, Any]) -> str:
         """The explanation for an unproduced MS Observation (DiagnosticReport) made from an OBX (OBR) of a
@@ -1318,6 +1380,28 @@ def explain_merged_mother(score: Score, source: Source, ours: list[dict[str, Any
         )
 
 
+_PERFORMER_FUNCTION = re.compile(r"^Procedure\[([^\]]+)\]\.performer\.function$")
+
+
+def explain_performer_roles(score: Score, source: Source) -> None:
+    """Mark MS's performer-role codes on Procedure.performer.function where the Procedure's PR1 has the field MS
+    made that performer from, and Sluice gives the IG's function for that field (none for PR1-12)."""
+    for n, d in enumerate(score.diffs):
+        if d.explanation or not (m := _PERFORMER_FUNCTION.match(d.path)):
+            continue
+        system, _, code = d.expected.rpartition("|")
+        if norm_system(system) != MS_PERFORMER_ROLE.lower() or code not in MS_PERFORMER_ROLES:
+            continue
+        number, snomed = MS_PERFORMER_ROLES[code]
+        if snomed and f"http://snomed.info/sct|{snomed}" not in d.ours:
+            continue
+        if where := source.pr1_field(m.group(1), number):
+            ig = f"SNOMED {snomed}" if snomed else "no function"
+            score.explain(
+                n, f"{where} is valued: MS says {code!r}, the IG {ig} (Sluice)", "ms-performer-role"
+            )
+
+
 def json_codes(concepts: Any) -> set[str]:
     """Every ``code`` of the codings of one or more CodeableConcepts."""
     return {
@@ -1425,9 +1509,15 @@ def score_bundles(
             elif inner and id(exp) not in in_scope and (where := src.only_in_unscored_fields(inner)):
                 why = f"no scored reference resource refers to it; the message has {inner!r} only in {where}"
                 rule = "unscored-practitioner"
+            elif exp.get("resourceType") == "Practitioner" and (where := src.only_in_no_target_rol(inner)):
+                why = f"the message has {inner!r} only in {where}, which the IG's message maps give no target"
+                rule = "ig-unmapped-rol"
+            elif why := src.parent_procedure(exp, our_scored):
+                rule = "ms-parent-procedure"
         score.record_missing(label, missing, why, rule)
     if src is not None:
         explain_outside_ig(score, src)
         explain_unmapped_codes(score, src)
         explain_merged_mother(score, src, our_scored)
+        explain_performer_roles(score, src)
     return score

@@ -522,9 +522,39 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
         },
         "performedDateTime": "2025-01-01T12:00:00Z",
     }
+    # PR1 (issue #14): MS's performer-role code for PR1-8 (Sluice: the IG's SNOMED function), the Practitioner of the
+    # ROL after PR1 that MS's Procedure refers to (the IG maps that ROL nowhere), and MS's Procedure of PR1-25
+    src += "PR1|1||76164006^Biopsy^SCT||20250101||D|AN1^GAS^ANA" + "|" * 11 + "PRC1" + "|" * 6 + "PRC0\r"
+    src += "ROL|1|AD|PP^Primary Care Provider^HL70443|ROLP1^ROLE^RITA\r"
+    sct = "http://snomed.info/sct"
+    ours_proc = {
+        "resourceType": "Procedure",
+        "identifier": [{"value": "PRC1"}],
+        "status": "unknown",
+        "code": {"coding": [{"system": sct, "code": "76164006"}]},
+        "performer": [
+            {"function": {"coding": [{"system": sct, "code": "88189002"}]}, "actor": {"display": "x"}}
+        ],
+        "partOf": [{"identifier": {"value": "PRC0"}}],
+    }
+    role = "http://example.com/v2-to-fhir-converter/CodeSystem/performer-role"
+    ref_proc = {
+        "resourceType": "Procedure",
+        "identifier": [{"value": "PRC1"}],
+        "status": "unknown",
+        "code": {"coding": [{"system": sct, "code": "76164006"}]},
+        "performer": [
+            {"function": {"coding": [{"system": role, "code": "anesthesiologist"}]}},
+            {"actor": {"reference": "Practitioner/id-8"}},
+        ],
+    }
+    rol_practitioner = {"resourceType": "Practitioner", "identifier": [{"value": "ROLP1"}]}
+    parent = {"resourceType": "Procedure", "identifier": [{"value": "PRC0"}], "status": "unknown"}
     return (
-        bundle(ours, ours_obs, ours_nk1, ours_mother),
-        bundle(ref, operator, death, note, order, ref_obs, ref_rp, certified),
+        bundle(ours, ours_obs, ours_nk1, ours_mother, ours_proc),
+        bundle(
+            ref, operator, death, note, order, ref_obs, ref_rp, certified, rol_practitioner, ref_proc, parent
+        ),
         src,
     )
 
@@ -773,3 +803,29 @@ def test_builtin_ig_maps_match_the_corpus_csvs() -> None:
         service_unavailable(f"the IG's message maps are not at {directory} (set SLUICE_CORPUS)")
     assert igmaps.unmapped_by_structure(directory) == igmaps.BUILTIN
     assert igmaps.UNMAPPED == igmaps.BUILTIN
+
+
+def test_pr1_rules_need_their_evidence() -> None:
+    """ms-performer-role, ig-unmapped-rol and ms-parent-procedure (issue #14) excuse nothing without their evidence:
+    PR1-8 valued and the IG's SNOMED function on Sluice's side; the Practitioner's id only in a ROL after PR1; the
+    parent id in PR1-25 and Sluice's Procedure partOf it."""
+    ours, ref, src = _every_quirk()
+    full = score_bundles(ours, ref, source=src).explained_by
+    assert (
+        full["ms-performer-role"] == 1 and full["ig-unmapped-rol"] == 1 and full["ms-parent-procedure"] == 2
+    )
+    no_anesthesiologist = src.replace("|AN1^GAS^ANA", "|")
+    assert "ms-performer-role" not in score_bundles(ours, ref, source=no_anesthesiologist).explained_by
+    no_snomed = copy.deepcopy(ours)
+    for e in no_snomed["entry"]:
+        if e["resource"]["resourceType"] == "Procedure":
+            e["resource"]["performer"] = [{"actor": {"display": "x"}}]
+    assert "ms-performer-role" not in score_bundles(no_snomed, ref, source=src).explained_by
+    after_pv1 = src.replace("ROL|1|AD|", "PV1|1|I\rROL|1|AD|")
+    assert "ig-unmapped-rol" not in score_bundles(ours, ref, source=after_pv1).explained_by
+    no_parent = src.replace("|PRC0\r", "|\r")
+    assert "ms-parent-procedure" not in score_bundles(ours, ref, source=no_parent).explained_by
+    no_part_of = copy.deepcopy(ours)
+    for e in no_part_of["entry"]:
+        e["resource"].pop("partOf", None)
+    assert "ms-parent-procedure" not in score_bundles(no_part_of, ref, source=src).explained_by
