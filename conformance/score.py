@@ -118,6 +118,14 @@ RULES: dict[str, str] = {
     "IG's message maps) and refers to from the Procedure / Coverage it makes",
     "ms-parent-procedure": "Procedure MS makes with only the PR1-25 parent procedure id; the IG makes "
     "Procedure.partOf of it, which Sluice writes as a reference by that identifier",
+    "derived-report-status": "DiagnosticReport.status of an OBR without OBR-25 (the IG maps the status only from "
+    "OBR-25): MS says unknown, Sluice derives it from the results' statuses (docs/mapping.md)",
+    "order-status-unstated": "ServiceRequest.status of an order the message gives no ORC for (an OBR without ORC, "
+    "a parent order named in OBR-29 / ORC-8): Sluice says unknown, MS active",
+    "ig-order-control": "ServiceRequest.status from ORC-1 when ORC-5 is empty (IG OrderControlCode"
+    "[ServiceRequest.status]): Sluice follows the IG's map, MS says unknown",
+    "ms-attachment-report": "DiagnosticReport MS makes from an OBX that carries an attachment (OBX-2 RP or ED); "
+    "the IG maps that OBX to an Observation (RP → valueAttachment) or the report's presentedForm",
 }
 
 OBX_STATUS_IG_UNMAPPED: frozenset[str] = frozenset("BINORSUV")
@@ -989,12 +997,14 @@ class Source:
         self.reps: list[_Rep] = []
         self.unmapped: frozenset[str] = igmaps.DEFAULT
         """The segments the IG's map for this message's structure leaves without a target (igmaps)."""
+        self.segments: list[tuple[int, str]] = []  # (ordinal, name) of every segment, in message order
         fs, comp, rep, sub = "|", "^", "~", "&"
         anchor = ""
         for ordinal, line in enumerate(re.split(r"[\r\n]+", text.lstrip("\ufeff"))):
             if len(line) < 4 or not line[:3].isalnum():
                 continue
             name = line[:3].upper()
+            self.segments.append((ordinal, name))
             header = name in ("MSH", "FHS", "BHS")
             if header:
                 fs = line[3]
@@ -1201,6 +1211,106 @@ class Source:
             f"an Account from PID-18 of a {kind} message: of the IG's message maps only ADT maps PID[Account]"
         )
 
+    def field(self, ordinal: int, number: int) -> list[_Rep]:
+        """The repetitions of field ``number`` of the segment at ``ordinal``."""
+        return [r for r in self.reps if r.ordinal == ordinal and r.field == number]
+
+    def message_kinds(self) -> set[str]:
+        """MSH-9.1 (ORU, MDM, ...), upper case."""
+        return {r.comp(1).upper() for r in self.reps if r.segment == "MSH" and r.field == 9}
+
+    def order_groups(self) -> list[tuple[int, int | None]]:
+        """(ordinal of each OBR, ordinal of its group's ORC or None), in message order: an ORC opens the group of
+        the OBR after it (ORU, MDM, OML: ORC before OBR); an OBR with no ORC since the previous OBR or PID has none."""
+        out: list[tuple[int, int | None]] = []
+        orc: int | None = None
+        for ordinal, name in self.segments:
+            if name == "ORC":
+                orc = ordinal
+            elif name == "PID":
+                orc = None
+            elif name == "OBR":
+                out.append((ordinal, orc))
+                orc = None
+        return out
+
+    def order_of(self, value: str) -> list[tuple[int | None, int | None]]:
+        """(OBR ordinal, ORC ordinal) of each order whose placer or filler number (OBR-2/3, ORC-2/3) is
+        ``value``; an ORC with no OBR after it gives (None, its ordinal)."""
+        v = norm_text(value).lower()
+        if not v:
+            return []
+        numbered = {
+            r.ordinal
+            for r in self.reps
+            if r.field in (2, 3) and r.segment in ("OBR", "ORC") and r.comp(1).lower() == v
+        }
+        out: list[tuple[int | None, int | None]] = []
+        grouped: set[int] = set()
+        for obr, orc in self.order_groups():
+            if obr in numbered or (orc is not None and orc in numbered):
+                out.append((obr, orc))
+            if orc is not None:
+                grouped.add(orc)
+        out.extend((None, o) for o in sorted(numbered - grouped) if dict(self.segments).get(o) == "ORC")
+        return out
+
+    def parent_order(self, value: str) -> str:
+        """Where a parent order number (OBR-29 EIP, ORC-8 EIP) is ``value``."""
+        v = norm_text(value).lower()
+        for r in self.reps:
+            if (
+                r.where in ("OBR-29", "ORC-8")
+                and v
+                and any(c and norm_text(c[0]).lower() == v for c in r.comps[:2])
+            ):
+                return r.where
+        return ""
+
+    def attachment_report(self, res: Mapping[str, Any]) -> str:
+        """The explanation for an MS DiagnosticReport made from an OBX with an attachment (OBX-2 RP or ED): its code
+        is that OBX's OBX-3 and no OBR of the message orders it (OBR-4)."""
+        if res.get("resourceType") != "DiagnosticReport":
+            return ""
+        code = res.get("code")
+        codes = [
+            norm_text(c.get("code"))
+            for c in _as_list(code.get("coding") if isinstance(code, dict) else None)
+            if isinstance(c, dict) and c.get("code")
+        ]
+        return next((w for c in codes if (w := self.attachment_obx(c))), "")
+
+    def attachment_obx(self, code: str) -> str:
+        """Where an OBX of type RP or ED has OBX-3 ``code`` that no OBR-4 of the message names."""
+        c = norm_text(code).lower()
+        if not c or any(r.where == "OBR-4" and r.comp(1).lower() == c for r in self.reps):
+            return ""
+        for r in self.reps:
+            if r.where == "OBX-3" and r.comp(1).lower() == c:
+                kind = next((t.comp(1).upper() for t in self.field(r.ordinal, 2)), "")
+                if kind in ("RP", "ED"):
+                    return f"OBX-3 {code!r} of an OBX of type {kind}"
+        return ""
+
+    def specimen_outside_map(self, res: Mapping[str, Any]) -> str:
+        """The explanation for an MS Specimen made from the OBR of a message whose IG map makes no Specimen from
+        OBR (MDM_T02, ORM_O01: only ORU_R01 and OML_O21 map OBR[Specimen]): every identifier it has is an OBR-2,
+        OBR-3 or OBR-53 of the message, none an SPM's."""
+        if res.get("resourceType") != "Specimen":
+            return ""
+        kinds = self.message_kinds() & {"MDM", "ORM"}
+        values = {norm_text(i["value"]).lower() for i in _identifiers(res)}
+        if not kinds or not values:
+            return ""
+        for v in values:
+            reps = [r for r in self.reps if v in r.tokens]
+            if any(r.segment == "SPM" for r in reps) or not any(
+                r.where in ("OBR-2", "OBR-3", "OBR-53") and r.comp(1).lower() == v for r in reps
+            ):
+                return ""
+        kind = "/".join(sorted(kinds))
+        return f"a Specimen from the OBR of an {kind} message: the IG's {kind} map makes no Specimen from OBR"
+
     def obx_status(self, code: str) -> list[str]:
         """The OBX-11 values of the OBX segments whose OBX-3 has the code ``code``."""
         c = norm_text(code).lower()
@@ -1333,6 +1443,71 @@ def explain_unmapped_codes(score: Score, source: Source) -> None:
                 n,
                 f"OBX-11 {code!r} has no FHIR target in the IG's concept map: Sluice maps it to {d.ours!r}",
                 "ig-unmapped-code",
+            )
+
+
+_REPORT_STATUS = re.compile(r"^DiagnosticReport\[([^\]]+)\]\.status$")
+_ORDER_STATUS = re.compile(r"^ServiceRequest\[([^\]]+)\]\.status$")
+_REPORT_CODE = re.compile(r"^DiagnosticReport\[[^\]]+\]\.code$")
+
+
+def explain_order_statuses(score: Score, source: Source) -> None:
+    """Mark report and order statuses the message does not state the way the IG maps them
+    (derived-report-status, order-status-unstated, ig-order-control), and a report code MS takes from an
+    attachment OBX (ms-attachment-report)."""
+    from transforms.oru import ORDER_CONTROL_STATUS
+
+    for n, d in enumerate(score.diffs):
+        if d.explanation or d.fields != 1:
+            continue
+        expected = norm_text(d.expected)
+        if (m := _REPORT_STATUS.match(d.path)) and expected == "unknown" and d.ours:
+            label = norm_text(m.group(1)).lower()
+            obrs = {
+                r.ordinal
+                for r in source.reps
+                if r.segment == "OBR" and r.field in (2, 3, 4) and r.comp(1).lower() == label
+            }
+            if obrs and not any(source.field(o, 25) for o in obrs):
+                score.explain(
+                    n,
+                    f"OBR-25 is empty: MS says unknown, Sluice derives {d.ours!r} from the results' statuses",
+                    "derived-report-status",
+                )
+        elif (m := _ORDER_STATUS.match(d.path)) and d.ours == "unknown" and expected:
+            value = m.group(1)
+            if where := source.parent_order(value):
+                score.explain(
+                    n,
+                    f"{value!r} is the parent order {where} names: the message states no status for it",
+                    "order-status-unstated",
+                )
+            elif (groups := source.order_of(value)) and all(orc is None for _obr, orc in groups):
+                score.explain(
+                    n,
+                    f"the OBR with order number {value!r} has no ORC: no ORC-5 / ORC-1 states its status",
+                    "order-status-unstated",
+                )
+        elif (m := _ORDER_STATUS.match(d.path)) and expected == "unknown" and d.ours:
+            orcs = {orc for _obr, orc in source.order_of(m.group(1)) if orc is not None}
+            controls = {r.comp(1).upper() for o in orcs for r in source.field(o, 1)}
+            if (
+                orcs
+                and not any(source.field(o, 5) for o in orcs)
+                and len(controls) == 1
+                and ORDER_CONTROL_STATUS.get(code := controls.pop()) == d.ours
+            ):
+                score.explain(
+                    n,
+                    f"ORC-5 is empty and ORC-1 is {code!r}: the IG's OrderControlCode map gives {d.ours!r}, MS says "
+                    "unknown",
+                    "ig-order-control",
+                )
+        elif _REPORT_CODE.match(d.path) and (where := source.attachment_obx(expected.rsplit("|", 1)[-1])):
+            score.explain(
+                n,
+                f"MS takes the report's code from the {where}; Sluice's is the OBR-4 of the report",
+                "ms-attachment-report",
             )
 
 
@@ -1504,8 +1679,15 @@ def score_bundles(
                 rule = "ms-segment-procedure"
             elif why := src.document_result(exp):
                 rule = "ig-document-obx"
-            elif why := src.unordered_appointment(exp) or src.account_outside_adt(exp):
+            elif why := (
+                src.unordered_appointment(exp)
+                or src.account_outside_adt(exp)
+                or src.specimen_outside_map(exp)
+            ):
                 rule = "ig-condition"
+            elif why := src.attachment_report(exp):
+                why = f"MS makes it from the {why}; the IG maps that OBX to an Observation or presentedForm"
+                rule = "ms-attachment-report"
             elif inner and id(exp) not in in_scope and (where := src.only_in_unscored_fields(inner)):
                 why = f"no scored reference resource refers to it; the message has {inner!r} only in {where}"
                 rule = "unscored-practitioner"
@@ -1520,4 +1702,5 @@ def score_bundles(
         explain_unmapped_codes(score, src)
         explain_merged_mother(score, src, our_scored)
         explain_performer_roles(score, src)
+        explain_order_statuses(score, src)
     return score

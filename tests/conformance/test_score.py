@@ -550,10 +550,37 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     }
     rol_practitioner = {"resourceType": "Practitioner", "identifier": [{"value": "ROLP1"}]}
     parent = {"resourceType": "Procedure", "identifier": [{"value": "PRC0"}], "status": "unknown"}
+    # an order whose ORC-5 is empty: Sluice follows the IG's map for ORC-1 NW (active), MS says unknown
+    src += "ORC|NW|ORD5\rOBR|1|ORD5||SVC5^Service five^L\r"
+    ours_sr5 = {"resourceType": "ServiceRequest", "identifier": [{"value": "ORD5"}], "status": "active"}
+    ref_sr5 = {**ours_sr5, "status": "unknown"}
+    # an OBR without ORC (nor OBR-25): Sluice says unknown for the order and derives the report's status
+    src += "OBR|2|ORD6||SVC6^Service six^L\rOBX|1|NM|4444-4^Result^LN||5|mg|||||F\r"
+    ours_sr6 = {"resourceType": "ServiceRequest", "identifier": [{"value": "ORD6"}], "status": "unknown"}
+    ref_sr6 = {**ours_sr6, "status": "active"}
+    ours_dr6 = {"resourceType": "DiagnosticReport", "identifier": [{"value": "ORD6"}], "status": "final"}
+    ref_dr6 = {**ours_dr6, "status": "unknown"}
+    # an OBX of type RP: MS makes a DiagnosticReport of it, the IG an Observation (valueAttachment)
+    src += "OBX|2|RP|IMG1^Image^L||http://example.org/img1^^IM^JPEG||||||F\r"
+    ref_img = {"resourceType": "DiagnosticReport", "status": "final", "code": {"coding": [{"code": "IMG1"}]}}
     return (
-        bundle(ours, ours_obs, ours_nk1, ours_mother, ours_proc),
+        bundle(ours, ours_obs, ours_nk1, ours_mother, ours_proc, ours_sr5, ours_sr6, ours_dr6),
         bundle(
-            ref, operator, death, note, order, ref_obs, ref_rp, certified, rol_practitioner, ref_proc, parent
+            ref,
+            operator,
+            death,
+            note,
+            order,
+            ref_obs,
+            ref_rp,
+            certified,
+            rol_practitioner,
+            ref_proc,
+            parent,
+            ref_sr5,
+            ref_sr6,
+            ref_dr6,
+            ref_img,
         ),
         src,
     )
@@ -829,3 +856,62 @@ def test_pr1_rules_need_their_evidence() -> None:
     for e in no_part_of["entry"]:
         e["resource"].pop("partOf", None)
     assert "ms-parent-procedure" not in score_bundles(no_part_of, ref, source=src).explained_by
+
+
+def test_order_and_report_status_rules_need_their_evidence() -> None:
+    """derived-report-status, order-status-unstated and ig-order-control excuse nothing without their evidence."""
+    ours, ref, src = _every_quirk()
+    full = score_bundles(ours, ref, source=src).explained_by
+    assert full["derived-report-status"] == full["order-status-unstated"] == full["ig-order-control"] == 1
+    # OBR-25 valued: the IG maps the report's status from it, MS's "unknown" for it is not excused
+    stated = src.replace("SVC6^Service six^L\r", "SVC6^Service six^L" + "|" * 21 + "F\r")
+    assert "derived-report-status" not in score_bundles(ours, ref, source=stated).explained_by
+    # an ORC before the OBR: its ORC-1/ORC-5 state the order's status, Sluice's "unknown" counts
+    ordered = src.replace("OBR|2|ORD6", "ORC|NW|ORD6\rOBR|2|ORD6")
+    assert "order-status-unstated" not in score_bundles(ours, ref, source=ordered).explained_by
+    # ORC-5 valued: the IG takes the status from ORC-5, not from ORC-1
+    with_status = src.replace("ORC|NW|ORD5", "ORC|NW|ORD5|||CM")
+    assert "ig-order-control" not in score_bundles(ours, ref, source=with_status).explained_by
+    # ORC-1 a code the IG's map gives no status: nothing to follow
+    unmapped = src.replace("ORC|NW|ORD5", "ORC|XO|ORD5")
+    assert "ig-order-control" not in score_bundles(ours, ref, source=unmapped).explained_by
+
+
+def test_parent_order_status_is_unstated() -> None:
+    """A parent order named in OBR-29 that Sluice only makes sure exists (status unknown): MS's status for it is
+    excused only with that OBR-29 in the message."""
+    ours = bundle({"resourceType": "ServiceRequest", "identifier": [{"value": "PAR1"}], "status": "unknown"})
+    ref = bundle({"resourceType": "ServiceRequest", "identifier": [{"value": "PAR1"}], "status": "active"})
+    obr = "ORC|NW|ORD7\rOBR|1|ORD7||SVC7^Svc^L" + "|" * 25 + "PAR1^FIL1\r"
+    s = score_bundles(ours, ref, source=MSH_LINE + obr)
+    assert s.explained_by == {"order-status-unstated": 1}
+    assert score_bundles(ours, ref, source=MSH_LINE + obr.replace("PAR1^", "OTHER^")).explained == 0
+
+
+def test_attachment_report_needs_an_rp_or_ed_obx_no_obr_orders() -> None:
+    """A DiagnosticReport MS makes from an RP/ED OBX is excused; one whose code an OBR-4 orders, or made from an
+    OBX of another type, counts against us."""
+    ref = bundle(
+        {"resourceType": "DiagnosticReport", "status": "final", "code": {"coding": [{"code": "IMG1"}]}}
+    )
+    obx = "OBX|1|ED|IMG1^Image^L||^IM^JPEG^Base64^AAAA||||||F\r"
+    s = score_bundles(bundle(), ref, source=MSH_LINE + obx)
+    assert s.explained == s.compared - s.agreeing > 0 and s.explained_by == {
+        "ms-attachment-report": s.explained
+    }
+    assert score_bundles(bundle(), ref, source=MSH_LINE + obx.replace("|ED|", "|ST|")).explained == 0
+    ordered = MSH_LINE + "OBR|1|O1||IMG1^Image^L\r" + obx
+    assert score_bundles(bundle(), ref, source=ordered).explained == 0
+
+
+def test_specimen_from_obr_outside_the_ig_map_is_ig_condition() -> None:
+    """A Specimen MS makes from the OBR of an MDM (the IG's MDM_T02 map makes none) is excused; of an ORU (the IG
+    maps OBR[Specimen]), or with an identifier an SPM carries, it counts against us."""
+    ref = bundle({"resourceType": "Specimen", "identifier": [{"value": "ORD8"}, {"value": "FIL8"}]})
+    body = "PID|1||MRN1^^^H^MR||DOE^ANN\rORC|NW|ORD8|FIL8\rOBR|1|ORD8|FIL8|SVC8^Svc^L|||20250101\r"
+    mdm = "MSH|^~\\&|A|B|C|D|20250101||MDM^T02|1|P|2.5\r"
+    oru = "MSH|^~\\&|A|B|C|D|20250101||ORU^R01|1|P|2.5\r"
+    s = score_bundles(bundle(), ref, source=mdm + body)
+    assert s.explained == s.compared - s.agreeing > 0 and s.explained_by == {"ig-condition": s.explained}
+    assert score_bundles(bundle(), ref, source=oru + body).explained == 0
+    assert score_bundles(bundle(), ref, source=mdm + body + "SPM|1|FIL8\r").explained == 0
