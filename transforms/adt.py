@@ -2,7 +2,8 @@
 Practitioner, Location (HL7 V2-to-FHIR IG segment maps; choices where it is silent in docs/mapping.md).
 
 Supported triggers: A01-A18, A20-A42, A44-A51, A60; the identity events (merges, moves, identifier
-changes, links, A17 swap, A20 bed status, A29 delete) are in :mod:`transforms.adt_events`.  A43 (move by
+changes, links, A17 swap, A20 bed status) are in :mod:`transforms.adt_events`; A29 (delete person) is
+converted here like the other ADT_A21-structure events, its Patient marked inactive.  A43 (move by
 identifier list) is AR 201.
 """
 
@@ -51,6 +52,7 @@ ENCOUNTER_STATUS: dict[str, str | None] = {
     "A26": "in-progress",
     "A27": "cancelled",
     "A28": None,
+    "A29": None,  # delete person information: ADT_A21 structure, the segments of the IG's ADT_A09 map
     "A31": None,
     "A32": "in-progress",
     "A33": "in-progress",
@@ -258,6 +260,8 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     if pid is None:
         raise ConversionError("ADT message has no PID segment", code="100", location=Location("PID", 1))
     patient_ref, patient_key = patient(pid, msg, ctx)
+    if trigger == "A29" and (person := ctx.find(patient_ref)) is not None:
+        person["active"] = False  # the person's record is deleted at the sender: kept, marked inactive
     enc_ref = encounter(msg, ctx, trigger, patient_ref, patient_key)
     if len(pid.fields) > 18 and pid.fields[18]:
         adt_events.account(pid, ctx, patient_ref)  # IG PID[Account]

@@ -16,7 +16,6 @@ events").  :func:`transforms.adt.convert` hands them over by trigger (:data:`TRI
   (alternate patient / visit id) are plain updates: the alternate ids are not keys.
 * Links A24 / A37: two patients ``seealso`` each other (A24); A37 writes both without the link.
 * A17 swap: each PID / PV1 group is an ordinary update (the PV1s carry the swapped beds).
-* A29 delete person: the Patient is written ``active: false`` (no visit is touched).
 * A20 bed status: NPU-1 bed → Location with NPU-2 (table 0116) as ``operationalStatus``.
 * IAM (A60, any ADT) → AllergyIntolerance keyed by IAM-7, IAM-6 ``D`` → entered-in-error.
 
@@ -45,7 +44,7 @@ TRIGGERS = (
     | PATIENT_CHANGES
     | LINKS
     | PLAIN
-    | frozenset({"A20", "A29", "A42", "A44", "A49", "A50"})
+    | frozenset({"A20", "A42", "A44", "A49", "A50"})
 )
 REJECTED = frozenset({"A43"})
 
@@ -128,10 +127,6 @@ def convert(msg: Message, ctx: ConvertContext, trigger: str) -> None:
             account_merge(part, pid, ctx, ref)
         if trigger in PATIENT_CHANGES:
             change_patient(part, ctx, ref, key)
-        elif trigger == "A29":
-            patient = ctx.find(ref)
-            if patient is not None:
-                patient["active"] = False
         elif trigger == "A42":
             merge_visit(part, ctx, ref, key)
         elif trigger == "A44":

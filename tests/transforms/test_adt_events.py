@@ -121,11 +121,22 @@ def test_link_and_unlink() -> None:
         convert(msg(H.format(t="A24"), PID1), golden_settings())
 
 
-def test_delete_person_writes_an_inactive_patient_and_no_visit() -> None:
+def test_delete_person_writes_an_inactive_patient_and_what_its_segments_carry() -> None:
+    """A29 (structure ADT_A21, the segments of the IG's ADT_A09 map): the Patient is inactive; PID-18, a PV1
+    with a visit and OBX convert as in the other ADT_A21 events; a placeholder PV1 (``PV1|1|N``) has no visit."""
     b = convert(load("adt_a29"), golden_settings())
+    validate_resources(b)
     (p,) = resources(b, "Patient")
     assert p["active"] is False
     assert not resources(b, "Encounter")
+    assert [a["status"] for a in resources(b, "Account")] == ["active"]
+    obx = "OBX|1|NM|8867-4^Heart rate^LN||60|/min^^UCUM|||||F|||20250316080000"
+    b = convert(msg(H.format(t="A29"), PID1, PV1, obx), golden_settings())
+    validate_resources(b)
+    (p,) = resources(b, "Patient")
+    (enc,) = resources(b, "Encounter")
+    (ob,) = resources(b, "Observation")
+    assert p["active"] is False and enc["subject"] == ob["subject"]
 
 
 @pytest.mark.parametrize(
