@@ -38,6 +38,7 @@ COMPILED = [
     "transforms/ppr.py",
     "transforms/dft.py",
     "transforms/orm.py",
+    "transforms/orders.py",
     "transforms/oul.py",
     "transforms/ref.py",
     "transforms/rde.py",

@@ -29,6 +29,7 @@ from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Segment
 from transforms.bundle import ConvertContext
 from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, xcn
+from transforms.orders import order_numbers
 
 JSON = dict[str, Any]
 
@@ -143,7 +144,7 @@ def orders(msg: Message, ctx: ConvertContext, enc: str | None) -> list[str]:
         if code is None:
             ctx.count("order_without_service_skipped")
             continue
-        placer, filler = oru._order_identifiers(order, ctx)
+        placer, filler = order_numbers(order.orc, order.obr, ctx)
         if (ref := oru.service_request(order, placer, filler, code, ctx, enc)) is not None:
             out.append(ref)
     return out

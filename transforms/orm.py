@@ -24,6 +24,7 @@ from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment, escape
 from transforms.bundle import ConvertContext
 from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, fhir_code, nm, table, unit, xcn
+from transforms.orders import PRIORITY, order_numbers, order_type, timing, typed
 
 JSON = dict[str, Any]
 
@@ -112,18 +113,6 @@ SERVICE_REQUEST_STATUS_RANK: dict[str, int] = {
     "revoked": 2,
     "entered-in-error": 3,
 }
-# table 0027 priority (TQ1-9, ORC-7.6, OBR-27.6, OBR-5) → ServiceRequest.priority
-PRIORITY: dict[str, str] = {
-    "S": "stat",
-    "A": "asap",
-    "R": "routine",
-    "P": "urgent",
-    "C": "urgent",
-    "T": "urgent",
-}
-# table 0482 order type (ORC-29) → v3 RoleCode service delivery location, next to the v2 coding
-ORDER_TYPE_ROLE: dict[str, tuple[str, str]] = {"O": ("OF", "Outpatient facility"), "I": ("HOSP", "Hospital")}
-V3_ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
 # table 0493 specimen condition is coded as sent; SPM-20 availability (Y/N) → Specimen.status
 SPECIMEN_AVAILABLE: dict[str, str] = {"Y": "available", "N": "unavailable"}
 
@@ -215,27 +204,6 @@ def groups(msg: Message) -> tuple[Segment | None, list[Order]]:
 # ---------------------------------------------------------------------------
 # ServiceRequest
 # ---------------------------------------------------------------------------
-def _typed(ident: JSON, code: str, display: str) -> JSON:
-    out = dict(ident)
-    out["type"] = {"coding": [{"system": V2_TABLE + "0203", "code": code, "display": display}]}
-    return out
-
-
-def order_numbers(
-    orc: Segment | None, obr: Segment | None, ctx: ConvertContext
-) -> tuple[JSON | None, JSON | None]:
-    """(placer, filler) order numbers: OBR-2/OBR-3, falling back to ORC-2/ORC-3 (ORU's rule)."""
-    placer = filler = None
-    for seg in (obr, orc):
-        if seg is None:
-            continue
-        if placer is None:
-            placer = ei(seg.rep(2), ctx, seg.loc(2))
-        if filler is None:
-            filler = ei(seg.rep(3), ctx, seg.loc(3))
-    return placer, filler
-
-
 def status_of(orc: Segment | None, ctx: ConvertContext) -> str:
     """ServiceRequest.status from ORC-1 (the event codes), else ORC-5 (table 0038), else ORC-1."""
     if orc is None:
@@ -257,32 +225,6 @@ def status_of(orc: Segment | None, ctx: ConvertContext) -> str:
     if not control:
         return "active"
     return table(ctx, CONTROL_STATUS, control, orc.loc(1), "0119") or "unknown"
-
-
-def timing(
-    tq1: Segment | None, orc: Segment | None, obr: Segment | None, ctx: ConvertContext
-) -> tuple[JSON | None, str, str]:
-    """(bounds period, priority code, repeat pattern code) from TQ1 (v2.5+: TQ1-7/8, TQ1-9, TQ1-3), else
-    ORC-7 / OBR-27 (TQ: quantity^interval^duration^start^end^priority; interval component 1 the pattern)."""
-    settings = ctx.settings
-    if tq1 is not None:
-        p: JSON = {}
-        if tq1.get(7).strip() and (s := dtm_at(tq1.get(7).strip(), settings, tq1, 7)):
-            p["start"] = s
-        if tq1.get(8).strip() and (e := dtm_at(tq1.get(8).strip(), settings, tq1, 8)):
-            p["end"] = e
-        return p or None, tq1.get(9).strip().upper(), tq1.get(3).strip()
-    for seg, field in ((orc, 7), (obr, 27)):
-        if seg is None or not seg.rep(field):
-            continue
-        rep = seg.rep(field)
-        p = {}
-        if rep.c(4).strip() and (s := dtm_at(rep.c(4).strip(), settings, seg, field)):
-            p["start"] = s
-        if rep.c(5).strip() and (e := dtm_at(rep.c(5).strip(), settings, seg, field)):
-            p["end"] = e
-        return p or None, rep.c(6).strip().upper(), rep.c(2).strip()
-    return None, "", ""
 
 
 def service_request(
@@ -311,21 +253,21 @@ def service_request(
     res: JSON = {"resourceType": "ServiceRequest"}
     idents: list[JSON] = []
     if placer is not None:
-        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+        idents.append(typed(placer, "PLAC", "Placer Identifier"))
     if filler is not None:
-        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+        idents.append(typed(filler, "FILL", "Filler Identifier"))
     for seg, f in ((obr, 53), (orc, 33)):
         if seg is not None and seg.get(f).strip():
             alt = ei(seg.rep(f), ctx, seg.loc(f))
             if alt is not None and not any(alt["value"] == i["value"] for i in idents):
-                idents.append(_typed(alt, "PLAC", "Placer Identifier"))
+                idents.append(typed(alt, "PLAC", "Placer Identifier"))
             break
     res["identifier"] = idents
     status = status_of(orc, ctx)
     res["status"] = status
     res["intent"] = "reflex-order" if obr is not None and obr.get(11).strip().upper() == "G" else "order"
     if orc is not None and orc.rep(4) and (grp := ei(orc.rep(4), ctx, orc.loc(4))) is not None:
-        res["requisition"] = _typed(grp, "PGN", "Placer Group Number")
+        res["requisition"] = typed(grp, "PGN", "Placer Group Number")
     # priority and timing: TQ1 (v2.5+), else ORC-7 / OBR-27 (TQ), else OBR-5
     tq1 = order.tq1
     period, prio, pattern = timing(tq1, orc, obr, ctx)
@@ -398,7 +340,7 @@ def service_request(
         res["requester"] = requester
     if obr is not None and (reasons := [c for r in obr.reps(31) if (c := cwe(r, ctx, obr.loc(31)))]):
         res["reasonCode"] = reasons
-    if orc is not None and orc.rep(29) and (otype := _order_type(orc.rep(29), ctx, orc.loc(29))):
+    if orc is not None and orc.rep(29) and (otype := order_type(orc.rep(29), ctx, orc.loc(29))):
         res["locationCode"] = [otype]
     if obr is not None and obr.rep(29) and (parent := _parent(obr, ctx)) is not None:
         res["basedOn"] = [{"reference": parent}]
@@ -448,9 +390,9 @@ def _parent(obr: Segment, ctx: ConvertContext) -> str | None:
         return None
     idents: list[JSON] = []
     if placer is not None:
-        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+        idents.append(typed(placer, "PLAC", "Placer Identifier"))
     if filler is not None:
-        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+        idents.append(typed(filler, "FILL", "Filler Identifier"))
     res: JSON = {
         "resourceType": "ServiceRequest",
         "identifier": idents,
@@ -464,21 +406,6 @@ def _parent(obr: Segment, ctx: ConvertContext) -> str | None:
         return ctx.add("ServiceRequest", res, identifier=(system, key_ident["value"]), create_only=True)
     facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
     return ctx.add("ServiceRequest", res, key=f"{facility}|order|{key_ident['value']}", create_only=True)
-
-
-def _order_type(rep: Rep, ctx: ConvertContext, loc: Location) -> JSON | None:
-    cc = cwe(rep, ctx, loc)
-    if cc is None:
-        return None
-    code = rep.c(1).strip().upper()
-    role = ORDER_TYPE_ROLE.get(code)
-    if role is not None and not rep.c(3).strip():
-        # the bare table 0482 code: say which table, and add the v3 service delivery location
-        cc["coding"] = [
-            {"system": V2_TABLE + "0482", "code": code},
-            {"system": V3_ROLE_CODE, "code": role[0], "display": role[1]},
-        ]
-    return cc
 
 
 # ---------------------------------------------------------------------------
@@ -530,9 +457,9 @@ def _parent_specimen(rep: Rep, ctx: ConvertContext, loc: Location) -> str | None
         return None
     idents: list[JSON] = []
     if placer is not None:
-        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+        idents.append(typed(placer, "PLAC", "Placer Identifier"))
     if filler is not None:
-        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+        idents.append(typed(filler, "FILL", "Filler Identifier"))
     res: JSON = {"resourceType": "Specimen", "identifier": idents}
     if ctx.patient_ref:
         res["subject"] = {"reference": ctx.patient_ref}
@@ -553,14 +480,14 @@ def specimen(
     filler = _eip_part(spm.rep(2), 2, ctx, loc2)
     idents: list[JSON] = []
     if placer is not None:
-        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+        idents.append(typed(placer, "PLAC", "Placer Identifier"))
     if filler is not None:
-        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+        idents.append(typed(filler, "FILL", "Filler Identifier"))
     for i, rep in enumerate(spm.reps(31), start=1):
         if (other := ei(rep, ctx, Location("SPM", spm.sequence, 31, i))) is not None:
             idents.append(other)
     if spm.rep(32) and (ship := ei(spm.rep(32), ctx, spm.loc(32))) is not None:
-        idents.append(_typed(ship, "SHIP", "Shipment ID"))
+        idents.append(typed(ship, "SHIP", "Shipment ID"))
     if idents:
         res["identifier"] = idents
     accession = ei(spm.rep(30), ctx, spm.loc(30)) if spm.rep(30) else None

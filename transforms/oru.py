@@ -44,6 +44,7 @@ from transforms.datatypes import (
     xcn,
     xpns,
 )
+from transforms.orders import order_numbers, typed
 
 JSON = dict[str, Any]
 
@@ -715,20 +716,6 @@ def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segm
     return pid, orders, patient_obs
 
 
-def _order_identifiers(order: _Order, ctx: ConvertContext) -> tuple[JSON | None, JSON | None]:
-    """(placer, filler) identifiers of an order group: OBR-2/OBR-3, falling back to ORC-2/ORC-3."""
-    obr, orc = order.obr, order.orc
-    placer = filler = None
-    for seg in (obr, orc):
-        if seg is None:
-            continue
-        if placer is None:
-            placer = ei(seg.rep(2), ctx, seg.loc(2))
-        if filler is None:
-            filler = ei(seg.rep(3), ctx, seg.loc(3))
-    return placer, filler
-
-
 def _group_number(rep: Rep, ctx: ConvertContext, loc: Location) -> list[JSON]:
     """ORC-4 placer group number → identifiers: EI (``id^namespace^uid^type``), or EIP (v2.8.2:
     ``placer id&ns&uid&type^filler id&ns&uid&type``, recognised by subcomponents in component 1)."""
@@ -749,20 +736,14 @@ def _group_number(rep: Rep, ctx: ConvertContext, loc: Location) -> list[JSON]:
     return out
 
 
-def _typed(ident: JSON, code: str, display: str) -> JSON:
-    out = dict(ident)
-    out["type"] = {"coding": [{"system": V2_TABLE + "0203", "code": code, "display": display}]}
-    return out
-
-
 def _placer_filler(placer: JSON | None, filler: JSON | None) -> list[JSON]:
     """An order's placer and filler numbers as PLAC- and FILL-typed identifiers (ServiceRequest and
     DiagnosticReport carry the same two)."""
     idents: list[JSON] = []
     if placer:
-        idents.append(_typed(placer, "PLAC", "Placer Identifier"))
+        idents.append(typed(placer, "PLAC", "Placer Identifier"))
     if filler:
-        idents.append(_typed(filler, "FILL", "Filler Identifier"))
+        idents.append(typed(filler, "FILL", "Filler Identifier"))
     return idents
 
 
@@ -924,7 +905,7 @@ def observation(
     if nf > 19 and f[19] and obx.get(19).strip() and (analysed := dtm_at(obx.get(19), settings, obx, 19)):
         res.setdefault("extension", []).append({"url": ANALYSIS_DATE_TIME, "valueDateTime": analysed})
     if nf > 21 and f[21] and (inst := ei(obx.rep(21), ctx, obx.loc(21))) is not None:
-        res["identifier"] = [_typed(inst, "FILL", "Filler Identifier")]
+        res["identifier"] = [typed(inst, "FILL", "Filler Identifier")]
     # identity: filler order + OBX-3 code + OBX-4 sub-id (a repeat of the same pair in one group is numbered)
     first = (code.get("coding") or [{}])[0]
     code_key = f"{first.get('system', '')}|{first.get('code', '')}" if first else f"|{code.get('text', '')}"
@@ -1031,7 +1012,7 @@ def service_request(
     if alt is not None and not any(
         alt["value"] == i["value"] and alt.get("system") == i.get("system") for i in idents
     ):
-        idents.append(_typed(alt, "PLAC", "Placer Identifier"))
+        idents.append(typed(alt, "PLAC", "Placer Identifier"))
     res["identifier"] = idents
     # status: ORC-5 (IG OrderStatus), IF ORC-5 NOT VALUED ORC-1 (IG OrderControlCode[ServiceRequest.status])
     status = "unknown"
@@ -1049,7 +1030,7 @@ def service_request(
     if enc:
         res["encounter"] = _ref(enc)
     if orc is not None and (req := _group_number(orc.rep(4), ctx, orc.loc(4))):
-        res["requisition"] = _typed(req[0], "PGN", "Placer Group Number")
+        res["requisition"] = typed(req[0], "PGN", "Placer Group Number")
     if details := [c for f in (46, 47) for r in obr.reps(f) if (c := cwe(r, ctx, obr.loc(f))) is not None]:
         res["orderDetail"] = details
     if (when := obr.get(6).strip()) and (occ := dtm_at(when, ctx.settings, obr, 6)):
@@ -1101,7 +1082,7 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
     """One ORDER_OBSERVATION group → DiagnosticReport + Observations; returns the report's reference."""
     obr = order.obr
     assert obr is not None
-    placer, filler = _order_identifiers(order, ctx)
+    placer, filler = order_numbers(order.orc, order.obr, ctx)
     key_ident = filler or placer
     if key_ident is None:
         raise ConversionError(
@@ -1159,7 +1140,7 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
     if order.orc is not None:
         # IG ORC[DiagnosticReport]: ORC-4 placer group number → identifier[3]/[4]
         for grp in _group_number(order.orc.rep(4), ctx, order.orc.loc(4)):
-            idents.append(_typed(grp, "PGN", "Placer Group Number"))
+            idents.append(typed(grp, "PGN", "Placer Group Number"))
     res["identifier"] = idents
     res["status"] = status
     section = obr.get(24).strip()

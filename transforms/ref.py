@@ -23,7 +23,6 @@ from engine.hl7 import Message, Segment
 from transforms.bundle import ConvertContext, supported_trigger
 from transforms.datatypes import (
     NPI_SYSTEM,
-    V2_TABLE,
     cwe,
     dtm_at,
     ei,
@@ -32,6 +31,7 @@ from transforms.datatypes import (
     xpn,
     xtn,
 )
+from transforms.orders import typed
 
 JSON = dict[str, Any]
 
@@ -43,12 +43,6 @@ REFERRAL_STATUS: dict[str, str] = {"A": "active", "P": "active", "R": "revoked",
 REFERRAL_PRIORITY: dict[str, str] = {"S": "stat", "A": "asap", "R": "routine"}
 SNOMED = "http://snomed.info/sct"
 REFERRAL_CATEGORY: JSON = {"coding": [{"system": SNOMED, "code": "3457005", "display": "Patient referral"}]}
-
-
-def _typed(ident: JSON, code: str, display: str) -> JSON:
-    out = dict(ident)
-    out["type"] = {"coding": [{"system": V2_TABLE + "0203", "code": code, "display": display}]}
-    return out
 
 
 def provider(prd: Segment, ctx: ConvertContext) -> JSON | None:
@@ -143,8 +137,8 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     res: JSON = {"resourceType": "ServiceRequest"}
     idents: list[JSON] = []
     if origin is not None:
-        idents.append(_typed(origin, "PLAC", "Placer Identifier"))
-    idents.extend(_typed(x, "FILL", "Filler Identifier") for x in external)
+        idents.append(typed(origin, "PLAC", "Placer Identifier"))
+    idents.extend(typed(x, "FILL", "Filler Identifier") for x in external)
     res["identifier"] = idents
     if trigger == "I14":
         status = "revoked"

@@ -1,0 +1,93 @@
+"""ORC/OBR helpers shared by the order and result messages (ORM/OML/OMG, ORU, MDM, OUL): typed order
+identifiers, the placer/filler order numbers, timing and priority (TQ1, ORC-7 / OBR-27), the order type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.errors import Location
+from engine.hl7 import Rep, Segment
+from transforms.bundle import ConvertContext
+from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei
+
+JSON = dict[str, Any]
+
+# table 0027 priority (TQ1-9, ORC-7.6, OBR-27.6, OBR-5) → ServiceRequest.priority
+PRIORITY: dict[str, str] = {
+    "S": "stat",
+    "A": "asap",
+    "R": "routine",
+    "P": "urgent",
+    "C": "urgent",
+    "T": "urgent",
+}
+# table 0482 order type (ORC-29) → v3 RoleCode service delivery location, next to the v2 coding
+ORDER_TYPE_ROLE: dict[str, tuple[str, str]] = {"O": ("OF", "Outpatient facility"), "I": ("HOSP", "Hospital")}
+V3_ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+
+
+def typed(ident: JSON, code: str, display: str) -> JSON:
+    """``ident`` with an identifier type of table 0203 (PLAC, FILL, PGN, ...)."""
+    out = dict(ident)
+    out["type"] = {"coding": [{"system": V2_TABLE + "0203", "code": code, "display": display}]}
+    return out
+
+
+def order_numbers(
+    orc: Segment | None, obr: Segment | None, ctx: ConvertContext
+) -> tuple[JSON | None, JSON | None]:
+    """(placer, filler) order numbers: OBR-2/OBR-3, falling back to ORC-2/ORC-3 (ORU's rule)."""
+    placer = filler = None
+    for seg in (obr, orc):
+        if seg is None:
+            continue
+        if placer is None:
+            placer = ei(seg.rep(2), ctx, seg.loc(2))
+        if filler is None:
+            filler = ei(seg.rep(3), ctx, seg.loc(3))
+    return placer, filler
+
+
+def timing(
+    tq1: Segment | None, orc: Segment | None, obr: Segment | None, ctx: ConvertContext
+) -> tuple[JSON | None, str, str]:
+    """(bounds period, priority code, repeat pattern code) from TQ1 (v2.5+: TQ1-7/8, TQ1-9, TQ1-3), else
+    ORC-7 / OBR-27 (TQ: quantity^interval^duration^start^end^priority; interval component 1 the pattern)."""
+    settings = ctx.settings
+    if tq1 is not None:
+        p: JSON = {}
+        if tq1.get(7).strip() and (s := dtm_at(tq1.get(7).strip(), settings, tq1, 7)):
+            p["start"] = s
+        if tq1.get(8).strip() and (e := dtm_at(tq1.get(8).strip(), settings, tq1, 8)):
+            p["end"] = e
+        return p or None, tq1.get(9).strip().upper(), tq1.get(3).strip()
+    for seg, field in ((orc, 7), (obr, 27)):
+        if seg is None or not seg.rep(field):
+            continue
+        rep = seg.rep(field)
+        p = {}
+        if rep.c(4).strip() and (s := dtm_at(rep.c(4).strip(), settings, seg, field)):
+            p["start"] = s
+        if rep.c(5).strip() and (e := dtm_at(rep.c(5).strip(), settings, seg, field)):
+            p["end"] = e
+        return p or None, rep.c(6).strip().upper(), rep.c(2).strip()
+    return None, "", ""
+
+
+def order_type(rep: Rep, ctx: ConvertContext, loc: Location) -> JSON | None:
+    """ORC-29 order type (table 0482) → a ServiceRequest.locationCode CodeableConcept."""
+    cc = cwe(rep, ctx, loc)
+    if cc is None:
+        return None
+    code = rep.c(1).strip().upper()
+    role = ORDER_TYPE_ROLE.get(code)
+    if role is not None and not rep.c(3).strip():
+        # the bare table 0482 code: say which table, and add the v3 service delivery location
+        cc["coding"] = [
+            {"system": V2_TABLE + "0482", "code": code},
+            {"system": V3_ROLE_CODE, "code": role[0], "display": role[1]},
+        ]
+    return cc
+
+
+__all__ = ["ORDER_TYPE_ROLE", "PRIORITY", "V3_ROLE_CODE", "order_numbers", "order_type", "timing", "typed"]
