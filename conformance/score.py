@@ -1555,6 +1555,56 @@ def explain_merged_mother(score: Score, source: Source, ours: list[dict[str, Any
         )
 
 
+_LANGUAGE = re.compile(r"^(Patient|RelatedPerson)\[([^\]]+)\]\.communication\.language$")
+
+
+def explain_languages(score: Score, source: Source) -> None:
+    """Language codes MS and Sluice write differently, each with its evidence in the message:
+
+    * ``ms-placeholder``: MS writes a table-0296 code as sent under its placeholder system
+      (``example.com/.../HL70296|EN``) where Sluice writes the BCP-47 tag R4 requires (``urn:ietf:bcp:47|en``):
+      one field repetition gives the code with the name ``HL70296``, and Sluice's tag is that code's;
+    * ``ig-unmapped-segment``: a RelatedPerson's language Sluice does not have, that MS converts from a code of an
+      IG-unmapped segment (IN2-36 of the insured): the RelatedPerson is not an NK1's (NK1-20 is the IG's
+      language field) and a repetition of an IG-unmapped segment gives a code whose BCP-47 tag is the expected one.
+    """
+    from transforms.datatypes import bcp47
+
+    for n, d in enumerate(score.diffs):
+        if d.explanation or not (m := _LANGUAGE.match(d.path)):
+            continue
+        system, _, code = d.expected.rpartition("|")
+        tag = bcp47(code)
+        if not tag:
+            continue
+        if d.ours:
+            name = system.rpartition("/")[2]
+            if (
+                not norm_text(system).lower().startswith(MS_PLACEHOLDER_PREFIX)
+                or f"urn:ietf:bcp:47|{tag}" not in d.ours
+            ):
+                continue
+            if where := source.names(code, name):
+                score.explain(
+                    n,
+                    f"MS placeholder system: {where} gives {code!r} with the name {name!r}; Sluice writes its "
+                    f"BCP-47 tag {tag!r}",
+                    "ms-placeholder",
+                )
+            continue
+        if m.group(1) != "RelatedPerson" or any(r.segment == "NK1" for r in source.find(m.group(2))):
+            continue
+        for r in source.reps:
+            if r.segment in source.unmapped and any(bcp47(c[0]) == tag for c in r.comps if c and c[0]):
+                score.explain(
+                    n,
+                    f"only {r.where} gives the language {tag!r} of this RelatedPerson (not an NK1's), which MS maps "
+                    "and the IG's message maps leave unmapped",
+                    "ig-unmapped-segment",
+                )
+                break
+
+
 _PERFORMER_FUNCTION = re.compile(r"^Procedure\[([^\]]+)\]\.performer\.function$")
 
 
@@ -1703,4 +1753,5 @@ def score_bundles(
         explain_merged_mother(score, src, our_scored)
         explain_performer_roles(score, src)
         explain_order_statuses(score, src)
+        explain_languages(score, src)
     return score

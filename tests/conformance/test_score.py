@@ -915,3 +915,39 @@ def test_specimen_from_obr_outside_the_ig_map_is_ig_condition() -> None:
     assert s.explained == s.compared - s.agreeing > 0 and s.explained_by == {"ig-condition": s.explained}
     assert score_bundles(bundle(), ref, source=oru + body).explained == 0
     assert score_bundles(bundle(), ref, source=mdm + body + "SPM|1|FIL8\r").explained == 0
+
+
+def test_language_codes_need_their_evidence() -> None:
+    """A table-0296 code MS keeps under its HL70296 placeholder is explained where the message names it HL70296 and
+    Sluice has its BCP-47 tag; an insured RelatedPerson's language MS takes from IN2 (IG-unmapped) is explained only
+    when the RelatedPerson is no NK1's and an IN2 repetition gives the code."""
+    bcp = "urn:ietf:bcp:47"
+    ms = "http://example.com/v2-to-fhir-converter/CodeSystem/HL70296"
+
+    def person(rtype: str, ident: str, lang: dict[str, Any] | None) -> dict[str, Any]:
+        res: dict[str, Any] = {"resourceType": rtype, "identifier": [{"value": ident}]}
+        if lang:
+            res["communication"] = [{"language": {"coding": [lang]}}]
+        return res
+
+    ours = bundle(
+        person("Patient", "MRN1", {"system": bcp, "code": "en"}), person("RelatedPerson", "INS1", None)
+    )
+    ref = bundle(
+        person("Patient", "MRN1", {"system": ms, "code": "EN"}),
+        person("RelatedPerson", "INS1", {"system": bcp, "code": "en"}),
+    )
+    pid = "PID|1||MRN1^^^H^MR||DOE^ANN|||||||||EN^English^HL70296\r"
+    in1 = "IN1|1|PLAN1" + "|" * 47 + "INS1\r"
+    in2 = "IN2|1" + "|" * 35 + "eng^English\r"
+    s = score_bundles(ours, ref, source=MSH_LINE + pid + in1 + in2)
+    assert s.explained_by == {"ms-placeholder": 1, "ig-unmapped-segment": 1}, s.diffs
+    # PID-15 without the HL70296 name, the tag not Sluice's, no IN2, or an NK1's RelatedPerson: not explained
+    assert not score_bundles(ours, ref, source=MSH_LINE + pid.replace("HL70296", "L") + in1).explained_by
+    assert not score_bundles(
+        ours, ref, source=MSH_LINE + pid.replace("EN^", "FR^") + in1 + "IN2|1\r"
+    ).explained_by
+    nk1 = "NK1|1|ROE^RITA|SPO|||||||||INS1\r"
+    assert (
+        "ig-unmapped-segment" not in score_bundles(ours, ref, source=MSH_LINE + pid + nk1 + in2).explained_by
+    )
