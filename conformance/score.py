@@ -83,6 +83,16 @@ MS_PLACEHOLDER_PREFIX = "http://example.com/v2-to-fhir-converter/"
 ``.../CodeSystem/<coding system>`` systems for authorities and coding systems it has no URI for, with
 the name the message gives them (spaces turned into ``-``)."""
 
+MS_SIBLING_PLACEHOLDERS: dict[tuple[str, int], tuple[int, int]] = {
+    ("FT1", 2): (
+        13,
+        3,
+    ),  # ChargeItem.identifier: FT1-2, "system" named after FT1-13.3 (department code's system)
+}
+"""MS placeholder systems named after a component of another field of the segment that holds the identifier
+(its ``_ChargeItem.liquid``: ``.../Identifier/{{FT1.13.3}}``): (segment, identifier field) → (field, component).
+The evidence is that component of the same segment repetition."""
+
 MS_FIELD_PLACEHOLDERS: dict[str, tuple[str, int]] = {
     "sid/us-medicaid": ("IN2", 8),  # Medicaid Case Number
     "sid/us-military": ("IN2", 10),  # Military ID Number
@@ -110,6 +120,9 @@ RULES: dict[str, str] = {
     "uses its documented choice (docs/mapping.md)",
     "ms-segment-procedure": "Procedure MS synthesises from the PDA segment (death certification, autopsy), "
     "which the IG's message maps leave unmapped",
+    "ig-implementer-status": "a status the IG leaves to the implementer (PR1[Procedure]: by the message context, "
+    "'unknown' only if not clear; no IG map for FT1): MS's templates write the constant unknown, Sluice its "
+    "documented choice (docs/mapping.md)",
     "ms-merged-mother": "MS puts the PID-21 mother's identifier and relationship MTH on the NK1's "
     "RelatedPerson; Sluice makes the mother a RelatedPerson of her own (IG CX[RelatedPerson-Mother])",
     "ms-performer-role": "Procedure.performer.function: MS's own performer-role codes for PR1-8/11/12; the IG "
@@ -1048,6 +1061,20 @@ class Source:
                 return r.where
         return ""
 
+    def sibling_name(self, value: str, name: str) -> str:
+        """Where a segment that holds ``value`` in a field of :data:`MS_SIBLING_PLACEHOLDERS` has ``name`` in
+        the component that placeholder is named after."""
+        n = norm_text(name).lower()
+        for r in self.find(value):
+            field_comp = MS_SIBLING_PLACEHOLDERS.get((r.segment, r.field))
+            if field_comp is None or r.comp(1).lower() != norm_text(value).lower():
+                continue
+            number, comp = field_comp
+            for other in self.reps:
+                if other.ordinal == r.ordinal and other.field == number and other.comp(comp).lower() == n:
+                    return f"{r.segment}-{number}.{comp}"
+        return ""
+
     def mobile(self, number: str) -> str:
         """Where an XTN with XTN-3 ``CP`` (cellular phone) carries the phone number ``number``."""
         want = norm_phone(number)
@@ -1386,7 +1413,14 @@ def _placeholder(value: str, system: str, source: Source | None) -> str:
         return f"MS placeholder system named after the field {where} that holds {value!r}" if where else ""
     name = rest.partition("/")[2]
     where = source.names(value, name) if name else ""
-    return f"MS placeholder system: {where} gives {value!r} with the name {name!r}" if where else ""
+    if where:
+        return f"MS placeholder system: {where} gives {value!r} with the name {name!r}"
+    where = source.sibling_name(value, name) if name else ""
+    return (
+        f"MS placeholder system named after {where} ({name!r}) of the segment giving {value!r}"
+        if where
+        else ""
+    )
 
 
 def _called_by(ours: Mapping[str, Any], ov: str, ev: str, source: Source | None) -> str:
@@ -1508,6 +1542,47 @@ def explain_order_statuses(score: Score, source: Source) -> None:
                 n,
                 f"MS takes the report's code from the {where}; Sluice's is the OBR-4 of the report",
                 "ms-attachment-report",
+            )
+
+
+_IMPLEMENTER_STATUS = re.compile(r"^(Procedure|ChargeItem)\[([^\]]+)\]\.status$")
+IMPLEMENTER_STATUS_FIELDS: dict[str, tuple[tuple[str, int], ...]] = {
+    "Procedure": (("PR1", 3), ("PR1", 19), ("FT1", 25)),  # a reported (PR1) or a billed (FT1-25) procedure
+    "ChargeItem": (("FT1", 2), ("FT1", 7)),  # a posted financial transaction
+}
+"""Where the message must carry the resource's identity (its label: identifier or code) for
+:func:`explain_implementer_status`."""
+
+
+def explain_implementer_status(score: Score, source: Source) -> None:
+    """Mark a Procedure.status / ChargeItem.status where MS writes its constant ``unknown`` and Sluice its documented
+    choice, when the message carries the resource's identity in PR1-3/-19 or FT1-25 (a procedure), FT1-2 or
+    FT1-7 (a charge).  The IG's PR1[Procedure] map leaves Procedure.status to the implementer by the message context
+    ('unknown' only if not clear): a reported PR1 or a billed FT1-25 is a procedure performed (``completed``); no IG
+    map covers FT1, and a posted transaction is ``billable`` (transforms/dft.py)."""
+    from transforms.dft import CHARGE_STATUS, PROCEDURE_STATUS
+
+    documented = {"Procedure": PROCEDURE_STATUS, "ChargeItem": CHARGE_STATUS}
+    for n, d in enumerate(score.diffs):
+        if d.explanation or d.category != "statuses" or norm_text(d.expected) != "unknown":
+            continue
+        if not (m := _IMPLEMENTER_STATUS.match(d.path)) or d.ours != documented[m.group(1)]:
+            continue
+        label = m.group(2)
+        where = next(
+            (
+                w
+                for seg, number in IMPLEMENTER_STATUS_FIELDS[m.group(1)]
+                if (w := source.in_field(label, seg, number))
+            ),
+            "",
+        )
+        if where:
+            score.explain(
+                n,
+                f"{where} gives {label!r}: the IG leaves the status to the implementer; MS writes unknown, Sluice "
+                f"{d.ours!r}",
+                "ig-implementer-status",
             )
 
 
@@ -1750,6 +1825,7 @@ def score_bundles(
     if src is not None:
         explain_outside_ig(score, src)
         explain_unmapped_codes(score, src)
+        explain_implementer_status(score, src)
         explain_merged_mother(score, src, our_scored)
         explain_performer_roles(score, src)
         explain_order_statuses(score, src)

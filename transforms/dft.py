@@ -31,6 +31,9 @@ CLOSING_TRIGGERS = frozenset({"P02", "P06"})
 # FT1-6 transaction type (table 0017): every posted transaction is billable; a credit or a payment is its
 # own transaction (its own FT1-2), never a change of the charge it offsets
 CHARGE_STATUS = "billable"
+# PR1[Procedure] leaves Procedure.status to the implementer by the message context: a procedure a DFT/BAR's PR1
+# reports or an FT1-25 bills was performed (PR1-20 ``D`` → entered-in-error); an ADT's PR1 says unknown
+PROCEDURE_STATUS = "completed"
 CHARGE_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0017"
 PROCEDURE_ACTION_DELETE = "D"
 SNOMED = "http://snomed.info/sct"
@@ -80,7 +83,7 @@ def _money(rep: Rep) -> JSON | None:
 
 # ---------------------------------------------------------------------------
 def procedure(
-    pr1: Segment, ctx: ConvertContext, patient_key: str, enc: str | None, status: str = "completed"
+    pr1: Segment, ctx: ConvertContext, patient_key: str, enc: str | None, status: str = PROCEDURE_STATUS
 ) -> str | None:
     """PR1 → Procedure (IG PR1[Procedure]) with ``status`` (the IG leaves it to the message context: a billed
     procedure was done; an ADT does not say, so its caller passes ``unknown``); PR1-20 ``D`` →
@@ -144,7 +147,7 @@ def billed_procedure(ft1: Segment, ctx: ConvertContext, patient_key: str, enc: s
     code = cwe(ft1.rep(25), ctx, ft1.loc(25), field="FT1-25")
     if code is None:
         return None
-    res: JSON = {"resourceType": "Procedure", "status": "completed", "code": code}
+    res: JSON = {"resourceType": "Procedure", "status": PROCEDURE_STATUS, "code": code}
     if ctx.patient_ref:
         res["subject"] = {"reference": ctx.patient_ref}
     if enc:

@@ -563,8 +563,17 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     # an OBX of type RP: MS makes a DiagnosticReport of it, the IG an Observation (valueAttachment)
     src += "OBX|2|RP|IMG1^Image^L||http://example.org/img1^^IM^JPEG||||||F\r"
     ref_img = {"resourceType": "DiagnosticReport", "status": "final", "code": {"coding": [{"code": "IMG1"}]}}
+    # FT1: MS's ChargeItem status is its constant unknown (Sluice billable), its identifier system named after
+    # FT1-13.3 (the department code's coding system)
+    src += "FT1|1|TXN-9||20250101|20250101|CG|99213^Visit^CPT|||1|||RAD^Radiology^L\r"
+    ours_charge = {"resourceType": "ChargeItem", "identifier": [{"value": "TXN-9"}], "status": "billable"}
+    ref_charge = {
+        "resourceType": "ChargeItem",
+        "identifier": [{"value": "TXN-9", "system": "http://example.com/v2-to-fhir-converter/Identifier/L"}],
+        "status": "unknown",
+    }
     return (
-        bundle(ours, ours_obs, ours_nk1, ours_mother, ours_proc, ours_sr5, ours_sr6, ours_dr6),
+        bundle(ours, ours_obs, ours_nk1, ours_mother, ours_proc, ours_sr5, ours_sr6, ours_dr6, ours_charge),
         bundle(
             ref,
             operator,
@@ -581,6 +590,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ref_sr6,
             ref_dr6,
             ref_img,
+            ref_charge,
         ),
         src,
     )
@@ -951,3 +961,39 @@ def test_language_codes_need_their_evidence() -> None:
     assert (
         "ig-unmapped-segment" not in score_bundles(ours, ref, source=MSH_LINE + pid + nk1 + in2).explained_by
     )
+
+
+def test_implementer_status_needs_the_resource_in_its_segment_and_sluices_documented_choice() -> None:
+    """Procedure.status / ChargeItem.status: MS's constant unknown against Sluice's documented choice is excused
+    only when the message carries the procedure (PR1-3/-19, FT1-25) or the charge (FT1-2/-7), and only for the
+    documented value."""
+    proc = {"resourceType": "Procedure", "code": {"coding": [{"code": "71045"}]}, "status": "completed"}
+    charge = {"resourceType": "ChargeItem", "identifier": [{"value": "TXN-1"}], "status": "billable"}
+    ours = bundle(proc, charge)
+    ref = bundle({**proc, "status": "unknown"}, {**charge, "status": "unknown"})
+    dft = "MSH|^~\\&|A|B|C|D|20250101||DFT^P03^DFT_P03|1|P|2.5\rPID|1||MRN1^^^H^MR||DOE^ANN\r"
+    with_both = dft + "FT1|1|TXN-1||20250101||CG|99213^Visit^CPT\rPR1|1||71045^Xray^C4||20250101\r"
+    s = score_bundles(ours, ref, source=with_both)
+    assert s.explained_by == {"ig-implementer-status": 2}, s.diffs
+    billed = dft + "FT1|1|TXN-1||20250101||CG|99213^Visit^CPT" + "|" * 18 + "71045^Xray^C4\r"
+    assert score_bundles(ours, ref, source=billed).explained_by == {"ig-implementer-status": 2}
+    # the procedure nowhere in PR1/FT1-25, the charge nowhere in FT1: nothing excused
+    elsewhere = dft + "OBR|1|||71045^Xray^C4\rNTE|1||TXN-1\r"
+    assert score_bundles(ours, ref, source=elsewhere).explained == 0
+    # a status that is not Sluice's documented choice is not excused
+    other = bundle({**proc, "status": "in-progress"}, {**charge, "status": "billed"})
+    assert score_bundles(other, ref, source=with_both).explained == 0
+
+
+def test_ft1_identifier_placeholder_needs_ft1_13_3_of_the_same_ft1() -> None:
+    ours = bundle({"resourceType": "ChargeItem", "identifier": [{"value": "TXN-1"}]})
+    placeholder = "http://example.com/v2-to-fhir-converter/Identifier/L"
+    ref = bundle({"resourceType": "ChargeItem", "identifier": [{"value": "TXN-1", "system": placeholder}]})
+    dft = "MSH|^~\\&|A|B|C|D|20250101||DFT^P03^DFT_P03|1|P|2.5\rPID|1||MRN1^^^H^MR||DOE^ANN\r"
+    ft1 = "FT1|1|TXN-1||20250101||CG|99213^Visit^CPT|||1|||RAD^Radiology^{}\r"
+    s = score_bundles(ours, ref, source=dft + ft1.format("L"))
+    assert s.explained_by == {"ms-placeholder": 1} and "FT1-13.3" in s.diffs[0].explanation
+    assert score_bundles(ours, ref, source=dft + ft1.format("X")).explained == 0
+    # L in FT1-13.3 of another FT1 is no evidence
+    two = dft + ft1.format("X") + ft1.replace("TXN-1", "TXN-2").format("L")
+    assert score_bundles(ours, ref, source=two).explained == 0
