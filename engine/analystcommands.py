@@ -22,8 +22,9 @@ from engine.errors import ConfigError
 def test_command(channels: tuple[str, ...], config_path: str, update: bool, verbose: bool) -> None:
     """Run channel tests (channels/<name>_test.yaml beside each channel); exit 1 when any case fails.
 
-    Every case sends its messages through the channel's real pipeline and applies the FHIR Bundles to
-    an in-memory FHIR target, then checks ACK codes, statuses, FHIRPath assertions and golden files.
+    Every case sends its messages (or, for a write-back channel, FHIR resources) through the channel's real
+    pipeline and applies the FHIR Bundles to an in-memory FHIR target, then checks ACK codes, statuses,
+    FHIRPath assertions, the HL7 messages sent and golden files.  Disabled channels are tested too.
     With CHANNEL names, only those channels (each must have a test file).  See docs/testing-channels.md.
     """
     from engine import channeltest, logs, registry
@@ -62,7 +63,11 @@ def test_command(channels: tuple[str, ...], config_path: str, update: bool, verb
             if verbose or not res.ok:
                 for n, o in enumerate(res.outcomes, 1):
                     why = f": {o.reason}" if o.reason else ""
-                    click.echo(f"       message {n} {o.label}: {o.status}, ACK {o.ack or '-'}{why}")
+                    # a FHIR resource has no ACK: what it sent is what tells
+                    said = f"ACK {o.ack or '-'}" if not o.fhir else ""
+                    if o.sent_type:
+                        said = f"{said}, sent {o.sent_type}" if said else f"sent {o.sent_type}"
+                    click.echo(f"       message {n} {o.label}: {o.status}, {said}{why}")
             for failure in res.failures:
                 click.echo("     - " + failure.replace("\n", "\n       "))
             passed += res.ok

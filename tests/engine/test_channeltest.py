@@ -170,3 +170,184 @@ def test_the_example_channels_pass_their_tests_and_check() -> None:
         assert f"ok   {channel}: " in out
     res = CliRunner().invoke(main, ["check", "--config", str(ROOT / "examples" / "routes.yaml")])
     assert res.exit_code == 0, res.output
+
+
+# ----------------------------------------------------------------------------- write-back channels
+APPT = """\
+{"resourceType": "Appointment", "id": "a1", "meta": {"versionId": "%s"}, "status": "%s",
+ "identifier": [{"system": "urn:portal:appointment", "value": "PA-7"}],
+ "start": "%s", "end": "2026-12-10T18:00:00Z",
+ "participant": [{"actor": {"reference": "Patient/p1", "display": "Testperson, Alex"}}]}
+"""
+
+
+def writeback_project(
+    tmp_path: Path, tests: str, source: str = "{kind: http, host: 127.0.0.1, port: 18443}"
+) -> Path:
+    """A write-back channel (FHIR in, SIU out to an MLLP destination never contacted) with three Appointment
+    versions as files: booked (v1), moved (v2), cancelled (v3)."""
+    (tmp_path / "channels" / "fhir").mkdir(parents=True)
+    (tmp_path / "routes.yaml").write_text(
+        "store: sqlite:///var/t.db\nchannels: channels/*.yaml\n"
+        "destinations:\n  ehr: {kind: mllp, host: 127.0.0.1, port: 9, payload: output}\n"
+    )
+    (tmp_path / "channels" / "portal.yaml").write_text(
+        f"name: portal\nsource: {source}\n"
+        "transform:\n  - fhir-to-hl7: {sending_facility: PORTAL, placer_system: 'urn:portal:appointment'}\n"
+        "routes:\n  - destination: ehr\n"
+    )
+    fhir = tmp_path / "channels" / "fhir"
+    (fhir / "booked.json").write_text(APPT % ("1", "booked", "2026-12-10T17:30:00Z"))
+    (fhir / "moved.json").write_text(APPT % ("2", "booked", "2026-12-10T17:00:00Z"))
+    (fhir / "cancelled.yaml").write_text(
+        "resourceType: Bundle\ntype: collection\nentry:\n  - resource:\n"
+        + "".join(f"      {line}\n" for line in _yaml_of(APPT % ("3", "cancelled", "2026-12-10T17:00:00Z")))
+    )
+    (tmp_path / "channels" / "portal_test.yaml").write_text(tests)
+    return tmp_path / "routes.yaml"
+
+
+def _yaml_of(text: str) -> list[str]:
+    import json
+
+    import yaml
+
+    return yaml.safe_dump(json.loads(text), sort_keys=False).splitlines()
+
+
+LIFECYCLE = """\
+channel: portal
+cases:
+  - name: lifecycle
+    input: [fhir/booked.json, fhir/moved.json, fhir/cancelled.yaml]
+    expect:
+      status: processed
+      hl7:
+        - {MSH-9: SIU^S12, SCH-1: PA-7, TQ1-7: 20261210093000-0800}
+        - SIU^S13
+        - {MSH-9: SIU^S15^SIU_S12, SCH-25: CANCELLED}
+      golden: expected/lifecycle.hl7
+"""
+
+
+def test_a_write_back_case_feeds_resources_and_checks_the_hl7_sent(tmp_path: Path) -> None:
+    cfg = writeback_project(tmp_path, LIFECYCLE)
+    code, out = run("--config", str(cfg), "--update", "-v")
+    assert code == 0, out
+    assert "message 1 fhir/booked.json: processed, sent SIU^S12" in out
+    assert "message 3 fhir/cancelled.yaml: processed, sent SIU^S15" in out
+    golden = tmp_path / "channels" / "expected" / "lifecycle.hl7"
+    text = golden.read_text()
+    # every message sent, MSH-7 and MSH-10 masked, one blank line between messages
+    assert text.count("MSH|^~\\&|SLUICE|PORTAL|||*||SIU^") == 3 and "|*|P|2.5.1" in text
+    assert [m.split("\n")[0].split("|")[8] for m in text.strip().split("\n\n")] == [
+        "SIU^S12^SIU_S12", "SIU^S13^SIU_S12", "SIU^S15^SIU_S12",
+    ]  # fmt: skip
+    assert run("--config", str(cfg))[0] == 0
+    golden.write_text(text.replace("RGS|1|D", "RGS|1|A"))
+    code, out = run("--config", str(cfg))
+    assert code == 1 and "golden: the HL7 sent differs" in out and "+RGS|1|D" in out
+
+
+def test_what_was_sent_and_what_was_not_fail_readably(tmp_path: Path) -> None:
+    tests = """\
+channel: portal
+cases:
+  - name: wrong expectations
+    input: [fhir/booked.json, fhir/booked.json, fhir/moved.json]
+    fhir:
+      - {resourceType: Appointment, id: a2, status: cancelled, identifier: [{system: "urn:portal:appointment", value: PA-8}]}
+    expect:
+      status: [processed, processed, processed, filtered]
+      hl7: [{SCH-1: PA-70}, SIU^S12, SIU^S14, SIU^S15]
+"""
+    code, out = run("--config", str(writeback_project(tmp_path, tests)))
+    assert code == 1
+    assert (
+        "hl7 of message 1 (fhir/booked.json): SCH-1\n           expected: PA-70\n           got:      PA-7^"
+        in out
+    )
+    # the same version again: the source stores it once
+    assert (
+        "status of message 2 (fhir/booked.json)\n           expected: processed\n           got:      duplicate"
+        in out
+    )
+    assert (
+        "hl7 of message 2 (fhir/booked.json)\n           expected: MSH-9: SIU^S12\n           got:      nothing sent (duplicate)"
+        in out
+    )
+    assert (
+        "hl7 of message 3 (fhir/moved.json): MSH-9\n           expected: SIU^S14\n           got:      SIU^S13^SIU_S12"
+        in out
+    )
+    # a cancel of an appointment never sent: nothing, and the reason says why
+    assert (
+        "hl7 of message 4 (fhir#1)\n           expected: MSH-9: SIU^S15\n           got:      nothing sent (filtered)"
+        in out
+    )
+    assert "reason:   write-back: cancelled (or no-show) before anything was sent" in out
+
+
+def test_nothing_sent_expectations_and_an_unpolled_type(tmp_path: Path) -> None:
+    tests = """\
+channel: portal
+cases:
+  - name: unchanged and never sent
+    fhir:
+      - fhir/cancelled.yaml
+      - fhir/booked.json
+      - {resourceType: Appointment, id: a1, meta: {versionId: "9"}, status: booked, identifier: [{system: "urn:portal:appointment", value: PA-7}], start: "2026-12-10T17:30:00Z", end: "2026-12-10T18:00:00Z", participant: [{actor: {reference: Patient/p1, display: "Testperson, Alex"}}], priority: 3}
+      - {resourceType: Patient, id: p1}
+    expect:
+      status: [filtered, processed, filtered, rejected]
+      hl7: [nothing, SIU^S12, nothing, nothing]
+"""
+    source = "{kind: fhir-poll, base_url: 'http://127.0.0.1:18089/fhir', resources: [Appointment]}"
+    code, out = run("--config", str(writeback_project(tmp_path, tests, source)), "-v")
+    assert code == 0, out
+    assert (
+        "message 3 fhir#3: filtered, sent nothing: write-back: nothing the HL7 message carries changed" in out
+    )
+    assert "the channel's fhir-poll source takes Appointment, not Patient" in out
+
+
+def test_the_shipped_write_back_channel_is_tested_though_disabled() -> None:
+    code, out = run("--config", str(ROOT / "routes.yaml"), "portal-appointments")
+    assert code == 0, out
+    for case in ("booked, rescheduled, cancelled", "an update that changes nothing the SIU carries sends nothing",
+                 "a cancel of an appointment never sent sends nothing", "booked then no-show"):  # fmt: skip
+        assert f"ok   portal-appointments: {case}" in out
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        pytest.param("    fhir: [fhir/booked.json]\n    expect: {hl7: [SIU^S12, SIU^S13]}\n", "2 items for 1 messages",
+                     id="hl7-count"),
+        pytest.param("    fhir: [fhir/booked.json]\n    expect: {hl7: [{SCH1: x}]}\n", "bad HL7 path 'SCH1'",
+                     id="hl7-path"),
+        pytest.param("    fhir: [fhir/booked.json]\n    expect: {ack: AA}\n", "a FHIR resource is not acknowledged",
+                     id="ack-of-fhir"),
+        pytest.param("    fhir: [{resourceType: Appointment, status: booked}]\n", "without an id", id="no-id"),
+        pytest.param("    fhir: [fhir/nope.json]\n", "file 'fhir/nope.json' not found", id="missing-file"),
+        pytest.param("    fhir: [42]\n", "each item is a FHIR resource", id="not-a-resource"),
+    ],
+)  # fmt: skip
+def test_a_bad_write_back_case_says_what_to_fix(tmp_path: Path, case: str, message: str) -> None:
+    cfg = writeback_project(tmp_path, "channel: portal\ncases:\n  - name: x\n" + case)
+    code, out = run("--config", str(cfg))
+    assert code == 1
+    assert message in out and "portal_test.yaml" in out
+
+
+def test_hl7_expectations_on_an_hl7_channel(tmp_path: Path) -> None:
+    """An HL7 passthrough channel's output is checked the same way (field checks on what it sends)."""
+    tests = "channel: clinic\ncases:\n  - name: x\n    input: [a01.hl7]\n    expect:\n      hl7: [{MSH-9: ADT^A01, PID-3.1: MRN1}]\n"
+    cfg = project(tmp_path, tests=tests)
+    clinic = tmp_path / "channels" / "clinic.yaml"
+    clinic.write_text(
+        clinic.read_text().replace("  - hl7-to-fhir: {derive_unknown_systems: true}\n", "  - passthrough\n")
+    )
+    code, out = run("--config", str(cfg), "-v")
+    assert code == 0, out
+    assert "message 1 a01.hl7#1: processed, ACK AA, sent ADT^A01" in out
