@@ -139,6 +139,8 @@ RULES: dict[str, str] = {
     "[ServiceRequest.status]): Sluice follows the IG's map, MS says unknown",
     "ms-attachment-report": "DiagnosticReport MS makes from an OBX that carries an attachment (OBX-2 RP or ED); "
     "the IG maps that OBX to an Observation (RP → valueAttachment) or the report's presentedForm",
+    "ig-planned-period": "Encounter.period from PV2-8 / PV2-9 (expected admit / discharge) in MS; the IG maps them "
+    "to the planned start / end extensions and the actual stay (PV1-44 / PV1-45) to period",
 }
 
 OBX_STATUS_IG_UNMAPPED: frozenset[str] = frozenset("BINORSUV")
@@ -1630,6 +1632,46 @@ def explain_merged_mother(score: Score, source: Source, ours: list[dict[str, Any
         )
 
 
+_HL7_DTM = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d+)?([+-]\d{4})?$")
+
+
+def hl7_time(value: str) -> str:
+    """An HL7 DTM (``20150209113419+0110``) in the FHIR form :func:`compare_dates` reads; "" if it is none."""
+    m = _HL7_DTM.match(norm_text(value))
+    if m is None:
+        return ""
+    y, mo, d, h, mi, sec, frac, off = m.groups()
+    out = y + (f"-{mo}" if mo else "") + (f"-{d}" if mo and d else "")
+    if d and h:
+        out += f"T{h}:{mi or '00'}:{sec or '00'}{frac or ''}"
+        if off:
+            out += f"{off[:3]}:{off[3:]}"
+    return out
+
+
+_ENCOUNTER_PERIOD = re.compile(r"^Encounter\[[^\]]+\]\.period\.(start|end)$")
+
+
+def explain_planned_period(score: Score, source: Source) -> None:
+    """Mark an Encounter.period.start / end MS takes from PV2-8 / PV2-9 (expected admit / discharge date/time):
+    the expected value is that field's, and Sluice's side is the actual stay (PV1-44 for the start; nothing for
+    an end when PV1-45 is empty).  The IG maps PV2-8/9 to the planned start/end extensions."""
+    pv1 = {r.field: r.comp(1) for r in source.reps if r.segment == "PV1" and r.field in (44, 45)}
+    pv2 = {r.field: r.comp(1) for r in source.reps if r.segment == "PV2" and r.field in (8, 9)}
+    for n, d in enumerate(score.diffs):
+        if d.explanation or not (m := _ENCOUNTER_PERIOD.match(d.path)):
+            continue
+        start = m.group(1) == "start"
+        planned = hl7_time(pv2.get(8 if start else 9, ""))
+        if not planned or not compare_dates(planned, d.expected):
+            continue
+        actual = hl7_time(pv1.get(44 if start else 45, ""))
+        if (actual and compare_dates(actual, d.ours)) if d.ours else not actual:
+            which = "PV2-8 (expected admit)" if start else "PV2-9 (expected discharge)"
+            ours = "PV1-44 (admit)" if start else "nothing: PV1-45 (discharge) is empty"
+            score.explain(n, f"MS takes {which}; Sluice {ours}", "ig-planned-period")
+
+
 _LANGUAGE = re.compile(r"^(Patient|RelatedPerson)\[([^\]]+)\]\.communication\.language$")
 
 
@@ -1830,4 +1872,5 @@ def score_bundles(
         explain_performer_roles(score, src)
         explain_order_statuses(score, src)
         explain_languages(score, src)
+        explain_planned_period(score, src)
     return score

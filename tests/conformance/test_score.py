@@ -572,8 +572,23 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
         "identifier": [{"value": "TXN-9", "system": "http://example.com/v2-to-fhir-converter/Identifier/L"}],
         "status": "unknown",
     }
+    # PV2-9 expected discharge: MS writes it as Encounter.period.end, the IG as the plannedEndDate extension
+    src += "PV1|1|I" + "|" * 17 + "V9\rPV2" + "|" * 9 + "20250105120000+0000\r"
+    ours_enc = {"resourceType": "Encounter", "identifier": [{"value": "V9"}]}
+    ref_enc = {**ours_enc, "period": {"end": "2025-01-05T12:00:00Z"}}
     return (
-        bundle(ours, ours_obs, ours_nk1, ours_mother, ours_proc, ours_sr5, ours_sr6, ours_dr6, ours_charge),
+        bundle(
+            ours,
+            ours_obs,
+            ours_nk1,
+            ours_mother,
+            ours_proc,
+            ours_sr5,
+            ours_sr6,
+            ours_dr6,
+            ours_charge,
+            ours_enc,
+        ),
         bundle(
             ref,
             operator,
@@ -591,6 +606,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ref_dr6,
             ref_img,
             ref_charge,
+            ref_enc,
         ),
         src,
     )
@@ -997,3 +1013,33 @@ def test_ft1_identifier_placeholder_needs_ft1_13_3_of_the_same_ft1() -> None:
     # L in FT1-13.3 of another FT1 is no evidence
     two = dft + ft1.format("X") + ft1.replace("TXN-1", "TXN-2").format("L")
     assert score_bundles(ours, ref, source=two).explained == 0
+
+
+def test_planned_period_needs_pv2_and_the_actual_stay() -> None:
+    """ig-planned-period: MS's Encounter.period from PV2-8/PV2-9 is explained only where the expected value is that
+    field's and Sluice's side is the actual stay (PV1-44 start; no end while PV1-45 is empty)."""
+    ours = bundle(
+        {
+            "resourceType": "Encounter",
+            "identifier": [{"value": "V1"}],
+            "period": {"start": "2015-02-08T11:34:20+01:10"},
+        }
+    )
+    ref = bundle(
+        {
+            "resourceType": "Encounter",
+            "identifier": [{"value": "V1"}],
+            "period": {"start": "2015-02-08T15:54:19+05:30", "end": "2015-02-09T15:54:19+05:30"},
+        }
+    )
+    pv1 = "PV1|1|I" + "|" * 17 + "V1" + "|" * 25 + "20150208113420+0110\r"
+    pv2 = "PV2" + "|" * 8 + "20150208113419+0110|20150209113419+0110\r"
+    s = score_bundles(ours, ref, source=MSH_LINE + pv1 + pv2)
+    assert s.explained_by == {"ig-planned-period": 2}, s.diffs
+    assert not score_bundles(ours, ref, source=MSH_LINE + pv1).explained_by  # no PV2
+    other = pv2.replace("20150209113419", "20150209120000")
+    assert score_bundles(ours, ref, source=MSH_LINE + pv1 + other).explained_by == {"ig-planned-period": 1}
+    discharged = pv1.replace("+0110\r", "+0110|20150209113419+0110\r")
+    assert score_bundles(ours, ref, source=MSH_LINE + discharged + pv2).explained_by == {
+        "ig-planned-period": 1
+    }
