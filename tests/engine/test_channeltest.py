@@ -351,3 +351,64 @@ def test_hl7_expectations_on_an_hl7_channel(tmp_path: Path) -> None:
     code, out = run("--config", str(cfg), "-v")
     assert code == 0, out
     assert "message 1 a01.hl7#1: processed, ACK AA, sent ADT^A01" in out
+
+
+def test_an_oml_order_channel_sends_nw_xo_ca_through_the_record_step(tmp_path: Path) -> None:
+    """ServiceRequest → OML^O21 (order_message) on the engine's path: NW, XO for a change, nothing for a
+    version the OML does not differ in, CA for the revocation; one placer number throughout."""
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "routes.yaml").write_text(
+        "store: sqlite:///var/t.db\nchannels: channels/*.yaml\n"
+        "destinations:\n  lab: {kind: mllp, host: 127.0.0.1, port: 9, payload: output}\n"
+    )
+    (tmp_path / "channels" / "orders.yaml").write_text(
+        "name: orders\nsource: {kind: http, host: 127.0.0.1, port: 18444, resources: [ServiceRequest]}\n"
+        "transform:\n  - fhir-to-hl7: {placer_system: 'urn:portal:order', order_message: OML^O21}\n"
+        "routes:\n  - destination: lab\n"
+    )
+    (tmp_path / "channels" / "orders_test.yaml").write_text(
+        """\
+channel: orders
+cases:
+  - name: ordered, held, touched, revoked
+    fhir:
+      - &new
+        resourceType: ServiceRequest
+        id: sr-1
+        meta: {versionId: "1"}
+        identifier: [{system: "urn:portal:order", value: ORD-5}]
+        status: active
+        intent: order
+        code: {coding: [{system: "http://loinc.org", code: "2345-7", display: Glucose}]}
+        subject: {reference: Patient/p1}
+      - &held
+        <<: *new
+        meta: {versionId: "2"}
+        status: on-hold
+      - &touched
+        <<: *held
+        meta: {versionId: "3"}
+        authoredOn: "2026-12-01"
+        note: []
+      - <<: *touched
+        meta: {versionId: "4"}
+        doNotPerform: false
+      - <<: *new
+        meta: {versionId: "5"}
+        status: revoked
+    expect:
+      status: [processed, processed, processed, filtered, processed]
+      hl7:
+        - {MSH-9: OML^O21^OML_O21, ORC-1: NW, ORC-2: ORD-5, OBR-4: 2345-7^Glucose^LN}
+        - {ORC-1: XO, ORC-5: HD}
+        - {ORC-1: XO, ORC-9: "20261201"}
+        - nothing
+        - {ORC-1: CA, ORC-2: ORD-5, ORC-5: CA}
+"""
+    )
+    code, out = run("--config", str(tmp_path / "routes.yaml"), "-v")
+    assert code == 0, out
+    assert (
+        "message 1 fhir#1: processed, sent OML^O21" in out
+        and "message 5 fhir#5: processed, sent OML^O21" in out
+    )
