@@ -281,6 +281,9 @@ def test_oml_minimal_order_and_timing_pattern() -> None:
         pytest.param({"order_message": "OML"}, "did you mean 'OML^O21'", id="prefix"),
         pytest.param({"order_mesage": "OML^O21"}, "did you mean 'order_message'", id="key"),
         pytest.param({"order_message": "OML^O21", "version": "2.3"}, "from v2.4 on", id="version"),
+        pytest.param(
+            {"order_message": "ORM^O01", "version": "2.7"}, "withdrew it in v2.7", id="orm-withdrawn"
+        ),
     ],
 )
 def test_order_message_option_errors(options: dict[str, Any], match: str) -> None:
@@ -296,3 +299,17 @@ def test_golden_folder_is_read_by_the_structure_test() -> None:
 
     assert {p.name for p in GOLDEN.glob("*.hl7")} <= {p.name for p in test_validation.WRITTEN}
     assert Path(GOLDEN).is_dir()
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [("2.3", "ORM^O01"), ("2.5.1", "ORM^O01"), ("2.6", "ORM^O01"), ("2.7", "OML^O21"), ("2.8", "OML^O21")],
+)
+def test_without_order_message_the_version_decides(version: str, message: str) -> None:
+    """ORM^O01 is the default while HL7 defines it; from v2.7 on (withdrawn) OML^O21, so every message a
+    channel writes is a structure of its MSH-12 version."""
+    settings = WritebackSettings.from_options({"version": version, "placer_system": PLACER}, "c.yaml", "t")
+    msg = parse_bytes(convert(ORDER, settings).variants["NW"])
+    assert f"{msg.message_type}^{msg.trigger}" == message and msg.version == version
+    if version in ("2.5.1", "2.6", "2.7", "2.8"):  # (hl7apy has no 2.3 OML; v2.3 is ORM's anyway)
+        check_structure(msg)

@@ -2,8 +2,9 @@
 ORC/OBR/TQ1[ServiceRequest], DG1[Condition], OBX[Observation], PV1[Encounter] and SPM[Specimen] maps in
 reverse.  ORC-2 / OBR-2 placer order number: the identifier in ``placer_system``, else the id.
 
-The step option ``order_message`` picks the message: ``ORM^O01`` (the default; MSH, PID, ORC, OBR, NTE)
-or ``OML^O21`` (HL7 v2.5.1's OML_O21: MSH, PID, [PV1], ORC, [TQ1], OBR, [NTE], [DG1], [OBX, [NTE]], [SPM]).
+The step option ``order_message`` picks the message: ``ORM^O01`` (MSH, PID, ORC, OBR, NTE; the default
+before v2.7, where HL7 withdrew it) or ``OML^O21`` (the default from v2.7 on; as HL7 v2.5.1's OML_O21:
+MSH, PID, [PV1], ORC, [TQ1], OBR, [NTE], [DG1], [OBX, [NTE]], [SPM]).
 Before v2.5 (no TQ1, no SPM) the times go in ORC-7 and the first contained specimen in OBR-7 / OBR-15.
 The OML form carries what a ServiceRequest holds by reference only when the referenced resource is
 *contained* (``#id``): a contained Encounter, Condition, Observation or Specimen is written in full; a
@@ -57,7 +58,7 @@ UCUM = "http://unitsofmeasure.org"
 
 def convert(res: JSON, settings: WritebackSettings, now: str) -> Outbound:
     """A ServiceRequest → its candidate order messages (one per order control code)."""
-    if settings.order_message == "OML^O21":
+    if settings.order == "OML^O21":
         return _oml(res, settings, now)
     return _orm(res, settings, now)
 

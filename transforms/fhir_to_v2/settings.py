@@ -41,17 +41,33 @@ class WritebackSettings:
     site_tz: str = "America/Los_Angeles"
     # Times carry the site zone's offset (20261210090000-0800); false = local site time without offset
     time_offsets: bool = True
-    # The message a ServiceRequest becomes: ORM^O01 or OML^O21 (one of ORDER_MESSAGES)
-    order_message: str = "ORM^O01"
+    # The message a ServiceRequest becomes: ORM^O01 or OML^O21 (one of ORDER_MESSAGES); empty: ORM^O01,
+    # or OML^O21 from v2.7 on (HL7 withdrew ORM there): see ``order``
+    order_message: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_zone", site_zone(self.site_tz))
-        if self.order_message == "OML^O21" and _version_tuple(self.version) < (2, 4):
+        version = _version_tuple(self.version)
+        if self.order_message == "OML^O21" and version < (2, 4):
             raise ConfigError(
                 f"OML^O21 does not exist in HL7 v{self.version} (it is defined from v2.4 on)",
                 key="order_message",
                 hint="set version: 2.5.1 (or 2.4 and later), or order_message: ORM^O01",
             )
+        if self.order_message == "ORM^O01" and version >= (2, 7):
+            raise ConfigError(
+                f"ORM^O01 does not exist in HL7 v{self.version} (HL7 withdrew it in v2.7 for OML^O21)",
+                key="order_message",
+                hint="write order_message: OML^O21 (the default from v2.7 on), or a version before 2.7",
+            )
+
+    @property
+    def order(self) -> str:
+        """The order message a ServiceRequest becomes: ``order_message``, else ORM^O01 before v2.7 and
+        OML^O21 from v2.7 on (where ORM^O01 is withdrawn)."""
+        if self.order_message:
+            return self.order_message
+        return "OML^O21" if _version_tuple(self.version) >= (2, 7) else "ORM^O01"
 
     @property
     def zone(self) -> ZoneInfo:
