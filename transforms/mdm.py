@@ -146,6 +146,13 @@ def orders(msg: Message, ctx: ConvertContext, enc: str | None) -> list[str]:
             continue
         placer, filler = order_numbers(order.orc, order.obr, ctx)
         if (ref := oru.service_request(order, placer, filler, code, ctx, enc)) is not None:
+            # IG MDM_T02 COMMON_ORDER.NTE → NTE[ServiceRequest]: the notes after the OBR
+            if (
+                order.notes
+                and (sr := ctx.find(ref)) is not None
+                and (note := oru.annotation(order.notes, ctx))
+            ):
+                sr["note"] = [note]
             out.append(ref)
     return out
 

@@ -8,7 +8,7 @@ from typing import Any
 from engine.errors import Location
 from engine.hl7 import Rep, Segment
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei
+from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, fhir_code, table
 
 JSON = dict[str, Any]
 
@@ -90,4 +90,41 @@ def order_type(rep: Rep, ctx: ConvertContext, loc: Location) -> JSON | None:
     return cc
 
 
-__all__ = ["ORDER_TYPE_ROLE", "PRIORITY", "V3_ROLE_CODE", "order_numbers", "order_type", "timing", "typed"]
+def occurrence(
+    res: JSON, tq1: Segment | None, orc: Segment | None, obr: Segment | None, ctx: ConvertContext
+) -> None:
+    """ServiceRequest.priority and occurrence[x] (IG TQ1[ServiceRequest], TQ[ServiceRequest], OBR-5, OBR-6): the
+    priority from TQ1-9 (else ORC-7.6 / OBR-27.6, else OBR-5); a repeat pattern (TQ1-3, TQ-2: table 0335)
+    → occurrenceTiming bounded by the period; else the period (TQ1-7/8, TQ-4/5) → occurrencePeriod or
+    occurrenceDateTime; else OBR-6 → occurrenceDateTime."""
+    period, prio, pattern = timing(tq1, orc, obr, ctx)
+    if not prio and obr is not None:
+        prio = obr.get(5).strip().upper()
+    if prio:
+        loc = tq1.loc(9) if tq1 is not None else (orc.loc(7) if orc is not None else None)
+        if (p := table(ctx, PRIORITY, prio, loc or Location("ORC", 1, 7), "0027")) is not None:
+            res["priority"] = p
+    if pattern:
+        # a repeat pattern (table 0335: BID, Q4H, Once ...) → occurrenceTiming, bounded by the period
+        tim: JSON = {"code": {"coding": [{"system": V2_TABLE + "0335", "code": fhir_code(pattern)}]}}
+        if period:
+            tim["repeat"] = {"boundsPeriod": period}
+        res["occurrenceTiming"] = tim
+    elif period and "start" in period and "end" in period:
+        res["occurrencePeriod"] = period
+    elif period:
+        res["occurrenceDateTime"] = period.get("start") or period["end"]
+    elif obr is not None and obr.get(6).strip() and (occ := dtm_at(obr.get(6).strip(), ctx.settings, obr, 6)):
+        res["occurrenceDateTime"] = occ
+
+
+__all__ = [
+    "ORDER_TYPE_ROLE",
+    "PRIORITY",
+    "V3_ROLE_CODE",
+    "occurrence",
+    "order_numbers",
+    "order_type",
+    "timing",
+    "typed",
+]

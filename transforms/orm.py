@@ -23,8 +23,8 @@ from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment, escape
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, fhir_code, nm, table, unit, xcn
-from transforms.orders import PRIORITY, order_numbers, order_type, timing, typed
+from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, nm, table, unit, xcn
+from transforms.orders import occurrence, order_numbers, order_type, typed
 
 JSON = dict[str, Any]
 
@@ -268,15 +268,6 @@ def service_request(
     res["intent"] = "reflex-order" if obr is not None and obr.get(11).strip().upper() == "G" else "order"
     if orc is not None and orc.rep(4) and (grp := ei(orc.rep(4), ctx, orc.loc(4))) is not None:
         res["requisition"] = typed(grp, "PGN", "Placer Group Number")
-    # priority and timing: TQ1 (v2.5+), else ORC-7 / OBR-27 (TQ), else OBR-5
-    tq1 = order.tq1
-    period, prio, pattern = timing(tq1, orc, obr, ctx)
-    if not prio and obr is not None:
-        prio = obr.get(5).strip().upper()
-    if prio:
-        loc = tq1.loc(9) if tq1 is not None else (orc.loc(7) if orc is not None else None)
-        if (p := table(ctx, PRIORITY, prio, loc or Location("ORC", 1, 7), "0027")) is not None:
-            res["priority"] = p
     if obr is not None and (code := cwe(obr.rep(4), ctx, obr.loc(4), field="OBR-4")) is not None:
         res["code"] = code
     elif obr is None:
@@ -294,18 +285,7 @@ def service_request(
         res["subject"] = {"reference": ctx.patient_ref}
     if enc:
         res["encounter"] = {"reference": enc}
-    if pattern:
-        # a repeat pattern (table 0335: BID, Q4H, Once ...) → occurrenceTiming, bounded by the period
-        tim: JSON = {"code": {"coding": [{"system": V2_TABLE + "0335", "code": fhir_code(pattern)}]}}
-        if period:
-            tim["repeat"] = {"boundsPeriod": period}
-        res["occurrenceTiming"] = tim
-    elif period and "start" in period and "end" in period:
-        res["occurrencePeriod"] = period
-    elif period:
-        res["occurrenceDateTime"] = period.get("start") or period["end"]
-    elif obr is not None and obr.get(6).strip() and (occ := dtm_at(obr.get(6).strip(), settings, obr, 6)):
-        res["occurrenceDateTime"] = occ
+    occurrence(res, order.tq1, orc, obr, ctx)
     # IG ORC-9 → authoredOn; only for a new order (in a cancel or change ORC-9 is when that happened)
     control = orc.get(1).strip().upper() if orc is not None else ""
     if (

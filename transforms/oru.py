@@ -44,7 +44,7 @@ from transforms.datatypes import (
     xcn,
     xpns,
 )
-from transforms.orders import order_numbers, typed
+from transforms.orders import occurrence, order_numbers, order_type, typed
 
 JSON = dict[str, Any]
 
@@ -667,11 +667,12 @@ def interpretation(obx: Segment, ctx: ConvertContext) -> list[JSON]:
 class _Order:
     """One ORDER_OBSERVATION group: its OBR, optional ORC, the OBX groups, the NTEs and the SPMs."""
 
-    __slots__ = ("notes", "obr", "observations", "orc", "specimens")
+    __slots__ = ("notes", "obr", "observations", "orc", "specimens", "tq1")
 
-    def __init__(self, obr: Segment | None, orc: Segment | None):
+    def __init__(self, obr: Segment | None, orc: Segment | None, tq1: Segment | None = None):
         self.obr = obr
         self.orc = orc
+        self.tq1 = tq1  # the order's first TQ1 (ORU: after the OBR; MDM: between ORC and OBR)
         self.notes: list[Segment] = []
         self.observations: list[tuple[Segment, list[Segment]]] = []
         self.specimens: list[Segment] = []
@@ -683,6 +684,7 @@ def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segm
     orders: list[_Order] = []
     patient_obs: list[tuple[Segment, list[Segment]]] = []
     pending_orc: Segment | None = None
+    pending_tq1: Segment | None = None
     current: _Order | None = None
     last_notes: list[Segment] | None = None
     for seg in msg.segments:
@@ -695,8 +697,8 @@ def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segm
             pending_orc = seg
             last_notes = None
         elif name == "OBR":
-            current = _Order(seg, pending_orc)
-            pending_orc = None
+            current = _Order(seg, pending_orc, pending_tq1)
+            pending_orc = pending_tq1 = None
             orders.append(current)
             last_notes = current.notes
         elif name == "OBX":
@@ -712,6 +714,11 @@ def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segm
         elif name in ("SPM", "PV1", "PV2", "PD1", "NK1", "TQ1", "TQ2", "CTD", "FT1", "CTI"):
             if name == "SPM" and current is not None:
                 current.specimens.append(seg)
+            elif name == "TQ1":
+                if pending_orc is not None or current is None:
+                    pending_tq1 = pending_tq1 or seg  # before the OBR of its group (ORC, TQ1, OBR)
+                elif current.tq1 is None:
+                    current.tq1 = seg
             last_notes = None
     return pid, orders, patient_obs
 
@@ -1033,11 +1040,11 @@ def service_request(
         res["requisition"] = typed(req[0], "PGN", "Placer Group Number")
     if details := [c for f in (46, 47) for r in obr.reps(f) if (c := cwe(r, ctx, obr.loc(f))) is not None]:
         res["orderDetail"] = details
-    if (when := obr.get(6).strip()) and (occ := dtm_at(when, ctx.settings, obr, 6)):
-        res["occurrenceDateTime"] = occ
+    # priority and occurrence: TQ1 (IG TQ1[ServiceRequest]), else ORC-7 / OBR-27 (TQ), OBR-5, OBR-6
+    occurrence(res, order.tq1, orc, obr, ctx)
     if reasons := [c for r in obr.reps(31) if (c := cwe(r, ctx, obr.loc(31), field="OBR-31")) is not None]:
         res["reasonCode"] = reasons
-    if orc is not None and orc.rep(29) and (otype := cwe(orc.rep(29), ctx, orc.loc(29))):
+    if orc is not None and orc.rep(29) and (otype := order_type(orc.rep(29), ctx, orc.loc(29))):
         res["locationCode"] = [otype]
     requester = None
     if orc is not None and orc.rep(12):

@@ -165,3 +165,27 @@ def test_bad_attachment_that_is_the_only_content_rejects_the_message_in_both_mod
         with pytest.raises(ConversionError) as exc:
             convert_report(m, golden_settings(strictness=mode))
         assert exc.value.hl7_error == "102" and str(exc.value.location) == "OBX-5.5"
+
+
+def test_order_notes_and_timing_go_on_the_service_request() -> None:
+    """IG MDM_T02 COMMON_ORDER: the NTE after the OBR → ServiceRequest.note (NTE[ServiceRequest], its author a
+    Practitioner), the TQ1 between ORC and OBR → the order's timing (TQ1[ServiceRequest])."""
+    m = msg(
+        MSH.format("T02"),
+        PID,
+        "ORC|NW|ORD1^SYNEHR",
+        "TQ1|1||P&Post (after)&HL70335||||20250402080000",
+        "OBR|1|ORD1^SYNEHR||11502-2^Laboratory report^LN",
+        "NTE|1||Ordered for follow-up||DOC77^ATTEND^AARON^A^^^MD|20250402090000",
+        TXA.format(number=DOC, parent="", completion="AU", avail="AV"),
+        OBX,
+    )
+    bundle = _convert(m, golden_settings()).bundle
+    (sr,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
+    assert sr["note"][0]["text"] == "Ordered for follow-up"
+    author = sr["note"][0]["authorReference"]["reference"]
+    assert any(
+        e["fullUrl"] == author and e["resource"]["resourceType"] == "Practitioner" for e in bundle["entry"]
+    )
+    assert sr["occurrenceTiming"]["code"]["coding"][0]["code"] == "P"
+    assert sr["occurrenceTiming"]["repeat"]["boundsPeriod"]["start"].startswith("2025-04-02T08:00")

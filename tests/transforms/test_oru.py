@@ -565,3 +565,32 @@ def test_trigger_with_escaped_line_break_gives_a_valid_provenance() -> None:
     validate_resources(bundle)
     (prov,) = resources(bundle, "Provenance")
     assert prov["activity"]["coding"][0]["code"] == "R 01"
+
+
+def test_order_timing_priority_and_type_of_a_result_message() -> None:
+    """The ORDER_OBSERVATION's TQ1 (TQ1[ServiceRequest]: TQ1-3 repeat pattern, TQ1-7/8 bounds, TQ1-9 priority) and
+    ORC-29 order type (table 0482, with the v3 service delivery location) go on the ServiceRequest the report is
+    basedOn, as in the order messages."""
+    orc = "ORC|RE|PLC1^SYNEHR|FIL1^SYNLAB^2.16.840.1.113883.19.999.2^ISO" + "|" * 26 + "O"
+    tq1 = "TQ1|1||P&Post (after)&HL70335||||20250310080000|20250311080000|S"
+    b = conv(MSH, PID, orc, OBR, tq1, "OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F").bundle
+    (sr,) = resources(b, "ServiceRequest")
+    assert sr["priority"] == "stat"
+    assert sr["occurrenceTiming"]["code"]["coding"] == [
+        {"system": "http://terminology.hl7.org/CodeSystem/v2-0335", "code": "P"}
+    ]
+    assert set(sr["occurrenceTiming"]["repeat"]["boundsPeriod"]) == {"start", "end"}
+    assert sr["locationCode"][0]["coding"] == [
+        {"system": "http://terminology.hl7.org/CodeSystem/v2-0482", "code": "O"},
+        {
+            "system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode",
+            "code": "OF",
+            "display": "Outpatient facility",
+        },
+    ]
+    # without TQ1: OBR-6 requested time, no priority (as before)
+    (plain,) = resources(
+        conv(MSH, PID, OBR.replace("|||20250310080000", "||20250310070000|20250310080000")).bundle,
+        "ServiceRequest",
+    )
+    assert "priority" not in plain and "occurrenceTiming" not in plain and plain["occurrenceDateTime"]
