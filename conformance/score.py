@@ -139,6 +139,9 @@ RULES: dict[str, str] = {
     "[ServiceRequest.status]): Sluice follows the IG's map, MS says unknown",
     "ms-attachment-report": "DiagnosticReport MS makes from an OBX that carries an attachment (OBX-2 RP or ED); "
     "the IG maps that OBX to an Observation (RP → valueAttachment) or the report's presentedForm",
+    "ms-system-name": "a coding-system name MS's name table turns into a URI that is no system for such codes "
+    "(I9 → sid/icd-9, which FHIR does not register; ISO → urn:iso:std:iso:3986, the URI standard) where Sluice "
+    "writes its documented system (docs/mapping.md)",
     "ig-planned-period": "Encounter.period from PV2-8 / PV2-9 (expected admit / discharge) in MS; the IG maps them "
     "to the planned start / end extensions and the actual stay (PV1-44 / PV1-45) to period",
 }
@@ -763,16 +766,11 @@ def compare_resources(
             elif not system or any(norm_system(s) == norm_system(system) for s in same_code):
                 score.record(category, True)
             else:
+                rule = "ms-placeholder"
                 why = _placeholder(code, system, source)
-                _diff(
-                    score,
-                    category,
-                    f"{base}.{path}",
-                    f"{same_code[0]}|{code}",
-                    exp_text,
-                    why,
-                    "ms-placeholder",
-                )
+                if not why and (why := _system_name(code, system, same_code[0], source)):
+                    rule = "ms-system-name"
+                _diff(score, category, f"{base}.{path}", f"{same_code[0]}|{code}", exp_text, why, rule)
 
     # values (value[x] other than CodeableConcept)
     for path, (kind, ev) in exp_vleaves.items():
@@ -783,10 +781,13 @@ def compare_resources(
                 continue
         else:
             ov = _summary_value(ours)
-        why = ""
+        why, rule = "", "ms-placeholder"
         if kind == "system" and path in our_vleaves:  # a Quantity's unit system: evidence next to its code
-            why = _placeholder(exp_vleaves.get(f"{path.rsplit('.', 1)[0]}.code", ("", ""))[1], ev, source)
-        _diff(score, "values", f"{base}.{path}", ov, ev, why, "ms-placeholder")
+            unit = exp_vleaves.get(f"{path.rsplit('.', 1)[0]}.code", ("", ""))[1]
+            why = _placeholder(unit, ev, source)
+            if not why and (why := _system_name(unit, ev, ov, source)):
+                rule = "ms-system-name"
+        _diff(score, "values", f"{base}.{path}", ov, ev, why, rule)
 
 
 # ----------------------------------------------------------------------------- matching resources
@@ -881,6 +882,16 @@ def resource_label(res: Mapping[str, Any]) -> str:
     return rtype
 
 
+def _different_entities(ours: Mapping[str, Any], expected: Mapping[str, Any]) -> bool:
+    """Both sides identify themselves, and by nothing in common: identifier values on both sides but none shared,
+    and family names on both sides but none shared (two people, e.g. the PD1-4 doctor and the EVN-5 operator)."""
+    ev = {i["value"] for i in _identifiers(expected)}
+    ov = {i["value"] for i in _identifiers(ours)}
+    efam = {n.get("family", "").lower() for n in _names(expected)} - {""}
+    ofam = {n.get("family", "").lower() for n in _names(ours)} - {""}
+    return bool(ev and ov and not ev & ov and efam and ofam and not efam & ofam)
+
+
 def match_resources(
     ours: list[dict[str, Any]], expected: list[dict[str, Any]]
 ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
@@ -909,7 +920,8 @@ def match_resources(
         left_e = [i for i in exp_idx if i not in result]
         left_o = [j for j in our_idx if j not in used_o]
         if len(left_e) == 1 and len(left_o) == 1 and len(exp_idx) == 1 and len(our_idx) == 1:
-            result[left_e[0]] = left_o[0]  # the only one of its type on both sides
+            if not _different_entities(ours[left_o[0]], expected[left_e[0]]):
+                result[left_e[0]] = left_o[0]  # the only one of its type on both sides
             continue
         # the reference repeats an entity (e.g. the same practitioner in two roles): allow many-to-one
         for s, i, j in cands:
@@ -1400,6 +1412,25 @@ def _segment_procedure(source: Source, res: Mapping[str, Any]) -> str:
         for r in source.reps:
             if r.segment == seg and r.field == number and r.comp(1):
                 return f"MS makes it from {r.where}, which the IG's message maps leave unmapped"
+    return ""
+
+
+MS_SYSTEM_NAMES: dict[tuple[str, str], str] = {
+    ("I9", "http://hl7.org/fhir/sid/icd-9"): "http://hl7.org/fhir/sid/icd-9-cm",
+    ("ISO", "urn:iso:std:iso:3986"): "urn:sluice:codesystem:ISO",
+}
+"""(coding-system name in the message, MS's URI for it) → Sluice's documented system for that name."""
+
+
+def _system_name(value: str, system: str, ours: str, source: Source | None) -> str:
+    """The explanation when MS's ``system`` is its name table's URI for the coding-system name the message gives
+    ``value`` and ``ours`` is Sluice's documented system for that name (:data:`MS_SYSTEM_NAMES`)."""
+    if source is None or not value:
+        return ""
+    for (name, ms), mine in MS_SYSTEM_NAMES.items():
+        same = norm_system(system) == norm_system(ms) and norm_system(ours) == norm_system(mine)
+        if same and (where := source.names(value, name)):
+            return f"{where} gives {value!r} with the name {name!r}: MS writes {ms}, Sluice {mine}"
     return ""
 
 

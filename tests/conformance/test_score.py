@@ -159,6 +159,7 @@ def test_normalisation_of_dates_systems_and_phones() -> None:
     assert s.agreeing == s.compared, s.diffs
 
 
+ICD9CM = "http://hl7.org/fhir/sid/icd-9-cm"
 MSH_LINE = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\r"
 
 
@@ -576,6 +577,10 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     src += "PV1|1|I" + "|" * 17 + "V9\rPV2" + "|" * 9 + "20250105120000+0000\r"
     ours_enc = {"resourceType": "Encounter", "identifier": [{"value": "V9"}]}
     ref_enc = {**ours_enc, "period": {"end": "2025-01-05T12:00:00Z"}}
+    # DG1-3 under the name I9: MS's name table says sid/icd-9 (not a FHIR system), Sluice sid/icd-9-cm
+    src += "DG1|1|I9|71596^OSTEOARTHROSIS^I9\r"
+    ours_dx = {"resourceType": "Condition", "code": {"coding": [{"system": ICD9CM, "code": "71596"}]}}
+    ref_dx = {"resourceType": "Condition", "code": {"coding": [{"system": ICD9CM[:-3], "code": "71596"}]}}
     return (
         bundle(
             ours,
@@ -588,6 +593,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ours_dr6,
             ours_charge,
             ours_enc,
+            ours_dx,
         ),
         bundle(
             ref,
@@ -607,6 +613,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ref_img,
             ref_charge,
             ref_enc,
+            ref_dx,
         ),
         src,
     )
@@ -1043,3 +1050,32 @@ def test_planned_period_needs_pv2_and_the_actual_stay() -> None:
     assert score_bundles(ours, ref, source=MSH_LINE + discharged + pv2).explained_by == {
         "ig-planned-period": 1
     }
+
+
+def test_system_name_needs_the_name_and_sluices_documented_system() -> None:
+    """ms-system-name: MS's URI for a coding-system name (I9 → sid/icd-9) is explained only where the message gives
+    the code with that name and Sluice writes its documented system for it."""
+    ours = bundle({"resourceType": "Condition", "code": {"coding": [{"system": ICD9CM, "code": "71596"}]}})
+    ref = bundle(
+        {"resourceType": "Condition", "code": {"coding": [{"system": ICD9CM[:-3], "code": "71596"}]}}
+    )
+    dg1 = "DG1|1|I9|71596^OSTEOARTHROSIS^I9\r"
+    assert score_bundles(ours, ref, source=MSH_LINE + dg1).explained_by == {"ms-system-name": 1}
+    assert not score_bundles(ours, ref, source=MSH_LINE + dg1.replace("^I9", "^L")).explained_by
+    other = bundle({"resourceType": "Condition", "code": {"coding": [{"system": "urn:x", "code": "71596"}]}})
+    assert not score_bundles(other, ref, source=MSH_LINE + dg1).explained_by
+
+
+def test_the_only_resource_of_its_type_is_not_paired_with_another_entity() -> None:
+    """Two Practitioners that share neither an identifier nor a family name are two people, even when each is the
+    only one of its type in its bundle (the PD1-4 doctor against the EVN-5 operator); without names they pair."""
+    doctor = {"resourceType": "Practitioner", "identifier": [{"value": "88"}], "name": [{"family": "HIPPO"}]}
+    operator = {
+        "resourceType": "Practitioner",
+        "identifier": [{"value": "C08"}],
+        "name": [{"family": "WOOLFSON"}],
+    }
+    s = score_bundles(bundle(doctor), bundle(operator))
+    assert s.unmatched == ["Practitioner[C08]"]
+    bare = {"resourceType": "Practitioner", "identifier": [{"value": "C08"}]}
+    assert not score_bundles(bundle(doctor), bundle(bare)).unmatched
