@@ -286,20 +286,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
             # IG ADT_A01 PROCEDURE: PR1[Procedure]; an ADT does not say whether a listed procedure was done
             # (a pre-admit lists planned ones): the IG's "if not clear, use unknown"
             dft.procedure(pr1, ctx, patient_key, enc_ref, "unknown")
-    if enc_ref and conditions:
-        enc = ctx.find(enc_ref)
-        if enc is not None:
-            diags = []
-            for ref, dg1 in conditions:
-                d: JSON = {"condition": {"reference": ref}}
-                if role := DIAGNOSIS_ROLE.get(dt.value(dg1, 6, ctx).strip().upper()):
-                    d["use"] = {
-                        "coding": [{"system": DIAGNOSIS_ROLE_SYSTEM, "code": role[0], "display": role[1]}]
-                    }
-                if (rank := dt.positive_int(dt.value(dg1, 15, ctx))) is not None:
-                    d["rank"] = rank
-                diags.append(d)
-            enc["diagnosis"] = diags
+    encounter_diagnoses(enc_ref, conditions, ctx)
     if not msg.all("IN1"):
         return
     in1_in2: list[list[Segment]] = []  # INSURANCE groups: IN1 and the IN2 right after it
@@ -1102,6 +1089,27 @@ def allergy(al1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: st
     c0 = code.get("coding", [{}])[0]
     key = "|".join((patient_key, "AL1", c0.get("system", ""), c0.get("code", "") or code.get("text", "")))
     return ctx.add("AllergyIntolerance", res, key=key)
+
+
+def encounter_diagnoses(
+    enc_ref: str | None, conditions: list[tuple[str, Segment]], ctx: ConvertContext
+) -> None:
+    """The Conditions of the DG1 segments → ``Encounter.diagnosis`` (IG DG1[Encounter]): use from DG1-6
+    (table 0052 → diagnosis-role), rank from DG1-15."""
+    if not enc_ref or not conditions:
+        return
+    enc = ctx.find(enc_ref)
+    if enc is None:
+        return
+    diags = []
+    for ref, dg1 in conditions:
+        d: JSON = {"condition": {"reference": ref}}
+        if role := DIAGNOSIS_ROLE.get(dt.value(dg1, 6, ctx).strip().upper()):
+            d["use"] = {"coding": [{"system": DIAGNOSIS_ROLE_SYSTEM, "code": role[0], "display": role[1]}]}
+        if (rank := dt.positive_int(dt.value(dg1, 15, ctx))) is not None:
+            d["rank"] = rank
+        diags.append(d)
+    enc["diagnosis"] = diags
 
 
 def condition(
