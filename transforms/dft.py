@@ -215,6 +215,8 @@ def charge_item(
     ]
     if performers:
         res["performer"] = performers
+    if ft1.rep(24) and (enterer := xcn(ft1.rep(24), ctx, ft1.loc(24))) is not None and "reference" in enterer:
+        res["enterer"] = enterer  # FT1-24 entered by
     reasons = [
         c for i, r in enumerate(ft1.reps(19), 1) if (c := cwe(r, ctx, Location("FT1", ft1.sequence, 19, i)))
     ]
@@ -292,8 +294,12 @@ def _visit(
         ctx.count("account_without_number")
     elif coverages and (acc := ctx.find(account)) is not None:
         acc["coverage"] = [{"coverage": {"reference": c}} for c in coverages]
-    for dg1 in msg.all("DG1"):
-        adt.condition(dg1, ctx, patient_ref, patient_key, enc)
+    conditions = [
+        (ref, dg1)
+        for dg1 in msg.all("DG1")
+        if (ref := adt.condition(dg1, ctx, patient_ref, patient_key, enc))
+    ]
+    adt.encounter_diagnoses(enc, conditions, ctx)  # IG DG1[Encounter], as ADT
     if not financial:
         for pr1 in msg.all("PR1"):
             procedure(pr1, ctx, patient_key, enc)
@@ -326,7 +332,7 @@ def _visit(
 
 def convert(msg: Message, ctx: ConvertContext) -> None:
     """DFT^P03/P11 or BAR^P01/P02/P05/P06/P12 → entries in ``ctx``."""
-    from transforms import oru
+    from transforms import adt, oru
 
     kind = msg.message_type
     trigger = supported_trigger(msg, DFT_TRIGGERS if kind == "DFT" else BAR_TRIGGERS)
@@ -338,6 +344,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         pid = patient_msg.first("PID")
         assert pid is not None
         patient_ref = oru.patient(pid, ctx)
+        adt.mother(pid, ctx, patient_ref, ctx.key_of(patient_ref) or patient_ref)  # PID-21 (IG PID[Patient])
         visits = _split(patient_msg, "PV1")
         for visit in visits:
             _visit(_sub(msg, visit), pid, ctx, patient_ref, trigger, kind == "DFT")

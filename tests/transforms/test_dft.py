@@ -115,3 +115,37 @@ def test_an_order_the_oru_mapping_cannot_convert_does_not_reject_the_charges() -
     r = _convert(m, golden_settings())
     assert resources(r.bundle, "ChargeItem")
     assert r.events.get("dft_order_not_converted") == 1 and r.warnings
+
+
+def test_mother_enterer_and_encounter_diagnosis() -> None:
+    """PID-21 → the mother's RelatedPerson (IG PID[Patient] → CX[RelatedPerson-Mother], as ADT/SIU); FT1-24 entered
+    by → ChargeItem.enterer; the DG1 Conditions → Encounter.diagnosis with DG1-6 as its use (IG DG1[Encounter], as
+    ADT)."""
+    pid = (
+        "PID|1||MRN10001^^^HOSP^MR||TESTPATIENT^ALEX||19800229|F"
+        + "|" * 10
+        + "ACC500^^^HOSP^AN|||MOM77^^^HOSP^MR"
+    )
+    pv1 = "PV1|1|O|CLINIC^^^GOODHOSP||||||||||||||||V300^^^VISITS^VN"
+    ft1 = (
+        "FT1|1|TXN-1||20250320093000||CG|99213^Visit^C4"
+        + "|" * 17
+        + "1234567890^ENTERER^ERIN^^^^^^NPI^L^^^NPI"
+    )
+    dg1 = "DG1|1||R51^Headache^I10|||A"
+    b = _convert(
+        msg("\r".join([MSH.format("DFT^P03^DFT_P03"), pid, pv1, ft1, dg1]) + "\r"), golden_settings()
+    )
+    validate_resources(b.bundle)
+    entries = {e["fullUrl"]: e["resource"] for e in b.bundle["entry"]}
+    (mother,) = resources(b.bundle, "RelatedPerson")
+    assert mother["identifier"][0]["value"] == "MOM77"
+    assert mother["relationship"][0]["coding"][0]["code"] == "MTH"
+    (charge,) = resources(b.bundle, "ChargeItem")
+    enterer = entries[charge["enterer"]["reference"]]
+    assert enterer["resourceType"] == "Practitioner" and enterer["name"][0]["family"] == "ENTERER"
+    assert "performer" not in charge
+    (encounter,) = resources(b.bundle, "Encounter")
+    (diagnosis,) = encounter["diagnosis"]
+    assert entries[diagnosis["condition"]["reference"]]["resourceType"] == "Condition"
+    assert diagnosis["use"]["coding"][0]["code"] == "AD"
