@@ -83,6 +83,9 @@ MS_PLACEHOLDER_PREFIX = "http://example.com/v2-to-fhir-converter/"
 ``.../CodeSystem/<coding system>`` systems for authorities and coding systems it has no URI for, with
 the name the message gives them (spaces turned into ``-``)."""
 
+_FINANCIAL_GROUP = frozenset({"PR1", "PRT", "ROL", "NTE"})
+"""Segments of a DFT's FINANCIAL group after its FT1 (FINANCIAL_PROCEDURE: PR1 with its ROL/PRT; notes)."""
+
 MS_SIBLING_PLACEHOLDERS: dict[tuple[str, int], tuple[int, int]] = {
     ("FT1", 2): (
         13,
@@ -123,6 +126,9 @@ RULES: dict[str, str] = {
     "ig-implementer-status": "a status the IG leaves to the implementer (PR1[Procedure]: by the message context, "
     "'unknown' only if not clear; no IG map for FT1): MS's templates write the constant unknown, Sluice its "
     "documented choice (docs/mapping.md)",
+    "ms-charge-resource": "MedicationDispense / second Procedure MS synthesises from an FT1 (the FT1-29 NDC charged; "
+    "FT1-25 beside the PR1 of its FINANCIAL group): no IG map covers FT1; Sluice keeps the NDC as "
+    "ChargeItem.productCodeableConcept and makes one Procedure of a procedure",
     "ms-merged-mother": "MS puts the PID-21 mother's identifier and relationship MTH on the NK1's "
     "RelatedPerson; Sluice makes the mother a RelatedPerson of her own (IG CX[RelatedPerson-Mother])",
     "ms-performer-role": "Procedure.performer.function: MS's own performer-role codes for PR1-8/11/12; the IG "
@@ -1075,6 +1081,65 @@ class Source:
                 return r.where
         return ""
 
+    def charge_resource(self, res: Mapping[str, Any], ours: list[dict[str, Any]]) -> tuple[str, str]:
+        """(explanation, rule) for an unproduced MS resource made from an FT1: a MedicationDispense of the FT1-29
+        NDC, or a Procedure of the FT1-25 code when the PR1 after that FT1 (its FINANCIAL group) has the same code.
+        Where the message's IG map leaves FT1 unmapped (ORM, ORU) it is ``ig-unmapped-segment``; otherwise (DFT,
+        BAR) ``ms-charge-resource``, only when Sluice has the NDC as a ChargeItem's productCodeableConcept, or a
+        Procedure with that code.  ("", "") without that evidence."""
+        rtype = res.get("resourceType")
+        if rtype == "MedicationDispense":
+            codes = json_codes(res.get("medicationCodeableConcept"))
+            ft1s = [r for r in self.reps if r.segment == "FT1" and r.field == 29 and r.comp(1) in codes]
+            if not ft1s:
+                return "", ""
+            code = ft1s[0].comp(1)
+            if "FT1" in self.unmapped:
+                return (
+                    f"MS makes it from FT1-29 ({code!r}); FT1 has no target in the IG's map",
+                    "ig-unmapped-segment",
+                )
+            if any(
+                o.get("resourceType") == "ChargeItem" and code in json_codes(o.get("productCodeableConcept"))
+                for o in ours
+            ):
+                return (
+                    f"MS makes a MedicationDispense of the NDC {code!r} charged in FT1-29; Sluice keeps it as the "
+                    "ChargeItem's productCodeableConcept",
+                    "ms-charge-resource",
+                )
+            return "", ""
+        if rtype != "Procedure":
+            return "", ""
+        codes = {c.lower() for c in json_codes(res.get("code"))}
+        if not any(
+            o.get("resourceType") == "Procedure" and codes & {c.lower() for c in json_codes(o.get("code"))}
+            for o in ours
+        ):
+            return "", ""
+        in_group = False  # reps are in message order: an FT1, then the PR1s (and PRT, ROL, NTE) of its group
+        for r in self.reps:
+            if r.segment == "FT1":
+                if r.field == 1:
+                    in_group = False
+                elif r.field == 25:
+                    in_group = r.comp(1).lower() in codes
+            elif r.segment not in _FINANCIAL_GROUP:
+                in_group = False
+            elif in_group and r.segment == "PR1" and r.field == 3 and r.comp(1).lower() in codes:
+                code = r.comp(1)
+                if "FT1" in self.unmapped:
+                    return (
+                        f"MS makes it from FT1-25 ({code!r}); FT1 has no target in the IG's map",
+                        "ig-unmapped-segment",
+                    )
+                return (
+                    f"MS makes a Procedure of FT1-25 {code!r} beside the PR1 of that FT1's group with the same "
+                    "code; Sluice makes one Procedure, the PR1's",
+                    "ms-charge-resource",
+                )
+        return "", ""
+
     def sibling_name(self, value: str, name: str) -> str:
         """Where a segment that holds ``value`` in a field of :data:`MS_SIBLING_PLACEHOLDERS` has ``name`` in
         the component that placeholder is named after."""
@@ -1894,6 +1959,8 @@ def score_bundles(
                 rule = "ig-unmapped-rol"
             elif why := src.parent_procedure(exp, our_scored):
                 rule = "ms-parent-procedure"
+            else:
+                why, rule = src.charge_resource(exp, our_scored)
         score.record_missing(label, missing, why, rule)
     if src is not None:
         explain_outside_ig(score, src)

@@ -566,8 +566,24 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     ref_img = {"resourceType": "DiagnosticReport", "status": "final", "code": {"coding": [{"code": "IMG1"}]}}
     # FT1: MS's ChargeItem status is its constant unknown (Sluice billable), its identifier system named after
     # FT1-13.3 (the department code's coding system)
-    src += "FT1|1|TXN-9||20250101|20250101|CG|99213^Visit^CPT|||1|||RAD^Radiology^L\r"
-    ours_charge = {"resourceType": "ChargeItem", "identifier": [{"value": "TXN-9"}], "status": "billable"}
+    # and MS makes a MedicationDispense of the FT1-29 NDC, which Sluice keeps as the ChargeItem's product
+    src += (
+        "FT1|1|TXN-9||20250101|20250101|CG|99213^Visit^CPT|||1|||RAD^Radiology^L"
+        + "|" * 16
+        + "0009-01^Drug^NDC\r"
+    )
+    ndc = {"coding": [{"system": "http://hl7.org/fhir/sid/ndc", "code": "0009-01"}]}
+    ours_charge = {
+        "resourceType": "ChargeItem",
+        "identifier": [{"value": "TXN-9"}],
+        "status": "billable",
+        "productCodeableConcept": ndc,
+    }
+    ref_dispense = {
+        "resourceType": "MedicationDispense",
+        "status": "unknown",
+        "medicationCodeableConcept": ndc,
+    }
     ref_charge = {
         "resourceType": "ChargeItem",
         "identifier": [{"value": "TXN-9", "system": "http://example.com/v2-to-fhir-converter/Identifier/L"}],
@@ -612,6 +628,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ref_dr6,
             ref_img,
             ref_charge,
+            ref_dispense,
             ref_enc,
             ref_dx,
         ),
@@ -1079,3 +1096,51 @@ def test_the_only_resource_of_its_type_is_not_paired_with_another_entity() -> No
     assert s.unmatched == ["Practitioner[C08]"]
     bare = {"resourceType": "Practitioner", "identifier": [{"value": "C08"}]}
     assert not score_bundles(bundle(doctor), bundle(bare)).unmatched
+
+
+def test_charge_resources_need_the_ft1_and_sluices_counterpart() -> None:
+    """MS's MedicationDispense of an FT1-29 NDC and its second Procedure of an FT1-25 code beside the PR1 of the
+    same FINANCIAL group: in a DFT excused only where Sluice has the NDC as a ChargeItem's product (the PR1's
+    Procedure); in an ORM/ORU (FT1 IG-unmapped) as ig-unmapped-segment."""
+    ndc = {"coding": [{"system": "http://hl7.org/fhir/sid/ndc", "code": "0009-01"}]}
+    cpt = {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "71045"}]}
+    dispense = {"resourceType": "MedicationDispense", "status": "unknown", "medicationCodeableConcept": ndc}
+    proc_pr1 = {
+        "resourceType": "Procedure",
+        "status": "unknown",
+        "code": cpt,
+        "performedDateTime": "2025-01-01",
+    }
+    proc_ft1 = {"resourceType": "Procedure", "status": "unknown", "code": cpt}
+    ref = bundle(dispense, proc_pr1, proc_ft1)
+    charge = {"resourceType": "ChargeItem", "identifier": [{"value": "TXN-1"}], "productCodeableConcept": ndc}
+    ours = bundle(charge, {"resourceType": "Procedure", "code": cpt, "performedDateTime": "2025-01-01"})
+    ft1 = (
+        "FT1|1|TXN-1||20250101||CG|71045^Xray^C4"
+        + "|" * 18
+        + "71045^Xray^C4"
+        + "|" * 4
+        + "0009-01^Drug^NDC\r"
+    )
+    pr1 = "PR1|1||71045^Xray^C4||20250101\r"
+    pid = "PID|1||MRN1^^^H^MR||DOE^ANN\r"
+    dft = f"MSH|^~\\&|A|B|C|D|20250101||DFT^P03^DFT_P03|1|P|2.5\r{pid}"
+    s = score_bundles(ours, ref, source=dft + ft1 + pr1)
+    unproduced = {d.path: d.rule for d in s.diffs if d.category == "resource"}
+    assert unproduced == {
+        "MedicationDispense": "ms-charge-resource",
+        "Procedure[71045]": "ms-charge-resource",
+    }
+    # no ChargeItem with the NDC on Sluice's side, or the PR1 outside the FT1's group: nothing excused
+    no_product = bundle({**charge, "productCodeableConcept": {"text": "x"}}, ours["entry"][1]["resource"])
+    assert "MedicationDispense" not in {
+        d.path for d in score_bundles(no_product, ref, source=dft + ft1 + pr1).diffs if d.rule
+    }
+    apart = dft + ft1 + "DG1|1||R51^Headache^I10\r" + pr1
+    assert not any(
+        d.path.startswith("Procedure") and d.rule for d in score_bundles(ours, ref, source=apart).diffs
+    )
+    # an ORM: FT1 has no target in the IG's ORM_O01 map
+    orm = f"MSH|^~\\&|A|B|C|D|20250101||ORM^O01^ORM_O01|1|P|2.5\r{pid}ORC|NW|P1\r{ft1}"
+    s = score_bundles(bundle(), bundle(dispense), source=orm)
+    assert s.explained_by == {"ig-unmapped-segment": s.compared}
