@@ -8,13 +8,14 @@ delivery round's outcomes are written.  A write that is rolled back and retried 
 counted once, and nothing runs in the worker processes (no multiprocess-mode files).
 
 The hot path gets label children bound once per channel or destination (:class:`ChannelMetrics`,
-:class:`DestinationMetrics`), so counting costs a method call (~0.4 µs a counter, ~1 µs a
-histogram observation).  The per-message intake and listener metrics (received, duplicates, patient
-match failures, ACKs by code, ACK latency) are cheaper still: plain ints on :class:`Tally` and
-:class:`LatencyTally` objects, no lock, exported at scrape time by :class:`_TallyCollector` under the
-same names, labels, HELP texts and bucket bounds as the prometheus-client families they replace.
-Their writers are the event loop (listener, intake, sources) and, rarely, the processing and delivery
-code's threads; ``value += n`` on an int attribute is not interrupted by a GIL switch in CPython 3.11+
+:class:`DestinationMetrics`), so counting costs a method call (~0.4 µs a prometheus-client counter, ~1 µs
+a histogram observation).  The per-message metrics (received, duplicates, patient match failures, ACKs
+by code, ACK latency, messages processed, deliveries by outcome, delivery lag) are cheaper still: plain
+ints on :class:`Tally` and :class:`LatencyTally` objects, no lock, exported at scrape time by
+:class:`_TallyCollector` under the same names, labels, HELP texts, bucket bounds and sample order as the
+prometheus-client families they replace.
+Their writers are the event loop (listener, intake, sources, delivery rounds) and the processing code's
+threads (a recorded batch's statuses); ``value += n`` on an int attribute is not interrupted by a GIL switch in CPython 3.11+
 with the GIL (no eval-breaker check between the load and the store; a free-threaded build would need a
 tally per thread), and the scrape only reads ints and a float, so a scrape sees each tally at one instant; a histogram's ``_count`` is the sum of its buckets, so it always
 matches its ``+Inf`` bucket (its ``_sum`` may trail by the observation in flight).
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import prometheus_client
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -132,14 +133,13 @@ class ChannelMetrics:
     def __init__(self, family: Metrics, name: str):
         self._family = family
         self.name = name
-        self.received = Tally()
-        self.ack_latency = LatencyTally(ACK_LATENCY_BUCKETS)
-        self.duplicates = Tally()
-        self.patient_match_failures = Tally()
-        self._acks = {code: Tally() for code in ACK_CODES}  # MSA-1 as written → its tally
+        self.received = family.tally("received", name)
+        self.ack_latency = family.latency("ack_latency", ACK_LATENCY_BUCKETS, name)
+        self.duplicates = family.tally("duplicates", name)
+        self.patient_match_failures = family.tally("patient_match_failures", name)
+        self._acks = {code: family.tally("acks", name, code) for code in ACK_CODES}  # MSA-1 as written
         self._ack_labels = dict(self._acks)  # code label → tally
-        family._ack_series.extend((name, code, t) for code, t in self._acks.items())
-        self._processed = {s: family.processed.labels(name, s) for s in STATUSES}
+        self._processed = {s: family.tally("processed", name, s) for s in STATUSES}
         self._rejections = {c: family.rejections.labels(name, c) for c in REJECTION_CLASSES}
         self._warnings: dict[str, Any] = {}
 
@@ -150,17 +150,16 @@ class ChannelMetrics:
             label = code or "none"
             tally = self._ack_labels.get(label)
             if tally is None:
-                tally = self._ack_labels[label] = Tally()
-                self._family._ack_series.append((self.name, label, tally))
+                tally = self._ack_labels[label] = self._family.tally("acks", self.name, label)
             self._acks[code] = tally
         tally.value += 1
 
     def processed(self, status: str, n: int = 1) -> None:
         """``n`` messages reached the final status ``status``."""
-        child = self._processed.get(status)
-        if child is None:
-            child = self._processed[status] = self._family.processed.labels(self.name, status)
-        child.inc(n)
+        tally = self._processed.get(status)
+        if tally is None:
+            tally = self._processed[status] = self._family.tally("processed", self.name, status)
+        tally.value += n
 
     def writeback_skipped(self, reason: str, n: int = 1) -> None:
         """``n`` write-back resource versions sent nothing, for ``reason`` (engine/writeback.py)."""
@@ -186,8 +185,8 @@ class DestinationMetrics:
 
     def __init__(self, family: Metrics, name: str):
         self.name = name
-        self.outcomes = {o: family.deliveries.labels(name, o) for o in OUTCOMES}
-        self.lag = family.delivery_lag.labels(name)
+        self.outcomes = {o: family.tally("deliveries", name, o) for o in OUTCOMES}
+        self.lag = family.latency("delivery_lag", DELIVERY_LAG_BUCKETS, name)
         self.dead_letters = family.dead_letters.labels(name)
         self.up = family.destination_up.labels(name)
         self.up.set(1)
@@ -219,6 +218,9 @@ class Metrics:
         node: str = "",
     ):
         self.registry = r = CollectorRegistry()
+        # Tallied families: name → (label values, tally) in the order first seen (as prometheus-client
+        # orders a family's children)
+        self._series: dict[str, list[tuple[tuple[str, ...], Tally | LatencyTally]]] = {}
         r.register(
             _TallyCollector(
                 self,
@@ -244,27 +246,37 @@ class Metrics:
                 "sluice_ack_latency_seconds",
                 "Time from a complete MLLP frame received to its ACK written to the connection.",
                 ["channel"],
+                histogram=True,
             )
         )
-        self.processed = Counter(
-            "sluice_messages_processed",
-            "Messages that reached a final status: at intake (rejected, quarantined, error, ignored) or "
-            "by processing (processed, filtered, error, review).",
-            ["channel", "status"],
-            registry=r,
+        r.register(
+            _TallyCollector(
+                self,
+                "processed",
+                "sluice_messages_processed",
+                "Messages that reached a final status: at intake (rejected, quarantined, error, ignored) or "
+                "by processing (processed, filtered, error, review).",
+                ["channel", "status"],
+            )
         )
-        self.deliveries = Counter(
-            "sluice_deliveries",
-            "Delivery attempts by outcome: delivered, retry (failed, tried again later), dead (dead-lettered).",
-            ["destination", "outcome"],
-            registry=r,
+        r.register(
+            _TallyCollector(
+                self,
+                "deliveries",
+                "sluice_deliveries",
+                "Delivery attempts by outcome: delivered, retry (failed, tried again later), dead (dead-lettered).",
+                ["destination", "outcome"],
+            )
         )
-        self.delivery_lag = Histogram(
-            "sluice_delivery_lag_seconds",
-            "Time from the message received to its delivery confirmed by the destination (the sync lag).",
-            ["destination"],
-            buckets=DELIVERY_LAG_BUCKETS,
-            registry=r,
+        r.register(
+            _TallyCollector(
+                self,
+                "delivery_lag",
+                "sluice_delivery_lag_seconds",
+                "Time from the message received to its delivery confirmed by the destination (the sync lag).",
+                ["destination"],
+                histogram=True,
+            )
         )
         r.register(
             _TallyCollector(
@@ -324,8 +336,6 @@ class Metrics:
             registry=r,
         ).labels(version, build, node).set(1)
         self._channels: dict[str, ChannelMetrics] = {}
-        # (channel, code, tally) of sluice_acks in the order first seen (as prometheus-client orders them)
-        self._ack_series: list[tuple[str, str, Tally]] = []
         self._destinations: dict[str, DestinationMetrics] = {}
         for name in channels:
             self.channel(name)
@@ -335,6 +345,18 @@ class Metrics:
         r.register(self._scrape)
 
     # -- label children ---------------------------------------------------------------------------
+    def tally(self, family: str, *labels: str) -> Tally:
+        """A new counter series of ``family`` (a :class:`_TallyCollector`'s) for ``labels``."""
+        t = Tally()
+        self._series[family].append((labels, t))
+        return t
+
+    def latency(self, family: str, bounds: tuple[float, ...], *labels: str) -> LatencyTally:
+        """A new histogram series of ``family`` for ``labels``."""
+        t = LatencyTally(bounds)
+        self._series[family].append((labels, t))
+        return t
+
     def channel(self, name: str) -> ChannelMetrics:
         m = self._channels.get(name)
         if m is None:
@@ -371,40 +393,47 @@ class Metrics:
 
 
 class _TallyCollector(Collector):
-    """One family read from every channel's tallies (:class:`Tally`, :class:`LatencyTally`) at scrape time.
+    """One family read from its tallies (:class:`Tally`, :class:`LatencyTally`) at scrape time.
 
-    Registered where the prometheus-client family it replaces was, so the exposition keeps its order.
+    Registered where the prometheus-client family it replaces was, so the exposition keeps its order; its
+    series come in the order they were made (``Metrics.tally``/``latency``), as prometheus-client's children.
     """
 
-    def __init__(self, metrics: Metrics, attr: str, name: str, documentation: str, labels: list[str]):
-        self.metrics = metrics
-        self.attr = attr  # the ChannelMetrics attribute: received, acks, ack_latency, duplicates, ...
+    def __init__(
+        self,
+        metrics: Metrics,
+        family: str,
+        name: str,
+        documentation: str,
+        labels: list[str],
+        *,
+        histogram: bool = False,
+    ):
+        self.series = metrics._series.setdefault(family, [])
         self.name = name
         self.documentation = documentation
         self.labels = labels
+        self.histogram = histogram
 
     def describe(self) -> Iterator[Metric]:
-        if self.attr == "ack_latency":
+        if self.histogram:
             yield HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
         else:
             yield CounterMetricFamily(self.name, self.documentation, labels=self.labels)
 
     def collect(self) -> Iterator[Metric]:
-        if self.attr == "ack_latency":
+        if self.histogram:
             histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
-            for cm in list(self.metrics._channels.values()):
-                buckets, total = cm.ack_latency.cumulative()
-                histogram.add_metric([cm.name], buckets, total)
+            for labels, lat in list(self.series):
+                assert isinstance(lat, LatencyTally)
+                buckets, total = lat.cumulative()
+                histogram.add_metric(list(labels), buckets, total)
             yield histogram
             return
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
-        if self.attr == "acks":
-            for name, code, tally in list(self.metrics._ack_series):
-                family.add_metric([name, code], tally.value)
-        else:
-            for cm in list(self.metrics._channels.values()):
-                counter: Tally = getattr(cm, self.attr)
-                family.add_metric([cm.name], counter.value)
+        for labels, tally in list(self.series):
+            assert isinstance(tally, Tally)
+            family.add_metric(list(labels), tally.value)
         yield family
 
 

@@ -711,12 +711,13 @@ def test_fhir_multiple_matches_marked() -> None:
 
 
 def test_tallies_expose_what_prometheus_client_would() -> None:
-    """The per-message tallies (plain ints, read at scrape) render exactly as prometheus-client's own
-    Counter and Histogram do for the same updates: names, HELP, labels, bucket bounds (a value on a
-    bound counts in that bucket), sample order."""
+    """The per-message tallies (plain ints, read at scrape: ACKs and their latency, messages processed,
+    deliveries and their lag) render exactly as prometheus-client's own Counter and Histogram do for the
+    same updates: names, HELP, labels, bucket bounds (a value on a bound counts in that bucket), sample
+    order."""
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-    from engine.metrics import ACK_LATENCY_BUCKETS
+    from engine.metrics import ACK_LATENCY_BUCKETS, DELIVERY_LAG_BUCKETS, OUTCOMES, STATUSES
 
     values = (0.0, 0.0001, 0.0005, 0.001, 0.003, 0.25, 1.0, 2.5, 10.0, 11.0)
     m = Metrics(channels=["a"])
@@ -734,16 +735,51 @@ def test_tallies_expose_what_prometheus_client_would() -> None:
         ["channel", "code"],
         registry=ref,
     )
+    processed = Counter(
+        "sluice_messages_processed",
+        "Messages that reached a final status: at intake (rejected, quarantined, error, ignored) or "
+        "by processing (processed, filtered, error, review).",
+        ["channel", "status"],
+        registry=ref,
+    )
+    deliveries = Counter(
+        "sluice_deliveries",
+        "Delivery attempts by outcome: delivered, retry (failed, tried again later), dead (dead-lettered).",
+        ["destination", "outcome"],
+        registry=ref,
+    )
+    lag = Histogram(
+        "sluice_delivery_lag_seconds",
+        "Time from the message received to its delivery confirmed by the destination (the sync lag).",
+        ["destination"],
+        buckets=DELIVERY_LAG_BUCKETS,
+        registry=ref,
+    )
     for ch in ("a", "b"):
         cm = m.channel(ch)
         for code in ("AA", "AE", "AR", "CA", "CE", "CR"):
             acks.labels(ch, code)
+        for status in STATUSES:
+            processed.labels(ch, status)
         for x in values:
             cm.ack_latency.observe(x)
             lat.labels(ch).observe(x)
         for code in ("AA", "AA", "ZZ", ""):
             cm.ack(code)
             acks.labels(ch, code or "none").inc()
+        for status, n in (("processed", 3), ("weird", 1), ("error", 2), ("processed", 1)):
+            cm.processed(status, n)
+            processed.labels(ch, status).inc(n)
+    for d in ("d1", "d2"):
+        dm = m.destination(d)
+        for outcome in OUTCOMES:
+            deliveries.labels(d, outcome)
+        for outcome in ("delivered", "delivered", "dead", "retry"):
+            dm.outcomes[outcome].inc()
+            deliveries.labels(d, outcome).inc()
+        for x in (*values, 0.05, 30.0, 86400.0, 100000.0):
+            dm.lag.observe(x)
+            lag.labels(d).observe(x)
     ours = m.render()[0].decode()
     for family in generate_latest(ref).decode().split("# HELP ")[1:]:
         assert "# HELP " + family in ours
