@@ -475,6 +475,8 @@ def allergy(
     recorder = dt.xcn(iam.rep(23), ctx, iam.loc(23)) if iam.rep(23) else None
     if recorder is not None and "reference" in recorder:
         res["recorder"] = recorder
+    if iam.rep(14) and (reporter := reported_by(iam, ctx, patient_ref, patient_key)):
+        res["asserter"] = reporter  # IAM-14 reported by, per IAM-15 (the IG: recorder; docs/mapping.md)
     sev = adt.REACTION_SEVERITY.get(dt.value(iam, 4, ctx).strip().upper())
     reactions = [{"text": t} for r in iam.reps(5) if (t := r.text.strip())]
     if reactions:
@@ -489,6 +491,38 @@ def allergy(
     c0 = code.get("coding", [{}])[0]
     key = "|".join((patient_key, "AL1", c0.get("system", ""), c0.get("code", "") or code.get("text", "")))
     return ctx.add("AllergyIntolerance", res, key=key)
+
+
+def reported_by(iam: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str) -> JSON | None:
+    """IAM-14 reported by (XPN) → the reference for AllergyIntolerance.asserter (the IG's IAM[AllergyIntolerance]
+    says recorder, which Sluice keeps for IAM-23 initially recorded by: recorder holds one; by IAM-15
+    relationship to patient as the IG says): ``SEL`` → the Patient; another relationship → a RelatedPerson (name IAM-14,
+    relationship IAM-15 through the IG's Relationship map) with the key an NK1's RelatedPerson has, so a reporter
+    who is also an NK1 of the message is that one resource, else a conditional create (an allergy message names
+    the person in passing and never rewrites them); no IAM-15 → the name alone (the IG's Practitioner.name: a
+    name is no identity to match a Practitioner on)."""
+    from transforms import adt
+
+    name = dt.xpn(dt.rep_of(iam, 14, ctx), ctx.settings)
+    if name is None:
+        return None
+    rel = dt.rep_of(iam, 15, ctx)
+    c = rel.cs(3)
+    code = c[0].strip().upper()
+    if code == "SEL":
+        return {"reference": patient_ref}
+    text = " ".join([*name.get("given", ()), name.get("family", "")]).strip()
+    if not code:
+        return {"display": text}
+    res: JSON = {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": patient_ref}}
+    coding = adt._mapped_coding(c[0], c[1], c[2], adt.RELATIONSHIP, adt.TABLE_0063)
+    if coding is not None:
+        res["relationship"] = [{"coding": [coding]}]
+    res["name"] = [name]
+    key = "|".join(
+        (patient_key, "NK1", name.get("family", ""), " ".join(name.get("given", ())), c[0].strip())
+    )
+    return {"reference": ctx.add("RelatedPerson", res, key=key, create_only=True), "display": text}
 
 
 def allergies(msg: Message, ctx: ConvertContext, patient_ref: str, patient_key: str) -> None:

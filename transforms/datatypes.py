@@ -47,6 +47,7 @@ CODE_SYSTEMS: dict[str, str] = {
     "SNOMEDCT": SNOMED,
     "SNOMED-CT": SNOMED,
     "SNM": SNOMED,
+    "SNM3": SNOMED,  # table 0396 SNOMED International: senders send SNOMED CT ids under it (as MS maps it)
     "I10": "http://hl7.org/fhir/sid/icd-10-cm",
     "I10C": "http://hl7.org/fhir/sid/icd-10-cm",
     "ICD10CM": "http://hl7.org/fhir/sid/icd-10-cm",

@@ -228,6 +228,41 @@ def test_adt_writes_the_account_and_procedures_of_the_ig_adt_map() -> None:
     assert not resources(b, "Account") and not resources(b, "Procedure")
 
 
+def test_iam_reported_by_is_the_asserter_per_iam_15() -> None:
+    """IAM-14 reported by → asserter (the IG says recorder; Sluice keeps IAM-23 there), by IAM-15 as the IG says:
+    SEL the Patient, another relationship a RelatedPerson (IAM-15 through the Relationship map; the NK1's own
+    RelatedPerson when it is that NK1; a conditional create otherwise), none the name alone."""
+    fields = ["IAM", "1", "FA", "12345^Peanut Allergy^L", "", "", "A", "ALG-9^^2.16.840.1.113883.19.9^ISO"]
+    fields += [""] * 6 + ["DOE^ROSA", "SPO^Spouse"] + [""] * 7
+    fields += ["1234567890^PRACTICE^PAT^^^DR^^^NPI^L^^^NPI"]
+    assert fields[14] == "DOE^ROSA" and fields[15].startswith("SPO") and fields[23].startswith("1234567890")
+    iam = "|".join(fields)
+    b = convert(msg(H.format(t="A60"), PID1, iam), golden_settings())
+    validate_resources(b)
+    (allergy,) = resources(b, "AllergyIntolerance")
+    (spouse,) = resources(b, "RelatedPerson")
+    entry = next(e for e in b["entry"] if e["resource"] is spouse)
+    assert allergy["asserter"] == {"reference": entry["fullUrl"], "display": "ROSA DOE"}
+    assert allergy["recorder"]["display"] == "DR PAT PRACTICE"  # IAM-23
+    assert entry["request"]["method"] == "POST"
+    assert spouse["relationship"][0]["coding"][0]["code"] == "SPS" and spouse["name"][0]["family"] == "DOE"
+    # the same person as an NK1 of the message: one RelatedPerson, the NK1's (a full update)
+    b = convert(
+        msg(H.format(t="A60"), PID1, "NK1|1|DOE^ROSA|SPO^Spouse|1 MAIN ST^^TOWN", iam), golden_settings()
+    )
+    (spouse,) = resources(b, "RelatedPerson")
+    assert (
+        spouse["address"]
+        and next(e for e in b["entry"] if e["resource"] is spouse)["request"]["method"] == "PUT"
+    )
+    b = convert(msg(H.format(t="A60"), PID1, iam.replace("SPO^Spouse", "SEL")), golden_settings())
+    (patient,) = [e for e in b["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert resources(b, "AllergyIntolerance")[0]["asserter"] == {"reference": patient["fullUrl"]}
+    assert not resources(b, "RelatedPerson")
+    b = convert(msg(H.format(t="A60"), PID1, iam.replace("SPO^Spouse", "")), golden_settings())
+    assert resources(b, "AllergyIntolerance")[0]["asserter"] == {"display": "ROSA DOE"}
+
+
 def test_iam_clinician_code_and_initial_recording() -> None:
     """IAM-27 is a further coding of the allergen; IAM-24 (initially recorded) wins over IAM-13 (reported)."""
     fields = ["IAM", "1", "FA", "12345^Peanut Allergy^L", "", "", "A", "ALG-9^^2.16.840.1.113883.19.9^ISO"]

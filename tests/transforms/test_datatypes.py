@@ -263,6 +263,11 @@ def test_hd_universal_id_oid_whatever_the_type() -> None:
     assert ident == {"system": "urn:oid:1.3.6.1.4.1.44750.1.2.2", "value": "DI20"}
 
 
+def test_snomed_international_name_is_snomed_ct() -> None:
+    """Table 0396 SNM3 (SNOMED International): senders send SNOMED CT concept ids under it (ADT^A60's IAM-3)."""
+    assert dt.code_system("SNM3") == dt.code_system("SCT") == "http://snomed.info/sct"
+
+
 def test_icdo_code_system() -> None:
     assert dt.code_system("ICDO") == "http://terminology.hl7.org/CodeSystem/icd-o"
 
