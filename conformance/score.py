@@ -129,6 +129,11 @@ RULES: dict[str, str] = {
     "ms-charge-resource": "MedicationDispense / second Procedure MS synthesises from an FT1 (the FT1-29 NDC charged; "
     "FT1-25 beside the PR1 of its FINANCIAL group): no IG map covers FT1; Sluice keeps the NDC as "
     "ChargeItem.productCodeableConcept and makes one Procedure of a procedure",
+    "ig-prt-role": "the person of a PRT after PID / PD1 whose PRT-4 is not PP: MS makes it the Patient's "
+    "generalPractitioner; the IG's maps do so only IF PRT-4 IS PP (ADT: AD and the like → CareTeam, not scored; "
+    "ORU/OML: a RelatedPerson)",
+    "ms-split-practitioner": "one identifier the message gives two names (two XCN/CNN fields): MS makes a "
+    "Practitioner per name, Sluice one per identifier (the first name it meets; docs/mapping.md)",
     "ms-merged-mother": "MS puts the PID-21 mother's identifier and relationship MTH on the NK1's "
     "RelatedPerson; Sluice makes the mother a RelatedPerson of her own (IG CX[RelatedPerson-Mother])",
     "ms-performer-role": "Procedure.performer.function: MS's own performer-role codes for PR1-8/11/12; the IG "
@@ -1140,6 +1145,34 @@ class Source:
                 )
         return "", ""
 
+    def only_in_patient_prt(self, value: str) -> str:
+        """Where ``value`` occurs, when that is only PRT-5 of PRT segments after PID / PD1 whose PRT-4 is not ``PP``
+        (the IG's maps make such a person the Patient's generalPractitioner only IF PRT-4 IS PP); "" otherwise."""
+        found = self.find(value)
+        if not found:
+            return ""
+        for r in found:
+            if r.segment != "PRT" or r.field != 5 or r.after not in ("PID", "PD1"):
+                return ""
+            roles = {o.comp(1).upper() for o in self.reps if o.ordinal == r.ordinal and o.field == 4}
+            if not roles or "PP" in roles:
+                return ""
+            where = f"PRT-5 of a PRT after {r.after} with PRT-4 {'/'.join(sorted(roles))!r}"
+        return where
+
+    def family_names(self, identifier: str) -> set[str]:
+        """The family names the message gives next to ``identifier`` in an XCN (component 2) or a CNN
+        (subcomponent 2 of its first component, as in OBR-32)."""
+        v = norm_text(identifier).lower()
+        out: set[str] = set()
+        for r in self.find(identifier):
+            if r.comp(1).lower() == v and len(r.comps) > 1 and (family := norm_text(r.comps[1][0])):
+                out.add(family.lower())
+            first = r.comps[0] if r.comps else ()
+            if len(first) > 1 and norm_text(first[0]).lower() == v and (family := norm_text(first[1])):
+                out.add(family.lower())
+        return out
+
     def sibling_name(self, value: str, name: str) -> str:
         """Where a segment that holds ``value`` in a field of :data:`MS_SIBLING_PLACEHOLDERS` has ``name`` in
         the component that placeholder is named after."""
@@ -1840,6 +1873,37 @@ def explain_performer_roles(score: Score, source: Source) -> None:
             )
 
 
+_PRACTITIONER_NAME = re.compile(r"^Practitioner\[([^\]]+)\]\.name\[([^\]]*)\]\.(family|given)$")
+
+
+def explain_split_practitioner(score: Score, source: Source, ours: list[dict[str, Any]]) -> None:
+    """Mark a name of a reference Practitioner that differs from Sluice's one Practitioner with that identifier
+    because the message gives the identifier two family names (:meth:`Source.family_names`): MS makes one
+    Practitioner per name, Sluice one per identifier."""
+    for n, d in enumerate(score.diffs):
+        if d.explanation or not (m := _PRACTITIONER_NAME.match(d.path)):
+            continue
+        ident, family = m.group(1), norm_text(m.group(2)).lower()
+        names = source.family_names(ident)
+        if family not in names or len(names) < 2:
+            continue
+        mine = {
+            norm_text(nm.get("family")).lower()
+            for o in ours
+            if o.get("resourceType") == "Practitioner" and any(i["value"] == ident for i in _identifiers(o))
+            for nm in _as_list(o.get("name"))
+            if isinstance(nm, dict)
+        }
+        other = (mine & names) - {family}
+        if other:
+            score.explain(
+                n,
+                f"the message gives {ident!r} the family names {', '.join(sorted(names))}: MS makes a Practitioner "
+                f"per name, Sluice one per identifier ({sorted(other)[0]!r})",
+                "ms-split-practitioner",
+            )
+
+
 def json_codes(concepts: Any) -> set[str]:
     """Every ``code`` of the codings of one or more CodeableConcepts."""
     return {
@@ -1954,6 +2018,11 @@ def score_bundles(
             elif inner and id(exp) not in in_scope and (where := src.only_in_unscored_fields(inner)):
                 why = f"no scored reference resource refers to it; the message has {inner!r} only in {where}"
                 rule = "unscored-practitioner"
+            elif exp.get("resourceType") == "Practitioner" and (where := src.only_in_patient_prt(inner)):
+                why = (
+                    f"the message has {inner!r} only in {where}: the IG's maps make it no generalPractitioner"
+                )
+                rule = "ig-prt-role"
             elif exp.get("resourceType") == "Practitioner" and (where := src.only_in_no_target_rol(inner)):
                 why = f"the message has {inner!r} only in {where}, which the IG's message maps give no target"
                 rule = "ig-unmapped-rol"
@@ -1967,6 +2036,7 @@ def score_bundles(
         explain_unmapped_codes(score, src)
         explain_implementer_status(score, src)
         explain_merged_mother(score, src, our_scored)
+        explain_split_practitioner(score, src, our_scored)
         explain_performer_roles(score, src)
         explain_order_statuses(score, src)
         explain_languages(score, src)

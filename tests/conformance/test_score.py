@@ -597,6 +597,21 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     src += "DG1|1|I9|71596^OSTEOARTHROSIS^I9\r"
     ours_dx = {"resourceType": "Condition", "code": {"coding": [{"system": ICD9CM, "code": "71596"}]}}
     ref_dx = {"resourceType": "Condition", "code": {"coding": [{"system": ICD9CM[:-3], "code": "71596"}]}}
+    # a PRT after PID with PRT-4 AD: MS makes its person the Patient's generalPractitioner, the IG a CareTeam member
+    src = src.replace("\rGT1|1|", "\rPRT|1|AD||AD^Admitting Provider^HL70912|PRT9^ADMIT^ALAN\rGT1|1|", 1)
+    ref_gp = {
+        "resourceType": "Practitioner",
+        "identifier": [{"value": "PRT9"}],
+        "name": [{"family": "ADMIT"}],
+    }
+    # one id, two names (PV1-7 ALPHA, PV1-8 BETA): MS makes a Practitioner per name, Sluice one per identifier
+    src += "PV1|2|O|||||DOC9^ALPHA^ANN|DOC9^BETA^BOB\r"
+    ours_doc = {
+        "resourceType": "Practitioner",
+        "identifier": [{"value": "DOC9"}],
+        "name": [{"family": "ALPHA"}],
+    }
+    ref_doc = {**ours_doc, "name": [{"family": "BETA", "given": ["BOB"]}]}
     return (
         bundle(
             ours,
@@ -610,6 +625,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ours_charge,
             ours_enc,
             ours_dx,
+            ours_doc,
         ),
         bundle(
             ref,
@@ -631,6 +647,8 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ref_dispense,
             ref_enc,
             ref_dx,
+            ref_gp,
+            ref_doc,
         ),
         src,
     )
@@ -1144,3 +1162,39 @@ def test_charge_resources_need_the_ft1_and_sluices_counterpart() -> None:
     orm = f"MSH|^~\\&|A|B|C|D|20250101||ORM^O01^ORM_O01|1|P|2.5\r{pid}ORC|NW|P1\r{ft1}"
     s = score_bundles(bundle(), bundle(dispense), source=orm)
     assert s.explained_by == {"ig-unmapped-segment": s.compared}
+
+
+def test_prt_role_and_split_practitioner_need_their_evidence() -> None:
+    """ig-prt-role: the person only in PRT-5 of a PRT after PID/PD1 whose PRT-4 is not PP; ms-split-practitioner:
+    the message gives the identifier two family names and Sluice's Practitioner carries the other one."""
+    ref = bundle(
+        {"resourceType": "Practitioner", "identifier": [{"value": "PRT9"}], "name": [{"family": "ADMIT"}]}
+    )
+    pid = "PID|1||MRN1^^^H^MR||DOE^ANN\r"
+    prt = "PRT|1|AD||AD^Admitting Provider^HL70912|PRT9^ADMIT^ALAN\r"
+    assert score_bundles(bundle(), ref, source=MSH_LINE + pid + prt).explained_by == {"ig-prt-role": 2}
+    assert not score_bundles(
+        bundle(), ref, source=MSH_LINE + pid + prt.replace("AD^Admitting", "PP^Primary")
+    ).explained
+    assert not score_bundles(
+        bundle(), ref, source=MSH_LINE + pid + "PV1|1|O\r" + prt
+    ).explained  # a visit's PRT
+    also_pv1 = MSH_LINE + pid + prt + "PV1|1|O|||||PRT9^ADMIT^ALAN\r"
+    assert not score_bundles(bundle(), ref, source=also_pv1).explained  # also the attending doctor
+
+    ours = bundle(
+        {"resourceType": "Practitioner", "identifier": [{"value": "DOC9"}], "name": [{"family": "ALPHA"}]}
+    )
+    ref = bundle(
+        {"resourceType": "Practitioner", "identifier": [{"value": "DOC9"}], "name": [{"family": "BETA"}]}
+    )
+    two = MSH_LINE + pid + "PV1|1|O|||||DOC9^ALPHA^ANN|DOC9^BETA^BOB\r"
+    assert score_bundles(ours, ref, source=two).explained_by == {"ms-split-practitioner": 1}
+    cnn = MSH_LINE + pid + "OBR|1|||SVC^Svc^L||||||||||||DOC9^ALPHA^ANN" + "|" * 16 + "DOC9&BETA\r"
+    assert score_bundles(ours, ref, source=cnn).explained_by == {"ms-split-practitioner": 1}
+    one = MSH_LINE + pid + "PV1|1|O|||||DOC9^BETA^BOB\r"  # one name only: Sluice's ALPHA is its own mistake
+    assert not score_bundles(ours, ref, source=one).explained
+    gamma = bundle(
+        {"resourceType": "Practitioner", "identifier": [{"value": "DOC9"}], "name": [{"family": "GAMMA"}]}
+    )
+    assert not score_bundles(gamma, ref, source=two).explained  # Sluice's name is none the message gives DOC9
