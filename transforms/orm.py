@@ -540,20 +540,30 @@ def specimen(
 
 
 def obr_specimen(obr: Segment, ctx: ConvertContext, order_key: str, request: str) -> str | None:
-    """IG OBR[Specimen], for an order group without SPM: OBR-7 (OBR-8) → collection.collected[x], OBR-9 →
-    collection.quantity, OBR-10 → collection.collector, OBR-14 → receivedTime, OBR-15 (SPS, v2.3-2.6) →
-    type, OBR-2 → accessionIdentifier; keyed by the order.  None when the OBR says nothing about a specimen (no OBR-7/9/14/15)."""
+    """IG OBR[Specimen] (ORU_R01, OML_O21; ORM where the order has no SPM): OBR-7 (OBR-8) →
+    collection.collected[x], OBR-9 → collection.quantity, OBR-10 → collection.collector, OBR-14 → receivedTime,
+    OBR-15 (SPS, v2.3-2.6: SPS-1 → type, SPS-2 → container.additive, SPS-3 → collection.method text, SPS-4 →
+    collection.bodySite), OBR-39 → note, OBR-2 → accessionIdentifier; keyed by the order.  None when the OBR
+    says nothing about a specimen (no OBR-7/9/10/14/15)."""
     settings = ctx.settings
     collection = _collection(ctx, obr, obr.get(7).strip(), 7, obr.get(8).strip(), 8, obr.rep(9), 9)
     if obr.rep(10) and (collector := xcn(obr.rep(10), ctx, obr.loc(10))) is not None:
         collection["collector"] = collector
     res: JSON = {"resourceType": "Specimen"}
     source = obr.rep(15)
-    if source and source.c(1).strip():
-        d = ctx.message.delimiters
-        code = coded(Rep(d.component.join(escape(x, d) for x in source.subs(1)), d), ctx, obr.loc(15), "0487")
-        if code is not None:
+    if source:
+        loc = obr.loc(15)
+        if source.c(1).strip() and (code := coded(_sps_cwe(source, 1, ctx), ctx, loc, "0487")) is not None:
             res["type"] = code
+        if (
+            source.c(2).strip()
+            and (additive := coded(_sps_cwe(source, 2, ctx), ctx, loc, "0371")) is not None
+        ):
+            res["container"] = [{"additiveCodeableConcept": additive}]
+        if method := source.c(3).strip():
+            collection["method"] = {"text": method}
+        if source.c(4).strip() and (site := cwe(_sps_cwe(source, 4, ctx), ctx, loc)) is not None:
+            collection["bodySite"] = site
     if ctx.patient_ref:
         res["subject"] = {"reference": ctx.patient_ref}
     if obr.get(14).strip() and (received := dtm_at(obr.get(14).strip(), settings, obr, 14)):
@@ -561,11 +571,21 @@ def obr_specimen(obr: Segment, ctx: ConvertContext, order_key: str, request: str
     res["request"] = [{"reference": request}]
     if collection:
         res["collection"] = collection
-    if not collection and "type" not in res and "receivedTime" not in res:
+    if not collection and "type" not in res and "receivedTime" not in res and "container" not in res:
         return None
     if (accession := ei(obr.rep(2), ctx, obr.loc(2))) is not None:
         res["accessionIdentifier"] = accession  # IG OBR[Specimen]: OBR-2
+    if comments := [r.text.strip() for r in obr.reps(39) if r.text.strip()]:
+        from transforms.datatypes import clean_text
+
+        res["note"] = [{"text": clean_text(ctx, "\n".join(comments))}]
     return ctx.add("Specimen", res, key=f"{order_key}|obr-specimen")
+
+
+def _sps_cwe(source: Rep, comp: int, ctx: ConvertContext) -> Rep:
+    """Component ``comp`` of an SPS (a CWE sent as subcomponents) as a Rep of its own."""
+    d = ctx.message.delimiters
+    return Rep(d.component.join(escape(x, d) for x in source.subs(comp)), d)
 
 
 # ---------------------------------------------------------------------------
@@ -623,7 +643,13 @@ def order(order: Order, ctx: ConvertContext, enc: str | None, patient_key: str, 
             supporting.append({"reference": oref})
     if supporting:
         sr["supportingInfo"] = supporting
-    if not order.specimens and order.obr is not None and (bref := obr_specimen(order.obr, ctx, key, ref)):
+    # IG OML_O21 (OMG_O19 alike): OBR[Specimen] for each order detail, beside its SPMs; ORM (its IG map has no
+    # Specimen) only for an order without SPM
+    if (
+        order.obr is not None
+        and (not order.specimens or ctx.message.message_type != "ORM")
+        and (bref := obr_specimen(order.obr, ctx, key, ref))
+    ):
         specimens.append({"reference": bref})
     if specimens:
         sr["specimen"] = specimens

@@ -667,7 +667,7 @@ def interpretation(obx: Segment, ctx: ConvertContext) -> list[JSON]:
 class _Order:
     """One ORDER_OBSERVATION group: its OBR, optional ORC, the OBX groups, the NTEs and the SPMs."""
 
-    __slots__ = ("notes", "obr", "observations", "orc", "specimens", "tq1")
+    __slots__ = ("notes", "obr", "obr_specimen", "observations", "orc", "specimens", "tq1")
 
     def __init__(self, obr: Segment | None, orc: Segment | None, tq1: Segment | None = None):
         self.obr = obr
@@ -676,6 +676,9 @@ class _Order:
         self.notes: list[Segment] = []
         self.observations: list[tuple[Segment, list[Segment]]] = []
         self.specimens: list[Segment] = []
+        self.obr_specimen = (
+            True  # the IG's OBR[Specimen] beside the SPMs (OUL_R22: its specimen group's SPM only)
+        )
 
 
 def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segment, list[Segment]]]]:
@@ -1211,23 +1214,24 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
 
 
 def _specimens(order: _Order, ctx: ConvertContext, order_ref: str | None) -> list[JSON]:
-    """The group's SPMs → Specimens (IG SPM[Specimen], :func:`transforms.orm.specimen`); without SPM the
-    IG's OBR[Specimen] (OBR-7/8/9/10/14/15), keyed by the order like the order message's, so the order
-    and its result write the same Specimen."""
+    """The group's SPMs → Specimens (IG SPM[Specimen], :func:`transforms.orm.specimen`), then the IG's
+    OBR[Specimen] (OBR-7/8/9/10/14/15, when the OBR says something about a specimen), keyed by the order like
+    the order message's, so the order and its result write the same Specimen."""
     from transforms import orm
 
     patient_key = ctx.key_of(ctx.patient_ref or "") or ""
     order_key = ctx.key_of(order_ref) if order_ref is not None else None
-    if order.specimens:
-        return [
-            {"reference": orm.specimen(spm, ctx, order_key, order_ref, patient_key)}
-            for spm in order.specimens
-        ]
+    out = [
+        {"reference": orm.specimen(spm, ctx, order_key, order_ref, patient_key)} for spm in order.specimens
+    ]
     obr = order.obr
-    if obr is None or order_ref is None or order_key is None:
-        return []
+    if obr is None or order_ref is None or order_key is None or not order.obr_specimen:
+        return out
+    # IG ORU_R01: OBR → Specimen[1] (OBR[Specimen]) beside the SPMs' Specimen[n]
     ref = orm.obr_specimen(obr, ctx, order_key, order_ref)
-    return [{"reference": ref}] if ref is not None else []
+    if ref is not None:
+        out.append({"reference": ref})
+    return out
 
 
 def convert(msg: Message, ctx: ConvertContext) -> None:

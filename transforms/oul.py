@@ -124,6 +124,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         for order in group.orders:
             if group.spm is not None:
                 order.specimens = [group.spm]  # the group's specimen, not one made from the OBR
+                order.obr_specimen = False
             ref = oru.report(order, ctx, enc)
             if sref is None:
                 continue

@@ -45,6 +45,17 @@ def _one(bundle: dict[str, Any], rtype: str) -> tuple[dict[str, Any], dict[str, 
     return entry, entry["resource"]
 
 
+def _spm(bundle: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The one Specimen made from an SPM (its SPM-2 ids typed PLAC/FILL), not the OBR's (IG OBR[Specimen])."""
+    (entry,) = [
+        e
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Specimen"
+        and any("type" in i for i in e["resource"].get("identifier", ()))
+    ]
+    return entry, entry["resource"]
+
+
 def _with(name: str, old: str, new: str) -> Any:
     text = load(name).text
     assert old in text
@@ -165,8 +176,12 @@ def test_results_attach_to_the_order() -> None:
 def test_oml_specimen_and_timing() -> None:
     b = _convert(load("oml_o21"), golden_settings()).bundle
     sr_entry, sr = _one(b, "ServiceRequest")
-    sp_entry, sp = _one(b, "Specimen")
-    assert sr["specimen"] == [{"reference": sp_entry["fullUrl"]}]
+    sp_entry, sp = _spm(b)
+    # the SPM's Specimen, then the IG's OBR[Specimen] (OML_O21: for each order detail, beside the SPMs)
+    assert sr["specimen"][0] == {"reference": sp_entry["fullUrl"]} and len(sr["specimen"]) == 2
+    obr_sp = _ref(b, sr["specimen"][1]["reference"])
+    assert obr_sp["accessionIdentifier"]["value"] == "PLC2002"  # OBR-2
+    assert obr_sp["collection"] == {"collectedDateTime": "2025-04-02T08:00:00-07:00"}  # OBR-7
     assert sp["request"] == [{"reference": sr_entry["fullUrl"]}]
     # keyed on the filler's specimen id (SPM-2.2)
     assert sp_entry["request"] == {
@@ -212,7 +227,7 @@ def test_spm_codes_without_a_system_are_from_the_fields_table() -> None:
     m = parse(
         m.text.replace("VENIP^Venipuncture^HL70488", "VENIP").replace("ROOM^Room temperature^HL70493", "ROOM")
     )
-    _e, sp = _one(_convert(m, golden_settings()).bundle, "Specimen")
+    _e, sp = _spm(_convert(m, golden_settings()).bundle)
     assert sp["type"]["coding"][0] == {
         "system": "http://terminology.hl7.org/CodeSystem/v2-0487",
         "code": "SER",
@@ -227,8 +242,9 @@ def test_spm_parent_and_a_repeated_filler_id() -> None:
     m = parse(load("oml_o21").text.rstrip("\r") + "\r" + second + "\r")
     result = _convert(m, golden_settings())
     specs = resources(result.bundle, "Specimen")
-    # the two SPMs stay two Specimens (keyed apart, with a located warning); the parent is made sure to exist
-    assert len(specs) == 3
+    # the two SPMs stay two Specimens (keyed apart, with a located warning); the parent is made sure to exist;
+    # the OBR's own (IG OBR[Specimen])
+    assert len(specs) == 4
     assert result.events.get("specimen_duplicate_id") == 1 and result.warnings[0].startswith("SPM(2)-2")
     parent = next(
         e
@@ -411,9 +427,11 @@ def test_oru_spm_becomes_the_reports_specimen() -> None:
         parse(head + "SPM|1|^SF-300&SYNLAB&2.16.840.1.113883.19.999.9&ISO||119364003^Serum^SCT\r"),
         golden_settings(),
     ).bundle
-    sp_entry, sp = _one(b, "Specimen")
+    sp_entry, sp = _spm(b)
     assert sp["type"]["coding"][0]["code"] == "119364003"
-    assert _one(b, "DiagnosticReport")[1]["specimen"] == [{"reference": sp_entry["fullUrl"]}]
+    # the SPM's Specimen, then the OBR's (IG ORU_R01: OBR[Specimen] beside the SPMs)
+    dr_specimens = _one(b, "DiagnosticReport")[1]["specimen"]
+    assert dr_specimens[0] == {"reference": sp_entry["fullUrl"]} and len(dr_specimens) == 2
     assert _one(b, "Observation")[1]["specimen"] == {"reference": sp_entry["fullUrl"]}
     # no SPM: OBR[Specimen], the same resource the OMG^O19 for this order wrote
     b = _convert(parse(head), golden_settings()).bundle
