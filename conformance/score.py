@@ -708,7 +708,9 @@ def compare_resources(
     only where ``source`` (the HL7 message) holds the evidence of its rule."""
     # identifiers, names, addresses, telecom: lists matched element by element
     for category, (key, fn) in _LIST_FIELDS.items():
-        exp_elems = fn(expected)
+        # an element the reference states twice (MS's one name per XCN of the same practitioner) is one fact
+        listed = fn(expected)
+        exp_elems = [e for i, e in enumerate(listed) if e not in listed[:i]]
         if not exp_elems:
             continue
         for e, o in _pair_lists(category, exp_elems, fn(ours)):
@@ -1242,6 +1244,33 @@ class Source:
             else:
                 return ""
         return ", ".join(sorted(found))
+
+    def person_only_in_unmapped(self, res: Mapping[str, Any]) -> str:
+        """The explanation for an unproduced MS RelatedPerson without identifiers whose every name (family and first
+        given name) the message gives only in segments the IG leaves unmapped (a GT1 guarantor)."""
+        if res.get("resourceType") != "RelatedPerson" or _identifiers(res):
+            return ""
+        names = [
+            (n["family"].lower(), n["given"].split()[0].lower())
+            for n in _names(res)
+            if "family" in n and "given" in n
+        ]
+        if not names:
+            return ""
+        wheres: set[str] = set()
+        for family, given in names:
+            reps = [
+                r
+                for r in self.reps
+                if r.comps
+                and r.comps[0]
+                and r.comps[0][0].lower() == family
+                and r.comp(2).lower().split()[:1] == [given]
+            ]
+            if not reps or any(r.segment not in self.unmapped for r in reps):
+                return ""
+            wheres.update(r.where for r in reps)
+        return f"its name is only in {', '.join(sorted(wheres))}, which MS maps and the IG's message maps leave unmapped"
 
     def only_in_no_target_rol(self, value: str) -> str:
         """Where ``value`` occurs, when that is only in ROL-4 of a PROCEDURE or INSURANCE group (no target in the
@@ -2028,6 +2057,8 @@ def score_bundles(
                 rule = "ig-unmapped-rol"
             elif why := src.parent_procedure(exp, our_scored):
                 rule = "ms-parent-procedure"
+            elif why := src.person_only_in_unmapped(exp):
+                rule = "ig-unmapped-segment"
             else:
                 why, rule = src.charge_resource(exp, our_scored)
         score.record_missing(label, missing, why, rule)

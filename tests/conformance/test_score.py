@@ -1198,3 +1198,29 @@ def test_prt_role_and_split_practitioner_need_their_evidence() -> None:
         {"resourceType": "Practitioner", "identifier": [{"value": "DOC9"}], "name": [{"family": "GAMMA"}]}
     )
     assert not score_bundles(gamma, ref, source=two).explained  # Sluice's name is none the message gives DOC9
+
+
+def test_guarantor_person_and_a_repeated_name() -> None:
+    """A RelatedPerson without identifiers whose name the message gives only in GT1 (IG-unmapped) is explained; one
+    named in NK1 too is not.  A name the reference states twice (MS: one per XCN of the same practitioner) is
+    compared once."""
+    guarantor = {"resourceType": "RelatedPerson", "name": [{"family": "ROE", "given": ["KENT"]}]}
+    src = MSH_LINE + "PID|1||MRN1^^^H^MR||ROE^ANN\rGT1|1||ROE^KENT\r"
+    s = score_bundles(bundle(PATIENT), bundle(PATIENT, guarantor), source=src)
+    assert s.explained_by == {"ig-unmapped-segment": 2}, s.diffs
+    s = score_bundles(bundle(PATIENT), bundle(PATIENT, guarantor), source=src + "NK1|1|ROE^KENT|FTH\r")
+    assert not s.explained_by
+    doc = {
+        "resourceType": "Practitioner",
+        "identifier": [{"value": "P1"}],
+        "name": [{"family": "GRANITE", "given": ["PAT"]}],
+    }
+    twice = {
+        **doc,
+        "name": [
+            {"family": "GRANITE", "given": ["PAT"], "suffix": ["MD"]},
+            {"family": "GRANITE", "given": ["PAT"]},
+        ],
+    }
+    s = score_bundles(bundle(doc), bundle(twice))
+    assert s.compared == s.agreeing == 3
