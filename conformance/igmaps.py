@@ -50,6 +50,22 @@ def read_map(path: Path) -> dict[str, bool]:
     return segments
 
 
+def structures_with(directory: Path, segment_map: str) -> frozenset[str]:
+    """The structures whose IG message map under ``directory`` uses the segment map ``segment_map`` (e.g.
+    ``DG1[Encounter]``: a DG1 in the context of an encounter → Encounter.diagnosis)."""
+    out: set[str] = set()
+    for path in sorted(directory.glob("*.csv")):
+        m = _MAP_NAME.search(path.name)
+        if m is None:
+            continue
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            if any(
+                len(row) > _SEGMENT_MAP and row[_SEGMENT_MAP].strip() == segment_map for row in csv.reader(fh)
+            ):
+                out.add(m.group(1))
+    return frozenset(out)
+
+
 def unmapped_by_structure(directory: Path) -> dict[str, frozenset[str]]:
     """Every message map under ``directory`` (the IG's ``mappings/messages``): structure → its segments that
     no row gives a FHIR target."""
@@ -107,17 +123,23 @@ BUILTIN: dict[str, frozenset[str]] = {
 """:func:`unmapped_by_structure` of the corpus's IG copy (v2-to-fhir-ig 8c9b414, 13 message maps)."""
 
 
-def _load() -> dict[str, frozenset[str]]:
+ENCOUNTER_DIAGNOSIS_BUILTIN: frozenset[str] = frozenset({"ADT_A01", "ADT_A05", "ADT_A06", "ADT_A11"})
+""":func:`structures_with` ``DG1[Encounter]`` of the corpus's IG copy: only these maps put a DG1 on
+Encounter.diagnosis (SIU_S12, ORM_O01, OML_O21 make a Condition of it, ORM_O01 the order's reasonReference)."""
+
+
+def _load() -> tuple[dict[str, frozenset[str]], frozenset[str]]:
     directory = corpus_dir() / MESSAGE_MAPS
     if directory.is_dir():
         found = unmapped_by_structure(directory)
         if found:
-            return found
-    return dict(BUILTIN)
+            return found, structures_with(directory, "DG1[Encounter]")
+    return dict(BUILTIN), ENCOUNTER_DIAGNOSIS_BUILTIN
 
 
-UNMAPPED: dict[str, frozenset[str]] = _load()
-"""Structure → its IG-unmapped segments: read from the IG's CSVs once, at import, where they are found."""
+UNMAPPED, ENCOUNTER_DIAGNOSIS = _load()
+"""Structure → its IG-unmapped segments, and the structures whose map has DG1[Encounter]: read from the IG's
+CSVs once, at import, where they are found."""
 
 SLUICE_MAPPED: frozenset[str] = frozenset({"IAM", "TQ1"})
 """Segments a structure's IG map leaves without a target that Sluice maps there all the same, each by a
@@ -171,9 +193,11 @@ def unmapped_segments(message_type: str, trigger: str, declared: str) -> frozens
 __all__ = [
     "BUILTIN",
     "DEFAULT",
+    "ENCOUNTER_DIAGNOSIS",
     "SLUICE_MAPPED",
     "UNMAPPED",
     "structure",
+    "structures_with",
     "unmapped_by_structure",
     "unmapped_segments",
 ]

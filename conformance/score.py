@@ -134,6 +134,8 @@ RULES: dict[str, str] = {
     "ORU/OML: a RelatedPerson)",
     "ms-split-practitioner": "one identifier the message gives two names (two XCN/CNN fields): MS makes a "
     "Practitioner per name, Sluice one per identifier (the first name it meets; docs/mapping.md)",
+    "ig-dg1-context": "Encounter.diagnosis MS fills from the DG1 of a message whose IG map gives DG1 no "
+    "DG1[Encounter] row (SIU_S12, ORM_O01, OML_O21: a Condition; only the ADT maps put it on the Encounter)",
     "ms-merged-mother": "MS puts the PID-21 mother's identifier and relationship MTH on the NK1's "
     "RelatedPerson; Sluice makes the mother a RelatedPerson of her own (IG CX[RelatedPerson-Mother])",
     "ms-performer-role": "Procedure.performer.function: MS's own performer-role codes for PR1-8/11/12; the IG "
@@ -1037,6 +1039,8 @@ class Source:
         self.reps: list[_Rep] = []
         self.unmapped: frozenset[str] = igmaps.DEFAULT
         """The segments the IG's map for this message's structure leaves without a target (igmaps)."""
+        self.structure = ""
+        """The IG message map this message is judged by ("" when the IG has none for its structure)."""
         self.segments: list[tuple[int, str]] = []  # (ordinal, name) of every segment, in message order
         fs, comp, rep, sub = "|", "^", "~", "&"
         anchor = ""
@@ -1066,7 +1070,9 @@ class Source:
                 anchor = name
         msh9 = next((r for r in self.reps if r.segment == "MSH" and r.field == 9), None)
         if msh9 is not None:
-            self.unmapped = igmaps.unmapped_segments(msh9.comp(1).upper(), msh9.comp(2).upper(), msh9.comp(3))
+            kind, trigger, declared = msh9.comp(1).upper(), msh9.comp(2).upper(), msh9.comp(3)
+            self.unmapped = igmaps.unmapped_segments(kind, trigger, declared)
+            self.structure = igmaps.structure(kind, trigger, declared)
 
     def find(self, value: str) -> list[_Rep]:
         """The field repetitions that carry ``value`` as a component or subcomponent."""
@@ -1902,6 +1908,27 @@ def explain_performer_roles(score: Score, source: Source) -> None:
             )
 
 
+_ENCOUNTER_DIAGNOSIS = re.compile(r"^Encounter\[[^\]]*\]\.diagnosis\.")
+
+
+def explain_dg1_context(score: Score, source: Source) -> None:
+    """Mark an ``Encounter.diagnosis`` element Sluice lacks where the message has DG1 segments and its IG map
+    (:attr:`Source.structure`) has no DG1[Encounter] row (igmaps.ENCOUNTER_DIAGNOSIS); not for a structure the
+    IG has no map for (DFT, BAR: Sluice fills it there, as the ADT maps do)."""
+    if not source.structure or source.structure in igmaps.ENCOUNTER_DIAGNOSIS:
+        return
+    if not any(r.segment == "DG1" for r in source.reps):
+        return
+    for n, d in enumerate(score.diffs):
+        if d.explanation or d.ours or d.fields != 1 or not _ENCOUNTER_DIAGNOSIS.match(d.path):
+            continue
+        score.explain(
+            n,
+            f"the message has DG1, and the IG's {source.structure} map makes it a Condition only (no DG1[Encounter])",
+            "ig-dg1-context",
+        )
+
+
 _PRACTITIONER_NAME = re.compile(r"^Practitioner\[([^\]]+)\]\.name\[([^\]]*)\]\.(family|given)$")
 
 
@@ -2068,6 +2095,7 @@ def score_bundles(
         explain_implementer_status(score, src)
         explain_merged_mother(score, src, our_scored)
         explain_split_practitioner(score, src, our_scored)
+        explain_dg1_context(score, src)
         explain_performer_roles(score, src)
         explain_order_statuses(score, src)
         explain_languages(score, src)

@@ -654,10 +654,27 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     )
 
 
+STRUCTURE_RULES = frozenset({"ig-dg1-context"})
+"""Rules whose evidence is the message's structure, so that the ADT message of :func:`_every_quirk` cannot hold it:
+:func:`_siu_quirk` does."""
+
+
+def _siu_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
+    """An SIU whose DG1 MS puts on Encounter.diagnosis (the IG's SIU_S12 map makes it a Condition only)."""
+    enc = {"resourceType": "Encounter", "identifier": [{"value": "V1"}], "status": "planned"}
+    role = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/diagnosis-role", "code": "AD"}]}
+    ref_enc = {**enc, "diagnosis": [{"condition": {"reference": "Condition/c1"}, "use": role}]}
+    src = (
+        "MSH|^~\\&|A|B|C|D|20250101||SIU^S12^SIU_S12|1|P|2.5\rSCH|PL1|FL1\rPID|1||MRN1^^^H^MR||DOE^ANN\r"
+        "PV1|1|O" + "|" * 17 + "V1\rDG1|1||R51^Headache^I10|||A\r"
+    )
+    return bundle(enc), bundle(ref_enc), src
+
+
 def test_every_rule_fires_with_its_evidence_and_none_without_a_source() -> None:
     ours, ref, src = _every_quirk()
     s = score_bundles(ours, ref, source=src)
-    assert set(s.explained_by) == set(RULES), s.diffs
+    assert set(s.explained_by) == set(RULES) - STRUCTURE_RULES, s.diffs
     assert sum(s.explained_by.values()) == s.explained
     assert s.explained == sum(e for _c, _a, e in s.by_category.values())
     assert all(d.rule in RULES and d.explanation for d in s.diffs), [d for d in s.diffs if not d.rule]
@@ -666,6 +683,20 @@ def test_every_rule_fires_with_its_evidence_and_none_without_a_source() -> None:
     assert bare.explained == 0 and not bare.explained_by
     assert all(not d.rule and not d.explanation for d in bare.diffs)
     assert bare.raw_percent == s.raw_percent and bare.percent == bare.raw_percent
+    siu = score_bundles(*_siu_quirk()[:2], source=_siu_quirk()[2])
+    assert set(siu.explained_by) == STRUCTURE_RULES and siu.explained == siu.compared - siu.agreeing
+    assert not score_bundles(*_siu_quirk()[:2]).explained
+
+
+def test_dg1_context_needs_a_structure_whose_map_has_no_dg1_encounter() -> None:
+    """An ADT (DG1[Encounter] in its IG map) or a DFT (no IG map; Sluice fills Encounter.diagnosis there) keeps the
+    difference; so does an SIU without DG1."""
+    ours, ref, src = _siu_quirk()
+    for other in ("ADT^A01^ADT_A01", "DFT^P03^DFT_P03"):
+        assert not score_bundles(ours, ref, source=src.replace("SIU^S12^SIU_S12", other)).explained
+    no_dg1 = src.replace("DG1|1||R51^Headache^I10|||A\r", "")
+    assert not score_bundles(ours, ref, source=no_dg1).explained
+    assert score_bundles(ours, ref, source=src.replace("SIU^S12^SIU_S12", "ORM^O01^ORM_O01")).explained == 1
 
 
 def test_totals_keep_the_per_rule_counts() -> None:
@@ -898,6 +929,8 @@ def test_builtin_ig_maps_match_the_corpus_csvs() -> None:
         service_unavailable(f"the IG's message maps are not at {directory} (set SLUICE_CORPUS)")
     assert igmaps.unmapped_by_structure(directory) == igmaps.BUILTIN
     assert igmaps.UNMAPPED == igmaps.BUILTIN
+    assert igmaps.structures_with(directory, "DG1[Encounter]") == igmaps.ENCOUNTER_DIAGNOSIS_BUILTIN
+    assert igmaps.ENCOUNTER_DIAGNOSIS == igmaps.ENCOUNTER_DIAGNOSIS_BUILTIN
 
 
 def test_pr1_rules_need_their_evidence() -> None:
