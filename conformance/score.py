@@ -155,6 +155,8 @@ RULES: dict[str, str] = {
     "ms-system-name": "a coding-system name MS's name table turns into a URI that is no system for such codes "
     "(I9 → sid/icd-9, which FHIR does not register; ISO → urn:iso:std:iso:3986, the URI standard) where Sluice "
     "writes its documented system (docs/mapping.md)",
+    "xcn-without-id": "Practitioner MS makes from an XCN without an id (XCN-1 empty): Sluice refers to the name "
+    "alone (display), a name being no identity to match a Practitioner on (docs/mapping.md)",
     "ig-planned-period": "Encounter.period from PV2-8 / PV2-9 (expected admit / discharge) in MS; the IG maps them "
     "to the planned start / end extensions and the actual stay (PV1-44 / PV1-45) to period",
 }
@@ -869,6 +871,16 @@ def identity_score(ours: Mapping[str, Any], expected: Mapping[str, Any]) -> int:
             if k.startswith("collection.") and k in otimes
         ):
             score += 3
+    if expected.get("resourceType") == "Coverage":
+        # the plan (IG IN1-2 → class plan value) identifies a Coverage MS writes without identifiers
+        eplans = {
+            norm_text(c.get("value")) for c in _as_list(expected.get("class")) if isinstance(c, dict)
+        } - {""}
+        oplans = {norm_text(c.get("value")) for c in _as_list(ours.get("class")) if isinstance(c, dict)} - {
+            ""
+        }
+        if eplans & oplans:
+            score += 5
     enames = _names(expected)
     onames = _names(ours)
     efam = {n.get("family", "").lower() for n in enames} - {""}
@@ -1250,6 +1262,26 @@ class Source:
             else:
                 return ""
         return ", ".join(sorted(found))
+
+    def practitioner_without_id(self, res: Mapping[str, Any], ours: list[dict[str, Any]]) -> str:
+        """The explanation for an unproduced MS Practitioner without identifiers: the message gives its name only in
+        XCN repetitions with XCN-1 empty, and one of Sluice's resources refers to that name by display alone."""
+        if res.get("resourceType") != "Practitioner" or _identifiers(res):
+            return ""
+        names = [(n["family"].lower(), n.get("given", "").lower()) for n in _names(res) if "family" in n]
+        if not names:
+            return ""
+        family, given = names[0]
+        reps = [
+            r for r in self.reps if r.comp(2).lower() == family and r.comp(3).lower() == given.split(" ")[0]
+        ]
+        if not reps or any(r.comp(1) for r in reps):
+            return ""
+        displays: list[str] = []
+        _collect_displays(ours, displays)
+        if not any(family in d.lower().split() for d in displays):
+            return ""
+        return f"{', '.join(sorted({r.where for r in reps}))} names {family.upper()!r} without an id (XCN-1): Sluice refers to the name alone"
 
     def person_only_in_unmapped(self, res: Mapping[str, Any]) -> str:
         """The explanation for an unproduced MS RelatedPerson without identifiers whose every name (family and first
@@ -2009,6 +2041,24 @@ def _in_scope(bundle: Mapping[str, Any], scored: list[dict[str, Any]]) -> set[in
     return scope
 
 
+def _collect_displays(obj: Any, out: list[str]) -> None:
+    """The ``display`` of every reference that has no ``reference`` (a name alone) under ``obj``."""
+    if isinstance(obj, list):
+        for x in obj:
+            _collect_displays(x, out)
+    elif isinstance(obj, dict):
+        if (
+            isinstance(obj.get("display"), str)
+            and "reference" not in obj
+            and "system" not in obj
+            and "code" not in obj
+        ):
+            out.append(obj["display"])
+        for v in obj.values():
+            if isinstance(v, dict | list):
+                _collect_displays(v, out)
+
+
 def _collect_refs(obj: Any, out: list[str]) -> None:
     if isinstance(obj, list):
         for x in obj:
@@ -2086,6 +2136,8 @@ def score_bundles(
                 rule = "ms-parent-procedure"
             elif why := src.person_only_in_unmapped(exp):
                 rule = "ig-unmapped-segment"
+            elif why := src.practitioner_without_id(exp, our_res):
+                rule = "xcn-without-id"
             else:
                 why, rule = src.charge_resource(exp, our_scored)
         score.record_missing(label, missing, why, rule)

@@ -595,7 +595,11 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     ref_enc = {**ours_enc, "period": {"end": "2025-01-05T12:00:00Z"}}
     # DG1-3 under the name I9: MS's name table says sid/icd-9 (not a FHIR system), Sluice sid/icd-9-cm
     src += "DG1|1|I9|71596^OSTEOARTHROSIS^I9\r"
+    # PV1-8 without an id: MS makes a Practitioner of the name, Sluice refers to the name alone
+    src += "PV1|1|O|||||^DOG^DUCKHUNT\r"
     ours_dx = {"resourceType": "Condition", "code": {"coding": [{"system": ICD9CM, "code": "71596"}]}}
+    ours_dx["recorder"] = {"display": "DUCKHUNT DOG"}
+    ref_dog = {"resourceType": "Practitioner", "name": [{"family": "DOG", "given": ["DUCKHUNT"]}]}
     ref_dx = {"resourceType": "Condition", "code": {"coding": [{"system": ICD9CM[:-3], "code": "71596"}]}}
     # a PRT after PID with PRT-4 AD: MS makes its person the Patient's generalPractitioner, the IG a CareTeam member
     src = src.replace("\rGT1|1|", "\rPRT|1|AD||AD^Admitting Provider^HL70912|PRT9^ADMIT^ALAN\rGT1|1|", 1)
@@ -647,6 +651,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ref_dispense,
             ref_enc,
             ref_dx,
+            ref_dog,
             ref_gp,
             ref_doc,
         ),
@@ -1257,3 +1262,25 @@ def test_guarantor_person_and_a_repeated_name() -> None:
     }
     s = score_bundles(bundle(doc), bundle(twice))
     assert s.compared == s.agreeing == 3
+
+
+def test_xcn_without_id_and_coverage_by_plan() -> None:
+    """xcn-without-id needs the name only in XCNs without XCN-1 and Sluice's display-only reference to it; two
+    Coverages without identifiers pair by their plan (class value)."""
+    dog = {"resourceType": "Practitioner", "name": [{"family": "DOG", "given": ["DUCKHUNT"]}]}
+    enc = {
+        "resourceType": "Encounter",
+        "identifier": [{"value": "V1"}],
+        "participant": [{"individual": {"display": "DUCKHUNT DOG"}}],
+    }
+    src = MSH_LINE + "PV1|1|O|||||^DOG^DUCKHUNT" + "|" * 12 + "V1\r"
+    assert score_bundles(bundle(enc), bundle(dog), source=src).explained_by == {"xcn-without-id": 2}
+    assert not score_bundles(bundle(enc), bundle(dog), source=src.replace("|^DOG", "|D1^DOG")).explained_by
+    assert not score_bundles(bundle({**enc, "participant": []}), bundle(dog), source=src).explained_by
+
+    def cov(plan: str, **kw: Any) -> dict[str, Any]:
+        return {"resourceType": "Coverage", "status": "active", "class": [{"value": plan}], **kw}
+
+    ours = bundle(cov("PAR", identifier=[{"value": "PAR"}]), cov("FRI", identifier=[{"value": "FRI"}]))
+    s = score_bundles(ours, bundle(cov("FRI"), cov("PAR")))
+    assert not s.unmatched and s.compared == s.agreeing
