@@ -286,7 +286,8 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
             # IG ADT_A01 PROCEDURE: PR1[Procedure]; an ADT does not say whether a listed procedure was done
             # (a pre-admit lists planned ones): the IG's "if not clear, use unknown"
             dft.procedure(pr1, ctx, patient_key, enc_ref, "unknown")
-    encounter_diagnoses(enc_ref, conditions, ctx)
+    if conditions:  # a message without DG1 pays no call
+        encounter_diagnoses(enc_ref, conditions, ctx)
     if not msg.all("IN1"):
         return
     in1_in2: list[list[Segment]] = []  # INSURANCE groups: IN1 and the IN2 right after it

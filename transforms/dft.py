@@ -299,7 +299,8 @@ def _visit(
         for dg1 in msg.all("DG1")
         if (ref := adt.condition(dg1, ctx, patient_ref, patient_key, enc))
     ]
-    adt.encounter_diagnoses(enc, conditions, ctx)  # IG DG1[Encounter], as ADT
+    if conditions:
+        adt.encounter_diagnoses(enc, conditions, ctx)  # IG DG1[Encounter], as ADT
     if not financial:
         for pr1 in msg.all("PR1"):
             procedure(pr1, ctx, patient_key, enc)
