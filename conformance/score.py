@@ -157,6 +157,10 @@ RULES: dict[str, str] = {
     "writes its documented system (docs/mapping.md)",
     "xcn-without-id": "Practitioner MS makes from an XCN without an id (XCN-1 empty): Sluice refers to the name "
     "alone (display), a name being no identity to match a Practitioner on (docs/mapping.md)",
+    "ig-concept-map": "a code MS keeps as sent (no system) where Sluice applies the IG's concept map for the field "
+    "(Relationship: NK1-3 / NK1-7 EMC → v2-0131 C)",
+    "ms-invalid-oid": "an identifier system MS writes as urn:oid: + an HD-2 that is no OID (urn:oid:r2.3); Sluice "
+    "names the authority by HD-1 as for any authority without a URI",
     "ig-planned-period": "Encounter.period from PV2-8 / PV2-9 (expected admit / discharge) in MS; the IG maps them "
     "to the planned start / end extensions and the actual stay (PV1-44 / PV1-45) to period",
 }
@@ -727,6 +731,8 @@ def compare_resources(
                 why, rule = "", ""
                 if category == "identifiers" and leaf == "system":
                     why, rule = _placeholder(e.get("value", ""), ev, source), "ms-placeholder"
+                    if not why and (why := _invalid_oid(ev, source)):
+                        rule = "ms-invalid-oid"
                 elif (
                     category == "telecom" and leaf == "use" and ov.lower() == "mobile" and source is not None
                 ):
@@ -1599,6 +1605,25 @@ def _system_name(value: str, system: str, ours: str, source: Source | None) -> s
     return ""
 
 
+_OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
+
+
+def _invalid_oid(system: str, source: Source | None) -> str:
+    """The explanation when MS's identifier ``system`` is ``urn:oid:`` + a value that is no OID and that the message
+    gives as the universal id (HD-2) of an authority."""
+    s = norm_text(system)
+    if source is None or not s.lower().startswith("urn:oid:"):
+        return ""
+    oid = s[len("urn:oid:") :]
+    if not oid or _OID.match(oid):
+        return ""
+    for r in source.reps:
+        for c in r.comps:
+            if len(c) > 1 and c[1] == oid:
+                return f"{r.where} gives the authority universal id {oid!r}, which is no OID: MS writes {s}"
+    return ""
+
+
 def _placeholder(value: str, system: str, source: Source | None) -> str:
     """The explanation when the reference ``system`` is an MS placeholder invented for the name the
     message gives ``value`` (or for the field it sits in); "" without that evidence."""
@@ -1869,6 +1894,32 @@ def explain_planned_period(score: Score, source: Source) -> None:
 
 
 _LANGUAGE = re.compile(r"^(Patient|RelatedPerson)\[([^\]]+)\]\.communication\.language$")
+
+
+_CONTACT_RELATIONSHIP = re.compile(r"^Patient\[[^\]]+\]\.contact\.relationship$")
+
+
+def explain_contact_codes(score: Score, source: Source) -> None:
+    """Mark a Patient.contact.relationship code MS keeps as sent without a system where the message's NK1-3 or
+    NK1-7 sends that code and Sluice has the IG Relationship map's target for it (EMC → v2-0131 C)."""
+    from transforms.adt import RELATIONSHIP
+
+    for n, d in enumerate(score.diffs):
+        if d.explanation or "|" in d.expected or not _CONTACT_RELATIONSHIP.match(d.path):
+            continue
+        code = norm_text(d.expected).upper()
+        target = RELATIONSHIP.get(code)
+        if target is None or f"{target[0]}|{target[1]}" not in d.ours:
+            continue
+        for r in source.reps:
+            if r.segment == "NK1" and r.field in (3, 7) and r.comp(1).upper() == code:
+                score.explain(
+                    n,
+                    f"{r.where} sends {code!r}: Sluice applies the IG's Relationship map ({target[1]!r} in {target[0]}), "
+                    "MS keeps the code as sent",
+                    "ig-concept-map",
+                )
+                break
 
 
 def explain_languages(score: Score, source: Source) -> None:
@@ -2152,4 +2203,5 @@ def score_bundles(
         explain_order_statuses(score, src)
         explain_languages(score, src)
         explain_planned_period(score, src)
+        explain_contact_codes(score, src)
     return score

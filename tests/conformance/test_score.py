@@ -160,6 +160,7 @@ def test_normalisation_of_dates_systems_and_phones() -> None:
 
 
 ICD9CM = "http://hl7.org/fhir/sid/icd-9-cm"
+V2_0131 = "http://terminology.hl7.org/CodeSystem/v2-0131"
 MSH_LINE = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\r"
 
 
@@ -600,6 +601,14 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     ours_dx = {"resourceType": "Condition", "code": {"coding": [{"system": ICD9CM, "code": "71596"}]}}
     ours_dx["recorder"] = {"display": "DUCKHUNT DOG"}
     ref_dog = {"resourceType": "Practitioner", "name": [{"family": "DOG", "given": ["DUCKHUNT"]}]}
+    # NK1-7 EMC: Sluice's contact relationship through the IG's Relationship map (v2-0131 C), MS keeps EMC
+    src += "NK1|2|ROE^ROB|||||EMC\r"
+    ours["contact"] = [{"relationship": [{"coding": [{"system": V2_0131, "code": "C"}]}]}]
+    ref["contact"] = [{"relationship": [{"coding": [{"code": "EMC"}]}]}]
+    # an HD-2 that is no OID: MS writes urn:oid:r2.3, Sluice names the authority by HD-1
+    src += "PV1|1|I" + "|" * 49 + "V50^^^T123&r2.3&ISO\r"
+    ours["identifier"] = [*ours["identifier"], {"system": "urn:sluice:authority:T123", "value": "V50"}]
+    ref["identifier"] = [*ref["identifier"], {"system": "urn:oid:r2.3", "value": "V50"}]
     ref_dx = {"resourceType": "Condition", "code": {"coding": [{"system": ICD9CM[:-3], "code": "71596"}]}}
     # a PRT after PID with PRT-4 AD: MS makes its person the Patient's generalPractitioner, the IG a CareTeam member
     src = src.replace("\rGT1|1|", "\rPRT|1|AD||AD^Admitting Provider^HL70912|PRT9^ADMIT^ALAN\rGT1|1|", 1)
@@ -1284,3 +1293,23 @@ def test_xcn_without_id_and_coverage_by_plan() -> None:
     ours = bundle(cov("PAR", identifier=[{"value": "PAR"}]), cov("FRI", identifier=[{"value": "FRI"}]))
     s = score_bundles(ours, bundle(cov("FRI"), cov("PAR")))
     assert not s.unmatched and s.compared == s.agreeing
+
+
+def test_concept_map_code_and_invalid_oid_need_their_evidence() -> None:
+    """ig-concept-map: MS's raw EMC against Sluice's mapped v2-0131 C only with EMC in NK1-3/NK1-7; ms-invalid-oid:
+    MS's urn:oid: of a non-OID only when the message gives it as an HD-2."""
+    contact = {"relationship": [{"coding": [{"system": V2_0131, "code": "C"}]}]}
+    ours = bundle({**PATIENT, "contact": [contact]})
+    ref = bundle({**PATIENT, "contact": [{"relationship": [{"coding": [{"code": "EMC"}]}]}]})
+    nk1 = "NK1|1|ROE^ROB|||||EMC\r"
+    assert score_bundles(ours, ref, source=MSH_LINE + nk1).explained_by == {"ig-concept-map": 1}
+    assert not score_bundles(ours, ref, source=MSH_LINE + nk1.replace("EMC", "C")).explained_by
+    other = bundle(
+        {**PATIENT, "contact": [{"relationship": [{"coding": [{"system": V2_0131, "code": "O"}]}]}]}
+    )
+    assert not score_bundles(other, ref, source=MSH_LINE + nk1).explained_by
+    mine = bundle({**PATIENT, "identifier": [{"system": "urn:sluice:authority:T123", "value": "MRN001"}]})
+    theirs = bundle({**PATIENT, "identifier": [{"system": "urn:oid:r2.3", "value": "MRN001"}]})
+    pid = "PID|1||MRN001^^^T123&r2.3&ISO^MR\r"
+    assert score_bundles(mine, theirs, source=MSH_LINE + pid).explained_by == {"ms-invalid-oid": 1}
+    assert not score_bundles(mine, theirs, source=MSH_LINE + pid.replace("r2.3", "2.3")).explained_by
