@@ -23,7 +23,7 @@ from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment, escape
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, nm, table, unit, xcn
+from transforms.datatypes import V2_TABLE, cwe, cx, dtm_at, ei, nm, table, unit, xcn
 from transforms.orders import occurrence, order_numbers, order_type, typed
 
 JSON = dict[str, Any]
@@ -463,14 +463,14 @@ def specimen(
         idents.append(typed(placer, "PLAC", "Placer Identifier"))
     if filler is not None:
         idents.append(typed(filler, "FILL", "Filler Identifier"))
-    for i, rep in enumerate(spm.reps(31), start=1):
-        if (other := ei(rep, ctx, Location("SPM", spm.sequence, 31, i))) is not None:
+    for i, rep in enumerate(spm.reps(31), start=1):  # SPM-31 other specimen id: CX (v2.7+)
+        if (other := cx(rep, ctx, Location("SPM", spm.sequence, 31, i))) is not None:
             idents.append(other)
     if spm.rep(32) and (ship := ei(spm.rep(32), ctx, spm.loc(32))) is not None:
         idents.append(typed(ship, "SHIP", "Shipment ID"))
     if idents:
         res["identifier"] = idents
-    accession = ei(spm.rep(30), ctx, spm.loc(30)) if spm.rep(30) else None
+    accession = cx(spm.rep(30), ctx, spm.loc(30)) if spm.rep(30) else None  # SPM-30 accession id: CX
     if accession is not None:
         res["accessionIdentifier"] = accession
     avail = spm.get(20).strip().upper()

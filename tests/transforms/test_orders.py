@@ -448,3 +448,17 @@ def test_prt_ordering_provider_is_the_requester_without_orc12() -> None:
     b = _convert(parse(text), golden_settings()).bundle
     _e, sr = _one(b, "ServiceRequest")
     assert _ref(b, sr["requester"]["reference"])["identifier"][0]["value"] == "1992000007"
+
+
+def test_spm_accession_and_other_ids_are_cx() -> None:
+    """SPM-30 accession id and SPM-31 other specimen ids are CX (v2.7+): the system from CX-4, the type from
+    CX-5 (table 0203)."""
+    old = "ACC-555^^^SYNLAB&2.16.840.1.113883.19.999.9&ISO"
+    new = old + "^ACSN|OSI-1^^^SYNLAB&2.16.840.1.113883.19.999.9&ISO^PI~OSI-2"
+    _e, sp = _spm(_convert(_with("oml_o21", old, new), golden_settings()).bundle)
+    assert sp["accessionIdentifier"]["system"] == "urn:oid:2.16.840.1.113883.19.999.9"
+    assert sp["accessionIdentifier"]["type"]["coding"][0]["code"] == "ACSN"
+    other = [i for i in sp["identifier"] if i["value"].startswith("OSI")]
+    assert other[0]["system"] == "urn:oid:2.16.840.1.113883.19.999.9"
+    assert other[0]["type"]["coding"][0]["code"] == "PI"
+    assert other[1] == {"value": "OSI-2"}
