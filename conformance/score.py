@@ -152,6 +152,8 @@ RULES: dict[str, str] = {
     "[ServiceRequest.status]): Sluice follows the IG's map, MS says unknown",
     "ms-attachment-report": "DiagnosticReport MS makes from an OBX that carries an attachment (OBX-2 RP or ED); "
     "the IG maps that OBX to an Observation (RP → valueAttachment) or the report's presentedForm",
+    "ms-obr-specimen-identifier": "identifier MS copies from OBR-3 / OBR-53 onto the Specimen it makes of an "
+    "OBR; the IG's OBR[Specimen] gives that Specimen only OBR-2 (accessionIdentifier)",
     "ms-system-name": "a coding-system name MS's name table turns into a URI that is no system for such codes "
     "(I9 → sid/icd-9, which FHIR does not register; ISO → urn:iso:std:iso:3986, the URI standard) where Sluice "
     "writes its documented system (docs/mapping.md)",
@@ -1809,6 +1811,33 @@ def explain_implementer_status(score: Score, source: Source) -> None:
             )
 
 
+_SPECIMEN_IDENTIFIER = re.compile(r"^Specimen\[([^\]]+)\]\.identifier\[([^\]]*)\]\.(?:value|system)$")
+
+
+def explain_obr_specimen_identifiers(score: Score, source: Source) -> None:
+    """Mark the OBR-3 / OBR-53 numbers MS adds to the identifiers of the Specimen it makes of an OBR: only where
+    an OBR has the Specimen's number in OBR-2 and that identifier in OBR-3 or OBR-53, and Sluice has none."""
+    for n, d in enumerate(score.diffs):
+        if d.explanation or d.ours or d.fields != 1 or not (m := _SPECIMEN_IDENTIFIER.match(d.path)):
+            continue
+        label, value = norm_text(m.group(1)).lower(), norm_text(m.group(2)).lower()
+        for r in source.reps:
+            if r.where != "OBR-2" or r.comp(1).lower() != label:
+                continue
+            where = next(
+                (x.where for f in (3, 53) for x in source.field(r.ordinal, f) if x.comp(1).lower() == value),
+                "",
+            )
+            if where:
+                score.explain(
+                    n,
+                    f"{where} of the OBR whose OBR-2 is the Specimen's accession number: MS copies it onto the "
+                    "Specimen, the IG's OBR[Specimen] maps OBR-2 only",
+                    "ms-obr-specimen-identifier",
+                )
+                break
+
+
 _RELATED_PERSON_FIELD = re.compile(
     r"^RelatedPerson\[([^\]]+)\]\.(identifier\[([^\]]*)\]\.value|relationship)$"
 )
@@ -2201,6 +2230,7 @@ def score_bundles(
         explain_dg1_context(score, src)
         explain_performer_roles(score, src)
         explain_order_statuses(score, src)
+        explain_obr_specimen_identifiers(score, src)
         explain_languages(score, src)
         explain_planned_period(score, src)
         explain_contact_codes(score, src)

@@ -625,6 +625,10 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
         "name": [{"family": "ALPHA"}],
     }
     ref_doc = {**ours_doc, "name": [{"family": "BETA", "given": ["BOB"]}]}
+    # the OBR's Specimen (IG OBR[Specimen]: OBR-2 → accessionIdentifier); MS adds OBR-3 as an identifier
+    ours_sp6 = {"resourceType": "Specimen", "accessionIdentifier": {"value": "ORD6"}}
+    ref_sp6 = {"resourceType": "Specimen", "identifier": [{"value": "ORD6"}, {"value": "FIL6"}]}
+    src = src.replace("OBR|2|ORD6||", "OBR|2|ORD6|FIL6|")
     return (
         bundle(
             ours,
@@ -639,6 +643,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ours_enc,
             ours_dx,
             ours_doc,
+            ours_sp6,
         ),
         bundle(
             ref,
@@ -663,6 +668,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ref_dog,
             ref_gp,
             ref_doc,
+            ref_sp6,
         ),
         src,
     )
@@ -1313,3 +1319,15 @@ def test_concept_map_code_and_invalid_oid_need_their_evidence() -> None:
     pid = "PID|1||MRN001^^^T123&r2.3&ISO^MR\r"
     assert score_bundles(mine, theirs, source=MSH_LINE + pid).explained_by == {"ms-invalid-oid": 1}
     assert not score_bundles(mine, theirs, source=MSH_LINE + pid.replace("r2.3", "2.3")).explained_by
+
+
+def test_obr_specimen_identifier_needs_obr3_of_the_specimens_obr() -> None:
+    """MS's OBR-3 / OBR-53 identifier on the Specimen it makes of an OBR is excused only when that OBR's OBR-2 is
+    the Specimen's number and the value is its OBR-3 / OBR-53."""
+    ours = bundle({"resourceType": "Specimen", "accessionIdentifier": {"value": "PLC9"}})
+    ref = bundle({"resourceType": "Specimen", "identifier": [{"value": "PLC9"}, {"value": "FIL9"}]})
+    obr = "OBR|1|PLC9|FIL9|SVC9^Svc^L|||20250101\r"
+    s = score_bundles(ours, ref, source=MSH_LINE + obr)
+    assert s.explained_by == {"ms-obr-specimen-identifier": 1}
+    assert score_bundles(ours, ref, source=MSH_LINE + obr.replace("|PLC9|", "|OTHER|")).explained == 0
+    assert score_bundles(ours, ref, source=MSH_LINE + obr.replace("|FIL9|", "|FIL0|")).explained == 0
