@@ -1206,7 +1206,14 @@ def subscriber(
     key = "|".join(
         (patient_key, "IN1-16", name.get("family", ""), " ".join(name.get("given", [])), rel.c(1).strip())
     )
-    return ctx.add("RelatedPerson", res, key=key)
+    ref = ctx.add("RelatedPerson", res, key=key)
+    if (first := ctx.find(ref)) is not None and first is not res:
+        # the same insured named by another IN1 of the message: their addresses and ids are facts too
+        for field in ("address", "identifier"):
+            for item in res.get(field, ()):
+                if item not in (have := first.setdefault(field, [])):
+                    have.append(item)
+    return ref
 
 
 _NO_PLAN = ("", "", "")

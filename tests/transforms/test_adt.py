@@ -420,3 +420,22 @@ def test_pr1_procedure_per_the_ig() -> None:
     )
     (proc,) = resources(deleted, "Procedure")
     assert proc["status"] == "entered-in-error"
+
+
+def test_one_insured_named_by_two_in1_keeps_both_addresses() -> None:
+    """Two IN1 segments naming the same insured (IN1-16/17) make one subscriber RelatedPerson; the second IN1's
+    address and insured ids are added to it (not dropped as 'first wins')."""
+    pid = "PID|1||MRN1^^^HOSP^MR||DOE^JO"
+    in1 = "IN1|{n}|PLAN{n}|||" + "|" * 11 + "DOE^PAT|SPO|19700101|{addr}" + "|" * 30 + "INS{n}"
+    m = msg(
+        ADT_BASE,
+        pid,
+        in1.format(n=1, addr="1 FIRST ST^^TOWN^ZZ^00001"),
+        in1.format(n=2, addr="2 SECOND ST^^TOWN^ZZ^00002"),
+    )
+    bundle = convert(m, golden_settings())
+    validate_resources(bundle)
+    (insured,) = resources(bundle, "RelatedPerson")
+    assert [a["line"] for a in insured["address"]] == [["1 FIRST ST"], ["2 SECOND ST"]]
+    assert {"INS1", "INS2"} <= {i["value"] for i in insured["identifier"]}
+    assert len(resources(bundle, "Coverage")) == 2
