@@ -543,6 +543,10 @@ def _unit(code: str, text: str, sysname: str) -> tuple[tuple[str, str], ...]:
     q: list[tuple[str, str]] = []
     if text or code:
         q.append(("unit", text or code))
+    if code.isdigit() and code != "1" and _ucum_or_unnamed(sysname):
+        # A bare number (RXE-5 ``43^mg/hr``) is a sender's local unit code: UCUM's grammar reads it as a
+        # dimensionless factor (5 times 43), so the unit's text, when it is UCUM or mapped, is the code instead.
+        code = text
     if code:
         if _ucum_or_unnamed(sysname):
             ucum = UNIT_MAP.get(code) or UNIT_MAP.get(code.upper())

@@ -191,6 +191,22 @@ def test_a_unit_that_is_not_ucum_keeps_its_text_without_a_system(sent: str) -> N
     assert obs["valueQuantity"] == {"value": 5.2, "unit": sent.split("^")[0]}
 
 
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        # a sender's numeric unit code: UCUM's grammar reads "43" as the factor 43, so the text decides
+        ("43^mg/hr", {"value": 5.2, "unit": "mg/hr", "system": "http://unitsofmeasure.org", "code": "mg/h"}),
+        ("12^mg/dL", {"value": 5.2, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}),
+        ("43^per bag", {"value": 5.2, "unit": "per bag"}),
+        ("43", {"value": 5.2, "unit": "43"}),
+        ("1", {"value": 5.2, "unit": "1", "system": "http://unitsofmeasure.org", "code": "1"}),  # unity
+    ],
+)
+def test_a_numeric_unit_code_is_not_labelled_ucum(sent: str, expected: dict[str, Any]) -> None:
+    obs = one(oru(f"OBX|1|NM|2093-3^Cholesterol^LN||5.2|{sent}|||||F").bundle, "Observation")
+    assert obs["valueQuantity"] == expected
+
+
 def test_a_channel_extends_the_unit_map() -> None:
     settings = ConvertSettings.from_options(
         {"derive_unknown_systems": True, "unit_map": {"furlongs": "[fur_us]", "MMOLL": "mmol/L"}},
