@@ -43,8 +43,8 @@ DEFAULT_TYPES: dict[str, tuple[str, ...]] = {
     "OMG": ("O19",),
     "OUL": ("R22",),
     "REF": ("I12", "I13", "I14"),
-    "RDE": ("O11", "O25"),
-    "RDS": ("O13",),
+    "RDE": ("O01", "O11", "O25"),
+    "RDS": ("O01", "O13"),
 }  # fmt: skip
 DEFAULT_VERSIONS = (
     "2.1",

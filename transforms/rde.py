@@ -26,8 +26,10 @@ from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, quantity, unsigned_i
 
 JSON = dict[str, Any]
 
-RDE_TRIGGERS = frozenset({"O11", "O25"})
-RDS_TRIGGERS = frozenset({"O13"})
+# O01: the trigger HL7 v2.3/v2.3.1 gave RDE and RDS (structures RDE_O01 / RDS_O01, the same segments);
+# v2.4 renamed them O11 / O13, and senders on v2.3 still send O01
+RDE_TRIGGERS = frozenset({"O01", "O11", "O25"})
+RDS_TRIGGERS = frozenset({"O01", "O13"})
 
 # ORC-5 order status (table 0038) → MedicationRequest.status
 ORDER_STATUS: dict[str, str] = {
@@ -435,7 +437,7 @@ def medication_dispense(
 
 
 def convert(msg: Message, ctx: ConvertContext) -> None:
-    """RDE^O11/O25 or RDS^O13 → entries in ``ctx``."""
+    """RDE^O11/O25 (O01 in v2.3) or RDS^O13 (O01 in v2.3) → entries in ``ctx``."""
     from transforms import oru
 
     kind = msg.message_type

@@ -119,5 +119,22 @@ def test_located_errors() -> None:
         _convert(msg(MSH.format("RDS^O13"), PID, "ORC|RE|P1", RXE), golden_settings())
     assert str(ei.value.location).startswith("RXD")
     with pytest.raises(MessageRejected) as er:
-        _convert(msg(MSH.format("RDE^O01"), PID), golden_settings())
+        _convert(msg(MSH.format("RDE^O49"), PID), golden_settings())
     assert er.value.hl7_error == "201"
+
+
+@pytest.mark.parametrize(("kind", "rtype"), [("RDE", "MedicationRequest"), ("RDS", "MedicationDispense")])
+def test_v2_3_trigger_o01_converts_as_o11_and_o13(kind: str, rtype: str) -> None:
+    """HL7 v2.3 named the pharmacy encoded order and the dispense O01 (RDE_O01 / RDS_O01); v2.4 renamed them."""
+    v23 = "MSH|^~\\&|SYNTH-CPOE|GOODHOSP|SYNTH-RX|GOODHOSP|20250320085500||{}|C1|P|2.3"
+    segs = [PID, "ORC|NW|P1^CPOE^2.16.840.1.113883.19.20^ISO", "RXO|308182^Amoxicillin^RXNORM|500||mg", RXE]
+    if kind == "RDS":
+        segs.append("RXD|1|308182^Amoxicillin 500 MG Oral Capsule^RXNORM|20250320090000|30|cap")
+    old = _convert(msg(v23.format(f"{kind}^O01"), *segs), golden_settings())
+    new = _convert(msg(v23.format(f"{kind}^{'O11' if kind == 'RDE' else 'O13'}"), *segs), golden_settings())
+    validate_resources(old.bundle)
+    (res,) = resources(old.bundle, rtype)
+    (same,) = resources(new.bundle, rtype)
+    for r in (res, same):
+        r.pop("id", None)
+    assert res == same
