@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,23 +34,12 @@ from engine.destinations.fhir import Auth
 from engine.destinations.http import build_ssl_context
 from engine.errors import ConfigError
 from engine.sources import resources
+from engine.sources.resources import instant, parse_instant
 from engine.store import CURSORS, NewMessage, Store
 
 log = structlog.get_logger("sluice.fhir_poll")
 
 SOURCE_NAME = "fhir-poll"
-
-
-def parse_instant(value: str) -> datetime | None:
-    try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
-
-
-def instant(t: datetime) -> str:
-    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class FhirPoller:

@@ -22,6 +22,7 @@ filters FHIR channels too.  The resource itself is the Work's payload (``applica
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from typing import Any
 
 from engine import hl7
@@ -31,6 +32,20 @@ CONTENT_FHIR = "application/fhir+json"
 
 # Resource type → the 10-character message_type column (a type longer than 10 characters is cut).
 TYPE_CODES: dict[str, str] = {"Appointment": "Appointmnt", "ServiceRequest": "ServiceReq"}
+
+
+def parse_instant(value: str) -> datetime | None:
+    """A FHIR instant (``meta.lastUpdated``) → an aware datetime (no zone: UTC); ``None`` if it is not one."""
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def instant(t: datetime) -> str:
+    """An aware datetime → a FHIR instant in UTC with milliseconds (``2026-12-04T10:00:00.000Z``)."""
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def is_fhir(raw: bytes) -> bool:
