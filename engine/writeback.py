@@ -31,8 +31,8 @@ SECRET_SETTING = "writeback_hmac_key"
 REASONS = {
     UNCHANGED: "nothing the HL7 message carries changed since the last message sent for this resource; "
     "nothing sent",
-    NEVER_SENT: "cancelled (or no-show) before anything was sent for it: no cancel message is sent for a "
-    "resource the receiver never had (counted in sluice_writeback_skipped_total)",
+    NEVER_SENT: "cancelled, no-show or deleted before anything was sent for it: no cancel or delete message "
+    "is sent for a resource the receiver never had (counted in sluice_writeback_skipped_total)",
     ALREADY_CLOSED: "already cancelled (or no-show) at the receiver; nothing sent",
 }
 

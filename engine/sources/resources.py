@@ -5,7 +5,8 @@ the first byte (``{``: FHIR JSON; an HL7 v2 message always starts with ``MSH``, 
 The metadata columns hold what the MSH of an HL7 message would:
 
 * ``message_type``: the resource type, in the column's 10 characters (:data:`TYPE_CODES` abbreviates
-  the longer ones: ``Appointmnt``, ``ServiceReq``), ``trigger`` empty, ``version`` ``R4``;
+  the longer ones: ``Appointmnt``, ``ServiceReq``), ``trigger`` empty (``DELETE`` for a deletion's
+  tombstone, engine/sources/history.py; its header's MSH-9.2 too), ``version`` ``R4``;
 * ``control_id``: ``<type>/<id>/_history/<versionId>`` (``meta.versionId``; without one, a digest of
   the body stands in), so the channel's dedupe (``sending_app|sending_facility|control_id``) drops a
   version taken twice, whatever the overlap window or a restart fetched again;
@@ -27,6 +28,7 @@ from typing import Any
 
 from engine import hl7
 from engine.store import NewMessage
+from transforms.fhir_to_v2.outbound import is_deleted
 
 CONTENT_FHIR = "application/fhir+json"
 
@@ -90,6 +92,8 @@ def message_row(
     row.sending_app = source[:200]
     row.sending_facility = facility[:200]
     row.message_type = type_code(rtype)
+    if is_deleted(resource):
+        row.trigger = "DELETE"  # a deletion's tombstone (engine/sources/history.py)
     row.version = "R4"
     row.order_key = (
         path_value(resource, order_by) if order_by else ""
@@ -134,4 +138,5 @@ def header(raw: bytes) -> hl7.Message:
     esc = hl7.escape
     rtype = esc(str(res.get("resourceType") or ""))
     control = esc(control_id(res, raw))
-    return hl7.parse(f"MSH|^~\\&|FHIR||||||{rtype}|{control}|P|R4")
+    event = "^DELETE" if is_deleted(res) else ""
+    return hl7.parse(f"MSH|^~\\&|FHIR||||||{rtype}{event}|{control}|P|R4")

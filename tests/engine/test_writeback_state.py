@@ -189,3 +189,86 @@ def test_retention_drops_the_decisions_with_their_messages_and_keeps_the_state(
         assert sent(r) == ("S13", "PA-SECRET-77")
     finally:
         store.close()
+
+
+def deleted(res: dict[str, Any], version_id: str) -> dict[str, Any]:
+    """The tombstone a fhir-poll source stores for a deletion read from the server's _history."""
+    from datetime import UTC, datetime
+
+    from engine.sources import history
+
+    d = history.Deletion(res["resourceType"], res["id"], version_id, datetime(2026, 12, 2, tzinfo=UTC))
+    return history.tombstone(d, res, "2026-12-02T00:00:00.000Z")
+
+
+def test_a_deleted_appointment_that_was_sent_is_an_s17_for_the_same_sch1(
+    tmp_path: Path, store_url: str
+) -> None:
+    rt, store = runtime(tmp_path, store_url)
+    try:
+        _, r1 = take(rt, store, version(1))
+        m2, r2 = take(rt, store, deleted(version(1), "2"))
+        assert [sent(r) for r in (r1, r2)] == [("S12", "PA-SECRET-77"), ("S17", "PA-SECRET-77")]
+        msg = parse_bytes(r2.deliveries[0].payload)
+        assert msg["MSH-9"] == "SIU^S17^SIU_S12" and msg["SCH-25"] == "DELETED" and msg["RGS-2"] == "D"
+        # a replay sends the same S17; the same deletion read again is not decided again either
+        _, again = take(rt, store, deleted(version(1), "2"), m2)
+        assert sent(again) == ("S17", "PA-SECRET-77")
+        # deleted after a cancel: the receiver has it cancelled already, nothing
+        other = {"identifier": [{"system": PLACER, "value": "PA-3"}], "id": "appt-3"}
+        take(rt, store, version(1, **other))
+        take(rt, store, version(2, status="cancelled", **other))
+        _, r = take(rt, store, deleted(version(2, **other), "3"))
+        assert sent(r) is None and r.writeback_skipped == "already_closed"
+    finally:
+        store.close()
+
+
+def test_a_deleted_appointment_never_sent_sends_nothing_and_is_counted(
+    tmp_path: Path, store_url: str
+) -> None:
+    rt, store = runtime(tmp_path, store_url)
+    try:
+        _, r = take(rt, store, deleted(version(1), "2"))
+        assert r.status == FILTERED and r.writeback_skipped == "cancel_never_sent"
+        assert "deleted before anything was sent" in r.reason
+    finally:
+        store.close()
+
+
+def test_a_deleted_patient_is_an_a29_and_a_deleted_order_an_orc_ca(tmp_path: Path, store_url: str) -> None:
+    rt, store = runtime(tmp_path, store_url)
+    patient = {
+        "resourceType": "Patient",
+        "id": "pat-9",
+        "meta": {"versionId": "1"},
+        "identifier": [{"system": "urn:oid:2.16.840.1.113883.3.9999", "value": "MRN-SYN-9"}],
+        "name": [{"family": "Testperson", "given": ["Robin"]}],
+    }
+    order = {
+        "resourceType": "ServiceRequest",
+        "id": "sr-9",
+        "meta": {"versionId": "1"},
+        "identifier": [{"system": PLACER, "value": "ORD-9"}],
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": "Patient/pat-9"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]},
+    }
+    try:
+        triggers = []
+        for res in (patient, deleted(patient, "2"), order, deleted(order, "2")):
+            _, r = take(rt, store, res)
+            msg = parse_bytes(r.deliveries[0].payload)
+            triggers.append((msg["MSH-9"], msg["ORC-1"] if msg.message_type == "ORM" else msg["PID-3.1"]))
+        assert triggers == [
+            ("ADT^A28^ADT_A05", "MRN-SYN-9"),
+            ("ADT^A29^ADT_A21", "MRN-SYN-9"),
+            ("ORM^O01^ORM_O01", "NW"),
+            ("ORM^O01^ORM_O01", "CA"),
+        ]
+        # a Patient deleted before anything was sent for it: nothing (counted)
+        _, r = take(rt, store, deleted({**patient, "id": "pat-10"}, "2"))
+        assert r.status == FILTERED and r.writeback_skipped == "cancel_never_sent"
+    finally:
+        store.close()

@@ -16,7 +16,7 @@ from engine.pipeline import StageContext, Work
 from engine.stages import build_pipeline
 from transforms.convert import convert as inbound
 from transforms.fhir_to_v2.convert import convert
-from transforms.fhir_to_v2.outbound import ALREADY_CLOSED, NEVER_SENT, UNCHANGED, Sent, decide
+from transforms.fhir_to_v2.outbound import ALREADY_CLOSED, DELETED_TAG, NEVER_SENT, UNCHANGED, Sent, decide
 from transforms.fhir_to_v2.settings import WritebackSettings
 from transforms.settings import ConvertSettings
 
@@ -155,6 +155,30 @@ def test_what_the_hl7_does_not_carry_does_not_change_the_content_digest() -> Non
 
 def sent(out: Any, message: str) -> Sent:
     return Sent(out.state, out.content, out.timing, message)
+
+
+def test_a_deleted_resource_becomes_its_deletion_message_for_the_same_key() -> None:
+    """A fhir-poll tombstone (the last version taken, tagged deleted): S17 for the same SCH-1, read back as
+    entered-in-error; a Patient's A29 (ADT_A21); a ServiceRequest's ORC-1 CA; decided like a cancel."""
+    tag = {"meta": {"versionId": "2", "tag": [DELETED_TAG]}}
+    booked = convert(APPOINTMENT, SETTINGS)
+    gone = convert({**APPOINTMENT, **tag}, SETTINGS)
+    assert gone.state == "deleted" and list(gone.variants) == ["S17"] and gone.key == booked.key
+    msg = parse_bytes(gone.variants["S17"])
+    assert msg["SCH-1.1"] == "PA-1001" and msg["SCH-25"] == "DELETED" and msg["RGS-2"] == "D"
+    assert read_back(gone.variants["S17"])["status"] == "entered-in-error"
+    assert decide(gone, sent(booked, "S12")) == ("S17", "")
+    assert decide(gone, None) == (None, NEVER_SENT)
+    patient = {"resourceType": "Patient", "id": "pat-1", "name": [{"family": "Testperson"}], **tag}
+    out = convert(patient, SETTINGS)
+    assert out.state == "deleted" and list(out.variants) == ["A29"]
+    a29 = parse_bytes(out.variants["A29"])
+    assert a29["MSH-9"] == "ADT^A29^ADT_A21" and a29["EVN-1"] == "A29" and a29["PID-5.1"] == "Testperson"
+    order = {"resourceType": "ServiceRequest", "id": "sr-1", "status": "active", "intent": "order", **tag}
+    assert list(convert(order, SETTINGS).variants) == ["CA"]
+    # a tombstone without the last version (only its id): the key falls back to the id
+    bare = convert({"resourceType": "Appointment", "id": "appt-1", **tag}, SETTINGS)
+    assert list(bare.variants) == ["S17"] and parse_bytes(bare.variants["S17"])["SCH-1.1"] == "appt-1"
 
 
 def test_decide_table() -> None:

@@ -1,4 +1,5 @@
-"""Patient → ADT A28 (add person information) / A31 (update person information).
+"""Patient → ADT A28 (add person information) / A31 (update person information) / A29 (delete person
+information: the Patient was deleted on the server, a tombstone from the fhir-poll source).
 
 The IG's PID[Patient] map in reverse: identifiers → PID-3 (system → assigning authority, type → CX-5),
 names → PID-5, birthDate → PID-7, gender → PID-8, address → PID-11, telecom → PID-13/14.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transforms.fhir_to_v2.outbound import ACTIVE, Outbound, candidates
+from transforms.fhir_to_v2.outbound import ACTIVE, Outbound, candidates, is_deleted
 from transforms.fhir_to_v2.settings import WritebackSettings
 from transforms.fhir_to_v2.writer import comps, control_id, cx, digest, dtm, encode, esc, msh, segment, xpn
 
@@ -79,15 +80,20 @@ def pid(res: JSON, settings: WritebackSettings) -> str:
     return segment("PID", fields)
 
 
+# Message structure per trigger (HL7 v2.5.1 table 0354): A28/A31 ADT_A05, A29 ADT_A21
+STRUCTURE = {"A28": "ADT_A05", "A31": "ADT_A05", "A29": "ADT_A21"}
+
+
 def convert(res: JSON, settings: WritebackSettings, now: str) -> Outbound:
-    """A Patient → its candidate A28 / A31 messages."""
+    """A Patient → its candidate A28 / A31 messages (a deleted one's: A29)."""
+    state = "deleted" if is_deleted(res) else ACTIVE
     body = [pid(res, settings)]
     key = f"Patient|{res.get('id') or ''}"
     content = digest(*body)
     when = dtm(str((res.get("meta") or {}).get("lastUpdated") or "") or now, settings)
     variants: dict[str, bytes] = {}
-    for trigger in candidates("Patient", ACTIVE):
-        header = msh(settings, when, f"ADT^{trigger}^ADT_A05", control_id(key, content, trigger))
+    for trigger in candidates("Patient", state):
+        header = msh(settings, when, f"ADT^{trigger}^{STRUCTURE[trigger]}", control_id(key, content, trigger))
         evn = segment("EVN", [trigger, when])
         variants[trigger] = encode([header, evn, *body, segment("PV1", ["1", "N"])], settings)
-    return Outbound("Patient", key, ACTIVE, content, "", variants)
+    return Outbound("Patient", key, state, content, "", variants)

@@ -8,7 +8,7 @@ from typing import Any
 
 from engine.errors import ConversionError, SluiceError
 from transforms.fhir_to_v2 import adt, orm, siu
-from transforms.fhir_to_v2.outbound import Outbound
+from transforms.fhir_to_v2.outbound import Outbound, is_deleted
 from transforms.fhir_to_v2.settings import WritebackSettings
 
 CONVERTERS: dict[str, Callable[[dict[str, Any], WritebackSettings, str], Outbound]] = {
@@ -16,6 +16,10 @@ CONVERTERS: dict[str, Callable[[dict[str, Any], WritebackSettings, str], Outboun
     "Patient": adt.convert,
     "ServiceRequest": orm.convert,
 }
+
+# A deleted resource (a fhir-poll tombstone, outbound.DELETED_TAG) converts as the status that means
+# "this should not exist" (state deleted: SIU^S17, ORC-1 CA); a Patient's converter reads the tag (A29).
+DELETED_STATUS: dict[str, str] = {"Appointment": "entered-in-error", "ServiceRequest": "entered-in-error"}
 
 
 def convert(resource: Any, settings: WritebackSettings, now: str | None = None) -> Outbound:
@@ -31,6 +35,8 @@ def convert(resource: Any, settings: WritebackSettings, now: str | None = None) 
             code="200",
         )
     when = now or datetime.now(UTC).isoformat(timespec="seconds")
+    if rtype in DELETED_STATUS and is_deleted(resource):
+        resource = {**resource, "status": DELETED_STATUS[rtype]}
     try:
         return fn(resource, settings, when)
     except UnicodeEncodeError as exc:

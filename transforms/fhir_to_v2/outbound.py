@@ -11,8 +11,8 @@ what was sent      now active       now          now cancelled
 =================  ===============  ===========  ==============
 nothing            new (S12)        -            nothing (counted)
 active             S13 when the     nothing      S15 / S26 / S17
-                   time changed,
-                   else S14
+                   time changed,                 (deleted: A29,
+                   else S14                      ORC-1 CA)
 cancelled, ...     new (S12 again)  -            nothing
 =================  ===============  ===========  ==============
 """
@@ -35,9 +35,34 @@ EVENTS: dict[str, dict[str, str]] = {
         "noshow": "S26",
         "deleted": "S17",
     },
-    "Patient": {"new": "A28", "modify": "A31"},
+    "Patient": {"new": "A28", "modify": "A31", "deleted": "A29"},
     "ServiceRequest": {"new": "NW", "modify": "XO", "cancelled": "CA", "deleted": "CA"},
 }
+
+# A resource deleted on the server, as a fhir-poll source stores it (engine/sources/history.py): the last
+# version taken, tagged so (meta.tag); it converts as state "deleted" (S17, A29, ORC-1 CA).
+DELETED_TAG: dict[str, str] = {
+    "system": "urn:sluice:fhir-poll",
+    "code": "deleted",
+    "display": "deleted on the server (taken from its _history)",
+}
+
+
+def is_deleted(resource: Mapping[str, object]) -> bool:
+    """Whether a resource is a deletion's tombstone (carries :data:`DELETED_TAG`)."""
+    meta = resource.get("meta")
+    tags = meta.get("tag") if isinstance(meta, Mapping) else None
+    if not isinstance(tags, list):
+        return False
+    for t in tags:
+        if (
+            isinstance(t, Mapping)
+            and t.get("system") == DELETED_TAG["system"]
+            and t.get("code") == DELETED_TAG["code"]
+        ):
+            return True
+    return False
+
 
 # What happened instead of a message (counted per reason: sluice_writeback_skipped_total)
 UNCHANGED = "unchanged"
