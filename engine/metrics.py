@@ -315,8 +315,16 @@ class Metrics:
         self.writeback_skipped = Counter(
             "sluice_writeback_skipped",
             "Write-back (fhir-to-hl7) resource versions that sent nothing, by reason: unchanged (nothing the "
-            "HL7 carries changed), cancel_never_sent (cancelled before anything was sent), already_closed.",
+            "HL7 carries changed), cancel_never_sent (cancelled or deleted before anything was sent), already_closed.",
             ["channel", "reason"],
+            registry=r,
+        )
+        self.poll_deletions = Gauge(
+            "sluice_fhir_poll_deletions_followed",
+            "fhir-poll: 1 while deletions of the resource type are taken from the server's _history, 0 when "
+            "the server does not support type-level history for it (no history-type in its "
+            "CapabilityStatement, or _history answered 404/405): deletions are then not followed.",
+            ["channel", "resource"],
             registry=r,
         )
         self.dead_letters = Counter(

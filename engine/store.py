@@ -265,6 +265,19 @@ class SourceCursorRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class SourceResourceRow(Base):
+    """The newest stored version of each resource a ``fhir-poll`` channel took (its message id), keyed by a
+    keyed hash of ``Type/id``: a deletion read from the server's history is stored as that version marked
+    deleted (engine/sources/history.py).  Written with the page's messages."""
+
+    __tablename__ = "source_resources"
+
+    channel: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    message_id: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
 class IdempotencyRow(Base):
     """An HTTP source's answer per ``Idempotency-Key`` (SHA-256 of the key): a retried request gets it
     again and creates nothing (engine/sources/http.py).  Written in the transaction of the messages."""
@@ -354,6 +367,7 @@ SETTINGS = cast(Table, SettingRow.__table__)
 WRITEBACK = cast(Table, WritebackStateRow.__table__)
 WRITEBACK_LOG = cast(Table, WritebackLogRow.__table__)
 CURSORS = cast(Table, SourceCursorRow.__table__)
+SOURCE_RESOURCES = cast(Table, SourceResourceRow.__table__)
 IDEMPOTENCY = cast(Table, IdempotencyRow.__table__)
 
 # Message statuses
@@ -600,6 +614,7 @@ _KEYED_LEN = len(KEYED_PREFIX) + 32
 _HEX = frozenset("0123456789abcdef")
 ORDER_TAG = b"order\0"
 STATE_TAG = b"resource_state\0"
+SOURCE_RESOURCE_TAG = b"source_resource\0"
 
 
 _HASHERS: dict[tuple[bytes, bytes], Any] = {}  # (installation key, tag) -> keyed BLAKE2b state
@@ -765,6 +780,41 @@ class Store:
     def state_key(self, key: str) -> str:
         """The stored form of a resource-state key (a FHIR conditional-write URL): a keyed hash."""
         return keyed(self.installation_key(), STATE_TAG, key)
+
+    def remember_resources(self, conn: Connection, channel: str, stored: Sequence[tuple[str, int]]) -> None:
+        """(``Type/id``, message id) of versions a fhir-poll channel stored now: each becomes that
+        resource's newest stored version (:class:`SourceResourceRow`); in the caller's transaction."""
+        if not stored:
+            return
+        key = self.installation_key()
+        newest = {keyed(key, SOURCE_RESOURCE_TAG, ref): mid for ref, mid in stored}
+        T = SOURCE_RESOURCES
+        have = {
+            r[0]
+            for r in conn.execute(
+                select(T.c.key).where(T.c.channel == channel, T.c.key.in_(list(newest)))
+            ).all()
+        }
+        now = time.time()
+        for k, mid in newest.items():
+            if k in have:
+                conn.execute(
+                    update(T)
+                    .where(T.c.channel == channel, T.c.key == k)
+                    .values(message_id=mid, updated_at=now)
+                )
+            else:
+                conn.execute(insert(T).values(channel=channel, key=k, message_id=mid, updated_at=now))
+
+    def last_resource_body(self, conn: Connection, channel: str, ref: str) -> bytes | None:
+        """The stored body of the newest version of ``ref`` (``Type/id``) the channel took; ``None`` when it
+        took none or retention dropped the body."""
+        T = SOURCE_RESOURCES
+        k = keyed(self.installation_key(), SOURCE_RESOURCE_TAG, ref)
+        row = conn.execute(
+            select(M.c.raw).join(T, T.c.message_id == M.c.id).where(T.c.channel == channel, T.c.key == k)
+        ).first()
+        return bytes(row[0]) if row is not None and row[0] is not None else None
 
     def close(self) -> None:
         self.engine.dispose()

@@ -185,13 +185,14 @@ def test_sigkill_mid_page_and_restart_never_emits_twice(
     kill during a delivery may repeat that one message with the same MSH-10: docs/writeback.md.)"""
     ids = [fhir.request("POST", "/Appointment", appointment(f"PA-{i:02d}"))["id"] for i in range(12)]
     with ThreadedFaultProxy(fhir.base_url) as proxy:
-        # two pages (of 2) pass, the third request is left hanging: the engine is SIGKILLed mid-page
-        proxy.forward(times=2)
+        # the CapabilityStatement, the history's start and two pages (of 2) pass, the third page request is
+        # left hanging: the engine is SIGKILLed mid-page
+        proxy.forward(times=4)
         proxy.stall(times=1)
         proc = engine(tmp_path, fhir, ehr, page_size=2, base_url=proxy.url).start()
         try:
             wait_for(
-                lambda: len(proxy.log) >= 3,
+                lambda: len(proxy.log) >= 5,
                 timeout=60,
                 what=lambda: f"the third page request, log {proxy.log}",
             )
@@ -208,7 +209,9 @@ def test_sigkill_mid_page_and_restart_never_emits_twice(
                 delivered = db.delivery_counts()
             finally:
                 db.close()
-            assert [p for _, _, p in proxy.log].count("stall") == 1 and len(proxy.log) == 3
+            paths = [path.split("?")[0] for _, path, _ in proxy.log]
+            assert paths == ["/metadata", "/Appointment/_history", *["/Appointment"] * 3], proxy.log
+            assert [action for _, _, action in proxy.log][-1] == "stall"
             proc.kill()
             assert stored == {("portal-appointments", "processed"): 3}
             assert delivered == {("ehr-mllp", "delivered"): 3}
@@ -237,6 +240,77 @@ def test_sigkill_mid_page_and_restart_never_emits_twice(
     want = {**{(f"PA-{i:02d}", "S12"): 1 for i in range(12)}, **{(f"PA-{i:02d}", "S13"): 1 for i in range(3)}}
     assert per == Counter({**want, ("PA-00", "S15"): 1})
     assert [t for p, t, _ in got if p == "PA-00"] == ["S12", "S13", "S15"]  # one SCH-1, in order
+
+
+def test_a_deleted_appointment_is_one_s17_for_its_sch1_across_restarts(
+    tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver
+) -> None:
+    """DELETE on the server: the EHR gets an S17 (deletion) for the same SCH-1, exactly once, also when the
+    deletion happens while the engine is down and across restarts; an appointment deleted before anything
+    was sent for it sends nothing."""
+    proc = engine(tmp_path, fhir, ehr)
+    with proc:
+        a = fhir.request("POST", "/Appointment", appointment("PA-D1"))
+        b = fhir.request("POST", "/Appointment", appointment("PA-D2"))
+        settle(ehr, 2)
+        fhir.request("DELETE", f"/Appointment/{a['id']}")
+        wait_for(lambda: len(ehr.received()) >= 3, timeout=60, what=lambda: f"the S17, got {sent(ehr)}")
+    fhir.request("DELETE", f"/Appointment/{b['id']}")  # while the engine is down
+    with proc:
+        settle(ehr, 4)
+        # created and deleted before it could be sent: nothing for it (the EHR never had it)
+        c = fhir.request("POST", "/Appointment", appointment("PA-D3", status="cancelled"))
+        fhir.request("DELETE", f"/Appointment/{c['id']}")
+        time.sleep(1.5)
+    with proc:  # one more restart: nothing is taken or sent again
+        got = settle(ehr, 4)
+        metrics = httpx.get(f"http://127.0.0.1:{proc.port}/metrics", timeout=10).text
+    assert sorted((p, t) for p, t, _ in got) == [
+        ("PA-D1", "S12"),
+        ("PA-D1", "S17"),
+        ("PA-D2", "S12"),
+        ("PA-D2", "S17"),
+    ]
+    assert len(set(got)) == 4
+    s17 = [m for m in ehr.received() if m.trigger == "S17"]
+    assert {m["SCH-1"] for m in s17} == {f"PA-D1^SLUICE^{PLACER}^URI", f"PA-D2^SLUICE^{PLACER}^URI"}
+    assert {m["SCH-25"] for m in s17} == {"DELETED"}
+    assert (
+        'sluice_fhir_poll_deletions_followed{channel="portal-appointments",resource="Appointment"} 1.0'
+        in (metrics)
+    )
+    db = Store(f"sqlite:///{tmp_path}/sluice.db", create=False)
+    try:
+        rows = db.list_messages(channel="portal-appointments", limit=50)
+        deletions = [r for r in rows if r.trigger == "DELETE"]
+        assert len(deletions) == 3  # PA-D1, PA-D2, and PA-D3 (filtered: deleted before it was sent)
+    finally:
+        db.close()
+
+
+def test_a_server_without_type_history_follows_no_deletions_and_says_so(
+    tmp_path: Path, stock_fhir_server: FhirServer, ehr: EhrReceiver
+) -> None:
+    """The stock Medplum router has no type-level history (and no CapabilityStatement): the search goes on,
+    one warning says deletions are not followed, and the gauge shows it."""
+    stock_fhir_server.reset()
+    proc = engine(tmp_path, stock_fhir_server, ehr)
+    with proc:
+        a = stock_fhir_server.request("POST", "/Appointment", appointment("PA-S1"))
+        settle(ehr, 1)
+        stock_fhir_server.request("DELETE", f"/Appointment/{a['id']}")
+        stock_fhir_server.request("POST", "/Appointment", appointment("PA-S2"))
+        got = settle(ehr, 2)
+        metrics = httpx.get(f"http://127.0.0.1:{proc.port}/metrics", timeout=10).text
+    assert [(p, t) for p, t, _ in got] == [("PA-S1", "S12"), ("PA-S2", "S12")]
+    assert (
+        'sluice_fhir_poll_deletions_followed{channel="portal-appointments",resource="Appointment"} 0.0'
+        in (metrics)
+    )
+    warned = [
+        line for line in proc.log.read_text().splitlines() if "fhir_poll_deletions_not_followed" in line
+    ]
+    assert len(warned) == 1 and "no CapabilityStatement at /metadata" in warned[0]
 
 
 def test_ehr_answers_ae_once_then_a_replay_clears_the_dead_letter(
