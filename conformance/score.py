@@ -163,6 +163,8 @@ RULES: dict[str, str] = {
     "(Relationship: NK1-3 / NK1-7 EMC → v2-0131 C)",
     "ms-invalid-oid": "an identifier system MS writes as urn:oid: + an HD-2 that is no OID (urn:oid:r2.3); Sluice "
     "names the authority by HD-1 as for any authority without a URI",
+    "ms-empty-xcn": "Encounter.participant MS makes from a PV1 practitioner field that holds only delimiters "
+    "(no id, no name): nobody is named",
     "ig-planned-period": "Encounter.period from PV2-8 / PV2-9 (expected admit / discharge) in MS; the IG maps them "
     "to the planned start / end extensions and the actual stay (PV1-44 / PV1-45) to period",
 }
@@ -1925,6 +1927,36 @@ def explain_planned_period(score: Score, source: Source) -> None:
 _LANGUAGE = re.compile(r"^(Patient|RelatedPerson)\[([^\]]+)\]\.communication\.language$")
 
 
+_PARTICIPANT_TYPE = re.compile(r"^Encounter\[[^\]]+\]\.participant\.type$")
+_PV1_PARTICIPANT_FIELDS = {"ATND": (7,), "REF": (8,), "CON": (9,), "ADM": (17,)}
+
+
+def explain_empty_participants(score: Score, source: Source, text: str) -> None:
+    """Mark an Encounter.participant.type Sluice lacks where every PV1 field of that type is present in the message
+    but holds only delimiters (``^^^^``): MS makes a participant (and an empty Practitioner) of nobody."""
+    fields: dict[int, str] = {}
+    for line in re.split(r"[\r\n]+", text.lstrip("\ufeff")):
+        if line.startswith("PV1"):
+            parts = line.split(line[3]) if len(line) > 3 else []
+            fields = {n: parts[n] for n in (7, 8, 9, 17) if n < len(parts)}
+            break
+    for n, d in enumerate(score.diffs):
+        if d.explanation or not _PARTICIPANT_TYPE.match(d.path):
+            continue
+        code = d.expected.rpartition("|")[2]
+        numbers = _PV1_PARTICIPANT_FIELDS.get(code, ())
+        if not numbers or f"|{code}" in d.ours:
+            continue
+        raw = [fields.get(k, "") for k in numbers]
+        if all(v and not re.sub(r"[\^~&]", "", v).strip() for v in raw):
+            where = ", ".join(f"PV1-{k}" for k in numbers)
+            score.explain(
+                n,
+                f"{where} holds only delimiters ({raw[0]!r}): MS makes a {code} participant of nobody",
+                "ms-empty-xcn",
+            )
+
+
 _CONTACT_RELATIONSHIP = re.compile(r"^Patient\[[^\]]+\]\.contact\.relationship$")
 
 
@@ -2234,4 +2266,5 @@ def score_bundles(
         explain_languages(score, src)
         explain_planned_period(score, src)
         explain_contact_codes(score, src)
+        explain_empty_participants(score, src, source or "")
     return score

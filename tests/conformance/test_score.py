@@ -161,6 +161,7 @@ def test_normalisation_of_dates_systems_and_phones() -> None:
 
 ICD9CM = "http://hl7.org/fhir/sid/icd-9-cm"
 V2_0131 = "http://terminology.hl7.org/CodeSystem/v2-0131"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 MSH_LINE = "MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\r"
 
 
@@ -591,9 +592,14 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
         "status": "unknown",
     }
     # PV2-9 expected discharge: MS writes it as Encounter.period.end, the IG as the plannedEndDate extension
-    src += "PV1|1|I" + "|" * 17 + "V9\rPV2" + "|" * 9 + "20250105120000+0000\r"
+    # and PV1-8 holding only delimiters: MS makes a REF participant of nobody
+    src += "PV1|1|I||||||^^^^" + "|" * 11 + "V9\rPV2" + "|" * 9 + "20250105120000+0000\r"
     ours_enc = {"resourceType": "Encounter", "identifier": [{"value": "V9"}]}
-    ref_enc = {**ours_enc, "period": {"end": "2025-01-05T12:00:00Z"}}
+    ref_enc = {
+        **ours_enc,
+        "period": {"end": "2025-01-05T12:00:00Z"},
+        "participant": [{"type": [{"coding": [{"system": PARTICIPATION, "code": "REF"}]}]}],
+    }
     # DG1-3 under the name I9: MS's name table says sid/icd-9 (not a FHIR system), Sluice sid/icd-9-cm
     src += "DG1|1|I9|71596^OSTEOARTHROSIS^I9\r"
     # PV1-8 without an id: MS makes a Practitioner of the name, Sluice refers to the name alone
@@ -1331,3 +1337,19 @@ def test_obr_specimen_identifier_needs_obr3_of_the_specimens_obr() -> None:
     assert s.explained_by == {"ms-obr-specimen-identifier": 1}
     assert score_bundles(ours, ref, source=MSH_LINE + obr.replace("|PLC9|", "|OTHER|")).explained == 0
     assert score_bundles(ours, ref, source=MSH_LINE + obr.replace("|FIL9|", "|FIL0|")).explained == 0
+
+
+def test_empty_xcn_participant_needs_a_field_of_delimiters() -> None:
+    """ms-empty-xcn: MS's REF participant is explained only when PV1-8 is present and holds only delimiters."""
+    ours = bundle({"resourceType": "Encounter", "identifier": [{"value": "V1"}]})
+    ref = bundle(
+        {
+            "resourceType": "Encounter",
+            "identifier": [{"value": "V1"}],
+            "participant": [{"type": [{"coding": [{"system": PARTICIPATION, "code": "REF"}]}]}],
+        }
+    )
+    pv1 = "PV1|1|I||||||{}" + "|" * 11 + "V1\r"
+    assert score_bundles(ours, ref, source=MSH_LINE + pv1.format("^^^^")).explained_by == {"ms-empty-xcn": 1}
+    assert not score_bundles(ours, ref, source=MSH_LINE + pv1.format("R1^REFER^RON")).explained_by
+    assert not score_bundles(ours, ref, source=MSH_LINE + pv1.format("")).explained_by
