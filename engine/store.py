@@ -277,6 +277,9 @@ class SourceResourceRow(Base):
     message_id: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[float] = mapped_column(Float)
 
+    # retention drops a row with its message (the body a tombstone would be built from is gone)
+    __table_args__ = (Index("ix_source_resources_message", "message_id"),)
+
 
 class IdempotencyRow(Base):
     """An HTTP source's answer per ``Idempotency-Key`` (SHA-256 of the key): a retried request gets it
@@ -1595,6 +1598,7 @@ class Store:
                     conn.execute(delete(W).where(W.c.message_id.in_(gone)))
                     conn.execute(delete(M).where(M.c.id.in_(gone)))
                     conn.execute(delete(WRITEBACK_LOG).where(WRITEBACK_LOG.c.message_id.in_(gone)))
+                    conn.execute(delete(SOURCE_RESOURCES).where(SOURCE_RESOURCES.c.message_id.in_(gone)))
                 done["rows"] += len(gone)
                 self._reclaim()
             with self.write() as conn:  # an http source's idempotency answers live as long as its rows

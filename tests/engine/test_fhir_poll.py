@@ -9,6 +9,7 @@ import dataclasses
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from engine import config as config_mod
 from engine.destinations.base import DestinationContext
 from engine.intake import Committer
 from engine.sources.fhir_poll import FhirPoller
-from engine.store import CURSORS, M, Store
+from engine.store import CURSORS, SOURCE_RESOURCES, M, Store
 from tests.support.engine import write_config
 
 
@@ -351,6 +352,18 @@ def test_deletions_are_taken_from_the_history_once_as_the_last_version_marked_de
         assert set(tombs["a0"]) == {"resourceType", "id", "meta"}
         text = metrics.render()[0].decode()
         assert 'sluice_fhir_poll_deletions_followed{channel="portal",resource="Appointment"} 1.0' in text
+        # retention drops each resource's pointer to its newest version with the message
+        with store.engine.connect() as conn:
+            assert len(conn.execute(select(SOURCE_RESOURCES)).all()) == 4  # a0..a3
+        with store.write() as conn:
+            conn.execute(M.update().values(status="processed"))
+        store.prune("portal", bodies_before=None, rows_before=time.time() + 1)
+        with store.engine.connect() as conn:
+            assert conn.execute(select(SOURCE_RESOURCES)).all() == []
+            assert {r.resource for r in conn.execute(CURSORS.select()).all()} == {
+                "Appointment",
+                "Appointment/_history",
+            }  # the cursors stay
     finally:
         committer.stop()
         store.close()
