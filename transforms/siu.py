@@ -330,6 +330,15 @@ def service_requests(msg: Message, sch: Segment, trigger: str, ctx: ConvertConte
     fillers = [ei(r, ctx, sch.loc(27)) for r in sch.reps(27)] if sch.get(27).strip() else []
     if not any(placers) and not any(fillers):
         return []
+    if not ctx.patient_ref:
+        # FHIR R4 ServiceRequest.subject is 1..1: an SIU without a PID has no patient to order for
+        ctx.warn(
+            "order_without_patient",
+            sch.loc(26) if sch.get(26).strip() else sch.loc(27),
+            "SCH-26/SCH-27 name an order but the message has no PID: no ServiceRequest was written "
+            "(the Appointment is kept without basedOn)",
+        )
+        return []
     code = None
     for seg in msg.all("AIS"):
         if seg.rep(3) and (code := cwe(seg.rep(3), ctx, seg.loc(3), field="AIS-3")) is not None:
@@ -348,8 +357,7 @@ def service_requests(msg: Message, sch: Segment, trigger: str, ctx: ConvertConte
         res: JSON = {"identifier": _placer_filler(placer, filler), "status": status, "intent": "order"}
         if code is not None:
             res["code"] = code
-        if ctx.patient_ref:
-            res["subject"] = _ref(ctx.patient_ref)
+        res["subject"] = _ref(ctx.patient_ref)
         system = key_ident.get("system")
         if system:
             ref = ctx.add("ServiceRequest", res, identifier=(system, key_ident["value"]), create_only=True)

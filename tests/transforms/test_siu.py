@@ -454,6 +454,18 @@ def test_sch26_27_make_the_service_request_the_appointment_is_based_on() -> None
     assert sr2["status"] == "revoked"
 
 
+def test_order_numbers_without_a_patient_make_no_service_request_and_say_so() -> None:
+    """ServiceRequest.subject is 1..1: an SIU with SCH-26 but no PID (an AIL-only booking) keeps its Appointment,
+    writes no ServiceRequest, and says why in a located warning (found by the mutation test above)."""
+    sch = SCH.format("Booked") + "|ORD-77^SYNEHR^2.16.840.1.113883.19.999.7^ISO"
+    m = msg(MSH.format("S12^SIU_S12"), sch, "RGS|1", "AIL|1||ROOM1^^^SYNTH HOSP")
+    result = _convert(m, golden_settings())
+    validate_resources(result.bundle)
+    assert resources(result.bundle, "ServiceRequest") == [] and "basedOn" not in appointment(result.bundle)
+    assert list(result.warning_kinds) == ["order_without_patient"]
+    assert result.warnings[0].startswith("SCH-26: ")
+
+
 def test_no_order_numbers_no_service_request() -> None:
     m = msg(MSH.format("S12^SIU_S12"), SCH.format("Booked"), PID, "RGS|1", "AIS|1|A|45378-8^Colonoscopy^LN")
     bundle = _convert(m, golden_settings()).bundle
