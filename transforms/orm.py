@@ -322,7 +322,7 @@ def service_request(
         res["reasonCode"] = reasons
     if orc is not None and orc.rep(29) and (otype := order_type(orc.rep(29), ctx, orc.loc(29))):
         res["locationCode"] = [otype]
-    if obr is not None and obr.rep(29) and (parent := _parent(obr, ctx)) is not None:
+    if obr is not None and obr.rep(29) and (parent := parent_order(obr, ctx)) is not None:
         res["basedOn"] = [{"reference": parent}]
     if order.notes:
         from transforms import oru
@@ -358,7 +358,7 @@ def service_request(
     return ref, key
 
 
-def _parent(obr: Segment, ctx: ConvertContext) -> str | None:
+def parent_order(obr: Segment, ctx: ConvertContext) -> str | None:
     """OBR-29 parent order (EIP: placer id&ns&uid&type ^ filler id&ns&uid&type) → the parent ServiceRequest
     (IG OBR-29 → basedOn), keyed like any order (placer, else filler) and written as a conditional *create*:
     the parent's own order message owns its content; here it is only made sure to exist."""

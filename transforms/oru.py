@@ -1049,6 +1049,12 @@ def service_request(
         res["reasonCode"] = reasons
     if orc is not None and orc.rep(29) and (otype := order_type(orc.rep(29), ctx, orc.loc(29))):
         res["locationCode"] = [otype]
+    if obr.rep(29):
+        # IG OBR[ServiceRequest]: OBR-29 parent → basedOn the parent order (made sure to exist, as ORM does)
+        from transforms import orm
+
+        if (parent := orm.parent_order(obr, ctx)) is not None:
+            res["basedOn"] = [_ref(parent)]
     requester = None
     if orc is not None and orc.rep(12):
         requester = xcn(orc.rep(12), ctx, orc.loc(12))

@@ -594,3 +594,16 @@ def test_order_timing_priority_and_type_of_a_result_message() -> None:
         "ServiceRequest",
     )
     assert "priority" not in plain and "occurrenceTiming" not in plain and plain["occurrenceDateTime"]
+
+
+def test_obr29_parent_is_the_orders_based_on() -> None:
+    """IG OBR[ServiceRequest]: OBR-29 parent (EIP) → ServiceRequest.basedOn the parent order, which is only made
+    sure to exist (a conditional create with status unknown), as in the order messages."""
+    obr = OBR + "|" * 22 + "PAR1&SYNEHR&2.16.840.1.113883.19.999.7&ISO^PFIL1"
+    b = conv(MSH, PID, obr, "OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F").bundle
+    entries = {e["fullUrl"]: e for e in b["entry"]}
+    srs = [e for e in b["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
+    (child,) = [e["resource"] for e in srs if "basedOn" in e["resource"]]
+    parent = entries[child["basedOn"][0]["reference"]]
+    assert parent["request"]["method"] == "POST" and parent["resource"]["status"] == "unknown"
+    assert {i["value"] for i in parent["resource"]["identifier"]} == {"PAR1", "PFIL1"}
