@@ -154,6 +154,9 @@ RULES: dict[str, str] = {
     "the IG maps that OBX to an Observation (RP → valueAttachment) or the report's presentedForm",
     "ms-obr-specimen-identifier": "identifier MS copies from OBR-3 / OBR-53 onto the Specimen it makes of an "
     "OBR; the IG's OBR[Specimen] gives that Specimen only OBR-2 (accessionIdentifier)",
+    "ms-order-field": "a ServiceRequest value MS takes from an ORC / OBR field the IG maps elsewhere or not at "
+    "all: ORC-4 (EI) as an identifier (IG: requisition), OBR-24 as a locationCode (IG: no target), the ORC-8 "
+    "parent as a ServiceRequest of its own (IG: no ORC-8 row)",
     "ms-system-name": "a coding-system name MS's name table turns into a URI that is no system for such codes "
     "(I9 → sid/icd-9, which FHIR does not register; ISO → urn:iso:std:iso:3986, the URI standard) where Sluice "
     "writes its documented system (docs/mapping.md)",
@@ -1508,6 +1511,22 @@ class Source:
                     return f"OBX-3 {code!r} of an OBX of type {kind}"
         return ""
 
+    def orc8_parent(self, res: Mapping[str, Any]) -> str:
+        """The explanation for an MS ServiceRequest made from ORC-8 (parent order): every identifier it has is a
+        component of an ORC-8 and none an order number (ORC-2/3, OBR-2/3) or OBR-29 parent of the message."""
+        if res.get("resourceType") != "ServiceRequest":
+            return ""
+        values = {norm_text(i["value"]).lower() for i in _identifiers(res)}
+        if not values:
+            return ""
+        for v in values:
+            reps = [r for r in self.reps if v in r.tokens]
+            if not any(r.where == "ORC-8" for r in reps) or any(
+                r.where in ("ORC-2", "ORC-3", "OBR-2", "OBR-3", "OBR-29") for r in reps
+            ):
+                return ""
+        return "MS makes it from ORC-8 (parent order); the IG's ORC[ServiceRequest] map has no ORC-8 row"
+
     def specimen_outside_map(self, res: Mapping[str, Any]) -> str:
         """The explanation for an MS Specimen made from the OBR of a message whose IG map makes no Specimen from
         OBR (MDM_T02, ORM_O01: only ORU_R01 and OML_O21 map OBR[Specimen]): every identifier it has is an OBR-2,
@@ -1814,6 +1833,43 @@ def explain_implementer_status(score: Score, source: Source) -> None:
 
 
 _SPECIMEN_IDENTIFIER = re.compile(r"^Specimen\[([^\]]+)\]\.identifier\[([^\]]*)\]\.(?:value|system)$")
+
+
+_ORDER_IDENTIFIER = re.compile(r"^ServiceRequest\[[^\]]+\]\.identifier\[([^\]]*)\]\.value$")
+_ORDER_LOCATION = re.compile(r"^ServiceRequest\[[^\]]+\]\.locationCode$")
+_V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
+
+
+def explain_order_fields(score: Score, source: Source) -> None:
+    """Mark ServiceRequest values MS takes from fields the IG maps elsewhere (ms-order-field): an ORC-4 placer group
+    number sent as an EI among the identifiers (the IG: requisition; an identifier only for an EIP with ORC-4.2),
+    and an OBR-24 diagnostic service section as a locationCode (the IG's OBR[ServiceRequest] maps no OBR-24)."""
+    for n, d in enumerate(score.diffs):
+        if d.explanation or d.fields != 1:
+            continue
+        if (m := _ORDER_IDENTIFIER.match(d.path)) and not d.ours:
+            value = norm_text(m.group(1)).lower()
+            if any(
+                r.where == "ORC-4" and r.comp(1).lower() == value and len(r.comps[0]) == 1 and not r.comp(2)
+                for r in source.reps
+            ):
+                score.explain(
+                    n,
+                    f"ORC-4 {m.group(1)!r} is an EI placer group number: the IG maps it to requisition (as Sluice "
+                    "does), MS adds it as an identifier",
+                    "ms-order-field",
+                )
+        elif _ORDER_LOCATION.match(d.path) and "|" in d.expected:
+            system, _bar, code = norm_text(d.expected).rpartition("|")
+            if norm_system(system) == norm_system(_V2_0074) and any(
+                r.where == "OBR-24" and r.comp(1).lower() == code.lower() for r in source.reps
+            ):
+                score.explain(
+                    n,
+                    f"OBR-24 {code!r} (diagnostic service section): MS makes it a locationCode, the IG's "
+                    "OBR[ServiceRequest] maps no OBR-24",
+                    "ms-order-field",
+                )
 
 
 def explain_obr_specimen_identifiers(score: Score, source: Source) -> None:
@@ -2230,6 +2286,8 @@ def score_bundles(
                 or src.specimen_outside_map(exp)
             ):
                 rule = "ig-condition"
+            elif why := src.orc8_parent(exp):
+                rule = "ms-order-field"
             elif why := src.attachment_report(exp):
                 why = f"MS makes it from the {why}; the IG maps that OBX to an Observation or presentedForm"
                 rule = "ms-attachment-report"
@@ -2263,6 +2321,7 @@ def score_bundles(
         explain_performer_roles(score, src)
         explain_order_statuses(score, src)
         explain_obr_specimen_identifiers(score, src)
+        explain_order_fields(score, src)
         explain_languages(score, src)
         explain_planned_period(score, src)
         explain_contact_codes(score, src)

@@ -635,6 +635,14 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     ours_sp6 = {"resourceType": "Specimen", "accessionIdentifier": {"value": "ORD6"}}
     ref_sp6 = {"resourceType": "Specimen", "identifier": [{"value": "ORD6"}, {"value": "FIL6"}]}
     src = src.replace("OBR|2|ORD6||", "OBR|2|ORD6|FIL6|")
+    # ORC-4 (EI) as an identifier, OBR-24 as a locationCode, an ORC-8 parent as a ServiceRequest: MS only
+    src = src.replace("ORC|NW|ORD5\r", "ORC|NW|ORD5||GRP5||||PAR5\r").replace(
+        "OBR|1|ORD5||SVC5^Service five^L\r", "OBR|1|ORD5||SVC5^Service five^L" + "|" * 20 + "LAB\r"
+    )
+    ref_sr5["identifier"] = [{"value": "ORD5"}, {"value": "GRP5"}]
+    ref_sr5["locationCode"] = [
+        {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}
+    ]
     return (
         bundle(
             ours,
@@ -1353,3 +1361,19 @@ def test_empty_xcn_participant_needs_a_field_of_delimiters() -> None:
     assert score_bundles(ours, ref, source=MSH_LINE + pv1.format("^^^^")).explained_by == {"ms-empty-xcn": 1}
     assert not score_bundles(ours, ref, source=MSH_LINE + pv1.format("R1^REFER^RON")).explained_by
     assert not score_bundles(ours, ref, source=MSH_LINE + pv1.format("")).explained_by
+
+
+def test_order_fields_need_their_evidence() -> None:
+    """ms-order-field excuses an ORC-4 identifier only for an EI in ORC-4, a locationCode only for OBR-24's code in
+    v2-0074, and a ServiceRequest only for identifiers of ORC-8 alone."""
+    ours, ref, src = _every_quirk()
+    assert score_bundles(ours, ref, source=src).explained_by["ms-order-field"] == 2
+    eip = src.replace("||GRP5||", "||GRP5&NS^FGRP5||")
+    assert score_bundles(ours, ref, source=eip).explained_by["ms-order-field"] == 1
+    other = src.replace("|LAB\r", "|RAD\r")
+    assert score_bundles(ours, ref, source=other).explained_by["ms-order-field"] == 1
+    parent = bundle({"resourceType": "ServiceRequest", "identifier": [{"value": "PAR5"}], "status": "active"})
+    orc = MSH_LINE + "ORC|NW|ORD5||||||PAR5\rOBR|1|ORD5||SVC5^Service five^L\r"
+    s = score_bundles(bundle(), parent, source=orc)
+    assert s.explained == s.compared == 2 and s.explained_by == {"ms-order-field": 2}
+    assert score_bundles(bundle(), parent, source=orc.replace("OBR|1|ORD5|", "OBR|1|PAR5|")).explained == 0
