@@ -154,6 +154,11 @@ RULES: dict[str, str] = {
     "the IG maps that OBX to an Observation (RP → valueAttachment) or the report's presentedForm",
     "ms-obr-specimen-identifier": "identifier MS copies from OBR-3 / OBR-53 onto the Specimen it makes of an "
     "OBR; the IG's OBR[Specimen] gives that Specimen only OBR-2 (accessionIdentifier)",
+    "keyless-encounter": "Encounter MS makes from the PV1 of a message that is not an ADT and has neither PV1-19 "
+    "(visit number) nor PV1-44 (admit time): Sluice references the ADT feed's Encounter by that key and makes "
+    "none without one (docs/mapping.md)",
+    "ms-unsplit-subcomponents": "identifier MS makes of a whole component with its subcomponents unsplit (the "
+    "value and the placeholder system keep the '&'), where Sluice reads the subcomponents",
     "ms-order-field": "a ServiceRequest value MS takes from an ORC / OBR field the IG maps elsewhere or not at "
     "all: ORC-4 (EI) as an identifier (IG: requisition), OBR-24 as a locationCode (IG: no target), the ORC-8 "
     "parent as a ServiceRequest of its own (IG: no ORC-8 row)",
@@ -1511,6 +1516,33 @@ class Source:
                     return f"OBX-3 {code!r} of an OBX of type {kind}"
         return ""
 
+    def keyless_encounter(self, res: Mapping[str, Any]) -> str:
+        """The explanation for an MS Encounter (without identifiers) made from the one PV1 of a message that is not
+        an ADT, when that PV1 has neither PV1-19 nor PV1-44."""
+        if res.get("resourceType") != "Encounter" or _identifiers(res):
+            return ""
+        kinds = self.message_kinds()
+        pv1s = [o for o, name in self.segments if name == "PV1"]
+        if not kinds or "ADT" in kinds or len(pv1s) != 1:
+            return ""
+        if self.field(pv1s[0], 19) or self.field(pv1s[0], 44):
+            return ""
+        kind = "/".join(sorted(kinds))
+        return (
+            f"the {kind} message's PV1 has neither PV1-19 nor PV1-44: Sluice makes no Encounter it could not find "
+            "again (the ADT feed owns it), MS makes one"
+        )
+
+    def unsplit(self, value: str) -> str:
+        """Where one component of the message has exactly the subcomponents of ``value`` split at ``&``."""
+        parts = tuple(norm_text(x).lower() for x in value.split("&"))
+        if len(parts) < 2:
+            return ""
+        for r in self.reps:
+            if any(tuple(norm_text(x).lower() for x in c) == parts for c in r.comps):
+                return r.where
+        return ""
+
     def orc8_parent(self, res: Mapping[str, Any]) -> str:
         """The explanation for an MS ServiceRequest made from ORC-8 (parent order): every identifier it has is a
         component of an ORC-8 and none an order number (ORC-2/3, OBR-2/3) or OBR-29 parent of the message."""
@@ -1870,6 +1902,24 @@ def explain_order_fields(score: Score, source: Source) -> None:
                     "OBR[ServiceRequest] maps no OBR-24",
                     "ms-order-field",
                 )
+
+
+_IDENTIFIER_LEAF = re.compile(r"^\w+\[[^\]]+\]\.identifier\[([^\]]*&[^\]]*)\]\.(?:value|system)$")
+
+
+def explain_unsplit_subcomponents(score: Score, source: Source) -> None:
+    """Mark an identifier (value and system) MS makes of a component whose subcomponents it did not split: the
+    label has an ``&`` and one component of the message has exactly those subcomponents."""
+    for n, d in enumerate(score.diffs):
+        if d.explanation or d.ours or d.fields != 1 or not (m := _IDENTIFIER_LEAF.match(d.path)):
+            continue
+        if where := source.unsplit(m.group(1)):
+            score.explain(
+                n,
+                f"{where} holds {m.group(1)!r} as subcomponents: MS keeps the '&' in the value (and its placeholder "
+                "system), Sluice reads the subcomponents",
+                "ms-unsplit-subcomponents",
+            )
 
 
 def explain_obr_specimen_identifiers(score: Score, source: Source) -> None:
@@ -2259,7 +2309,18 @@ def score_bundles(
     score.expected_resources.update(str(r.get("resourceType")) for r in exp_res)
     exp_scored = [r for r in exp_res if r.get("resourceType") in types]
     our_scored = [r for r in our_res if r.get("resourceType") in types]
-    in_scope = _in_scope(expected, exp_scored)
+    # a reference resource the IG's maps do not make (MS's Specimen of an MDM OBR, its report of an attachment OBX,
+    # its ServiceRequest of ORC-8) brings none of its practitioners into scope
+    outside = (
+        {
+            id(r)
+            for r in exp_scored
+            if src.specimen_outside_map(r) or src.attachment_report(r) or src.orc8_parent(r)
+        }
+        if src is not None
+        else set()
+    )
+    in_scope = _in_scope(expected, [r for r in exp_scored if id(r) not in outside])
     for exp, mine in match_resources(our_scored, exp_scored):
         label = resource_label(exp)
         if mine is not None:
@@ -2288,6 +2349,8 @@ def score_bundles(
                 rule = "ig-condition"
             elif why := src.orc8_parent(exp):
                 rule = "ms-order-field"
+            elif why := src.keyless_encounter(exp):
+                rule = "keyless-encounter"
             elif why := src.attachment_report(exp):
                 why = f"MS makes it from the {why}; the IG maps that OBX to an Observation or presentedForm"
                 rule = "ms-attachment-report"
@@ -2322,6 +2385,7 @@ def score_bundles(
         explain_order_statuses(score, src)
         explain_obr_specimen_identifiers(score, src)
         explain_order_fields(score, src)
+        explain_unsplit_subcomponents(score, src)
         explain_languages(score, src)
         explain_planned_period(score, src)
         explain_contact_codes(score, src)

@@ -563,6 +563,9 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     ref_sr6 = {**ours_sr6, "status": "active"}
     ours_dr6 = {"resourceType": "DiagnosticReport", "identifier": [{"value": "ORD6"}], "status": "final"}
     ref_dr6 = {**ours_dr6, "status": "unknown"}
+    # ORC-4 as subcomponents (EIP): MS keeps the '&' in the identifier's value
+    src += "ORC|SC|||GRP7&L^FGRP7&L\r"
+    ref_dr6["identifier"] = [{"value": "ORD6"}, {"value": "GRP7&L"}]
     # an OBX of type RP: MS makes a DiagnosticReport of it, the IG an Observation (valueAttachment)
     src += "OBX|2|RP|IMG1^Image^L||http://example.org/img1^^IM^JPEG||||||F\r"
     ref_img = {"resourceType": "DiagnosticReport", "status": "final", "code": {"coding": [{"code": "IMG1"}]}}
@@ -688,7 +691,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     )
 
 
-STRUCTURE_RULES = frozenset({"ig-dg1-context"})
+STRUCTURE_RULES = frozenset({"ig-dg1-context", "keyless-encounter"})
 """Rules whose evidence is the message's structure, so that the ADT message of :func:`_every_quirk` cannot hold it:
 :func:`_siu_quirk` does."""
 
@@ -705,6 +708,17 @@ def _siu_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     return bundle(enc), bundle(ref_enc), src
 
 
+def _oru_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
+    """An ORU whose PV1 has neither PV1-19 nor PV1-44: MS makes an Encounter of it, Sluice none (no key)."""
+    ref_enc = {
+        "resourceType": "Encounter",
+        "status": "in-progress",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+    }
+    src = "MSH|^~\\&|A|B|C|D|20250101||ORU^R01^ORU_R01|1|P|2.5\rPID|1||MRN1^^^H^MR||DOE^ANN\rPV1|1|O\r"
+    return bundle(), bundle(ref_enc), src
+
+
 def test_every_rule_fires_with_its_evidence_and_none_without_a_source() -> None:
     ours, ref, src = _every_quirk()
     s = score_bundles(ours, ref, source=src)
@@ -718,8 +732,10 @@ def test_every_rule_fires_with_its_evidence_and_none_without_a_source() -> None:
     assert all(not d.rule and not d.explanation for d in bare.diffs)
     assert bare.raw_percent == s.raw_percent and bare.percent == bare.raw_percent
     siu = score_bundles(*_siu_quirk()[:2], source=_siu_quirk()[2])
-    assert set(siu.explained_by) == STRUCTURE_RULES and siu.explained == siu.compared - siu.agreeing
-    assert not score_bundles(*_siu_quirk()[:2]).explained
+    oru = score_bundles(*_oru_quirk()[:2], source=_oru_quirk()[2])
+    assert set(siu.explained_by) | set(oru.explained_by) == STRUCTURE_RULES
+    assert siu.explained == siu.compared - siu.agreeing and oru.explained == oru.compared - oru.agreeing > 0
+    assert not score_bundles(*_siu_quirk()[:2]).explained and not score_bundles(*_oru_quirk()[:2]).explained
 
 
 def test_dg1_context_needs_a_structure_whose_map_has_no_dg1_encounter() -> None:
@@ -1377,3 +1393,23 @@ def test_order_fields_need_their_evidence() -> None:
     s = score_bundles(bundle(), parent, source=orc)
     assert s.explained == s.compared == 2 and s.explained_by == {"ms-order-field": 2}
     assert score_bundles(bundle(), parent, source=orc.replace("OBR|1|ORD5|", "OBR|1|PAR5|")).explained == 0
+
+
+def test_keyless_encounter_needs_a_non_adt_pv1_without_key() -> None:
+    """keyless-encounter: only for a message that is not an ADT, whose one PV1 has neither PV1-19 nor PV1-44."""
+    ours, ref, src = _oru_quirk()
+    assert score_bundles(ours, ref, source=src).explained_by == {"keyless-encounter": 2}
+    assert not score_bundles(ours, ref, source=src.replace("ORU^R01^ORU_R01", "ADT^A04^ADT_A01")).explained
+    assert not score_bundles(ours, ref, source=src.replace("PV1|1|O", "PV1|1|O" + "|" * 17 + "V1")).explained
+    assert not score_bundles(
+        ours, ref, source=src.replace("PV1|1|O", "PV1|1|O" + "|" * 42 + "20250101")
+    ).explained
+
+
+def test_unsplit_subcomponents_need_those_subcomponents_in_the_message() -> None:
+    """ms-unsplit-subcomponents: MS's identifier 'GRP7&L' is excused only where a component holds GRP7 and L as
+    its subcomponents."""
+    ours, ref, src = _every_quirk()
+    assert score_bundles(ours, ref, source=src).explained_by["ms-unsplit-subcomponents"] == 1
+    other = src.replace("GRP7&L^", "GRP7^")
+    assert "ms-unsplit-subcomponents" not in score_bundles(ours, ref, source=other).explained_by
