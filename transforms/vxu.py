@@ -129,6 +129,24 @@ def manufacturer(rxa: Segment, ctx: ConvertContext) -> JSON | None:
     return out
 
 
+def _vis_date(obx: Segment, ctx: ConvertContext) -> str | None:
+    """OBX-5 of a VIS publication / presentation date.  Not a result value but a date about the leaflet:
+    under ``strictness: lenient`` one that is not a date (a sender's OBX-2 CE with a VIS code under the
+    date's LOINC) is left out of the education with a located warning; ``strict`` rejects it (AE 102)."""
+    try:
+        return dtm_at(obx.get(5), ctx.settings, obx, 5)
+    except ConversionError as exc:
+        if exc.hl7_error != "102" or ctx.settings.strictness != "lenient":
+            raise
+        ctx.warn(
+            "field_dropped",
+            obx.loc(5),
+            f"VIS date ({_loinc(obx)}) is not a valid HL7 date; the education entry has no date "
+            "(channel strictness: lenient)",
+        )
+        return None
+
+
 def _education(obxs: list[Segment], ctx: ConvertContext) -> list[JSON]:
     """CDC IG VIS observations (grouped by OBX-4) → Immunization.education."""
     groups: dict[str, JSON] = {}
@@ -146,11 +164,8 @@ def _education(obxs: list[Segment], ctx: ConvertContext) -> list[JSON]:
             text = obx.get(5, 2).strip() or obx.get(5, 1).strip()
             if text:
                 edu.setdefault("documentType", text)
-        elif code == VIS_PUBLISHED:
-            if d := dtm_at(obx.get(5), ctx.settings, obx, 5):
-                edu["publicationDate"] = d
-        elif code == VIS_PRESENTED and (d := dtm_at(obx.get(5), ctx.settings, obx, 5)):
-            edu["presentationDate"] = d
+        elif code in (VIS_PUBLISHED, VIS_PRESENTED) and (d := _vis_date(obx, ctx)):
+            edu["publicationDate" if code == VIS_PUBLISHED else "presentationDate"] = d
     # FHIR imm-1: documentType or reference must be present
     return [e for e in groups.values() if "documentType" in e]
 

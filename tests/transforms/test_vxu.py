@@ -142,3 +142,23 @@ def test_without_order_group_only_the_patient() -> None:
     r = _convert(msg(MSH.format("V04"), PID), golden_settings())
     assert {e["resource"]["resourceType"] for e in r.bundle["entry"]} <= {"Patient", "Provenance"}
     assert resources(r.bundle, "Patient") and r.events["vxu_without_order"] == 1
+
+
+def test_a_vis_date_that_is_no_date_is_dropped_with_a_warning_in_lenient_mode() -> None:
+    """A sender's OBX under the VIS-presented LOINC carrying a coded value instead of the date."""
+    m = msg(
+        MSH.format("V04"),
+        PID,
+        "ORC|RE||FL-IZ-1^SYNEHR^2.16.840.1.113883.19.999.7^ISO",
+        RXA.format(status="CP", action="A"),
+        "OBX|1|CE|69764-9^Document type^LN|1|253088698300012711120420^Hep B VIS^cdcgs1vis||||||F",
+        "OBX|2|CE|29769-7^Date VIS presented^LN|1|V99^Not a date^HL70064||||||F",
+    )
+    result = _convert(m, golden_settings())
+    validate_resources(result.bundle)
+    _, imm = _imm(result.bundle)
+    assert imm["education"] == [{"documentType": "Hep B VIS"}]
+    assert list(result.warning_kinds) == ["field_dropped"] and result.warnings[0].startswith("OBX(2)-5: ")
+    with pytest.raises(ConversionError) as ei:
+        _convert(m, golden_settings(strictness="strict"))
+    assert ei.value.hl7_error == "102" and str(ei.value.location) == "OBX(2)-5"
