@@ -41,7 +41,7 @@ DEFAULT_TYPES: dict[str, tuple[str, ...]] = {
     "ORM": ("O01",),
     "OML": ("O21",),
     "OMG": ("O19",),
-    "OUL": ("R22",),
+    "OUL": ("R22", "R23", "R24"),
     "REF": ("I12", "I13", "I14"),
     "RDE": ("O01", "O11", "O25"),
     "RDS": ("O01", "O13"),

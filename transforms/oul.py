@@ -21,7 +21,7 @@ from transforms.bundle import ConvertContext
 
 JSON = dict[str, Any]
 
-TRIGGERS = frozenset({"R22"})
+TRIGGERS = frozenset({"R22", "R23", "R24"})
 
 _BREAKS = frozenset({"SAC", "INV", "TXA", "CTI", "TCD", "SID", "PV1", "PV2", "PRT"})
 
@@ -87,17 +87,118 @@ def _groups(msg: Message) -> tuple[Segment | None, list[tuple[Segment, list[Segm
     return pid, patient_obs, specimens
 
 
+def _order_groups(msg: Message) -> tuple[Segment | None, list[tuple[Segment, list[Segment]]], list[Any]]:
+    """OUL_R24 (order first): (first PID, patient-level OBX groups, ORDER groups).  Each ORDER is an
+    ``oru._Order`` (OBR, ORC, TQ1, the RESULT OBX groups) with its SPECIMEN groups beside it:
+    ``[(order, [_Specimen, ...]), ...]``.  An OBX right after an SPM (before its
+    CONTAINER's SAC/INV) is the specimen's own; after the container, or without an SPM, it is a result of
+    the order."""
+    from transforms import oru
+
+    pid: Segment | None = None
+    patient_obs: list[tuple[Segment, list[Segment]]] = []
+    orders: list[tuple[Any, list[_Specimen]]] = []
+    order: Any = None  # oru._Order
+    specimen: _Specimen | None = None  # the SPECIMEN group whose own OBXs may follow
+    notes: list[Segment] | None = None
+    for seg in msg.segments:
+        name = seg.name
+        if name == "PID":
+            if pid is None:
+                pid = seg
+            notes = None
+        elif name == "OBR":
+            order = oru._Order(seg, None)
+            orders.append((order, []))
+            specimen = None
+            notes = order.notes
+        elif name == "ORC" and order is not None and order.orc is None:
+            order.orc = seg
+            notes = order.notes
+        elif name == "TQ1" and order is not None:
+            if order.tq1 is None:
+                order.tq1 = seg
+            notes = None
+        elif name == "SPM" and order is not None:
+            specimen = _Specimen(seg)
+            orders[-1][1].append(specimen)
+            notes = None
+        elif name == "OBX":
+            group: tuple[Segment, list[Segment]] = (seg, [])
+            if order is None:
+                patient_obs.append(group)
+            elif specimen is not None:
+                specimen.observations.append(group)
+            else:
+                order.observations.append(group)
+            notes = group[1]
+        elif name == "NTE":
+            if notes is not None:
+                notes.append(seg)
+        elif name in ("SAC", "INV"):
+            specimen = None  # the CONTAINER ends the specimen's own OBXs; results follow
+            notes = None
+        elif name in _BREAKS and name != "PRT":
+            notes = None
+    return pid, patient_obs, orders
+
+
+def _specimen_observations(group: _Specimen, sref: str, ctx: ConvertContext, enc: str | None) -> None:
+    """The SPECIMEN group's own OBXs → Observations with that ``specimen``."""
+    from transforms import orm
+
+    for oref in orm.observations(
+        group.observations, ctx, f"{ctx.key_of(sref) or sref}|observation", None, enc
+    ):
+        obs = ctx.find(oref)
+        if obs is not None:
+            obs.setdefault("specimen", {"reference": sref})
+
+
+def _convert_r24(msg: Message, ctx: ConvertContext) -> None:
+    """OUL^R24 (order-oriented observation): each ORDER → the ORU mapping with its SPECIMEN groups' SPMs
+    as the report's specimens (``oru.report`` links the DiagnosticReport and its results to them)."""
+    from transforms import orm, oru
+
+    pid, patient_obs, orders = _order_groups(msg)
+    if pid is None:
+        raise ConversionError(
+            "OUL message has no PID segment: results need a patient", code="100", location=Location("PID", 1)
+        )
+    if not orders and not patient_obs:
+        raise ConversionError("OUL^R24 message has no OBR segment", code="100", location=Location("OBR", 1))
+    patient_ref = oru.patient(pid, ctx)
+    patient_key = ctx.key_of(patient_ref) or patient_ref
+    enc = oru.encounter(msg, ctx)
+    if patient_obs:
+        orm.observations(patient_obs, ctx, f"{patient_key}|patient-observation", None, enc)
+    for order, groups in orders:
+        for group in groups:
+            if group.spm is not None and group.observations:
+                sref = orm.specimen(group.spm, ctx, None, None, patient_key)
+                if sref is not None:
+                    _specimen_observations(group, sref, ctx, enc)
+        if groups:
+            order.specimens = [g.spm for g in groups if g.spm is not None]
+            order.obr_specimen = False  # the order's SPMs are its specimens (as OUL_R22)
+        oru.report(order, ctx, enc)
+
+
 def convert(msg: Message, ctx: ConvertContext) -> None:
-    """OUL^R22 → entries in ``ctx``."""
+    """OUL^R22 / R23 (specimen first; R23 adds the CONTAINER level) / R24 (order first) → entries in ``ctx``."""
     from transforms import orm, oru
 
     trigger = msg.trigger
     if trigger not in TRIGGERS:
         raise MessageRejected(
-            f"OUL trigger {redact.trigger(trigger) if trigger else '(empty)'} is not supported (supported: R22)",
+            f"OUL trigger {redact.trigger(trigger) if trigger else '(empty)'} is not supported "
+            "(supported: R22, R23, R24)",
             code="201",
             location=Location("MSH", 1, 9, None, 2),
         )
+    if trigger == "R24":
+        _convert_r24(msg, ctx)
+        return
     pid, patient_obs, specimens = _groups(msg)
     if pid is None:
         raise ConversionError(

@@ -1,5 +1,5 @@
 """Orders, lab-order results and referrals (issue #14): ORM^O01, OML^O21, OMG^O19 → ServiceRequest (+ Specimen);
-OUL^R22 → Specimen + DiagnosticReport + Observation; REF^I12/I14 → ServiceRequest (referral).
+OUL^R22/R23/R24 → Specimen + DiagnosticReport + Observation; REF^I12/I14 → ServiceRequest (referral).
 
 Golden files, the order lifecycle on one ServiceRequest, results attaching to the order, located errors
 (synthetic data only)."""
@@ -362,6 +362,74 @@ def test_oul_correction_updates_the_same_observation() -> None:
     assert urls(first.bundle) == urls(fixed.bundle)
     obs = [o for o in resources(fixed.bundle, "Observation") if o["code"]["coding"][0]["code"] == "2345-7"]
     assert obs[0]["status"] == "corrected"
+
+
+_OUL_MSH = "MSH|^~\\&|SYNLAB|SYNTH LAB^2.16.840.1.113883.19.999.2^ISO|SYNEHR|SYNTH CLINIC|20250402120000||OUL^{}|C9|P|2.5.1"
+_OUL_PID = "PID|1||MRN900001^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO^MR||TESTPERSON^ALEXANDRA||19800229|F"
+_OUL_SPM = "SPM|1|SP-300&SYNEHR&2.16.840.1.113883.19.999.8&ISO||119364003^Serum specimen^SCT|||||||||||||20250402081500"
+_OUL_SPM_OBX = "OBX|1|CWE|33882-2^Specimen appearance^LN||CLEAR^Clear^L||||||F"
+_OUL_SAC = "SAC|||CT-300^SYNLAB"
+
+
+def _oul_obr(n: int, code: str) -> str:
+    return (
+        f"OBR|{n}||FIL70{n}^SYNLAB^2.16.840.1.113883.19.999.2^ISO|{code}|||20250402081500|||||||||||||||||F"
+    )
+
+
+def _oul_result(code: str, value: str) -> str:
+    return f"OBX|1|NM|{code}||{value}|mg/dL^mg/dL^UCUM|||||F"
+
+
+def _by_code(bundle: dict[str, Any], rtype: str, code: str) -> tuple[str, dict[str, Any]]:
+    return next(
+        (e["fullUrl"], e["resource"])
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == rtype and e["resource"]["code"]["coding"][0]["code"] == code
+    )
+
+
+def test_oul_r23_orders_under_a_container_report_on_the_group_specimen() -> None:
+    """OUL_R23: SPECIMEN (SPM, its OBX) > CONTAINER (SAC) > ORDER (OBR, ORC, RESULT OBX)."""
+    glucose = "2345-7^Glucose^LN"
+    text = "\r".join(
+        [_OUL_MSH.format("R23^OUL_R23"), _OUL_PID, _OUL_SPM, _OUL_SPM_OBX, _OUL_SAC, _oul_obr(1, glucose),
+         "ORC|SC||FIL701^SYNLAB^2.16.840.1.113883.19.999.2^ISO||CM", _oul_result(glucose, "95")]
+    )  # fmt: skip
+    b = _convert(parse(text + "\r"), golden_settings()).bundle
+    validate_resources(b)
+    sp_url = _one(b, "Specimen")[0]["fullUrl"]
+    _, dr = _one(b, "DiagnosticReport")
+    result_url, result = _by_code(b, "Observation", "2345-7")
+    _, appearance = _by_code(b, "Observation", "33882-2")
+    assert dr["specimen"] == [{"reference": sp_url}] and dr["result"] == [{"reference": result_url}]
+    assert result["specimen"] == appearance["specimen"] == {"reference": sp_url}
+
+
+def test_oul_r24_order_first_with_its_specimen_and_results() -> None:
+    """OUL_R24: ORDER (OBR, ORC) > SPECIMEN (SPM, its own OBX, CONTAINER SAC) then the order's RESULT OBXs; a
+    second ORDER without a specimen group."""
+    glucose, sodium = "2345-7^Glucose^LN", "2951-2^Sodium^LN"
+    text = "\r".join(
+        [_OUL_MSH.format("R24^OUL_R24"), _OUL_PID,
+         _oul_obr(1, glucose), "ORC|SC||FIL701^SYNLAB^2.16.840.1.113883.19.999.2^ISO||CM",
+         _OUL_SPM, _OUL_SPM_OBX, _OUL_SAC, _oul_result(glucose, "95"),
+         _oul_obr(2, sodium), _oul_result(sodium, "140")]
+    )  # fmt: skip
+    b = _convert(parse(text + "\r"), golden_settings()).bundle
+    validate_resources(b)
+    sp_url = _spm(b)[0]["fullUrl"]  # the second order's OBR-7 makes an OBR[Specimen] of its own, as in ORU
+    glucose_url, glucose_obs = _by_code(b, "Observation", "2345-7")
+    sodium_url, sodium_obs = _by_code(b, "Observation", "2951-2")
+    _, appearance = _by_code(b, "Observation", "33882-2")
+    _, dr1 = _by_code(b, "DiagnosticReport", "2345-7")
+    _, dr2 = _by_code(b, "DiagnosticReport", "2951-2")
+    assert dr1["specimen"] == [{"reference": sp_url}] and dr1["result"] == [{"reference": glucose_url}]
+    assert glucose_obs["specimen"] == appearance["specimen"] == {"reference": sp_url}
+    assert dr2["result"] == [{"reference": sodium_url}]
+    assert sodium_obs.get("specimen") != {"reference": sp_url}  # not the first order's specimen
+    # the specimen's own OBX is not a result of the order
+    assert all(r["reference"] != sp_url for r in dr1["result"]) and len(resources(b, "Observation")) == 3
 
 
 # ----------------------------------------------------------------------------- REF
