@@ -69,9 +69,9 @@ def _facility(ctx: ConvertContext) -> str:
     return msh.get(4, 1).strip() or msh.get(3, 1).strip()
 
 
-def _money(rep: Rep) -> JSON | None:
-    """CP / MO (``100&USD``) → Money."""
-    amount = nm(rep.c(1, 1).strip()) if rep.c(1, 1).strip() else None
+def _money(rep: Rep, loc: Location) -> JSON | None:
+    """CP / MO (``100&USD``) → Money; a price that is not a number is a located AE 102 at ``loc``."""
+    amount = nm(rep.c(1, 1).strip(), loc) if rep.c(1, 1).strip() else None
     if amount is None:
         return None
     money: JSON = {"value": amount}
@@ -206,7 +206,7 @@ def charge_item(
         res["enteredDate"] = dtm_at(ft1.get(5), s, ft1, 5)
     if ft1.get(10).strip() and (qty := nm(ft1.get(10).strip(), ft1.loc(10))) is not None:
         res["quantity"] = {"value": qty}
-    if ft1.rep(11) and (price := _money(ft1.rep(11))):
+    if ft1.rep(11) and (price := _money(ft1.rep(11), ft1.loc(11))):
         res["priceOverride"] = price
     performers = [
         {"actor": who}

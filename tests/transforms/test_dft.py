@@ -108,6 +108,17 @@ def test_located_errors() -> None:
     assert er.value.hl7_error == "201"
 
 
+def test_a_price_override_that_is_not_a_number_is_located() -> None:
+    """FT1-11 (found by the fuzz test: the error had no location, a failure of the conformance target)."""
+    ft1 = "FT1|1|T1||20250320|20250320|CG|99213^Visit^C4|||1|12a&USD"
+    with pytest.raises(ConversionError) as ei:
+        _convert(msg(MSH.format("DFT^P03"), PID, ft1), golden_settings(strictness="strict"))
+    assert ei.value.hl7_error == "102" and str(ei.value.location) == "FT1-11"
+    lenient = _convert(msg(MSH.format("DFT^P03"), PID, ft1), golden_settings())
+    (charge,) = resources(lenient.bundle, "ChargeItem")
+    assert "priceOverride" not in charge and list(lenient.warning_kinds) == ["field_dropped"]
+
+
 def test_an_order_the_oru_mapping_cannot_convert_does_not_reject_the_charges() -> None:
     m = msg(
         MSH.format("DFT^P03"), PID, "ORC|RE|P1", "OBR|1|P1", "FT1|1|T1||20250320|20250320|CG|99213^Visit^C4"
