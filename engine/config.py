@@ -45,6 +45,7 @@ DEFAULT_TYPES: dict[str, tuple[str, ...]] = {
     "REF": ("I12", "I13", "I14"),
     "RDE": ("O01", "O11", "O25"),
     "RDS": ("O01", "O13"),
+    "OMP": ("O09",),
 }  # fmt: skip
 DEFAULT_VERSIONS = (
     "2.1",

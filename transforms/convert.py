@@ -50,6 +50,7 @@ MODULES: dict[str, str] = {
     "REF": "transforms.ref",
     "RDE": "transforms.rde",
     "RDS": "transforms.rde",
+    "OMP": "transforms.rde",
 }
 PROVENANCE_TAG_SYSTEM = "urn:sluice:message"
 

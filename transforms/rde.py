@@ -1,5 +1,6 @@
-"""RDE^O11 / O25 (pharmacy encoded order, refill authorization) → MedicationRequest (+ Medication);
-RDS^O13 (pharmacy dispense) → MedicationDispense (+ MedicationRequest, Medication).
+"""RDE^O11 / O25 (pharmacy encoded order, refill authorization) and OMP^O09 (pharmacy/treatment order: RXO,
+no RXE) → MedicationRequest (+ Medication); RDS^O13 (pharmacy dispense) → MedicationDispense (+ MedicationRequest,
+Medication).
 
 Per the HL7 V2-to-FHIR IG's ORC / RXE / RXO / RXR / RXC [MedicationRequest, Medication] and RXD
 [MedicationDispense] segment maps (docs/mapping.md): each ORDER group (ORC, TQ1, RXO, RXE, RXR, RXC, NTE,
@@ -30,6 +31,12 @@ JSON = dict[str, Any]
 # v2.4 renamed them O11 / O13, and senders on v2.3 still send O01
 RDE_TRIGGERS = frozenset({"O01", "O11", "O25"})
 RDS_TRIGGERS = frozenset({"O01", "O13"})
+# OMP^O09 (pharmacy/treatment order, from the ordering system): the same ORDER group with RXO as the order
+# detail and no RXE; the MedicationRequest is keyed like the RDE's, so the pharmacy's later RDE for the same
+# placer number (ORC-2) updates it
+OMP_TRIGGERS = frozenset({"O09"})
+_TRIGGERS = {"RDE": RDE_TRIGGERS, "RDS": RDS_TRIGGERS, "OMP": OMP_TRIGGERS}
+_DETAIL = {"RDE": "RXE", "RDS": "RXD", "OMP": "RXO"}  # the segment each order group of the type needs
 
 # ORC-5 order status (table 0038) → MedicationRequest.status
 ORDER_STATUS: dict[str, str] = {
@@ -437,11 +444,11 @@ def medication_dispense(
 
 
 def convert(msg: Message, ctx: ConvertContext) -> None:
-    """RDE^O11/O25 (O01 in v2.3) or RDS^O13 (O01 in v2.3) → entries in ``ctx``."""
+    """RDE^O11/O25 (O01 in v2.3), RDS^O13 (O01 in v2.3) or OMP^O09 → entries in ``ctx``."""
     from transforms import oru
 
     kind = msg.message_type
-    supported_trigger(msg, RDE_TRIGGERS if kind == "RDE" else RDS_TRIGGERS)
+    supported_trigger(msg, _TRIGGERS.get(kind, RDE_TRIGGERS))
     pid = msg.first("PID")
     if pid is None:
         raise ConversionError(
@@ -454,7 +461,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
     enc = oru.encounter(msg, ctx)
     orders = _groups(msg)
     if not orders:
-        name = "RXE" if kind == "RDE" else "RXD"
+        name = _DETAIL.get(kind, "RXE")
         raise ConversionError(
             f"{kind} message has no ORC/{name} order group", code="100", location=Location(name, 1)
         )
@@ -465,6 +472,13 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
                 "RDE order group without an RXE (pharmacy encoded order): send one RXE per ORC",
                 code="100",
                 location=Location("RXE", where),
+            )
+        if kind == "OMP" and order.rxo is None:
+            where = order.orc.sequence + 1 if order.orc is not None else 1
+            raise ConversionError(
+                "OMP order group without an RXO (pharmacy/treatment order): send one RXO per ORC",
+                code="100",
+                location=Location("RXO", where),
             )
         if kind == "RDS" and not order.rxd:
             where = order.orc.sequence + 1 if order.orc is not None else 1
@@ -480,6 +494,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
 
 __all__ = [
     "MEDICATION_REQUEST_STATUS_RANK",
+    "OMP_TRIGGERS",
     "ORDER_CONTROL_STATUS",
     "ORDER_STATUS",
     "RDE_TRIGGERS",

@@ -8,7 +8,7 @@ engine calls), the second through ``_convert`` (no safety net, so the failure sh
 traceback).  ``SLUICE_FUZZ_EXAMPLES=20000`` runs them longer.
 
 Inputs: synthetic ADT (incl. merges, moves, changes, links, A17, A20, IAM)/ORU/SIU/VXU/MDM/ORM/OML/OMG/OUL/REF/
-RDE/RDS/PPR/DFT/BAR messages (no real PHI) with field-aware mutations: a random field,
+RDE/RDS/OMP/PPR/DFT/BAR messages (no real PHI) with field-aware mutations: a random field,
 component or repetition replaced by odd values (impossible dates, offsets, huge numbers, escapes,
 delimiter runs, unicode), segments dropped or duplicated.
 """
@@ -151,6 +151,9 @@ CORPUS: list[str] = [
     "RXC|B|313002^Saline^RXNORM|1000|mL^mL^UCUM\rRXC|A|8591^KCl^RXNORM|20|meq^meq^UCUM\r",
     H.format(t="RDE^O11^RDE_O11", n=18) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
     "ORC|DC|RX1^NORTH||||||||20250316083000\rRXE||308182^Amoxicillin 500 MG^RXNORM|500||mg\r",
+    H.format(t="OMP^O09^OMP_O09", n=34) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
+    "ORC|NW|RX2^NORTH||||||||20250316083000\rTQ1|1||BID\rRXO|308182^Amoxicillin^RXNORM|500||mg|||^With food\r"
+    "RXR|PO\rRXC|A|308182^Amoxicillin^RXNORM|500|mg\rNTE|1||Allergy checked.\r",
     H.format(t="RDS^O13^RDS_O13", n=19) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex\r"
     "ORC|RE|RX1^NORTH|PH1^NORTH\rRXE||308182^Amoxicillin^RXNORM|500||mg\rRXR|PO\r"
     "RXD|1|308182^Amoxicillin^RXNORM|20250314093000|21|{capsule}|CAP|RXN1|||1234567893^Pharm^Pam^^^^^^NORTH|N\r"
@@ -210,7 +213,7 @@ ODD = [
     "Booked", "Cancelled", "Noshow", "Blocked", "MIN", "HR", "S", "D", "WK", "NM", "ST", "CWE", "ED", "SN", "TX",
     "Base64", "A99", "S17", "S26", "V04", "T02", "T06", "T10", "T11", "CP", "RE", "NA", "PA", "AU", "LA", "AV", "OB", "CA",
     "NW", "OC", "DC", "HD", "XO", "SC", "CM", "ER", "O01", "O21", "O19", "R22", "R23", "R24", "I12", "I14", "BID", "Once",
-    "O11", "O25", "O13", "PC1", "PC2", "PC3", "P01", "P02", "P03", "P06", "P11", "P12", "A17", "A20", "A24", "A29", "A34",
+    "O11", "O25", "O13", "O09", "PC1", "PC2", "PC3", "P01", "P02", "P03", "P06", "P11", "P12", "A17", "A20", "A24", "A29", "A34",
     "A37", "A41", "A42", "A43", "A44", "A45", "A47", "A49", "A50", "AD", "UP", "DE", "OD", "RL", "CG", "G", "N", "AN",
     # numbers past what JSON/orjson carries (64-bit ints, finite floats) and digits int() refuses
     "18446744073709551616", "-9223372036854775809", "1" * 30 + ".5", "9" * 400 + ".0", "2147483648", "²", "١٢",

@@ -138,3 +138,40 @@ def test_v2_3_trigger_o01_converts_as_o11_and_o13(kind: str, rtype: str) -> None
     for r in (res, same):
         r.pop("id", None)
     assert res == same
+
+
+def test_omp_o09_order_is_the_medication_request_the_pharmacy_rde_updates() -> None:
+    """OMP^O09 (the ordering system's pharmacy/treatment order: ORC + RXO, no RXE) → the MedicationRequest,
+    keyed on ORC-2 like the RDE^O11 the pharmacy sends later for the same order."""
+    orc = "ORC|NW|RX-5001^SYNTH-CPOE^2.16.840.1.113883.19.20^ISO||||||||||1234567893^Carer^Casey^^^Dr^^^NPI"
+    rxo = (
+        "RXO|308182^Amoxicillin 500 MG Oral Capsule^RXNORM|500||mg^mg^UCUM|||^Take with food||G||21|{capsule}"
+    )
+    omp = _convert(
+        msg(MSH.format("OMP^O09^OMP_O09"), PID, orc, rxo, "RXR|PO^Oral^HL70162"), golden_settings()
+    )
+    validate_resources(omp.bundle)
+    entry = next(e for e in omp.bundle["entry"] if e["resource"]["resourceType"] == "MedicationRequest")
+    req = entry["resource"]
+    assert entry["request"] == {"method": "PUT", "url": ORDER}
+    assert req["status"] == "active" and req["intent"] == "order"
+    (med,) = resources(omp.bundle, "Medication")
+    assert med["code"]["coding"][0]["code"] == "308182"
+    dose = req["dosageInstruction"][0]
+    assert (
+        dose["doseAndRate"][0]["doseQuantity"]["value"] == 500 and dose["route"]["coding"][0]["code"] == "PO"
+    )
+    rde = _convert(msg(MSH.format("RDE^O11"), PID, orc.replace("ORC|NW", "ORC|OK"), RXE), golden_settings())
+    assert ORDER in [e["request"]["url"] for e in rde.bundle["entry"]]
+
+
+def test_omp_located_errors() -> None:
+    with pytest.raises(ConversionError) as ei:
+        _convert(msg(MSH.format("OMP^O09"), PID, "ORC|NW|P1"), golden_settings())
+    assert ei.value.hl7_error == "100" and str(ei.value.location).startswith("RXO")
+    with pytest.raises(ConversionError) as ei:
+        _convert(msg(MSH.format("OMP^O09"), "ORC|NW|P1", "RXO|308182^Amoxicillin^RXNORM"), golden_settings())
+    assert str(ei.value.location) == "PID"
+    with pytest.raises(MessageRejected) as er:
+        _convert(msg(MSH.format("OMP^O10"), PID), golden_settings())
+    assert er.value.hl7_error == "201"
