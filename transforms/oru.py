@@ -339,6 +339,8 @@ def annotation(ntes: list[Segment], ctx: ConvertContext) -> JSON | None:
     author: JSON | None = None
     when: str | None = None
     for nte in ntes:
+        if nte.name != "NTE":  # an OBX's PRT rides in its notes list
+            continue
         reps = nte.reps(3)
         lines.extend(r.text for r in reps) if reps else lines.append("")
         if author is None and nte.rep(5):
@@ -688,6 +690,7 @@ def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segm
     patient_obs: list[tuple[Segment, list[Segment]]] = []
     pending_orc: Segment | None = None
     pending_tq1: Segment | None = None
+    obx_notes: list[Segment] | None = None  # the NTE/PRT list of the OBX the last segments follow
     current: _Order | None = None
     last_notes: list[Segment] | None = None
     for seg in msg.segments:
@@ -710,10 +713,17 @@ def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segm
                 patient_obs.append(group)
             else:
                 current.observations.append(group)
-            last_notes = group[1]
+            last_notes = obx_notes = group[1]
+            continue
         elif name == "NTE":
             if last_notes is not None:
                 last_notes.append(seg)
+            continue
+        elif name == "PRT":
+            # an OBX's PRT (IG OBSERVATION.PRT IF PRT-5 VALUED → Observation.performer) rides with its NTEs
+            if obx_notes is not None:
+                obx_notes.append(seg)
+            continue
         elif name in ("SPM", "PV1", "PV2", "PD1", "NK1", "TQ1", "TQ2", "CTD", "FT1", "CTI"):
             if name == "SPM" and current is not None:
                 current.specimens.append(seg)
@@ -723,6 +733,7 @@ def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segm
                 elif current.tq1 is None:
                     current.tq1 = seg
             last_notes = None
+        obx_notes = None
     return pid, orders, patient_obs
 
 
@@ -847,6 +858,10 @@ def observation(
                 performers.append(p)
     if nf > 25 and f[25] and (md := xcn(obx.rep(25), ctx, obx.loc(25))) is not None:
         performers.append(md)
+    for prt in notes:
+        # IG OBSERVATION.PRT: IF PRT-5 VALUED → PractitionerRole → Observation.performer (Sluice: the Practitioner)
+        if prt.name == "PRT" and prt.rep(5) and (who := xcn(prt.rep(5), ctx, prt.loc(5))) is not None:
+            performers.append(who)
     if nf > 23 and f[23] and (org := _performing_organization(obx, ctx)) is not None:
         performers.append(org)
     if performers:

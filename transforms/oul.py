@@ -46,6 +46,7 @@ def _groups(msg: Message) -> tuple[Segment | None, list[tuple[Segment, list[Segm
     current: _Specimen | None = None
     order: Any = None  # oru._Order
     notes: list[Segment] | None = None
+    obx_notes: list[Segment] | None = None  # the NTE/PRT list of the OBX the last segments follow
     for seg in msg.segments:
         name = seg.name
         if name == "PID":
@@ -78,12 +79,23 @@ def _groups(msg: Message) -> tuple[Segment | None, list[tuple[Segment, list[Segm
                 current.observations.append(group)
             else:
                 patient_obs.append(group)
-            notes = group[1]
+            notes = obx_notes = group[1]
+            continue
         elif name == "NTE":
             if notes is not None:
                 notes.append(seg)
-        elif name in _BREAKS and name != "PRT":
+            continue
+        elif name == "PRT":
+            # an OBX's PRT (→ Observation.performer) rides with its NTEs; an order's PRT is not mapped
+            if obx_notes is not None:
+                obx_notes.append(seg)
+            continue
+        elif name == "TQ1":
+            if order is not None and order.tq1 is None:
+                order.tq1 = seg  # the order's timing (TQ1[ServiceRequest])
+        elif name in _BREAKS:
             notes = None
+        obx_notes = None
     return pid, patient_obs, specimens
 
 

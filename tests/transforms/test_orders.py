@@ -530,3 +530,15 @@ def test_spm_accession_and_other_ids_are_cx() -> None:
     assert other[0]["system"] == "urn:oid:2.16.840.1.113883.19.999.9"
     assert other[0]["type"]["coding"][0]["code"] == "PI"
     assert other[1] == {"value": "OSI-2"}
+
+
+def test_oul_order_timing_from_its_tq1() -> None:
+    """OUL^R22: the order's TQ1 (after its OBR / ORC) gives the ServiceRequest's timing, as in ORU."""
+    text = load("oul_r22").text
+    obr_at = text.index("\rOBR|")
+    end = text.index("\r", obr_at + 1)
+    m = parse(
+        text[:end] + "\rTQ1|1||Q4H&Every 4 hours&HL70335||||20250402080000|20250403080000|R" + text[end:]
+    )
+    (sr,) = resources(_convert(m, golden_settings()).bundle, "ServiceRequest")
+    assert sr["occurrenceTiming"]["code"]["coding"][0]["code"] == "Q4H" and sr["priority"] == "routine"

@@ -607,3 +607,21 @@ def test_obr29_parent_is_the_orders_based_on() -> None:
     parent = entries[child["basedOn"][0]["reference"]]
     assert parent["request"]["method"] == "POST" and parent["resource"]["status"] == "unknown"
     assert {i["value"] for i in parent["resource"]["identifier"]} == {"PAR1", "PFIL1"}
+
+
+def test_obx_prt_person_is_a_performer_and_its_notes_stay_notes() -> None:
+    """IG OBSERVATION.PRT: IF PRT-5 VALUED → Observation.performer; the NTE after the PRT is still the OBX's note,
+    and a PRT of the order (after the OBR) is no performer of the results."""
+    prt_order = "PRT|1|AD||RCT^Results Copies To^HL70443|ORDP1^COPY^CARL"
+    obx = "OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F"
+    prt_obx = "PRT|1|AD||RO^Responsible Observer^HL70443|OBSP1^WATCH^WANDA"
+    b = conv(MSH, PID, OBR, prt_order, obx, prt_obx, "NTE|1||Fasting sample").bundle
+    obs = one(b, "2345-7")
+    assert obs["note"] == [{"text": "Fasting sample"}]
+    practitioners = {
+        e["fullUrl"]: e["resource"] for e in b["entry"] if e["resource"]["resourceType"] == "Practitioner"
+    }
+    performers = [
+        practitioners[p["reference"]] for p in obs["performer"] if p.get("reference") in practitioners
+    ]
+    assert [p["identifier"][0]["value"] for p in performers] == ["OBSP1"]
