@@ -468,11 +468,14 @@ def render_ack(
     texts = [ackmod.build(message, c, outcome.error, inbound_control_id=inbound_control_id) for c in codes]
     # Several ACKs (commit + application) are stored NUL-joined and framed separately; a NUL (or an
     # MLLP framing byte) copied from the inbound message would split or cut an ACK, so drop them.
-    joined = "\x00".join(t.translate(_UNFRAMABLE) for t in texts)
+    # (str.translate looks up every character: searched first, an ACK without them is used as it is)
+    joined = "\x00".join(t.translate(_UNFRAMABLE) if _UNFRAMABLE_CHAR.search(t) else t for t in texts)
     return joined.encode(_codec(message), "replace"), "/".join(codes)
 
 
 _UNFRAMABLE = {0x00: None, 0x0B: None, 0x1C: None}
+_UNFRAMABLE_CHAR = re.compile("[\x00\x0b\x1c]")
+_CONTROL_CHAR = re.compile("[\x00-\x1f\x7f]")
 _BLANK = re.compile(rb"[ \t\r\n\x00]*")
 OFFLOAD_BYTES = 256 * 1024  # frames this large are checked in a thread: the event loop keeps serving others
 _LARGE_DECIDES: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
@@ -609,7 +612,7 @@ class Intake:
         try:
             msg = hl7.parse(text)
             delims = msg.delimiters.field + msg.delimiters.encoding_characters
-            if any(ord(c) < 0x20 or c == "\x7f" for c in delims):
+            if _CONTROL_CHAR.search(delims):
                 # The ACK is built with the sender's delimiters: a NUL or framing byte there would
                 # break the ACK (or its framing), so answer as for an unreadable message.
                 msg = None
@@ -765,7 +768,7 @@ def _msa1(ack_bytes: bytes) -> str:
 
 def _patient_hash(msg: hl7.Message, key: bytes) -> str:
     """The keyed hash of the first PID-3 identifier: searchable, never the identifier itself."""
-    pid = msg.first("PID")
-    if pid is None:
-        return ""
-    return patient_hash(key, pid.rep(3).c(1))
+    for seg in msg.segments:  # (not msg.first: that indexes every segment of the message to find one)
+        if seg.name == "PID":
+            return patient_hash(key, seg.rep(3).c(1))
+    return ""

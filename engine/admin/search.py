@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,16 +35,30 @@ def patient_hash(key: bytes, identifier: str) -> str:
     value = identifier.strip()
     if not value:
         return ""
-    h = _keyed(key).copy()  # the key's HMAC state, prepared once (intake hashes every message)
+    inner, outer = _keyed(key)  # the key's two SHA-256 states, prepared once (intake hashes every message)
+    h = inner.copy()
     h.update(value.encode("utf-8", "surrogateescape"))
-    return h.hexdigest()[:32]
+    o = outer.copy()
+    o.update(h.digest())
+    return o.hexdigest()[:32]
 
 
 @functools.lru_cache(maxsize=8)
-def _keyed(key: bytes) -> hmac.HMAC:
-    """HMAC-SHA256 with ``key`` and nothing hashed yet: copied for each identifier (never updated itself).
-    Copying it saves setting the key up per message: ~7,500 of ~27,000 instructions (callgrind)."""
-    return hmac.new(key, digestmod=hashlib.sha256)
+def _keyed(key: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256 (RFC 2104) with ``key``, taken apart: the inner and outer SHA-256 states after the padded
+    key, copied for each identifier (never updated themselves).  The same digest as ``hmac.new(key, value,
+    sha256)``; copying two plain hash states instead of an ``hmac.HMAC`` (whose copy duplicates OpenSSL's
+    HMAC context) costs ~13,000 instead of ~18,000 instructions a hash (callgrind), and setting the key up
+    only once saves ~7,500 more."""
+    block = hashlib.sha256().block_size
+    padded = (hashlib.sha256(key).digest() if len(key) > block else key).ljust(block, b"\0")
+    inner = hashlib.sha256(padded.translate(_IPAD))
+    outer = hashlib.sha256(padded.translate(_OPAD))
+    return inner, outer
+
+
+_IPAD = bytes(x ^ 0x36 for x in range(256))  # byte -> byte XOR 0x36 (RFC 2104 ipad), for bytes.translate
+_OPAD = bytes(x ^ 0x5C for x in range(256))  # ... XOR 0x5C (opad)
 
 
 def rehash_legacy(store: Store, key: bytes, batch: int = 500) -> int:
