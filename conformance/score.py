@@ -154,6 +154,8 @@ RULES: dict[str, str] = {
     "the IG maps that OBX to an Observation (RP → valueAttachment) or the report's presentedForm",
     "ms-obr-specimen-identifier": "identifier MS copies from OBR-3 / OBR-53 onto the Specimen it makes of an "
     "OBR; the IG's OBR[Specimen] gives that Specimen only OBR-2 (accessionIdentifier)",
+    "ms-table-system": "a code of a field bound to an HL7 table that the message sends with a coding system of "
+    "its own (SCT, L, ...): MS gives it the table's v2 system, Sluice the system the message names",
     "keyless-encounter": "Encounter MS makes from the PV1 of a message that is not an ADT and has neither PV1-19 "
     "(visit number) nor PV1-44 (admit time): Sluice references the ADT feed's Encounter by that key and makes "
     "none without one (docs/mapping.md)",
@@ -1882,7 +1884,10 @@ def explain_order_fields(score: Score, source: Source) -> None:
         if (m := _ORDER_IDENTIFIER.match(d.path)) and not d.ours:
             value = norm_text(m.group(1)).lower()
             if any(
-                r.where == "ORC-4" and r.comp(1).lower() == value and len(r.comps[0]) == 1 and not r.comp(2)
+                r.where == "ORC-4"
+                and r.comp(1).lower() == value
+                and len(r.comps[0]) == 1
+                and (len(r.comps) < 2 or len(r.comps[1]) == 1)  # no EIP: no subcomponents
                 for r in source.reps
             ):
                 score.explain(
@@ -1905,6 +1910,38 @@ def explain_order_fields(score: Score, source: Source) -> None:
 
 
 _IDENTIFIER_LEAF = re.compile(r"^\w+\[[^\]]+\]\.identifier\[([^\]]*&[^\]]*)\]\.(?:value|system)$")
+
+
+_V2_TABLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0"
+
+
+def explain_table_systems(score: Score, source: Source) -> None:
+    """Mark a code MS puts under an HL7 table's system (``.../v2-0nnn``) where the message sends that code with a
+    coding system of its own (CWE-3 for the code in CWE-1, CWE-6 for CWE-4) and Sluice has the same code under
+    another system."""
+    for n, d in enumerate(score.diffs):
+        if d.explanation or d.fields != 1 or d.category != "codes" or "|" not in d.expected or not d.ours:
+            continue
+        system, _bar, code = norm_text(d.expected).rpartition("|")
+        if not system.startswith(_V2_TABLE_SYSTEM) or f"|{code}" not in d.ours:
+            continue
+        c = code.lower()
+        named = next(
+            (
+                (r.where, r.comp(k + 2))
+                for r in source.reps
+                for k in (1, 4)
+                if r.comp(k).lower() == c and r.comp(k + 2) and not r.comp(k + 2).upper().startswith("HL7")
+            ),
+            None,
+        )
+        if named is not None:
+            score.explain(
+                n,
+                f"{named[0]} sends {code!r} with the coding system {named[1]!r}: MS gives it the table's system "
+                f"{system!r}, Sluice the one the message names",
+                "ms-table-system",
+            )
 
 
 def explain_unsplit_subcomponents(score: Score, source: Source) -> None:
@@ -2386,6 +2423,7 @@ def score_bundles(
         explain_obr_specimen_identifiers(score, src)
         explain_order_fields(score, src)
         explain_unsplit_subcomponents(score, src)
+        explain_table_systems(score, src)
         explain_languages(score, src)
         explain_planned_period(score, src)
         explain_contact_codes(score, src)

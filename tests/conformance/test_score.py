@@ -566,6 +566,12 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
     # ORC-4 as subcomponents (EIP): MS keeps the '&' in the identifier's value
     src += "ORC|SC|||GRP7&L^FGRP7&L\r"
     ref_dr6["identifier"] = [{"value": "ORD6"}, {"value": "GRP7&L"}]
+    # a table-bound code the message sends with a coding system of its own (SPM-4 in SCT): MS says the table's
+    src += "SPM|1|||119297000^Blood^SCT\r"
+    ours_dr6["category"] = [{"coding": [{"system": "http://snomed.info/sct", "code": "119297000"}]}]
+    ref_dr6["category"] = [
+        {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0487", "code": "119297000"}]}
+    ]
     # an OBX of type RP: MS makes a DiagnosticReport of it, the IG an Observation (valueAttachment)
     src += "OBX|2|RP|IMG1^Image^L||http://example.org/img1^^IM^JPEG||||||F\r"
     ref_img = {"resourceType": "DiagnosticReport", "status": "final", "code": {"coding": [{"code": "IMG1"}]}}
@@ -1413,3 +1419,23 @@ def test_unsplit_subcomponents_need_those_subcomponents_in_the_message() -> None
     assert score_bundles(ours, ref, source=src).explained_by["ms-unsplit-subcomponents"] == 1
     other = src.replace("GRP7&L^", "GRP7^")
     assert "ms-unsplit-subcomponents" not in score_bundles(ours, ref, source=other).explained_by
+
+
+def test_table_system_needs_the_code_with_a_system_of_its_own() -> None:
+    """ms-table-system: MS's v2 table system for a code is excused only where the message sends that code with a
+    coding system of its own (not an HL7 table), in CWE-3 or (for an alternate code) CWE-6."""
+    ours, ref, src = _every_quirk()
+    assert score_bundles(ours, ref, source=src).explained_by["ms-table-system"] == 1
+    bare = src.replace("119297000^Blood^SCT", "119297000^Blood")
+    assert "ms-table-system" not in score_bundles(ours, ref, source=bare).explained_by
+    table = src.replace("119297000^Blood^SCT", "119297000^Blood^HL70487")
+    assert "ms-table-system" not in score_bundles(ours, ref, source=table).explained_by
+    alternate = src.replace("119297000^Blood^SCT", "X^Other^^119297000^Blood^L")
+    assert score_bundles(ours, ref, source=alternate).explained_by["ms-table-system"] == 1
+
+
+def test_order_field_ei_with_a_namespace_is_still_an_ei() -> None:
+    """ORC-4 sent as an EI with its namespace (``GRP^NS``) is the IG's requisition too."""
+    ours, ref, src = _every_quirk()
+    with_ns = src.replace("||GRP5||", "||GRP5^NS||")
+    assert score_bundles(ours, ref, source=with_ns).explained_by["ms-order-field"] == 2
