@@ -71,9 +71,16 @@ class FhirPoller:
         ctx: DestinationContext,
         on_stored: Callable[[], None] = lambda: None,
         metrics: Any = None,
+        poll: FhirPollConfig | None = None,
+        key: str = "source",
+        source_name: str = SOURCE_NAME,
+        facility: str | None = None,
     ):
+        """``poll``, ``key``, ``source_name`` and ``facility`` for another source that searches the same way
+        (an http source's ``fetch:``, engine/sources/http.py): its config, where its keys are, and what its
+        stored versions say they came from (so they dedupe against the versions it takes otherwise)."""
         self.received = metrics.channel(channel.name).received if metrics is not None else None
-        poll = channel.source.poll
+        poll = poll or channel.source.poll
         if poll is None:
             raise ConfigError("not a fhir-poll source", file=channel.file, key="source.kind")
         self.channel = channel
@@ -81,14 +88,14 @@ class FhirPoller:
         self.store = store
         self.run_op = run_op  # Committer.run_op: the page's write transaction (durable)
         self.on_stored = on_stored
-        key = "source"
+        self.source_name = source_name
         ctx = DestinationContext(ctx.base_dir, channel.file)
         self.auth = Auth(poll.auth, ctx=ctx, key=f"{key}.auth")
         tls = dict(poll.tls)
         if self.auth.tls:
             tls |= self.auth.tls
         self.ssl = build_ssl_context(tls, ctx=ctx, key=f"{key}.tls")
-        self.facility = urlsplit(poll.base_url).netloc
+        self.facility = urlsplit(poll.base_url).netloc if facility is None else facility
         self.client: httpx.AsyncClient | None = None
         self.polls = 0
         self.taken = 0  # resource versions stored
@@ -100,7 +107,7 @@ class FhirPoller:
 
     # ------------------------------------------------------------------ the loop
     async def run(self, stop: asyncio.Event) -> None:
-        self.client = httpx.AsyncClient(verify=self.ssl, timeout=self.poll.timeout)
+        self.open()
         try:
             while not stop.is_set():
                 if len(self.deletions) < len(self.poll.resources):
@@ -116,8 +123,23 @@ class FhirPoller:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll.interval)
         finally:
-            await self.client.aclose()
-            self.client = None
+            await self.aclose()
+
+    def open(self) -> httpx.AsyncClient:
+        """The HTTP client (made once; closed by :meth:`run` at its end, or by :meth:`aclose`)."""
+        if self.client is None:
+            self.client = httpx.AsyncClient(verify=self.ssl, timeout=self.poll.timeout)
+        return self.client
+
+    async def aclose(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    async def read(self, url: str) -> httpx.Response:
+        """``GET url`` with the source's credentials (one retry with a new token on a 401)."""
+        self.open()
+        return await self._request(url, {})
 
     async def _step(self, fn: Callable[[str], Awaitable[Any]], rtype: str, *, history: bool = False) -> bool:
         """One step of a round for one type (a history step only while its deletions are followed); a
@@ -336,7 +358,7 @@ class FhirPoller:
                 ch.name,
                 res,
                 raw,
-                source=SOURCE_NAME,
+                source=self.source_name,
                 facility=self.facility,
                 received_at=now,
                 dedupe=True,
@@ -405,7 +427,7 @@ class FhirPoller:
                     ch.name,
                     res,
                     orjson.dumps(res),
-                    source=SOURCE_NAME,
+                    source=self.source_name,
                     facility=self.facility,
                     received_at=now,
                     dedupe=True,
