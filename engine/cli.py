@@ -297,10 +297,21 @@ def check(config_path: str, env: str | None) -> None:
     for warning in privacy.warnings(cfg):
         click.echo(f"warning: {warning}", err=True)
     for ch in cfg.channels:
+        if ch.source.http is not None and ch.source.http.fetch is None:
+            click.echo(
+                f"warning: channel {ch.name}: the http source has no fetch: section, so id-only and empty "
+                "Subscription notifications cannot be resolved (they are answered 200, stored nothing and "
+                "counted in sluice_http_notifications_unresolved_total); add source.fetch with the FHIR "
+                "server's base_url and auth (docs/writeback.md), or subscribe with payload full-resource",
+                err=True,
+            )
+    for ch in cfg.channels:
         routes = ", ".join(r.destination for r in ch.routes) or "(no routes)"
         where = f"{ch.source.host}:{ch.source.port} ack={ch.ack}"
         if ch.source.poll is not None:
             where = f"fhir-poll {ch.source.poll.base_url} {','.join(ch.source.poll.resources)}"
+        elif ch.source.http is not None and ch.source.http.fetch is not None:
+            where += f" fetch {ch.source.http.fetch.base_url}"
         off = "" if ch.enabled else " (disabled)"
         click.echo(f"  channel {ch.name}{off}: {where} → {routes}")
     for name, d in dests.items():

@@ -98,6 +98,9 @@ class HttpSourceConfig:
     auth: Mapping[str, Any] = field(default_factory=dict)  # {type: bearer, token: {env: NAME}} or none
     max_body: int = 16 * 1024 * 1024
     max_backlog: int = 5000  # commits waiting in the store's writer past which requests get 503
+    # where id-only and empty Subscription notifications are resolved: the focus resources are read from
+    # fetch.base_url, an empty R4 rest-hook searches fetch.resources since a cursor (as fhir-poll does)
+    fetch: FhirPollConfig | None = None
 
 
 SOURCE_KINDS = ("mllp", "fhir-poll", "http")
@@ -540,21 +543,34 @@ def _source(sec: _Section) -> SourceConfig:
 
 def _fhir_poll(sec: _Section) -> SourceConfig:
     """``kind: fhir-poll``: the poll keys; the auth and tls options are checked at start (as a destination's)."""
+    poll = _poll_config(sec, "a fhir-poll source")
+    return SourceConfig(kind="fhir-poll", poll=poll, host="", port=0)
+
+
+def _poll_config(sec: _Section, what: str, resources: tuple[str, ...] | None = None) -> FhirPollConfig:
+    """The search keys of a fhir-poll source, or of an http source's ``fetch:`` section (``resources``
+    given: the source's accepted types are the default, and there is no ``interval``)."""
     base = sec.text("base_url")
     if not isinstance(base, str) or not base.startswith(("http://", "https://")):
         raise ConfigError(
-            "a fhir-poll source needs base_url, the server's FHIR base (http:// or https://)",
+            f"{what} needs base_url, the server's FHIR base (http:// or https://)",
             file=sec.file,
             key=sec.key("base_url"),
             hint="e.g. base_url: https://portal.example.org/fhir",
         )
-    kinds = [str(r) for r in sec.items("resources")]
+    kinds = [str(r) for r in sec.items("resources")] or list(resources or ())
     if not kinds or not all(k.isalpha() and k[:1].isupper() for k in kinds):
         raise ConfigError(
-            "a fhir-poll source needs resources, a list of FHIR resource types",
+            f"{what} needs resources, a list of FHIR resource types"
+            + (
+                " (the subscribed types an empty notification is searched for)"
+                if resources is not None
+                else ""
+            ),
             file=sec.file,
             key=sec.key("resources"),
-            hint="e.g. resources: [Appointment]",
+            hint="e.g. resources: [Appointment]"
+            + (" (or the source's own resources list)" if resources is not None else ""),
         )
     params = sec.get("params") or {}
     if not isinstance(params, Mapping) or any(
@@ -573,7 +589,7 @@ def _fhir_poll(sec: _Section) -> SourceConfig:
         base_url=base.rstrip("/"),
         resources=tuple(dict.fromkeys(kinds)),
         params={str(k): str(v) for k, v in params.items()},
-        interval=sec.number("interval", 30.0),
+        interval=sec.number("interval", 30.0) if resources is None else 30.0,
         overlap=sec.number("overlap", 60.0),
         page_size=sec.integer("page_size", 100),
         timeout=sec.number("timeout", 30.0),
@@ -588,7 +604,7 @@ def _fhir_poll(sec: _Section) -> SourceConfig:
         raise ConfigError("overlap must be 0 or more seconds", file=sec.file, key=sec.key("overlap"))
     if not 1 <= poll.page_size <= 1000:
         raise ConfigError("page_size must be 1 to 1000", file=sec.file, key=sec.key("page_size"))
-    return SourceConfig(kind="fhir-poll", poll=poll, host="", port=0)
+    return poll
 
 
 def _http_source(sec: _Section, tls: TLSConfig | None) -> SourceConfig:
@@ -609,6 +625,7 @@ def _http_source(sec: _Section, tls: TLSConfig | None) -> SourceConfig:
         auth=dict(auth),
         max_body=sec.integer("max_body", 16 * 1024 * 1024),
         max_backlog=sec.integer("max_backlog", 5000),
+        fetch=_poll_config(sec.sub("fetch"), "fetch", kinds) if sec.get("fetch") is not None else None,
     )
     src = SourceConfig(
         kind="http", http=http, host=sec.text("host", "127.0.0.1"), port=sec.integer("port", 8443), tls=tls

@@ -327,6 +327,14 @@ class Metrics:
             ["channel", "resource"],
             registry=r,
         )
+        self.http_unresolved = Counter(
+            "sluice_http_notifications_unresolved",
+            "http source: Subscription notifications without resources (kind id-only, or empty: an R4 "
+            "rest-hook without a body) answered 200 but not resolved, because the source has no fetch: "
+            "section to read the changed resources from.",
+            ["channel", "kind"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "sluice_dead_letters", "Deliveries moved to the dead-letter queue.", ["destination"], registry=r
         )

@@ -91,6 +91,15 @@ source:
   resources: [Appointment]
   max_body: 16MiB
   max_backlog: 5000
+  fetch:
+    base_url: http://127.0.0.1:8089/fhir
+    resources: [Appointment]
+    params: {status: booked}
+    overlap: 60
+    page_size: 100
+    timeout: 30
+    auth: {type: bearer, token: {env: SLUICE_SCHEMA_UNUSED}}
+    tls: {verify: true}
 routes:
   - destination: out
 """
@@ -108,6 +117,9 @@ _KIND = {
     "source.params": "mapping",
     "source.auth": "mapping",
     "source.tls": "mapping",
+    "source.fetch.params": "mapping",
+    "source.fetch.auth": "mapping",
+    "source.fetch.tls": "mapping",
     "transform": "list of steps",
 }
 _DEFAULT = {
@@ -117,6 +129,7 @@ _DEFAULT = {
     "source.max_frame_bytes": "`16MiB`",
     "source.max_junk": "`1MiB`",
     "source.max_body": "`16MiB`",
+    "source.fetch.resources": "the source's `resources`",
     "accept.types": "the types and triggers the converter handles ([configuration.md](configuration.md#channel-files))",
     "accept.versions": "`2.1` … `2.8.2`",
     "accept.processing_ids": "`[P, T, D]`",

@@ -715,6 +715,8 @@ class Server:
         self.alerts_stop.set()  # first: shutting down is not an incident
         for svc in self.http_sources:  # answered requests are committed; no new ones
             await svc.stop()
+            if hasattr(svc.app, "aclose"):
+                await svc.app.aclose()  # the http source's client to fetch.base_url
         for listener in self.listeners:
             await listener.stop_accepting()
         for listener in self.listeners:

@@ -196,6 +196,15 @@ source:
   auth: {type: bearer, token: {env: PUSH_TOKEN}}
   max_body: 1MiB
   max_backlog: 100
+  fetch:
+    base_url: http://127.0.0.1:8089/fhir
+    resources: [Appointment]
+    params: {status: booked}
+    overlap: 60
+    page_size: 50
+    timeout: 10
+    auth: {type: bearer, token: {env: PUSH_FETCH_TOKEN}}
+    tls: {verify: true}
 transform: [fhir-to-hl7]
 routes:
   - destination: out

@@ -85,3 +85,43 @@ def test_answers_before_the_store(
     assert outcome["resourceType"] == "OperationOutcome" and says in outcome["issue"][0]["diagnostics"]
     if status == 503:
         assert headers[b"retry-after"] == b"1"
+
+
+def notification(kind: str, *entries: dict[str, Any]) -> bytes:
+    status = {"resourceType": "SubscriptionStatus", "status": "active", "type": kind}
+    return orjson.dumps(
+        {"resourceType": "Bundle", "type": "history", "entry": [{"resource": status}, *entries]}
+    )
+
+
+@pytest.mark.parametrize("kind", ["handshake", "heartbeat", "query-status", "query-event"])
+def test_quiet_notifications_store_nothing(tmp_path: Path, kind: str) -> None:
+    committer = BusyCommitter(0)
+    got, _, outcome = call(app(tmp_path, committer), "POST", "/fhir", notification(kind))
+    assert got == 200 and committer.ops == 0
+    assert outcome["issue"][0]["diagnostics"] == f"{kind}: nothing to store"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"", id="R4-rest-hook-empty"),
+        pytest.param(notification("event-notification"), id="event-without-focus"),
+        pytest.param(notification("event-notification", {"fullUrl": "Appointment/a1"}), id="id-only"),
+    ],
+)
+def test_without_fetch_unresolved_notifications_are_200_and_counted(tmp_path: Path, body: bytes) -> None:
+    from engine.metrics import Metrics
+
+    committer = BusyCommitter(0)
+    source = app(tmp_path, committer)
+    metrics = Metrics()
+    source.unresolved = metrics.http_unresolved
+    got, _, outcome = call(source, "POST", "/fhir", body)
+    call(source, "POST", "/fhir", body)
+    assert got == 200 and committer.ops == 0
+    assert outcome["issue"][0]["severity"] == "warning"
+    assert "no source.fetch" in outcome["issue"][0]["diagnostics"]
+    kind = "id-only" if b"fullUrl" in body else "empty"
+    assert metrics.http_unresolved.labels("push", kind)._value.get() == 2
+    assert sum(source.unresolved_since_log.values()) == 1  # the first was logged, the second waits a minute
