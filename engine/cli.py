@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import re
 import sys
@@ -167,9 +168,20 @@ def run(
     except SluiceError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
-        raise click.ClickException(
-            f"cannot start: {exc.strerror or exc} (is another process using the port?)"
-        ) from exc
+        raise click.ClickException(start_failure(exc)) from exc
+
+
+def start_failure(exc: OSError) -> str:
+    """What ``sluice run`` says when the operating system refuses something at start: the file it names,
+    and the port hint only for an address in use."""
+    what = exc.strerror or str(exc)
+    if exc.filename is not None:
+        return (
+            f"cannot start: {what}: {exc.filename!r} (check the path and the engine account's access to it)"
+        )
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot start: {what} (another process uses the port: stop it or choose a free port)"
+    return f"cannot start: {what}"
 
 
 def split_messages(data: bytes) -> list[bytes]:

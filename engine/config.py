@@ -433,7 +433,16 @@ def _read_yaml(path: Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"invalid YAML{where}: {getattr(exc, 'problem', exc)}", file=str(path)) from exc
+        line = ""
+        if mark is not None and 0 <= mark.line < len(text.splitlines()):
+            line = f": {text.splitlines()[mark.line].rstrip()!r}"
+        raise ConfigError(
+            f"invalid YAML{where}{line}: {getattr(exc, 'problem', exc)}",
+            file=str(path),
+            hint="check the indentation there and on the line above: keys of one mapping start in the same "
+            "column, indented with spaces (no tabs); quote a value that holds ': ' or starts with a special "
+            "character",
+        ) from exc
 
 
 # ---------------------------------------------------------------------------
@@ -493,6 +502,22 @@ def _check_path(p: str, file: str, key: str) -> str:
     return p
 
 
+def _check_tls_file(t: _Section, k: str) -> None:
+    """A listener's TLS file must exist when the config is checked, not only when the listener starts
+    (``sluice check`` would pass and ``sluice run`` fail with a bare "No such file or directory")."""
+    p = t.data.get(k)
+    # the schema's examples (engine/schema.py) name no real files
+    if RECORDER is not None or p is None or Path(str(p)).is_file():
+        return
+    where = Path(str(p))
+    raise ConfigError(
+        f"file {str(p)!r} not found" + ("" if where.is_absolute() else f" (looked in {Path.cwd()})"),
+        file=t.file,
+        key=t.key(k),
+        hint="give the path of the PEM file; a relative path is read from the directory the engine runs in",
+    )
+
+
 def _source(sec: _Section) -> SourceConfig:
     kind = sec.text("kind", "mllp", choices=SOURCE_KINDS)
     if kind == "fhir-poll":
@@ -509,6 +534,8 @@ def _source(sec: _Section) -> SourceConfig:
         t.done()
         if not tls.cert or not tls.key:
             raise ConfigError("tls needs cert and key files", file=sec.file, key=sec.key("tls"))
+        for k in ("cert", "key", "ca"):
+            _check_tls_file(t, k)
     else:
         sec.get("tls")
     if kind == "http":
@@ -531,7 +558,12 @@ def _source(sec: _Section) -> SourceConfig:
     )
     sec.done()
     if not 0 <= src.port <= 65535:
-        raise ConfigError(f"port {src.port} is out of range", file=sec.file, key=sec.key("port"))
+        raise ConfigError(
+            f"port {src.port} is out of range",
+            file=sec.file,
+            key=sec.key("port"),
+            hint="use a port from 1 to 65535 (0: any free port)",
+        )
     for k in ("max_connections", "max_connections_per_peer"):
         if getattr(src, k) < 0:
             raise ConfigError(f"{k} must be 0 or more", file=sec.file, key=sec.key(k))
@@ -632,7 +664,12 @@ def _http_source(sec: _Section, tls: TLSConfig | None) -> SourceConfig:
     )
     sec.done()
     if not 0 <= src.port <= 65535:
-        raise ConfigError(f"port {src.port} is out of range", file=sec.file, key=sec.key("port"))
+        raise ConfigError(
+            f"port {src.port} is out of range",
+            file=sec.file,
+            key=sec.key("port"),
+            hint="use a port from 1 to 65535 (0: any free port)",
+        )
     if not http.path.startswith("/"):
         raise ConfigError(
             "path must start with /", file=sec.file, key=sec.key("path"), hint="e.g. path: /fhir"
@@ -750,7 +787,12 @@ def _admin(sec: _Section, base: Path, port_override: Any) -> AdminConfig:
                 hint="check SLUICE_ADMIN_PORT",
             ) from None
     if not 0 <= admin.port <= 65535:
-        raise ConfigError(f"port {admin.port} is out of range", file=sec.file, key="admin.port")
+        raise ConfigError(
+            f"port {admin.port} is out of range",
+            file=sec.file,
+            key="admin.port",
+            hint="use a port from 1 to 65535 (0: any free port)",
+        )
     return admin
 
 

@@ -225,6 +225,13 @@ def keys_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, set[
     (tmp_path / "channels" / "lab.yaml").write_text(CHANNEL_YAML)
     (tmp_path / "channels" / "portal.yaml").write_text(POLL_CHANNEL_YAML)
     (tmp_path / "channels" / "push.yaml").write_text(HTTP_CHANNEL_YAML)
+    for pem in (
+        "server.crt",
+        "server.key",
+        "ca.crt",
+    ):  # the listener's TLS files must exist (relative: the cwd)
+        (tmp_path / pem).write_text("pem")
+    monkeypatch.chdir(tmp_path)
     seen: dict[str, set[str]] = {"routes": set(), "channel": set()}
     real_get = config_mod._Section.get
 

@@ -60,6 +60,61 @@ def test_invalid_yaml_says_where(tmp_path: Path) -> None:
         config.load(path)
 
 
+def test_bad_indent_says_the_line_and_what_to_do(tmp_path: Path) -> None:
+    path = write_config(tmp_path, channels={"a": basic_channel(1234)}, destinations=FILE_DEST)
+    (tmp_path / "channels" / "a.yaml").write_text("name: a\nsource:\n  host: 127.0.0.1\n   port: 2575\n")
+    with pytest.raises(ConfigError) as ei:
+        config.load(path)
+    msg = str(ei.value)
+    assert "line 4" in msg and "'   port: 2575'" in msg and "indentation" in msg
+
+
+def test_a_tab_in_yaml_says_so(tmp_path: Path) -> None:
+    path = write_config(tmp_path, channels={"a": basic_channel(1234)}, destinations=FILE_DEST)
+    (tmp_path / "channels" / "a.yaml").write_text("name: a\nsource:\n\tport: 2575\n")
+    with pytest.raises(ConfigError, match=r"line 3.*no tabs"):
+        config.load(path)
+
+
+def test_port_out_of_range_says_the_range(tmp_path: Path) -> None:
+    ch = basic_channel(1234)
+    ch["source"]["port"] = 25750000
+    path = write_config(tmp_path, channels={"a": ch}, destinations=FILE_DEST)
+    with pytest.raises(
+        ConfigError, match=r"source.port: port 25750000 is out of range \(use a port from 1 to 65535"
+    ):
+        config.load(path)
+
+
+def test_missing_tls_file_fails_the_check_not_the_start(tmp_path: Path) -> None:
+    (tmp_path / "server.crt").write_text("pem")
+    ch = basic_channel(1234)
+    ch["source"]["tls"] = {"cert": str(tmp_path / "server.crt"), "key": str(tmp_path / "nowhere.key")}
+    path = write_config(tmp_path, channels={"a": ch}, destinations=FILE_DEST)
+    with pytest.raises(ConfigError) as ei:
+        config.load(path)
+    msg = str(ei.value)
+    assert "a.yaml" in msg and "source.tls.key" in msg and "nowhere.key" in msg and "not found" in msg
+    (tmp_path / "nowhere.key").write_text("pem")
+    assert next(c for c in config.load(path).channels if c.name == "a").source.tls is not None
+
+
+def test_start_failure_names_the_file_or_the_port() -> None:
+    import errno
+
+    from engine.cli import start_failure
+
+    missing = FileNotFoundError(errno.ENOENT, "No such file or directory", "/etc/sluice/x.crt")
+    assert start_failure(missing) == (
+        "cannot start: No such file or directory: '/etc/sluice/x.crt' "
+        "(check the path and the engine account's access to it)"
+    )
+    assert "another process uses the port" in start_failure(
+        OSError(errno.EADDRINUSE, "Address already in use")
+    )
+    assert "port" not in start_failure(OSError(errno.EACCES, "Permission denied"))
+
+
 def test_env_and_flag_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_config(tmp_path, channels={"a": basic_channel(1234)}, destinations=FILE_DEST)
     monkeypatch.setenv("SLUICE_PORT", "2999")
