@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,20 @@ def backoff_delay(
     if retry_after is not None:
         delay = max(delay, retry_after)  # never sooner than the server asked
     return max(0.0, delay)
+
+
+_WILL_RETRY = re.compile(r" \(will retry\)|[;,] will retry")
+
+
+def dead_letter_reason(reason: str, attempts: int, *, block: bool) -> str:
+    """The reason a dead letter keeps: the destination's error without its "will retry" (nothing retries a
+    dead letter on its own) and what to do: fix the cause, then replay."""
+    text = _WILL_RETRY.sub("", reason)
+    if block:
+        text = f"gave up after {attempts} attempts: {text}"
+    else:
+        text = f"parked at the first failure (on_failure: dead-letter): {text}"
+    return f"{text}; fix the cause (e.g. the target is up again), then replay: sluice replay --id <message id>"
 
 
 class ProcessingWorker:
@@ -545,12 +560,7 @@ class DeliveryWorker:
                             error=type(exc).__name__,
                         )
                     else:
-                        if not retryable:
-                            why = reason
-                        elif block:
-                            why = f"gave up after {attempts} attempts: {reason}"
-                        else:
-                            why = f"parked at the first failure (on_failure: dead-letter): {reason}"
+                        why = reason if not retryable else dead_letter_reason(reason, attempts, block=block)
                         failed.append((r.id, attempts, why, None))
                         self.dead += 1
                         self.consecutive_failures += 1

@@ -148,6 +148,7 @@ def test_dead_letter_then_replay(tmp_path: Path) -> None:
             wait_for(lambda: bool(s.dead_letters()), what="dead letter")
             (dl,) = s.dead_letters()
             assert "gave up after 2 attempts" in dl.reason and "cannot write" in dl.reason
+            assert "will retry" not in dl.reason and "sluice replay" in dl.reason
             listing = runner.invoke(main, ["dead-letter", "list", "--config", str(cfg)])
             assert "gave up after 2 attempts" in listing.output
             dry = runner.invoke(

@@ -1,0 +1,26 @@
+"""The reason a dead letter keeps: what the destination said, never "will retry", and what to do (pure)."""
+
+from __future__ import annotations
+
+from engine.workers import dead_letter_reason
+
+
+def test_gave_up_drops_will_retry_and_says_replay() -> None:
+    reason = "fhir-main POST /: cannot connect (All connection attempts failed); will retry"
+    text = dead_letter_reason(reason, 5, block=True)
+    assert text.startswith(
+        "gave up after 5 attempts: fhir-main POST /: cannot connect (All connection attempts"
+    )
+    assert "will retry" not in text
+    assert text.endswith("then replay: sluice replay --id <message id>")
+
+
+def test_every_will_retry_form_goes() -> None:
+    for reason, kept in [
+        ("fhir-main POST /: HTTP 503 (will retry): down", "fhir-main POST /: HTTP 503: down"),
+        ("x: HTTP 409 (version conflict, will retry): y", "x: HTTP 409 (version conflict): y"),
+        ("x: TLS certificate verification failed (e); if the server uses a private CA set tls.ca_file, will retry",
+         "x: TLS certificate verification failed (e); if the server uses a private CA set tls.ca_file"),
+    ]:  # fmt: skip
+        text = dead_letter_reason(reason, 1, block=False)
+        assert text.startswith(f"parked at the first failure (on_failure: dead-letter): {kept};"), text
