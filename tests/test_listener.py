@@ -148,6 +148,26 @@ def connect(lst: Listener, transport: FakeTransport | None = None) -> tuple[MLLP
     return proto, tr
 
 
+def one_connection(
+    intake: object | None = None, transport: FakeTransport | None = None, **options: Any
+) -> tuple[Clock, Listener, MLLPProtocol, FakeTransport]:
+    """A listener on a clock of its own (``options`` as for :func:`listener`) and one connection to it."""
+    clock = Clock()
+    lst = listener(clock, intake, **options)
+    proto, tr = connect(lst, transport)
+    return clock, lst, proto, tr
+
+
+def assert_idle_closed_after_10s(clock: Clock, lst: Listener, proto: MLLPProtocol, tr: FakeTransport) -> None:
+    """Open 9.5 s from the last activity, closed (an orderly close, counted idle) at the idle_timeout of 10 s."""
+    clock.now += 9.5
+    proto._on_timer()
+    assert not tr.is_closing()
+    clock.now += 0.5
+    proto._on_timer()
+    assert tr.closed and not tr.aborted and lst.stats.idle_closed == 1
+
+
 def frames(*payloads: bytes) -> bytes:
     return b"".join(encode(p) for p in payloads)
 
@@ -166,9 +186,7 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
 # -- timers ------------------------------------------------------------------------------------------
 def test_idle_timeout_counts_complete_frames_not_junk() -> None:
     async def main() -> None:
-        clock = Clock()
-        lst = listener(clock)
-        proto, tr = connect(lst)
+        clock, lst, proto, tr = one_connection()
         clock.now += 9.5
         proto.data_received(b"noise, then more noise")  # junk outside a frame is not activity
         proto._on_timer()
@@ -184,19 +202,12 @@ def test_idle_timeout_counts_complete_frames_not_junk() -> None:
 
 def test_a_complete_frame_and_its_ack_restart_the_idle_time() -> None:
     async def main() -> None:
-        clock = Clock()
-        lst = listener(clock)
-        proto, tr = connect(lst)
+        clock, lst, proto, tr = one_connection()
         clock.now += 9.5
         proto.data_received(encode(b"M1"))
         await settle(proto)
         assert tr.acks() == [b"M1"]
-        clock.now += 9.5
-        proto._on_timer()
-        assert not tr.is_closing()
-        clock.now += 0.5
-        proto._on_timer()
-        assert tr.closed and lst.stats.idle_closed == 1
+        assert_idle_closed_after_10s(clock, lst, proto, tr)
         proto.connection_lost(None)
 
     run(main)
@@ -204,9 +215,7 @@ def test_a_complete_frame_and_its_ack_restart_the_idle_time() -> None:
 
 def test_frame_deadline_is_total_however_often_bytes_arrive() -> None:
     async def main() -> None:
-        clock = Clock()
-        lst = listener(clock)
-        proto, tr = connect(lst)
+        clock, lst, proto, tr = one_connection()
         proto.data_received(VT + b"MSH|")
         for _ in range(7):  # slowloris: a byte every 0.5 s
             clock.now += 0.5
@@ -224,10 +233,8 @@ def test_frame_deadline_is_total_however_often_bytes_arrive() -> None:
 
 def test_a_frame_being_answered_is_not_idle_and_the_ack_is_activity() -> None:
     async def main() -> None:
-        clock = Clock()
         intake = GatedIntake()
-        lst = listener(clock, intake)
-        proto, tr = connect(lst)
+        clock, lst, proto, tr = one_connection(intake)
         proto.data_received(encode(b"M1"))
         await settle(proto)
         assert intake.seen == [b"M1"]
@@ -237,12 +244,7 @@ def test_a_frame_being_answered_is_not_idle_and_the_ack_is_activity() -> None:
         intake.release()
         await settle(proto)
         assert tr.acks() == [b"M1"]
-        clock.now += 9.5  # idle time counts from the ACK
-        proto._on_timer()
-        assert not tr.is_closing()
-        clock.now += 0.5
-        proto._on_timer()
-        assert tr.closed and lst.stats.idle_closed == 1
+        assert_idle_closed_after_10s(clock, lst, proto, tr)  # idle time counts from the ACK
         proto.connection_lost(None)
 
     run(main)
@@ -344,8 +346,7 @@ def test_max_connections_zero_refuses() -> None:
 def test_reading_pauses_at_connection_frames_and_everything_is_answered_in_order() -> None:
     async def main() -> None:
         intake = GatedIntake()
-        lst = listener(Clock(), intake, limits=LimitsConfig(connection_frames=4))
-        proto, tr = connect(lst)
+        _, lst, proto, tr = one_connection(intake, limits=LimitsConfig(connection_frames=4))
         payloads = [b"M%02d" % i for i in range(10)]
         proto.data_received(frames(*payloads))
         await settle(proto)
@@ -365,8 +366,7 @@ def test_reading_pauses_at_connection_frames_and_everything_is_answered_in_order
 def test_reading_pauses_at_connection_inflight_bytes() -> None:
     async def main() -> None:
         intake = GatedIntake()
-        lst = listener(Clock(), intake, limits=LimitsConfig(connection_inflight_bytes=1000))
-        proto, tr = connect(lst)
+        _, _, proto, tr = one_connection(intake, limits=LimitsConfig(connection_inflight_bytes=1000))
         payloads = [b"%03d" % i + b"x" * 397 for i in range(8)]
         proto.data_received(frames(*payloads))
         await settle(proto)
@@ -380,10 +380,10 @@ def test_reading_pauses_at_connection_inflight_bytes() -> None:
 
 def test_a_peer_that_reads_no_acks_is_not_served_further_then_cut_off() -> None:
     async def main() -> None:
-        clock = Clock()
         intake = AckingIntake()
-        lst = listener(clock, intake, limits=LimitsConfig(unsent_ack_bytes=500))
-        proto, tr = connect(lst, FakeTransport(reads_acks=False))
+        clock, lst, proto, tr = one_connection(
+            intake, FakeTransport(reads_acks=False), limits=LimitsConfig(unsent_ack_bytes=500)
+        )
         proto.data_received(frames(*(b"M%02d" % i for i in range(40))))
         await settle(proto)
         # Answered until more than 500 ACK bytes are unsent; then neither answered nor read further.
@@ -413,8 +413,7 @@ def test_a_peer_that_reads_no_acks_is_not_served_further_then_cut_off() -> None:
 def test_empty_frame_flood_is_answered_a_bounded_slice_at_a_time() -> None:
     async def main() -> None:
         intake = AckingIntake()
-        lst = listener(Clock(), intake)
-        proto, tr = connect(lst)
+        _, lst, proto, tr = one_connection(intake)
         other, tr2 = connect(lst)
         proto.data_received(encode(b"") * 20_000)  # 60 KB: 20,000 frames in one read
         assert len(proto.queue) == 32 and not tr.reading
@@ -463,8 +462,7 @@ def test_global_budget_pauses_holders_and_lets_empty_connections_read() -> None:
 def test_frames_read_before_the_peer_left_are_still_answered_and_the_budget_returns_to_zero() -> None:
     async def main() -> None:
         intake = GatedIntake()
-        lst = listener(Clock(), intake, limits=LimitsConfig(connection_frames=2))
-        proto, tr = connect(lst)
+        _, lst, proto, tr = one_connection(intake, limits=LimitsConfig(connection_frames=2))
         proto.data_received(frames(b"A", b"B", b"C", b"D") + VT + b"partial")
         await settle(proto)
         assert lst.budget.total > 0
@@ -508,10 +506,8 @@ def test_partial_frames_cannot_hold_the_budget_forever() -> None:
 
 def test_own_back_pressure_time_is_given_back_to_the_frame_deadline() -> None:
     async def main() -> None:
-        clock = Clock()
         intake = GatedIntake()
-        lst = listener(clock, intake, limits=LimitsConfig(connection_frames=1))
-        proto, tr = connect(lst)
+        clock, _, proto, tr = one_connection(intake, limits=LimitsConfig(connection_frames=1))
         proto.data_received(encode(b"M1") + VT + b"M2 in prog")  # M1 in intake, M2 half read: paused
         await settle(proto)
         assert not tr.reading and proto.framer.deadline is None  # M2 not taken from the framer yet
