@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import resource
-import select
 import shutil
 import socket
 import ssl
@@ -49,9 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.engine import EngineProcess, fhir_channel, free_port, write_config  # noqa: E402
+from tests.support.rawmllp import END, VT, push, read_frame  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-VT, END = b"\x0b", b"\x1c\x0d"
 
 
 def rss_mb(pid: int) -> float:
@@ -89,21 +88,6 @@ def adt(control: str, extra: bytes = b"") -> bytes:
         "PV1|1|O",
     ]
     return ("\r".join(segs) + "\r").encode() + extra
-
-
-def read_frame(sock: socket.socket, buf: bytearray, deadline: float) -> bytes:
-    while True:
-        end = buf.find(END)
-        if end >= 0:
-            start = buf.find(VT)
-            payload = bytes(buf[start + 1 : end])
-            del buf[: end + 2]
-            return payload
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed")
-        buf += data
 
 
 class GoodSender(threading.Thread):
@@ -158,32 +142,6 @@ class GoodSender(threading.Thread):
             "p99_ms": pct(0.99),
             "max_ms": round(lat[-1] * 1000, 1),
         }
-
-
-def push(sock: socket.socket, data: bytes | Callable[[int], bytes], total: int, stall: float) -> int:
-    """Send ``total`` bytes without reading; stop once the peer has taken nothing for ``stall`` s."""
-    sock.setblocking(False)
-    sent = 0
-    chunk = b""
-    last = time.monotonic()
-    while sent < total:
-        if not chunk:
-            chunk = data(sent) if callable(data) else data[sent : sent + (1 << 20)]
-        _, w, _ = select.select([], [sock], [], 0.2)
-        if not w:
-            if time.monotonic() - last > stall:
-                break
-            continue
-        try:
-            n = sock.send(chunk[:262144])
-        except BlockingIOError:
-            continue
-        except OSError:
-            break
-        sent += n
-        chunk = chunk[n:]
-        last = time.monotonic()
-    return sent
 
 
 def log_lines(path: Path) -> int:
@@ -266,7 +224,7 @@ def empty_flood(work: Path, frames: int, stall: float) -> dict[str, Any]:
     def clients(port: int) -> list[Callable[[], int]]:
         def client() -> int:
             with socket.create_connection(("127.0.0.1", port)) as s:
-                return push(s, data, len(data), stall)
+                return push(s, data, len(data), stall, poll=0.2)
 
         return [client]
 
@@ -294,7 +252,7 @@ def big_frames(work: Path, connections: int, per_conn: int, size: int, stall: fl
                 return frame(i)[off:] if i < per_conn else b""
 
             with socket.create_connection(("127.0.0.1", port)) as s:
-                return push(s, gen, total, stall)
+                return push(s, gen, total, stall, poll=0.2)
 
         return run
 

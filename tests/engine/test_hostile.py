@@ -16,7 +16,6 @@ import contextlib
 import json
 import random
 import resource
-import select
 import shutil
 import socket
 import ssl
@@ -33,8 +32,8 @@ import yaml
 
 from tests.support.engine import EngineProcess, free_port, write_config
 from tests.support.polling import wait_for
+from tests.support.rawmllp import END, VT, push, read_frame
 
-VT, END = b"\x0b", b"\x1c\x0d"
 MB = 1024 * 1024
 RSS_CEILING_MB = 400  # the engine process during a flood (issue #12)
 RSS_RETURN_MB = 50  # back within this of where it started, once the flooders are gone
@@ -56,21 +55,6 @@ def adt(control: str, extra: bytes = b"") -> bytes:
         "PV1|1|O",
     ]
     return ("\r".join(segs) + "\r").encode() + extra
-
-
-def read_frame(sock: socket.socket, buf: bytearray, timeout: float = 60.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while True:
-        end = buf.find(END)
-        if end >= 0:
-            payload = bytes(buf[buf.find(VT) + 1 : end])
-            del buf[: end + 2]
-            return payload
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("the engine closed the connection")
-        buf += data
 
 
 def send_one(port: int, control: str, ctx: ssl.SSLContext | None = None) -> bytes:
@@ -133,28 +117,6 @@ class GoodSender(threading.Thread):
         assert self.error is None, f"the well-behaved sender failed: {self.error!r}"
         assert len(self.answers) >= at_least, f"only {len(self.answers)} answers during the flood"
         assert all((code, got) == ("AA", cid) for cid, code, got in self.answers), self.answers[:5]
-
-
-def push(sock: socket.socket, chunk_at: Callable[[int], bytes], total: int, stall: float) -> int:
-    """Send without ever reading; give up once the engine has taken nothing for ``stall`` seconds."""
-    sock.setblocking(False)
-    sent, chunk, last = 0, b"", time.monotonic()
-    while sent < total:
-        if not chunk:
-            chunk = chunk_at(sent)
-        _, writable, _ = select.select([], [sock], [], 0.1)
-        if not writable:
-            if time.monotonic() - last > stall:
-                break
-            continue
-        try:
-            n = sock.send(chunk[:262144])
-        except BlockingIOError:
-            continue
-        except OSError:
-            break
-        sent, chunk, last = sent + n, chunk[n:], time.monotonic()
-    return sent
 
 
 class Engine:
