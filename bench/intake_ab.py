@@ -64,10 +64,12 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_port(
+    port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60, poll: float = 0.05
+) -> None:
     import socket
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"engine exited:\n{log.read_text()[-3000:]}")
@@ -75,19 +77,59 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("engine did not start listening")
+            time.sleep(poll)
+    raise RuntimeError(f"engine did not start listening:\n{log.read_text()[-3000:]}")
 
 
-def one_run(side: Path, connections: int, seconds: float, pure: bool) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="sluice-ab-"))
+def _setup(prefix: str, pure: bool) -> tuple[Path, int, Path, dict[str, str]]:
+    """A scratch directory with the intake config (a channel on a free port, passthrough to a file
+    destination with fsync): (directory, port, config file, the engine's environment)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     port = free_port()
-    channel = basic_channel(port)
     dest = {"out": {"kind": "file", "directory": str(work / "out"), "fsync": True}}
-    cfg = write_config(work, channels={"bench": channel}, destinations=dest)
+    cfg = write_config(work, channels={"bench": basic_channel(port)}, destinations=dest)
     env = dict(os.environ, PYTHONUNBUFFERED="1", SLUICE_ADMIN_PORT="0")
     if pure:
         env["SLUICE_PURE_PYTHON"] = "1"
+    return work, port, cfg, env
+
+
+def _wait_delivered(work: Path, deadline: float, poll: float) -> int:
+    """Wait until every stored message is processed and delivered (or ``deadline``); the messages stored."""
+    db = sqlite3.connect(f"file:{work / 'sluice.db'}?mode=ro", uri=True, timeout=30)
+    stored = 0
+    while time.monotonic() < deadline:
+        stored = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+        done = db.execute("SELECT count(*) FROM deliveries WHERE status != 'pending'").fetchone()[0]
+        received = db.execute("SELECT count(*) FROM messages WHERE status = 'received'").fetchone()[0]
+        if received == 0 and done >= stored:
+            break
+        time.sleep(poll)
+    db.close()
+    return int(stored)
+
+
+def _pyspy(pid: int, suffix: str) -> subprocess.Popen[bytes]:
+    """py-spy recording ``pid`` (collapsed stacks) to ``$AB_PYSPY_OUT.<suffix>``."""
+    return subprocess.Popen(
+        [os.environ["AB_PYSPY"], "record", "-p", str(pid), "--threads", "--format", "raw",
+         "-r", "200", "-o", f"{os.environ['AB_PYSPY_OUT']}.{suffix}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def one_run(side: Path, connections: int, seconds: float, pure: bool) -> dict[str, Any]:
+    work, port, cfg, env = _setup("sluice-ab-", pure)
     log = work / "engine.log"
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
@@ -113,12 +155,7 @@ def one_run(side: Path, connections: int, seconds: float, pure: bool) -> dict[st
             time.sleep(1.0)
         spy: subprocess.Popen[bytes] | None = None
         if os.environ.get("AB_PYSPY"):  # a py-spy profile of the engine during the load (collapsed stacks)
-            spy = subprocess.Popen(
-                [os.environ["AB_PYSPY"], "record", "-p", str(proc.pid), "--threads", "--format", "raw",
-                 "-r", "200", "-o", f"{os.environ['AB_PYSPY_OUT']}.{side.name}.{connections}.txt"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            spy = _pyspy(proc.pid, f"{side.name}.{connections}.txt")
             time.sleep(1.0)
         load1 = os.getloadavg()[0]
         cpu0 = _cpu(proc.pid)
@@ -132,23 +169,8 @@ def one_run(side: Path, connections: int, seconds: float, pure: bool) -> dict[st
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
-            spy = subprocess.Popen(
-                [os.environ["AB_PYSPY"], "record", "-p", str(proc.pid), "--threads", "--format", "raw",
-                 "-r", "200", "-o", f"{os.environ['AB_PYSPY_OUT']}.{side.name}.{connections}.drain.txt"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-        db = sqlite3.connect(f"file:{work / 'sluice.db'}?mode=ro", uri=True, timeout=30)
-        stored = 0
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            stored = db.execute("SELECT count(*) FROM messages").fetchone()[0]
-            done = db.execute("SELECT count(*) FROM deliveries WHERE status != 'pending'").fetchone()[0]
-            received = db.execute("SELECT count(*) FROM messages WHERE status = 'received'").fetchone()[0]
-            if received == 0 and done >= stored:
-                break
-            time.sleep(0.1)
-        db.close()
+            spy = _pyspy(proc.pid, f"{side.name}.{connections}.drain.txt")
+        stored = _wait_delivered(work, time.monotonic() + 120, 0.1)
         cpu_all = _cpu(proc.pid) - cpu0
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -165,12 +187,7 @@ def one_run(side: Path, connections: int, seconds: float, pure: bool) -> dict[st
             except subprocess.TimeoutExpired:
                 tracer.kill()
                 tracer.wait()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, 30)
     syncs: dict[str, int] = {}
     if trace_out.exists():
         for line in trace_out.read_text(errors="replace").splitlines():
@@ -203,13 +220,7 @@ def one_run(side: Path, connections: int, seconds: float, pure: bool) -> dict[st
 def instructions(side: Path, n: int, connections: int, pure: bool, keep: Path | None) -> int:
     """Instructions of the engine process (valgrind callgrind; worker processes are spawned, not traced)
     from start to stop with ``n`` messages sent over ``connections`` and delivered."""
-    work = Path(tempfile.mkdtemp(prefix="sluice-ab-cg-"))
-    port = free_port()
-    dest = {"out": {"kind": "file", "directory": str(work / "out"), "fsync": True}}
-    cfg = write_config(work, channels={"bench": basic_channel(port)}, destinations=dest)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", SLUICE_ADMIN_PORT="0")
-    if pure:
-        env["SLUICE_PURE_PYTHON"] = "1"
+    work, port, cfg, env = _setup("sluice-ab-cg-", pure)
     log = work / "engine.log"
     out = keep if keep is not None else work / "callgrind.out"
     with open(log, "ab") as logf:
@@ -223,16 +234,7 @@ def instructions(side: Path, n: int, connections: int, pure: bool, keep: Path | 
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 900
-        import socket
-
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"engine under valgrind did not start:\n{log.read_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                time.sleep(0.5)
+        _wait_port(port, proc, log, timeout=900, poll=0.5)
         args = [
             "--port",
             str(port),
@@ -245,22 +247,9 @@ def instructions(side: Path, n: int, connections: int, pure: bool, keep: Path | 
         ]
         subprocess.run([*LOAD, *args, "--warmup", "0", "--ack-timeout", "120", "--json", str(work / "l.json")],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)  # fmt: skip
-        db = sqlite3.connect(f"file:{work / 'sluice.db'}?mode=ro", uri=True, timeout=30)
-        while time.monotonic() < deadline:
-            stored = db.execute("SELECT count(*) FROM messages").fetchone()[0]
-            done = db.execute("SELECT count(*) FROM deliveries WHERE status != 'pending'").fetchone()[0]
-            received = db.execute("SELECT count(*) FROM messages WHERE status = 'received'").fetchone()[0]
-            if received == 0 and done >= stored:
-                break
-            time.sleep(0.5)
-        db.close()
+        _wait_delivered(work, deadline, 0.5)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, 300)
     m = re.findall(r"Collected : (\d+)", log.read_text())
     shutil.rmtree(work, ignore_errors=True)
     if not m:
