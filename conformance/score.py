@@ -154,6 +154,9 @@ RULES: dict[str, str] = {
     "the IG maps that OBX to an Observation (RP → valueAttachment) or the report's presentedForm",
     "ms-obr-specimen-identifier": "identifier MS copies from OBR-3 / OBR-53 onto the Specimen it makes of an "
     "OBR; the IG's OBR[Specimen] gives that Specimen only OBR-2 (accessionIdentifier)",
+    "ig-no-target-participant": "Practitioner MS makes from an order's PRT whose role the IG's maps give no "
+    "target (they map an order's PRT only for OP, SC, ARI, TN, TR, PRI of HL70443) or from OBR-28 result copies "
+    "to (deferred by the IG), and refers to from the Patient or the order",
     "ms-table-system": "a code of a field bound to an HL7 table that the message sends with a coding system of "
     "its own (SCT, L, ...): MS gives it the table's v2 system, Sluice the system the message names",
     "keyless-encounter": "Encounter MS makes from the PV1 of a message that is not an ADT and has neither PV1-19 "
@@ -1006,6 +1009,10 @@ UNSCORED_PRACTITIONER_FIELDS: dict[str, str] = {
 a ROL of the PROCEDURE or INSURANCE group (after PR1, IN1, IN2 or IN3) has no target in the IG's
 message maps, nor has any field of a segment the message's IG map leaves unmapped (:attr:`Source.unmapped`)."""
 
+_MAPPED_ORDER_PRT_ROLES = frozenset({"OP", "SC", "ARI", "TN", "TR", "PRI"})
+"""PRT-4.1 codes (table 0443) of an order-level PRT (after ORC / OBR) the IG's ORU_R01 and OML_O21 maps give a
+target (a PractitionerRole), each only with PRT-4.3 HL70443."""
+
 _NO_TARGET_ROL_GROUPS = {"PR1": "PROCEDURE", "IN1": "INSURANCE", "IN2": "INSURANCE", "IN3": "INSURANCE"}
 
 MS_PERFORMER_ROLE = "http://example.com/v2-to-fhir-converter/CodeSystem/performer-role"
@@ -1517,6 +1524,36 @@ class Source:
                 if kind in ("RP", "ED"):
                     return f"OBX-3 {code!r} of an OBX of type {kind}"
         return ""
+
+    def only_in_no_target_participant(self, value: str) -> str:
+        """Where ``value`` occurs, when that is only PRT-5 of order-level PRTs (after an ORC or OBR, other PRTs and
+        NTEs aside) whose PRT-4 the IG's maps give no target, or OBR-28; "" otherwise."""
+        found = self.find(value)
+        if not found:
+            return ""
+        group: dict[int, str] = {}
+        last = ""
+        for ordinal, name in self.segments:
+            group[ordinal] = last
+            if name not in ("PRT", "NTE", "ROL"):
+                last = name
+        wheres = set()
+        for r in found:
+            if r.where == "OBR-28":
+                wheres.add("OBR-28 (result copies to: deferred by the IG)")
+                continue
+            if r.where != "PRT-5" or group.get(r.ordinal) not in ("ORC", "OBR"):
+                return ""
+            roles = self.field(r.ordinal, 4)
+            role = roles[0] if roles else None
+            if (
+                role is not None
+                and role.comp(1).upper() in _MAPPED_ORDER_PRT_ROLES
+                and role.comp(3).upper() == "HL70443"
+            ):
+                return ""
+            wheres.add(f"PRT-5 of an order's PRT with PRT-4 {role.comp(1) if role is not None else ''!r}")
+        return ", ".join(sorted(wheres))
 
     def keyless_encounter(self, res: Mapping[str, Any]) -> str:
         """The explanation for an MS Encounter (without identifiers) made from the one PV1 of a message that is not
@@ -2388,6 +2425,11 @@ def score_bundles(
                 rule = "ms-order-field"
             elif why := src.keyless_encounter(exp):
                 rule = "keyless-encounter"
+            elif exp.get("resourceType") == "Practitioner" and (
+                where := src.only_in_no_target_participant(inner)
+            ):
+                why = f"the message has {inner!r} only in {where}, which the IG's message maps give no target"
+                rule = "ig-no-target-participant"
             elif why := src.attachment_report(exp):
                 why = f"MS makes it from the {why}; the IG maps that OBX to an Observation or presentedForm"
                 rule = "ms-attachment-report"

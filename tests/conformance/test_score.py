@@ -649,6 +649,13 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
         "OBR|1|ORD5||SVC5^Service five^L\r", "OBR|1|ORD5||SVC5^Service five^L" + "|" * 20 + "LAB\r"
     )
     ref_sr5["identifier"] = [{"value": "ORD5"}, {"value": "GRP5"}]
+    # an order's PRT whose role the IG maps nowhere (RCT): MS makes a Practitioner of it
+    src = src.replace("|LAB\r", "|LAB\rPRT|1|AD||RCT^Results Copies To^HL70443|RCT9^COPY^CARL\r")
+    ref_rct = {
+        "resourceType": "Practitioner",
+        "identifier": [{"value": "RCT9"}],
+        "name": [{"family": "COPY"}],
+    }
     ref_sr5["locationCode"] = [
         {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}
     ]
@@ -692,6 +699,7 @@ def _every_quirk() -> tuple[dict[str, Any], dict[str, Any], str]:
             ref_gp,
             ref_doc,
             ref_sp6,
+            ref_rct,
         ),
         src,
     )
@@ -1439,3 +1447,14 @@ def test_order_field_ei_with_a_namespace_is_still_an_ei() -> None:
     ours, ref, src = _every_quirk()
     with_ns = src.replace("||GRP5||", "||GRP5^NS||")
     assert score_bundles(ours, ref, source=with_ns).explained_by["ms-order-field"] == 2
+
+
+def test_no_target_participant_needs_an_unmapped_order_prt_role() -> None:
+    """ig-no-target-participant: the person of an order's PRT is excused only when the IG maps that PRT-4 nowhere
+    (an OP of HL70443 is the requester) and the message names the person nowhere else."""
+    ours, ref, src = _every_quirk()
+    assert score_bundles(ours, ref, source=src).explained_by["ig-no-target-participant"] == 2
+    op = src.replace("RCT^Results Copies To^HL70443", "OP^Order Provider^HL70443")
+    assert "ig-no-target-participant" not in score_bundles(ours, ref, source=op).explained_by
+    elsewhere = src + "PV1|1|O|||||RCT9^COPY^CARL\r"
+    assert "ig-no-target-participant" not in score_bundles(ours, ref, source=elsewhere).explained_by
