@@ -912,6 +912,8 @@ def identity_score(ours: Mapping[str, Any], expected: Mapping[str, Any]) -> int:
         score += 3
         if any(n in onames for n in enames):
             score += 2  # family and given names agree
+        if expected.get("birthDate") and compare_dates(ours.get("birthDate"), expected.get("birthDate")):
+            score += 1  # two people of one name (a mother as next of kin and as the insured): the birth date tells
     return score
 
 

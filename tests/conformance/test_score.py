@@ -1458,3 +1458,12 @@ def test_no_target_participant_needs_an_unmapped_order_prt_role() -> None:
     assert "ig-no-target-participant" not in score_bundles(ours, ref, source=op).explained_by
     elsewhere = src + "PV1|1|O|||||RCT9^COPY^CARL\r"
     assert "ig-no-target-participant" not in score_bundles(ours, ref, source=elsewhere).explained_by
+
+
+def test_two_people_of_one_name_are_told_apart_by_birth_date() -> None:
+    """A mother as next of kin and as the insured: same name, only the insured carries a birth date; the reference's
+    person with that birth date is paired with Sluice's insured, whatever their order."""
+    kin = {"resourceType": "RelatedPerson", "name": [{"family": "ROE", "given": ["RITA"]}]}
+    insured = {**kin, "birthDate": "1975-06-27"}
+    s = score_bundles(bundle(kin, insured), bundle(insured))
+    assert s.compared == s.agreeing == 3
