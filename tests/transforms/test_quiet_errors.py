@@ -278,6 +278,22 @@ def test_text_obx_without_obx_3_becomes_the_report_conclusion() -> None:
 # ---------------------------------------------------------------------------
 # Typed values: RP, numeric reference ranges
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("vtype", "value", "text"),
+    [
+        ("DLN", "D1234567^OR^20300101", "D1234567 OR 20300101"),  # driver's licence: number, state, expiry
+        ("CX", "MRN77^^^NORTH&1.2.3&ISO^MR", "MRN77 NORTH 1.2.3 ISO MR"),
+        ("FN", "^Sample", "Sample"),  # an empty first component
+        ("ZZ", "A\\S\\B", "A^B"),  # one component: an escaped separator is data, kept as sent
+    ],
+)
+def test_a_composite_value_without_a_mapping_is_text_not_the_encoded_string(
+    vtype: str, value: str, text: str
+) -> None:
+    obs = one(oru(f"OBX|1|{vtype}|99999-9^Other^LN||{value}||||||F").bundle, "Observation")
+    assert obs["valueString"] == text
+
+
 def test_rp_value_is_an_attachment_not_the_encoded_string() -> None:
     result = oru(
         "OBX|1|RP|18748-4^Diagnostic imaging study^LN||https://images.example.org/study/1^^IM^JPEG||||||F"
