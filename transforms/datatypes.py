@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from engine.errors import ConversionError, Location
-from engine.hl7 import Rep, Segment
+from engine.hl7 import Delimiters, Rep, Segment
 from transforms.bundle import ConvertContext
 from transforms.settings import DERIVED_SYSTEM_PREFIX, MAPS_DIR, ConvertSettings
 
@@ -402,6 +402,17 @@ def utc_now_instant() -> str:
 # ---------------------------------------------------------------------------
 _TAG = re.compile(r"<[^>]{0,2000}>")
 TRUNCATION_MARKER = " [truncated]"
+
+
+def plain_text(rep: Rep, d: Delimiters) -> str:
+    """A value of a composite or unknown type (OBX-5; a CWE sent in an ST field such as SPM-14) as text: its
+    components and subcomponents (unescaped) joined by a space, empty ones left out, so the HL7 encoding
+    (``99999999^NJ`` of a DLN, ``^182``) never reaches a FHIR string."""
+    raw = rep.raw
+    if d.component not in raw and d.subcomponent not in raw:
+        return rep.text.strip()
+    parts = (s.strip() for i in range(1, len(rep) + 1) for s in rep.subs(i))
+    return " ".join(p for p in parts if p)
 
 
 def clean_text(ctx: ConvertContext, value: str) -> str:

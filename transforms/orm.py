@@ -23,7 +23,7 @@ from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment, escape
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, cx, dtm_at, ei, nm, table, unit, xcn
+from transforms.datatypes import V2_TABLE, cwe, cx, dtm_at, ei, nm, plain_text, table, unit, xcn
 from transforms.orders import occurrence, order_numbers, order_type, typed
 
 JSON = dict[str, Any]
@@ -513,7 +513,9 @@ def specimen(
         if (c := coded(r, ctx, Location("SPM", spm.sequence, 24, i), "0493"))
     ]:
         res["condition"] = conditions
-    texts = [r.text.strip() for r in spm.reps(14) if r.text.strip()]
+    # SPM-14 is ST, but senders put a CWE there (``RA^RIGHT ARM``): its components as text, not the encoding
+    d = ctx.message.delimiters
+    texts = [t for r in spm.reps(14) if (t := plain_text(r, d))]
     if texts:
         from transforms.datatypes import clean_text
 

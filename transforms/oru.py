@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from engine.errors import ConversionError, Location
-from engine.hl7 import Delimiters, Message, Rep, Segment, escape
+from engine.hl7 import Message, Rep, Segment, escape
 from transforms.bundle import OBSERVATION_STATUS_RANK, ConvertContext
 from transforms.datatypes import (
     NUMBER_RANGE,
@@ -37,6 +37,7 @@ from transforms.datatypes import (
     hd_system,
     nm,
     number_out_of_range,
+    plain_text,
     sn,
     table,
     unit,
@@ -472,21 +473,10 @@ def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext
         text = "-".join(x for x in (rep.c(1).strip(), rep.c(2).strip()) if x)
         return ("valueString", text) if text else None
     # unknown / empty OBX-2, CP, RP, EI, ...: keep the text
-    text = _plain_text(rep, ctx.message.delimiters)
+    text = plain_text(rep, ctx.message.delimiters)
     if vtype and vtype not in ("RP", "CP", "EI", "XCN", "XPN", "XAD", "XTN", "PN", "CX", "MO"):
         ctx.count("obx_value_type_unknown")
     return ("valueString", text) if text else None
-
-
-def _plain_text(rep: Rep, d: Delimiters) -> str:
-    """A value of a composite or unknown type as text: its components and subcomponents (unescaped) joined by
-    a space, empty ones left out, so the HL7 encoding (``99999999^NJ`` of a DLN, ``^182``) never reaches the
-    FHIR string."""
-    raw = rep.raw
-    if d.component not in raw and d.subcomponent not in raw:
-        return rep.text.strip()
-    parts = (s.strip() for i in range(1, len(rep) + 1) for s in rep.subs(i))
-    return " ".join(p for p in parts if p)
 
 
 _CONTENT_TYPES = {

@@ -432,6 +432,15 @@ def test_oul_r24_order_first_with_its_specimen_and_results() -> None:
     assert all(r["reference"] != sp_url for r in dr1["result"]) and len(resources(b, "Observation")) == 3
 
 
+def test_a_coded_specimen_description_is_text_not_the_encoded_string() -> None:
+    """SPM-14 is ST; a sender's CWE there (``LA^LEFT ARM^L``) becomes the note's text without the encoding."""
+    spm = "SPM|1|SP-301&SYNEHR&2.16.840.1.113883.19.999.8&ISO||119364003^Serum^SCT||||||||||LA^LEFT ARM^L~Hemolysed"
+    text = "\r".join([_OUL_MSH.format("R22^OUL_R22"), _OUL_PID, spm, _oul_obr(1, "2345-7^Glucose^LN")])
+    b = _convert(parse(text + "\r"), golden_settings()).bundle
+    validate_resources(b)
+    assert _spm(b)[1]["note"] == [{"text": "LA LEFT ARM L\nHemolysed"}]
+
+
 # ----------------------------------------------------------------------------- REF
 def test_referral_maps_rf1_and_providers() -> None:
     b = _convert(load("ref_i12"), golden_settings()).bundle
