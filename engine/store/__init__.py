@@ -18,9 +18,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from sqlalchemy import (
-    create_engine,
     delete,
-    event,
     func,
     insert,
     select,
@@ -32,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 
 from engine import keyring
 from engine.errors import StoreError
+from engine.store.connect import open_engine, safe_url
 from engine.store.keys import (
     KEYED_PREFIX,
     ORDER_TAG,
@@ -104,54 +103,6 @@ from engine.store.tables import (
 
 # Indexes of earlier versions that ix_messages_control_channel replaces: dropped once it exists.
 OBSOLETE_INDEXES = ("ix_messages_dedupe", "ix_messages_control_id", "ix_messages_control_dedupe")
-
-
-def _private_sqlite_file(path: str) -> None:
-    """Create a new SQLite database file 0600 in a directory created 0700, whatever the umask.
-
-    SQLite gives its -wal and -shm files the database file's permissions, so they are private too.
-    An existing file or directory keeps its mode (``sluice check`` warns when it is readable by others).
-    """
-    import os
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    except OSError:
-        return  # unwritable here: SQLite itself reports it with the path
-    os.close(fd)
-    os.chmod(p, 0o600)
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    # Writers take the write lock up front (no deadlocking lock upgrades); readers stay deferred.
-    opts = conn.get_execution_options()
-    if opts.get("sluice_write"):
-        # FULL (fsync at commit) unless the caller says the write may be redone after a power loss.
-        mode = "NORMAL" if opts.get("sluice_relaxed") else "FULL"
-        dbapi = conn.connection.driver_connection
-        cur = dbapi.cursor()  # type: ignore[union-attr]
-        if conn.info.get("sluice_sync") != mode:
-            cur.execute(f"PRAGMA synchronous={mode}")
-            conn.info["sluice_sync"] = mode
-        cur.execute("BEGIN IMMEDIATE")
-        cur.close()
-    else:
-        conn.exec_driver_sql("BEGIN")
 
 
 def _narrow(
@@ -250,38 +201,14 @@ class Store:
         # Bodies, ACKs and payloads are sealed with these keys (None: stored plain).
         self.keys = keys
         self._hash_key: bytes | None = None  # the installation's HMAC key, read once (installation_key)
-        # hide_parameters: a failed statement's error text (logged, stored as a reason) never quotes its
-        # values, which may be message content.
-        kwargs: dict[str, Any] = {"future": True, "hide_parameters": True}
-        if self.is_sqlite:
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30, "isolation_level": None}
-            if ":memory:" not in url:
-                _private_sqlite_file(url.split("///", 1)[-1])
-        else:
-            kwargs["pool_size"] = 10
-            kwargs["max_overflow"] = 10
-            kwargs["pool_pre_ping"] = True
-        try:
-            self.engine: Engine = create_engine(url, **kwargs)
-        except Exception as exc:  # bad URL, missing driver
-            raise StoreError(f"cannot open store {self.safe_url}: {exc}") from exc
-        self.engine.dialect.sluice_keys = keys  # type: ignore[attr-defined]  # read by Sealed columns
-        if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-            # SQLite via pysqlite: let SQLAlchemy emit BEGIN itself so transactions are real.
-            event.listen(self.engine, "begin", _sqlite_begin)
+        self.engine: Engine = open_engine(url, keys)
         if create:
             self.create_schema()
 
     @property
     def safe_url(self) -> str:
         """The URL with any password hidden, for logs and errors."""
-        from sqlalchemy.engine import make_url
-
-        try:
-            return make_url(self.url).render_as_string(hide_password=True)
-        except Exception:
-            return "<store url>"
+        return safe_url(self.url)
 
     def create_schema(self) -> None:
         try:
