@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 
 from engine import keyring
 from engine.errors import StoreError
+from engine.store import migrations
 from engine.store.connect import open_engine, safe_url
 from engine.store.keys import (
     KEYED_PREFIX,
@@ -40,6 +41,7 @@ from engine.store.keys import (
     is_keyed,
     keyed,
 )
+from engine.store.migrations import OBSOLETE_INDEXES
 from engine.store.records import (
     ClaimedRow,
     Duplicate,
@@ -100,9 +102,6 @@ from engine.store.tables import (
     WritebackLogRow,
     WritebackStateRow,
 )
-
-# Indexes of earlier versions that ix_messages_control_channel replaces: dropped once it exists.
-OBSOLETE_INDEXES = ("ix_messages_dedupe", "ix_messages_control_id", "ix_messages_control_dedupe")
 
 
 def _narrow(
@@ -212,20 +211,7 @@ class Store:
 
     def create_schema(self) -> None:
         try:
-            if self.is_sqlite:
-                # A new database gets incremental auto-vacuum so pruning returns disk space.  (The
-                # setting needs a VACUUM once WAL mode has written the header; cheap while empty.)
-                (exists,) = self._raw_sql("SELECT count(*) FROM sqlite_master WHERE name = 'messages'")
-                if not exists:
-                    self._raw_sql("PRAGMA auto_vacuum=INCREMENTAL", "VACUUM")
-            Base.metadata.create_all(self.engine)
-            for table in Base.metadata.sorted_tables:  # indexes added to a table since it was created
-                for index in table.indexes:
-                    index.create(self.engine, checkfirst=True)
-            with self.engine.begin() as conn:  # replaced ones go only after their replacement exists
-                for name in OBSOLETE_INDEXES:
-                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
-            self.installation_key()  # made now, outside any transaction that hashes a key with it
+            migrations.upgrade_schema(self)
         except Exception as exc:
             raise StoreError(
                 f"cannot create tables in {self.safe_url}: {exc}. Check that the database exists and is writable"
@@ -1125,6 +1111,7 @@ __all__ = [
     "IGNORED",
     "KEYED_PREFIX",
     "MESSAGE_STATUSES",
+    "OBSOLETE_INDEXES",
     "ORDER_TAG",
     "PATIENT_KEY_SETTING",
     "PAUSES",
