@@ -38,7 +38,7 @@ from engine.metrics import Metrics
 from engine.processing import ChannelRuntime
 from engine.procpool import ProcessingPool
 from engine.reload import Plan
-from engine.store import Store
+from engine.store import Store, migrations
 from engine.workers import DeliveryWorker, ProcessingWorker
 
 log = structlog.get_logger("sluice.server")
@@ -155,9 +155,8 @@ class Server:
         self.patient_key = await asyncio.to_thread(search.installation_key, store)
         # Before any worker: order and resource-state keys written in clear by an older version become
         # keyed hashes, so every key of one patient has one form (ordering lanes, status guards).
-        hashed = await asyncio.to_thread(search.hash_plain_keys, store)
-        if hashed:
-            log.info("plain_keys_hashed", rows=hashed)
+        for step, rows in (await asyncio.to_thread(migrations.upgrade_data, store)).items():
+            log.info(step, rows=rows)  # plain_keys_hashed
         self.destinations = build_destinations(cfg)  # also imports the user's plugins
         alert_sinks = build_sinks(cfg.alerts, cfg.node_id) if cfg.alerts.active else {}  # secrets: fail now
         runtimes = {ch.name: ChannelRuntime(cfg, ch, store) for ch in cfg.channels if ch.enabled}

@@ -5,7 +5,7 @@ digits), written at intake, so neither the index nor an API answer holds the pla
 identifier; a search for ``patient=MRN`` hashes the MRN the same way.  The key is made once
 per installation and kept in the store's ``installation`` table, so every node of a
 PostgreSQL cluster hashes alike.  Order keys and resource-state keys are keyed hashes under the
-same key (engine/store.py); :func:`hash_plain_keys` converts a store written before that.
+same key (engine/store/keys.py); ``engine.store.migrations`` converts a store written before that.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, func, literal, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Select, and_, exists, select, update
 
-from engine.store import KEYED_PREFIX, SETTINGS, D, M, S, Store
+from engine.store import D, M, Store
 
 MAX_LIMIT = 1000
-KEYS_HASHED_SETTING = "plain_keys_hashed"  # set once every order and resource-state key is a keyed hash
 
 
 def installation_key(store: Store) -> bytes:
@@ -75,102 +73,6 @@ def rehash_legacy(store: Store, key: bytes, batch: int = 500) -> int:
         done += len(rows)
         if len(rows) < batch:
             return done
-
-
-def _plain(column: Any, prefix_at: Any = 1, keyed_length: Any = 34) -> Any:
-    """SQL: ``column`` is not a keyed hash (``k:`` + 32 hex digits at ``prefix_at``, 1-based)."""
-    return ~and_(
-        func.substr(column, prefix_at, len(KEYED_PREFIX)) == literal(KEYED_PREFIX),
-        func.length(column) == keyed_length,
-    )
-
-
-def hash_plain_keys(store: Store, batch: int = 2000) -> int:
-    """Replace the plain order keys (messages and deliveries) and resource-state keys written before they
-    were hashed, in short transactions (one executemany each); the number of rows changed.  Run at start
-    before any worker, so every key of one patient is in the same form (ordering lanes and status guards
-    compare keys).  A delivery's key is rebuilt from its message's (``channel|key``): exactly what a new
-    one gets."""
-    with store.engine.connect() as conn:
-        if conn.execute(select(SETTINGS.c.value).where(SETTINGS.c.key == KEYS_HASHED_SETTING)).first():
-            return 0
-    done = 0
-    rows: Sequence[Any]
-    # deliveries first: their messages' keys are still the plain values they were made from
-    after = 0
-    while True:
-        with store.write() as conn:
-            rows = conn.execute(
-                select(D.c.id, D.c.channel, M.c.order_key)
-                .join(M, M.c.id == D.c.message_id)
-                .where(
-                    D.c.id > after,
-                    D.c.order_key != D.c.channel + "|",
-                    _plain(D.c.order_key, func.length(D.c.channel) + 2, func.length(D.c.channel) + 35),
-                )
-                .order_by(D.c.id)
-                .limit(batch)
-            ).all()
-            if rows:
-                store._executemany(
-                    conn,
-                    "UPDATE deliveries SET order_key = ? WHERE id = ?",
-                    [[f"{r.channel}|{store.order_key(r.order_key)}", r.id] for r in rows],
-                )
-        done += len(rows)
-        if len(rows) < batch:
-            break
-        after = rows[-1].id
-    after = 0
-    while True:
-        with store.write() as conn:
-            rows = conn.execute(
-                select(M.c.id, M.c.order_key)
-                .where(M.c.id > after, M.c.order_key != "", _plain(M.c.order_key))
-                .order_by(M.c.id)
-                .limit(batch)
-            ).all()
-            if rows:
-                store._executemany(
-                    conn,
-                    "UPDATE messages SET order_key = ? WHERE id = ?",
-                    [[store.order_key(r.order_key), r.id] for r in rows],
-                )
-        done += len(rows)
-        if len(rows) < batch:
-            break
-        after = rows[-1].id
-    while True:
-        with store.write() as conn:
-            rows = conn.execute(select(S).where(_plain(S.c.key)).limit(batch)).all()
-            hashed = {r.key: store.state_key(r.key) for r in rows}
-            known = {
-                k: rank
-                for k, rank in conn.execute(
-                    select(S.c.key, S.c.rank).where(S.c.key.in_(list(hashed.values())))
-                )
-            }
-            moves = [[hashed[r.key], r.key] for r in rows if hashed[r.key] not in known]
-            if moves:
-                store._executemany(conn, "UPDATE resource_state SET key = ? WHERE key = ?", moves)
-            for r in rows:  # a node already wrote the hashed form: keep the higher rank
-                if hashed[r.key] in known:
-                    if r.rank > known[hashed[r.key]]:
-                        conn.execute(
-                            update(S)
-                            .where(S.c.key == hashed[r.key])
-                            .values(rank=r.rank, message_id=r.message_id, updated_at=r.updated_at)
-                        )
-                    conn.execute(S.delete().where(S.c.key == r.key))
-        done += len(rows)
-        if len(rows) < batch:
-            break
-    try:
-        with store.write() as conn:
-            conn.execute(SETTINGS.insert().values(key=KEYS_HASHED_SETTING, value="1"))
-    except IntegrityError:  # another node finished first
-        pass
-    return done
 
 
 @dataclass(frozen=True)

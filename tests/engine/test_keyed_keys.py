@@ -9,7 +9,7 @@ import time
 from sqlalchemy import select, text
 
 from engine import store as st
-from engine.admin import search
+from engine.store import migrations
 from tests.engine.test_store import new
 
 MRN = "MRN88231"  # synthetic
@@ -82,7 +82,8 @@ def test_plain_keys_of_an_older_store_are_hashed_at_start_keeping_the_lanes(stor
             conn.execute(
                 st.S.insert().values(key=s.state_key(STATE + "0"), rank=0, message_id=3, updated_at=now)
             )
-        assert search.hash_plain_keys(s, batch=2) == 3 + 3 + 2  # deliveries and messages with a key, states
+        # deliveries and messages with a key, states
+        assert migrations.hash_plain_keys(s, batch=2) == 3 + 3 + 2
         m, d, k = keys_in(s)
         assert m == [s.order_key(MRN), s.order_key(MRN), s.order_key("MRN2"), ""]
         assert d == [f"c|{key}" for key in m]  # what a new delivery of each message would get
@@ -99,7 +100,7 @@ def test_plain_keys_of_an_older_store_are_hashed_at_start_keeping_the_lanes(stor
         # done once: later starts skip the scan
         with s.write() as conn:
             conn.execute(st.M.update().where(st.M.c.control_id == "3").values(order_key="plain-again"))
-        assert search.hash_plain_keys(s) == 0
+        assert migrations.hash_plain_keys(s) == 0
         with s.engine.connect() as conn:
             assert (
                 conn.execute(text("SELECT order_key FROM messages WHERE control_id = '3'")).scalar()
