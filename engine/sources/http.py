@@ -46,7 +46,7 @@ from sqlalchemy import insert, select
 from engine.config import ChannelConfig, HttpSourceConfig
 from engine.destinations.base import DestinationContext, secret
 from engine.sources import history, notifications, resources
-from engine.store import IDEMPOTENCY, NewMessage, Store
+from engine.store import IDEMPOTENCY, M, NewMessage, Store
 
 log = structlog.get_logger("sluice.http_source")
 
@@ -115,6 +115,21 @@ def resources_of(body: Any, allowed: tuple[str, ...]) -> list[dict[str, Any]]:
                 "resource as the server stored it (with id and meta.versionId)",
             )
     return found
+
+
+def last_stored_body(conn: Any, channel: str, ref: str) -> bytes | None:
+    """The body of the newest stored version of ``ref`` (``Type/id``) on ``channel``, by its control id
+    ``Type/id/_history/...``: a deletion's tombstone of a resource pushed in full (the versions read through
+    ``fetch:`` are found by ``Store.last_resource_body``).  Only on the deletion path."""
+    prefix = f"{ref}/_history/"
+    like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    q = select(M.c.raw).where(
+        M.c.channel == channel, M.c.control_id.like(like, escape="\\"), M.c.raw.is_not(None)
+    )
+    if conn.dialect.name == "sqlite":  # bytewise order: the range seeks ix_messages_control_channel
+        q = q.where(M.c.control_id >= prefix, M.c.control_id < prefix[:-1] + "0")
+    row = conn.execute(q.order_by(M.c.id.desc()).limit(1)).first()
+    return bytes(row[0]) if row is not None and row[0] is not None else None
 
 
 class HttpSource:
@@ -437,6 +452,8 @@ class HttpSource:
             for d in gone:
                 last: Any = None
                 body = self.store.last_resource_body(conn, ch.name, d.ref)
+                if body is None:  # only ever pushed in full (not remembered: nothing added to that path)
+                    body = last_stored_body(conn, ch.name, d.ref)
                 if body is not None and resources.is_fhir(body):
                     try:
                         last = orjson.loads(body)

@@ -192,6 +192,19 @@ def test_id_only_notifications_are_read_from_the_fetch_server(
         assert gone.status_code == 201 and "1 deletion" in diagnostics(gone)
         assert settle(ehr, 5)[3:] == [("PN-2", "S12"), ("PN-2", "S17")]
 
+        # pushed in full (never read), then deleted: the R5 full-resource notification of a deletion has
+        # an entry without resource; the 404 is a deletion of the version pushed (its SCH-1, not the id)
+        third = fhir.request("POST", "/Appointment", appointment("PN-3"))
+        full = id_only(7, f"Appointment/{third['id']}")
+        full["entry"][1]["resource"] = third
+        assert httpx.post(url, json=full, headers=HEADERS).status_code == 201
+        settle(ehr, 6)
+        fhir.request("DELETE", f"/Appointment/{third['id']}")
+        deleted = id_only(8, f"Appointment/{third['id']}")
+        deleted["entry"][1]["request"] = {"method": "DELETE", "url": f"Appointment/{third['id']}"}
+        assert httpx.post(url, json=deleted, headers=HEADERS).status_code == 201
+        assert settle(ehr, 7)[5:] == [("PN-3", "S12"), ("PN-3", "S17")]
+
 
 def test_empty_rest_hooks_search_since_the_cursor(tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver) -> None:
     port = free_port()

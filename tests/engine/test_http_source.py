@@ -125,3 +125,45 @@ def test_without_fetch_unresolved_notifications_are_200_and_counted(tmp_path: Pa
     kind = "id-only" if b"fullUrl" in body else "empty"
     assert metrics.http_unresolved.labels("push", kind)._value.get() == 2
     assert sum(source.unresolved_since_log.values()) == 1  # the first was logged, the second waits a minute
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_last_stored_body_is_the_newest_version_of_that_resource_only(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A deletion of a resource only ever pushed in full: its tombstone's body is found by control id
+    (``_`` and ``%`` in the prefix are literal, another resource or channel never matches)."""
+    import time
+
+    from engine.sources import resources
+    from engine.sources.http import last_stored_body
+    from engine.store import Store
+
+    url = str(request.getfixturevalue("pg_url")) if backend == "postgres" else f"sqlite:///{tmp_path}/s.db"
+    store = Store(url)
+    try:
+
+        def row(channel: str, rid: str, version: str, status: str) -> Any:
+            res = {"resourceType": "Appointment", "id": rid, "meta": {"versionId": version}, "status": status}
+            return resources.message_row(
+                channel, res, orjson.dumps(res), source="http", facility="http", received_at=time.time()
+            )
+
+        with store.engine.begin() as conn:
+            store.insert_messages(
+                conn,
+                [
+                    row("push", "a_1", "1", "booked"),
+                    row("push", "a_1", "2", "cancelled"),
+                    row("push", "aX1", "3", "noshow"),  # `_` would match X in a LIKE pattern
+                    row("push", "a_10", "1", "booked"),  # a longer id with the same start
+                    row("other", "a_1", "4", "noshow"),  # another channel
+                ],
+            )
+        with store.engine.connect() as conn:
+            got = last_stored_body(conn, "push", "Appointment/a_1")
+            assert got is not None and orjson.loads(got)["meta"]["versionId"] == "2"
+            assert last_stored_body(conn, "push", "Appointment/a%1") is None
+            assert last_stored_body(conn, "push", "Appointment/a") is None
+    finally:
+        store.close()
