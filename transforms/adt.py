@@ -1237,15 +1237,11 @@ def policy_deductible(in1: Segment, ctx: ConvertContext) -> JSON | None:
     amount = rep.c(1, 1).strip()
     if not amount:
         return None
-    loc = Location("IN1", in1.sequence, 37, 1, 1)
-    try:
-        value = dt.nm(amount, loc)
-    except ConversionError:
-        value = None
+    value = dt.nm_or_none(amount)
     if value is None:
         ctx.warn(
             "bad_policy_deductible",
-            loc,
+            Location("IN1", in1.sequence, 37, 1, 1),
             "the policy deductible is not an exact number: costToBeneficiary dropped",
         )
         return None
