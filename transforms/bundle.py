@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -106,9 +105,12 @@ def _put_type_first(resource: dict[str, Any], resource_type: str) -> None:
     resource.update(items)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Conversion:
-    """The result of converting one message."""
+    """The result of converting one message.
+
+    ``__init__`` is written out (``object.__setattr__``, as a frozen dataclass's own does): in the compiled
+    build a generated dataclass ``__init__`` runs as interpreted Python, ~10,000 instructions a message."""
 
     bundle: dict[str, Any]
     # counted, PHI-free events, e.g. {"unmapped_code": 2}
@@ -122,6 +124,23 @@ class Conversion:
     warnings: tuple[str, ...] = ()
     # the kind of each warning (its counted event name, e.g. "encounter_end_before_start"), same order
     warning_kinds: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        bundle: dict[str, Any],
+        events: Mapping[str, int],
+        guards: tuple[tuple[str, int], ...],
+        requires: tuple[str, ...],
+        warnings: tuple[str, ...] = (),
+        warning_kinds: tuple[str, ...] = (),
+    ) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "bundle", bundle)
+        setattr_(self, "events", events)
+        setattr_(self, "guards", guards)
+        setattr_(self, "requires", requires)
+        setattr_(self, "warnings", warnings)
+        setattr_(self, "warning_kinds", warning_kinds)
 
     @property
     def resource_types(self) -> tuple[str, ...]:
@@ -160,7 +179,9 @@ class ConvertContext:
     def __init__(self, message: Message, settings: ConvertSettings):
         self.message = message
         self.settings = settings
-        self.events: Counter[str] = Counter()
+        # a plain dict, not a Counter: Counter's __init__ and __missing__ are Python code the compiled build
+        # would call for every message and every first count
+        self.events: dict[str, int] = {}
         self.guards: dict[str, int] = {}
         self.requires: list[str] = []
         self.warnings: list[str] = []
@@ -186,12 +207,14 @@ class ConvertContext:
     # ------------------------------------------------------------------
     def count(self, event: str, n: int = 1) -> None:
         """Count a PHI-free event (name only, never values)."""
-        self.events[event] += n
+        events = self.events
+        events[event] = events.get(event, 0) + n
 
     def warn(self, event: str, location: Location | None, what: str) -> None:
         """Count ``event`` and keep a located warning: ``what`` says what was wrong and what the conversion
         did instead (names of fields, never their values)."""
-        self.events[event] += 1
+        events = self.events
+        events[event] = events.get(event, 0) + 1
         self.warnings.append(f"{location}: {what}" if location is not None else what)
         self.warning_kinds.append(event)
 

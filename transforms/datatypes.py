@@ -541,15 +541,16 @@ def unit(rep: Rep | None, settings: ConvertSettings | None = None) -> JSON:
     key = (c[0], c[1], c[2])
     hit = _UNIT_CACHE.get(key)
     if hit is None:
-        hit = _unit(*key)
+        hit = dict(_unit(*key))
         if len(_UNIT_CACHE) >= _UNIT_CACHE_MAX:
             _UNIT_CACHE.clear()
         _UNIT_CACHE[key] = hit
-    return dict(hit)
+    return hit.copy()  # a dict copy is a clone of its table; dict(pairs) inserts one by one
 
 
-# (code, text, coding system) of a units CWE → the Quantity items: a pure function, and a feed uses few units
-_UNIT_CACHE: dict[tuple[str, str, str], tuple[tuple[str, str], ...]] = {}
+# (code, text, coding system) of a units CWE → the Quantity items: a pure function, and a feed uses few units.
+# The cached dicts are never handed out, only copies of them.
+_UNIT_CACHE: dict[tuple[str, str, str], dict[str, str]] = {}
 _UNIT_CACHE_MAX = 4096
 
 

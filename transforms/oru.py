@@ -375,6 +375,13 @@ def _text_value(reps: list[Rep]) -> str | None:
     return text if text.strip() else None
 
 
+def _plain_decimal(text: str) -> bool:
+    """Is ``text`` ASCII digits with at most one decimal point and at least one digit (``12``, ``4.5``, ``5.``,
+    ``.5``)?  Exactly what ``[+-]?(\\d+(\\.\\d*)?|\\.\\d+)`` matches without a sign (``\\d`` takes other
+    scripts' digits too: those go through the regex)."""
+    return text.isascii() and (text.isdigit() or (text.count(".") == 1 and text.replace(".", "").isdigit()))
+
+
 _NUMERIC_PREFIX = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")
 
 
@@ -383,10 +390,14 @@ def _numeric(value: str, units: Rep, loc: Location, u: JSON | None = None) -> tu
     the digits as sent (:func:`transforms.datatypes.exact_number`).  ``u``: the already computed
     ``unit(units)`` (its items are copied).  ``None`` when it is not a number: the caller keeps the text.
     A number out of range (``number_out_of_range``) → AE 102 at ``loc``."""
-    m = _NUMERIC_PREFIX.match(value)
-    if m is None:
-        return None
-    comp, num = m.group(1), m.group(2)
+    comp: str | None
+    if _plain_decimal(value):  # the usual value: what the regex would find, without its calls
+        comp, num = None, value
+    else:
+        m = _NUMERIC_PREFIX.match(value)
+        if m is None:
+            return None
+        comp, num = m.group(1), m.group(2)
     number = exact_number(num)
     if number is None:
         raise ConversionError(
@@ -613,8 +624,10 @@ def reference_range(obx: Segment, vtype: str, ctx: ConvertContext, u: JSON | Non
         # bounds keep the digits as sent; one out of range is dropped with a located warning (the
         # text keeps it)
         low_text = high_text = ""
-        m = _RR_RANGE.match(text) or _RR_RANGE_UNDERSCORE.match(text)
-        if m:
+        low, dash, high = text.partition("-")
+        if dash and _plain_decimal(low) and _plain_decimal(high):  # "60-100": what _RR_RANGE finds
+            low_text, high_text = low, high
+        elif m := _RR_RANGE.match(text) or _RR_RANGE_UNDERSCORE.match(text):
             low_text, high_text = m.group(1), m.group(2)
         elif m := _RR_BELOW.match(text):
             high_text = m.group(2)
