@@ -327,7 +327,8 @@ def key_identifier(seg: Segment, field: int, ctx: ConvertContext) -> tuple[str, 
         if c[4] and c[4].strip().upper() == "SS":
             continue
         usable.append(r)
-        system, how = dt.hd_system(ctx, *r.hd(4))
+        ns, uid, utype = r.hd(4)  # (not *r.hd(4): a star call is a generic call in the compiled build)
+        system, how = dt.hd_system(ctx, ns, uid, utype)
         if system is None:
             continue
         rank = _RANK.get(how, 3)
@@ -1241,7 +1242,7 @@ def policy_deductible(in1: Segment, ctx: ConvertContext) -> JSON | None:
     if value is None:
         ctx.warn(
             "bad_policy_deductible",
-            Location("IN1", in1.sequence, 37, 1, 1),
+            in1.loc(37, 1),  # IN1-37.1 (a shared Location: building one runs Python code)
             "the policy deductible is not an exact number: costToBeneficiary dropped",
         )
         return None

@@ -959,7 +959,11 @@ def cx(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
     if c[4] and (t := identifier_type(c[4])):
         ident["type"] = t
     # c[3] is only HD-1 (namespace): an authority can be HD-2/3 alone ("&2.16.840.1...&ISO")
-    system, how = hd_system(ctx, *rep.hd(4)) if c[3] or len(rep) > 3 else (None, "none")
+    if c[3] or len(rep) > 3:
+        ns, uid, utype = rep.hd(4)  # (not *rep.hd(4): a star call is a generic call in the compiled build)
+        system, how = hd_system(ctx, ns, uid, utype)
+    else:
+        system, how = None, "none"
     if system is None and c[4].strip().upper() == "SS":
         system = SSN_SYSTEM
     if how == "derived":
