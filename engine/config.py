@@ -197,6 +197,9 @@ class ChannelConfig:
     validate: str = "off"  # or "structure": segments checked against HL7 with hl7apy (engine/validation.py)
     # a bad value in a non-key field: "lenient" drops it with a located warning, "strict" rejects (AE)
     strictness: str = "lenient"
+    # the map files its transform steps name, with a hash of their bytes: a reload after a map file was
+    # edited sees the channel changed (the YAML alone is the same) and gives it the new maps
+    files: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -898,6 +901,39 @@ def load_channel(
     return ch
 
 
+def referenced_files(transform: Any, base: Path) -> tuple[tuple[str, str], ...]:
+    """(path, BLAKE2b of the bytes) of every map file a channel's transform steps name: each text value
+    ending in .csv/.yaml/.yml that resolves as the steps resolve a map (transforms/settings.py)."""
+    import hashlib
+
+    from transforms.settings import resolve_map_path
+
+    refs: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, str):
+            if v.lower().endswith((".csv", ".yaml", ".yml")):
+                refs.append(v)
+        elif isinstance(v, Mapping):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list | tuple):
+            for x in v:
+                walk(x)
+
+    walk(transform)
+    out: dict[str, str] = {}
+    for ref in refs:
+        path = resolve_map_path(ref, base)
+        if path is None:
+            continue  # a missing map is the step's error to report, with its key
+        try:
+            out[str(path)] = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+        except OSError:
+            continue
+    return tuple(sorted(out.items()))
+
+
 ENV_PREFIX = "SLUICE_"
 
 
@@ -973,6 +1009,7 @@ def load(
         )
     sec.done()
     channels = [load_channel(f, destinations, channel_overrides) for f in files]
+    channels = [replace(ch, files=referenced_files(ch.transform, base)) for ch in channels]
     unknown = sorted(set(map(str, channel_overrides)) - {c.name for c in channels})
     if unknown:
         raise ConfigError(

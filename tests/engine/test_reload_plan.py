@@ -60,3 +60,23 @@ def test_restart_only_changes_are_refused_naming_the_key(tmp_path: Path, change:
     with pytest.raises(ConfigError, match=f"{key} changed, which the running engine cannot apply") as e:
         reload.plan(old, replace(old, **change))
     assert "restart" in str(e.value) and "unchanged" in str(e.value)
+
+
+def test_an_edited_map_file_changes_its_channel(tmp_path: Path) -> None:
+    """The channel YAML is the same, its code map has a new row: the reload gives the channel the new maps."""
+    maps = tmp_path / "transforms" / "maps"
+    maps.mkdir(parents=True)
+    (maps / "lab.csv").write_text("local_code,system,code,display\nGLU,http://loinc.org,2345-7,Glucose\n")
+    mapped = basic_channel(2601, transform=[{"hl7-to-fhir": {"code_maps": {"OBX-3": "lab.csv"}}}])
+    path = write_config(
+        tmp_path,
+        channels={"a": mapped, "b": basic_channel(2602)},
+        destinations={"out": {"kind": "file", "directory": "out"}},
+    )
+    old = config.load(path)
+    assert reload.plan(old, config.load(path)).empty
+    with (maps / "lab.csv").open("a") as f:
+        f.write("TRIGX,http://loinc.org,2571-8,Triglyceride\n")
+    plan = reload.plan(old, config.load(path))
+    assert plan.summary() == {"channels_changed": ["a"]}
+    assert plan.describe() == "channels changed: a"
