@@ -686,6 +686,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         )
     patient_ref = oru.patient(pid, ctx)
     patient_key = ctx.key_of(patient_ref) or patient_ref
+    adt.mother(pid, ctx, patient_ref, patient_key)  # PID-21 (IG PID[Patient] → RelatedPerson-Mother)
     for nk1 in msg.all("NK1"):
         adt.related_person(nk1, ctx, patient_ref, patient_key)
     enc = oru.encounter(msg, ctx)

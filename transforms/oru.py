@@ -1276,7 +1276,11 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
         raise ConversionError(
             "ORU message has no PID segment: results need a patient", code="100", location=Location("PID", 1)
         )
-    patient(pid, ctx)
+    patient_ref = patient(pid, ctx)
+    if len(pid.fields) > 21 and pid.fields[21]:
+        from transforms import adt
+
+        adt.mother(pid, ctx, patient_ref, ctx.key_of(patient_ref) or patient_ref)  # PID-21 (IG PID[Patient])
     enc = encounter(msg, ctx)
     if not orders and not patient_obs:
         raise ConversionError("ORU message has no OBR segment", code="100", location=Location("OBR", 1))

@@ -551,3 +551,20 @@ def test_oul_order_timing_from_its_tq1() -> None:
     )
     (sr,) = resources(_convert(m, golden_settings()).bundle, "ServiceRequest")
     assert sr["occurrenceTiming"]["code"]["coding"][0]["code"] == "Q4H" and sr["priority"] == "routine"
+
+
+def test_pid21_mother_is_a_related_person_in_orders_and_results() -> None:
+    """IG PID[Patient]: PID-21 mother's identifier → RelatedPerson (relationship MTH), in an order (ORM) and in a
+    result (ORU) as in ADT, DFT and SIU."""
+    pid = "F|||12 Example Way^^Springfield^ZZ^00000^USA^H"
+    mother = pid + "|" * 10 + "MOM900001^^^SYNTH HOSP&2.16.840.1.113883.19.999.1&ISO"
+    for name in ("orm_o01", "oru_r01_multi"):
+        text = load(name).text
+        assert pid in text, name
+        b = _convert(parse(text.replace(pid, mother, 1)), golden_settings()).bundle
+        (rp,) = [
+            r
+            for r in resources(b, "RelatedPerson")
+            if any(i["value"] == "MOM900001" for i in r.get("identifier", ()))
+        ]
+        assert rp["relationship"][0]["coding"][0]["code"] == "MTH", name
