@@ -577,7 +577,9 @@ def obr_specimen(obr: Segment, ctx: ConvertContext, order_key: str, request: str
         return None
     if (accession := ei(obr.rep(2), ctx, obr.loc(2))) is not None:
         res["accessionIdentifier"] = accession  # IG OBR[Specimen]: OBR-2
-    if comments := [r.text.strip() for r in obr.reps(39) if r.text.strip()]:
+    # OBR-39 collector's comment is a CWE: its text (original text CWE-9, else CWE-2, else the code), not
+    # the encoded value
+    if comments := [t for r in obr.reps(39) if (t := r.c(9).strip() or r.c(2).strip() or r.c(1).strip())]:
         from transforms.datatypes import clean_text
 
         res["note"] = [{"text": clean_text(ctx, "\n".join(comments))}]

@@ -373,7 +373,7 @@ _OUL_SAC = "SAC|||CT-300^SYNLAB"
 
 def _oul_obr(n: int, code: str) -> str:
     return (
-        f"OBR|{n}||FIL70{n}^SYNLAB^2.16.840.1.113883.19.999.2^ISO|{code}|||20250402081500|||||||||||||||||F"
+        f"OBR|{n}||FIL70{n}^SYNLAB^2.16.840.1.113883.19.999.2^ISO|{code}|||20250402081500||||||||||||||||||F"
     )
 
 
@@ -439,6 +439,16 @@ def test_a_coded_specimen_description_is_text_not_the_encoded_string() -> None:
     b = _convert(parse(text + "\r"), golden_settings()).bundle
     validate_resources(b)
     assert _spm(b)[1]["note"] == [{"text": "LA LEFT ARM L\nHemolysed"}]
+
+
+def test_the_collectors_comment_is_the_cwe_text_not_the_encoded_value() -> None:
+    """OBR-39 (CWE) → the OBR's Specimen note: each repetition's text, never ``code^text``."""
+    obr = _oul_obr(1, "2345-7^Glucose^LN") + "||||||||||||||C12^Tube underfilled~C13^^^^^^^^Hemolysed sample"
+    text = "\r".join([_OUL_MSH.format("R24^OUL_R24"), _OUL_PID, obr, _oul_result("2345-7^Glucose^LN", "95")])
+    b = _convert(parse(text + "\r"), golden_settings()).bundle
+    validate_resources(b)
+    (note,) = [s["note"] for s in resources(b, "Specimen") if "note" in s]
+    assert note == [{"text": "Tube underfilled\nHemolysed sample"}]
 
 
 # ----------------------------------------------------------------------------- REF
