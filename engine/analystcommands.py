@@ -37,12 +37,17 @@ def test_command(channels: tuple[str, ...], config_path: str, update: bool, verb
         pairs = channeltest.discover(cfg, channels)
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
+    strays = [] if channels else channeltest.stray_test_files(cfg)
     if not pairs:
         raise click.ClickException(
             f"no channel of {cfg.file} has a test file (channels/<name>{channeltest.TEST_SUFFIX}); "
             "see docs/testing-channels.md"
+            + "".join(f"\n{channeltest.stray_reason(stray, cfg)}" for stray in strays)
         )
     passed = failed = updated = 0
+    for stray in strays:
+        click.echo(f"FAIL {channeltest.stray_reason(stray, cfg)}")
+        failed += 1
     for ch, tf in pairs:
         try:
             tests = channeltest.load_test_file(tf, cfg.base_dir)

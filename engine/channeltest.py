@@ -713,6 +713,24 @@ def evaluate(expression: str, resources: list[dict[str, Any]]) -> tuple[bool, An
 
 
 # -- discovery -----------------------------------------------------------------------------------
+def stray_test_files(config: Config) -> list[Path]:
+    """``*_test.yaml`` files in the channels' folders that are no channel's test file: ``sluice test`` runs
+    ``<channel file>_test.yaml`` only, so a test file named otherwise would never run without a word."""
+    wanted = {test_file_of(ch).resolve() for ch in config.channels}
+    folders = {Path(ch.file).resolve().parent for ch in config.channels}
+    return sorted(f for d in folders for f in d.glob("*" + TEST_SUFFIX) if f.resolve() not in wanted)
+
+
+def stray_reason(path: Path, config: Config) -> str:
+    """What ``sluice test`` says about a stray test file, and what to do."""
+    names = ", ".join(f"{Path(ch.file).stem}{TEST_SUFFIX}" for ch in config.channels)
+    return (
+        f"{path}: is no channel's test file, so its cases never run: a test file is named after the channel file it sits beside "
+        f"(channels/allscripts.yaml → channels/allscripts_test.yaml); rename it, or move its cases into "
+        f"the channel's test file ({names})"
+    )
+
+
 def discover(config: Config, names: Sequence[str]) -> list[tuple[ChannelConfig, Path]]:
     """The (channel, test file) pairs to run: every channel with a test file, or the named ones (which must
     have one)."""

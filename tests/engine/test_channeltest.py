@@ -162,6 +162,21 @@ def test_a_named_channel_without_tests_is_an_error(tmp_path: Path) -> None:
     assert code == 1 and "no channel named 'nosuch'" in out
 
 
+def test_a_test_file_named_after_no_channel_fails_instead_of_never_running(tmp_path: Path) -> None:
+    tests = "channel: clinic\ncases:\n  - name: x\n    input: [a01.hl7]\n"
+    cfg = project(tmp_path, tests=tests)
+    (tmp_path / "channels" / "first_test.yaml").write_text(tests)
+    code, out = run("--config", str(cfg))
+    assert code == 1
+    assert "first_test.yaml: is no channel's test file, so its cases never run" in out
+    assert "rename it, or move its cases into the channel's test file (clinic_test.yaml)" in out
+    assert "ok   clinic: x" in out and "1 passed, 1 failed" in out
+    assert run("--config", str(cfg), "clinic")[0] == 0  # a named channel runs its own file only
+    (tmp_path / "channels" / "clinic_test.yaml").unlink()
+    code, out = run("--config", str(cfg))
+    assert code == 1 and "has a test file" in out and "first_test.yaml: is no channel's test file" in out
+
+
 def test_the_example_channels_pass_their_tests_and_check() -> None:
     """examples/: three channels the demo config does not load (docs/testing-channels.md)."""
     code, out = run("--config", str(ROOT / "examples" / "routes.yaml"))
