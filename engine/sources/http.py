@@ -9,7 +9,7 @@ A plain ASGI app served by uvicorn in the engine's loop (like the admin API).  `
 * notifications without resources (engine/sources/notifications.py): with a ``fetch:`` section, an
   id-only one → each focus read from ``fetch.base_url`` (only there: a focus elsewhere is 422) and stored
   as a pushed version (a focus answered 404/410 → a deletion, stored as fhir-poll stores one), all in one
-  transaction after every read succeeded (a failed read → 503 + ``Retry-After``, nothing stored); an
+  transaction with the focus resources the notification carries, after every read succeeded (a failed read → 503 + ``Retry-After``, nothing stored); an
   empty one (an R4 rest-hook POST without a body, an event without focus) → fhir-poll's incremental search
   of ``fetch.resources`` since the channel's cursor (engine/sources/fhir_poll.py: pages committed with the
   cursor); both answered after the commit.  Without ``fetch:`` they are answered 200 (the server must not
@@ -236,10 +236,16 @@ class HttpSource:
             except orjson.JSONDecodeError:
                 raise Refused(400, "structure", "the body is not valid JSON") from None
             found = resources_of(parsed, self.cfg.resources)
-            if not found and parsed["resourceType"] == "Bundle":
+            if parsed["resourceType"] == "Bundle" and (
+                not found or len(found) + 1 < len(parsed.get("entry") or ())
+            ):  # entries without a resource (a full-resource notification, status + focus, never gets here)
                 note = notifications.read(parsed)
-                if note.kind:  # a notification without resources (the full-resource ones never get here)
+                if note.kind and not found:
                     return await self._resolve(note, hdrs)
+                if note.kind == "id-only":  # focus resources and some to read (an R5 deletion entry)
+                    if self.fetcher is not None:
+                        return await self._resolve(note, hdrs, found)
+                    self._unresolved(note.kind)  # what the notification carries is stored below
             key = hdrs.get("idempotency-key", "")
             status, answer, new = await self.committer.run_op(
                 self._writer(found, key), len(body), durable=True
@@ -255,9 +261,12 @@ class HttpSource:
 
     # ------------------------------------------------------------------ notifications without resources
     async def _resolve(
-        self, note: notifications.Notification, hdrs: dict[str, str]
+        self,
+        note: notifications.Notification,
+        hdrs: dict[str, str],
+        carried: list[dict[str, Any]] | None = None,
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        """A notification that carries no resource (see the module doc)."""
+        """A notification that carries no resource, or (``carried``) not every focus (see the module doc)."""
         if note.kind in notifications.QUIET:
             return 200, outcome("information", "informational", f"{note.kind}: nothing to store"), []
         if self.fetcher is None:
@@ -277,7 +286,7 @@ class HttpSource:
             return 503, outcome("error", "transient", "the engine is busy; retry"), [(b"retry-after", b"1")]
         try:
             if note.kind == "id-only":
-                return await self._fetch_focus(note.focus, hdrs.get("idempotency-key", ""))
+                return await self._fetch_focus(note.focus, hdrs.get("idempotency-key", ""), carried or [])
             return await self._search()
         except FetchFailed as exc:
             log.warning(
@@ -329,7 +338,7 @@ class HttpSource:
         return 200, outcome("information", "informational", text), []
 
     async def _fetch_focus(
-        self, refs: tuple[str, ...], idempotency_key: str
+        self, refs: tuple[str, ...], idempotency_key: str, carried: list[dict[str, Any]]
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """An id-only notification: read every focus under ``fetch.base_url``, then store them in one
         transaction (a version as a pushed one, a 404/410 as a deletion)."""
@@ -365,8 +374,8 @@ class HttpSource:
         found = [g for g in got if isinstance(g, dict)]
         gone = [g for g in got if isinstance(g, history.Deletion)]
         status, answer, new = await self.committer.run_op(
-            self._fetched_writer(found, gone, idempotency_key),
-            sum(len(orjson.dumps(r)) for r in found),
+            self._fetched_writer(carried + found, gone, idempotency_key),
+            sum(len(orjson.dumps(r)) for r in carried + found),
             durable=True,
         )
         if new:

@@ -28,6 +28,9 @@ STATUS_TYPES = frozenset({"SubscriptionStatus", "Parameters"})
 # SubscriptionStatus.type (R4B/R5; the R4 backport's Parameters "type"): the ones that change nothing
 QUIET = frozenset({"handshake", "heartbeat", "query-status", "query-event"})
 EVENT = "event-notification"
+_TAIL = re.compile(
+    r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$"
+)
 _REF = re.compile(r"^([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/([A-Za-z0-9\-.]{1,64}))?$")
 
 
@@ -35,7 +38,9 @@ _REF = re.compile(r"^([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/([
 class Notification:
     """What a pushed Bundle without resources is (:func:`read`)."""
 
-    kind: str  # "" not a notification; a QUIET type; "empty" (an event without focus); "id-only"
+    # "" not a notification (or every focus is carried in full); a QUIET type; "empty" (an event without
+    # focus); "id-only" (focus to read: none carried, or some carried and some not, e.g. an R5 deletion)
+    kind: str
     focus: tuple[str, ...] = ()  # id-only: the focus references, as sent (fullUrl / focus.reference)
 
 
@@ -84,6 +89,12 @@ def _focus_refs(status: Mapping[str, Any]) -> list[str]:
     return refs
 
 
+def _ref_key(ref: str) -> str:
+    """``Type/id`` of a reference (relative or absolute, with or without ``/_history/{version}``)."""
+    m = _TAIL.search(ref.split("?", 1)[0])
+    return f"{m.group(1)}/{m.group(2)}" if m else ref
+
+
 def read(bundle: Mapping[str, Any]) -> Notification:
     """What a Bundle whose entries carry no resource to store asks for (``kind`` ``""``: it is no
     subscription notification, e.g. an empty transaction)."""
@@ -100,8 +111,15 @@ def read(bundle: Mapping[str, Any]) -> Notification:
         if not isinstance(e.get("resource"), Mapping) and isinstance(e.get("fullUrl"), str)
     ]
     refs += _focus_refs(first)
-    refs = list(dict.fromkeys(r.strip() for r in refs if r.strip()))
-    return Notification("id-only", tuple(refs)) if refs else Notification("empty")
+    carried = {
+        f"{r.get('resourceType')}/{r.get('id')}"
+        for e in entries[1:]
+        if isinstance(r := e.get("resource"), Mapping)
+    }  # focus the notification carries in full is not read again
+    refs = [r for r in dict.fromkeys(r.strip() for r in refs if r.strip()) if _ref_key(r) not in carried]
+    if refs:
+        return Notification("id-only", tuple(refs))
+    return Notification("empty" if not carried else "")
 
 
 def focus(ref: str, base_url: str) -> Focus:

@@ -193,17 +193,27 @@ def test_id_only_notifications_are_read_from_the_fetch_server(
         assert settle(ehr, 5)[3:] == [("PN-2", "S12"), ("PN-2", "S17")]
 
         # pushed in full (never read), then deleted: the R5 full-resource notification of a deletion has
-        # an entry without resource; the 404 is a deletion of the version pushed (its SCH-1, not the id)
+        # an entry without resource; the 404 is a deletion of the version pushed (its SCH-1, not the id).
+        # Here it comes in one notification with another appointment's new version, carried in full.
         third = fhir.request("POST", "/Appointment", appointment("PN-3"))
-        full = id_only(7, f"Appointment/{third['id']}")
-        full["entry"][1]["resource"] = third
+        fourth = fhir.request("POST", "/Appointment", appointment("PN-4"))
+        refs = [f"Appointment/{third['id']}", f"Appointment/{fourth['id']}"]
+        full = id_only(7, *refs)
+        full["entry"][1]["resource"], full["entry"][2]["resource"] = third, fourth
         assert httpx.post(url, json=full, headers=HEADERS).status_code == 201
-        settle(ehr, 6)
-        fhir.request("DELETE", f"/Appointment/{third['id']}")
-        deleted = id_only(8, f"Appointment/{third['id']}")
-        deleted["entry"][1]["request"] = {"method": "DELETE", "url": f"Appointment/{third['id']}"}
-        assert httpx.post(url, json=deleted, headers=HEADERS).status_code == 201
-        assert settle(ehr, 7)[5:] == [("PN-3", "S12"), ("PN-3", "S17")]
+        assert sorted(settle(ehr, 7)[5:]) == [("PN-3", "S12"), ("PN-4", "S12")]
+        fhir.request("DELETE", f"/{refs[0]}")
+        moved4 = fhir.request(
+            "PUT", f"/{refs[1]}", {**fourth, "start": "2026-12-13T17:00:00Z", "end": "2026-12-13T17:30:00Z"}
+        )
+        mixed = id_only(8, *refs)
+        mixed["entry"][1]["request"] = {"method": "DELETE", "url": refs[0]}
+        mixed["entry"][2]["resource"] = moved4
+        seen = len(proxy.log)
+        answer = httpx.post(url, json=mixed, headers=HEADERS)
+        assert answer.status_code == 201 and "1 deletion" in diagnostics(answer)
+        assert [p for _, p, _ in proxy.log[seen:]] == [f"/{refs[0]}"]  # the carried one is not read
+        assert sorted(settle(ehr, 9)[7:]) == [("PN-3", "S17"), ("PN-4", "S13")]
 
 
 def test_empty_rest_hooks_search_since_the_cursor(tmp_path: Path, fhir: FhirServer, ehr: EhrReceiver) -> None:
@@ -248,19 +258,23 @@ def test_without_fetch_they_are_answered_counted_and_logged(tmp_path: Path, ehr:
         ]
         assert [a.status_code for a in answers] == [200] * 3
         assert all("no source.fetch" in diagnostics(a) for a in answers)
+        # one focus carried in full, one only named (a deletion): the carried one is stored, the other counted
+        mixed = id_only(3, "Appointment/a2", "Appointment/a3")
+        mixed["entry"][1]["resource"] = {**appointment("PN-9"), "id": "a2", "meta": {"versionId": "1"}}
+        assert httpx.post(url, json=mixed, headers=HEADERS).status_code == 201
         admin = proc.extra_env["SLUICE_ADMIN_PORT"]
         metrics = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=10).text
         assert (
             'sluice_http_notifications_unresolved_total{channel="portal-notify",kind="empty"} 1.0' in metrics
         )
         assert (
-            'sluice_http_notifications_unresolved_total{channel="portal-notify",kind="id-only"} 2.0'
+            'sluice_http_notifications_unresolved_total{channel="portal-notify",kind="id-only"} 3.0'
             in metrics
         )
         log = proc.log.read_text()
     lines = [json.loads(x) for x in log.splitlines() if '"http_notifications_unresolved"' in x]
     assert len(lines) == 1 and lines[0]["level"] == "warning"  # once a minute at most
-    assert stored(tmp_path) == 0
+    assert stored(tmp_path) == 1
     check = subprocess.run(
         [sys.executable, "-m", "engine.cli", "check", "--config", str(tmp_path / "routes.yaml")],
         capture_output=True,

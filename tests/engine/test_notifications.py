@@ -180,3 +180,19 @@ def test_status_types_are_the_ones_the_http_source_skips() -> None:
     from engine.sources import http
 
     assert http.NOTIFICATION_META == notifications.STATUS_TYPES
+
+
+def test_focus_carried_in_full_is_not_read_again() -> None:
+    full = {"resourceType": "Appointment", "id": "a1", "meta": {"versionId": "2"}}
+    gone = f"{BASE}/Appointment/a2"
+    carried_only = bundle(
+        status("event-notification", f"{BASE}/Appointment/a1/_history/2"),
+        {"fullUrl": f"{BASE}/Appointment/a1", "resource": full},
+    )
+    assert read(carried_only).kind == ""
+    mixed = bundle(
+        status("event-notification", f"{BASE}/Appointment/a1/_history/2", gone),
+        {"fullUrl": f"{BASE}/Appointment/a1", "resource": full},
+        {"fullUrl": gone, "request": {"method": "DELETE", "url": "Appointment/a2"}},  # R5: a deletion
+    )
+    assert read(mixed) == Notification("id-only", (gone,))
