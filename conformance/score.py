@@ -378,6 +378,22 @@ class _When:
         return datetime(p[0], p[1], p[2], p[3], p[4], p[5], p[6], tzinfo=tz)
 
 
+_HL7_WHEN = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?([+-]\d{4})?$")
+
+
+def hl7_when(value: str) -> str:
+    """An HL7 DTM (``YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]``) as the ISO text :func:`parse_when` reads; "" if it is
+    none."""
+    m = _HL7_WHEN.match(norm_text(value))
+    if m is None:
+        return ""
+    y, mo, d, h, mi, sec, off = m.groups()
+    out = y + (f"-{mo}" if mo else "") + (f"-{d}" if mo and d else "")
+    if mo and d and h:
+        out += f"T{h}:{mi or '00'}:{sec or '00'}" + (f"{off[:3]}:{off[3:]}" if off else "")
+    return out
+
+
 def parse_when(value: Any) -> _When | None:
     m = _DT.match(norm_text(value))
     if m is None:
@@ -913,7 +929,9 @@ def identity_score(ours: Mapping[str, Any], expected: Mapping[str, Any]) -> int:
         if any(n in onames for n in enames):
             score += 2  # family and given names agree
         if expected.get("birthDate") and compare_dates(ours.get("birthDate"), expected.get("birthDate")):
-            score += 1  # two people of one name (a mother as next of kin and as the insured): the birth date tells
+            score += (
+                1  # two people of one name (a mother as next of kin and as the insured): the birth date tells
+            )
     return score
 
 
@@ -1557,6 +1575,16 @@ class Source:
             wheres.add(f"PRT-5 of an order's PRT with PRT-4 {role.comp(1) if role is not None else ''!r}")
         return ", ".join(sorted(wheres))
 
+    def contact_only_in_ctd(self, coding: str) -> str:
+        """The explanation for a Patient.contact relationship ``system|code`` MS takes from CTD-1 when the message
+        has no NK1 (no other source of a contact) and CTD is IG-unmapped in its structure."""
+        code = norm_text(coding).rpartition("|")[2].lower()
+        if "CTD" not in self.unmapped or any(name == "NK1" for _o, name in self.segments):
+            return ""
+        if any(r.where == "CTD-1" and r.comp(1).lower() == code for r in self.reps):
+            return "Patient.contact from CTD-1 (the message has no NK1): CTD has no target in the IG's message map"
+        return ""
+
     def keyless_encounter(self, res: Mapping[str, Any]) -> str:
         """The explanation for an MS Encounter (without identifiers) made from the one PV1 of a message that is not
         an ADT, when that PV1 has neither PV1-19 nor PV1-44."""
@@ -1608,6 +1636,15 @@ class Source:
             return ""
         kinds = self.message_kinds() & {"MDM", "ORM"}
         values = {norm_text(i["value"]).lower() for i in _identifiers(res)}
+        if kinds and not values:
+            # no identifiers (IG OBR[Specimen] gives it none): its collection time is an OBR-7 of the message
+            when = _times(res).get("collection.collectedDateTime", "")
+            if when and any(
+                r.where == "OBR-7" and compare_dates(hl7_when(r.comp(1)), when) for r in self.reps
+            ):
+                kind = "/".join(sorted(kinds))
+                return f"a Specimen from OBR-7 of an {kind} message: the IG's {kind} map makes no Specimen from OBR"
+            return ""
         if not kinds or not values:
             return ""
         for v in values:
@@ -1773,9 +1810,13 @@ def explain_outside_ig(score: Score, source: Source) -> None:
             # a leaf of a list element (an identifier's system, a name's given, a telecom's use, an address's
             # state): judge by the element it belongs to, i.e. the label the element is paired by
             why = source.only_in_unmapped(m.group(1))
+        if not why and _CONTACT_RELATIONSHIP.match(d.path):
+            why = source.contact_only_in_ctd(d.expected)
         if why:
             score.explain(n, why, "ig-unmapped-segment")
 
+
+_CONTACT_RELATIONSHIP = re.compile(r"^Patient\[[^\]]+\]\.contact\.relationship$")
 
 _OBSERVATION_STATUS = re.compile(r"^Observation\[([^@\]]+)(?:@[^\]]*)?\]\.status$")
 

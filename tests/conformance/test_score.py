@@ -1467,3 +1467,33 @@ def test_two_people_of_one_name_are_told_apart_by_birth_date() -> None:
     insured = {**kin, "birthDate": "1975-06-27"}
     s = score_bundles(bundle(kin, insured), bundle(insured))
     assert s.compared == s.agreeing == 3
+
+
+def test_contact_only_from_ctd_is_ig_unmapped() -> None:
+    """A Patient.contact relationship MS takes from CTD-1 (IG-unmapped in ORU_R01) is excused when the message has
+    no NK1 that could give a contact; with an NK1, or outside a structure that leaves CTD unmapped, it counts."""
+    contact = {"relationship": [{"coding": [{"system": V2_0131, "code": "C"}]}]}
+    ref = bundle({**PATIENT, "contact": [contact]})
+    oru = "MSH|^~\\&|A|B|C|D|20250101||ORU^R01^ORU_R01|1|P|2.5\rPID|1||MRN001^^^H^MR||TESTPERSON^ALEX\r"
+    ctd = "OBR|1|O1||SVC^Svc^L\rCTD|C^Emergency Contact^HL70131|ROE^RITA\r"
+    s = score_bundles(bundle(PATIENT), ref, source=oru + ctd)
+    assert s.explained_by == {"ig-unmapped-segment": 1}
+    assert not score_bundles(bundle(PATIENT), ref, source=oru + "NK1|1|ROE^RITA|MTH\r" + ctd).explained_by
+
+
+def test_specimen_without_identifiers_from_obr7_of_an_orm() -> None:
+    """A Specimen without identifiers MS makes from an ORM's OBR (its collection time is that OBR-7) is ig-condition;
+    of an ORU (the IG maps OBR[Specimen]) it counts."""
+    ref = bundle(
+        {"resourceType": "Specimen", "collection": {"collectedDateTime": "2021-10-20T15:15:00+05:30"}}
+    )
+    body = "PID|1||MRN1^^^H^MR||DOE^ANN\rORC|NW|O1\rOBR|1|O1||SVC^Svc^L|||202110201200+0215\r"
+    orm = "MSH|^~\\&|A|B|C|D|20250101||ORM^O01^ORM_O01|1|P|2.5\r"
+    s = score_bundles(bundle(), ref, source=orm + body)
+    assert s.explained == s.compared == 1 and s.explained_by == {"ig-condition": 1}
+    assert not score_bundles(
+        bundle(), ref, source=orm.replace("ORM^O01^ORM_O01", "ORU^R01^ORU_R01") + body
+    ).explained
+    assert not score_bundles(
+        bundle(), ref, source=orm + body.replace("202110201200", "202110201300")
+    ).explained
