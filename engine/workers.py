@@ -67,7 +67,9 @@ def dead_letter_reason(reason: str, attempts: int, *, block: bool) -> str:
         text = f"gave up after {attempts} attempts: {text}"
     else:
         text = f"parked at the first failure (on_failure: dead-letter): {text}"
-    return f"{text}; fix the cause (e.g. the target is up again), then replay: sluice replay --id <message id>"
+    return (
+        f"{text}; fix the cause (e.g. the target is up again), then replay: sluice replay --id <message id>"
+    )
 
 
 class ProcessingWorker:
