@@ -1,4 +1,4 @@
-"""ORM^O01, OML^O21, OMG^O19 (orders) → ServiceRequest (+ Specimen, Condition, Observation, Patient, Encounter).
+"""ORM^O01, OML^O21 / O33, OMG^O19 (orders) → ServiceRequest (+ Specimen, Condition, Observation, Patient, Encounter).
 
 Per the IG's ORM_O01 and OML_O21 message maps (OMG_O19 has the OML shape without specimens before v2.7):
 PID → Patient (a conditional create, like ORU/SIU: the ADT feed owns it), NK1 → RelatedPerson, PV1 →
@@ -30,7 +30,7 @@ JSON = dict[str, Any]
 
 TRIGGERS: dict[str, frozenset[str]] = {
     "ORM": frozenset({"O01"}),
-    "OML": frozenset({"O21"}),
+    "OML": frozenset({"O21", "O33"}),
     "OMG": frozenset({"O19"}),
 }
 
@@ -660,8 +660,48 @@ def order(order: Order, ctx: ConvertContext, enc: str | None, patient_key: str, 
     return ref
 
 
+def specimen_groups(msg: Message) -> tuple[Segment | None, list[Order]]:
+    """OML_O33 (specimen first: SPECIMEN = SPM, its OBX, SAC containers, then the ORDER groups ORC, TQ1, OBR,
+    ...) → (first PID, ORDER groups) shaped as :func:`groups` makes them: each order's ``specimens`` is its
+    specimen group's SPM; the SPM's own OBX go with the first order of the group only (one Observation each).
+    Everything inside an order is read as :func:`groups` reads it."""
+    pid = msg.first("PID")
+    orders: list[Order] = []
+    spm: tuple[Segment, list[tuple[Segment, list[Segment]]]] | None = None
+    spm_used = False  # has an order of the current specimen group taken its OBX yet
+    segments: list[Segment] = []  # the current ORDER group's segments, read by groups()
+
+    def flush() -> None:
+        nonlocal spm_used
+        if not segments:
+            return
+        _, part = groups(Message(msg.text, msg.delimiters, list(segments)))
+        for order in part:
+            if spm is not None:
+                order.specimens.insert(0, (spm[0], [] if spm_used else spm[1]))
+                spm_used = True
+        orders.extend(part)
+        segments.clear()
+
+    for seg in msg.segments:
+        name = seg.name
+        if name == "SPM":
+            flush()
+            spm, spm_used = (seg, []), False
+        elif name == "OBX" and spm is not None and not segments:
+            spm[1].append((seg, []))  # the specimen's own observation, before its orders
+        elif name == "NTE" and spm is not None and not segments and spm[1]:
+            spm[1][-1][1].append(seg)
+        elif name in ("ORC", "OBR") or segments:
+            if name == "ORC":
+                flush()
+            segments.append(seg)
+    flush()
+    return pid, orders
+
+
 def convert(msg: Message, ctx: ConvertContext) -> None:
-    """ORM^O01 / OML^O21 / OMG^O19 → entries in ``ctx``."""
+    """ORM^O01 / OML^O21 / OML^O33 / OMG^O19 → entries in ``ctx``."""
     from transforms import adt, oru
 
     mtype, trigger = msg.message_type, msg.trigger
@@ -673,7 +713,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
             code="201",
             location=Location("MSH", 1, 9, None, 2),
         )
-    pid, orders = groups(msg)
+    pid, orders = specimen_groups(msg) if (mtype, trigger) == ("OML", "O33") else groups(msg)
     if pid is None:
         raise ConversionError(
             f"{redact.message_type(mtype)} message has no PID segment: an order needs a patient",

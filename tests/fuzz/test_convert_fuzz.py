@@ -129,6 +129,11 @@ CORPUS: list[str] = [
     "OBX|1|CWE|33882-2^Appearance^LN||CLEAR^Clear^L||||||F\r"
     "OBR|1|ORD2^NORTH|FIL2^NORTH|2345-7^Glucose^LN|||20250314090500||||||||||||||20250314110000|||F\r"
     "ORC|SC|ORD2^NORTH|FIL2^NORTH||CM\rOBX|1|NM|2345-7^Glucose^LN||95|mg/dL|70-99|N|||F\rNTE|1||Fasting\r",
+    H.format(t="OML^O33^OML_O33", n=35) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\r"
+    "SPM|1|SP1&NORTH^SF1&NORTH||119364003^Serum^SCT\rOBX|1|CWE|33882-2^Appearance^LN||CLEAR^Clear^L||||||F\r"
+    "SAC|||CT1^NORTH\rORC|NW|ORD5^NORTH|||||||20250314083000\rOBR|1|ORD5^NORTH||2345-7^Glucose^LN\r"
+    "ORC|NW|ORD6^NORTH\rOBR|1|ORD6^NORTH||2951-2^Sodium^LN\rSPM|2|SP2&NORTH||119297000^Blood^SCT\r"
+    "ORC|NW|ORD7^NORTH\rOBR|1|ORD7^NORTH||718-7^Hemoglobin^LN\r",
     H.format(t="OUL^R24^OUL_R24", n=33) + "PID|1||MRN1^^^NORTH^MR||Testpatient^Alex||19800101|F\r"
     "OBR|1|ORD2^NORTH|FIL2^NORTH|2345-7^Glucose^LN|||20250314090500||||||||||||||20250314110000|||F\r"
     "ORC|SC|ORD2^NORTH|FIL2^NORTH||CM\rSPM|1|SP1&NORTH^SF1&NORTH||119364003^Serum^SCT\r"
@@ -212,7 +217,7 @@ ODD = [
     "F", "C", "P", "X", "D", "W", "Y", "Z", "A", "SS", "MR", "NORTH", "urn:oid:1.2", "2.16.840.1", "ISO",
     "Booked", "Cancelled", "Noshow", "Blocked", "MIN", "HR", "S", "D", "WK", "NM", "ST", "CWE", "ED", "SN", "TX",
     "Base64", "A99", "S17", "S26", "V04", "T02", "T06", "T10", "T11", "CP", "RE", "NA", "PA", "AU", "LA", "AV", "OB", "CA",
-    "NW", "OC", "DC", "HD", "XO", "SC", "CM", "ER", "O01", "O21", "O19", "R22", "R23", "R24", "I12", "I14", "BID", "Once",
+    "NW", "OC", "DC", "HD", "XO", "SC", "CM", "ER", "O01", "O21", "O19", "R22", "R23", "R24", "O33", "I12", "I14", "BID", "Once",
     "O11", "O25", "O13", "O09", "PC1", "PC2", "PC3", "P01", "P02", "P03", "P06", "P11", "P12", "A17", "A20", "A24", "A29", "A34",
     "A37", "A41", "A42", "A43", "A44", "A45", "A47", "A49", "A50", "AD", "UP", "DE", "OD", "RL", "CG", "G", "N", "AN",
     # numbers past what JSON/orjson carries (64-bit ints, finite floats) and digits int() refuses

@@ -451,6 +451,39 @@ def test_the_collectors_comment_is_the_cwe_text_not_the_encoded_value() -> None:
     assert note == [{"text": "Tube underfilled\nHemolysed sample"}]
 
 
+def test_oml_o33_specimen_first_orders_take_their_groups_specimen() -> None:
+    """OML_O33: SPECIMEN (SPM, its OBX, SAC) > ORDER (ORC, OBR); two orders under one specimen, a third under
+    the next."""
+    msh = "MSH|^~\\&|SYNEHR|SYNTH CLINIC|SYNLAB|SYNTH LAB|20250402080000||OML^O33^OML_O33|C33|P|2.5.1"
+    spm1 = "SPM|1|SP-401&SYNEHR&2.16.840.1.113883.19.999.8&ISO||119364003^Serum^SCT"
+    spm2 = "SPM|2|SP-402&SYNEHR&2.16.840.1.113883.19.999.8&ISO||119297000^Blood^SCT"
+
+    def order(n: int, code: str) -> list[str]:
+        placer = f"PLC40{n}^SYNEHR^2.16.840.1.113883.19.999.7^ISO"
+        return [f"ORC|NW|{placer}||||||||20250402080000", f"OBR|1|{placer}||{code}"]
+
+    text = "\r".join(
+        [msh, _OUL_PID, spm1, _OUL_SPM_OBX, _OUL_SAC, *order(1, "2345-7^Glucose^LN"), *order(2, "2951-2^Sodium^LN"),
+         spm2, *order(3, "718-7^Hemoglobin^LN")]
+    )  # fmt: skip
+    b = _convert(parse(text + "\r"), golden_settings()).bundle
+    validate_resources(b)
+    by_id = {
+        i["value"]: e["fullUrl"]
+        for e in b["entry"]
+        if e["resource"]["resourceType"] == "Specimen"
+        for i in e["resource"].get("identifier", ())
+    }
+    spec = {
+        sr["code"]["coding"][0]["code"]: [s["reference"] for s in sr["specimen"]]
+        for sr in resources(b, "ServiceRequest")
+    }
+    assert by_id["SP-401"] in spec["2345-7"] and by_id["SP-401"] in spec["2951-2"]
+    assert by_id["SP-402"] in spec["718-7"] and by_id["SP-401"] not in spec["718-7"]
+    (appearance,) = [o for o in resources(b, "Observation") if o["code"]["coding"][0]["code"] == "33882-2"]
+    assert appearance["specimen"] == {"reference": by_id["SP-401"]}
+
+
 # ----------------------------------------------------------------------------- REF
 def test_referral_maps_rf1_and_providers() -> None:
     b = _convert(load("ref_i12"), golden_settings()).bundle
