@@ -59,17 +59,21 @@ def backoff_delay(
 _WILL_RETRY = re.compile(r" \(will retry\)|[;,] will retry")
 
 
-def dead_letter_reason(reason: str, attempts: int, *, block: bool) -> str:
+def dead_letter_reason(reason: str, attempts: int, *, block: bool, retryable: bool = True) -> str:
     """The reason a dead letter keeps: the destination's error without its "will retry" (nothing retries a
-    dead letter on its own) and what to do: fix the cause, then replay."""
-    text = _WILL_RETRY.sub("", reason)
-    if block:
-        text = f"gave up after {attempts} attempts: {text}"
+    dead letter on its own) and what to do: fix the cause, then replay (unless the error already says)."""
+    if not retryable:  # the receiver refused it (an AE/AR, an HTTP 4xx): its own words
+        text, cause = reason, "fix the cause"
     else:
-        text = f"parked at the first failure (on_failure: dead-letter): {text}"
-    return (
-        f"{text}; fix the cause (e.g. the target is up again), then replay: sluice replay --id <message id>"
-    )
+        text = _WILL_RETRY.sub("", reason)
+        cause = "fix the cause (e.g. the target is up again)"
+        if block:
+            text = f"gave up after {attempts} attempts: {text}"
+        else:
+            text = f"parked at the first failure (on_failure: dead-letter): {text}"
+    if "replay" in text:
+        return text
+    return f"{text}; {cause}, then replay: sluice replay --id <message id>"
 
 
 class ProcessingWorker:
@@ -562,7 +566,7 @@ class DeliveryWorker:
                             error=type(exc).__name__,
                         )
                     else:
-                        why = reason if not retryable else dead_letter_reason(reason, attempts, block=block)
+                        why = dead_letter_reason(reason, attempts, block=block, retryable=retryable)
                         failed.append((r.id, attempts, why, None))
                         self.dead += 1
                         self.consecutive_failures += 1

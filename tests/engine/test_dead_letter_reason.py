@@ -24,3 +24,12 @@ def test_every_will_retry_form_goes() -> None:
     ]:  # fmt: skip
         text = dead_letter_reason(reason, 1, block=False)
         assert text.startswith(f"parked at the first failure (on_failure: dead-letter): {kept};"), text
+
+
+def test_a_refusal_keeps_the_receivers_words_and_says_replay() -> None:
+    text = dead_letter_reason("receiver answered AE 207: Slot not available", 1, block=True, retryable=False)
+    assert text == (
+        "receiver answered AE 207: Slot not available; fix the cause, then replay: sluice replay --id <message id>"
+    )
+    said = "fhir-main POST /: HTTP 422 (rejected; fix the message or mapping, then replay): bad"
+    assert dead_letter_reason(said, 1, block=True, retryable=False) == said  # already says what to do
