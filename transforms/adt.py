@@ -351,7 +351,9 @@ def key_identifier(seg: Segment, field: int, ctx: ConvertContext) -> tuple[str, 
             return DERIVED_SYSTEM_PREFIX + quote(sender, safe="-._~:"), usable[0].c(1).strip(), usable[0]
     ctx.count("identifier_match_failure")
     raise ConversionError(
-        f"{seg.name}-{field}: no patient identifier has an assigning authority (CX-4) with a known system",
+        f"{seg.name}-{field}: no patient identifier has an assigning authority (CX-4) with a known system; "
+        "map the sender's authority to its system under the hl7-to-fhir step's identifier_systems (or set "
+        "derive_unknown_systems: true), sluice reload, then replay the message (docs/mapping.md#patient-match-rule)",
         code="204",
         location=seg.loc(field),
     )

@@ -169,6 +169,7 @@ def test_unknown_authority_is_204_with_location() -> None:
     assert ei.value.hl7_error == "204"
     assert ei.value.location is not None and ei.value.location.hl7() == "PID^1^3"
     assert "ABC123" not in str(ei.value)  # no identifiers in error texts
+    assert "identifier_systems" in str(ei.value) and "then replay" in str(ei.value)  # says what to do
 
 
 def test_empty_pid3_is_101() -> None:
