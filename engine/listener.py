@@ -318,6 +318,9 @@ class MLLPProtocol(asyncio.Protocol):
                     self.arrived.append(time.monotonic())
                     self.pending_bytes += len(ev.payload)
                     self._active()
+                    if framer.drained:  # the read held this frame alone (the usual case): nothing to ask
+                        blocked = False
+                        break
                 elif isinstance(ev, mllp.Oversize):
                     queue.append(ev)
                     self.arrived.append(time.monotonic())

@@ -204,6 +204,12 @@ class Framer:
         (the listener counts them against its memory budget)."""
         return len(self._buf) - self._pos
 
+    @property
+    def drained(self) -> bool:
+        """Outside a frame with every byte read handed out and no EOF: :meth:`next_event` would only say
+        ``NEED_DATA`` (the listener skips asking after the usual one frame per read)."""
+        return self._state == _OUTSIDE and self._pos >= len(self._buf) and not self._eof
+
     # -- output --------------------------------------------------------------
     def next_event(self) -> Event:
         """The next ``Frame``, ``Oversize`` or ``Closed`` event, or ``NEED_DATA``.

@@ -107,6 +107,30 @@ def test_stream_any_single_split(chunks: list[bytes], expected: list[Event], jun
         assert framer.junk_bytes == junk, cut
 
 
+@pytest.mark.parametrize(("chunks", "expected", "junk"), CASES)
+def test_drained_means_the_next_event_is_need_data(
+    chunks: list[bytes], expected: list[Event], junk: int
+) -> None:
+    """The listener skips asking the framer when it says ``drained``: then the answer is always NEED_DATA
+    (and asking changes nothing), at every point of every stream split anywhere."""
+    data = b"".join(chunks)
+    for cut in range(len(data) + 1):
+        framer = Framer()
+        for chunk in [c for c in (data[:cut], data[cut:]) if c] + [b""]:  # b"" is the EOF, last
+            framer.receive_data(chunk, now=0.0)
+            while True:
+                if framer.drained:
+                    before = (framer.buffered, framer.junk_bytes, framer.deadline)
+                    assert framer.next_event() is NEED_DATA, cut
+                    assert (framer.buffered, framer.junk_bytes, framer.deadline) == before
+                    break
+                ev = framer.next_event()
+                if ev is NEED_DATA or isinstance(ev, Closed):
+                    break
+            if not chunk:
+                assert not framer.drained  # after EOF: Closed, never NEED_DATA
+
+
 def test_need_data_without_eof() -> None:
     events, _ = run([VT + b"abc"], eof=False)
     assert events == []
