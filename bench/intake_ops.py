@@ -3,7 +3,8 @@
 ``intake_loops.py listener --callgrind`` counts the whole path (sockets, the committer thread, group
 commits), so its figure moves by 10-30k instructions between runs with how the commits happen to batch.
 This script runs each part alone on the same frames (the ``adt-a01`` template, a control id per message),
-so two checkouts compare to a few hundred instructions:
+with a fixed hash seed: ``decide`` and ``commit`` run without an event loop and repeat closely; ``listener``
+runs on uvloop and still moves by ~10-25k between runs (seen in session 6), so compare it over several runs:
 
 * ``decide``: ``Intake.decide`` (decode, parse, header checks, patient hash, ACK built) for each frame;
 * ``listener``: a real ``MLLPProtocol`` on a stand-in transport, one frame at a time through
@@ -124,6 +125,12 @@ def listener(n: int) -> None:
         assert tr.written == n, tr.written
         proto.connection_lost(None)
 
+    try:
+        import uvloop
+
+        uvloop.install()  # as the engine
+    except ImportError:
+        pass
     asyncio.run(run())
 
 
@@ -171,7 +178,8 @@ def main() -> None:
         for n in (small, large):
             cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
                    str(Path(__file__).resolve()), mode, str(n)]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            env = dict(os.environ, PYTHONHASHSEED="0")
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             m = re.search(r"Collected : (\d+)", proc.stderr)
             assert m is not None, proc.stderr[-2000:]
             ir.append(int(m.group(1)))
