@@ -532,8 +532,14 @@ def replay(config_path: str, ids: tuple[int, ...], channel: str | None, status: 
         res = operations.replay(store, actor, req, dry_run=dry_run, why=why, source="cli")
     except operations.OperationError as exc:
         raise click.UsageError(str(exc)) from None
+    chosen = {mid for mid, _ in res.selection}
+    skipped = [_not_replayed(store, i) for i in dict.fromkeys(ids) if i not in chosen]
+    for line in skipped:  # an --id that selects nothing is said, never passed over (a typo in an id)
+        click.echo(line, err=True)
     if not res.selection:
         click.echo("nothing to replay")
+        if skipped:
+            sys.exit(1)
         return
     for mid, dests in res.selection:
         click.echo(
@@ -542,8 +548,24 @@ def replay(config_path: str, ids: tuple[int, ...], channel: str | None, status: 
         )
     if dry_run:
         click.echo(f"{len(res.selection)} message(s) would be replayed (dry run, nothing changed)")
-        return
+        sys.exit(1 if skipped else 0)
     click.echo(f"{res.replayed} message(s) queued for replay; a running engine picks them up within a second")
+    if skipped:
+        sys.exit(1)
+
+
+def _not_replayed(store: Any, message_id: int) -> str:
+    """Why ``sluice replay --id N`` did not select message N, and what to do."""
+    row = store.get_message(message_id)
+    if row is None:
+        return (
+            f"message {message_id}: no such message "
+            "(`sluice messages list` or `sluice dead-letter list` show the ids)"
+        )
+    return (
+        f"message {message_id}: not replayed: it does not match --status/--destination (status "
+        f"{printable(str(row.status))}), or retention dropped its body (`sluice messages show {message_id}`)"
+    )
 
 
 @main.command()

@@ -71,7 +71,7 @@ def dead_letter_reason(reason: str, attempts: int, *, block: bool, retryable: bo
             text = f"gave up after {attempts} attempts: {text}"
         else:
             text = f"parked at the first failure (on_failure: dead-letter): {text}"
-    if "replay" in text:
+    if "then replay" in text:  # (a path may hold the word: the phrase the destinations write)
         return text
     return f"{text}; {cause}, then replay: sluice replay --id <message id>"
 

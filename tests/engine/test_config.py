@@ -154,3 +154,10 @@ def test_help_lists_commands() -> None:
     res = CliRunner().invoke(main, ["--help"])
     for cmd in ("run", "send", "check", "messages", "dead-letter", "replay", "convert", "conformance"):
         assert cmd in res.output
+
+
+def test_replay_of_an_id_that_does_not_exist_says_so_and_fails(tmp_path: Path) -> None:
+    path = write_config(tmp_path, channels={"a": basic_channel(1234)}, destinations=FILE_DEST)
+    res = CliRunner().invoke(main, ["replay", "--config", str(path), "--id", "99999"])
+    assert res.exit_code == 1
+    assert "message 99999: no such message" in res.output and "nothing to replay" in res.output

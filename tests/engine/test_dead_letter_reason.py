@@ -33,3 +33,8 @@ def test_a_refusal_keeps_the_receivers_words_and_says_replay() -> None:
     )
     said = "fhir-main POST /: HTTP 422 (rejected; fix the message or mapping, then replay): bad"
     assert dead_letter_reason(said, 1, block=True, retryable=False) == said  # already says what to do
+
+
+def test_a_path_holding_the_word_replay_still_gets_the_hint() -> None:
+    text = dead_letter_reason("cannot write /tmp/replay0/out/X.hl7: File exists", 2, block=True)
+    assert text.endswith("then replay: sluice replay --id <message id>")

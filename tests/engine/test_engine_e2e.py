@@ -155,6 +155,11 @@ def test_dead_letter_then_replay(tmp_path: Path) -> None:
                 main, ["replay", "--config", str(cfg), "--channel", "c", "--status", "dead", "--dry-run"]
             )
             assert "would replay message" in dry.output and s.dead_letters()
+            typo = runner.invoke(
+                main, ["replay", "--config", str(cfg), "--id", "1", "--id", "4242", "--dry-run"]
+            )
+            assert typo.exit_code == 1 and "would replay message 1" in typo.output
+            assert "message 4242: no such message" in typo.output  # an id that selects nothing is said
             out.unlink()
             out.mkdir()
             rep = runner.invoke(
