@@ -425,6 +425,9 @@ def messages_show(config_path: str, message_id: int, show_phi: bool, reason: str
     click.echo(f"status:      {p(r.status)}")
     if r.reason:
         click.echo(f"reason:      {p(r.reason)}")
+    step = next_step(str(r.status), r.id)
+    if step:
+        click.echo(f"next:        {step}")
     click.echo(f"ack:         {p(r.ack_code or '-')}")
     click.echo(f"size:        {r.size} bytes, hash {p(r.content_hash)}")
     for d in store.deliveries_of(message_id):
@@ -449,6 +452,21 @@ def messages_show(config_path: str, message_id: int, show_phi: bool, reason: str
     else:
         segs = [line[:3] for line in r.raw.decode("latin-1").replace("\n", "\r").split("\r") if line.strip()]
         click.echo(f"segments:    {p(' '.join(segs))}  (content hidden; --show-phi to print it)")
+
+
+def next_step(status: str, message_id: int) -> str:
+    """What an operator does about a message in this status (docs/operations.md "Where messages are")."""
+    replay = f"sluice replay --id {message_id}"
+    return {
+        "error": f"fix the cause the reason names (the sender's message, or the channel: a map, require:, "
+        f"the transform), sluice reload, then {replay}",
+        "review": f"held on purpose (a lower result status after a higher one); {replay} applies it anyway",
+        "filtered": f"the channel's filter or routes did not want it; after changing them, {replay}",
+        "quarantined": "unreadable, a charset problem or a control id resent with other content: look at it "
+        f"(--show-phi --reason ...), ask the sender to resend it corrected, or {replay}",
+        "rejected": "a type, trigger, version or processing id the channel does not accept: change accept: "
+        f"(sluice reload) and {replay}, or ask the sender",
+    }.get(status, "")
 
 
 @main.group("dead-letter")

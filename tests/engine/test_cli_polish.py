@@ -122,3 +122,13 @@ def test_port_in_use_is_reported_before_the_store_is_created(tmp_path: Path) -> 
     assert f"channel adt cannot listen on 127.0.0.1:{port}" in res.stderr
     assert "--port" in res.stderr and "source.port" in res.stderr
     assert not (tmp_path / "sluice.db").exists()
+
+
+def test_messages_show_says_the_next_step_of_a_status_that_needs_one() -> None:
+    from engine.cli import next_step
+
+    assert next_step("error", 12).endswith("sluice reload, then sluice replay --id 12")
+    assert "applies it anyway" in next_step("review", 3)
+    for status in ("filtered", "quarantined", "rejected"):
+        assert "sluice replay --id 5" in next_step(status, 5)
+    assert next_step("processed", 1) == "" and next_step("received", 1) == ""
