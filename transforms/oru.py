@@ -431,6 +431,21 @@ def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext
         text = _text_value([rep])
         return ("valueString", text) if text else None
     if vtype == "NM":
+        d = ctx.message.delimiters
+        if d.component in rep.raw or d.subcomponent in rep.raw:
+            # NM has no components: a sender's extra ones (``85^^Hexoquinasa^false``: the method, a flag) are
+            # not the number; component 1 is, as HL7 parsers read a primitive
+            got = _numeric(rep.c(1).strip(), units, loc, unit(units, ctx.settings))
+            if got is not None:
+                ctx.warn(
+                    "value_components_dropped",
+                    loc,
+                    "OBX-5 is NM but has components: component 1 is the value, the others were left out",
+                )
+                return got
+            ctx.count("obx_value_not_numeric")
+            text = plain_text(rep, d)
+            return ("valueString", text) if text else None
         raw = rep.text.strip()
         got = _numeric(raw, units, loc, unit(units, ctx.settings))
         if got is None:
@@ -911,9 +926,8 @@ def observation(
                 raw = rep.text.strip()
                 u = unit(units, ctx.settings)
                 got = _numeric(raw, units, obx.loc(5), u)
-                if got is None:
-                    ctx.count("obx_value_not_numeric")
-                    got = ("valueString", raw)
+                if got is None:  # not a number as sent: value_of's NM branch decides (components, text)
+                    got = value_of(vtype, rep, units, obx, ctx)
             else:
                 got = value_of(vtype, rep, units, obx, ctx)
             if got is not None:

@@ -294,6 +294,17 @@ def test_a_composite_value_without_a_mapping_is_text_not_the_encoded_string(
     assert obs["valueString"] == text
 
 
+def test_an_nm_value_with_extra_components_is_its_first_component_with_a_warning() -> None:
+    """A sender's NM with components (``85^^Enzymatic^false``: the number, then method and flag)."""
+    result = oru("OBX|1|NM|2345-7^Glucose^LN||85^^Enzymatic^false|mg/dL|||||F")
+    assert one(result.bundle, "Observation")["valueQuantity"]["value"] == 85
+    assert list(result.warning_kinds) == ["value_components_dropped"]
+    assert result.warnings[0].startswith("OBX-5: ")
+    # not a number in component 1 either: the text, without the encoding
+    obs = one(oru("OBX|1|NM|2345-7^Glucose^LN||see note^^Enzymatic|mg/dL|||||F").bundle, "Observation")
+    assert obs["valueString"] == "see note Enzymatic"
+
+
 def test_rp_value_is_an_attachment_not_the_encoded_string() -> None:
     result = oru(
         "OBX|1|RP|18748-4^Diagnostic imaging study^LN||https://images.example.org/study/1^^IM^JPEG||||||F"
