@@ -310,12 +310,22 @@ def resolve_map_path(ref: str, base_dir: Path) -> Path | None:
     return None
 
 
+def _map_names(base_dir: Path) -> list[str]:
+    """The map files a bare name can reach (for "did you mean" when one is misspelt)."""
+    names: set[str] = set()
+    for d in (base_dir / "transforms" / "maps", MAPS_DIR):
+        if d.is_dir():
+            names.update(p.name for p in d.iterdir() if p.suffix.lower() in (".csv", ".yaml", ".yml"))
+    return sorted(names)
+
+
 def load_code_map(ref: str, base_dir: Path, config_file: str = "", key: str = "code_maps") -> CodeMap:
     """Load a CSV (header ``local_code,system,code,display``) or YAML (``local: {system, code, display}``)."""
     path = resolve_map_path(ref, base_dir)
     if path is None:
+        near = did_you_mean(ref, _map_names(base_dir))
         raise ConfigError(
-            f"code map file {ref!r} not found",
+            f"code map file {ref!r} not found" + (f" ({near})" if near else ""),
             file=config_file,
             key=key,
             hint=f"put it under {base_dir}/transforms/maps/ or give a path relative to {base_dir}",

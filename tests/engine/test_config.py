@@ -161,3 +161,13 @@ def test_replay_of_an_id_that_does_not_exist_says_so_and_fails(tmp_path: Path) -
     res = CliRunner().invoke(main, ["replay", "--config", str(path), "--id", "99999"])
     assert res.exit_code == 1
     assert "message 99999: no such message" in res.output and "nothing to replay" in res.output
+
+
+def test_a_misspelt_code_map_file_suggests_the_shipped_one(tmp_path: Path) -> None:
+    ch = basic_channel(1234, transform=[{"hl7-to-fhir": {"code_maps": {"OBX-3": "demo-lab-code.csv"}}}])
+    path = write_config(tmp_path, channels={"a": ch}, destinations=FILE_DEST)
+    res = CliRunner().invoke(main, ["check", "--config", str(path)])
+    msg = res.output
+    assert res.exit_code == 1
+    assert "code map file 'demo-lab-code.csv' not found (did you mean 'demo-lab-codes.csv'?)" in msg
+    assert "code_maps.OBX-3" in msg and "transforms/maps/" in msg
