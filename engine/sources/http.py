@@ -67,6 +67,15 @@ def outcome(severity: str, code: str, text: str) -> bytes:
     )
 
 
+class Unfilled(Exception):
+    """A Bundle without resources, or with entries that name one without carrying it; ``found`` are the
+    ones it carries (checked as any pushed resource)."""
+
+    def __init__(self, found: list[dict[str, Any]]):
+        super().__init__("entries without a resource")
+        self.found = found
+
+
 class FetchFailed(Exception):
     """A read from ``fetch.base_url`` failed: the notification is answered 503 (the server sends it again)."""
 
@@ -83,9 +92,11 @@ class Refused(Exception):
 
 def resources_of(body: Any, allowed: tuple[str, ...]) -> list[dict[str, Any]]:
     """The resources a pushed body carries (see the module doc); ``Refused`` (4xx) when it carries none
-    that can be taken, saying why."""
+    that can be taken, saying why; :class:`Unfilled` when it is a Bundle with no resource, or with an entry
+    without one (a notification that names a focus to read)."""
     if not isinstance(body, dict) or not body.get("resourceType"):
         raise Refused(400, "structure", "the body is not a FHIR resource (a JSON object with resourceType)")
+    unfilled = False
     if body["resourceType"] == "Bundle":
         found = []
         for e in body.get("entry", ()) or ():
@@ -96,6 +107,9 @@ def resources_of(body: Any, allowed: tuple[str, ...]) -> list[dict[str, Any]]:
                 and res["resourceType"] not in NOTIFICATION_META
             ):
                 found.append(res)
+            elif res is None:
+                unfilled = True
+        unfilled = unfilled or not found
     else:
         found = [body]
     if allowed:
@@ -114,6 +128,8 @@ def resources_of(body: Any, allowed: tuple[str, ...]) -> list[dict[str, Any]]:
                 f"a {str(r['resourceType'])[:40]} without an id: the engine matches updates by id; send the "
                 "resource as the server stored it (with id and meta.versionId)",
             )
+    if unfilled:  # (an exception: the full-resource path pays no test after the call)
+        raise Unfilled(found)
     return found
 
 
@@ -235,10 +251,10 @@ class HttpSource:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError:
                 raise Refused(400, "structure", "the body is not valid JSON") from None
-            found = resources_of(parsed, self.cfg.resources)
-            if parsed["resourceType"] == "Bundle" and (
-                not found or len(found) + 1 < len(parsed.get("entry") or ())
-            ):  # entries without a resource (a full-resource notification, status + focus, never gets here)
+            try:
+                found = resources_of(parsed, self.cfg.resources)
+            except Unfilled as exc:  # entries without a resource (never a full-resource notification)
+                found = exc.found
                 note = notifications.read(parsed)
                 if note.kind and not found:
                     return await self._resolve(note, hdrs)
