@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from engine.errors import ConfigError
+from engine.suggest import did_you_mean
 
 T = TypeVar("T")
 
@@ -131,5 +132,11 @@ def import_from_string(ref: str, search_paths: list[Path] | None = None) -> Any:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError as exc:
-        raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from exc
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+        near = did_you_mean(attr, names)
+        raise ConfigError(
+            f"module {module_name!r} has no attribute {attr!r}" + (f" ({near})" if near else ""),
+            hint=f"write {module_name}:<function> with a function defined in "
+            f"{getattr(module, '__file__', None) or module_name}",
+        ) from exc
     return obj

@@ -173,7 +173,12 @@ def build_step(spec: Any, ctx: StageContext, key: str) -> Step:
     if name in registry.TRANSFORMS:
         return registry.TRANSFORMS[name](options, replace(ctx, key=key))
     if ":" in name:
-        fn = registry.import_from_string(name, [ctx.base_dir, ctx.base_dir / "transforms"])
+        try:
+            fn = registry.import_from_string(name, [ctx.base_dir, ctx.base_dir / "transforms"])
+        except ConfigError as exc:  # located: the channel file and the step
+            if exc.file:
+                raise
+            raise ConfigError(exc.message, file=ctx.config_file, key=key, hint=exc.hint) from exc
         if not callable(fn):
             raise ConfigError(f"{name} is not callable", file=ctx.config_file, key=key)
         if options:

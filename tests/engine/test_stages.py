@@ -118,6 +118,17 @@ def test_python_filter_must_be_callable() -> None:
         stages.build_filter("no_such_module_anywhere:f", CTX)
 
 
+def test_a_misspelt_user_step_function_is_located_and_suggests_the_name() -> None:
+    with pytest.raises(ConfigError) as info:
+        stages.build_step("sluice_test_filters:inpatiant", CTX, "transform[1]")
+    assert info.value.file == "channels/c.yaml" and info.value.key == "transform[1]"
+    assert "has no attribute 'inpatiant' (did you mean 'inpatient'?)" in str(info.value)
+    assert "sluice_test_filters.py" in str(info.value)  # where the functions are
+    with pytest.raises(ConfigError) as info:
+        stages.build_step("no_such_module_anywhere:f", CTX, "transform[0]")
+    assert info.value.file == "channels/c.yaml" and info.value.key == "transform[0]"
+
+
 def test_plugin_filter_key_path() -> None:
     """A plugin filter gets its key path in ``ctx.key``, as the built-ins do."""
     registry.load_plugins([PLUGINS], ["sluice_test_filters"], PLUGINS)
