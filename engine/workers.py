@@ -59,7 +59,9 @@ def backoff_delay(
 _WILL_RETRY = re.compile(r" \(will retry\)|[;,] will retry")
 
 
-def dead_letter_reason(reason: str, attempts: int, *, block: bool, retryable: bool = True) -> str:
+def dead_letter_reason(
+    reason: str, attempts: int, *, block: bool, retryable: bool = True, message_id: int | None = None
+) -> str:
     """The reason a dead letter keeps: the destination's error without its "will retry" (nothing retries a
     dead letter on its own) and what to do: fix the cause, then replay (unless the error already says)."""
     if not retryable:  # the receiver refused it (an AE/AR, an HTTP 4xx): its own words
@@ -73,7 +75,8 @@ def dead_letter_reason(reason: str, attempts: int, *, block: bool, retryable: bo
             text = f"parked at the first failure (on_failure: dead-letter): {text}"
     if "then replay" in text:  # (a path may hold the word: the phrase the destinations write)
         return text
-    return f"{text}; {cause}, then replay: sluice replay --id <message id>"
+    which = "<message id>" if message_id is None else str(message_id)
+    return f"{text}; {cause}, then replay: sluice replay --id {which}"
 
 
 class ProcessingWorker:
@@ -566,7 +569,9 @@ class DeliveryWorker:
                             error=type(exc).__name__,
                         )
                     else:
-                        why = dead_letter_reason(reason, attempts, block=block, retryable=retryable)
+                        why = dead_letter_reason(
+                            reason, attempts, block=block, retryable=retryable, message_id=row.message_id
+                        )
                         failed.append((r.id, attempts, why, None))
                         self.dead += 1
                         self.consecutive_failures += 1

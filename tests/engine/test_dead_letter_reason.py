@@ -38,3 +38,11 @@ def test_a_refusal_keeps_the_receivers_words_and_says_replay() -> None:
 def test_a_path_holding_the_word_replay_still_gets_the_hint() -> None:
     text = dead_letter_reason("cannot write /tmp/replay0/out/X.hl7: File exists", 2, block=True)
     assert text.endswith("then replay: sluice replay --id <message id>")
+
+
+def test_the_hint_names_the_message_when_known() -> None:
+    text = dead_letter_reason("x: cannot connect (refused); will retry", 2, block=True, message_id=1234)
+    assert (
+        text
+        == "gave up after 2 attempts: x: cannot connect (refused); fix the cause (e.g. the target is up again), then replay: sluice replay --id 1234"
+    )
