@@ -1067,7 +1067,11 @@ def cwe(
                     if loc is None and seg is not None:
                         loc = seg.loc(at)
                     raise ConversionError(
-                        f"{_where(loc)}: code not in the channel's code map", code="103", location=loc
+                        f"{_where(loc)}: code not in the channel's code map; add a row for it to the map file "
+                        "its code_maps entry names (sluice maps check lists what is not covered), sluice reload, "
+                        "then replay; or set unmapped_codes: keep",
+                        code="103",
+                        location=loc,
                     )
     cc: JSON = {}
     if codings:

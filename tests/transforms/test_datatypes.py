@@ -154,6 +154,7 @@ def test_cwe_systems_and_maps(tmp_path: Path) -> None:
     with pytest.raises(ConversionError) as ei:
         dt.cwe(rep("ZZZ^Unknown^L"), c, Location("OBX", 1, 3), field="OBX-3")
     assert ei.value.hl7_error == "103"
+    assert "ZZZ" not in str(ei.value) and "add a row for it to the map file" in str(ei.value)  # what to do
 
 
 def test_yaml_map_and_bad_map(tmp_path: Path) -> None:
