@@ -602,6 +602,10 @@ def convert(files: tuple[str, ...], config_path: str, channel: str | None, prett
     (the same compiled pipeline a processing worker runs); a message the channel would reject, filter or
     fail is reported on stderr.  Exit 1 when any message is rejected or fails.
     """
+    from engine import logs
+
+    # a message's failure is its own stderr line, not an engine log line too
+    logs.configure("console", "warning")
     runtime = _convert_runtime(config_path, channel, explicit_config=_option_given("config_path"))
     # A channel splits an FHS/BHS batch at its intake, as the engine does; the plain converter splits it the
     # way `sluice conformance` does (each MSH a message, envelope segments dropped).

@@ -226,3 +226,15 @@ def test_check_accepts_mllp_rate_limit(tmp_path: Path) -> None:
     )
     res = CliRunner().invoke(main, ["check", "--config", str(cfg)])
     assert res.exit_code == 0, res.output
+
+
+def test_convert_reports_a_failure_once_without_engine_log_lines(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.hl7"
+    bad.write_bytes(
+        b"MSH|^~\\&|ALLSCRIPTS|NORTHCLINIC|SLUICE|HOSP|20250314083000||ADT^A01^ADT_A01|BAD1|P|2.5.1\r"
+        b"EVN|A01|20250314083000\rPID|1||^^^NORTHCLINIC^MR||Sampleton^Jordan\rPV1|1|I\r"
+    )
+    res = CliRunner().invoke(main, ["convert", str(bad), "--config", str(ROOT / "routes.yaml")])
+    assert res.exit_code == 1
+    assert f"{bad}#1: error 101: PID-3" in res.output
+    assert "processing_failed" not in res.output  # the analyst sees the reason, not a log line beside it
