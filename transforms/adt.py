@@ -9,6 +9,7 @@ identifier list) is AR 201.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 from engine import redact
@@ -540,43 +541,126 @@ class _NK1:
         "tel_tail",
     )
 
-    def __init__(self, nk1: Segment, ctx: ConvertContext):
-        s = ctx.settings
-        f = nk1.fields
-        nf = len(f)
-        counted = ctx.events
-        before = dict(counted)
-        self.rels = nk1_relationships(nk1, ctx)
-        self.name = dt.xpn(dt.rep_of(nk1, 2, ctx), s) if nf > 2 and f[2] else None
-        # raw-field checks first: an empty field costs one index, not a parser call
-        head = dt.xtns(nk1, 5, "home") if nf > 5 and f[5] else _NO_JSON
-        if nf > 6 and f[6]:
-            head = head + dt.xtns(nk1, 6, "work")
-        self.tel_head = head
-        self.tel31 = dt.xtns(nk1, 31) if nf > 31 and f[31] else _NO_JSON
-        tail = dt.xtns(nk1, 40) if nf > 40 and f[40] else _NO_JSON
-        if nf > 41 and f[41]:
-            tail = tail + dt.xtns(nk1, 41)
-        self.tel_tail = tail
-        per_rep = [dt.xad(r, s) for r in nk1.reps(4)] if nf > 4 and f[4] else _NO_JSON
-        self.first_address = per_rep[0] if per_rep else None
-        self.addresses = [a for a in per_rep if a is not None] if per_rep else _NO_JSON
-        self.gender = dt.table_at(ctx, dt.ADMINISTRATIVE_SEX, nk1, 15, "0001") if nf > 15 and f[15] else None
-        self.period = (
-            dt.period_at(dt.value(nk1, 8, ctx), dt.value(nk1, 9, ctx), s, nk1, 8, 9)
-            if nf > 8 and (f[8] or (nf > 9 and f[9]))
-            else None
+    def __init__(
+        self,
+        rels: list[JSON],
+        name: JSON | None,
+        tel_head: list[JSON],
+        tel31: list[JSON],
+        tel_tail: list[JSON],
+        first_address: JSON | None,
+        addresses: list[JSON],
+        gender: str | None,
+        period: JSON | None,
+        events: list[tuple[str, int]],
+    ):
+        self.rels = rels
+        self.name = name
+        self.tel_head = tel_head
+        self.tel31 = tel31
+        self.tel_tail = tel_tail
+        self.first_address = first_address
+        self.addresses = addresses
+        self.gender = gender
+        self.period = period
+        self.events = events
+
+    def kept(self) -> tuple[Any, ...]:
+        """The pieces copied into a plain tuple (what the channel keeps: picklable like the settings)."""
+        return (
+            dt.copy_json(self.rels),
+            dt.copy_json(self.name),
+            dt.copy_json(self.tel_head),
+            dt.copy_json(self.tel31),
+            dt.copy_json(self.tel_tail),
+            dt.copy_json(self.first_address),
+            dt.copy_json(self.addresses),
+            self.gender,
+            dt.copy_json(self.period),
+            list(self.events),
+            # the first address is the first of ``addresses`` when it was not empty: kept so
+            self.first_address is not None
+            and bool(self.addresses)
+            and self.addresses[0] is self.first_address,
         )
-        self.events = [(k, n - before.get(k, 0)) for k, n in counted.items() if n != before.get(k, 0)]
+
+
+def _nk1_from_kept(k: tuple[Any, ...]) -> _NK1:
+    addresses: list[JSON] = dt.copy_json(k[6])
+    first: JSON | None = addresses[0] if k[10] else dt.copy_json(k[5])
+    return _NK1(
+        dt.copy_json(k[0]),
+        dt.copy_json(k[1]),
+        dt.copy_json(k[2]),
+        dt.copy_json(k[3]),
+        dt.copy_json(k[4]),
+        first,
+        addresses,
+        k[7],
+        dt.copy_json(k[8]),
+        k[9],
+    )
+
+
+def _nk1_parts(nk1: Segment, ctx: ConvertContext) -> _NK1:
+    s = ctx.settings
+    f = nk1.fields
+    nf = len(f)
+    counted = ctx.events
+    before = dict(counted)
+    rels = nk1_relationships(nk1, ctx)
+    name = dt.xpn(dt.rep_of(nk1, 2, ctx), s) if nf > 2 and f[2] else None
+    # raw-field checks first: an empty field costs one index, not a parser call
+    head = dt.xtns(nk1, 5, "home") if nf > 5 and f[5] else _NO_JSON
+    if nf > 6 and f[6]:
+        head = head + dt.xtns(nk1, 6, "work")
+    tel31 = dt.xtns(nk1, 31) if nf > 31 and f[31] else _NO_JSON
+    tail = dt.xtns(nk1, 40) if nf > 40 and f[40] else _NO_JSON
+    if nf > 41 and f[41]:
+        tail = tail + dt.xtns(nk1, 41)
+    per_rep = [dt.xad(r, s) for r in nk1.reps(4)] if nf > 4 and f[4] else _NO_JSON
+    first_address = per_rep[0] if per_rep else None
+    addresses = [a for a in per_rep if a is not None] if per_rep else _NO_JSON
+    gender = dt.table_at(ctx, dt.ADMINISTRATIVE_SEX, nk1, 15, "0001") if nf > 15 and f[15] else None
+    period = (
+        dt.period_at(dt.value(nk1, 8, ctx), dt.value(nk1, 9, ctx), s, nk1, 8, 9)
+        if nf > 8 and (f[8] or (nf > 9 and f[9]))
+        else None
+    )
+    events = [(k, n - before.get(k, 0)) for k, n in counted.items() if n != before.get(k, 0)]
+    return _NK1(rels, name, head, tel31, tail, first_address, addresses, gender, period, events)
+
+
+_NK1_SHARED_MAX = 1024
 
 
 def _nk1(nk1: Segment, ctx: ConvertContext) -> tuple[_NK1, bool]:
-    """The shared NK1 pieces, and whether they were computed before in this message."""
+    """The shared NK1 pieces, and whether they were computed before in this message.
+
+    They are a pure function of the NK1's text, the delimiters and the channel's settings, and a feed
+    repeats its contacts' NK1 segments: the channel keeps them (``ConvertSettings.shared_memo``) and a
+    later message gets a copy, with what computing them counted counted again.  Pieces whose computation
+    warned or added entries are never kept (only counts are replayed)."""
     key = ("NK1", id(nk1))
     hit: _NK1 | None = ctx.memo.get(key)
     if hit is not None:
         return hit, True
-    hit = ctx.memo[key] = _NK1(nk1, ctx)
+    d = ctx.delimiters
+    text_key = ("NK1", d.field + d.encoding_characters, d.field.join(nk1.fields))
+    shared = ctx.settings.shared_memo
+    kept: tuple[Any, ...] | None = shared.get(text_key)
+    if kept is not None:
+        hit = _nk1_from_kept(kept)
+        for event, times in hit.events:
+            ctx.count(event, times)
+    else:
+        warned, added = len(ctx.warnings), len(ctx.entries)
+        hit = _nk1_parts(nk1, ctx)
+        if len(ctx.warnings) == warned and len(ctx.entries) == added:
+            if len(shared) >= _NK1_SHARED_MAX:
+                shared.clear()
+            shared[text_key] = hit.kept()  # the kept pieces never reach a Bundle
+    ctx.memo[key] = hit
     return hit, False
 
 

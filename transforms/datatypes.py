@@ -500,6 +500,15 @@ def nm(value: str, loc: Location | None = None) -> int | float | Decimal | None:
     return n
 
 
+def copy_json(value: Any) -> Any:
+    """A copy of a JSON tree: new dicts and lists, the same (immutable) strings and numbers."""
+    if isinstance(value, dict):
+        return {k: copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copy_json(v) for v in value]
+    return value
+
+
 def nm_or_none(value: str) -> int | float | Decimal | None:
     """:func:`nm` without the error, for optional numbers whose caller drops a bad one with a warning:
     ``None`` for an empty value, a value that is not a number, or one out of range.  Raising and

@@ -85,6 +85,17 @@ class ConvertSettings:
         return cache
 
     @property
+    def shared_memo(self) -> dict[Any, Any]:
+        """Mapper results that are a pure function of a segment's text, the delimiters and these settings
+        (``transforms.adt._nk1``), kept for the next messages of the channel; each mapper bounds its entries
+        and hands out copies only."""
+        memo: dict[Any, Any] | None = self.__dict__.get("_shared_memo")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_shared_memo", memo)
+        return memo
+
+    @property
     def zone(self) -> ZoneInfo:
         """The site time zone as a ZoneInfo (never the host's zone)."""
         z: ZoneInfo = self._zone  # type: ignore[attr-defined]
