@@ -191,6 +191,23 @@ class RankView:
         self.new, self.changed = {}, {}
 
 
+def open_failure(where: str, exc: BaseException) -> str:
+    """What is wrong when the store cannot be opened, and what to do: the driver's own words (without
+    SQLAlchemy's background link), with a hint for the usual causes."""
+    lines = [x for x in str(getattr(exc, "orig", None) or exc).splitlines() if "sqlalche.me" not in x]
+    text = " ".join(x.strip() for x in lines if x.strip())
+    low = text.lower()
+    if "refused" in low or "could not connect" in low or "could not translate host" in low:
+        hint = "is the database server running there? Check the host and port of store: (or SLUICE_STORE)"
+    elif "database" in low and "does not exist" in low:
+        hint = "create the database (e.g. createdb NAME) or correct its name in store: (or SLUICE_STORE)"
+    elif "password authentication failed" in low or "no password supplied" in low:
+        hint = "give the password in PGPASSWORD or ~/.pgpass (never in routes.yaml)"
+    else:
+        hint = "check that the database exists and is writable"
+    return f"cannot open the store {where}: {text}; {hint}"
+
+
 class Store:
     """The engine's view of the database."""
 
@@ -213,9 +230,7 @@ class Store:
         try:
             migrations.upgrade_schema(self)
         except Exception as exc:
-            raise StoreError(
-                f"cannot create tables in {self.safe_url}: {exc}. Check that the database exists and is writable"
-            ) from exc
+            raise StoreError(open_failure(self.safe_url, exc)) from exc
 
     def installation_key(self) -> bytes:
         """The per-installation HMAC key of the patient search, order keys and resource-state keys (made on
