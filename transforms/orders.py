@@ -48,6 +48,26 @@ def order_numbers(
     return placer, filler
 
 
+def group_numbers(rep: Rep, ctx: ConvertContext, loc: Location) -> list[JSON]:
+    """ORC-4 placer group number → identifiers: EI (``id^namespace^uid^type``), or EIP (v2.8.2:
+    ``placer id&ns&uid&type^filler id&ns&uid&type``, recognised by subcomponents in component 1)."""
+    if not rep:
+        return []
+    subs = rep.subs(1)
+    if len(subs) <= 1:
+        ident = ei(rep, ctx, loc)
+        return [ident] if ident is not None else []
+    out: list[JSON] = []
+    d = ctx.message.delimiters
+    for comp in (1, 2):
+        parts = rep.subs(comp)
+        if parts and parts[0].strip():
+            ident = ei(Rep(d.component.join(parts[:4]), d), ctx, loc)
+            if ident is not None:
+                out.append(ident)
+    return out
+
+
 def timing(
     tq1: Segment | None, orc: Segment | None, obr: Segment | None, ctx: ConvertContext
 ) -> tuple[JSON | None, str, str]:
@@ -122,6 +142,7 @@ __all__ = [
     "ORDER_TYPE_ROLE",
     "PRIORITY",
     "V3_ROLE_CODE",
+    "group_numbers",
     "occurrence",
     "order_numbers",
     "order_type",

@@ -45,7 +45,7 @@ from transforms.datatypes import (
     xcn,
     xpns,
 )
-from transforms.orders import occurrence, order_numbers, order_type, typed
+from transforms.orders import group_numbers, occurrence, order_numbers, order_type, typed
 
 JSON = dict[str, Any]
 
@@ -766,26 +766,6 @@ def _groups(msg: Message) -> tuple[Segment | None, list[_Order], list[tuple[Segm
     return pid, orders, patient_obs
 
 
-def _group_number(rep: Rep, ctx: ConvertContext, loc: Location) -> list[JSON]:
-    """ORC-4 placer group number → identifiers: EI (``id^namespace^uid^type``), or EIP (v2.8.2:
-    ``placer id&ns&uid&type^filler id&ns&uid&type``, recognised by subcomponents in component 1)."""
-    if not rep:
-        return []
-    subs = rep.subs(1)
-    if len(subs) <= 1:
-        ident = ei(rep, ctx, loc)
-        return [ident] if ident is not None else []
-    out: list[JSON] = []
-    d = ctx.message.delimiters
-    for comp in (1, 2):
-        parts = rep.subs(comp)
-        if parts and parts[0].strip():
-            ident = ei(Rep(d.component.join(parts[:4]), d), ctx, loc)
-            if ident is not None:
-                out.append(ident)
-    return out
-
-
 def _placer_filler(placer: JSON | None, filler: JSON | None) -> list[JSON]:
     """An order's placer and filler numbers as PLAC- and FILL-typed identifiers (ServiceRequest and
     DiagnosticReport carry the same two)."""
@@ -1082,7 +1062,7 @@ def service_request(
         res["subject"] = _ref(ctx.patient_ref)
     if enc:
         res["encounter"] = _ref(enc)
-    if orc is not None and (req := _group_number(orc.rep(4), ctx, orc.loc(4))):
+    if orc is not None and (req := group_numbers(orc.rep(4), ctx, orc.loc(4))):
         res["requisition"] = typed(req[0], "PGN", "Placer Group Number")
     if details := [c for f in (46, 47) for r in obr.reps(f) if (c := cwe(r, ctx, obr.loc(f))) is not None]:
         res["orderDetail"] = details
@@ -1198,7 +1178,7 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
     idents = _placer_filler(placer, filler)
     if order.orc is not None:
         # IG ORC[DiagnosticReport]: ORC-4 placer group number → identifier[3]/[4]
-        for grp in _group_number(order.orc.rep(4), ctx, order.orc.loc(4)):
+        for grp in group_numbers(order.orc.rep(4), ctx, order.orc.loc(4)):
             idents.append(typed(grp, "PGN", "Placer Group Number"))
     res["identifier"] = idents
     res["status"] = status
