@@ -68,6 +68,39 @@ def group_numbers(rep: Rep, ctx: ConvertContext, loc: Location) -> list[JSON]:
     return out
 
 
+def requisition_key(orc: Segment | None, obr: Segment | None, ctx: ConvertContext) -> tuple[JSON, str] | None:
+    """The last-resort business key of an order with neither a placer nor a filler number (ORC-2/3, OBR-2/3
+    empty; called only then): its requisition, the ORC-4 placer group number (the sender's own identifier of
+    the requisition, IG ORC-4 → ServiceRequest.requisition), plus the order's code OBR-4 (else OBR-1 set id),
+    so a later message for the same requisition and test meets the same resource.  Returns (the requisition
+    identifier, the key string) with the located warning ``order_keyed_by_requisition``; None when ORC-4 is
+    empty too or the channel is strict (keys stay strict: the caller rejects as before)."""
+    if orc is None or ctx.settings.strictness != "lenient" or not orc.rep(4):
+        return None
+    groups = group_numbers(orc.rep(4), ctx, orc.loc(4))
+    if not groups:
+        return None
+    req = groups[0]
+    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+    what = "the order's code (OBR-4)"
+    if obr is None:
+        part = ""
+        what = "nothing else (no OBR)"
+    elif obr.rep(4):
+        code = obr.rep(4)
+        part = f"OBR-4:{code.c(3).strip().upper()}|{code.c(1).strip()}"
+    else:
+        part = f"OBR-1:{obr.get(1).strip()}"
+        what = "the OBR-1 set id (OBR-4 is empty)"
+    ctx.warn(
+        "order_keyed_by_requisition",
+        orc.loc(2),
+        "the order has neither a placer (ORC-2/OBR-2) nor a filler (ORC-3/OBR-3) order number: it is keyed "
+        f"by its requisition (ORC-4 placer group number) and {what}; ask the sender for ORC-2",
+    )
+    return req, f"{req.get('system') or 'facility:' + facility}|requisition|{req['value']}|{part}"
+
+
 def timing(
     tq1: Segment | None, orc: Segment | None, obr: Segment | None, ctx: ConvertContext
 ) -> tuple[JSON | None, str, str]:
@@ -146,6 +179,7 @@ __all__ = [
     "occurrence",
     "order_numbers",
     "order_type",
+    "requisition_key",
     "timing",
     "typed",
 ]

@@ -24,7 +24,7 @@ from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment, escape
 from transforms.bundle import ConvertContext
 from transforms.datatypes import V2_TABLE, cwe, cx, dtm_at, ei, nm, plain_text, table, unit, xcn
-from transforms.orders import occurrence, order_numbers, order_type, typed
+from transforms.orders import group_numbers, occurrence, order_numbers, order_type, requisition_key, typed
 
 JSON = dict[str, Any]
 
@@ -241,15 +241,20 @@ def service_request(
     settings = ctx.settings
     placer, filler = order_numbers(orc, obr, ctx)
     key_ident = placer or filler
+    by_requisition = None
     if key_ident is None:
-        where = orc if orc is not None else obr
-        assert where is not None
-        raise ConversionError(
-            f"{where.name} has neither a placer (ORC-2/OBR-2) nor a filler (ORC-3/OBR-3) order number: the order "
-            "cannot be identified; send ORC-2",
-            code="101",
-            location=where.loc(2),
-        )
+        # last resort (lenient): the requisition ORC-4 + the order's code (docs/mapping.md)
+        by_requisition = requisition_key(orc, obr, ctx)
+        if by_requisition is None:
+            where = orc if orc is not None else obr
+            assert where is not None
+            raise ConversionError(
+                f"{where.name} has neither a placer (ORC-2/OBR-2) nor a filler (ORC-3/OBR-3) order number"
+                + (" nor a placer group number (ORC-4)" if ctx.settings.strictness == "lenient" else "")
+                + ": the order cannot be identified; send ORC-2",
+                code="101",
+                location=where.loc(2),
+            )
     res: JSON = {"resourceType": "ServiceRequest"}
     idents: list[JSON] = []
     if placer is not None:
@@ -266,8 +271,10 @@ def service_request(
     status = status_of(orc, ctx)
     res["status"] = status
     res["intent"] = "reflex-order" if obr is not None and obr.get(11).strip().upper() == "G" else "order"
-    if orc is not None and orc.rep(4) and (grp := ei(orc.rep(4), ctx, orc.loc(4))) is not None:
-        res["requisition"] = typed(grp, "PGN", "Placer Group Number")
+    if by_requisition is not None:
+        res["requisition"] = typed(by_requisition[0], "PGN", "Placer Group Number")
+    elif orc is not None and orc.rep(4) and (grp := group_numbers(orc.rep(4), ctx, orc.loc(4))):
+        res["requisition"] = typed(grp[0], "PGN", "Placer Group Number")
     if obr is not None and (code := cwe(obr.rep(4), ctx, obr.loc(4), field="OBR-4")) is not None:
         res["code"] = code
     elif obr is None:
@@ -329,6 +336,13 @@ def service_request(
 
         if (note := oru.annotation(order.notes, ctx)) is not None:
             res["note"] = [note]
+    if by_requisition is not None:
+        ref = ctx.add("ServiceRequest", res, key=by_requisition[1], create_only=create_only)
+        key = ctx.key_of(ref) or ref
+        if not create_only:
+            ctx.guard(key, SERVICE_REQUEST_STATUS_RANK.get(status, 0))
+        return ref, key
+    assert key_ident is not None
     system = key_ident.get("system")
     facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
     order_key = f"{system or 'facility:' + facility}|{key_ident['value']}"

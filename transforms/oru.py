@@ -45,7 +45,7 @@ from transforms.datatypes import (
     xcn,
     xpns,
 )
-from transforms.orders import group_numbers, occurrence, order_numbers, order_type, typed
+from transforms.orders import group_numbers, occurrence, order_numbers, order_type, requisition_key, typed
 
 JSON = dict[str, Any]
 
@@ -1027,7 +1027,14 @@ ORDER_CONTROL_STATUS: dict[str, str] = {
 
 
 def service_request(
-    order: _Order, placer: JSON | None, filler: JSON | None, code: JSON, ctx: ConvertContext, enc: str | None
+    order: _Order,
+    placer: JSON | None,
+    filler: JSON | None,
+    code: JSON,
+    ctx: ConvertContext,
+    enc: str | None,
+    *,
+    requisition: tuple[JSON, str] | None = None,
 ) -> str | None:
     """ORC/OBR → ServiceRequest (IG ORU_R01: the order the results are ``basedOn``), keyed by the placer
     order number (OBR-2, else ORC-2; else the filler number).  Written as a conditional *create*: the
@@ -1035,7 +1042,7 @@ def service_request(
     obr, orc = order.obr, order.orc
     assert obr is not None
     key_ident = placer or filler
-    if key_ident is None:
+    if key_ident is None and requisition is None:
         return None
     res: JSON = {}
     idents = _placer_filler(placer, filler)
@@ -1092,6 +1099,9 @@ def service_request(
         and (authored := dtm(when, ctx.settings, orc.loc(9) if orc is not None else None))
     ):
         res["authoredOn"] = authored
+    if key_ident is None:
+        assert requisition is not None  # keyed by requisition + code, as the order message keys it
+        return ctx.add("ServiceRequest", res, key=requisition[1], create_only=True)
     system = key_ident.get("system")
     if system:
         return ctx.add("ServiceRequest", res, identifier=(system, key_ident["value"]), create_only=True)
@@ -1123,16 +1133,24 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
     assert obr is not None
     placer, filler = order_numbers(order.orc, order.obr, ctx)
     key_ident = filler or placer
-    if key_ident is None:
-        raise ConversionError(
-            "OBR has neither a filler (OBR-3) nor a placer (OBR-2) order number: the report cannot be "
-            "identified; send OBR-3",
-            code="101",
-            location=obr.loc(3),
-        )
-    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
-    key_system = key_ident.get("system")
-    key_prefix = f"{key_system or 'facility:' + facility}|{key_ident['value']}"
+    by_requisition = None
+    key_system = None
+    if key_ident is not None:
+        facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+        key_system = key_ident.get("system")
+        key_prefix = f"{key_system or 'facility:' + facility}|{key_ident['value']}"
+    else:
+        # last resort (lenient): the requisition ORC-4 + the order's code (docs/mapping.md)
+        by_requisition = requisition_key(order.orc, obr, ctx)
+        if by_requisition is None:
+            raise ConversionError(
+                "OBR has neither a filler (OBR-3) nor a placer (OBR-2) order number"
+                + (" nor a placer group number (ORC-4)" if ctx.settings.strictness == "lenient" else "")
+                + ": the report cannot be identified; send OBR-3",
+                code="101",
+                location=obr.loc(3),
+            )
+        key_prefix = by_requisition[1]
     obr_status_code = obr.get(25).strip().upper()
     seen: dict[str, int] = {}
     results: list[str] = []
@@ -1191,7 +1209,9 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
             "OBR-4 universal service identifier is missing", code="101", location=obr.loc(4)
         )
     res["code"] = code
-    if (order_ref := service_request(order, placer, filler, dict(code), ctx, enc)) is not None:
+    if (
+        order_ref := service_request(order, placer, filler, dict(code), ctx, enc, requisition=by_requisition)
+    ) is not None:
         res["basedOn"] = [_ref(order_ref)]
     if ctx.patient_ref:
         res["subject"] = _ref(ctx.patient_ref)
@@ -1234,7 +1254,7 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
             obs = ctx.find(result_ref)
             if obs is not None:
                 obs.setdefault("specimen", specimens[0])
-    if key_system:
+    if key_system and key_ident is not None:
         ref = ctx.add("DiagnosticReport", res, identifier=(key_system, key_ident["value"]))
     else:
         ref = ctx.add("DiagnosticReport", res, key=key_prefix)

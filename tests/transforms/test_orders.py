@@ -304,9 +304,11 @@ def test_located_errors(old: str, new: str, where: str, code: str) -> None:
     if code == "102":  # a bad value in a non-key field: left out under strictness lenient (the default)
         r = _convert(m, golden_settings())
         assert r.warning_kinds[0] == "field_dropped" and r.warnings[0].startswith(where)
-    else:  # a missing order number is rejected in both modes
-        with pytest.raises(ConversionError):
+    else:  # no order number and no placer group number (ORC-4) either: rejected in both modes
+        m = parse(m.text.replace("GRP300^SYNEHR^2.16.840.1.113883.19.999.7^ISO", ""))
+        with pytest.raises(ConversionError) as err:
             _convert(m, golden_settings())
+        assert str(err.value.location) == where and err.value.hl7_error == code
 
 
 def test_order_without_pid_or_orc_and_unknown_trigger() -> None:
@@ -611,3 +613,94 @@ def test_pid21_mother_is_a_related_person_in_orders_and_results() -> None:
             if any(i["value"] == "MOM900001" for i in r.get("identifier", ()))
         ]
         assert rp["relationship"][0]["coding"][0]["code"] == "MTH", name
+
+
+# ----------------------------------------------------------------------------- keyed by requisition (ORC-4)
+_NO_NUMBERS = [
+    ("ORC|NW|PLC2001^SYNEHR^2.16.840.1.113883.19.999.7^ISO|", "ORC|NW||"),
+    ("OBR|1|PLC2001^SYNEHR^2.16.840.1.113883.19.999.7^ISO|", "OBR|1||"),
+]
+_REQ_ORC = "ORC|RE|||GRP300^SYNEHR^2.16.840.1.113883.19.999.7^ISO"
+
+
+def _without_numbers(name: str, *more: tuple[str, str]) -> Any:
+    text = load(name).text
+    control = "ORC|CA" if name.endswith("cancel") else "ORC|NW"
+    for old, new in [*_NO_NUMBERS, *more]:
+        text = text.replace(old.replace("ORC|NW", control), new.replace("ORC|NW", control))
+    assert "PLC2001" not in text
+    return parse(text)
+
+
+def test_order_without_numbers_is_keyed_by_requisition_and_code() -> None:
+    """ORC-2/3 and OBR-2/3 empty, ORC-4 valued: the ServiceRequest is keyed by the requisition + OBR-4, keeps the
+    requisition, and the message carries the located warning (lenient, the default)."""
+    r = _convert(_without_numbers("orm_o01"), golden_settings())
+    validate_resources(r.bundle)
+    entry, sr = _one(r.bundle, "ServiceRequest")
+    assert entry["request"]["method"] == "PUT"
+    assert entry["request"]["url"].startswith("ServiceRequest?identifier=urn:sluice:key|")
+    assert sr["requisition"]["value"] == "GRP300"
+    assert sr["requisition"]["system"] == "urn:oid:2.16.840.1.113883.19.999.7"
+    assert sr["requisition"]["type"]["coding"][0]["code"] == "PGN"
+    assert sr["code"]["coding"][0]["code"] == "24331-1"
+    assert r.warning_kinds.count("order_keyed_by_requisition") == 1
+    (w,) = [w for w, k in zip(r.warnings, r.warning_kinds, strict=True) if k == "order_keyed_by_requisition"]
+    assert w.startswith("ORC-2:") and "ORC-4" in w and "OBR-4" in w and "GRP300" not in w
+
+
+def test_requisition_keyed_order_lifecycle_updates_one_service_request() -> None:
+    """NW then CA for the same requisition and test: one ServiceRequest, active then revoked (guarded)."""
+    new = _convert(_without_numbers("orm_o01"), golden_settings())
+    cancel = _convert(_without_numbers("orm_o01_cancel"), golden_settings())
+    e1, sr1 = _one(new.bundle, "ServiceRequest")
+    e2, sr2 = _one(cancel.bundle, "ServiceRequest")
+    assert e1["request"] == e2["request"] and e1["fullUrl"] == e2["fullUrl"]
+    assert sr1["status"] == "active" and sr2["status"] == "revoked"
+    key = e1["request"]["url"]
+    assert dict(cancel.guards)[key] > dict(new.guards)[key]
+    # another test under the same requisition is another ServiceRequest
+    other = _convert(
+        _without_numbers("orm_o01", ("24331-1^Lipid panel", "2345-7^Glucose")), golden_settings()
+    )
+    assert _one(other.bundle, "ServiceRequest")[0]["request"] != e1["request"]
+    # no OBR-4: the OBR-1 set id is the second part of the key, said in the warning
+    no_code = _convert(
+        _without_numbers("orm_o01", ("24331-1^Lipid panel - Serum or Plasma^LN", "")), golden_settings()
+    )
+    assert _one(no_code.bundle, "ServiceRequest")[0]["request"] not in (e1["request"],)
+    assert any("OBR-1" in w for w in no_code.warnings)
+
+
+def test_requisition_key_is_not_used_under_strict() -> None:
+    """Keys stay strict: under strictness strict an order without placer/filler number is rejected as before."""
+    with pytest.raises(ConversionError) as err:
+        _convert(_without_numbers("orm_o01"), golden_settings(strictness="strict"))
+    assert str(err.value.location) == "ORC-2" and err.value.hl7_error == "101"
+
+
+def test_result_without_numbers_meets_the_requisition_keyed_order() -> None:
+    """ORU with ORC-4 and no placer/filler number: the report is keyed by the requisition + code and is basedOn
+    the same ServiceRequest the order message wrote."""
+    orm = _convert(_without_numbers("orm_o01"), golden_settings())
+    order_url = _one(orm.bundle, "ServiceRequest")[0]["request"]["url"]
+    text = load("oru_r01_multi").text
+    first = text.split("\rOBR|2|")[0] if "\rOBR|2|" in text else text
+    first = first.replace(
+        "ORC|RE|PLC1001^SYNEHR|FIL5001^SYNLAB^2.16.840.1.113883.19.999.2^ISO", _REQ_ORC
+    ).replace(
+        "OBR|1|PLC1001^SYNEHR|FIL5001^SYNLAB^2.16.840.1.113883.19.999.2^ISO|24323-8^Comprehensive "
+        "metabolic panel^LN",
+        "OBR|1|||24331-1^Lipid panel - Serum or Plasma^LN",
+    )
+    assert "PLC1001" not in first.split("\rOBR|2|")[0]
+    oru = _convert(parse(first), golden_settings())
+    validate_resources(oru.bundle)
+    reports = [e for e in oru.bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    (based_on,) = reports[0]["resource"]["basedOn"]
+    # the same ServiceRequest (same key) the order message wrote; the result only makes sure it exists
+    (sr_entry,) = [e for e in oru.bundle["entry"] if e["fullUrl"] == based_on["reference"]]
+    assert sr_entry["fullUrl"] == _one(orm.bundle, "ServiceRequest")[0]["fullUrl"]
+    assert sr_entry["request"]["method"] == "POST"
+    assert order_url.endswith(sr_entry["request"]["ifNoneExist"].split("=", 1)[1])
+    assert "order_keyed_by_requisition" in oru.warning_kinds
