@@ -300,7 +300,7 @@ cases:
         "hl7 of message 4 (fhir#1)\n           expected: MSH-9: SIU^S15\n           got:      nothing sent (filtered)"
         in out
     )
-    assert "reason:   write-back: cancelled (or no-show) before anything was sent" in out
+    assert "reason:   write-back: cancelled, no-show or deleted before anything was sent" in out
 
 
 def test_nothing_sent_expectations_and_an_unpolled_type(tmp_path: Path) -> None:
