@@ -80,6 +80,18 @@ def test_account_merge_keeps_both_accounts_and_links_them() -> None:
     assert r.requires == (f"Account?identifier={MRN}|ACC499",)
 
 
+@pytest.mark.parametrize("strictness", ["lenient", "strict"])
+def test_account_merge_without_the_prior_account_is_rejected_in_both_modes(strictness: str) -> None:
+    """MRG-3 is the key of an account merge (v2.8 3.3.41: MRG-3 merged into PID-18): an A41 whose MRG has only
+    MRG-1 is AE 101 at MRG-3 even under strictness lenient; its Patient/Encounter are not written without it
+    (docs/mapping.md)."""
+    m = msg(H.format(t="A41"), PID1, "MRG|MRN09999^^^HOSP^MR", PV1)
+    with pytest.raises(ConversionError) as ei:
+        convert(m, golden_settings(strictness=strictness))
+    assert ei.value.hl7_error == "101" and str(ei.value.location) == "MRG-3"
+    assert "send the account being merged" in str(ei.value)
+
+
 def test_visit_merge_marks_the_prior_visit_a_duplicate_of_the_survivor() -> None:
     b = convert(load("adt_a42"), golden_settings())
     validate_resources(b)
