@@ -26,6 +26,23 @@ def safe_url(url: str) -> str:
         return "<store url>"
 
 
+def open_failure(where: str, exc: BaseException) -> str:
+    """What is wrong when the store cannot be opened, and what to do: the driver's own words (without
+    SQLAlchemy's background link), with a hint for the usual causes."""
+    lines = [x for x in str(getattr(exc, "orig", None) or exc).splitlines() if "sqlalche.me" not in x]
+    text = " ".join(x.strip() for x in lines if x.strip())
+    low = text.lower()
+    if "refused" in low or "could not connect" in low or "could not translate host" in low:
+        hint = "is the database server running there? Check the host and port of store: (or SLUICE_STORE)"
+    elif "database" in low and "does not exist" in low:
+        hint = "create the database (e.g. createdb NAME) or correct its name in store: (or SLUICE_STORE)"
+    elif "password authentication failed" in low or "no password supplied" in low:
+        hint = "give the password in PGPASSWORD or ~/.pgpass (never in routes.yaml)"
+    else:
+        hint = "check that the database exists and is writable"
+    return f"cannot open the store {where}: {text}; {hint}"
+
+
 def open_engine(url: str, keys: keyring.KeyRing | None) -> Engine:
     """The engine for ``url`` with the SQLite set-up (a new file 0600, pragmas, BEGIN) or PostgreSQL's pool."""
     is_sqlite = url.startswith("sqlite")

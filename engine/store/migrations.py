@@ -30,7 +30,7 @@ from engine.store.keys import KEYED_PREFIX
 from engine.store.tables import SETTINGS, Base, D, M, S
 
 if TYPE_CHECKING:
-    from engine.store import Store
+    from engine.store.base import StoreBase as Store
 
 
 KEYS_HASHED_SETTING = "plain_keys_hashed"  # set once every order and resource-state key is a keyed hash

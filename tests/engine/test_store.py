@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from sqlalchemy import func, select
+
 from engine import store as st
 
 
@@ -205,7 +207,7 @@ def test_conversion_warnings_are_stored_replaced_on_replay_and_pruned(store_url:
         assert s.prune("c", bodies_before=None, rows_before=time.time() + 1)["rows"] == 2
         assert s.warnings_of(b) == []
         with s.engine.connect() as conn:
-            assert conn.execute(st.select(st.func.count()).select_from(st.W)).scalar_one() == 0
+            assert conn.execute(select(func.count()).select_from(st.W)).scalar_one() == 0
     finally:
         s.close()
 
