@@ -627,7 +627,7 @@ def _shown(path: Path) -> str:
 
 
 def _case_store() -> Any:
-    """An in-memory store holding the write-back tables (engine/store.py), for one case."""
+    """An in-memory store holding the write-back tables (engine/store/tables.py), for one case."""
     from sqlalchemy import create_engine
     from sqlalchemy.pool import StaticPool
 
