@@ -501,11 +501,22 @@ def nm(value: str, loc: Location | None = None) -> int | float | Decimal | None:
 
 
 def copy_json(value: Any) -> Any:
-    """A copy of a JSON tree: new dicts and lists, the same (immutable) strings and numbers."""
+    """A copy of a JSON tree: new dicts and lists, the same (immutable) strings and numbers.
+
+    Each container is copied whole (a dict's table is cloned, not rebuilt key by key), then only its
+    dict and list members are replaced by their copies."""
     if isinstance(value, dict):
-        return {k: copy_json(v) for k, v in value.items()}
+        d: dict[Any, Any] = value.copy()
+        for k, v in value.items():
+            if isinstance(v, (dict, list)):
+                d[k] = copy_json(v)
+        return d
     if isinstance(value, list):
-        return [copy_json(v) for v in value]
+        items: list[Any] = value.copy()
+        for i, v in enumerate(value):
+            if isinstance(v, (dict, list)):
+                items[i] = copy_json(v)
+        return items
     return value
 
 
