@@ -23,21 +23,35 @@ _counter = itertools.count(1)
 _PREFIX = f"{os.getpid() % 10000:04d}"
 
 
-_ts_cache: tuple[int, str] = (0, "")
+# (second, MSH-7 for it, control id prefix for it): formatted once per second
+_ts_cache: tuple[int, str, str] = (0, "", "")
+
+
+def _second() -> tuple[int, str, str]:
+    global _ts_cache
+    sec = int(time.time())
+    cached = _ts_cache
+    if cached[0] != sec:
+        cached = _ts_cache = (
+            sec,
+            datetime.fromtimestamp(sec, UTC).strftime("%Y%m%d%H%M%S%z"),
+            f"{sec:x}{_PREFIX}",
+        )
+    return cached
 
 
 def _timestamp() -> str:
     """MSH-7 for an ACK (UTC with offset), formatted once per second."""
-    global _ts_cache
-    sec = int(time.time())
-    if _ts_cache[0] != sec:
-        _ts_cache = (sec, datetime.fromtimestamp(sec, UTC).strftime("%Y%m%d%H%M%S%z"))
-    return _ts_cache[1]
+    return _second()[1]
 
 
 def next_control_id() -> str:
     """A unique control id for an outbound ACK (time + pid + counter)."""
-    return f"{int(time.time()):x}{_PREFIX}{next(_counter) % 1_000_000:06d}"
+    return f"{_second()[2]}{next(_counter) % 1_000_000:06d}"
+
+
+# _version_ge(version, (2, 5)) per MSH-12 seen: a feed sends one or two versions; bounded against junk
+_V25: dict[str, bool] = {}
 
 
 @dataclass(frozen=True)
@@ -105,10 +119,32 @@ def build(
     version: str = "2.5.1",
 ) -> str:
     """An ACK message as text with CR segment terminators."""
+    if now is None:
+        sec = _second()
+        ts = sec[1]
+        cid = control_id or f"{sec[2]}{next(_counter) % 1_000_000:06d}"
+    else:
+        ts = now.strftime("%Y%m%d%H%M%S%z")
+        cid = control_id or next_control_id()
+    if message is not None and error is None:
+        fast = _build_plain(message, code, ts, cid, version)
+        if fast is not None:
+            return fast
+    return _build_general(message, code, error, ts, cid, inbound_control_id, version)
+
+
+def _build_general(
+    message: Message | None,
+    code: str,
+    error: SluiceError | None,
+    ts: str,
+    cid: str,
+    inbound_control_id: str,
+    version: str,
+) -> str:
+    """:func:`build` for any message, error and header (MSH-7 ``ts`` and MSH-10 ``cid`` decided)."""
     d: Delimiters = message.delimiters if message is not None else DEFAULT_DELIMITERS
     fs, cs = d.field, d.component
-    ts = _timestamp() if now is None else now.strftime("%Y%m%d%H%M%S%z")
-    cid = control_id or next_control_id()
     if message is not None:
         h = message.msh
         trigger = h.get(9, 2)
@@ -169,3 +205,60 @@ def build(
     if err_seg:
         segments.append(err_seg)
     return "\r".join(segments) + "\r"
+
+
+def _build_plain(message: Message, code: str, ts: str, cid: str, version: str) -> str | None:
+    """:func:`build` without an error for a header whose MSH-9 and MSH-12 hold no escape, repetition or
+    subcomponent character (every feed we know): the same bytes in one join from the MSH fields in hand
+    (no unescape of MSH-9.2/MSH-12.1 and no escape of the trigger: there is nothing to undo or redo).
+    None: use the general path."""
+    d = message.delimiters
+    f = message.msh.fields
+    n = len(f)
+    if n < 13:
+        f = f + [""] * (13 - n)
+    typ = f[9]
+    ver_field = f[12]
+    fs, cs = d.field, d.component
+    # (a separator MSH-2 left out is the field separator, which no field holds: the test is then false)
+    for ch in (d.escape, d.repetition, d.subcomponent, "\n"):
+        if ch in typ or ch in ver_field:
+            return None
+    ver = ver_field.split(cs, 1)[0] or version
+    ver_out = ver_field or ver
+    v25 = _V25.get(ver)
+    if v25 is None:
+        v25 = _version_ge(ver, (2, 5))
+        if len(_V25) < 64:
+            _V25[ver] = v25
+    comps = typ.split(cs, 2)
+    trigger = comps[1] if len(comps) > 1 else ""
+    if trigger:
+        mtype = "ACK" + cs + trigger + cs + "ACK" if v25 else "ACK" + cs + trigger
+    else:
+        mtype = "ACK" + cs + "ACK" if v25 else "ACK"
+    return (
+        fs.join(
+            (
+                "MSH",
+                d.encoding_characters,
+                f[5],
+                f[6],
+                f[3],
+                f[4],
+                ts,
+                "",
+                mtype,
+                cid,
+                f[11],
+                ver_out,
+                # MSA on the same join: the segment terminator ends MSH-12's field
+            )
+        )
+        + "\rMSA"
+        + fs
+        + code
+        + fs
+        + f[10]
+        + "\r"
+    )

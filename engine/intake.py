@@ -465,6 +465,11 @@ def render_ack(
     codes = ackmod.plan(message, outcome)
     if not codes:
         return None, ""
+    if len(codes) == 1:
+        text = ackmod.build(message, codes[0], outcome.error, inbound_control_id=inbound_control_id)
+        if _UNFRAMABLE_CHAR.search(text):
+            text = text.translate(_UNFRAMABLE)
+        return text.encode(_codec(message), "replace"), codes[0]
     texts = [ackmod.build(message, c, outcome.error, inbound_control_id=inbound_control_id) for c in codes]
     # Several ACKs (commit + application) are stored NUL-joined and framed separately; a NUL (or an
     # MLLP framing byte) copied from the inbound message would split or cut an ACK, so drop them.
@@ -495,8 +500,22 @@ LARGE_WRITE = 1024 * 1024  # a message or operation writing more is kept apart f
 def _codec(message: hl7.Message | None) -> str:
     if message is None:
         return "ascii"
-    cs = message.msh.get(18).strip().upper()
-    return hl7.CHARSETS.get(cs, "latin-1") if cs else "latin-1"
+    fields = message.msh.fields
+    raw = fields[18] if len(fields) > 18 else ""
+    if not raw:
+        return "latin-1"
+    key = (message.delimiters, raw)
+    codec = _CODECS.get(key)
+    if codec is None:
+        cs = message.msh.get(18).strip().upper()
+        codec = hl7.CHARSETS.get(cs, "latin-1") if cs else "latin-1"
+        if len(_CODECS) < 64:
+            _CODECS[key] = codec
+    return codec
+
+
+# the ACK codec per (delimiters, raw MSH-18) seen: a feed declares one or two; bounded against junk
+_CODECS: dict[tuple[hl7.Delimiters, str], str] = {}
 
 
 def split_acks(data: bytes | None) -> list[bytes]:
