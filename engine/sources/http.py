@@ -84,6 +84,17 @@ class FetchFailed(Exception):
         self.text, self.error, self.status = text, error, status
 
 
+def stored_answer(conn: Any, channel: str, key: str | None, status: int, text: str, now: float) -> bytes:
+    """The OperationOutcome a write answers with; under an ``Idempotency-Key`` it is stored with the messages
+    in the same transaction, so a retried request gets this answer and creates nothing."""
+    answer = outcome("information", "informational", text)
+    if key:
+        conn.execute(
+            insert(IDEMPOTENCY).values(channel=channel, key=key, status=status, body=answer.decode(), at=now)
+        )
+    return answer
+
+
 class Refused(Exception):
     def __init__(self, status: int, code: str, text: str):
         super().__init__(text)
@@ -499,14 +510,7 @@ class HttpSource:
                 + (f" and {len(gone)} deletion(s)" if gone else "")
                 + f": stored {len(ids)}; {len(rows) - len(ids)} already stored"
             )
-            answer = outcome("information", "informational", text)
-            if key:
-                conn.execute(
-                    insert(IDEMPOTENCY).values(
-                        channel=ch.name, key=key, status=status, body=answer.decode(), at=now
-                    )
-                )
-            return status, answer, len(ids)
+            return status, stored_answer(conn, ch.name, key, status, text, now), len(ids)
 
         return write
 
@@ -576,13 +580,6 @@ class HttpSource:
             ids = self.store.insert_messages(conn, fresh)
             status = 201 if ids else 200
             text = f"stored {len(ids)} resource version(s); {len(rows) - len(ids)} already stored"
-            answer = outcome("information", "informational", text)
-            if key:
-                conn.execute(
-                    insert(IDEMPOTENCY).values(
-                        channel=ch.name, key=key, status=status, body=answer.decode(), at=now
-                    )
-                )
-            return status, answer, len(ids)
+            return status, stored_answer(conn, ch.name, key, status, text, now), len(ids)
 
         return write
