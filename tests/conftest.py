@@ -17,6 +17,25 @@ __all__ = ["IN_CI", "service_unavailable"]
 # here, so engines never fight over 8080.  A test that talks to the API passes its own port.
 os.environ.setdefault("SLUICE_ADMIN_PORT", "0")
 
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A command run in-process (``sluice convert``/``sluice test`` through click's runner) configures structlog
+    for its own output (level warning); put back what the test started with, so a later test's info lines are
+    not filtered away by an earlier test's command (seen: test_alerts's capture_logs got one line of two)."""
+    import structlog
+
+    from engine import logs
+
+    saved = structlog.get_config()
+    current, debug = logs._current, logs.DEBUG
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        logs._current, logs.DEBUG = current, debug
+
+
 PG_ADMIN_URL = os.environ.get("SLUICE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
