@@ -84,6 +84,24 @@ class FetchFailed(Exception):
         self.text, self.error, self.status = text, error, status
 
 
+def idempotency_hash(idempotency_key: str | None) -> str:
+    """The stored form of an ``Idempotency-Key`` header (its SHA-256; the header itself is not kept); ""
+    without one."""
+    if not idempotency_key:
+        return ""
+    return hashlib.sha256(idempotency_key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def first_answer(conn: Any, channel: str, key: str) -> tuple[int, bytes] | None:
+    """The status and body a request with this (hashed) Idempotency-Key was first answered with, if any."""
+    prior = conn.execute(
+        select(IDEMPOTENCY.c.status, IDEMPOTENCY.c.body).where(
+            IDEMPOTENCY.c.channel == channel, IDEMPOTENCY.c.key == key
+        )
+    ).first()
+    return None if prior is None else (int(prior.status), str(prior.body).encode())
+
+
 def stored_answer(conn: Any, channel: str, key: str | None, status: int, text: str, now: float) -> bytes:
     """The OperationOutcome a write answers with; under an ``Idempotency-Key`` it is stored with the messages
     in the same transaction, so a retried request gets this answer and creates nothing."""
@@ -454,11 +472,7 @@ class HttpSource:
         resource's newest; the Idempotency-Key's answer."""
         ch = self.channel
         now = time.time()
-        key = (
-            hashlib.sha256(idempotency_key.encode("utf-8", "surrogateescape")).hexdigest()
-            if idempotency_key
-            else ""
-        )
+        key = idempotency_hash(idempotency_key)
         window = ch.dedupe.window_days * 86400.0
 
         def row(res: dict[str, Any]) -> NewMessage:
@@ -473,14 +487,8 @@ class HttpSource:
             )
 
         def write(conn: Any) -> tuple[int, bytes, int]:
-            if key:
-                prior = conn.execute(
-                    select(IDEMPOTENCY.c.status, IDEMPOTENCY.c.body).where(
-                        IDEMPOTENCY.c.channel == ch.name, IDEMPOTENCY.c.key == key
-                    )
-                ).first()
-                if prior is not None:
-                    return int(prior.status), str(prior.body).encode(), 0
+            if key and (first := first_answer(conn, ch.name, key)) is not None:
+                return first[0], first[1], 0
             rows: dict[str, NewMessage] = {}
             for res in found:
                 r = row(res)
@@ -557,22 +565,12 @@ class HttpSource:
                 ch.name, res, raw, source=SOURCE_NAME, facility="http", received_at=now, order_by=ch.order_by
             )
             rows.setdefault(row.dedupe_key, row)
-        key = (
-            hashlib.sha256(idempotency_key.encode("utf-8", "surrogateescape")).hexdigest()
-            if idempotency_key
-            else ""
-        )
+        key = idempotency_hash(idempotency_key)
         window = ch.dedupe.window_days * 86400.0
 
         def write(conn: Any) -> tuple[int, bytes, int]:
-            if key:
-                prior = conn.execute(
-                    select(IDEMPOTENCY.c.status, IDEMPOTENCY.c.body).where(
-                        IDEMPOTENCY.c.channel == ch.name, IDEMPOTENCY.c.key == key
-                    )
-                ).first()
-                if prior is not None:
-                    return int(prior.status), str(prior.body).encode(), 0
+            if key and (first := first_answer(conn, ch.name, key)) is not None:
+                return first[0], first[1], 0
             seen = self.store.find_duplicates(
                 conn, ch.name, list(rows), now - window, [r.control_id for r in rows.values()]
             )  # (with the control ids the look-up seeks ix_messages_control_channel)
