@@ -1142,7 +1142,9 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
     else:
         # last resort (lenient): the requisition ORC-4 + the order's code (docs/mapping.md)
         by_requisition = requisition_key(order.orc, obr, ctx)
-        if by_requisition is None:
+        if by_requisition is None and (message_key := _message_report_key(obr, ctx)) is not None:
+            key_prefix = message_key
+        elif by_requisition is None:
             raise ConversionError(
                 "OBR has neither a filler (OBR-3) nor a placer (OBR-2) order number"
                 + (" nor a placer group number (ORC-4)" if ctx.settings.strictness == "lenient" else "")
@@ -1150,7 +1152,8 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
                 code="101",
                 location=obr.loc(3),
             )
-        key_prefix = by_requisition[1]
+        else:
+            key_prefix = by_requisition[1]
     obr_status_code = obr.get(25).strip().upper()
     seen: dict[str, int] = {}
     results: list[str] = []
@@ -1260,6 +1263,29 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
         ref = ctx.add("DiagnosticReport", res, key=key_prefix)
     ctx.guard(_rank_key(ctx, ref), DIAGNOSTIC_REPORT_STATUS_RANK.get(status, 0))
     return ref
+
+
+def _message_report_key(obr: Segment, ctx: ConvertContext) -> str | None:
+    """The last resort of a lenient channel for a report with no order number at all (OBR-2/3, ORC-2/3 and
+    ORC-4 empty: an EMR's form observations, a device's unsolicited results): the sender (MSH-3, MSH-4),
+    this message's control id (MSH-10) and the OBR's set id and code, with the located warning
+    ``report_keyed_by_message`` at OBR-3.  A resend of the message meets the same report; a correction in
+    another message cannot (docs/mapping.md).  None under ``strictness: strict`` (rejected as before)."""
+    if ctx.settings.strictness != "lenient":
+        return None
+    msh = ctx.message.msh
+    code = obr.rep(4)
+    ctx.warn(
+        "report_keyed_by_message",
+        obr.loc(3),
+        "the report has neither a filler (OBR-3) nor a placer (OBR-2, ORC-2) order number nor a placer group "
+        "number (ORC-4): it is keyed by this message's control id (MSH-10), so a correction in a later "
+        "message cannot update it; ask the sender for OBR-3",
+    )
+    return (
+        f"message|{msh.get(3, 1).strip()}|{msh.get(4, 1).strip()}|{ctx.message.control_id}"
+        f"|OBR-1:{obr.get(1).strip()}|OBR-4:{code.c(3).strip().upper()}|{code.c(1).strip()}"
+    )
 
 
 def _specimens(order: _Order, ctx: ConvertContext, order_ref: str | None) -> list[JSON]:

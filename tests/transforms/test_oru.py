@@ -293,10 +293,38 @@ def test_filler_falls_back_to_placer() -> None:
     )
 
 
-def test_no_order_number_is_ae_101() -> None:
+def test_no_order_number_is_ae_101_under_strict() -> None:
     with pytest.raises(ConversionError) as ei:
-        conv(MSH, PID, "OBR|1|||24323-8^Panel^LN", "OBX|1|NM|2345-7^Glucose^LN||90||||||F")
-    assert ei.value.hl7_error == "101"
+        conv(
+            MSH, PID, "OBR|1|||24323-8^Panel^LN", "OBX|1|NM|2345-7^Glucose^LN||90||||||F", strictness="strict"
+        )
+    assert ei.value.hl7_error == "101" and str(ei.value.location) == "OBR-3"
+
+
+def test_no_order_number_at_all_is_keyed_by_message_under_lenient() -> None:
+    """An EMR's form observations (OBR with no placer, filler or group number, ORC with none either): lenient
+    channels convert them, the report keyed by sender + MSH-10 + OBR set id and code, with a located warning;
+    a resend meets the same report, another message (or another OBR of this one) does not."""
+    segs = (MSH, PID, "ORC|RE||||||||20250310142500", "OBR|1|||1238^FORM OBSERVATIONS^L")
+    obx = ("OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F", "OBX|2|DT|5096^RETURN VISIT DATE^L||20250401||||||F")
+    r = conv(*segs, *obx)
+    validate_resources(r.bundle)
+    (report,) = [e for e in r.bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    assert report["request"]["method"] == "PUT"
+    assert report["request"]["url"].startswith("DiagnosticReport?identifier=urn:sluice:key|")
+    assert "basedOn" not in report["resource"]
+    assert len(report["resource"]["result"]) == 2
+    assert one(r.bundle, "2345-7")["valueQuantity"]["value"] == 90
+    assert list(r.warning_kinds) == ["report_keyed_by_message"]
+    assert r.warnings[0].startswith("OBR-3:") and "MSH-10" in r.warnings[0] and "1238" not in r.warnings[0]
+    again = conv(*segs, *obx)
+    assert [e["request"] for e in again.bundle["entry"]] == [e["request"] for e in r.bundle["entry"]]
+    other = conv(MSH.replace("|C1|", "|C2|"), *segs[1:], *obx)
+    (report2,) = [e for e in other.bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    assert report2["request"]["url"] != report["request"]["url"]
+    two = conv(*segs, obx[0], "OBR|2|||1238^FORM OBSERVATIONS^L", obx[1])
+    reports = [e for e in two.bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    assert len({e["request"]["url"] for e in reports}) == 2
 
 
 def test_patient_without_authority_is_ae_204() -> None:
