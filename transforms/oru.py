@@ -195,6 +195,23 @@ R5_OBS_ATTACHMENT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Obser
 DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 
 _TEXT_TYPES = frozenset({"ST", "TX", "FT"})
+# value types whose OBX-6 units are appended to a measurement kept as valueString (not TX/FT: narrative)
+_UNITS_IN_TEXT = frozenset({"ST", "NM", "SN"})
+# a measurement written as text: numbers and what joins them (``5.8``, ``120/80``, ``<0.5``, ``1:40``, ``10-20``)
+_MEASUREMENT_TEXT = re.compile(r"[<>=~]{0,2} ?[+-]?\d[\d.,:/ +-]*")
+
+
+def _units_in_text(res: JSON, u: JSON, ctx: ConvertContext) -> None:
+    """A measurement that stays text (an ST ``5.8``, an NM that is not one number: ``120/80``) has no Quantity
+    to carry OBX-6, so its units follow the text, as the IG's SN text rule writes them (OBX-5 ... " " OBX-6):
+    ``5.8 THOU/uL``, not a bare ``5.8``.  Text that is not a measurement (``see note``) is left as it is."""
+    text = res.get("valueString")
+    u_text = u.get("unit")
+    if isinstance(text, str) and u_text and _MEASUREMENT_TEXT.fullmatch(text) and not text.endswith(u_text):
+        res["valueString"] = f"{text} {u_text}"
+        ctx.count("obx_units_in_text")
+
+
 _CODED_TYPES = frozenset({"CWE", "CE", "CNE", "CF", "IS", "ID"})
 _DATE_TYPES = frozenset({"DT", "DTM", "TS"})
 
@@ -921,6 +938,8 @@ def observation(
             if comps:
                 res["component"] = comps
                 valued = True
+    if valued and nf > 6 and f[6] and vtype in _UNITS_IN_TEXT:
+        _units_in_text(res, u if u is not None else unit(units, ctx.settings), ctx)
     if not valued:
         absent = {"X": "not-performed", "N": "not-asked"}.get(status_code)
         if absent:

@@ -305,6 +305,36 @@ def test_an_nm_value_with_extra_components_is_its_first_component_with_a_warning
     assert obs["valueString"] == "see note Enzymatic"
 
 
+@pytest.mark.parametrize(
+    ("obx", "text", "appended"),
+    [
+        pytest.param(
+            "OBX|1|ST|6690-2^WBC^LN||5.8|10*3/uL^THOU/uL|4.0-10.0||||F", "5.8 THOU/uL", True, id="st-number"
+        ),
+        pytest.param(
+            "OBX|1|NM|85354-9^BP^LN||120/80|mm[Hg]|||||F", "120/80 mm[Hg]", True, id="nm-not-one-number"
+        ),
+        pytest.param("OBX|1|ST|5905-5^Titer^LN||<1:40|{titer}|||||F", "<1:40 {titer}", True, id="st-titer"),
+        pytest.param(
+            "OBX|1|ST|5778-6^Color^LN||Yellow|mg/dL|||||F", "Yellow", False, id="text-not-a-measurement"
+        ),
+        pytest.param("OBX|1|TX|5778-6^Comment^LN||42|mg/dL|||||F", "42", False, id="tx-narrative-untouched"),
+        pytest.param(
+            "OBX|1|ST|6690-2^WBC^LN||5.8 THOU/uL|THOU/uL|||||F", "5.8 THOU/uL", False, id="already-there"
+        ),
+    ],
+)
+def test_units_of_a_measurement_kept_as_text_follow_the_text(obx: str, text: str, appended: bool) -> None:
+    """ST (or NM that is not one number) has no Quantity for OBX-6: a measurement's units are appended to its
+    valueString (the IG's SN text rule) instead of being lost; other text is left as sent."""
+    result = oru(obx)
+    obs = one(result.bundle, "Observation")
+    assert obs["valueString"] == text
+    assert "valueQuantity" not in obs
+    assert result.events.get("obx_units_in_text", 0) == int(appended)
+    validate_resources(result.bundle)
+
+
 def test_rp_value_is_an_attachment_not_the_encoded_string() -> None:
     result = oru(
         "OBX|1|RP|18748-4^Diagnostic imaging study^LN||https://images.example.org/study/1^^IM^JPEG||||||F"
