@@ -588,6 +588,11 @@ def attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
     loc = obx.loc(5, 5)
     if encoding in ("BASE64", "B64", ""):
         compact = re.sub(r"\s+", "", data)
+        if len(compact) % 4 in (2, 3) and not compact.endswith("="):
+            # base64 without its padding (encoders that strip the '=', RFC 4648 3.2): the length says what
+            # is missing, the bytes are the same; FHIR's base64Binary gets the padded form below
+            compact += "=" * (-len(compact) % 4)
+            ctx.count("base64_padding_added")
         try:
             raw = base64.b64decode(compact, validate=True)
         except (binascii.Error, ValueError):

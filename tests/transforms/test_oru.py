@@ -223,6 +223,29 @@ def test_bad_base64_is_ae_102() -> None:
     assert str(ei.value.location) == "OBX-5.5"
 
 
+@pytest.mark.parametrize(
+    ("sent", "data"),
+    [
+        pytest.param("U3ludGhldGljIG5vdGU", "U3ludGhldGljIG5vdGU=", id="one-missing"),
+        pytest.param("U3ludGhldGljIHJlcG9ydA", "U3ludGhldGljIHJlcG9ydA==", id="two-missing"),
+    ],
+)
+def test_base64_without_its_padding_is_read_and_written_padded(sent: str, data: str) -> None:
+    """Encoders that strip the '=' (RFC 4648 3.2): the length says what is missing; FHIR gets the padded form."""
+    r = conv(MSH, PID, OBR, f"OBX|1|ED|11502-2^Report^LN||^TEXT^XML^Base64^{sent}||||||F")
+    validate_resources(r.bundle)
+    (form,) = resources(r.bundle, "DiagnosticReport")[0]["presentedForm"]
+    assert form["data"] == data
+    assert r.events["base64_padding_added"] == 1
+
+
+def test_base64_with_a_character_too_few_is_still_ae_102() -> None:
+    """A length that no padding can explain (4n+1 characters: a character lost) stays a located error."""
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, PID, OBR, "OBX|1|ED|11502-2^Report^LN||^TEXT^XML^Base64^U3ludGhldGljIG5vdGUx1||||||F")
+    assert ei.value.hl7_error == "102" and str(ei.value.location) == "OBX-5.5"
+
+
 # ---------------------------------------------------------------------------
 # identity, corrections, guards
 # ---------------------------------------------------------------------------
