@@ -26,9 +26,9 @@ from typing import Any
 
 from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
-from engine.hl7 import Message, Segment
+from engine.hl7 import Delimiters, Message, Segment
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, xcn
+from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, plain_text, xcn
 from transforms.orders import order_numbers
 
 JSON = dict[str, Any]
@@ -61,19 +61,23 @@ DOCUMENT_STATUS_RANK: dict[str, int] = {"current": 1, "superseded": 2, "entered-
 
 ALTERNATE_CODES = "http://hl7.org/fhir/StructureDefinition/alternate-codes"
 _TEXT_TYPES = frozenset({"TX", "FT", "ST", "CE", "CWE", "NM", "DT", "DTM", "TS", "SN", "TM", ""})
+_PLAIN_TEXT_TYPES = frozenset({"TX", "FT", "ST", ""})
 _CONFIDENTIALITY = V2_TABLE + "0272"
 
 
-def _text_content(obxs: list[Segment]) -> str | None:
+def _text_content(obxs: list[Segment], d: Delimiters) -> str | None:
     lines: list[str] = []
     for obx in obxs:
-        if obx.get(2).strip().upper() not in _TEXT_TYPES:
+        vtype = obx.get(2).strip().upper()
+        if vtype not in _TEXT_TYPES:
             continue
         reps = obx.reps(5)
         if not reps:
             lines.append("")
         for rep in reps:
-            lines.append(rep.text.rstrip())
+            # a coded or other composite value (``N^^expandedYes-NoIndicator``) as its components' text, so the
+            # HL7 encoding never reaches the document (TX/FT/ST have no components: their text as sent)
+            lines.append(rep.text.rstrip() if vtype in _PLAIN_TEXT_TYPES else plain_text(rep, d))
     text = "\n".join(lines).strip("\n")
     return text if text.strip() else None
 
@@ -87,7 +91,7 @@ def content(obxs: list[Segment], ctx: ConvertContext, txa: Segment) -> list[JSON
     from transforms import oru
 
     out: list[JSON] = []
-    text = _text_content(obxs)
+    text = _text_content(obxs, ctx.delimiters)
     if text is not None:
         att: JSON = {
             "contentType": "text/plain; charset=utf-8",

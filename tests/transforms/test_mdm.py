@@ -47,6 +47,26 @@ def test_note_text_is_the_obx_lines_joined() -> None:
     assert doc["type"]["coding"][0]["code"] == "DS" and doc["description"] == "Discharge summary"
 
 
+def test_coded_obx_lines_reach_the_text_without_the_hl7_encoding() -> None:
+    """A CWE (or other composite) OBX among the note lines: its components' text, never ``Y^^YesNo``; the
+    note's own TX text (an escaped ``^`` included) is kept as sent."""
+    r = _convert(
+        msg(
+            MSH.format("T02"),
+            PID,
+            TXA.format(number=DOC, parent="", completion="DI", avail="AV"),
+            "OBX|1|TX|18842-5^Discharge summary^LN||Ratio 1\\S\\2 noted||||||F",
+            "OBX|2|CWE|FLAG1^Hidden from patient^L||Y^^expandedYesNoIndicator||||||F",
+            "OBX|3|SN|FLAG2^Score^L||>^5||||||F",
+        ),
+        golden_settings(),
+    )
+    validate_resources(r.bundle)
+    _entry, doc = _doc(r.bundle)
+    text = base64.b64decode(doc["content"][0]["attachment"]["data"]).decode("utf-8")
+    assert text == "Ratio 1^2 noted\nY expandedYesNoIndicator\n> 5"
+
+
 def test_replacement_and_cancel_update_the_same_document() -> None:
     original = _convert(load("mdm_t02"), golden_settings())
     replaced = _convert(load("mdm_t10"), golden_settings())
