@@ -23,14 +23,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from engine import redact
 from engine.errors import Location, MessageRejected
 from engine.hl7 import Message
 from transforms.settings import ConvertSettings
 
-SLUICE_KEY_SYSTEM = "urn:sluice:key"
+SLUICE_KEY_SYSTEM: Final = "urn:sluice:key"
 """System of the derived business-key identifier for resources without a natural identifier."""
 
 NAMESPACE = uuid.UUID("5e1c0b7a-3f4d-5b6e-8a9c-0d1e2f3a4b5c")
@@ -48,7 +48,7 @@ OBSERVATION_STATUS_RANK = {
 }
 
 
-_NS_BYTES = NAMESPACE.bytes
+_NS_BYTES: Final = NAMESPACE.bytes
 
 
 @lru_cache(maxsize=16384)
@@ -61,6 +61,26 @@ def det_uuid(text: str) -> str:
     h[8] = (h[8] & 0x3F) | 0x80
     x = h.hex()
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+def copy_json(value: Any) -> Any:
+    """A copy of a JSON tree: new dicts and lists, the same (immutable) strings and numbers.
+
+    Each container is copied whole (a dict's table is cloned, not rebuilt key by key), then only its
+    dict and list members are replaced by their copies."""
+    if isinstance(value, dict):
+        d: dict[Any, Any] = value.copy()
+        for k, v in value.items():
+            if isinstance(v, (dict, list)):
+                d[k] = copy_json(v)
+        return d
+    if isinstance(value, list):
+        items: list[Any] = value.copy()
+        for i, v in enumerate(value):
+            if isinstance(v, (dict, list)):
+                items[i] = copy_json(v)
+        return items
+    return value
 
 
 def escape_search(value: str) -> str:
@@ -78,9 +98,9 @@ def conditional_url(resource_type: str, system: str, value: str) -> str:
 
 # (resource type, system, value) -> (conditional url, fullUrl) and (resource type, business key) -> (key uuid,
 # (url, fullUrl)): pure functions of their keys, so one dict lookup per ``add`` instead of three cached calls
-_ADDRESSES: dict[tuple[str, str, str], tuple[str, str]] = {}
-_KEY_ADDRESSES: dict[tuple[str, str], tuple[str, tuple[str, str]]] = {}
-_ADDRESSES_MAX = 16384
+_ADDRESSES: Final[dict[tuple[str, str, str], tuple[str, str]]] = {}
+_KEY_ADDRESSES: Final[dict[tuple[str, str], tuple[str, tuple[str, str]]]] = {}
+_ADDRESSES_MAX: Final = 16384
 
 
 def _address(resource_type: str, system: str, value: str, url: str) -> tuple[str, str]:
@@ -160,7 +180,10 @@ class ConvertContext:
     __slots__ = (
         "_by_full_url",
         "_by_url",
+        "_recording",
+        "_shared",
         "alnum_plain",
+        "delim_key",
         "delimiters",
         "entries",
         "events",
@@ -190,6 +213,9 @@ class ConvertContext:
         self._by_url: dict[str, dict[str, Any]] = {}
         self._by_full_url: dict[str, tuple[dict[str, Any], str]] = {}  # fullUrl -> (resource, resource key)
         self.patient_ref: str | None = None
+        # kept entries (reuse) in this bundle: urls whose entry is shared with other conversions
+        self._shared: set[str] | None = None
+        self._recording: list[tuple[str, str, str, bool, dict[str, Any]]] | None = None
         # datatypes.xcn: raw XCN repetition -> (reference, display, derived system); the same practitioner
         # recurs within a message (PD1-4, PV1-7, DG1-16, ...) and maps to the same entry every time
         self.xcn_memo: dict[str, tuple[str, str | None, bool]] = {}
@@ -202,6 +228,8 @@ class ConvertContext:
         # no delimiter is a letter or digit (always so in practice): a raw field value made of letters and digits
         # only then holds no separator or escape and is its own value (datatypes.value, datatypes.rep_of)
         enc = d.encoding_characters
+        # the delimiters as one string: part of the key of whatever is kept by raw text across messages
+        self.delim_key = d.field + enc
         self.alnum_plain = enc == "^~\\&" or not any(ch.isalnum() for ch in enc)
 
     # ------------------------------------------------------------------
@@ -271,7 +299,7 @@ class ConvertContext:
             value, addr = kaddr
         else:
             raise ValueError("add() needs identifier= or key=")
-        ids = resource.get("identifier")
+        ids: list[dict[str, Any]] | None = resource.get("identifier")
         if ids is None:
             resource["identifier"] = [{"system": system, "value": value}]
         else:
@@ -281,14 +309,14 @@ class ConvertContext:
             else:
                 ids.append({"system": system, "value": value})
         url, full_url = addr
+        rec = self._recording
+        if rec is not None:
+            rec.append((url, full_url, resource_type, create_only, resource))
         by_url = self._by_url
         existing = by_url.get(url)
         if existing is not None:
-            old = existing["resource"]
-            for k, v in resource.items():
-                if k not in old:
-                    old[k] = v
-            return str(existing["fullUrl"])
+            self._merge(existing, url, resource, False)
+            return full_url
         for first in resource:
             if first != "resourceType" or resource[first] != resource_type:
                 _put_type_first(resource, resource_type)
@@ -304,6 +332,88 @@ class ConvertContext:
         self._by_full_url[full_url] = (resource, url)
         self.entries.append(entry)
         return full_url
+
+    def _merge(self, existing: dict[str, Any], url: str, resource: dict[str, Any], kept: bool) -> None:
+        """The same resource added again in one message: elements missing in the first are filled from the
+        second (first wins).  A kept entry (:meth:`reuse`) is copied before it is changed, and what a kept
+        resource gives is copied in: kept entries are shared with other conversions of the channel."""
+        old: dict[str, Any] = existing["resource"]
+        missing = [k for k in resource if k not in old]
+        if not missing:
+            return
+        shared = self._shared
+        if shared is not None and url in shared:
+            old = self._own(url)
+        for k in missing:
+            old[k] = copy_json(resource[k]) if kept else resource[k]
+
+    # ------------------------------------------------------------------
+    # Entries kept across the messages of a channel (recurring practitioners and locations): built once,
+    # then shared by later conversions, which never change them in place (copy on write: _own)
+    def record(self) -> list[tuple[str, str, str, bool, dict[str, Any]]] | None:
+        """Start recording what :meth:`add` is given, for :meth:`kept_entries`; ``None`` when a recording is
+        already under way (an inner mapper then keeps nothing of its own)."""
+        if self._recording is not None:
+            return None
+        rec: list[tuple[str, str, str, bool, dict[str, Any]]] = []
+        self._recording = rec
+        return rec
+
+    def kept_entries(
+        self, rec: list[tuple[str, str, str, bool, dict[str, Any]]]
+    ) -> tuple[tuple[str, str, dict[str, Any]], ...]:
+        """Stop recording: the recorded adds as independent entries (copies) to keep for later messages."""
+        self._recording = None
+        return tuple(
+            (
+                url,
+                full_url,
+                {
+                    "fullUrl": full_url,
+                    "resource": copy_json(resource),
+                    "request": {"method": "POST", "url": rtype, "ifNoneExist": url[len(rtype) + 1 :]}
+                    if create_only
+                    else {"method": "PUT", "url": url},
+                },
+            )
+            for url, full_url, rtype, create_only, resource in rec
+        )
+
+    def stop_recording(self) -> None:
+        self._recording = None
+
+    def reuse(self, kept: tuple[tuple[str, str, dict[str, Any]], ...]) -> None:
+        """Add entries kept from an earlier message (:meth:`kept_entries`) as they are, shared."""
+        by_url = self._by_url
+        for url, full_url, entry in kept:
+            existing = by_url.get(url)
+            if existing is None:
+                by_url[url] = entry
+                self._by_full_url[full_url] = (entry["resource"], url)
+                self.entries.append(entry)
+                shared = self._shared
+                if shared is None:
+                    shared = self._shared = set()
+                shared.add(url)
+            else:
+                self._merge(existing, url, entry["resource"], True)
+
+    def _own(self, url: str) -> dict[str, Any]:
+        """Replace the shared entry of ``url`` by this message's own copy; its resource."""
+        shared = self._shared
+        assert shared is not None
+        shared.discard(url)
+        entry = self._by_url[url]
+        mine: dict[str, Any] = copy_json(entry)
+        self._by_url[url] = mine
+        entries = self.entries
+        for i, e in enumerate(entries):
+            if e is entry:
+                entries[i] = mine
+                break
+        res: dict[str, Any] = mine["resource"]
+        self._by_full_url[mine["fullUrl"]] = (res, url)
+        return res
 
     def add_create(
         self, resource_type: str, resource: dict[str, Any], *, if_none_exist: str, key: str
@@ -336,6 +446,9 @@ class ConvertContext:
         if hit is None:
             raise ValueError("retarget() of an entry that was never added")
         resource, old_url = hit
+        shared = self._shared
+        if shared is not None and old_url in shared:
+            resource = self._own(old_url)
         url = conditional_url(resource_type, system, value)
         entry = self._by_url.pop(old_url)
         entry["request"] = {"method": "PUT", "url": url}
@@ -347,9 +460,15 @@ class ConvertContext:
         return url
 
     def find(self, full_url: str) -> dict[str, Any] | None:
-        """The resource dict of an entry already added, by its fullUrl."""
+        """The resource dict of an entry already added, by its fullUrl (this message's own: the caller may
+        change it)."""
         hit = self._by_full_url.get(full_url)
-        return hit[0] if hit is not None else None
+        if hit is None:
+            return None
+        shared = self._shared
+        if shared is not None and hit[1] in shared:
+            return self._own(hit[1])
+        return hit[0]
 
     def key_of(self, full_url: str) -> str | None:
         """The resource key (conditional URL, ``Type?identifier=system|value``) of an added entry."""

@@ -24,6 +24,7 @@ from urllib.parse import quote
 from engine.errors import ConversionError, Location
 from engine.hl7 import Delimiters, Rep, Segment
 from transforms.bundle import ConvertContext
+from transforms.bundle import copy_json as copy_json
 from transforms.settings import DERIVED_SYSTEM_PREFIX, MAPS_DIR, ConvertSettings
 
 JSON = dict[str, Any]
@@ -498,26 +499,6 @@ def nm(value: str, loc: Location | None = None) -> int | float | Decimal | None:
             location=loc,
         )
     return n
-
-
-def copy_json(value: Any) -> Any:
-    """A copy of a JSON tree: new dicts and lists, the same (immutable) strings and numbers.
-
-    Each container is copied whole (a dict's table is cloned, not rebuilt key by key), then only its
-    dict and list members are replaced by their copies."""
-    if isinstance(value, dict):
-        d: dict[Any, Any] = value.copy()
-        for k, v in value.items():
-            if isinstance(v, (dict, list)):
-                d[k] = copy_json(v)
-        return d
-    if isinstance(value, list):
-        items: list[Any] = value.copy()
-        for i, v in enumerate(value):
-            if isinstance(v, (dict, list)):
-                items[i] = copy_json(v)
-        return items
-    return value
 
 
 def nm_or_none(value: str) -> int | float | Decimal | None:
@@ -1146,12 +1127,31 @@ def _display(name: JSON | None) -> str | None:
     return " ".join([*name.get("prefix", []), *name.get("given", []), name.get("family", "")]).strip() or None
 
 
+_KEPT_MAX = 2048  # kept practitioner / location entries per channel (ConvertSettings.entity_memo)
+
+
+def _keep(ctx: ConvertContext, key: tuple[str, str, str], value: tuple[Any, ...]) -> None:
+    kept = ctx.settings.entity_memo
+    if len(kept) >= _KEPT_MAX:
+        kept.clear()
+    kept[key] = value
+
+
+def _facility(ctx: ConvertContext) -> str:
+    """The sending facility (MSH-4, else MSH-3): the scope of a practitioner id without an authority."""
+    msh = ctx.message.msh
+    return msh.get(4, 1).strip() or msh.get(3, 1).strip()
+
+
 def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
     """XCN → a Practitioner entry, returning a Reference dict ``{"reference": "urn:uuid:..."}``.
 
     Key: the NPI (XCN-13 = NPI, or authority NPI / 2.16.840.1.113883.4.6) → us-npi; else the id with
     its authority's system; else the id scoped by the sending facility (Sluice key).  An XCN with
     a name but no id gives ``{"display": name}`` and no Practitioner (no identity to match on).
+
+    A feed names the same practitioners message after message: the entry made for an XCN's text is kept
+    for the channel's next messages (``ConvertSettings.entity_memo``, shared, never changed in place).
     """
     if not rep:
         return None
@@ -1164,6 +1164,17 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
         if hit[2]:
             ctx.count("identifier_system_derived")
         return {"reference": hit[0], "display": hit[1]} if hit[1] else {"reference": hit[0]}
+    kept_key = ("XCN", ctx.delim_key, raw)
+    kept: tuple[str, str | None, bool, str | None, tuple[tuple[str, str, JSON], ...]] | None = (
+        ctx.settings.entity_memo.get(kept_key)
+    )
+    if kept is not None and (kept[3] is None or kept[3] == _facility(ctx)):
+        ref, disp, derived = kept[0], kept[1], kept[2]
+        ctx.reuse(kept[4])
+        if derived:
+            ctx.count("identifier_system_derived")
+        memo[raw] = (ref, disp, derived)
+        return {"reference": ref, "display": disp} if disp else {"reference": ref}
     c = rep.cs(21)
     pid = c[0].strip()
     name = _xcn_name(c)
@@ -1195,15 +1206,25 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
     # A conditional create: a message names a practitioner in passing (an attending doctor, a scheduling
     # contact) and does not own the directory entry.  Created when absent, never rewritten, so one feed's
     # partial XCN (no name, another phone) cannot flip-flop what another feed wrote (docs/mapping.md).
-    if system:
-        ref = ctx.add("Practitioner", prac, identifier=(system, pid), create_only=True)
-    else:
-        facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
-        ref = ctx.add("Practitioner", prac, key=f"{facility}|{ns.strip()}|{pid}", create_only=True)
+    warned = len(ctx.warnings)
+    rec = ctx.record()
+    facility: str | None = None
+    try:
+        if system:
+            ref = ctx.add("Practitioner", prac, identifier=(system, pid), create_only=True)
+        else:
+            facility = _facility(ctx)
+            ref = ctx.add("Practitioner", prac, key=f"{facility}|{ns.strip()}|{pid}", create_only=True)
+    finally:
+        if rec is not None:
+            ctx.stop_recording()
     out: JSON = {"reference": ref}
     if disp := _display(name):
         out["display"] = disp
-    memo[raw] = (ref, disp, bool(system) and how == "derived")
+    derived = bool(system) and how == "derived"
+    memo[raw] = (ref, disp, derived)
+    if rec is not None and len(ctx.warnings) == warned:
+        _keep(ctx, kept_key, (ref, disp, derived, facility, ctx.kept_entries(rec)))
     return out
 
 
@@ -1216,6 +1237,27 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
     dict to the most specific one.  Key: facility + the path of levels (Sluice key)."""
     if not rep:
         return None
+    raw = rep.raw
+    kept_key = ("PL", ctx.delim_key, raw)
+    kept: tuple[str | None, str, tuple[tuple[str, str, JSON], ...]] | None = ctx.settings.entity_memo.get(
+        kept_key
+    )
+    if kept is not None:
+        ctx.reuse(kept[2])
+        return {"reference": kept[0], "display": kept[1]} if kept[0] is not None else None
+    warned = len(ctx.warnings)
+    rec = ctx.record()
+    try:
+        ref, display = _pl(rep, ctx)
+    finally:
+        if rec is not None:
+            ctx.stop_recording()
+    if rec is not None and len(ctx.warnings) == warned:
+        _keep(ctx, kept_key, (ref, display, ctx.kept_entries(rec)))
+    return {"reference": ref, "display": display} if ref is not None else None
+
+
+def _pl(rep: Rep, ctx: ConvertContext) -> tuple[str | None, str]:
     c = rep.cs(9)
     facility = (c[3].strip() if c[3] else "") or rep.c(4, 2).strip()
     path = [facility, c[6].strip(), c[7].strip()]
@@ -1260,9 +1302,8 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
         parent = ref
         last_name = value
     if ref is None:
-        return None
-    display = " ".join(levels) or last_name
-    return {"reference": ref, "display": display}
+        return None, ""
+    return ref, " ".join(levels) or last_name
 
 
 # ---------------------------------------------------------------------------

@@ -96,6 +96,17 @@ class ConvertSettings:
         return memo
 
     @property
+    def entity_memo(self) -> dict[Any, Any]:
+        """Entries for recurring practitioners and locations (``transforms.datatypes.xcn`` / ``pl``), keyed by
+        the raw field text and the delimiters, kept for the next messages of the channel and shared by their
+        bundles (``ConvertContext.reuse``; never changed in place)."""
+        memo: dict[Any, Any] | None = self.__dict__.get("_entity_memo")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_entity_memo", memo)
+        return memo
+
+    @property
     def zone(self) -> ZoneInfo:
         """The site time zone as a ZoneInfo (never the host's zone)."""
         z: ZoneInfo = self._zone  # type: ignore[attr-defined]

@@ -1,0 +1,93 @@
+"""Entries kept across a channel's messages (transforms/bundle.py ``ConvertContext.reuse``, datatypes ``xcn`` / ``pl``).
+
+A feed names the same practitioners and locations message after message: their entries are built once per
+channel (``ConvertSettings.entity_memo``) and shared by later bundles.  The rules: a later message's Bundle is
+exactly what a fresh conversion gives, and nothing one message does to its Bundle reaches another's."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from engine.hl7 import Message
+from transforms.convert import convert
+from transforms.settings import ConvertSettings
+
+from .conftest import golden_settings, load, msg, resources
+
+H = "MSH|^~\\&|SYNTH-ADT|{fac}|SLUICE|SLUICE|20250316090000||ADT^{t}|CTRL-{n}|P|2.5.1"
+PID = "PID|1||MRN{n}^^^HOSP^MR||TESTPATIENT^ALEX||19800229|F"
+BED = "4WEST^401^A^GOODHOSP"
+
+
+def pv1(n: int, temporary: str = "") -> str:
+    """PV1-3 the bed, PV1-7/8 attending and referring doctor (no authority), PV1-10 service, PV1-11 a
+    temporary location, PV1-19 the visit number."""
+    f = [""] * 20
+    f[0], f[1], f[2], f[3] = "PV1", "1", "I", BED
+    f[7], f[8] = "DR0001^PHYSICIAN^TEST^A^^^MD^^^^L", "DR0002^REFERRER^TEST"
+    f[10], f[11], f[19] = "MED", temporary, f"V{n}^^^VISITS^VN"
+    return "|".join(f)
+
+
+def admit(n: int, fac: str = "GOODHOSP", temporary: str = "") -> Message:
+    return msg(H.format(fac=fac, t="A01", n=n), "EVN|A01|20250316090000", PID.format(n=n), pv1(n, temporary))
+
+
+def fresh(m: Message) -> dict[str, Any]:
+    """What a channel that never saw another message makes of ``m``."""
+    return convert(m, golden_settings())
+
+
+def test_later_messages_get_what_a_fresh_conversion_gives() -> None:
+    s = golden_settings()
+    for n in range(1, 5):
+        assert convert(admit(n), s) == fresh(admit(n))
+    assert s.entity_memo, "the practitioners and locations are kept"
+
+
+def test_the_sending_facility_scopes_a_practitioner_without_an_authority() -> None:
+    s = golden_settings()
+    a, b = convert(admit(1, "GOODHOSP"), s), convert(admit(2, "OTHERHOSP"), s)
+    assert b == fresh(admit(2, "OTHERHOSP"))
+    pa, pb = resources(a, "Practitioner")[0], resources(b, "Practitioner")[0]
+    assert pa["identifier"] != pb["identifier"]  # DR0001 of one facility is not DR0001 of another
+
+
+def test_a_bed_status_update_does_not_reach_the_next_message() -> None:
+    """A20 changes its Location (operationalStatus) after ``pl`` made it: on its own copy only."""
+    s = golden_settings()
+    before = convert(admit(1), s)
+    kept_before = copy.deepcopy(s.entity_memo)
+    a20 = convert(load("adt_a20"), s)  # NPU-1 is the bed of PV1-3 above
+    assert a20 == fresh(load("adt_a20"))
+    assert [loc.get("operationalStatus", {}).get("code") for loc in resources(a20, "Location")][-1] == "H"
+    assert s.entity_memo == kept_before
+    after = convert(admit(1), s)
+    assert after == before == fresh(admit(1))
+    assert not any("operationalStatus" in loc for loc in resources(after, "Location"))
+
+
+def test_bundles_of_a_channel_share_kept_entries() -> None:
+    """Kept entries are shared, read-only: the engine serializes a Bundle at once and never edits one in place
+    (the fhir-edits step edits its own parsed copy).  Stated here so that changing that rule is a conscious act."""
+    s = golden_settings()
+    convert(admit(1), s)
+    b = convert(admit(2), s)
+    c = convert(admit(3), s)
+    loc_b = resources(b, "Location")[0]
+    loc_c = resources(c, "Location")[0]
+    assert loc_b is loc_c  # shared, read-only
+
+
+def test_merging_into_a_kept_entry_copies_it_first() -> None:
+    """The same location named twice in one message, once with a description (PL-9): first wins, the second
+    fills in what the first lacks, on this message's copy."""
+    s: ConvertSettings = golden_settings()
+    convert(admit(1), s)  # keeps the bed without a description
+    m = admit(2, temporary=BED + "^^^^^Corner bed")
+    got = convert(m, s)
+    assert any(loc.get("description") == "Corner bed" for loc in resources(got, "Location"))
+    assert got == fresh(m)
+    assert convert(admit(3), s) == fresh(admit(3))
+    assert not any("description" in loc for loc in resources(convert(admit(4), s), "Location"))
