@@ -23,11 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from functools import lru_cache
+from typing import Final
 
 from engine import redact
 from engine.errors import Location, MessageContentError, MessageRejected
 
-CR = "\r"
+CR: Final = "\r"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +63,10 @@ class Delimiters:
         return out
 
 
-DEFAULT_DELIMITERS = Delimiters()
+DEFAULT_DELIMITERS: Final = Delimiters()
 
 # MSH-18 (HL7 table 0211) → Python codec.  "" means ASCII with the channel's fallback.
-CHARSETS: dict[str, str] = {
+CHARSETS: Final[dict[str, str]] = {
     "": "ascii",
     "ASCII": "ascii",
     "8859/1": "latin-1",
@@ -144,7 +145,7 @@ def sniff_charset(raw: bytes) -> str:
 
 # MSH-18 values declaring a single-byte charset under which valid multi-byte UTF-8 is a mislabel (a common one:
 # a UTF-8 sender that fills MSH-18 with 8859/1, or leaves it empty)
-UTF8_MISLABELS = frozenset({"", "ASCII", "8859/1"})
+UTF8_MISLABELS: Final = frozenset({"", "ASCII", "8859/1"})
 
 
 def utf8_mislabelled(raw: bytes) -> bool:
@@ -220,7 +221,7 @@ def normalise_newlines(text: str) -> str:
     return text
 
 
-_HEX = re.compile(r"^[0-9A-Fa-f]+$")
+_HEX: Final = re.compile(r"^[0-9A-Fa-f]+$")
 
 
 def unescape(value: str, d: Delimiters = DEFAULT_DELIMITERS) -> str:
@@ -430,10 +431,10 @@ class Rep:
         return f"Rep({self._raw!r})"
 
 
-_NO_REPS: list[Rep] = []
+_NO_REPS: Final[list[Rep]] = []
 
-_LOCS: dict[tuple[str, int, int | None, int | None], Location] = {}
-_LOCS_MAX = 8192
+_LOCS: Final[dict[tuple[str, int, int | None, int | None], Location]] = {}
+_LOCS_MAX: Final = 8192
 
 
 class Segment:
@@ -587,9 +588,9 @@ class Segment:
         return f"Segment({self.name}, {len(self.fields) - 1} fields)"
 
 
-_LITERAL = Delimiters("\x00", "\x01", "\x02", "\x03", "\x04", "")
+_LITERAL: Final = Delimiters("\x00", "\x01", "\x02", "\x03", "\x04", "")
 
-_PATH = re.compile(
+_PATH: Final = re.compile(
     r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\((?P<occ>\d+)\))?"
     r"(?:-(?P<field>\d+)(?:\((?P<rep>\d+)\))?(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$"
 )
@@ -756,7 +757,7 @@ class Message:
         return f"Message({self.message_type}^{self.trigger}, {len(self.segments)} segments)"
 
 
-HEADER_SEGMENTS = ("MSH", "FHS", "BHS")
+HEADER_SEGMENTS: Final = ("MSH", "FHS", "BHS")
 
 
 def parse(text: str) -> Message:

@@ -9,7 +9,7 @@ identifier list) is AR 201.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 from engine import redact
@@ -21,15 +21,15 @@ from transforms.bundle import ConvertContext, conditional_url
 from transforms.datatypes import JSON
 from transforms.settings import DERIVED_SYSTEM_PREFIX
 
-ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+ACT_CODE: Final = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
-PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+PARTICIPATION: Final = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 # IG PV2[Encounter]: PV2-8 / PV2-9 (the IG's PV2-9 URL has a stray "v\"; this is the published one)
-PLANNED_START = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedStartDate"
-PLANNED_END = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedEndDate"
+PLANNED_START: Final = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedStartDate"
+PLANNED_END: Final = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Encounter.plannedEndDate"
 
 # Trigger → Encounter.status (IG Event[EncounterStatus]); None = derived from the PV1 data.
-ENCOUNTER_STATUS: dict[str, str | None] = {
+ENCOUNTER_STATUS: Final[dict[str, str | None]] = {
     "A01": "in-progress",
     "A02": "in-progress",
     "A03": "finished",
@@ -60,10 +60,10 @@ ENCOUNTER_STATUS: dict[str, str | None] = {
     "A38": "cancelled",
     "A60": None,
 }
-MERGE_TRIGGERS = ("A40",)
-SUPPORTED = frozenset(ENCOUNTER_STATUS) | frozenset(MERGE_TRIGGERS) | adt_events.TRIGGERS
+MERGE_TRIGGERS: Final = ("A40",)
+SUPPORTED: Final = frozenset(ENCOUNTER_STATUS) | frozenset(MERGE_TRIGGERS) | adt_events.TRIGGERS
 
-PATIENT_CLASS = {
+PATIENT_CLASS: Final = {
     "E": (ACT_CODE, "EMER", "emergency"),
     "I": (ACT_CODE, "IMP", "inpatient encounter"),
     "O": (ACT_CODE, "AMB", "ambulatory"),
@@ -74,13 +74,13 @@ PATIENT_CLASS = {
     "N": (dt.V2_TABLE + "0004", "N", "Not Applicable"),
     "U": (dt.V2_TABLE + "0004", "U", "Unknown"),
 }
-CLASS_UNKNOWN = {
+CLASS_UNKNOWN: Final = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor",
     "code": "UNK",
     "display": "unknown",
 }
 
-MARITAL = {
+MARITAL: Final = {
     "A": "A",
     "D": "D",
     "I": "I",
@@ -99,7 +99,7 @@ MARITAL = {
     "O": "UNK",
     "R": "T",
 }
-MARITAL_DISPLAY = {
+MARITAL_DISPLAY: Final = {
     "A": "Annulled",
     "D": "Divorced",
     "I": "Interlocutory",
@@ -113,7 +113,7 @@ MARITAL_DISPLAY = {
     "W": "Widowed",
     "UNK": "unknown",
 }
-ALLERGY_CATEGORY = {
+ALLERGY_CATEGORY: Final = {
     "DA": "medication",
     "MC": "medication",
     "FA": "food",
@@ -123,10 +123,10 @@ ALLERGY_CATEGORY = {
     "LA": "environment",
     "MA": None,
 }
-ALLERGY_CRITICALITY = {"SV": "high", "MO": "low", "MI": "low", "U": "unable-to-assess"}
-REACTION_SEVERITY = {"SV": "severe", "MO": "moderate", "MI": "mild"}
-DIAGNOSIS_VERIFICATION = {"A": "provisional", "W": "provisional", "F": "confirmed", "P": "provisional"}
-SUBSCRIBER_RELATIONSHIP = {
+ALLERGY_CRITICALITY: Final = {"SV": "high", "MO": "low", "MI": "low", "U": "unable-to-assess"}
+REACTION_SEVERITY: Final = {"SV": "severe", "MO": "moderate", "MI": "mild"}
+DIAGNOSIS_VERIFICATION: Final = {"A": "provisional", "W": "provisional", "F": "confirmed", "P": "provisional"}
+SUBSCRIBER_RELATIONSHIP: Final = {
     "SEL": "self",
     "SPO": "spouse",
     "CHD": "child",
@@ -140,10 +140,10 @@ SUBSCRIBER_RELATIONSHIP = {
     "18": "self",
     "19": "child",
 }
-EMERGENCY_CONTACT_ROLES = ("EMR", "E", "F", "I", "S")
-ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+EMERGENCY_CONTACT_ROLES: Final = ("EMR", "E", "F", "I", "S")
+ROLE_CODE: Final = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
 # IG ConceptMap Relationship (table 0063 → v3-RoleCode, or v2-0131 for the contact roles)
-RELATIONSHIP: dict[str, tuple[str, str, str]] = {
+RELATIONSHIP: Final[dict[str, tuple[str, str, str]]] = {
     "SEL": (ROLE_CODE, "ONESELF", "self"),
     "SPO": (ROLE_CODE, "SPS", "spouse"),
     "DOM": (ROLE_CODE, "SIGOTHR", "significant other"),
@@ -178,7 +178,7 @@ RELATIONSHIP: dict[str, tuple[str, str, str]] = {
     "OTH": (dt.V2_TABLE + "0131", "O", "Other"),
 }
 # IG ConceptMap ContactRole (table 0131, identity)
-CONTACT_ROLE = {
+CONTACT_ROLE: Final = {
     "E": "Employer",
     "C": "Emergency Contact",
     "F": "Federal Agency",
@@ -189,13 +189,13 @@ CONTACT_ROLE = {
     "U": "Unknown",
 }
 # PV2-25 visit priority (table 0217) → v3-ActPriority
-VISIT_PRIORITY = {"1": ("EM", "emergency"), "2": ("UR", "urgent"), "3": ("EL", "elective")}
-ACT_PRIORITY = "http://terminology.hl7.org/CodeSystem/v3-ActPriority"
+VISIT_PRIORITY: Final = {"1": ("EM", "emergency"), "2": ("UR", "urgent"), "3": ("EL", "elective")}
+ACT_PRIORITY: Final = "http://terminology.hl7.org/CodeSystem/v3-ActPriority"
 # DG1-6 diagnosis type (table 0052) → Encounter.diagnosis.use (diagnosis-role)
-DIAGNOSIS_ROLE = {"A": ("AD", "Admission diagnosis"), "F": ("DD", "Discharge diagnosis")}
-DIAGNOSIS_ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
+DIAGNOSIS_ROLE: Final = {"A": ("AD", "Admission diagnosis"), "F": ("DD", "Discharge diagnosis")}
+DIAGNOSIS_ROLE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
 # IN1-15 plan types that are v3-ActCode insurance policy codes (a CWE without a coding system)
-ACT_CODE_PLAN_TYPES = frozenset(
+ACT_CODE_PLAN_TYPES: Final = frozenset(
     {
         "HMO",
         "PPO",
@@ -235,8 +235,8 @@ ACT_CODE_PLAN_TYPES = frozenset(
         "CHAR",
     }
 )
-MEDICARE_SYSTEM = "http://hl7.org/fhir/sid/us-medicare"
-MEDICAID_SYSTEM = "http://hl7.org/fhir/sid/us-medicaid"
+MEDICARE_SYSTEM: Final = "http://hl7.org/fhir/sid/us-medicare"
+MEDICAID_SYSTEM: Final = "http://hl7.org/fhir/sid/us-medicaid"
 
 
 # ---------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
 # ---------------------------------------------------------------------------
 # Patient identity
 # ---------------------------------------------------------------------------
-_RANK = {"mapped": 0, "oid": 1, "uuid": 1, "uri": 1, "derived": 2}
+_RANK: Final = {"mapped": 0, "oid": 1, "uuid": 1, "uri": 1, "derived": 2}
 
 
 def key_identifier(seg: Segment, field: int, ctx: ConvertContext) -> tuple[str, str, Rep]:
@@ -518,7 +518,7 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
     return ref, conditional_url("Patient", system, value)
 
 
-_NO_JSON: list[JSON] = []  # shared empty result: only ever concatenated, never mutated
+_NO_JSON: Final[list[JSON]] = []  # shared empty result: only ever concatenated, never mutated
 
 
 class _NK1:
@@ -631,7 +631,7 @@ def _nk1_parts(nk1: Segment, ctx: ConvertContext) -> _NK1:
     return _NK1(rels, name, head, tel31, tail, first_address, addresses, gender, period, events)
 
 
-_NK1_SHARED_MAX = 1024
+_NK1_SHARED_MAX: Final = 1024
 
 
 def _nk1(nk1: Segment, ctx: ConvertContext) -> tuple[_NK1, bool]:
@@ -691,9 +691,9 @@ def patient_contact(nk1: Segment, ctx: ConvertContext) -> JSON | None:
     return c
 
 
-_ROLE_SYSTEMS = frozenset(("", "HL70063", "HL70131", "HL7-0063", "HL7-0131", "ACR"))
-TABLE_0063 = dt.V2_TABLE + "0063"
-TABLE_0131 = dt.V2_TABLE + "0131"
+_ROLE_SYSTEMS: Final = frozenset(("", "HL70063", "HL70131", "HL7-0063", "HL7-0131", "ACR"))
+TABLE_0063: Final = dt.V2_TABLE + "0063"
+TABLE_0131: Final = dt.V2_TABLE + "0131"
 
 
 def _mapped_coding(
@@ -756,7 +756,7 @@ def _derived_status(pv1: Segment) -> str:
 
 
 # PV1 fields naming the encounter's participants: (field, v3-ParticipationType code, display)
-_PV1_PARTICIPANTS = (
+_PV1_PARTICIPANTS: Final = (
     (7, "ATND", "attender"),
     (8, "REF", "referrer"),
     (9, "CON", "consultant"),
@@ -949,7 +949,7 @@ def encounter(
 
 
 # Triggers about the person rather than a visit: their PV1 is often a placeholder (``PV1|1|N``)
-_PERSON_TRIGGERS = frozenset(("A28", "A31", "A08", "A60", "A29", "A47", "A24", "A37"))
+_PERSON_TRIGGERS: Final = frozenset(("A28", "A31", "A08", "A60", "A29", "A47", "A24", "A37"))
 
 
 def _has_visit_data(pv1: Segment, trigger: str) -> bool:
@@ -1303,9 +1303,9 @@ def subscriber(
     return ref
 
 
-_NO_PLAN = ("", "", "")
+_NO_PLAN: Final = ("", "", "")
 
-_PRICE_TYPE = {  # HL7 table 0205 (price type): CP-2
+_PRICE_TYPE: Final = {  # HL7 table 0205 (price type): CP-2
     "AP": "administrative price or handling fee",
     "DC": "direct unit cost",
     "IC": "indirect unit cost",

@@ -25,6 +25,8 @@ site-specific and half-applying it would split a chart.
 
 from __future__ import annotations
 
+from typing import Final
+
 from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Segment
@@ -32,13 +34,13 @@ from transforms import datatypes as dt
 from transforms.bundle import ConvertContext, conditional_url, det_uuid
 from transforms.datatypes import JSON
 
-PATIENT_MERGES = frozenset({"A18", "A30", "A34", "A36", "A39", "A40"})
-ACCOUNT_MERGES = frozenset({"A35", "A36", "A41"})
-PATIENT_CHANGES = frozenset({"A46", "A47"})
-LINKS = frozenset({"A24", "A37"})
+PATIENT_MERGES: Final = frozenset({"A18", "A30", "A34", "A36", "A39", "A40"})
+ACCOUNT_MERGES: Final = frozenset({"A35", "A36", "A41"})
+PATIENT_CHANGES: Final = frozenset({"A46", "A47"})
+LINKS: Final = frozenset({"A24", "A37"})
 # per PID group: Patient (+ Encounter) as an ordinary update
-PLAIN = frozenset({"A17", "A45", "A48", "A51"})
-TRIGGERS = (
+PLAIN: Final = frozenset({"A17", "A45", "A48", "A51"})
+TRIGGERS: Final = (
     PATIENT_MERGES
     | ACCOUNT_MERGES
     | PATIENT_CHANGES
@@ -46,9 +48,9 @@ TRIGGERS = (
     | PLAIN
     | frozenset({"A20", "A42", "A44", "A49", "A50"})
 )
-REJECTED = frozenset({"A43"})
+REJECTED: Final = frozenset({"A43"})
 
-BED_STATUS = {
+BED_STATUS: Final = {
     "C": "Closed",
     "H": "Housekeeping",
     "I": "Isolated",
@@ -56,11 +58,11 @@ BED_STATUS = {
     "O": "Occupied",
     "U": "Unoccupied",
 }
-ACCOUNT_TYPE = dt.V2_TABLE + "0203"
-LINKAGE_TAG = "urn:sluice:linkage"
+ACCOUNT_TYPE: Final = dt.V2_TABLE + "0203"
+LINKAGE_TAG: Final = "urn:sluice:linkage"
 
 # IAM-9 sensitivity (table 0436) → AllergyIntolerance.type
-ALLERGY_TYPE = {
+ALLERGY_TYPE: Final = {
     "AL": "allergy",
     "AD": "intolerance",
     "IN": "intolerance",
@@ -68,7 +70,7 @@ ALLERGY_TYPE = {
     "CT": "allergy",
 }
 # IAM-17 clinical status (table 0438) → verificationStatus
-ALLERGY_VERIFICATION = {
+ALLERGY_VERIFICATION: Final = {
     "C": "confirmed",
     "I": "confirmed",
     "E": "entered-in-error",
@@ -77,8 +79,8 @@ ALLERGY_VERIFICATION = {
     "S": "unconfirmed",
     "U": "unconfirmed",
 }
-ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
-ALLERGY_VERIFICATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
+ALLERGY_CLINICAL: Final = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
+ALLERGY_VERIFICATION_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
 
 
 def groups(msg: Message) -> list[Message]:

@@ -23,7 +23,7 @@ import importlib
 import re
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, Final
 
 from engine import redact
 from engine.errors import ConversionError, InternalConversionError, Location, MessageRejected, SluiceError
@@ -34,7 +34,7 @@ from transforms.settings import ConvertSettings
 
 __all__ = ["MODULES", "Conversion", "ConvertSettings", "convert", "convert_report"]
 
-MODULES: dict[str, str] = {
+MODULES: Final[dict[str, str]] = {
     "ADT": "transforms.adt",
     "ORU": "transforms.oru",
     "SIU": "transforms.siu",
@@ -52,7 +52,7 @@ MODULES: dict[str, str] = {
     "RDS": "transforms.rde",
     "OMP": "transforms.rde",
 }
-PROVENANCE_TAG_SYSTEM = "urn:sluice:message"
+PROVENANCE_TAG_SYSTEM: Final = "urn:sluice:message"
 
 _loaded: dict[str, ModuleType] = {}
 
@@ -151,7 +151,7 @@ def _convert(msg: Message, settings: ConvertSettings) -> Conversion:
 # ---------------------------------------------------------------------------
 # Fields that identify something (the patient, the message, the visit, an order, an appointment, a
 # document): a bad value there is never dropped, in either mode.  Every MSH field is kept strict too.
-KEY_FIELDS: frozenset[tuple[str, int]] = frozenset(
+KEY_FIELDS: Final[frozenset[tuple[str, int]]] = frozenset(
     {
         ("PID", 2), ("PID", 3), ("PID", 4),  # patient identifiers (PID-2/4: the v2.3 fallbacks)
         ("MRG", 1), ("MRG", 2), ("MRG", 3), ("MRG", 4), ("MRG", 5), ("MRG", 6),  # prior patient/visit ids
@@ -172,9 +172,9 @@ KEY_FIELDS: frozenset[tuple[str, int]] = frozenset(
         ("SPM", 2),  # specimen id (Specimen key)
     }
 )  # fmt: skip
-KEY_SEGMENTS = frozenset({"MSH", "FHS", "BHS"})
+KEY_SEGMENTS: Final = frozenset({"MSH", "FHS", "BHS"})
 # A message with more bad fields than this is rejected in lenient mode too (it is not a stray value).
-MAX_DROPPED_FIELDS = 20
+MAX_DROPPED_FIELDS: Final = 20
 
 
 def droppable(exc: ConversionError, settings: ConvertSettings) -> Location | None:
@@ -218,10 +218,10 @@ def without_field(msg: Message, loc: Location) -> Message:
 
 # FHIR strings allow no character below U+0020 but TAB, LF and CR; HL7 v2 text has no business carrying
 # one either (a NUL from a broken interface, a \X00\ escape), so the conversion drops them.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # bytes.translate table: a forbidden control byte → 0, every other byte → 1 (UTF-8 puts no byte below
 # 0x20 inside a multi-byte character, so this finds exactly the forbidden characters)
-_CONTROL_TO_NUL = bytes(0 if c < 32 and c not in (9, 10, 13) else 1 for c in range(256))
+_CONTROL_TO_NUL: Final = bytes(0 if c < 32 and c not in (9, 10, 13) else 1 for c in range(256))
 
 
 def has_control_characters(msg: Message) -> bool:
@@ -281,7 +281,7 @@ def without_control_characters(msg: Message) -> Message:
     return parse("\r".join(lines))
 
 
-_NULL = '""'
+_NULL: Final = '""'
 
 
 def without_explicit_nulls(msg: Message) -> tuple[Message, int]:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 from engine.errors import ConversionError, Location
@@ -32,15 +32,15 @@ JSON = dict[str, Any]
 # ---------------------------------------------------------------------------
 # Code systems
 # ---------------------------------------------------------------------------
-LOINC = "http://loinc.org"
-SNOMED = "http://snomed.info/sct"
-UCUM = "http://unitsofmeasure.org"
-NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
-NPI_OID = "2.16.840.1.113883.4.6"
-LOCAL_CODE_SYSTEM_PREFIX = "urn:sluice:codesystem:"
-V2_TABLE = "http://terminology.hl7.org/CodeSystem/v2-"
+LOINC: Final = "http://loinc.org"
+SNOMED: Final = "http://snomed.info/sct"
+UCUM: Final = "http://unitsofmeasure.org"
+NPI_SYSTEM: Final = "http://hl7.org/fhir/sid/us-npi"
+NPI_OID: Final = "2.16.840.1.113883.4.6"
+LOCAL_CODE_SYSTEM_PREFIX: Final = "urn:sluice:codesystem:"
+V2_TABLE: Final = "http://terminology.hl7.org/CodeSystem/v2-"
 
-CODE_SYSTEMS: dict[str, str] = {
+CODE_SYSTEMS: Final[dict[str, str]] = {
     "LN": LOINC,
     "LOINC": LOINC,
     "SCT": SNOMED,
@@ -78,8 +78,8 @@ CODE_SYSTEMS: dict[str, str] = {
     "ICDO3": "http://terminology.hl7.org/CodeSystem/icd-o",
     "ICD-O": "http://terminology.hl7.org/CodeSystem/icd-o",
 }
-_HL7_TABLE = re.compile(r"^HL7[-_]?(\d{4})$", re.IGNORECASE)
-_URI_SAFE = "-._~:"
+_HL7_TABLE: Final = re.compile(r"^HL7[-_]?(\d{4})$", re.IGNORECASE)
+_URI_SAFE: Final = "-._~:"
 
 
 def code_system(name: str) -> str | None:
@@ -94,7 +94,7 @@ def code_system(name: str) -> str | None:
     return out
 
 
-_SYSTEM_CACHE: dict[str, str | None] = {}
+_SYSTEM_CACHE: Final[dict[str, str | None]] = {}
 
 
 def _code_system(name: str) -> str | None:
@@ -115,8 +115,15 @@ def _code_system(name: str) -> str | None:
 # ---------------------------------------------------------------------------
 # Vocabulary (IG concept maps)
 # ---------------------------------------------------------------------------
-ADMINISTRATIVE_SEX = {"F": "female", "M": "male", "O": "other", "U": "unknown", "A": "other", "N": "other"}
-NAME_USE = {
+ADMINISTRATIVE_SEX: Final = {
+    "F": "female",
+    "M": "male",
+    "O": "other",
+    "U": "unknown",
+    "A": "other",
+    "N": "other",
+}
+NAME_USE: Final = {
     "BAD": "old",
     "D": "usual",
     "L": "official",
@@ -128,10 +135,17 @@ NAME_USE = {
     "TEMP": "temp",
     "NOUSE": "old",
 }
-ADDRESS_USE = {"BA": "old", "BI": "billing", "C": "temp", "B": "work", "O": "work", "H": "home"}
-ADDRESS_TYPE = {"M": "postal", "SH": "postal"}
-TELECOM_USE = {"PRN": "home", "WPN": "work", "PRS": "mobile", "VHN": "temp", "ORN": "home", "EMR": "home"}
-TELECOM_SYSTEM = {
+ADDRESS_USE: Final = {"BA": "old", "BI": "billing", "C": "temp", "B": "work", "O": "work", "H": "home"}
+ADDRESS_TYPE: Final = {"M": "postal", "SH": "postal"}
+TELECOM_USE: Final = {
+    "PRN": "home",
+    "WPN": "work",
+    "PRS": "mobile",
+    "VHN": "temp",
+    "ORN": "home",
+    "EMR": "home",
+}
+TELECOM_SYSTEM: Final = {
     "PH": "phone",
     "FX": "fax",
     "MD": "other",
@@ -203,7 +217,7 @@ def table_at(
 # ---------------------------------------------------------------------------
 # Dates and times
 # ---------------------------------------------------------------------------
-_DTM = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?$")
+_DTM: Final = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?$")
 
 
 def _bad_date(loc: Location | None, why: str) -> ConversionError:
@@ -221,8 +235,8 @@ def _fmt_offset(off: timedelta) -> str:
     return f"{sign}{total // 60:02d}:{total % 60:02d}"
 
 
-_DTM_CACHE: dict[tuple[str, str, str, str | None], str] = {}
-_DTM_CACHE_MAX = 16384
+_DTM_CACHE: Final[dict[tuple[str, str, str, str | None], str]] = {}
+_DTM_CACHE_MAX: Final = 16384
 
 
 def dtm(
@@ -401,8 +415,8 @@ def utc_now_instant() -> str:
 # ---------------------------------------------------------------------------
 # Text
 # ---------------------------------------------------------------------------
-_TAG = re.compile(r"<[^>]{0,2000}>")
-TRUNCATION_MARKER = " [truncated]"
+_TAG: Final = re.compile(r"<[^>]{0,2000}>")
+TRUNCATION_MARKER: Final = " [truncated]"
 
 
 def plain_text(rep: Rep, d: Delimiters) -> str:
@@ -440,14 +454,16 @@ def string(value: str) -> str | None:
 # ---------------------------------------------------------------------------
 # Numbers
 # ---------------------------------------------------------------------------
-_NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+_NUM: Final = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 
-_INT64 = 1 << 63
-EXACT_DIGITS = 15  # a decimal with at most 15 significant digits survives float and back unchanged
-MAX_NUMBER_DIGITS = 4300  # longer is no measurement (and Python's int() refuses it): a located error
-MAX_WHOLE_DIGITS = 308  # 1e308 and past: JSON readers (orjson, JavaScript) read it as infinite or refuse it
-NUMBER_RANGE = f"more than {MAX_NUMBER_DIGITS:,} digits, or 1e{MAX_WHOLE_DIGITS} or more"
+_INT64: Final = 1 << 63
+EXACT_DIGITS: Final = 15  # a decimal with at most 15 significant digits survives float and back unchanged
+MAX_NUMBER_DIGITS: Final = 4300  # longer is no measurement (and Python's int() refuses it): a located error
+MAX_WHOLE_DIGITS: Final = (
+    308  # 1e308 and past: JSON readers (orjson, JavaScript) read it as infinite or refuse it
+)
+NUMBER_RANGE: Final = f"more than {MAX_NUMBER_DIGITS:,} digits, or 1e{MAX_WHOLE_DIGITS} or more"
 
 
 def exact_number(num: str) -> int | float | Decimal | None:
@@ -551,8 +567,8 @@ def unit(rep: Rep | None, settings: ConvertSettings | None = None) -> JSON:
 
 # (code, text, coding system) of a units CWE → the Quantity items: a pure function, and a feed uses few units.
 # The cached dicts are never handed out, only copies of them.
-_UNIT_CACHE: dict[tuple[str, str, str], dict[str, str]] = {}
-_UNIT_CACHE_MAX = 4096
+_UNIT_CACHE: Final[dict[tuple[str, str, str], dict[str, str]]] = {}
+_UNIT_CACHE_MAX: Final = 4096
 
 
 def _ucum_or_unnamed(sysname: str) -> bool:
@@ -588,12 +604,12 @@ def _load_unit_map() -> dict[str, str]:
     return load_unit_map(str(MAPS_DIR / "units.csv"), MAPS_DIR)
 
 
-UNIT_MAP: dict[str, str] = _load_unit_map()
+UNIT_MAP: Final[dict[str, str]] = _load_unit_map()
 """The shipped local-unit → UCUM map (transforms/maps/units.csv); keys exact and upper-cased."""
 
-_UCUM_LIKE = re.compile(r"^[A-Za-z0-9%/.\[\]{}()*^'_-]+$")
-_UCUM_VALID: dict[str, bool] = {}
-_UCUM_VALID_MAX = 4096
+_UCUM_LIKE: Final = re.compile(r"^[A-Za-z0-9%/.\[\]{}()*^'_-]+$")
+_UCUM_VALID: Final[dict[str, bool]] = {}
+_UCUM_VALID_MAX: Final = 4096
 _ucum_parse: list[Any] = []  # [parse function] once ucumvert is loaded; [None] when it is not installed
 
 
@@ -636,7 +652,7 @@ def quantity(value: str, units: Rep | None, loc: Location | None = None) -> JSON
     return q
 
 
-_COMPARATORS = {"<": "<", ">": ">", "<=": "<=", ">=": ">="}
+_COMPARATORS: Final = {"<": "<", ">": ">", "<=": "<=", ">=": ">="}
 
 
 def sn(
@@ -744,7 +760,13 @@ def xpns(seg: Segment, field: int, settings: ConvertSettings | None = None) -> l
     return out
 
 
-_XAD_PARTS = ((2, "city"), (8, "district"), (3, "state"), (4, "postalCode"), (5, "country"))  # element order
+_XAD_PARTS: Final = (
+    (2, "city"),
+    (8, "district"),
+    (3, "state"),
+    (4, "postalCode"),
+    (5, "country"),
+)  # element order
 
 
 def xad(rep: Rep, settings: ConvertSettings | None = None) -> JSON | None:
@@ -848,7 +870,7 @@ def xtns(seg: Segment, field: int, default_use: str | None = None) -> list[JSON]
 # ---------------------------------------------------------------------------
 # Identifiers
 # ---------------------------------------------------------------------------
-_IDENTIFIER_TYPES = {
+_IDENTIFIER_TYPES: Final = {
     "MR": "Medical record number",
     "PI": "Patient internal identifier",
     "SS": "Social Security number",
@@ -872,9 +894,9 @@ _IDENTIFIER_TYPES = {
     "DN": "Doctor number",
     "ANON": "Anonymous identifier",
 }
-SSN_SYSTEM = "http://hl7.org/fhir/sid/us-ssn"
-_OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
-_UUID = re.compile(r"^[0-9a-fA-F-]{36}$")
+SSN_SYSTEM: Final = "http://hl7.org/fhir/sid/us-ssn"
+_OID: Final = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")
+_UUID: Final = re.compile(r"^[0-9a-fA-F-]{36}$")
 
 
 def hd_system(
@@ -945,7 +967,7 @@ def _identifier_type(code: str) -> JSON:
 
 
 # raw CX-5 / XCN-13 text -> the coding (a template, copied for each caller; empty: no type)
-_ID_TYPE_CACHE: dict[str, JSON] = {}
+_ID_TYPE_CACHE: Final[dict[str, JSON]] = {}
 
 
 def cx(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
@@ -1127,7 +1149,7 @@ def _display(name: JSON | None) -> str | None:
     return " ".join([*name.get("prefix", []), *name.get("given", []), name.get("family", "")]).strip() or None
 
 
-_KEPT_MAX = 2048  # kept practitioner / location entries per channel (ConvertSettings.entity_memo)
+_KEPT_MAX: Final = 2048  # kept practitioner / location entries per channel (ConvertSettings.entity_memo)
 
 
 def _keep(ctx: ConvertContext, key: tuple[str, str, str], value: tuple[Any, ...]) -> None:
@@ -1228,8 +1250,8 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
     return out
 
 
-_PL_LEVELS = ((1, "wa", "Ward"), (2, "ro", "Room"), (3, "bd", "Bed"))
-LOCATION_PHYSICAL_TYPE = "http://terminology.hl7.org/CodeSystem/location-physical-type"
+_PL_LEVELS: Final = ((1, "wa", "Ward"), (2, "ro", "Room"), (3, "bd", "Bed"))
+LOCATION_PHYSICAL_TYPE: Final = "http://terminology.hl7.org/CodeSystem/location-physical-type"
 
 
 def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
@@ -1309,9 +1331,9 @@ def _pl(rep: Rep, ctx: ConvertContext) -> tuple[str | None, str]:
 # ---------------------------------------------------------------------------
 # Languages (PID-15, NK1-20): R4 binds communication.language (required) to BCP-47
 # ---------------------------------------------------------------------------
-BCP47 = "urn:ietf:bcp:47"
+BCP47: Final = "urn:ietf:bcp:47"
 # ISO 639-2 (B and T codes, as HL7 table 0296 uses them) → the ISO 639-1 code BCP-47 requires
-ISO639_2_TO_1: dict[str, str] = {
+ISO639_2_TO_1: Final[dict[str, str]] = {
     "ara": "ar",
     "ben": "bn",
     "bos": "bs",
@@ -1417,7 +1439,7 @@ ISO639_2_TO_1: dict[str, str] = {
     "ton": "to",
     "haw": "haw",
 }
-_BCP47_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
+_BCP47_TAG: Final = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
 
 
 def bcp47(code: str) -> str | None:

@@ -16,7 +16,7 @@ procedure writes the same resource.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from engine.errors import ConversionError, Location
 from engine.hl7 import Message, Rep, Segment
@@ -25,21 +25,21 @@ from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, nm, xcn
 
 JSON = dict[str, Any]
 
-DFT_TRIGGERS = frozenset({"P03", "P11"})
-BAR_TRIGGERS = frozenset({"P01", "P02", "P05", "P06", "P12"})
-CLOSING_TRIGGERS = frozenset({"P02", "P06"})
+DFT_TRIGGERS: Final = frozenset({"P03", "P11"})
+BAR_TRIGGERS: Final = frozenset({"P01", "P02", "P05", "P06", "P12"})
+CLOSING_TRIGGERS: Final = frozenset({"P02", "P06"})
 # FT1-6 transaction type (table 0017): every posted transaction is billable; a credit or a payment is its
 # own transaction (its own FT1-2), never a change of the charge it offsets
-CHARGE_STATUS = "billable"
+CHARGE_STATUS: Final = "billable"
 # PR1[Procedure] leaves Procedure.status to the implementer by the message context: a procedure a DFT/BAR's PR1
 # reports or an FT1-25 bills was performed (PR1-20 ``D`` → entered-in-error); an ADT's PR1 says unknown
-PROCEDURE_STATUS = "completed"
-CHARGE_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0017"
-PROCEDURE_ACTION_DELETE = "D"
-SNOMED = "http://snomed.info/sct"
+PROCEDURE_STATUS: Final = "completed"
+CHARGE_TYPE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v2-0017"
+PROCEDURE_ACTION_DELETE: Final = "D"
+SNOMED: Final = "http://snomed.info/sct"
 # IG PR1[Procedure]: performer[1] PR1-8 anesthesiologist (SNOMED 88189002), performer[2] PR1-11 surgeon
 # (304292004), performer[3] PR1-12 procedure practitioner (the IG gives it no function: less specific)
-PERFORMER_FUNCTION: tuple[tuple[int, str, str], ...] = (
+PERFORMER_FUNCTION: Final[tuple[tuple[int, str, str], ...]] = (
     (8, "88189002", "Anesthesiologist"),
     (11, "304292004", "Surgeon"),
     (12, "", ""),

@@ -22,7 +22,7 @@ applied.  See docs/mapping.md.
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Final
 
 from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
@@ -33,21 +33,21 @@ from transforms.orders import order_numbers
 
 JSON = dict[str, Any]
 
-TRIGGERS = frozenset({"T01", "T02", "T03", "T04", "T05", "T06", "T07", "T08", "T09", "T10", "T11"})
-WITH_CONTENT = frozenset({"T02", "T04", "T06", "T08", "T10"})
-ADDENDUM = frozenset({"T05", "T06"})
-REPLACEMENT = frozenset({"T09", "T10"})
-CANCEL = frozenset({"T11"})
+TRIGGERS: Final = frozenset({"T01", "T02", "T03", "T04", "T05", "T06", "T07", "T08", "T09", "T10", "T11"})
+WITH_CONTENT: Final = frozenset({"T02", "T04", "T06", "T08", "T10"})
+ADDENDUM: Final = frozenset({"T05", "T06"})
+REPLACEMENT: Final = frozenset({"T09", "T10"})
+CANCEL: Final = frozenset({"T11"})
 
 # TXA-19 document availability status (table 0275) → DocumentReference.status
-AVAILABILITY: dict[str, str] = {
+AVAILABILITY: Final[dict[str, str]] = {
     "AV": "current",
     "UN": "current",
     "OB": "superseded",
     "CA": "entered-in-error",
 }
 # TXA-17 document completion status (table 0271) → DocumentReference.docStatus
-COMPLETION: dict[str, str] = {
+COMPLETION: Final[dict[str, str]] = {
     "DI": "preliminary",
     "DO": "preliminary",
     "IP": "preliminary",
@@ -57,12 +57,12 @@ COMPLETION: dict[str, str] = {
     "LA": "final",
 }
 # Guard ranks: a late "current" after a cancel goes to review.
-DOCUMENT_STATUS_RANK: dict[str, int] = {"current": 1, "superseded": 2, "entered-in-error": 3}
+DOCUMENT_STATUS_RANK: Final[dict[str, int]] = {"current": 1, "superseded": 2, "entered-in-error": 3}
 
-ALTERNATE_CODES = "http://hl7.org/fhir/StructureDefinition/alternate-codes"
-_TEXT_TYPES = frozenset({"TX", "FT", "ST", "CE", "CWE", "NM", "DT", "DTM", "TS", "SN", "TM", ""})
-_PLAIN_TEXT_TYPES = frozenset({"TX", "FT", "ST", ""})
-_CONFIDENTIALITY = V2_TABLE + "0272"
+ALTERNATE_CODES: Final = "http://hl7.org/fhir/StructureDefinition/alternate-codes"
+_TEXT_TYPES: Final = frozenset({"TX", "FT", "ST", "CE", "CWE", "NM", "DT", "DTM", "TS", "SN", "TM", ""})
+_PLAIN_TEXT_TYPES: Final = frozenset({"TX", "FT", "ST", ""})
+_CONFIDENTIALITY: Final = V2_TABLE + "0272"
 
 
 def _text_content(obxs: list[Segment], d: Delimiters) -> str | None:

@@ -3,7 +3,7 @@ identifiers, the placer/filler order numbers, timing and priority (TQ1, ORC-7 / 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from engine.errors import Location
 from engine.hl7 import Rep, Segment
@@ -13,7 +13,7 @@ from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, fhir_code, table
 JSON = dict[str, Any]
 
 # table 0027 priority (TQ1-9, ORC-7.6, OBR-27.6, OBR-5) → ServiceRequest.priority
-PRIORITY: dict[str, str] = {
+PRIORITY: Final[dict[str, str]] = {
     "S": "stat",
     "A": "asap",
     "R": "routine",
@@ -22,8 +22,11 @@ PRIORITY: dict[str, str] = {
     "T": "urgent",
 }
 # table 0482 order type (ORC-29) → v3 RoleCode service delivery location, next to the v2 coding
-ORDER_TYPE_ROLE: dict[str, tuple[str, str]] = {"O": ("OF", "Outpatient facility"), "I": ("HOSP", "Hospital")}
-V3_ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+ORDER_TYPE_ROLE: Final[dict[str, tuple[str, str]]] = {
+    "O": ("OF", "Outpatient facility"),
+    "I": ("HOSP", "Hospital"),
+}
+V3_ROLE_CODE: Final = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
 
 
 def typed(ident: JSON, code: str, display: str) -> JSON:

@@ -17,7 +17,7 @@ a new order after its cancellation goes to review instead of resurrecting it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
@@ -28,7 +28,7 @@ from transforms.orders import group_numbers, occurrence, order_numbers, order_ty
 
 JSON = dict[str, Any]
 
-TRIGGERS: dict[str, frozenset[str]] = {
+TRIGGERS: Final[dict[str, frozenset[str]]] = {
     "ORM": frozenset({"O01"}),
     "OML": frozenset({"O21", "O33"}),
     "OMG": frozenset({"O19"}),
@@ -36,7 +36,7 @@ TRIGGERS: dict[str, frozenset[str]] = {
 
 # ORC-1 order control (table 0119).  The codes that *are* the event decide the status whatever ORC-5 says
 # (a cancel is a cancel); the others give it only when ORC-5 is empty.
-CONTROL_EVENT_STATUS: dict[str, str] = {
+CONTROL_EVENT_STATUS: Final[dict[str, str]] = {
     "CA": "revoked",
     "OC": "revoked",
     "CR": "revoked",
@@ -50,7 +50,7 @@ CONTROL_EVENT_STATUS: dict[str, str] = {
     "CM": "completed",
     "FU": "completed",
 }
-CONTROL_STATUS: dict[str, str] = {
+CONTROL_STATUS: Final[dict[str, str]] = {
     "NW": "active",
     "OK": "active",
     "AF": "active",
@@ -94,7 +94,7 @@ CONTROL_STATUS: dict[str, str] = {
     "MC": "active",
 }
 # ORC-5 order status (table 0038, IG OrderStatus)
-ORDER_STATUS: dict[str, str] = {
+ORDER_STATUS: Final[dict[str, str]] = {
     "A": "active",
     "CA": "revoked",
     "CM": "completed",
@@ -105,7 +105,7 @@ ORDER_STATUS: dict[str, str] = {
     "RP": "revoked",
     "SC": "active",
 }
-SERVICE_REQUEST_STATUS_RANK: dict[str, int] = {
+SERVICE_REQUEST_STATUS_RANK: Final[dict[str, int]] = {
     "draft": 1,
     "active": 1,
     "on-hold": 1,
@@ -114,10 +114,12 @@ SERVICE_REQUEST_STATUS_RANK: dict[str, int] = {
     "entered-in-error": 3,
 }
 # table 0493 specimen condition is coded as sent; SPM-20 availability (Y/N) → Specimen.status
-SPECIMEN_AVAILABLE: dict[str, str] = {"Y": "available", "N": "unavailable"}
+SPECIMEN_AVAILABLE: Final[dict[str, str]] = {"Y": "available", "N": "unavailable"}
 
-_DETAIL = frozenset({"OBR", "RQD", "RQ1", "RXO", "ODS", "ODT"})
-_IGNORED_IN_ORDER = frozenset({"PRT", "CTD", "FT1", "CTI", "BLG", "TCD", "SGH", "SGT", "SAC", "INV", "TQ2"})
+_DETAIL: Final = frozenset({"OBR", "RQD", "RQ1", "RXO", "ODS", "ODT"})
+_IGNORED_IN_ORDER: Final = frozenset(
+    {"PRT", "CTD", "FT1", "CTI", "BLG", "TCD", "SGH", "SGT", "SAC", "INV", "TQ2"}
+)
 
 
 class Order:

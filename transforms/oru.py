@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Any
+from typing import Any, Final
 
 from engine.errors import ConversionError, Location
 from engine.hl7 import Message, Rep, Segment, escape
@@ -54,7 +54,7 @@ JSON = dict[str, Any]
 # ---------------------------------------------------------------------------
 # OBX-11 (HL7 table 0085) → Observation.status.  IG ObservationResultStatusCodesInterpretation for
 # A C D F P W X; the rest are Sluice choices (docs/mapping.md).  Only valid FHIR codes.
-OBX_STATUS: dict[str, str] = {
+OBX_STATUS: Final[dict[str, str]] = {
     "F": "final",
     "C": "corrected",
     "A": "amended",
@@ -75,7 +75,7 @@ OBX_STATUS: dict[str, str] = {
 
 # OBR-25 (HL7 table 0123) → DiagnosticReport.status.  IG ResultStatus[Non-Queries] for O I S P C R F X;
 # A, M, N are Sluice choices; Y and Z are errors ("IF NOT MAPPED ERROR").
-OBR_STATUS: dict[str, str] = {
+OBR_STATUS: Final[dict[str, str]] = {
     "O": "registered",
     "I": "registered",
     "S": "registered",
@@ -90,7 +90,7 @@ OBR_STATUS: dict[str, str] = {
 }
 
 # DiagnosticReport.status → Observation.status (used when OBX-11 is empty)
-_DR_TO_OBS = {
+_DR_TO_OBS: Final = {
     "registered": "registered",
     "partial": "preliminary",
     "preliminary": "preliminary",
@@ -99,7 +99,7 @@ _DR_TO_OBS = {
     "cancelled": "cancelled",
 }
 
-DIAGNOSTIC_REPORT_STATUS_RANK: dict[str, int] = {
+DIAGNOSTIC_REPORT_STATUS_RANK: Final[dict[str, int]] = {
     "unknown": 0,
     "registered": 1,
     "partial": 2,
@@ -118,9 +118,9 @@ def observation_rank(status: str) -> int:
     return OBSERVATION_STATUS_RANK.get(status, 0)
 
 
-INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+INTERPRETATION_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 # OBX-8 (table 0078) → v3 ObservationInterpretation (IG InterpretationCodes: identity where mapped)
-INTERPRETATION: dict[str, str] = {
+INTERPRETATION: Final[dict[str, str]] = {
     "<": "Off scale low",
     ">": "Off scale high",
     "A": "Abnormal",
@@ -162,9 +162,9 @@ INTERPRETATION: dict[str, str] = {
     "WR": "Weakly reactive",
 }
 
-OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+OBSERVATION_CATEGORY: Final = "http://terminology.hl7.org/CodeSystem/observation-category"
 # OBR-24 diagnostic service section (table 0074) → Observation.category (Sluice choice; IG silent)
-_LAB_SECTIONS = frozenset(
+_LAB_SECTIONS: Final = frozenset(
     [
         "BG",
         "BLB",
@@ -186,19 +186,21 @@ _LAB_SECTIONS = frozenset(
         "URN",
     ]
 )
-_IMAGING_SECTIONS = frozenset(["CT", "CUS", "MR", "NMR", "NMS", "OUS", "RAD", "RUS", "RX", "VUS", "XRC"])
+_IMAGING_SECTIONS: Final = frozenset(
+    ["CT", "CUS", "MR", "NMR", "NMS", "OUS", "RAD", "RUS", "RX", "VUS", "XRC"]
+)
 
-ALTERNATE_CODES = "http://hl7.org/fhir/StructureDefinition/alternate-codes"
-R5_DR_NOTE = "http://hl7.org/fhir/5.0/StructureDefinition/extension-DiagnosticReport.note"
-ANALYSIS_DATE_TIME = "http://hl7.org/fhir/StructureDefinition/observation-analysis-date-time"
-R5_OBS_ATTACHMENT = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.valueAttachment"
-DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+ALTERNATE_CODES: Final = "http://hl7.org/fhir/StructureDefinition/alternate-codes"
+R5_DR_NOTE: Final = "http://hl7.org/fhir/5.0/StructureDefinition/extension-DiagnosticReport.note"
+ANALYSIS_DATE_TIME: Final = "http://hl7.org/fhir/StructureDefinition/observation-analysis-date-time"
+R5_OBS_ATTACHMENT: Final = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.valueAttachment"
+DATA_ABSENT: Final = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 
-_TEXT_TYPES = frozenset({"ST", "TX", "FT"})
+_TEXT_TYPES: Final = frozenset({"ST", "TX", "FT"})
 # value types whose OBX-6 units are appended to a measurement kept as valueString (not TX/FT: narrative)
-_UNITS_IN_TEXT = frozenset({"ST", "NM", "SN"})
+_UNITS_IN_TEXT: Final = frozenset({"ST", "NM", "SN"})
 # a measurement written as text: numbers and what joins them (``5.8``, ``120/80``, ``<0.5``, ``1:40``, ``10-20``)
-_MEASUREMENT_TEXT = re.compile(r"[<>=~]{0,2} ?[+-]?\d[\d.,:/ +-]*")
+_MEASUREMENT_TEXT: Final = re.compile(r"[<>=~]{0,2} ?[+-]?\d[\d.,:/ +-]*")
 
 
 def _units_in_text(res: JSON, u: JSON, ctx: ConvertContext) -> None:
@@ -212,8 +214,8 @@ def _units_in_text(res: JSON, u: JSON, ctx: ConvertContext) -> None:
         ctx.count("obx_units_in_text")
 
 
-_CODED_TYPES = frozenset({"CWE", "CE", "CNE", "CF", "IS", "ID"})
-_DATE_TYPES = frozenset({"DT", "DTM", "TS"})
+_CODED_TYPES: Final = frozenset({"CWE", "CE", "CNE", "CF", "IS", "ID"})
+_DATE_TYPES: Final = frozenset({"DT", "DTM", "TS"})
 
 
 # ---------------------------------------------------------------------------
@@ -399,7 +401,7 @@ def _plain_decimal(text: str) -> bool:
     return text.isascii() and (text.isdigit() or (text.count(".") == 1 and text.replace(".", "").isdigit()))
 
 
-_NUMERIC_PREFIX = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")
+_NUMERIC_PREFIX: Final = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")
 
 
 def _numeric(value: str, units: Rep, loc: Location, u: JSON | None = None) -> tuple[str, Any] | None:
@@ -522,7 +524,7 @@ def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext
     return ("valueString", text) if text else None
 
 
-_CONTENT_TYPES = {
+_CONTENT_TYPES: Final = {
     "PDF": "application/pdf",
     "JPEG": "image/jpeg",
     "JPG": "image/jpeg",
@@ -546,7 +548,7 @@ _CONTENT_TYPES = {
     "SGML": "text/sgml",
     "X-HL7-CDA-LEVEL-ONE": "application/x-hl7-cda-level-one+xml",
 }
-_MEDIA_TYPES = {
+_MEDIA_TYPES: Final = {
     "IM": "image",
     "SI": "image",
     "AP": "application",
@@ -557,7 +559,7 @@ _MEDIA_TYPES = {
     "SD": "application",
     "MULTIPART": "multipart",
 }
-_TOKEN = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+$")
+_TOKEN: Final = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+$")
 
 
 def content_type(type_of_data: str, subtype: str) -> str:
@@ -638,12 +640,12 @@ def rp_attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
     return att
 
 
-_RR_NUM = r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))"
+_RR_NUM: Final = r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))"
 # "4.3-6.2", "4.3 - 6.2" (also an en dash), "4.3 to 6.2"
-_RR_RANGE = re.compile(rf"^\s*{_RR_NUM}\s*(?:[-–]|\s[tT][oO]\s)\s*{_RR_NUM}\s*$")
-_RR_RANGE_UNDERSCORE = re.compile(rf"^\s*{_RR_NUM}\s*_\s*{_RR_NUM}\s*$")
-_RR_BELOW = re.compile(rf"^\s*(<=|<)\s*{_RR_NUM}\s*$")
-_RR_ABOVE = re.compile(rf"^\s*(>=|>)\s*{_RR_NUM}\s*$")
+_RR_RANGE: Final = re.compile(rf"^\s*{_RR_NUM}\s*(?:[-–]|\s[tT][oO]\s)\s*{_RR_NUM}\s*$")
+_RR_RANGE_UNDERSCORE: Final = re.compile(rf"^\s*{_RR_NUM}\s*_\s*{_RR_NUM}\s*$")
+_RR_BELOW: Final = re.compile(rf"^\s*(<=|<)\s*{_RR_NUM}\s*$")
+_RR_ABOVE: Final = re.compile(rf"^\s*(>=|>)\s*{_RR_NUM}\s*$")
 
 
 def reference_range(obx: Segment, vtype: str, ctx: ConvertContext, u: JSON | None = None) -> list[JSON]:
@@ -1017,7 +1019,7 @@ def _report_status(obr: Segment, observations: list[JSON], ctx: ConvertContext) 
 
 # ORC-5 order status (table 0038, IG OrderStatus) and ORC-1 order control (table 0119, IG
 # OrderControlCode[ServiceRequest.status]) → ServiceRequest.status
-ORDER_STATUS: dict[str, str] = {
+ORDER_STATUS: Final[dict[str, str]] = {
     "CA": "revoked",
     "CM": "completed",
     "DC": "revoked",
@@ -1027,7 +1029,7 @@ ORDER_STATUS: dict[str, str] = {
     "RP": "revoked",
     "SC": "active",
 }
-ORDER_CONTROL_STATUS: dict[str, str] = {
+ORDER_CONTROL_STATUS: Final[dict[str, str]] = {
     "AF": "active",
     "CA": "active",
     "CR": "revoked",
@@ -1135,15 +1137,15 @@ def service_request(
 
 # IG OBR[DiagnosticReport]: OBR-34 technician / OBR-35 transcriptionist → performer with the
 # event-performerFunction extension (v3-ParticipationType SPRF / TRANS)
-_PERFORMER_FUNCTION = "http://hl7.org/fhir/StructureDefinition/event-performerFunction"
-_V3_PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
-_TECHNICIAN: JSON = {
+_PERFORMER_FUNCTION: Final = "http://hl7.org/fhir/StructureDefinition/event-performerFunction"
+_V3_PARTICIPATION: Final = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+_TECHNICIAN: Final[JSON] = {
     "url": _PERFORMER_FUNCTION,
     "valueCodeableConcept": {
         "coding": [{"system": _V3_PARTICIPATION, "code": "SPRF", "display": "secondary performer"}]
     },
 }
-_TRANSCRIPTIONIST: JSON = {
+_TRANSCRIPTIONIST: Final[JSON] = {
     "url": _PERFORMER_FUNCTION,
     "valueCodeableConcept": {
         "coding": [{"system": _V3_PARTICIPATION, "code": "TRANS", "display": "Transcriber"}]

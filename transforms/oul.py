@@ -12,7 +12,7 @@ A correction (OBX-11 C, OBR-25 C) updates the same resources, guarded by status 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
@@ -21,9 +21,9 @@ from transforms.bundle import ConvertContext
 
 JSON = dict[str, Any]
 
-TRIGGERS = frozenset({"R22", "R23", "R24"})
+TRIGGERS: Final = frozenset({"R22", "R23", "R24"})
 
-_BREAKS = frozenset({"SAC", "INV", "TXA", "CTI", "TCD", "SID", "PV1", "PV2", "PRT"})
+_BREAKS: Final = frozenset({"SAC", "INV", "TXA", "CTI", "TCD", "SID", "PV1", "PV2", "PRT"})
 
 
 class _Specimen:

@@ -13,7 +13,7 @@ the problem + GOL-3.  OBX and orders inside a problem are not mapped (counted ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
@@ -23,15 +23,15 @@ from transforms.datatypes import cwe, dtm_at, ei, nm, table
 
 JSON = dict[str, Any]
 
-TRIGGERS = frozenset({"PC1", "PC2", "PC3"})
-DELETE_TRIGGERS = frozenset({"PC3"})
+TRIGGERS: Final = frozenset({"PC1", "PC2", "PC3"})
+DELETE_TRIGGERS: Final = frozenset({"PC3"})
 
-CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
-CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
-CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+CONDITION_CATEGORY: Final = "http://terminology.hl7.org/CodeSystem/condition-category"
+CONDITION_CLINICAL: Final = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+CONDITION_VERIFICATION: Final = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 
 # PRB-14 problem life cycle status (user-defined table 0838; what senders send) → Condition.clinicalStatus
-CLINICAL_STATUS: dict[str, str] = {
+CLINICAL_STATUS: Final[dict[str, str]] = {
     "A": "active",
     "ACTIVE": "active",
     "AC": "active",
@@ -47,7 +47,7 @@ CLINICAL_STATUS: dict[str, str] = {
     "REMISSION": "remission",
 }
 # PRB-13 problem confirmation status (table 0315 in v2.3-2.4 / user-defined 0800) → verificationStatus
-VERIFICATION_STATUS: dict[str, str] = {
+VERIFICATION_STATUS: Final[dict[str, str]] = {
     "C": "confirmed",
     "CONFIRMED": "confirmed",
     "P": "provisional",
@@ -61,7 +61,7 @@ VERIFICATION_STATUS: dict[str, str] = {
     "E": "entered-in-error",
 }
 # GOL-18 goal life cycle status → Goal.lifecycleStatus (required in R4)
-GOAL_STATUS: dict[str, str] = {
+GOAL_STATUS: Final[dict[str, str]] = {
     "A": "active",
     "ACTIVE": "active",
     "P": "proposed",
@@ -80,7 +80,7 @@ GOAL_STATUS: dict[str, str] = {
     "REJECTED": "rejected",
 }
 # Status ranks for guards: a deletion is final (a late resend of the add goes to review instead)
-CONDITION_STATUS_RANK: dict[str, int] = {"entered-in-error": 2}
+CONDITION_STATUS_RANK: Final[dict[str, int]] = {"entered-in-error": 2}
 
 
 class _Problem:

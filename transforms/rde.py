@@ -18,7 +18,7 @@ MedicationDispense is keyed on the order + RXD-1 dispense sub-id counter (else R
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from engine.errors import ConversionError, Location
 from engine.hl7 import Message, Rep, Segment
@@ -29,17 +29,17 @@ JSON = dict[str, Any]
 
 # O01: the trigger HL7 v2.3/v2.3.1 gave RDE and RDS (structures RDE_O01 / RDS_O01, the same segments);
 # v2.4 renamed them O11 / O13, and senders on v2.3 still send O01
-RDE_TRIGGERS = frozenset({"O01", "O11", "O25"})
-RDS_TRIGGERS = frozenset({"O01", "O13"})
+RDE_TRIGGERS: Final = frozenset({"O01", "O11", "O25"})
+RDS_TRIGGERS: Final = frozenset({"O01", "O13"})
 # OMP^O09 (pharmacy/treatment order, from the ordering system): the same ORDER group with RXO as the order
 # detail and no RXE; the MedicationRequest is keyed like the RDE's, so the pharmacy's later RDE for the same
 # placer number (ORC-2) updates it
-OMP_TRIGGERS = frozenset({"O09"})
-_TRIGGERS = {"RDE": RDE_TRIGGERS, "RDS": RDS_TRIGGERS, "OMP": OMP_TRIGGERS}
-_DETAIL = {"RDE": "RXE", "RDS": "RXD", "OMP": "RXO"}  # the segment each order group of the type needs
+OMP_TRIGGERS: Final = frozenset({"O09"})
+_TRIGGERS: Final = {"RDE": RDE_TRIGGERS, "RDS": RDS_TRIGGERS, "OMP": OMP_TRIGGERS}
+_DETAIL: Final = {"RDE": "RXE", "RDS": "RXD", "OMP": "RXO"}  # the segment each order group of the type needs
 
 # ORC-5 order status (table 0038) → MedicationRequest.status
-ORDER_STATUS: dict[str, str] = {
+ORDER_STATUS: Final[dict[str, str]] = {
     "A": "active",
     "CA": "cancelled",
     "CM": "completed",
@@ -51,7 +51,7 @@ ORDER_STATUS: dict[str, str] = {
     "SC": "active",
 }
 # ORC-1 order control (table 0119) → MedicationRequest.status, when ORC-5 is empty
-ORDER_CONTROL_STATUS: dict[str, str] = {
+ORDER_CONTROL_STATUS: Final[dict[str, str]] = {
     "NW": "active",
     "OK": "active",
     "XO": "active",
@@ -74,9 +74,11 @@ ORDER_CONTROL_STATUS: dict[str, str] = {
     "RP": "stopped",
 }
 # ORC-1 codes whose ORC-9 (transaction time) is a later change, not when the order was written
-LATER_CONTROLS = frozenset({"DC", "OD", "DR", "CA", "OC", "CR", "HD", "OH", "HR", "RL", "RP", "XO", "XX"})
+LATER_CONTROLS: Final = frozenset(
+    {"DC", "OD", "DR", "CA", "OC", "CR", "HD", "OH", "HR", "RL", "RP", "XO", "XX"}
+)
 # Guard ranks: a finished order is not reopened by a late resend of the original
-MEDICATION_REQUEST_STATUS_RANK: dict[str, int] = {
+MEDICATION_REQUEST_STATUS_RANK: Final[dict[str, int]] = {
     "active": 1,
     "on-hold": 1,
     "draft": 1,
@@ -86,9 +88,14 @@ MEDICATION_REQUEST_STATUS_RANK: dict[str, int] = {
     "entered-in-error": 3,
 }
 # ORC-1 / ORC-5 → MedicationDispense.status (a dispense message reports what was dispensed)
-DISPENSE_STATUS: dict[str, str] = {"CA": "cancelled", "OC": "cancelled", "DC": "stopped", "OD": "stopped"}
+DISPENSE_STATUS: Final[dict[str, str]] = {
+    "CA": "cancelled",
+    "OC": "cancelled",
+    "DC": "stopped",
+    "OD": "stopped",
+}
 # RXE-9 / RXD-11 substitution status (table 0167): may / was the product be substituted?
-SUBSTITUTION: dict[str, bool] = {
+SUBSTITUTION: Final[dict[str, bool]] = {
     "N": False,
     "0": False,
     "G": True,
@@ -97,9 +104,11 @@ SUBSTITUTION: dict[str, bool] = {
     "2": True,
     "3": True,
 }
-PLACER = {"coding": [{"system": V2_TABLE + "0203", "code": "PLAC", "display": "Placer Identifier"}]}
-FILLER = {"coding": [{"system": V2_TABLE + "0203", "code": "FILL", "display": "Filler Identifier"}]}
-PRESCRIPTION = {"coding": [{"system": V2_TABLE + "0203", "code": "RXN", "display": "Prescription number"}]}
+PLACER: Final = {"coding": [{"system": V2_TABLE + "0203", "code": "PLAC", "display": "Placer Identifier"}]}
+FILLER: Final = {"coding": [{"system": V2_TABLE + "0203", "code": "FILL", "display": "Filler Identifier"}]}
+PRESCRIPTION: Final = {
+    "coding": [{"system": V2_TABLE + "0203", "code": "RXN", "display": "Prescription number"}]
+}
 
 
 class _Order:

@@ -16,7 +16,7 @@ I14 → revoked.  Guards as for orders (:data:`transforms.orm.SERVICE_REQUEST_ST
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from engine.errors import ConversionError, Location
 from engine.hl7 import Message, Segment
@@ -35,14 +35,16 @@ from transforms.orders import typed
 
 JSON = dict[str, Any]
 
-TRIGGERS = frozenset({"I12", "I13", "I14"})
+TRIGGERS: Final = frozenset({"I12", "I13", "I14"})
 
 # RF1-1 referral status (table 0283) → ServiceRequest.status
-REFERRAL_STATUS: dict[str, str] = {"A": "active", "P": "active", "R": "revoked", "E": "revoked"}
+REFERRAL_STATUS: Final[dict[str, str]] = {"A": "active", "P": "active", "R": "revoked", "E": "revoked"}
 # RF1-2 referral priority (table 0280) → ServiceRequest.priority
-REFERRAL_PRIORITY: dict[str, str] = {"S": "stat", "A": "asap", "R": "routine"}
-SNOMED = "http://snomed.info/sct"
-REFERRAL_CATEGORY: JSON = {"coding": [{"system": SNOMED, "code": "3457005", "display": "Patient referral"}]}
+REFERRAL_PRIORITY: Final[dict[str, str]] = {"S": "stat", "A": "asap", "R": "routine"}
+SNOMED: Final = "http://snomed.info/sct"
+REFERRAL_CATEGORY: Final[JSON] = {
+    "coding": [{"system": SNOMED, "code": "3457005", "display": "Patient referral"}]
+}
 
 
 def provider(prd: Segment, ctx: ConvertContext) -> JSON | None:

@@ -13,7 +13,7 @@ the engine answers AE 204 when no booking was applied before.  See docs/mapping.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
@@ -25,7 +25,7 @@ from transforms.oru import _placer_filler, _ref, annotation, patient
 JSON = dict[str, Any]
 
 # SCH-25 / AIx filler status (table 0278) → Appointment.status (IG FillerStatusCodes[Appointment]).
-FILLER_STATUS: dict[str, str] = {
+FILLER_STATUS: Final[dict[str, str]] = {
     "PENDING": "pending",
     "WAITLIST": "waitlist",
     "BOOKED": "booked",
@@ -40,7 +40,7 @@ FILLER_STATUS: dict[str, str] = {
 }
 
 # Trigger → forced status (None: SCH-25, else booked)
-TRIGGER_STATUS: dict[str, str | None] = {
+TRIGGER_STATUS: Final[dict[str, str | None]] = {
     "S12": None,
     "S13": None,
     "S14": None,
@@ -49,10 +49,10 @@ TRIGGER_STATUS: dict[str, str | None] = {
     "S17": "entered-in-error",
     "S26": "noshow",
 }
-CANCEL_TRIGGERS = frozenset({"S15", "S16", "S17"})
+CANCEL_TRIGGERS: Final = frozenset({"S15", "S16", "S17"})
 
 # Guard ranks: a late booking/reschedule after a cancellation goes to manual review.
-APPOINTMENT_STATUS_RANK: dict[str, int] = {
+APPOINTMENT_STATUS_RANK: Final[dict[str, int]] = {
     "proposed": 1,
     "pending": 1,
     "waitlist": 1,
@@ -66,7 +66,7 @@ APPOINTMENT_STATUS_RANK: dict[str, int] = {
 }
 
 # Participant status (ParticipationStatus) from the resource's own filler status
-_PARTICIPANT_STATUS = {
+_PARTICIPANT_STATUS: Final = {
     "cancelled": "declined",
     "noshow": "declined",
     "entered-in-error": "declined",
@@ -76,7 +76,7 @@ _PARTICIPANT_STATUS = {
 }
 
 # SCH-7 codes of table 0276 (FHIR Appointment.appointmentType is bound to v2-0276)
-APPOINTMENT_REASON_0276 = {
+APPOINTMENT_REASON_0276: Final = {
     "CHECKUP": "A routine check-up, such as an annual physical",
     "EMERGENCY": "Emergency appointment",
     "FOLLOWUP": "A follow up visit from a previous appointment",
@@ -84,7 +84,7 @@ APPOINTMENT_REASON_0276 = {
     "WALKIN": "A previously unscheduled walk-in visit",
 }
 
-_UNIT_MINUTES = {
+_UNIT_MINUTES: Final = {
     "S": 1 / 60,
     "SEC": 1 / 60,
     "M": 1.0,
@@ -97,7 +97,7 @@ _UNIT_MINUTES = {
     "W": 10080.0,
     "WK": 10080.0,
 }
-_UNIT_SECONDS_UCUM = {"s": 1 / 60, "min": 1.0, "h": 60.0, "d": 1440.0, "wk": 10080.0}
+_UNIT_SECONDS_UCUM: Final = {"s": 1 / 60, "min": 1.0, "h": 60.0, "d": 1440.0, "wk": 10080.0}
 
 
 def _minutes(amount: str, units: Rep | None, loc: Location) -> float | None:
@@ -208,8 +208,8 @@ def _participant(actor: JSON, status: str | None, types: list[JSON], timing: _Ti
 # are local codes; SCH-20 uses the IG's provenance-participant-type ``enterer``.  See docs/mapping.md.
 # Each contact's phone (SCH-13 / SCH-17 / SCH-21) and address (SCH-14 / SCH-18 / -) go on its Practitioner:
 # the IG gives them no target, but they are how the scheduler reaches that person (docs/mapping.md).
-_CONTACT_DETAILS: dict[int, tuple[int, int | None]] = {12: (13, 14), 16: (17, 18), 20: (21, None)}
-_CONTACT_TYPES: tuple[tuple[int, JSON], ...] = (
+_CONTACT_DETAILS: Final[dict[int, tuple[int, int | None]]] = {12: (13, 14), 16: (17, 18), 20: (21, None)}
+_CONTACT_TYPES: Final[tuple[tuple[int, JSON], ...]] = (
     (
         12,
         {

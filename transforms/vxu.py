@@ -16,7 +16,7 @@ resend of the original goes to review instead of resurrecting it).  See docs/map
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
@@ -26,10 +26,10 @@ from transforms.datatypes import V2_TABLE, cwe, dt, dtm_at, ei, nm, pl, table, u
 
 JSON = dict[str, Any]
 
-TRIGGERS = frozenset({"V04"})
+TRIGGERS: Final = frozenset({"V04"})
 
 # RXA-20 completion status (table 0322) → Immunization.status (IG CompletionStatus)
-COMPLETION_STATUS: dict[str, str] = {
+COMPLETION_STATUS: Final[dict[str, str]] = {
     "CP": "completed",
     "PA": "completed",
     "RE": "not-done",
@@ -37,19 +37,19 @@ COMPLETION_STATUS: dict[str, str] = {
 }
 
 # Guard ranks: entered-in-error is final; a completed/not-done record may replace the other.
-IMMUNIZATION_STATUS_RANK: dict[str, int] = {"completed": 1, "not-done": 1, "entered-in-error": 2}
+IMMUNIZATION_STATUS_RANK: Final[dict[str, int]] = {"completed": 1, "not-done": 1, "entered-in-error": 2}
 
-PERFORMER_FUNCTION = V2_TABLE + "0443"
-LOINC = "http://loinc.org"
-ELIGIBILITY = "64994-7"
-FUNDING = "30963-3"
+PERFORMER_FUNCTION: Final = V2_TABLE + "0443"
+LOINC: Final = "http://loinc.org"
+ELIGIBILITY: Final = "64994-7"
+FUNDING: Final = "30963-3"
 # CDC IG: VIS document type, vaccine type, publication date, presentation date (grouped by OBX-4)
-VIS_DOCUMENT = "69764-9"
-VIS_VACCINE = "30956-7"
-VIS_PUBLISHED = "29768-9"
-VIS_PRESENTED = "29769-7"
-_VIS_CODES = frozenset({VIS_DOCUMENT, VIS_VACCINE, VIS_PUBLISHED, VIS_PRESENTED})
-UNKNOWN_AMOUNT = "999"  # CDC IG: RXA-6 999 = amount unknown
+VIS_DOCUMENT: Final = "69764-9"
+VIS_VACCINE: Final = "30956-7"
+VIS_PUBLISHED: Final = "29768-9"
+VIS_PRESENTED: Final = "29769-7"
+_VIS_CODES: Final = frozenset({VIS_DOCUMENT, VIS_VACCINE, VIS_PUBLISHED, VIS_PRESENTED})
+UNKNOWN_AMOUNT: Final = "999"  # CDC IG: RXA-6 999 = amount unknown
 
 
 class _Order:
