@@ -1061,10 +1061,12 @@ def service_request(
     enc: str | None,
     *,
     requisition: tuple[JSON, str] | None = None,
+    used: set[str] | None = None,
 ) -> str | None:
     """ORC/OBR → ServiceRequest (IG ORU_R01: the order the results are ``basedOn``), keyed by the placer
-    order number (OBR-2, else ORC-2; else the filler number).  Written as a conditional *create*: the
-    ordering system owns the order, a result message only makes sure it exists."""
+    order number (OBR-2, else ORC-2; else the filler number); a second order detail under a number an earlier
+    OBR of the message used (``used``) by number + code, as ORM keys it.  Written as a conditional *create*:
+    the ordering system owns the order, a result message only makes sure it exists."""
     obr, orc = order.obr, order.orc
     assert obr is not None
     key_ident = placer or filler
@@ -1129,9 +1131,16 @@ def service_request(
         assert requisition is not None  # keyed by requisition + code, as the order message keys it
         return ctx.add("ServiceRequest", res, key=requisition[1], create_only=True)
     system = key_ident.get("system")
+    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+    if used is not None:
+        order_key = f"{system or 'facility:' + facility}|{key_ident['value']}"
+        if "order|" + order_key in used:
+            first = ((res.get("code") or {}).get("coding") or [{}])[0]
+            code_key = f"{first.get('system', '')}|{first.get('code', '')}"
+            return ctx.add("ServiceRequest", res, key=f"{order_key}|{code_key}", create_only=True)
+        used.add("order|" + order_key)
     if system:
         return ctx.add("ServiceRequest", res, identifier=(system, key_ident["value"]), create_only=True)
-    facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
     return ctx.add("ServiceRequest", res, key=f"{facility}|order|{key_ident['value']}", create_only=True)
 
 
@@ -1153,8 +1162,12 @@ _TRANSCRIPTIONIST: Final[JSON] = {
 }
 
 
-def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
-    """One ORDER_OBSERVATION group → DiagnosticReport + Observations; returns the report's reference."""
+def report(order: _Order, ctx: ConvertContext, enc: str | None = None, used: set[str] | None = None) -> str:
+    """One ORDER_OBSERVATION group → DiagnosticReport + Observations; returns the report's reference.
+
+    ``used`` (ORU): the report and order keys earlier OBRs of the message took; an OBR whose order number one
+    of them already used is keyed by number + OBR-4 code (``report_duplicate_number``), as ORM keys a second
+    order detail, instead of being merged into the first report."""
     obr = order.obr
     assert obr is not None
     placer, filler = order_numbers(order.orc, order.obr, ctx)
@@ -1165,6 +1178,26 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
         facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
         key_system = key_ident.get("system")
         key_prefix = f"{key_system or 'facility:' + facility}|{key_ident['value']}"
+        if used is not None:
+            if "report|" + key_prefix in used:
+                service = obr.rep(4)
+                # one warning per shared number (a newborn screen sends 18 panels under one), each one counted
+                if "warned|" + key_prefix in used:
+                    ctx.count("report_duplicate_number")
+                else:
+                    used.add("warned|" + key_prefix)
+                    ctx.warn(
+                        "report_duplicate_number",
+                        obr.loc(3 if filler is not None else 2),
+                        "another OBR of this message has the same order number: this report, its observations and "
+                        "those of every later OBR with this number are keyed by order number + OBR-4 code instead "
+                        "of being merged into the first one",
+                    )
+                # the whole OBR-4 CWE: its code may be the alternate one (``^^^SUSC^Panel^L``)
+                key_prefix = f"{key_prefix}|OBR-4:{service.raw.strip()}"
+                key_system = None  # written by its Sluice key, not the shared number
+            else:
+                used.add("report|" + key_prefix)
     else:
         # last resort (lenient): the requisition ORC-4 + the order's code (docs/mapping.md)
         by_requisition = requisition_key(order.orc, obr, ctx)
@@ -1239,7 +1272,9 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None) -> str:
         )
     res["code"] = code
     if (
-        order_ref := service_request(order, placer, filler, dict(code), ctx, enc, requisition=by_requisition)
+        order_ref := service_request(
+            order, placer, filler, dict(code), ctx, enc, requisition=by_requisition, used=used
+        )
     ) is not None:
         res["basedOn"] = [_ref(order_ref)]
     if ctx.patient_ref:
@@ -1359,8 +1394,9 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
             observation(
                 obx, notes, ctx, key_prefix=key_prefix, obr=None, obr_status_code="", seen=seen, enc=enc
             )
+    used: set[str] = set()
     for order in orders:
-        report(order, ctx, enc)
+        report(order, ctx, enc, used)
 
 
 __all__ = [

@@ -324,6 +324,43 @@ def test_no_order_number_is_ae_101_under_strict() -> None:
     assert ei.value.hl7_error == "101" and str(ei.value.location) == "OBR-3"
 
 
+def test_obrs_sharing_an_order_number_are_reports_of_their_own() -> None:
+    """A lab sends a culture and its susceptibility panel (and other tests) under one filler number: each OBR is
+    its own DiagnosticReport with its own results (keyed by number + OBR-4, ``report_duplicate_number``), not
+    one report whose later results are orphaned and whose effective[x] is set twice (invalid FHIR)."""
+    segments = (
+        MSH,
+        PID,
+        "OBR|1||FIL9^SYNLAB^2.16.840.1.113883.19.999.2^ISO|600-7^Culture^LN|||20250310080000|20250310090000",
+        "OBX|1|CWE|11475-1^Organism^LN|1|3092008^Staphylococcus aureus^SCT||||||F",
+        "OBR|2||FIL9^SYNLAB^2.16.840.1.113883.19.999.2^ISO|^^^SUSC^Susceptibility panel^L|||20250310080000",
+        "OBX|1|CWE|28-1^Ampicillin^LN|1|R^Resistant^HL70078||||||F",
+        "OBX|2|CWE|84-4^Cefaclor^LN|1|S^Susceptible^HL70078||||||F",
+        "OBR|3||FIL9^SYNLAB^2.16.840.1.113883.19.999.2^ISO|^^^GC^GC probe^L|||20250310080000",
+        "OBX|1|CWE|11475-1^Organism^LN|1|260385009^Negative^SCT||||||F",
+    )
+    r = conv(*segments)
+    validate_resources(r.bundle)
+    entries = [e for e in r.bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    assert len(entries) == 3 and len({e["request"]["url"] for e in entries}) == 3
+    assert [len(e["resource"]["result"]) for e in entries] == [1, 2, 1]
+    # the first keeps the number's own identity; the others carry it and are keyed apart
+    assert entries[0]["request"]["url"] == f"DiagnosticReport?identifier={FILLER}|FIL9"
+    assert all(any(i["value"] == "FIL9" for i in e["resource"]["identifier"]) for e in entries)
+    assert "effectivePeriod" in entries[0]["resource"] and "effectivePeriod" not in entries[1]["resource"]
+    # the same OBX code under two OBRs: two Observations, each in its own report
+    organisms = by_code(r.bundle, "11475-1")
+    assert len(organisms) == 2
+    assert list(r.warning_kinds) == ["report_duplicate_number"]  # once per shared number
+    assert r.warnings[0].startswith("OBR(2)-3:") and "FIL9" not in r.warnings[0]
+    assert r.events["report_duplicate_number"] == 2
+    orders = [e for e in r.bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest"]
+    assert len({e["request"]["ifNoneExist"] for e in orders}) == 3
+    # a resend is the same bundle
+    again = conv(*segments)
+    assert [e["request"] for e in again.bundle["entry"]] == [e["request"] for e in r.bundle["entry"]]
+
+
 def test_no_order_number_at_all_is_keyed_by_message_under_lenient() -> None:
     """An EMR's form observations (OBR with no placer, filler or group number, ORC with none either): lenient
     channels convert them, the report keyed by sender + MSH-10 + OBR set id and code, with a located warning;
