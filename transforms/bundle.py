@@ -19,6 +19,7 @@ Hot path: plain dicts only, no models.
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,6 +102,22 @@ def conditional_url(resource_type: str, system: str, value: str) -> str:
 _ADDRESSES: Final[dict[tuple[str, str, str], tuple[str, str]]] = {}
 _KEY_ADDRESSES: Final[dict[tuple[str, str], tuple[str, tuple[str, str]]]] = {}
 _ADDRESSES_MAX: Final = 16384
+
+# FHIR choice elements ([x]) the mappers write: a resource holds one type of each, so a merge never adds an
+# effectiveDateTime beside the first one's effectivePeriod (invalid FHIR)
+_CHOICE: Final = re.compile(
+    r"(value|effective|onset|abatement|occurrence|deceased|multipleBirth|performed|asNeeded|medication|reported"
+    r"|collected|start|timing|serviced|product|born|age)[A-Z]"
+)
+
+
+def _choice_taken(old: Mapping[str, Any], key: str) -> bool:
+    """Is ``key`` a choice element ([x]) of which ``old`` already holds another type?"""
+    m = _CHOICE.match(key)
+    if m is None:
+        return False
+    base = m.group(1)
+    return any(k.startswith(base) and (o := _CHOICE.match(k)) is not None and o.group(1) == base for k in old)
 
 
 def _address(resource_type: str, system: str, value: str, url: str) -> tuple[str, str]:
@@ -338,7 +355,7 @@ class ConvertContext:
         second (first wins).  A kept entry (:meth:`reuse`) is copied before it is changed, and what a kept
         resource gives is copied in: kept entries are shared with other conversions of the channel."""
         old: dict[str, Any] = existing["resource"]
-        missing = [k for k in resource if k not in old]
+        missing = [k for k in resource if k not in old and not _choice_taken(old, k)]
         if not missing:
             return
         shared = self._shared

@@ -1322,6 +1322,10 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None, used: set
         ref = ctx.add("DiagnosticReport", res, identifier=(key_system, key_ident["value"]))
     else:
         ref = ctx.add("DiagnosticReport", res, key=key_prefix)
+    if results and (first := ctx.find(ref)) is not None and first is not res:
+        # merged into an earlier OBR's report (same key): its results join that report's, not left in none
+        listed = first.setdefault("result", [])
+        listed.extend(r for r in res["result"] if r not in listed)
     ctx.guard(_rank_key(ctx, ref), DIAGNOSTIC_REPORT_STATUS_RANK.get(status, 0))
     return ref
 

@@ -361,6 +361,29 @@ def test_obrs_sharing_an_order_number_are_reports_of_their_own() -> None:
     assert [e["request"] for e in again.bundle["entry"]] == [e["request"] for e in r.bundle["entry"]]
 
 
+def test_later_obrs_with_one_number_and_one_code_merge_into_one_valid_report() -> None:
+    """Two later OBRs with the first one's number and one same OBR-4 are one report (merged, first wins): the
+    third OBR's effectiveDateTime is not added beside the second one's effectivePeriod (one type per choice
+    element, else invalid FHIR)."""
+    obr = "OBR|{n}||FIL8^SYNLAB^2.16.840.1.113883.19.999.2^ISO|{code}|||20250310080000{end}"
+    r = conv(
+        MSH,
+        PID,
+        obr.format(n=1, code="24323-8^Panel^LN", end=""),
+        "OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F",
+        obr.format(n=2, code="24331-1^Lipid panel^LN", end="|20250310090000"),
+        "OBX|1|NM|2093-3^Cholesterol^LN||180|mg/dL|||||F",
+        obr.format(n=3, code="24331-1^Lipid panel^LN", end=""),
+        "OBX|1|NM|2571-8^Triglyceride^LN||120|mg/dL|||||F",
+    )
+    validate_resources(r.bundle)
+    first, lipid = resources(r.bundle, "DiagnosticReport")
+    assert [k for k in lipid if k.startswith("effective")] == ["effectivePeriod"]
+    assert "effectiveDateTime" in first
+    # the merged OBR's results join the report's
+    assert len(lipid["result"]) == 2 and len(first["result"]) == 1
+
+
 def test_no_order_number_at_all_is_keyed_by_message_under_lenient() -> None:
     """An EMR's form observations (OBR with no placer, filler or group number, ORC with none either): lenient
     channels convert them, the report keyed by sender + MSH-10 + OBR set id and code, with a located warning;
