@@ -23,7 +23,19 @@ from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Rep, Segment, escape
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, cx, dtm_at, ei, nm, plain_text, table, unit, xcn
+from transforms.datatypes import (
+    V2_TABLE,
+    cwe,
+    cx,
+    dtm_at,
+    ei,
+    ends_before_start,
+    nm,
+    plain_text,
+    table,
+    unit,
+    xcn,
+)
 from transforms.orders import group_numbers, occurrence, order_numbers, order_type, requisition_key, typed
 
 JSON = dict[str, Any]
@@ -778,7 +790,17 @@ def _collection(
     settings = ctx.settings
     collection: JSON = {}
     if start and (s := dtm_at(start, settings, seg, start_f)):
-        if end and (e := dtm_at(end, settings, seg, end_f)):
+        e = dtm_at(end, settings, seg, end_f) if end else None
+        if e and ends_before_start(s, e):
+            # FHIR per-1: a period cannot end before it starts; the collection's start is kept
+            ctx.warn(
+                "collection_end_before_start",
+                seg.loc(end_f),
+                "the collection end is before its start: Specimen.collection.collectedDateTime is the start, "
+                "the end dropped",
+            )
+            e = None
+        if e:
             collection["collectedPeriod"] = {"start": s, "end": e}
         else:
             collection["collectedDateTime"] = s

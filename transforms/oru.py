@@ -33,6 +33,7 @@ from transforms.datatypes import (
     dtm,
     dtm_at,
     ei,
+    ends_before_start,
     exact_number,
     hd_system,
     nm,
@@ -1283,7 +1284,15 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None, used: set
         res["encounter"] = _ref(enc)
     start = dtm_at(obr.get(7), ctx.settings, obr, 7)
     end = dtm_at(obr.get(8), ctx.settings, obr, 8)
-    if start and end:
+    if start and end and ends_before_start(start, end):
+        # FHIR per-1: a period cannot end before it starts; the collection's start (OBR-7) is kept
+        ctx.warn(
+            "report_end_before_start",
+            obr.loc(8),
+            "the observation end (OBR-8) is before its start (OBR-7): effectiveDateTime is OBR-7, OBR-8 dropped",
+        )
+        res["effectiveDateTime"] = start
+    elif start and end:
         res["effectivePeriod"] = {"start": start, "end": end}
     elif start or end:
         res["effectiveDateTime"] = start or end

@@ -384,6 +384,30 @@ def test_later_obrs_with_one_number_and_one_code_merge_into_one_valid_report() -
     assert len(lipid["result"]) == 2 and len(first["result"]) == 1
 
 
+def test_an_observation_end_before_its_start_keeps_the_start_with_a_warning() -> None:
+    """OBR-8 a second before OBR-7 (FHIR per-1: a period cannot end before it starts; the models do not check
+    it): the report's effective[x] and the OBR's Specimen collection keep OBR-7, each with a located warning."""
+    r = conv(
+        MSH,
+        PID,
+        "OBR|1||FIL7^SYNLAB^2.16.840.1.113883.19.999.2^ISO|630-4^Urine culture^LN|||20250310175501|20250310175500",
+        "OBX|1|CWE|630-4^Urine culture^LN||260385009^Negative^SCT||||||F",
+    )
+    validate_resources(r.bundle)
+    (report,) = resources(r.bundle, "DiagnosticReport")
+    assert report["effectiveDateTime"] == "2025-03-10T17:55:01-07:00" and "effectivePeriod" not in report
+    (specimen,) = resources(r.bundle, "Specimen")
+    assert specimen["collection"] == {"collectedDateTime": "2025-03-10T17:55:01-07:00"}
+    assert sorted(r.warning_kinds) == ["collection_end_before_start", "report_end_before_start"]
+    assert all(w.startswith("OBR-8:") for w in r.warnings)
+    # in order: a period, no warning
+    ok = conv(MSH, PID, OBR + "|20250310090000", "OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F")
+    assert (
+        resources(ok.bundle, "DiagnosticReport")[0]["effectivePeriod"]["end"] == "2025-03-10T09:00:00-07:00"
+    )
+    assert not ok.warnings
+
+
 def test_no_order_number_at_all_is_keyed_by_message_under_lenient() -> None:
     """An EMR's form observations (OBR with no placer, filler or group number, ORC with none either): lenient
     channels convert them, the report keyed by sender + MSH-10 + OBR set id and code, with a located warning;
