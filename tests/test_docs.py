@@ -5,7 +5,7 @@ and nothing is documented that the code does not have.
   argument and choice) and looks for each in that command's own section.
 * docs/configuration.md: loads a config that opens every section while recording each key path the loader
   reads (``engine.config._Section.get``, which every typed accessor goes through), plus a static scan of
-  the key names in engine/config.py for sections the test config does not open; the ``hl7-to-fhir``
+  the key names in engine/config/ for sections the test config does not open; the ``hl7-to-fhir``
   options (``ConvertSettings`` fields) and the ``SLUICE_*`` environment variables the code reads.
 * docs/destinations.md and docs/channels.md: every registered destination kind's options, transform step
   and filter.
@@ -245,10 +245,15 @@ def keys_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, set[
 
 
 def _static_key_names() -> set[str]:
-    """Every literal key name engine/config.py reads from a section: ``sec.text("host")``, ``t.flag(...)``,
+    """Every literal key name engine/config/ reads from a section: ``sec.text("host")``, ``t.flag(...)``,
     ``sec.data.get("tls")``, where ``sec`` is a ``_Section`` (a parameter annotated so, or a variable bound to
     ``_Section(...)`` or ``<section>.sub(...)``)."""
-    tree = ast.parse((ENGINE / "config.py").read_text())
+    tree = ast.Module(
+        body=[
+            stmt for f in sorted((ENGINE / "config").glob("*.py")) for stmt in ast.parse(f.read_text()).body
+        ],
+        type_ignores=[],
+    )
     sections: set[str] = set()
     for node in ast.walk(tree):
         if (
@@ -297,7 +302,7 @@ def test_every_config_key_is_in_configuration_md(keys_read: dict[str, set[str]])
     for kind in ("routes", "channel"):
         for key in sorted(keys_read[kind] - documented[kind]):
             problems.append(
-                f"{title[kind]} key `{key}` is read by engine/config.py but not documented: add a row "
+                f"{title[kind]} key `{key}` is read by engine/config/ but not documented: add a row "
                 f"'| `{key}` | default | meaning |' to docs/configuration.md, section '{title[kind]}'"
             )
         for key in sorted(documented[kind] - keys_read[kind]):
@@ -309,7 +314,7 @@ def test_every_config_key_is_in_configuration_md(keys_read: dict[str, set[str]])
     leaves = {k.rsplit(".", 1)[-1].removesuffix("[]") for kind in documented.values() for k in kind}
     for name in sorted(_static_key_names() - leaves):
         problems.append(
-            f"engine/config.py reads a key {name!r} that no row of docs/configuration.md ends with: document "
+            f"engine/config/ reads a key {name!r} that no row of docs/configuration.md ends with: document "
             "its full path there (and open its section in ROUTES_YAML/CHANNEL_YAML of tests/test_docs.py)"
         )
     assert not problems, _report(problems)
