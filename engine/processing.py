@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Protocol
 
 import structlog
 
 from engine import redact, writeback
 from engine.config import ChannelConfig, Config
+from engine.config.problems import Problems, attempt
 from engine.destinations.base import CONTENT_HL7
 from engine.errors import Location, MessageContentError, SluiceError
 from engine.hl7 import Message, charset_fallback_warning, parse_bytes, utf8_mislabelled
@@ -68,7 +70,10 @@ def _raised_at(exc: BaseException) -> str:
 class ChannelRuntime:
     """A channel's compiled pipeline and routes."""
 
-    def __init__(self, config: Config, channel: ChannelConfig, store: Store | None):
+    def __init__(
+        self, config: Config, channel: ChannelConfig, store: Store | None, problems: Problems | None = None
+    ):
+        """``problems`` (``sluice check``): each step's and route filter's error is kept there, not raised."""
         self.channel = channel
         self.store = store
         self._wb_secret: bytes | None = None
@@ -79,13 +84,16 @@ class ChannelRuntime:
             site_tz=channel.site_tz,
             strictness=channel.strictness,
         )
-        self.pipeline: Pipeline = build_pipeline(channel.filter, channel.transform, ctx)
+        self.pipeline: Pipeline = build_pipeline(channel.filter, channel.transform, ctx, problems)
         if channel.validate == "structure":  # after the filter, before the first step (engine/validation.py)
             from engine.validation import structure_step
 
             self.pipeline = replace(self.pipeline, steps=(structure_step(), *self.pipeline.steps))
         self.routes = tuple(
-            Route(r.destination, build_filter(r.filter, ctx, f"routes[{i}].filter"))
+            Route(
+                r.destination,
+                attempt(problems, partial(build_filter, r.filter, ctx, f"routes[{i}].filter"), None),
+            )
             for i, r in enumerate(channel.routes)
         )
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -31,6 +32,9 @@ from engine.destinations.base import CONTENT_HL7, CONTENT_JSON
 from engine.errors import ConfigError
 from engine.hl7 import parse_path
 from engine.pipeline import Pipeline, Predicate, StageContext, Step, Work
+
+if TYPE_CHECKING:
+    from engine.config.problems import Problems
 
 
 def build_filter(spec: Any, ctx: StageContext, key: str = "filter") -> Predicate | None:
@@ -190,11 +194,23 @@ def build_step(spec: Any, ctx: StageContext, key: str) -> Step:
     )
 
 
-def build_pipeline(filter_spec: Any, steps: tuple[Any, ...], ctx: StageContext) -> Pipeline:
+def build_pipeline(
+    filter_spec: Any, steps: tuple[Any, ...], ctx: StageContext, problems: Problems | None = None
+) -> Pipeline:
+    """The channel's filter and transform steps; with ``problems`` (``sluice check``) the filter and each
+    step are built on their own and every error is kept there (the pipeline is then only for reporting)."""
     registry.load_builtins()
+    if problems is None:
+        return Pipeline(
+            filter=build_filter(filter_spec, ctx),
+            steps=tuple(build_step(s, ctx, f"transform[{i}]") for i, s in enumerate(steps)),
+        )
+    built = [
+        problems.attempt(partial(build_step, s, ctx, f"transform[{i}]"), None) for i, s in enumerate(steps)
+    ]
     return Pipeline(
-        filter=build_filter(filter_spec, ctx),
-        steps=tuple(build_step(s, ctx, f"transform[{i}]") for i, s in enumerate(steps)),
+        filter=problems.attempt(partial(build_filter, filter_spec, ctx), None),
+        steps=tuple(step for step in built if step is not None),
     )
 
 

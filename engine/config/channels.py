@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from engine.config.model import (
     DestinationConfig,
     RetentionConfig,
     RouteConfig,
+    SourceConfig,
 )
+from engine.config.problems import Problems, attempt
 from engine.config.reader import _read_yaml, _Section
 from engine.config.sources import _source
 from engine.errors import ConfigError
@@ -58,10 +61,17 @@ def _check_path(p: str, file: str, key: str) -> str:
 
 
 def load_channel(
-    path: Path, destinations: Mapping[str, DestinationConfig], overrides: Mapping[str, Any] | None = None
+    path: Path,
+    destinations: Mapping[str, DestinationConfig],
+    overrides: Mapping[str, Any] | None = None,
+    problems: Problems | None = None,
 ) -> ChannelConfig:
     """One channel file; ``overrides`` maps channel names to a partial channel merged over the file
-    (``channel_overrides`` of an environment, engine/overlays.py)."""
+    (``channel_overrides`` of an environment, engine/overlays.py).
+
+    ``problems`` given (``sluice check``): the error of each independent part (source, accept, each route,
+    dedupe, ...) is kept there and the part read as its default, so every error of the file is reported;
+    a file that is not YAML or not a mapping still raises."""
     file = str(path)
     data = _read_yaml(path)
     if overrides and isinstance(data, Mapping):
@@ -70,70 +80,27 @@ def load_channel(
             data = overlays.deep_merge(data, override)
             file = f"{file} + channel_overrides"
     sec = _Section(data, file, "")
-    name = sec.text("name") or path.stem
-    source = _source(sec.sub("source"))
-    accept = sec.sub("accept")
-    types = _types(accept.get("types"), file, "accept.types")
-    versions = tuple(str(v) for v in accept.items("versions")) or DEFAULT_VERSIONS
-    pids = tuple(str(v).upper() for v in accept.items("processing_ids")) or ("P", "T", "D")
-    accept.done()
-    site_tz = sec.text("site_tz", "America/Los_Angeles")
-    try:
-        from zoneinfo import ZoneInfo
-
-        ZoneInfo(site_tz)
-    except Exception as exc:
-        raise ConfigError(
-            f"unknown time zone {site_tz!r}",
-            file=file,
-            key="site_tz",
-            hint="use an IANA name like America/New_York",
-        ) from exc
+    name = attempt(problems, lambda: sec.text("name"), None) or path.stem
+    source = attempt(problems, lambda: _source(sec.sub("source")), SourceConfig(port=0))
+    accepted: _Accepted = (dict(DEFAULT_TYPES), DEFAULT_VERSIONS, ("P", "T", "D"))
+    types, versions, pids = attempt(problems, lambda: _accept(sec.sub("accept")), accepted)
+    site_tz = attempt(problems, lambda: _site_tz(sec), "America/Los_Angeles")
+    nothing: list[Any] = []
     routes: list[RouteConfig] = []
-    for i, r in enumerate(sec.items("routes")):
-        rs = _Section(r if isinstance(r, Mapping) else {"destination": r}, file, f"routes[{i}]")
-        dest = rs.text("destination")
-        if dest not in destinations:
-            known = ", ".join(sorted(destinations)) or "none defined"
-            raise ConfigError(
-                f"unknown destination {dest!r}",
-                file=file,
-                key=f"routes[{i}].destination",
-                hint=f"define it under destinations: in routes.yaml (known: {known})",
-            )
-        routes.append(RouteConfig(dest, rs.get("filter")))
-        rs.done()
-    order_by = sec.text("order_by")
-    if order_by and source.kind == "mllp":
-        _check_path(order_by, file, "order_by")
-    elif order_by and not _FHIR_PATH.match(order_by):
-        raise ConfigError(
-            f"order_by {order_by!r} is not a FHIRPath of element names",
-            file=file,
-            key="order_by",
-            hint="a FHIR source orders by a path such as Appointment.participant.actor.reference",
-        )
-    require = tuple(_check_path(str(p), file, f"require[{i}]") for i, p in enumerate(sec.items("require")))
-    ds = sec.sub("dedupe")
-    dedupe = DedupeConfig(
-        enabled=ds.flag("enabled", True),
-        window_days=ds.number("window_days", 7.0),
-        on_conflict=ds.text("on_conflict", "reject", choices=("reject", "accept")),
-    )
-    ds.done()
-    rt = sec.sub("retention")
-    retention = RetentionConfig(
-        bodies_days=rt.number("bodies_days", None), rows_days=rt.number("rows_days", None)
-    )
-    rt.done()
-    transform = sec.items("transform")
-    validate = "off"
-    if sec.get("validate") is not False:  # YAML reads a bare `off` as false
-        validate = sec.text("validate", "off", choices=("off", "structure"))
-    if validate == "structure":
-        from engine.validation import require_hl7apy
-
-        require_hl7apy(file)
+    for i, r in enumerate(attempt(problems, lambda: sec.items("routes"), nothing)):
+        route = attempt(problems, partial(_route, i, r, file, destinations, problems), None)
+        if route is not None:
+            routes.append(route)
+    order_by = attempt(problems, lambda: _order_by(sec, source), None)
+    require: list[str] = []
+    for i, x in enumerate(attempt(problems, lambda: sec.items("require"), nothing)):
+        checked = attempt(problems, partial(_check_path, str(x), file, f"require[{i}]"), None)
+        if checked is not None:
+            require.append(checked)
+    dedupe = attempt(problems, lambda: _dedupe(sec.sub("dedupe")), DedupeConfig())
+    retention = attempt(problems, lambda: _retention(sec.sub("retention")), RetentionConfig())
+    transform = attempt(problems, lambda: sec.items("transform"), nothing)
+    validate = attempt(problems, lambda: _validate(sec, file), "off")
     ch = ChannelConfig(
         name=name,
         file=str(path),
@@ -142,21 +109,116 @@ def load_channel(
         versions=versions,
         processing_ids=pids,
         site_tz=site_tz,
-        ack=sec.text("ack", "on-commit", choices=ACK_MODES),
-        require=require,
+        ack=attempt(problems, lambda: sec.text("ack", "on-commit", choices=ACK_MODES), "on-commit"),
+        require=tuple(require),
         filter=sec.get("filter"),
         transform=tuple(transform),
         routes=tuple(routes),
         order_by=order_by,
         dedupe=dedupe,
         retention=retention,
-        batch=sec.text("batch", "accept", choices=("accept", "reject")),
-        enabled=sec.flag("enabled", True),
+        batch=attempt(problems, lambda: sec.text("batch", "accept", choices=("accept", "reject")), "accept"),
+        enabled=attempt(problems, lambda: sec.flag("enabled", True), True),
         validate=validate,
-        strictness=sec.text("strictness", "lenient", choices=("lenient", "strict")),
+        strictness=attempt(
+            problems, lambda: sec.text("strictness", "lenient", choices=("lenient", "strict")), "lenient"
+        ),
     )
-    sec.done()
+    attempt(problems, sec.done, None)
     return ch
+
+
+_Accepted = tuple[dict[str, tuple[str, ...]], tuple[str, ...], tuple[str, ...]]
+
+
+def _accept(accept: _Section) -> _Accepted:
+    """``accept:``: message type → triggers, versions, processing ids."""
+    types = _types(accept.get("types"), accept.file, "accept.types")
+    versions = tuple(str(v) for v in accept.items("versions")) or DEFAULT_VERSIONS
+    pids = tuple(str(v).upper() for v in accept.items("processing_ids")) or ("P", "T", "D")
+    accept.done()
+    return types, versions, pids
+
+
+def _site_tz(sec: _Section) -> str:
+    site_tz: str = sec.text("site_tz", "America/Los_Angeles")
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(site_tz)
+    except Exception as exc:
+        raise ConfigError(
+            f"unknown time zone {site_tz!r}",
+            file=sec.file,
+            key="site_tz",
+            hint="use an IANA name like America/New_York",
+        ) from exc
+    return site_tz
+
+
+def _route(
+    i: int, r: Any, file: str, destinations: Mapping[str, DestinationConfig], problems: Problems | None
+) -> RouteConfig | None:
+    """``routes[i]``: a destination name, or ``{destination, filter}``; None (checking) for a route to a
+    destination whose own section is broken (that error is reported there)."""
+    rs = _Section(r if isinstance(r, Mapping) else {"destination": r}, file, f"routes[{i}]")
+    dest = rs.text("destination")
+    if dest not in destinations:
+        if problems is not None and dest in problems.broken_destinations:
+            return None
+        known = ", ".join(sorted(destinations)) or "none defined"
+        raise ConfigError(
+            f"unknown destination {dest!r}",
+            file=file,
+            key=f"routes[{i}].destination",
+            hint=f"define it under destinations: in routes.yaml (known: {known})",
+        )
+    route = RouteConfig(dest, rs.get("filter"))
+    rs.done()
+    return route
+
+
+def _order_by(sec: _Section, source: SourceConfig) -> str | None:
+    order_by: str | None = sec.text("order_by")
+    if order_by and source.kind == "mllp":
+        _check_path(order_by, sec.file, "order_by")
+    elif order_by and not _FHIR_PATH.match(order_by):
+        raise ConfigError(
+            f"order_by {order_by!r} is not a FHIRPath of element names",
+            file=sec.file,
+            key="order_by",
+            hint="a FHIR source orders by a path such as Appointment.participant.actor.reference",
+        )
+    return order_by
+
+
+def _dedupe(ds: _Section) -> DedupeConfig:
+    dedupe = DedupeConfig(
+        enabled=ds.flag("enabled", True),
+        window_days=ds.number("window_days", 7.0),
+        on_conflict=ds.text("on_conflict", "reject", choices=("reject", "accept")),
+    )
+    ds.done()
+    return dedupe
+
+
+def _retention(rt: _Section) -> RetentionConfig:
+    retention = RetentionConfig(
+        bodies_days=rt.number("bodies_days", None), rows_days=rt.number("rows_days", None)
+    )
+    rt.done()
+    return retention
+
+
+def _validate(sec: _Section, file: str) -> str:
+    validate = "off"
+    if sec.get("validate") is not False:  # YAML reads a bare `off` as false
+        validate = sec.text("validate", "off", choices=("off", "structure"))
+    if validate == "structure":
+        from engine.validation import require_hl7apy
+
+        require_hl7apy(file)
+    return validate
 
 
 def referenced_files(transform: Any, base: Path) -> tuple[tuple[str, str], ...]:

@@ -238,3 +238,113 @@ def test_convert_reports_a_failure_once_without_engine_log_lines(tmp_path: Path)
     assert res.exit_code == 1
     assert f"{bad}#1: error 101: PID-3" in res.output
     assert "processing_failed" not in res.output  # the analyst sees the reason, not a log line beside it
+
+
+# --------------------------------------------------------------------------- check: every error at once
+
+
+def _check(cfg: Path) -> Any:
+    return CliRunner().invoke(main, ["check", "--config", str(cfg)])
+
+
+def test_check_reports_the_errors_of_two_broken_channel_files(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        channels={
+            "a": basic_channel(free_port(), transform=["no-such-step"]),
+            "b": basic_channel(free_port(), routes=[{"destination": "nowhere"}]),
+        },
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out")}},
+    )
+    res = _check(cfg)
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("config error: ")]
+    assert lines == [
+        f"config error: {tmp_path / 'channels' / 'a.yaml'}: transform[0]: unknown transform step 'no-such-step' "
+        "(built-in steps: fhir-edits, fhir-to-hl7, hl7-to-fhir, hl7-to-json, passthrough)",
+        f"config error: {tmp_path / 'channels' / 'b.yaml'}: routes[0].destination: unknown destination 'nowhere' "
+        "(define it under destinations: in routes.yaml (known: out))",
+    ]
+    assert "Error: 2 errors in 2 files" in res.output
+    assert "ok:" not in res.output
+
+
+def test_check_with_one_broken_and_one_good_channel_reports_one_error(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        channels={
+            "good": basic_channel(free_port()),
+            "bad": basic_channel(free_port(), dedupe={"window_dayz": 3}),
+        },
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out")}},
+    )
+    res = _check(cfg)
+    assert res.exit_code != 0
+    errors = [line for line in res.output.splitlines() if line.startswith("config error: ")]
+    assert len(errors) == 1 and "bad.yaml: dedupe.window_dayz: unknown key 'window_dayz'" in errors[0]
+    assert "Error: 1 error in 1 file" in res.output
+
+
+def test_check_reports_each_section_and_step_of_one_file(tmp_path: Path) -> None:
+    """Source, a route and two transform steps of one file are independent: each error is its own line;
+    a channel file that is not YAML is one error of its own and the others are still checked."""
+    ch = basic_channel(
+        99999,
+        site_tz="Mars/Olympus_Mons",
+        transform=["no-such-step", {"hl7-to-fhir": {"unmapped_codes": "explode"}}],
+        routes=[{"destination": "out", "filter": {"fieldd": "MSH-9.1"}}],
+    )
+    cfg = write_config(
+        tmp_path,
+        channels={"lab": ch, "adt": basic_channel(free_port())},
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out")}},
+    )
+    (tmp_path / "channels" / "broken.yaml").write_text("name: broken\nsource: [\n")
+    res = _check(cfg)
+    assert res.exit_code == 1
+    errors = [line for line in res.output.splitlines() if line.startswith("config error: ")]
+    lab = [e for e in errors if "lab.yaml" in e]
+    assert [e.split(": ")[2] for e in lab] == [
+        "source.port",
+        "site_tz",
+        "transform[0]",
+        "options.unmapped_codes",
+        "routes[0].filter",
+    ], errors
+    assert any("broken.yaml: invalid YAML at line 3" in e for e in errors)
+    assert not any("adt.yaml" in e for e in errors)
+    assert "Error: 6 errors in 2 files" in res.output
+
+
+def test_run_still_stops_at_the_first_error(tmp_path: Path) -> None:
+    from engine import config
+    from engine.errors import ConfigError
+
+    cfg = write_config(
+        tmp_path,
+        channels={
+            "a": basic_channel(free_port(), transform=["no-such-step"], dedupe={"window_dayz": 3}),
+            "b": basic_channel(free_port(), routes=[{"destination": "nowhere"}]),
+        },
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out")}},
+    )
+    with pytest.raises(ConfigError, match="window_dayz"):
+        config.load(cfg)
+    res = CliRunner().invoke(main, ["run", "--config", str(cfg)])
+    assert res.exit_code == 1 and "config error:" in res.output and "window_dayz" in res.output
+    assert "nowhere" not in res.output
+
+
+def test_check_reports_a_broken_destination_once_and_still_checks_the_channels(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        channels={"a": basic_channel(free_port()), "b": basic_channel(free_port(), batch="maybe")},
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out"), "lanes": "many"}},
+    )
+    res = _check(cfg)
+    assert res.exit_code == 1
+    errors = [line for line in res.output.splitlines() if line.startswith("config error: ")]
+    assert len(errors) == 2, errors
+    assert f"{cfg}: destinations.out.lanes: expected a whole number, got 'many'" in errors[0]
+    assert "b.yaml: batch: 'maybe' is not allowed" in errors[1]  # a's route to `out` is not reported again
+    assert "Error: 2 errors in 2 files" in res.output
