@@ -222,7 +222,7 @@ def build_pipeline(
 def passthrough(options: Mapping[str, Any], ctx: StageContext) -> Step:
     """Deliver the HL7 message unchanged."""
     if options:
-        raise ConfigError("passthrough takes no options", file=ctx.config_file, key="transform")
+        raise ConfigError("passthrough takes no options", file=ctx.config_file, key=ctx.key or "transform")
 
     def step(work: Work) -> Work:
         return replace(work, payload=work.raw, content_type=CONTENT_HL7)
@@ -234,7 +234,7 @@ def passthrough(options: Mapping[str, Any], ctx: StageContext) -> Step:
 def hl7_to_json(options: Mapping[str, Any], ctx: StageContext) -> Step:
     """A plain JSON view of the message: ``{"segments": [{"name": "PID", "fields": [...]}, ...]}``."""
     if options:
-        raise ConfigError("hl7-to-json takes no options", file=ctx.config_file, key="transform")
+        raise ConfigError("hl7-to-json takes no options", file=ctx.config_file, key=ctx.key or "transform")
 
     def step(work: Work) -> Work:
         segs = [

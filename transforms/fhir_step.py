@@ -42,7 +42,9 @@ def make(options: Mapping[str, Any], ctx: StageContext) -> Callable[[Work], Work
     # The channel's site_tz is the default; the step's own option wins when given.
     opts.setdefault("site_tz", ctx.site_tz)
     opts.setdefault("strictness", ctx.strictness)  # the channel's key; the step may override it
-    settings = ConvertSettings.from_options(opts, ctx.base_dir, ctx.config_file)
+    # errors name the step: transform[n].hl7-to-fhir.<option>, as the other steps' do
+    where = f"{ctx.key}.hl7-to-fhir" if ctx.key else "options"
+    settings = ConvertSettings.from_options(opts, ctx.base_dir, ctx.config_file, where)
 
     def step(work: Work) -> Work:
         result = convert_report(work.message, settings)

@@ -114,15 +114,18 @@ class ConvertSettings:
 
     # ------------------------------------------------------------------
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], base_dir: Path, config_file: str) -> ConvertSettings:
-        """Build settings from a channel's step options; ``ConfigError`` on anything invalid."""
+    def from_options(
+        cls, options: Mapping[str, Any], base_dir: Path, config_file: str, key: str = "options"
+    ) -> ConvertSettings:
+        """Build settings from a channel's step options; ``ConfigError`` on anything invalid, located at
+        ``<key>.<option>`` (the step passes its own path, ``transform[n].hl7-to-fhir``)."""
         if options is None:
             options = {}
         if not isinstance(options, Mapping):
             raise ConfigError(
                 "hl7-to-fhir options must be a mapping",
                 file=config_file,
-                key="options",
+                key=key,
                 hint="write the options as key: value pairs",
             )
         return build_settings(
@@ -130,8 +133,8 @@ class ConvertSettings:
             options,
             "hl7-to-fhir",
             config_file,
-            "options",
-            lambda key, value, _where: _check(key, value, base_dir, config_file),
+            key,
+            lambda name, value, where: _check(name, value, base_dir, config_file, where),
         )
 
 
@@ -177,9 +180,9 @@ def build_settings(
         raise ConfigError(exc.message, file=config_file, key=f"{prefix}.{exc.key}", hint=exc.hint) from None
 
 
-def _check(key: str, value: Any, base_dir: Path, config_file: str) -> Any:
+def _check(key: str, value: Any, base_dir: Path, config_file: str, where: str) -> Any:
     def bad(msg: str, hint: str) -> ConfigError:
-        return ConfigError(msg, file=config_file, key=f"options.{key}", hint=hint)
+        return ConfigError(msg, file=config_file, key=where, hint=hint)
 
     if key in _CHOICES:
         if value not in _CHOICES[key]:
@@ -222,9 +225,9 @@ def _check(key: str, value: Any, base_dir: Path, config_file: str) -> Any:
         maps: dict[str, CodeMap] = {}
         for name, ref in value.items():
             if isinstance(ref, Mapping):
-                maps[str(name)] = _inline_map(ref, config_file, f"options.code_maps.{name}")
+                maps[str(name)] = _inline_map(ref, config_file, f"{where}.{name}")
             elif isinstance(ref, str):
-                maps[str(name)] = load_code_map(ref, base_dir, config_file, f"options.code_maps.{name}")
+                maps[str(name)] = load_code_map(ref, base_dir, config_file, f"{where}.{name}")
             else:
                 raise bad(
                     f"code map {name!r} must be a file path", "give a CSV or YAML path under transforms/maps/"
@@ -232,11 +235,9 @@ def _check(key: str, value: Any, base_dir: Path, config_file: str) -> Any:
         return maps
     if key == "unit_map":
         if isinstance(value, str):
-            units = load_unit_map(value, base_dir, config_file, "options.unit_map")
+            units = load_unit_map(value, base_dir, config_file, where)
         elif isinstance(value, Mapping):
-            units = _unit_entries(
-                ((str(k), str(v)) for k, v in value.items()), config_file, "options.unit_map"
-            )
+            units = _unit_entries(((str(k), str(v)) for k, v in value.items()), config_file, where)
         else:
             raise bad(
                 "unit_map must be a file path or a mapping", "write local-unit: UCUM pairs, or a CSV path"

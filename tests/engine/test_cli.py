@@ -308,7 +308,7 @@ def test_check_reports_each_section_and_step_of_one_file(tmp_path: Path) -> None
         "source.port",
         "site_tz",
         "transform[0]",
-        "options.unmapped_codes",
+        "transform[1].hl7-to-fhir.unmapped_codes",
         "routes[0].filter",
     ], errors
     assert any("broken.yaml: invalid YAML at line 3" in e for e in errors)

@@ -129,6 +129,60 @@ def test_a_misspelt_user_step_function_is_located_and_suggests_the_name() -> Non
     assert info.value.file == "channels/c.yaml" and info.value.key == "transform[0]"
 
 
+@pytest.mark.parametrize(
+    ("step", "key", "text"),
+    [
+        pytest.param(
+            {"hl7-to-fhir": {"unmapped_codes": "explode"}},
+            "transform[2].hl7-to-fhir.unmapped_codes",
+            "'explode' is not a valid value",
+            id="hl7-to-fhir-choice",
+        ),
+        pytest.param(
+            {"hl7-to-fhir": {"strip_htm": True}},
+            "transform[2].hl7-to-fhir.strip_htm",
+            "unknown hl7-to-fhir option 'strip_htm'",
+            id="hl7-to-fhir-unknown",
+        ),
+        pytest.param(
+            {"hl7-to-fhir": {"code_maps": {"OBX-3": "no-such-map.csv"}}},
+            "transform[2].hl7-to-fhir.code_maps.OBX-3",
+            "code map file 'no-such-map.csv' not found",
+            id="hl7-to-fhir-code-map",
+        ),
+        pytest.param(
+            {"hl7-to-fhir": {"unit_map": {"mmHg": "not ucum"}}},
+            "transform[2].hl7-to-fhir.unit_map",
+            "not valid UCUM",
+            id="hl7-to-fhir-unit-map",
+        ),
+        pytest.param(
+            {"hl7-to-fhir": {"site_tz": "Mars/Olympus_Mons"}},
+            "transform[2].hl7-to-fhir.site_tz",
+            "unknown time zone",
+            id="hl7-to-fhir-zone",
+        ),
+        pytest.param(
+            {"fhir-to-hl7": {"placer": "x"}},
+            "transform[2].fhir-to-hl7.placer",
+            "unknown fhir-to-hl7 option 'placer'",
+            id="fhir-to-hl7-unknown",
+        ),
+        pytest.param(
+            {"passthrough": {"x": 1}}, "transform[2]", "passthrough takes no options", id="passthrough"
+        ),
+    ],
+)
+def test_step_option_errors_name_the_step(step: Any, key: str, text: str) -> None:
+    """An option error of a built-in step is located at the step (``transform[n].<step>.<option>``), not at a
+    bare ``options.<option>`` that does not say which of the channel's steps it is."""
+    with pytest.raises(ConfigError) as info:
+        stages.build_pipeline(None, ("passthrough", "hl7-to-json", step), CTX)
+    assert info.value.file == "channels/c.yaml"
+    assert info.value.key == key
+    assert text in str(info.value)
+
+
 def test_plugin_filter_key_path() -> None:
     """A plugin filter gets its key path in ``ctx.key``, as the built-ins do."""
     registry.load_plugins([PLUGINS], ["sluice_test_filters"], PLUGINS)

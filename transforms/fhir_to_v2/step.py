@@ -31,7 +31,9 @@ from transforms.fhir_to_v2.settings import WritebackSettings
 def make(options: Mapping[str, Any], ctx: StageContext) -> Callable[[Work], Work]:
     opts = dict(options or {})
     opts.setdefault("site_tz", ctx.site_tz)
-    settings = WritebackSettings.from_options(opts, ctx.config_file, ctx.key or "transform")
+    settings = WritebackSettings.from_options(
+        opts, ctx.config_file, f"{ctx.key}.fhir-to-hl7" if ctx.key else "fhir-to-hl7"
+    )
 
     def step(work: Work) -> Work:
         if "json" not in work.content_type:
