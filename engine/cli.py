@@ -310,6 +310,8 @@ def check(config_path: str, env: str | None) -> None:
         problems.attempt(partial(build_sinks, cfg.alerts), None)  # the secrets the sinks need are there
     ring = problems.attempt(partial(keyring.from_config, cfg), None)  # the key file or variable holds keys
     if problems.errors:
+        for warning in _check_warnings(cfg):
+            click.echo(f"warning: {warning}", err=True)
         _config_errors(problems, cfg.file, [cfg.file, *(ch.file for ch in cfg.channels)])
     click.echo(f"ok: {cfg.file}" + (f" (environment {cfg.env})" if cfg.env else ""))
     click.echo(f"  store: {_safe_url(cfg.store_url)}")
@@ -320,17 +322,8 @@ def check(config_path: str, env: str | None) -> None:
         )
     else:
         click.echo("  store encryption: off (message bodies are stored plain; see docs/security.md)")
-    for warning in privacy.warnings(cfg):
+    for warning in _check_warnings(cfg):
         click.echo(f"warning: {warning}", err=True)
-    for ch in cfg.channels:
-        if ch.source.http is not None and ch.source.http.fetch is None:
-            click.echo(
-                f"warning: channel {ch.name}: the http source has no fetch: section, so id-only and empty "
-                "Subscription notifications cannot be resolved (they are answered 200, stored nothing and "
-                "counted in sluice_http_notifications_unresolved_total); add source.fetch with the FHIR "
-                "server's base_url and auth (docs/writeback.md), or subscribe with payload full-resource",
-                err=True,
-            )
     for ch in cfg.channels:
         routes = ", ".join(r.destination for r in ch.routes) or "(no routes)"
         where = f"{ch.source.host}:{ch.source.port} ack={ch.ack}"
@@ -344,6 +337,25 @@ def check(config_path: str, env: str | None) -> None:
         click.echo(f"  destination {name}: {d.kind}")
     for rule in cfg.alerts.rules if cfg.alerts.enabled else ():
         click.echo(f"  alert {rule.name}: {rule.kind} → {', '.join(rule.sinks)}")
+
+
+def _check_warnings(cfg: Any) -> list[str]:
+    """What ``sluice check`` warns about (the exit status stays 0): files others can read, an http source
+    without fetch:, accept.types codes HL7 or the converter does not know."""
+    from engine.config import accept_warnings
+
+    out = list(privacy.warnings(cfg))
+    for ch in cfg.channels:
+        if ch.source.http is not None and ch.source.http.fetch is None:
+            out.append(
+                f"channel {ch.name}: the http source has no fetch: section, so id-only and empty "
+                "Subscription notifications cannot be resolved (they are answered 200, stored nothing and "
+                "counted in sluice_http_notifications_unresolved_total); add source.fetch with the FHIR "
+                "server's base_url and auth (docs/writeback.md), or subscribe with payload full-resource"
+            )
+    for ch in cfg.channels:
+        out.extend(accept_warnings(ch))
+    return out
 
 
 def _config_errors(problems: Any, routes_file: str, order: list[str] | None = None) -> NoReturn:

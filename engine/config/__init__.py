@@ -18,7 +18,7 @@ from engine.config.admin import _admin as _admin
 from engine.config.channels import _FHIR_PATH as _FHIR_PATH
 from engine.config.channels import _check_path as _check_path
 from engine.config.channels import _types as _types
-from engine.config.channels import load_channel, referenced_files
+from engine.config.channels import accept_warnings, load_channel, referenced_files
 from engine.config.destinations import _destination as _destination
 from engine.config.destinations import _retry as _retry
 from engine.config.loader import ENV_PREFIX, load
@@ -86,6 +86,7 @@ __all__ = [
     "SourceConfig",
     "StoreEncryptionConfig",
     "TLSConfig",
+    "accept_warnings",
     "load",
     "load_channel",
     "referenced_files",

@@ -4,7 +4,7 @@ transform steps name."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from engine.config.reader import _read_yaml, _Section
 from engine.config.sources import _source
 from engine.errors import ConfigError
 from engine.hl7 import parse_path
+from engine.suggest import did_you_mean
 
 # order_by of a FHIR source: Type.element.element... (the subset of FHIRPath engine/sources/resources.py reads)
 _FHIR_PATH = re.compile(r"^[A-Z][A-Za-z]*(\.[a-z][A-Za-z0-9]*)+$")
@@ -252,3 +253,61 @@ def referenced_files(transform: Any, base: Path) -> tuple[tuple[str, str], ...]:
         except OSError:
             continue
     return tuple(sorted(out.items()))
+
+
+def _converts(transform: Any) -> bool:
+    """Whether a channel's transform steps include ``hl7-to-fhir``."""
+    return any(s == "hl7-to-fhir" or (isinstance(s, Mapping) and "hl7-to-fhir" in s) for s in transform or ())
+
+
+def accept_warnings(ch: ChannelConfig) -> list[str]:
+    """What ``sluice check`` warns about in ``accept.types`` (never an error: a sender may use local codes):
+    a message type that is not in HL7 table 0076 and not converted, a trigger that is not in table 0003,
+    and, on a channel with an ``hl7-to-fhir`` step, a type or trigger the converter has no mapping for
+    (DEFAULT_TYPES is the converter's list: what an ``accept`` without ``types`` accepts)."""
+    from engine import redact
+
+    out: list[str] = []
+    converts = _converts(ch.transform)
+    for mtype, triggers in ch.types.items():
+        where = f"{ch.file}: accept.types.{mtype}"
+        known = DEFAULT_TYPES.get(mtype)
+        if known is None and mtype not in redact.MESSAGE_TYPES:
+            # the types the converter maps first: ADX is more likely ADT than ARD
+            guess = did_you_mean(mtype, DEFAULT_TYPES) or did_you_mean(mtype, sorted(redact.MESSAGE_TYPES))
+            out.append(
+                f"{where}: message type {mtype!r} is not an HL7 message type (table 0076)"
+                + (f" ({guess})" if guess else "")
+                + "; messages of that type are accepted as written"
+            )
+        elif known is None and converts:
+            out.append(
+                f"{where}: the hl7-to-fhir step has no mapping for message type {mtype!r}, so such messages "
+                f"fail it (it converts {', '.join(sorted(DEFAULT_TYPES))})"
+            )
+        for trigger in triggers:
+            if trigger not in redact.TRIGGERS:
+                guess = _trigger_guess(trigger, known or sorted(redact.TRIGGERS))
+                out.append(
+                    f"{where}: trigger {trigger!r} of {mtype} is not an HL7 trigger event (table 0003)"
+                    + (f" ({guess})" if guess else "")
+                    + "; messages with it are accepted as written"
+                )
+            elif known is not None and trigger not in known and converts:
+                out.append(
+                    f"{where}: the hl7-to-fhir step has no mapping for {mtype}^{trigger}, so such messages "
+                    f"fail it (it converts {mtype} {', '.join(known)})"
+                )
+    return out
+
+
+_LOOKALIKES = str.maketrans({"L": "1", "I": "1", "O": "0", "S": "5"})
+
+
+def _trigger_guess(trigger: str, known: Sequence[str]) -> str:
+    """``did you mean 'A01'?`` for ``A0L``: a letter typed for the digit it looks like (l/I → 1, O → 0,
+    S → 5) after the first character, else the closest known code."""
+    fixed = trigger[:1] + trigger[1:].translate(_LOOKALIKES)
+    if fixed != trigger and fixed in known:
+        return f"did you mean {fixed!r}?"
+    return did_you_mean(trigger, known)

@@ -171,3 +171,62 @@ def test_a_misspelt_code_map_file_suggests_the_shipped_one(tmp_path: Path) -> No
     assert res.exit_code == 1
     assert "code map file 'demo-lab-code.csv' not found (did you mean 'demo-lab-codes.csv'?)" in msg
     assert "code_maps.OBX-3" in msg and "transforms/maps/" in msg
+
+
+def _accept(types: object, transform: list[object]) -> config.ChannelConfig:
+    return config.ChannelConfig(
+        name="lab",
+        file="channels/lab.yaml",
+        source=config.SourceConfig(),
+        types=config._types(types, "channels/lab.yaml", "accept.types"),
+        transform=tuple(transform),
+    )
+
+
+def test_accept_warnings_name_unknown_triggers_and_types() -> None:
+    """accept.types is never rejected for a code HL7 or the converter does not know (senders use local
+    triggers), but `sluice check` warns, naming the trigger and the type."""
+    types = {"ADT": ["A01", "A0l", "X99"], "ADX": "*", "ORU": ["R01"]}
+    warnings = config.accept_warnings(_accept(types, ["passthrough"]))
+    assert warnings == [
+        "channels/lab.yaml: accept.types.ADT: trigger 'A0L' of ADT is not an HL7 trigger event (table 0003) "
+        "(did you mean 'A01'?); messages with it are accepted as written",
+        "channels/lab.yaml: accept.types.ADT: trigger 'X99' of ADT is not an HL7 trigger event (table 0003); "
+        "messages with it are accepted as written",
+        "channels/lab.yaml: accept.types.ADX: message type 'ADX' is not an HL7 message type (table 0076) "
+        "(did you mean 'ADT'?); messages of that type are accepted as written",
+    ]
+
+
+def test_accept_warnings_on_a_converting_channel_name_what_the_converter_does_not_map() -> None:
+    types = {"ADT": ["A01", "A19"], "QRY": "*", "SIU": ["S12"]}
+    warnings = config.accept_warnings(_accept(types, [{"hl7-to-fhir": {}}]))
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(
+        "channels/lab.yaml: accept.types.ADT: the hl7-to-fhir step has no mapping for ADT^A19, so such "
+        "messages fail it (it converts ADT A01, A02,"
+    )
+    assert warnings[1].startswith(
+        "channels/lab.yaml: accept.types.QRY: the hl7-to-fhir step has no mapping for message type 'QRY'"
+    )
+    # the same codes on a channel that does not convert: HL7 codes, nothing to say
+    assert config.accept_warnings(_accept(types, ["passthrough"])) == []
+    # the defaults (no accept.types) are the converter's own list
+    assert config.accept_warnings(_accept(None, ["hl7-to-fhir"])) == []
+
+
+def test_check_warns_about_accept_types_and_still_passes(tmp_path: Path) -> None:
+    ch = basic_channel(1234, accept={"types": {"ADT": ["A01", "A0l"]}})
+    path = write_config(tmp_path, channels={"a": ch}, destinations=FILE_DEST)
+    res = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert res.exit_code == 0, res.output
+    assert (
+        f"warning: {tmp_path / 'channels' / 'a.yaml'}: accept.types.ADT: trigger 'A0L' of ADT is not an HL7 "
+        "trigger event (table 0003) (did you mean 'A01'?)" in res.stderr
+    )
+    assert config.load(path).channels[0].types["ADT"] == ("A01", "A0L")  # accepted as written at load
+    # with an error elsewhere the warning is still printed beside it
+    ch["dedupe"] = {"window_dayz": 3}
+    path = write_config(tmp_path, channels={"a": ch}, destinations=FILE_DEST)
+    res = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert res.exit_code == 1 and "trigger 'A0L' of ADT" in res.stderr and "window_dayz" in res.stderr
