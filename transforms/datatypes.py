@@ -1152,7 +1152,7 @@ def _display(name: JSON | None) -> str | None:
 _KEPT_MAX: Final = 2048  # kept practitioner / location entries per channel (ConvertSettings.entity_memo)
 
 
-def _keep(ctx: ConvertContext, key: tuple[str, str, str], value: tuple[Any, ...]) -> None:
+def _keep(ctx: ConvertContext, key: tuple[str, ...], value: tuple[Any, ...]) -> None:
     kept = ctx.settings.entity_memo
     if len(kept) >= _KEPT_MAX:
         kept.clear()
@@ -1163,6 +1163,39 @@ def _facility(ctx: ConvertContext) -> str:
     """The sending facility (MSH-4, else MSH-3): the scope of a practitioner id without an authority."""
     msh = ctx.message.msh
     return msh.get(4, 1).strip() or msh.get(3, 1).strip()
+
+
+# Pieces of a resource that are a pure function of a field's text and the channel's settings (an OBX's
+# code, interpretation and reference range: a lab sends the same tests, flags and ranges all day), kept
+# per channel (ConvertSettings.entity_memo) with the events computing them counted, and shared by the later
+# bundles as the kept entries are (bundles are read-only once made).  A piece whose computation warned is not
+# kept; what is kept is a copy made at once, so nothing the first message does to its own reaches the others.
+_Mark = tuple[int, dict[str, int]]
+
+
+def kept_piece(ctx: ConvertContext, key: tuple[str, str, str, str]) -> tuple[Any] | None:
+    """``(kept value,)`` for ``key`` (shared: never change it), its events counted again; ``None`` when nothing
+    is kept."""
+    hit: tuple[Any, tuple[tuple[str, int], ...]] | None = ctx.settings.entity_memo.get(key)
+    if hit is None:
+        return None
+    for event, times in hit[1]:
+        ctx.count(event, times)
+    return (hit[0],)
+
+
+def piece_mark(ctx: ConvertContext) -> _Mark:
+    """What :func:`keep_piece` compares with: the warnings and counted events before a computation."""
+    return len(ctx.warnings), dict(ctx.events)
+
+
+def keep_piece(ctx: ConvertContext, key: tuple[str, str, str, str], value: Any, mark: _Mark) -> None:
+    """Keep ``value`` (a copy) for ``key`` with the events counted since ``mark``, unless it warned."""
+    warned, before = mark
+    if len(ctx.warnings) != warned:
+        return
+    events = tuple((k, n - before.get(k, 0)) for k, n in ctx.events.items() if n != before.get(k, 0))
+    _keep(ctx, key, (copy_json(value), events))
 
 
 def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:

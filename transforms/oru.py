@@ -36,8 +36,11 @@ from transforms.datatypes import (
     ends_before_start,
     exact_number,
     hd_system,
+    keep_piece,
+    kept_piece,
     nm,
     number_out_of_range,
+    piece_mark,
     plain_text,
     sn,
     table,
@@ -845,7 +848,16 @@ def observation(
     f = obx.fields
     nf = len(f)
     settings = ctx.settings
-    code = cwe(obx.rep(3), ctx, obx.loc(3), field="OBX-3")
+    dkey = ctx.delim_key
+    piece_key = ("OBX-3", dkey, f[3] if nf > 3 else "", "")
+    kept = kept_piece(ctx, piece_key)
+    if kept is not None:
+        code: JSON | None = kept[0]
+    else:
+        mark = piece_mark(ctx)
+        code = cwe(obx.rep(3), ctx, obx.loc(3), field="OBX-3")
+        if code is not None:
+            keep_piece(ctx, piece_key, code, mark)
     if code is None:
         has_value = any(r.c(5).strip() if vtype_of(obx) == "ED" else bool(r) for r in obx.reps(5))
         if not has_value:
@@ -952,16 +964,35 @@ def observation(
         absent = {"X": "not-performed", "N": "not-asked"}.get(status_code)
         if absent:
             res["dataAbsentReason"] = {"coding": [{"system": DATA_ABSENT, "code": absent}]}
-    if nf > 8 and f[8] and (interp := interpretation(obx, ctx)):
-        res["interpretation"] = interp
+    if nf > 8 and f[8]:
+        interp_key = ("OBX-8", dkey, f[8], "")
+        kept = kept_piece(ctx, interp_key)
+        if kept is not None:
+            interp: list[JSON] = kept[0]
+        else:
+            mark = piece_mark(ctx)
+            interp = interpretation(obx, ctx)
+            keep_piece(ctx, interp_key, interp, mark)
+        if interp:
+            res["interpretation"] = interp
     if notes and (note := annotation(notes, ctx)) is not None:
         res["note"] = [note]
     if nf > 17 and f[17] and obx.rep(17) and (method := cwe(obx.rep(17), ctx, obx.loc(17))):
         res["method"] = method
     if nf > 20 and f[20] and obx.rep(20) and (site := cwe(obx.rep(20), ctx, obx.loc(20))):
         res["bodySite"] = site
-    if nf > 7 and f[7] and (rr := reference_range(obx, vtype, ctx, u)):
-        res["referenceRange"] = rr
+    if nf > 7 and f[7]:
+        # a function of OBX-7, the value type (numeric bounds or text only) and the units (OBX-6)
+        rr_key = ("OBX-7", dkey, f[7], vtype + "|" + (f[6] if nf > 6 else ""))
+        kept = kept_piece(ctx, rr_key)
+        if kept is not None:
+            rr: list[JSON] = kept[0]
+        else:
+            mark = piece_mark(ctx)
+            rr = reference_range(obx, vtype, ctx, u)
+            keep_piece(ctx, rr_key, rr, mark)
+        if rr:
+            res["referenceRange"] = rr
     if nf > 19 and f[19] and obx.get(19).strip() and (analysed := dtm_at(obx.get(19), settings, obx, 19)):
         res.setdefault("extension", []).append({"url": ANALYSIS_DATE_TIME, "valueDateTime": analysed})
     if nf > 21 and f[21] and (inst := ei(obx.rep(21), ctx, obx.loc(21))) is not None:

@@ -10,7 +10,7 @@ import copy
 from typing import Any
 
 from engine.hl7 import Message
-from transforms.convert import convert
+from transforms.convert import convert, convert_report
 from transforms.settings import ConvertSettings
 
 from .conftest import golden_settings, load, msg, resources
@@ -91,3 +91,38 @@ def test_merging_into_a_kept_entry_copies_it_first() -> None:
     assert got == fresh(m)
     assert convert(admit(3), s) == fresh(admit(3))
     assert not any("description" in loc for loc in resources(convert(admit(4), s), "Location"))
+
+
+ORU_H = "MSH|^~\\&|SYNTH-LAB|GOODHOSP|SLUICE|SLUICE|20250316090000||ORU^R01^ORU_R01|LAB-{n}|P|2.5.1"
+
+
+def result(n: int, flag: str = "ZZ") -> Message:
+    """An ORU whose OBX pieces recur: code, units, reference range, and an interpretation flag outside
+    table 0078 (counted code_table_miss each time)."""
+    return msg(
+        ORU_H.format(n=n),
+        f"PID|1||MRN{n}^^^HOSP^MR||TESTPATIENT^ALEX||19800229|F",
+        f"OBR|1|PL-{n}|FL-{n}|24323-8^Comprehensive metabolic panel^LN|||20250316080000||||||||||||||||||F",
+        f"OBX|1|NM|2345-7^Glucose^LN||9{n}|mg/dL^^UCUM|70-99|{flag}|||F",
+        f"OBX|2|NM|2951-2^Sodium^LN||14{n}|mmol/L^^UCUM|135-145|N|||F",
+    )
+
+
+def test_kept_result_pieces_give_the_same_bundle_and_events() -> None:
+    """An OBX's code, interpretation and reference range are kept per channel: a later result shares them,
+    and the events computing them counted (code_table_miss) are counted again."""
+    s = golden_settings()
+    for n in range(1, 4):
+        got, want = convert_report(result(n), s), convert_report(result(n), golden_settings())
+        assert got.bundle == want.bundle
+        assert got.events == want.events and got.events.get("code_table_miss") == 1
+    a, b = resources(convert(result(5), s), "Observation"), resources(convert(result(6), s), "Observation")
+    assert a[0]["referenceRange"] is b[0]["referenceRange"]  # shared, read-only
+
+
+def test_what_the_first_message_does_to_its_piece_is_not_kept() -> None:
+    """The kept piece is a copy made when it was computed: the first bundle's own may change after."""
+    s = golden_settings()
+    first = resources(convert(result(1), s), "Observation")
+    first[0]["referenceRange"][0]["low"]["value"] = -1
+    assert convert(result(2), s) == fresh(result(2))
