@@ -48,7 +48,7 @@ def _template() -> tuple[bytes, bytes]:
         f"EVN|A01|{ts}|||OP0001^OPERATOR^TEST^^^^^^BENCH_HOSP^L^^^EI|{ts}",
         "PID|1||MRN00012345^^^BENCH_HOSP^MR~SSN000000000^^^USSSA^SS||TESTPATIENT^SYNTHETIC^Q^JR^^^L||19700101|F|||"
         "100 MAIN ST^APT 1^SPRINGFIELD^ST^00000^USA^H||^PRN^PH^^1^555^5550100|^WPN^PH^^1^555^5550101|EN^English^HL70296|"
-        "S^Single^HL70002|NON^None^HL70006|ACC000123456^^^BENCH_HOSP^AN|||N^Not Hispanic^HL70189",
+        "S^Single^HL70002|NON^None^HL70006|ACC000123456^^^BENCH_HOSP^AN||||N^Not Hispanic^HL70189",  # PID-22
         "PD1|||BENCH CLINIC^^12345|DR0001^PHYSICIAN^TEST^A^^^MD^^^^L",
         "NK1|1|TESTCONTACT^SYNTHETIC^^^^^L|SPO^Spouse^HL70063|100 MAIN ST^APT 1^SPRINGFIELD^ST^00000^USA^H|"
         "^PRN^PH^^1^555^5550102||EC^Emergency Contact^HL70131",
@@ -60,8 +60,8 @@ def _template() -> tuple[bytes, bytes]:
         "AL1|1|DA|PCN^Penicillin^RXNORM|SV^Severe^HL70128|Hives",
         f"DG1|1||R07.9^Chest pain, unspecified^I10||{ts}|A",
         "IN1|1|PLAN001^Synthetic Health Plan|INS0001^^^BENCH_HOSP|SYNTHETIC INSURANCE CO|PO BOX 1^^SPRINGFIELD^ST^00000^USA||"
-        "^WPN^PH^^1^555^5550199|GRP0001|||||||||TESTPATIENT^SYNTHETIC^Q^JR|SEL^Self^HL70063|19700101|"
-        "100 MAIN ST^APT 1^SPRINGFIELD^ST^00000^USA^H|||||||||||||||||POL000111222",
+        "^WPN^PH^^1^555^5550199|GRP0001||||||||TESTPATIENT^SYNTHETIC^Q^JR|SEL^Self^HL70063|19700101|"
+        "100 MAIN ST^APT 1^SPRINGFIELD^ST^00000^USA^H|||||||||||||||||POL000111222",  # IN1-16..19, IN1-36
     ]
     text = "\r".join(segments) + "\r"
     prefix, suffix = text.split("@CID@")
