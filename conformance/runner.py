@@ -219,13 +219,30 @@ def _references(obj: Any, out: list[str]) -> None:
                 _references(v, out)
 
 
+def _periods_backwards(obj: Any, path: str, out: list[str]) -> None:
+    """FHIR invariant per-1 (the models do not check it): a Period's end is not before its start."""
+    from transforms.datatypes import ends_before_start
+
+    if isinstance(obj, dict):
+        start, end = obj.get("start"), obj.get("end")
+        if isinstance(start, str) and isinstance(end, str) and ends_before_start(start, end):
+            out.append(f"{path}: period ends before it starts (per-1)")
+        for k, v in obj.items():
+            if isinstance(v, dict | list):
+                _periods_backwards(v, f"{path}.{k}", out)
+    elif isinstance(obj, list):
+        for i, x in enumerate(obj):
+            _periods_backwards(x, f"{path}[{i}]", out)
+
+
 def validate_bundle(bundle: Any) -> list[str]:
     """Every problem that makes ``bundle`` invalid FHIR R4 (an empty list means valid).
 
     fhir.resources R4B models for the Bundle and each resource (7.x: pydantic-v1 ``parse_obj``;
     ``model_validate`` on newer versions), plus rules the models do not check: no empty values,
-    transaction/batch entries carry ``request.method``/``request.url``, unique ``fullUrl``\\ s
-    and every ``urn:uuid:`` reference resolving to an entry of the Bundle.
+    transaction/batch entries carry ``request.method``/``request.url``, unique ``fullUrl``\\ s,
+    every ``urn:uuid:`` reference resolving to an entry of the Bundle and no period ending before it starts
+    (per-1).
     """
     from fhir.resources.R4B import get_fhir_model_class
 
@@ -278,6 +295,7 @@ def validate_bundle(bundle: Any) -> list[str]:
             problems.append(f"{where}: unknown resourceType {rtype!r}")
             continue
         check(model, res, f"{where} {rtype}")
+        _periods_backwards(res, f"{where} {rtype}", problems)
     for url, k in full_urls.items():
         if k > 1:
             problems.append(f"fullUrl {url} used by {k} entries (bdl-7)")

@@ -233,6 +233,16 @@ def test_validate_bundle_checks_bundle_rules() -> None:
     del norequest["entry"][0]["request"]
     assert any("bdl-3" in p for p in validate_bundle(norequest))
     assert validate_bundle([]) != []
+    backwards = json.loads(json.dumps(ok))
+    backwards["entry"][0]["resource"]["name"] = [
+        {
+            "family": "Sample",
+            "period": {"start": "2025-03-10T17:55:01-07:00", "end": "2025-03-10T17:55:00-07:00"},
+        }
+    ]
+    assert [p for p in validate_bundle(backwards) if "per-1" in p] == [
+        "entry[0] Patient.name[0].period: period ends before it starts (per-1)"
+    ]
 
 
 def _scored_corpus(tmp_path: Path) -> Path:
