@@ -9,6 +9,7 @@ identifier list) is AR 201.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -505,6 +506,12 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
                 "valueString": family,
             }
         ]
+    # IG PID[Patient]: PID-17 religion and PID-23 birth place → the core patient-religion / patient-birthPlace
+    # extensions (an ST birth place sent with components is their text, never the HL7 encoding)
+    if nf > 17 and f[17] and (religion := _religion(dt.rep_of(pid, 17, ctx), pid, ctx)):
+        res.setdefault("extension", []).append({"url": _RELIGION, "valueCodeableConcept": religion})
+    if nf > 23 and f[23] and (place := dt.plain_text(dt.rep_of(pid, 23, ctx), ctx.delimiters)):
+        res.setdefault("extension", []).append({"url": _BIRTH_PLACE, "valueAddress": {"text": place}})
     pd1 = msg.first("PD1")
     if pd1 is not None and len(pd1.fields) > 4 and pd1.fields[4]:
         gps = [gp for r in pd1.reps(4) if (gp := dt.xcn(r, ctx))]
@@ -519,6 +526,23 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
 
 
 _NO_JSON: Final[list[JSON]] = []  # shared empty result: only ever concatenated, never mutated
+_RELIGION: Final = "http://hl7.org/fhir/StructureDefinition/patient-religion"
+_TABLE_CODE: Final = re.compile(r"[A-Z]{3}")
+
+
+def _religion(rep: Rep, pid: Segment, ctx: ConvertContext) -> JSON | None:
+    """PID-17 → CodeableConcept: a table 0006 code sent without its coding system (``CHR``, ``AME``) gets
+    v2-0006; anything else (a coded value with its system, a text such as ``Christian``) as any CWE."""
+    code = rep.c(1).strip()
+    if code and _TABLE_CODE.fullmatch(code) and not rep.c(3).strip() and not rep.c(4).strip():
+        cc = dt.coded_table(code, "0006")
+        if text := rep.c(2).strip():
+            cc["text"] = text
+        return cc
+    return dt.cwe(rep, ctx, seg=pid, at=17)
+
+
+_BIRTH_PLACE: Final = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace"
 
 
 class _NK1:

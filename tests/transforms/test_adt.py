@@ -189,6 +189,39 @@ def test_default_system_fallback() -> None:
     assert r.events["identifier_system_default"] == 1
 
 
+@pytest.mark.parametrize(
+    ("religion", "expected"),
+    [
+        pytest.param(
+            "CHR", {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0006", "code": "CHR"}]}
+        ),
+        pytest.param(
+            "AME^American Church^HL70006",
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v2-0006",
+                        "code": "AME",
+                        "display": "American Church",
+                    }
+                ]
+            },
+        ),
+        pytest.param("Christian", {"coding": [{"code": "Christian"}]}, id="text"),
+    ],
+)
+def test_religion_and_birth_place_are_patient_extensions(religion: str, expected: dict[str, object]) -> None:
+    """IG PID[Patient]: PID-17 → patient-religion, PID-23 → patient-birthPlace (address text; an ST sent with
+    components is their text)."""
+    pid = f"PID|1||ABC123^^^NOWHERE^MR||DOE^JO||19800101|F|||||||||{religion}||||||Springfield^IL"
+    r = convert_report(msg(BASE, pid), golden_settings(default_identifier_system="urn:oid:1.2.3.4"))
+    validate_resources(r.bundle)
+    (pat,) = resources(r.bundle, "Patient")
+    ext = {e["url"].rsplit("/", 1)[1]: e for e in pat["extension"]}
+    assert ext["patient-religion"]["valueCodeableConcept"] == expected
+    assert ext["patient-birthPlace"]["valueAddress"] == {"text": "Springfield IL"}
+
+
 def test_derived_system_demo_mode() -> None:
     m = msg(BASE, "PID|1||ABC123^^^NOWHERE^MR||DOE^JO")
     r = convert_report(m, golden_settings(derive_unknown_systems=True))
