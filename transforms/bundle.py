@@ -146,6 +146,10 @@ def _put_type_first(resource: dict[str, Any], resource_type: str) -> None:
 class Conversion:
     """The result of converting one message.
 
+    The Bundle is read-only: entries and pieces kept per channel (recurring practitioners, locations, OBX
+    codes and ranges: ``ConvertContext.reuse``, ``datatypes.kept_piece``) are shared with other conversions of
+    the same settings.  Copy it (``copy.deepcopy``) before changing it.
+
     ``__init__`` is written out (``object.__setattr__``, as a frozen dataclass's own does): in the compiled
     build a generated dataclass ``__init__`` runs as interpreted Python, ~10,000 instructions a message."""
 

@@ -99,7 +99,8 @@ def convert_report(msg: Message, settings: ConvertSettings) -> Conversion:
 
 
 def convert(msg: Message, settings: ConvertSettings) -> dict[str, Any]:
-    """Convert one message to a FHIR R4 ``transaction`` Bundle (a plain dict)."""
+    """Convert one message to a FHIR R4 ``transaction`` Bundle (a plain dict, read-only: it may share recurring
+    entries with other conversions of the same settings; ``copy.deepcopy`` it to change it)."""
     return convert_report(msg, settings).bundle
 
 
