@@ -1367,21 +1367,11 @@ def policy_deductible(in1: Segment, ctx: ConvertContext) -> JSON | None:
     return out
 
 
-def coverage(
-    in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str, in2: Segment | None = None
-) -> str | None:
-    """IN1 → Coverage (+ payor Organization).  Key: patient + company id + plan + policy number."""
-    s = ctx.settings
+def _payor(in1: Segment, ctx: ConvertContext, company_name: str, facility: str) -> JSON:
+    """IN1-3 (company id), IN1-4 (name), IN1-5 (address) → the payor Organization entry; its Reference."""
     f = in1.fields
     nf = len(f)
-    # raw-field checks first: an empty field costs one index, not a parser call
-    company_code = dt.value(in1, 3, ctx).strip() if nf > 3 and f[3] else ""
-    company_name = dt.value(in1, 4, ctx).strip() if nf > 4 and f[4] else ""
-    plan_c = in1.cs(2, 3) if nf > 2 and f[2] else _NO_PLAN  # IN1-2 health plan: id, text, coding system
-    plan = plan_c[0].strip()
-    policy = dt.value(in1, 36, ctx).strip() if nf > 36 and f[36] else ""
-    if not (company_code or company_name or plan or policy):
-        return None
+    s = ctx.settings
     payor: JSON
     org: JSON = {"resourceType": "Organization", "active": True}
     if company_name:
@@ -1397,11 +1387,51 @@ def coverage(
     elif org_ident or company_name:
         if org_ident:
             org["identifier"] = [org_ident]
-        facility = ctx.message.msh.get(4, 1).strip()
         okey = f"{facility}|payor|{org_ident['value'] if org_ident else ''}|{company_name}"
         payor = {"reference": ctx.add("Organization", org, key=okey)}
     else:
         payor = {"display": "unknown payor"}
+    return payor
+
+
+def coverage(
+    in1: Segment, ctx: ConvertContext, patient_ref: str, patient_key: str, in2: Segment | None = None
+) -> str | None:
+    """IN1 → Coverage (+ payor Organization).  Key: patient + company id + plan + policy number."""
+    s = ctx.settings
+    f = in1.fields
+    nf = len(f)
+    # raw-field checks first: an empty field costs one index, not a parser call
+    company_code = dt.value(in1, 3, ctx).strip() if nf > 3 and f[3] else ""
+    company_name = dt.value(in1, 4, ctx).strip() if nf > 4 and f[4] else ""
+    plan_c = in1.cs(2, 3) if nf > 2 and f[2] else _NO_PLAN  # IN1-2 health plan: id, text, coding system
+    plan = plan_c[0].strip()
+    policy = dt.value(in1, 36, ctx).strip() if nf > 36 and f[36] else ""
+    if not (company_code or company_name or plan or policy):
+        return None
+    # the payor: a function of IN1-3..5, the sending facility and the settings; an insurer recurs across a
+    # feed's messages, so its Organization entry is kept per channel (datatypes.kept_with_entries)
+    facility = ctx.message.msh.get(4, 1).strip()
+    pkey = (
+        "IN1-payor",
+        ctx.delim_key,
+        f"{f[3] if nf > 3 else ''}{ctx.delimiters.field}{f[4] if nf > 4 else ''}"
+        f"{ctx.delimiters.field}{f[5] if nf > 5 else ''}",
+        facility,
+    )
+    kept = dt.kept_with_entries(ctx, pkey)
+    if kept is not None:
+        payor: JSON = dict(kept[0])
+    else:
+        mark = dt.piece_mark(ctx)
+        rec = ctx.record()
+        try:
+            payor = _payor(in1, ctx, company_name, facility)
+        finally:
+            if rec is not None:
+                ctx.stop_recording()
+        if rec is not None:
+            dt.keep_with_entries(ctx, pkey, payor, mark, rec)
     res: JSON = {"resourceType": "Coverage", "status": "active"}
     idents: list[JSON] = []
     # IN1-2 health plan id (CWE → Identifier, IG), IN1-36 policy number, IN1-49 insured's id,

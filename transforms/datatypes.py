@@ -1198,6 +1198,36 @@ def keep_piece(ctx: ConvertContext, key: tuple[str, str, str, str], value: Any, 
     _keep(ctx, key, (copy_json(value), events))
 
 
+def kept_with_entries(ctx: ConvertContext, key: tuple[str, ...]) -> tuple[Any] | None:
+    """:func:`kept_piece` for a mapper that also adds entries: those are added again (shared, as
+    :meth:`ConvertContext.reuse` does) and ``(kept value,)`` returned; ``None`` when nothing is kept."""
+    hit: tuple[Any, tuple[tuple[str, int], ...], tuple[tuple[str, str, JSON], ...]] | None = (
+        ctx.settings.entity_memo.get(key)
+    )
+    if hit is None:
+        return None
+    ctx.reuse(hit[2])
+    for event, times in hit[1]:
+        ctx.count(event, times)
+    return (hit[0],)
+
+
+def keep_with_entries(
+    ctx: ConvertContext,
+    key: tuple[str, ...],
+    value: Any,
+    mark: _Mark,
+    rec: list[tuple[str, str, str, bool, JSON]],
+) -> None:
+    """Keep ``value`` and the entries recorded in ``rec`` (``ctx.record()`` before the mapper ran; the
+    recording must be stopped) with the events counted since ``mark``, unless the mapper warned."""
+    warned, before = mark
+    if len(ctx.warnings) != warned:
+        return
+    events = tuple((k, n - before.get(k, 0)) for k, n in ctx.events.items() if n != before.get(k, 0))
+    _keep(ctx, key, (copy_json(value), events, ctx.kept_entries(rec)))
+
+
 def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
     """XCN → a Practitioner entry, returning a Reference dict ``{"reference": "urn:uuid:..."}``.
 

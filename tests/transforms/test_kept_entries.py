@@ -126,3 +126,33 @@ def test_what_the_first_message_does_to_its_piece_is_not_kept() -> None:
     first = resources(convert(result(1), s), "Observation")
     first[0]["referenceRange"][0]["low"]["value"] = -1
     assert convert(result(2), s) == fresh(result(2))
+
+
+IN1 = "IN1|1|PLAN001^Synthetic Health Plan|INS0001^^^{auth}|SYNTHETIC INSURANCE CO|PO BOX 1^^SPRINGFIELD^OR^97401"
+
+
+def insured(n: int, auth: str = "HOSP", fac: str = "GOODHOSP") -> Message:
+    return msg(
+        H.format(fac=fac, t="A01", n=n),
+        "EVN|A01|20250316090000",
+        PID.format(n=n),
+        pv1(n),
+        IN1.format(auth=auth) + f"|||||||||||||||||||||||||||||||POL{n}",
+    )
+
+
+def test_the_payor_organization_is_kept_with_its_events() -> None:
+    """IN1-3..5 → the payor Organization, kept per channel; an authority Sluice derives a system for
+    (derive_unknown_systems) counts identifier_system_derived every time, kept or not."""
+    for kw in ({}, {"derive_unknown_systems": True}):
+        s = golden_settings(**kw)
+        for n, auth, fac in (
+            (1, "HOSP", "GOODHOSP"),
+            (2, "HOSP", "GOODHOSP"),
+            (3, "LOCALINS", "A"),
+            (4, "LOCALINS", "B"),
+        ):
+            got = convert_report(insured(n, auth, fac), s)
+            want = convert_report(insured(n, auth, fac), golden_settings(**kw))
+            assert got.bundle == want.bundle and got.events == want.events
+            assert resources(got.bundle, "Organization")
