@@ -672,25 +672,23 @@ class Message:
         hdr = self._hdr
         if hdr is None and _plain_header(self):
             f = self.msh.fields
-            n = len(f)
+            if len(f) < 17:  # (no nested helper: a closure is a Python-level call in the compiled build)
+                f = f + [""] * (17 - len(f))
             cs = self.delimiters.component
-
-            def fld(i: int) -> str:
-                return f[i] if i < n else ""
-
-            parts = fld(9).split(cs)
-            parts += [""] * (3 - len(parts))
+            parts = f[9].split(cs)
+            if len(parts) < 3:
+                parts += [""] * (3 - len(parts))
             hdr = self._hdr = {
-                "control_id": fld(10).strip(),
+                "control_id": f[10].strip(),
                 "type": parts[0].strip().upper(),
                 "trigger": parts[1].strip().upper(),
                 "structure": parts[2].strip().upper(),
-                "version": fld(12).split(cs)[0].strip(),
-                "processing_id": fld(11).split(cs)[0].strip().upper(),
-                "accept_ack": fld(15).strip().upper(),
-                "app_ack": fld(16).strip().upper(),
-                "sending_app": fld(3),
-                "sending_facility": fld(4),
+                "version": f[12].split(cs, 1)[0].strip(),
+                "processing_id": f[11].split(cs, 1)[0].strip().upper(),
+                "accept_ack": f[15].strip().upper(),
+                "app_ack": f[16].strip().upper(),
+                "sending_app": f[3],
+                "sending_facility": f[4],
             }
         if hdr is None:
             h = self.msh

@@ -495,9 +495,18 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
         elif mbi in ("Y", "N"):
             res["multipleBirthBoolean"] = mbi == "Y"
     if nf > 15 and f[15]:
-        lang = dt.rep_of(pid, 15, ctx)
-        if lang and (cc := dt.language(lang, ctx)):
-            res["communication"] = [{"language": cc, "preferred": True}]
+        # a function of PID-15's text (and the delimiters): kept per channel, shared (datatypes.kept_piece)
+        lang_key = ("PID-15", ctx.delim_key, f[15], "")
+        kept = dt.kept_piece(ctx, lang_key)
+        if kept is not None:
+            lang_cc: JSON | None = kept[0]
+        else:
+            mark = dt.piece_mark(ctx)
+            lang = dt.rep_of(pid, 15, ctx)
+            lang_cc = dt.language(lang, ctx) if lang else None
+            dt.keep_piece(ctx, lang_key, lang_cc, mark)
+        if lang_cc:
+            res["communication"] = [{"language": lang_cc, "preferred": True}]
     # PID-6.1.1 (a blank first repetition has no family name either)
     if nf > 6 and f[6] and (family := dt.value(pid, 6, ctx).strip()):
         res["extension"] = [

@@ -946,14 +946,15 @@ def _hd_system(
 
 
 def identifier_type(code: str) -> JSON | None:
+    """CX-5 / XCN-13 identifier type code → Identifier.type (v2 table 0203).  Shared: the same dict for the same
+    code, in every bundle (bundles are read-only once made; nothing changes an identifier's type in place)."""
     hit = _ID_TYPE_CACHE.get(code)
     if hit is None:
-        hit = _identifier_type(code)
+        coding = _identifier_type(code)
+        hit = {"coding": [coding]} if coding else {}
         if len(_ID_TYPE_CACHE) < 1024:
             _ID_TYPE_CACHE[code] = hit
-    if not hit:
-        return None
-    return {"coding": [hit.copy()]}  # new dicts each call: callers own what they are given
+    return hit or None
 
 
 def _identifier_type(code: str) -> JSON:
@@ -966,7 +967,7 @@ def _identifier_type(code: str) -> JSON:
     return coding
 
 
-# raw CX-5 / XCN-13 text -> the coding (a template, copied for each caller; empty: no type)
+# raw CX-5 / XCN-13 text -> the Identifier.type handed out (shared; empty: no type)
 _ID_TYPE_CACHE: Final[dict[str, JSON]] = {}
 
 
