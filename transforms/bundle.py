@@ -206,6 +206,7 @@ class ConvertContext:
         "alnum_plain",
         "delim_key",
         "delimiters",
+        "entity_memo",
         "entries",
         "events",
         "guards",
@@ -242,6 +243,9 @@ class ConvertContext:
         self.xcn_memo: dict[str, tuple[str, str | None, bool]] = {}
         # the channel's assigning-authority cache (datatypes.hd_system), read once per message
         self.hd_cache = settings.hd_cache
+        # the channel's kept entries and pieces (datatypes.xcn / pl / kept_piece): a property of the settings,
+        # read once per message (a Python-level call each time in the compiled build)
+        self.entity_memo: dict[Any, Any] = settings.entity_memo
         # per-message memo for mappers whose result is a pure function of raw segment text (see users)
         self.memo: dict[Any, Any] = {}
         d = message.delimiters

@@ -1154,7 +1154,7 @@ _KEPT_MAX: Final = 2048  # kept practitioner / location entries per channel (Con
 
 
 def _keep(ctx: ConvertContext, key: tuple[str, ...], value: tuple[Any, ...]) -> None:
-    kept = ctx.settings.entity_memo
+    kept = ctx.entity_memo
     if len(kept) >= _KEPT_MAX:
         kept.clear()
     kept[key] = value
@@ -1177,7 +1177,7 @@ _Mark = tuple[int, dict[str, int]]
 def kept_piece(ctx: ConvertContext, key: tuple[str, str, str, str]) -> tuple[Any] | None:
     """``(kept value,)`` for ``key`` (shared: never change it), its events counted again; ``None`` when nothing
     is kept."""
-    hit: tuple[Any, tuple[tuple[str, int], ...]] | None = ctx.settings.entity_memo.get(key)
+    hit: tuple[Any, tuple[tuple[str, int], ...]] | None = ctx.entity_memo.get(key)
     if hit is None:
         return None
     for event, times in hit[1]:
@@ -1203,7 +1203,7 @@ def kept_with_entries(ctx: ConvertContext, key: tuple[str, ...]) -> tuple[Any] |
     """:func:`kept_piece` for a mapper that also adds entries: those are added again (shared, as
     :meth:`ConvertContext.reuse` does) and ``(kept value,)`` returned; ``None`` when nothing is kept."""
     hit: tuple[Any, tuple[tuple[str, int], ...], tuple[tuple[str, str, JSON], ...]] | None = (
-        ctx.settings.entity_memo.get(key)
+        ctx.entity_memo.get(key)
     )
     if hit is None:
         return None
@@ -1252,7 +1252,7 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
         return {"reference": hit[0], "display": hit[1]} if hit[1] else {"reference": hit[0]}
     kept_key = ("XCN", ctx.delim_key, raw)
     kept: tuple[str, str | None, bool, str | None, tuple[tuple[str, str, JSON], ...]] | None = (
-        ctx.settings.entity_memo.get(kept_key)
+        ctx.entity_memo.get(kept_key)
     )
     if kept is not None and (kept[3] is None or kept[3] == _facility(ctx)):
         ref, disp, derived = kept[0], kept[1], kept[2]
@@ -1325,9 +1325,7 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
         return None
     raw = rep.raw
     kept_key = ("PL", ctx.delim_key, raw)
-    kept: tuple[str | None, str, tuple[tuple[str, str, JSON], ...]] | None = ctx.settings.entity_memo.get(
-        kept_key
-    )
+    kept: tuple[str | None, str, tuple[tuple[str, str, JSON], ...]] | None = ctx.entity_memo.get(kept_key)
     if kept is not None:
         ctx.reuse(kept[2])
         return {"reference": kept[0], "display": kept[1]} if kept[0] is not None else None
