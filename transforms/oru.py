@@ -908,7 +908,10 @@ def observation(
         # IG OBSERVATION.PRT: IF PRT-5 VALUED → PractitionerRole → Observation.performer (Sluice: the Practitioner)
         if prt.name == "PRT" and prt.rep(5) and (who := xcn(prt.rep(5), ctx, prt.loc(5))) is not None:
             performers.append(who)
-    if nf > 23 and f[23] and (org := _performing_organization(obx, ctx)) is not None:
+    org = _performing_organization(obx, ctx) if nf > 23 and f[23] else None
+    if org is None and nf > 15 and f[15]:  # IG: OBX-15 producer's ID, when OBX-23 does not name the lab
+        org = _producer_organization(obx, ctx)
+    if org is not None:
         performers.append(org)
     if performers:
         res["performer"] = performers
@@ -1020,6 +1023,42 @@ def _performing_organization(obx: Segment, ctx: ConvertContext) -> JSON | None:
     hit = memo.get(key)
     if hit is None:
         hit = memo[key] = (xon_organization(obx, 23, 24, ctx),)
+    return dict(hit[0]) if hit[0] is not None else None
+
+
+# OBX-15's coding system CLIA: the CLIA number's OID (v2.5.1 ELR guides name the lab this way)
+_PRODUCER_SYSTEMS: Final = {"CLIA": "urn:oid:2.16.840.1.113883.4.7"}
+
+
+def _producer_organization(obx: Segment, ctx: ConvertContext) -> JSON | None:
+    """OBX-15 producer's ID (CWE id^name^system: labs before v2.5.1 name themselves here, ``01D0301471^LAB^CLIA``)
+    → the performing Organization (IG OBX[Observation]: performer, CWE[Organization]: the id an identifier, the
+    text its name), when OBX-23 does not name it; once per message for the same text, as OBX-23."""
+    f = obx.fields
+    key = ("OBX-15", f[15])
+    memo = ctx.memo
+    hit = memo.get(key)
+    if hit is None:
+        rep = obx.rep(15)
+        ident, name, sysname = rep.c(1).strip(), rep.c(2).strip(), rep.c(3).strip()
+        ref: JSON | None = None
+        if ident or name:
+            org: JSON = {"active": True}
+            if name:
+                org["name"] = name
+            system = _PRODUCER_SYSTEMS.get(sysname.upper()) or (
+                hd_system(ctx, sysname, "", "")[0] if sysname else None
+            )
+            if ident and system:
+                org["identifier"] = [{"system": system, "value": ident}]
+                added = ctx.add("Organization", org, identifier=(system, ident))
+            else:
+                if ident:
+                    org["identifier"] = [{"value": ident}]
+                facility = ctx.message.msh.get(4, 1).strip() or ctx.message.msh.get(3, 1).strip()
+                added = ctx.add("Organization", org, key=f"{facility}|producer|{sysname}|{ident}|{name}")
+            ref = {"reference": added, **({"display": name} if name else {})}
+        hit = memo[key] = (ref,)
     return dict(hit[0]) if hit[0] is not None else None
 
 

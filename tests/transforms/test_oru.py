@@ -408,6 +408,34 @@ def test_an_observation_end_before_its_start_keeps_the_start_with_a_warning() ->
     assert not ok.warnings
 
 
+def test_producer_id_names_the_performing_lab_when_obx23_does_not() -> None:
+    """OBX-15 (v2.3-2.5 labs put their CLIA number there) → performer Organization (IG OBX[Observation],
+    CWE[Organization]), one per message for the same value; OBX-23 wins when it is valued."""
+    lab = "99D9999999^SYNTH REFERENCE LAB^CLIA"
+    r = conv(
+        MSH,
+        PID,
+        OBR,
+        f"OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F|||20250310080000|{lab}",
+        f"OBX|2|NM|2951-2^Sodium^LN||140|mmol/L|||||F|||20250310080000|{lab}",
+    )
+    validate_resources(r.bundle)
+    (org,) = resources(r.bundle, "Organization")
+    assert org["identifier"] == [{"system": "urn:oid:2.16.840.1.113883.4.7", "value": "99D9999999"}]
+    assert org["name"] == "SYNTH REFERENCE LAB"
+    full_url = next(e["fullUrl"] for e in r.bundle["entry"] if e["resource"] is org)
+    for code in ("2345-7", "2951-2"):
+        assert one(r.bundle, code)["performer"] == [{"reference": full_url, "display": "SYNTH REFERENCE LAB"}]
+    both = conv(
+        MSH,
+        PID,
+        OBR,
+        f"OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F|||20250310080000|{lab}||||||||SYNTH HOSPITAL LAB",
+    )
+    (org2,) = resources(both.bundle, "Organization")
+    assert org2["name"] == "SYNTH HOSPITAL LAB"
+
+
 def test_no_order_number_at_all_is_keyed_by_message_under_lenient() -> None:
     """An EMR's form observations (OBR with no placer, filler or group number, ORC with none either): lenient
     channels convert them, the report keyed by sender + MSH-10 + OBR set id and code, with a located warning;
