@@ -1150,7 +1150,7 @@ def _display(name: JSON | None) -> str | None:
     return " ".join([*name.get("prefix", []), *name.get("given", []), name.get("family", "")]).strip() or None
 
 
-_KEPT_MAX: Final = 2048  # kept practitioner / location entries per channel (ConvertSettings.entity_memo)
+_KEPT_MAX: Final = 4096  # kept entries and pieces per channel (ConvertSettings.entity_memo); full: cleared
 
 
 def _keep(ctx: ConvertContext, key: tuple[str, ...], value: tuple[Any, ...]) -> None:
