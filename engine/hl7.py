@@ -639,8 +639,12 @@ class Message:
         """Every segment called ``name``, in order."""
         if self._index is None:
             idx: dict[str, list[Segment]] = {}
-            for seg in self.segments:
-                idx.setdefault(seg.name, []).append(seg)
+            for seg in self.segments:  # (not setdefault(name, []): that builds a list for every segment)
+                same = idx.get(seg.name)
+                if same is None:
+                    idx[seg.name] = [seg]
+                else:
+                    same.append(seg)
             self._index = idx
         return self._index.get(name, [])
 
