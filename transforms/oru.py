@@ -877,8 +877,12 @@ def observation(
                 }
             ]
         }
-    if obr is not None and (cat := _category(obr.get(24))):
-        res["category"] = cat
+    cats = _category(obr.get(24)) if obr is not None else []
+    if nf > 29 and f[29] and (otype := obx.get(29).strip().upper()):
+        # IG OBX-29 observation type → category (table 0936: RSLT a result, QST an ask-at-order-entry answer)
+        cats = [*cats, coded_table(otype, "0936")]
+    if cats:
+        res["category"] = cats
     res["code"] = code
     if ctx.patient_ref:
         res["subject"] = {"reference": ctx.patient_ref}

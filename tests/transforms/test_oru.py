@@ -436,6 +436,24 @@ def test_producer_id_names_the_performing_lab_when_obx23_does_not() -> None:
     assert org2["name"] == "SYNTH HOSPITAL LAB"
 
 
+def test_observation_type_is_a_category() -> None:
+    """IG OBX-29 observation type → category (v2-0936): an ask-at-order-entry answer (QST) is told from a
+    result (RSLT), beside the laboratory category OBR-24 gives."""
+    r = conv(
+        MSH,
+        PID,
+        OBR + "|" * 17 + "LAB",  # OBR-24 diagnostic section
+        "OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F" + "|" * 18 + "RSLT",  # OBX-29
+        "OBX|2|CWE|95418-0^Employed in a healthcare setting^LN||N^No^HL70136||||||F" + "|" * 18 + "QST",
+    )
+    validate_resources(r.bundle)
+    table = "http://terminology.hl7.org/CodeSystem/v2-0936"
+    result, question = one(r.bundle, "2345-7"), one(r.bundle, "95418-0")
+    assert result["category"][0]["coding"][0]["code"] == "laboratory"
+    assert result["category"][1] == {"coding": [{"system": table, "code": "RSLT"}]}
+    assert question["category"][1] == {"coding": [{"system": table, "code": "QST"}]}
+
+
 def test_no_order_number_at_all_is_keyed_by_message_under_lenient() -> None:
     """An EMR's form observations (OBR with no placer, filler or group number, ORC with none either): lenient
     channels convert them, the report keyed by sender + MSH-10 + OBR set id and code, with a located warning;
