@@ -174,6 +174,9 @@ KEY_FIELDS: Final[frozenset[tuple[str, int]]] = frozenset(
     }
 )  # fmt: skip
 KEY_SEGMENTS: Final = frozenset({"MSH", "FHS", "BHS"})
+# ...but for the message's date/time (MSH-7: only Provenance.recorded reads it, which falls back to the time of
+# conversion): senders write it in forms HL7 does not allow (Mirth's test data: milliseconds without the dot)
+HEADER_DROPPABLE: Final = frozenset({("MSH", 7)})
 # A message with more bad fields than this is rejected in lenient mode too (it is not a stray value).
 MAX_DROPPED_FIELDS: Final = 20
 
@@ -191,7 +194,7 @@ def droppable(exc: ConversionError, settings: ConvertSettings) -> Location | Non
         or isinstance(exc, InternalConversionError)
         or loc is None
         or loc.field is None
-        or loc.segment in KEY_SEGMENTS
+        or (loc.segment in KEY_SEGMENTS and (loc.segment, loc.field) not in HEADER_DROPPABLE)
         or (loc.segment, loc.field) in KEY_FIELDS
     ):
         return None

@@ -462,7 +462,7 @@ def test_keys_stay_strict_in_lenient_mode() -> None:
         ("ORC", 2),
         ("OBR", 3),
         ("SCH", 1),
-        ("MSH", 7),
+        ("MSH", 9),
         ("MSH", 10),
         ("OBX", 5),
         # the keys of the order, pharmacy, problem and financial messages
@@ -489,12 +489,20 @@ def test_keys_stay_strict_in_lenient_mode() -> None:
     assert droppable(ConversionError("bad", code="102", location=Location("PV1", 1, 44)), strict) is None
 
 
-def test_a_bad_message_time_is_rejected_in_both_modes() -> None:
-    m = parse("\r".join([_ADT.replace("20250101120000", "20251341"), _PID]))
-    for mode in ("lenient", "strict"):
+def test_a_bad_message_time_is_dropped_when_lenient_and_rejected_when_strict() -> None:
+    """MSH-7 is no key (only Provenance.recorded reads it): a lenient channel leaves out a value HL7 does not
+    allow (an impossible month; milliseconds without their dot, as Mirth's test data sends) with a located
+    warning; a strict one rejects the message at MSH-7."""
+    for bad in ("20251341", "20110613122406637"):
+        m = parse("\r".join([_ADT.replace("20250101120000", bad), _PID]))
         with pytest.raises(ConversionError) as ei:
-            convert_report(m, golden_settings(strictness=mode))
+            convert_report(m, golden_settings(strictness="strict"))
         assert str(ei.value.location) == "MSH-7"
+        r = convert_report(m, golden_settings())
+        assert r.warning_kinds == ("field_dropped",) and r.warnings[0].startswith("MSH-7")
+        (prov,) = _types(r.bundle, "Provenance")
+        assert prov["recorded"]  # the time of conversion
+        assert _types(r.bundle, "Patient")
 
 
 def test_msh2_without_a_subcomponent_separator_converts_with_the_ampersand_as_data() -> None:
