@@ -27,6 +27,16 @@ def _check_tls_file(t: _Section, k: str) -> None:
     )
 
 
+def _check_port(sec: _Section, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(
+            f"port {port} is out of range",
+            file=sec.file,
+            key=sec.key("port"),
+            hint="use a port from 1 to 65535 (0: any free port)",
+        )
+
+
 def _source(sec: _Section) -> SourceConfig:
     kind = sec.text("kind", "mllp", choices=SOURCE_KINDS)
     if kind == "fhir-poll":
@@ -66,13 +76,7 @@ def _source(sec: _Section) -> SourceConfig:
         keepalive=sec.flag("keepalive", True),
     )
     sec.done()
-    if not 0 <= src.port <= 65535:
-        raise ConfigError(
-            f"port {src.port} is out of range",
-            file=sec.file,
-            key=sec.key("port"),
-            hint="use a port from 1 to 65535 (0: any free port)",
-        )
+    _check_port(sec, src.port)
     for k in ("max_connections", "max_connections_per_peer"):
         if getattr(src, k) < 0:
             raise ConfigError(f"{k} must be 0 or more", file=sec.file, key=sec.key(k))
@@ -172,13 +176,7 @@ def _http_source(sec: _Section, tls: TLSConfig | None) -> SourceConfig:
         kind="http", http=http, host=sec.text("host", "127.0.0.1"), port=sec.integer("port", 8443), tls=tls
     )
     sec.done()
-    if not 0 <= src.port <= 65535:
-        raise ConfigError(
-            f"port {src.port} is out of range",
-            file=sec.file,
-            key=sec.key("port"),
-            hint="use a port from 1 to 65535 (0: any free port)",
-        )
+    _check_port(sec, src.port)
     if not http.path.startswith("/"):
         raise ConfigError(
             "path must start with /", file=sec.file, key=sec.key("path"), hint="e.g. path: /fhir"
