@@ -802,15 +802,21 @@ def _participants(
     seg: Segment, field: int, code: str, display: str, ctx: ConvertContext, out: list[JSON]
 ) -> None:
     """Every XCN repetition of ``seg``-``field`` → an Encounter.participant of type ``code``."""
+    ptype = _PARTICIPANT_TYPE.get(code)
+    if ptype is None:
+        ptype = [{"coding": [{"system": PARTICIPATION, "code": code, "display": display}]}]
     for r in seg.reps(field):
         who = dt.xcn(r, ctx)
         if who:
-            out.append(
-                {
-                    "type": [{"coding": [{"system": PARTICIPATION, "code": code, "display": display}]}],
-                    "individual": who,
-                }
-            )
+            out.append({"type": ptype, "individual": who})
+
+
+# the participant types of _PV1_PARTICIPANTS, one list each, shared by every Encounter (bundles are read-only
+# once made; ROL adds participants of its own, never changes a type)
+_PARTICIPANT_TYPE: Final[dict[str, list[JSON]]] = {
+    code: [{"coding": [{"system": PARTICIPATION, "code": code, "display": display}]}]
+    for _, code, display in _PV1_PARTICIPANTS
+}
 
 
 def encounter(
