@@ -1174,7 +1174,7 @@ def _facility(ctx: ConvertContext) -> str:
 _Mark = tuple[int, dict[str, int]]
 
 
-def kept_piece(ctx: ConvertContext, key: tuple[str, str, str, str]) -> tuple[Any] | None:
+def kept_piece(ctx: ConvertContext, key: tuple[str, ...]) -> tuple[Any] | None:
     """``(kept value,)`` for ``key`` (shared: never change it), its events counted again; ``None`` when nothing
     is kept."""
     hit: tuple[Any, tuple[tuple[str, int], ...]] | None = ctx.entity_memo.get(key)
@@ -1190,13 +1190,20 @@ def piece_mark(ctx: ConvertContext) -> _Mark:
     return len(ctx.warnings), dict(ctx.events)
 
 
-def keep_piece(ctx: ConvertContext, key: tuple[str, str, str, str], value: Any, mark: _Mark) -> None:
-    """Keep ``value`` (a copy) for ``key`` with the events counted since ``mark``, unless it warned."""
+def _events_since(ctx: ConvertContext, mark: _Mark) -> tuple[tuple[str, int], ...] | None:
+    """The events counted since ``mark`` (:func:`piece_mark`); ``None`` when something warned since (then
+    nothing is kept)."""
     warned, before = mark
     if len(ctx.warnings) != warned:
-        return
-    events = tuple((k, n - before.get(k, 0)) for k, n in ctx.events.items() if n != before.get(k, 0))
-    _keep(ctx, key, (copy_json(value), events))
+        return None
+    return tuple((k, n - before.get(k, 0)) for k, n in ctx.events.items() if n != before.get(k, 0))
+
+
+def keep_piece(ctx: ConvertContext, key: tuple[str, ...], value: Any, mark: _Mark) -> None:
+    """Keep ``value`` (a copy) for ``key`` with the events counted since ``mark``, unless it warned."""
+    events = _events_since(ctx, mark)
+    if events is not None:
+        _keep(ctx, key, (copy_json(value), events))
 
 
 def kept_with_entries(ctx: ConvertContext, key: tuple[str, ...]) -> tuple[Any] | None:
@@ -1222,11 +1229,9 @@ def keep_with_entries(
 ) -> None:
     """Keep ``value`` and the entries recorded in ``rec`` (``ctx.record()`` before the mapper ran; the
     recording must be stopped) with the events counted since ``mark``, unless the mapper warned."""
-    warned, before = mark
-    if len(ctx.warnings) != warned:
-        return
-    events = tuple((k, n - before.get(k, 0)) for k, n in ctx.events.items() if n != before.get(k, 0))
-    _keep(ctx, key, (copy_json(value), events, ctx.kept_entries(rec)))
+    events = _events_since(ctx, mark)
+    if events is not None:
+        _keep(ctx, key, (copy_json(value), events, ctx.kept_entries(rec)))
 
 
 def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | None:
@@ -1250,17 +1255,14 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
         if hit[2]:
             ctx.count("identifier_system_derived")
         return {"reference": hit[0], "display": hit[1]} if hit[1] else {"reference": hit[0]}
-    kept_key = ("XCN", ctx.delim_key, raw)
-    kept: tuple[str, str | None, bool, str | None, tuple[tuple[str, str, JSON], ...]] | None = (
-        ctx.entity_memo.get(kept_key)
-    )
-    if kept is not None and (kept[3] is None or kept[3] == _facility(ctx)):
-        ref, disp, derived = kept[0], kept[1], kept[2]
-        ctx.reuse(kept[4])
-        if derived:
-            ctx.count("identifier_system_derived")
+    # the sending facility scopes an id without an authority (below), so it is part of the key
+    kept_key = ("XCN", ctx.delim_key, raw, _facility(ctx))
+    kept = kept_with_entries(ctx, kept_key)
+    if kept is not None:
+        ref, disp, derived = kept[0]
         memo[raw] = (ref, disp, derived)
         return {"reference": ref, "display": disp} if disp else {"reference": ref}
+    mark = piece_mark(ctx)
     c = rep.cs(21)
     pid = c[0].strip()
     name = _xcn_name(c)
@@ -1292,15 +1294,12 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
     # A conditional create: a message names a practitioner in passing (an attending doctor, a scheduling
     # contact) and does not own the directory entry.  Created when absent, never rewritten, so one feed's
     # partial XCN (no name, another phone) cannot flip-flop what another feed wrote (docs/mapping.md).
-    warned = len(ctx.warnings)
     rec = ctx.record()
-    facility: str | None = None
     try:
         if system:
             ref = ctx.add("Practitioner", prac, identifier=(system, pid), create_only=True)
         else:
-            facility = _facility(ctx)
-            ref = ctx.add("Practitioner", prac, key=f"{facility}|{ns.strip()}|{pid}", create_only=True)
+            ref = ctx.add("Practitioner", prac, key=f"{kept_key[3]}|{ns.strip()}|{pid}", create_only=True)
     finally:
         if rec is not None:
             ctx.stop_recording()
@@ -1309,8 +1308,8 @@ def xcn(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | No
         out["display"] = disp
     derived = bool(system) and how == "derived"
     memo[raw] = (ref, disp, derived)
-    if rec is not None and len(ctx.warnings) == warned:
-        _keep(ctx, kept_key, (ref, disp, derived, facility, ctx.kept_entries(rec)))
+    if rec is not None:
+        keep_with_entries(ctx, kept_key, (ref, disp, derived), mark, rec)
     return out
 
 
@@ -1323,21 +1322,20 @@ def pl(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON | Non
     dict to the most specific one.  Key: facility + the path of levels (Sluice key)."""
     if not rep:
         return None
-    raw = rep.raw
-    kept_key = ("PL", ctx.delim_key, raw)
-    kept: tuple[str | None, str, tuple[tuple[str, str, JSON], ...]] | None = ctx.entity_memo.get(kept_key)
+    kept_key = ("PL", ctx.delim_key, rep.raw)
+    kept = kept_with_entries(ctx, kept_key)
     if kept is not None:
-        ctx.reuse(kept[2])
-        return {"reference": kept[0], "display": kept[1]} if kept[0] is not None else None
-    warned = len(ctx.warnings)
-    rec = ctx.record()
-    try:
-        ref, display = _pl(rep, ctx)
-    finally:
+        ref, display = kept[0]
+    else:
+        mark = piece_mark(ctx)
+        rec = ctx.record()
+        try:
+            ref, display = _pl(rep, ctx)
+        finally:
+            if rec is not None:
+                ctx.stop_recording()
         if rec is not None:
-            ctx.stop_recording()
-    if rec is not None and len(ctx.warnings) == warned:
-        _keep(ctx, kept_key, (ref, display, ctx.kept_entries(rec)))
+            keep_with_entries(ctx, kept_key, (ref, display), mark, rec)
     return {"reference": ref, "display": display} if ref is not None else None
 
 
