@@ -280,7 +280,13 @@ async def _send_all(host: str, port: int, ctx: Any, timeout: float, messages: li
 def check(config_path: str, env: str | None) -> None:
     """Validate routes.yaml, every channel and every destination; exit 1 on errors.
 
-    With --env, validates the promotion: routes.yaml with routes.<ENV>.yaml merged over it."""
+    Every error is reported, not only the first (one line each: file, key, what is wrong, what to do; then
+    "N errors in M files"); warnings (e.g. an accept.types trigger HL7 does not know) do not fail the check.
+    With --env, validates the promotion: routes.yaml with routes.<ENV>.yaml merged over it.
+
+    \b
+    Example:
+      sluice check --config routes.yaml --env prod"""
     from engine import config as cfgmod
     from engine import keyring, registry
     from engine.config.problems import Problems
