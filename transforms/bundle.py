@@ -50,6 +50,20 @@ OBSERVATION_STATUS_RANK = {
 
 
 _NS_BYTES: Final = NAMESPACE.bytes
+# SHA-1 state after the namespace: each uuid5 copies it and hashes only the name (OpenSSL's per-hash setup is
+# most of the cost of hashing a short name)
+_NS_SHA1: Final = hashlib.sha1(_NS_BYTES)
+# uuid5's variant: the 17th hex digit keeps its low two bits under the high bits 10 (RFC 4122 4.1.1)
+_VARIANT: Final = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def uuid5(text: str) -> str:
+    """``str(uuid.uuid5(NAMESPACE, text))``, uncached: for names that rarely recur (the caller keeps what
+    recurs).  The hex digest is formatted directly: digit 13 is the version (5), digit 17 the variant."""
+    h = _NS_SHA1.copy()
+    h.update(text.encode("utf-8"))
+    x = h.hexdigest()
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
 
 
 @lru_cache(maxsize=16384)
@@ -57,11 +71,7 @@ def det_uuid(text: str) -> str:
     """Deterministic UUID (v5) of ``text`` in the Sluice namespace (== ``str(uuid.uuid5(NAMESPACE, text))``).
 
     Cached: the same practitioners, locations and patients recur across a feed's messages."""
-    h = bytearray(hashlib.sha1(_NS_BYTES + text.encode("utf-8")).digest()[:16])
-    h[6] = (h[6] & 0x0F) | 0x50
-    h[8] = (h[8] & 0x3F) | 0x80
-    x = h.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    return uuid5(text)
 
 
 def copy_json(value: Any) -> Any:
@@ -91,10 +101,14 @@ def escape_search(value: str) -> str:
     return value
 
 
+def _conditional_url(resource_type: str, system: str, value: str) -> str:
+    return f"{resource_type}?identifier={escape_search(system)}|{escape_search(value)}"
+
+
 @lru_cache(maxsize=16384)
 def conditional_url(resource_type: str, system: str, value: str) -> str:
     """``Type?identifier=system|value`` with FHIR search escaping (URL-encoding is the sender's job)."""
-    return f"{resource_type}?identifier={escape_search(system)}|{escape_search(value)}"
+    return _conditional_url(resource_type, system, value)
 
 
 # (resource type, system, value) -> (conditional url, fullUrl) and (resource type, business key) -> (key uuid,
@@ -121,7 +135,7 @@ def _choice_taken(old: Mapping[str, Any], key: str) -> bool:
 
 
 def _address(resource_type: str, system: str, value: str, url: str) -> tuple[str, str]:
-    addr = (url, "urn:uuid:" + det_uuid(url))
+    addr = (url, "urn:uuid:" + uuid5(url))
     if len(_ADDRESSES) >= _ADDRESSES_MAX:
         _ADDRESSES.clear()
     _ADDRESSES[(resource_type, system, value)] = addr
@@ -309,14 +323,14 @@ class ConvertContext:
             system, value = identifier
             addr = _ADDRESSES.get((resource_type, system, value))
             if addr is None:
-                url = conditional_url(resource_type, system, value)
+                url = _conditional_url(resource_type, system, value)
                 addr = _address(resource_type, system, value, url)
         elif key is not None:
             system = SLUICE_KEY_SYSTEM
             kaddr = _KEY_ADDRESSES.get((resource_type, key))
             if kaddr is None:
-                value = det_uuid(resource_type + "|" + key)
-                url = conditional_url(resource_type, system, value)
+                value = uuid5(resource_type + "|" + key)
+                url = _conditional_url(resource_type, system, value)
                 kaddr = (value, _address(resource_type, system, value, url))
                 if len(_KEY_ADDRESSES) >= _ADDRESSES_MAX:
                     _KEY_ADDRESSES.clear()
@@ -451,7 +465,7 @@ class ConvertContext:
             break
         else:
             _put_type_first(resource, resource_type)
-        full_url = "urn:uuid:" + det_uuid(f"{resource_type}|{key}")
+        full_url = "urn:uuid:" + uuid5(f"{resource_type}|{key}")
         self.entries.append(
             {
                 "fullUrl": full_url,
