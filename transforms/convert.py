@@ -28,7 +28,7 @@ from typing import Any, Final
 from engine import redact
 from engine.errors import ConversionError, InternalConversionError, Location, MessageRejected, SluiceError
 from engine.hl7 import HEADER_SEGMENTS, Message, escape, parse, unescape
-from transforms.bundle import Conversion, ConvertContext, det_uuid
+from transforms.bundle import Conversion, ConvertContext, uuid5
 from transforms.datatypes import V2_TABLE, dtm_at, fhir_code, utc_now_instant, value
 from transforms.settings import ConvertSettings
 
@@ -335,7 +335,7 @@ def add_provenance(msg: Message, ctx: ConvertContext) -> None:
     msh = msg.msh
     app, facility = value(msh, 3, ctx), value(msh, 4, ctx)
     sender = f"{app}|{facility}|{msg.control_id}"
-    tag = det_uuid("message|" + sender)
+    tag = uuid5("message|" + sender)  # unique per message: not cached
     recorded = dtm_at(value(msh, 7, ctx), ctx.settings, msh, 7, kind="instant")
     targets = [{"reference": e["fullUrl"]} for e in ctx.entries]
     trigger = fhir_code(msg.trigger)  # a FHIR code: no inner line breaks or runs of spaces
