@@ -515,10 +515,15 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
                 "valueString": family,
             }
         ]
+    # PID-10 race and PID-22 ethnic group (below) → the US Core extensions (US realm)
+    if nf > 10 and f[10] and (race := _race_ethnicity(pid, 10, ctx)):
+        res.setdefault("extension", []).append(race)
     # IG PID[Patient]: PID-17 religion and PID-23 birth place → the core patient-religion / patient-birthPlace
     # extensions (an ST birth place sent with components is their text, never the HL7 encoding)
     if nf > 17 and f[17] and (religion := _religion(dt.rep_of(pid, 17, ctx), pid, ctx)):
         res.setdefault("extension", []).append({"url": _RELIGION, "valueCodeableConcept": religion})
+    if nf > 22 and f[22] and (ethnicity := _race_ethnicity(pid, 22, ctx)):
+        res.setdefault("extension", []).append(ethnicity)
     if nf > 23 and f[23] and (place := dt.plain_text(dt.rep_of(pid, 23, ctx), ctx.delimiters)):
         res.setdefault("extension", []).append({"url": _BIRTH_PLACE, "valueAddress": {"text": place}})
     pd1 = msg.first("PD1")
@@ -552,6 +557,146 @@ def _religion(rep: Rep, pid: Segment, ctx: ConvertContext) -> JSON | None:
 
 
 _BIRTH_PLACE: Final = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace"
+
+# PID-10 / PID-22 → US Core (3.1.1 and later) race and ethnicity: the IG's PID[Patient] map says to use the
+# realm's extension.  Codes are those of the CDC Race & Ethnicity code system (HL7 table 0005 has used them
+# since v2.4); table 0189 letters and the letters of older 0005 feeds are mapped onto them.
+US_CORE_RACE: Final = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
+US_CORE_ETHNICITY: Final = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
+CDC_RACE_ETHNICITY: Final = "urn:oid:2.16.840.1.113883.6.238"
+NULL_FLAVOR: Final = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
+# the OMB categories (US Core ombCategory) with their CDC displays
+OMB_RACE: Final = {
+    "1002-5": "American Indian or Alaska Native",
+    "2028-9": "Asian",
+    "2054-5": "Black or African American",
+    "2076-8": "Native Hawaiian or Other Pacific Islander",
+    "2106-3": "White",
+}
+OMB_ETHNICITY: Final = {"2135-2": "Hispanic or Latino", "2186-5": "Not Hispanic or Latino"}
+# v3-NullFlavor codes US Core allows as a race ombCategory (not as an ethnicity one before US Core 5: there
+# they become the text alone)
+RACE_NULL_FLAVORS: Final = {"UNK": "unknown", "ASKU": "asked but unknown"}
+# table 0189 and the letters of pre-v2.4 table 0005 feeds → a CDC code or a null flavor
+RACE_LETTERS: Final = {"W": "2106-3", "B": "2054-5", "A": "2028-9", "I": "1002-5", "O": "2131-1", "U": "UNK"}
+ETHNICITY_LETTERS: Final = {"H": "2135-2", "N": "2186-5", "U": "UNK"}
+OTHER_RACE: Final = "2131-1"  # a detailed race (US Core 3.1.1), the only one Sluice knows the display of
+# coding-system names (CWE-3/6, upper-cased) whose codes are read as CDC codes, table letters or null flavors;
+# names starting with HL7 (HL70005, HL70189, a truncated HL7000) too
+_RACE_SYSTEMS: Final = frozenset(
+    {"", "CDCREC", "CDC", CDC_RACE_ETHNICITY[8:], CDC_RACE_ETHNICITY.upper(), "NULLFL"}
+)
+
+
+def _cdc_number(code: str) -> int:
+    """The number of a CDC Race & Ethnicity code (``NNNN-C``, C its mod-10 check digit as LOINC's), else -1."""
+    if (
+        len(code) != 6
+        or code[4] != "-"
+        or not code.isascii()
+        or not code[:4].isdigit()
+        or not code[5].isdigit()
+    ):
+        return -1
+    total = 0
+    for i in range(4):
+        d = ord(code[3 - i]) - 48
+        if i % 2 == 0:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return int(code[:4]) if (10 - total % 10) % 10 == ord(code[5]) - 48 else -1
+
+
+def _race_code(code: str, sysname: str, race: bool) -> tuple[str, str, str] | None:
+    """One CWE triplet's code → ``(kind, code, display)``: kind ``omb`` (an OMB category), ``detailed`` (another
+    CDC race or ethnicity code; display unknown: "") or ``null`` (a null flavor); None when it is none of them.
+    Race codes of the CDC code system are 1002-2131 and 2500, ethnicity codes 2135-2186."""
+    system = sysname.strip().upper()
+    if system not in _RACE_SYSTEMS and not system.startswith("HL7"):
+        return None
+    code = code.strip().upper()
+    if system != "NULLFL" and (letter := (RACE_LETTERS if race else ETHNICITY_LETTERS).get(code)) is not None:
+        code = letter
+    if code in RACE_NULL_FLAVORS:
+        return ("null", code, RACE_NULL_FLAVORS[code])
+    omb = OMB_RACE if race else OMB_ETHNICITY
+    if code in omb:
+        return ("omb", code, omb[code])
+    n = _cdc_number(code)
+    if (1002 <= n <= 2131 or n == 2500) if race else 2135 <= n <= 2186:
+        return ("detailed", code, "Other Race" if code == OTHER_RACE else "")
+    return None
+
+
+def _race_ethnicity(pid: Segment, field: int, ctx: ConvertContext) -> JSON | None:
+    """PID-10 (race) or PID-22 (ethnic group) → the US Core race or ethnicity extension; None without a value.
+
+    A function of the field's text (and the delimiters), so kept per channel and shared by later bundles
+    (:func:`datatypes.kept_piece`): a feed sends the same few values all day."""
+    key = ("PID-10" if field == 10 else "PID-22", ctx.delim_key, pid.fields[field], "")
+    kept = dt.kept_piece(ctx, key)
+    if kept is not None:
+        ext: JSON | None = kept[0]
+        return ext
+    mark = dt.piece_mark(ctx)
+    ext = _us_core_race_ethnicity(pid.reps(field), field == 10, ctx)
+    dt.keep_piece(ctx, key, ext, mark)
+    return ext
+
+
+def _us_core_race_ethnicity(reps: list[Rep], race: bool, ctx: ConvertContext) -> JSON | None:
+    """The repetitions of PID-10 (``race``) or PID-22 → the US Core extension: each repetition's code (its
+    identifier triplet, else its alternate one) as an ``ombCategory`` or a ``detailed`` coding, and one
+    ``text`` (required): each repetition's text (CWE-9, CWE-2, CWE-5, else the code's display, else the code),
+    joined with ``+`` as Microsoft's converter does.  Race takes up to the five OMB categories (a null flavor
+    only without one), ethnicity the first.  A value that is no known code keeps its text alone, counted
+    ``race_code_unmapped`` / ``ethnicity_code_unmapped``; an ethnicity sent as unknown (0189 ``U``) has its
+    text alone (US Core 3.1.1 has no null flavor for it)."""
+    omb: list[JSON] = []
+    nulls: list[JSON] = []
+    detailed: list[JSON] = []
+    texts: list[str] = []
+    seen: set[str] = set()
+    for rep in reps:
+        c = rep.cs(9)
+        found = _race_code(c[0], c[2], race) if c[0].strip() else None
+        sender_text = c[1].strip()
+        if found is None and c[3].strip():
+            found = _race_code(c[3], c[5], race)
+            sender_text = c[4].strip() or sender_text
+        if found is None:
+            ctx.count("race_code_unmapped" if race else "ethnicity_code_unmapped")
+            text = c[8].strip() or c[1].strip() or c[4].strip() or c[0].strip() or c[3].strip()
+        else:
+            kind, code, display = found
+            text = c[8].strip() or c[1].strip() or c[4].strip() or display or code
+            if code not in seen:
+                seen.add(code)
+                if kind == "null":
+                    if race:
+                        nulls.append({"system": NULL_FLAVOR, "code": code, "display": display})
+                elif kind == "omb":
+                    omb.append({"system": CDC_RACE_ETHNICITY, "code": code, "display": display})
+                elif display or sender_text:
+                    detailed.append(
+                        {"system": CDC_RACE_ETHNICITY, "code": code, "display": display or sender_text}
+                    )
+                else:
+                    detailed.append({"system": CDC_RACE_ETHNICITY, "code": code})
+        if text and text not in texts:
+            texts.append(text)
+    if not texts:
+        return None
+    if not race:
+        omb = omb[:1]
+    elif not omb:
+        omb = nulls[:1]
+    subs: list[JSON] = [{"url": "ombCategory", "valueCoding": coding} for coding in omb]
+    subs += [{"url": "detailed", "valueCoding": coding} for coding in detailed]
+    subs.append({"url": "text", "valueString": "+".join(texts)})
+    return {"url": US_CORE_RACE if race else US_CORE_ETHNICITY, "extension": subs}
 
 
 class _NK1:
