@@ -515,14 +515,14 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
                 "valueString": family,
             }
         ]
-    # PID-10 race and PID-22 ethnic group (below) → the US Core extensions (US realm)
-    if nf > 10 and f[10] and (race := _race_ethnicity(pid, 10, ctx)):
+    # PID-10 race and PID-22 ethnic group (below) → the US Core extensions (US realm: us_core_race_ethnicity)
+    if nf > 10 and f[10] and s.us_core_race_ethnicity and (race := _race_ethnicity(pid, 10, ctx)):
         res.setdefault("extension", []).append(race)
     # IG PID[Patient]: PID-17 religion and PID-23 birth place → the core patient-religion / patient-birthPlace
     # extensions (an ST birth place sent with components is their text, never the HL7 encoding)
     if nf > 17 and f[17] and (religion := _religion(dt.rep_of(pid, 17, ctx), pid, ctx)):
         res.setdefault("extension", []).append({"url": _RELIGION, "valueCodeableConcept": religion})
-    if nf > 22 and f[22] and (ethnicity := _race_ethnicity(pid, 22, ctx)):
+    if nf > 22 and f[22] and s.us_core_race_ethnicity and (ethnicity := _race_ethnicity(pid, 22, ctx)):
         res.setdefault("extension", []).append(ethnicity)
     if nf > 23 and f[23] and (place := dt.plain_text(dt.rep_of(pid, 23, ctx), ctx.delimiters)):
         res.setdefault("extension", []).append({"url": _BIRTH_PLACE, "valueAddress": {"text": place}})

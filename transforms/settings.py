@@ -70,6 +70,9 @@ class ConvertSettings:
     # The channel's ``strictness``: "lenient" drops a bad value in a non-key field with a located warning
     # (transforms.convert: one decision for every mapper); "strict" rejects the message (AE) as before
     strictness: str = "lenient"
+    # PID-10 race / PID-22 ethnic group → the US Core race and ethnicity extensions on Patient (US realm);
+    # false for a feed of another realm: the two fields are then not mapped
+    us_core_race_ethnicity: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_zone", site_zone(self.site_tz))
@@ -188,7 +191,7 @@ def _check(key: str, value: Any, base_dir: Path, config_file: str, where: str) -
         if value not in _CHOICES[key]:
             raise bad(f"{value!r} is not a valid value", "choose one of: " + ", ".join(_CHOICES[key]))
         return value
-    if key in ("derive_unknown_systems", "strip_html", "validate", "provenance"):
+    if key in ("derive_unknown_systems", "strip_html", "validate", "provenance", "us_core_race_ethnicity"):
         if not isinstance(value, bool):
             raise bad(f"{value!r} is not true/false", "write true or false")
         return value

@@ -145,6 +145,12 @@ def test_a_misspelt_user_step_function_is_located_and_suggests_the_name() -> Non
             id="hl7-to-fhir-unknown",
         ),
         pytest.param(
+            {"hl7-to-fhir": {"us_core_race_ethnicity": "yes"}},
+            "transform[2].hl7-to-fhir.us_core_race_ethnicity",
+            "'yes' is not true/false",
+            id="hl7-to-fhir-boolean",
+        ),
+        pytest.param(
             {"hl7-to-fhir": {"code_maps": {"OBX-3": "no-such-map.csv"}}},
             "transform[2].hl7-to-fhir.code_maps.OBX-3",
             "code map file 'no-such-map.csv' not found",

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from engine.errors import ConfigError
 from engine.hl7 import Message
 from transforms.convert import convert, convert_report
+from transforms.settings import ConvertSettings
 
 from .conftest import golden_settings, msg, resources, validate_resources
 
@@ -307,6 +310,12 @@ def test_other_extensions_stay_in_place() -> None:
     ]
 
 
+def test_the_option_turns_it_off_for_another_realm() -> None:
+    b, events = converted(admit("C^Caucasian^L", "A^White - British"), us_core_race_ethnicity=False)
+    assert "extension" not in patient_of(b)
+    assert "race_code_unmapped" not in events and "ethnicity_code_unmapped" not in events
+
+
 def test_every_message_type_with_a_pid_gets_it() -> None:
     """ORU (and SIU, VXU, ...) write the Patient through the same mapper, as a conditional create."""
     oru = msg(
@@ -341,3 +350,34 @@ def test_empty_fields_keep_nothing() -> None:
     s = golden_settings()
     convert(admit(), s)
     assert not any(isinstance(k, tuple) and k and k[0] in ("PID-10", "PID-22") for k in s.entity_memo)
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "text"),
+    [
+        pytest.param(
+            {"us_core_race_ethnicity": "no"},
+            "options.us_core_race_ethnicity",
+            "is not true/false",
+            id="not-a-boolean",
+        ),
+        pytest.param(
+            {"us-core-race-ethnicity": False},
+            "options.us-core-race-ethnicity",
+            "did you mean 'us_core_race_ethnicity'?",
+            id="hyphenated-name",
+        ),
+    ],
+)
+def test_option_errors_are_located(options: dict[str, Any], key: str, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ConvertSettings.from_options(options, Path("."), "channels/c.yaml")
+    assert info.value.file == "channels/c.yaml" and info.value.key == key
+    assert text in str(info.value)
+    assert ConvertSettings.from_options({}, Path("."), "c.yaml").us_core_race_ethnicity is True
+    assert (
+        ConvertSettings.from_options(
+            {"us_core_race_ethnicity": False}, Path("."), "c.yaml"
+        ).us_core_race_ethnicity
+        is False
+    )
