@@ -65,10 +65,14 @@ class Delimiters:
 
 DEFAULT_DELIMITERS: Final = Delimiters()
 
-# MSH-18 (HL7 table 0211) → Python codec.  "" means ASCII with the channel's fallback.
+# MSH-18 (HL7 table 0211) → Python codec.  "" means ASCII with the channel's fallback.  Table 0211 names
+# Python decodes as HL7 means them, then the IANA names of the same charsets (what a sender configured with
+# its platform's name writes).  Not here: ISO IR14/IR87/IR159 (JIS, 7-bit ISO 2022 escape sequences),
+# CNS 11643-1992 (no codec), UNICODE UTF-16/UTF-32 (not ASCII-based: MSH itself would not be ASCII).
 CHARSETS: Final[dict[str, str]] = {
     "": "ascii",
     "ASCII": "ascii",
+    "ISO IR6": "ascii",  # ISO 646: the ASCII graphic characters
     "8859/1": "latin-1",
     "8859/2": "iso8859-2",
     "8859/3": "iso8859-3",
@@ -79,8 +83,26 @@ CHARSETS: Final[dict[str, str]] = {
     "8859/8": "iso8859-8",
     "8859/9": "iso8859-9",
     "8859/15": "iso8859-15",
+    "GB 18030-2000": "gb18030",
+    "KS X 1001": "euc-kr",  # KS X 1001 in its 8-bit (EUC) form, as HAPI and NHapi read it
+    "BIG-5": "big5",
     "UNICODE": "utf-8",
     "UNICODE UTF-8": "utf-8",
+    # IANA names
+    "US-ASCII": "ascii",
+    "ISO-8859-1": "latin-1",
+    "ISO-8859-2": "iso8859-2",
+    "ISO-8859-3": "iso8859-3",
+    "ISO-8859-4": "iso8859-4",
+    "ISO-8859-5": "iso8859-5",
+    "ISO-8859-6": "iso8859-6",
+    "ISO-8859-7": "iso8859-7",
+    "ISO-8859-8": "iso8859-8",
+    "ISO-8859-9": "iso8859-9",
+    "ISO-8859-15": "iso8859-15",
+    "GB18030": "gb18030",
+    "EUC-KR": "euc-kr",
+    "BIG5": "big5",
     "UTF-8": "utf-8",
     "WINDOWS-1252": "cp1252",
     "CP1252": "cp1252",

@@ -59,8 +59,10 @@ CHARSETS = frozenset(
     {"ASCII", "8859/1", "8859/2", "8859/3", "8859/4", "8859/5", "8859/6", "8859/7", "8859/8", "8859/9",
      "8859/15", "ISO IR6", "ISO IR14", "ISO IR87", "ISO IR159", "GB 18030-2000", "KS X 1001",
      "CNS 11643-1992", "BIG-5", "UNICODE", "UNICODE UTF-8", "UNICODE UTF-16", "UNICODE UTF-32",
-     "WINDOWS-1252", "CP1252", "UTF-8"}
-)  # table 0211, plus the names engine/hl7.py accepts  # fmt: skip
+     "WINDOWS-1252", "CP1252", "UTF-8", "US-ASCII", "ISO-8859-1", "ISO-8859-2", "ISO-8859-3", "ISO-8859-4",
+     "ISO-8859-5", "ISO-8859-6", "ISO-8859-7", "ISO-8859-8", "ISO-8859-9", "ISO-8859-15", "GB18030", "EUC-KR",
+     "BIG5"}
+)  # table 0211, plus the names engine/hl7.py accepts (tests/engine/test_hl7.py checks)  # fmt: skip
 
 # C0 and C1 controls, DEL, and the Unicode line/paragraph separators and bidirectional controls
 # (text that reorders what a terminal shows).

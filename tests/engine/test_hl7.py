@@ -120,6 +120,36 @@ def test_decode_errors() -> None:
     assert ei2.value.hl7_error == "103"
 
 
+@pytest.mark.parametrize(
+    ("msh18", "text"),
+    [
+        pytest.param("ISO IR6", "MULLER", id="iso-ir6"),
+        pytest.param("US-ASCII", "MULLER", id="us-ascii"),
+        pytest.param("ISO-8859-1", "Müller", id="iso-8859-1"),
+        pytest.param("iso-8859-15", "Müller €", id="iso-8859-15-lowercase"),
+        pytest.param("8859/15", "Müller €", id="8859-15"),
+        pytest.param("GB 18030-2000", "王小明", id="gb18030"),
+        pytest.param("KS X 1001", "김민준", id="ks-x-1001"),
+        pytest.param("BIG-5", "陳大文", id="big5"),
+        pytest.param("BIG5", "陳大文", id="big5-iana"),
+    ],
+)
+def test_table_0211_and_iana_names_are_decoded(msh18: str, text: str) -> None:
+    codec = hl7.CHARSETS[msh18.upper()]
+    raw = f"MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||{msh18}\rPID|1||1||{text}^Ann\r".encode(codec)
+    for utf8_fallback in (False, True):
+        msg = hl7.parse_bytes(raw, utf8_fallback=utf8_fallback)
+        assert msg["PID-5.1"] == text and msg["PID-5.2"] == "Ann"
+
+
+def test_every_name_decoded_is_quoted_in_reasons() -> None:
+    """engine.redact quotes table 0211 names and the names engine.hl7 decodes, nothing else."""
+    from engine import redact
+
+    assert {n for n in hl7.CHARSETS if n} <= redact.CHARSETS
+    assert all(n == n.upper().strip() for n in hl7.CHARSETS)  # sniff_charset upper-cases and strips
+
+
 def test_empty_msh18_uses_fallback() -> None:
     raw = b"MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5\rPID|1||1||M\xfcller\r"
     assert "Müller" in hl7.decode(raw, "latin-1")
