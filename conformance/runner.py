@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from conformance.score import CATEGORIES, RULES, Score, score_bundles
 from engine.errors import SluiceError
-from engine.hl7 import Message, charset_fallback_warning, parse_bytes, utf8_mislabelled
+from engine.hl7 import Message, decode_warning, parse_bytes
 
 if TYPE_CHECKING:
     from transforms.bundle import Conversion
@@ -354,7 +354,8 @@ def convert_one(
     """Parse, convert and validate one message into ``result``; the Bundle when it converted.
 
     As a channel with the shipped defaults: UTF-8 bytes under a single-byte MSH-18 decoded as UTF-8 (a
-    ``charset_fallback`` warning), then the conversion's own warnings (``settings.strictness``)."""
+    ``charset_fallback`` warning), ASCII bytes under an MSH-18 Sluice does not know as ASCII (``charset_unknown``),
+    then the conversion's own warnings (``settings.strictness``)."""
     msg: Message | None = None
     try:
         msg = parse_bytes(raw, utf8_fallback=True)
@@ -381,8 +382,8 @@ def convert_one(
         result.detail = f"{type(exc).__name__}: {exc}"
         result.problems = _tb_lines(exc)
         return None
-    if utf8_mislabelled(raw):
-        result.warnings.append(charset_fallback_warning(raw))
+    if (charset := decode_warning(raw, True)) is not None:
+        result.warnings.append(charset)
     if isinstance(converted, dict):
         bundle = converted
     else:

@@ -702,7 +702,7 @@ def _convert_runtime(
 def _convert_plain(label: str, raw: bytes) -> list[tuple[bytes, str]] | None:
     """No config: the hl7-to-fhir conversion with default settings (unknown authorities derived)."""
     from engine import exactjson
-    from engine.hl7 import parse_bytes
+    from engine.hl7 import decode_warning, parse_bytes
     from transforms.convert import convert_report
     from transforms.fhir_step import FHIR_JSON
     from transforms.settings import ConvertSettings
@@ -712,7 +712,10 @@ def _convert_plain(label: str, raw: bytes) -> list[tuple[bytes, str]] | None:
     except SluiceError as exc:
         click.echo(f"{label}: error {exc.hl7_error}: {exc}", err=True)
         return None
-    for kind, text in zip(result.warning_kinds, result.warnings, strict=True):
+    # bytes read other than as MSH-18 declares (charset_unknown): said first, as a channel says it
+    charset = decode_warning(raw, False)
+    warnings = ([charset] if charset else []) + list(zip(result.warning_kinds, result.warnings, strict=True))
+    for kind, text in warnings:
         click.echo(f"{label}: warning: {printable(text)} [{kind}]", err=True)  # located, never a value
     return [(exactjson.dumps(result.bundle), FHIR_JSON)]
 

@@ -150,11 +150,13 @@ def sniff_charset(raw: bytes) -> str:
     if start < 0 or len(raw) < start + 4:
         return ""
     fs = raw[start + 3 : start + 4]
-    end = len(raw)
-    for term in (b"\r", b"\n"):
-        i = raw.find(term, start)
-        if 0 <= i < end:
-            end = i
+    # the MSH line ends at the first CR or LF (searched within it: no scan of the whole message for an LF)
+    end = raw.find(b"\r", start)
+    if end < 0:
+        end = len(raw)
+    lf = raw.find(b"\n", start, end)
+    if lf >= 0:
+        end = lf
     fields = raw[start:end].split(fs)
     if len(fields) < 18:
         return ""
@@ -166,15 +168,15 @@ def sniff_charset(raw: bytes) -> str:
 
 
 # MSH-18 values declaring a single-byte charset under which valid multi-byte UTF-8 is a mislabel (a common one:
-# a UTF-8 sender that fills MSH-18 with 8859/1, or leaves it empty)
-UTF8_MISLABELS: Final = frozenset({"", "ASCII", "8859/1"})
+# a UTF-8 sender that fills MSH-18 with 8859/1, or leaves it empty): ASCII and Latin-1 by any of their names.
+# An MSH-18 Sluice does not know is one too (decode).
+UTF8_MISLABELS: Final = frozenset(name for name, codec in CHARSETS.items() if codec in ("ascii", "latin-1"))
+
+# ESC: ISO 2022 text (JIS, ISO IR87) is 7-bit, its escape sequences switch character sets; never read as ASCII
+_ESC: Final = b"\x1b"
 
 
-def utf8_mislabelled(raw: bytes) -> bool:
-    """Are ``raw``'s bytes valid UTF-8 with multi-byte sequences under a declared single-byte charset (MSH-18
-    ``8859/1``, ``ASCII`` or none)?  Pure-ASCII bytes never are (decoded the same either way)."""
-    if raw.isascii() or sniff_charset(raw) not in UTF8_MISLABELS:
-        return False
+def _is_utf8(raw: bytes) -> bool:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -182,41 +184,84 @@ def utf8_mislabelled(raw: bytes) -> bool:
     return True
 
 
+def utf8_mislabelled(raw: bytes) -> bool:
+    """Are ``raw``'s bytes valid UTF-8 with multi-byte sequences under a declared single-byte charset (MSH-18
+    ``8859/1``, ``ASCII`` or none, by any of their names) or one Sluice does not know?  Pure-ASCII bytes never
+    are (decoded the same either way)."""
+    if raw.isascii():
+        return False
+    charset = sniff_charset(raw)
+    if charset not in UTF8_MISLABELS and charset in CHARSETS:
+        return False
+    return _is_utf8(raw)
+
+
+def _declares(charset: str) -> str:
+    """What MSH-18 declares, for a warning: a name Sluice decodes or a table 0211 name is quoted, anything
+    else redacted (``engine.redact``: it may be what a sender misplaced there)."""
+    if not charset:
+        return "declares no character set (ASCII)"
+    if charset in CHARSETS:
+        return f"declares {charset}"
+    return f"declares a character set Sluice does not decode ({redact.charset(charset)})"
+
+
 def charset_fallback_warning(raw: bytes) -> tuple[str, str]:
     """The (kind, text) warning kept with a message :func:`decode` read as UTF-8 under ``utf8_fallback``
-    although MSH-18 declares a single-byte charset (:func:`utf8_mislabelled`); the charset name redacted."""
-    declared = sniff_charset(raw)
-    said = f"declares {redact.charset(declared)}" if declared else "declares no character set (ASCII)"
+    although MSH-18 declares a single-byte charset or one Sluice does not know (:func:`utf8_mislabelled`)."""
     return (
         "charset_fallback",
-        f"MSH-18: the message {said} but its bytes are UTF-8 (multi-byte sequences); decoded as UTF-8 "
-        "(turn off with the channel's source.utf8_fallback: false)",
+        f"MSH-18: the message {_declares(sniff_charset(raw))} but its bytes are UTF-8 (multi-byte sequences); "
+        "decoded as UTF-8 (turn off with the channel's source.utf8_fallback: false)",
     )
+
+
+def charset_unknown_warning(raw: bytes) -> tuple[str, str]:
+    """The (kind, text) warning kept with a message :func:`decode` read as ASCII because MSH-18 names a
+    charset Sluice does not know and every byte is ASCII (which every ASCII-based charset reads alike)."""
+    return (
+        "charset_unknown",
+        f"MSH-18: the message {_declares(sniff_charset(raw))} but its bytes are all ASCII, which every "
+        "ASCII-based character set reads alike; decoded as ASCII",
+    )
+
+
+def decode_warning(raw: bytes, utf8_fallback: bool) -> tuple[str, str] | None:
+    """The (kind, text) warning kept with a message :func:`decode` did not read as MSH-18 declares
+    (``charset_fallback`` or ``charset_unknown``), or None.  ``raw`` must be a message ``decode`` read."""
+    charset = sniff_charset(raw)
+    known = charset in CHARSETS
+    if known and not (utf8_fallback and charset in UTF8_MISLABELS):
+        return None  # read as declared (the usual case: one look at MSH)
+    if raw.isascii():
+        return None if known else charset_unknown_warning(raw)
+    if utf8_fallback and _is_utf8(raw):
+        return charset_fallback_warning(raw)
+    return None
 
 
 def decode(raw: bytes, fallback: str = "latin-1", utf8_fallback: bool = False) -> str:
     """Decode message bytes by MSH-18; the raw bytes stay untouched in the store.
 
-    Empty MSH-18 means ASCII; bytes >= 0x80 then use the channel's fallback charset.
-    Unknown MSH-18 is AE 103; bytes invalid under the declared charset are AE 102.
+    Empty MSH-18 means ASCII; bytes >= 0x80 then use the channel's fallback charset.  Bytes invalid under
+    the declared charset are AE 102.  An MSH-18 Sluice does not know (not in :data:`CHARSETS`): bytes that
+    are all ASCII (no ESC, which would start ISO 2022 escape sequences) are decoded as ASCII, as every
+    ASCII-based charset would (processing records a ``charset_unknown`` warning); other bytes are AE 103,
+    unless ``utf8_fallback`` applies.
     ``utf8_fallback`` (the channel's ``source.utf8_fallback``): bytes that are valid UTF-8 with multi-byte
-    sequences under MSH-18 ``8859/1``, ``ASCII`` or none are decoded as UTF-8 (:func:`utf8_mislabelled`;
-    processing records the warning).  Pure-ASCII messages pay one ``isascii`` scan for it.
+    sequences under MSH-18 ``8859/1``, ``ASCII``, none or an unknown name are decoded as UTF-8
+    (:func:`utf8_mislabelled`; processing records the ``charset_fallback`` warning).  Pure-ASCII messages
+    pay one ``isascii`` scan for it.  :func:`decode_warning` says which warning a decoded message gets.
     """
     charset = sniff_charset(raw)
+    codec = CHARSETS.get(charset)
+    if codec is None:
+        return _decode_unknown(raw, charset, utf8_fallback)
     if utf8_fallback and charset in UTF8_MISLABELS and not raw.isascii():
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             pass  # not UTF-8: read as declared below
-    codec = CHARSETS.get(charset)
-    if codec is None:
-        raise MessageContentError(
-            # a name from table 0211 is quoted; anything else may be what a sender misplaced there (engine.redact)
-            f"unsupported character set in MSH-18: {redact.charset(charset)}",
-            code="103",
-            location=Location("MSH", 1, 18),
-        )
     if codec == "ascii":
         try:
             return raw.decode("ascii")
@@ -234,6 +279,26 @@ def decode(raw: bytes, fallback: str = "latin-1", utf8_fallback: bool = False) -
         raise MessageContentError(
             f"message bytes are not valid {charset}", code="102", location=Location("MSH", 1, 18)
         ) from None
+
+
+def _decode_unknown(raw: bytes, charset: str, utf8_fallback: bool) -> str:
+    """:func:`decode` under an MSH-18 that is not in :data:`CHARSETS`."""
+    why = ""
+    if raw.isascii():
+        if _ESC not in raw:
+            return raw.decode("ascii")
+        why = " (its bytes hold ISO 2022 escape sequences)"
+    elif utf8_fallback:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    raise MessageContentError(
+        # a name from table 0211 is quoted; anything else may be what a sender misplaced there (engine.redact)
+        f"unsupported character set in MSH-18: {redact.charset(charset)}{why}",
+        code="103",
+        location=Location("MSH", 1, 18),
+    )
 
 
 def normalise_newlines(text: str) -> str:

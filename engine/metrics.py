@@ -301,7 +301,8 @@ class Metrics:
         self.conversion_warnings = Counter(
             "sluice_conversion_warnings",
             "Located warnings recorded with processed messages, by kind: what a conversion dropped or changed "
-            "instead of rejecting the message (e.g. field_dropped, charset_fallback, encounter_end_before_start).",
+            "instead of rejecting the message (e.g. field_dropped, charset_fallback, charset_unknown, "
+            "encounter_end_before_start).",
             ["channel", "kind"],
             registry=r,
         )

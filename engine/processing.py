@@ -19,7 +19,7 @@ from engine.config import ChannelConfig, Config
 from engine.config.problems import Problems, attempt
 from engine.destinations.base import CONTENT_HL7
 from engine.errors import Location, MessageContentError, SluiceError
-from engine.hl7 import Message, charset_fallback_warning, parse_bytes, utf8_mislabelled
+from engine.hl7 import Message, decode_warning, parse_bytes
 from engine.intake import Output, ProcessResult
 from engine.pipeline import Pipeline, Predicate, StageContext, Work
 from engine.sources import resources
@@ -162,9 +162,12 @@ class ChannelRuntime:
         facts = dict(out.facts)
         if "writeback" in facts:  # record() decides which candidate is sent (engine/writeback.py)
             facts["writeback"] = {**facts["writeback"], "message_id": message_id}
-        if content_type == CONTENT_HL7 and self.channel.source.utf8_fallback and utf8_mislabelled(raw):
-            # decoded as UTF-8 at intake and above (engine.hl7.decode): said once, first, with the message
-            facts["warnings"] = [list(charset_fallback_warning(raw)), *facts.get("warnings", ())]
+        if content_type == CONTENT_HL7 and (
+            charset := decode_warning(raw, self.channel.source.utf8_fallback)
+        ):
+            # not read as MSH-18 declares, at intake and above (engine.hl7.decode: charset_fallback,
+            # charset_unknown): said once, first, with the message
+            facts["warnings"] = [list(charset), *facts.get("warnings", ())]
         output = Output(
             out.payload, out.content_type, {k: str(v) for k, v in out.meta.items()}, facts, routes
         )

@@ -429,12 +429,38 @@ def test_valid_utf8_under_declared_utf8_is_accepted(eng: Engine) -> None:
     assert "Müller" in payload.decode("utf-8")
 
 
-def test_unknown_charset_is_ae_103_quarantined(eng: Engine) -> None:
+def test_unknown_charset_on_non_ascii_bytes_is_ae_103_quarantined(eng: Engine) -> None:
+    """Bytes outside ASCII (Latin-1, not UTF-8: source.utf8_fallback cannot read them) under an MSH-18 Sluice
+    does not know: AE 103, stored as sent."""
     cid = uid("CS")
-    a = ack_of(eng, "msg", adt(cid, msh18="KLINGON-8"))
+    body = adt(cid, msh18="KLINGON-8", name="M\xfcller^Alex")
+    a = ack_of(eng, "msg", body)
     assert (a.code, a.control_id, a.err_code) == ("AE", cid, "103")
-    assert eng.rows(cid)[0].status == st.QUARANTINED
+    assert a.err_location.startswith("MSH^1^18")
+    row = eng.rows(cid)[0]
+    assert row.status == st.QUARANTINED and row.raw == body
     eng.assert_serving("msg")
+
+
+@pytest.mark.parametrize("channel", ["json", "fhir"])  # fhir: strictness strict (nothing is dropped)
+def test_unknown_charset_on_ascii_bytes_is_read_as_ascii_with_a_warning(eng: Engine, channel: str) -> None:
+    """Every ASCII-based charset reads ASCII bytes alike: junk in MSH-18 no longer rejects the message; the
+    stored charset_unknown warning names no value."""
+    cid = uid("CS")
+    body = adt(cid, msh18="Quorthvexil")  # synthetic: a sender's value misplaced in MSH-18
+    a = ack_of(eng, channel, body)  # ack: after-processing: the ACK follows the conversion
+    assert (a.code, a.control_id) == ("AA", cid)
+    row = eng.rows(cid)[0]
+    assert row.status == st.PROCESSED and row.raw == body
+    # said first (the conversion's own warnings, such as the visit without a number, follow)
+    assert eng.store.warnings_of(row.id)[0] == (
+        "charset_unknown",
+        "MSH-18: the message declares a character set Sluice does not decode (invalid (11 characters)) but "
+        "its bytes are all ASCII, which every ASCII-based character set reads alike; decoded as ASCII",
+    )
+    (payload,) = eng.payloads(row.id)
+    assert b"Testpatient" in payload
+    eng.assert_serving(channel)
 
 
 def test_high_bytes_without_msh18_use_the_fallback_charset_and_raw_is_kept(eng: Engine) -> None:

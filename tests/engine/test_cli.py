@@ -203,6 +203,44 @@ def test_convert_says_what_it_dropped(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "19761341" not in res.stderr
 
 
+def test_convert_reads_ascii_under_an_unknown_msh18_as_the_engine_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An MSH-18 Sluice does not know on ASCII bytes: converted, with the charset_unknown warning on stderr, with a
+    channel (its intake, as the engine) and without; bytes outside ASCII under it stay AE 103."""
+    sample = (SAMPLES / "adt_a01.hl7").read_bytes()
+    ascii_msg = tmp_path / "junk-msh18.hl7"
+    ascii_msg.write_bytes(sample.replace(b"|P|2.5.1\r", b"|P|2.5.1||||||Quorthvexil\r", 1))
+    latin = tmp_path / "junk-msh18-latin1.hl7"
+    latin.write_bytes(ascii_msg.read_bytes().replace(b"Sampleton", "Sämpleton".encode("latin-1")))
+    assert b"Quorthvexil" in ascii_msg.read_bytes() and b"\xe4" in latin.read_bytes()
+    want = "MSH-18: the message declares a character set Sluice does not decode (invalid (11 characters))"
+    monkeypatch.chdir(tmp_path)  # no routes.yaml: the plain converter
+    cfg = write_config(
+        tmp_path / "c",
+        channels={
+            "c": {
+                **basic_channel(free_port()),
+                "transform": [{"hl7-to-fhir": {"derive_unknown_systems": True}}],
+            }
+        },
+        destinations={"out": {"kind": "file", "directory": str(tmp_path / "out")}},
+    )
+    for args in ([], ["--config", str(cfg)]):
+        res = CliRunner().invoke(main, ["convert", *args, str(ascii_msg)])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["type"] == "transaction"
+        assert f"warning: {want}" in res.stderr and "[charset_unknown]" in res.stderr
+        assert "QUORTHVEXIL" not in res.stderr.upper()
+        res = CliRunner().invoke(main, ["convert", *args, str(latin)])
+        assert res.exit_code == 1 and res.stdout == ""
+        assert (
+            "103" in res.stderr
+            and "unsupported character set in MSH-18: invalid (11 characters)" in res.stderr
+        )
+        assert "QUORTHVEXIL" not in res.stderr.upper()
+
+
 def test_check_loads_plugins(tmp_path: Path) -> None:
     """A destination kind from a plugin is known to `check`, as it is to `run`."""
     cfg = write_config(

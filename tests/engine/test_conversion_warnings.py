@@ -1,8 +1,8 @@
 """Conversion warnings end to end (issue #14): a real engine process, real sockets, the SQLite store.
 
 A message that converts only because something was dropped or re-read (a bad value in a non-key field under
-``strictness: lenient``, UTF-8 bytes under MSH-18 ``8859/1``) is processed, and its located, PHI-free warnings
-are stored with it: ``sluice messages show``, the admin API's message detail and the Prometheus counter per
+``strictness: lenient``, UTF-8 bytes under MSH-18 ``8859/1``, ASCII bytes under an MSH-18 Sluice does not know)
+is processed, and its located, PHI-free warnings are stored with it: ``sluice messages show``, the admin API's message detail and the Prometheus counter per
 kind show them.  ``strictness: strict`` rejects the same message; ``source.utf8_fallback: false`` reads the
 bytes as declared.
 """
@@ -36,6 +36,11 @@ def mislabelled(control: str) -> bytes:
     ).encode()
 
 
+def unknown_charset(control: str) -> bytes:
+    """ASCII bytes under an MSH-18 Sluice does not know (``8859``, no part number), the same bad PID-7."""
+    return mislabelled(control).replace(b"|8859/1\r", b"|8859\r").replace(NAME.encode(), b"Nunez")
+
+
 def send(port: int, payload: bytes) -> str:
     import asyncio
 
@@ -66,12 +71,16 @@ def test_warnings_are_stored_shown_and_counted(tmp_path: Path, workers: int) -> 
     with EngineProcess(cfg, lenient, env={"SLUICE_ADMIN_PORT": str(admin_port)}):
         for port, cid in ((lenient, "W1"), (strict, "W2"), (off, "W3")):
             assert send(port, mislabelled(cid)) == "AA"  # ack: on-commit
-        wait_for(lambda: (out / "len-W1.json").exists() and (out / "raw-W3.json").exists(), what="bundles")
+        assert send(lenient, unknown_charset("W4")) == "AA"  # was AE 103 (unsupported character set)
+        wait_for(
+            lambda: all((out / f).exists() for f in ("len-W1.json", "raw-W3.json", "len-W4.json")),
+            what="bundles",
+        )
         store = st.Store(f"sqlite:///{tmp_path}/sluice.db", create=False)
         try:
             rows = {r.control_id: r for r in store.list_messages()}
             wait_for(lambda: store.get_message(rows["W2"].id).status == st.ERROR, what="W2 rejected")
-            w1, w2, w3 = rows["W1"].id, rows["W2"].id, rows["W3"].id
+            w1, w2, w3, w4 = rows["W1"].id, rows["W2"].id, rows["W3"].id, rows["W4"].id
             assert store.get_message(w1).status == st.PROCESSED
             got = store.warnings_of(w1)
             assert [k for k, _ in got] == ["charset_fallback", "field_dropped"]
@@ -93,6 +102,15 @@ def test_warnings_are_stored_shown_and_counted(tmp_path: Path, workers: int) -> 
             (p3,) = [e["resource"] for e in raw["entry"] if e["resource"]["resourceType"] == "Patient"]
             assert p3["name"][0]["family"] == NAME.encode().decode("latin-1")
             assert [k for k, _ in store.warnings_of(w3)] == ["field_dropped"]
+            # an unknown MSH-18 on ASCII bytes: read as ASCII, said first, the name redacted
+            row4 = store.get_message(w4)
+            assert row4 is not None and row4.status == st.PROCESSED
+            got4 = store.warnings_of(w4)
+            assert [k for k, _ in got4] == ["charset_unknown", "field_dropped"]
+            assert got4[0][1] == (
+                "MSH-18: the message declares a character set Sluice does not decode (invalid (4 characters)) but "
+                "its bytes are all ASCII, which every ASCII-based character set reads alike; decoded as ASCII"
+            )
         finally:
             store.close()
 
@@ -101,6 +119,12 @@ def test_warnings_are_stored_shown_and_counted(tmp_path: Path, workers: int) -> 
         assert "warning:     MSH-18: the message declares 8859/1" in show.output
         assert "[charset_fallback]" in show.output and "[field_dropped]" in show.output
         assert NAME not in show.output and "20250230" not in show.output
+        show4 = CliRunner().invoke(main, ["messages", "show", str(w4), "--config", str(cfg)])
+        assert show4.exit_code == 0, show4.output
+        assert (
+            "warning:     MSH-18: the message declares a character set Sluice does not decode" in show4.output
+        )
+        assert "[charset_unknown]" in show4.output
 
         token = make_token(cfg, "viewer", "viewer")
         base = f"http://127.0.0.1:{admin_port}"
@@ -109,9 +133,14 @@ def test_warnings_are_stored_shown_and_counted(tmp_path: Path, workers: int) -> 
         ).json()
         assert [w["kind"] for w in detail["warnings"]] == ["charset_fallback", "field_dropped"]
         assert detail["warnings"][1]["text"].startswith("PID-7: ")
+        detail4 = httpx.get(
+            f"{base}/api/v1/messages/{w4}", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ).json()
+        assert [w["kind"] for w in detail4["warnings"]] == ["charset_unknown", "field_dropped"]
 
         metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10).text
         assert 'sluice_conversion_warnings_total{channel="len",kind="charset_fallback"} 1.0' in metrics
-        assert 'sluice_conversion_warnings_total{channel="len",kind="field_dropped"} 1.0' in metrics
+        assert 'sluice_conversion_warnings_total{channel="len",kind="charset_unknown"} 1.0' in metrics
+        assert 'sluice_conversion_warnings_total{channel="len",kind="field_dropped"} 2.0' in metrics
         assert 'sluice_conversion_warnings_total{channel="raw",kind="field_dropped"} 1.0' in metrics
         assert 'channel="str",kind=' not in metrics

@@ -114,10 +114,79 @@ def test_decode_errors() -> None:
     with pytest.raises(MessageContentError) as ei:
         hl7.decode(bad)
     assert ei.value.hl7_error == "102"
-    unknown = b"MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||KLINGON\r"
-    with pytest.raises(MessageContentError) as ei2:
-        hl7.decode(unknown)
-    assert ei2.value.hl7_error == "103"
+    # an unknown MSH-18 on bytes outside ASCII: AE 103 (ASCII bytes are read as ASCII: the test below)
+    unknown = "MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||KLINGON\rPID|1||1||M\xfcller\r".encode("latin-1")
+    for utf8_fallback in (False, True):  # (not UTF-8: the fallback does not apply)
+        with pytest.raises(MessageContentError) as ei2:
+            hl7.decode(unknown, utf8_fallback=utf8_fallback)
+        assert ei2.value.hl7_error == "103" and str(ei2.value.location) == "MSH-18"
+        assert "invalid (7 characters)" in str(ei2.value) and "KLINGON" not in str(ei2.value)
+
+
+@pytest.mark.parametrize(
+    "msh18",
+    [
+        pytest.param("KLINGON", id="junk"),
+        pytest.param("8859", id="8859-without-part"),
+        pytest.param("latin1", id="latin1"),
+        pytest.param("Cp1250", id="cp1250"),
+        pytest.param("UNICODE UTF-16", id="table-0211-not-decoded"),
+        pytest.param("ISO IR87~ISO IR6", id="jis-first"),
+    ],
+)
+def test_unknown_msh18_on_ascii_bytes_is_read_as_ascii_with_a_warning(msh18: str) -> None:
+    """Every ASCII-based charset reads ASCII bytes alike: a name Sluice does not know rejects nothing."""
+    raw = f"MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||{msh18}\rPID|1||1||MULLER\r".encode()
+    for utf8_fallback in (False, True):
+        assert hl7.decode(raw, utf8_fallback=utf8_fallback) == raw.decode("ascii")
+        assert hl7.parse_bytes(raw, utf8_fallback=utf8_fallback)["PID-5"] == "MULLER"
+        warning = hl7.decode_warning(raw, utf8_fallback)
+        assert warning is not None and warning[0] == "charset_unknown"
+        assert warning[1].startswith("MSH-18: the message declares a character set Sluice does not decode (")
+        assert warning[1].endswith(
+            "but its bytes are all ASCII, which every ASCII-based character set reads alike; decoded as ASCII"
+        )
+    name = msh18.split("~")[0].upper()
+    said = hl7.decode_warning(raw, True)
+    assert said is not None
+    if name in ("UNICODE UTF-16", "ISO IR87"):  # table 0211 names are quoted
+        assert f"({name})" in said[1]
+    else:  # anything else may be what a sender misplaced there: its length only
+        assert f"(invalid ({len(name)} characters))" in said[1] and name not in said[1].upper()
+
+
+def test_unknown_msh18_keeps_ae_103_for_iso_2022_escapes() -> None:
+    """JIS text (ISO IR87) is 7-bit: its ESC sequences switch character sets, it is not ASCII text."""
+    raw = b"MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||ISO IR87\rPID|1||1||\x1b$B%F%9%H\x1b(B\r"
+    with pytest.raises(MessageContentError) as ei:
+        hl7.decode(raw, utf8_fallback=True)
+    assert ei.value.hl7_error == "103"
+    assert (
+        ei.value.message
+        == "unsupported character set in MSH-18: ISO IR87 (its bytes hold ISO 2022 escape sequences)"
+    )
+
+
+def test_unknown_msh18_on_utf8_bytes_follows_utf8_fallback() -> None:
+    raw = "MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||UTF8\rPID|1||1||NÚÑEZ\r".encode()
+    assert hl7.utf8_mislabelled(raw)
+    assert "NÚÑEZ" in hl7.decode(raw, utf8_fallback=True)
+    warning = hl7.decode_warning(raw, True)
+    assert warning is not None and warning[0] == "charset_fallback"
+    assert warning[1].startswith(
+        "MSH-18: the message declares a character set Sluice does not decode (invalid (4 characters)) but its "
+        "bytes are UTF-8"
+    )
+    with pytest.raises(MessageContentError) as ei:  # the fallback off: as before, AE 103
+        hl7.decode(raw)
+    assert ei.value.hl7_error == "103"
+    assert hl7.decode_warning(raw, False) is None  # (decode raised: no message to warn about)
+
+
+def test_known_msh18_gets_no_decode_warning() -> None:
+    for msh18 in ("", "ASCII", "8859/1", "UNICODE UTF-8", "iso-8859-1"):
+        raw = f"MSH|^~\\&|A|B|C|D|||ADT^A01|1|P|2.5||||||{msh18}\rPID|1||1||MULLER\r".encode()
+        assert hl7.decode_warning(raw, True) is None and hl7.decode_warning(raw, False) is None
 
 
 @pytest.mark.parametrize(
@@ -140,6 +209,7 @@ def test_table_0211_and_iana_names_are_decoded(msh18: str, text: str) -> None:
     for utf8_fallback in (False, True):
         msg = hl7.parse_bytes(raw, utf8_fallback=utf8_fallback)
         assert msg["PID-5.1"] == text and msg["PID-5.2"] == "Ann"
+        assert hl7.decode_warning(raw, utf8_fallback) is None
 
 
 def test_every_name_decoded_is_quoted_in_reasons() -> None:

@@ -31,11 +31,15 @@ CH = ChannelConfig(
 )
 
 
-def msh(*, mtype: str = "ADT^A01", pid: str = "P", version: str = "2.5.1", charset: str = "") -> bytes:
+def msh(
+    *, mtype: str = "ADT^A01", pid: str = "P", version: str = "2.5.1", charset: str = "", latin1: bool = False
+) -> bytes:
+    """``latin1``: a Latin-1 name (a byte outside ASCII that is no UTF-8), so an unknown MSH-18 is AE 103
+    (ASCII bytes under an unknown MSH-18 are read as ASCII)."""
     return (
         f"MSH|^~\\&|EHR|NORTH|SL|HOSP|20250101120000||{mtype}|C1|{pid}|{version}||||||{charset}\r"
-        "PID|1||P1^^^NORTH^MR||Testpatient^Alex\r"
-    ).encode()
+        f"PID|1||P1^^^NORTH^MR||{'Müller' if latin1 else 'Testpatient'}^Alex\r"
+    ).encode("latin-1" if latin1 else "utf-8")
 
 
 def decide(payload: bytes) -> tuple[str, bytes]:
@@ -62,7 +66,7 @@ def decide(payload: bytes) -> tuple[str, bytes]:
             msh(version=SECRET), "HL7 version invalid (11 characters) is not accepted", id="version"
         ),
         pytest.param(
-            msh(charset=SECRET.upper()),
+            msh(charset=SECRET.upper(), latin1=True),
             "unsupported character set in MSH-18: invalid (11 characters)",
             id="charset",
         ),
@@ -85,10 +89,11 @@ def test_reasons_and_ack_text_quote_no_unvalidated_header_value(payload: bytes, 
         pytest.param(msh(version="2.4"), "", id="accepted"),
         pytest.param(msh(version="3.0"), "HL7 version invalid (3 characters)", id="unknown-version"),
         pytest.param(
-            msh(charset="UNICODE UTF-16"),
+            msh(charset="UNICODE UTF-16", latin1=True),
             "unsupported character set in MSH-18: UNICODE UTF-16",
             id="known-charset",
         ),
+        pytest.param(msh(charset="UNICODE UTF-16"), "", id="known-charset-ascii-bytes"),
     ],
 )
 def test_known_codes_are_still_named(payload: bytes, reason: str) -> None:
@@ -98,8 +103,28 @@ def test_known_codes_are_still_named(payload: bytes, reason: str) -> None:
 
 def test_charset_reason_from_the_parser() -> None:
     with pytest.raises(MessageContentError) as exc:
-        hl7.decode(msh(charset=f"{SECRET}^X"))
+        hl7.decode(msh(charset=f"{SECRET}^X", latin1=True))
     assert SECRET.upper() not in str(exc.value).upper() and "invalid (" in str(exc.value)
+
+
+def test_charset_warnings_quote_no_unvalidated_msh18() -> None:
+    """ASCII bytes under an unknown MSH-18 are accepted: the warning kept with them names no misplaced value."""
+    raw = msh(charset=f"{SECRET}^X")
+    reason, ack = decide(raw)
+    assert reason == "" and b"MSA|AA" in ack
+    unknown = hl7.decode_warning(raw, False)
+    assert (
+        unknown is not None and unknown[0] == "charset_unknown" and "(invalid (13 characters))" in unknown[1]
+    )
+    utf8 = msh(charset=SECRET).replace(b"Testpatient", "Núñez".encode())
+    fallback = hl7.decode_warning(utf8, True)
+    assert (
+        fallback is not None
+        and fallback[0] == "charset_fallback"
+        and "(invalid (11 characters))" in fallback[1]
+    )
+    for _kind, text in (unknown, fallback):
+        assert SECRET.upper() not in text.upper()
 
 
 def test_printable_escapes_every_control_and_reordering_character() -> None:
@@ -236,7 +261,7 @@ def test_engine_log_and_ack_carry_no_phi_from_msh9_or_msh18(tmp_path: Path) -> N
     )
     messages = [
         msh(mtype=f"{SECRET}^A01"),
-        msh(charset=SECRET.upper()),
+        msh(charset=SECRET.upper(), latin1=True),
         msh(mtype=f"ADT^{SECRET[:3].upper()}"),
     ]
 
