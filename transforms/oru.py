@@ -586,11 +586,52 @@ def content_type(type_of_data: str, subtype: str) -> str:
 
 
 def attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
-    """ED (source^type^subtype^encoding^data) → Attachment with base64 ``data``.  Bad data → AE 102."""
-    encoding = rep.c(4).strip().upper()
+    """ED (source^type^subtype^encoding^data) → Attachment with base64 ``data``.  Bad data → AE 102
+    (:func:`result_attachment` decides what a result does with it); unknown encoding → AE 103."""
     data = rep.c(5)
     if not data.strip():
         return None
+    return _described(
+        {"contentType": content_type(rep.c(2), rep.c(3)), "data": _ed_data(rep, obx, ctx, data)}, obx, ctx
+    )
+
+
+def result_attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
+    """:func:`attachment` of a result (the report's ``presentedForm``, an Observation's valueAttachment).
+
+    Under ``strictness: lenient`` an ED whose data is not valid in its encoding (truncated or corrupt base64,
+    bad hex: AE 102 at OBX-5.5) keeps the attachment without its data (contentType, title, creation: valid
+    FHIR, an Attachment need not carry data) with a located ``attachment_data_dropped`` warning, so the rest of
+    the report is not lost with it.  Under ``strict``: AE 102, as before.  An unknown encoding (AE 103) is
+    rejected in both modes."""
+    try:
+        return attachment(rep, obx, ctx)
+    except ConversionError as exc:
+        if ctx.settings.strictness != "lenient" or exc.hl7_error != "102" or exc.location != obx.loc(5, 5):
+            raise
+        why = exc.message.removeprefix("OBX-5.5 ")  # "is not valid base64 data" (the location says where)
+        ctx.warn(
+            "attachment_data_dropped",
+            exc.location,
+            f"{why}; the attachment was kept without its data, with its type and title (channel strictness: "
+            "lenient); send the data in the encoding OBX-5.4 names",
+        )
+    return _described({"contentType": content_type(rep.c(2), rep.c(3))}, obx, ctx)
+
+
+def _described(att: JSON, obx: Segment, ctx: ConvertContext) -> JSON:
+    """An ED attachment's title (OBX-3 text) and creation (OBX-14)."""
+    title = obx.get(3, 2).strip() or obx.get(3, 1).strip()
+    if title:
+        att["title"] = title
+    if created := dtm_at(obx.get(14), ctx.settings, obx, 14):
+        att["creation"] = created
+    return att
+
+
+def _ed_data(rep: Rep, obx: Segment, ctx: ConvertContext, data: str) -> str:
+    """ED-5 ``data`` in the encoding ED-4 names, as FHIR base64 (padded).  Bad data → AE 102 at OBX-5.5."""
+    encoding = rep.c(4).strip().upper()
     loc = obx.loc(5, 5)
     if encoding in ("BASE64", "B64", ""):
         compact = re.sub(r"\s+", "", data)
@@ -616,13 +657,7 @@ def attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
         raise ConversionError(
             "OBX-5.4 names an unknown ED encoding (use Base64, Hex or A)", code="103", location=obx.loc(5, 4)
         )
-    att: JSON = {"contentType": content_type(rep.c(2), rep.c(3)), "data": b64}
-    title = obx.get(3, 2).strip() or obx.get(3, 1).strip()
-    if title:
-        att["title"] = title
-    if created := dtm_at(obx.get(14), ctx.settings, obx, 14):
-        att["creation"] = created
-    return att
+    return b64
 
 
 def rp_attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
@@ -923,11 +958,13 @@ def observation(
     units = obx.rep(6)
     u: JSON | None = None  # unit(units), computed once for the value and the reference range
     valued = False
+    data_lost = False  # lenient: an ED whose data was not valid in its encoding (result_attachment)
     if vtype == "ED":
         # only for an ED outside any OBR (inside one it goes to DiagnosticReport.presentedForm)
         reps = [r for r in obx.reps(5) if r]
-        atts = [a for rep in reps if (a := attachment(rep, obx, ctx)) is not None]
+        atts = [a for rep in reps if (a := result_attachment(rep, obx, ctx)) is not None]
         res.setdefault("extension", []).extend({"url": R5_OBS_ATTACHMENT, "valueAttachment": a} for a in atts)
+        data_lost = bool(atts) and not any("data" in a for a in atts)
     elif vtype in _TEXT_TYPES:
         text = _text_value(obx.reps(5))
         if text:
@@ -968,7 +1005,7 @@ def observation(
     if valued and nf > 6 and f[6] and vtype in _UNITS_IN_TEXT:
         _units_in_text(res, u if u is not None else unit(units, ctx.settings), ctx)
     if not valued:
-        absent = {"X": "not-performed", "N": "not-asked"}.get(status_code)
+        absent = {"X": "not-performed", "N": "not-asked"}.get(status_code) or ("error" if data_lost else None)
         if absent:
             res["dataAbsentReason"] = {"coding": [{"system": DATA_ABSENT, "code": absent}]}
     if nf > 8 and f[8]:
@@ -1309,7 +1346,7 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None, used: set
             continue
         if vtype == "ED":
             for rep in obx.reps(5):
-                if (att := attachment(rep, obx, ctx)) is not None:
+                if (att := result_attachment(rep, obx, ctx)) is not None:
                     forms.append(att)
             if notes:
                 ctx.count("ed_note_on_report")

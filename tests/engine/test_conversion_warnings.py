@@ -144,3 +144,65 @@ def test_warnings_are_stored_shown_and_counted(tmp_path: Path, workers: int) -> 
         assert 'sluice_conversion_warnings_total{channel="len",kind="field_dropped"} 2.0' in metrics
         assert 'sluice_conversion_warnings_total{channel="raw",kind="field_dropped"} 1.0' in metrics
         assert 'channel="str",kind=' not in metrics
+
+
+def bad_attachment(control: str) -> bytes:
+    """An ORU whose PDF (OBX-5 ED) was cut short in transit: base64 of 4n+1 characters, no padding explains it."""
+    return (
+        f"MSH|^~\\&|LAB|NORTH|SL|HOSP|20250101120000||ORU^R01^ORU_R01|{control}|P|2.5.1\r"
+        "PID|1||MRNW5^^^NORTH^MR||Testpatient^Alex\r"
+        f"OBR|1|PL{control}^EHR|FI{control}^LAB|24323-8^Panel^LN|||20250101080000\r"
+        "OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F\r"
+        "OBX|2|ED|11502-2^Report^LN||^application^pdf^Base64^JVBERi0xLjQKJSBzeW50aGV0aWMK1||||||F\r"
+    ).encode()
+
+
+def test_a_bad_attachment_keeps_the_report_under_lenient(tmp_path: Path) -> None:
+    """A corrupt ED (OBX-5) no longer rejects the whole report on a lenient channel: the report and its results
+    are delivered, the attachment without its data, and the located attachment_data_dropped warning is stored and
+    counted.  A strict channel fails the message at OBX(2)-5.5, as before."""
+    lenient, strict, admin_port = free_port(), free_port(), free_port()
+    out = tmp_path / "out"
+    dest = {"kind": "file", "directory": str(out), "pattern": "{channel}-{control_id}.{ext}", "fsync": False}
+    cfg = write_config(
+        tmp_path,
+        channels={
+            "len": fhir_channel(lenient, "out", types=("ORU",)),
+            "str": fhir_channel(strict, "out", types=("ORU",), strictness="strict"),
+        },
+        destinations={"out": dest},
+        processing={"workers": 0},
+    )
+    with EngineProcess(cfg, lenient, env={"SLUICE_ADMIN_PORT": str(admin_port)}):
+        assert send(lenient, bad_attachment("E1")) == "AA"
+        assert send(strict, bad_attachment("E2")) == "AA"  # ack: on-commit; processing decides
+        wait_for(lambda: (out / "len-E1.json").exists(), what="the lenient bundle")
+        store = st.Store(f"sqlite:///{tmp_path}/sluice.db", create=False)
+        try:
+            rows = {r.control_id: r for r in store.list_messages()}
+            e2 = wait_for(
+                lambda: (r := store.get_message(rows["E2"].id)) is not None and r.status == st.ERROR and r,
+                what="E2 failed",
+            )
+            assert "OBX(2)-5.5" in e2.reason and "base64" in e2.reason
+            assert store.warnings_of(rows["E1"].id) == [
+                (
+                    "attachment_data_dropped",
+                    "OBX(2)-5.5: is not valid base64 data; the attachment was kept without its data, with its type "
+                    "and title (channel strictness: lenient); send the data in the encoding OBX-5.4 names",
+                )
+            ]
+        finally:
+            store.close()
+        bundle = json.loads((out / "len-E1.json").read_bytes())
+        (report,) = [
+            e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"
+        ]
+        assert report["presentedForm"] == [{"contentType": "application/pdf", "title": "Report"}]
+        assert len(report["result"]) == 1
+        token = make_token(cfg, "viewer", "viewer")
+        metrics = httpx.get(
+            f"http://127.0.0.1:{admin_port}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ).text
+        assert 'sluice_conversion_warnings_total{channel="len",kind="attachment_data_dropped"} 1.0' in metrics
+        assert 'channel="str",kind=' not in metrics

@@ -216,11 +216,90 @@ def test_content_types() -> None:
     assert content_type("??", "") == "application/octet-stream"
 
 
-def test_bad_base64_is_ae_102() -> None:
+def test_bad_base64_is_ae_102_under_strict() -> None:
     with pytest.raises(ConversionError) as ei:
-        conv(MSH, PID, OBR, "OBX|1|ED|11502-2^Report^LN||^application^pdf^Base64^@@not base64@@||||||F")
+        conv(
+            MSH,
+            PID,
+            OBR,
+            "OBX|1|ED|11502-2^Report^LN||^application^pdf^Base64^@@not base64@@||||||F",
+            strictness="strict",
+        )
     assert ei.value.hl7_error == "102"
     assert str(ei.value.location) == "OBX-5.5"
+
+
+NUMERIC = "OBX|1|NM|2345-7^Glucose^LN||90|mg/dL|||||F"
+
+
+@pytest.mark.parametrize(
+    ("ed", "why"),
+    [
+        pytest.param("^application^pdf^Base64^@@not base64@@", "is not valid base64 data", id="corrupt"),
+        pytest.param(
+            "^application^pdf^Base64^JVBERi0xLjQKJSBzeW50aGV0aWMK1", "is not valid base64 data", id="cut"
+        ),
+        pytest.param("^application^pdf^Hex^25504G", "is not valid hex data", id="hex"),
+    ],
+)
+def test_bad_ed_data_keeps_the_report_without_it_under_lenient(ed: str, why: str) -> None:
+    """A truncated or corrupt attachment no longer loses the whole report: the presentedForm keeps its type and
+    title without data (valid FHIR), the results are there, and a located warning says what was left out."""
+    r = conv(MSH, PID, OBR, NUMERIC, f"OBX|2|ED|11502-2^Report^LN||{ed}||||||F|||20250310141500")
+    validate_resources(r.bundle)
+    (report,) = resources(r.bundle, "DiagnosticReport")
+    assert report["presentedForm"] == [
+        {"contentType": "application/pdf", "title": "Report", "creation": "2025-03-10T14:15:00-07:00"}
+    ]
+    assert len(report["result"]) == 1 and one(r.bundle, "2345-7")["valueQuantity"]["value"] == 90
+    assert list(r.warning_kinds) == ["attachment_data_dropped"]
+    assert list(r.warnings) == [
+        f"OBX(2)-5.5: {why}; the attachment was kept without its data, with its type and title (channel "
+        "strictness: lenient); send the data in the encoding OBX-5.4 names"
+    ]
+    assert r.events["attachment_data_dropped"] == 1
+    with pytest.raises(ConversionError) as ei:  # strict: the whole report, as before
+        conv(MSH, PID, OBR, NUMERIC, f"OBX|2|ED|11502-2^Report^LN||{ed}||||||F", strictness="strict")
+    assert ei.value.hl7_error == "102" and str(ei.value.location) == "OBX(2)-5.5"
+
+
+def test_bad_ed_outside_a_report_keeps_the_observation_with_data_absent_error() -> None:
+    """An ED outside any OBR is an Observation (the R5 valueAttachment extension): kept, its attachment without
+    data, and dataAbsentReason ``error`` (it has no value[x])."""
+    obx = "OBX|1|ED|11502-2^Report^LN||^application^pdf^Base64^JVBERi0x~^application^pdf^Base64^@@||||||F"
+    r = conv(MSH, PID, obx)
+    validate_resources(r.bundle)
+    obs = one(r.bundle, "11502-2")
+    assert [e["valueAttachment"] for e in obs["extension"]] == [
+        {"contentType": "application/pdf", "data": "JVBERi0x", "title": "Report"},
+        {"contentType": "application/pdf", "title": "Report"},
+    ]
+    assert "dataAbsentReason" not in obs  # one attachment kept its data
+    assert list(r.warning_kinds) == ["attachment_data_dropped"]
+    only_bad = conv(MSH, PID, "OBX|1|ED|11502-2^Report^LN||^application^pdf^Base64^@@||||||F")
+    validate_resources(only_bad.bundle)
+    obs = one(only_bad.bundle, "11502-2")
+    assert [e["valueAttachment"] for e in obs["extension"]] == [
+        {"contentType": "application/pdf", "title": "Report"}
+    ]
+    assert obs["dataAbsentReason"]["coding"][0]["code"] == "error"
+    assert only_bad.warnings[0].startswith("OBX-5.5: is not valid base64 data; the attachment was kept")
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, PID, "OBX|1|ED|11502-2^Report^LN||^application^pdf^Base64^@@||||||F", strictness="strict")
+    assert ei.value.hl7_error == "102"
+
+
+def test_unknown_ed_encoding_is_ae_103_in_both_modes() -> None:
+    for strictness in ("lenient", "strict"):
+        with pytest.raises(ConversionError) as ei:
+            conv(
+                MSH,
+                PID,
+                OBR,
+                "OBX|1|ED|11502-2^Report^LN||^application^pdf^Base32^MFRGG===||||||F",
+                strictness=strictness,
+            )
+        assert ei.value.hl7_error == "103" and str(ei.value.location) == "OBX-5.4"
 
 
 @pytest.mark.parametrize(
@@ -240,9 +319,16 @@ def test_base64_without_its_padding_is_read_and_written_padded(sent: str, data: 
 
 
 def test_base64_with_a_character_too_few_is_still_ae_102() -> None:
-    """A length that no padding can explain (4n+1 characters: a character lost) stays a located error."""
+    """A length that no padding can explain (4n+1 characters: a character lost) stays a located error (under
+    strict; lenient keeps the report without the data: test_bad_ed_data_keeps_the_report_without_it_under_lenient)."""
     with pytest.raises(ConversionError) as ei:
-        conv(MSH, PID, OBR, "OBX|1|ED|11502-2^Report^LN||^TEXT^XML^Base64^U3ludGhldGljIG5vdGUx1||||||F")
+        conv(
+            MSH,
+            PID,
+            OBR,
+            "OBX|1|ED|11502-2^Report^LN||^TEXT^XML^Base64^U3ludGhldGljIG5vdGUx1||||||F",
+            strictness="strict",
+        )
     assert ei.value.hl7_error == "102" and str(ei.value.location) == "OBX-5.5"
 
 
