@@ -8,7 +8,7 @@ from typing import Any, Final
 from engine.errors import Location
 from engine.hl7 import Rep, Segment
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, fhir_code, table
+from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, ends_before_start, fhir_code, table
 
 JSON = dict[str, Any]
 
@@ -108,7 +108,8 @@ def timing(
     tq1: Segment | None, orc: Segment | None, obr: Segment | None, ctx: ConvertContext
 ) -> tuple[JSON | None, str, str]:
     """(bounds period, priority code, repeat pattern code) from TQ1 (v2.5+: TQ1-7/8, TQ1-9, TQ1-3), else
-    ORC-7 / OBR-27 (TQ: quantity^interval^duration^start^end^priority; interval component 1 the pattern)."""
+    ORC-7 / OBR-27 (TQ: quantity^interval^duration^start^end^priority; interval component 1 the pattern).
+    An end before the start (FHIR per-1) is dropped with the located warning ``order_end_before_start``."""
     settings = ctx.settings
     if tq1 is not None:
         p: JSON = {}
@@ -116,6 +117,7 @@ def timing(
             p["start"] = s
         if tq1.get(8).strip() and (e := dtm_at(tq1.get(8).strip(), settings, tq1, 8)):
             p["end"] = e
+            _end_not_before_start(p, tq1.loc(8), "TQ1-8", "TQ1-7", ctx)
         return p or None, tq1.get(9).strip().upper(), tq1.get(3).strip()
     for seg, field in ((orc, 7), (obr, 27)):
         if seg is None or not seg.rep(field):
@@ -126,8 +128,24 @@ def timing(
             p["start"] = s
         if rep.c(5).strip() and (e := dtm_at(rep.c(5).strip(), settings, seg, field)):
             p["end"] = e
+            name = f"{seg.name}-{field}"
+            _end_not_before_start(p, seg.loc(field, 5), f"{name}.5", f"{name}.4", ctx)
         return p or None, rep.c(6).strip().upper(), rep.c(2).strip()
     return None, "", ""
+
+
+def _end_not_before_start(
+    p: JSON, loc: Location, end_name: str, start_name: str, ctx: ConvertContext
+) -> None:
+    """Drop the end of the order's period ``p`` when it is before its start (FHIR per-1: the ServiceRequest's
+    occurrencePeriod or timing bounds would be invalid), with a located warning; the start is kept."""
+    if "start" in p and ends_before_start(p["start"], p["end"]):
+        del p["end"]
+        ctx.warn(
+            "order_end_before_start",
+            loc,
+            f"the order's end ({end_name}) is before its start ({start_name}): the start is kept, {end_name} dropped",
+        )
 
 
 def order_type(rep: Rep, ctx: ConvertContext, loc: Location) -> JSON | None:

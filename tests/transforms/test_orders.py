@@ -598,6 +598,38 @@ def test_oul_order_timing_from_its_tq1() -> None:
     assert sr["occurrenceTiming"]["code"]["coding"][0]["code"] == "Q4H" and sr["priority"] == "routine"
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "where", "start"),
+    [
+        pytest.param(  # TQ1-8 a day before TQ1-7 (no repeat pattern: occurrencePeriod)
+            "\rOBR|",
+            "\rTQ1|1||||||20250402080000|20250401080000|R\rOBR|",
+            "TQ1-8",
+            "2025-04-02T08:00:00-07:00",
+            id="tq1",
+        ),
+        pytest.param(  # ORC-7.5 before ORC-7.4 (TQ of v2.3)
+            "|1^^^20250402080000^^R|",
+            "|1^^^20250402080000^20250402070000^R|",
+            "ORC-7.5",
+            "2025-04-02T08:00:00-07:00",
+            id="orc-7",
+        ),
+    ],
+)
+def test_an_order_end_before_its_start_keeps_the_start_with_a_warning(
+    old: str, new: str, where: str, start: str
+) -> None:
+    """FHIR per-1: the ServiceRequest's occurrencePeriod cannot end before it starts (the models do not check
+    it): the start is kept as occurrenceDateTime, the end dropped with a located warning."""
+    r = _convert(_with("orm_o01", old, new), golden_settings())
+    validate_resources(r.bundle)
+    (sr,) = resources(r.bundle, "ServiceRequest")
+    assert sr["occurrenceDateTime"] == start and "occurrencePeriod" not in sr
+    assert list(r.warning_kinds) == ["order_end_before_start"]
+    assert r.warnings[0].startswith(where + ":")
+
+
 def test_pid21_mother_is_a_related_person_in_orders_and_results() -> None:
     """IG PID[Patient]: PID-21 mother's identifier → RelatedPerson (relationship MTH), in an order (ORM) and in a
     result (ORU) as in ADT, DFT and SIU."""
