@@ -445,6 +445,29 @@ def _tm(value: str) -> str | None:
     return f"{h:02d}:{mi:02d}:{s:02d}"
 
 
+def _date_value(rep: Rep, loc: Location, ctx: ConvertContext) -> tuple[str, Any] | None:
+    """A DT/DTM/TS OBX-5 → valueDateTime.  One that is not a valid HL7 date/time (``20230229``, a ``99999999``
+    placeholder, fractions without the dot) is, under ``strictness: lenient``, kept as sent in valueString with
+    the located warning ``obx_date_kept_as_text`` (as an NM that is not a number: a reader sees the text rather
+    than lose the result; the value is never dropped); ``strict`` rejects it (AE 102 at OBX-5)."""
+    try:
+        v = dtm(rep.c(1), ctx.settings, loc)
+    except ConversionError as exc:
+        if exc.hl7_error != "102" or ctx.settings.strictness != "lenient":
+            raise
+        why = exc.message
+        prefix = str(loc)
+        if why.startswith(prefix):
+            why = why[len(prefix) :].lstrip(" :")
+        ctx.warn(
+            "obx_date_kept_as_text",
+            loc,
+            f"{why}; the value was kept as text (valueString) (channel strictness: lenient)",
+        )
+        return ("valueString", rep.c(1).strip())
+    return ("valueDateTime", v) if v else None
+
+
 def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext) -> tuple[str, Any] | None:
     """One OBX-5 repetition → ``(value[x] element name, value)``; None when empty."""
     loc = obx.loc(5)
@@ -490,8 +513,7 @@ def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext
         cc = cwe(rep, ctx, loc, field="OBX-5")
         return ("valueCodeableConcept", cc) if cc else None
     if vtype in _DATE_TYPES:
-        v = dtm(rep.c(1), ctx.settings, loc)
-        return ("valueDateTime", v) if v else None
+        return _date_value(rep, loc, ctx)
     if vtype == "TM":
         v = _tm(rep.c(1))
         if v is None:

@@ -60,11 +60,10 @@ H = "MSH|^~\\&|EHR|NORTH|SL|HOSP|20250314083000||{t}|N{n}|P|2.5.1\r"
 ERRORS = {
     "unsupported_type": H.format(t="MDM^T02", n=1) + "PID|1||MRN1^^^NORTH^MR\r",
     "unsupported_trigger": H.format(t="ADT^A43^ADT_A43", n=2) + "EVN|A43\rPID|1||MRN1^^^NORTH^MR\r",
-    # a bad date in a key field (OBX-5: a result is never sent without its value; one in PID-7 or MSH-7 is
-    # dropped under lenient)
-    "bad_date": H.format(t="ORU^R01^ORU_R01", n=3)
-    + "PID|1||MRN1^^^NORTH^MR||Doe^J||19800101\rOBR|1|PL1|FL1|24323-8^Panel^LN|||20250314\r"
-    + "OBX|1|DT|21112-8^Birth date^LN||20251340||||||F\r",
+    # a bad date in a key field (SCH-11: a booked Appointment needs its start; one in PID-7 or MSH-7 is dropped
+    # under lenient, one in a DT result's OBX-5 kept as text)
+    "bad_date": H.format(t="SIU^S12^SIU_S12", n=3)
+    + "SCH|APT1^EHR||||||||||^^30^20251340090000|||||||||||||Booked\rPID|1||MRN1^^^NORTH^MR||Doe^J||19800101\r",
     "no_pid": H.format(t="ADT^A01^ADT_A01", n=4) + "EVN|A01|20250314\r",
     "no_obr": H.format(t="ORU^R01^ORU_R01", n=5) + "PID|1||MRN1^^^NORTH^MR\r",
 }

@@ -589,6 +589,42 @@ def test_invalid_date_is_dropped_when_lenient() -> None:
     assert r.warnings[0].startswith("OBX-14: ") and r.warning_kinds == ("field_dropped",)
 
 
+@pytest.mark.parametrize(
+    ("vtype", "sent", "why"),
+    [
+        pytest.param("DT", "20230229", "no such date", id="impossible-date"),
+        pytest.param("DT", "99999999", "no such date", id="placeholder"),
+        pytest.param("TS", "2025031012300045", "expected YYYY", id="fraction-without-dot"),
+    ],
+)
+def test_a_date_result_that_is_no_date_is_kept_as_text_when_lenient(vtype: str, sent: str, why: str) -> None:
+    """OBX-5 is a key (a result is never sent without its value), so a DT/TS result that is not a valid HL7
+    date is not left out: under lenient it is kept as sent in valueString with a located warning, as an NM that
+    is not a number; strict rejects it (AE 102 at OBX-5).  The message's other results convert as usual."""
+    segs = (
+        MSH,
+        PID,
+        OBR,
+        f"OBX|1|{vtype}|11368-8^Illness onset^LN||{sent}||||||F",
+        "OBX|2|NM|2345-7^Glucose^LN||90||||||F",
+    )
+    r = conv(*segs)
+    validate_resources(r.bundle)
+    onset = one(r.bundle, "11368-8")
+    assert onset["valueString"] == sent and "valueDateTime" not in onset
+    assert one(r.bundle, "2345-7")["valueQuantity"]["value"] == 90
+    assert list(r.warning_kinds) == ["obx_date_kept_as_text"]
+    assert (
+        r.warnings[0].startswith("OBX-5: is not a valid HL7 date/time (" + why) and sent not in r.warnings[0]
+    )
+    with pytest.raises(ConversionError) as ei:
+        conv(*segs, strictness="strict")
+    assert ei.value.hl7_error == "102" and str(ei.value.location) == "OBX-5"
+    # a valid date stays a valueDateTime, without a warning
+    ok = conv(MSH, PID, OBR, "OBX|1|DT|11368-8^Illness onset^LN||20250228||||||F")
+    assert one(ok.bundle, "11368-8")["valueDateTime"] == "2025-02-28" and not ok.warnings
+
+
 def test_site_time_zone_is_dst_correct() -> None:
     r = conv(
         MSH,
