@@ -28,7 +28,7 @@ from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Delimiters, Message, Segment
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, plain_text, xcn
+from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, plain_text, table_at, xcn
 from transforms.orders import order_numbers
 
 JSON = dict[str, Any]
@@ -224,15 +224,9 @@ def convert(msg: Message, ctx: ConvertContext) -> None:
                 }
             ]
         }
-    completion = txa.get(17).strip().upper()
-    if completion:
-        doc_status = COMPLETION.get(completion)
-        if doc_status is None:
-            raise ConversionError(
-                "TXA-17 document completion status is not in HL7 table 0271 (DI, DO, IP, IN, PA, AU, LA)",
-                code="103",
-                location=txa.loc(17),
-            )
+    # TXA-17 is no key (the document's lifecycle follows TXA-19 and the trigger): a code outside table 0271
+    # is a table miss like any other, counted (AE 103 only under the channel's code_table_errors: reject)
+    if doc_status := table_at(ctx, COMPLETION, txa, 17, "0271"):
         res["docStatus"] = doc_status
     if txa.rep(2) and (dtype := cwe(txa.rep(2), ctx, txa.loc(2), field="TXA-2")):
         res["type"] = dtype

@@ -123,7 +123,7 @@ def test_located_errors() -> None:
     with pytest.raises(ConversionError) as e:
         _convert(
             msg(MSH.format("T02"), PID, TXA.format(number=DOC, parent="", completion="XX", avail=""), OBX),
-            golden_settings(),
+            golden_settings(code_table_errors="reject"),  # a TXA-17 table miss: counted by default (below)
         )
     assert e.value.hl7_error == "103" and "TXA" in str(e.value.location)
     with pytest.raises(ConversionError) as e:
@@ -209,3 +209,16 @@ def test_order_notes_and_timing_go_on_the_service_request() -> None:
     )
     assert sr["occurrenceTiming"]["code"]["coding"][0]["code"] == "P"
     assert sr["occurrenceTiming"]["repeat"]["boundsPeriod"]["start"].startswith("2025-04-02T08:00")
+
+
+def test_a_completion_status_outside_table_0271_is_a_counted_table_miss() -> None:
+    """TXA-17 is no key: an unknown code leaves docStatus out (counted), unless the channel rejects table misses."""
+    m = msg(MSH.format("T02"), PID, TXA.format(number=DOC, parent="", completion="ZZ", avail="AV"), OBX)
+    r = _convert(m, golden_settings())
+    _, doc = _doc(r.bundle)
+    assert "docStatus" not in doc and doc["status"] == "current"
+    assert r.events.get("code_table_miss") == 1
+    validate_resources(r.bundle)
+    with pytest.raises(ConversionError) as exc:
+        _convert(m, golden_settings(code_table_errors="reject"))
+    assert exc.value.hl7_error == "103" and str(exc.value.location) == "TXA-17"
