@@ -517,7 +517,16 @@ def value_of(vtype: str, rep: Rep, units: Rep, obx: Segment, ctx: ConvertContext
     if vtype == "TM":
         v = _tm(rep.c(1))
         if v is None:
-            raise ConversionError("OBX-5 is not a valid HL7 time (TM)", code="102", location=loc)
+            if ctx.settings.strictness != "lenient":
+                raise ConversionError("OBX-5 is not a valid HL7 time (TM)", code="102", location=loc)
+            # as a DT/DTM/TS result that is no date (_date_value): kept as sent, with the same warning
+            ctx.warn(
+                "obx_date_kept_as_text",
+                loc,
+                "not a valid HL7 time (TM); the value was kept as text (valueString) (channel strictness: lenient)",
+            )
+            text = rep.c(1).strip()
+            return ("valueString", text) if text else None
         return ("valueTime", v)
     if vtype == "NR":
         low, high = rep.c(1).strip(), rep.c(2).strip()

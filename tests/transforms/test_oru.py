@@ -625,6 +625,21 @@ def test_a_date_result_that_is_no_date_is_kept_as_text_when_lenient(vtype: str, 
     assert one(ok.bundle, "11368-8")["valueDateTime"] == "2025-02-28" and not ok.warnings
 
 
+def test_a_time_result_that_is_no_time_is_kept_as_text_when_lenient() -> None:
+    """A TM result (OBX-5) that is no time of day: kept as sent under lenient, with the date results' warning."""
+    segs = (MSH, PID, OBR, "OBX|1|TM|11368-8^Onset time^LN||2575||||||F")
+    r = conv(*segs)
+    validate_resources(r.bundle)
+    got = one(r.bundle, "11368-8")
+    assert got["valueString"] == "2575" and "valueTime" not in got
+    assert list(r.warning_kinds) == ["obx_date_kept_as_text"] and "2575" not in r.warnings[0]
+    with pytest.raises(ConversionError) as ei:
+        conv(*segs, strictness="strict")
+    assert ei.value.hl7_error == "102" and str(ei.value.location) == "OBX-5"
+    ok = conv(MSH, PID, OBR, "OBX|1|TM|11368-8^Onset time^LN||0830||||||F")
+    assert one(ok.bundle, "11368-8")["valueTime"] == "08:30:00" and not ok.warnings
+
+
 def test_site_time_zone_is_dst_correct() -> None:
     r = conv(
         MSH,
