@@ -633,14 +633,17 @@ def result_attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | Non
     Under ``strictness: lenient`` an ED whose data is not valid in its encoding (truncated or corrupt base64,
     bad hex: AE 102 at OBX-5.5) keeps the attachment without its data (contentType, title, creation: valid
     FHIR, an Attachment need not carry data) with a located ``attachment_data_dropped`` warning, so the rest of
-    the report is not lost with it.  Under ``strict``: AE 102, as before.  An unknown encoding (AE 103) is
-    rejected in both modes."""
+    the report is not lost with it; so does an encoding OBX-5.4 names that Sluice does not know (the data cannot
+    be read).  Under ``strict``: AE 102 (bad data) or AE 103 (unknown encoding), as before."""
     try:
         return attachment(rep, obx, ctx)
     except ConversionError as exc:
-        if ctx.settings.strictness != "lenient" or exc.hl7_error != "102" or exc.location != obx.loc(5, 5):
+        bad_data = exc.hl7_error == "102" and exc.location == obx.loc(5, 5)
+        bad_encoding = exc.hl7_error == "103" and exc.location == obx.loc(5, 4)
+        if ctx.settings.strictness != "lenient" or not (bad_data or bad_encoding):
             raise
-        why = exc.message.removeprefix("OBX-5.5 ")  # "is not valid base64 data" (the location says where)
+        # "is not valid base64 data", "names an unknown ED encoding (...)": the location says where
+        why = exc.message.removeprefix("OBX-5.5 ").removeprefix("OBX-5.4 ")
         ctx.warn(
             "attachment_data_dropped",
             exc.location,

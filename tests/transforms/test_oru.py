@@ -289,17 +289,23 @@ def test_bad_ed_outside_a_report_keeps_the_observation_with_data_absent_error() 
     assert ei.value.hl7_error == "102"
 
 
-def test_unknown_ed_encoding_is_ae_103_in_both_modes() -> None:
-    for strictness in ("lenient", "strict"):
-        with pytest.raises(ConversionError) as ei:
-            conv(
-                MSH,
-                PID,
-                OBR,
-                "OBX|1|ED|11502-2^Report^LN||^application^pdf^Base32^MFRGG===||||||F",
-                strictness=strictness,
-            )
-        assert ei.value.hl7_error == "103" and str(ei.value.location) == "OBX-5.4"
+def test_unknown_ed_encoding_keeps_the_report_without_the_data_under_lenient_and_is_ae_103_under_strict() -> (
+    None
+):
+    """An encoding Sluice cannot read (OBX-5.4) is bad data it cannot read either: lenient keeps the report and
+    the attachment's type and title, with the located warning; strict rejects (AE 103 at OBX-5.4)."""
+    ed = "OBX|1|ED|11502-2^Report^LN||^application^pdf^Base32^MFRGG===||||||F"
+    r = conv(MSH, PID, OBR, NUMERIC, ed.replace("OBX|1|", "OBX|2|"))
+    validate_resources(r.bundle)
+    (report,) = resources(r.bundle, "DiagnosticReport")
+    assert report["presentedForm"] == [{"contentType": "application/pdf", "title": "Report"}]
+    assert list(r.warning_kinds) == ["attachment_data_dropped"]
+    assert r.warnings[0].startswith(
+        "OBX(2)-5.4: names an unknown ED encoding (use Base64, Hex or A); the attachment"
+    )
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, PID, OBR, ed, strictness="strict")
+    assert ei.value.hl7_error == "103" and str(ei.value.location) == "OBX-5.4"
 
 
 @pytest.mark.parametrize(
