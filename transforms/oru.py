@@ -705,12 +705,7 @@ def rp_attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
     if type_of_data or subtype:
         att["contentType"] = content_type(type_of_data, subtype)
     att["url"] = pointer
-    title = obx.get(3, 2).strip() or obx.get(3, 1).strip()
-    if title:
-        att["title"] = title
-    if created := dtm_at(obx.get(14), ctx.settings, obx, 14):
-        att["creation"] = created
-    return att
+    return _described(att, obx, ctx)
 
 
 _RR_NUM: Final = r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))"
