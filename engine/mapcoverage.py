@@ -67,14 +67,15 @@ class Gap:
 class Coverage:
     """Tally the values of ``fields`` that ``maps`` (map key → local code → target) do not cover."""
 
-    def __init__(self, maps: Mapping[str, Mapping[str, Any]]):
+    def __init__(self, maps: Mapping[str, Mapping[str, Any]], systems: frozenset[str] = frozenset()):
         self.maps = maps
         self.fields: dict[str, str] = dict(FIXED)
         for key in maps:
             m = _FIELD.match(key.split("@", 1)[0])
             if m and key.split("@", 1)[0] not in self.fields:
                 self.fields[key.split("@", 1)[0]] = "code"
-        self.standard = _standard_systems()
+        # CWE-3 names with a system: the shipped ones and the channel's coding_systems (upper-cased)
+        self.standard = _standard_systems() | systems
         self.seen: dict[tuple[str, str, str, str], Seen] = {}
         self.messages = 0
 
@@ -126,6 +127,19 @@ def channel_maps(config: Any, channel: Any) -> dict[str, Mapping[str, Any]]:
     return maps
 
 
+def channel_systems(config: Any, channel: Any) -> frozenset[str]:
+    """The CWE-3 names the channel's ``hl7-to-fhir`` steps give a system of their own (``coding_systems``): codes
+    under them are the named system's, not local codes awaiting a map."""
+    from transforms.settings import ConvertSettings
+
+    names: set[str] = set()
+    for step in channel.transform:
+        if isinstance(step, Mapping) and "hl7-to-fhir" in step:
+            settings = ConvertSettings.from_options(step["hl7-to-fhir"] or {}, config.base_dir, channel.file)
+            names.update(settings.coding_systems)
+    return frozenset(names)
+
+
 def scan(store: Any, channel: str, since: float | None, batch: int = 500) -> Iterator[tuple[float, bytes]]:
     """(received_at, body) of the channel's stored messages received since ``since``, oldest first.
 
@@ -156,13 +170,17 @@ def scan(store: Any, channel: str, since: float | None, batch: int = 500) -> Ite
 
 
 def check(
-    rows: Iterable[tuple[float, bytes]], maps: Mapping[str, Mapping[str, Any]], charset: str = "latin-1"
+    rows: Iterable[tuple[float, bytes]],
+    maps: Mapping[str, Mapping[str, Any]],
+    charset: str = "latin-1",
+    systems: frozenset[str] = frozenset(),
 ) -> Coverage:
-    """Tally ``rows`` (received_at, body); unreadable bodies are skipped (they were never processed)."""
+    """Tally ``rows`` (received_at, body); unreadable bodies are skipped (they were never processed).
+    ``systems``: the channel's ``coding_systems`` names (:func:`channel_systems`), standard like the shipped ones."""
     from engine.errors import SluiceError
     from engine.hl7 import parse_bytes
 
-    cov = Coverage(maps)
+    cov = Coverage(maps, systems)
     for at, raw in rows:
         try:
             msg = parse_bytes(raw, charset)

@@ -252,6 +252,7 @@ def maps_check(
     try:
         chosen = [cfg.channel(channel)] if channel else [c for c in cfg.channels if c.enabled]
         maps = {ch.name: mapcoverage.channel_maps(cfg, ch) for ch in chosen}
+        systems = {ch.name: mapcoverage.channel_systems(cfg, ch) for ch in chosen}
     except ConfigError as exc:
         raise click.ClickException(f"config error: {exc}") from exc
     after = _parse_time(since)
@@ -262,7 +263,10 @@ def maps_check(
         click.echo(_row(*header))
     for ch in chosen:
         cov = mapcoverage.check(
-            mapcoverage.scan(store, ch.name, after), maps[ch.name], ch.source.fallback_charset
+            mapcoverage.scan(store, ch.name, after),
+            maps[ch.name],
+            ch.source.fallback_charset,
+            systems[ch.name],
         )
         for g in cov.gaps():
             total += 1

@@ -10,6 +10,7 @@ identifier list) is AR 201.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -875,15 +876,22 @@ TABLE_0131: Final = dt.V2_TABLE + "0131"
 
 
 def _mapped_coding(
-    code: str, display: str, sysname: str, table_map: dict[str, tuple[str, str, str]], default_system: str
+    code: str,
+    display: str,
+    sysname: str,
+    table_map: dict[str, tuple[str, str, str]],
+    default_system: str,
+    systems: Mapping[str, str],
 ) -> JSON | None:
+    """A relationship code: the table's map for a code of the table's own systems, else a coding of its system
+    (the channel's ``coding_systems`` first), else ``default_system``."""
     code = dt.fhir_code(code)
     if not code:
         return None
     hit = table_map.get(code.upper())
     if hit is not None and sysname.strip().upper() in _ROLE_SYSTEMS:
         return {"system": hit[0], "code": hit[1], "display": hit[2]}
-    c: JSON = {"system": dt.code_system(sysname) or default_system, "code": code}
+    c: JSON = {"system": dt.code_system(sysname, systems) or default_system, "code": code}
     if display.strip():
         c["display"] = display.strip()
     return c
@@ -897,8 +905,9 @@ def nk1_relationships(nk1: Segment, ctx: ConvertContext) -> list[JSON]:
     nf = len(f)
     if nf > 3 and f[3] and (rel := dt.rep_of(nk1, 3, ctx)):
         c = rel.cs(6)
-        first = _mapped_coding(c[0], c[1], c[2], RELATIONSHIP, TABLE_0063) if c[0] else None
-        alt = _mapped_coding(c[3], c[4], c[5], RELATIONSHIP, TABLE_0063) if c[3] else None
+        systems = ctx.settings.coding_systems
+        first = _mapped_coding(c[0], c[1], c[2], RELATIONSHIP, TABLE_0063, systems) if c[0] else None
+        alt = _mapped_coding(c[3], c[4], c[5], RELATIONSHIP, TABLE_0063, systems) if c[3] else None
         codings = [x for x in (first, alt) if x is not None]
         if codings:
             cc: JSON = {"coding": codings}
@@ -1463,7 +1472,9 @@ def subscriber(
     if insured_ids:
         res["identifier"] = [dict(i) for i in insured_ids]
     rel = dt.rep_of(in1, 17, ctx)
-    coding = _mapped_coding(rel.c(1), rel.c(2), rel.c(3), RELATIONSHIP, dt.V2_TABLE + "0063")
+    coding = _mapped_coding(
+        rel.c(1), rel.c(2), rel.c(3), RELATIONSHIP, dt.V2_TABLE + "0063", ctx.settings.coding_systems
+    )
     if coding is not None:
         res["relationship"] = [{"coding": [coding]}]
     res["name"] = [name]
@@ -1598,7 +1609,7 @@ def coverage(
     # IN2-6 / IN2-8 Medicare / Medicaid numbers of the same insurance group
     if plan:
         plan_ident: JSON = {"value": plan}
-        if (psys := plan_c[2].strip()) and (plan_system := dt.code_system(psys)):
+        if (psys := plan_c[2].strip()) and (plan_system := dt.code_system(psys, s.coding_systems)):
             plan_ident["system"] = plan_system
         idents.append(plan_ident)
     if policy:

@@ -82,8 +82,15 @@ _HL7_TABLE: Final = re.compile(r"^HL7[-_]?(\d{4})$", re.IGNORECASE)
 _URI_SAFE: Final = "-._~:"
 
 
-def code_system(name: str) -> str | None:
-    """HL7 v2 coding-system name (CWE-3) → FHIR system URI.  Unknown names → a local system."""
+def code_system(name: str, overrides: Mapping[str, str] | None = None) -> str | None:
+    """HL7 v2 coding-system name (CWE-3) → FHIR system URI.  Unknown names → a local system.
+
+    ``overrides``: the channel's ``coding_systems`` (name stripped and upper-cased → URI), before the shipped
+    names."""
+    if overrides:
+        hit = overrides.get(name.strip().upper())
+        if hit is not None:
+            return hit
     try:
         return _SYSTEM_CACHE[name]
     except KeyError:
@@ -1030,12 +1037,12 @@ def fhir_code(value: str) -> str:
     return " ".join(value.split())
 
 
-def _coding(code: str, display: str, sysname: str) -> JSON | None:
+def _coding(code: str, display: str, sysname: str, systems: Mapping[str, str]) -> JSON | None:
     code, display = fhir_code(code), display.strip()
     if not code:
         return None
     c: JSON = {}
-    if system := code_system(sysname):
+    if system := code_system(sysname, systems):
         c["system"] = system
     c["code"] = code
     if display:
@@ -1067,10 +1074,11 @@ def cwe(
         return None
     c = rep.cs(9)
     codings: list[JSON] = []
-    first = _coding(c[0], c[1], c[2]) if c[0] else None
+    systems = ctx.settings.coding_systems
+    first = _coding(c[0], c[1], c[2], systems) if c[0] else None
     if first:
         codings.append(first)
-    alt = _coding(c[3], c[4], c[5]) if c[3] else None
+    alt = _coding(c[3], c[4], c[5], systems) if c[3] else None
     if alt and alt != first:
         codings.append(alt)
     maps = ctx.settings.code_maps
@@ -1526,7 +1534,7 @@ def language(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON
             continue
         tag = bcp47(code)
         if tag is None:
-            if c := _coding(code, comps[ci + 1], comps[ci + 2]):
+            if c := _coding(code, comps[ci + 1], comps[ci + 2], ctx.settings.coding_systems):
                 codings.append(c)
             ctx.count("language_not_bcp47")
             continue

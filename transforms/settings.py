@@ -73,9 +73,19 @@ class ConvertSettings:
     # PID-10 race / PID-22 ethnic group → the US Core race and ethnicity extensions on Patient (US realm);
     # false for a feed of another realm: the two fields are then not mapped
     us_core_race_ethnicity: bool = True
+    # CWE-3 coding-system name (any case) -> FHIR system URI, over the shipped names (transforms.datatypes
+    # CODE_SYSTEMS): a local system's real URI (99LAB -> http://lab.example.org/codes), or another reading of a
+    # shipped name (I10 -> http://hl7.org/fhir/sid/icd-10 for a feed that sends WHO ICD-10 under it)
+    coding_systems: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_zone", site_zone(self.site_tz))
+        if (
+            self.coding_systems
+        ):  # looked up by the CWE-3 name stripped and upper-cased (datatypes.code_system)
+            object.__setattr__(
+                self, "coding_systems", {k.strip().upper(): v for k, v in self.coding_systems.items()}
+            )
 
     @property
     def hd_cache(self) -> dict[tuple[str, str, str], tuple[str | None, str]]:
@@ -222,6 +232,23 @@ def _check(key: str, value: Any, base_dir: Path, config_file: str, where: str) -
                 raise bad(f"system for authority {auth!r} is not a URI: {uri!r}", "use an absolute URI")
             out[str(auth)] = uri
         return out
+    if key == "coding_systems":
+        if not isinstance(value, Mapping):
+            raise bad(
+                "coding_systems must be a mapping",
+                "write CWE-3-name: system-uri pairs, e.g. 99LAB: urn:oid:...",
+            )
+        systems: dict[str, str] = {}
+        for name, uri in value.items():
+            if not isinstance(name, str) or not name.strip():
+                raise bad(f"coding system name {name!r} is not a name", "use the name senders put in CWE-3")
+            if not isinstance(uri, str) or not uri.startswith(("http://", "https://", "urn:")):
+                raise bad(
+                    f"system for coding system {name!r} is not a URI: {uri!r}",
+                    "use an absolute URI (http://, https:// or urn:)",
+                )
+            systems[name] = uri
+        return systems
     if key == "code_maps":
         if not isinstance(value, Mapping):
             raise bad("code_maps must be a mapping", "write map-name: path/to/file.csv pairs")

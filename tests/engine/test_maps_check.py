@@ -130,3 +130,17 @@ def test_maps_check_escapes_control_characters(tmp_path: Path) -> None:
         store.close()
     res = CliRunner().invoke(main, ["maps", "check", "--config", str(cfg)])
     assert res.exit_code == 0 and "\x1b" not in res.output and "W\\x1b[2J" in res.output
+
+
+def test_codes_under_a_channel_coding_system_need_no_map() -> None:
+    """A CWE-3 name the channel gives a system of its own (hl7-to-fhir coding_systems) is a standard system for
+    that channel: its codes are that system's, not local codes waiting for a map."""
+    from engine import mapcoverage
+    from engine.hl7 import parse_bytes
+
+    raw = message("1", "NORTH", "CLINIC1", "D100", ["K^Potassium^99LAB", "XYZ^Local^L"])
+    plain = mapcoverage.check([(0.0, raw)], {})
+    named = mapcoverage.check([(0.0, raw)], {}, systems=frozenset({"99LAB"}))
+    assert {g.value for g in plain.gaps() if g.field == "OBX-3"} == {"K", "XYZ"}
+    assert {g.value for g in named.gaps() if g.field == "OBX-3"} == {"XYZ"}
+    assert parse_bytes(raw).message_type == "ORU"
