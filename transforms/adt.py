@@ -905,7 +905,7 @@ def nk1_relationships(nk1: Segment, ctx: ConvertContext) -> list[JSON]:
     nf = len(f)
     if nf > 3 and f[3] and (rel := dt.rep_of(nk1, 3, ctx)):
         c = rel.cs(6)
-        systems = ctx.settings.coding_systems
+        systems = ctx.coding_systems
         first = _mapped_coding(c[0], c[1], c[2], RELATIONSHIP, TABLE_0063, systems) if c[0] else None
         alt = _mapped_coding(c[3], c[4], c[5], RELATIONSHIP, TABLE_0063, systems) if c[3] else None
         codings = [x for x in (first, alt) if x is not None]
@@ -1473,7 +1473,7 @@ def subscriber(
         res["identifier"] = [dict(i) for i in insured_ids]
     rel = dt.rep_of(in1, 17, ctx)
     coding = _mapped_coding(
-        rel.c(1), rel.c(2), rel.c(3), RELATIONSHIP, dt.V2_TABLE + "0063", ctx.settings.coding_systems
+        rel.c(1), rel.c(2), rel.c(3), RELATIONSHIP, dt.V2_TABLE + "0063", ctx.coding_systems
     )
     if coding is not None:
         res["relationship"] = [{"coding": [coding]}]
@@ -1609,7 +1609,7 @@ def coverage(
     # IN2-6 / IN2-8 Medicare / Medicaid numbers of the same insurance group
     if plan:
         plan_ident: JSON = {"value": plan}
-        if (psys := plan_c[2].strip()) and (plan_system := dt.code_system(psys, s.coding_systems)):
+        if (psys := plan_c[2].strip()) and (plan_system := dt.code_system(psys, ctx.coding_systems)):
             plan_ident["system"] = plan_system
         idents.append(plan_ident)
     if policy:

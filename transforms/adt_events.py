@@ -517,9 +517,7 @@ def reported_by(iam: Segment, ctx: ConvertContext, patient_ref: str, patient_key
     if not code:
         return {"display": text}
     res: JSON = {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": patient_ref}}
-    coding = adt._mapped_coding(
-        c[0], c[1], c[2], adt.RELATIONSHIP, adt.TABLE_0063, ctx.settings.coding_systems
-    )
+    coding = adt._mapped_coding(c[0], c[1], c[2], adt.RELATIONSHIP, adt.TABLE_0063, ctx.coding_systems)
     if coding is not None:
         res["relationship"] = [{"coding": [coding]}]
     res["name"] = [name]

@@ -218,6 +218,7 @@ class ConvertContext:
         "_recording",
         "_shared",
         "alnum_plain",
+        "coding_systems",
         "delim_key",
         "delimiters",
         "entity_memo",
@@ -257,6 +258,8 @@ class ConvertContext:
         self.xcn_memo: dict[str, tuple[str, str | None, bool]] = {}
         # the channel's assigning-authority cache (datatypes.hd_system), read once per message
         self.hd_cache = settings.hd_cache
+        # the channel's coding_systems (datatypes.code_system), read once per message: the coded values read it
+        self.coding_systems: Mapping[str, str] = settings.coding_systems
         # the channel's kept entries and pieces (datatypes.xcn / pl / kept_piece): a property of the settings,
         # read once per message (a Python-level call each time in the compiled build)
         self.entity_memo: dict[Any, Any] = settings.entity_memo

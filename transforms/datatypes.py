@@ -1074,7 +1074,7 @@ def cwe(
         return None
     c = rep.cs(9)
     codings: list[JSON] = []
-    systems = ctx.settings.coding_systems
+    systems = ctx.coding_systems
     first = _coding(c[0], c[1], c[2], systems) if c[0] else None
     if first:
         codings.append(first)
@@ -1534,7 +1534,7 @@ def language(rep: Rep, ctx: ConvertContext, loc: Location | None = None) -> JSON
             continue
         tag = bcp47(code)
         if tag is None:
-            if c := _coding(code, comps[ci + 1], comps[ci + 2], ctx.settings.coding_systems):
+            if c := _coding(code, comps[ci + 1], comps[ci + 2], ctx.coding_systems):
                 codings.append(c)
             ctx.count("language_not_bcp47")
             continue
