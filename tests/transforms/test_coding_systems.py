@@ -32,7 +32,11 @@ def test_a_local_coding_system_gets_the_channel_s_uri() -> None:
     named = _convert(msg(MSH, PID, OBR, OBX), golden_settings(coding_systems={" 99lab ": LAB}))
     validate_resources(named.bundle)
     assert _codings(plain.bundle, "Observation", "code")[0]["system"] == "urn:sluice:codesystem:99LAB"
-    assert _codings(named.bundle, "Observation", "code")[0] == {"system": LAB, "code": "K", "display": "Potassium"}
+    assert _codings(named.bundle, "Observation", "code")[0] == {
+        "system": LAB,
+        "code": "K",
+        "display": "Potassium",
+    }
     assert _codings(named.bundle, "DiagnosticReport", "code")[0]["system"] == LAB
     # units keep their own rule (UCUM)
     assert resources(named.bundle, "Observation")[0]["valueQuantity"]["system"] == "http://unitsofmeasure.org"
@@ -45,5 +49,7 @@ def test_a_shipped_name_can_be_read_another_way_and_relationships_follow_too() -
     validate_resources(named.bundle)
     assert _codings(plain.bundle, "Condition", "code")[0]["system"] == "http://hl7.org/fhir/sid/icd-10-cm"
     assert _codings(named.bundle, "Condition", "code")[0]["system"] == "http://hl7.org/fhir/sid/icd-10"
-    rel = [c for r in resources(named.bundle, "RelatedPerson") for cc in r["relationship"] for c in cc["coding"]]
+    rel = [
+        c for r in resources(named.bundle, "RelatedPerson") for cc in r["relationship"] for c in cc["coding"]
+    ]
     assert {"system": "urn:oid:1.2.3.4", "code": "FRND", "display": "Friend"} in rel
