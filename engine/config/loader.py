@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine import overlays
 from engine.alerts.config import AlertsConfig, parse_alerts
@@ -132,18 +133,16 @@ def load(
         raise ConfigError(
             f"no channel files match {patterns}", file=file, key="channels", hint="add channels/<name>.yaml"
         )
-    names = [c.name for c in channels]
-    for n in dict.fromkeys(names):
-        if names.count(n) > 1:
-            report(
-                problems,
-                ConfigError(
-                    f"two channels are named {n!r}",
-                    file=file,
-                    key="channels",
-                    hint="channel names must be unique",
-                ),
-            )
+    for n in _repeated(c.name for c in channels):
+        report(
+            problems,
+            ConfigError(
+                f"two channels are named {n!r}",
+                file=file,
+                key="channels",
+                hint="channel names must be unique",
+            ),
+        )
     host = ov.get("host") or environ.get(ENV_PREFIX + "HOST")
     port = ov.get("port") or environ.get(ENV_PREFIX + "PORT")
     if host or port:
@@ -152,17 +151,13 @@ def load(
             first.source, host=host or first.source.host, port=int(port) if port else first.source.port
         )
         channels[0] = replace(first, source=src)
-    ports = [(c.source.host, c.source.port) for c in channels if c.enabled and c.source.port]
-    for hp in dict.fromkeys(ports):
-        if ports.count(hp) > 1:
-            report(
-                problems,
-                ConfigError(
-                    f"two channels listen on {hp[0]}:{hp[1]}",
-                    file=file,
-                    hint="give each channel its own port",
-                ),
-            )
+    for hp in _repeated((c.source.host, c.source.port) for c in channels if c.enabled and c.source.port):
+        report(
+            problems,
+            ConfigError(
+                f"two channels listen on {hp[0]}:{hp[1]}", file=file, hint="give each channel its own port"
+            ),
+        )
     return Config(
         file=file,
         base_dir=base,
@@ -242,3 +237,12 @@ def _with_overlay(path: Path, env: str | None) -> Any:
     if overlay is not None and not isinstance(overlay, Mapping):
         raise ConfigError(f"expected a mapping, got {type(overlay).__name__}", file=str(op))
     return overlays.deep_merge(data or {}, overlay or {})
+
+
+_H = TypeVar("_H", bound=Hashable)
+
+
+def _repeated(values: Iterable[_H]) -> list[_H]:
+    """The values that occur more than once, each once, in the order first seen."""
+    counts = Counter(values)
+    return [v for v, n in counts.items() if n > 1]

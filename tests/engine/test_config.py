@@ -230,3 +230,14 @@ def test_check_warns_about_accept_types_and_still_passes(tmp_path: Path) -> None
     path = write_config(tmp_path, channels={"a": ch}, destinations=FILE_DEST)
     res = CliRunner().invoke(main, ["check", "--config", str(path)])
     assert res.exit_code == 1 and "trigger 'A0L' of ADT" in res.stderr and "window_dayz" in res.stderr
+
+
+def test_two_channels_on_one_port_are_reported_once(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        channels={"a": basic_channel(1234), "b": basic_channel(1234), "c": basic_channel(1234)},
+        destinations=FILE_DEST,
+    )
+    with pytest.raises(ConfigError) as ei:
+        config.load(path)
+    assert str(ei.value).count("two channels listen on 127.0.0.1:1234") == 1
