@@ -90,6 +90,23 @@ def test_booked_appointment_round_trips_through_the_inbound_converter() -> None:
     assert s12.version == "2.5.1" and s12.sending_application == "SLUICE" and s12.sending_facility == "PORTAL"
 
 
+def test_coding_systems_name_a_local_service_type_and_the_inbound_block_reads_it_back() -> None:
+    local = "http://clinic.example.org/visit-types"
+    appt = appointment(
+        serviceType=[{"coding": [{"system": local, "code": "NP-30", "display": "New patient visit"}]}],
+    )
+    systems = {"99VT": local}
+    out = convert(appt, WritebackSettings(placer_system=PLACER, coding_systems=systems))
+    assert parse_bytes(out.variants["S12"])["AIS-3"] == "NP-30^New patient visit^99VT"
+    back = inbound(
+        parse_bytes(out.variants["S12"]), ConvertSettings(derive_unknown_systems=True, coding_systems=systems)
+    )
+    (res,) = [e["resource"] for e in back["entry"] if e["resource"]["resourceType"] == "Appointment"]
+    assert res["serviceType"] == appt["serviceType"]  # the same block of the channel serves both directions
+    # without the option the URI itself is written in CWE-3 (receivers then see no short name)
+    assert parse_bytes(convert(appt, SETTINGS).variants["S12"])["AIS-3"] == f"NP-30^New patient visit^{local}"
+
+
 def test_cancel_and_noshow_round_trip() -> None:
     reason = {
         "coding": [
@@ -293,6 +310,11 @@ def test_the_step_puts_every_candidate_in_its_facts() -> None:
         pytest.param({"placer_system": "portal"}, "not an identifier system URI", id="placer-system"),
         pytest.param({"sending_facility": "A|B"}, "plain HL7 header value", id="delimiter"),
         pytest.param({"site_tz": "Mars/Olympus"}, "unknown time zone", id="zone"),
+        pytest.param({"coding_systems": ["99LAB"]}, "coding_systems must be a mapping", id="systems-list"),
+        pytest.param(
+            {"coding_systems": {"99^LAB": "urn:x:lab"}}, "is not a plain name", id="systems-delimiter"
+        ),
+        pytest.param({"coding_systems": {"99LAB": "lab codes"}}, "is not a URI", id="systems-uri"),
     ],
 )
 def test_bad_options_are_config_errors(options: dict[str, Any], match: str) -> None:

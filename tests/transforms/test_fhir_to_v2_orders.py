@@ -195,6 +195,25 @@ def test_oml_round_trips_through_the_inbound_converter() -> None:
     assert len(sr["specimen"]) == 2 and len(sr["supportingInfo"]) == 1 and len(sr["reasonReference"]) == 1
 
 
+def test_coding_systems_name_local_and_shipped_systems_in_cwe_3() -> None:
+    local = "http://lab.example.org/codes"
+    res = order(code={"coding": [{"system": local, "code": "CMP-1", "display": "Metabolic panel"}]})
+    systems = {"99LAB": local, "I10C": "http://hl7.org/fhir/sid/icd-10-cm", "LABX": local}
+    settings = WritebackSettings(placer_system=PLACER, order_message="OML^O21", coding_systems=systems)
+    msg = parse_bytes(convert(res, settings).variants["NW"])
+    assert msg["OBR-4"] == "CMP-1^Metabolic panel^99LAB"  # the first name listed for the URI
+    assert msg["DG1-3"] == "E11.9^Type 2 diabetes^I10C"  # over the shipped name (I10)
+    assert msg["OBX-3"] == "29463-7^Body weight^LN"  # systems the block does not name: the shipped names
+    bundle = inbound(
+        parse_bytes(convert(res, settings).variants["NW"]),
+        ConvertSettings(derive_unknown_systems=True, coding_systems=systems),
+    )
+    (sr,) = resources(bundle, "ServiceRequest")
+    assert sr["code"] == res["code"]
+    (cond,) = resources(bundle, "Condition")
+    assert cond["code"]["coding"][0]["system"] == "http://hl7.org/fhir/sid/icd-10-cm"
+
+
 def test_oml_order_status_and_cancel() -> None:
     held = convert(order(status="on-hold"), OML)
     assert held.state == "active" and parse_bytes(held.variants["XO"])["ORC-5"] == "HD"

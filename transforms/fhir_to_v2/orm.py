@@ -72,7 +72,7 @@ def _orm(res: JSON, settings: WritebackSettings, now: str) -> Outbound:
     provider = _xcn(requester, settings) if requester else ""
     authored = dtm(res.get("authoredOn"), settings)
     when_needed = dtm(res.get("occurrenceDateTime"), settings)
-    code = cwe(_obj(res.get("code")) or None)
+    code = cwe(_obj(res.get("code")) or None, settings.system_names)
     body_tail = [
         segment(
             "OBR",
@@ -139,8 +139,8 @@ def _ei_sub(ident: JSON | None, settings: WritebackSettings, namespace: str = ""
     return "&".join(parts)
 
 
-def _cc(value: Any) -> str:
-    return cwe(value) if isinstance(value, dict) else ""
+def _cc(value: Any, settings: WritebackSettings) -> str:
+    return cwe(value, settings.system_names) if isinstance(value, dict) else ""
 
 
 def _pv1(res: JSON, settings: WritebackSettings) -> str:
@@ -192,7 +192,7 @@ def _dg1(res: JSON, settings: WritebackSettings) -> list[str]:
     out: list[str] = []
     for ref in res.get("reasonReference", ()) or ():
         cond = _contained(res, ref, "Condition")
-        if cond is None or not (code := _cc(cond.get("code"))):
+        if cond is None or not (code := _cc(cond.get("code"), settings)):
             continue
         ver = ""
         for c in (cond.get("verificationStatus") or {}).get("coding", ()) or ():
@@ -213,7 +213,7 @@ def _obx_value(obs: JSON, settings: WritebackSettings) -> tuple[str, str, str]:
             units = comps(esc(unit_text or code))
         return "NM", esc(str(q["value"])), units
     if isinstance(obs.get("valueCodeableConcept"), dict):
-        return "CWE", cwe(obs["valueCodeableConcept"]), ""
+        return "CWE", cwe(obs["valueCodeableConcept"], settings.system_names), ""
     if isinstance(obs.get("valueString"), str):
         return "ST", esc(obs["valueString"]), ""
     if isinstance(obs.get("valueInteger"), int) and not isinstance(obs.get("valueInteger"), bool):
@@ -229,7 +229,7 @@ def _obx(res: JSON, settings: WritebackSettings) -> list[str]:
     n = 0
     for ref in res.get("supportingInfo", ()) or ():
         obs = _contained(res, ref, "Observation")
-        if obs is None or not (code := _cc(obs.get("code"))):
+        if obs is None or not (code := _cc(obs.get("code"), settings)):
             continue
         n += 1
         vtype, value, units = _obx_value(obs, settings)
@@ -282,11 +282,11 @@ def _spm_of(spec: JSON, n: int, settings: WritebackSettings) -> str:
         str(n),
         spm2,
         "",
-        _cc(spec.get("type")),
+        _cc(spec.get("type"), settings),
         "",
-        _cc(first.get("additiveCodeableConcept")),
-        _cc(coll.get("method")),
-        _cc(coll.get("bodySite")),
+        _cc(first.get("additiveCodeableConcept"), settings),
+        _cc(coll.get("method"), settings),
+        _cc(coll.get("bodySite"), settings),
         "",
         "",
         "",
@@ -302,10 +302,10 @@ def _spm_of(spec: JSON, n: int, settings: WritebackSettings) -> str:
         "",
         "",
         "",
-        "~".join(c for x in spec.get("condition", ()) or () if (c := _cc(x))),
+        "~".join(c for x in spec.get("condition", ()) or () if (c := _cc(x, settings))),
         "",
         "",
-        _cc(first.get("type")),
+        _cc(first.get("type"), settings),
     ]
     return segment("SPM", fields)
 
@@ -362,7 +362,7 @@ def _oml(res: JSON, settings: WritebackSettings, now: str) -> Outbound:
     timing = []
     if settings.has_tq1 and (start or end or pattern or priority):
         timing.append(segment("TQ1", ["1", "", pattern, "", "", "", start, end, priority]))
-    obr_fields = ["1", order, filler, _cc(res.get("code")), "", "", "", "", "", ""]
+    obr_fields = ["1", order, filler, _cc(res.get("code"), settings), "", "", "", "", "", ""]
     obr_fields.append("G" if res.get("intent") == "reflex-order" else "")
     obr_fields += ["", "", "", "", provider, *[""] * 14]
     specimens = _spm(res, settings)
@@ -375,8 +375,8 @@ def _oml(res: JSON, settings: WritebackSettings, now: str) -> Outbound:
             period = _obj(coll.get("collectedPeriod"))
             collected = coll.get("collectedDateTime") or period.get("start")
             obr_fields[6] = dtm(collected, settings) if isinstance(collected, str) else ""
-            obr_fields[14] = _cc(spec.get("type")).replace("^", "&")
-    obr_fields.append("~".join(c for r in res.get("reasonCode", ()) or () if (c := _cc(r))))
+            obr_fields[14] = _cc(spec.get("type"), settings).replace("^", "&")
+    obr_fields.append("~".join(c for r in res.get("reasonCode", ()) or () if (c := _cc(r, settings))))
     obr = segment("OBR", obr_fields)
     visit = _pv1(res, settings)
     body = [

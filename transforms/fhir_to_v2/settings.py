@@ -44,9 +44,17 @@ class WritebackSettings:
     # The message a ServiceRequest becomes: ORM^O01 or OML^O21 (one of ORDER_MESSAGES); empty: ORM^O01,
     # or OML^O21 from v2.7 on (HL7 withdrew ORM there): see ``order``
     order_message: str = ""
+    # CWE-3 coding-system name -> FHIR system URI, the shape of the hl7-to-fhir option of the same name (one
+    # block serves both directions): a coding in that system is written with that name in CWE-3 (first
+    # name listed wins when two share a URI), before the shipped names (transforms.datatypes CODE_SYSTEMS)
+    coding_systems: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_zone", site_zone(self.site_tz))
+        names: dict[str, str] = {}
+        for name, uri in self.coding_systems.items():
+            names.setdefault(uri, name.strip())
+        object.__setattr__(self, "_system_names", names)
         version = _version_tuple(self.version)
         if self.order_message == "OML^O21" and version < (2, 4):
             raise ConfigError(
@@ -73,6 +81,12 @@ class WritebackSettings:
     def zone(self) -> ZoneInfo:
         z: ZoneInfo = self._zone  # type: ignore[attr-defined]
         return z
+
+    @property
+    def system_names(self) -> Mapping[str, str]:
+        """FHIR system URI → the CWE-3 name ``coding_systems`` gives it (``coding_systems`` reversed)."""
+        names: Mapping[str, str] = self._system_names  # type: ignore[attr-defined]
+        return names
 
     @property
     def codec(self) -> str:
@@ -139,6 +153,30 @@ def _check(name: str, value: Any, config_file: str, where: str) -> Any:
                 raise bad(f"authority for {uri!r} is not a plain name: {auth!r}", "write e.g. HOSP")
             out[str(uri)] = auth
         return out
+    if name == "coding_systems":
+        if not isinstance(value, Mapping):
+            raise bad(
+                "coding_systems must be a mapping",
+                "write CWE-3-name: system-uri pairs, e.g. 99LAB: http://lab.example.org/codes",
+            )
+        systems: dict[str, str] = {}
+        for code_name, uri in value.items():
+            if (
+                not isinstance(code_name, str)
+                or not code_name.strip()
+                or any(c in code_name for c in "|^~\\&")
+            ):
+                raise bad(
+                    f"coding system name {code_name!r} is not a plain name",
+                    "write the name receivers expect in CWE-3, e.g. 99LAB (no | ^ ~ \\ &)",
+                )
+            if not isinstance(uri, str) or not uri.startswith(("http://", "https://", "urn:")):
+                raise bad(
+                    f"system for coding system {code_name!r} is not a URI: {uri!r}",
+                    "use an absolute URI (http://, https:// or urn:)",
+                )
+            systems[code_name] = uri
+        return systems
     if (
         not isinstance(value, str)
         or "|" in value

@@ -183,13 +183,13 @@ def _view(res: JSON, settings: WritebackSettings) -> tuple[list[str], list[str],
     reason = ""
     sch8 = ""
     if atype and any(c.get("system") == V2_0276 for c in atype.get("coding", ()) or ()):
-        reason = cwe(atype)
+        reason = cwe(atype, settings.system_names)
     else:
-        sch8 = cwe(atype)
+        sch8 = cwe(atype, settings.system_names)
         for rc in res.get("reasonCode", ()) or ():
-            reason = cwe(rc)
+            reason = cwe(rc, settings.system_names)
             break
-    sch6 = cwe(res.get("cancelationReason")) if state != ACTIVE else ""
+    sch6 = cwe(res.get("cancelationReason"), settings.system_names) if state != ACTIVE else ""
     sch = segment(
         "SCH",
         [
@@ -221,7 +221,7 @@ def _view(res: JSON, settings: WritebackSettings) -> tuple[list[str], list[str],
     body.append(segment("RGS", ["1", "A" if state == ACTIVE else "D"]))
     n = 0
     for st in res.get("serviceType", ()) or ():
-        if code := cwe(st):
+        if code := cwe(st, settings.system_names):
             n += 1
             body.append(segment("AIS", [str(n), "", code]))
     n = 0
@@ -237,7 +237,7 @@ def _view(res: JSON, settings: WritebackSettings) -> tuple[list[str], list[str],
             n += 1
             role = ""
             for t in p.get("type", ()) or ():
-                role = cwe(t)
+                role = cwe(t, settings.system_names)
                 break
             body.append(segment("AIP", [str(n), "", xcn, role]))
     return body, times, state

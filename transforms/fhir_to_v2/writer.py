@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
@@ -68,10 +69,16 @@ def dtm(value: str | None, settings: WritebackSettings) -> str:
     return out
 
 
-def system_name(system: str) -> str:
-    """FHIR code system URI → HL7 coding-system name (CWE-3); an unknown URI is written as itself."""
+def system_name(system: str, names: Mapping[str, str] | None = None) -> str:
+    """FHIR code system URI → HL7 coding-system name (CWE-3); an unknown URI is written as itself.
+
+    ``names``: the channel's own names (``WritebackSettings.system_names``), before the shipped ones."""
     if not system:
         return ""
+    if names:
+        hit = names.get(system)
+        if hit is not None:
+            return hit
     if system.startswith(V2_TABLE):
         return "HL7" + system[len(V2_TABLE) :]
     if system.startswith(LOCAL_CODE_SYSTEM_PREFIX):
@@ -79,8 +86,10 @@ def system_name(system: str) -> str:
     return SYSTEM_NAMES.get(system, system)
 
 
-def cwe(cc: JSON | None) -> str:
-    """CodeableConcept → CWE ``code^display^system`` (+ the alternate triplet for a second coding, CWE-9 text)."""
+def cwe(cc: JSON | None, names: Mapping[str, str] | None = None) -> str:
+    """CodeableConcept → CWE ``code^display^system`` (+ the alternate triplet for a second coding, CWE-9 text).
+
+    ``names``: system URI → CWE-3 name of the channel (:func:`system_name`)."""
     if not cc:
         return ""
     codings = [c for c in cc.get("coding", ()) or () if isinstance(c, dict) and c.get("code")]
@@ -90,7 +99,7 @@ def cwe(cc: JSON | None) -> str:
         triplets += [
             esc(str(c["code"])),
             esc(str(c.get("display") or "")),
-            esc(system_name(str(c.get("system") or ""))),
+            esc(system_name(str(c.get("system") or ""), names)),
         ]
     if not triplets:
         return comps("", esc(text)) if text else ""
