@@ -306,9 +306,16 @@ class Engine:
         with self.store.engine.connect() as conn:
             return [payloads.unpack(r[0]) for r in conn.execute(q)]
 
-    def log_lines(self) -> list[dict[str, Any]]:
+    def log_size(self) -> int:
+        """The engine log's length in bytes now: ``log_lines(since=...)`` reads only what comes after."""
+        return self.proc.log.stat().st_size
+
+    def log_lines(self, since: int = 0) -> list[dict[str, Any]]:
+        with self.proc.log.open("rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
         out = []
-        for line in self.proc.log.read_text(errors="replace").splitlines():
+        for line in text.splitlines():
             line = line.strip()
             if line.startswith("{"):
                 with contextlib.suppress(ValueError):

@@ -69,21 +69,33 @@ def eng(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     )
 
 
-def _lines_for_peer(eng: Engine, sock_name: tuple[str, int]) -> list[dict[str, object]]:
-    peer = f"{sock_name[0]}:{sock_name[1]}"
-    return [e for e in eng.log_lines() if e.get("peer") == peer]
+# A client connection as the engine log names it (host, port), and the log's length when it connected: the
+# OS reuses ephemeral ports, so lines of an earlier test's connection from the same port are not this one's
+Peer = tuple[str, int, int]
+
+
+def _peer(eng: Engine, s: socket.socket) -> Peer:
+    """Call right after connecting, before sending: what the engine logs of ``s`` comes after this mark."""
+    host, port = s.getsockname()[:2]
+    return host, port, eng.log_size()
+
+
+def _lines_for_peer(eng: Engine, peer: Peer) -> list[dict[str, object]]:
+    host, port, since = peer
+    name = f"{host}:{port}"
+    return [e for e in eng.log_lines(since) if e.get("peer") == name]
 
 
 CLOSE_EVENTS = ("connection_idle_closed", "frame_deadline_exceeded", "framing_error")
 
 
-def _close_reason(eng: Engine, sock_name: tuple[str, int]) -> str:
+def _close_reason(eng: Engine, peer: Peer) -> str:
     """The event the engine logged when it closed this connection (waits for the log line)."""
 
     def reasons() -> list[str]:
-        return [str(e["event"]) for e in _lines_for_peer(eng, sock_name) if e.get("event") in CLOSE_EVENTS]
+        return [str(e["event"]) for e in _lines_for_peer(eng, peer) if e.get("event") in CLOSE_EVENTS]
 
-    found = wait_for(reasons, what=f"a close event for {sock_name} in the engine log")
+    found = wait_for(reasons, what=f"a close event for {peer[:2]} in the engine log")
     assert len(found) == 1, found
     return found[0]
 
@@ -92,7 +104,7 @@ def test_junk_before_start_block_is_discarded_counted_and_connection_kept(eng: E
     port = eng.ports["frm"]
     c1, c2 = uid("J"), uid("J")
     with connect(port) as s:
-        me = s.getsockname()
+        me = _peer(eng, s)
         r = Reader(s)
         s.sendall(b"\r\nnoise from a terminal\x00\xff" + frame(adt(c1)))
         a1 = parse_ack(r.one())
@@ -118,7 +130,7 @@ def test_junk_before_start_block_is_discarded_counted_and_connection_kept(eng: E
 
 def test_only_junk_is_closed_at_the_byte_cap(eng: Engine) -> None:
     with connect(eng.ports["frm"]) as s:
-        me = s.getsockname()
+        me = _peer(eng, s)
         r = Reader(s)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             s.sendall(b"X" * (MAX_JUNK + 100))
@@ -130,7 +142,7 @@ def test_only_junk_is_closed_at_the_byte_cap(eng: Engine) -> None:
 
 def test_only_junk_is_closed_at_idle_timeout(eng: Engine) -> None:
     with connect(eng.ports["frm"]) as s:
-        me = s.getsockname()
+        me = _peer(eng, s)
         r = Reader(s)
         s.sendall(b"hello? anyone there?\r\n")
         r.wait_closed()
@@ -160,7 +172,7 @@ def test_unframed_msh_gets_no_ack_and_is_not_stored_and_connection_still_usable(
 def test_start_block_then_silence_hits_frame_deadline(eng: Engine) -> None:
     cid = uid("S")
     with connect(eng.ports["frm"]) as s:
-        me = s.getsockname()
+        me = _peer(eng, s)
         r = Reader(s)
         s.sendall(VT + adt(cid)[:40])
         r.wait_closed()
@@ -191,7 +203,7 @@ def test_start_block_then_eof_is_dropped_without_ack(eng: Engine) -> None:
 def test_fs_without_cr_is_a_protocol_error_and_closes(eng: Engine) -> None:
     cid = uid("F")
     with connect(eng.ports["frm"]) as s:
-        me = s.getsockname()
+        me = _peer(eng, s)
         r = Reader(s)
         s.sendall(VT + adt(cid) + FS + b"X")
         r.wait_closed()
@@ -251,7 +263,7 @@ def test_slowloris_is_closed_by_total_frame_deadline(eng: Engine) -> None:
     data = VT + adt(cid)
     sent = 0
     with connect(eng.ports["frm"]) as s:
-        me = s.getsockname()
+        me = _peer(eng, s)
         s.settimeout(0.2)  # the pace: wait this long for a reply (there should be none) after each byte
         closed = False
         for i in range(len(data)):
@@ -378,7 +390,7 @@ def test_connect_and_close_is_silent(eng: Engine) -> None:
     names = []
     for _ in range(20):
         s = connect(eng.ports["frm"])
-        names.append(s.getsockname())
+        names.append(_peer(eng, s))
         s.close()
     # A full round trip through the engine after the 20 closes: the engine handled each close (and
     # logged anything it had to say about it) before it read this later connection's message.
