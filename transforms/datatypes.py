@@ -77,6 +77,24 @@ CODE_SYSTEMS: Final[dict[str, str]] = {
     "ICDO": "http://terminology.hl7.org/CodeSystem/icd-o",
     "ICDO3": "http://terminology.hl7.org/CodeSystem/icd-o",
     "ICD-O": "http://terminology.hl7.org/CodeSystem/icd-o",
+    # more table 0396 names with a published FHIR system (HL7 Terminology / FHIR's sid namespace)
+    "SCT2": SNOMED,
+    "I10PCS": "http://www.cms.gov/Medicare/Coding/ICD10",
+    "ICD10PCS": "http://www.cms.gov/Medicare/Coding/ICD10",
+    "I9CP": "http://www.cms.gov/Medicare/Coding/ICD9",
+    "ICD10CA": "http://hl7.org/fhir/sid/icd-10-ca",
+    "HPC": "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
+    "MVX": "http://hl7.org/fhir/sid/mvx",
+    "NCIT": "http://ncicb.nci.nih.gov/xml/owl/EVS/Thesaurus.owl",
+    "MDC": "urn:iso:std:iso:11073:10101",
+    "DCM": "http://dicom.nema.org/resources/ontology/DCM",
+    "FDAUNII": "http://fdasis.nlm.nih.gov",
+    "NULLFL": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor",
+    "ISO3166_2": "urn:iso:std:iso:3166:-2",
+    "ISO4217": "urn:iso:std:iso:4217",
+    # CDC PHIN vocabulary (immunization and public-health reporting guides)
+    "CDCPHINVS": "urn:oid:2.16.840.1.114222.4.5.274",
+    "PHINQUESTION": "urn:oid:2.16.840.1.114222.4.5.232",
 }
 _HL7_TABLE: Final = re.compile(r"^HL7[-_]?(\d{4})$", re.IGNORECASE)
 _URI_SAFE: Final = "-._~:"
