@@ -199,6 +199,7 @@ R5_DR_NOTE: Final = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Diagn
 ANALYSIS_DATE_TIME: Final = "http://hl7.org/fhir/StructureDefinition/observation-analysis-date-time"
 R5_OBS_ATTACHMENT: Final = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Observation.valueAttachment"
 DATA_ABSENT: Final = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+DATA_ABSENT_REASON: Final = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 
 _TEXT_TYPES: Final = frozenset({"ST", "TX", "FT"})
 # value types whose OBX-6 units are appended to a measurement kept as valueString (not TX/FT: narrative)
@@ -1233,7 +1234,8 @@ def service_request(
     res["status"] = status
     # intent: IG OBR-11 "G" → reflex-order; anything else "order" (the IG's "#add-on#" for "A" is no code)
     res["intent"] = "reflex-order" if obr.get(11).strip().upper() == "G" else "order"
-    res["code"] = code
+    if "coding" in code or "text" in code:  # not the data-absent code of an OBR without OBR-4 (0..1 here)
+        res["code"] = code
     if ctx.patient_ref:
         res["subject"] = _ref(ctx.patient_ref)
     if enc:
@@ -1408,9 +1410,7 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None, used: set
         res["category"] = [coded_table(section, "0074")]
     code = cwe(obr.rep(4), ctx, obr.loc(4), field="OBR-4")
     if code is None:
-        raise ConversionError(
-            "OBR-4 universal service identifier is missing", code="101", location=obr.loc(4)
-        )
+        code = _absent_report_code(obr, ctx)
     res["code"] = code
     if (
         order_ref := service_request(
@@ -1477,6 +1477,24 @@ def report(order: _Order, ctx: ConvertContext, enc: str | None = None, used: set
         listed.extend(r for r in res["result"] if r not in listed)
     ctx.guard(_rank_key(ctx, ref), DIAGNOSTIC_REPORT_STATUS_RANK.get(status, 0))
     return ref
+
+
+def _absent_report_code(obr: Segment, ctx: ConvertContext) -> JSON:
+    """An OBR without OBR-4 (a monitor's vital signs, an EMR's form results: the results carry the codes) under
+    ``strictness: lenient``: DiagnosticReport.code (1..1) is the data-absent-reason extension ``unknown``, with
+    the located warning ``report_code_missing`` at OBR-4, and the ServiceRequest gets no code.  ``strict``:
+    AE 101 at OBR-4, as before."""
+    if ctx.settings.strictness != "lenient":
+        raise ConversionError(
+            "OBR-4 universal service identifier is missing", code="101", location=obr.loc(4)
+        )
+    ctx.warn(
+        "report_code_missing",
+        obr.loc(4),
+        "OBR-4 (universal service identifier) is empty: the DiagnosticReport's code is data-absent (unknown) "
+        "and its results keep their own codes; ask the sender to fill OBR-4",
+    )
+    return {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "unknown"}]}
 
 
 def _message_report_key(obr: Segment, ctx: ConvertContext) -> str | None:

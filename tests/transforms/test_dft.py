@@ -123,9 +123,13 @@ def test_an_order_the_oru_mapping_cannot_convert_does_not_reject_the_charges() -
     m = msg(
         MSH.format("DFT^P03"), PID, "ORC|RE|P1", "OBR|1|P1", "FT1|1|T1||20250320|20250320|CG|99213^Visit^C4"
     )
-    r = _convert(m, golden_settings())
+    # an OBR without OBR-4 cannot be converted under strict (AE 101); lenient converts it (report_code_missing)
+    r = _convert(m, golden_settings(strictness="strict"))
     assert resources(r.bundle, "ChargeItem")
     assert r.events.get("dft_order_not_converted") == 1 and r.warnings
+    lenient = _convert(m, golden_settings())
+    assert resources(lenient.bundle, "ChargeItem") and resources(lenient.bundle, "DiagnosticReport")
+    assert "dft_order_not_converted" not in lenient.events
 
 
 def test_mother_enterer_and_encounter_diagnosis() -> None:

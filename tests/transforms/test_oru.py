@@ -572,6 +572,33 @@ def test_no_order_number_at_all_is_keyed_by_message_under_lenient() -> None:
     assert len({e["request"]["url"] for e in reports}) == 2
 
 
+def test_report_without_obr_4_has_a_data_absent_code_under_lenient() -> None:
+    """A monitor's vital signs or an EMR's form results with an empty OBR-4 (the results carry the codes):
+    lenient channels convert them, DiagnosticReport.code (1..1) being the data-absent-reason extension, with
+    a located warning at OBR-4; the ServiceRequest gets no code (0..1).  Strict channels reject: AE 101."""
+    segs = (MSH, PID, "OBR|1|PLC7^SYNEHR|FIL7^SYNLAB^2.16.840.1.113883.19.999.2^ISO||||20250310080000")
+    obx = (
+        "OBX|1|NM|8867-4^Heart rate^LN||72|/min|||||F",
+        "OBX|2|NM|9279-1^Respiratory rate^LN||14|/min|||||F",
+    )
+    r = conv(*segs, *obx)
+    validate_resources(r.bundle)
+    (report,) = resources(r.bundle, "DiagnosticReport")
+    assert report["code"] == {
+        "extension": [
+            {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
+        ]
+    }
+    assert len(report["result"]) == 2 and one(r.bundle, "8867-4")["valueQuantity"]["value"] == 72
+    (order,) = resources(r.bundle, "ServiceRequest")
+    assert "code" not in order
+    assert list(r.warning_kinds) == ["report_code_missing"]
+    assert r.warnings[0].startswith("OBR-4:")
+    with pytest.raises(ConversionError) as ei:
+        conv(*segs, *obx, strictness="strict")
+    assert ei.value.hl7_error == "101" and str(ei.value.location) == "OBR-4"
+
+
 def test_patient_without_authority_is_ae_204() -> None:
     with pytest.raises(ConversionError) as ei:
         conv(MSH, "PID|1||MRN1^^^^MR||DOE^JAN", OBR, "OBX|1|NM|2345-7^Glucose^LN||90||||||F")
