@@ -119,7 +119,7 @@ def content(obxs: list[Segment], ctx: ConvertContext, txa: Segment) -> list[JSON
             for rep in obx.reps(5):
                 url = rep.c(1).strip()
                 if url:
-                    out.append({"attachment": {"url": url}})
+                    out.append({"attachment": {"url": oru.pointer_url(url, ctx)}})
     if bad and not out:
         raise bad[0]  # the bad attachment is the document's only content: nothing to file without it
     for err in bad:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import urllib.parse
 from typing import Any, Final
 
 from engine.errors import ConversionError, Location
@@ -705,8 +706,29 @@ def rp_attachment(rep: Rep, obx: Segment, ctx: ConvertContext) -> JSON | None:
     type_of_data, subtype = rep.c(3).strip(), rep.c(4).strip()
     if type_of_data or subtype:
         att["contentType"] = content_type(type_of_data, subtype)
-    att["url"] = pointer
+    att["url"] = pointer_url(pointer, ctx)
     return _described(att, obx, ctx)
+
+
+_DRIVE_PATH: Final = re.compile(r"^[A-Za-z]:[\\/]")
+# what a URI may hold as it is (RFC 3986 unreserved, reserved and '%'); anything else is percent-encoded
+_URI_CHARS: Final = "-._~:/?#[]@!$&'()*+,;=%"
+
+
+def pointer_url(pointer: str, ctx: ConvertContext) -> str:
+    """RP-1 pointer → ``Attachment.url`` (a FHIR url: a URI, no blanks or backslashes).  A Windows file path
+    (``\\\\server\\share\\a.pdf``, ``C:\\docs\\a.pdf``, which document and imaging systems send) becomes the
+    ``file:`` URL of the same file (RFC 8089: ``file://server/share/a.pdf``, ``file://localhost/C:/docs/a.pdf``),
+    counted ``attachment_path_as_file_url``; in any pointer, characters a URI cannot hold (blanks, non-ASCII) are
+    percent-encoded (UTF-8).  URLs and relative references are otherwise kept as sent."""
+    url = pointer
+    if pointer.startswith("\\\\"):
+        url = "file://" + pointer[2:].replace("\\", "/")
+    elif _DRIVE_PATH.match(pointer):
+        url = "file://localhost/" + pointer.replace("\\", "/")
+    if url != pointer:
+        ctx.count("attachment_path_as_file_url")
+    return urllib.parse.quote(url, safe=_URI_CHARS)
 
 
 _RR_NUM: Final = r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))"

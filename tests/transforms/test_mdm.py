@@ -155,6 +155,17 @@ def test_common_order_becomes_a_service_request_in_context_related() -> None:
     assert not [e for e in b["entry"] if e["resource"]["resourceType"] == "Observation"]
 
 
+def test_rp_document_on_a_file_share_is_a_file_url() -> None:
+    """An RP pointer that is a UNC path (backslashes escaped as \\E\\) is no URI: the attachment's url is the
+    file: URL of the same file (RFC 8089)."""
+    rp = "OBX|1|RP|11502-2^Report PDF^LN||\\E\\\\E\\docsrv\\E\\notes\\E\\d1.pdf^^application^pdf||||||F"
+    m = msg(MSH.format("T02"), PID, TXA.format(number=DOC, parent="", completion="AU", avail="AV"), rp)
+    result = _convert(m, golden_settings())
+    validate_resources(result.bundle)
+    _, doc = _doc(result.bundle)
+    assert doc["content"][0]["attachment"] == {"url": "file://docsrv/notes/d1.pdf"}
+
+
 BAD_ED = "OBX|2|ED|11502-2^Report PDF^LN||^AP^PDF^Base64^<Base64 encoded>||||||F"
 
 

@@ -356,6 +356,26 @@ def test_rp_value_is_an_attachment_not_the_encoded_string() -> None:
 
 
 @pytest.mark.parametrize(
+    ("pointer", "url", "counted"),
+    [
+        # a UNC path (escaped backslashes, as a document system sends it) → the file: URL of the same file
+        ("\\E\\\\E\\docsrv\\E\\scans\\E\\rep 1.pdf", "file://docsrv/scans/rep%201.pdf", 1),
+        ("C:\\E\\reports\\E\\r1.pdf", "file://localhost/C:/reports/r1.pdf", 1),
+        ("https://images.example.org/study 1", "https://images.example.org/study%201", 0),
+        ("studies/1.dcm", "studies/1.dcm", 0),
+    ],
+)
+def test_rp_pointer_becomes_a_valid_url(pointer: str, url: str, counted: int) -> None:
+    """Attachment.url is a URI: a Windows file path becomes its file: URL (RFC 8089), blanks are
+    percent-encoded; a URL or relative reference is kept."""
+    result = oru(f"OBX|1|RP|11502-2^Report^LN||{pointer}^^application^pdf||||||F")
+    obs = one(result.bundle, "Observation")
+    assert obs["extension"][0]["valueAttachment"]["url"] == url
+    assert result.events.get("attachment_path_as_file_url", 0) == counted
+    validate_resources(result.bundle)
+
+
+@pytest.mark.parametrize(
     ("text", "low", "high"),
     [
         ("4.3-6.2", 4.3, 6.2),
