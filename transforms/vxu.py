@@ -22,7 +22,7 @@ from engine import redact
 from engine.errors import ConversionError, Location, MessageRejected
 from engine.hl7 import Message, Segment
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, dt, dtm_at, ei, nm, pl, table, unit, xad, xcn
+from transforms.datatypes import V2_TABLE, code_system, cwe, dt, dtm_at, ei, nm, pl, table, unit, xad, xcn
 
 JSON = dict[str, Any]
 
@@ -121,7 +121,9 @@ def manufacturer(rxa: Segment, ctx: ConvertContext) -> JSON | None:
     if display:
         org["name"] = display
     if code:
-        org["identifier"] = [{"system": "urn:sluice:codesystem:" + (sysname or "MVX").lower(), "value": code}]
+        # IG CWE[Organization]: CWE-3 → identifier.system (MVX → http://hl7.org/fhir/sid/mvx, as for any code)
+        system = code_system(sysname or "MVX", ctx.coding_systems) or code_system("MVX")
+        org["identifier"] = [{"system": system, "value": code}]
     ref = ctx.add("Organization", org, key=f"manufacturer|{sysname.upper() or 'MVX'}|{code or display}")
     out: JSON = {"reference": ref}
     if display:

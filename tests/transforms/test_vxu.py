@@ -162,3 +162,29 @@ def test_a_vis_date_that_is_no_date_is_dropped_with_a_warning_in_lenient_mode() 
     with pytest.raises(ConversionError) as ei:
         _convert(m, golden_settings(strictness="strict"))
     assert ei.value.hl7_error == "102" and str(ei.value.location) == "OBX(2)-5"
+
+
+@pytest.mark.parametrize(
+    ("rxa17", "options", "system"),
+    [
+        ("MSD^Merck^MVX", {}, "http://hl7.org/fhir/sid/mvx"),
+        ("MSD^Merck", {}, "http://hl7.org/fhir/sid/mvx"),  # no CWE-3: RXA-17 is MVX-coded
+        ("mfr7^Synth Vaccines^99MFR", {}, "urn:sluice:codesystem:99MFR"),  # a local table keeps its name
+        (
+            "MSD^Merck^MVX",
+            {"coding_systems": {"MVX": "urn:oid:2.16.840.1.113883.12.227"}},
+            "urn:oid:2.16.840.1.113883.12.227",
+        ),
+    ],
+)
+def test_manufacturer_identifier_system_is_the_coding_system_of_rxa_17(
+    rxa17: str, options: dict[str, Any], system: str
+) -> None:
+    """IG CWE[Organization]: RXA-17.3 → identifier.system, through the same coding-system names as every code
+    (the published MVX system, the channel's coding_systems), not a lower-cased local name."""
+    orc = "ORC|RE||F1^SYN^2.16.840.1.113883.19.999.7^ISO"
+    rxa = "RXA|0|1|20250401||08^Hep B^CVX|0.5|mL^mL^UCUM||00^New^NIP001||||||LOT1||" + rxa17 + "||||CP|A"
+    r = _convert(msg(MSH.format("V04"), PID, orc, rxa), golden_settings(**options))
+    validate_resources(r.bundle)
+    (org,) = resources(r.bundle, "Organization")
+    assert org["identifier"][0] == {"system": system, "value": rxa17.split("^")[0]}
