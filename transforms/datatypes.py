@@ -612,7 +612,11 @@ def _unit(code: str, text: str, sysname: str) -> tuple[tuple[str, str], ...]:
     if code:
         if _ucum_or_unnamed(sysname):
             ucum = UNIT_MAP.get(code) or UNIT_MAP.get(code.upper())
-            if ucum is None and valid_ucum(code):
+            if ucum is None and _upper_case_only(code):
+                # MG, G, EA: UCUM's case-insensitive form (what upper-case-only senders write), never read as the
+                # case-sensitive codes they spell (megagram, gauss, exa-ampere)
+                ucum = ucum_from_case_insensitive(code)
+            elif ucum is None and valid_ucum(code):
                 ucum = code
             if ucum is not None:
                 q.append(("system", UCUM))
@@ -665,6 +669,83 @@ def valid_ucum(code: str) -> bool:
         _UCUM_VALID.clear()
     _UCUM_VALID[code] = ok
     return ok
+
+
+def _upper_case_only(code: str) -> bool:
+    return any(ch.isalpha() for ch in code) and not any(ch.islower() for ch in code)
+
+
+# UCUM's case-insensitive codes (the ``CODE`` attributes of ucum-essence.xml, which ucumvert ships) → the
+# case-sensitive ones: prefixes, and units with whether they take a prefix.  Loaded on first use.
+_CI_PREFIXES: Final[dict[str, str]] = {}
+_CI_UNITS: Final[dict[str, tuple[str, bool]]] = {}
+_CI_TERM: Final = re.compile(r"^(10\*|10\^|(?:\[[^\[\]]*\]|[^0-9+\-{}\[\]])+?)([+-]?\d+)?(\{[^{}]*\})?$")
+_CI_CACHE: Final[dict[str, str | None]] = {}
+
+
+def _load_case_insensitive() -> None:
+    import xml.etree.ElementTree as ET
+    from importlib import resources
+
+    try:
+        root = ET.fromstring(resources.files("ucumvert").joinpath("vendor/ucum-essence.xml").read_bytes())
+    except (ImportError, OSError, ET.ParseError):  # pragma: no cover - ucumvert is a dependency
+        _CI_PREFIXES["?"] = "?"  # loaded, empty: every upper-case-only code is then left without a system
+        return
+    for el in root:
+        cs, ci, tag = el.get("Code"), el.get("CODE"), el.tag.rsplit("}", 1)[-1]  # namespaced tags
+        if not cs or not ci:
+            continue
+        if tag == "prefix":
+            _CI_PREFIXES[ci] = cs
+        elif tag in ("base-unit", "unit"):
+            metric = tag == "base-unit" or el.get("isMetric") == "yes"
+            # two units share a case-insensitive code (l and L, [iU] and [IU]): the one spelt like it wins
+            if ci not in _CI_UNITS or cs == ci:
+                _CI_UNITS[ci] = (cs, metric)
+
+
+def _ci_atom(atom: str) -> str | None:
+    hit = _CI_UNITS.get(atom)
+    if hit is not None:
+        return hit[0]
+    for n in (2, 1):  # the prefixes' case-insensitive codes are one or two letters (DA, MA, ...)
+        prefix, rest = _CI_PREFIXES.get(atom[:n]), _CI_UNITS.get(atom[n:])
+        if prefix is not None and rest is not None and rest[1]:
+            return prefix + rest[0]
+    return None
+
+
+def ucum_from_case_insensitive(code: str) -> str | None:
+    """A unit in UCUM's case-insensitive form (``MG/DL``, ``10*3/UL``, ``MMOL/L``) → its case-sensitive code
+    (``mg/dL``, ``10*3/uL``, ``mmol/L``); ``None`` for a code that is not case-insensitive UCUM (``EA``, ``TAB``).
+    Terms joined by ``.`` and ``/``, each an atom with an optional prefix, exponent and annotation."""
+    if code in _CI_CACHE:
+        return _CI_CACHE[code]
+    if not _CI_PREFIXES:
+        _load_case_insensitive()
+    out: str | None = None
+    if code and "(" not in code and ")" not in code:
+        parts = re.split(r"([./])", code)
+        built: list[str] = []
+        for part in parts:
+            if part in (".", "/") or (not part and not built):
+                built.append(part)
+                continue
+            m = _CI_TERM.match(part)
+            if part.isdigit() or (part.startswith("{") and part.endswith("}")):
+                built.append(part)
+                continue
+            if m is None or (atom := _ci_atom(m.group(1))) is None:
+                built = []
+                break
+            built.append(atom + (m.group(2) or "") + (m.group(3) or ""))
+        candidate = "".join(built)
+        if built and valid_ucum(candidate):
+            out = candidate
+    if len(_CI_CACHE) < 4096:
+        _CI_CACHE[code] = out
+    return out
 
 
 def quantity(value: str, units: Rep | None, loc: Location | None = None) -> JSON | None:

@@ -192,6 +192,40 @@ def test_a_unit_that_is_not_ucum_keeps_its_text_without_a_system(sent: str) -> N
 
 
 @pytest.mark.parametrize(
+    ("sent", "ucum"),
+    [
+        ("MG", "mg"),  # case-sensitive UCUM would read megagram
+        ("G", "g"),  # gauss
+        ("MG/DL", "mg/dL"),
+        ("10*3/UL", "10*3/uL"),
+        ("NG/ML", "ng/mL"),
+        ("S", "s"),  # siemens
+        ("M[IU]/L", "m[IU]/L"),
+        ("MCG", "ug"),  # not UCUM in either case: the shipped map
+        ("L", "L"),
+    ],
+)
+def test_an_upper_case_unit_is_read_as_case_insensitive_ucum(sent: str, ucum: str) -> None:
+    """Senders limited to upper case write UCUM's case-insensitive form: MG is milligrams, not the megagram its
+    case-sensitive spelling names."""
+    obs = one(oru(f"OBX|1|NM|2093-3^Cholesterol^LN||5.2|{sent}|||||F").bundle, "Observation")
+    assert obs["valueQuantity"] == {
+        "value": 5.2,
+        "unit": sent,
+        "system": "http://unitsofmeasure.org",
+        "code": ucum,
+    }
+
+
+@pytest.mark.parametrize(
+    "sent", ["EA", "TAB", "YR"]
+)  # valid case-sensitive UCUM (exa-ampere, ...), no c/i UCUM
+def test_an_upper_case_unit_that_is_no_case_insensitive_ucum_has_no_system(sent: str) -> None:
+    obs = one(oru(f"OBX|1|NM|2093-3^Cholesterol^LN||5.2|{sent}|||||F").bundle, "Observation")
+    assert obs["valueQuantity"] == {"value": 5.2, "unit": sent}
+
+
+@pytest.mark.parametrize(
     ("sent", "expected"),
     [
         # a sender's numeric unit code: UCUM's grammar reads "43" as the factor 43, so the text decides
