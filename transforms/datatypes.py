@@ -572,10 +572,14 @@ def unit(rep: Rep | None, settings: ConvertSettings | None = None) -> JSON:
     The UCUM system only for valid UCUM: a unit in the channel's ``unit_map`` or the shipped
     ``transforms/maps/units.csv`` (``mmHg`` → ``mm[Hg]``) gets its UCUM code; otherwise the code is
     checked with the UCUM grammar (:func:`valid_ucum`); a unit that is neither keeps its text, no system.
-    A code sent under another coding system (OBX-6.3 ``ISO+``, a local table) keeps that system."""
+    A code sent under another coding system (OBX-6.3 ``ISO+``, a local table) keeps that system.  A units CWE with
+    only its alternate triplet (CWE-4/5/6) is read from that."""
     if rep is None or not rep:
         return {}
     c = rep.cs(3)
+    if not c[0].strip() and not c[1].strip():
+        # no primary unit but an alternate one (``^^^mm Hg^^L``: CWE-4/5/6, as some lab systems send it)
+        c = rep.cs(6)[3:6]
     if settings is not None and settings.unit_map:
         local = settings.unit_map.get(c[0].strip()) or settings.unit_map.get(c[0].strip().upper())
         if local is not None and _ucum_or_unnamed(c[2].strip()):

@@ -218,6 +218,21 @@ def test_an_upper_case_unit_is_read_as_case_insensitive_ucum(sent: str, ucum: st
 
 
 @pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ("^^^mg/dL^^UCUM", {"unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}),
+        ("^^^mm Hg^^99LAB", {"unit": "mm Hg", "system": "urn:sluice:codesystem:99LAB", "code": "mm Hg"}),
+        ("^^^mmHg", {"unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}),
+    ],
+)
+def test_units_sent_only_as_the_alternate_triplet_are_kept(sent: str, expected: dict[str, Any]) -> None:
+    """OBX-6 with CWE-1..3 empty and the unit in CWE-4..6 (a lab system's habit): the alternate unit is the
+    unit, not dropped."""
+    obs = one(oru(f"OBX|1|NM|2093-3^Cholesterol^LN||5.2|{sent}|||||F").bundle, "Observation")
+    assert obs["valueQuantity"] == {"value": 5.2, **expected}
+
+
+@pytest.mark.parametrize(
     "sent", ["EA", "TAB", "YR"]
 )  # valid case-sensitive UCUM (exa-ampere, ...), no c/i UCUM
 def test_an_upper_case_unit_that_is_no_case_insensitive_ucum_has_no_system(sent: str) -> None:
