@@ -54,8 +54,10 @@ CODE_SYSTEMS: Final[dict[str, str]] = {
     "ICD10CM": "http://hl7.org/fhir/sid/icd-10-cm",
     "ICD-10-CM": "http://hl7.org/fhir/sid/icd-10-cm",
     "ICD10": "http://hl7.org/fhir/sid/icd-10",
+    "ICD-10": "http://hl7.org/fhir/sid/icd-10",
     "I10P": "http://www.cms.gov/Medicare/Coding/ICD10",
     "I9CM": "http://hl7.org/fhir/sid/icd-9-cm",
+    "I9CDX": "http://hl7.org/fhir/sid/icd-9-cm",  # table 0396: ICD-9CM diagnosis codes
     "I9C": "http://hl7.org/fhir/sid/icd-9-cm",
     "I9": "http://hl7.org/fhir/sid/icd-9-cm",
     "ICD9CM": "http://hl7.org/fhir/sid/icd-9-cm",

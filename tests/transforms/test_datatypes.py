@@ -273,6 +273,26 @@ def test_icdo_code_system() -> None:
     assert dt.code_system("ICDO") == "http://terminology.hl7.org/CodeSystem/icd-o"
 
 
+@pytest.mark.parametrize(
+    ("name", "system"),
+    [
+        ("MVX", "http://hl7.org/fhir/sid/mvx"),
+        ("NCIT", "http://ncicb.nci.nih.gov/xml/owl/EVS/Thesaurus.owl"),
+        ("MDC", "urn:iso:std:iso:11073:10101"),
+        ("CDCPHINVS", "urn:oid:2.16.840.1.114222.4.5.274"),
+        ("PHINQUESTION", "urn:oid:2.16.840.1.114222.4.5.232"),
+        ("I9CDX", "http://hl7.org/fhir/sid/icd-9-cm"),
+        ("ICD-10", "http://hl7.org/fhir/sid/icd-10"),
+        ("I9CP", "http://www.cms.gov/Medicare/Coding/ICD9"),
+        ("NULLFL", "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"),
+        ("ncit", "http://ncicb.nci.nih.gov/xml/owl/EVS/Thesaurus.owl"),  # any case, as every shipped name
+        ("NIP001", "urn:sluice:codesystem:NIP001"),  # no published FHIR system: a local one
+    ],
+)
+def test_table_0396_names_with_a_published_system(name: str, system: str) -> None:
+    assert dt.code_system(name) == system
+
+
 def test_cx_authority_with_universal_id_only() -> None:
     ident = dt.cx(rep("HMO-12345^^^&2.16.840.1.113883.1.3&ISO^NI"), ctx())
     assert ident is not None and ident["system"] == "urn:oid:2.16.840.1.113883.1.3"
