@@ -193,6 +193,31 @@ def build_settings(
         raise ConfigError(exc.message, file=config_file, key=f"{prefix}.{exc.key}", hint=exc.hint) from None
 
 
+def check_coding_systems(value: Any, bad: Callable[[str, str], ConfigError]) -> dict[str, str]:
+    """The ``coding_systems`` option of ``hl7-to-fhir`` and ``fhir-to-hl7`` (one block serves both directions):
+    CWE-3 coding-system names (plain: no HL7 delimiter) → absolute system URIs.  ``bad(message, hint)`` makes
+    the step's located ConfigError."""
+    if not isinstance(value, Mapping):
+        raise bad(
+            "coding_systems must be a mapping",
+            "write CWE-3-name: system-uri pairs, e.g. 99LAB: http://lab.example.org/codes",
+        )
+    systems: dict[str, str] = {}
+    for name, uri in value.items():
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in "|^~\\&"):
+            raise bad(
+                f"coding system name {name!r} is not a plain name",
+                "write the name senders put in CWE-3, e.g. 99LAB (no | ^ ~ \\ &)",
+            )
+        if not isinstance(uri, str) or not uri.startswith(("http://", "https://", "urn:")):
+            raise bad(
+                f"system for coding system {name!r} is not a URI: {uri!r}",
+                "use an absolute URI (http://, https:// or urn:)",
+            )
+        systems[name] = uri
+    return systems
+
+
 def _check(key: str, value: Any, base_dir: Path, config_file: str, where: str) -> Any:
     def bad(msg: str, hint: str) -> ConfigError:
         return ConfigError(msg, file=config_file, key=where, hint=hint)
@@ -233,22 +258,7 @@ def _check(key: str, value: Any, base_dir: Path, config_file: str, where: str) -
             out[str(auth)] = uri
         return out
     if key == "coding_systems":
-        if not isinstance(value, Mapping):
-            raise bad(
-                "coding_systems must be a mapping",
-                "write CWE-3-name: system-uri pairs, e.g. 99LAB: urn:oid:...",
-            )
-        systems: dict[str, str] = {}
-        for name, uri in value.items():
-            if not isinstance(name, str) or not name.strip():
-                raise bad(f"coding system name {name!r} is not a name", "use the name senders put in CWE-3")
-            if not isinstance(uri, str) or not uri.startswith(("http://", "https://", "urn:")):
-                raise bad(
-                    f"system for coding system {name!r} is not a URI: {uri!r}",
-                    "use an absolute URI (http://, https:// or urn:)",
-                )
-            systems[name] = uri
-        return systems
+        return check_coding_systems(value, bad)
     if key == "code_maps":
         if not isinstance(value, Mapping):
             raise bad("code_maps must be a mapping", "write map-name: path/to/file.csv pairs")

@@ -157,6 +157,12 @@ def test_a_misspelt_user_step_function_is_located_and_suggests_the_name() -> Non
             id="hl7-to-fhir-coding-systems",
         ),
         pytest.param(
+            {"hl7-to-fhir": {"coding_systems": {"99^LAB": "urn:x:lab"}}},
+            "transform[2].hl7-to-fhir.coding_systems",
+            "coding system name '99^LAB' is not a plain name",
+            id="hl7-to-fhir-coding-system-name",
+        ),
+        pytest.param(
             {"hl7-to-fhir": {"code_maps": {"OBX-3": "no-such-map.csv"}}},
             "transform[2].hl7-to-fhir.code_maps.OBX-3",
             "code map file 'no-such-map.csv' not found",

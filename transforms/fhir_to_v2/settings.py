@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 from engine.errors import ConfigError
 from engine.hl7 import CHARSETS
 from engine.suggest import did_you_mean
-from transforms.settings import build_settings, site_zone
+from transforms.settings import build_settings, check_coding_systems, site_zone
 
 VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8")
 # What a ServiceRequest becomes (transforms/fhir_to_v2/orm.py)
@@ -154,29 +154,7 @@ def _check(name: str, value: Any, config_file: str, where: str) -> Any:
             out[str(uri)] = auth
         return out
     if name == "coding_systems":
-        if not isinstance(value, Mapping):
-            raise bad(
-                "coding_systems must be a mapping",
-                "write CWE-3-name: system-uri pairs, e.g. 99LAB: http://lab.example.org/codes",
-            )
-        systems: dict[str, str] = {}
-        for code_name, uri in value.items():
-            if (
-                not isinstance(code_name, str)
-                or not code_name.strip()
-                or any(c in code_name for c in "|^~\\&")
-            ):
-                raise bad(
-                    f"coding system name {code_name!r} is not a plain name",
-                    "write the name receivers expect in CWE-3, e.g. 99LAB (no | ^ ~ \\ &)",
-                )
-            if not isinstance(uri, str) or not uri.startswith(("http://", "https://", "urn:")):
-                raise bad(
-                    f"system for coding system {code_name!r} is not a URI: {uri!r}",
-                    "use an absolute URI (http://, https:// or urn:)",
-                )
-            systems[code_name] = uri
-        return systems
+        return check_coding_systems(value, bad)
     if (
         not isinstance(value, str)
         or "|" in value
