@@ -138,8 +138,9 @@ def _convert(msg: Message, settings: ConvertSettings) -> Conversion:
             if why.startswith(prefix):
                 why = why[len(prefix) :].lstrip(" :")
             field = f"{field_loc.segment}-{field_loc.field}"
-            dropped.append((at, f"{why}; {field} was left out (channel strictness: lenient)"))
-            msg = without_field(msg, field_loc)
+            msg, more = without_field(msg, field_loc)
+            also = f" (and from {more} more {field_loc.segment} with the same value)" if more else ""
+            dropped.append((at, f"{why}; {field} was left out{also} (channel strictness: lenient)"))
             continue
         break
     if settings.validate:
@@ -201,23 +202,39 @@ def droppable(exc: ConversionError, settings: ConvertSettings) -> Location | Non
     return Location(loc.segment, loc.sequence, loc.field)
 
 
-def without_field(msg: Message, loc: Location) -> Message:
-    """``msg`` parsed again with field ``loc.field`` of the ``loc.sequence``-th ``loc.segment`` emptied
-    (every repetition).  Segments are matched to lines as :func:`engine.hl7.parse` numbers them."""
+def without_field(msg: Message, loc: Location) -> tuple[Message, int]:
+    """``msg`` parsed again with field ``loc.field`` of the ``loc.sequence``-th ``loc.segment`` emptied (every
+    repetition), and with it the same field of every other ``loc.segment`` that holds the very same value (a
+    sender's systematic fault, such as one impossible analysis date on each of 130 results, is one bad value:
+    it would fail there the same way); and how many of those others were emptied.  Segments are matched to
+    lines as :func:`engine.hl7.parse` numbers them."""
     d = msg.delimiters
     lines = [line for line in msg.text.split("\r") if line]
-    out: list[str] = []
     segs = msg.segments
-    for i, line in enumerate(lines):
-        seg = segs[i]
-        if seg.name == loc.segment and seg.sequence == loc.sequence and loc.field is not None:
-            fields = line.split(d.field)
-            n = loc.field - 1 if seg.name in HEADER_SEGMENTS else loc.field
-            if 0 < n < len(fields):
+    if loc.field is None:
+        return msg, 0
+    n = loc.field - 1 if loc.segment in HEADER_SEGMENTS else loc.field
+    split = [
+        line.split(d.field) if seg.name == loc.segment else None
+        for line, seg in zip(lines, segs, strict=True)
+    ]
+    bad: str | None = None
+    for fields, seg in zip(split, segs, strict=True):
+        if fields is not None and seg.sequence == loc.sequence and 0 < n < len(fields):
+            bad = fields[n]
+    more = 0
+    out: list[str] = []
+    for line, fields, seg in zip(lines, split, segs, strict=True):
+        if fields is not None and 0 < n < len(fields) and bad is not None:
+            if seg.sequence == loc.sequence:
                 fields[n] = ""
                 line = d.field.join(fields)
+            elif fields[n] == bad and bad:
+                fields[n] = ""
+                line = d.field.join(fields)
+                more += 1
         out.append(line)
-    return parse("\r".join(out))
+    return parse("\r".join(out)), more
 
 
 # FHIR strings allow no character below U+0020 but TAB, LF and CR; HL7 v2 text has no business carrying

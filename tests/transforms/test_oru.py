@@ -622,6 +622,34 @@ def test_invalid_date_is_dropped_when_lenient() -> None:
     assert r.warnings[0].startswith("OBX-14: ") and r.warning_kinds == ("field_dropped",)
 
 
+def test_one_bad_value_repeated_on_every_result_is_one_dropped_field() -> None:
+    """A sender's systematic fault (the same impossible date in OBX-14 of every result of a large panel) is one
+    bad value: left out of every OBX holding it in one pass, one warning, one of the 20 allowed; a different bad
+    value is a second one, and a valid OBX-14 is kept."""
+    same = [f"OBX|{i}|NM|{1000 + i}-1^Analyte {i}^LN||{i}||||||F|||20170229" for i in range(1, 26)]
+    valid = "OBX|26|NM|1026-1^Analyte 26^LN||26||||||F|||20250310093000"
+    other = "OBX|27|NM|1027-1^Analyte 27^LN||27||||||F|||20251341"
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, PID, OBR, *same, valid, other, strictness="strict")
+    assert ei.value.hl7_error == "102" and str(ei.value.location) == "OBX-14"
+    r = conv(MSH, PID, OBR, *same, valid, other)
+    assert len(resources(r.bundle, "Observation")) == 27
+    assert r.warning_kinds == ("field_dropped", "field_dropped")
+    assert "OBX-14 was left out (and from 24 more OBX with the same value)" in r.warnings[0]
+    assert r.warnings[1].startswith("OBX(27)-14: ") and "more OBX" not in r.warnings[1]
+    assert one(r.bundle, "1026-1")["effectiveDateTime"].startswith("2025-03-10T09:30:00")
+    assert (
+        one(r.bundle, "1001-1")["effectiveDateTime"] == one(r.bundle, "1027-1")["effectiveDateTime"]
+    )  # OBR-7
+
+
+def test_more_than_twenty_different_bad_values_are_still_a_rejection() -> None:
+    bad = [f"OBX|{i}|NM|{1000 + i}-1^Analyte {i}^LN||{i}||||||F|||2025{i:02d}99" for i in range(1, 22)]
+    with pytest.raises(ConversionError) as ei:
+        conv(MSH, PID, OBR, *bad)  # lenient: 21 different impossible dates
+    assert ei.value.hl7_error == "102"
+
+
 @pytest.mark.parametrize(
     ("vtype", "sent", "why"),
     [
