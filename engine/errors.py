@@ -83,6 +83,15 @@ class SluiceError(Exception):
             return f"{self.message} (at {self.location})"
         return self.message
 
+    @property
+    def reason(self) -> str:
+        """The message without the location it starts with (``PID-7: is not a valid ...`` → ``is not a valid
+        ...``): for a warning that is located by itself."""
+        prefix = str(self.location) if self.location is not None else ""
+        if prefix and self.message.startswith(prefix):
+            return self.message[len(prefix) :].lstrip(" :")
+        return self.message
+
 
 class ConfigError(SluiceError):
     """Bad configuration: names the file, the key path and what to do."""

@@ -133,10 +133,7 @@ def _convert(msg: Message, settings: ConvertSettings) -> Conversion:
                 raise
             at = exc.location
             assert at is not None  # droppable() returns a field only for a located error
-            why = exc.message
-            prefix = str(at)
-            if why.startswith(prefix):
-                why = why[len(prefix) :].lstrip(" :")
+            why = exc.reason
             field = f"{field_loc.segment}-{field_loc.field}"
             msg, more = without_field(msg, field_loc)
             also = f" (and from {more} more {field_loc.segment} with the same value)" if more else ""

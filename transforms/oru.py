@@ -457,14 +457,10 @@ def _date_value(rep: Rep, loc: Location, ctx: ConvertContext) -> tuple[str, Any]
     except ConversionError as exc:
         if exc.hl7_error != "102" or ctx.settings.strictness != "lenient":
             raise
-        why = exc.message
-        prefix = str(loc)
-        if why.startswith(prefix):
-            why = why[len(prefix) :].lstrip(" :")
         ctx.warn(
             "obx_date_kept_as_text",
             loc,
-            f"{why}; the value was kept as text (valueString) (channel strictness: lenient)",
+            f"{exc.reason}; the value was kept as text (valueString) (channel strictness: lenient)",
         )
         return ("valueString", rep.c(1).strip())
     return ("valueDateTime", v) if v else None
