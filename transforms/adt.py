@@ -77,7 +77,7 @@ PATIENT_CLASS: Final = {
     "U": (dt.V2_TABLE + "0004", "U", "Unknown"),
 }
 CLASS_UNKNOWN: Final = {
-    "system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor",
+    "system": dt.NULL_FLAVOR,
     "code": "UNK",
     "display": "unknown",
 }
@@ -482,7 +482,7 @@ def patient(pid: Segment, msg: Message, ctx: ConvertContext, *, create_only: boo
                     "display": MARITAL_DISPLAY[mapped],
                 }
                 if mapped == "UNK":
-                    coding["system"] = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
+                    coding["system"] = dt.NULL_FLAVOR
                 res["maritalStatus"] = {"coding": [coding]}
                 if text := mc[1].strip():
                     res["maritalStatus"]["text"] = text
@@ -565,7 +565,6 @@ _BIRTH_PLACE: Final = "http://hl7.org/fhir/StructureDefinition/patient-birthPlac
 US_CORE_RACE: Final = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
 US_CORE_ETHNICITY: Final = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
 CDC_RACE_ETHNICITY: Final = "urn:oid:2.16.840.1.113883.6.238"
-NULL_FLAVOR: Final = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
 # the OMB categories (US Core ombCategory) with their CDC displays
 OMB_RACE: Final = {
     "1002-5": "American Indian or Alaska Native",
@@ -677,7 +676,7 @@ def _us_core_race_ethnicity(reps: list[Rep], race: bool, ctx: ConvertContext) ->
                 seen.add(code)
                 if kind == "null":
                     if race:
-                        nulls.append({"system": NULL_FLAVOR, "code": code, "display": display})
+                        nulls.append({"system": dt.NULL_FLAVOR, "code": code, "display": display})
                 elif kind == "omb":
                     omb.append({"system": CDC_RACE_ETHNICITY, "code": code, "display": display})
                 elif display or sender_text:

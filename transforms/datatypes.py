@@ -35,6 +35,7 @@ JSON = dict[str, Any]
 LOINC: Final = "http://loinc.org"
 SNOMED: Final = "http://snomed.info/sct"
 UCUM: Final = "http://unitsofmeasure.org"
+NULL_FLAVOR: Final = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
 NPI_SYSTEM: Final = "http://hl7.org/fhir/sid/us-npi"
 NPI_OID: Final = "2.16.840.1.113883.4.6"
 LOCAL_CODE_SYSTEM_PREFIX: Final = "urn:sluice:codesystem:"
@@ -91,7 +92,7 @@ CODE_SYSTEMS: Final[dict[str, str]] = {
     "MDC": "urn:iso:std:iso:11073:10101",
     "DCM": "http://dicom.nema.org/resources/ontology/DCM",
     "FDAUNII": "http://fdasis.nlm.nih.gov",
-    "NULLFL": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor",
+    "NULLFL": NULL_FLAVOR,
     "ISO3166_2": "urn:iso:std:iso:3166:-2",
     "ISO4217": "urn:iso:std:iso:4217",
     # CDC PHIN vocabulary (immunization and public-health reporting guides)
