@@ -1024,11 +1024,11 @@ def encounter(
     if admit or (nf > 45 and f[45]):
         p = dt.period_at(admit, dt.value(pv1, 45, ctx), s, pv1, 44, 45)
         if p:
-            if "start" in p and "end" in p and dt.ends_before_start(p["start"], p["end"]):
-                # FHIR per-1: a period cannot end before it starts.  The admit time keys and starts the
-                # visit, so the discharge time is the one dropped.
-                del p["end"]
-                ctx.warn(
+            # the admit time keys and starts the visit, so the discharge time is the one dropped
+            if "end" in p:
+                dt.drop_end_before_start(
+                    p,
+                    ctx,
                     "encounter_end_before_start",
                     pv1.loc(45),
                     "discharge date/time is before the admit date/time (PV1-44); Encounter.period.end dropped",

@@ -431,6 +431,14 @@ def ends_before_start(start: str, end: str) -> bool:
     return False
 
 
+def drop_end_before_start(p: JSON, ctx: ConvertContext, kind: str, loc: Location, text: str) -> None:
+    """FHIR per-1: a period ``p`` (``start``/``end``) that ends before it starts loses its end, with the located
+    warning ``kind``; the start is kept (it begins, and often keys, what the period times)."""
+    if "start" in p and "end" in p and ends_before_start(p["start"], p["end"]):
+        del p["end"]
+        ctx.warn(kind, loc, text)
+
+
 def dr(rep: Rep, comp: int, settings: ConvertSettings, loc: Location | None = None) -> JSON | None:
     """DR (date range) held in component ``comp`` of ``rep`` (subcomponents 1 and 2) → Period."""
     return period(rep.c(comp, 1), rep.c(comp, 2), settings, loc, loc)

@@ -8,7 +8,7 @@ from typing import Any, Final
 from engine.errors import Location
 from engine.hl7 import Rep, Segment
 from transforms.bundle import ConvertContext
-from transforms.datatypes import V2_TABLE, cwe, dtm_at, ei, ends_before_start, fhir_code, table
+from transforms.datatypes import V2_TABLE, cwe, drop_end_before_start, dtm_at, ei, fhir_code, table
 
 JSON = dict[str, Any]
 
@@ -137,15 +137,15 @@ def timing(
 def _end_not_before_start(
     p: JSON, loc: Location, end_name: str, start_name: str, ctx: ConvertContext
 ) -> None:
-    """Drop the end of the order's period ``p`` when it is before its start (FHIR per-1: the ServiceRequest's
-    occurrencePeriod or timing bounds would be invalid), with a located warning; the start is kept."""
-    if "start" in p and ends_before_start(p["start"], p["end"]):
-        del p["end"]
-        ctx.warn(
-            "order_end_before_start",
-            loc,
-            f"the order's end ({end_name}) is before its start ({start_name}): the start is kept, {end_name} dropped",
-        )
+    """The order's period (the ServiceRequest's occurrencePeriod or timing bounds) keeps its start when its end
+    is before it."""
+    drop_end_before_start(
+        p,
+        ctx,
+        "order_end_before_start",
+        loc,
+        f"the order's end ({end_name}) is before its start ({start_name}): the start is kept, {end_name} dropped",
+    )
 
 
 def order_type(rep: Rep, ctx: ConvertContext, loc: Location) -> JSON | None:
